@@ -1,0 +1,201 @@
+#!/usr/bin/env python3
+"""p3s job tool: submit jobs from a JSON file, list, show, adjust and delete them.
+
+    python job.py -j myjob.json              # submit; prints one uuid per line
+    python job.py -j myjob.json --wait       # ... and wait until they end
+    python job.py --list --state failed
+    python job.py --show UUID
+    python job.py -a -u UUID -s cancelled    # or -P 10 to change the priority
+    python job.py -d -u UUID
+
+Exit codes: 0 success, 2 bad input (including a request the server refused), 1 server or
+network failure, and with --wait 1 when a job did not finish with exit code 0.
+"""
+import argparse
+import getpass
+import json
+import os
+import sys
+import time
+import uuid as uuidlib
+
+from serverAPI import Client, P3SError
+
+END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
+LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name")
+
+
+class InputError(Exception):
+    """Bad input found before anything is sent: exit 2."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Submit and manage p3s jobs.")
+    p.add_argument("-j", "--job-file", dest="jobfile", metavar="FILE",
+                   help="submit the jobs in FILE (a JSON list of job objects, or one object)")
+    p.add_argument("-f", "--file", dest="infile", metavar="NAME",
+                   help="input file for the submitted jobs: sets infile and P3S_INPUT_FILE")
+    p.add_argument("-N", "--replicas", type=int, default=1, metavar="N",
+                   help="submit N copies of each job (default 1)")
+    p.add_argument("-a", "--adjust", action="store_true", help="change the state and/or priority of job -u")
+    p.add_argument("-d", "--delete", action="store_true", help="delete job -u (not while it runs)")
+    p.add_argument("-u", "--uuid", help="the job to adjust or delete")
+    p.add_argument("-s", "--state", help="with -a: new state (defined, template, cancelled); "
+                   "with --list: only jobs in this state")
+    p.add_argument("-P", "--priority", help="with -a: new priority (higher runs first)")
+    p.add_argument("--list", action="store_true", help="list jobs, newest first")
+    p.add_argument("--jobtype", help="with --list: only jobs of this type")
+    p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
+    p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
+    p.add_argument("--wait", action="store_true",
+                   help="after submitting, wait until the jobs end; exit 0 only if all finished with code 0")
+    p.add_argument("--wait-timeout", type=float, default=0, metavar="SECONDS",
+                   help="with --wait: give up after this long (default 0 = no limit)")
+    p.add_argument("--json", dest="json_out", action="store_true",
+                   help="print results as JSON")
+    p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
+    p.add_argument("-v", "--verbose", action="store_true", help="say more")
+    args = p.parse_args(argv)
+    actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show)]
+    if sum(actions) != 1:
+        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID")
+    if (args.adjust or args.delete) and not args.uuid:
+        p.error("-a and -d need -u UUID")
+    if args.adjust and args.state is None and args.priority is None:
+        p.error("-a needs -s STATE and/or -P PRIORITY")
+    if args.replicas < 1:
+        p.error("-N must be at least 1")
+    if args.wait and not args.jobfile:
+        p.error("--wait goes with -j FILE")
+    return args
+
+
+def load_jobs(path, infile, replicas):
+    """Read the job file; give each job (and replica) its own uuid so a retried submission
+    cannot store a job twice."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except OSError as e:
+        raise InputError(f"{path}: {e.strerror}") from None
+    except ValueError as e:
+        raise InputError(f"{path}: malformed JSON: {e}") from None
+    jobs = data if isinstance(data, list) else [data]
+    if not jobs or not all(isinstance(j, dict) for j in jobs):
+        raise InputError(f"{path}: expected a job object or a non-empty list of job objects")
+    out = []
+    for job in jobs:
+        for _ in range(replicas):
+            job = dict(job)
+            job.setdefault("user", getpass.getuser())
+            if infile:
+                job["infile"] = infile
+                env = job.get("env", {})
+                if isinstance(env, dict):
+                    job["env"] = {**env, "P3S_INPUT_FILE": infile}
+            job["uuid"] = str(uuidlib.uuid4())
+            out.append(job)
+    return out
+
+
+def wait_for(client, uuids, timeout, verbose):
+    """Poll until every job has ended; return {uuid: {state, exit_code}}."""
+    deadline = time.monotonic() + timeout if timeout else None
+    delay = 0.2
+    while True:
+        states = client.job_states(uuids)
+        pending = [u for u in uuids if states.get(u, {}).get("state") not in END_STATES]
+        if not pending:
+            return states
+        if deadline and time.monotonic() > deadline:
+            raise P3SError(f"--wait-timeout: {len(pending)} job(s) still not ended after {timeout:g} s")
+        if verbose:
+            print(f"waiting for {len(pending)} job(s)", file=sys.stderr)
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+
+
+def submit(client, args):
+    jobs = load_jobs(args.jobfile, args.infile, args.replicas)
+    uuids = client.submit_jobs(jobs)
+    if not args.wait:
+        emit(args, {"uuids": uuids}, lambda: "\n".join(uuids))
+        return 0
+    if not args.json_out:
+        print("\n".join(uuids), flush=True)
+    states = wait_for(client, uuids, args.wait_timeout, args.verbose)
+    ok = all(states[u]["state"] == "finished" and states[u]["exit_code"] == 0 for u in uuids)
+    emit(args, {"jobs": states},
+         lambda: "\n".join(f"{u} {states[u]['state']} {states[u]['exit_code']}" for u in uuids))
+    return 0 if ok else 1
+
+
+def list_jobs(client, args):
+    jobs = client.list_jobs(state=args.state, jobtype=args.jobtype, limit=args.limit)
+    emit(args, {"jobs": jobs}, lambda: format_table(jobs, LIST_COLUMNS))
+    return 0
+
+
+def show_job(client, args):
+    job = client.get_job(args.show)
+    emit(args, job, lambda: format_job(job))
+    return 0
+
+
+def adjust(client, args):
+    job = client.adjust_job(args.uuid, state=args.state, priority=args.priority)
+    emit(args, job, lambda: f"{job['uuid']} {job['state']} priority {job['priority']}")
+    return 0
+
+
+def delete(client, args):
+    emit(args, client.delete_job(args.uuid), lambda: f"deleted {args.uuid}")
+    return 0
+
+
+def emit(args, obj, text):
+    print(json.dumps(obj, indent=2) if args.json_out else text())
+
+
+def format_table(rows, columns):
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def format_job(job):
+    fields = [f"{k:12} {job[k]}" for k in job
+              if k not in ("events", "env", "stdout_tail", "stderr_tail")]
+    fields.append(f"{'env':12} {json.dumps(job['env'])}")
+    history = [f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} "
+               f"{e['old'] or '-'} -> {e['new']} by {e['who']} (attempt {e['attempt']}) {e['info']}"
+               for e in job["events"]]
+    parts = fields + ["history:"] + history
+    for stream in ("stdout", "stderr"):
+        if job[stream + "_tail"]:
+            parts += [f"--- {stream} (tail) ---", job[stream + "_tail"].rstrip("\n")]
+    return "\n".join(parts)
+
+
+ACTIONS = ((lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
+           (lambda a: a.adjust, adjust), (lambda a: a.delete, delete))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        client = Client(args.server)
+        action = next(fn for chosen, fn in ACTIONS if chosen(args))
+        return action(client, args)
+    except InputError as e:
+        print(f"job.py: {e}", file=sys.stderr)
+        return 2
+    except P3SError as e:
+        print(f"job.py: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+#!/usr/bin/env python3
+"""p3s pilot: registers with the server, asks for a job, runs it, reports, asks again.
+
+    python pilot.py                         # run jobs of any type until stopped
+    python pilot.py -s mysite --jobtype dqm -c 10 -b 5
+    python pilot.py --define-site -s mysite -p 20 -b 5 --site-env DATA=/eos/x   # site defaults
+
+The payload runs in its own process group with the job's env plus P3S_JOB_UUID, P3S_PILOT_UUID
+and P3S_INPUT_FILE; its stdout/stderr go to <joblogdir>/<uuid>.out|.err. At the time limit the
+group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stops the payload the
+same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
+SIGUSR1 drains: the current job finishes, then the pilot exits.
+"""
+import argparse
+import ctypes
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+from serverAPI import Client, P3SError
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
+TAIL_BYTES = 64 * 1024
+REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
+PR_SET_PDEATHSIG = 1
+OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
+log = logging.getLogger("p3s.pilot")
+
+
+class Interrupted(Exception):
+    """Raised by the signal handlers to leave an idle long poll at once."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Run p3s jobs on this node.")
+    p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
+    p.add_argument("-s", "--site", default="", help="site name; its defaults on the server apply")
+    p.add_argument("-c", "--cycles", type=int, help="job requests before exiting (0 = until stopped; default 0)")
+    p.add_argument("-p", "--period", type=float,
+                   help="seconds one job request waits on the server for work (default 10)")
+    p.add_argument("-b", "--heartbeat", type=float, help="seconds between heartbeats (default 10)")
+    p.add_argument("-l", "--logdir", help="write the pilot's own log to LOGDIR/pilot-<host>-<pid>.log")
+    p.add_argument("-L", "--joblogdir", default=os.path.join(HERE, "logs", "jobs"),
+                   help="directory for job stdout/stderr (default logs/jobs beside pilot.py)")
+    p.add_argument("-e", "--extra", default="", help="free text shown with the pilot, e.g. a batch job id")
+    p.add_argument("--jobtype", action="append", default=[], help="accept only this job type (repeatable)")
+    p.add_argument("--max-idle", type=float, default=0, metavar="SECONDS",
+                   help="exit after this long without a job (default 0 = never)")
+    p.add_argument("--kill-grace", type=float, default=5.0, metavar="SECONDS",
+                   help="seconds between SIGTERM and SIGKILL when a payload is stopped (default 5)")
+    p.add_argument("--define-site", action="store_true",
+                   help="store -p/-c/-b/--site-env as the defaults of site -s on the server, and exit")
+    p.add_argument("--site-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --define-site: environment given to every job at the site (repeatable)")
+    p.add_argument("--sites", action="store_true", help="list the sites defined on the server, and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    args = p.parse_args(argv)
+    for name in ("cycles", "period", "heartbeat"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name != "heartbeat" else 0.1):
+            p.error(f"--{name}: must not be negative" if name != "heartbeat" else "--heartbeat: at least 0.1")
+    if args.define_site and not args.site:
+        p.error("--define-site needs -s SITE")
+    for item in args.site_env:
+        if "=" not in item:
+            p.error(f"--site-env {item!r}: expected NAME=VALUE")
+    return args
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one payload
+# ------------------------------------------------------------------------------------------------
+def payload_command(job):
+    """(argv or shell line, shell?) for the two payload forms of the original p3s."""
+    if job["env"].get("P3S_EXECMODE") == "SHELL":
+        return " ".join(x for x in (job["payload"], job["params"]) if x), True
+    return shlex.split(job["payload"]) + shlex.split(job["params"]), False
+
+
+def die_with_pilot():
+    """In the payload, before exec: ask Linux for SIGKILL when the pilot dies, so a pilot
+    killed with -9 leaves no payload running behind the job the server retries."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass        # not Linux: the payload's process group is still stopped on every normal path
+
+
+def kill_group(pgid, sig):
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_group(proc, grace):
+    """SIGTERM to the payload's process group, SIGKILL after `grace` seconds."""
+    kill_group(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        pass
+    kill_group(proc.pid, signal.SIGKILL)
+
+
+def tail(path, size=TAIL_BYTES):
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - size))
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+class Execution:
+    """A running payload and why it may have to stop early (set from other threads)."""
+
+    def __init__(self, job, proc, out_path, err_path):
+        self.job, self.proc = job, proc
+        self.out_path, self.err_path = out_path, err_path
+        self.stop_reason = None     # (state, errmsg) once someone decided to end it
+
+    def stop(self, state, errmsg, grace):
+        if self.stop_reason is None:
+            self.stop_reason = (state, errmsg)
+            threading.Thread(target=stop_group, args=(self.proc, grace), daemon=True).start()
+
+
+# ------------------------------------------------------------------------------------------------
+# The pilot
+# ------------------------------------------------------------------------------------------------
+class Pilot:
+    def __init__(self, args, client):
+        self.args, self.client = args, client
+        self.uuid = None
+        self.settings = dict(DEFAULTS)
+        self.site_env = {}
+        self.current = None             # the Execution in progress, if any
+        self.lock = threading.Lock()
+        self.exit_reason = None         # set when the pilot should stop asking for work
+        self.idle = False               # True only while blocked in a job request
+        self.beats = threading.Event()  # set to stop the heartbeat thread
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def register(self):
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "site": self.args.site,
+                "jobtypes": self.args.jobtype, "extra": self.args.extra}
+        if self.args.heartbeat is not None:
+            info["heartbeat"] = self.args.heartbeat
+        answer = self.client.register_pilot(retry_for=REGISTER_RETRY, **info)
+        self.uuid = answer["uuid"]
+        site = answer.get("site") or {}
+        for key in DEFAULTS:       # explicit options win over site defaults, which win over ours
+            chosen = getattr(self.args, key)
+            self.settings[key] = chosen if chosen is not None else (
+                site[key] if site.get(key) is not None else DEFAULTS[key])
+        self.site_env = site.get("env", {})
+        log.info("registered as %s (site %r, %s)", self.uuid, self.args.site,
+                 ", ".join(f"{k} {v:g}" for k, v in self.settings.items()))
+
+    def run(self):
+        self.register()
+        beat_thread = threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True)
+        beat_thread.start()
+        try:
+            self.work_loop()
+        except Interrupted:         # a signal landed just outside the long poll
+            pass
+        finally:
+            self.beats.set()
+            self.deregister()
+        return 0
+
+    def deregister(self):
+        try:
+            self.client.deregister_pilot(self.uuid, self.exit_reason or "done", retry_for=10)
+        except P3SError as e:
+            log.warning("could not deregister: %s", e)
+        log.info("exiting: %s", self.exit_reason or "done")
+
+    def work_loop(self):
+        cycles, period = int(self.settings["cycles"]), self.settings["period"]
+        last_work = time.monotonic()
+        done = 0
+        while self.exit_reason is None:
+            if cycles and done >= cycles:
+                self.exit_reason = f"{cycles} cycles done"
+                break
+            if self.args.max_idle and time.monotonic() - last_work >= self.args.max_idle:
+                self.exit_reason = f"idle for {self.args.max_idle:g} s"
+                break
+            wait = period if not self.args.max_idle else min(
+                period, max(0.0, self.args.max_idle - (time.monotonic() - last_work)))
+            job = self.request(wait)
+            done += 1
+            if job is not None:
+                self.run_job(job)
+                last_work = time.monotonic()
+
+    def request(self, wait):
+        """One long poll for a job; None if there was none or the server is unreachable."""
+        self.idle = True
+        try:
+            if self.exit_reason is not None:
+                return None
+            return self.client.request_job(self.uuid, wait)
+        except Interrupted:
+            return None
+        except P3SError as e:
+            if e.status in (404, 409):
+                self.exit_reason = f"server forgot this pilot: {e}"
+                return None
+            log.warning("job request failed, will retry: %s", e)
+            self.pause(OUTAGE_PAUSE)
+            return None
+        finally:
+            self.idle = False
+
+    def pause(self, seconds):
+        try:
+            time.sleep(seconds)
+        except Interrupted:
+            pass
+
+    # -- one job --------------------------------------------------------------------------------
+    def run_job(self, job):
+        os.makedirs(self.args.joblogdir, exist_ok=True)
+        out_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".out"))
+        err_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".err"))
+        log.info("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
+        try:
+            execution = self.start(job, out_path, err_path)
+        except (OSError, ValueError) as e:
+            self.send_report(job, {"state": "failed", "exit_code": 127,
+                                   "errmsg": f"cannot start payload: {e}", "stderr": str(e)})
+            return
+        with self.lock:
+            self.current = execution
+        if self.exit_reason is not None:    # a signal arrived while the job was being started
+            execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
+        try:
+            self.send_report(job, {"state": "running", "pid": execution.proc.pid,
+                                   "stdout_path": out_path, "stderr_path": err_path}, once=True)
+        except P3SError as e:       # cancelled or taken away meanwhile: do not run it
+            execution.stop("cancelled", str(e), self.args.kill_grace)
+        state, exit_code, errmsg = self.wait(execution)
+        with self.lock:
+            self.current = None
+        log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
+        if state == "cancelled":    # the server already ended it; there is nothing to report
+            return
+        self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
+                               "stdout": tail(out_path), "stderr": tail(err_path)})
+
+    def start(self, job, out_path, err_path):
+        command, shell = payload_command(job)
+        env = {**os.environ, **self.site_env, **job["env"],
+               "P3S_JOB_UUID": job["uuid"], "P3S_PILOT_UUID": self.uuid}
+        if job.get("infile"):
+            env["P3S_INPUT_FILE"] = job["infile"]
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(command, shell=shell, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=out, stderr=err, start_new_session=True,
+                                    preexec_fn=die_with_pilot if sys.platform == "linux" else None)
+        return Execution(job, proc, out_path, err_path)
+
+    def wait(self, execution):
+        """Wait for the payload, enforcing the time limit; (state, exit code, message)."""
+        limit = execution.job["timelimit"] or None
+        try:
+            code = execution.proc.wait(timeout=limit)
+        except subprocess.TimeoutExpired:
+            execution.stop("timeout", f"killed at its time limit of {limit} s", self.args.kill_grace)
+            code = execution.proc.wait()
+        kill_group(execution.proc.pid, signal.SIGKILL)     # leave no stray children behind
+        if execution.stop_reason:
+            state, errmsg = execution.stop_reason
+            return state, code, errmsg
+        if code == 0:
+            return "finished", 0, ""
+        return "failed", code, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+
+    def send_report(self, job, report, once=False):
+        """Deliver a report; an end report is retried until the server accepts or refuses it."""
+        report.update(pilot=self.uuid, attempt=job["attempt"])
+        while True:
+            try:
+                return self.client.report(job["uuid"], report, retry_for=60)
+            except P3SError as e:
+                if once and e.bad_input:
+                    raise
+                if e.bad_input:
+                    log.warning("job %s: report refused: %s", job["uuid"], e)
+                    return None
+                log.warning("job %s: server unreachable, keeping the report: %s", job["uuid"], e)
+                time.sleep(OUTAGE_PAUSE)
+
+    # -- heartbeats, signals --------------------------------------------------------------------
+    def heartbeat_loop(self):
+        while not self.beats.wait(self.settings["heartbeat"]):
+            with self.lock:
+                execution = self.current
+            job = execution.job["uuid"] if execution else None
+            try:
+                directive = self.client.heartbeat(self.uuid, job, retry_for=0)["directive"]
+            except P3SError as e:
+                if e.status in (404, 409):
+                    self.obey("stop", f"server dropped this pilot: {e}", execution)
+                else:
+                    log.warning("heartbeat failed: %s", e)
+                continue
+            if directive:
+                self.obey(directive, f"{directive} requested by the server", execution)
+
+    def obey(self, directive, why, execution):
+        """Act on a server directive: kill the job, drain, or stop the pilot."""
+        log.info("%s", why)
+        if directive in ("stop", "drain"):
+            self.exit_reason = self.exit_reason or why
+        if execution and directive in ("kill", "stop"):
+            state = "pilotTO" if directive == "stop" else "cancelled"
+            execution.stop(state, why, self.args.kill_grace)
+
+    def on_signal(self, signum, frame):
+        name = signal.Signals(signum).name
+        self.exit_reason = self.exit_reason or f"{name} received"
+        if signum != signal.SIGUSR1:
+            with self.lock:
+                execution = self.current
+            if execution:
+                execution.stop("pilotTO", f"pilot stopped by {name}", self.args.kill_grace)
+        if self.idle:
+            raise Interrupted()
+
+
+def define_site(client, args):
+    env = dict(item.split("=", 1) for item in args.site_env)
+    site = client.define_site(args.site, period=args.period, cycles=args.cycles,
+                              heartbeat=args.heartbeat, env=env)
+    print(f"site {site['name']}: period {site['period']}, cycles {site['cycles']}, "
+          f"heartbeat {site['heartbeat']}, env {site['env']}")
+    return 0
+
+
+def list_sites(client):
+    for site in client.list_sites():
+        print(f"{site['name']}: period {site['period']}, cycles {site['cycles']}, "
+              f"heartbeat {site['heartbeat']}, env {site['env']}")
+    return 0
+
+
+def setup_logging(args):
+    handler = logging.StreamHandler(sys.stderr)
+    if args.logdir:
+        os.makedirs(args.logdir, exist_ok=True)
+        handler = logging.FileHandler(
+            os.path.join(args.logdir, f"pilot-{socket.gethostname()}-{os.getpid()}.log"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler],
+                        format="%(asctime)s pilot[%(process)d] %(levelname)s: %(message)s")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    setup_logging(args)
+    try:
+        client = Client(args.server)
+        if args.define_site:
+            return define_site(client, args)
+        if args.sites:
+            return list_sites(client)
+        pilot = Pilot(args, client)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(sig, pilot.on_signal)
+        return pilot.run()
+    except P3SError as e:
+        print(f"pilot.py: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

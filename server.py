@@ -1,0 +1,1100 @@
+#!/usr/bin/env python3
+"""p3s server: the job, pilot and workflow database behind a small JSON API and HTML pages.
+
+One file, in sections: settings, schema, validation, store (all SQL lives there), brokerage,
+housekeeping, HTTP API, CLI. Standard library only: http.server + sqlite3.
+
+    python server.py                      # 127.0.0.1:8000, ./p3s.db beside this file
+    python server.py --port 0 --db /tmp/x.db --token-file /tmp/x.token
+"""
+import argparse
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import signal
+import sqlite3
+import sys
+import threading
+import time
+import uuid as uuidlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VERSION = "1.0"
+log = logging.getLogger("p3s.server")
+
+# ----------------------------------------------------------------------------------------------
+# Settings
+# ----------------------------------------------------------------------------------------------
+DEFAULT_DB = os.path.join(HERE, "p3s.db")
+MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
+MAX_WAIT = 30.0                     # cap on a pilot's long poll, seconds
+TAIL_BYTES = 64 * 1024              # stdout/stderr tails kept per job
+DEFAULT_HEARTBEAT = 10.0           # seconds, when neither the pilot nor its site says
+LOST_AFTER_BEATS = 3                # a pilot silent for this many heartbeat periods is lost
+TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
+
+JOB_STATES = ("template", "defined", "dispatched", "running",
+              "finished", "failed", "timeout", "pilotTO", "cancelled")
+ACTIVE_JOB_STATES = ("dispatched", "running")
+END_JOB_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
+RETRYABLE_STATES = ("failed", "timeout", "pilotTO")
+PILOT_STATES = ("active", "no jobs", "dispatched", "running", "stopped", "lost")
+LIVE_PILOT_STATES = ("active", "no jobs", "dispatched", "running")
+
+
+class ApiError(Exception):
+    """An error answered to the client as {"error": message} with an HTTP status."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def bad(message):
+    return ApiError(400, message)
+
+
+def now():
+    return time.time()
+
+
+# ----------------------------------------------------------------------------------------------
+# Schema: PRAGMA user_version counts the migrations applied; each entry moves one version up.
+# ----------------------------------------------------------------------------------------------
+MIGRATIONS = [
+    """
+    CREATE TABLE jobs(
+        id INTEGER PRIMARY KEY,
+        uuid TEXT NOT NULL UNIQUE,
+        name TEXT NOT NULL DEFAULT '',
+        user TEXT NOT NULL DEFAULT '',
+        jobtype TEXT NOT NULL DEFAULT 'default',
+        payload TEXT NOT NULL,
+        params TEXT NOT NULL DEFAULT '',
+        env TEXT NOT NULL DEFAULT '{}',
+        priority INTEGER NOT NULL DEFAULT 0,
+        timelimit INTEGER NOT NULL DEFAULT 3600,
+        site TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL,
+        attempt INTEGER NOT NULL DEFAULT 1,
+        max_attempts INTEGER NOT NULL DEFAULT 1,
+        pilot TEXT,
+        wfuuid TEXT,
+        vertex TEXT,
+        infile TEXT NOT NULL DEFAULT '',
+        exit_code INTEGER,
+        errmsg TEXT NOT NULL DEFAULT '',
+        stdout_tail TEXT NOT NULL DEFAULT '',
+        stderr_tail TEXT NOT NULL DEFAULT '',
+        stdout_path TEXT NOT NULL DEFAULT '',
+        stderr_path TEXT NOT NULL DEFAULT '',
+        host TEXT NOT NULL DEFAULT '',
+        pid INTEGER,
+        ts_def REAL NOT NULL,
+        ts_dis REAL,
+        ts_sta REAL,
+        ts_sto REAL
+    );
+    CREATE INDEX jobs_broker ON jobs(state, jobtype, priority DESC, ts_def);
+    CREATE INDEX jobs_broker_any ON jobs(state, priority DESC, ts_def);
+    CREATE INDEX jobs_pilot ON jobs(pilot, state);
+    CREATE INDEX jobs_wf ON jobs(wfuuid);
+    CREATE TABLE pilots(
+        id INTEGER PRIMARY KEY,
+        uuid TEXT NOT NULL UNIQUE,
+        host TEXT NOT NULL DEFAULT '',
+        pid INTEGER,
+        site TEXT NOT NULL DEFAULT '',
+        jobtypes TEXT NOT NULL DEFAULT '[]',
+        extra TEXT NOT NULL DEFAULT '',
+        state TEXT NOT NULL,
+        job TEXT,
+        heartbeat REAL NOT NULL,
+        directive TEXT,
+        jobs_done INTEGER NOT NULL DEFAULT 0,
+        ts_reg REAL NOT NULL,
+        ts_beat REAL NOT NULL,
+        ts_stop REAL
+    );
+    CREATE INDEX pilots_state ON pilots(state, ts_beat);
+    CREATE TABLE sites(
+        name TEXT PRIMARY KEY,
+        period REAL,
+        cycles INTEGER,
+        heartbeat REAL,
+        env TEXT NOT NULL DEFAULT '{}',
+        ts REAL NOT NULL
+    );
+    CREATE TABLE events(
+        id INTEGER PRIMARY KEY,
+        ts REAL NOT NULL,
+        kind TEXT NOT NULL,
+        uuid TEXT NOT NULL,
+        attempt INTEGER,
+        old TEXT,
+        new TEXT NOT NULL,
+        who TEXT NOT NULL DEFAULT '',
+        info TEXT NOT NULL DEFAULT ''
+    );
+    CREATE INDEX events_uuid ON events(uuid, id);
+    CREATE INDEX events_ts ON events(ts);
+    """,
+]
+
+
+def connect(path):
+    """Open a connection tuned for many short transactions from many threads."""
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn.row_factory = sqlite3.Row
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+    conn.execute("PRAGMA busy_timeout=30000")
+    return conn
+
+
+def migrate(conn):
+    """Bring the schema forward from PRAGMA user_version; each step in its own transaction."""
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > len(MIGRATIONS):
+        raise SystemExit(f"database schema v{version} is newer than this server (v{len(MIGRATIONS)})")
+    for step in range(version, len(MIGRATIONS)):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[step].split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.execute(f"PRAGMA user_version={step + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return len(MIGRATIONS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation: every request field is checked here, so the store only ever sees clean values.
+# ----------------------------------------------------------------------------------------------
+def as_int(value, field, minimum=None):
+    """Accept ints and the original p3s's numeric strings ("100"); refuse floats, bools, junk."""
+    if isinstance(value, bool):
+        raise bad(f"{field}: must be an integer, got {json.dumps(value)}")
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+        value = int(value)
+    if not isinstance(value, int):
+        raise bad(f"{field}: must be an integer, got {json.dumps(value)}")
+    if minimum is not None and value < minimum:
+        raise bad(f"{field}: must be >= {minimum}, got {value}")
+    return value
+
+
+def as_number(value, field, minimum=None):
+    if isinstance(value, bool):
+        raise bad(f"{field}: must be a number, got {json.dumps(value)}")
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise bad(f"{field}: must be a number, got {json.dumps(value)}") from None
+    if not isinstance(value, (int, float)) or value != value:
+        raise bad(f"{field}: must be a number, got {json.dumps(value)}")
+    if minimum is not None and value < minimum:
+        raise bad(f"{field}: must be >= {minimum}, got {value}")
+    return value
+
+
+def as_str(value, field, allow_empty=True, max_len=65536):
+    if not isinstance(value, str):
+        raise bad(f"{field}: must be a string, got {json.dumps(value)}")
+    if not allow_empty and not value.strip():
+        raise bad(f"{field}: must not be empty")
+    if len(value) > max_len:
+        raise bad(f"{field}: longer than {max_len} characters")
+    return value
+
+
+def as_env(value, field):
+    """An environment map: string keys to string values (numbers are turned into strings)."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except ValueError:
+            raise bad(f"{field}: not a JSON object") from None
+    if not isinstance(value, dict):
+        raise bad(f"{field}: must be an object of NAME: value, got {json.dumps(value)}")
+    env = {}
+    for key, val in value.items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise bad(f"{field}: {key!r} is not a valid environment variable name")
+        if isinstance(val, bool) or not isinstance(val, (str, int, float)):
+            raise bad(f"{field}.{key}: must be a string, got {json.dumps(val)}")
+        env[key] = str(val)
+    return env
+
+
+def as_uuid(value, field):
+    try:
+        return str(uuidlib.UUID(as_str(value, field)))
+    except ValueError:
+        raise bad(f"{field}: not a UUID: {value!r}") from None
+
+
+def as_choice(value, field, choices):
+    if value not in choices:
+        raise bad(f"{field}: unknown value {value!r}; expected one of {', '.join(choices)}")
+    return value
+
+
+def check_keys(obj, field, allowed):
+    if not isinstance(obj, dict):
+        raise bad(f"{field}: must be a JSON object")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise bad(f"{field}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+JOB_KEYS = ("uuid", "name", "user", "jobtype", "payload", "params", "env", "priority",
+            "timeout", "timelimit", "state", "site", "max_attempts", "infile")
+
+
+def validate_job(obj, field):
+    """Check one submitted job description and return the row to insert."""
+    check_keys(obj, field, JOB_KEYS)
+    if "timeout" in obj and "timelimit" in obj:
+        raise bad(f"{field}: give either timeout or timelimit, not both")
+    if "payload" not in obj:
+        raise bad(f"{field}.payload: missing (the command or executable the job runs)")
+    job = {
+        "uuid": as_uuid(obj["uuid"], f"{field}.uuid") if "uuid" in obj else str(uuidlib.uuid4()),
+        "name": as_str(obj.get("name", ""), f"{field}.name", max_len=256),
+        "user": as_str(obj.get("user", ""), f"{field}.user", max_len=64),
+        "jobtype": as_str(obj.get("jobtype", "default"), f"{field}.jobtype", False, 64),
+        "payload": as_str(obj["payload"], f"{field}.payload", allow_empty=False),
+        "params": as_str(obj.get("params", ""), f"{field}.params"),
+        "env": json.dumps(as_env(obj.get("env", {}), f"{field}.env"), sort_keys=True),
+        "priority": as_int(obj.get("priority", 0), f"{field}.priority"),
+        "site": as_str(obj.get("site", ""), f"{field}.site", max_len=64),
+        "state": as_choice(obj.get("state", "defined"), f"{field}.state", ("defined", "template")),
+        "max_attempts": as_int(obj.get("max_attempts", 1), f"{field}.max_attempts", 1),
+        "infile": as_str(obj.get("infile", ""), f"{field}.infile", max_len=4096),
+    }
+    limit_key = "timelimit" if "timelimit" in obj else "timeout"
+    job["timelimit"] = as_int(obj.get(limit_key, 3600), f"{field}.{limit_key}", 0)
+    return job
+
+
+def validate_submission(body):
+    jobs = body.get("jobs") if isinstance(body, dict) else None
+    if not isinstance(jobs, list) or not jobs:
+        raise bad("jobs: must be a non-empty list of job objects")
+    if len(jobs) > 10000:
+        raise bad("jobs: at most 10000 jobs per submission")
+    rows = [validate_job(obj, f"jobs[{i}]") for i, obj in enumerate(jobs)]
+    if len({r["uuid"] for r in rows}) != len(rows):
+        raise bad("jobs: the same uuid appears twice in one submission")
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Store: all SQL. Writes go through one lock and one BEGIN IMMEDIATE transaction each, so a
+# transition is a guarded UPDATE plus its events row, atomically.
+# ----------------------------------------------------------------------------------------------
+class Store:
+    def __init__(self, path):
+        self.path = path
+        self.write_lock = threading.Lock()
+        self.pool = queue.LifoQueue()
+        first = connect(path)
+        self.schema_version = migrate(first)
+        self.pool.put(first)
+
+    def _conn(self):
+        try:
+            return self.pool.get_nowait()
+        except queue.Empty:
+            return connect(self.path)
+
+    def read(self, sql, args=()):
+        conn = self._conn()
+        try:
+            return conn.execute(sql, args).fetchall()
+        finally:
+            self.pool.put(conn)
+
+    def read_one(self, sql, args=()):
+        rows = self.read(sql, args)
+        return rows[0] if rows else None
+
+    def write(self, fn, *args):
+        """Run fn(conn, *args) inside one immediate transaction; commit or roll back as a whole."""
+        conn = self._conn()
+        try:
+            with self.write_lock:
+                conn.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(conn, *args)
+                    conn.execute("COMMIT")
+                    return result
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+        finally:
+            self.pool.put(conn)
+
+    def close(self):
+        while True:
+            try:
+                self.pool.get_nowait().close()
+            except queue.Empty:
+                return
+
+
+def event(conn, kind, uuid, old, new, who="", attempt=None, info=""):
+    conn.execute("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) "
+                 "VALUES(?,?,?,?,?,?,?,?)", (now(), kind, uuid, attempt, old, new, who, info))
+
+
+def move_job(conn, uuid, old, new, who, attempt=None, pilot=None, info="", **fields):
+    """The one guarded job transition: UPDATE ... WHERE state=old [AND pilot AND attempt].
+
+    Returns True if the row moved (and the event was written), False if it no longer matched."""
+    sets = ["state=?"] + [f"{k}=?" for k in fields]
+    sql = f"UPDATE jobs SET {', '.join(sets)} WHERE uuid=? AND state=?"
+    args = [new, *fields.values(), uuid, old]
+    if pilot is not None:
+        sql += " AND pilot=?"
+        args.append(pilot)
+    if attempt is not None:
+        sql += " AND attempt=?"
+        args.append(attempt)
+    if conn.execute(sql, args).rowcount != 1:
+        return False
+    event(conn, "job", uuid, old, new, who, attempt, info)
+    return True
+
+
+def move_pilot(conn, uuid, old_states, new, info="", **fields):
+    sets = ["state=?"] + [f"{k}=?" for k in fields]
+    marks = ",".join("?" * len(old_states))
+    row = conn.execute(f"UPDATE pilots SET {', '.join(sets)} WHERE uuid=? AND state IN ({marks}) "
+                       "RETURNING state", [new, *fields.values(), uuid, *old_states]).fetchone()
+    if row and new not in old_states:
+        event(conn, "pilot", uuid, None, new, uuid, info=info)
+    return row is not None
+
+
+def job_to_dict(row, full=True):
+    job = dict(row)
+    job.pop("id", None)
+    job["env"] = json.loads(job["env"])
+    if not full:
+        for key in ("stdout_tail", "stderr_tail", "env", "params"):
+            job.pop(key, None)
+    return job
+
+
+def pilot_to_dict(row):
+    pilot = dict(row)
+    pilot.pop("id", None)
+    pilot["jobtypes"] = json.loads(pilot["jobtypes"])
+    return pilot
+
+
+def requeue_or_end(conn, job, end_state, who, info, **fields):
+    """End a job in end_state, or put it back to `defined` while attempts remain."""
+    if not move_job(conn, job["uuid"], job["state"], end_state, who, job["attempt"],
+                    job["pilot"], info, ts_sto=now(), **fields):
+        return False
+    if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
+        move_job(conn, job["uuid"], end_state, "defined", who, job["attempt"], info="retry",
+                 attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None, ts_sto=None)
+        return "requeued"
+    return True
+
+
+def release_jobs(conn, pilot_uuid, why, who="housekeeping"):
+    """Free the jobs of a pilot that is gone: one it never started goes back to `defined` as it
+    was; one it was running ends pilotTO (or is retried). Returns how many became claimable."""
+    released = 0
+    for job in conn.execute("SELECT * FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
+                            (pilot_uuid,)).fetchall():
+        if job["state"] == "dispatched":
+            released += move_job(conn, job["uuid"], "dispatched", "defined", who,
+                                 job["attempt"], pilot_uuid, why, pilot=None, ts_dis=None)
+        elif requeue_or_end(conn, dict(job), "pilotTO", who, why) == "requeued":
+            released += 1
+    return released
+
+
+# ----------------------------------------------------------------------------------------------
+# Service: the operations behind the API, each one transaction.
+# ----------------------------------------------------------------------------------------------
+class Service:
+    def __init__(self, store, hk_period=2.0):
+        self.store = store
+        self.hk_period = hk_period
+        self.started = now()
+        self.work = threading.Condition()   # notified when a job may have become claimable
+        self.generation = 0
+        self.stopping = threading.Event()
+        self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0}
+        self.claim_latency = []             # seconds from request to claim, bounded below
+
+    # -- jobs ---------------------------------------------------------------------------------
+    def submit(self, body, who):
+        rows = validate_submission(body)
+
+        def insert(conn):
+            stored = []
+            for r in rows:
+                cur = conn.execute(
+                    "INSERT INTO jobs(uuid,name,user,jobtype,payload,params,env,priority,timelimit,"
+                    "site,state,max_attempts,infile,ts_def) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                    "ON CONFLICT(uuid) DO NOTHING",
+                    (r["uuid"], r["name"], r["user"], r["jobtype"], r["payload"], r["params"],
+                     r["env"], r["priority"], r["timelimit"], r["site"], r["state"],
+                     r["max_attempts"], r["infile"], now()))
+                if cur.rowcount:    # a retried submission with a known uuid stores nothing twice
+                    event(conn, "job", r["uuid"], None, r["state"], r["user"] or who, 1)
+                stored.append(r["uuid"])
+            return stored
+
+        uuids = self.store.write(insert)
+        self.notify_work()
+        return {"uuids": uuids}
+
+    def get_job(self, uuid):
+        row = self.store.read_one("SELECT * FROM jobs WHERE uuid=?", (uuid,))
+        if row is None:
+            raise ApiError(404, f"job {uuid}: no such job")
+        job = job_to_dict(row)
+        job["events"] = [dict(e) for e in self.store.read(
+            "SELECT ts, old, new, who, attempt, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
+        return job
+
+    def list_jobs(self, query):
+        where, args = [], []
+        for key in ("state", "jobtype", "site", "user", "wfuuid"):
+            if query.get(key):
+                where.append(f"{key}=?")
+                args.append(query[key])
+        limit = min(as_int(query.get("limit", 100), "limit", 1), 10000)
+        offset = as_int(query.get("offset", 0), "offset", 0)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
+        rows = self.store.read(sql + " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit, offset])
+        return {"jobs": [job_to_dict(r, full=False) for r in rows]}
+
+    def job_states(self, body):
+        uuids = body.get("uuids") if isinstance(body, dict) else None
+        if not isinstance(uuids, list) or len(uuids) > 10000:
+            raise bad("uuids: must be a list of at most 10000 job uuids")
+        uuids = [as_uuid(u, f"uuids[{i}]") for i, u in enumerate(uuids)]
+        found = {}
+        for start in range(0, len(uuids), 500):
+            chunk = uuids[start:start + 500]
+            for r in self.store.read("SELECT uuid, state, exit_code FROM jobs WHERE uuid IN (%s)"
+                                     % ",".join("?" * len(chunk)), chunk):
+                found[r["uuid"]] = {"state": r["state"], "exit_code": r["exit_code"]}
+        return {"jobs": found}
+
+    ADJUSTABLE = {  # target state -> states a user may move a job from
+        "defined": ("template", "failed", "timeout", "pilotTO", "cancelled"),
+        "template": ("defined",),
+        "cancelled": ("template", "defined", "dispatched", "running"),
+    }
+
+    def adjust(self, uuid, body, who):
+        check_keys(body, "adjust", ("state", "priority"))
+        if "state" not in body and "priority" not in body:
+            raise bad("adjust: give state and/or priority")
+        state = body.get("state")
+        if state is not None:
+            as_choice(state, "state", tuple(self.ADJUSTABLE))
+        priority = as_int(body["priority"], "priority") if "priority" in body else None
+
+        def apply(conn):
+            job = conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone()
+            if job is None:
+                raise ApiError(404, f"job {uuid}: no such job")
+            if priority is not None:
+                if job["state"] in END_JOB_STATES and state is None:
+                    raise ApiError(409, f"job {uuid}: is {job['state']}; priority of an ended job cannot change")
+                conn.execute("UPDATE jobs SET priority=? WHERE uuid=?", (priority, uuid))
+            if state is not None and state != job["state"]:
+                if job["state"] not in self.ADJUSTABLE[state]:
+                    raise ApiError(409, f"job {uuid}: cannot go from {job['state']} to {state}")
+                fields = {}
+                if state == "defined" and job["state"] in END_JOB_STATES:   # a resubmission
+                    fields = dict(attempt=job["attempt"] + 1, pilot=None, exit_code=None,
+                                  ts_dis=None, ts_sta=None, ts_sto=None, ts_def=now())
+                elif state == "cancelled":
+                    fields = dict(ts_sto=now())
+                move_job(conn, uuid, job["state"], state, who, job["attempt"], info="adjusted", **fields)
+            return job_to_dict(conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone(), False)
+
+        result = self.store.write(apply)
+        self.notify_work()
+        return result
+
+    def delete_job(self, uuid, who):
+        def remove(conn):
+            job = conn.execute("SELECT state FROM jobs WHERE uuid=?", (uuid,)).fetchone()
+            if job is None:
+                raise ApiError(404, f"job {uuid}: no such job")
+            if job["state"] in ACTIVE_JOB_STATES:
+                raise ApiError(409, f"job {uuid}: is {job['state']}; cancel it before deleting it")
+            conn.execute("DELETE FROM jobs WHERE uuid=? AND state=?", (uuid, job["state"]))
+            event(conn, "job", uuid, job["state"], "deleted", who)
+            return {"deleted": uuid}
+
+        return self.store.write(remove)
+
+    # -- pilots -------------------------------------------------------------------------------
+    def register(self, body):
+        check_keys(body, "register", ("host", "pid", "site", "jobtypes", "extra", "heartbeat"))
+        jobtypes = body.get("jobtypes", [])
+        if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
+            raise bad("jobtypes: must be a list of non-empty strings")
+        pilot = {
+            "uuid": str(uuidlib.uuid4()),
+            "host": as_str(body.get("host", ""), "host", max_len=256),
+            "pid": as_int(body.get("pid", 0), "pid", 0),
+            "site": as_str(body.get("site", ""), "site", max_len=64),
+            "jobtypes": json.dumps(sorted(set(jobtypes))),
+            "extra": as_str(body.get("extra", ""), "extra", max_len=256),
+        }
+        site = self.site_defaults(pilot["site"]) or {}
+        default_beat = site.get("heartbeat") or DEFAULT_HEARTBEAT
+        pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1)
+
+        def insert(conn):
+            t = now()
+            conn.execute("INSERT INTO pilots(uuid,host,pid,site,jobtypes,extra,heartbeat,state,ts_reg,ts_beat)"
+                         " VALUES(:uuid,:host,:pid,:site,:jobtypes,:extra,:heartbeat,'active',:t,:t)",
+                         {**pilot, "t": t})
+            event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
+
+        self.store.write(insert)
+        return {"uuid": pilot["uuid"], "heartbeat": pilot["heartbeat"], "site": site or None}
+
+    def _pilot(self, conn, uuid):
+        row = conn.execute("SELECT * FROM pilots WHERE uuid=?", (uuid,)).fetchone()
+        if row is None:
+            raise ApiError(404, f"pilot {uuid}: no such pilot")
+        if row["state"] not in LIVE_PILOT_STATES:
+            raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
+        return row
+
+    def claim(self, conn, pilot_uuid):
+        """Hand the pilot its job: the one already dispatched to it (an answer it never got),
+        else the best eligible defined job. One transaction; None if there is nothing."""
+        pilot = self._pilot(conn, pilot_uuid)
+        t = now()
+        job = conn.execute("SELECT * FROM jobs WHERE pilot=? AND state='dispatched'",
+                           (pilot_uuid,)).fetchone()
+        if job is None:
+            jobtypes = json.loads(pilot["jobtypes"])
+            cond = ["state='defined'", "(site='' OR site=?)"]
+            args = [pilot["site"]]
+            if jobtypes:
+                cond.append("jobtype IN (%s)" % ",".join("?" * len(jobtypes)))
+                args += jobtypes
+            pick = ("SELECT id FROM jobs WHERE " + " AND ".join(cond) +
+                    " ORDER BY priority DESC, ts_def, id LIMIT 1")
+            job = conn.execute(f"UPDATE jobs SET state='dispatched', pilot=?, ts_dis=?, host=? "
+                               f"WHERE id=({pick}) AND state='defined' RETURNING *",
+                               [pilot_uuid, t, pilot["host"], *args]).fetchone()
+            if job is None:
+                move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=t)
+                return None
+            event(conn, "job", job["uuid"], "defined", "dispatched", pilot_uuid, job["attempt"])
+        move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=t)
+        return job_to_dict(job)
+
+    def request_job(self, pilot_uuid, body):
+        check_keys(body, "request", ("wait",))
+        wait = min(as_number(body.get("wait", 0), "wait", 0), MAX_WAIT)
+        started = now()
+        deadline = started + wait
+        while True:
+            with self.work:
+                generation = self.generation
+            job = self.store.write(self.claim, pilot_uuid)
+            if job is not None:
+                self.counters["claims"] += 1
+                self.claim_latency.append(now() - started)
+                del self.claim_latency[:-10000]
+                return {"job": job}
+            with self.work:
+                while self.generation == generation and not self.stopping.is_set():
+                    left = deadline - now()
+                    if left <= 0:
+                        self.counters["empty_polls"] += 1
+                        return {"job": None}
+                    self.work.wait(left)
+            if self.stopping.is_set():
+                return {"job": None}
+
+    def notify_work(self):
+        with self.work:
+            self.generation += 1
+            self.work.notify_all()
+
+    REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
+                   "pid", "stdout_path", "stderr_path")
+
+    def report(self, uuid, body):
+        check_keys(body, "report", self.REPORT_KEYS)
+        pilot = as_uuid(body.get("pilot"), "pilot")
+        attempt = as_int(body.get("attempt"), "attempt", 1)
+        state = as_choice(body.get("state"), "state", ("running", "finished", "failed", "timeout", "pilotTO"))
+        fields = {}
+        if state == "running":
+            fields["pid"] = as_int(body.get("pid", 0), "pid", 0)
+            for key in ("stdout_path", "stderr_path"):
+                fields[key] = as_str(body.get(key, ""), key, max_len=4096)
+        else:
+            if body.get("exit_code") is not None:
+                fields["exit_code"] = as_int(body["exit_code"], "exit_code")
+            fields["errmsg"] = as_str(body.get("errmsg", ""), "errmsg", max_len=4096)
+            for key in ("stdout", "stderr"):
+                fields[key + "_tail"] = as_str(body.get(key, ""), key, max_len=4 * TAIL_BYTES)[-TAIL_BYTES:]
+
+        def apply(conn):
+            job = conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone()
+            if job is None:
+                raise ApiError(404, f"job {uuid}: no such job")
+            if self._already_reported(conn, job, pilot, attempt, state):
+                return {"state": job["state"], "duplicate": True}
+            if job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES:
+                raise ApiError(409, f"job {uuid}: report for attempt {attempt} by pilot {pilot} is stale; "
+                                    f"the job is {job['state']} (attempt {job['attempt']})")
+            if state == "running":
+                if job["state"] != "dispatched":
+                    raise ApiError(409, f"job {uuid}: is already {job['state']}")
+                move_job(conn, uuid, "dispatched", "running", pilot, attempt, pilot, ts_sta=now(), **fields)
+                move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
+                return {"state": "running"}
+            outcome = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), **fields)
+            conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
+                         "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
+                         "WHERE uuid=? AND job=?", (now(), pilot, uuid))
+            return {"state": "defined" if outcome == "requeued" else state}
+
+        try:
+            result = self.store.write(apply)
+        except ApiError as e:
+            if e.status == 409:
+                self.counters["stale_reports"] += 1
+            raise
+        self.counters["reports"] += 1
+        if result["state"] == "defined":
+            self.notify_work()
+        return result
+
+    @staticmethod
+    def _already_reported(conn, job, pilot, attempt, state):
+        """A report repeated because its answer was lost is acknowledged, not refused."""
+        return conn.execute("SELECT 1 FROM events WHERE uuid=? AND attempt=? AND new=? AND who=?",
+                            (job["uuid"], attempt, state, pilot)).fetchone() is not None
+
+    def heartbeat(self, pilot_uuid, body):
+        check_keys(body, "heartbeat", ("job",))
+        job_uuid = body.get("job")
+        if job_uuid is not None:
+            job_uuid = as_uuid(job_uuid, "job")
+
+        def beat(conn):
+            pilot = self._pilot(conn, pilot_uuid)
+            conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=?", (now(), pilot_uuid))
+            directive = pilot["directive"]
+            if job_uuid is not None:
+                job = conn.execute("SELECT state, pilot FROM jobs WHERE uuid=?", (job_uuid,)).fetchone()
+                if job is None or job["pilot"] != pilot_uuid or job["state"] not in ACTIVE_JOB_STATES:
+                    directive = directive or "kill"     # cancelled, deleted or given to another pilot
+            return {"directive": directive}
+
+        return self.store.write(beat)
+
+    def deregister(self, pilot_uuid, body):
+        check_keys(body, "deregister", ("reason",))
+        reason = as_str(body.get("reason", ""), "reason", max_len=256)
+
+        def stop(conn):
+            if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
+                              ts_stop=now(), job=None):
+                raise ApiError(409, f"pilot {pilot_uuid}: is not live")
+            return release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid)
+
+        if self.store.write(stop):
+            self.notify_work()
+        return {"state": "stopped"}
+
+    def list_pilots(self, query):
+        where, args = [], []
+        for key in ("state", "site", "host"):
+            if query.get(key):
+                where.append(f"{key}=?")
+                args.append(query[key])
+        limit = min(as_int(query.get("limit", 1000), "limit", 1), 10000)
+        sql = "SELECT * FROM pilots" + (" WHERE " + " AND ".join(where) if where else "")
+        return {"pilots": [pilot_to_dict(r) for r in self.store.read(sql + " ORDER BY id DESC LIMIT ?",
+                                                                     args + [limit])]}
+
+    # -- sites --------------------------------------------------------------------------------
+    def site_defaults(self, name):
+        row = self.store.read_one("SELECT * FROM sites WHERE name=?", (name,)) if name else None
+        if row is None:
+            return None
+        site = dict(row)
+        site["env"] = json.loads(site["env"])
+        return site
+
+    def define_site(self, name, body):
+        as_str(name, "site", allow_empty=False, max_len=64)
+        check_keys(body, "site", ("period", "cycles", "heartbeat", "env"))
+        site = {"name": name,
+                "period": as_number(body["period"], "period", 0) if body.get("period") is not None else None,
+                "cycles": as_int(body["cycles"], "cycles", 0) if body.get("cycles") is not None else None,
+                "heartbeat": (as_number(body["heartbeat"], "heartbeat", 0.1)
+                              if body.get("heartbeat") is not None else None),
+                "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
+
+        def upsert(conn):
+            conn.execute("INSERT INTO sites(name,period,cycles,heartbeat,env,ts) "
+                         "VALUES(:name,:period,:cycles,:heartbeat,:env,:ts) ON CONFLICT(name) DO UPDATE "
+                         "SET period=:period, cycles=:cycles, heartbeat=:heartbeat, env=:env, ts=:ts",
+                         {**site, "ts": now()})
+
+        self.store.write(upsert)
+        return self.site_defaults(name)
+
+    def list_sites(self):
+        return {"sites": [self.site_defaults(r["name"]) for r in
+                          self.store.read("SELECT name FROM sites ORDER BY name")]}
+
+    # -- housekeeping -------------------------------------------------------------------------
+    def housekeep(self):
+        """One pass: lost pilots and their jobs, jobs overrunning their time limit."""
+        t = now()
+        released = self.store.write(self._mark_lost_pilots, t) + self.store.write(self._time_out_jobs, t)
+        if released:
+            self.notify_work()
+
+    def _mark_lost_pilots(self, conn, t):
+        # A server that was down must not blame pilots for its own silence: count from restart.
+        marks = ",".join("?" * len(LIVE_PILOT_STATES))
+        lost = conn.execute(f"SELECT uuid, heartbeat FROM pilots WHERE state IN ({marks}) "
+                            f"AND MAX(ts_beat, ?) + ? * heartbeat < ?",
+                            (*LIVE_PILOT_STATES, self.started, LOST_AFTER_BEATS, t)).fetchall()
+        released = 0
+        for pilot in lost:
+            move_pilot(conn, pilot["uuid"], LIVE_PILOT_STATES, "lost",
+                       info=f"silent for {LOST_AFTER_BEATS} heartbeats", ts_stop=t)
+            released += release_jobs(conn, pilot["uuid"], "pilot lost")
+        return released
+
+    def _time_out_jobs(self, conn, t):
+        overdue = conn.execute("SELECT * FROM jobs WHERE state='running' AND timelimit > 0 "
+                               "AND ts_sta + timelimit + ? < ?", (TIMELIMIT_GRACE, t)).fetchall()
+        for job in overdue:
+            requeue_or_end(conn, dict(job), "timeout", "housekeeping", "no report after the time limit")
+        return len(overdue)
+
+    def housekeeping_loop(self):
+        while not self.stopping.wait(self.hk_period):
+            try:
+                self.housekeep()
+            except Exception:           # keep the thread alive; the next pass retries
+                log.exception("housekeeping pass failed")
+
+    def health(self):
+        return {"ok": True, "version": VERSION, "schema": self.store.schema_version}
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTP API
+# ----------------------------------------------------------------------------------------------
+UUID_RE = r"([0-9a-fA-F-]{36})"
+ROUTES = []   # (method, compiled path regex, handler name, needs token)
+
+
+def route(method, pattern, write=True):
+    def register(fn):
+        ROUTES.append((method, re.compile("^" + pattern + "$"), fn, write))
+        return fn
+    return register
+
+
+class Api:
+    """Thin adapters from HTTP (path groups, query, body) to Service calls."""
+
+    @route("GET", "/api/health", write=False)
+    def health(svc, req):
+        return svc.health()
+
+    @route("POST", "/api/auth", write=True)
+    def auth(svc, req):
+        return {"ok": True}
+
+    @route("POST", "/api/jobs")
+    def submit(svc, req):
+        return svc.submit(req.body, req.who)
+
+    @route("GET", "/api/jobs", write=False)
+    def list_jobs(svc, req):
+        return svc.list_jobs(req.query)
+
+    @route("POST", "/api/jobs/states", write=False)
+    def job_states(svc, req):
+        return svc.job_states(req.body)
+
+    @route("GET", f"/api/jobs/{UUID_RE}", write=False)
+    def get_job(svc, req, uuid):
+        return svc.get_job(uuid)
+
+    @route("POST", f"/api/jobs/{UUID_RE}/adjust")
+    def adjust(svc, req, uuid):
+        return svc.adjust(uuid, req.body, req.who)
+
+    @route("DELETE", f"/api/jobs/{UUID_RE}")
+    def delete_job(svc, req, uuid):
+        return svc.delete_job(uuid, req.who)
+
+    @route("POST", f"/api/jobs/{UUID_RE}/report")
+    def report(svc, req, uuid):
+        return svc.report(uuid, req.body)
+
+    @route("POST", "/api/pilots")
+    def register(svc, req):
+        return svc.register(req.body)
+
+    @route("GET", "/api/pilots", write=False)
+    def list_pilots(svc, req):
+        return svc.list_pilots(req.query)
+
+    @route("POST", f"/api/pilots/{UUID_RE}/request")
+    def request_job(svc, req, uuid):
+        return svc.request_job(uuid, req.body)
+
+    @route("POST", f"/api/pilots/{UUID_RE}/heartbeat")
+    def heartbeat(svc, req, uuid):
+        return svc.heartbeat(uuid, req.body)
+
+    @route("POST", f"/api/pilots/{UUID_RE}/stop")
+    def deregister(svc, req, uuid):
+        return svc.deregister(uuid, req.body)
+
+    @route("GET", "/api/sites", write=False)
+    def list_sites(svc, req):
+        return svc.list_sites()
+
+    @route("PUT", r"/api/sites/([A-Za-z0-9_.-]{1,64})")
+    def define_site(svc, req, name):
+        return svc.define_site(name, req.body)
+
+
+class Request:
+    def __init__(self, query, body, who):
+        self.query, self.body, self.who = query, body, who
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = "p3s/" + VERSION
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):
+        self.dispatch("GET")
+
+    def do_POST(self):
+        self.dispatch("POST")
+
+    def do_PUT(self):
+        self.dispatch("PUT")
+
+    def do_DELETE(self):
+        self.dispatch("DELETE")
+
+    def dispatch(self, method):
+        url = urlsplit(self.path)
+        try:
+            handler, groups, write = self.find_route(method, url.path)
+            if write:
+                self.check_token()
+            body = self.read_body() if method in ("POST", "PUT") else {}
+            query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+            result = handler(self.server.service, Request(query, body, self.client_address[0]), *groups)
+            self.send_json(200, result)
+        except ApiError as e:
+            self.send_json(e.status, {"error": e.message})
+        except Exception:
+            log.exception("%s %s failed", method, self.path)
+            self.send_json(500, {"error": "internal server error; see the server log"})
+
+    def find_route(self, method, path):
+        allowed = False
+        for m, regex, handler, write in ROUTES:
+            match = regex.match(path)
+            if match:
+                if m == method:
+                    return handler, match.groups(), write
+                allowed = True
+        if allowed:
+            raise ApiError(405, f"{method} {path}: method not allowed")
+        raise ApiError(404, f"{path}: no such endpoint")
+
+    def check_token(self):
+        header = self.headers.get("Authorization", "")
+        given = header[7:] if header.startswith("Bearer ") else ""
+        if not given:
+            raise ApiError(401, "Authorization: missing token; set P3S_TOKEN or P3S_TOKEN_FILE")
+        if not hmac.compare_digest(given.encode(), self.server.token.encode()):
+            raise ApiError(403, "Authorization: wrong token")
+
+    def read_body(self):
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise bad("Content-Length: not a number") from None
+        if length > self.server.max_body:
+            raise ApiError(413, f"body: {length} bytes is over the limit of {self.server.max_body}")
+        raw = self.rfile.read(length) if length > 0 else b""
+        if not raw.strip():
+            return {}
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise bad(f"body: malformed JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise bad("body: must be a JSON object")
+        return body
+
+    def send_json(self, status, obj):
+        self.send_bytes(status, json.dumps(obj).encode(), "application/json")
+
+    def send_bytes(self, status, data, ctype):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass    # the client gave up; a pilot's retry will ask again
+
+    def log_message(self, fmt, *args):
+        log.debug("%s %s", self.client_address[0], fmt % args)
+
+
+class P3SServer(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256
+
+    def __init__(self, address, service, token, max_body=MAX_BODY):
+        self.service, self.token, self.max_body = service, token, max_body
+        super().__init__(address, Handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def is_loopback(host):
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_token(token_file, db_path, host):
+    """The write token: --token-file, else $P3S_TOKEN, else one generated beside the database.
+
+    A generated token is only for users of this machine, so the server then binds loopback only."""
+    if token_file:
+        with open(token_file) as f:
+            token = f.read().strip()
+        if not token:
+            raise SystemExit(f"--token-file {token_file}: the file is empty")
+        return token, token_file
+    if os.environ.get("P3S_TOKEN"):
+        return os.environ["P3S_TOKEN"].strip(), "$P3S_TOKEN"
+    if not is_loopback(host):
+        raise SystemExit(f"--host {host}: a non-loopback address needs a token (--token-file or P3S_TOKEN)")
+    path = os.path.splitext(db_path)[0] + ".token"
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(32) + "\n")
+    with open(path) as f:
+        return f.read().strip(), path
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="p3s server: jobs, pilots and workflows over HTTP/JSON.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--db", default=DEFAULT_DB, help="sqlite database (default p3s.db beside server.py)")
+    p.add_argument("--token-file", help="file holding the write token (default: $P3S_TOKEN, else "
+                   "a token generated beside the database, loopback only)")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    p.add_argument("--housekeeping", type=float, default=2.0, metavar="SECONDS",
+                   help="seconds between housekeeping passes (default 2)")
+    p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES",
+                   help=f"largest request body accepted (default {MAX_BODY})")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        token, token_source = load_token(args.token_file, args.db, args.host)
+        store = Store(args.db)
+    except (OSError, sqlite3.Error) as e:
+        print(f"server.py: {e}", file=sys.stderr)
+        return 1
+    except SystemExit as e:
+        print(f"server.py: {e}", file=sys.stderr)
+        return 2
+    service = Service(store, args.housekeeping)
+    try:
+        httpd = P3SServer((args.host, args.port), service, token, args.max_body)
+    except OSError as e:
+        print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    if token_source.endswith(".token") and not args.token_file:
+        log.warning("no token given: using %s; binding %s only", token_source, args.host)
+    hk = threading.Thread(target=service.housekeeping_loop, name="housekeeping", daemon=True)
+    hk.start()
+
+    def shut_down(signum, frame):
+        service.stopping.set()
+        service.notify_work()
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shut_down)
+    signal.signal(signal.SIGINT, shut_down)
+    host, port = httpd.server_address[:2]
+    log.info("p3s server %s: serving on http://%s:%d (db %s, schema v%d)",
+             VERSION, host, port, os.path.abspath(args.db), store.schema_version)
+    try:
+        httpd.serve_forever(poll_interval=0.2)
+    finally:
+        httpd.server_close()
+        store.close()
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""The one HTTP client of p3s: every tool talks to the server through this module.
+
+Configuration, in order of precedence: explicit arguments, then the environment:
+  P3S_SERVER      base URL (default http://127.0.0.1:8000)
+  P3S_TOKEN       the write token, or
+  P3S_TOKEN_FILE  a file holding it (default: p3s.token beside this file, if it exists,
+                  which is where `python server.py` puts the token it generates)
+
+Connection errors and 5xx answers are retried with capped exponential backoff for `retry_for`
+seconds; everything else fails at once. Every failure raises P3SError with a readable message.
+"""
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from urllib.parse import urlencode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+DEFAULT_TOKEN_FILE = os.path.join(HERE, "p3s.token")
+BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+
+
+class P3SError(Exception):
+    """A failed call. `status` is the HTTP status, or None when the server could not be reached.
+
+    `bad_input` tells the tools which exit code to use: 2 for a request the server refused
+    (4xx), 1 for a server or network failure."""
+
+    def __init__(self, message, status=None):
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def bad_input(self):
+        return self.status is not None and 400 <= self.status < 500
+
+    @property
+    def exit_code(self):
+        return 2 if self.bad_input else 1
+
+
+def read_token(token=None, token_file=None):
+    """The token from the argument, $P3S_TOKEN, $P3S_TOKEN_FILE or the default file, or ''."""
+    if token:
+        return token
+    if os.environ.get("P3S_TOKEN"):
+        return os.environ["P3S_TOKEN"].strip()
+    path = token_file or os.environ.get("P3S_TOKEN_FILE")
+    if path is None and os.path.exists(DEFAULT_TOKEN_FILE):
+        path = DEFAULT_TOKEN_FILE
+    if not path:
+        return ""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise P3SError(f"token file {path}: {e.strerror}") from None
+
+
+class Client:
+    def __init__(self, server=None, token=None, token_file=None, timeout=10.0, retry_for=30.0):
+        self.server = (server or os.environ.get("P3S_SERVER") or DEFAULT_SERVER).rstrip("/")
+        if "://" not in self.server:
+            self.server = "http://" + self.server
+        self.token = read_token(token, token_file)
+        self.timeout = timeout
+        self.retry_for = retry_for
+
+    # -- transport ------------------------------------------------------------------------------
+    def call(self, method, path, body=None, query=None, timeout=None, retry_for=None):
+        """One API call; returns the decoded JSON answer or raises P3SError."""
+        url = self.server + path + ("?" + urlencode(query) if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
+        delay = BACKOFF_FIRST
+        while True:
+            try:
+                return self._once(urllib.request.Request(url, data, headers, method=method),
+                                  timeout or self.timeout)
+            except P3SError as e:
+                if e.bad_input or time.monotonic() + delay > deadline:
+                    raise
+            time.sleep(delay)
+            delay = min(delay * 2, BACKOFF_CAP)
+
+    @staticmethod
+    def _once(request, timeout):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                return json.loads(answer.read() or b"{}")
+        except urllib.error.HTTPError as e:
+            raise P3SError(_error_text(e), e.code) from None
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise P3SError(f"cannot reach the p3s server at {request.full_url.split('/api')[0]}: "
+                           f"{reason}") from None
+        except ValueError:
+            raise P3SError(f"{request.full_url}: the answer is not JSON") from None
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def submit_jobs(self, jobs):
+        return self.call("POST", "/api/jobs", {"jobs": jobs})["uuids"]
+
+    def list_jobs(self, **filters):
+        return self.call("GET", "/api/jobs", query={k: v for k, v in filters.items() if v is not None})["jobs"]
+
+    def get_job(self, uuid):
+        return self.call("GET", f"/api/jobs/{uuid}")
+
+    def job_states(self, uuids):
+        return self.call("POST", "/api/jobs/states", {"uuids": list(uuids)})["jobs"]
+
+    def adjust_job(self, uuid, state=None, priority=None):
+        body = {k: v for k, v in (("state", state), ("priority", priority)) if v is not None}
+        return self.call("POST", f"/api/jobs/{uuid}/adjust", body)
+
+    def delete_job(self, uuid):
+        return self.call("DELETE", f"/api/jobs/{uuid}")
+
+    def report(self, uuid, report, retry_for=None):
+        return self.call("POST", f"/api/jobs/{uuid}/report", report, retry_for=retry_for)
+
+    # -- pilots and sites -----------------------------------------------------------------------
+    def register_pilot(self, retry_for=None, **info):
+        return self.call("POST", "/api/pilots", info, retry_for=retry_for)
+
+    def request_job(self, pilot, wait):
+        return self.call("POST", f"/api/pilots/{pilot}/request", {"wait": wait},
+                         timeout=wait + self.timeout)["job"]
+
+    def heartbeat(self, pilot, job=None, retry_for=None):
+        return self.call("POST", f"/api/pilots/{pilot}/heartbeat", {"job": job}, retry_for=retry_for)
+
+    def deregister_pilot(self, pilot, reason="", retry_for=None):
+        return self.call("POST", f"/api/pilots/{pilot}/stop", {"reason": reason}, retry_for=retry_for)
+
+    def list_pilots(self, **filters):
+        return self.call("GET", "/api/pilots", query={k: v for k, v in filters.items() if v is not None})["pilots"]
+
+    def define_site(self, name, **defaults):
+        return self.call("PUT", f"/api/sites/{name}", defaults)
+
+    def list_sites(self):
+        return self.call("GET", "/api/sites")["sites"]
+
+    def health(self):
+        return self.call("GET", "/api/health")
+
+    def check_token(self):
+        return self.call("POST", "/api/auth", {})
+
+
+def _error_text(e):
+    """The server's {"error": ...} message, or the HTTP reason when there is none."""
+    try:
+        return json.loads(e.read())["error"]
+    except (ValueError, KeyError, TypeError, OSError):
+        return f"HTTP {e.code} {e.reason}"
