@@ -362,13 +362,15 @@ def event(conn, kind, uuid, old, new, who="", attempt=None, info=""):
                  "VALUES(?,?,?,?,?,?,?,?)", (now(), kind, uuid, attempt, old, new, who, info))
 
 
-def move_job(conn, uuid, old, new, who, attempt=None, pilot=None, info="", **fields):
+def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", changes=None):
     """The one guarded job transition: UPDATE ... WHERE state=old [AND pilot AND attempt].
 
-    Returns True if the row moved (and the event was written), False if it no longer matched."""
-    sets = ["state=?"] + [f"{k}=?" for k in fields]
+    `changes` are the other columns to set. Returns True if the row moved (and its event was
+    written), False if it no longer matched: somebody else moved it first."""
+    changes = changes or {}
+    sets = ["state=?"] + [f"{k}=?" for k in changes]
     sql = f"UPDATE jobs SET {', '.join(sets)} WHERE uuid=? AND state=?"
-    args = [new, *fields.values(), uuid, old]
+    args = [new, *changes.values(), uuid, old]
     if pilot is not None:
         sql += " AND pilot=?"
         args.append(pilot)
@@ -408,14 +410,15 @@ def pilot_to_dict(row):
     return pilot
 
 
-def requeue_or_end(conn, job, end_state, who, info, **fields):
+def requeue_or_end(conn, job, end_state, who, info, changes=None):
     """End a job in end_state, or put it back to `defined` while attempts remain."""
-    if not move_job(conn, job["uuid"], job["state"], end_state, who, job["attempt"],
-                    job["pilot"], info, ts_sto=now(), **fields):
+    if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
+                    pilot=job["pilot"], info=info, changes={**(changes or {}), "ts_sto": now()}):
         return False
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
-        move_job(conn, job["uuid"], end_state, "defined", who, job["attempt"], info="retry",
-                 attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None, ts_sto=None)
+        move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
+                 changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
+                              ts_sto=None))
         return "requeued"
     return True
 
@@ -427,8 +430,8 @@ def release_jobs(conn, pilot_uuid, why, who="housekeeping"):
     for job in conn.execute("SELECT * FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
                             (pilot_uuid,)).fetchall():
         if job["state"] == "dispatched":
-            released += move_job(conn, job["uuid"], "dispatched", "defined", who,
-                                 job["attempt"], pilot_uuid, why, pilot=None, ts_dis=None)
+            released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
+                                 pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
         elif requeue_or_end(conn, dict(job), "pilotTO", who, why) == "requeued":
             released += 1
     return released
@@ -537,7 +540,8 @@ class Service:
                                   ts_dis=None, ts_sta=None, ts_sto=None, ts_def=now())
                 elif state == "cancelled":
                     fields = dict(ts_sto=now())
-                move_job(conn, uuid, job["state"], state, who, job["attempt"], info="adjusted", **fields)
+                move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"], info="adjusted",
+                         changes=fields)
             return job_to_dict(conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone(), False)
 
         result = self.store.write(apply)
@@ -680,10 +684,11 @@ class Service:
             if state == "running":
                 if job["state"] != "dispatched":
                     raise ApiError(409, f"job {uuid}: is already {job['state']}")
-                move_job(conn, uuid, "dispatched", "running", pilot, attempt, pilot, ts_sta=now(), **fields)
+                move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
+                         changes={**fields, "ts_sta": now()})
                 move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
                 return {"state": "running"}
-            outcome = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), **fields)
+            outcome = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), fields)
             conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
                          "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
                          "WHERE uuid=? AND job=?", (now(), pilot, uuid))
@@ -823,7 +828,7 @@ class Service:
 # ----------------------------------------------------------------------------------------------
 # HTTP API
 # ----------------------------------------------------------------------------------------------
-UUID_RE = r"([0-9a-fA-F-]{36})"
+UUID_RE = r"(?P<uuid>[^/]+)"     # checked by as_uuid in dispatch, so a typo gets a clear 400
 ROUTES = []   # (method, compiled path regex, handler name, needs token)
 
 
@@ -897,7 +902,7 @@ class Api:
     def list_sites(svc, req):
         return svc.list_sites()
 
-    @route("PUT", r"/api/sites/([A-Za-z0-9_.-]{1,64})")
+    @route("PUT", r"/api/sites/(?P<name>[A-Za-z0-9_.-]{1,64})")
     def define_site(svc, req, name):
         return svc.define_site(name, req.body)
 
@@ -945,7 +950,10 @@ class Handler(BaseHTTPRequestHandler):
             match = regex.match(path)
             if match:
                 if m == method:
-                    return handler, match.groups(), write
+                    groups = match.groupdict()
+                    if "uuid" in groups:
+                        groups["uuid"] = as_uuid(groups["uuid"], "uuid")
+                    return handler, list(groups.values()) or match.groups(), write
                 allowed = True
         if allowed:
             raise ApiError(405, f"{method} {path}: method not allowed")

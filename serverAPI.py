@@ -5,6 +5,7 @@ Configuration, in order of precedence: explicit arguments, then the environment:
   P3S_TOKEN       the write token, or
   P3S_TOKEN_FILE  a file holding it (default: p3s.token beside this file, if it exists,
                   which is where `python server.py` puts the token it generates)
+  P3S_RETRY_FOR   seconds to keep retrying an unreachable server (default 30)
 
 Connection errors and 5xx answers are retried with capped exponential backoff for `retry_for`
 seconds; everything else fails at once. Every failure raises P3SError with a readable message.
@@ -60,13 +61,13 @@ def read_token(token=None, token_file=None):
 
 
 class Client:
-    def __init__(self, server=None, token=None, token_file=None, timeout=10.0, retry_for=30.0):
+    def __init__(self, server=None, token=None, token_file=None, timeout=10.0, retry_for=None):
         self.server = (server or os.environ.get("P3S_SERVER") or DEFAULT_SERVER).rstrip("/")
         if "://" not in self.server:
             self.server = "http://" + self.server
         self.token = read_token(token, token_file)
         self.timeout = timeout
-        self.retry_for = retry_for
+        self.retry_for = retry_for if retry_for is not None else _retry_from_env()
 
     # -- transport ------------------------------------------------------------------------------
     def call(self, method, path, body=None, query=None, timeout=None, retry_for=None):
@@ -153,6 +154,14 @@ class Client:
 
     def check_token(self):
         return self.call("POST", "/api/auth", {})
+
+
+def _retry_from_env():
+    value = os.environ.get("P3S_RETRY_FOR", "30")
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        raise P3SError(f"P3S_RETRY_FOR={value!r}: not a number of seconds") from None
 
 
 def _error_text(e):

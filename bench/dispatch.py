@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Dispatch benchmark (not a test): how close p3s gets to the bare HTTP server it is built on.
+
+    python bench/dispatch.py [--pilots 8] [--jobs 400] [--latency-jobs 40]
+
+Prints, from one run on this machine:
+  - the bare http.server request rate (ThreadingHTTPServer answering a small JSON, same client
+    concurrency as the pilots),
+  - end-to-end jobs/s for N pilots running /bin/true (submit -> claim -> run -> report),
+  - their ratio, and the requests/s p3s handled meanwhile,
+  - submit-to-start latency of an idle pilot: median and p95.
+Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from serverAPI import Client  # noqa: E402
+
+TIME_LIMIT = 300    # seconds any one phase may take
+
+
+class Bare(BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = b'{"job": null}'
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def bare_rate(concurrency, total):
+    """Requests/s of a do-nothing ThreadingHTTPServer driven by urllib from `concurrency` threads."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Bare)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    per_thread = total // concurrency
+
+    def hammer():
+        for _ in range(per_thread):
+            urllib.request.urlopen(urllib.request.Request(url, b"{}", method="POST"), timeout=10).read()
+
+    threads = [threading.Thread(target=hammer) for _ in range(concurrency)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIME_LIMIT)
+    elapsed = time.perf_counter() - started
+    httpd.shutdown()
+    return per_thread * concurrency / elapsed
+
+
+def start_server(workdir):
+    log = open(os.path.join(workdir, "server.log"), "wb")
+    token = os.path.join(workdir, "token")
+    with open(token, "w") as f:
+        f.write("bench-token\n")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", "0",
+                             "--db", os.path.join(workdir, "p3s.db"), "--token-file", token,
+                             "--log-level", "INFO"], stdout=log, stderr=log)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        text = open(os.path.join(workdir, "server.log")).read()
+        if "serving on http://127.0.0.1:" in text:
+            port = int(text.split("serving on http://127.0.0.1:")[1].split()[0])
+            return proc, f"http://127.0.0.1:{port}", token
+        time.sleep(0.05)
+    raise SystemExit("server did not start: " + open(os.path.join(workdir, "server.log")).read())
+
+
+def start_pilots(n, url, token, workdir, extra=()):
+    env = dict(os.environ, P3S_SERVER=url, P3S_TOKEN_FILE=token)
+    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "pilot.py"), "-p", "10", "-b", "5",
+                              "-L", os.path.join(workdir, "logs"), *extra],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+
+
+def wait_idle(client, n):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if sum(p["state"] == "no jobs" for p in client.list_pilots()) >= n:
+            return
+        time.sleep(0.05)
+    raise SystemExit("pilots did not become idle")
+
+
+def wait_ended(client, uuids):
+    deadline = time.monotonic() + TIME_LIMIT
+    while time.monotonic() < deadline:
+        states = client.job_states(uuids)
+        if all(s["state"] in ("finished", "failed") for s in states.values()) and len(states) == len(uuids):
+            return states
+        time.sleep(0.02)
+    raise SystemExit("jobs did not end in time")
+
+
+def throughput(client, n_jobs):
+    jobs = [{"payload": "/bin/true", "name": "bench"} for _ in range(n_jobs)]
+    started = time.perf_counter()
+    uuids = client.submit_jobs(jobs)
+    wait_ended(client, uuids)
+    return n_jobs / (time.perf_counter() - started)
+
+
+def latencies(client, n_jobs):
+    """Submit one job at a time to an idle pilot; seconds from submission to dispatch and start."""
+    to_start = []
+    for _ in range(n_jobs):
+        [uuid] = client.submit_jobs([{"payload": "/bin/true"}])
+        wait_ended(client, [uuid])
+        job = client.get_job(uuid)
+        to_start.append(job["ts_sta"] - job["ts_def"])
+        time.sleep(0.05)        # let the pilot go back to its long poll
+    return to_start
+
+
+def p95(values):
+    return sorted(values)[max(0, int(round(0.95 * len(values))) - 1)]
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--pilots", type=int, default=8)
+    p.add_argument("--jobs", type=int, default=400)
+    p.add_argument("--latency-jobs", type=int, default=40)
+    args = p.parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix="p3s-bench-")
+    bare = bare_rate(args.pilots, 2000)
+    server, url, token = start_server(workdir)
+    pilots = []
+    try:
+        client = Client(url, token_file=token, retry_for=10)
+        pilots = start_pilots(args.pilots, url, token, workdir)
+        wait_idle(client, args.pilots)
+        jobs_per_s = throughput(client, args.jobs)
+        for pilot in pilots:
+            pilot.terminate()
+        for pilot in pilots:
+            pilot.wait(30)
+        pilots = start_pilots(1, url, token, workdir)
+        wait_idle(client, 1)
+        lat = latencies(client, args.latency_jobs)
+    finally:
+        for pilot in pilots:
+            pilot.terminate()
+        server.terminate()
+        server.wait(10)
+    result = {
+        "pilots": args.pilots, "jobs": args.jobs,
+        "bare_http_requests_per_s": round(bare, 1),
+        "p3s_jobs_per_s": round(jobs_per_s, 1),
+        "ratio_jobs_per_s_to_bare_requests_per_s": round(jobs_per_s / bare, 3),
+        "submit_to_start_median_ms": round(statistics.median(lat) * 1000, 1),
+        "submit_to_start_p95_ms": round(p95(lat) * 1000, 1),
+    }
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

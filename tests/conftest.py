@@ -1,0 +1,150 @@
+"""Test harness: a real server.py on a free loopback port with a temporary database, and helpers
+that run the real tools (job.py, pilot.py, ...) as processes against it. No mocks."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from serverAPI import Client  # noqa: E402
+
+END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
+
+
+def wait_until(predicate, timeout, interval=0.05, what="condition"):
+    """Poll predicate() until it returns something truthy; fail the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def alive(pid):
+    """True if pid runs and is not a zombie (there is no init here to reap promptly)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class P3S:
+    """One server under test plus the environment its clients need."""
+
+    def __init__(self, tmp_path, extra_args=()):
+        self.dir = tmp_path
+        self.db = str(tmp_path / "p3s.db")
+        self.token_file = tmp_path / "token"
+        self.token_file.write_text("test-token-" + os.urandom(8).hex() + "\n")
+        self.extra_args = list(extra_args)
+        self.port = 0
+        self.proc = None
+        self.pilots = []
+        self.env = dict(os.environ, P3S_TOKEN_FILE=str(self.token_file), PYTHONUNBUFFERED="1")
+        self.env.pop("P3S_TOKEN", None)
+        self.logs = tmp_path / "logs"
+
+    # -- server ---------------------------------------------------------------------------------
+    def start(self):
+        log = open(self.dir / "server.log", "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "server.py"), "--port", str(self.port), "--db", self.db,
+             "--token-file", str(self.token_file), "--housekeeping", "0.3", *self.extra_args],
+            stdout=log, stderr=log, cwd=self.dir)
+        found = wait_until(self._announced_port, 15, what="server start")
+        self.port = found
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env["P3S_SERVER"] = self.url
+        self.api = Client(self.url, token_file=str(self.token_file), retry_for=10)
+        return self
+
+    def _announced_port(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("server exited: " + (self.dir / "server.log").read_text())
+        text = (self.dir / "server.log").read_text(errors="replace")
+        ports = re.findall(r"serving on http://127\.0\.0\.1:(\d+)", text)
+        return int(ports[-1]) if len(ports) > self.starts_seen else None
+
+    @property
+    def starts_seen(self):
+        return getattr(self, "_starts", 0)
+
+    def kill9(self):
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+        self._starts = self.starts_seen + 1
+
+    def stop(self):
+        for p in self.pilots:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    # -- clients --------------------------------------------------------------------------------
+    def run(self, tool, *args, env=None, timeout=120, input=None):
+        """Run a tool to completion; returns CompletedProcess with text stdout/stderr."""
+        return subprocess.run([sys.executable, os.path.join(ROOT, tool), *map(str, args)],
+                              capture_output=True, text=True, timeout=timeout, input=input,
+                              env=env or self.env, cwd=self.dir)
+
+    def pilot(self, *args, env=None):
+        """Start a pilot process (heartbeat 0.5 s unless given); it is killed at teardown."""
+        args = list(map(str, args))
+        if "-b" not in args:
+            args += ["-b", "0.5"]
+        if "-L" not in args:
+            args += ["-L", str(self.logs)]
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pilot.py"), *args],
+                                stdout=subprocess.DEVNULL, stderr=open(self.dir / "pilots.log", "ab"),
+                                env=env or self.env, cwd=self.dir)
+        self.pilots.append(proc)
+        return proc
+
+    def submit(self, jobs, *args):
+        """Write jobs to a file and submit them with job.py; returns the uuids printed."""
+        path = self.dir / f"jobs-{time.monotonic_ns()}.json"
+        path.write_text(json.dumps(jobs))
+        result = self.run("job.py", "-j", path, *args)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.split()
+
+    def job(self, uuid):
+        return self.api.get_job(uuid)
+
+    def wait_jobs(self, uuids, timeout=60, states=END_STATES):
+        def done():
+            found = self.api.job_states(uuids)
+            return found if all(found[u]["state"] in states for u in uuids) else None
+        return wait_until(done, timeout, 0.1, f"{len(uuids)} jobs to reach {states}")
+
+
+@pytest.fixture
+def p3s(tmp_path):
+    server = P3S(tmp_path).start()
+    yield server
+    server.stop()
+
+
+def shell_job(command, **fields):
+    """A job whose payload is a shell line (P3S_EXECMODE=SHELL)."""
+    job = {"payload": command, "env": {"P3S_EXECMODE": "SHELL"}}
+    job.update(fields)
+    return job

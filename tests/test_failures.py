@@ -1,0 +1,123 @@
+"""Nothing is lost and nothing runs twice when payloads hang, pilots die or the server dies."""
+import signal
+import time
+from collections import Counter
+
+from conftest import alive, shell_job, wait_until
+
+
+def running(p3s, uuid, marker=None):
+    return wait_until(lambda: p3s.job(uuid)["state"] == "running" and (marker is None or marker.exists()),
+                      15, what=f"job {uuid} to run")
+
+
+def test_time_limit_kills_payload_and_its_children(p3s):
+    pids = p3s.dir / "pids"
+    payload = f"sleep 300 & echo $! >> {pids}; (sleep 300; true) & echo $! >> {pids}; echo $$ >> {pids}; wait"
+    [uuid] = p3s.submit([shell_job(payload, timeout=1)])
+    started = time.monotonic()
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "--kill-grace", "1", "-L", p3s.logs)
+    job = p3s.job(uuid)
+    assert job["state"] == "timeout" and "time limit" in job["errmsg"]
+    assert time.monotonic() - started < 20
+    spawned = [int(p) for p in pids.read_text().split()]
+    assert len(spawned) == 3
+    wait_until(lambda: not any(alive(p) for p in spawned), 5, what="every payload process to be gone")
+
+
+def test_payload_ignoring_sigterm_is_killed_after_grace(p3s):
+    [uuid] = p3s.submit([shell_job("trap '' TERM; sleep 30", timeout=1)])
+    started = time.monotonic()
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "--kill-grace", "1", "-L", p3s.logs)
+    assert p3s.job(uuid)["state"] == "timeout"
+    assert time.monotonic() - started < 15
+
+
+def test_pilot_killed_mid_job_gives_pilotTO_within_heartbeat_window(p3s):
+    pidfile = p3s.dir / "payload.pid"
+    [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
+    pilot = p3s.pilot("-p", "1", "-b", "0.5")
+    running(p3s, uuid, pidfile)
+    pilot.send_signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_until(lambda: p3s.job(uuid)["state"] == "pilotTO", 10, what="pilotTO")
+    assert time.monotonic() - killed < 3 * 0.5 + 2, "lost pilot not noticed within 3 heartbeats"
+    [record] = p3s.api.list_pilots()
+    assert record["state"] == "lost"
+    wait_until(lambda: not alive(int(pidfile.read_text())), 5, what="the orphaned payload to die")
+
+
+def test_pilot_killed_mid_job_is_retried_when_attempts_remain(p3s):
+    marker, ledger = p3s.dir / "first-attempt", p3s.dir / "ledger"
+    payload = (f"echo $P3S_JOB_UUID >> {ledger}; if [ ! -e {marker} ]; then touch {marker}; exec sleep 60; fi")
+    [uuid] = p3s.submit([shell_job(payload, max_attempts=2)])
+    first = p3s.pilot("-p", "1", "-b", "0.5")
+    running(p3s, uuid, marker)
+    first.send_signal(signal.SIGKILL)
+    p3s.pilot("-p", "1", "-b", "0.5")
+    p3s.wait_jobs([uuid], timeout=20)
+    job = p3s.job(uuid)
+    assert job["state"] == "finished" and job["attempt"] == 2
+    states = [e["new"] for e in job["events"]]
+    assert states == ["defined", "dispatched", "running", "pilotTO", "defined", "dispatched", "running",
+                      "finished"]
+    assert ledger.read_text().split() == [uuid, uuid]
+
+
+def test_sigterm_to_pilot_stops_payload_reports_and_deregisters(p3s):
+    pidfile = p3s.dir / "payload.pid"
+    [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
+    pilot = p3s.pilot("-p", "1", "--kill-grace", "1")
+    running(p3s, uuid, pidfile)
+    pilot.send_signal(signal.SIGTERM)
+    assert pilot.wait(15) == 0
+    job = p3s.job(uuid)
+    assert job["state"] == "pilotTO" and "SIGTERM" in job["errmsg"]
+    assert not alive(int(pidfile.read_text()))
+    [record] = p3s.api.list_pilots()
+    assert record["state"] == "stopped" and record["job"] is None
+
+
+def test_sigterm_to_idle_pilot_exits_at_once(p3s):
+    pilot = p3s.pilot("-p", "25")
+    wait_until(lambda: any(p["state"] == "no jobs" for p in p3s.api.list_pilots()), 10, what="idle pilot")
+    started = time.monotonic()
+    pilot.send_signal(signal.SIGTERM)
+    assert pilot.wait(10) == 0
+    assert time.monotonic() - started < 3, "the pilot sat out its long poll"
+    assert p3s.api.list_pilots()[0]["state"] == "stopped"
+
+
+def test_server_killed_and_restarted_loses_nothing_and_runs_nothing_twice(p3s):
+    ledger = p3s.dir / "ledger"
+    uuids = p3s.submit([shell_job(f'sleep 0.2; echo "$P3S_JOB_UUID" >> {ledger}')] * 60)
+    for _ in range(4):
+        p3s.pilot("-p", "2", "--max-idle", "90")
+    wait_until(lambda: ledger.exists() and len(ledger.read_text().split()) >= 10, 30, what="some progress")
+    p3s.kill9()
+    time.sleep(2.5)         # pilots finish payloads and keep their reports while the server is away
+    p3s.start()
+    states = p3s.wait_jobs(uuids, timeout=120)
+    assert Counter(s["state"] for s in states.values()) == {"finished": 60}
+    runs = Counter(ledger.read_text().split())
+    assert set(runs) == set(uuids) and max(runs.values()) == 1
+    assert all(p["state"] != "lost" for p in p3s.api.list_pilots()), "pilots blamed for the outage"
+
+
+def test_stale_report_is_refused_and_changes_nothing(p3s):
+    [uuid] = p3s.submit([shell_job("true")])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    job = p3s.job(uuid)
+    late = {"pilot": job["pilot"], "attempt": 1, "state": "failed", "exit_code": 9}
+    wrong_attempt = dict(late, attempt=2, state="finished")
+    for report in (late, wrong_attempt):
+        try:
+            p3s.api.report(uuid, report)
+            raise AssertionError("a stale report was accepted")
+        except Exception as e:
+            assert getattr(e, "status", None) == 409, e
+    again = p3s.job(uuid)
+    assert again["state"] == "finished" and again["exit_code"] == 0
+    assert len(again["events"]) == len(job["events"])
+    repeated = {"pilot": job["pilot"], "attempt": 1, "state": "finished", "exit_code": 0}
+    assert p3s.api.report(uuid, repeated)["duplicate"] is True     # a lost answer, retried
