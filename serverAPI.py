@@ -65,7 +65,7 @@ class Client:
         self.server = (server or os.environ.get("P3S_SERVER") or DEFAULT_SERVER).rstrip("/")
         if "://" not in self.server:
             self.server = "http://" + self.server
-        self.token = read_token(token, token_file)
+        self.token, self.token_file = token, token_file
         self.timeout = timeout
         self.retry_for = retry_for if retry_for is not None else _retry_from_env()
 
@@ -74,20 +74,27 @@ class Client:
         """One API call; returns the decoded JSON answer or raises P3SError."""
         url = self.server + path + ("?" + urlencode(query) if query else "")
         data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = "Bearer " + self.token
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         delay = BACKOFF_FIRST
         while True:
             try:
-                return self._once(urllib.request.Request(url, data, headers, method=method),
+                return self._once(urllib.request.Request(url, data, self._headers(), method=method),
                                   timeout or self.timeout)
             except P3SError as e:
                 if e.bad_input or time.monotonic() + delay > deadline:
                     raise
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
+
+    def _headers(self):
+        """Read the token at each attempt until found: a server starting alongside the
+        client may write the default token file only after the client started."""
+        if not self.token:
+            self.token = read_token(None, self.token_file)
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = "Bearer " + self.token
+        return headers
 
     @staticmethod
     def _once(request, timeout):
