@@ -170,3 +170,26 @@ def test_verify_import_checks_server_and_token(p3s):
     wrong = dict(p3s.env, P3S_TOKEN="wrong")
     result = p3s.run("verifyImport.py", env=wrong)
     assert result.returncode == 1 and "wrong token" in result.stderr
+
+
+def test_readme_setup_command_verbatim_in_a_fresh_copy(tmp_path):
+    """The first command a new user runs, exactly as the README gives it."""
+    import re
+    import shutil
+    import socket
+    import subprocess
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8000)) == 0:
+            import pytest
+            pytest.skip("port 8000 is in use on this machine; the README command needs it")
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    command = re.search(r"## Set up.*?```bash\n(.*?)\n```", readme, re.S).group(1).strip()
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name == "examples":
+            (shutil.copytree if name == "examples" else shutil.copy)(os.path.join(ROOT, name), tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("P3S_")}
+    result = subprocess.run(["bash", "-c", command + "; status=$?; kill %1; wait; exit $status"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"finished\s+default\s+1\s+0\s+hello p3s", result.stdout), result.stdout
+    assert (tmp_path / "p3s.db").exists() and (tmp_path / "p3s.token").exists()
