@@ -11,6 +11,15 @@ def running(p3s, uuid, marker=None):
                       15, what=f"job {uuid} to run")
 
 
+def sleeping_job_on_a_pilot(p3s, *pilot_args):
+    """Submit a job that records its pid and sleeps; start a pilot; return once it runs."""
+    pidfile = p3s.dir / "payload.pid"
+    [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
+    pilot = p3s.pilot("-p", "1", *pilot_args)
+    running(p3s, uuid, pidfile)
+    return uuid, pilot, int(pidfile.read_text())
+
+
 def test_time_limit_kills_payload_and_its_children(p3s):
     pids = p3s.dir / "pids"
     payload = f"sleep 300 & echo $! >> {pids}; (sleep 300; true) & echo $! >> {pids}; echo $$ >> {pids}; wait"
@@ -34,17 +43,14 @@ def test_payload_ignoring_sigterm_is_killed_after_grace(p3s):
 
 
 def test_pilot_killed_mid_job_gives_pilotTO_within_heartbeat_window(p3s):
-    pidfile = p3s.dir / "payload.pid"
-    [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
-    pilot = p3s.pilot("-p", "1", "-b", "0.5")
-    running(p3s, uuid, pidfile)
+    uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "-b", "0.5")
     pilot.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     wait_until(lambda: p3s.job(uuid)["state"] == "pilotTO", 10, what="pilotTO")
     assert time.monotonic() - killed < 3 * 0.5 + 2, "lost pilot not noticed within 3 heartbeats"
     [record] = p3s.api.list_pilots()
     assert record["state"] == "lost"
-    wait_until(lambda: not alive(int(pidfile.read_text())), 5, what="the orphaned payload to die")
+    wait_until(lambda: not alive(payload_pid), 5, what="the orphaned payload to die")
 
 
 def test_pilot_killed_mid_job_is_retried_when_attempts_remain(p3s):
@@ -65,15 +71,12 @@ def test_pilot_killed_mid_job_is_retried_when_attempts_remain(p3s):
 
 
 def test_sigterm_to_pilot_stops_payload_reports_and_deregisters(p3s):
-    pidfile = p3s.dir / "payload.pid"
-    [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
-    pilot = p3s.pilot("-p", "1", "--kill-grace", "1")
-    running(p3s, uuid, pidfile)
+    uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "--kill-grace", "1")
     pilot.send_signal(signal.SIGTERM)
     assert pilot.wait(15) == 0
     job = p3s.job(uuid)
     assert job["state"] == "pilotTO" and "SIGTERM" in job["errmsg"]
-    assert not alive(int(pidfile.read_text()))
+    assert not alive(payload_pid)
     [record] = p3s.api.list_pilots()
     assert record["state"] == "stopped" and record["job"] is None
 
