@@ -9,6 +9,7 @@ housekeeping, HTTP API, CLI. Standard library only: http.server + sqlite3.
 """
 import argparse
 import hmac
+import html
 import ipaddress
 import json
 import logging
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid as uuidlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "1.0"
@@ -33,11 +34,14 @@ log = logging.getLogger("p3s.server")
 # Settings
 # ----------------------------------------------------------------------------------------------
 DEFAULT_DB = os.path.join(HERE, "p3s.db")
+DEFAULT_FILES_ROOT = os.path.join(HERE, "logs")
 MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
 MAX_WAIT = 30.0                     # cap on a pilot's long poll, seconds
 TAIL_BYTES = 64 * 1024              # stdout/stderr tails kept per job
 DEFAULT_HEARTBEAT = 10.0           # seconds, when neither the pilot nor its site says
 LOST_AFTER_BEATS = 3                # a pilot silent for this many heartbeat periods is lost
+LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)   # claim latency histogram, s
+TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
@@ -147,7 +151,55 @@ MIGRATIONS = [
     CREATE INDEX events_uuid ON events(uuid, id);
     CREATE INDEX events_ts ON events(ts);
     """,
+    # v2: what the pages read, kept cheap at a million jobs: per-column indexes for filters and
+    # sorts, counts by state and jobtype and 10-second end buckets maintained by triggers.
+    """
+    CREATE INDEX jobs_state_id ON jobs(state, id);
+    CREATE INDEX jobs_jobtype_id ON jobs(jobtype, id);
+    CREATE INDEX jobs_site_id ON jobs(site, id);
+    CREATE INDEX jobs_user_id ON jobs(user, id);
+    CREATE INDEX jobs_priority_id ON jobs(priority, id);
+    CREATE INDEX jobs_ended ON jobs(state, ts_sto);
+    CREATE INDEX jobs_started ON jobs(ts_sta);
+    CREATE INDEX jobs_def ON jobs(ts_def);
+    CREATE INDEX pilots_host ON pilots(host);
+    CREATE TABLE job_counts(state TEXT NOT NULL, jobtype TEXT NOT NULL, n INTEGER NOT NULL,
+                            PRIMARY KEY(state, jobtype)) WITHOUT ROWID;
+    INSERT INTO job_counts SELECT state, jobtype, COUNT(*) FROM jobs GROUP BY state, jobtype;
+    CREATE TRIGGER jobs_count_insert AFTER INSERT ON jobs BEGIN
+        INSERT INTO job_counts VALUES(new.state, new.jobtype, 1)
+            ON CONFLICT(state, jobtype) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_count_delete AFTER DELETE ON jobs BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE state = old.state AND jobtype = old.jobtype;
+    END;
+    CREATE TRIGGER jobs_count_update AFTER UPDATE OF state, jobtype ON jobs
+    WHEN old.state IS NOT new.state OR old.jobtype IS NOT new.jobtype BEGIN
+        UPDATE job_counts SET n = n - 1 WHERE state = old.state AND jobtype = old.jobtype;
+        INSERT INTO job_counts VALUES(new.state, new.jobtype, 1)
+            ON CONFLICT(state, jobtype) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TABLE job_ends(bucket INTEGER NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,
+                          PRIMARY KEY(bucket, state)) WITHOUT ROWID;
+    CREATE TRIGGER jobs_end AFTER UPDATE OF state ON jobs
+    WHEN old.state IS NOT new.state
+         AND new.state IN ('finished', 'failed', 'timeout', 'pilotTO', 'cancelled') BEGIN
+        INSERT INTO job_ends VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 10, new.state, 1)
+            ON CONFLICT(bucket, state) DO UPDATE SET n = n + 1;
+    END;
+    """,
 ]
+
+
+def statements(script):
+    """Split a migration into whole statements (a trigger body holds several ';')."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            if pending.strip(" \n;"):
+                yield pending
+            pending = ""
 
 
 def connect(path):
@@ -169,9 +221,8 @@ def migrate(conn):
     for step in range(version, len(MIGRATIONS)):
         conn.execute("BEGIN IMMEDIATE")
         try:
-            for statement in MIGRATIONS[step].split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            for statement in statements(MIGRATIONS[step]):
+                conn.execute(statement)
             conn.execute(f"PRAGMA user_version={step + 1}")
             conn.execute("COMMIT")
         except BaseException:
@@ -445,11 +496,13 @@ class Service:
         self.store = store
         self.hk_period = hk_period
         self.started = now()
+        self.last_tidy = self.started
         self.work = threading.Condition()   # notified when a job may have become claimable
         self.generation = 0
         self.stopping = threading.Event()
         self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0}
-        self.claim_latency = []             # seconds from request to claim, bounded below
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)    # claim latency histogram, last = +Inf
+        self.latency_sum = 0.0
 
     # -- jobs ---------------------------------------------------------------------------------
     def submit(self, body, who):
@@ -626,16 +679,13 @@ class Service:
     def request_job(self, pilot_uuid, body):
         check_keys(body, "request", ("wait",))
         wait = min(as_number(body.get("wait", 0), "wait", 0), MAX_WAIT)
-        started = now()
-        deadline = started + wait
+        deadline = now() + wait
         while True:
             with self.work:
                 generation = self.generation
             job = self.store.write(self.claim, pilot_uuid)
             if job is not None:
-                self.counters["claims"] += 1
-                self.claim_latency.append(now() - started)
-                del self.claim_latency[:-10000]
+                self.count_claim(job)
                 return {"job": job}
             with self.work:
                 while self.generation == generation and not self.stopping.is_set():
@@ -646,6 +696,19 @@ class Service:
                     self.work.wait(left)
             if self.stopping.is_set():
                 return {"job": None}
+
+    def count_claim(self, job):
+        waited = max(0.0, job["ts_dis"] - job["ts_def"])
+        self.counters["claims"] += 1
+        self.latency_sum += waited
+        self.latency[next((i for i, le in enumerate(LATENCY_BUCKETS) if waited <= le), len(LATENCY_BUCKETS))] += 1
+
+    def latency_histogram(self):
+        cumulative, buckets = 0, []
+        for le, n in zip(list(LATENCY_BUCKETS) + ["+Inf"], self.latency):
+            cumulative += n
+            buckets.append((le, cumulative))
+        return {"buckets": buckets, "sum": self.latency_sum, "count": cumulative}
 
     def notify_work(self):
         with self.work:
@@ -793,6 +856,11 @@ class Service:
         released = self.store.write(self._mark_lost_pilots, t) + self.store.write(self._time_out_jobs, t)
         if released:
             self.notify_work()
+        if t - self.last_tidy > TIDY_PERIOD:
+            self.last_tidy = t
+            self.store.write(lambda conn: conn.execute("DELETE FROM job_ends WHERE bucket < ?",
+                                                       (int(t - 2 * 86400) // 10,)))
+            self.store.read("PRAGMA optimize")
 
     def _mark_lost_pilots(self, conn, t):
         # A server that was down must not blame pilots for its own silence: count from restart.
@@ -831,6 +899,243 @@ class Service:
 
 
 # ----------------------------------------------------------------------------------------------
+# Views: the data behind every page. Each returns a dict, which is also the page's JSON twin.
+# Every query here is bounded (LIMIT, counts tables, buckets) so pages stay fast at 1M jobs.
+# ----------------------------------------------------------------------------------------------
+FAILED_STATES = ("failed", "timeout", "pilotTO")
+WINDOWS = (("1m", 60), ("10m", 600), ("1h", 3600), ("24h", 86400))
+JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobtype": "jobtype",
+             "ended": "ts_sto"}
+PAGE_SIZES = (25, 400)
+
+
+def parse_age(value, field="age"):
+    """'90', '10m', '1h', '2d' -> seconds."""
+    match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
+    if not match:
+        raise bad(f"{field}: expected a number of seconds or e.g. 10m, 1h, 2d; got {value!r}")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+def page_window(query):
+    """(limit, offset, page) from ?limit=25..400&page=N."""
+    limit = as_int(query.get("limit", PAGE_SIZES[0]), "limit")
+    if not PAGE_SIZES[0] <= limit <= PAGE_SIZES[1]:
+        raise bad(f"limit: must be between {PAGE_SIZES[0]} and {PAGE_SIZES[1]}, got {limit}")
+    page = as_int(query.get("page", 1), "page", 1)
+    return limit, (page - 1) * limit, page
+
+
+def median(values):
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+class Views:
+    def __init__(self, service, files_roots):
+        self.svc, self.store = service, service.store
+        self.roots = [os.path.realpath(r) for r in files_roots]
+
+    # -- summary --------------------------------------------------------------------------------
+    def summary(self, query):
+        t = now()
+        by_state, by_type = {}, {}
+        for r in self.store.read("SELECT state, jobtype, n FROM job_counts WHERE n > 0"):
+            by_state[r["state"]] = by_state.get(r["state"], 0) + r["n"]
+            by_type.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
+        pilots = {r["state"]: r["n"] for r in
+                  self.store.read("SELECT state, COUNT(*) AS n FROM pilots GROUP BY state")}
+        return {"time": t, "jobs_by_state": by_state, "jobs_by_jobtype": by_type,
+                "pilots_by_state": pilots, "ended": self.ended_counts(t),
+                "recent_failures": self.recent_failures(10),
+                "latency": self.start_latency(t), "alarms": self.alarms(t, by_state, pilots)}
+
+    def ended_counts(self, t):
+        rows = self.store.read("SELECT bucket, state, n FROM job_ends WHERE bucket >= ?",
+                               (int(t - WINDOWS[-1][1]) // 10,))
+        counts = {}
+        for label, seconds in WINDOWS:
+            since = int(t - seconds) // 10
+            window = counts[label] = {}
+            for r in rows:
+                if r["bucket"] >= since:
+                    window[r["state"]] = window.get(r["state"], 0) + r["n"]
+        return counts
+
+    def recent_failures(self, n):
+        rows = []
+        for state in FAILED_STATES:     # one indexed LIMIT query per state, merged
+            rows += self.store.read("SELECT uuid, name, jobtype, state, exit_code, errmsg, host, ts_sto "
+                                    "FROM jobs WHERE state=? ORDER BY ts_sto DESC LIMIT ?", (state, n))
+        return sorted((dict(r) for r in rows), key=lambda r: -(r["ts_sto"] or 0))[:n]
+
+    def start_latency(self, t):
+        samples = [r[0] for r in self.store.read(
+            "SELECT ts_sta - ts_def FROM jobs WHERE ts_sta > ? ORDER BY ts_sta DESC LIMIT 10000", (t - 3600,))]
+        return {"median_s": median(samples), "samples": len(samples), "window": "1h"}
+
+    def alarms(self, t, jobs_by_state, pilots):
+        alarms = []
+        alive = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
+        if not alive:
+            alarms.append(f"no pilot is alive; {jobs_by_state.get('defined', 0)} job(s) waiting")
+        lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?",
+                                   (t - 3600,))[0]
+        if lost:
+            alarms.append(f"{lost} pilot(s) lost in the last hour")
+        return alarms
+
+    # -- jobs -----------------------------------------------------------------------------------
+    def jobs(self, query):
+        where, args = [], []
+        for key, column in (("state", "state"), ("jobtype", "jobtype"), ("site", "site"),
+                            ("user", "user"), ("workflow", "wfuuid")):
+            if query.get(key):
+                where.append(f"{column}=?")
+                args.append(query[key])
+        if query.get("age"):
+            where.append("ts_def >= ?")
+            args.append(now() - parse_age(query["age"]))
+        sort = as_choice(query.get("sort", "submitted"), "sort", tuple(JOB_SORTS))
+        order = as_choice(query.get("order", "desc"), "order", ("asc", "desc"))
+        limit, offset, page = page_window(query)
+        column = JOB_SORTS[sort]
+        sql = ("SELECT uuid, name, user, jobtype, state, priority, site, attempt, exit_code, host, "
+               "wfuuid, ts_def, ts_sta, ts_sto FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") +
+               f" ORDER BY {column} {order}, id {order} LIMIT ? OFFSET ?")
+        rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
+        return {"jobs": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit,
+                "total": self.cheap_total(query), "sort": sort, "order": order,
+                "filters": {k: query[k] for k in ("state", "jobtype", "site", "user", "workflow", "age")
+                            if query.get(k)}}
+
+    def cheap_total(self, query):
+        """The number of matching jobs when the counts table knows it, else None (no scan)."""
+        if any(query.get(k) for k in ("site", "user", "workflow", "age")):
+            return None
+        cond, args = [], []
+        for key in ("state", "jobtype"):
+            if query.get(key):
+                cond.append(f"{key}=?")
+                args.append(query[key])
+        return self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts" +
+                                   (" WHERE " + " AND ".join(cond) if cond else ""), args)[0]
+
+    def job(self, uuid, query):
+        job = self.svc.get_job(uuid)
+        job["why_waiting"] = self.why_waiting(job)
+        job["logs"] = [self.file_link(stream, job[f"{stream}_path"]) for stream in ("stdout", "stderr")
+                       if job[f"{stream}_path"]]
+        job["files"] = [self.file_link(k, v) for k, v in self.job_paths(job)]
+        return job
+
+    @staticmethod
+    def job_paths(job):
+        """Files a job names: its input file and any absolute path in its environment."""
+        paths = [("infile", job["infile"])] if job["infile"] else []
+        paths += [(k, v) for k, v in sorted(job["env"].items())
+                  if v.startswith("/") and (k, v) != ("P3S_INPUT_FILE", job["infile"])]
+        return paths
+
+    def why_waiting(self, job):
+        """Plain reasons a job is not running yet; empty once it has started or ended."""
+        if job["state"] == "template":
+            return ["held in state template: adjust it to defined to release it"]
+        if job["state"] != "defined":
+            return []
+        reasons = []
+        live = self.store.read("SELECT site, jobtypes FROM pilots WHERE state IN (%s)"
+                               % ",".join("?" * len(LIVE_PILOT_STATES)), LIVE_PILOT_STATES)
+        fits = [p for p in live if (not job["site"] or p["site"] == job["site"])
+                and (p["jobtypes"] == "[]" or job["jobtype"] in json.loads(p["jobtypes"]))]
+        if not fits:
+            where = f" at site {job['site']!r}" if job["site"] else ""
+            reasons.append(f"no live pilot takes jobtype {job['jobtype']!r}{where} "
+                           f"({len(live)} pilot(s) alive)")
+        ahead = self.store.read_one(
+            "SELECT COUNT(*) FROM jobs WHERE state='defined' AND jobtype=? AND (site='' OR site=?) "
+            "AND (priority > ? OR (priority = ? AND ts_def < ?))",
+            (job["jobtype"], job["site"], job["priority"], job["priority"], job["ts_def"]))[0]
+        if ahead:
+            reasons.append(f"{ahead} waiting job(s) of the same type come first (higher priority or older)")
+        return reasons
+
+    # -- pilots ---------------------------------------------------------------------------------
+    def pilots(self, query):
+        where, args = [], []
+        for key in ("state", "site", "host"):
+            if query.get(key):
+                where.append(f"{key}=?")
+                args.append(query[key])
+        limit, offset, page = page_window(query)
+        rows = self.store.read("SELECT * FROM pilots" + (" WHERE " + " AND ".join(where) if where else "") +
+                               " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
+        t = now()
+        pilots = [dict(pilot_to_dict(r), beat_age=t - r["ts_beat"]) for r in rows]
+        return {"pilots": pilots[:limit], "page": page, "limit": limit, "more": len(pilots) > limit,
+                "filters": {k: query[k] for k in ("state", "site", "host") if query.get(k)}}
+
+    def pilot(self, uuid, query):
+        row = self.store.read_one("SELECT * FROM pilots WHERE uuid=?", (uuid,))
+        if row is None:
+            raise ApiError(404, f"pilot {uuid}: no such pilot")
+        pilot = dict(pilot_to_dict(row), beat_age=now() - row["ts_beat"])
+        pilot["recent_jobs"] = [dict(r) for r in self.store.read(
+            "SELECT uuid, name, jobtype, state, exit_code, ts_sta, ts_sto FROM jobs WHERE pilot=? "
+            "ORDER BY id DESC LIMIT 50", (uuid,))]
+        pilot["events"] = [dict(e) for e in self.store.read(
+            "SELECT ts, old, new, who, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
+        return pilot
+
+    # -- metrics --------------------------------------------------------------------------------
+    def metrics(self, query):
+        summary = self.summary(query)
+        counters = dict(self.svc.counters)
+        return {"jobs": [{"state": s, "jobtype": jt, "n": n} for jt, states in
+                         sorted(summary["jobs_by_jobtype"].items()) for s, n in sorted(states.items())],
+                "pilots": summary["pilots_by_state"], "counters": counters,
+                "claim_latency": self.svc.latency_histogram()}
+
+    # -- files ----------------------------------------------------------------------------------
+    def resolve(self, path):
+        """The real path of `path` if it lies under a files root (after resolving '..' and
+        symlinks); 403 otherwise. Nothing outside the roots is ever opened."""
+        if not path or "\0" in path or not os.path.isabs(path):
+            raise bad(f"path: must be an absolute path, got {path!r}")
+        real = os.path.realpath(path)
+        for root in self.roots:
+            if os.path.commonpath([real, root]) == root:
+                return real
+        raise ApiError(403, f"path: {path} is outside the files roots this server may show")
+
+    def file_link(self, label, path):
+        try:
+            real = self.resolve(path)
+        except ApiError:
+            return {"label": label, "path": path, "url": None}
+        url = "/file?" + urlencode({"path": path}) if os.path.exists(real) else None
+        return {"label": label, "path": path, "url": url}
+
+    def listing(self, path):
+        real = self.resolve(path)
+        if not os.path.isdir(real):
+            raise ApiError(404, f"path: {path} is not a directory")
+        entries = []
+        for name in sorted(os.listdir(real))[:5000]:
+            full = os.path.join(path, name)
+            try:
+                st = os.stat(os.path.join(real, name))
+            except OSError:
+                continue
+            entries.append({"name": name, "path": full, "dir": os.path.isdir(os.path.join(real, name)),
+                            "size": st.st_size, "mtime": st.st_mtime})
+        return {"path": path, "entries": entries}
+
+
+# ----------------------------------------------------------------------------------------------
 # HTTP API
 # ----------------------------------------------------------------------------------------------
 UUID = r"(?P<uuid>[^/]+)"     # checked by as_uuid in dispatch, so a typo gets a clear 400
@@ -857,6 +1162,228 @@ ROUTES = [(method, re.compile(f"^{path}$"), name, parts, write) for method, path
 )]
 
 
+# ----------------------------------------------------------------------------------------------
+# HTML pages: plain HTML and a little CSS, no JavaScript. Every value goes through esc().
+# ----------------------------------------------------------------------------------------------
+CSS = """body{font:14px/1.4 sans-serif;margin:0 1.5em 2em}nav{background:#234;padding:.5em 1.5em;margin:0 -1.5em 1em}
+nav a{color:#fff;margin-right:1.2em;text-decoration:none;font-weight:bold}table{border-collapse:collapse;margin:.5em 0 1.2em}
+td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}th{background:#eee}
+th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #ddd;padding:.5em;overflow:auto;max-height:30em}
+.alarm{background:#c00;color:#fff;padding:.4em .8em;margin:.3em 0;font-weight:bold}
+.s-finished{color:#070}.s-failed,.s-timeout,.s-pilotTO,.s-lost{color:#c00;font-weight:bold}
+.s-running,.s-dispatched{color:#06c}.s-cancelled,.s-stopped{color:#777}.s-defined,.s-nojobs,.s-active{color:#960}
+.why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}"""
+NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/metrics", "Metrics"))
+
+
+def esc(value):
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def link(href, text):
+    return f'<a href="{esc(href)}">{esc(text)}</a>'
+
+
+def state_cell(state):
+    return f'<span class="s-{esc(re.sub(r"[^A-Za-z]", "", state or ""))}">{esc(state)}</span>'
+
+
+def when(ts):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def ago(seconds):
+    if seconds is None:
+        return ""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.1f}s"
+
+
+def table(headers, rows):
+    """headers: safe HTML strings; rows: lists of safe HTML cells (escape before passing)."""
+    head = "".join(f"<th>{h}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def page(title, body, query):
+    refresh = query.get("refresh", "")
+    meta = (f'<meta http-equiv="refresh" content="{int(refresh)}">'
+            if refresh.isdigit() and 0 < int(refresh) <= 3600 else "")
+    nav = "".join(link(href, text) for href, text in NAV)
+    return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{meta}<title>p3s: {esc(title)}</title>"
+            f"<style>{CSS}</style></head><body><nav>{nav}</nav><h1>{esc(title)}</h1>{body}"
+            f"<p><small>p3s {VERSION} · {esc(when(now()))} · {link('?' + urlencode({**query, 'format': 'json'}), 'JSON')}"
+            f"</small></p></body></html>")
+
+
+def with_query(query, **changes):
+    merged = {k: v for k, v in {**query, **changes}.items() if v not in (None, "")}
+    return "?" + urlencode(merged)
+
+
+def pager(data, query):
+    parts = []
+    if data["page"] > 1:
+        parts.append(link(with_query(query, page=data["page"] - 1), "← newer page"))
+    parts.append(f"page {data['page']}")
+    if data.get("total") is not None:
+        parts.append(f"of {max(1, -(-data['total'] // data['limit']))} ({data['total']} jobs)")
+    if data["more"]:
+        parts.append(link(with_query(query, page=data["page"] + 1), "next page →"))
+    return "<p>" + " · ".join(parts) + "</p>"
+
+
+def render_summary(d, query):
+    states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
+    alarms = "".join(f'<div class="alarm">{esc(a)}</div>' for a in d["alarms"])
+    by_type = table(["jobtype"] + [state_cell(s) for s in states] + ["total"],
+                    [[link(f"/jobs?jobtype={jt}", jt)] +
+                     [link(f"/jobs?jobtype={jt}&state={s}", counts.get(s, 0)) for s in states] +
+                     [esc(sum(counts.values()))] for jt, counts in sorted(d["jobs_by_jobtype"].items())] +
+                    [["<b>all</b>"] + [link(f"/jobs?state={s}", d["jobs_by_state"][s]) for s in states] +
+                     [esc(sum(d["jobs_by_state"].values()))]])
+    pilots = table([state_cell(s) for s in d["pilots_by_state"]],
+                   [[link(f"/pilots?state={s}", n) for s, n in d["pilots_by_state"].items()]])
+    ended = table(["window", "finished", "failed", "timeout", "pilotTO", "cancelled"],
+                  [[esc(w)] + [esc(c.get(s, 0)) for s in END_JOB_STATES] for w, c in d["ended"].items()])
+    lat = d["latency"]
+    latency = (f"<p>Submit-to-start latency, median over the last hour: <b>{lat['median_s'] * 1000:.0f} ms</b> "
+               f"({lat['samples']} jobs)</p>" if lat["median_s"] is not None
+               else "<p>No job started in the last hour.</p>")
+    failures = table(["ended", "job", "jobtype", "state", "exit code", "host", "error"],
+                     [[esc(when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
+                       esc(f["jobtype"]), state_cell(f["state"]), esc(f["exit_code"]), esc(f["host"]),
+                       esc(f["errmsg"][:200])] for f in d["recent_failures"]])
+    body = (f"{alarms}<h2>Jobs by type and state</h2>{by_type}<h2>Pilots</h2>{pilots}"
+            f"<h2>Jobs ended</h2>{ended}{latency}<h2>Recent failures</h2>{failures}")
+    return page("Summary", body, query)
+
+
+def filter_form(fields, query):
+    inputs = "".join(f'<label>{esc(f)} <input name="{esc(f)}" value="{esc(query.get(f, ""))}" size="12"></label>'
+                     for f in fields)
+    return f'<form method="get">{inputs}<button>filter</button></form>'
+
+
+def render_jobs(d, query):
+    def sort_header(label, key):
+        if key not in JOB_SORTS:
+            return esc(label)
+        order = "asc" if d["sort"] == key and d["order"] == "desc" else "desc"
+        mark = {"asc": " ▲", "desc": " ▼"}[d["order"]] if d["sort"] == key else ""
+        return link(with_query(query, sort=key, order=order, page=None), label + mark)
+
+    headers = [sort_header(*h) for h in (("job", "name"), ("state", "state"), ("jobtype", "jobtype"),
+                                         ("priority", "priority"), ("site", ""), ("user", ""),
+                                         ("attempt", ""), ("exit", ""), ("host", ""),
+                                         ("submitted", "submitted"), ("ended", "ended"))]
+    rows = [[link(f"/job/{j['uuid']}", j["name"] or j["uuid"][:8]), state_cell(j["state"]), esc(j["jobtype"]),
+             esc(j["priority"]), esc(j["site"]), esc(j["user"]), esc(j["attempt"]), esc(j["exit_code"]),
+             esc(j["host"]), esc(when(j["ts_def"])), esc(when(j["ts_sto"]))] for j in d["jobs"]]
+    body = (filter_form(("state", "jobtype", "site", "user", "workflow", "age"), query) +
+            pager(d, query) + table(headers, rows) + pager(d, query))
+    return page("Jobs", body, query)
+
+
+def file_list(items):
+    return "<ul>" + "".join(
+        f"<li>{esc(f['label'])}: " + (link(f["url"], f["path"]) if f["url"] else
+                                     f"{esc(f['path'])} <small>(not readable by the server)</small>") + "</li>"
+        for f in items) + "</ul>" if items else "<p>none</p>"
+
+
+def render_job(d, query):
+    fields = [k for k in d if k not in ("events", "env", "stdout_tail", "stderr_tail", "why_waiting",
+                                        "logs", "files")]
+    info = table(["field", "value"], [[esc(k), state_cell(d[k]) if k == "state" else
+                                       link(f"/pilot/{d[k]}", d[k]) if k == "pilot" and d[k] else
+                                       esc(when(d[k]) if k.startswith("ts_") else d[k])] for k in fields])
+    env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
+    timeline = table(["time", "from", "to", "attempt", "by", "info"],
+                     [[esc(when(e["ts"])), state_cell(e["old"]), state_cell(e["new"]), esc(e["attempt"]),
+                       esc(e["who"]), esc(e["info"])] for e in d["events"]])
+    why = ("<div class='why'><b>Why is this job not running?</b><ul>" +
+           "".join(f"<li>{esc(r)}</li>" for r in d["why_waiting"]) + "</ul></div>") if d["why_waiting"] else ""
+    tails = "".join(f"<h2>{s} (last 64 KiB)</h2><pre>{esc(d[s + '_tail'])}</pre>"
+                    for s in ("stdout", "stderr") if d[s + "_tail"])
+    logs = " ".join(link(f["url"], f["label"]) for f in d["logs"] if f["url"])
+    headline = (f"<p style='font-size:120%'>{state_cell(d['state'])} · exit code <b>{esc(d['exit_code'])}</b>"
+                f" · attempt {esc(d['attempt'])}/{esc(d['max_attempts'])} · host {esc(d['host'] or '-')}"
+                f"{' · ' + esc(d['errmsg']) if d['errmsg'] else ''}{' · logs: ' + logs if logs else ''}</p>")
+    body = (f"{headline}{why}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
+            f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
+    return page(f"Job {d['name'] or d['uuid']}", body, query)
+
+
+def pilot_row(p):
+    return [link(f"/pilot/{p['uuid']}", p["uuid"][:8]), state_cell(p["state"]), esc(p["host"]), esc(p["pid"]),
+            esc(p["site"]), esc(", ".join(p["jobtypes"]) or "any"), esc(ago(p["beat_age"])),
+            esc(p["jobs_done"]), link(f"/job/{p['job']}", p["job"][:8]) if p["job"] else "", esc(p["extra"])]
+
+
+PILOT_HEADERS = ["pilot", "state", "host", "pid", "site", "jobtypes", "last heartbeat", "jobs done",
+                 "current job", "extra"]
+
+
+def render_pilots(d, query):
+    body = (filter_form(("state", "site", "host"), query) + pager(d, query) +
+            table(PILOT_HEADERS, [pilot_row(p) for p in d["pilots"]]))
+    return page("Pilots", body, query)
+
+
+def render_pilot(d, query):
+    jobs = table(["job", "jobtype", "state", "exit", "started", "ended"],
+                 [[link(f"/job/{j['uuid']}", j["name"] or j["uuid"][:8]), esc(j["jobtype"]), state_cell(j["state"]),
+                   esc(j["exit_code"]), esc(when(j["ts_sta"])), esc(when(j["ts_sto"]))] for j in d["recent_jobs"]])
+    history = table(["time", "state", "info"], [[esc(when(e["ts"])), state_cell(e["new"]), esc(e["info"])]
+                                               for e in d["events"]])
+    body = (table(PILOT_HEADERS, [pilot_row(d)]) +
+            f"<p>registered {esc(when(d['ts_reg']))}, heartbeat every {esc(d['heartbeat'])} s</p>"
+            f"<h2>Recent jobs</h2>{jobs}<h2>History</h2>{history}")
+    return page(f"Pilot {d['uuid']}", body, query)
+
+
+def render_listing(d, query):
+    rows = [[link("/file?" + urlencode({"path": e["path"]}), e["name"] + ("/" if e["dir"] else "")),
+             f"<span class='num'>{esc(e['size'])}</span>", esc(when(e["mtime"]))] for e in d["entries"]]
+    return page(d["path"], table(["name", "size", "modified"], rows), query)
+
+
+def render_metrics(d):
+    """Prometheus text exposition format."""
+    out = ["# HELP p3s_jobs Jobs by state and jobtype.", "# TYPE p3s_jobs gauge"]
+    out += [f'p3s_jobs{{state="{prom(j["state"])}",jobtype="{prom(j["jobtype"])}"}} {j["n"]}' for j in d["jobs"]]
+    out += ["# HELP p3s_pilots Pilots by state.", "# TYPE p3s_pilots gauge"]
+    out += [f'p3s_pilots{{state="{prom(s)}"}} {n}' for s, n in sorted(d["pilots"].items())]
+    for name, help_text in (("claims", "Jobs handed to pilots."), ("empty_polls", "Job requests that found no job."),
+                            ("reports", "Pilot reports accepted."), ("stale_reports", "Pilot reports refused as stale.")):
+        out += [f"# HELP p3s_{name}_total {help_text}", f"# TYPE p3s_{name}_total counter",
+                f"p3s_{name}_total {d['counters'][name]}"]
+    hist = d["claim_latency"]
+    out += ["# HELP p3s_claim_latency_seconds Seconds from a job becoming claimable to its claim by a pilot.",
+            "# TYPE p3s_claim_latency_seconds histogram"]
+    out += [f'p3s_claim_latency_seconds_bucket{{le="{le}"}} {n}' for le, n in hist["buckets"]]
+    out += [f"p3s_claim_latency_seconds_sum {hist['sum']:.6f}", f"p3s_claim_latency_seconds_count {hist['count']}"]
+    return "\n".join(out) + "\n"
+
+
+def prom(value):
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# path, Views method, HTML renderer
+PAGES = [(re.compile(f"^{path}$"), name, render) for path, name, render in (
+    ("/", "summary", render_summary),
+    ("/jobs", "jobs", render_jobs),
+    (f"/job/{UUID}", "job", render_job),
+    ("/pilots", "pilots", render_pilots),
+    (f"/pilot/{UUID}", "pilot", render_pilot),
+)]
+
+
 class Handler(BaseHTTPRequestHandler):
     server_version = "p3s/" + VERSION
     protocol_version = "HTTP/1.0"
@@ -875,6 +1402,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         url = urlsplit(self.path)
+        if method == "GET" and not url.path.startswith("/api/"):
+            return self.serve_page(url)
         try:
             name, groups, parts, write = self.find_route(method, url.path)
             if write:
@@ -889,6 +1418,59 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("%s %s failed", method, self.path)
             self.send_json(500, {"error": "internal server error; see the server log"})
+
+    def serve_page(self, url):
+        """HTML pages, their JSON twins (?format=json), /metrics and /file."""
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        as_json = query.get("format") == "json"
+        views = self.server.views
+        try:
+            if url.path == "/metrics":
+                data = views.metrics(query)
+                return (self.send_json(200, data) if as_json else
+                        self.send_bytes(200, render_metrics(data).encode(), "text/plain; version=0.0.4"))
+            if url.path == "/file":
+                return self.serve_file(query.get("path", ""), query, as_json)
+            for regex, name, render in PAGES:
+                match = regex.match(url.path)
+                if match:
+                    groups = [as_uuid(g, "uuid") for g in match.groups()]
+                    data = getattr(views, name)(*groups, query)
+                    return self.send_json(200, data) if as_json else self.send_html(200, render(data, query))
+            raise ApiError(404, f"{url.path}: no such page")
+        except ApiError as e:
+            if as_json:
+                return self.send_json(e.status, {"error": e.message})
+            self.send_html(e.status, page(f"Error {e.status}", f"<p>{esc(e.message)}</p>", {}))
+        except Exception:
+            log.exception("GET %s failed", self.path)
+            self.send_html(500, page("Error 500", "<p>internal server error; see the server log</p>", {}))
+
+    def serve_file(self, path, query, as_json):
+        real = self.server.views.resolve(path)
+        if os.path.isdir(real):
+            data = self.server.views.listing(path)
+            return self.send_json(200, data) if as_json else self.send_html(200, render_listing(data, query))
+        try:
+            with open(real, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self.send_response(200)
+                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self.send_header("Content-Length", str(size))
+                self.send_header("X-Content-Type-Options", "nosniff")
+                self.end_headers()
+                while True:
+                    chunk = f.read(1 << 16)
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+        except FileNotFoundError:
+            raise ApiError(404, f"path: {path} does not exist") from None
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def send_html(self, status, text):
+        self.send_bytes(status, text.encode(), "text/html; charset=utf-8")
 
     def find_route(self, method, path):
         allowed = False
@@ -952,8 +1534,8 @@ class P3SServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, address, service, token, max_body=MAX_BODY):
-        self.service, self.token, self.max_body = service, token, max_body
+    def __init__(self, address, service, views, token, max_body=MAX_BODY):
+        self.service, self.views, self.token, self.max_body = service, views, token, max_body
         super().__init__(address, Handler)
 
 
@@ -1002,6 +1584,9 @@ def parse_args(argv):
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--housekeeping", type=float, default=2.0, metavar="SECONDS",
                    help="seconds between housekeeping passes (default 2)")
+    p.add_argument("--files-root", action="append", metavar="DIR",
+                   help="directory whose files (job logs, outputs) the pages may show; repeatable "
+                   "(default: logs/ beside server.py, where pilots write job logs by default)")
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES",
                    help=f"largest request body accepted (default {MAX_BODY})")
     return p.parse_args(argv)
@@ -1022,7 +1607,8 @@ def main(argv=None):
         return 2
     service = Service(store, args.housekeeping)
     try:
-        httpd = P3SServer((args.host, args.port), service, token, args.max_body)
+        httpd = P3SServer((args.host, args.port), service, Views(service, args.files_root or [DEFAULT_FILES_ROOT]),
+                          token, args.max_body)
     except OSError as e:
         print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
