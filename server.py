@@ -109,7 +109,7 @@ MIGRATIONS = [
     );
     CREATE INDEX jobs_broker ON jobs(state, jobtype, priority DESC, ts_def);
     CREATE INDEX jobs_broker_any ON jobs(state, priority DESC, ts_def);
-    CREATE INDEX jobs_pilot ON jobs(pilot, state);
+    CREATE INDEX jobs_pilot ON jobs(pilot, id);
     CREATE INDEX jobs_wf ON jobs(wfuuid);
     CREATE TABLE pilots(
         id INTEGER PRIMARY KEY,
@@ -160,6 +160,7 @@ MIGRATIONS = [
     CREATE INDEX jobs_user_id ON jobs(user, id);
     CREATE INDEX jobs_priority_id ON jobs(priority, id);
     CREATE INDEX jobs_ended ON jobs(state, ts_sto);
+    CREATE INDEX jobs_ts_sto ON jobs(ts_sto, id);
     CREATE INDEX jobs_started ON jobs(ts_sta);
     CREATE INDEX jobs_def ON jobs(ts_def);
     CREATE INDEX pilots_host ON pilots(host);
@@ -954,16 +955,11 @@ class Views:
                 "latency": self.start_latency(t), "alarms": self.alarms(t, by_state, pilots)}
 
     def ended_counts(self, t):
-        rows = self.store.read("SELECT bucket, state, n FROM job_ends WHERE bucket >= ?",
-                               (int(t - WINDOWS[-1][1]) // 10,))
-        counts = {}
-        for label, seconds in WINDOWS:
-            since = int(t - seconds) // 10
-            window = counts[label] = {}
-            for r in rows:
-                if r["bucket"] >= since:
-                    window[r["state"]] = window.get(r["state"], 0) + r["n"]
-        return counts
+        """Jobs ended per state in each window, summed from the 10-second buckets."""
+        return {label: {r["state"]: r["n"] for r in self.store.read(
+                    "SELECT state, SUM(n) AS n FROM job_ends WHERE bucket >= ? GROUP BY state",
+                    (int(t - seconds) // 10,))}
+                for label, seconds in WINDOWS}
 
     def recent_failures(self, n):
         rows = []

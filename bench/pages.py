@@ -1,0 +1,123 @@
+#!/usr/bin/env python3
+"""Page benchmark (not a test): render times of the status pages over a database of 1M jobs.
+
+    python bench/pages.py [--jobs 1000000] [--repeat 7]
+
+Fills a temporary database through the server's own schema and triggers (a realistic mix: 30
+days of jobs, mostly finished, some failed, a queue of defined ones, 10 job types, 5 sites, 20
+users, 1000 pilots), starts the real server.py on it on 127.0.0.1, and prints the median and max
+wall time of each page as a client sees it. Bounded: one fill, `repeat` requests per page.
+"""
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import server  # noqa: E402
+
+STATES = (("finished", 0.90), ("failed", 0.04), ("timeout", 0.005), ("pilotTO", 0.005),
+          ("cancelled", 0.01), ("defined", 0.035), ("running", 0.005))
+
+
+def job_rows(n, t_end, rng, pilots):
+    states = [s for s, _ in STATES]
+    weights = [w for _, w in STATES]
+    for i in range(n):
+        state = rng.choices(states, weights)[0]
+        ts_def = t_end - 30 * 86400 * (1 - i / n)        # submission order follows time
+        started = state not in ("defined", "cancelled")
+        ended = state not in ("defined", "running")
+        yield (str(uuid.UUID(int=rng.getrandbits(128), version=4)), f"job {i}", f"user{i % 20}",
+               f"type{rng.randrange(10)}", "/bin/true", rng.randrange(5), f"site{i % 5}" if i % 3 else "",
+               state, ts_def, ts_def + 1 if started else None, ts_def + 5 if ended else None,
+               (0 if state == "finished" else 1) if ended else None, "vm" if started else "",
+               pilots[i % len(pilots)] if started else None)
+
+
+def fill(path, n_jobs):
+    store = server.Store(path)
+    rng = random.Random(7)
+    t = time.time()
+    pilots = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(1000)]
+
+    def insert(conn):
+        conn.executemany("INSERT INTO jobs(uuid,name,user,jobtype,payload,priority,site,state,ts_def,ts_sta,"
+                         "ts_sto,exit_code,host,pilot) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                         job_rows(n_jobs, t, rng, pilots))
+        conn.executemany("INSERT INTO pilots(uuid,host,pid,site,state,heartbeat,ts_reg,ts_beat,jobs_done) "
+                         "VALUES(?,?,?,?,?,?,?,?,?)",
+                         ((p, f"node{i % 50}", 1000 + i, f"site{i % 5}", "running" if i % 10 else "stopped",
+                           10, t - 3600, t - 5, i) for i, p in enumerate(pilots)))
+        conn.executemany("INSERT INTO job_ends VALUES(?,?,?)",     # a day of end buckets, as triggers make
+                         ((b, s, rng.randrange(1, 20)) for b in range(int(t - 86400) // 10, int(t) // 10)
+                          for s in ("finished", "failed")))
+    store.write(insert)
+    store.read("ANALYZE")
+    store.close()
+
+
+def timed_get(url):
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=60) as answer:
+        answer.read()
+    return time.perf_counter() - started
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--jobs", type=int, default=1_000_000)
+    p.add_argument("--repeat", type=int, default=7)
+    args = p.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="p3s-pages-")
+    db = os.path.join(work, "p3s.db")
+    started = time.perf_counter()
+    fill(db, args.jobs)
+    fill_s = time.perf_counter() - started
+    token = os.path.join(work, "token")
+    with open(token, "w") as f:
+        f.write("bench\n")
+    log = open(os.path.join(work, "server.log"), "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", "0", "--db", db,
+                             "--token-file", token], stdout=log, stderr=log)
+    try:
+        base = wait_for_port(os.path.join(work, "server.log"))
+        some = json.loads(urllib.request.urlopen(base + "/jobs?format=json&state=failed").read())["jobs"][0]
+        pilot = json.loads(urllib.request.urlopen(base + "/pilots?format=json").read())["pilots"][0]
+        deep = args.jobs // 25
+        pages = ["/", "/?format=json", "/jobs", "/jobs?page=100", f"/jobs?page={deep // 2}", f"/jobs?page={deep}",
+                 "/jobs?state=failed", "/jobs?state=defined&sort=priority", "/jobs?jobtype=type3&limit=400",
+                 "/jobs?user=user7&site=site2", "/jobs?age=1h", "/jobs?sort=ended", "/jobs?sort=priority&order=asc",
+                 f"/job/{some['uuid']}", "/pilots", f"/pilot/{pilot['uuid']}", "/metrics"]
+        results = {}
+        for path in pages:
+            times = [timed_get(base + path) for _ in range(args.repeat)]
+            results[path] = {"median_ms": round(statistics.median(times) * 1000, 1),
+                             "max_ms": round(max(times) * 1000, 1)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    print(json.dumps({"jobs": args.jobs, "fill_s": round(fill_s, 1), "pages": results}, indent=2))
+    return 0
+
+
+def wait_for_port(log_path):
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = open(log_path).read()
+        if "serving on http://127.0.0.1:" in text:
+            return "http://127.0.0.1:" + text.split("serving on http://127.0.0.1:")[1].split()[0]
+        time.sleep(0.1)
+    raise SystemExit("server did not start: " + open(log_path).read())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
