@@ -23,8 +23,9 @@ import sys
 import threading
 import time
 import uuid as uuidlib
+from xml.etree import ElementTree
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "1.0"
@@ -48,7 +49,7 @@ JOB_STATES = ("template", "defined", "dispatched", "running",
               "finished", "failed", "timeout", "pilotTO", "cancelled")
 ACTIVE_JOB_STATES = ("dispatched", "running")
 END_JOB_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
-RETRYABLE_STATES = ("failed", "timeout", "pilotTO")
+RETRYABLE_STATES = FAILED_STATES = ("failed", "timeout", "pilotTO")
 PILOT_STATES = ("active", "no jobs", "dispatched", "running", "stopped", "lost")
 LIVE_PILOT_STATES = ("active", "no jobs", "dispatched", "running")
 
@@ -188,6 +189,34 @@ MIGRATIONS = [
         INSERT INTO job_ends VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 10, new.state, 1)
             ON CONFLICT(bucket, state) DO UPDATE SET n = n + 1;
     END;
+    """,
+    # v3: workflows and data. A DAG template is vertices (jobs) and edges (files); a workflow is
+    # a copy of it as jobs (wfuuid, vertex) and datasets (producer -> consumer job).
+    """
+    CREATE TABLE datatypes(name TEXT PRIMARY KEY, ext TEXT NOT NULL DEFAULT '');
+    INSERT INTO datatypes VALUES('TXT', '.txt'), ('ROOT', '.root'), ('HDF5', '.h5'), ('JSON', '.json'),
+                                ('CSV', '.csv'), ('PNG', '.png'), ('DATA', '.dat');
+    CREATE TABLE dags(name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '', ts REAL NOT NULL);
+    CREATE TABLE dag_vertices(dag TEXT NOT NULL REFERENCES dags(name) ON DELETE CASCADE, name TEXT NOT NULL,
+                              payload TEXT NOT NULL, env TEXT NOT NULL, jobtype TEXT NOT NULL,
+                              timelimit INTEGER NOT NULL, priority INTEGER NOT NULL, PRIMARY KEY(dag, name));
+    CREATE TABLE dag_edges(dag TEXT NOT NULL REFERENCES dags(name) ON DELETE CASCADE, source TEXT NOT NULL,
+                           target TEXT NOT NULL, name TEXT NOT NULL, dirpath TEXT NOT NULL,
+                           datatype TEXT NOT NULL, datatag TEXT NOT NULL, comment TEXT NOT NULL,
+                           PRIMARY KEY(dag, source, target));
+    CREATE TABLE workflows(id INTEGER PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+                           dag TEXT NOT NULL, description TEXT NOT NULL DEFAULT '', user TEXT NOT NULL DEFAULT '',
+                           state TEXT NOT NULL, ts_def REAL NOT NULL, ts_sta REAL, ts_sto REAL);
+    CREATE INDEX workflows_state ON workflows(state, id);
+    CREATE INDEX workflows_dag ON workflows(dag, state);
+    CREATE TABLE datasets(id INTEGER PRIMARY KEY, uuid TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+                          dirpath TEXT NOT NULL, datatype TEXT NOT NULL DEFAULT '', datatag TEXT NOT NULL DEFAULT '',
+                          comment TEXT NOT NULL DEFAULT '', state TEXT NOT NULL, origin TEXT NOT NULL,
+                          wfuuid TEXT, producer TEXT, consumer TEXT, size INTEGER, ts REAL NOT NULL);
+    CREATE INDEX datasets_wf ON datasets(wfuuid);
+    CREATE INDEX datasets_consumer ON datasets(consumer);
+    CREATE INDEX datasets_producer ON datasets(producer);
+    CREATE UNIQUE INDEX datasets_injected ON datasets(dirpath, name) WHERE origin = 'injected';
     """,
 ]
 
@@ -463,16 +492,18 @@ def pilot_to_dict(row):
 
 
 def requeue_or_end(conn, job, end_state, who, info, changes=None):
-    """End a job in end_state, or put it back to `defined` while attempts remain."""
+    """End a job in end_state, or put it back to `defined` while attempts remain; an ended
+    workflow job moves its workflow on. Returns (the job's new state, how many jobs became
+    claimable), or (None, 0) if the job was no longer in the state `job` says."""
     if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
                     pilot=job["pilot"], info=info, changes={**(changes or {}), "ts_sto": now()}):
-        return False
+        return None, 0
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
                               ts_sto=None))
-        return "requeued"
-    return True
+        return "defined", 1
+    return end_state, advance_workflow(conn, job["wfuuid"]) if job["wfuuid"] else 0
 
 
 def release_jobs(conn, pilot_uuid, why, who="housekeeping"):
@@ -484,15 +515,529 @@ def release_jobs(conn, pilot_uuid, why, who="housekeeping"):
         if job["state"] == "dispatched":
             released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
                                  pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
-        elif requeue_or_end(conn, dict(job), "pilotTO", who, why) == "requeued":
-            released += 1
+        else:
+            released += requeue_or_end(conn, dict(job), "pilotTO", who, why)[1]
     return released
+
+
+# ----------------------------------------------------------------------------------------------
+# Workflows: GraphML DAG templates, file-name policies and the engine that releases jobs.
+# ----------------------------------------------------------------------------------------------
+VERTEX_KEYS = {"payload": "", "env": "{}", "jobtype": "default", "timelimit": "3600", "priority": "0"}
+EDGE_KEYS = {"name": "", "dirpath": "", "datatype": "", "datatag": "", "comment": ""}
+GRAPHML_IDS = {**{k: f"d{101 + i}" for i, k in enumerate(VERTEX_KEYS)},
+               **{k: f"d{1 + i}" for i, k in enumerate(EDGE_KEYS)}}
+WORKFLOW_STATES = ("template", "defined", "running", "finished", "failed", "cancelled")
+JOBINFO_KEYS = ("payload", "params", "env", "jobtype", "priority", "timeout", "timelimit", "site",
+                "max_attempts", "name")
+EDGE_OVERRIDES = ("name", "dirpath", "datatype", "datatag", "comment")
+
+
+def local_name(tag):
+    return tag.rsplit("}", 1)[-1]
+
+
+def parse_graphml(text):
+    """GraphML (the original p3s dialect) -> (vertices, edges), fully validated, or a 400."""
+    if re.search(r"<!\s*(DOCTYPE|ENTITY)", text):
+        raise bad("graphml: DOCTYPE and ENTITY declarations are not allowed")
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError as e:
+        raise bad(f"graphml: malformed XML: {e}") from None
+    keys = {}
+    for key in (el for el in root.iter() if local_name(el.tag) == "key"):
+        domain, name = key.get("for"), key.get("attr.name")
+        allowed = VERTEX_KEYS if domain == "node" else EDGE_KEYS if domain == "edge" else None
+        if allowed is None or name not in allowed:
+            raise bad(f"graphml: unknown key {name!r} for {domain!r}; node keys: {', '.join(VERTEX_KEYS)}; "
+                      f"edge keys: {', '.join(EDGE_KEYS)}")
+        keys[key.get("id")] = (domain, name)
+    graph = next((el for el in root.iter() if local_name(el.tag) == "graph"), None)
+    if graph is None:
+        raise bad("graphml: no <graph> element")
+    vertices = [graph_item(el, "node", keys, VERTEX_KEYS) for el in graph if local_name(el.tag) == "node"]
+    edges = [graph_item(el, "edge", keys, EDGE_KEYS) for el in graph if local_name(el.tag) == "edge"]
+    return check_dag([clean_vertex(v) for v in vertices], [clean_edge(e) for e in edges])
+
+
+def graph_item(el, domain, keys, defaults):
+    item = dict(defaults)
+    ident = ("id",) if domain == "node" else ("source", "target")
+    for attr in ident:
+        if not el.get(attr):
+            raise bad(f"graphml: a <{domain}> has no {attr}")
+        item[attr] = el.get(attr)
+    where = item.get("id") or f"{item.get('source')}->{item.get('target')}"
+    for data in (d for d in el if local_name(d.tag) == "data"):
+        if keys.get(data.get("key"), (None,))[0] != domain:
+            raise bad(f"graphml: {domain} {where}: data key {data.get('key')!r} is not declared for {domain}s")
+        item[keys[data.get("key")][1]] = (data.text or "").strip()
+    return item
+
+
+def clean_vertex(v):
+    where = f"graphml: node {v['id']}"
+    vertex = {"name": v["id"], "jobtype": as_str(v["jobtype"] or "default", f"{where}: jobtype", max_len=64),
+              "payload": as_str(v["payload"], f"{where}: payload"),
+              "env": json.dumps(as_env(v["env"] or "{}", f"{where}: env"), sort_keys=True),
+              "timelimit": as_int(v["timelimit"] or "0", f"{where}: timelimit", 0),
+              "priority": as_int(v["priority"] or "0", f"{where}: priority")}
+    if vertex["jobtype"] != "noop" and not vertex["payload"].strip():
+        raise bad(f"{where}: payload: missing (only noop vertices may have none)")
+    return vertex
+
+
+def clean_edge(e):
+    edge = {k: e[k] for k in ("source", "target", *EDGE_KEYS)}
+    if edge["datatag"] and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", edge["datatag"]):
+        raise bad(f"graphml: edge {e['source']}->{e['target']}: datatag {edge['datatag']!r} "
+                  "is not a valid environment variable name")
+    return edge
+
+
+def check_dag(vertices, edges):
+    """Refuse duplicate nodes or edges, dangling edges and cycles; return (vertices, edges)."""
+    names = [v["name"] for v in vertices]
+    if not names:
+        raise bad("graphml: the graph has no nodes")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise bad(f"graphml: duplicate node id(s) {', '.join(dup)}")
+    seen = set()
+    for e in edges:
+        pair = (e["source"], e["target"])
+        for end in pair:
+            if end not in names:
+                raise bad(f"graphml: edge {pair[0]}->{pair[1]}: {end!r} is not a node (dangling edge)")
+        if pair in seen:
+            raise bad(f"graphml: edge {pair[0]}->{pair[1]} appears twice")
+        seen.add(pair)
+    remaining = topological_order(names, edges)[1]
+    if remaining:
+        raise bad(f"graphml: the graph has a cycle through {', '.join(sorted(remaining))}")
+    return vertices, edges
+
+
+def topological_order(names, edges):
+    """Kahn's algorithm: (ordered names, names left over because they sit on a cycle)."""
+    indegree = {n: 0 for n in names}
+    children = {n: [] for n in names}
+    for e in edges:
+        indegree[e["target"]] += 1
+        children[e["source"]].append(e["target"])
+    ready = [n for n in names if indegree[n] == 0]
+    order = []
+    while ready:
+        n = ready.pop(0)
+        order.append(n)
+        for c in children[n]:
+            indegree[c] -= 1
+            if indegree[c] == 0:
+                ready.append(c)
+    return order, [n for n in names if n not in order]
+
+
+def to_graphml(vertices, edges):
+    """The DAG back in the dialect it came in (keys d101.. for nodes, d1.. for edges)."""
+    out = ["<?xml version='1.0' encoding='utf-8'?>",
+           '<graphml xmlns="http://graphml.graphdrawing.org/xmlns">']
+    out += [f'  <key attr.name="{k}" attr.type="{"int" if k in ("timelimit", "priority") else "string"}" '
+            f'for="{"node" if k in VERTEX_KEYS else "edge"}" id="{i}" />' for k, i in GRAPHML_IDS.items()]
+    out.append('  <graph edgedefault="directed">')
+    for v in vertices:
+        out.append(f'    <node id="{esc(v["name"])}">')
+        out += [f'      <data key="{GRAPHML_IDS[k]}">{esc(v[k])}</data>' for k in VERTEX_KEYS]
+        out.append("    </node>")
+    for e in edges:
+        out.append(f'    <edge source="{esc(e["source"])}" target="{esc(e["target"])}">')
+        out += [f'      <data key="{GRAPHML_IDS[k]}">{esc(e[k])}</data>' for k in EDGE_KEYS]
+        out.append("    </edge>")
+    return "\n".join(out + ["  </graph>", "</graphml>", ""])
+
+
+def validate_fileinfo(info, edges):
+    """The file-name policy: None (generated uuid + extension), 'sticky', 'inherit:PATH', or a
+    map {"source:target": {name, dirpath, datatype, datatag, comment}}."""
+    if info is None or info == "sticky":
+        return info
+    if isinstance(info, str) and info.startswith("inherit:") and len(info) > 8:
+        return info
+    if not isinstance(info, dict):
+        raise bad("fileinfo: expected sticky, inherit:NAME or an object keyed \"source:target\"")
+    keys = {f"{e['source']}:{e['target']}" for e in edges}
+    for key, override in info.items():
+        if key not in keys:
+            raise bad(f"fileinfo: {key!r} is not an edge of this DAG; edges: {', '.join(sorted(keys))}")
+        check_keys(override, f"fileinfo.{key}", EDGE_OVERRIDES)
+        for k, v in override.items():
+            as_str(v, f"fileinfo.{key}.{k}", max_len=4096)
+    return info
+
+
+def name_files(edges, policy, extensions, roots):
+    """Each edge's final name and dirpath under the policy. `roots` are the DAG's source
+    vertices: with inherit:PATH their outgoing edges are PATH itself, the others derive from it."""
+    files = []
+    for e in edges:
+        f = dict(e)
+        if policy is None:
+            f["name"] = str(uuidlib.uuid4()) + extensions.get(e["datatype"], "")
+        elif isinstance(policy, dict):
+            override = policy.get(f"{e['source']}:{e['target']}")
+            if override is None:
+                f["name"] = str(uuidlib.uuid4()) + extensions.get(e["datatype"], "")
+            else:
+                f.update(override)
+        elif policy.startswith("inherit:"):
+            path = policy[len("inherit:"):]
+            stem = os.path.splitext(os.path.basename(path))[0]
+            if e["source"] in roots:
+                f["dirpath"], f["name"] = os.path.dirname(path) or e["dirpath"], os.path.basename(path)
+            else:
+                f["name"] = f"{stem}_{e['datatag'] or e['source'] + '-' + e['target']}" + \
+                    extensions.get(e["datatype"], "")
+        files.append(f)
+    return files
+
+
+def validate_jobinfo(info, vertex_names):
+    if info is None:
+        return {}
+    if not isinstance(info, dict):
+        raise bad("jobinfo: expected an object keyed by vertex name")
+    for vertex, attrs in info.items():
+        if vertex not in vertex_names:
+            raise bad(f"jobinfo: {vertex!r} is not a vertex of this DAG; vertices: {', '.join(vertex_names)}")
+        check_keys(attrs, f"jobinfo.{vertex}", JOBINFO_KEYS)
+        validate_job({"payload": "x", **attrs}, f"jobinfo.{vertex}")
+    return info
+
+
+def advance_workflow(conn, wfuuid):
+    """Release, finish or cancel the template jobs of a workflow whose parents have ended, then
+    let the workflow's state follow its jobs. Repeats until nothing moves (noop chains).
+    Returns how many jobs became claimable (defined)."""
+    released, moved = 0, True
+    while moved:
+        moved = False
+        jobs = {r["uuid"]: r for r in conn.execute(
+            "SELECT uuid, vertex, state, jobtype, attempt FROM jobs WHERE wfuuid=?", (wfuuid,))}
+        parents = {}
+        for d in conn.execute("SELECT producer, consumer FROM datasets WHERE wfuuid=?", (wfuuid,)):
+            parents.setdefault(d["consumer"], []).append(jobs[d["producer"]])
+        for job in (j for j in jobs.values() if j["state"] == "template"):
+            mine = parents.get(job["uuid"], [])
+            bad_parent = next((p for p in mine if p["state"] in END_JOB_STATES and p["state"] != "finished"), None)
+            if bad_parent:
+                moved |= move_job(conn, job["uuid"], "template", "cancelled", "workflow", attempt=job["attempt"],
+                                  info=f"parent {bad_parent['vertex']} {bad_parent['state']}",
+                                  changes={"ts_sto": now()})
+            elif all(p["state"] == "finished" for p in mine):
+                if job["jobtype"] == "noop":
+                    moved |= move_job(conn, job["uuid"], "template", "finished", "workflow", attempt=job["attempt"],
+                                      info="noop", changes={"exit_code": 0, "ts_sto": now()})
+                else:
+                    released += move_job(conn, job["uuid"], "template", "defined", "workflow",
+                                         attempt=job["attempt"], info="parents finished",
+                                         changes={"ts_def": now()})
+    conn.execute("UPDATE datasets SET state='ready' WHERE wfuuid=? AND state='pending' AND producer IN "
+                 "(SELECT uuid FROM jobs WHERE wfuuid=? AND state='finished')", (wfuuid, wfuuid))
+    follow_jobs(conn, wfuuid)
+    return released
+
+
+def follow_jobs(conn, wfuuid):
+    """The workflow state follows its jobs (template and cancelled workflows stay put)."""
+    wf = conn.execute("SELECT state FROM workflows WHERE uuid=?", (wfuuid,)).fetchone()
+    if wf is None or wf["state"] in ("template", "cancelled", "failed", "finished"):
+        return
+    counts = {r["state"]: r["n"] for r in conn.execute(
+        "SELECT state, COUNT(*) AS n FROM jobs WHERE wfuuid=? GROUP BY state", (wfuuid,))}
+    if any(counts.get(s) for s in FAILED_STATES):
+        new = "failed"
+    elif set(counts) == {"finished"}:
+        new = "finished"
+    elif any(counts.get(s) for s in ("dispatched", "running", "finished")):
+        new = "running"
+    else:
+        return
+    if new != wf["state"]:
+        t = now()
+        changes = {"ts_sto": t} if new in ("failed", "finished") else {"ts_sta": t}
+        sets = ", ".join(f"{k}=COALESCE({k}, ?)" for k in changes)
+        if conn.execute(f"UPDATE workflows SET state=?, {sets} WHERE uuid=? AND state=?",
+                        (new, *changes.values(), wfuuid, wf["state"])).rowcount:
+            event(conn, "workflow", wfuuid, wf["state"], new, "workflow")
+
+
+class WorkflowOps:
+    """The workflow half of the Service: DAG templates, workflows, datasets, injection."""
+
+    # -- DAG templates --------------------------------------------------------------------------
+    def add_dag(self, body):
+        check_keys(body, "dag", ("name", "description", "graphml"))
+        name = as_str(body.get("name", ""), "name", allow_empty=False, max_len=128)
+        if "/" in name:
+            raise bad(f"name: {name!r} must not contain '/'")
+        description = as_str(body.get("description", ""), "description", max_len=4096)
+        vertices, edges = parse_graphml(as_str(body.get("graphml", ""), "graphml", False, MAX_BODY))
+
+        def insert(conn):
+            if conn.execute("SELECT 1 FROM dags WHERE name=?", (name,)).fetchone():
+                raise ApiError(409, f"name: a DAG called {name!r} exists already")
+            conn.execute("INSERT INTO dags(name, description, ts) VALUES(?,?,?)", (name, description, now()))
+            conn.executemany("INSERT INTO dag_vertices(dag,name,payload,env,jobtype,timelimit,priority) "
+                             "VALUES(:dag,:name,:payload,:env,:jobtype,:timelimit,:priority)",
+                             [{**v, "dag": name} for v in vertices])
+            conn.executemany("INSERT INTO dag_edges(dag,source,target,name,dirpath,datatype,datatag,comment) "
+                             "VALUES(:dag,:source,:target,:name,:dirpath,:datatype,:datatag,:comment)",
+                             [{**e, "dag": name} for e in edges])
+
+        self.store.write(insert)
+        return self.get_dag(name)
+
+    def dag_parts(self, conn_or_store, name):
+        read = conn_or_store.execute if hasattr(conn_or_store, "execute") else conn_or_store.read
+        dag = list(read("SELECT * FROM dags WHERE name=?", (name,)))
+        if not dag:
+            raise ApiError(404, f"dag {name!r}: no such DAG")
+        vertices = [dict(r) for r in read("SELECT name, payload, env, jobtype, timelimit, priority "
+                                          "FROM dag_vertices WHERE dag=? ORDER BY rowid", (name,))]
+        edges = [dict(r) for r in read("SELECT source, target, name, dirpath, datatype, datatag, comment "
+                                       "FROM dag_edges WHERE dag=? ORDER BY rowid", (name,))]
+        return dict(dag[0]), vertices, edges
+
+    def get_dag(self, name):
+        dag, vertices, edges = self.dag_parts(self.store, name)
+        return {**dag, "vertices": vertices, "edges": edges}
+
+    def dag_graphml(self, name):
+        _, vertices, edges = self.dag_parts(self.store, name)
+        return {"name": name, "graphml": to_graphml(vertices, edges)}
+
+    def list_dags(self):
+        return {"dags": [dict(r) for r in self.store.read(
+            "SELECT d.name, d.description, d.ts, (SELECT COUNT(*) FROM dag_vertices v WHERE v.dag=d.name) AS vertices, "
+            "(SELECT COUNT(*) FROM workflows w WHERE w.dag=d.name) AS workflows FROM dags d ORDER BY d.name")]}
+
+    def delete_dag(self, name):
+        def remove(conn):
+            self.dag_parts(conn, name)
+            live = conn.execute("SELECT COUNT(*) FROM workflows WHERE dag=? AND state IN ('defined','running')",
+                                (name,)).fetchone()[0]
+            if live:
+                raise ApiError(409, f"dag {name!r}: {live} workflow(s) made from it are still running")
+            conn.execute("DELETE FROM dags WHERE name=?", (name,))
+            event(conn, "dag", name, None, "deleted")
+            return {"deleted": name}
+
+        return self.store.write(remove)
+
+    # -- workflows ------------------------------------------------------------------------------
+    def create_workflow(self, body, who):
+        check_keys(body, "workflow", ("dag", "name", "description", "state", "fileinfo", "jobinfo", "user"))
+        dag_name = as_str(body.get("dag", ""), "dag", allow_empty=False, max_len=128)
+        state = as_choice(body.get("state", "template"), "state", ("template", "defined"))
+        user = as_str(body.get("user", ""), "user", max_len=64)
+        description = as_str(body.get("description", ""), "description", max_len=4096)
+        wf_name = as_str(body.get("name") or dag_name, "name", max_len=256)
+
+        def create(conn):
+            _, vertices, edges = self.dag_parts(conn, dag_name)
+            return self.instantiate(conn, dag_name, wf_name, description, user, state, vertices, edges,
+                                    validate_fileinfo(body.get("fileinfo"), edges),
+                                    validate_jobinfo(body.get("jobinfo"), [v["name"] for v in vertices]))
+
+        wfuuid, released = self.store.write(create)
+        if released:
+            self.notify_work()
+        return self.get_workflow(wfuuid)
+
+    def instantiate(self, conn, dag, name, description, user, state, vertices, edges, fileinfo, jobinfo):
+        """Copy a DAG into template jobs and pending datasets; start it if state is defined."""
+        wfuuid, t = str(uuidlib.uuid4()), now()
+        extensions = {r["name"]: r["ext"] for r in conn.execute("SELECT name, ext FROM datatypes")}
+        sources = {v["name"] for v in vertices} - {e["target"] for e in edges}
+        files = name_files(edges, fileinfo, extensions, sources)
+        job_uuids = {v["name"]: str(uuidlib.uuid4()) for v in vertices}
+        conn.execute("INSERT INTO workflows(uuid,name,dag,description,user,state,ts_def) VALUES(?,?,?,?,?,?,?)",
+                     (wfuuid, name, dag, description, user, "template", t))
+        event(conn, "workflow", wfuuid, None, "template", user)
+        for v in vertices:
+            job = validate_job(self.vertex_job(v, jobinfo.get(v["name"], {}), files, user), f"vertex {v['name']}")
+            conn.execute("INSERT INTO jobs(uuid,name,user,jobtype,payload,params,env,priority,timelimit,site,"
+                         "state,max_attempts,wfuuid,vertex,ts_def) VALUES(?,?,?,?,?,?,?,?,?,?,'template',?,?,?,?)",
+                         (job_uuids[v["name"]], job["name"] or f"{name}:{v['name']}", user, job["jobtype"],
+                          job["payload"], job["params"], job["env"], job["priority"], job["timelimit"],
+                          job["site"], job["max_attempts"], wfuuid, v["name"], t))
+            event(conn, "job", job_uuids[v["name"]], None, "template", user, 1)
+        for f in files:
+            conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,datatag,comment,state,origin,wfuuid,"
+                         "producer,consumer,ts) VALUES(?,?,?,?,?,?,'pending','edge',?,?,?,?)",
+                         (str(uuidlib.uuid4()), f["name"], f["dirpath"], f["datatype"], f["datatag"], f["comment"],
+                          wfuuid, job_uuids[f["source"]], job_uuids[f["target"]], t))
+        released = self.start_workflow(conn, wfuuid) if state == "defined" else 0
+        return wfuuid, released
+
+    @staticmethod
+    def vertex_job(vertex, attrs, files, user):
+        """A vertex as a job description: its attributes, the jobinfo overrides, and a
+        DATATAG=dirpath/name variable for every file it reads or writes."""
+        env = json.loads(vertex["env"])
+        env.update(attrs.get("env") or {})
+        for f in files:
+            if f["datatag"] and vertex["name"] in (f["source"], f["target"]):
+                env[f["datatag"]] = os.path.join(f["dirpath"], f["name"])
+        job = {k: vertex[k] for k in ("payload", "jobtype", "timelimit", "priority")}
+        job.update({k: v for k, v in attrs.items() if k != "env"})
+        if "timeout" in job:
+            job["timelimit"] = job.pop("timeout")
+        job.update(env=env, user=user)
+        if job["jobtype"] == "noop" and not job["payload"]:
+            job["payload"] = "noop"
+        return job
+
+    def start_workflow(self, conn, wfuuid):
+        if conn.execute("UPDATE workflows SET state='defined' WHERE uuid=? AND state='template'",
+                        (wfuuid,)).rowcount != 1:
+            raise ApiError(409, f"workflow {wfuuid}: only a template workflow can be started")
+        event(conn, "workflow", wfuuid, "template", "defined", "user")
+        return advance_workflow(conn, wfuuid)
+
+    def set_workflow_state(self, wfuuid, body, who):
+        check_keys(body, "workflow", ("state",))
+        state = as_choice(body.get("state"), "state", ("defined", "cancelled"))
+
+        def apply(conn):
+            wf = self.workflow_row(conn, wfuuid)
+            if state == "defined":
+                return self.start_workflow(conn, wfuuid)
+            if wf["state"] in ("finished", "failed", "cancelled"):
+                raise ApiError(409, f"workflow {wfuuid}: is {wf['state']} already")
+            for job in conn.execute("SELECT uuid, state, attempt FROM jobs WHERE wfuuid=? AND state IN "
+                                    "('template','defined','dispatched','running')", (wfuuid,)).fetchall():
+                move_job(conn, job["uuid"], job["state"], "cancelled", who, attempt=job["attempt"],
+                         info="workflow cancelled", changes={"ts_sto": now()})
+            conn.execute("UPDATE workflows SET state='cancelled', ts_sto=? WHERE uuid=?", (now(), wfuuid))
+            event(conn, "workflow", wfuuid, wf["state"], "cancelled", who)
+            return 0
+
+        if self.store.write(apply):
+            self.notify_work()
+        return self.get_workflow(wfuuid)
+
+    @staticmethod
+    def workflow_row(conn, wfuuid):
+        wf = conn.execute("SELECT * FROM workflows WHERE uuid=?", (wfuuid,)).fetchone()
+        if wf is None:
+            raise ApiError(404, f"workflow {wfuuid}: no such workflow")
+        return wf
+
+    def get_workflow(self, wfuuid):
+        wf = self.store.read_one("SELECT * FROM workflows WHERE uuid=?", (wfuuid,))
+        if wf is None:
+            raise ApiError(404, f"workflow {wfuuid}: no such workflow")
+        jobs = [dict(r) for r in self.store.read(
+            "SELECT uuid, vertex, name, jobtype, state, exit_code, attempt, ts_sta, ts_sto FROM jobs "
+            "WHERE wfuuid=? ORDER BY id", (wfuuid,))]
+        files = [dict(r) for r in self.store.read(
+            "SELECT uuid, name, dirpath, datatype, datatag, state, producer, consumer FROM datasets "
+            "WHERE wfuuid=? ORDER BY id", (wfuuid,))]
+        return {**dict(wf), "jobs": jobs, "datasets": files}
+
+    def list_workflows(self, query):
+        where, args = [], []
+        for key in ("state", "dag"):
+            if query.get(key):
+                where.append(f"{key}=?")
+                args.append(query[key])
+        limit, offset, page = page_window(query)
+        rows = self.store.read("SELECT * FROM workflows" + (" WHERE " + " AND ".join(where) if where else "") +
+                               " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
+        return {"workflows": [dict(r) for r in rows[:limit]], "page": page, "limit": limit,
+                "more": len(rows) > limit, "filters": {k: query[k] for k in ("state", "dag") if query.get(k)}}
+
+    def delete_workflow(self, wfuuid, who):
+        def remove(conn):
+            self.workflow_row(conn, wfuuid)
+            active = conn.execute("SELECT COUNT(*) FROM jobs WHERE wfuuid=? AND state IN ('dispatched','running')",
+                                  (wfuuid,)).fetchone()[0]
+            if active:
+                raise ApiError(409, f"workflow {wfuuid}: {active} job(s) still running; cancel it first")
+            conn.execute("DELETE FROM jobs WHERE wfuuid=?", (wfuuid,))
+            conn.execute("DELETE FROM datasets WHERE wfuuid=?", (wfuuid,))
+            conn.execute("DELETE FROM workflows WHERE uuid=?", (wfuuid,))
+            event(conn, "workflow", wfuuid, None, "deleted", who)
+            return {"deleted": wfuuid}
+
+        return self.store.write(remove)
+
+    # -- data -----------------------------------------------------------------------------------
+    def inject(self, body, who):
+        """Register a new data file once (the server decides, by dirpath and name) and start its
+        work in the same transaction: a workflow of `dag`, or the given `jobs`."""
+        check_keys(body, "inject", ("name", "dirpath", "datatype", "size", "dag", "jobs", "user"))
+        name = as_str(body.get("name", ""), "name", allow_empty=False, max_len=1024)
+        dirpath = as_str(body.get("dirpath", ""), "dirpath", allow_empty=False, max_len=4096)
+        size = as_int(body.get("size", 0), "size", 0)
+        user = as_str(body.get("user", ""), "user", max_len=64)
+        if ("dag" in body) == ("jobs" in body):
+            raise bad("inject: give either dag or jobs")
+        path = os.path.join(dirpath, name)
+        jobs = validate_submission({"jobs": body["jobs"]}) if "jobs" in body else None
+
+        def register(conn):
+            cur = conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,state,origin,size,ts) "
+                               "VALUES(?,?,?,?,'ready','injected',?,?) ON CONFLICT DO NOTHING",
+                               (str(uuidlib.uuid4()), name, dirpath, body.get("datatype", ""), size, now()))
+            if not cur.rowcount:
+                return {"registered": False, "path": path}, 0
+            if jobs is not None:
+                self.insert_jobs(conn, jobs, user or who)
+                return {"registered": True, "path": path, "jobs": [j["uuid"] for j in jobs]}, len(jobs)
+            dag_name = as_str(body["dag"], "dag", allow_empty=False)
+            _, vertices, edges = self.dag_parts(conn, dag_name)
+            wfuuid, released = self.instantiate(conn, dag_name, f"{dag_name}:{name}", f"injected {path}", user,
+                                                "defined", vertices, edges, f"inherit:{path}", {})
+            conn.execute("UPDATE datasets SET wfuuid=? WHERE origin='injected' AND dirpath=? AND name=?",
+                         (wfuuid, dirpath, name))
+            return {"registered": True, "path": path, "workflow": wfuuid}, released
+
+        result, released = self.store.write(register)
+        if released:
+            self.notify_work()
+        return result
+
+    def list_datasets(self, query):
+        where, args = [], []
+        for key in ("state", "origin", "wfuuid", "datatype"):
+            if query.get(key):
+                where.append(f"{key}=?")
+                args.append(query[key])
+        limit, offset, page = page_window(query)
+        rows = self.store.read("SELECT * FROM datasets" + (" WHERE " + " AND ".join(where) if where else "") +
+                               " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
+        return {"datasets": [dict(r) for r in rows[:limit]], "page": page, "limit": limit,
+                "more": len(rows) > limit,
+                "filters": {k: query[k] for k in ("state", "origin", "wfuuid", "datatype") if query.get(k)}}
+
+    def list_datatypes(self):
+        return {"datatypes": [dict(r) for r in self.store.read("SELECT name, ext FROM datatypes ORDER BY name")]}
+
+    def define_datatype(self, name, body):
+        check_keys(body, "datatype", ("ext",))
+        ext = as_str(body.get("ext", ""), "ext", max_len=16)
+        self.store.write(lambda conn: conn.execute(
+            "INSERT INTO datatypes(name, ext) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET ext=excluded.ext",
+            (name, ext)))
+        return {"name": name, "ext": ext}
 
 
 # ----------------------------------------------------------------------------------------------
 # Service: the operations behind the API, each one transaction.
 # ----------------------------------------------------------------------------------------------
-class Service:
+class Service(WorkflowOps):
     def __init__(self, store, hk_period=2.0):
         self.store = store
         self.hk_period = hk_period
@@ -508,25 +1053,24 @@ class Service:
     # -- jobs ---------------------------------------------------------------------------------
     def submit(self, body, who):
         rows = validate_submission(body)
-
-        def insert(conn):
-            stored = []
-            for r in rows:
-                cur = conn.execute(
-                    "INSERT INTO jobs(uuid,name,user,jobtype,payload,params,env,priority,timelimit,"
-                    "site,state,max_attempts,infile,ts_def) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                    "ON CONFLICT(uuid) DO NOTHING",
-                    (r["uuid"], r["name"], r["user"], r["jobtype"], r["payload"], r["params"],
-                     r["env"], r["priority"], r["timelimit"], r["site"], r["state"],
-                     r["max_attempts"], r["infile"], now()))
-                if cur.rowcount:    # a retried submission with a known uuid stores nothing twice
-                    event(conn, "job", r["uuid"], None, r["state"], r["user"] or who, 1)
-                stored.append(r["uuid"])
-            return stored
-
-        uuids = self.store.write(insert)
+        uuids = self.store.write(self.insert_jobs, rows, who)
         self.notify_work()
         return {"uuids": uuids}
+
+    @staticmethod
+    def insert_jobs(conn, rows, who=""):
+        """Store validated jobs; a uuid already known (a retried submission) is stored once."""
+        for r in rows:
+            cur = conn.execute(
+                "INSERT INTO jobs(uuid,name,user,jobtype,payload,params,env,priority,timelimit,"
+                "site,state,max_attempts,infile,ts_def) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "ON CONFLICT(uuid) DO NOTHING",
+                (r["uuid"], r["name"], r["user"], r["jobtype"], r["payload"], r["params"],
+                 r["env"], r["priority"], r["timelimit"], r["site"], r["state"],
+                 r["max_attempts"], r["infile"], now()))
+            if cur.rowcount:
+                event(conn, "job", r["uuid"], None, r["state"], r["user"] or who, 1)
+        return [r["uuid"] for r in rows]
 
     def get_job(self, uuid):
         row = self.store.read_one("SELECT * FROM jobs WHERE uuid=?", (uuid,))
@@ -596,6 +1140,8 @@ class Service:
                     fields = dict(ts_sto=now())
                 move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"], info="adjusted",
                          changes=fields)
+                if job["wfuuid"]:
+                    advance_workflow(conn, job["wfuuid"])
             return job_to_dict(conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone(), False)
 
         result = self.store.write(apply)
@@ -670,8 +1216,9 @@ class Service:
             job = conn.execute(f"UPDATE jobs SET state='dispatched', pilot=?, ts_dis=?, host=? "
                                f"WHERE id=({pick}) AND state='defined' RETURNING *",
                                [pilot_uuid, t, pilot["host"], *args]).fetchone()
-            if job is None:
-                move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=t)
+            if job is None:     # woken with nothing for it: write only if its state changes
+                if pilot["state"] != "no jobs":
+                    move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=t)
                 return None
             event(conn, "job", job["uuid"], "defined", "dispatched", pilot_uuid, job["attempt"])
         move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=t)
@@ -752,11 +1299,11 @@ class Service:
                          changes={**fields, "ts_sta": now()})
                 move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
                 return {"state": "running"}
-            outcome = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), fields)
+            new_state, released = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), fields)
             conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
                          "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
                          "WHERE uuid=? AND job=?", (now(), pilot, uuid))
-            return {"state": "defined" if outcome == "requeued" else state}
+            return {"state": new_state, "released": released}
 
         try:
             result = self.store.write(apply)
@@ -765,7 +1312,7 @@ class Service:
                 self.counters["stale_reports"] += 1
             raise
         self.counters["reports"] += 1
-        if result["state"] == "defined":
+        if result.pop("released", 0):
             self.notify_work()
         return result
 
@@ -879,9 +1426,8 @@ class Service:
     def _time_out_jobs(self, conn, t):
         overdue = conn.execute("SELECT * FROM jobs WHERE state='running' AND timelimit > 0 "
                                "AND ts_sta + timelimit + ? < ?", (TIMELIMIT_GRACE, t)).fetchall()
-        for job in overdue:
-            requeue_or_end(conn, dict(job), "timeout", "housekeeping", "no report after the time limit")
-        return len(overdue)
+        return sum(requeue_or_end(conn, dict(job), "timeout", "housekeeping", "no report after the time limit")[1]
+                   for job in overdue)
 
     def housekeeping_loop(self):
         while not self.stopping.wait(self.hk_period):
@@ -903,7 +1449,6 @@ class Service:
 # Views: the data behind every page. Each returns a dict, which is also the page's JSON twin.
 # Every query here is bounded (LIMIT, counts tables, buckets) so pages stay fast at 1M jobs.
 # ----------------------------------------------------------------------------------------------
-FAILED_STATES = ("failed", "timeout", "pilotTO")
 WINDOWS = (("1m", 60), ("10m", 600), ("1h", 3600), ("24h", 86400))
 JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobtype": "jobtype",
              "ended": "ts_sto"}
@@ -1136,6 +1681,7 @@ class Views:
 # ----------------------------------------------------------------------------------------------
 UUID = r"(?P<uuid>[^/]+)"     # checked by as_uuid in dispatch, so a typo gets a clear 400
 SITE = r"(?P<name>[A-Za-z0-9_.-]{1,64})"
+DAG = r"(?P<name>[^/]{1,128})"
 
 # method, path, Service method, request parts passed after the path groups, needs the token
 ROUTES = [(method, re.compile(f"^{path}$"), name, parts, write) for method, path, name, parts, write in (
@@ -1153,6 +1699,20 @@ ROUTES = [(method, re.compile(f"^{path}$"), name, parts, write) for method, path
     ("POST", f"/api/pilots/{UUID}/request", "request_job", ("body",), True),
     ("POST", f"/api/pilots/{UUID}/heartbeat", "heartbeat", ("body",), True),
     ("POST", f"/api/pilots/{UUID}/stop", "deregister", ("body",), True),
+    ("GET", "/api/dags", "list_dags", (), False),
+    ("POST", "/api/dags", "add_dag", ("body",), True),
+    ("GET", f"/api/dags/{DAG}", "get_dag", (), False),
+    ("GET", f"/api/dags/{DAG}/graphml", "dag_graphml", (), False),
+    ("DELETE", f"/api/dags/{DAG}", "delete_dag", (), True),
+    ("GET", "/api/workflows", "list_workflows", ("query",), False),
+    ("POST", "/api/workflows", "create_workflow", ("body", "who"), True),
+    ("GET", f"/api/workflows/{UUID}", "get_workflow", (), False),
+    ("POST", f"/api/workflows/{UUID}/state", "set_workflow_state", ("body", "who"), True),
+    ("DELETE", f"/api/workflows/{UUID}", "delete_workflow", ("who",), True),
+    ("POST", "/api/inject", "inject", ("body", "who"), True),
+    ("GET", "/api/datasets", "list_datasets", ("query",), False),
+    ("GET", "/api/datatypes", "list_datatypes", (), False),
+    ("PUT", f"/api/datatypes/{SITE}", "define_datatype", ("body",), True),
     ("GET", "/api/sites", "list_sites", (), False),
     ("PUT", f"/api/sites/{SITE}", "define_site", ("body",), True),
 )]
@@ -1474,7 +2034,7 @@ class Handler(BaseHTTPRequestHandler):
             match = regex.match(path)
             if match:
                 if m == method:
-                    groups = match.groupdict()
+                    groups = {k: unquote(v) for k, v in match.groupdict().items()}
                     if "uuid" in groups:
                         groups["uuid"] = as_uuid(groups["uuid"], "uuid")
                     return name, list(groups.values()), parts, write

@@ -15,7 +15,7 @@ import os
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -155,6 +155,45 @@ class Client:
 
     def list_sites(self):
         return self.call("GET", "/api/sites")["sites"]
+
+    # -- workflows and data ---------------------------------------------------------------------
+    def add_dag(self, name, graphml, description=""):
+        return self.call("POST", "/api/dags", {"name": name, "graphml": graphml, "description": description})
+
+    def list_dags(self):
+        return self.call("GET", "/api/dags")["dags"]
+
+    def get_dag(self, name):
+        return self.call("GET", f"/api/dags/{quote(name, safe='')}")
+
+    def dag_graphml(self, name):
+        return self.call("GET", f"/api/dags/{quote(name, safe='')}/graphml")["graphml"]
+
+    def delete_dag(self, name):
+        return self.call("DELETE", f"/api/dags/{quote(name, safe='')}")
+
+    def create_workflow(self, dag, **options):
+        return self.call("POST", "/api/workflows", {"dag": dag, **options})
+
+    def list_workflows(self, **filters):
+        return self.call("GET", "/api/workflows",
+                         query={k: v for k, v in filters.items() if v is not None})["workflows"]
+
+    def get_workflow(self, uuid):
+        return self.call("GET", f"/api/workflows/{uuid}")
+
+    def set_workflow_state(self, uuid, state):
+        return self.call("POST", f"/api/workflows/{uuid}/state", {"state": state})
+
+    def delete_workflow(self, uuid):
+        return self.call("DELETE", f"/api/workflows/{uuid}")
+
+    def inject(self, **file_and_work):
+        return self.call("POST", "/api/inject", file_and_work)
+
+    def list_datasets(self, **filters):
+        return self.call("GET", "/api/datasets",
+                         query={k: v for k, v in filters.items() if v is not None})["datasets"]
 
     def health(self):
         return self.call("GET", "/api/health")
