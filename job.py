@@ -70,9 +70,8 @@ def parse_args(argv):
     return args
 
 
-def load_jobs(path, infile, replicas):
-    """Read the job file; give each job (and replica) its own uuid so a retried submission
-    cannot store a job twice."""
+def read_job_file(path):
+    """The job objects in a JSON file holding one object or a list of them."""
     try:
         with open(path) as f:
             data = json.load(f)
@@ -83,8 +82,14 @@ def load_jobs(path, infile, replicas):
     jobs = data if isinstance(data, list) else [data]
     if not jobs or not all(isinstance(j, dict) for j in jobs):
         raise InputError(f"{path}: expected a job object or a non-empty list of job objects")
+    return jobs
+
+
+def load_jobs(path, infile, replicas):
+    """Read the job file; give each job (and replica) its own uuid so a retried submission
+    cannot store a job twice."""
     out = []
-    for job in jobs:
+    for job in read_job_file(path):
         for _ in range(replicas):
             job = dict(job)
             job.setdefault("user", getpass.getuser())

@@ -506,6 +506,18 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None):
     return end_state, advance_workflow(conn, job["wfuuid"]) if job["wfuuid"] else 0
 
 
+def cancel_job(conn, job, who, info):
+    """Cancel a job wherever it stands; a pilot running it is freed now and kills the payload
+    at its next heartbeat (the job is no longer its own)."""
+    if not move_job(conn, job["uuid"], job["state"], "cancelled", who, attempt=job["attempt"], info=info,
+                    changes={"ts_sto": now()}):
+        return False
+    if job["pilot"] and job["state"] in ACTIVE_JOB_STATES:
+        conn.execute("UPDATE pilots SET job=NULL, state='active' WHERE uuid=? AND job=? AND state IN "
+                     "('dispatched','running')", (job["pilot"], job["uuid"]))
+    return True
+
+
 def release_jobs(conn, pilot_uuid, why, who="housekeeping"):
     """Free the jobs of a pilot that is gone: one it never started goes back to `defined` as it
     was; one it was running ends pilotTO (or is retried). Returns how many became claimable."""
@@ -915,10 +927,9 @@ class WorkflowOps:
                 return self.start_workflow(conn, wfuuid)
             if wf["state"] in ("finished", "failed", "cancelled"):
                 raise ApiError(409, f"workflow {wfuuid}: is {wf['state']} already")
-            for job in conn.execute("SELECT uuid, state, attempt FROM jobs WHERE wfuuid=? AND state IN "
+            for job in conn.execute("SELECT uuid, state, attempt, pilot FROM jobs WHERE wfuuid=? AND state IN "
                                     "('template','defined','dispatched','running')", (wfuuid,)).fetchall():
-                move_job(conn, job["uuid"], job["state"], "cancelled", who, attempt=job["attempt"],
-                         info="workflow cancelled", changes={"ts_sto": now()})
+                cancel_job(conn, job, who, "workflow cancelled")
             conn.execute("UPDATE workflows SET state='cancelled', ts_sto=? WHERE uuid=?", (now(), wfuuid))
             event(conn, "workflow", wfuuid, wf["state"], "cancelled", who)
             return 0
@@ -1132,14 +1143,15 @@ class Service(WorkflowOps):
             if state is not None and state != job["state"]:
                 if job["state"] not in self.ADJUSTABLE[state]:
                     raise ApiError(409, f"job {uuid}: cannot go from {job['state']} to {state}")
-                fields = {}
-                if state == "defined" and job["state"] in END_JOB_STATES:   # a resubmission
-                    fields = dict(attempt=job["attempt"] + 1, pilot=None, exit_code=None,
-                                  ts_dis=None, ts_sta=None, ts_sto=None, ts_def=now())
-                elif state == "cancelled":
-                    fields = dict(ts_sto=now())
-                move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"], info="adjusted",
-                         changes=fields)
+                if state == "cancelled":
+                    cancel_job(conn, job, who, "cancelled by user")
+                else:
+                    fields = {}
+                    if state == "defined" and job["state"] in END_JOB_STATES:   # a resubmission
+                        fields = dict(attempt=job["attempt"] + 1, pilot=None, exit_code=None,
+                                      ts_dis=None, ts_sta=None, ts_sto=None, ts_def=now())
+                    move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"], info="adjusted",
+                             changes=fields)
                 if job["wfuuid"]:
                     advance_workflow(conn, job["wfuuid"])
             return job_to_dict(conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone(), False)
@@ -1298,6 +1310,8 @@ class Service(WorkflowOps):
                 move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
                          changes={**fields, "ts_sta": now()})
                 move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
+                if job["wfuuid"]:
+                    follow_jobs(conn, job["wfuuid"])
                 return {"state": "running"}
             new_state, released = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), fields)
             conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
@@ -1583,6 +1597,8 @@ class Views:
 
     def why_waiting(self, job):
         """Plain reasons a job is not running yet; empty once it has started or ended."""
+        if job["state"] == "template" and job["wfuuid"]:
+            return self.waiting_for_parents(job)
         if job["state"] == "template":
             return ["held in state template: adjust it to defined to release it"]
         if job["state"] != "defined":
@@ -1603,6 +1619,27 @@ class Views:
         if ahead:
             reasons.append(f"{ahead} waiting job(s) of the same type come first (higher priority or older)")
         return reasons
+
+    def waiting_for_parents(self, job):
+        wf = self.store.read_one("SELECT state FROM workflows WHERE uuid=?", (job["wfuuid"],))
+        if wf and wf["state"] == "template":
+            return ["its workflow has not been started (workflow.py -m -u UUID -s defined)"]
+        parents = self.store.read("SELECT j.vertex, j.state FROM datasets d JOIN jobs j ON j.uuid = d.producer "
+                                  "WHERE d.consumer=? AND j.state != 'finished' ORDER BY j.vertex", (job["uuid"],))
+        return ["parents not finished: " + ", ".join(f"{p['vertex']} ({p['state']})" for p in parents)]
+
+    # -- workflows ------------------------------------------------------------------------------
+    def workflows(self, query):
+        return self.svc.list_workflows(query)
+
+    def workflow(self, uuid, query):
+        return self.svc.get_workflow(uuid)
+
+    def dags(self, query):
+        return self.svc.list_dags()
+
+    def datasets(self, query):
+        return self.svc.list_datasets(query)
 
     # -- pilots ---------------------------------------------------------------------------------
     def pilots(self, query):
@@ -1729,7 +1766,8 @@ th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #d
 .s-finished{color:#070}.s-failed,.s-timeout,.s-pilotTO,.s-lost{color:#c00;font-weight:bold}
 .s-running,.s-dispatched{color:#06c}.s-cancelled,.s-stopped{color:#777}.s-defined,.s-nojobs,.s-active{color:#960}
 .why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}"""
-NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/metrics", "Metrics"))
+NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/workflows", "Workflows"), ("/dags", "DAGs"),
+       ("/datasets", "Datasets"), ("/metrics", "Metrics"))
 
 
 def esc(value):
@@ -1856,6 +1894,7 @@ def render_job(d, query):
                                         "logs", "files")]
     info = table(["field", "value"], [[esc(k), state_cell(d[k]) if k == "state" else
                                        link(f"/pilot/{d[k]}", d[k]) if k == "pilot" and d[k] else
+                                       link(f"/workflow/{d[k]}", d[k]) if k == "wfuuid" and d[k] else
                                        esc(when(d[k]) if k.startswith("ts_") else d[k])] for k in fields])
     env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
     timeline = table(["time", "from", "to", "attempt", "by", "info"],
@@ -1930,6 +1969,87 @@ def prom(value):
     return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
+STATE_FILL = {"finished": "#9d9", "failed": "#f88", "timeout": "#f88", "pilotTO": "#f88", "running": "#8bf",
+              "dispatched": "#8bf", "defined": "#fd7", "template": "#ddd", "cancelled": "#bbb"}
+BOX_W, BOX_H, GAP_X, GAP_Y = 150, 44, 70, 24
+
+
+def dag_layers(jobs, datasets):
+    """Layer of each job: the length of the longest path from a root to it."""
+    names = [j["uuid"] for j in jobs]
+    edges = [{"source": d["producer"], "target": d["consumer"]} for d in datasets]
+    layer = {n: 0 for n in names}
+    for n in topological_order(names, edges)[0]:
+        for e in edges:
+            if e["source"] == n:
+                layer[e["target"]] = max(layer[e["target"]], layer[n] + 1)
+    return layer
+
+
+def dag_svg(jobs, datasets):
+    """The workflow's DAG as inline SVG: layers left to right, boxes coloured by job state."""
+    layer = dag_layers(jobs, datasets)
+    columns = {}
+    for j in sorted(jobs, key=lambda j: j["vertex"] or ""):
+        columns.setdefault(layer[j["uuid"]], []).append(j)
+    pos = {j["uuid"]: (20 + col * (BOX_W + GAP_X), 20 + row * (BOX_H + GAP_Y))
+           for col, members in columns.items() for row, j in enumerate(members)}
+    width = 40 + (max(columns) + 1) * (BOX_W + GAP_X) - GAP_X
+    height = 40 + max(len(m) for m in columns.values()) * (BOX_H + GAP_Y) - GAP_Y
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img">',
+             '<defs><marker id="arrow" viewBox="0 0 10 10" refX="10" refY="5" markerWidth="7" markerHeight="7" '
+             'orient="auto"><path d="M0,0L10,5L0,10z" fill="#555"/></marker></defs>']
+    for d in datasets:
+        (x1, y1), (x2, y2) = pos[d["producer"]], pos[d["consumer"]]
+        parts.append(f'<line x1="{x1 + BOX_W}" y1="{y1 + BOX_H / 2}" x2="{x2}" y2="{y2 + BOX_H / 2}" '
+                     f'stroke="#555" marker-end="url(#arrow)"><title>{esc(d["datatag"])}: '
+                     f'{esc(os.path.join(d["dirpath"], d["name"]))}</title></line>')
+    for j in jobs:
+        x, y = pos[j["uuid"]]
+        parts.append(f'<a href="/job/{esc(j["uuid"])}"><rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" '
+                     f'rx="6" fill="{STATE_FILL.get(j["state"], "#fff")}" stroke="#333"/>'
+                     f'<text x="{x + BOX_W / 2}" y="{y + 18}" text-anchor="middle" font-weight="bold">'
+                     f'{esc(j["vertex"])}</text><text x="{x + BOX_W / 2}" y="{y + 35}" text-anchor="middle">'
+                     f'{esc(j["state"])}</text></a>')
+    return "".join(parts) + "</svg>"
+
+
+def render_workflow(d, query):
+    jobs = table(["vertex", "state", "exit", "attempt", "started", "ended"],
+                 [[link(f"/job/{j['uuid']}", j["vertex"]), state_cell(j["state"]), esc(j["exit_code"]),
+                   esc(j["attempt"]), esc(when(j["ts_sta"])), esc(when(j["ts_sto"]))] for j in d["jobs"]])
+    files = table(["file", "datatag", "type", "state"],
+                  [[esc(os.path.join(f["dirpath"], f["name"])), esc(f["datatag"]), esc(f["datatype"]),
+                    esc(f["state"])] for f in d["datasets"]])
+    body = (f"<p>{state_cell(d['state'])} · DAG {esc(d['dag'])} · {esc(d['description'])} · "
+            f"{link('/jobs?workflow=' + d['uuid'], 'its jobs')}</p>{dag_svg(d['jobs'], d['datasets'])}"
+            f"<h2>Jobs</h2>{jobs}<h2>Files</h2>{files}")
+    return page(f"Workflow {d['name']}", body, query)
+
+
+def render_workflows(d, query):
+    rows = [[link(f"/workflow/{w['uuid']}", w["name"]), state_cell(w["state"]), esc(w["dag"]), esc(w["user"]),
+             esc(when(w["ts_def"])), esc(when(w["ts_sto"]))] for w in d["workflows"]]
+    body = (filter_form(("state", "dag"), query) + pager(d, query) +
+            table(["workflow", "state", "dag", "user", "defined", "ended"], rows))
+    return page("Workflows", body, query)
+
+
+def render_dags(d, query):
+    rows = [[esc(x["name"]), esc(x["vertices"]), link(f"/workflows?dag={x['name']}", x["workflows"]),
+             esc(x["description"]), esc(when(x["ts"]))] for x in d["dags"]]
+    return page("DAG templates", table(["name", "vertices", "workflows", "description", "registered"], rows), query)
+
+
+def render_datasets(d, query):
+    rows = [[esc(os.path.join(x["dirpath"], x["name"])), esc(x["datatype"]), esc(x["datatag"]), esc(x["state"]),
+             esc(x["origin"]), link(f"/workflow/{x['wfuuid']}", x["wfuuid"][:8]) if x["wfuuid"] else "",
+             esc(when(x["ts"]))] for x in d["datasets"]]
+    body = (filter_form(("state", "origin", "datatype"), query) + pager(d, query) +
+            table(["file", "type", "datatag", "state", "origin", "workflow", "registered"], rows))
+    return page("Datasets", body, query)
+
+
 # path, Views method, HTML renderer
 PAGES = [(re.compile(f"^{path}$"), name, render) for path, name, render in (
     ("/", "summary", render_summary),
@@ -1937,6 +2057,10 @@ PAGES = [(re.compile(f"^{path}$"), name, render) for path, name, render in (
     (f"/job/{UUID}", "job", render_job),
     ("/pilots", "pilots", render_pilots),
     (f"/pilot/{UUID}", "pilot", render_pilot),
+    ("/workflows", "workflows", render_workflows),
+    (f"/workflow/{UUID}", "workflow", render_workflow),
+    ("/dags", "dags", render_dags),
+    ("/datasets", "datasets", render_datasets),
 )]
 
 

@@ -21,11 +21,8 @@ import json
 import os
 import sys
 
+from job import InputError
 from serverAPI import Client, P3SError
-
-
-class InputError(Exception):
-    """Bad input found before anything is sent: exit 2."""
 
 
 def parse_args(argv):

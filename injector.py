@@ -1,0 +1,148 @@
+#!/usr/bin/env python3
+"""p3s injector: start work automatically when new data files land in a directory.
+
+    python injector.py -d /data/np04 -g 'run*.root' --dag dqm-chain      # one workflow per file
+    python injector.py -d /data/np04 -g '*.txt' -j check.json -c 0       # one job per file
+
+A file counts as new once its size and modification time have not changed for --settle seconds
+(so half-written files are left alone). The server registers each file once, by directory and
+name, in the same transaction that creates its work: restarting the injector, or running two on
+the same directory, never starts a file's work twice.
+
+With --dag the file is bound to the root vertices' input edges (file policy inherit:PATH) and
+the workflow starts at once. With -j every job in the file is submitted with infile and
+P3S_INPUT_FILE set to the file's path.
+"""
+import argparse
+import fnmatch
+import logging
+import os
+import sys
+import time
+import uuid as uuidlib
+
+from job import InputError, read_job_file
+from serverAPI import Client, P3SError
+
+log = logging.getLogger("p3s.injector")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description="Start p3s work for new files in a directory.")
+    p.add_argument("-d", "--dir", required=True, help="directory to watch")
+    p.add_argument("-g", "--glob", default="*", help="file name pattern (default *)")
+    work = p.add_mutually_exclusive_group(required=True)
+    work.add_argument("-w", "--dag", help="create one workflow of this DAG per new file")
+    work.add_argument("-j", "--jobs", metavar="FILE", help="submit the jobs in FILE (JSON) per new file")
+    p.add_argument("-p", "--period", type=float, default=10, help="seconds between scans (default 10)")
+    p.add_argument("-c", "--cycles", type=int, default=0, help="scans before exiting (0 = forever; default 0)")
+    p.add_argument("--settle", type=float, default=5, metavar="SECONDS",
+                   help="a file is new once its size and mtime are unchanged this long (default 5)")
+    p.add_argument("--min-size", type=int, default=0, metavar="BYTES", help="ignore smaller files")
+    p.add_argument("--prefix", default="", help="only names starting with this")
+    p.add_argument("--max-age", type=float, default=0, metavar="SECONDS",
+                   help="ignore files modified longer ago than this (0 = no limit)")
+    p.add_argument("--datatype", default="", help="datatype recorded with each file (e.g. ROOT)")
+    p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every scan")
+    args = p.parse_args(argv)
+    if args.period < 0 or args.cycles < 0 or args.settle < 0:
+        p.error("--period, --cycles and --settle must not be negative")
+    if not os.path.isdir(args.dir):
+        p.error(f"-d {args.dir}: not a directory")
+    return args
+
+
+class Watcher:
+    """Tracks candidate files between scans and says which have settled."""
+
+    def __init__(self, args):
+        self.args = args
+        self.seen = {}          # name -> (size, mtime, monotonic time that signature was first seen)
+        self.done = set()       # names the server has answered for (registered now or before)
+
+    def candidates(self):
+        a = self.args
+        wall = time.time()
+        for entry in os.scandir(a.dir):
+            if not entry.is_file() or entry.name in self.done:
+                continue
+            if not fnmatch.fnmatch(entry.name, a.glob) or not entry.name.startswith(a.prefix):
+                continue
+            st = entry.stat()
+            if st.st_size < a.min_size or (a.max_age and wall - st.st_mtime > a.max_age):
+                continue
+            yield entry.name, st
+
+    def settled(self):
+        """Names whose size and mtime have held still for --settle seconds."""
+        t = time.monotonic()
+        ready, current = [], {}
+        for name, st in self.candidates():
+            signature = (st.st_size, st.st_mtime_ns)
+            first = self.seen.get(name)
+            since = first[2] if first and first[:2] == signature else t
+            current[name] = (*signature, since)
+            if t - since >= self.args.settle:
+                ready.append((name, st.st_size))
+        self.seen = current
+        return sorted(ready)
+
+
+def work_for(args, jobs, path):
+    """The inject request body's work part: a DAG, or the jobs bound to this file."""
+    if args.dag:
+        return {"dag": args.dag}
+    bound = []
+    for job in jobs:
+        env = job.get("env", {})
+        bound.append({**job, "uuid": str(uuidlib.uuid4()), "infile": path,
+                      "env": {**env, "P3S_INPUT_FILE": path} if isinstance(env, dict) else env})
+    return {"jobs": bound}
+
+
+def scan(client, watcher, args, jobs):
+    for name, size in watcher.settled():
+        path = os.path.join(os.path.abspath(args.dir), name)
+        answer = client.inject(name=name, dirpath=os.path.abspath(args.dir), size=size,
+                               datatype=args.datatype, user=os.environ.get("USER", ""),
+                               **work_for(args, jobs, path))
+        watcher.done.add(name)
+        if answer["registered"]:
+            print(f"{path} {answer.get('workflow') or ' '.join(answer['jobs'])}", flush=True)
+        else:
+            log.info("%s: registered before, skipped", path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s injector %(levelname)s: %(message)s")
+    try:
+        jobs = read_job_file(args.jobs) if args.jobs else None
+        client = Client(args.server)
+        watcher = Watcher(args)
+        cycle = 0
+        while True:
+            cycle += 1
+            try:
+                scan(client, watcher, args, jobs)
+            except P3SError as e:
+                if e.bad_input:
+                    raise
+                log.warning("scan %d: %s; will retry", cycle, e)
+            if args.cycles and cycle >= args.cycles:
+                return 0
+            time.sleep(args.period)
+    except InputError as e:
+        print(f"injector.py: {e}", file=sys.stderr)
+        return 2
+    except P3SError as e:
+        print(f"injector.py: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
