@@ -736,7 +736,8 @@ def advance_workflow(conn, wfuuid):
         jobs = {r["uuid"]: r for r in conn.execute(
             "SELECT uuid, vertex, state, jobtype, attempt FROM jobs WHERE wfuuid=?", (wfuuid,))}
         parents = {}
-        for d in conn.execute("SELECT producer, consumer FROM datasets WHERE wfuuid=?", (wfuuid,)):
+        for d in conn.execute("SELECT producer, consumer FROM datasets WHERE wfuuid=? AND origin='edge'",
+                              (wfuuid,)):
             parents.setdefault(d["consumer"], []).append(jobs[d["producer"]])
         for job in (j for j in jobs.values() if j["state"] == "template"):
             mine = parents.get(job["uuid"], [])
@@ -954,7 +955,7 @@ class WorkflowOps:
             "WHERE wfuuid=? ORDER BY id", (wfuuid,))]
         files = [dict(r) for r in self.store.read(
             "SELECT uuid, name, dirpath, datatype, datatag, state, producer, consumer FROM datasets "
-            "WHERE wfuuid=? ORDER BY id", (wfuuid,))]
+            "WHERE wfuuid=? AND origin='edge' ORDER BY id", (wfuuid,))]
         return {**dict(wf), "jobs": jobs, "datasets": files}
 
     def list_workflows(self, query):

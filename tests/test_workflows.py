@@ -2,6 +2,7 @@
 import json
 import os
 import re
+from html import escape
 
 import pytest
 
@@ -18,7 +19,8 @@ def graphml(vertices, edges):
     keys += "".join(f'<key attr.name="{k}" for="edge" id="d{1 + i}"/>' for i, k in
                     enumerate(("name", "dirpath", "datatype", "datatag", "comment")))
     nodes = "".join(
-        f'<node id="{v[0]}"><data key="d101">{v[2]}</data><data key="d102">{v[3] if len(v) > 3 else "{}"}</data>'
+        f'<node id="{v[0]}"><data key="d101">{escape(v[2])}</data>'
+        f'<data key="d102">{escape(v[3]) if len(v) > 3 else "{}"}</data>'
         f'<data key="d103">{v[1]}</data><data key="d104">60</data><data key="d105">0</data></node>' for v in vertices)
     links = "".join(f'<edge source="{s}" target="{t}"><data key="d1">{n}</data><data key="d2">/tmp/</data>'
                     f'<data key="d3">TXT</data><data key="d4">{tag}</data></edge>' for s, t, n, tag in edges)
