@@ -21,8 +21,8 @@ import sys
 import time
 import uuid as uuidlib
 
-from job import InputError, read_job_file
-from serverAPI import Client, P3SError
+from job import read_job_file
+from serverAPI import Client, P3SError, run_cli
 
 log = logging.getLogger("p3s.injector")
 
@@ -118,11 +118,16 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s injector %(levelname)s: %(message)s")
+    return run_cli("injector.py", lambda: watch(args))
+
+
+def watch(args):
+    """Scan every --period seconds, --cycles times (0 = until interrupted)."""
+    jobs = read_job_file(args.jobs) if args.jobs else None
+    client = Client(args.server)
+    watcher = Watcher(args)
+    cycle = 0
     try:
-        jobs = read_job_file(args.jobs) if args.jobs else None
-        client = Client(args.server)
-        watcher = Watcher(args)
-        cycle = 0
         while True:
             cycle += 1
             try:
@@ -134,12 +139,6 @@ def main(argv=None):
             if args.cycles and cycle >= args.cycles:
                 return 0
             time.sleep(args.period)
-    except InputError as e:
-        print(f"injector.py: {e}", file=sys.stderr)
-        return 2
-    except P3SError as e:
-        print(f"injector.py: {e}", file=sys.stderr)
-        return e.exit_code
     except KeyboardInterrupt:
         return 0
 

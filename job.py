@@ -19,14 +19,10 @@ import sys
 import time
 import uuid as uuidlib
 
-from serverAPI import Client, P3SError
+from serverAPI import Client, InputError, P3SError, run_cli
 
 END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
 LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name")
-
-
-class InputError(Exception):
-    """Bad input found before anything is sent: exit 2."""
 
 
 def parse_args(argv):
@@ -190,16 +186,8 @@ ACTIONS = ((lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        client = Client(args.server)
-        action = next(fn for chosen, fn in ACTIONS if chosen(args))
-        return action(client, args)
-    except InputError as e:
-        print(f"job.py: {e}", file=sys.stderr)
-        return 2
-    except P3SError as e:
-        print(f"job.py: {e}", file=sys.stderr)
-        return e.exit_code
+    action = next(fn for chosen, fn in ACTIONS if chosen(args))
+    return run_cli("job.py", lambda: action(Client(args.server), args))
 
 
 if __name__ == "__main__":

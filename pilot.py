@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 
-from serverAPI import Client, P3SError
+from serverAPI import Client, P3SError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
@@ -369,19 +369,18 @@ def setup_logging(args):
 def main(argv=None):
     args = parse_args(argv)
     setup_logging(args)
-    try:
-        client = Client(args.server)
-        if args.define_site:
-            return define_site(client, args)
-        if args.sites:
-            return list_sites(client)
-        pilot = Pilot(args, client)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(sig, pilot.on_signal)
-        return pilot.run()
-    except P3SError as e:
-        print(f"pilot.py: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_cli("pilot.py", lambda: act(args, Client(args.server)))
+
+
+def act(args, client):
+    if args.define_site:
+        return define_site(client, args)
+    if args.sites:
+        return list_sites(client)
+    pilot = Pilot(args, client)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, pilot.on_signal)
+    return pilot.run()
 
 
 if __name__ == "__main__":

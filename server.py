@@ -959,16 +959,8 @@ class WorkflowOps:
         return {**dict(wf), "jobs": jobs, "datasets": files}
 
     def list_workflows(self, query):
-        where, args = [], []
-        for key in ("state", "dag"):
-            if query.get(key):
-                where.append(f"{key}=?")
-                args.append(query[key])
-        limit, offset, page = page_window(query)
-        rows = self.store.read("SELECT * FROM workflows" + (" WHERE " + " AND ".join(where) if where else "") +
-                               " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
-        return {"workflows": [dict(r) for r in rows[:limit]], "page": page, "limit": limit,
-                "more": len(rows) > limit, "filters": {k: query[k] for k in ("state", "dag") if query.get(k)}}
+        rows, paging = page_of(self.store, "workflows", query, ("state", "dag"))
+        return {"workflows": rows, **paging}
 
     def delete_workflow(self, wfuuid, who):
         def remove(conn):
@@ -1022,17 +1014,8 @@ class WorkflowOps:
         return result
 
     def list_datasets(self, query):
-        where, args = [], []
-        for key in ("state", "origin", "wfuuid", "datatype"):
-            if query.get(key):
-                where.append(f"{key}=?")
-                args.append(query[key])
-        limit, offset, page = page_window(query)
-        rows = self.store.read("SELECT * FROM datasets" + (" WHERE " + " AND ".join(where) if where else "") +
-                               " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
-        return {"datasets": [dict(r) for r in rows[:limit]], "page": page, "limit": limit,
-                "more": len(rows) > limit,
-                "filters": {k: query[k] for k in ("state", "origin", "wfuuid", "datatype") if query.get(k)}}
+        rows, paging = page_of(self.store, "datasets", query, ("state", "origin", "wfuuid", "datatype"))
+        return {"datasets": rows, **paging}
 
     def list_datatypes(self):
         return {"datatypes": [dict(r) for r in self.store.read("SELECT name, ext FROM datatypes ORDER BY name")]}
@@ -1487,6 +1470,17 @@ def page_window(query):
     return limit, (page - 1) * limit, page
 
 
+def page_of(store, table, query, filters, columns="*"):
+    """One page of `table`, newest first, filtered by equality on the query's `filters` keys."""
+    where = [f"{key}=?" for key in filters if query.get(key)]
+    args = [query[key] for key in filters if query.get(key)]
+    limit, offset, page = page_window(query)
+    rows = store.read(f"SELECT {columns} FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") +
+                      " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
+    return [dict(r) for r in rows[:limit]], {"page": page, "limit": limit, "more": len(rows) > limit,
+                                             "filters": {k: query[k] for k in filters if query.get(k)}}
+
+
 def median(values):
     ordered = sorted(values)
     if not ordered:
@@ -1644,18 +1638,9 @@ class Views:
 
     # -- pilots ---------------------------------------------------------------------------------
     def pilots(self, query):
-        where, args = [], []
-        for key in ("state", "site", "host"):
-            if query.get(key):
-                where.append(f"{key}=?")
-                args.append(query[key])
-        limit, offset, page = page_window(query)
-        rows = self.store.read("SELECT * FROM pilots" + (" WHERE " + " AND ".join(where) if where else "") +
-                               " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
+        rows, paging = page_of(self.store, "pilots", query, ("state", "site", "host"))
         t = now()
-        pilots = [dict(pilot_to_dict(r), beat_age=t - r["ts_beat"]) for r in rows]
-        return {"pilots": pilots[:limit], "page": page, "limit": limit, "more": len(pilots) > limit,
-                "filters": {k: query[k] for k in ("state", "site", "host") if query.get(k)}}
+        return {"pilots": [dict(pilot_to_dict(r), beat_age=t - r["ts_beat"]) for r in rows], **paging}
 
     def pilot(self, uuid, query):
         row = self.store.read_one("SELECT * FROM pilots WHERE uuid=?", (uuid,))

@@ -12,6 +12,7 @@ seconds; everything else fails at once. Every failure raises P3SError with a rea
 """
 import json
 import os
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +22,24 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_TOKEN_FILE = os.path.join(HERE, "p3s.token")
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+
+
+class InputError(Exception):
+    """Bad input a tool found before sending anything: exit 2."""
+
+
+def run_cli(tool, action):
+    """Run a tool's action with the exit-code convention of every p3s client: 0 success,
+    2 bad input or a request the server refused, 1 server or network failure; one line on
+    stderr says what went wrong."""
+    try:
+        return action()
+    except InputError as e:
+        print(f"{tool}: {e}", file=sys.stderr)
+        return 2
+    except P3SError as e:
+        print(f"{tool}: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 class P3SError(Exception):

@@ -21,8 +21,7 @@ import json
 import os
 import sys
 
-from job import InputError
-from serverAPI import Client, P3SError
+from serverAPI import Client, InputError, P3SError, run_cli
 
 
 def parse_args(argv):
@@ -138,18 +137,14 @@ ACTIONS = (("graphml", register_dag), ("add", add_workflow), ("modify", modify),
 
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        client = Client(args.server)
-        action = next(fn for attr, fn in ACTIONS if getattr(args, attr))
-        result, text = action(client, args)
+    action = next(fn for attr, fn in ACTIONS if getattr(args, attr))
+
+    def act():
+        result, text = action(Client(args.server), args)
         print(json.dumps(result, indent=2) if args.json_out else text)
         return 0
-    except InputError as e:
-        print(f"workflow.py: {e}", file=sys.stderr)
-        return 2
-    except P3SError as e:
-        print(f"workflow.py: {e}", file=sys.stderr)
-        return e.exit_code
+
+    return run_cli("workflow.py", act)
 
 
 if __name__ == "__main__":
