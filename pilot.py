@@ -28,6 +28,7 @@ from serverAPI import Client, P3SError, run_cli
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
 TAIL_BYTES = 64 * 1024
+LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
 PR_SET_PDEATHSIG = 1
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
@@ -60,6 +61,16 @@ def parse_args(argv):
     p.add_argument("--site-env", action="append", default=[], metavar="NAME=VALUE",
                    help="with --define-site: environment given to every job at the site (repeatable)")
     p.add_argument("--sites", action="store_true", help="list the sites defined on the server, and exit")
+    p.add_argument("-k", "--kill", action="store_true",
+                   help="mark pilots chosen by -u, -s, -H and/or -A to stop (kill the job, report, exit) "
+                   "at their next heartbeat, and exit")
+    p.add_argument("--drain", action="store_true", help="with -k: finish the current job, then exit")
+    p.add_argument("-u", "--uuid", help="with -k: this pilot")
+    p.add_argument("-H", "--host", help="with -k: pilots on this host")
+    p.add_argument("-A", "--pilot-state", metavar="STATE", help="with -k: pilots in this state (e.g. 'no jobs')")
+    p.add_argument("--fleet-check", metavar="FILE",
+                   help="compare the server's live pilots with preport.sh -v output in FILE ('-' = stdin); "
+                   "exit 1 if they differ")
     p.add_argument("-v", "--verbose", action="store_true", help="log every step")
     args = p.parse_args(argv)
     for name in ("cycles", "period", "heartbeat"):
@@ -68,6 +79,10 @@ def parse_args(argv):
             p.error(f"--{name}: must not be negative" if name != "heartbeat" else "--heartbeat: at least 0.1")
     if args.define_site and not args.site:
         p.error("--define-site needs -s SITE")
+    if args.kill and not (args.uuid or args.site or args.host or args.pilot_state):
+        p.error("-k needs -u UUID, -s SITE, -H HOST and/or -A STATE")
+    if args.drain and not args.kill:
+        p.error("--drain goes with -k")
     for item in args.site_env:
         if "=" not in item:
             p.error(f"--site-env {item!r}: expected NAME=VALUE")
@@ -150,7 +165,7 @@ class Pilot:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self):
-        info = {"host": socket.gethostname(), "pid": os.getpid(), "site": self.args.site,
+        info = {"host": node_name(), "pid": os.getpid(), "site": self.args.site,
                 "jobtypes": self.args.jobtype, "extra": self.args.extra}
         if self.args.heartbeat is not None:
             info["heartbeat"] = self.args.heartbeat
@@ -210,7 +225,10 @@ class Pilot:
         try:
             if self.exit_reason is not None:
                 return None
-            return self.client.request_job(self.uuid, wait)
+            answer = self.client.request_job(self.uuid, wait)
+            if answer["directive"]:
+                self.obey(answer["directive"], f"{answer['directive']} requested by the server", None)
+            return answer["job"]
         except Interrupted:
             return None
         except P3SError as e:
@@ -340,6 +358,55 @@ class Pilot:
             raise Interrupted()
 
 
+def node_name():
+    """This node's name as pgen.sh/preport.sh see it: $P3S_NODE, else the host name."""
+    return os.environ.get("P3S_NODE") or socket.gethostname().split(".")[0]
+
+
+def mark_pilots(client, args):
+    selectors = {"uuid": args.uuid, "site": args.site or None, "host": args.host, "state": args.pilot_state}
+    marked = client.mark_pilots("drain" if args.drain else "stop",
+                                **{k: v for k, v in selectors.items() if v is not None})
+    print(f"{'drain' if args.drain else 'stop'}: {len(marked)} pilot(s) marked")
+    for uuid in marked:
+        print(uuid)
+    return 0
+
+
+def read_preport(lines):
+    """preport.sh -v output (pdsh prefixes allowed) -> (hosts checked, [(host, pid, uuid)])."""
+    hosts, pilots = set(), []
+    for line in lines:
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        if "host" not in fields:
+            continue
+        hosts.add(fields["host"])
+        if "pid" in fields:
+            pilots.append((fields["host"], fields["pid"], fields.get("uuid", "-")))
+    return hosts, pilots
+
+
+def fleet_check(client, args):
+    """Compare the server's live pilots with what preport.sh -v found on the nodes."""
+    source = sys.stdin if args.fleet_check == "-" else open(args.fleet_check)
+    with source:
+        hosts, found = read_preport(source)
+    live = [p for p in client.list_pilots(limit=10000) if p["state"] in LIVE_STATES and p["host"] in hosts]
+    on_nodes = {uuid for _, _, uuid in found}
+    gone = [p for p in live if p["uuid"] not in on_nodes]
+    known = {p["uuid"] for p in live}
+    strangers = [f for f in found if f[2] not in known]
+    print(f"checked {len(hosts)} node(s): {len(found)} pilot process(es), {len(live)} live on the server")
+    for p in gone:
+        print(f"GONE     {p['host']} {p['uuid']} pid {p['pid']}: the server thinks it is {p['state']}, "
+              "no such process on its node")
+    for host, pid, uuid in strangers:
+        print(f"UNKNOWN  {host} {uuid} pid {pid}: running, but not a live pilot on the server")
+    if not gone and not strangers:
+        print("OK: the server and the nodes agree")
+    return 1 if gone or strangers else 0
+
+
 def define_site(client, args):
     env = dict(item.split("=", 1) for item in args.site_env)
     site = client.define_site(args.site, period=args.period, cycles=args.cycles,
@@ -373,6 +440,10 @@ def main(argv=None):
 
 
 def act(args, client):
+    if args.kill:
+        return mark_pilots(client, args)
+    if args.fleet_check:
+        return fleet_check(client, args)
     if args.define_site:
         return define_site(client, args)
     if args.sites:

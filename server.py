@@ -1197,6 +1197,8 @@ class Service(WorkflowOps):
         """Hand the pilot its job: the one already dispatched to it (an answer it never got),
         else the best eligible defined job. One transaction; None if there is nothing."""
         pilot = self._pilot(conn, pilot_uuid)
+        if pilot["directive"] in ("stop", "drain"):     # told to go: it gets no more work
+            return None
         t = now()
         job = conn.execute("SELECT * FROM jobs WHERE pilot=? AND state='dispatched'",
                            (pilot_uuid,)).fetchone()
@@ -1230,16 +1232,17 @@ class Service(WorkflowOps):
             job = self.store.write(self.claim, pilot_uuid)
             if job is not None:
                 self.count_claim(job)
-                return {"job": job}
+                return {"job": job, "directive": None}
+            directive = self.store.read_one("SELECT directive FROM pilots WHERE uuid=?", (pilot_uuid,))[0]
+            if directive or self.stopping.is_set():
+                return {"job": None, "directive": directive}
             with self.work:
                 while self.generation == generation and not self.stopping.is_set():
                     left = deadline - now()
                     if left <= 0:
                         self.counters["empty_polls"] += 1
-                        return {"job": None}
+                        return {"job": None, "directive": None}
                     self.work.wait(left)
-            if self.stopping.is_set():
-                return {"job": None}
 
     def count_claim(self, job):
         waited = max(0.0, job["ts_dis"] - job["ts_def"])
@@ -1351,6 +1354,31 @@ class Service(WorkflowOps):
         if self.store.write(stop):
             self.notify_work()
         return {"state": "stopped"}
+
+    def mark_pilots(self, body, who):
+        """Tell the selected live pilots to stop (kill the job, exit) or drain (finish it, exit);
+        they act at their next heartbeat or job request."""
+        check_keys(body, "mark", ("directive", "uuid", "site", "host", "state"))
+        directive = as_choice(body.get("directive"), "directive", ("stop", "drain"))
+        selectors = {k: as_str(body[k], k, allow_empty=False, max_len=256)
+                     for k in ("uuid", "site", "host", "state") if body.get(k) is not None}
+        if not selectors:
+            raise bad("mark: give at least one of uuid, site, host, state")
+        if "state" in selectors:
+            as_choice(selectors["state"], "state", LIVE_PILOT_STATES)
+        marks = ",".join("?" * len(LIVE_PILOT_STATES))
+        cond = " AND ".join(f"{k}=?" for k in selectors)
+
+        def mark(conn):
+            rows = conn.execute(f"UPDATE pilots SET directive=? WHERE state IN ({marks}) AND {cond} RETURNING uuid",
+                                (directive, *LIVE_PILOT_STATES, *selectors.values())).fetchall()
+            for r in rows:
+                event(conn, "pilot", r["uuid"], None, directive, who, info="directive")
+            return [r["uuid"] for r in rows]
+
+        marked = self.store.write(mark)
+        self.notify_work()      # idle pilots leave their long poll and see it
+        return {"marked": marked}
 
     def list_pilots(self, query):
         where, args = [], []
@@ -1719,6 +1747,7 @@ ROUTES = [(method, re.compile(f"^{path}$"), name, parts, write) for method, path
     ("POST", f"/api/jobs/{UUID}/report", "report", ("body",), True),
     ("POST", "/api/pilots", "register", ("body",), True),
     ("GET", "/api/pilots", "list_pilots", ("query",), False),
+    ("POST", "/api/pilots/directive", "mark_pilots", ("body", "who"), True),
     ("POST", f"/api/pilots/{UUID}/request", "request_job", ("body",), True),
     ("POST", f"/api/pilots/{UUID}/heartbeat", "heartbeat", ("body",), True),
     ("POST", f"/api/pilots/{UUID}/stop", "deregister", ("body",), True),

@@ -157,8 +157,11 @@ class Client:
         return self.call("POST", "/api/pilots", info, retry_for=retry_for)
 
     def request_job(self, pilot, wait):
-        return self.call("POST", f"/api/pilots/{pilot}/request", {"wait": wait},
-                         timeout=wait + self.timeout)["job"]
+        """{"job": a job or None, "directive": None, "stop" or "drain"}."""
+        return self.call("POST", f"/api/pilots/{pilot}/request", {"wait": wait}, timeout=wait + self.timeout)
+
+    def mark_pilots(self, directive, **selectors):
+        return self.call("POST", "/api/pilots/directive", {"directive": directive, **selectors})["marked"]
 
     def heartbeat(self, pilot, job=None, retry_for=None):
         return self.call("POST", f"/api/pilots/{pilot}/heartbeat", {"job": job}, retry_for=retry_for)

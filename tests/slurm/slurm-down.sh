@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Stop what slurm-up.sh started, by recorded PID only (never by name).
+BASE=${BASE:-/tmp/p3s-slurm}
+alive() { local s; s=$(ps -o stat= -p "$1" 2>/dev/null); [ -n "$s" ] && [ "${s:0:1}" != Z ]; }  # a zombie is gone
+stop() {  # TERM the PIDs in the given pidfiles, wait up to 10 s, then KILL
+  local pids=() f p i
+  for f in "$@"; do [ -f "$f" ] && pids+=("$(cat "$f")") && rm -f "$f"; done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  kill -TERM "${pids[@]}" 2>/dev/null
+  for i in $(seq 100); do
+    for p in "${pids[@]}"; do alive "$p" && { sleep 0.1; continue 2; }; done; return 0
+  done
+  kill -KILL "${pids[@]}" 2>/dev/null; return 0
+}
+stop "$BASE"/slurmd-*.pid "$BASE/slurmctld.pid"   # slurmd ignores TERM while munge is unreachable: KILL fallback
+stop "$BASE/munged.pid"
