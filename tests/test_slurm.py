@@ -1,0 +1,55 @@
+"""Pilots launched by a real (one-machine) Slurm as a job array drain a queue of jobs."""
+import os
+import shutil
+import subprocess
+import tempfile
+from collections import Counter
+
+import pytest
+
+from conftest import ROOT, shell_job, wait_until
+
+SLURM = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "squeue", "munged"))
+pytestmark = pytest.mark.skipif(not SLURM or os.geteuid() != 0,
+                                reason="needs root and slurmctld, slurmd, slurm-client and munge "
+                                       "(.ci/run installs them)")
+HERE = os.path.join(ROOT, "tests", "slurm")
+
+
+@pytest.fixture
+def slurm():
+    # munged wants o+x on every directory above its socket; pytest's tmp_path is 0700
+    base = tempfile.mkdtemp(prefix="p3s-slurm-")
+    os.chmod(base, 0o755)
+    env = dict(os.environ, BASE=base, NODES="0", NCPU="8")
+    up = subprocess.run([os.path.join(HERE, "slurm-up.sh")], capture_output=True, text=True, env=env, timeout=60)
+    if up.returncode != 0:
+        subprocess.run([os.path.join(HERE, "slurm-down.sh")], env=env, timeout=60)
+        pytest.fail(f"slurm did not start: {up.stderr}")
+    env["SLURM_CONF"] = os.path.join(base, "slurm.conf")
+    yield env
+    subprocess.run(["scancel", "-u", "root"], env=env, timeout=30)
+    subprocess.run([os.path.join(HERE, "slurm-down.sh")], env=env, timeout=60)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def test_slurm_array_of_pilots_drains_the_queue(p3s, slurm, tmp_path):
+    ledger = tmp_path / "ledger"
+    uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 0.2')] * 40)
+    env = dict(slurm, **{k: v for k, v in p3s.env.items() if k.startswith("P3S_")},
+               P3S_HOME=ROOT, P3S_MAX_IDLE="4", P3S_PILOT_ARGS=f"-p 1 -b 1 -L {p3s.logs}")
+    submitted = subprocess.run(["sbatch", "--parsable", "--array=1-4", "-o", str(tmp_path / "pilot-%A_%a.out"),
+                                os.path.join(ROOT, "deploy", "slurm-pilots.sh")],
+                               capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
+    assert submitted.returncode == 0, submitted.stderr
+    array = submitted.stdout.strip().split(";")[0]
+    states = p3s.wait_jobs(uuids, timeout=180)
+    assert Counter(s["state"] for s in states.values()) == {"finished": 40}
+    runs = Counter(ledger.read_text().split())
+    assert set(runs) == set(uuids) and max(runs.values()) == 1
+    pilots = p3s.api.list_pilots()
+    assert sorted(p["extra"] for p in pilots) == [f"slurm:{array}_{i}" for i in range(1, 5)]
+    assert sum(p["jobs_done"] for p in pilots) == 40
+    wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True,
+                                          env=env).stdout.strip(), 60, 0.5, "the array to leave the queue")
+    assert {p["state"] for p in p3s.api.list_pilots()} == {"stopped"}, "pilots did not end cleanly"
