@@ -1054,15 +1054,19 @@ class Service(WorkflowOps):
 
     @staticmethod
     def insert_jobs(conn, rows, who=""):
-        """Store validated jobs; a uuid already known (a retried submission) is stored once."""
+        """Store validated jobs; a uuid already known (a retried submission) is stored once.
+        A defined `noop` job needs no pilot: it is stored finished."""
         for r in rows:
+            if r["jobtype"] == "noop" and r["state"] == "defined":
+                r = dict(r, state="finished")
             cur = conn.execute(
                 "INSERT INTO jobs(uuid,name,user,jobtype,payload,params,env,priority,timelimit,"
-                "site,state,max_attempts,infile,ts_def) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+                "site,state,max_attempts,infile,exit_code,ts_def,ts_sto) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
                 "ON CONFLICT(uuid) DO NOTHING",
                 (r["uuid"], r["name"], r["user"], r["jobtype"], r["payload"], r["params"],
                  r["env"], r["priority"], r["timelimit"], r["site"], r["state"],
-                 r["max_attempts"], r["infile"], now()))
+                 r["max_attempts"], r["infile"], 0 if r["state"] == "finished" else None, now(),
+                 now() if r["state"] == "finished" else None))
             if cur.rowcount:
                 event(conn, "job", r["uuid"], None, r["state"], r["user"] or who, 1)
         return [r["uuid"] for r in rows]

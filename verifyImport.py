@@ -15,7 +15,7 @@ MIN_SQLITE = (3, 35, 0)     # UPDATE ... RETURNING, used by the brokerage
 MODULES = ("argparse", "ctypes", "getpass", "hmac", "html", "http.server", "ipaddress", "json",
            "logging", "queue", "re", "secrets", "shlex", "signal", "socket", "sqlite3",
            "subprocess", "threading", "urllib.request", "uuid", "xml.etree.ElementTree")
-OWN_MODULES = ("serverAPI", "server", "job", "pilot")
+OWN_MODULES = ("serverAPI", "server", "job", "pilot", "workflow", "injector")
 
 
 class CheckFailed(Exception):

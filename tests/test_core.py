@@ -193,3 +193,9 @@ def test_readme_setup_command_verbatim_in_a_fresh_copy(tmp_path):
     assert result.returncode == 0, result.stderr
     assert re.search(r"finished\s+default\s+1\s+0\s+hello p3s", result.stdout), result.stdout
     assert (tmp_path / "p3s.db").exists() and (tmp_path / "p3s.token").exists()
+
+
+def test_a_noop_job_finishes_without_a_pilot(p3s):
+    [uuid] = p3s.submit([{"payload": "noop", "jobtype": "noop"}])
+    job = p3s.job(uuid)
+    assert job["state"] == "finished" and job["exit_code"] == 0 and job["pilot"] is None
