@@ -31,6 +31,7 @@ TAIL_BYTES = 64 * 1024
 LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
 PR_SET_PDEATHSIG = 1
+RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, forever
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
 log = logging.getLogger("p3s.pilot")
 
@@ -141,6 +142,7 @@ class Execution:
         self.job, self.proc = job, proc
         self.out_path, self.err_path = out_path, err_path
         self.stop_reason = None     # (state, errmsg) once someone decided to end it
+        self.started = time.monotonic()     # the time limit counts from here
 
     def stop(self, state, errmsg, grace):
         if self.stop_reason is None:
@@ -263,11 +265,7 @@ class Pilot:
             self.current = execution
         if self.exit_reason is not None:    # a signal arrived while the job was being started
             execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
-        try:
-            self.send_report(job, {"state": "running", "pid": execution.proc.pid,
-                                   "stdout_path": out_path, "stderr_path": err_path}, once=True)
-        except P3SError as e:       # cancelled or taken away meanwhile: do not run it
-            execution.stop("cancelled", str(e), self.args.kill_grace)
+        self.report_running(execution)
         state, exit_code, errmsg = self.wait(execution)
         with self.lock:
             self.current = None
@@ -276,6 +274,21 @@ class Pilot:
             return
         self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                                "stdout": tail(out_path), "stderr": tail(err_path)})
+
+    def report_running(self, execution):
+        """Best effort: the payload is supervised whether or not this arrives (the server takes
+        an end report for a job it still has as dispatched). A refusal means the job was
+        cancelled or given away meanwhile: stop the payload."""
+        report = {"state": "running", "pid": execution.proc.pid, "pilot": self.uuid,
+                  "attempt": execution.job["attempt"], "stdout_path": execution.out_path,
+                  "stderr_path": execution.err_path}
+        try:
+            self.client.report(execution.job["uuid"], report, retry_for=RUNNING_REPORT_RETRY)
+        except P3SError as e:
+            if e.bad_input:
+                execution.stop("cancelled", str(e), self.args.kill_grace)
+            else:
+                log.warning("job %s: running report not delivered: %s", execution.job["uuid"], e)
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job)
@@ -293,7 +306,7 @@ class Pilot:
         """Wait for the payload, enforcing the time limit; (state, exit code, message)."""
         limit = execution.job["timelimit"] or None
         try:
-            code = execution.proc.wait(timeout=limit)
+            code = execution.proc.wait(timeout=limit and max(0.0, execution.started + limit - time.monotonic()))
         except subprocess.TimeoutExpired:
             execution.stop("timeout", f"killed at its time limit of {limit} s", self.args.kill_grace)
             code = execution.proc.wait()
@@ -305,15 +318,13 @@ class Pilot:
             return "finished", 0, ""
         return "failed", code, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
 
-    def send_report(self, job, report, once=False):
-        """Deliver a report; an end report is retried until the server accepts or refuses it."""
+    def send_report(self, job, report):
+        """Deliver an end report, retried until the server accepts or refuses it."""
         report.update(pilot=self.uuid, attempt=job["attempt"])
         while True:
             try:
                 return self.client.report(job["uuid"], report, retry_for=60)
             except P3SError as e:
-                if once and e.bad_input:
-                    raise
                 if e.bad_input:
                     log.warning("job %s: report refused: %s", job["uuid"], e)
                     return None

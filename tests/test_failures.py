@@ -124,3 +124,18 @@ def test_stale_report_is_refused_and_changes_nothing(p3s):
     assert len(again["events"]) == len(job["events"])
     repeated = {"pilot": job["pilot"], "attempt": 1, "state": "finished", "exit_code": 0}
     assert p3s.api.report(uuid, repeated)["duplicate"] is True     # a lost answer, retried
+
+
+def test_time_limit_holds_while_the_server_is_down(p3s):
+    pidfile = p3s.dir / "payload.pid"
+    [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60", timeout=2)])
+    p3s.pilot("-p", "1", "-b", "0.5", "--kill-grace", "1")
+    wait_until(pidfile.exists, 15, what="the payload to start")
+    p3s.kill9()                                   # maybe before the running report, maybe after
+    started = time.monotonic()
+    payload = int(pidfile.read_text())
+    wait_until(lambda: not alive(payload), 10, what="the payload to be killed at its time limit")
+    assert time.monotonic() - started < 6
+    p3s.start()
+    p3s.wait_jobs([uuid], timeout=60)
+    assert p3s.job(uuid)["state"] == "timeout"
