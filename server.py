@@ -1042,6 +1042,7 @@ class Service(WorkflowOps):
         self.generation = 0
         self.stopping = threading.Event()
         self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0}
+        self.counters_lock = threading.Lock()   # request threads count concurrently
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)    # claim latency histogram, last = +Inf
         self.latency_sum = 0.0
 
@@ -1244,15 +1245,21 @@ class Service(WorkflowOps):
                 while self.generation == generation and not self.stopping.is_set():
                     left = deadline - now()
                     if left <= 0:
-                        self.counters["empty_polls"] += 1
+                        self.count("empty_polls")
                         return {"job": None, "directive": None}
                     self.work.wait(left)
 
+    def count(self, name):
+        with self.counters_lock:
+            self.counters[name] += 1
+
     def count_claim(self, job):
         waited = max(0.0, job["ts_dis"] - job["ts_def"])
-        self.counters["claims"] += 1
-        self.latency_sum += waited
-        self.latency[next((i for i, le in enumerate(LATENCY_BUCKETS) if waited <= le), len(LATENCY_BUCKETS))] += 1
+        with self.counters_lock:
+            self.counters["claims"] += 1
+            self.latency_sum += waited
+            self.latency[next((i for i, le in enumerate(LATENCY_BUCKETS) if waited <= le),
+                              len(LATENCY_BUCKETS))] += 1
 
     def latency_histogram(self):
         cumulative, buckets = 0, []
@@ -1314,9 +1321,9 @@ class Service(WorkflowOps):
             result = self.store.write(apply)
         except ApiError as e:
             if e.status == 409:
-                self.counters["stale_reports"] += 1
+                self.count("stale_reports")
             raise
-        self.counters["reports"] += 1
+        self.count("reports")
         if result.pop("released", 0):
             self.notify_work()
         return result
