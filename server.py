@@ -42,6 +42,7 @@ TAIL_BYTES = 64 * 1024              # stdout/stderr tails kept per job
 DEFAULT_HEARTBEAT = 10.0           # seconds, when neither the pilot nor its site says
 LOST_AFTER_BEATS = 3                # a pilot silent for this many heartbeat periods is lost
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)   # claim latency histogram, s
+PURGE_BATCH = 1000                  # rows of each kind one retention pass may delete
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 
@@ -1033,9 +1034,10 @@ class WorkflowOps:
 # Service: the operations behind the API, each one transaction.
 # ----------------------------------------------------------------------------------------------
 class Service(WorkflowOps):
-    def __init__(self, store, hk_period=2.0):
+    def __init__(self, store, hk_period=2.0, retention_days=0):
         self.store = store
         self.hk_period = hk_period
+        self.retention_days = retention_days
         self.started = now()
         self.last_tidy = self.started
         self.work = threading.Condition()   # notified when a job may have become claimable
@@ -1441,6 +1443,10 @@ class Service(WorkflowOps):
         released = self.store.write(self._mark_lost_pilots, t) + self.store.write(self._time_out_jobs, t)
         if released:
             self.notify_work()
+        if self.retention_days:
+            purged = self.store.write(self.purge, t - self.retention_days * 86400)
+            if purged:
+                log.info("retention: purged %d ended object(s) older than %g days", purged, self.retention_days)
         if t - self.last_tidy > TIDY_PERIOD:
             self.last_tidy = t
             self.store.write(lambda conn: conn.execute("DELETE FROM job_ends WHERE bucket < ?",
@@ -1465,6 +1471,29 @@ class Service(WorkflowOps):
                                "AND ts_sta + timelimit + ? < ?", (TIMELIMIT_GRACE, t)).fetchall()
         return sum(requeue_or_end(conn, dict(job), "timeout", "housekeeping", "no report after the time limit")[1]
                    for job in overdue)
+
+    def purge(self, conn, cutoff):
+        """Delete, at most PURGE_BATCH of each per pass, what ended before `cutoff`: standalone
+        jobs, workflows with their jobs and files, stopped or lost pilots; and their history."""
+        gone = []
+        for state in END_JOB_STATES:
+            gone += [r[0] for r in conn.execute(
+                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state=? AND ts_sto < ? AND wfuuid IS NULL "
+                "LIMIT ?) RETURNING uuid", (state, cutoff, PURGE_BATCH))]
+        for wf in conn.execute("SELECT uuid FROM workflows WHERE state IN ('finished','failed','cancelled') "
+                               "AND ts_sto < ? LIMIT ?", (cutoff, PURGE_BATCH)).fetchall():
+            gone += [r[0] for r in conn.execute("DELETE FROM jobs WHERE wfuuid=? RETURNING uuid", (wf[0],))]
+            conn.execute("DELETE FROM datasets WHERE wfuuid=?", (wf[0],))
+            conn.execute("DELETE FROM workflows WHERE uuid=?", (wf[0],))
+            gone.append(wf[0])
+        for state in ("stopped", "lost"):
+            gone += [r[0] for r in conn.execute(
+                "DELETE FROM pilots WHERE id IN (SELECT id FROM pilots WHERE state=? AND ts_beat < ? LIMIT ?) "
+                "RETURNING uuid", (state, cutoff, PURGE_BATCH))]
+        for start in range(0, len(gone), 500):
+            chunk = gone[start:start + 500]
+            conn.execute(f"DELETE FROM events WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
+        return len(gone)
 
     def housekeeping_loop(self):
         while not self.stopping.wait(self.hk_period):
@@ -2293,6 +2322,8 @@ def parse_args(argv):
     p.add_argument("--files-root", action="append", metavar="DIR",
                    help="directory whose files (job logs, outputs) the pages may show; repeatable "
                    "(default: logs/ beside server.py, where pilots write job logs by default)")
+    p.add_argument("--retention-days", type=float, default=0, metavar="DAYS",
+                   help="purge jobs, workflows and pilots that ended more than DAYS ago (default 0 = keep all)")
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES",
                    help=f"largest request body accepted (default {MAX_BODY})")
     return p.parse_args(argv)
@@ -2311,7 +2342,7 @@ def main(argv=None):
     except SystemExit as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
-    service = Service(store, args.housekeeping)
+    service = Service(store, args.housekeeping, args.retention_days)
     try:
         httpd = P3SServer((args.host, args.port), service, Views(service, args.files_root or [DEFAULT_FILES_ROOT]),
                           token, args.max_body)
