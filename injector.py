@@ -40,14 +40,16 @@ def parse_args(argv):
                    help="a file is new once its size and mtime are unchanged this long (default 5)")
     p.add_argument("--min-size", type=int, default=0, metavar="BYTES", help="ignore smaller files")
     p.add_argument("--prefix", default="", help="only names starting with this")
+    p.add_argument("--min-age", type=float, default=0, metavar="SECONDS",
+                   help="ignore files modified less than this long ago (default 0)")
     p.add_argument("--max-age", type=float, default=0, metavar="SECONDS",
                    help="ignore files modified longer ago than this (0 = no limit)")
     p.add_argument("--datatype", default="", help="datatype recorded with each file (e.g. ROOT)")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every scan")
     args = p.parse_args(argv)
-    if args.period < 0 or args.cycles < 0 or args.settle < 0:
-        p.error("--period, --cycles and --settle must not be negative")
+    if min(args.period, args.cycles, args.settle, args.min_age, args.max_age, args.min_size) < 0:
+        p.error("--period, --cycles, --settle, --min-age, --max-age and --min-size must not be negative")
     if not os.path.isdir(args.dir):
         p.error(f"-d {args.dir}: not a directory")
     return args
@@ -70,7 +72,8 @@ class Watcher:
             if not fnmatch.fnmatch(entry.name, a.glob) or not entry.name.startswith(a.prefix):
                 continue
             st = entry.stat()
-            if st.st_size < a.min_size or (a.max_age and wall - st.st_mtime > a.max_age):
+            age = wall - st.st_mtime
+            if st.st_size < a.min_size or age < a.min_age or (a.max_age and age > a.max_age):
                 continue
             yield entry.name, st
 

@@ -217,6 +217,12 @@ class Client:
         return self.call("GET", "/api/datasets",
                          query={k: v for k, v in filters.items() if v is not None})["datasets"]
 
+    def define_datatype(self, name, ext):
+        return self.call("PUT", f"/api/datatypes/{quote(name, safe='')}", {"ext": ext})
+
+    def list_datatypes(self):
+        return self.call("GET", "/api/datatypes")["datatypes"]
+
     def health(self):
         return self.call("GET", "/api/health")
 

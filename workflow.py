@@ -33,6 +33,9 @@ def parse_args(argv):
                    "(-w workflow -u UUID) with its jobs and files")
     p.add_argument("-G", "--get", metavar="NAME", help="print DAG NAME as GraphML")
     p.add_argument("--list", action="store_true", help="list DAGs and recent workflows")
+    p.add_argument("--datatype", metavar="NAME:EXT", help="define a datatype and the extension of its "
+                   "generated file names, e.g. ROOT:.root")
+    p.add_argument("--datatypes", action="store_true", help="list the datatypes")
     p.add_argument("--show", metavar="UUID|NAME", help="show a workflow (by uuid) or a DAG (by name)")
     p.add_argument("-n", "--name", help="name of the DAG (-g, -d) or of the workflow (-a)")
     p.add_argument("-D", "--description", default="", help="with -g or -a: a description")
@@ -46,9 +49,12 @@ def parse_args(argv):
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     p.add_argument("-v", "--verbose", action="store_true", help="say more")
     args = p.parse_args(argv)
-    actions = [args.graphml, args.add, args.modify, args.delete, args.get, args.list, args.show]
+    actions = [args.graphml, args.add, args.modify, args.delete, args.get, args.list, args.show,
+               args.datatype, args.datatypes]
     if sum(bool(a) for a in actions) != 1:
-        p.error("give exactly one of -g FILE, -a DAG, -m, -d, -G NAME, --list, --show")
+        p.error("give exactly one of -g FILE, -a DAG, -m, -d, -G NAME, --list, --show, --datatype, --datatypes")
+    if args.datatype and ":" not in args.datatype:
+        p.error(f"--datatype {args.datatype!r}: expected NAME:EXT, e.g. ROOT:.root")
     if args.modify and not (args.uuid and args.state):
         p.error("-m needs -u UUID and -s STATE")
     if args.delete and not (args.what == "dag" and args.name or args.what == "workflow" and args.uuid):
@@ -131,7 +137,18 @@ def show(client, args):
     return wf, "\n".join(lines)
 
 
-ACTIONS = (("graphml", register_dag), ("add", add_workflow), ("modify", modify), ("delete", delete),
+def define_datatype(client, args):
+    name, ext = args.datatype.split(":", 1)
+    result = client.define_datatype(name, ext)
+    return result, f"datatype {result['name']}: {result['ext']}"
+
+
+def list_datatypes(client, args):
+    types = client.list_datatypes()
+    return {"datatypes": types}, "\n".join(f"{t['name']}  {t['ext']}" for t in types)
+
+
+ACTIONS = (("datatype", define_datatype), ("datatypes", list_datatypes), ("graphml", register_dag), ("add", add_workflow), ("modify", modify), ("delete", delete),
            ("get", get_graphml), ("list", list_all), ("show", show))
 
 

@@ -98,10 +98,14 @@ def test_filters_and_bad_input(p3s):
     old = incoming / "raw_old.txt"
     old.write_text("x" * 100)
     os.utime(old, (time.time() - 7200, time.time() - 7200))
+    os.utime(incoming / "raw_big.txt", (time.time() - 60, time.time() - 60))
     job_file = p3s.dir / "job.json"
     job_file.write_text(json.dumps(shell_job("true")))
+    fresh = incoming / "raw_fresh.txt"
+    fresh.write_text("x" * 100)
+    os.utime(fresh, (time.time() + 600, time.time() + 600))     # "modified" in the future: too young
     result = injector(p3s, "-d", incoming, "-j", job_file, "--settle", "0", "-c", "1", "--min-size", "10",
-                      "--prefix", "raw", "--max-age", "3600")
+                      "--prefix", "raw", "--max-age", "3600", "--min-age", "1")
     assert result.returncode == 0, result.stderr
     assert [line.split()[0] for line in result.stdout.splitlines()] == [str(incoming / "raw_big.txt")]
     bad = injector(p3s, "-d", p3s.dir / "nowhere", "-j", job_file)

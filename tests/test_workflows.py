@@ -187,6 +187,11 @@ def test_file_name_policies(p3s):
         return [os.path.join(d["dirpath"], d["name"]) for d in wf["datasets"]]
 
     assert files("-f", "sticky") == ["/tmp/in.txt", "/tmp/out.txt"]
+    assert p3s.run("workflow.py", "--datatype", "TXT:.text").returncode == 0
+    assert "TXT  .text" in p3s.run("workflow.py", "--datatypes").stdout
+    assert files()[0].endswith(".text"), "the datatype's extension was not used"
+    assert p3s.run("workflow.py", "--datatype", "TXT:.txt").returncode == 0
+    assert p3s.run("workflow.py", "--datatype", "TXT").returncode == 2
     generated = files()
     assert all(re.fullmatch(r"/tmp/[0-9a-f-]{36}\.txt", f) for f in generated) and generated[0] != generated[1]
     assert files("-f", "inherit:/data/run7.txt") == ["/data/run7.txt", "/tmp/run7_OUT.txt"]
@@ -197,7 +202,7 @@ def test_file_name_policies(p3s):
     assert bad.returncode == 2 and "'nope' is not a vertex" in bad.stderr
     bad = p3s.run("workflow.py", "-a", "chain", "-j", '{"a": {"priority": "high"}}')
     assert bad.returncode == 2 and "jobinfo.a.priority: must be an integer" in bad.stderr
-    assert len(p3s.api.list_workflows()) == 4, "a refused workflow was stored"
+    assert len(p3s.api.list_workflows()) == 5, "a refused workflow was stored"
 
 
 def test_cancel_delete_and_workflow_page(p3s):
