@@ -1854,7 +1854,7 @@ def table(headers, rows):
     """headers: safe HTML strings; rows: lists of safe HTML cells (escape before passing)."""
     head = "".join(f"<th>{h}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table><tr>{head}</tr>{body}</table>" if body else "<p><i>none</i></p>"
 
 
 def page(title, body, query):
@@ -2076,8 +2076,9 @@ def render_workflow(d, query):
     files = table(["file", "datatag", "type", "state"],
                   [[esc(os.path.join(f["dirpath"], f["name"])), esc(f["datatag"]), esc(f["datatype"]),
                     esc(f["state"])] for f in d["datasets"]])
-    body = (f"<p>{state_cell(d['state'])} · DAG {esc(d['dag'])} · {esc(d['description'])} · "
-            f"{link('/jobs?workflow=' + d['uuid'], 'its jobs')}</p>{dag_svg(d['jobs'], d['datasets'])}"
+    about = [state_cell(d["state"]), f"DAG {esc(d['dag'])}"] + ([esc(d["description"])] if d["description"] else [])
+    body = (f"<p>{' · '.join(about + [link('/jobs?workflow=' + d['uuid'], 'its jobs')])}</p>"
+            f"{dag_svg(d['jobs'], d['datasets'])}"
             f"<h2>Jobs</h2>{jobs}<h2>Files</h2>{files}")
     return page(f"Workflow {d['name']}", body, query)
 
