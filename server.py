@@ -811,8 +811,10 @@ class WorkflowOps:
         self.store.write(insert)
         return self.get_dag(name)
 
-    def dag_parts(self, conn_or_store, name):
-        read = conn_or_store.execute if hasattr(conn_or_store, "execute") else conn_or_store.read
+    @staticmethod
+    def dag_parts(read, name):
+        """(dag row, vertices, edges) through `read(sql, args)`: a transaction's conn.execute,
+        or the store's read outside one."""
         dag = list(read("SELECT * FROM dags WHERE name=?", (name,)))
         if not dag:
             raise ApiError(404, f"dag {name!r}: no such DAG")
@@ -823,11 +825,11 @@ class WorkflowOps:
         return dict(dag[0]), vertices, edges
 
     def get_dag(self, name):
-        dag, vertices, edges = self.dag_parts(self.store, name)
+        dag, vertices, edges = self.dag_parts(self.store.read, name)
         return {**dag, "vertices": vertices, "edges": edges}
 
     def dag_graphml(self, name):
-        _, vertices, edges = self.dag_parts(self.store, name)
+        _, vertices, edges = self.dag_parts(self.store.read, name)
         return {"name": name, "graphml": to_graphml(vertices, edges)}
 
     def list_dags(self):
@@ -837,7 +839,7 @@ class WorkflowOps:
 
     def delete_dag(self, name):
         def remove(conn):
-            self.dag_parts(conn, name)
+            self.dag_parts(conn.execute, name)
             live = conn.execute("SELECT COUNT(*) FROM workflows WHERE dag=? AND state IN ('defined','running')",
                                 (name,)).fetchone()[0]
             if live:
@@ -858,7 +860,7 @@ class WorkflowOps:
         wf_name = as_str(body.get("name") or dag_name, "name", max_len=256)
 
         def create(conn):
-            _, vertices, edges = self.dag_parts(conn, dag_name)
+            _, vertices, edges = self.dag_parts(conn.execute, dag_name)
             return self.instantiate(conn, dag_name, wf_name, description, user, state, vertices, edges,
                                     validate_fileinfo(body.get("fileinfo"), edges),
                                     validate_jobinfo(body.get("jobinfo"), [v["name"] for v in vertices]))
@@ -1002,7 +1004,7 @@ class WorkflowOps:
                 self.insert_jobs(conn, jobs, user or who)
                 return {"registered": True, "path": path, "jobs": [j["uuid"] for j in jobs]}, len(jobs)
             dag_name = as_str(body["dag"], "dag", allow_empty=False)
-            _, vertices, edges = self.dag_parts(conn, dag_name)
+            _, vertices, edges = self.dag_parts(conn.execute, dag_name)
             wfuuid, released = self.instantiate(conn, dag_name, f"{dag_name}:{name}", f"injected {path}", user,
                                                 "defined", vertices, edges, f"inherit:{path}", {})
             conn.execute("UPDATE datasets SET wfuuid=? WHERE origin='injected' AND dirpath=? AND name=?",
@@ -1084,15 +1086,10 @@ class Service(WorkflowOps):
         return job
 
     def list_jobs(self, query):
-        where, args = [], []
-        for key in ("state", "jobtype", "site", "user", "wfuuid"):
-            if query.get(key):
-                where.append(f"{key}=?")
-                args.append(query[key])
+        where, args = where_equal(query, ("state", "jobtype", "site", "user", "wfuuid"))
         limit = min(as_int(query.get("limit", 100), "limit", 1), 10000)
         offset = as_int(query.get("offset", 0), "offset", 0)
-        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(where) if where else "")
-        rows = self.store.read(sql + " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit, offset])
+        rows = self.store.read(f"SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit, offset])
         return {"jobs": [job_to_dict(r, full=False) for r in rows]}
 
     def job_states(self, body):
@@ -1394,15 +1391,10 @@ class Service(WorkflowOps):
         return {"marked": marked}
 
     def list_pilots(self, query):
-        where, args = [], []
-        for key in ("state", "site", "host"):
-            if query.get(key):
-                where.append(f"{key}=?")
-                args.append(query[key])
+        where, args = where_equal(query, ("state", "site", "host"))
         limit = min(as_int(query.get("limit", 1000), "limit", 1), 10000)
-        sql = "SELECT * FROM pilots" + (" WHERE " + " AND ".join(where) if where else "")
-        return {"pilots": [pilot_to_dict(r) for r in self.store.read(sql + " ORDER BY id DESC LIMIT ?",
-                                                                     args + [limit])]}
+        rows = self.store.read(f"SELECT * FROM pilots{where} ORDER BY id DESC LIMIT ?", args + [limit])
+        return {"pilots": [pilot_to_dict(r) for r in rows]}
 
     # -- sites --------------------------------------------------------------------------------
     def site_defaults(self, name):
@@ -1529,6 +1521,21 @@ def parse_age(value, field="age"):
     return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
 
 
+def where_equal(query, filters, extra=()):
+    """(" WHERE a=? AND ...", args) for the query parameters in `filters` that are set; a filter
+    is a column name or a (parameter, column) pair. `extra` adds (condition, arg) pairs."""
+    conds, args = [], []
+    for f in filters:
+        param, column = f if isinstance(f, tuple) else (f, f)
+        if query.get(param):
+            conds.append(f"{column}=?")
+            args.append(query[param])
+    for cond, arg in extra:
+        conds.append(cond)
+        args.append(arg)
+    return (" WHERE " + " AND ".join(conds) if conds else ""), args
+
+
 def page_window(query):
     """(limit, offset, page) from ?limit=25..400&page=N."""
     limit = as_int(query.get("limit", PAGE_SIZES[0]), "limit")
@@ -1540,11 +1547,10 @@ def page_window(query):
 
 def page_of(store, table, query, filters, columns="*"):
     """One page of `table`, newest first, filtered by equality on the query's `filters` keys."""
-    where = [f"{key}=?" for key in filters if query.get(key)]
-    args = [query[key] for key in filters if query.get(key)]
+    where, args = where_equal(query, filters)
     limit, offset, page = page_window(query)
-    rows = store.read(f"SELECT {columns} FROM {table}" + (" WHERE " + " AND ".join(where) if where else "") +
-                      " ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])
+    rows = store.read(f"SELECT {columns} FROM {table}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                      args + [limit + 1, offset])
     return [dict(r) for r in rows[:limit]], {"page": page, "limit": limit, "more": len(rows) > limit,
                                              "filters": {k: query[k] for k in filters if query.get(k)}}
 
@@ -1608,22 +1614,15 @@ class Views:
 
     # -- jobs -----------------------------------------------------------------------------------
     def jobs(self, query):
-        where, args = [], []
-        for key, column in (("state", "state"), ("jobtype", "jobtype"), ("site", "site"),
-                            ("user", "user"), ("workflow", "wfuuid")):
-            if query.get(key):
-                where.append(f"{column}=?")
-                args.append(query[key])
-        if query.get("age"):
-            where.append("ts_def >= ?")
-            args.append(now() - parse_age(query["age"]))
+        since = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
+        where, args = where_equal(query, ("state", "jobtype", "site", "user", ("workflow", "wfuuid")), since)
         sort = as_choice(query.get("sort", "submitted"), "sort", tuple(JOB_SORTS))
         order = as_choice(query.get("order", "desc"), "order", ("asc", "desc"))
         limit, offset, page = page_window(query)
         column = JOB_SORTS[sort]
         sql = ("SELECT uuid, name, user, jobtype, state, priority, site, attempt, exit_code, host, "
-               "wfuuid, ts_def, ts_sta, ts_sto FROM jobs" + (" WHERE " + " AND ".join(where) if where else "") +
-               f" ORDER BY {column} {order}, id {order} LIMIT ? OFFSET ?")
+               f"wfuuid, ts_def, ts_sta, ts_sto FROM jobs{where} ORDER BY {column} {order}, id {order} "
+               "LIMIT ? OFFSET ?")
         rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
         return {"jobs": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit,
                 "total": self.cheap_total(query), "sort": sort, "order": order,
@@ -1634,13 +1633,8 @@ class Views:
         """The number of matching jobs when the counts table knows it, else None (no scan)."""
         if any(query.get(k) for k in ("site", "user", "workflow", "age")):
             return None
-        cond, args = [], []
-        for key in ("state", "jobtype"):
-            if query.get(key):
-                cond.append(f"{key}=?")
-                args.append(query[key])
-        return self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts" +
-                                   (" WHERE " + " AND ".join(cond) if cond else ""), args)[0]
+        where, args = where_equal(query, ("state", "jobtype"))
+        return self.store.read_one(f"SELECT COALESCE(SUM(n), 0) FROM job_counts{where}", args)[0]
 
     def job(self, uuid, query):
         job = self.svc.get_job(uuid)
