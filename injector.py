@@ -13,7 +13,6 @@ With --dag the file is bound to the root vertices' input edges (file policy inhe
 the workflow starts at once. With -j every job in the file is submitted with infile and
 P3S_INPUT_FILE set to the file's path.
 """
-import argparse
 import fnmatch
 import logging
 import os
@@ -22,13 +21,13 @@ import time
 import uuid as uuidlib
 
 from job import read_job_file
-from serverAPI import Client, P3SError, run_cli
+from serverAPI import ArgumentParser, Client, P3SError, run_cli
 
 log = logging.getLogger("p3s.injector")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Start p3s work for new files in a directory.")
+    p = ArgumentParser(description="Start p3s work for new files in a directory.")
     p.add_argument("-d", "--dir", required=True, help="directory to watch")
     p.add_argument("-g", "--glob", default="*", help="file name pattern (default *)")
     work = p.add_mutually_exclusive_group(required=True)

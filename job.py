@@ -11,7 +11,6 @@
 Exit codes: 0 success, 2 bad input (including a request the server refused), 1 server or
 network failure, and with --wait 1 when a job did not finish with exit code 0.
 """
-import argparse
 import getpass
 import json
 import os
@@ -19,14 +18,14 @@ import sys
 import time
 import uuid as uuidlib
 
-from serverAPI import Client, InputError, P3SError, run_cli
+from serverAPI import ArgumentParser, Client, InputError, P3SError, run_cli
 
 END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
 LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name")
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Submit and manage p3s jobs.")
+    p = ArgumentParser(description="Submit and manage p3s jobs.")
     p.add_argument("-j", "--job-file", dest="jobfile", metavar="FILE",
                    help="submit the jobs in FILE (a JSON list of job objects, or one object)")
     p.add_argument("-f", "--file", dest="infile", metavar="NAME",

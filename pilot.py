@@ -11,7 +11,6 @@ group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stop
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
-import argparse
 import ctypes
 import logging
 import os
@@ -23,7 +22,7 @@ import sys
 import threading
 import time
 
-from serverAPI import Client, P3SError, run_cli
+from serverAPI import ArgumentParser, Client, P3SError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
@@ -41,7 +40,7 @@ class Interrupted(Exception):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Run p3s jobs on this node.")
+    p = ArgumentParser(description="Run p3s jobs on this node.")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     p.add_argument("-s", "--site", default="", help="site name; its defaults on the server apply")
     p.add_argument("-c", "--cycles", type=int, help="job requests before exiting (0 = until stopped; default 0)")
@@ -87,6 +86,13 @@ def parse_args(argv):
     for item in args.site_env:
         if "=" not in item:
             p.error(f"--site-env {item!r}: expected NAME=VALUE")
+    if not (args.define_site or args.sites or args.kill or args.fleet_check):
+        try:
+            os.makedirs(args.joblogdir, exist_ok=True)
+        except OSError as e:
+            p.error(f"-L {args.joblogdir}: {e.strerror}")
+        if not os.access(args.joblogdir, os.W_OK | os.X_OK):
+            p.error(f"-L {args.joblogdir}: not writable; job logs go there")
     return args
 
 
@@ -251,7 +257,6 @@ class Pilot:
 
     # -- one job --------------------------------------------------------------------------------
     def run_job(self, job):
-        os.makedirs(self.args.joblogdir, exist_ok=True)
         out_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".out"))
         err_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".err"))
         log.info("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])

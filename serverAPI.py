@@ -10,6 +10,7 @@ Configuration, in order of precedence: explicit arguments, then the environment:
 Connection errors and 5xx answers are retried with capped exponential backoff for `retry_for`
 seconds; everything else fails at once. Every failure raises P3SError with a readable message.
 """
+import argparse
 import json
 import os
 import sys
@@ -22,6 +23,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_TOKEN_FILE = os.path.join(HERE, "p3s.token")
 BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the tools' convention for bad options: one line on stderr, exit 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 class InputError(Exception):

@@ -15,17 +15,16 @@ as a JSON string or a .json file keyed by vertex name.
 
 Exit codes: 0 success, 2 bad input or a request the server refused, 1 server or network failure.
 """
-import argparse
 import getpass
 import json
 import os
 import sys
 
-from serverAPI import Client, InputError, P3SError, run_cli
+from serverAPI import ArgumentParser, Client, InputError, P3SError, run_cli
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="Manage p3s DAG templates and workflows.")
+    p = ArgumentParser(description="Manage p3s DAG templates and workflows.")
     p.add_argument("-g", "--graphml", metavar="FILE", help="register the DAG template in FILE (GraphML)")
     p.add_argument("-a", "--add", metavar="DAG", help="create a workflow from DAG")
     p.add_argument("-m", "--modify", action="store_true", help="change the state of workflow -u")

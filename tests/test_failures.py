@@ -139,3 +139,19 @@ def test_time_limit_holds_while_the_server_is_down(p3s):
     p3s.start()
     p3s.wait_jobs([uuid], timeout=60)
     assert p3s.job(uuid)["state"] == "timeout"
+
+
+def test_payload_that_cannot_start_is_reported_failed(p3s):
+    [uuid] = p3s.submit([{"payload": "/nonexistent/bin/reco", "params": "--fast"}])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    job = p3s.job(uuid)
+    assert job["state"] == "failed" and job["exit_code"] == 127
+    assert "cannot start payload" in job["errmsg"] and "/nonexistent/bin/reco" in job["errmsg"]
+
+
+def test_pilot_refuses_an_unwritable_log_directory(p3s):
+    blocker = p3s.dir / "a-file"
+    blocker.write_text("")
+    result = p3s.run("pilot.py", "-c", "1", "-L", blocker / "logs")
+    assert result.returncode == 2 and "-L" in result.stderr
+    assert p3s.api.list_pilots() == [], "a pilot that cannot log registered anyway"

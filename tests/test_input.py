@@ -101,10 +101,12 @@ def test_non_loopback_bind_without_token_is_refused(tmp_path):
     assert not (tmp_path / "x.db").exists()
 
 
-def test_pilot_and_job_usage_errors_exit_2(p3s):
-    assert p3s.run("job.py").returncode == 2
-    assert p3s.run("job.py", "-a", "-u", "x").returncode == 2
-    assert p3s.run("pilot.py", "-c", "-1").returncode == 2
+def test_usage_errors_are_one_line_and_exit_2(p3s):
+    for tool, args, text in (("job.py", [], "give exactly one of"), ("job.py", ["-a", "-u", "x"], "-a needs"),
+                             ("pilot.py", ["-c", "-1"], "--cycles: must not be negative"),
+                             ("pilot.py", ["-c", "many"], "invalid int value"),
+                             ("workflow.py", ["-m"], "-m needs"), ("injector.py", ["-d", "/"], "required")):
+        assert_refused(p3s.run(tool, *args), text)
 
 
 def test_unreachable_server_exits_1(p3s):
