@@ -519,13 +519,14 @@ def cancel_job(conn, job, who, info):
     return True
 
 
-def release_jobs(conn, pilot_uuid, why, who="housekeeping"):
-    """Free the jobs of a pilot that is gone: one it never started goes back to `defined` as it
-    was; one it was running ends pilotTO (or is retried). Returns how many became claimable."""
+def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False):
+    """Free the jobs of a pilot that is gone. They end pilotTO (or are retried while attempts
+    remain), except that a job still dispatched to a pilot that deregistered, and so says it
+    never started it, goes back to `defined` as it was. Returns how many became claimable."""
     released = 0
     for job in conn.execute("SELECT * FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
                             (pilot_uuid,)).fetchall():
-        if job["state"] == "dispatched":
+        if job["state"] == "dispatched" and never_started:
             released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
                                  pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
         else:
@@ -1359,7 +1360,7 @@ class Service(WorkflowOps):
             if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
                               ts_stop=now(), job=None):
                 raise ApiError(409, f"pilot {pilot_uuid}: is not live")
-            return release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid)
+            return release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid, never_started=True)
 
         if self.store.write(stop):
             self.notify_work()

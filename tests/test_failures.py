@@ -155,3 +155,15 @@ def test_pilot_refuses_an_unwritable_log_directory(p3s):
     result = p3s.run("pilot.py", "-c", "1", "-L", blocker / "logs")
     assert result.returncode == 2 and "-L" in result.stderr
     assert p3s.api.list_pilots() == [], "a pilot that cannot log registered anyway"
+
+
+def test_dispatched_job_of_a_lost_pilot_ends_pilotTO_but_a_deregistered_pilot_gives_it_back(p3s):
+    first, second = p3s.submit([shell_job("true"), shell_job("true")])
+    silent = p3s.api.register_pilot(heartbeat=0.3)["uuid"]        # claims, then never speaks again
+    assert p3s.api.request_job(silent, 0)["job"]["uuid"] == first
+    wait_until(lambda: p3s.job(first)["state"] == "pilotTO", 10, what="pilotTO for the lost pilot's job")
+    polite = p3s.api.register_pilot(heartbeat=5)["uuid"]
+    assert p3s.api.request_job(polite, 0)["job"]["uuid"] == second
+    p3s.api.deregister_pilot(polite, "going away before starting it")
+    job = p3s.job(second)
+    assert job["state"] == "defined" and job["attempt"] == 1 and job["pilot"] is None
