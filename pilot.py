@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid as uuidlib
 
 from serverAPI import ArgumentParser, Client, P3SError, run_cli
 
@@ -173,7 +174,8 @@ class Pilot:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self):
-        info = {"host": node_name(), "pid": os.getpid(), "site": self.args.site,
+        # our own uuid: a registration retried after a lost answer registers this pilot once
+        info = {"uuid": str(uuidlib.uuid4()), "host": node_name(), "pid": os.getpid(), "site": self.args.site,
                 "jobtypes": self.args.jobtype, "extra": self.args.extra}
         if self.args.heartbeat is not None:
             info["heartbeat"] = self.args.heartbeat

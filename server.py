@@ -853,7 +853,8 @@ class WorkflowOps:
 
     # -- workflows ------------------------------------------------------------------------------
     def create_workflow(self, body, who):
-        check_keys(body, "workflow", ("dag", "name", "description", "state", "fileinfo", "jobinfo", "user"))
+        check_keys(body, "workflow", ("uuid", "dag", "name", "description", "state", "fileinfo", "jobinfo", "user"))
+        wfuuid = as_uuid(body["uuid"], "uuid") if "uuid" in body else str(uuidlib.uuid4())
         dag_name = as_str(body.get("dag", ""), "dag", allow_empty=False, max_len=128)
         state = as_choice(body.get("state", "template"), "state", ("template", "defined"))
         user = as_str(body.get("user", ""), "user", max_len=64)
@@ -861,19 +862,22 @@ class WorkflowOps:
         wf_name = as_str(body.get("name") or dag_name, "name", max_len=256)
 
         def create(conn):
+            if conn.execute("SELECT 1 FROM workflows WHERE uuid=?", (wfuuid,)).fetchone():
+                return 0    # a creation repeated because its answer was lost: made once already
             _, vertices, edges = self.dag_parts(conn.execute, dag_name)
-            return self.instantiate(conn, dag_name, wf_name, description, user, state, vertices, edges,
+            return self.instantiate(conn, wfuuid, dag_name, wf_name, description, user, state, vertices, edges,
                                     validate_fileinfo(body.get("fileinfo"), edges),
                                     validate_jobinfo(body.get("jobinfo"), [v["name"] for v in vertices]))
 
-        wfuuid, released = self.store.write(create)
+        released = self.store.write(create)
         if released:
             self.notify_work()
         return self.get_workflow(wfuuid)
 
-    def instantiate(self, conn, dag, name, description, user, state, vertices, edges, fileinfo, jobinfo):
-        """Copy a DAG into template jobs and pending datasets; start it if state is defined."""
-        wfuuid, t = str(uuidlib.uuid4()), now()
+    def instantiate(self, conn, wfuuid, dag, name, description, user, state, vertices, edges, fileinfo, jobinfo):
+        """Copy a DAG into template jobs and pending datasets; start it if state is defined.
+        Returns how many jobs became claimable."""
+        t = now()
         extensions = {r["name"]: r["ext"] for r in conn.execute("SELECT name, ext FROM datatypes")}
         sources = {v["name"] for v in vertices} - {e["target"] for e in edges}
         files = name_files(edges, fileinfo, extensions, sources)
@@ -894,8 +898,7 @@ class WorkflowOps:
                          "producer,consumer,ts) VALUES(?,?,?,?,?,?,'pending','edge',?,?,?,?)",
                          (str(uuidlib.uuid4()), f["name"], f["dirpath"], f["datatype"], f["datatag"], f["comment"],
                           wfuuid, job_uuids[f["source"]], job_uuids[f["target"]], t))
-        released = self.start_workflow(conn, wfuuid) if state == "defined" else 0
-        return wfuuid, released
+        return self.start_workflow(conn, wfuuid) if state == "defined" else 0
 
     @staticmethod
     def vertex_job(vertex, attrs, files, user):
@@ -1006,8 +1009,9 @@ class WorkflowOps:
                 return {"registered": True, "path": path, "jobs": [j["uuid"] for j in jobs]}, len(jobs)
             dag_name = as_str(body["dag"], "dag", allow_empty=False)
             _, vertices, edges = self.dag_parts(conn.execute, dag_name)
-            wfuuid, released = self.instantiate(conn, dag_name, f"{dag_name}:{name}", f"injected {path}", user,
-                                                "defined", vertices, edges, f"inherit:{path}", {})
+            wfuuid = str(uuidlib.uuid4())
+            released = self.instantiate(conn, wfuuid, dag_name, f"{dag_name}:{name}", f"injected {path}", user,
+                                        "defined", vertices, edges, f"inherit:{path}", {})
             conn.execute("UPDATE datasets SET wfuuid=? WHERE origin='injected' AND dirpath=? AND name=?",
                          (wfuuid, dirpath, name))
             return {"registered": True, "path": path, "workflow": wfuuid}, released
@@ -1164,12 +1168,12 @@ class Service(WorkflowOps):
 
     # -- pilots -------------------------------------------------------------------------------
     def register(self, body):
-        check_keys(body, "register", ("host", "pid", "site", "jobtypes", "extra", "heartbeat"))
+        check_keys(body, "register", ("uuid", "host", "pid", "site", "jobtypes", "extra", "heartbeat"))
         jobtypes = body.get("jobtypes", [])
         if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
             raise bad("jobtypes: must be a list of non-empty strings")
         pilot = {
-            "uuid": str(uuidlib.uuid4()),
+            "uuid": as_uuid(body["uuid"], "uuid") if "uuid" in body else str(uuidlib.uuid4()),
             "host": as_str(body.get("host", ""), "host", max_len=256),
             "pid": as_int(body.get("pid", 0), "pid", 0),
             "site": as_str(body.get("site", ""), "site", max_len=64),
@@ -1182,10 +1186,12 @@ class Service(WorkflowOps):
 
         def insert(conn):
             t = now()
-            conn.execute("INSERT INTO pilots(uuid,host,pid,site,jobtypes,extra,heartbeat,state,ts_reg,ts_beat)"
-                         " VALUES(:uuid,:host,:pid,:site,:jobtypes,:extra,:heartbeat,'active',:t,:t)",
-                         {**pilot, "t": t})
-            event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
+            if conn.execute("INSERT INTO pilots(uuid,host,pid,site,jobtypes,extra,heartbeat,state,ts_reg,ts_beat)"
+                            " VALUES(:uuid,:host,:pid,:site,:jobtypes,:extra,:heartbeat,'active',:t,:t)"
+                            " ON CONFLICT(uuid) DO NOTHING", {**pilot, "t": t}).rowcount:
+                event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
+            else:   # a registration repeated because its answer was lost: the same pilot, once
+                self._pilot(conn, pilot["uuid"])
 
         self.store.write(insert)
         return {"uuid": pilot["uuid"], "heartbeat": pilot["heartbeat"], "site": site or None}

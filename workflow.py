@@ -19,6 +19,7 @@ import getpass
 import json
 import os
 import sys
+import uuid as uuidlib
 
 from serverAPI import ArgumentParser, Client, InputError, P3SError, run_cli
 
@@ -89,7 +90,7 @@ def register_dag(client, args):
 def add_workflow(client, args):
     options = {"name": args.name, "description": args.description, "state": args.state or "template",
                "fileinfo": structured(args.fileinfo, "-f"), "jobinfo": structured(args.jobinfo, "-j"),
-               "user": getpass.getuser()}
+               "user": getpass.getuser(), "uuid": str(uuidlib.uuid4())}   # stored once, even if retried
     wf = client.create_workflow(args.add, **{k: v for k, v in options.items() if v is not None})
     return wf, wf["uuid"]
 

@@ -3,7 +3,7 @@ import signal
 import time
 from collections import Counter
 
-from conftest import alive, shell_job, wait_until
+from conftest import ROOT, alive, shell_job, wait_until
 
 
 def running(p3s, uuid, marker=None):
@@ -167,3 +167,20 @@ def test_dispatched_job_of_a_lost_pilot_ends_pilotTO_but_a_deregistered_pilot_gi
     p3s.api.deregister_pilot(polite, "going away before starting it")
     job = p3s.job(second)
     assert job["state"] == "defined" and job["attempt"] == 1 and job["pilot"] is None
+
+
+def test_retried_creations_are_stored_once(p3s):
+    import uuid
+    pilot = str(uuid.uuid4())
+    assert p3s.api.register_pilot(uuid=pilot)["uuid"] == pilot
+    assert p3s.api.register_pilot(uuid=pilot)["uuid"] == pilot       # the answer was lost; asked again
+    assert [p["uuid"] for p in p3s.api.list_pilots()] == [pilot]
+    job = dict(shell_job("true"), uuid=str(uuid.uuid4()))
+    assert p3s.api.submit_jobs([job]) == p3s.api.submit_jobs([job]) == [job["uuid"]]
+    assert len(p3s.api.list_jobs()) == 1
+    path = p3s.dir / "one.graphml"
+    path.write_text(open(f"{ROOT}/tests/compat/1filter.graphml").read())
+    assert p3s.run("workflow.py", "-g", path).returncode == 0
+    wf = str(uuid.uuid4())
+    assert p3s.api.create_workflow("one", uuid=wf)["uuid"] == p3s.api.create_workflow("one", uuid=wf)["uuid"] == wf
+    assert len(p3s.api.list_workflows()) == 1 and len(p3s.api.list_jobs()) == 1 + 3
