@@ -7,7 +7,6 @@ housekeeping, HTTP API, CLI. Standard library only: http.server + sqlite3.
     python server.py                      # 127.0.0.1:8000, ./p3s.db beside this file
     python server.py --port 0 --db /tmp/x.db --token-file /tmp/x.token
 """
-import argparse
 import hmac
 import html
 import ipaddress
@@ -23,9 +22,11 @@ import sys
 import threading
 import time
 import uuid as uuidlib
-from xml.etree import ElementTree
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from xml.etree import ElementTree
+
+from serverAPI import ArgumentParser
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "1.0"
@@ -2293,8 +2294,11 @@ def load_token(token_file, db_path, host):
 
     A generated token is only for users of this machine, so the server then binds loopback only."""
     if token_file:
-        with open(token_file) as f:
-            token = f.read().strip()
+        try:
+            with open(token_file) as f:
+                token = f.read().strip()
+        except OSError as e:
+            raise SystemExit(f"--token-file {token_file}: {e.strerror}") from None
         if not token:
             raise SystemExit(f"--token-file {token_file}: the file is empty")
         return token, token_file
@@ -2312,7 +2316,7 @@ def load_token(token_file, db_path, host):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="p3s server: jobs, pilots and workflows over HTTP/JSON.")
+    p = ArgumentParser(description="p3s server: jobs, pilots and workflows over HTTP/JSON.")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--db", default=DEFAULT_DB, help="sqlite database (default p3s.db beside server.py)")
@@ -2328,7 +2332,13 @@ def parse_args(argv):
                    help="purge jobs, workflows and pilots that ended more than DAYS ago (default 0 = keep all)")
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES",
                    help=f"largest request body accepted (default {MAX_BODY})")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        p.error(f"--port {args.port}: must be between 0 and 65535")
+    db_dir = os.path.dirname(os.path.abspath(args.db))
+    if not os.path.isdir(db_dir):
+        p.error(f"--db {args.db}: the directory {db_dir} does not exist")
+    return args
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "http://127.0.0.1:8000"
@@ -92,6 +92,7 @@ class Client:
         self.server = (server or os.environ.get("P3S_SERVER") or DEFAULT_SERVER).rstrip("/")
         if "://" not in self.server:
             self.server = "http://" + self.server
+        check_url(self.server)
         self.token, self.token_file = token, token_file
         self.timeout = timeout
         self.retry_for = retry_for if retry_for is not None else _retry_from_env()
@@ -236,6 +237,17 @@ class Client:
 
     def check_token(self):
         return self.call("POST", "/api/auth", {})
+
+
+def check_url(url):
+    """A server URL must be http(s)://host[:port]; anything else is bad input, said at once."""
+    parts = urlsplit(url)
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
+        raise InputError(f"server URL {url!r}: expected http://host:port (from -S or P3S_SERVER)")
 
 
 def _retry_from_env():

@@ -113,3 +113,17 @@ def test_unreachable_server_exits_1(p3s):
     env = dict(p3s.env, P3S_SERVER="http://127.0.0.1:9", P3S_RETRY_FOR="1")
     result = p3s.run("job.py", "--list", env=env)
     assert result.returncode == 1 and "cannot reach the p3s server" in result.stderr
+
+
+def test_server_and_client_configuration_errors_are_one_line(p3s, tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    for args, text in ((["--db", "/nonexistent/dir/p3s.db"], "directory /nonexistent/dir does not exist"),
+                       (["--port", "99999"], "--port 99999: must be between 0 and 65535"),
+                       (["--token-file", str(tmp_path / "nope")], "No such file or directory")):
+        result = subprocess.run([sys.executable, f"{ROOT}/server.py", "--port", "0", *args],
+                                capture_output=True, text=True, timeout=20)
+        assert_refused(result, text)
+    for url in ("nonsense:x", "ftp://host", "http://:8000"):
+        assert_refused(p3s.run("job.py", "--list", env=dict(p3s.env, P3S_SERVER=url)), "expected http://host:port")
