@@ -1207,10 +1207,17 @@ class Service(WorkflowOps):
 
     def claim(self, conn, pilot_uuid):
         """Hand the pilot its job: the one already dispatched to it (an answer it never got),
-        else the best eligible defined job. One transaction; None if there is nothing."""
+        else the best eligible defined job. One transaction. Returns (job or None, directive)."""
         pilot = self._pilot(conn, pilot_uuid)
         if pilot["directive"] in ("stop", "drain"):     # told to go: it gets no more work
-            return None
+            return None, pilot["directive"]
+        return self.pick(conn, pilot), None
+
+    @staticmethod
+    def pick(conn, pilot):
+        """The job dispatched to this pilot already, else the best defined job it may take,
+        now dispatched to it; None (the pilot marked `no jobs`) when there is none."""
+        pilot_uuid = pilot["uuid"]
         t = now()
         job = conn.execute("SELECT * FROM jobs WHERE pilot=? AND state='dispatched'",
                            (pilot_uuid,)).fetchone()
@@ -1221,10 +1228,10 @@ class Service(WorkflowOps):
             if jobtypes:
                 cond.append("jobtype IN (%s)" % ",".join("?" * len(jobtypes)))
                 args += jobtypes
-            pick = ("SELECT id FROM jobs WHERE " + " AND ".join(cond) +
+            best = ("SELECT id FROM jobs WHERE " + " AND ".join(cond) +
                     " ORDER BY priority DESC, ts_def, id LIMIT 1")
             job = conn.execute(f"UPDATE jobs SET state='dispatched', pilot=?, ts_dis=?, host=? "
-                               f"WHERE id=({pick}) AND state='defined' RETURNING *",
+                               f"WHERE id=({best}) AND state='defined' RETURNING *",
                                [pilot_uuid, t, pilot["host"], *args]).fetchone()
             if job is None:     # woken with nothing for it: write only if its state changes
                 if pilot["state"] != "no jobs":
@@ -1241,11 +1248,10 @@ class Service(WorkflowOps):
         while True:
             with self.work:
                 generation = self.generation
-            job = self.store.write(self.claim, pilot_uuid)
+            job, directive = self.store.write(self.claim, pilot_uuid)
             if job is not None:
                 self.count_claim(job)
                 return {"job": job, "directive": None}
-            directive = self.store.read_one("SELECT directive FROM pilots WHERE uuid=?", (pilot_uuid,))[0]
             if directive or self.stopping.is_set():
                 return {"job": None, "directive": directive}
             with self.work:
