@@ -72,10 +72,10 @@ def test_half_written_file_waits_until_it_settles(p3s):
     incoming.mkdir()
     job_file = p3s.dir / "job.json"
     job_file.write_text(json.dumps(shell_job('wc -c < "$P3S_INPUT_FILE"')))
-    proc = injector(p3s, "-d", incoming, "-j", job_file, "--settle", "1.0", "-p", "0.2", "-c", "25", wait=False)
+    proc = injector(p3s, "-d", incoming, "-j", job_file, "--settle", "2.0", "-p", "0.2", "-c", "40", wait=False)
     growing = incoming / "big.dat"
     with open(growing, "w") as f:
-        for _ in range(6):                              # keeps changing for ~1.2 s
+        for _ in range(6):                              # keeps changing for ~1.2 s, never still for 2 s
             f.write("x" * 1000)
             f.flush()
             time.sleep(0.2)
