@@ -9,6 +9,9 @@ Configuration, in order of precedence: explicit arguments, then the environment:
 
 Connection errors and 5xx answers are retried with capped exponential backoff for `retry_for`
 seconds; everything else fails at once. Every failure raises P3SError with a readable message.
+
+It also holds the conventions every tool shares: ArgumentParser (one-line usage errors) and
+run_cli (exit 0 success, 2 bad input, 1 server or network failure).
 """
 import argparse
 import json
