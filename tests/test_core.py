@@ -172,27 +172,50 @@ def test_verify_import_checks_server_and_token(p3s):
     assert result.returncode == 1 and "wrong token" in result.stderr
 
 
-def test_readme_setup_command_verbatim_in_a_fresh_copy(tmp_path):
-    """The first command a new user runs, exactly as the README gives it."""
+def readme_block(heading):
+    """The first ```bash block after `heading` in README.md, exactly as a user would copy it."""
     import re
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    return re.search(re.escape(heading) + r".*?```bash\n(.*?)\n```", readme, re.S).group(1).strip()
+
+
+def fresh_copy(tmp_path):
+    """The tools, examples and compat files in a new directory, as in a fresh clone; port 8000 free."""
     import shutil
     import socket
-    import subprocess
+    import pytest
     with socket.socket() as probe:
         if probe.connect_ex(("127.0.0.1", 8000)) == 0:
-            import pytest
-            pytest.skip("port 8000 is in use on this machine; the README command needs it")
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    command = re.search(r"## Set up.*?```bash\n(.*?)\n```", readme, re.S).group(1).strip()
+            pytest.skip("port 8000 is in use on this machine; the README commands need it")
     for name in os.listdir(ROOT):
         if name.endswith(".py") or name == "examples":
             (shutil.copytree if name == "examples" else shutil.copy)(os.path.join(ROOT, name), tmp_path / name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("P3S_")}
-    result = subprocess.run(["bash", "-c", command + "; status=$?; kill %1; wait; exit $status"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    shutil.copytree(os.path.join(ROOT, "tests", "compat"), tmp_path / "tests" / "compat")
+    return {k: v for k, v in os.environ.items() if not k.startswith("P3S_")}
+
+
+def run_readme(tmp_path, env, command):
+    import subprocess
+    return subprocess.run(["bash", "-c", command + "\nstatus=$?; kill %1; wait; exit $status"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+
+
+def test_readme_setup_command_verbatim_in_a_fresh_copy(tmp_path):
+    """The first command a new user runs, exactly as the README gives it."""
+    import re
+    env = fresh_copy(tmp_path)
+    result = run_readme(tmp_path, env, readme_block("## Set up"))
     assert result.returncode == 0, result.stderr
     assert re.search(r"finished\s+default\s+1\s+0\s+hello p3s", result.stdout), result.stdout
     assert (tmp_path / "p3s.db").exists() and (tmp_path / "p3s.token").exists()
+
+
+def test_readme_workflow_example_verbatim(tmp_path):
+    env = fresh_copy(tmp_path)
+    result = run_readme(tmp_path, env, "python server.py 2>/dev/null &\n" + readme_block("Try it (with the server running)"))
+    assert result.returncode == 0, result.stderr
+    assert "3filters (dag 3filters): finished" in result.stdout
+    assert result.stdout.split()[-3:] == ["2", "1", "1"]
 
 
 def test_a_noop_job_finishes_without_a_pilot(p3s):
