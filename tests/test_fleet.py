@@ -30,6 +30,13 @@ def pdsh(p3s, script, hosts=NODES, env=None):
     return out
 
 
+@pytest.fixture(autouse=True)
+def stop_the_fleet(p3s):
+    """pgen.sh's pilots are detached from the test: stop any still running, even after a failure."""
+    yield
+    pdsh(p3s, f"{ROOT}/pkill.sh -t 3")
+
+
 def pgen(p3s, n, *pilot_args, hosts=NODES, env=None):
     args = " ".join(map(str, pilot_args))
     return pdsh(p3s, f"{ROOT}/pgen.sh {n} -L {p3s.logs} --kill-grace 1 {args}", hosts, env)
@@ -100,7 +107,6 @@ def test_fleet_check_finds_vanished_and_unknown_pilots(p3s):
     assert re.search(rf"GONE +node1 {node1['uuid']} pid {victim}", check.stdout), check.stdout
     assert re.search(r"UNKNOWN +node3 - pid \d+", check.stdout), check.stdout
     assert "node2" not in check.stdout
-    pdsh(p3s, f"{ROOT}/pkill.sh -t 5")
 
 
 def test_server_side_stop_and_drain(p3s):
