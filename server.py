@@ -155,7 +155,8 @@ MIGRATIONS = [
     CREATE INDEX events_ts ON events(ts);
     """,
     # v2: what the pages read, kept cheap at a million jobs: per-column indexes for filters and
-    # sorts, counts by state and jobtype and 10-second end buckets maintained by triggers.
+    # sorts; job counts by state and jobtype, pilot counts by state and 10-second end buckets,
+    # all maintained by triggers.
     """
     CREATE INDEX jobs_state_id ON jobs(state, id);
     CREATE INDEX jobs_jobtype_id ON jobs(jobtype, id);
@@ -182,6 +183,18 @@ MIGRATIONS = [
         UPDATE job_counts SET n = n - 1 WHERE state = old.state AND jobtype = old.jobtype;
         INSERT INTO job_counts VALUES(new.state, new.jobtype, 1)
             ON CONFLICT(state, jobtype) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TABLE pilot_counts(state TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO pilot_counts SELECT state, COUNT(*) FROM pilots GROUP BY state;
+    CREATE TRIGGER pilots_count_insert AFTER INSERT ON pilots BEGIN
+        INSERT INTO pilot_counts VALUES(new.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER pilots_count_delete AFTER DELETE ON pilots BEGIN
+        UPDATE pilot_counts SET n = n - 1 WHERE state = old.state;
+    END;
+    CREATE TRIGGER pilots_count_update AFTER UPDATE OF state ON pilots WHEN old.state IS NOT new.state BEGIN
+        UPDATE pilot_counts SET n = n - 1 WHERE state = old.state;
+        INSERT INTO pilot_counts VALUES(new.state, 1) ON CONFLICT(state) DO UPDATE SET n = n + 1;
     END;
     CREATE TABLE job_ends(bucket INTEGER NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,
                           PRIMARY KEY(bucket, state)) WITHOUT ROWID;
@@ -1589,8 +1602,7 @@ class Views:
         for r in self.store.read("SELECT state, jobtype, n FROM job_counts WHERE n > 0"):
             by_state[r["state"]] = by_state.get(r["state"], 0) + r["n"]
             by_type.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
-        pilots = {r["state"]: r["n"] for r in
-                  self.store.read("SELECT state, COUNT(*) AS n FROM pilots GROUP BY state")}
+        pilots = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM pilot_counts WHERE n > 0")}
         return {"time": t, "jobs_by_state": by_state, "jobs_by_jobtype": by_type,
                 "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10),

@@ -1,11 +1,11 @@
 #!/usr/bin/env python3
 """Page benchmark (not a test): render times of the status pages over a database of 1M jobs.
 
-    python bench/pages.py [--jobs 1000000] [--repeat 7]
+    python bench/pages.py [--jobs 1000000] [--pilots 100000] [--repeat 7]
 
 Fills a temporary database through the server's own schema and triggers (a realistic mix: 30
 days of jobs, mostly finished, some failed, a queue of defined ones, 10 job types, 5 sites, 20
-users, 1000 pilots), starts the real server.py on it on 127.0.0.1, and prints the median and max
+users, 100k pilots, most of them long gone), starts the real server.py on it on 127.0.0.1, and prints the median and max
 wall time of each page as a client sees it. Bounded: one fill, `repeat` requests per page.
 """
 import argparse
@@ -43,11 +43,11 @@ def job_rows(n, t_end, rng, pilots):
                pilots[i % len(pilots)] if started else None)
 
 
-def fill(path, n_jobs):
+def fill(path, n_jobs, n_pilots):
     store = server.Store(path)
     rng = random.Random(7)
     t = time.time()
-    pilots = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(1000)]
+    pilots = [str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(n_pilots)]
 
     def insert(conn):
         conn.executemany("INSERT INTO jobs(uuid,name,user,jobtype,payload,priority,site,state,ts_def,ts_sta,"
@@ -75,12 +75,13 @@ def timed_get(url):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--jobs", type=int, default=1_000_000)
+    p.add_argument("--pilots", type=int, default=100_000)
     p.add_argument("--repeat", type=int, default=7)
     args = p.parse_args(argv)
     work = tempfile.mkdtemp(prefix="p3s-pages-")
     db = os.path.join(work, "p3s.db")
     started = time.perf_counter()
-    fill(db, args.jobs)
+    fill(db, args.jobs, args.pilots)
     fill_s = time.perf_counter() - started
     token = os.path.join(work, "token")
     with open(token, "w") as f:
@@ -105,7 +106,7 @@ def main(argv=None):
     finally:
         proc.terminate()
         proc.wait(10)
-    print(json.dumps({"jobs": args.jobs, "fill_s": round(fill_s, 1), "pages": results}, indent=2))
+    print(json.dumps({"jobs": args.jobs, "pilots": args.pilots, "fill_s": round(fill_s, 1), "pages": results}, indent=2))
     return 0
 
 
