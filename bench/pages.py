@@ -55,7 +55,7 @@ def fill(path, n_jobs, n_pilots):
                          job_rows(n_jobs, t, rng, pilots))
         conn.executemany("INSERT INTO pilots(uuid,host,pid,site,state,heartbeat,ts_reg,ts_beat,jobs_done) "
                          "VALUES(?,?,?,?,?,?,?,?,?)",
-                         ((p, f"node{i % 50}", 1000 + i, f"site{i % 5}", "running" if i % 10 else "stopped",
+                         ((p, f"node{i % 50}", 1000 + i, f"site{i % 5}", "running" if i % 100 == 0 else "stopped",
                            10, t - 3600, t - 5, i) for i, p in enumerate(pilots)))
         conn.executemany("INSERT INTO job_ends VALUES(?,?,?)",     # a day of end buckets, as triggers make
                          ((b, s, rng.randrange(1, 20)) for b in range(int(t - 86400) // 10, int(t) // 10)
