@@ -885,7 +885,7 @@ class WorkflowOps:
 
         released = self.store.write(create)
         if released:
-            self.notify_work()
+            self.notify_work(released)
         return self.get_workflow(wfuuid)
 
     def instantiate(self, conn, wfuuid, dag, name, description, user, state, vertices, edges, fileinfo, jobinfo):
@@ -956,8 +956,9 @@ class WorkflowOps:
             event(conn, "workflow", wfuuid, wf["state"], "cancelled", who)
             return 0
 
-        if self.store.write(apply):
-            self.notify_work()
+        released = self.store.write(apply)
+        if released:
+            self.notify_work(released)
         return self.get_workflow(wfuuid)
 
     @staticmethod
@@ -1032,7 +1033,7 @@ class WorkflowOps:
 
         result, released = self.store.write(register)
         if released:
-            self.notify_work()
+            self.notify_work(released)
         return result
 
     def list_datasets(self, query):
@@ -1063,6 +1064,8 @@ class Service(WorkflowOps):
         self.last_tidy = self.started
         self.work = threading.Condition()   # notified when a job may have become claimable
         self.generation = 0
+        self.waiting = 0                    # job requests blocked on self.work
+        self.passes = 0                     # wake-ups a request that found nothing may pass on
         self.stopping = threading.Event()
         self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0}
         self.counters_lock = threading.Lock()   # request threads count concurrently
@@ -1073,7 +1076,7 @@ class Service(WorkflowOps):
     def submit(self, body, who):
         rows = validate_submission(body)
         uuids = self.store.write(self.insert_jobs, rows, who)
-        self.notify_work()
+        self.notify_work(sum(r["state"] == "defined" and r["jobtype"] != "noop" for r in rows))
         return {"uuids": uuids}
 
     @staticmethod
@@ -1164,7 +1167,8 @@ class Service(WorkflowOps):
             return job_to_dict(conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone(), False)
 
         result = self.store.write(apply)
-        self.notify_work()
+        if result["state"] == "defined":
+            self.notify_work(1)
         return result
 
     def delete_job(self, uuid, who):
@@ -1258,6 +1262,7 @@ class Service(WorkflowOps):
         check_keys(body, "request", ("wait",))
         wait = min(as_number(body.get("wait", 0), "wait", 0), MAX_WAIT)
         deadline = now() + wait
+        woken = False
         while True:
             with self.work:
                 generation = self.generation
@@ -1268,12 +1273,20 @@ class Service(WorkflowOps):
             if directive or self.stopping.is_set():
                 return {"job": None, "directive": directive}
             with self.work:
+                if woken and self.passes > 0:       # woken for a job that is not ours: pass it on
+                    self.passes -= 1
+                    self.work.notify(1)
                 while self.generation == generation and not self.stopping.is_set():
                     left = deadline - now()
                     if left <= 0:
                         self.count("empty_polls")
                         return {"job": None, "directive": None}
-                    self.work.wait(left)
+                    self.waiting += 1
+                    try:
+                        self.work.wait(left)
+                    finally:
+                        self.waiting -= 1
+                woken = True
 
     def count(self, name):
         with self.counters_lock:
@@ -1294,10 +1307,18 @@ class Service(WorkflowOps):
             buckets.append((le, cumulative))
         return {"buckets": buckets, "sum": self.latency_sum, "count": cumulative}
 
-    def notify_work(self):
+    def notify_work(self, jobs=None):
+        """Wake waiting job requests: one per newly claimable job (all of them when `jobs` is
+        None: a directive or shutdown concerns every pilot). A request woken for a job its pilot
+        may not take passes the wake-up on, at most once per waiting request, so such a job still
+        reaches a pilot that may."""
         with self.work:
             self.generation += 1
-            self.work.notify_all()
+            if jobs is None:
+                self.work.notify_all()
+            else:
+                self.passes = self.waiting
+                self.work.notify(jobs)
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
                    "pid", "stdout_path", "stderr_path")
@@ -1350,8 +1371,9 @@ class Service(WorkflowOps):
                 self.count("stale_reports")
             raise
         self.count("reports")
-        if result.pop("released", 0):
-            self.notify_work()
+        released = result.pop("released", 0)
+        if released:
+            self.notify_work(released)
         return result
 
     @staticmethod
@@ -1388,8 +1410,9 @@ class Service(WorkflowOps):
                 raise ApiError(409, f"pilot {pilot_uuid}: is not live")
             return release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid, never_started=True)
 
-        if self.store.write(stop):
-            self.notify_work()
+        released = self.store.write(stop)
+        if released:
+            self.notify_work(released)
         return {"state": "stopped"}
 
     def mark_pilots(self, body, who):
@@ -1461,7 +1484,7 @@ class Service(WorkflowOps):
         t = now()
         released = self.store.write(self._mark_lost_pilots, t) + self.store.write(self._time_out_jobs, t)
         if released:
-            self.notify_work()
+            self.notify_work(released)
         if self.retention_days:
             purged = self.store.write(self.purge, t - self.retention_days * 86400)
             if purged:

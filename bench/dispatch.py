@@ -8,7 +8,7 @@ Prints, from one run on this machine:
     concurrency as the pilots),
   - end-to-end jobs/s for N pilots running /bin/true (submit -> claim -> run -> report),
   - their ratio, and the requests/s p3s handled meanwhile,
-  - submit-to-start latency of an idle pilot: median and p95.
+  - submit-to-start latency of an idle pilot, and with --idle-pilots waiting: median and p95.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
 import argparse
@@ -140,6 +140,8 @@ def main(argv=None):
     p.add_argument("--pilots", type=int, default=8)
     p.add_argument("--jobs", type=int, default=400)
     p.add_argument("--latency-jobs", type=int, default=40)
+    p.add_argument("--idle-pilots", type=int, default=50,
+                   help="latency again with this many idle pilots waiting (one is woken per job)")
     args = p.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="p3s-bench-")
     bare = bare_rate(args.pilots, 2000)
@@ -157,6 +159,9 @@ def main(argv=None):
         pilots = start_pilots(1, url, token, workdir)
         wait_idle(client, 1)
         lat = latencies(client, args.latency_jobs)
+        pilots += start_pilots(args.idle_pilots - 1, url, token, workdir)
+        wait_idle(client, args.idle_pilots)
+        crowd = latencies(client, args.latency_jobs)
     finally:
         for pilot in pilots:
             pilot.terminate()
@@ -169,6 +174,9 @@ def main(argv=None):
         "ratio_jobs_per_s_to_bare_requests_per_s": round(jobs_per_s / bare, 3),
         "submit_to_start_median_ms": round(statistics.median(lat) * 1000, 1),
         "submit_to_start_p95_ms": round(p95(lat) * 1000, 1),
+        "idle_pilots": args.idle_pilots,
+        "submit_to_start_median_ms_with_idle_pilots": round(statistics.median(crowd) * 1000, 1),
+        "submit_to_start_p95_ms_with_idle_pilots": round(p95(crowd) * 1000, 1),
     }
     print(json.dumps(result, indent=2))
     return 0

@@ -244,3 +244,19 @@ def test_retention_purges_what_ended_long_ago(tmp_path):
         assert server.run("job.py", "--show", old).returncode == 2
     finally:
         server.stop()
+
+
+def test_a_job_only_the_last_waiting_pilot_may_take_still_starts_at_once(p3s):
+    """Submissions wake one waiting pilot per job; a pilot woken for a job it may not take passes
+    the wake-up on, so the one pilot that may take it gets it now, not after its poll period."""
+    for _ in range(5):
+        p3s.pilot("-p", "25", "--jobtype", "reco")
+    wait_until(lambda: sum(p["state"] == "no jobs" for p in p3s.api.list_pilots()) == 5, 20, what="5 idle")
+    p3s.pilot("-p", "25", "--jobtype", "calib")
+    wait_until(lambda: sum(p["state"] == "no jobs" for p in p3s.api.list_pilots()) == 6, 20, what="6 idle")
+    time.sleep(0.3)
+    calib, reco = p3s.submit([shell_job("true", jobtype="calib"), shell_job("true", jobtype="reco")])
+    p3s.wait_jobs([calib, reco], timeout=10)
+    for uuid in (calib, reco):
+        job = p3s.job(uuid)
+        assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 1.0, "a job waited for a poll"
