@@ -1614,9 +1614,10 @@ def median(values):
 
 
 class Views:
-    def __init__(self, service, files_roots):
+    def __init__(self, service, files_roots, private=()):
         self.svc, self.store = service, service.store
         self.roots = [os.path.realpath(r) for r in files_roots]
+        self.private = {os.path.realpath(p) for p in private}   # never served, whatever the roots
 
     # -- summary --------------------------------------------------------------------------------
     def summary(self, query):
@@ -1781,6 +1782,8 @@ class Views:
         if not path or "\0" in path or not os.path.isabs(path):
             raise bad(f"path: must be an absolute path, got {path!r}")
         real = os.path.realpath(path)
+        if real in self.private:
+            raise ApiError(403, f"path: {path} is the server's own token or database")
         for root in self.roots:
             if os.path.commonpath([real, root]) == root:
                 return real
@@ -1801,6 +1804,8 @@ class Views:
         entries = []
         for name in sorted(os.listdir(real))[:5000]:
             full = os.path.join(path, name)
+            if os.path.realpath(os.path.join(real, name)) in self.private:
+                continue
             try:
                 st = os.stat(os.path.join(real, name))
             except OSError:
@@ -2397,8 +2402,11 @@ def main(argv=None):
         return 2
     service = Service(store, args.housekeeping, args.retention_days)
     try:
-        httpd = P3SServer((args.host, args.port), service, Views(service, args.files_root or [DEFAULT_FILES_ROOT]),
-                          token, args.max_body)
+        private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
+        if os.path.isfile(token_source):
+            private.append(token_source)
+        views = Views(service, args.files_root or [DEFAULT_FILES_ROOT], private)
+        httpd = P3SServer((args.host, args.port), service, views, token, args.max_body)
     except OSError as e:
         print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1
