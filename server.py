@@ -38,6 +38,7 @@ log = logging.getLogger("p3s.server")
 DEFAULT_DB = os.path.join(HERE, "p3s.db")
 DEFAULT_FILES_ROOT = os.path.join(HERE, "logs")
 MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
+SOCKET_TIMEOUT = 60                 # seconds a connection may sit silent (long polls wait server-side)
 MAX_WAIT = 30.0                     # cap on a pilot's long poll, seconds
 TAIL_BYTES = 64 * 1024              # stdout/stderr tails kept per job
 DEFAULT_HEARTBEAT = 10.0           # seconds, when neither the pilot nor its site says
@@ -2171,6 +2172,7 @@ PAGES = [(re.compile(f"^{path}$"), name, render) for path, name, render in (
 class Handler(BaseHTTPRequestHandler):
     server_version = "p3s/" + VERSION
     protocol_version = "HTTP/1.0"
+    timeout = SOCKET_TIMEOUT    # a client that connects and goes quiet does not hold a thread forever
 
     def do_GET(self):
         self.dispatch("GET")
