@@ -191,7 +191,14 @@ class Pilot:
                  ", ".join(f"{k} {v:g}" for k, v in self.settings.items()))
 
     def run(self):
-        self.register()
+        self.idle = True            # a signal may end the (possibly long) wait for the server
+        try:
+            self.register()
+        except Interrupted:
+            log.info("stopped before the server answered: %s", self.exit_reason)
+            return 0
+        finally:
+            self.idle = False
         beat_thread = threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True)
         beat_thread.start()
         try:

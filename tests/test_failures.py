@@ -184,3 +184,12 @@ def test_retried_creations_are_stored_once(p3s):
     wf = str(uuid.uuid4())
     assert p3s.api.create_workflow("one", uuid=wf)["uuid"] == p3s.api.create_workflow("one", uuid=wf)["uuid"] == wf
     assert len(p3s.api.list_workflows()) == 1 and len(p3s.api.list_jobs()) == 1 + 3
+
+
+def test_a_pilot_waiting_for_an_unreachable_server_stops_on_sigterm(p3s):
+    pilot = p3s.pilot("-p", "1", env=dict(p3s.env, P3S_SERVER="http://127.0.0.1:9"))
+    time.sleep(1.0)                         # retrying its registration
+    assert pilot.poll() is None
+    started = time.monotonic()
+    pilot.send_signal(signal.SIGTERM)
+    assert pilot.wait(10) == 0 and time.monotonic() - started < 3
