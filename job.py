@@ -13,7 +13,6 @@ network failure, and with --wait 1 when a job did not finish with exit code 0.
 """
 import getpass
 import json
-import os
 import sys
 import time
 import uuid as uuidlib

@@ -5,8 +5,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from collections import Counter
 
 import pytest

@@ -1,6 +1,5 @@
 """Status pages against a real server with real jobs: content, escaping, files, filters, paging."""
 import json
-import os
 import re
 import urllib.error
 import urllib.request
