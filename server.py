@@ -53,7 +53,6 @@ JOB_STATES = ("template", "defined", "dispatched", "running",
 ACTIVE_JOB_STATES = ("dispatched", "running")
 END_JOB_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
 RETRYABLE_STATES = FAILED_STATES = ("failed", "timeout", "pilotTO")
-PILOT_STATES = ("active", "no jobs", "dispatched", "running", "stopped", "lost")
 LIVE_PILOT_STATES = ("active", "no jobs", "dispatched", "running")
 
 
@@ -556,7 +555,6 @@ VERTEX_KEYS = {"payload": "", "env": "{}", "jobtype": "default", "timelimit": "3
 EDGE_KEYS = {"name": "", "dirpath": "", "datatype": "", "datatag": "", "comment": ""}
 GRAPHML_IDS = {**{k: f"d{101 + i}" for i, k in enumerate(VERTEX_KEYS)},
                **{k: f"d{1 + i}" for i, k in enumerate(EDGE_KEYS)}}
-WORKFLOW_STATES = ("template", "defined", "running", "finished", "failed", "cancelled")
 JOBINFO_KEYS = ("payload", "params", "env", "jobtype", "priority", "timeout", "timelimit", "site",
                 "max_attempts", "name")
 EDGE_OVERRIDES = ("name", "dirpath", "datatype", "datatag", "comment")
