@@ -786,13 +786,15 @@ def follow_jobs(conn, wfuuid):
         new = "failed"
     elif set(counts) == {"finished"}:
         new = "finished"
+    elif set(counts) <= set(END_JOB_STATES):        # all ended, some cancelled by a user
+        new = "cancelled"
     elif any(counts.get(s) for s in ("dispatched", "running", "finished")):
         new = "running"
     else:
         return
     if new != wf["state"]:
         t = now()
-        changes = {"ts_sto": t} if new in ("failed", "finished") else {"ts_sta": t}
+        changes = {"ts_sto": t} if new in ("failed", "finished", "cancelled") else {"ts_sta": t}
         sets = ", ".join(f"{k}=COALESCE({k}, ?)" for k in changes)
         if conn.execute(f"UPDATE workflows SET state=?, {sets} WHERE uuid=? AND state=?",
                         (new, *changes.values(), wfuuid, wf["state"])).rowcount:

@@ -228,3 +228,14 @@ def test_cancel_delete_and_workflow_page(p3s):
     assert p3s.api.list_jobs() == [] and p3s.api.list_datasets() == []
     assert p3s.run("workflow.py", "-d", "-w", "dag", "-n", "pair").returncode == 0
     assert p3s.api.list_dags() == []
+
+
+def test_cancelling_a_workflow_job_cancels_its_descendants_and_the_workflow(p3s):
+    register(p3s, "line", graphml([("a", "w", "true", SHELL), ("b", "w", "true", SHELL), ("c", "w", "true", SHELL)],
+                                  [("a", "b", "f", ""), ("b", "c", "g", "")]))
+    wfuuid = start(p3s, "line")
+    a = next(j for j in p3s.api.get_workflow(wfuuid)["jobs"] if j["vertex"] == "a")
+    assert p3s.run("job.py", "-a", "-u", a["uuid"], "-s", "cancelled").returncode == 0
+    wf = p3s.api.get_workflow(wfuuid)
+    assert {j["vertex"]: j["state"] for j in wf["jobs"]} == {"a": "cancelled", "b": "cancelled", "c": "cancelled"}
+    assert wf["state"] == "cancelled" and wf["ts_sto"] is not None
