@@ -1,4 +1,4 @@
-"""Pilots launched by a real (one-machine) Slurm as a job array drain a queue of jobs."""
+"""Pilots launched by a real Slurm (three fake nodes on this machine) as a job array drain a queue."""
 import os
 import shutil
 import subprocess
@@ -21,7 +21,7 @@ def slurm():
     # munged wants o+x on every directory above its socket; pytest's tmp_path is 0700
     base = tempfile.mkdtemp(prefix="p3s-slurm-")
     os.chmod(base, 0o755)
-    env = dict(os.environ, BASE=base, NODES="0", NCPU="8")
+    env = dict(os.environ, BASE=base, NODES="3", NCPU="2")     # fake nodes node1..node3, 2 CPUs each
     up = subprocess.run([os.path.join(HERE, "slurm-up.sh")], capture_output=True, text=True, env=env, timeout=60)
     if up.returncode != 0:
         subprocess.run([os.path.join(HERE, "slurm-down.sh")], env=env, timeout=60)
@@ -50,6 +50,8 @@ def test_slurm_array_of_pilots_drains_the_queue(p3s, slurm, tmp_path):
     pilots = p3s.api.list_pilots()
     assert sorted(p["extra"] for p in pilots) == [f"slurm:{array}_{i}" for i in range(1, 5)]
     assert sum(p["jobs_done"] for p in pilots) == 40
+    hosts = {p["host"] for p in pilots}
+    assert len(hosts) >= 2 and hosts <= {"node1", "node2", "node3"}, hosts   # 4 tasks need 2+ nodes
     wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True,
                                           env=env).stdout.strip(), 60, 0.5, "the array to leave the queue")
     assert {p["state"] for p in p3s.api.list_pilots()} == {"stopped"}, "pilots did not end cleanly"
