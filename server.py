@@ -608,8 +608,8 @@ def clean_vertex(v):
     vertex = {"name": v["id"], "jobtype": as_str(v["jobtype"] or "default", f"{where}: jobtype", max_len=64),
               "payload": as_str(v["payload"], f"{where}: payload"),
               "env": json.dumps(as_env(v["env"] or "{}", f"{where}: env"), sort_keys=True),
-              "timelimit": as_int(v["timelimit"] or "0", f"{where}: timelimit", 0),
-              "priority": as_int(v["priority"] or "0", f"{where}: priority")}
+              "timelimit": as_int(v["timelimit"] or VERTEX_KEYS["timelimit"], f"{where}: timelimit", 0),
+              "priority": as_int(v["priority"] or VERTEX_KEYS["priority"], f"{where}: priority")}
     if vertex["jobtype"] != "noop" and not vertex["payload"].strip():
         raise bad(f"{where}: payload: missing (only noop vertices may have none)")
     return vertex
@@ -745,6 +745,8 @@ def advance_workflow(conn, wfuuid):
     """Release, finish or cancel the template jobs of a workflow whose parents have ended, then
     let the workflow's state follow its jobs. Repeats until nothing moves (noop chains).
     Returns how many jobs became claimable (defined)."""
+    if conn.execute("SELECT state FROM workflows WHERE uuid=?", (wfuuid,)).fetchone()["state"] == "template":
+        return 0                                    # not started: nothing is released yet
     released, moved = 0, True
     while moved:
         moved = False
@@ -1154,6 +1156,9 @@ class Service(WorkflowOps):
             if state is not None and state != job["state"]:
                 if job["state"] not in self.ADJUSTABLE[state]:
                     raise ApiError(409, f"job {uuid}: cannot go from {job['state']} to {state}")
+                if job["wfuuid"] and state != "cancelled":
+                    raise ApiError(409, f"job {uuid}: belongs to workflow {job['wfuuid']}, which releases it "
+                                        "when its parents finish; only cancelled can be set by hand")
                 if state == "cancelled":
                     cancel_job(conn, job, who, "cancelled by user")
                 else:

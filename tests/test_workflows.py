@@ -239,3 +239,21 @@ def test_cancelling_a_workflow_job_cancels_its_descendants_and_the_workflow(p3s)
     wf = p3s.api.get_workflow(wfuuid)
     assert {j["vertex"]: j["state"] for j in wf["jobs"]} == {"a": "cancelled", "b": "cancelled", "c": "cancelled"}
     assert wf["state"] == "cancelled" and wf["ts_sto"] is not None
+
+
+def test_workflow_jobs_are_released_by_their_parents_not_by_hand(p3s):
+    register(p3s, "two", graphml([("a", "w", "true", SHELL), ("b", "w", "true", SHELL)], [("a", "b", "f", "")]))
+    wfuuid = p3s.run("workflow.py", "-a", "two").stdout.strip()          # a template: not started
+    jobs = {j["vertex"]: j["uuid"] for j in p3s.api.get_workflow(wfuuid)["jobs"]}
+    refused = p3s.run("job.py", "-a", "-u", jobs["b"], "-s", "defined")
+    assert refused.returncode == 2 and "releases it when its parents finish" in refused.stderr
+    assert p3s.run("job.py", "-a", "-u", jobs["b"], "-P", "5").returncode == 0
+    assert p3s.run("job.py", "-a", "-u", jobs["b"], "-s", "cancelled").returncode == 0
+    states = {j["vertex"]: j["state"] for j in p3s.api.get_workflow(wfuuid)["jobs"]}
+    assert states == {"a": "template", "b": "cancelled"}, "touching a job started the template workflow"
+
+
+def test_an_empty_timelimit_in_graphml_means_the_default(p3s):
+    text = graphml([("a", "w", "true")], []).replace('<data key="d104">60</data>', '<data key="d104"></data>')
+    register(p3s, "empty", text)
+    assert p3s.api.get_dag("empty")["vertices"][0]["timelimit"] == 3600
