@@ -1626,13 +1626,18 @@ class Views:
         self.private = {os.path.realpath(p) for p in private}   # never served, whatever the roots
 
     # -- summary --------------------------------------------------------------------------------
-    def summary(self, query):
-        t = now()
+    def counts(self):
+        """(jobs by state, jobs by jobtype then state, pilots by state), from the counts tables."""
         by_state, by_type = {}, {}
         for r in self.store.read("SELECT state, jobtype, n FROM job_counts WHERE n > 0"):
             by_state[r["state"]] = by_state.get(r["state"], 0) + r["n"]
             by_type.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
         pilots = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM pilot_counts WHERE n > 0")}
+        return by_state, by_type, pilots
+
+    def summary(self, query):
+        t = now()
+        by_state, by_type, pilots = self.counts()
         return {"time": t, "jobs_by_state": by_state, "jobs_by_jobtype": by_type,
                 "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10),
@@ -1774,11 +1779,10 @@ class Views:
 
     # -- metrics --------------------------------------------------------------------------------
     def metrics(self, query):
-        summary = self.summary(query)
-        counters = dict(self.svc.counters)
+        _, by_type, pilots = self.counts()
         return {"jobs": [{"state": s, "jobtype": jt, "n": n} for jt, states in
-                         sorted(summary["jobs_by_jobtype"].items()) for s, n in sorted(states.items())],
-                "pilots": summary["pilots_by_state"], "counters": counters,
+                         sorted(by_type.items()) for s, n in sorted(states.items())],
+                "pilots": pilots, "counters": dict(self.svc.counters),
                 "claim_latency": self.svc.latency_histogram()}
 
     # -- files ----------------------------------------------------------------------------------
