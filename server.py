@@ -1,12 +1,29 @@
 #!/usr/bin/env python3
 """p3s server: the job, pilot and workflow database behind a small JSON API and HTML pages.
 
-One file, in sections: settings, schema, validation, store (all SQL lives there), brokerage,
-housekeeping, HTTP API, CLI. Standard library only: http.server + sqlite3.
+Standard library only (http.server + sqlite3), one file that runs alone: copy it anywhere and
+`python server.py` works. It reads top-down, and nothing calls forward; its banners, in order:
+
+    Settings                  constants with their unit and reason; the state names
+    Errors and small helpers  ApiError and bad(), StartupError, now(), esc(), median()
+    Schema                    the migrations (PRAGMA user_version), connect(), migrate()
+    Validation                every request field is checked here, before any transaction
+    Store                     connections, the write transaction, guarded transitions,
+                              row lookups and the query helpers of the lists
+    Workflow engine           GraphML, DAG checks, file names, instantiating and advancing DAGs
+    Lifecycle rules           how jobs enter, retry, end, are cancelled or freed from a pilot
+    Service                   the operations behind the API, in sub-banners: brokerage,
+                              workflows, then jobs, pilot protocol, sites and housekeeping
+    Views                     the data behind every page (also the pages' JSON twins)
+    HTML pages                pure renderers: a dict in, an HTML string out
+    HTTP                      the routes and pages tables, Handler, P3SServer
+    CLI                       the token, the options, main()
 
     python server.py                      # 127.0.0.1:8000, ./p3s.db beside this file
     python server.py --port 0 --db /tmp/x.db --token-file /tmp/x.token
 """
+import argparse
+import contextlib
 import hmac
 import html
 import ipaddress
@@ -26,15 +43,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 from xml.etree import ElementTree
 
-from serverAPI import ArgumentParser
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 VERSION = "1.0"
 log = logging.getLogger("p3s.server")
 
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 # Settings
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 DEFAULT_DB = os.path.join(HERE, "p3s.db")
 DEFAULT_FILES_ROOT = os.path.join(HERE, "logs")
 MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
@@ -47,6 +62,7 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)   # claim late
 PURGE_BATCH = 1000                  # rows of each kind one retention pass may delete
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
+MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction)
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
               "finished", "failed", "timeout", "pilotTO", "cancelled")
@@ -56,6 +72,9 @@ RETRYABLE_STATES = FAILED_STATES = ("failed", "timeout", "pilotTO")
 LIVE_PILOT_STATES = ("active", "no jobs", "dispatched", "running")
 
 
+################################################################################################
+# Errors and small helpers
+################################################################################################
 class ApiError(Exception):
     """An error answered to the client as {"error": message} with an HTTP status."""
 
@@ -66,16 +85,34 @@ class ApiError(Exception):
 
 
 def bad(message):
+    """The common error: a 400 naming the field and the problem."""
     return ApiError(400, message)
+
+
+class StartupError(Exception):
+    """The server cannot start as configured (token, schema, ...): main() prints it, exits 2."""
 
 
 def now():
     return time.time()
 
 
-# ----------------------------------------------------------------------------------------------
+def esc(value):
+    """Every value shown on a page or written into GraphML goes through here."""
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def median(values):
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+################################################################################################
 # Schema: PRAGMA user_version counts the migrations applied; each entry moves one version up.
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 MIGRATIONS = [
     """
     CREATE TABLE jobs(
@@ -262,7 +299,7 @@ def migrate(conn):
     """Bring the schema forward from PRAGMA user_version; each step in its own transaction."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version > len(MIGRATIONS):
-        raise SystemExit(f"database schema v{version} is newer than this server (v{len(MIGRATIONS)})")
+        raise StartupError(f"database schema v{version} is newer than this server (v{len(MIGRATIONS)})")
     for step in range(version, len(MIGRATIONS)):
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -276,9 +313,9 @@ def migrate(conn):
     return len(MIGRATIONS)
 
 
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 # Validation: every request field is checked here, so the store only ever sees clean values.
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 def as_int(value, field, minimum=None):
     """Accept ints and the original p3s's numeric strings ("100"); refuse floats, bools, junk."""
     if isinstance(value, bool):
@@ -399,11 +436,31 @@ def validate_submission(body):
     return rows
 
 
-# ----------------------------------------------------------------------------------------------
-# Store: all SQL. Writes go through one lock and one BEGIN IMMEDIATE transaction each, so a
-# transition is a guarded UPDATE plus its events row, atomically.
-# ----------------------------------------------------------------------------------------------
+def parse_age(value, field="age"):
+    """'90', '10m', '1h', '2d' -> seconds."""
+    match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
+    if not match:
+        raise bad(f"{field}: expected a number of seconds or e.g. 10m, 1h, 2d; got {value!r}")
+    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+
+
+################################################################################################
+# Store: connections and the one write transaction. Every write runs in Store.transaction()
+# (one lock, one BEGIN IMMEDIATE), every job state change goes through move_job (a guarded
+# UPDATE plus its events row), and the SQL of an operation sits in the operation that owns its
+# transaction. Below the class: the transitions, row lookups and the lists' query helpers.
+################################################################################################
 class Store:
+    """The database: a pool of connections and one write lock.
+
+    Methods for the caller:
+    - transaction(): `with store.transaction() as conn:` is the one way to write.
+    - write(fn, *args): fn(conn, *args) inside one transaction.
+    - read(sql, args), read_one(sql, args), reading(): reads outside any transaction.
+    - close(): close the pooled connections.
+    Safe to use as a library (bench/pages.py does): errors are exceptions, never exits.
+    """
+
     def __init__(self, path):
         self.path = path
         self.write_lock = threading.Lock()
@@ -418,32 +475,41 @@ class Store:
         except queue.Empty:
             return connect(self.path)
 
-    def read(self, sql, args=()):
+    @contextlib.contextmanager
+    def reading(self):
+        """A pooled connection for several reads; outside a transaction each read sees the
+        latest commit."""
         conn = self._conn()
         try:
-            return conn.execute(sql, args).fetchall()
+            yield conn
         finally:
             self.pool.put(conn)
+
+    def read(self, sql, args=()):
+        with self.reading() as conn:
+            return conn.execute(sql, args).fetchall()
 
     def read_one(self, sql, args=()):
         rows = self.read(sql, args)
         return rows[0] if rows else None
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """The one way to write: the write lock, BEGIN IMMEDIATE, the block, then COMMIT, or
+        ROLLBACK if the block raises. Validate before entering: the lock serialises writers."""
+        with self.reading() as conn, self.write_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
     def write(self, fn, *args):
-        """Run fn(conn, *args) inside one immediate transaction; commit or roll back as a whole."""
-        conn = self._conn()
-        try:
-            with self.write_lock:
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(conn, *args)
-                    conn.execute("COMMIT")
-                    return result
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
-        finally:
-            self.pool.put(conn)
+        """fn(conn, *args) in one transaction, for operations that are a named function."""
+        with self.transaction() as conn:
+            return fn(conn, *args)
 
     def close(self):
         while True:
@@ -489,6 +555,24 @@ def move_pilot(conn, uuid, old_states, new, info="", **fields):
     return row is not None
 
 
+def job_row(conn, uuid):
+    """The job row, or a 404 naming it."""
+    row = conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone()
+    if row is None:
+        raise ApiError(404, f"job {uuid}: no such job")
+    return row
+
+
+def live_pilot(conn, uuid):
+    """The pilot row if it is live: 404 if unknown, 409 if it stopped or was lost."""
+    row = conn.execute("SELECT * FROM pilots WHERE uuid=?", (uuid,)).fetchone()
+    if row is None:
+        raise ApiError(404, f"pilot {uuid}: no such pilot")
+    if row["state"] not in LIVE_PILOT_STATES:
+        raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
+    return row
+
+
 def job_to_dict(row, full=True):
     job = dict(row)
     job.pop("id", None)
@@ -506,51 +590,47 @@ def pilot_to_dict(row):
     return pilot
 
 
-def requeue_or_end(conn, job, end_state, who, info, changes=None):
-    """End a job in end_state, or put it back to `defined` while attempts remain; an ended
-    workflow job moves its workflow on. Returns (the job's new state, how many jobs became
-    claimable), or (None, 0) if the job was no longer in the state `job` says."""
-    if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
-                    pilot=job["pilot"], info=info, changes={**(changes or {}), "ts_sto": now()}):
-        return None, 0
-    if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
-        move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
-                 changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
-                              ts_sto=None))
-        return "defined", 1
-    return end_state, advance_workflow(conn, job["wfuuid"]) if job["wfuuid"] else 0
+PAGE_SIZES = (25, 400)
 
 
-def cancel_job(conn, job, who, info):
-    """Cancel a job wherever it stands; a pilot running it is freed now and kills the payload
-    at its next heartbeat (the job is no longer its own)."""
-    if not move_job(conn, job["uuid"], job["state"], "cancelled", who, attempt=job["attempt"], info=info,
-                    changes={"ts_sto": now()}):
-        return False
-    if job["pilot"] and job["state"] in ACTIVE_JOB_STATES:
-        conn.execute("UPDATE pilots SET job=NULL, state='active' WHERE uuid=? AND job=? AND state IN "
-                     "('dispatched','running')", (job["pilot"], job["uuid"]))
-    return True
+def where_equal(query, filters, extra=()):
+    """(" WHERE a=? AND ...", args) for the query parameters in `filters` that are set; a filter
+    is a column name or a (parameter, column) pair. `extra` adds (condition, arg) pairs."""
+    conds, args = [], []
+    for f in filters:
+        param, column = f if isinstance(f, tuple) else (f, f)
+        if query.get(param):
+            conds.append(f"{column}=?")
+            args.append(query[param])
+    for cond, arg in extra:
+        conds.append(cond)
+        args.append(arg)
+    return (" WHERE " + " AND ".join(conds) if conds else ""), args
 
 
-def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False):
-    """Free the jobs of a pilot that is gone. They end pilotTO (or are retried while attempts
-    remain), except that a job still dispatched to a pilot that deregistered, and so says it
-    never started it, goes back to `defined` as it was. Returns how many became claimable."""
-    released = 0
-    for job in conn.execute("SELECT * FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
-                            (pilot_uuid,)).fetchall():
-        if job["state"] == "dispatched" and never_started:
-            released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
-                                 pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
-        else:
-            released += requeue_or_end(conn, dict(job), "pilotTO", who, why)[1]
-    return released
+def page_window(query):
+    """(limit, offset, page) from ?limit=25..400&page=N."""
+    limit = as_int(query.get("limit", PAGE_SIZES[0]), "limit")
+    if not PAGE_SIZES[0] <= limit <= PAGE_SIZES[1]:
+        raise bad(f"limit: must be between {PAGE_SIZES[0]} and {PAGE_SIZES[1]}, got {limit}")
+    page = as_int(query.get("page", 1), "page", 1)
+    return limit, (page - 1) * limit, page
 
 
-# ----------------------------------------------------------------------------------------------
-# Workflows: GraphML DAG templates, file-name policies and the engine that releases jobs.
-# ----------------------------------------------------------------------------------------------
+def page_of(store, table, query, filters, columns="*"):
+    """One page of `table`, newest first, filtered by equality on the query's `filters` keys."""
+    where, args = where_equal(query, filters)
+    limit, offset, page = page_window(query)
+    rows = store.read(f"SELECT {columns} FROM {table}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
+                      args + [limit + 1, offset])
+    return [dict(r) for r in rows[:limit]], {"page": page, "limit": limit, "more": len(rows) > limit,
+                                             "filters": {k: query[k] for k in filters if query.get(k)}}
+
+
+################################################################################################
+# Workflow engine: GraphML DAG templates, file-name policies, and the functions that copy a
+# DAG into jobs and release them as their parents end. All run inside a caller's transaction.
+################################################################################################
 VERTEX_KEYS = {"payload": "", "env": "{}", "jobtype": "default", "timelimit": "3600", "priority": "0"}
 EDGE_KEYS = {"name": "", "dirpath": "", "datatype": "", "datatag": "", "comment": ""}
 GRAPHML_IDS = {**{k: f"d{101 + i}" for i, k in enumerate(VERTEX_KEYS)},
@@ -741,6 +821,80 @@ def validate_jobinfo(info, vertex_names):
     return info
 
 
+def dag_parts(read, name):
+    """(dag row, vertices, edges) through `read(sql, args)`: a transaction's conn.execute,
+    or the store's read outside one."""
+    dag = list(read("SELECT * FROM dags WHERE name=?", (name,)))
+    if not dag:
+        raise ApiError(404, f"dag {name!r}: no such DAG")
+    vertices = [dict(r) for r in read("SELECT name, payload, env, jobtype, timelimit, priority "
+                                      "FROM dag_vertices WHERE dag=? ORDER BY rowid", (name,))]
+    edges = [dict(r) for r in read("SELECT source, target, name, dirpath, datatype, datatag, comment "
+                                   "FROM dag_edges WHERE dag=? ORDER BY rowid", (name,))]
+    return dict(dag[0]), vertices, edges
+
+
+def instantiate(conn, wf, vertices, edges, fileinfo, jobinfo):
+    """Copy a DAG into template jobs and pending datasets; start it if wf["state"] is defined.
+    `wf` holds uuid, name, dag, description, user, state. Returns how many jobs became
+    claimable."""
+    t = now()
+    extensions = {r["name"]: r["ext"] for r in conn.execute("SELECT name, ext FROM datatypes")}
+    sources = {v["name"] for v in vertices} - {e["target"] for e in edges}
+    files = name_files(edges, fileinfo, extensions, sources)
+    job_uuids = {v["name"]: str(uuidlib.uuid4()) for v in vertices}
+    conn.execute("INSERT INTO workflows(uuid, name, dag, description, user, state, ts_def) "
+                 "VALUES(:uuid, :name, :dag, :description, :user, 'template', :ts)", {**wf, "ts": t})
+    event(conn, "workflow", wf["uuid"], None, "template", wf["user"])
+    for v in vertices:
+        job = validate_job(vertex_job(v, jobinfo.get(v["name"], {}), files, wf["user"]),
+                           f"vertex {v['name']}")
+        job.update(uuid=job_uuids[v["name"]], name=job["name"] or f"{wf['name']}:{v['name']}",
+                   wfuuid=wf["uuid"], vertex=v["name"], ts=t)
+        conn.execute("""
+            INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
+                             site, state, max_attempts, wfuuid, vertex, ts_def)
+            VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
+                   :site, 'template', :max_attempts, :wfuuid, :vertex, :ts)""", job)
+        event(conn, "job", job["uuid"], None, "template", wf["user"], 1)
+    for f in files:
+        conn.execute("""
+            INSERT INTO datasets(uuid, name, dirpath, datatype, datatag, comment, state, origin,
+                                 wfuuid, producer, consumer, ts)
+            VALUES(:uuid, :name, :dirpath, :datatype, :datatag, :comment, 'pending', 'edge',
+                   :wfuuid, :producer, :consumer, :ts)""",
+                     {**f, "uuid": str(uuidlib.uuid4()), "wfuuid": wf["uuid"], "ts": t,
+                      "producer": job_uuids[f["source"]], "consumer": job_uuids[f["target"]]})
+    return start_workflow(conn, wf["uuid"], wf["user"]) if wf["state"] == "defined" else 0
+
+
+def vertex_job(vertex, attrs, files, user):
+    """A vertex as a job description: its attributes, the jobinfo overrides, and a
+    DATATAG=dirpath/name variable for every file it reads or writes."""
+    env = json.loads(vertex["env"])
+    env.update(attrs.get("env") or {})
+    for f in files:
+        if f["datatag"] and vertex["name"] in (f["source"], f["target"]):
+            env[f["datatag"]] = os.path.join(f["dirpath"], f["name"])
+    job = {k: vertex[k] for k in ("payload", "jobtype", "timelimit", "priority")}
+    job.update({k: v for k, v in attrs.items() if k != "env"})
+    if "timeout" in job:
+        job["timelimit"] = job.pop("timeout")
+    job.update(env=env, user=user)
+    if job["jobtype"] == "noop" and not job["payload"]:
+        job["payload"] = "noop"
+    return job
+
+
+def start_workflow(conn, wfuuid, who):
+    """template -> defined, then release its root jobs. Returns how many became claimable."""
+    if conn.execute("UPDATE workflows SET state='defined' WHERE uuid=? AND state='template'",
+                    (wfuuid,)).rowcount != 1:
+        raise ApiError(409, f"workflow {wfuuid}: only a template workflow can be started")
+    event(conn, "workflow", wfuuid, "template", "defined", who)
+    return advance_workflow(conn, wfuuid)
+
+
 def advance_workflow(conn, wfuuid):
     """Release, finish or cancel the template jobs of a workflow whose parents have ended, then
     let the workflow's state follow its jobs. Repeats until nothing moves (noop chains).
@@ -803,10 +957,223 @@ def follow_jobs(conn, wfuuid):
             event(conn, "workflow", wfuuid, wf["state"], new, "workflow")
 
 
-class WorkflowOps:
-    """The workflow half of the Service: DAG templates, workflows, datasets, injection."""
+################################################################################################
+# Lifecycle rules: how a job enters, is retried or ends, is cancelled, or is freed from a
+# pilot that is gone. Each runs inside a caller's transaction.
+################################################################################################
+def insert_jobs(conn, rows, who=""):
+    """Store validated jobs; a uuid already known (a retried submission) is stored once.
+    A defined `noop` job needs no pilot: it is stored finished. Returns the uuids."""
+    t = now()
+    for r in rows:
+        done = r["jobtype"] == "noop" and r["state"] == "defined"
+        row = dict(r, state="finished" if done else r["state"], exit_code=0 if done else None,
+                   ts_def=t, ts_sto=t if done else None)
+        cur = conn.execute("""
+            INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
+                             site, state, max_attempts, infile, exit_code, ts_def, ts_sto)
+            VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
+                   :site, :state, :max_attempts, :infile, :exit_code, :ts_def, :ts_sto)
+            ON CONFLICT(uuid) DO NOTHING""", row)
+        if cur.rowcount:
+            event(conn, "job", r["uuid"], None, row["state"], r["user"] or who, 1)
+    return [r["uuid"] for r in rows]
 
-    # -- DAG templates --------------------------------------------------------------------------
+
+
+def requeue_or_end(conn, job, end_state, who, info, changes=None):
+    """End a job in end_state, or put it back to `defined` while attempts remain; an ended
+    workflow job moves its workflow on. Returns (the job's new state, how many jobs became
+    claimable), or (None, 0) if the job was no longer in the state `job` says."""
+    if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
+                    pilot=job["pilot"], info=info, changes={**(changes or {}), "ts_sto": now()}):
+        return None, 0
+    if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
+        move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
+                 changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
+                              ts_sto=None))
+        return "defined", 1
+    return end_state, advance_workflow(conn, job["wfuuid"]) if job["wfuuid"] else 0
+
+
+def cancel_job(conn, job, who, info):
+    """Cancel a job wherever it stands; a pilot running it is freed now and kills the payload
+    at its next heartbeat (the job is no longer its own)."""
+    if not move_job(conn, job["uuid"], job["state"], "cancelled", who, attempt=job["attempt"], info=info,
+                    changes={"ts_sto": now()}):
+        return False
+    if job["pilot"] and job["state"] in ACTIVE_JOB_STATES:
+        conn.execute("UPDATE pilots SET job=NULL, state='active' WHERE uuid=? AND job=? AND state IN "
+                     "('dispatched','running')", (job["pilot"], job["uuid"]))
+    return True
+
+
+def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False):
+    """Free the jobs of a pilot that is gone. They end pilotTO (or are retried while attempts
+    remain), except that a job still dispatched to a pilot that deregistered, and so says it
+    never started it, goes back to `defined` as it was. Returns how many became claimable."""
+    released = 0
+    for job in conn.execute("SELECT * FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
+                            (pilot_uuid,)).fetchall():
+        if job["state"] == "dispatched" and never_started:
+            released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
+                                 pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
+        else:
+            released += requeue_or_end(conn, dict(job), "pilotTO", who, why)[1]
+    return released
+
+
+################################################################################################
+# Service: the operations behind the API, each one validated request and one transaction.
+# Brokerage and workflows are classes of their own; Service holds the rest and both of them.
+################################################################################################
+
+# -- Service: brokerage ---------------------------------------------------------------------------
+class Broker:
+    """Brokerage: hands the best eligible job to a pilot in one transaction, and wakes pilots
+    waiting in a long poll when work may have become claimable.
+
+    Methods for the caller:
+    - request_job(pilot_uuid, body): a pilot's job request (its API route), long-polled.
+    - notify_work(jobs=None): call after a committed transaction made `jobs` jobs claimable;
+      None wakes every waiting request (a directive, or shutdown).
+    - stop(): end every long poll now; the server is shutting down.
+    - count(name), latency_histogram(), counters: the figures /metrics shows.
+    """
+
+    def __init__(self, store):
+        self.store = store
+        self.work = threading.Condition()   # notified when a job may have become claimable
+        self.generation = 0
+        self.waiting = 0                    # job requests blocked on self.work
+        self.passes = 0                     # wake-ups a request that found nothing may pass on
+        self.stopping = threading.Event()
+        self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0}
+        self.counters_lock = threading.Lock()   # request threads count concurrently
+        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)    # claim latency histogram, last = +Inf
+        self.latency_sum = 0.0
+
+    def request_job(self, pilot_uuid, body):
+        check_keys(body, "request", ("wait",))
+        wait = min(as_number(body.get("wait", 0), "wait", 0), MAX_WAIT)
+        deadline = now() + wait
+        woken = False
+        while True:
+            with self.work:
+                generation = self.generation
+            job, directive = self.store.write(self.claim, pilot_uuid)
+            if job is not None:
+                self.count_claim(job)
+                return {"job": job, "directive": None}
+            if directive or self.stopping.is_set():
+                return {"job": None, "directive": directive}
+            with self.work:
+                if woken and self.passes > 0:       # woken for a job that is not ours: pass it on
+                    self.passes -= 1
+                    self.work.notify(1)
+                while self.generation == generation and not self.stopping.is_set():
+                    left = deadline - now()
+                    if left <= 0:
+                        self.count("empty_polls")
+                        return {"job": None, "directive": None}
+                    self.waiting += 1
+                    try:
+                        self.work.wait(left)
+                    finally:
+                        self.waiting -= 1
+                woken = True
+
+    def claim(self, conn, pilot_uuid):
+        """Hand the pilot its job: the one already dispatched to it (an answer it never got),
+        else the best eligible defined job. One transaction. Returns (job or None, directive)."""
+        pilot = live_pilot(conn, pilot_uuid)
+        if pilot["directive"] in ("stop", "drain"):     # told to go: it gets no more work
+            return None, pilot["directive"]
+        return self.pick(conn, pilot), None
+
+    @staticmethod
+    def pick(conn, pilot):
+        """The job dispatched to this pilot already, else the best defined job it may take,
+        now dispatched to it; None (the pilot marked `no jobs`) when there is none."""
+        pilot_uuid = pilot["uuid"]
+        t = now()
+        job = conn.execute("SELECT * FROM jobs WHERE pilot=? AND state='dispatched'",
+                           (pilot_uuid,)).fetchone()
+        if job is None:
+            jobtypes = json.loads(pilot["jobtypes"])
+            cond = ["state='defined'", "(site='' OR site=?)"]
+            args = [pilot["site"]]
+            if jobtypes:
+                cond.append("jobtype IN (%s)" % ",".join("?" * len(jobtypes)))
+                args += jobtypes
+            best = ("SELECT id FROM jobs WHERE " + " AND ".join(cond) +
+                    " ORDER BY priority DESC, ts_def, id LIMIT 1")
+            job = conn.execute(f"UPDATE jobs SET state='dispatched', pilot=?, ts_dis=?, host=? "
+                               f"WHERE id=({best}) AND state='defined' RETURNING *",
+                               [pilot_uuid, t, pilot["host"], *args]).fetchone()
+            if job is None:     # woken with nothing for it: write only if its state changes
+                if pilot["state"] != "no jobs":
+                    move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=t)
+                return None
+            event(conn, "job", job["uuid"], "defined", "dispatched", pilot_uuid, job["attempt"])
+        move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=t)
+        return job_to_dict(job)
+
+    def notify_work(self, jobs=None):
+        """Wake waiting job requests: one per newly claimable job (all of them when `jobs` is
+        None: a directive or shutdown concerns every pilot). A request woken for a job its pilot
+        may not take passes the wake-up on, at most once per waiting request, so such a job still
+        reaches a pilot that may."""
+        if jobs == 0:
+            return
+        with self.work:
+            self.generation += 1
+            if jobs is None:
+                self.work.notify_all()
+            else:
+                self.passes = self.waiting
+                self.work.notify(jobs)
+
+    def stop(self):
+        self.stopping.set()
+        self.notify_work()
+
+    def count(self, name):
+        with self.counters_lock:
+            self.counters[name] += 1
+
+    def count_claim(self, job):
+        waited = max(0.0, job["ts_dis"] - job["ts_def"])
+        with self.counters_lock:
+            self.counters["claims"] += 1
+            self.latency_sum += waited
+            self.latency[next((i for i, le in enumerate(LATENCY_BUCKETS) if waited <= le),
+                              len(LATENCY_BUCKETS))] += 1
+
+    def latency_histogram(self):
+        cumulative, buckets = 0, []
+        for le, n in zip(list(LATENCY_BUCKETS) + ["+Inf"], self.latency):
+            cumulative += n
+            buckets.append((le, cumulative))
+        return {"buckets": buckets, "sum": self.latency_sum, "count": cumulative}
+
+
+# -- Service: workflows ---------------------------------------------------------------------------
+class Workflows:
+    """The workflow operations of the API: DAG templates, workflows, datasets, injection.
+
+    It needs the store and the broker, passed explicitly: every operation that makes jobs
+    claimable calls broker.notify_work after its transaction commits.
+
+    Methods for the caller (each one request): add_dag, get_dag, dag_graphml, list_dags,
+    delete_dag; create_workflow, set_workflow_state, get_workflow, list_workflows,
+    delete_workflow; inject, list_datasets, list_datatypes, define_datatype.
+    """
+
+    def __init__(self, store, broker):
+        self.store, self.broker = store, broker
+
+    # -- DAG templates ----------------------------------------------------------------------------
     def add_dag(self, body):
         check_keys(body, "dag", ("name", "description", "graphml"))
         name = as_str(body.get("name", ""), "name", allow_empty=False, max_len=128)
@@ -814,8 +1181,7 @@ class WorkflowOps:
             raise bad(f"name: {name!r} must not contain '/'")
         description = as_str(body.get("description", ""), "description", max_len=4096)
         vertices, edges = parse_graphml(as_str(body.get("graphml", ""), "graphml", False, MAX_BODY))
-
-        def insert(conn):
+        with self.store.transaction() as conn:
             if conn.execute("SELECT 1 FROM dags WHERE name=?", (name,)).fetchone():
                 raise ApiError(409, f"name: a DAG called {name!r} exists already")
             conn.execute("INSERT INTO dags(name, description, ts) VALUES(?,?,?)", (name, description, now()))
@@ -825,29 +1191,14 @@ class WorkflowOps:
             conn.executemany("INSERT INTO dag_edges(dag,source,target,name,dirpath,datatype,datatag,comment) "
                              "VALUES(:dag,:source,:target,:name,:dirpath,:datatype,:datatag,:comment)",
                              [{**e, "dag": name} for e in edges])
-
-        self.store.write(insert)
         return self.get_dag(name)
 
-    @staticmethod
-    def dag_parts(read, name):
-        """(dag row, vertices, edges) through `read(sql, args)`: a transaction's conn.execute,
-        or the store's read outside one."""
-        dag = list(read("SELECT * FROM dags WHERE name=?", (name,)))
-        if not dag:
-            raise ApiError(404, f"dag {name!r}: no such DAG")
-        vertices = [dict(r) for r in read("SELECT name, payload, env, jobtype, timelimit, priority "
-                                          "FROM dag_vertices WHERE dag=? ORDER BY rowid", (name,))]
-        edges = [dict(r) for r in read("SELECT source, target, name, dirpath, datatype, datatag, comment "
-                                       "FROM dag_edges WHERE dag=? ORDER BY rowid", (name,))]
-        return dict(dag[0]), vertices, edges
-
     def get_dag(self, name):
-        dag, vertices, edges = self.dag_parts(self.store.read, name)
+        dag, vertices, edges = dag_parts(self.store.read, name)
         return {**dag, "vertices": vertices, "edges": edges}
 
     def dag_graphml(self, name):
-        _, vertices, edges = self.dag_parts(self.store.read, name)
+        _, vertices, edges = dag_parts(self.store.read, name)
         return {"name": name, "graphml": to_graphml(vertices, edges)}
 
     def list_dags(self):
@@ -856,112 +1207,55 @@ class WorkflowOps:
             "(SELECT COUNT(*) FROM workflows w WHERE w.dag=d.name) AS workflows FROM dags d ORDER BY d.name")]}
 
     def delete_dag(self, name):
-        def remove(conn):
-            self.dag_parts(conn.execute, name)
+        with self.store.transaction() as conn:
+            dag_parts(conn.execute, name)
             live = conn.execute("SELECT COUNT(*) FROM workflows WHERE dag=? AND state IN ('defined','running')",
                                 (name,)).fetchone()[0]
             if live:
                 raise ApiError(409, f"dag {name!r}: {live} workflow(s) made from it are still running")
             conn.execute("DELETE FROM dags WHERE name=?", (name,))
             event(conn, "dag", name, None, "deleted")
-            return {"deleted": name}
+        return {"deleted": name}
 
-        return self.store.write(remove)
-
-    # -- workflows ------------------------------------------------------------------------------
+    # -- workflows --------------------------------------------------------------------------------
     def create_workflow(self, body, who):
         check_keys(body, "workflow", ("uuid", "dag", "name", "description", "state", "fileinfo", "jobinfo", "user"))
-        wfuuid = as_uuid(body["uuid"], "uuid") if "uuid" in body else str(uuidlib.uuid4())
         dag_name = as_str(body.get("dag", ""), "dag", allow_empty=False, max_len=128)
-        state = as_choice(body.get("state", "template"), "state", ("template", "defined"))
-        user = as_str(body.get("user", ""), "user", max_len=64)
-        description = as_str(body.get("description", ""), "description", max_len=4096)
-        wf_name = as_str(body.get("name") or dag_name, "name", max_len=256)
-
-        def create(conn):
-            if conn.execute("SELECT 1 FROM workflows WHERE uuid=?", (wfuuid,)).fetchone():
-                return 0    # a creation repeated because its answer was lost: made once already
-            _, vertices, edges = self.dag_parts(conn.execute, dag_name)
-            return self.instantiate(conn, wfuuid, dag_name, wf_name, description, user, state, vertices, edges,
-                                    validate_fileinfo(body.get("fileinfo"), edges),
-                                    validate_jobinfo(body.get("jobinfo"), [v["name"] for v in vertices]))
-
-        released = self.store.write(create)
-        if released:
-            self.notify_work(released)
-        return self.get_workflow(wfuuid)
-
-    def instantiate(self, conn, wfuuid, dag, name, description, user, state, vertices, edges, fileinfo, jobinfo):
-        """Copy a DAG into template jobs and pending datasets; start it if state is defined.
-        Returns how many jobs became claimable."""
-        t = now()
-        extensions = {r["name"]: r["ext"] for r in conn.execute("SELECT name, ext FROM datatypes")}
-        sources = {v["name"] for v in vertices} - {e["target"] for e in edges}
-        files = name_files(edges, fileinfo, extensions, sources)
-        job_uuids = {v["name"]: str(uuidlib.uuid4()) for v in vertices}
-        conn.execute("INSERT INTO workflows(uuid,name,dag,description,user,state,ts_def) VALUES(?,?,?,?,?,?,?)",
-                     (wfuuid, name, dag, description, user, "template", t))
-        event(conn, "workflow", wfuuid, None, "template", user)
-        for v in vertices:
-            job = validate_job(self.vertex_job(v, jobinfo.get(v["name"], {}), files, user), f"vertex {v['name']}")
-            conn.execute("INSERT INTO jobs(uuid,name,user,jobtype,payload,params,env,priority,timelimit,site,"
-                         "state,max_attempts,wfuuid,vertex,ts_def) VALUES(?,?,?,?,?,?,?,?,?,?,'template',?,?,?,?)",
-                         (job_uuids[v["name"]], job["name"] or f"{name}:{v['name']}", user, job["jobtype"],
-                          job["payload"], job["params"], job["env"], job["priority"], job["timelimit"],
-                          job["site"], job["max_attempts"], wfuuid, v["name"], t))
-            event(conn, "job", job_uuids[v["name"]], None, "template", user, 1)
-        for f in files:
-            conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,datatag,comment,state,origin,wfuuid,"
-                         "producer,consumer,ts) VALUES(?,?,?,?,?,?,'pending','edge',?,?,?,?)",
-                         (str(uuidlib.uuid4()), f["name"], f["dirpath"], f["datatype"], f["datatag"], f["comment"],
-                          wfuuid, job_uuids[f["source"]], job_uuids[f["target"]], t))
-        return self.start_workflow(conn, wfuuid) if state == "defined" else 0
-
-    @staticmethod
-    def vertex_job(vertex, attrs, files, user):
-        """A vertex as a job description: its attributes, the jobinfo overrides, and a
-        DATATAG=dirpath/name variable for every file it reads or writes."""
-        env = json.loads(vertex["env"])
-        env.update(attrs.get("env") or {})
-        for f in files:
-            if f["datatag"] and vertex["name"] in (f["source"], f["target"]):
-                env[f["datatag"]] = os.path.join(f["dirpath"], f["name"])
-        job = {k: vertex[k] for k in ("payload", "jobtype", "timelimit", "priority")}
-        job.update({k: v for k, v in attrs.items() if k != "env"})
-        if "timeout" in job:
-            job["timelimit"] = job.pop("timeout")
-        job.update(env=env, user=user)
-        if job["jobtype"] == "noop" and not job["payload"]:
-            job["payload"] = "noop"
-        return job
-
-    def start_workflow(self, conn, wfuuid):
-        if conn.execute("UPDATE workflows SET state='defined' WHERE uuid=? AND state='template'",
-                        (wfuuid,)).rowcount != 1:
-            raise ApiError(409, f"workflow {wfuuid}: only a template workflow can be started")
-        event(conn, "workflow", wfuuid, "template", "defined", "user")
-        return advance_workflow(conn, wfuuid)
+        wf = {"uuid": as_uuid(body["uuid"], "uuid") if "uuid" in body else str(uuidlib.uuid4()),
+              "dag": dag_name,
+              "state": as_choice(body.get("state", "template"), "state", ("template", "defined")),
+              "user": as_str(body.get("user", ""), "user", max_len=64),
+              "description": as_str(body.get("description", ""), "description", max_len=4096),
+              "name": as_str(body.get("name") or dag_name, "name", max_len=256)}
+        released = 0
+        with self.store.transaction() as conn:
+            # A creation repeated because its answer was lost was made once already.
+            if not conn.execute("SELECT 1 FROM workflows WHERE uuid=?", (wf["uuid"],)).fetchone():
+                _, vertices, edges = dag_parts(conn.execute, dag_name)
+                released = instantiate(conn, wf, vertices, edges,
+                                       validate_fileinfo(body.get("fileinfo"), edges),
+                                       validate_jobinfo(body.get("jobinfo"), [v["name"] for v in vertices]))
+        self.broker.notify_work(released)
+        return self.get_workflow(wf["uuid"])
 
     def set_workflow_state(self, wfuuid, body, who):
         check_keys(body, "workflow", ("state",))
         state = as_choice(body.get("state"), "state", ("defined", "cancelled"))
-
-        def apply(conn):
+        released = 0
+        with self.store.transaction() as conn:
             wf = self.workflow_row(conn, wfuuid)
             if state == "defined":
-                return self.start_workflow(conn, wfuuid)
-            if wf["state"] in ("finished", "failed", "cancelled"):
+                released = start_workflow(conn, wfuuid, who)
+            elif wf["state"] in ("finished", "failed", "cancelled"):
                 raise ApiError(409, f"workflow {wfuuid}: is {wf['state']} already")
-            for job in conn.execute("SELECT uuid, state, attempt, pilot FROM jobs WHERE wfuuid=? AND state IN "
-                                    "('template','defined','dispatched','running')", (wfuuid,)).fetchall():
-                cancel_job(conn, job, who, "workflow cancelled")
-            conn.execute("UPDATE workflows SET state='cancelled', ts_sto=? WHERE uuid=?", (now(), wfuuid))
-            event(conn, "workflow", wfuuid, wf["state"], "cancelled", who)
-            return 0
-
-        released = self.store.write(apply)
-        if released:
-            self.notify_work(released)
+            else:
+                for job in conn.execute("SELECT uuid, state, attempt, pilot FROM jobs WHERE wfuuid=? AND "
+                                        "state IN ('template','defined','dispatched','running')",
+                                        (wfuuid,)).fetchall():
+                    cancel_job(conn, job, who, "workflow cancelled")
+                conn.execute("UPDATE workflows SET state='cancelled', ts_sto=? WHERE uuid=?", (now(), wfuuid))
+                event(conn, "workflow", wfuuid, wf["state"], "cancelled", who)
+        self.broker.notify_work(released)
         return self.get_workflow(wfuuid)
 
     @staticmethod
@@ -988,7 +1282,7 @@ class WorkflowOps:
         return {"workflows": rows, **paging}
 
     def delete_workflow(self, wfuuid, who):
-        def remove(conn):
+        with self.store.transaction() as conn:
             self.workflow_row(conn, wfuuid)
             active = conn.execute("SELECT COUNT(*) FROM jobs WHERE wfuuid=? AND state IN ('dispatched','running')",
                                   (wfuuid,)).fetchone()[0]
@@ -998,11 +1292,9 @@ class WorkflowOps:
             conn.execute("DELETE FROM datasets WHERE wfuuid=?", (wfuuid,))
             conn.execute("DELETE FROM workflows WHERE uuid=?", (wfuuid,))
             event(conn, "workflow", wfuuid, None, "deleted", who)
-            return {"deleted": wfuuid}
+        return {"deleted": wfuuid}
 
-        return self.store.write(remove)
-
-    # -- data -----------------------------------------------------------------------------------
+    # -- data -------------------------------------------------------------------------------------
     def inject(self, body, who):
         """Register a new data file once (the server decides, by dirpath and name) and start its
         work in the same transaction: a workflow of `dag`, or the given `jobs`."""
@@ -1013,31 +1305,35 @@ class WorkflowOps:
         user = as_str(body.get("user", ""), "user", max_len=64)
         if ("dag" in body) == ("jobs" in body):
             raise bad("inject: give either dag or jobs")
+        dag_name = None if "jobs" in body else as_str(body["dag"], "dag", allow_empty=False)
         path = os.path.join(dirpath, name)
         jobs = validate_submission({"jobs": body["jobs"]}) if "jobs" in body else None
+        with self.store.transaction() as conn:
+            result, released = self.start_work_for(conn, name, dirpath, body.get("datatype", ""), size,
+                                                   jobs, dag_name, user, who)
+        self.broker.notify_work(released)
+        return {"path": path, **result}
 
-        def register(conn):
-            cur = conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,state,origin,size,ts) "
-                               "VALUES(?,?,?,?,'ready','injected',?,?) ON CONFLICT DO NOTHING",
-                               (str(uuidlib.uuid4()), name, dirpath, body.get("datatype", ""), size, now()))
-            if not cur.rowcount:
-                return {"registered": False, "path": path}, 0
-            if jobs is not None:
-                self.insert_jobs(conn, jobs, user or who)
-                return {"registered": True, "path": path, "jobs": [j["uuid"] for j in jobs]}, len(jobs)
-            dag_name = as_str(body["dag"], "dag", allow_empty=False)
-            _, vertices, edges = self.dag_parts(conn.execute, dag_name)
-            wfuuid = str(uuidlib.uuid4())
-            released = self.instantiate(conn, wfuuid, dag_name, f"{dag_name}:{name}", f"injected {path}", user,
-                                        "defined", vertices, edges, f"inherit:{path}", {})
-            conn.execute("UPDATE datasets SET wfuuid=? WHERE origin='injected' AND dirpath=? AND name=?",
-                         (wfuuid, dirpath, name))
-            return {"registered": True, "path": path, "workflow": wfuuid}, released
-
-        result, released = self.store.write(register)
-        if released:
-            self.notify_work(released)
-        return result
+    @staticmethod
+    def start_work_for(conn, name, dirpath, datatype, size, jobs, dag_name, user, who):
+        """Register the file; if it is new, submit `jobs` (owned by `user`, else `who`) or a
+        workflow of `dag_name` for it. Returns (what was done, how many jobs became claimable)."""
+        cur = conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,state,origin,size,ts) "
+                           "VALUES(?,?,?,?,'ready','injected',?,?) ON CONFLICT DO NOTHING",
+                           (str(uuidlib.uuid4()), name, dirpath, datatype, size, now()))
+        if not cur.rowcount:
+            return {"registered": False}, 0
+        if jobs is not None:
+            insert_jobs(conn, jobs, user or who)
+            return {"registered": True, "jobs": [j["uuid"] for j in jobs]}, len(jobs)
+        _, vertices, edges = dag_parts(conn.execute, dag_name)
+        path = os.path.join(dirpath, name)
+        wf = {"uuid": str(uuidlib.uuid4()), "dag": dag_name, "name": f"{dag_name}:{name}",
+              "description": f"injected {path}", "user": user, "state": "defined"}
+        released = instantiate(conn, wf, vertices, edges, f"inherit:{path}", {})
+        conn.execute("UPDATE datasets SET wfuuid=? WHERE origin='injected' AND dirpath=? AND name=?",
+                     (wf["uuid"], dirpath, name))
+        return {"registered": True, "workflow": wf["uuid"]}, released
 
     def list_datasets(self, query):
         rows, paging = page_of(self.store, "datasets", query, ("state", "origin", "wfuuid", "datatype"))
@@ -1055,59 +1351,42 @@ class WorkflowOps:
         return {"name": name, "ext": ext}
 
 
-# ----------------------------------------------------------------------------------------------
-# Service: the operations behind the API, each one transaction.
-# ----------------------------------------------------------------------------------------------
-class Service(WorkflowOps):
+# -- Service: jobs, pilot protocol, sites, housekeeping -------------------------------------------
+class Service:
+    """The operations behind the API routes that are not brokerage or workflows: jobs, the
+    pilot protocol (register, report, heartbeat, stop, directives), sites and housekeeping.
+
+    Methods for the caller: one per route (see ROUTES), each validating its request before
+    one transaction; housekeeping_loop() for the housekeeping thread; stop() at shutdown.
+    Attributes: store, broker (Broker) and workflows (Workflows), which the routes reach
+    as "broker.request_job", "workflows.add_dag", ...
+    """
+
     def __init__(self, store, hk_period=2.0, retention_days=0):
         self.store = store
+        self.broker = Broker(store)
+        self.workflows = Workflows(store, self.broker)
         self.hk_period = hk_period
         self.retention_days = retention_days
         self.started = now()
         self.last_tidy = self.started
-        self.work = threading.Condition()   # notified when a job may have become claimable
-        self.generation = 0
-        self.waiting = 0                    # job requests blocked on self.work
-        self.passes = 0                     # wake-ups a request that found nothing may pass on
-        self.stopping = threading.Event()
-        self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0}
-        self.counters_lock = threading.Lock()   # request threads count concurrently
-        self.latency = [0] * (len(LATENCY_BUCKETS) + 1)    # claim latency histogram, last = +Inf
-        self.latency_sum = 0.0
 
-    # -- jobs ---------------------------------------------------------------------------------
+    def stop(self):
+        """Shutdown: end the housekeeping loop and every long poll."""
+        self.broker.stop()
+
+    # -- jobs -------------------------------------------------------------------------------------
     def submit(self, body, who):
         rows = validate_submission(body)
-        uuids = self.store.write(self.insert_jobs, rows, who)
-        self.notify_work(sum(r["state"] == "defined" and r["jobtype"] != "noop" for r in rows))
+        uuids = self.store.write(insert_jobs, rows, who)
+        self.broker.notify_work(sum(r["state"] == "defined" and r["jobtype"] != "noop" for r in rows))
         return {"uuids": uuids}
 
-    @staticmethod
-    def insert_jobs(conn, rows, who=""):
-        """Store validated jobs; a uuid already known (a retried submission) is stored once.
-        A defined `noop` job needs no pilot: it is stored finished."""
-        for r in rows:
-            if r["jobtype"] == "noop" and r["state"] == "defined":
-                r = dict(r, state="finished")
-            cur = conn.execute(
-                "INSERT INTO jobs(uuid,name,user,jobtype,payload,params,env,priority,timelimit,"
-                "site,state,max_attempts,infile,exit_code,ts_def,ts_sto) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
-                "ON CONFLICT(uuid) DO NOTHING",
-                (r["uuid"], r["name"], r["user"], r["jobtype"], r["payload"], r["params"],
-                 r["env"], r["priority"], r["timelimit"], r["site"], r["state"],
-                 r["max_attempts"], r["infile"], 0 if r["state"] == "finished" else None, now(),
-                 now() if r["state"] == "finished" else None))
-            if cur.rowcount:
-                event(conn, "job", r["uuid"], None, r["state"], r["user"] or who, 1)
-        return [r["uuid"] for r in rows]
-
     def get_job(self, uuid):
-        row = self.store.read_one("SELECT * FROM jobs WHERE uuid=?", (uuid,))
-        if row is None:
-            raise ApiError(404, f"job {uuid}: no such job")
-        job = job_to_dict(row)
-        job["events"] = [dict(e) for e in self.store.read(
-            "SELECT ts, old, new, who, attempt, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
+        with self.store.reading() as conn:
+            job = job_to_dict(job_row(conn, uuid))
+            job["events"] = [dict(e) for e in conn.execute(
+                "SELECT ts, old, new, who, attempt, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
         return job
 
     def list_jobs(self, query):
@@ -1144,53 +1423,49 @@ class Service(WorkflowOps):
         if state is not None:
             as_choice(state, "state", tuple(self.ADJUSTABLE))
         priority = as_int(body["priority"], "priority") if "priority" in body else None
-
-        def apply(conn):
-            job = conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone()
-            if job is None:
-                raise ApiError(404, f"job {uuid}: no such job")
+        with self.store.transaction() as conn:
+            job = job_row(conn, uuid)
             if priority is not None:
                 if job["state"] in END_JOB_STATES and state is None:
                     raise ApiError(409, f"job {uuid}: is {job['state']}; priority of an ended job cannot change")
                 conn.execute("UPDATE jobs SET priority=? WHERE uuid=?", (priority, uuid))
             if state is not None and state != job["state"]:
-                if job["state"] not in self.ADJUSTABLE[state]:
-                    raise ApiError(409, f"job {uuid}: cannot go from {job['state']} to {state}")
-                if job["wfuuid"] and state != "cancelled":
-                    raise ApiError(409, f"job {uuid}: belongs to workflow {job['wfuuid']}, which releases it "
-                                        "when its parents finish; only cancelled can be set by hand")
-                if state == "cancelled":
-                    cancel_job(conn, job, who, "cancelled by user")
-                else:
-                    fields = {}
-                    if state == "defined" and job["state"] in END_JOB_STATES:   # a resubmission
-                        fields = dict(attempt=job["attempt"] + 1, pilot=None, exit_code=None,
-                                      ts_dis=None, ts_sta=None, ts_sto=None, ts_def=now())
-                    move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"], info="adjusted",
-                             changes=fields)
-                if job["wfuuid"]:
-                    advance_workflow(conn, job["wfuuid"])
-            return job_to_dict(conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone(), False)
-
-        result = self.store.write(apply)
+                self.move_by_hand(conn, job, state, who)
+            result = job_to_dict(job_row(conn, uuid), False)
         if result["state"] == "defined":
-            self.notify_work(1)
+            self.broker.notify_work(1)
         return result
 
+    def move_by_hand(self, conn, job, state, who):
+        """A user's state change: cancel, hold (template), or release or resubmit (defined)."""
+        uuid = job["uuid"]
+        if job["state"] not in self.ADJUSTABLE[state]:
+            raise ApiError(409, f"job {uuid}: cannot go from {job['state']} to {state}")
+        if job["wfuuid"] and state != "cancelled":
+            raise ApiError(409, f"job {uuid}: belongs to workflow {job['wfuuid']}, which releases it "
+                                "when its parents finish; only cancelled can be set by hand")
+        if state == "cancelled":
+            cancel_job(conn, job, who, "cancelled by user")
+        else:
+            fields = {}
+            if state == "defined" and job["state"] in END_JOB_STATES:   # a resubmission
+                fields = dict(attempt=job["attempt"] + 1, pilot=None, exit_code=None,
+                              ts_dis=None, ts_sta=None, ts_sto=None, ts_def=now())
+            move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"], info="adjusted",
+                     changes=fields)
+        if job["wfuuid"]:
+            advance_workflow(conn, job["wfuuid"])
+
     def delete_job(self, uuid, who):
-        def remove(conn):
-            job = conn.execute("SELECT state FROM jobs WHERE uuid=?", (uuid,)).fetchone()
-            if job is None:
-                raise ApiError(404, f"job {uuid}: no such job")
+        with self.store.transaction() as conn:
+            job = job_row(conn, uuid)
             if job["state"] in ACTIVE_JOB_STATES:
                 raise ApiError(409, f"job {uuid}: is {job['state']}; cancel it before deleting it")
             conn.execute("DELETE FROM jobs WHERE uuid=? AND state=?", (uuid, job["state"]))
             event(conn, "job", uuid, job["state"], "deleted", who)
-            return {"deleted": uuid}
+        return {"deleted": uuid}
 
-        return self.store.write(remove)
-
-    # -- pilots -------------------------------------------------------------------------------
+    # -- pilot protocol ---------------------------------------------------------------------------
     def register(self, body):
         check_keys(body, "register", ("uuid", "host", "pid", "site", "jobtypes", "extra", "heartbeat"))
         jobtypes = body.get("jobtypes", [])
@@ -1207,124 +1482,14 @@ class Service(WorkflowOps):
         site = self.site_defaults(pilot["site"]) or {}
         default_beat = site.get("heartbeat") or DEFAULT_HEARTBEAT
         pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1)
-
-        def insert(conn):
-            t = now()
+        with self.store.transaction() as conn:
             if conn.execute("INSERT INTO pilots(uuid,host,pid,site,jobtypes,extra,heartbeat,state,ts_reg,ts_beat)"
                             " VALUES(:uuid,:host,:pid,:site,:jobtypes,:extra,:heartbeat,'active',:t,:t)"
-                            " ON CONFLICT(uuid) DO NOTHING", {**pilot, "t": t}).rowcount:
+                            " ON CONFLICT(uuid) DO NOTHING", {**pilot, "t": now()}).rowcount:
                 event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
             else:   # a registration repeated because its answer was lost: the same pilot, once
-                self._pilot(conn, pilot["uuid"])
-
-        self.store.write(insert)
+                live_pilot(conn, pilot["uuid"])
         return {"uuid": pilot["uuid"], "heartbeat": pilot["heartbeat"], "site": site or None}
-
-    def _pilot(self, conn, uuid):
-        row = conn.execute("SELECT * FROM pilots WHERE uuid=?", (uuid,)).fetchone()
-        if row is None:
-            raise ApiError(404, f"pilot {uuid}: no such pilot")
-        if row["state"] not in LIVE_PILOT_STATES:
-            raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
-        return row
-
-    def claim(self, conn, pilot_uuid):
-        """Hand the pilot its job: the one already dispatched to it (an answer it never got),
-        else the best eligible defined job. One transaction. Returns (job or None, directive)."""
-        pilot = self._pilot(conn, pilot_uuid)
-        if pilot["directive"] in ("stop", "drain"):     # told to go: it gets no more work
-            return None, pilot["directive"]
-        return self.pick(conn, pilot), None
-
-    @staticmethod
-    def pick(conn, pilot):
-        """The job dispatched to this pilot already, else the best defined job it may take,
-        now dispatched to it; None (the pilot marked `no jobs`) when there is none."""
-        pilot_uuid = pilot["uuid"]
-        t = now()
-        job = conn.execute("SELECT * FROM jobs WHERE pilot=? AND state='dispatched'",
-                           (pilot_uuid,)).fetchone()
-        if job is None:
-            jobtypes = json.loads(pilot["jobtypes"])
-            cond = ["state='defined'", "(site='' OR site=?)"]
-            args = [pilot["site"]]
-            if jobtypes:
-                cond.append("jobtype IN (%s)" % ",".join("?" * len(jobtypes)))
-                args += jobtypes
-            best = ("SELECT id FROM jobs WHERE " + " AND ".join(cond) +
-                    " ORDER BY priority DESC, ts_def, id LIMIT 1")
-            job = conn.execute(f"UPDATE jobs SET state='dispatched', pilot=?, ts_dis=?, host=? "
-                               f"WHERE id=({best}) AND state='defined' RETURNING *",
-                               [pilot_uuid, t, pilot["host"], *args]).fetchone()
-            if job is None:     # woken with nothing for it: write only if its state changes
-                if pilot["state"] != "no jobs":
-                    move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=t)
-                return None
-            event(conn, "job", job["uuid"], "defined", "dispatched", pilot_uuid, job["attempt"])
-        move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=t)
-        return job_to_dict(job)
-
-    def request_job(self, pilot_uuid, body):
-        check_keys(body, "request", ("wait",))
-        wait = min(as_number(body.get("wait", 0), "wait", 0), MAX_WAIT)
-        deadline = now() + wait
-        woken = False
-        while True:
-            with self.work:
-                generation = self.generation
-            job, directive = self.store.write(self.claim, pilot_uuid)
-            if job is not None:
-                self.count_claim(job)
-                return {"job": job, "directive": None}
-            if directive or self.stopping.is_set():
-                return {"job": None, "directive": directive}
-            with self.work:
-                if woken and self.passes > 0:       # woken for a job that is not ours: pass it on
-                    self.passes -= 1
-                    self.work.notify(1)
-                while self.generation == generation and not self.stopping.is_set():
-                    left = deadline - now()
-                    if left <= 0:
-                        self.count("empty_polls")
-                        return {"job": None, "directive": None}
-                    self.waiting += 1
-                    try:
-                        self.work.wait(left)
-                    finally:
-                        self.waiting -= 1
-                woken = True
-
-    def count(self, name):
-        with self.counters_lock:
-            self.counters[name] += 1
-
-    def count_claim(self, job):
-        waited = max(0.0, job["ts_dis"] - job["ts_def"])
-        with self.counters_lock:
-            self.counters["claims"] += 1
-            self.latency_sum += waited
-            self.latency[next((i for i, le in enumerate(LATENCY_BUCKETS) if waited <= le),
-                              len(LATENCY_BUCKETS))] += 1
-
-    def latency_histogram(self):
-        cumulative, buckets = 0, []
-        for le, n in zip(list(LATENCY_BUCKETS) + ["+Inf"], self.latency):
-            cumulative += n
-            buckets.append((le, cumulative))
-        return {"buckets": buckets, "sum": self.latency_sum, "count": cumulative}
-
-    def notify_work(self, jobs=None):
-        """Wake waiting job requests: one per newly claimable job (all of them when `jobs` is
-        None: a directive or shutdown concerns every pilot). A request woken for a job its pilot
-        may not take passes the wake-up on, at most once per waiting request, so such a job still
-        reaches a pilot that may."""
-        with self.work:
-            self.generation += 1
-            if jobs is None:
-                self.work.notify_all()
-            else:
-                self.passes = self.waiting
-                self.work.notify(jobs)
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
                    "pid", "stdout_path", "stderr_path")
@@ -1334,6 +1499,21 @@ class Service(WorkflowOps):
         pilot = as_uuid(body.get("pilot"), "pilot")
         attempt = as_int(body.get("attempt"), "attempt", 1)
         state = as_choice(body.get("state"), "state", ("running", "finished", "failed", "timeout", "pilotTO"))
+        fields = self.report_fields(body, state)
+        try:
+            with self.store.transaction() as conn:
+                result = self.apply_report(conn, uuid, pilot, attempt, state, fields)
+        except ApiError as e:
+            if e.status == 409:
+                self.broker.count("stale_reports")
+            raise
+        self.broker.count("reports")
+        self.broker.notify_work(result.pop("released", 0))
+        return result
+
+    @staticmethod
+    def report_fields(body, state):
+        """The job columns a report sets: pid and log paths when running, else the outcome."""
         fields = {}
         if state == "running":
             fields["pid"] = as_int(body.get("pid", 0), "pid", 0)
@@ -1345,42 +1525,31 @@ class Service(WorkflowOps):
             fields["errmsg"] = as_str(body.get("errmsg", ""), "errmsg", max_len=4096)
             for key in ("stdout", "stderr"):
                 fields[key + "_tail"] = as_str(body.get(key, ""), key, max_len=4 * TAIL_BYTES)[-TAIL_BYTES:]
+        return fields
 
-        def apply(conn):
-            job = conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone()
-            if job is None:
-                raise ApiError(404, f"job {uuid}: no such job")
-            if self._already_reported(conn, job, pilot, attempt, state):
-                return {"state": job["state"], "duplicate": True}
-            if job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES:
-                raise ApiError(409, f"job {uuid}: report for attempt {attempt} by pilot {pilot} is stale; "
-                                    f"the job is {job['state']} (attempt {job['attempt']})")
-            if state == "running":
-                if job["state"] != "dispatched":
-                    raise ApiError(409, f"job {uuid}: is already {job['state']}")
-                move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
-                         changes={**fields, "ts_sta": now()})
-                move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
-                if job["wfuuid"]:
-                    follow_jobs(conn, job["wfuuid"])
-                return {"state": "running"}
-            new_state, released = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), fields)
-            conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
-                         "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
-                         "WHERE uuid=? AND job=?", (now(), pilot, uuid))
-            return {"state": new_state, "released": released}
-
-        try:
-            result = self.store.write(apply)
-        except ApiError as e:
-            if e.status == 409:
-                self.count("stale_reports")
-            raise
-        self.count("reports")
-        released = result.pop("released", 0)
-        if released:
-            self.notify_work(released)
-        return result
+    def apply_report(self, conn, uuid, pilot, attempt, state, fields):
+        """A pilot's report, fenced by pilot and attempt: a repeat is acknowledged, a stale one
+        refused with 409; `running` moves the job on, an end state ends or retries it."""
+        job = job_row(conn, uuid)
+        if self._already_reported(conn, job, pilot, attempt, state):
+            return {"state": job["state"], "duplicate": True}
+        if job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES:
+            raise ApiError(409, f"job {uuid}: report for attempt {attempt} by pilot {pilot} is stale; "
+                                f"the job is {job['state']} (attempt {job['attempt']})")
+        if state == "running":
+            if job["state"] != "dispatched":
+                raise ApiError(409, f"job {uuid}: is already {job['state']}")
+            move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
+                     changes={**fields, "ts_sta": now()})
+            move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
+            if job["wfuuid"]:
+                follow_jobs(conn, job["wfuuid"])
+            return {"state": "running"}
+        new_state, released = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), fields)
+        conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
+                     "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
+                     "WHERE uuid=? AND job=?", (now(), pilot, uuid))
+        return {"state": new_state, "released": released}
 
     @staticmethod
     def _already_reported(conn, job, pilot, attempt, state):
@@ -1393,32 +1562,25 @@ class Service(WorkflowOps):
         job_uuid = body.get("job")
         if job_uuid is not None:
             job_uuid = as_uuid(job_uuid, "job")
-
-        def beat(conn):
-            pilot = self._pilot(conn, pilot_uuid)
+        with self.store.transaction() as conn:
+            pilot = live_pilot(conn, pilot_uuid)
             conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=?", (now(), pilot_uuid))
             directive = pilot["directive"]
             if job_uuid is not None:
                 job = conn.execute("SELECT state, pilot FROM jobs WHERE uuid=?", (job_uuid,)).fetchone()
                 if job is None or job["pilot"] != pilot_uuid or job["state"] not in ACTIVE_JOB_STATES:
                     directive = directive or "kill"     # cancelled, deleted or given to another pilot
-            return {"directive": directive}
-
-        return self.store.write(beat)
+        return {"directive": directive}
 
     def deregister(self, pilot_uuid, body):
         check_keys(body, "deregister", ("reason",))
         reason = as_str(body.get("reason", ""), "reason", max_len=256)
-
-        def stop(conn):
+        with self.store.transaction() as conn:
             if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
                               ts_stop=now(), job=None):
                 raise ApiError(409, f"pilot {pilot_uuid}: is not live")
-            return release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid, never_started=True)
-
-        released = self.store.write(stop)
-        if released:
-            self.notify_work(released)
+            released = release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid, never_started=True)
+        self.broker.notify_work(released)
         return {"state": "stopped"}
 
     def mark_pilots(self, body, who):
@@ -1434,17 +1596,13 @@ class Service(WorkflowOps):
             as_choice(selectors["state"], "state", LIVE_PILOT_STATES)
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
         cond = " AND ".join(f"{k}=?" for k in selectors)
-
-        def mark(conn):
+        with self.store.transaction() as conn:
             rows = conn.execute(f"UPDATE pilots SET directive=? WHERE state IN ({marks}) AND {cond} RETURNING uuid",
                                 (directive, *LIVE_PILOT_STATES, *selectors.values())).fetchall()
             for r in rows:
                 event(conn, "pilot", r["uuid"], None, directive, who, info="directive")
-            return [r["uuid"] for r in rows]
-
-        marked = self.store.write(mark)
-        self.notify_work()      # idle pilots leave their long poll and see it
-        return {"marked": marked}
+        self.broker.notify_work()      # idle pilots leave their long poll and see it
+        return {"marked": [r["uuid"] for r in rows]}
 
     def list_pilots(self, query):
         where, args = where_equal(query, ("state", "site", "host"))
@@ -1452,7 +1610,7 @@ class Service(WorkflowOps):
         rows = self.store.read(f"SELECT * FROM pilots{where} ORDER BY id DESC LIMIT ?", args + [limit])
         return {"pilots": [pilot_to_dict(r) for r in rows]}
 
-    # -- sites --------------------------------------------------------------------------------
+    # -- sites ------------------------------------------------------------------------------------
     def site_defaults(self, name):
         row = self.store.read_one("SELECT * FROM sites WHERE name=?", (name,)) if name else None
         if row is None:
@@ -1470,27 +1628,23 @@ class Service(WorkflowOps):
                 "heartbeat": (as_number(body["heartbeat"], "heartbeat", 0.1)
                               if body.get("heartbeat") is not None else None),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
-
-        def upsert(conn):
+        with self.store.transaction() as conn:
             conn.execute("INSERT INTO sites(name,period,cycles,heartbeat,env,ts) "
                          "VALUES(:name,:period,:cycles,:heartbeat,:env,:ts) ON CONFLICT(name) DO UPDATE "
                          "SET period=:period, cycles=:cycles, heartbeat=:heartbeat, env=:env, ts=:ts",
                          {**site, "ts": now()})
-
-        self.store.write(upsert)
         return self.site_defaults(name)
 
     def list_sites(self):
         return {"sites": [self.site_defaults(r["name"]) for r in
                           self.store.read("SELECT name FROM sites ORDER BY name")]}
 
-    # -- housekeeping -------------------------------------------------------------------------
+    # -- housekeeping -----------------------------------------------------------------------------
     def housekeep(self):
         """One pass: lost pilots and their jobs, jobs overrunning their time limit."""
         t = now()
         released = self.store.write(self._mark_lost_pilots, t) + self.store.write(self._time_out_jobs, t)
-        if released:
-            self.notify_work(released)
+        self.broker.notify_work(released)
         if self.retention_days:
             purged = self.store.write(self.purge, t - self.retention_days * 86400)
             if purged:
@@ -1544,7 +1698,7 @@ class Service(WorkflowOps):
         return len(gone)
 
     def housekeeping_loop(self):
-        while not self.stopping.wait(self.hk_period):
+        while not self.broker.stopping.wait(self.hk_period):
             try:
                 self.housekeep()
             except Exception:           # keep the thread alive; the next pass retries
@@ -1559,73 +1713,30 @@ class Service(WorkflowOps):
         return {"ok": True}
 
 
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 # Views: the data behind every page. Each returns a dict, which is also the page's JSON twin.
 # Every query here is bounded (LIMIT, counts tables, buckets) so pages stay fast at 1M jobs.
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 WINDOWS = (("1m", 60), ("10m", 600), ("1h", 3600), ("24h", 86400))
 JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobtype": "jobtype",
              "ended": "ts_sto"}
-PAGE_SIZES = (25, 400)
-
-
-def parse_age(value, field="age"):
-    """'90', '10m', '1h', '2d' -> seconds."""
-    match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
-    if not match:
-        raise bad(f"{field}: expected a number of seconds or e.g. 10m, 1h, 2d; got {value!r}")
-    return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
-
-
-def where_equal(query, filters, extra=()):
-    """(" WHERE a=? AND ...", args) for the query parameters in `filters` that are set; a filter
-    is a column name or a (parameter, column) pair. `extra` adds (condition, arg) pairs."""
-    conds, args = [], []
-    for f in filters:
-        param, column = f if isinstance(f, tuple) else (f, f)
-        if query.get(param):
-            conds.append(f"{column}=?")
-            args.append(query[param])
-    for cond, arg in extra:
-        conds.append(cond)
-        args.append(arg)
-    return (" WHERE " + " AND ".join(conds) if conds else ""), args
-
-
-def page_window(query):
-    """(limit, offset, page) from ?limit=25..400&page=N."""
-    limit = as_int(query.get("limit", PAGE_SIZES[0]), "limit")
-    if not PAGE_SIZES[0] <= limit <= PAGE_SIZES[1]:
-        raise bad(f"limit: must be between {PAGE_SIZES[0]} and {PAGE_SIZES[1]}, got {limit}")
-    page = as_int(query.get("page", 1), "page", 1)
-    return limit, (page - 1) * limit, page
-
-
-def page_of(store, table, query, filters, columns="*"):
-    """One page of `table`, newest first, filtered by equality on the query's `filters` keys."""
-    where, args = where_equal(query, filters)
-    limit, offset, page = page_window(query)
-    rows = store.read(f"SELECT {columns} FROM {table}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
-                      args + [limit + 1, offset])
-    return [dict(r) for r in rows[:limit]], {"page": page, "limit": limit, "more": len(rows) > limit,
-                                             "filters": {k: query[k] for k in filters if query.get(k)}}
-
-
-def median(values):
-    ordered = sorted(values)
-    if not ordered:
-        return None
-    mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
 
 
 class Views:
+    """The data behind every page; each method returns the dict that the page renders and that
+    ?format=json returns as is.
+
+    Methods for the caller (the pages table, PAGES): summary, jobs, job, pilots, pilot,
+    workflows, workflow, dags, datasets, metrics; and for /file: resolve, listing. It reads
+    through the service's store and calls no write operation.
+    """
+
     def __init__(self, service, files_roots, private=()):
         self.svc, self.store = service, service.store
         self.roots = [os.path.realpath(r) for r in files_roots]
         self.private = {os.path.realpath(p) for p in private}   # never served, whatever the roots
 
-    # -- summary --------------------------------------------------------------------------------
+    # -- summary ----------------------------------------------------------------------------------
     def counts(self):
         """(jobs by state, jobs by jobtype then state, pilots by state), from the counts tables."""
         by_state, by_type = {}, {}
@@ -1673,7 +1784,7 @@ class Views:
             alarms.append(f"{lost} pilot(s) lost in the last hour")
         return alarms
 
-    # -- jobs -----------------------------------------------------------------------------------
+    # -- jobs -------------------------------------------------------------------------------------
     def jobs(self, query):
         since = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
         where, args = where_equal(query, ("state", "jobtype", "site", "user", ("workflow", "wfuuid")), since)
@@ -1746,20 +1857,20 @@ class Views:
                                   "WHERE d.consumer=? AND j.state != 'finished' ORDER BY j.vertex", (job["uuid"],))
         return ["parents not finished: " + ", ".join(f"{p['vertex']} ({p['state']})" for p in parents)]
 
-    # -- workflows ------------------------------------------------------------------------------
+    # -- workflows --------------------------------------------------------------------------------
     def workflows(self, query):
-        return self.svc.list_workflows(query)
+        return self.svc.workflows.list_workflows(query)
 
     def workflow(self, uuid, query):
-        return self.svc.get_workflow(uuid)
+        return self.svc.workflows.get_workflow(uuid)
 
     def dags(self, query):
-        return self.svc.list_dags()
+        return self.svc.workflows.list_dags()
 
     def datasets(self, query):
-        return self.svc.list_datasets(query)
+        return self.svc.workflows.list_datasets(query)
 
-    # -- pilots ---------------------------------------------------------------------------------
+    # -- pilots -----------------------------------------------------------------------------------
     def pilots(self, query):
         rows, paging = page_of(self.store, "pilots", query, ("state", "site", "host"))
         t = now()
@@ -1777,15 +1888,15 @@ class Views:
             "SELECT ts, old, new, who, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
         return pilot
 
-    # -- metrics --------------------------------------------------------------------------------
+    # -- metrics ----------------------------------------------------------------------------------
     def metrics(self, query):
         _, by_type, pilots = self.counts()
         return {"jobs": [{"state": s, "jobtype": jt, "n": n} for jt, states in
                          sorted(by_type.items()) for s, n in sorted(states.items())],
-                "pilots": pilots, "counters": dict(self.svc.counters),
-                "claim_latency": self.svc.latency_histogram()}
+                "pilots": pilots, "counters": dict(self.svc.broker.counters),
+                "claim_latency": self.svc.broker.latency_histogram()}
 
-    # -- files ----------------------------------------------------------------------------------
+    # -- files ------------------------------------------------------------------------------------
     def resolve(self, path):
         """The real path of `path` if it lies under a files root (after resolving '..' and
         symlinks); 403 otherwise. Nothing outside the roots is ever opened."""
@@ -1825,52 +1936,10 @@ class Views:
         return {"path": path, "entries": entries}
 
 
-# ----------------------------------------------------------------------------------------------
-# HTTP API
-# ----------------------------------------------------------------------------------------------
-UUID = r"(?P<uuid>[^/]+)"     # checked by as_uuid in dispatch, so a typo gets a clear 400
-SITE = r"(?P<name>[A-Za-z0-9_.-]{1,64})"
-DAG = r"(?P<name>[^/]{1,128})"
-
-# method, path, Service method, request parts passed after the path groups, needs the token
-ROUTES = [(method, re.compile(f"^{path}$"), name, parts, write) for method, path, name, parts, write in (
-    ("GET", "/api/health", "health", (), False),
-    ("POST", "/api/auth", "auth_ok", (), True),
-    ("POST", "/api/jobs", "submit", ("body", "who"), True),
-    ("GET", "/api/jobs", "list_jobs", ("query",), False),
-    ("POST", "/api/jobs/states", "job_states", ("body",), False),
-    ("GET", f"/api/jobs/{UUID}", "get_job", (), False),
-    ("POST", f"/api/jobs/{UUID}/adjust", "adjust", ("body", "who"), True),
-    ("DELETE", f"/api/jobs/{UUID}", "delete_job", ("who",), True),
-    ("POST", f"/api/jobs/{UUID}/report", "report", ("body",), True),
-    ("POST", "/api/pilots", "register", ("body",), True),
-    ("GET", "/api/pilots", "list_pilots", ("query",), False),
-    ("POST", "/api/pilots/directive", "mark_pilots", ("body", "who"), True),
-    ("POST", f"/api/pilots/{UUID}/request", "request_job", ("body",), True),
-    ("POST", f"/api/pilots/{UUID}/heartbeat", "heartbeat", ("body",), True),
-    ("POST", f"/api/pilots/{UUID}/stop", "deregister", ("body",), True),
-    ("GET", "/api/dags", "list_dags", (), False),
-    ("POST", "/api/dags", "add_dag", ("body",), True),
-    ("GET", f"/api/dags/{DAG}", "get_dag", (), False),
-    ("GET", f"/api/dags/{DAG}/graphml", "dag_graphml", (), False),
-    ("DELETE", f"/api/dags/{DAG}", "delete_dag", (), True),
-    ("GET", "/api/workflows", "list_workflows", ("query",), False),
-    ("POST", "/api/workflows", "create_workflow", ("body", "who"), True),
-    ("GET", f"/api/workflows/{UUID}", "get_workflow", (), False),
-    ("POST", f"/api/workflows/{UUID}/state", "set_workflow_state", ("body", "who"), True),
-    ("DELETE", f"/api/workflows/{UUID}", "delete_workflow", ("who",), True),
-    ("POST", "/api/inject", "inject", ("body", "who"), True),
-    ("GET", "/api/datasets", "list_datasets", ("query",), False),
-    ("GET", "/api/datatypes", "list_datatypes", (), False),
-    ("PUT", f"/api/datatypes/{SITE}", "define_datatype", ("body",), True),
-    ("GET", "/api/sites", "list_sites", (), False),
-    ("PUT", f"/api/sites/{SITE}", "define_site", ("body",), True),
-)]
-
-
-# ----------------------------------------------------------------------------------------------
-# HTML pages: plain HTML and a little CSS, no JavaScript. Every value goes through esc().
-# ----------------------------------------------------------------------------------------------
+################################################################################################
+# HTML pages: pure renderers, plain HTML and a little CSS, no JavaScript. Every value goes
+# through esc().
+################################################################################################
 CSS = """body{font:14px/1.4 sans-serif;margin:0 1.5em 2em}nav{background:#234;padding:.5em 1.5em;margin:0 -1.5em 1em}
 nav a{color:#fff;margin-right:1.2em;text-decoration:none;font-weight:bold}table{border-collapse:collapse;margin:.5em 0 1.2em}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}th{background:#eee}
@@ -1881,10 +1950,6 @@ th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #d
 .why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}"""
 NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/workflows", "Workflows"), ("/dags", "DAGs"),
        ("/datasets", "Datasets"), ("/metrics", "Metrics"))
-
-
-def esc(value):
-    return html.escape("" if value is None else str(value), quote=True)
 
 
 def link(href, text):
@@ -2164,18 +2229,78 @@ def render_datasets(d, query):
     return page("Datasets", body, query)
 
 
-# path, Views method, HTML renderer
-PAGES = [(re.compile(f"^{path}$"), name, render) for path, name, render in (
+################################################################################################
+# HTTP: the routes table (API), the pages table, the request handler and the server.
+################################################################################################
+# Path parameters of the routes and pages: <uuid> is checked by as_uuid, so a typo gets a clear
+# 400; <dag> is a DAG name, <name> a site or datatype name.
+PATH_PARAMS = {"<uuid>": r"(?P<uuid>[^/]+)", "<dag>": r"(?P<name>[^/]{1,128})",
+               "<name>": r"(?P<name>[A-Za-z0-9_.-]{1,64})"}
+
+
+def path_regex(path):
+    """'/api/jobs/<uuid>' -> a compiled regex matching the whole path."""
+    return re.compile("^" + re.sub(r"<\w+>", lambda m: PATH_PARAMS[m.group(0)], path) + "$")
+
+
+# The API. Each row: method, path (as documented in the README's "HTTP API"), the operation
+# (a Service method, or "broker." / "workflows." one), the request parts passed after the path
+# parameters, and whether it needs the write token.
+API = (
+    ("GET", "/api/health", "health", (), False),
+    ("POST", "/api/auth", "auth_ok", (), True),
+    ("POST", "/api/jobs", "submit", ("body", "who"), True),
+    ("GET", "/api/jobs", "list_jobs", ("query",), False),
+    ("POST", "/api/jobs/states", "job_states", ("body",), False),
+    ("GET", "/api/jobs/<uuid>", "get_job", (), False),
+    ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), True),
+    ("DELETE", "/api/jobs/<uuid>", "delete_job", ("who",), True),
+    ("POST", "/api/jobs/<uuid>/report", "report", ("body",), True),
+    ("POST", "/api/pilots", "register", ("body",), True),
+    ("GET", "/api/pilots", "list_pilots", ("query",), False),
+    ("POST", "/api/pilots/directive", "mark_pilots", ("body", "who"), True),
+    ("POST", "/api/pilots/<uuid>/request", "broker.request_job", ("body",), True),
+    ("POST", "/api/pilots/<uuid>/heartbeat", "heartbeat", ("body",), True),
+    ("POST", "/api/pilots/<uuid>/stop", "deregister", ("body",), True),
+    ("GET", "/api/dags", "workflows.list_dags", (), False),
+    ("POST", "/api/dags", "workflows.add_dag", ("body",), True),
+    ("GET", "/api/dags/<dag>", "workflows.get_dag", (), False),
+    ("GET", "/api/dags/<dag>/graphml", "workflows.dag_graphml", (), False),
+    ("DELETE", "/api/dags/<dag>", "workflows.delete_dag", (), True),
+    ("GET", "/api/workflows", "workflows.list_workflows", ("query",), False),
+    ("POST", "/api/workflows", "workflows.create_workflow", ("body", "who"), True),
+    ("GET", "/api/workflows/<uuid>", "workflows.get_workflow", (), False),
+    ("POST", "/api/workflows/<uuid>/state", "workflows.set_workflow_state", ("body", "who"), True),
+    ("DELETE", "/api/workflows/<uuid>", "workflows.delete_workflow", ("who",), True),
+    ("POST", "/api/inject", "workflows.inject", ("body", "who"), True),
+    ("GET", "/api/datasets", "workflows.list_datasets", ("query",), False),
+    ("GET", "/api/datatypes", "workflows.list_datatypes", (), False),
+    ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), True),
+    ("GET", "/api/sites", "list_sites", (), False),
+    ("PUT", "/api/sites/<name>", "define_site", ("body",), True),
+)
+ROUTES = [(method, path_regex(path), name, parts, write) for method, path, name, parts, write in API]
+
+# The pages. Each row: path, Views method, HTML renderer (/metrics and /file are served apart).
+PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/", "summary", render_summary),
     ("/jobs", "jobs", render_jobs),
-    (f"/job/{UUID}", "job", render_job),
+    ("/job/<uuid>", "job", render_job),
     ("/pilots", "pilots", render_pilots),
-    (f"/pilot/{UUID}", "pilot", render_pilot),
+    ("/pilot/<uuid>", "pilot", render_pilot),
     ("/workflows", "workflows", render_workflows),
-    (f"/workflow/{UUID}", "workflow", render_workflow),
+    ("/workflow/<uuid>", "workflow", render_workflow),
     ("/dags", "dags", render_dags),
     ("/datasets", "datasets", render_datasets),
 )]
+
+
+def operation(service, name):
+    """The bound method a route names: 'submit' or 'broker.request_job'."""
+    target = service
+    for part in name.split("."):
+        target = getattr(target, part)
+    return target
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -2206,7 +2331,7 @@ class Handler(BaseHTTPRequestHandler):
             request = {"body": self.read_body() if method in ("POST", "PUT") else {},
                        "query": {k: v[-1] for k, v in parse_qs(url.query).items()},
                        "who": self.client_address[0]}
-            result = getattr(self.server.service, name)(*groups, *(request[p] for p in parts))
+            result = operation(self.server.service, name)(*groups, *(request[p] for p in parts))
             self.send_json(200, result)
         except ApiError as e:
             self.send_json(e.status, {"error": e.message})
@@ -2334,9 +2459,9 @@ class P3SServer(ThreadingHTTPServer):
         super().__init__(address, Handler)
 
 
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 # CLI
-# ----------------------------------------------------------------------------------------------
+################################################################################################
 def is_loopback(host):
     if host == "localhost":
         return True
@@ -2355,14 +2480,14 @@ def load_token(token_file, db_path, host):
             with open(token_file) as f:
                 token = f.read().strip()
         except OSError as e:
-            raise SystemExit(f"--token-file {token_file}: {e.strerror}") from None
+            raise StartupError(f"--token-file {token_file}: {e.strerror}") from None
         if not token:
-            raise SystemExit(f"--token-file {token_file}: the file is empty")
+            raise StartupError(f"--token-file {token_file}: the file is empty")
         return token, token_file
     if os.environ.get("P3S_TOKEN"):
         return os.environ["P3S_TOKEN"].strip(), "$P3S_TOKEN"
     if not is_loopback(host):
-        raise SystemExit(f"--host {host}: a non-loopback address needs a token (--token-file or P3S_TOKEN)")
+        raise StartupError(f"--host {host}: a non-loopback address needs a token (--token-file or P3S_TOKEN)")
     path = os.path.splitext(db_path)[0] + ".token"
     if not os.path.exists(path):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -2370,6 +2495,14 @@ def load_token(token_file, db_path, host):
             f.write(secrets.token_urlsafe(32) + "\n")
     with open(path) as f:
         return f.read().strip(), path
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the tools' convention for bad options: one line on stderr, exit 2
+    (the same class as serverAPI.py's, kept here so this file runs alone)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
 def parse_args(argv):
@@ -2408,7 +2541,7 @@ def main(argv=None):
     except (OSError, sqlite3.Error) as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 1
-    except SystemExit as e:
+    except StartupError as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
     service = Service(store, args.housekeeping, args.retention_days)
@@ -2427,8 +2560,7 @@ def main(argv=None):
     hk.start()
 
     def shut_down(signum, frame):
-        service.stopping.set()
-        service.notify_work()
+        service.stop()
         threading.Thread(target=httpd.shutdown, daemon=True).start()
 
     signal.signal(signal.SIGTERM, shut_down)
