@@ -51,6 +51,12 @@ log = logging.getLogger("p3s.server")
 # Settings
 ################################################################################################
 DEFAULT_DB = os.path.join(HERE, "p3s.db")
+MIN_PYTHON = (3, 9)                 # lxplus9 / RHEL 9's system Python
+MIN_SQLITE = (3, 26, 0)             # RHEL 8's sqlite; lxplus9 has 3.34.1. No SQL newer than this.
+# Filesystems whose locking sqlite cannot trust (AFS has no byte-range locks; WAL needs memory
+# shared on one host): the database never lives on them. fuse.* covers EOS (fuse.eos), sshfs, ...
+NETWORK_FS = ("afs", "openafs", "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", "lustre", "gpfs",
+              "glusterfs", "9p", "fuse")
 DEFAULT_FILES_ROOT = os.path.join(HERE, "logs")
 MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
 SOCKET_TIMEOUT = 60                 # seconds a connection may sit silent (long polls wait server-side)
@@ -548,11 +554,11 @@ def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", ch
 def move_pilot(conn, uuid, old_states, new, info="", **fields):
     sets = ["state=?"] + [f"{k}=?" for k in fields]
     marks = ",".join("?" * len(old_states))
-    row = conn.execute(f"UPDATE pilots SET {', '.join(sets)} WHERE uuid=? AND state IN ({marks}) "
-                       "RETURNING state", [new, *fields.values(), uuid, *old_states]).fetchone()
-    if row and new not in old_states:
+    moved = conn.execute(f"UPDATE pilots SET {', '.join(sets)} WHERE uuid=? AND state IN ({marks})",
+                         [new, *fields.values(), uuid, *old_states]).rowcount == 1
+    if moved and new not in old_states:
         event(conn, "pilot", uuid, None, new, uuid, info=info)
-    return row is not None
+    return moved
 
 
 def job_row(conn, uuid):
@@ -571,6 +577,20 @@ def live_pilot(conn, uuid):
     if row["state"] not in LIVE_PILOT_STATES:
         raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
     return row
+
+
+def chunks(items, size=500):
+    """Slices of `items` small enough for one IN (...) list (sqlite caps bound parameters)."""
+    return [items[start:start + size] for start in range(0, len(items), size)]
+
+
+def delete_rows(conn, table, where, args):
+    """DELETE the rows of `table` matching `where` (which may end in LIMIT); returns their uuids.
+    Select-then-delete inside the caller's transaction: a returning clause needs sqlite 3.35."""
+    rows = conn.execute(f"SELECT id, uuid FROM {table} WHERE {where}", args).fetchall()
+    for chunk in chunks([r["id"] for r in rows]):
+        conn.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+    return [r["uuid"] for r in rows]
 
 
 def job_to_dict(row, full=True):
@@ -1106,16 +1126,17 @@ class Broker:
             if jobtypes:
                 cond.append("jobtype IN (%s)" % ",".join("?" * len(jobtypes)))
                 args += jobtypes
-            best = ("SELECT id FROM jobs WHERE " + " AND ".join(cond) +
-                    " ORDER BY priority DESC, ts_def, id LIMIT 1")
-            job = conn.execute(f"UPDATE jobs SET state='dispatched', pilot=?, ts_dis=?, host=? "
-                               f"WHERE id=({best}) AND state='defined' RETURNING *",
-                               [pilot_uuid, t, pilot["host"], *args]).fetchone()
-            if job is None:     # woken with nothing for it: write only if its state changes
+            best = conn.execute("SELECT uuid, attempt FROM jobs WHERE " + " AND ".join(cond) +
+                                " ORDER BY priority DESC, ts_def, id LIMIT 1", args).fetchone()
+            if best is None:    # woken with nothing for it: write only if its state changes
                 if pilot["state"] != "no jobs":
                     move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=t)
                 return None
-            event(conn, "job", job["uuid"], "defined", "dispatched", pilot_uuid, job["attempt"])
+            # Select, then a guarded update: atomic, as the write lock and BEGIN IMMEDIATE are
+            # held (a returning clause needs sqlite 3.35; lxplus has 3.34).
+            move_job(conn, best["uuid"], "defined", "dispatched", pilot_uuid, attempt=best["attempt"],
+                     changes=dict(pilot=pilot_uuid, ts_dis=t, host=pilot["host"]))
+            job = job_row(conn, best["uuid"])
         move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=t)
         return job_to_dict(job)
 
@@ -1402,8 +1423,7 @@ class Service:
             raise bad("uuids: must be a list of at most 10000 job uuids")
         uuids = [as_uuid(u, f"uuids[{i}]") for i, u in enumerate(uuids)]
         found = {}
-        for start in range(0, len(uuids), 500):
-            chunk = uuids[start:start + 500]
+        for chunk in chunks(uuids):
             for r in self.store.read("SELECT uuid, state, exit_code FROM jobs WHERE uuid IN (%s)"
                                      % ",".join("?" * len(chunk)), chunk):
                 found[r["uuid"]] = {"state": r["state"], "exit_code": r["exit_code"]}
@@ -1597,12 +1617,14 @@ class Service:
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
         cond = " AND ".join(f"{k}=?" for k in selectors)
         with self.store.transaction() as conn:
-            rows = conn.execute(f"UPDATE pilots SET directive=? WHERE state IN ({marks}) AND {cond} RETURNING uuid",
-                                (directive, *LIVE_PILOT_STATES, *selectors.values())).fetchall()
-            for r in rows:
-                event(conn, "pilot", r["uuid"], None, directive, who, info="directive")
+            marked = [r["uuid"] for r in conn.execute(
+                f"SELECT uuid FROM pilots WHERE state IN ({marks}) AND {cond}",
+                (*LIVE_PILOT_STATES, *selectors.values()))]
+            for uuid in marked:
+                conn.execute("UPDATE pilots SET directive=? WHERE uuid=?", (directive, uuid))
+                event(conn, "pilot", uuid, None, directive, who, info="directive")
         self.broker.notify_work()      # idle pilots leave their long poll and see it
-        return {"marked": [r["uuid"] for r in rows]}
+        return {"marked": marked}
 
     def list_pilots(self, query):
         where, args = where_equal(query, ("state", "site", "host"))
@@ -1679,21 +1701,17 @@ class Service:
         jobs, workflows with their jobs and files, stopped or lost pilots; and their history."""
         gone = []
         for state in END_JOB_STATES:
-            gone += [r[0] for r in conn.execute(
-                "DELETE FROM jobs WHERE id IN (SELECT id FROM jobs WHERE state=? AND ts_sto < ? AND wfuuid IS NULL "
-                "LIMIT ?) RETURNING uuid", (state, cutoff, PURGE_BATCH))]
+            gone += delete_rows(conn, "jobs", "state=? AND ts_sto < ? AND wfuuid IS NULL LIMIT ?",
+                                (state, cutoff, PURGE_BATCH))
         for wf in conn.execute("SELECT uuid FROM workflows WHERE state IN ('finished','failed','cancelled') "
                                "AND ts_sto < ? LIMIT ?", (cutoff, PURGE_BATCH)).fetchall():
-            gone += [r[0] for r in conn.execute("DELETE FROM jobs WHERE wfuuid=? RETURNING uuid", (wf[0],))]
+            gone += delete_rows(conn, "jobs", "wfuuid=?", (wf[0],))
             conn.execute("DELETE FROM datasets WHERE wfuuid=?", (wf[0],))
             conn.execute("DELETE FROM workflows WHERE uuid=?", (wf[0],))
             gone.append(wf[0])
         for state in ("stopped", "lost"):
-            gone += [r[0] for r in conn.execute(
-                "DELETE FROM pilots WHERE id IN (SELECT id FROM pilots WHERE state=? AND ts_beat < ? LIMIT ?) "
-                "RETURNING uuid", (state, cutoff, PURGE_BATCH))]
-        for start in range(0, len(gone), 500):
-            chunk = gone[start:start + 500]
+            gone += delete_rows(conn, "pilots", "state=? AND ts_beat < ? LIMIT ?", (state, cutoff, PURGE_BATCH))
+        for chunk in chunks(gone):
             conn.execute(f"DELETE FROM events WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
         return len(gone)
 
@@ -2462,6 +2480,61 @@ class P3SServer(ThreadingHTTPServer):
 ################################################################################################
 # CLI
 ################################################################################################
+def floor_problem(python=sys.version_info, sqlite=sqlite3.sqlite_version_info):
+    """None if this Python and sqlite are at or above the floor, else one line saying what to do."""
+    if tuple(python[:2]) < MIN_PYTHON:
+        return (f"Python {'.'.join(map(str, python[:3]))} is older than {'.'.join(map(str, MIN_PYTHON))}, "
+                "the oldest p3s runs on; use python3.9 or newer (lxplus: /usr/bin/python3)")
+    if tuple(sqlite) < MIN_SQLITE:
+        return (f"sqlite {'.'.join(map(str, sqlite))} is older than {'.'.join(map(str, MIN_SQLITE))}, "
+                "the oldest p3s runs on; run the server on a node with RHEL 8 or newer, or point "
+                "LD_LIBRARY_PATH at a newer libsqlite3")
+    return None
+
+
+def filesystem_type(path, mountinfo="/proc/self/mountinfo"):
+    """The type of the filesystem holding `path` (e.g. 'ext4', 'afs', 'fuse.eos'), from the
+    mount with the longest mount point above it; None if /proc is not there to say."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best, best_type = "", None
+    for line in lines:
+        fields, _, rest = line.partition(" - ")
+        parts = fields.split()
+        if len(parts) < 5 or not rest:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), parts[4])
+        inside = path == point or path.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, best_type = point, rest.split()[0]
+    return best_type
+
+
+def is_network_fs(fstype):
+    return bool(fstype) and fstype != "fuseblk" and (fstype in NETWORK_FS or fstype.startswith("fuse."))
+
+
+def check_db_filesystem(db_path, allow_network_fs):
+    """Refuse a database on a network filesystem, unless allowed."""
+    db_dir = os.path.dirname(os.path.abspath(db_path))
+    fstype = filesystem_type(db_dir)
+    if is_network_fs(fstype) and not allow_network_fs:
+        raise StartupError(f"--db {db_path}: {db_dir} is on {fstype}, a network filesystem where sqlite's "
+                           "locking is unsafe; put the database on a local disk, e.g. --db "
+                           f"/var/tmp/{os.environ.get('USER', 'p3s')}/p3s.db (or --allow-network-fs)")
+
+
+def warn_token_on_afs(token_source):
+    if os.path.isfile(token_source) and filesystem_type(token_source) in ("afs", "openafs"):
+        log.warning("token file %s is on AFS, whose directory ACLs ignore its mode 0600: anyone who "
+                    "may read that directory may write to p3s; use --token-file on a local disk "
+                    "or in a private AFS directory", token_source)
+
+
 def is_loopback(host):
     if host == "localhost":
         return True
@@ -2510,6 +2583,9 @@ def parse_args(argv):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--db", default=DEFAULT_DB, help="sqlite database (default p3s.db beside server.py)")
+    p.add_argument("--allow-network-fs", action="store_true",
+                   help="let --db lie on AFS, NFS, EOS or another network filesystem (unsafe: "
+                   "sqlite's locking does not hold there)")
     p.add_argument("--token-file", help="file holding the write token (default: $P3S_TOKEN, else "
                    "a token generated beside the database, loopback only)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -2535,8 +2611,14 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    problem = floor_problem()
+    if problem:
+        print(f"server.py: {problem}", file=sys.stderr)
+        return 2
     try:
+        check_db_filesystem(args.db, args.allow_network_fs)
         token, token_source = load_token(args.token_file, args.db, args.host)
+        warn_token_on_afs(token_source)
         store = Store(args.db)
     except (OSError, sqlite3.Error) as e:
         print(f"server.py: {e}", file=sys.stderr)

@@ -8,10 +8,9 @@ Prints one OK line per check and "Success" at the end; exit 0, else the first fa
 """
 import argparse
 import importlib
+import os
 import sys
 
-MIN_PYTHON = (3, 9)
-MIN_SQLITE = (3, 35, 0)     # UPDATE ... RETURNING, used by the brokerage
 MODULES = ("argparse", "ctypes", "getpass", "hmac", "html", "http.server", "ipaddress", "json",
            "logging", "queue", "re", "secrets", "shlex", "signal", "socket", "sqlite3",
            "subprocess", "threading", "urllib.request", "uuid", "xml.etree.ElementTree")
@@ -23,14 +22,18 @@ class CheckFailed(Exception):
 
 
 def check_versions():
-    if sys.version_info < MIN_PYTHON:
-        raise CheckFailed(f"Python {sys.version.split()[0]} is older than {'.'.join(map(str, MIN_PYTHON))}")
-    print(f"OK python {sys.version.split()[0]}")
+    """The floor (Python 3.9, sqlite 3.26) is kept in server.py, which the server checks too."""
     import sqlite3
-    if sqlite3.sqlite_version_info < MIN_SQLITE:
-        raise CheckFailed(f"sqlite {sqlite3.sqlite_version} is older than "
-                          f"{'.'.join(map(str, MIN_SQLITE))} (needed for UPDATE ... RETURNING)")
+    from server import DEFAULT_DB, filesystem_type, floor_problem, is_network_fs
+    problem = floor_problem()
+    if problem:
+        raise CheckFailed(problem)
+    print(f"OK python {sys.version.split()[0]}")
     print(f"OK sqlite {sqlite3.sqlite_version}")
+    fstype = filesystem_type(os.path.dirname(DEFAULT_DB))
+    if is_network_fs(fstype):
+        print(f"NOTE this clone is on {fstype}: start the server with a database on a local disk, "
+              f"e.g. python server.py --db /var/tmp/{os.environ.get('USER', 'p3s')}/p3s.db")
 
 
 def check_modules():
