@@ -2518,10 +2518,10 @@ def is_network_fs(fstype):
     return bool(fstype) and fstype != "fuseblk" and (fstype in NETWORK_FS or fstype.startswith("fuse."))
 
 
-def check_db_filesystem(db_path, allow_network_fs):
+def check_db_filesystem(db_path, allow_network_fs, mountinfo="/proc/self/mountinfo"):
     """Refuse a database on a network filesystem, unless allowed."""
     db_dir = os.path.dirname(os.path.abspath(db_path))
-    fstype = filesystem_type(db_dir)
+    fstype = filesystem_type(db_dir, mountinfo)
     if is_network_fs(fstype) and not allow_network_fs:
         raise StartupError(f"--db {db_path}: {db_dir} is on {fstype}, a network filesystem where sqlite's "
                            "locking is unsafe; put the database on a local disk, e.g. --db "

@@ -210,6 +210,23 @@ def test_readme_setup_command_verbatim_in_a_fresh_copy(tmp_path):
     assert (tmp_path / "p3s.db").exists() and (tmp_path / "p3s.token").exists()
 
 
+def test_readme_lxplus_setup_verbatim_puts_the_database_on_local_disk(tmp_path):
+    """The AFS-clone variant of the set-up line: database and token under /var/tmp/$USER."""
+    import re
+    import shutil
+    env = fresh_copy(tmp_path)
+    env["USER"] = f"p3s-test-{os.getpid()}"
+    local = os.path.join("/var/tmp", env["USER"])
+    try:
+        block = readme_block("the same line becomes:")
+        result = run_readme(tmp_path, env, block)
+        assert result.returncode == 0, result.stderr
+        assert re.search(r"finished\s+default\s+1\s+0\s+hello p3s", result.stdout), result.stdout
+        assert os.path.exists(os.path.join(local, "p3s.db")) and not (tmp_path / "p3s.db").exists()
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+
+
 def test_readme_workflow_example_verbatim(tmp_path):
     env = fresh_copy(tmp_path)
     result = run_readme(tmp_path, env, "python server.py 2>/dev/null &\n" + readme_block("Try it (with the server running)"))
@@ -260,3 +277,24 @@ def test_a_job_only_the_last_waiting_pilot_may_take_still_starts_at_once(p3s):
     for uuid in (calib, reco):
         job = p3s.job(uuid)
         assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 1.0, "a job waited for a poll"
+
+
+def test_server_py_runs_alone_copied_anywhere(tmp_path):
+    """server.py needs none of the other files: copied by itself, it starts and answers."""
+    import shutil
+    import subprocess
+    import sys
+    import urllib.request
+    shutil.copy(os.path.join(ROOT, "server.py"), tmp_path / "server.py")
+    proc = subprocess.Popen([sys.executable, "server.py", "--port", "0"], cwd=tmp_path,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = next((line for line in proc.stderr if "serving on" in line), "")
+        assert line, f"server.py alone did not start (exit {proc.wait()})"
+        url = line.split("serving on ")[1].split()[0]
+        with urllib.request.urlopen(url + "/api/health", timeout=5) as answer:
+            assert json.load(answer)["ok"] is True
+        assert (tmp_path / "p3s.db").exists() and (tmp_path / "p3s.token").exists()
+    finally:
+        proc.terminate()
+        proc.wait(10)

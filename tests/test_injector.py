@@ -6,8 +6,7 @@ import sys
 import time
 from collections import Counter
 
-from conftest import ROOT, shell_job, wait_until
-from test_workflows import SHELL, graphml, register
+from conftest import ROOT, SHELL, graphml, register, shell_job, wait_until
 
 
 def injector(p3s, *args, wait=True):

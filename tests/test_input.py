@@ -31,12 +31,20 @@ def assert_refused(result, text):
     assert text in lines[0], lines[0]
 
 
+@pytest.fixture(scope="module")
+def one_server(tmp_path_factory):
+    """One server for the whole table: each case changes nothing, which is what it checks."""
+    server = P3S(tmp_path_factory.mktemp("bad-jobs")).start()
+    yield server
+    server.stop()
+
+
 @pytest.mark.parametrize("case,content,message", BAD_JOBS, ids=[c[0] for c in BAD_JOBS])
-def test_bad_job_file_is_refused_and_nothing_stored(p3s, case, content, message):
-    path = p3s.dir / "bad.json"
+def test_bad_job_file_is_refused_and_nothing_stored(one_server, case, content, message):
+    path = one_server.dir / "bad.json"
     path.write_text(content)
-    assert_refused(p3s.run("job.py", "-j", path), message)
-    assert p3s.api.list_jobs() == []
+    assert_refused(one_server.run("job.py", "-j", path), message)
+    assert one_server.api.list_jobs() == []
 
 
 def test_missing_job_file(p3s):

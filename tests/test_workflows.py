@@ -2,42 +2,10 @@
 import json
 import os
 import re
-from html import escape
 
 import pytest
 
-from conftest import ROOT, wait_until
-
-COMPAT = os.path.join(ROOT, "tests", "compat")
-
-
-def graphml(vertices, edges):
-    """A GraphML DAG in the original p3s dialect. vertices: (id, jobtype, payload[, env]);
-    edges: (source, target, name, datatag)."""
-    keys = "".join(f'<key attr.name="{k}" for="node" id="d{101 + i}"/>' for i, k in
-                   enumerate(("payload", "env", "jobtype", "timelimit", "priority")))
-    keys += "".join(f'<key attr.name="{k}" for="edge" id="d{1 + i}"/>' for i, k in
-                    enumerate(("name", "dirpath", "datatype", "datatag", "comment")))
-    nodes = "".join(
-        f'<node id="{v[0]}"><data key="d101">{escape(v[2])}</data>'
-        f'<data key="d102">{escape(v[3]) if len(v) > 3 else "{}"}</data>'
-        f'<data key="d103">{v[1]}</data><data key="d104">60</data><data key="d105">0</data></node>' for v in vertices)
-    links = "".join(f'<edge source="{s}" target="{t}"><data key="d1">{n}</data><data key="d2">/tmp/</data>'
-                    f'<data key="d3">TXT</data><data key="d4">{tag}</data></edge>' for s, t, n, tag in edges)
-    return (f'<?xml version="1.0"?><graphml xmlns="http://graphml.graphdrawing.org/xmlns">{keys}'
-            f'<graph edgedefault="directed">{nodes}{links}</graph></graphml>')
-
-
-SHELL = '{"P3S_EXECMODE":"SHELL"}'
-
-
-def register(p3s, name, text):
-    path = p3s.dir / f"{name}.graphml"
-    path.write_text(text)
-    result = p3s.run("workflow.py", "-g", path, "-n", name)
-    assert result.returncode == 0, result.stderr
-    return result
-
+from conftest import COMPAT, SHELL, graphml, register, wait_until
 
 def start(p3s, dag, *args):
     result = p3s.run("workflow.py", "-a", dag, "-s", "defined", *args)

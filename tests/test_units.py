@@ -1,0 +1,233 @@
+"""The pure functions of server.py, in-process and from tables: validation, GraphML, DAG checks,
+file naming, migrations, start-up checks and the HTML renderers fed hostile values. The
+end-to-end tests elsewhere show the same rules hold through the real tools."""
+import json
+import os
+
+import pytest
+
+from conftest import COMPAT, ROOT, graphml
+import server
+from server import ApiError
+
+BAD_JOBS = [
+    ("wrong type", {"payload": "true", "priority": "high"}, "priority: must be an integer"),
+    ("negative timeout", {"payload": "true", "timeout": "-5"}, "timeout: must be >= 0"),
+    ("non-numeric timeout", {"payload": "true", "timeout": "soon"}, "timeout: must be an integer"),
+    ("float timeout", {"payload": "true", "timeout": 1.5}, "timeout: must be an integer"),
+    ("bool priority", {"payload": "true", "priority": True}, "priority: must be an integer"),
+    ("missing payload", {"name": "x"}, "payload: missing"),
+    ("empty payload", {"payload": "  "}, "payload: must not be empty"),
+    ("unknown keys", {"payload": "true", "prio": 1, "colour": "red"}, "unknown key(s) colour, prio"),
+    ("env not a map", {"payload": "true", "env": ["A"]}, "env: must be an object"),
+    ("bad env name", {"payload": "true", "env": {"A-B": "1"}}, "not a valid environment variable"),
+    ("env value a list", {"payload": "true", "env": {"A": [1]}}, "env.A: must be a string"),
+    ("bad state", {"payload": "true", "state": "running"}, "state: unknown value 'running'"),
+    ("both limits", {"payload": "true", "timeout": 1, "timelimit": 2}, "either timeout or timelimit"),
+    ("bad uuid", {"payload": "true", "uuid": "x"}, "uuid: not a UUID"),
+    ("zero attempts", {"payload": "true", "max_attempts": 0}, "max_attempts: must be >= 1"),
+]
+
+
+@pytest.mark.parametrize("case,job,message", BAD_JOBS, ids=[c[0] for c in BAD_JOBS])
+def test_validate_job_refuses_naming_the_field(case, job, message):
+    with pytest.raises(ApiError) as err:
+        server.validate_job(job, "jobs[0]")
+    assert err.value.status == 400 and message in err.value.message
+    assert err.value.message.startswith("jobs[0]")
+
+
+def test_validate_job_accepts_the_original_files_and_fills_defaults():
+    for name in ("simplejob1.json", "job_template1.json", "threeSimpleJobs.json"):
+        jobs = json.load(open(os.path.join(COMPAT, name)))
+        for i, job in enumerate(jobs if isinstance(jobs, list) else [jobs]):
+            row = server.validate_job(job, f"{name}[{i}]")
+            assert row["state"] in ("defined", "template") and row["timelimit"] >= 0
+    row = server.validate_job({"payload": "/bin/true", "timeout": "100", "env": {"N": 3}}, "job")
+    assert row["timelimit"] == 100 and json.loads(row["env"]) == {"N": "3"} and row["jobtype"] == "default"
+
+
+def test_a_submission_with_a_repeated_uuid_or_no_jobs_is_refused():
+    uuid = "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d"
+    for body, message in (({"jobs": []}, "non-empty list"), ({"jobs": "x"}, "non-empty list"),
+                          ({"jobs": [{"payload": "a", "uuid": uuid}] * 2}, "same uuid appears twice")):
+        with pytest.raises(ApiError, match=message):
+            server.validate_submission(body)
+
+
+BAD_GRAPHS = [
+    ("entity", '<!DOCTYPE x [<!ENTITY a "b">]><graphml/>', "DOCTYPE and ENTITY"),
+    ("not xml", "<graphml><graph>", "malformed XML"),
+    ("no graph", '<graphml xmlns="http://graphml.graphdrawing.org/xmlns"/>', "no <graph>"),
+    ("cycle", graphml([("a", "x", "true"), ("b", "x", "true")],
+                      [("a", "b", "f", "F"), ("b", "a", "g", "G")]), "cycle through a, b"),
+    ("dangling", graphml([("a", "x", "true")], [("a", "zz", "f", "F")]), "'zz' is not a node"),
+    ("twice", graphml([("a", "x", "true"), ("b", "x", "true")],
+                      [("a", "b", "f", "F"), ("a", "b", "g", "G")]), "appears twice"),
+    ("duplicate node", graphml([("a", "x", "true"), ("a", "x", "true")], []), "duplicate node id(s) a"),
+    ("no payload", graphml([("a", "x", "")], []), "payload: missing"),
+    ("bad datatag", graphml([("a", "x", "true"), ("b", "x", "true")], [("a", "b", "f", "1X")]),
+     "datatag '1X'"),
+]
+
+
+@pytest.mark.parametrize("case,text,message", BAD_GRAPHS, ids=[c[0] for c in BAD_GRAPHS])
+def test_parse_graphml_refuses_with_a_reason(case, text, message):
+    with pytest.raises(ApiError) as err:
+        server.parse_graphml(text)
+    assert err.value.status == 400 and message in err.value.message, err.value.message
+
+
+@pytest.mark.parametrize("name", ["1filter", "3filters", "twostep"])
+def test_original_graphml_parses_and_round_trips(name):
+    vertices, edges = server.parse_graphml(open(os.path.join(COMPAT, f"{name}.graphml")).read())
+    assert vertices and server.parse_graphml(server.to_graphml(vertices, edges)) == (vertices, edges)
+
+
+def test_topological_order_puts_parents_first_and_finds_the_cycle():
+    edges = [{"source": "a", "target": "b"}, {"source": "b", "target": "c"}, {"source": "a", "target": "c"}]
+    assert server.topological_order(["c", "b", "a"], edges) == (["a", "b", "c"], [])
+    assert server.topological_order(["a", "b"], [{"source": "a", "target": "b"},
+                                                 {"source": "b", "target": "a"}])[1] == ["a", "b"]
+
+
+def test_name_files_under_each_policy():
+    edges = [{"source": "in", "target": "f", "name": "x", "dirpath": "/d", "datatype": "ROOT",
+              "datatag": "RAW", "comment": ""},
+             {"source": "f", "target": "out", "name": "y", "dirpath": "/d", "datatype": "TXT",
+              "datatag": "HIST", "comment": ""}]
+    ext = {"ROOT": ".root", "TXT": ".txt"}
+    generated = server.name_files(edges, None, ext, {"in"})
+    assert generated[0]["name"].endswith(".root") and len(generated[0]["name"]) == 36 + 5
+    assert [f["name"] for f in server.name_files(edges, "sticky", ext, {"in"})] == ["x", "y"]
+    inherited = server.name_files(edges, "inherit:/data/run7.root", ext, {"in"})
+    assert (inherited[0]["dirpath"], inherited[0]["name"]) == ("/data", "run7.root")
+    assert inherited[1]["name"] == "run7_HIST.txt"
+    mapped = server.name_files(edges, {"f:out": {"name": "z.txt"}}, ext, {"in"})
+    assert mapped[1]["name"] == "z.txt" and mapped[0]["name"] != "x"
+    with pytest.raises(ApiError, match="'a:b' is not an edge"):
+        server.validate_fileinfo({"a:b": {}}, edges)
+
+
+def test_statements_keep_trigger_bodies_and_strings_whole():
+    script = ("CREATE TABLE t(a); CREATE TRIGGER x AFTER INSERT ON t BEGIN UPDATE t SET a = ';'; "
+              "DELETE FROM t WHERE a = 'b;c'; END; INSERT INTO t VALUES('1;2');")
+    found = [s.strip() for s in server.statements(script)]
+    assert len(found) == 3 and found[1].startswith("CREATE TRIGGER") and found[1].endswith("END;")
+
+
+def test_every_migration_runs_on_an_empty_database(tmp_path):
+    store = server.Store(str(tmp_path / "x.db"))
+    assert store.schema_version == len(server.MIGRATIONS)
+    assert store.read_one("PRAGMA journal_mode")[0] == "wal"
+    store.close()
+
+
+@pytest.mark.parametrize("python,sqlite,problem", [
+    ((3, 9, 18), (3, 34, 1), None),
+    ((3, 9, 0), (3, 26, 0), None),
+    ((3, 8, 10), (3, 40, 0), "Python 3.8.10 is older than 3.9"),
+    ((3, 11, 7), (3, 22, 0), "sqlite 3.22.0 is older than 3.26.0"),
+])
+def test_the_version_floor_says_what_was_found_and_what_is_needed(python, sqlite, problem):
+    found = server.floor_problem(python, sqlite)
+    assert found == problem if problem is None else problem in found
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:35 / /afs rw,relatime shared:20 - afs AFS rw
+41 22 0:36 / /eos/user rw,nosuid shared:21 - fuse.eos eosxd rw,user_id=0
+42 22 0:37 / /mnt/nfs\\040share rw - nfs4 srv:/export rw,vers=4.2
+43 22 0:38 / /var/tmp rw - tmpfs tmpfs rw
+44 22 0:39 / /media/usb rw - fuseblk /dev/sdb1 rw
+"""
+
+
+@pytest.mark.parametrize("path,fstype,network", [
+    ("/afs/cern.ch/user/s/shifter/p3s", "afs", True),
+    ("/eos/user/s/shifter/data", "fuse.eos", True),
+    ("/mnt/nfs share/p3s", "nfs4", True),
+    ("/var/tmp/shifter", "tmpfs", False),
+    ("/var/tmpfoo", "ext4", False),
+    ("/media/usb/x", "fuseblk", False),
+])
+def test_the_filesystem_of_a_path_comes_from_its_longest_mount_point(tmp_path, path, fstype, network):
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    found = server.filesystem_type(path, str(info))
+    assert found == fstype and server.is_network_fs(found) == network
+
+
+def test_a_database_on_a_network_filesystem_is_refused_unless_allowed(tmp_path):
+    info = tmp_path / "mountinfo"
+    info.write_text(MOUNTINFO)
+    on_afs = "/afs/cern.ch/user/s/shifter/p3s/p3s.db"
+    with pytest.raises(server.StartupError, match=r"on afs, a network filesystem.*--db /var/tmp/"):
+        server.check_db_filesystem(on_afs, False, str(info))
+    server.check_db_filesystem(on_afs, True, str(info))
+    server.check_db_filesystem("/var/tmp/shifter/p3s.db", False, str(info))
+
+
+HOSTILE = '<script>alert(1)</script>"\'&'
+
+
+def hostile_job():
+    return {"uuid": "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d", "name": HOSTILE, "user": HOSTILE,
+            "jobtype": HOSTILE, "payload": HOSTILE, "params": HOSTILE, "env": {"X": HOSTILE},
+            "priority": 0, "timelimit": 5, "site": HOSTILE, "state": "failed", "attempt": 1,
+            "max_attempts": 1, "pilot": None, "wfuuid": None, "vertex": None, "infile": HOSTILE,
+            "exit_code": 3, "errmsg": HOSTILE, "stdout_tail": HOSTILE, "stderr_tail": HOSTILE,
+            "stdout_path": "", "stderr_path": "", "host": HOSTILE, "pid": 1, "ts_def": 1.0,
+            "ts_dis": 2.0, "ts_sta": 3.0, "ts_sto": 4.0,
+            "events": [{"ts": 1.0, "old": None, "new": "failed", "who": HOSTILE, "attempt": 1,
+                        "info": HOSTILE}],
+            "why_waiting": [HOSTILE], "logs": [], "files": [{"label": HOSTILE, "path": HOSTILE, "url": None}]}
+
+
+def rendered_pages():
+    job = hostile_job()
+    summary = {"jobs_by_state": {"failed": 1}, "jobs_by_jobtype": {HOSTILE: {"failed": 1}},
+               "pilots_by_state": {HOSTILE: 1}, "ended": {"1h": {"failed": 1}},
+               "recent_failures": [job], "latency": {"median_s": None}, "alarms": [HOSTILE]}
+    listing = {"jobs": [job], "page": 1, "limit": 25, "more": False, "total": 1, "sort": "submitted",
+               "order": "desc"}
+    pilot = {"uuid": job["uuid"], "state": HOSTILE, "host": HOSTILE, "pid": 1, "site": HOSTILE,
+             "jobtypes": [HOSTILE], "beat_age": 1.0, "jobs_done": 0, "job": None, "extra": HOSTILE,
+             "ts_reg": 1.0, "heartbeat": 10, "recent_jobs": [job], "events": job["events"]}
+    workflow = {"uuid": job["uuid"], "name": HOSTILE, "state": "running", "dag": HOSTILE,
+                "description": HOSTILE, "jobs": [dict(job, vertex=HOSTILE)],
+                "datasets": []}
+    query = {"state": HOSTILE}
+    return [server.render_summary(summary, query), server.render_jobs(listing, query),
+            server.render_job(job, query), server.render_pilot(pilot, query),
+            server.render_pilots({"pilots": [pilot], "page": 1, "more": False}, query),
+            server.render_workflow(workflow, query)]
+
+
+def test_renderers_escape_every_hostile_value():
+    for html in rendered_pages():
+        assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+def test_every_route_names_an_operation_that_exists(tmp_path):
+    store = server.Store(str(tmp_path / "x.db"))
+    service = server.Service(store)
+    for method, path, name, parts, write in server.API:
+        assert callable(server.operation(service, name)), f"{method} {path}: {name}"
+        assert server.path_regex(path).match(path.replace("<uuid>", "u").replace("<dag>", "d")
+                                             .replace("<name>", "n"))
+    views = server.Views(service, [str(tmp_path)])
+    for regex, name, render in server.PAGES:
+        assert callable(getattr(views, name)) and callable(render)
+    store.close()
+
+
+def test_server_py_imports_nothing_of_ours():
+    """server.py runs alone: copied anywhere by itself, `python server.py` works."""
+    import ast
+    tree = ast.parse(open(os.path.join(ROOT, "server.py")).read())
+    ours = {f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")} - {"server"}
+    imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    assert not imported & ours
