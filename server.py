@@ -561,19 +561,18 @@ def move_pilot(conn, uuid, old_states, new, info="", **fields):
     return moved
 
 
-def job_row(conn, uuid):
-    """The job row, or a 404 naming it."""
-    row = conn.execute("SELECT * FROM jobs WHERE uuid=?", (uuid,)).fetchone()
+def lookup(conn, table, uuid):
+    """The row of `table` (jobs, pilots, workflows) with this uuid, or a 404 naming it."""
+    row = conn.execute(f"SELECT * FROM {table} WHERE uuid=?", (uuid,)).fetchone()
     if row is None:
-        raise ApiError(404, f"job {uuid}: no such job")
+        kind = table[:-1]
+        raise ApiError(404, f"{kind} {uuid}: no such {kind}")
     return row
 
 
 def live_pilot(conn, uuid):
     """The pilot row if it is live: 404 if unknown, 409 if it stopped or was lost."""
-    row = conn.execute("SELECT * FROM pilots WHERE uuid=?", (uuid,)).fetchone()
-    if row is None:
-        raise ApiError(404, f"pilot {uuid}: no such pilot")
+    row = lookup(conn, "pilots", uuid)
     if row["state"] not in LIVE_PILOT_STATES:
         raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
     return row
@@ -1136,7 +1135,7 @@ class Broker:
             # held (a returning clause needs sqlite 3.35; lxplus has 3.34).
             move_job(conn, best["uuid"], "defined", "dispatched", pilot_uuid, attempt=best["attempt"],
                      changes=dict(pilot=pilot_uuid, ts_dis=t, host=pilot["host"]))
-            job = job_row(conn, best["uuid"])
+            job = lookup(conn, "jobs", best["uuid"])
         move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=t)
         return job_to_dict(job)
 
@@ -1264,7 +1263,7 @@ class Workflows:
         state = as_choice(body.get("state"), "state", ("defined", "cancelled"))
         released = 0
         with self.store.transaction() as conn:
-            wf = self.workflow_row(conn, wfuuid)
+            wf = lookup(conn, "workflows", wfuuid)
             if state == "defined":
                 released = start_workflow(conn, wfuuid, who)
             elif wf["state"] in ("finished", "failed", "cancelled"):
@@ -1279,23 +1278,15 @@ class Workflows:
         self.broker.notify_work(released)
         return self.get_workflow(wfuuid)
 
-    @staticmethod
-    def workflow_row(conn, wfuuid):
-        wf = conn.execute("SELECT * FROM workflows WHERE uuid=?", (wfuuid,)).fetchone()
-        if wf is None:
-            raise ApiError(404, f"workflow {wfuuid}: no such workflow")
-        return wf
-
     def get_workflow(self, wfuuid):
-        wf = self.store.read_one("SELECT * FROM workflows WHERE uuid=?", (wfuuid,))
-        if wf is None:
-            raise ApiError(404, f"workflow {wfuuid}: no such workflow")
-        jobs = [dict(r) for r in self.store.read(
-            "SELECT uuid, vertex, name, jobtype, state, exit_code, attempt, ts_sta, ts_sto FROM jobs "
-            "WHERE wfuuid=? ORDER BY id", (wfuuid,))]
-        files = [dict(r) for r in self.store.read(
-            "SELECT uuid, name, dirpath, datatype, datatag, state, producer, consumer FROM datasets "
-            "WHERE wfuuid=? AND origin='edge' ORDER BY id", (wfuuid,))]
+        with self.store.reading() as conn:
+            wf = lookup(conn, "workflows", wfuuid)
+            jobs = [dict(r) for r in conn.execute(
+                "SELECT uuid, vertex, name, jobtype, state, exit_code, attempt, ts_sta, ts_sto FROM jobs "
+                "WHERE wfuuid=? ORDER BY id", (wfuuid,))]
+            files = [dict(r) for r in conn.execute(
+                "SELECT uuid, name, dirpath, datatype, datatag, state, producer, consumer FROM datasets "
+                "WHERE wfuuid=? AND origin='edge' ORDER BY id", (wfuuid,))]
         return {**dict(wf), "jobs": jobs, "datasets": files}
 
     def list_workflows(self, query):
@@ -1304,7 +1295,7 @@ class Workflows:
 
     def delete_workflow(self, wfuuid, who):
         with self.store.transaction() as conn:
-            self.workflow_row(conn, wfuuid)
+            lookup(conn, "workflows", wfuuid)
             active = conn.execute("SELECT COUNT(*) FROM jobs WHERE wfuuid=? AND state IN ('dispatched','running')",
                                   (wfuuid,)).fetchone()[0]
             if active:
@@ -1405,7 +1396,7 @@ class Service:
 
     def get_job(self, uuid):
         with self.store.reading() as conn:
-            job = job_to_dict(job_row(conn, uuid))
+            job = job_to_dict(lookup(conn, "jobs", uuid))
             job["events"] = [dict(e) for e in conn.execute(
                 "SELECT ts, old, new, who, attempt, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
         return job
@@ -1444,14 +1435,14 @@ class Service:
             as_choice(state, "state", tuple(self.ADJUSTABLE))
         priority = as_int(body["priority"], "priority") if "priority" in body else None
         with self.store.transaction() as conn:
-            job = job_row(conn, uuid)
+            job = lookup(conn, "jobs", uuid)
             if priority is not None:
                 if job["state"] in END_JOB_STATES and state is None:
                     raise ApiError(409, f"job {uuid}: is {job['state']}; priority of an ended job cannot change")
                 conn.execute("UPDATE jobs SET priority=? WHERE uuid=?", (priority, uuid))
             if state is not None and state != job["state"]:
                 self.move_by_hand(conn, job, state, who)
-            result = job_to_dict(job_row(conn, uuid), False)
+            result = job_to_dict(lookup(conn, "jobs", uuid), False)
         if result["state"] == "defined":
             self.broker.notify_work(1)
         return result
@@ -1478,7 +1469,7 @@ class Service:
 
     def delete_job(self, uuid, who):
         with self.store.transaction() as conn:
-            job = job_row(conn, uuid)
+            job = lookup(conn, "jobs", uuid)
             if job["state"] in ACTIVE_JOB_STATES:
                 raise ApiError(409, f"job {uuid}: is {job['state']}; cancel it before deleting it")
             conn.execute("DELETE FROM jobs WHERE uuid=? AND state=?", (uuid, job["state"]))
@@ -1550,7 +1541,7 @@ class Service:
     def apply_report(self, conn, uuid, pilot, attempt, state, fields):
         """A pilot's report, fenced by pilot and attempt: a repeat is acknowledged, a stale one
         refused with 409; `running` moves the job on, an end state ends or retries it."""
-        job = job_row(conn, uuid)
+        job = lookup(conn, "jobs", uuid)
         if self._already_reported(conn, job, pilot, attempt, state):
             return {"state": job["state"], "duplicate": True}
         if job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES:
@@ -1895,9 +1886,8 @@ class Views:
         return {"pilots": [dict(pilot_to_dict(r), beat_age=t - r["ts_beat"]) for r in rows], **paging}
 
     def pilot(self, uuid, query):
-        row = self.store.read_one("SELECT * FROM pilots WHERE uuid=?", (uuid,))
-        if row is None:
-            raise ApiError(404, f"pilot {uuid}: no such pilot")
+        with self.store.reading() as conn:
+            row = lookup(conn, "pilots", uuid)
         pilot = dict(pilot_to_dict(row), beat_age=now() - row["ts_beat"])
         pilot["recent_jobs"] = [dict(r) for r in self.store.read(
             "SELECT uuid, name, jobtype, state, exit_code, ts_sta, ts_sto FROM jobs WHERE pilot=? "
