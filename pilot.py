@@ -161,13 +161,21 @@ class Execution:
 # The pilot
 # ------------------------------------------------------------------------------------------------
 class Pilot:
+    """One pilot: registers, asks for jobs, runs each payload, reports, and heartbeats meanwhile.
+
+    Methods for the caller (main): run() until done, drained, stopped or out of cycles, then
+    deregister; it returns the exit code. on_signal is the handler for SIGTERM, SIGINT and
+    SIGUSR1. Threads: the main thread runs the work loop and the payload; the heartbeat thread
+    only reads `current` and calls Execution.stop, which is safe from any thread (and from a
+    signal handler: nothing here takes a lock a handler could wait for).
+    """
+
     def __init__(self, args, client):
         self.args, self.client = args, client
         self.uuid = None
         self.settings = dict(DEFAULTS)
         self.site_env = {}
-        self.current = None             # the Execution in progress, if any
-        self.lock = threading.Lock()
+        self.current = None             # the Execution in progress, if any (set by the main thread)
         self.exit_reason = None         # set when the pilot should stop asking for work
         self.idle = False               # True only while blocked in a job request
         self.beats = threading.Event()  # set to stop the heartbeat thread
@@ -275,14 +283,12 @@ class Pilot:
             self.send_report(job, {"state": "failed", "exit_code": 127,
                                    "errmsg": f"cannot start payload: {e}", "stderr": str(e)})
             return
-        with self.lock:
-            self.current = execution
+        self.current = execution
         if self.exit_reason is not None:    # a signal arrived while the job was being started
             execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
         self.report_running(execution)
         state, exit_code, errmsg = self.wait(execution)
-        with self.lock:
-            self.current = None
+        self.current = None
         log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
@@ -348,8 +354,7 @@ class Pilot:
     # -- heartbeats, signals --------------------------------------------------------------------
     def heartbeat_loop(self):
         while not self.beats.wait(self.settings["heartbeat"]):
-            with self.lock:
-                execution = self.current
+            execution = self.current
             job = execution.job["uuid"] if execution else None
             try:
                 directive = self.client.heartbeat(self.uuid, job, retry_for=0)["directive"]
@@ -375,8 +380,7 @@ class Pilot:
         name = signal.Signals(signum).name
         self.exit_reason = self.exit_reason or f"{name} received"
         if signum != signal.SIGUSR1:
-            with self.lock:
-                execution = self.current
+            execution = self.current
             if execution:
                 execution.stop("pilotTO", f"pilot stopped by {name}", self.args.kill_grace)
         if self.idle:

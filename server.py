@@ -17,7 +17,8 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
     Views                     the data behind every page (also the pages' JSON twins)
     HTML pages                pure renderers: a dict in, an HTML string out
     HTTP                      the routes and pages tables, Handler, P3SServer
-    CLI                       the token, the options, main()
+    CLI                       start-up checks (version floor, network filesystems), the
+                              token, the options, main()
 
     python server.py                      # 127.0.0.1:8000, ./p3s.db beside this file
     python server.py --port 0 --db /tmp/x.db --token-file /tmp/x.token

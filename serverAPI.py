@@ -25,7 +25,8 @@ from urllib.parse import quote, urlencode, urlsplit
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_TOKEN_FILE = os.path.join(HERE, "p3s.token")
-BACKOFF_FIRST, BACKOFF_CAP = 0.1, 5.0
+BACKOFF_FIRST = 0.1     # seconds before the first retry of a failed call; doubles each time
+BACKOFF_CAP = 5.0       # seconds, the longest pause between retries
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -91,6 +92,13 @@ def read_token(token=None, token_file=None):
 
 
 class Client:
+    """The p3s API for a tool: one method per call, JSON in and out.
+
+    Methods for the caller: call(method, path, body, query) for any route, and one named
+    method per route (submit_jobs, request_job, report, add_dag, ...). Each returns the decoded
+    answer or raises P3SError; connection errors and 5xx are retried for `retry_for` seconds.
+    """
+
     def __init__(self, server=None, token=None, token_file=None, timeout=10.0, retry_for=None):
         self.server = (server or os.environ.get("P3S_SERVER") or DEFAULT_SERVER).rstrip("/")
         if "://" not in self.server:
