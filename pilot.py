@@ -5,13 +5,13 @@
     python pilot.py -s mysite --jobtype dqm -c 10 -b 5
     python pilot.py --define-site -s mysite -p 20 -b 5 --site-env DATA=/eos/x   # site defaults
 
-The payload runs in its own process group with the job's env plus P3S_JOB_UUID, P3S_PILOT_UUID
+The payload runs in its own process group (a watchdog process kills the group if the pilot
+dies, even by kill -9) with the job's env plus P3S_JOB_UUID, P3S_PILOT_UUID
 and P3S_INPUT_FILE; its stdout/stderr go to <joblogdir>/<uuid>.out|.err. At the time limit the
 group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stops the payload the
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
-import ctypes
 import logging
 import os
 import shlex
@@ -30,7 +30,6 @@ DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
 TAIL_BYTES = 64 * 1024
 LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
-PR_SET_PDEATHSIG = 1
 RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, forever
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
 log = logging.getLogger("p3s.pilot")
@@ -107,13 +106,77 @@ def payload_command(job):
     return shlex.split(job["payload"]) + shlex.split(job["params"]), False
 
 
-def die_with_pilot():
-    """In the payload, before exec: ask Linux for SIGKILL when the pilot dies, so a pilot
-    killed with -9 leaves no payload running behind the job the server retries."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass        # not Linux: the payload's process group is still stopped on every normal path
+# The watchdog: one small process per pilot (not per job), in its own session, started with
+# `python -c` so that no command line naming pilot.py matches it (pkill -f pilot.py spares it).
+# The pilot writes lines: "+PGID" when a payload starts, "-PGID" once its group is gone, "=S" the
+# lease window, "." each time it hears from the server. It SIGKILLs the groups still listed
+# when the pipe closes, however the pilot died (kill -9 included), and when no "." came for S
+# seconds (the pilot is stopped, hung or cut off from the server for its whole lease). So a
+# payload, and all its wrapper spawns in the group, dies with its pilot and never outlives the
+# lease, before the server can give the job to another pilot; and a spawn costs a plain spawn.
+WATCHDOG = """
+import os, select, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+groups, window, last, pending = set(), None, time.monotonic(), b""
+
+def kill_all():
+    for pgid in groups:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    groups.clear()
+
+while True:
+    wait = None if window is None or not groups else max(0.0, last + window - time.monotonic())
+    if not select.select([0], [], [], wait)[0]:
+        kill_all()
+        continue
+    data = os.read(0, 4096)
+    if not data:
+        break
+    *lines, pending = (pending + data).split(b"\\n")
+    for line in lines:
+        if line[:1] == b"+":
+            groups.add(int(line[1:]))
+        elif line[:1] == b"-":
+            groups.discard(int(line[1:]))
+        elif line[:1] == b"=":
+            window = float(line[1:])
+        if line[:1] in (b"+", b"."):
+            last = time.monotonic()
+kill_all()
+"""
+
+
+class Watchdog:
+    """Kills the payload groups of a pilot that died, stopped or lost the server for its lease.
+
+    Methods for the caller: watch(pgid) when a payload starts, release(pgid) once its group is
+    gone, lease(seconds) after registering, contact() whenever the server answered."""
+
+    def __init__(self):
+        self.proc = subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE,
+                                     start_new_session=True, close_fds=True)
+
+    def tell(self, line):
+        try:
+            self.proc.stdin.write(line.encode() + b"\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError):
+            log.warning("watchdog gone: a kill -9 of this pilot would leave its payload behind")
+
+    def watch(self, pgid):
+        self.tell(f"+{pgid}")
+
+    def release(self, pgid):
+        self.tell(f"-{pgid}")
+
+    def lease(self, seconds):
+        self.tell(f"={seconds}")
+
+    def contact(self):
+        self.tell(".")
 
 
 def kill_group(pgid, sig):
@@ -176,6 +239,10 @@ class Pilot:
         self.settings = dict(DEFAULTS)
         self.site_env = {}
         self.current = None             # the Execution in progress, if any (set by the main thread)
+        self.watchdog = Watchdog()
+        self.lease = None               # seconds the server keeps our job while we are silent
+        self.last_contact = time.monotonic()    # the last answer from the server
+        self.dropped = None             # why the server no longer knows us: register again
         self.exit_reason = None         # set when the pilot should stop asking for work
         self.idle = False               # True only while blocked in a job request
         self.beats = threading.Event()  # set to stop the heartbeat thread
@@ -188,13 +255,16 @@ class Pilot:
         if self.args.heartbeat is not None:
             info["heartbeat"] = self.args.heartbeat
         answer = self.client.register_pilot(retry_for=REGISTER_RETRY, **info)
-        self.uuid = answer["uuid"]
+        self.heard_from_server()
+        self.uuid, self.lease, self.dropped = answer["uuid"], answer["lease"], None
         site = answer.get("site") or {}
         for key in DEFAULTS:       # explicit options win over site defaults, which win over ours
             chosen = getattr(self.args, key)
             self.settings[key] = chosen if chosen is not None else (
                 site[key] if site.get(key) is not None else DEFAULTS[key])
         self.site_env = site.get("env", {})
+        # The watchdog's last word: SIGKILL one heartbeat before the server gives the job away.
+        self.watchdog.lease(max(self.lease - self.settings["heartbeat"], self.fence_after()))
         log.info("registered as %s (site %r, %s)", self.uuid, self.args.site,
                  ", ".join(f"{k} {v:g}" for k, v in self.settings.items()))
 
@@ -238,6 +308,8 @@ class Pilot:
                 break
             wait = period if not self.args.max_idle else min(
                 period, max(0.0, self.args.max_idle - (time.monotonic() - last_work)))
+            if self.dropped:
+                self.register_again()
             job = self.request(wait)
             done += 1
             if job is not None:
@@ -251,6 +323,7 @@ class Pilot:
             if self.exit_reason is not None:
                 return None
             answer = self.client.request_job(self.uuid, wait)
+            self.heard_from_server()
             if answer["directive"]:
                 self.obey(answer["directive"], f"{answer['directive']} requested by the server", None)
             return answer["job"]
@@ -258,13 +331,33 @@ class Pilot:
             return None
         except P3SError as e:
             if e.status in (404, 409):
-                self.exit_reason = f"server forgot this pilot: {e}"
+                self.dropped = str(e)
                 return None
             log.warning("job request failed, will retry: %s", e)
             self.pause(OUTAGE_PAUSE)
             return None
         finally:
             self.idle = False
+
+    def heard_from_server(self):
+        self.last_contact = time.monotonic()
+        self.watchdog.contact()
+
+    def register_again(self):
+        """The server dropped this pilot (it deregistered it, or forgot it): any job it still ran
+        is no longer its own (stopped already by the heartbeat), so it registers anew."""
+        log.warning("the server dropped this pilot (%s): registering again", self.dropped)
+        self.idle = True            # a signal may end the wait for the server
+        try:
+            self.register()
+        finally:
+            self.idle = False
+
+    def fence_after(self):
+        """Seconds without an answer after which the pilot kills its payload itself: before the
+        server's lease runs out, with room for a heartbeat and the kill grace."""
+        beat = self.settings["heartbeat"]
+        return max(self.lease - 2 * beat - self.args.kill_grace, self.lease / 2)
 
     def pause(self, seconds):
         try:
@@ -318,8 +411,8 @@ class Pilot:
             env["P3S_INPUT_FILE"] = job["infile"]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(command, shell=shell, env=env, stdin=subprocess.DEVNULL,
-                                    stdout=out, stderr=err, start_new_session=True,
-                                    preexec_fn=die_with_pilot if sys.platform == "linux" else None)
+                                    stdout=out, stderr=err, start_new_session=True)
+        self.watchdog.watch(proc.pid)
         return Execution(job, proc, out_path, err_path)
 
     def wait(self, execution):
@@ -331,9 +424,12 @@ class Pilot:
             execution.stop("timeout", f"killed at its time limit of {limit} s", self.args.kill_grace)
             code = execution.proc.wait()
         kill_group(execution.proc.pid, signal.SIGKILL)     # leave no stray children behind
+        self.watchdog.release(execution.proc.pid)
         if execution.stop_reason:
             state, errmsg = execution.stop_reason
             return state, code, errmsg
+        if code == -signal.SIGKILL and time.monotonic() - self.last_contact > self.fence_after():
+            return "pilotTO", code, "killed by the watchdog: no answer from the server for the job's lease"
         if code == 0:
             return "finished", 0, ""
         return "failed", code, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
@@ -343,7 +439,9 @@ class Pilot:
         report.update(pilot=self.uuid, attempt=job["attempt"])
         while True:
             try:
-                return self.client.report(job["uuid"], report, retry_for=60)
+                answer = self.client.report(job["uuid"], report, retry_for=60)
+                self.heard_from_server()
+                return answer
             except P3SError as e:
                 if e.bad_input:
                     log.warning("job %s: report refused: %s", job["uuid"], e)
@@ -353,19 +451,31 @@ class Pilot:
 
     # -- heartbeats, signals --------------------------------------------------------------------
     def heartbeat_loop(self):
-        while not self.beats.wait(self.settings["heartbeat"]):
+        beat = self.settings["heartbeat"]
+        while not self.beats.wait(beat):
             execution = self.current
             job = execution.job["uuid"] if execution else None
             try:
-                directive = self.client.heartbeat(self.uuid, job, retry_for=0)["directive"]
+                directive = self.client.heartbeat(self.uuid, job, retry_for=0, timeout=max(1.0, beat))["directive"]
+                self.heard_from_server()
             except P3SError as e:
                 if e.status in (404, 409):
-                    self.obey("stop", f"server dropped this pilot: {e}", execution)
+                    self.dropped = str(e)
+                    self.obey("kill", f"server dropped this pilot: {e}", execution)
                 else:
+                    self.fence(execution)
                     log.warning("heartbeat failed: %s", e)
                 continue
             if directive:
                 self.obey(directive, f"{directive} requested by the server", execution)
+
+    def fence(self, execution):
+        """Kill the payload when the server has been silent so long that it may give the job to
+        another pilot: a partition must never run a job twice at once."""
+        silent = time.monotonic() - self.last_contact
+        if execution and silent > self.fence_after():
+            execution.stop("pilotTO", f"no answer from the server for {silent:.0f} s: the job's lease of "
+                                      f"{self.lease:g} s runs out, so it may run elsewhere", self.args.kill_grace)
 
     def obey(self, directive, why, execution):
         """Act on a server directive: kill the job, drain, or stop the pilot."""

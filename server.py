@@ -64,7 +64,10 @@ SOCKET_TIMEOUT = 60                 # seconds a connection may sit silent (long 
 MAX_WAIT = 30.0                     # cap on a pilot's long poll, seconds
 TAIL_BYTES = 64 * 1024              # stdout/stderr tails kept per job
 DEFAULT_HEARTBEAT = 10.0           # seconds, when neither the pilot nor its site says
-LOST_AFTER_BEATS = 3                # a pilot silent for this many heartbeat periods is lost
+LOST_AFTER_BEATS = 3                # a pilot silent for this many heartbeat periods is lost (alarm)
+LEASE_BEATS = 10                    # ... and its job is given away after this many (the job lease)
+PAUSE_GAP = 5.0                     # seconds a housekeeping pass may be late (or the clock jump)
+                                    # before the gap counts as a server pause: silence restarts
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)   # claim latency histogram, s
 PURGE_BATCH = 1000                  # rows of each kind one retention pass may delete
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
@@ -572,8 +575,16 @@ def lookup(conn, table, uuid):
 
 
 def live_pilot(conn, uuid):
-    """The pilot row if it is live: 404 if unknown, 409 if it stopped or was lost."""
+    """The pilot row if it is live: 404 if unknown, 409 if it stopped. A lost pilot that speaks
+    again was only silent (a partition, a pause): it is back, with whatever job it still holds.
+    Called inside a write transaction."""
     row = lookup(conn, "pilots", uuid)
+    if row["state"] == "lost":
+        held = conn.execute("SELECT state FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
+                            (uuid,)).fetchone()
+        move_pilot(conn, uuid, ("lost",), held["state"] if held else "active", info="back after silence",
+                   ts_stop=None, ts_beat=now())
+        row = lookup(conn, "pilots", uuid)
     if row["state"] not in LIVE_PILOT_STATES:
         raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
     return row
@@ -1375,14 +1386,16 @@ class Service:
     as "broker.request_job", "workflows.add_dag", ...
     """
 
-    def __init__(self, store, hk_period=2.0, retention_days=0):
+    def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS):
         self.store = store
         self.broker = Broker(store)
         self.workflows = Workflows(store, self.broker)
         self.hk_period = hk_period
         self.retention_days = retention_days
-        self.started = now()
-        self.last_tidy = self.started
+        self.lease_beats = lease_beats
+        self.resumed = now()        # silence is counted from here: the start, or the last pause
+        self.last_pass = (time.monotonic(), self.resumed)
+        self.last_tidy = self.resumed
 
     def stop(self):
         """Shutdown: end the housekeeping loop and every long poll."""
@@ -1501,7 +1514,8 @@ class Service:
                 event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
             else:   # a registration repeated because its answer was lost: the same pilot, once
                 live_pilot(conn, pilot["uuid"])
-        return {"uuid": pilot["uuid"], "heartbeat": pilot["heartbeat"], "site": site or None}
+        return {"uuid": pilot["uuid"], "heartbeat": pilot["heartbeat"], "site": site or None,
+                "lease": pilot["heartbeat"] * self.lease_beats}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
                    "pid", "stdout_path", "stderr_path")
@@ -1655,9 +1669,10 @@ class Service:
 
     # -- housekeeping -----------------------------------------------------------------------------
     def housekeep(self):
-        """One pass: lost pilots and their jobs, jobs overrunning their time limit."""
-        t = now()
-        released = self.store.write(self._mark_lost_pilots, t) + self.store.write(self._time_out_jobs, t)
+        """One pass: lost pilots, expired job leases, jobs overrunning their time limit."""
+        t = self.notice_pause()
+        released = (self.store.write(self._mark_lost_pilots, t) + self.store.write(self._expire_leases, t)
+                    + self.store.write(self._time_out_jobs, t))
         self.broker.notify_work(released)
         if self.retention_days:
             purged = self.store.write(self.purge, t - self.retention_days * 86400)
@@ -1669,17 +1684,44 @@ class Service:
                                                        (int(t - 2 * 86400) // 10,)))
             self.store.read("PRAGMA optimize")
 
+    def notice_pause(self):
+        """The time of this pass. A pass far later than due (the server was stopped, swapped
+        out, its VM migrated) or a jump of the wall clock is treated like a restart: nobody's
+        silence counts from before it, so a server hiccup never blames the pilots."""
+        t, mono = now(), time.monotonic()
+        late = mono - self.last_pass[0] - self.hk_period
+        jump = (t - self.last_pass[1]) - (mono - self.last_pass[0])
+        if late > PAUSE_GAP or abs(jump) > PAUSE_GAP:
+            log.warning("housekeeping %.1f s late, wall clock moved %+.1f s more than the monotonic "
+                        "clock: counting pilots' silence from now", late, jump)
+            self.resumed = t
+        self.last_pass = (mono, t)
+        return t
+
     def _mark_lost_pilots(self, conn, t):
-        # A server that was down must not blame pilots for its own silence: count from restart.
+        """Pilots silent for LOST_AFTER_BEATS heartbeats are shown lost (the alarm); their jobs
+        stay theirs until the lease runs out. Silence counts from the start or the last pause."""
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
-        lost = conn.execute(f"SELECT uuid, heartbeat FROM pilots WHERE state IN ({marks}) "
+        lost = conn.execute(f"SELECT uuid FROM pilots WHERE state IN ({marks}) "
                             f"AND MAX(ts_beat, ?) + ? * heartbeat < ?",
-                            (*LIVE_PILOT_STATES, self.started, LOST_AFTER_BEATS, t)).fetchall()
-        released = 0
+                            (*LIVE_PILOT_STATES, self.resumed, LOST_AFTER_BEATS, t)).fetchall()
         for pilot in lost:
             move_pilot(conn, pilot["uuid"], LIVE_PILOT_STATES, "lost",
                        info=f"silent for {LOST_AFTER_BEATS} heartbeats", ts_stop=t)
-            released += release_jobs(conn, pilot["uuid"], "pilot lost")
+        return 0
+
+    def _expire_leases(self, conn, t):
+        """The job of a pilot silent for lease_beats heartbeats is given away: pilotTO, or back to
+        defined while attempts remain. By then the pilot has killed it itself (it fences itself
+        before its lease runs out), so it never runs twice at once. Returns how many are claimable."""
+        expired = conn.execute("SELECT uuid FROM pilots WHERE state='lost' AND job IS NOT NULL "
+                               "AND MAX(ts_beat, ?) + ? * heartbeat < ?",
+                               (self.resumed, self.lease_beats, t)).fetchall()
+        released = 0
+        for pilot in expired:
+            released += release_jobs(conn, pilot["uuid"], f"pilot lost: its lease of {self.lease_beats} "
+                                                          "heartbeats ran out")
+            conn.execute("UPDATE pilots SET job=NULL WHERE uuid=?", (pilot["uuid"],))
         return released
 
     def _time_out_jobs(self, conn, t):
@@ -2582,6 +2624,9 @@ def parse_args(argv):
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--housekeeping", type=float, default=2.0, metavar="SECONDS",
                    help="seconds between housekeeping passes (default 2)")
+    p.add_argument("--lease-beats", type=int, default=LEASE_BEATS, metavar="N",
+                   help="a silent pilot's job is given away after N of its heartbeats (default "
+                   "%(default)s; it is shown lost after 3)")
     p.add_argument("--files-root", action="append", metavar="DIR",
                    help="directory whose files (job logs, outputs) the pages may show; repeatable "
                    "(default: logs/ beside server.py, where pilots write job logs by default)")
@@ -2590,6 +2635,9 @@ def parse_args(argv):
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES",
                    help=f"largest request body accepted (default {MAX_BODY})")
     args = p.parse_args(argv)
+    if args.lease_beats <= LOST_AFTER_BEATS:
+        p.error(f"--lease-beats {args.lease_beats}: must be more than {LOST_AFTER_BEATS} (a pilot is lost after "
+                f"{LOST_AFTER_BEATS} silent heartbeats, its job given away after the lease)")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port}: must be between 0 and 65535")
     db_dir = os.path.dirname(os.path.abspath(args.db))
@@ -2617,7 +2665,7 @@ def main(argv=None):
     except StartupError as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
-    service = Service(store, args.housekeeping, args.retention_days)
+    service = Service(store, args.housekeeping, args.retention_days, args.lease_beats)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         if os.path.isfile(token_source):

@@ -183,8 +183,9 @@ class Client:
     def mark_pilots(self, directive, **selectors):
         return self.call("POST", "/api/pilots/directive", {"directive": directive, **selectors})["marked"]
 
-    def heartbeat(self, pilot, job=None, retry_for=None):
-        return self.call("POST", f"/api/pilots/{pilot}/heartbeat", {"job": job}, retry_for=retry_for)
+    def heartbeat(self, pilot, job=None, retry_for=None, timeout=None):
+        return self.call("POST", f"/api/pilots/{pilot}/heartbeat", {"job": job}, retry_for=retry_for,
+                         timeout=timeout)
 
     def deregister_pilot(self, pilot, reason="", retry_for=None):
         return self.call("POST", f"/api/pilots/{pilot}/stop", {"reason": reason}, retry_for=retry_for)

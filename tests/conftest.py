@@ -62,7 +62,8 @@ class P3S:
         log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "server.py"), "--port", str(self.port), "--db", self.db,
-             "--token-file", str(self.token_file), "--housekeeping", "0.3", *self.extra_args],
+             "--token-file", str(self.token_file), "--housekeeping", "0.3", *self.lease_args(),
+             *self.extra_args],
             stdout=log, stderr=log, cwd=self.dir)
         found = wait_until(self._announced_port, 15, what="server start")
         self.port = found
@@ -70,6 +71,11 @@ class P3S:
         self.env["P3S_SERVER"] = self.url
         self.api = Client(self.url, token_file=str(self.token_file), retry_for=10)
         return self
+
+    def lease_args(self):
+        """Pilots beat every 0.5 s in tests: 30 beats (15 s) ride out a server restart, unless
+        a test sets its own lease."""
+        return [] if "--lease-beats" in self.extra_args else ["--lease-beats", "30"]
 
     def _announced_port(self):
         if self.proc.poll() is not None:

@@ -3,7 +3,7 @@ import signal
 import time
 from collections import Counter
 
-from conftest import ROOT, alive, shell_job, wait_until
+from conftest import P3S, ROOT, alive, shell_job, wait_until
 
 
 def running(p3s, uuid, marker=None):
@@ -11,10 +11,11 @@ def running(p3s, uuid, marker=None):
                       15, what=f"job {uuid} to run")
 
 
-def sleeping_job_on_a_pilot(p3s, *pilot_args):
-    """Submit a job that records its pid and sleeps; start a pilot; return once it runs."""
+def sleeping_job_on_a_pilot(p3s, spawn="", *pilot_args):
+    """Submit a job that runs `spawn`, records its pid and sleeps; start a pilot; return once
+    it runs."""
     pidfile = p3s.dir / "payload.pid"
-    [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
+    [uuid] = p3s.submit([shell_job(f"{spawn + '; ' if spawn else ''}echo $$ > {pidfile}; exec sleep 60")])
     pilot = p3s.pilot("-p", "1", *pilot_args)
     running(p3s, uuid, pidfile)
     return uuid, pilot, int(pidfile.read_text())
@@ -42,15 +43,25 @@ def test_payload_ignoring_sigterm_is_killed_after_grace(p3s):
     assert time.monotonic() - started < 15
 
 
-def test_pilot_killed_mid_job_gives_pilotTO_within_heartbeat_window(p3s):
-    uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "-b", "0.5")
-    pilot.send_signal(signal.SIGKILL)
-    killed = time.monotonic()
-    wait_until(lambda: p3s.job(uuid)["state"] == "pilotTO", 10, what="pilotTO")
-    assert time.monotonic() - killed < 3 * 0.5 + 2, "lost pilot not noticed within 3 heartbeats"
-    [record] = p3s.api.list_pilots()
-    assert record["state"] == "lost"
-    wait_until(lambda: not alive(payload_pid), 5, what="the orphaned payload to die")
+def test_pilot_killed_mid_job_takes_its_payload_along_and_the_lease_ends_the_job(tmp_path):
+    """kill -9 of a pilot: its payload and the payload's children die at once (the watchdog);
+    the pilot is shown lost within 3 heartbeats, its job ends pilotTO when the lease runs out."""
+    server = P3S(tmp_path, ["--lease-beats", "6"]).start()
+    try:
+        children = server.dir / "children"
+        uuid, pilot, payload_pid = sleeping_job_on_a_pilot(
+            server, f"sleep 60 & echo $! >> {children}; sleep 60 & echo $! >> {children}", "-b", "0.5")
+        spawned = [payload_pid] + [int(p) for p in children.read_text().split()]
+        pilot.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: not any(alive(p) for p in spawned), 2, what="the payload and its children to die")
+        wait_until(lambda: server.api.list_pilots()[0]["state"] == "lost", 5, what="the pilot shown lost")
+        assert time.monotonic() - killed < 3 * 0.5 + 1.5, "lost pilot not noticed within 3 heartbeats"
+        assert server.job(uuid)["state"] == "running", "the job was given away before its lease ran out"
+        wait_until(lambda: server.job(uuid)["state"] == "pilotTO", 10, what="pilotTO")
+        assert time.monotonic() - killed > 6 * 0.5 - 0.5
+    finally:
+        server.stop()
 
 
 def test_pilot_killed_mid_job_is_retried_when_attempts_remain(p3s):
@@ -71,7 +82,7 @@ def test_pilot_killed_mid_job_is_retried_when_attempts_remain(p3s):
 
 
 def test_sigterm_to_pilot_stops_payload_reports_and_deregisters(p3s):
-    uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "--kill-grace", "1")
+    uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "", "--kill-grace", "1")
     pilot.send_signal(signal.SIGTERM)
     assert pilot.wait(15) == 0
     job = p3s.job(uuid)
@@ -130,7 +141,7 @@ def test_time_limit_holds_while_the_server_is_down(p3s):
     pidfile = p3s.dir / "payload.pid"
     [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60", timeout=2)])
     p3s.pilot("-p", "1", "-b", "0.5", "--kill-grace", "1")
-    wait_until(pidfile.exists, 15, what="the payload to start")
+    wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 15, what="the payload to start")
     p3s.kill9()                                   # maybe before the running report, maybe after
     started = time.monotonic()
     payload = int(pidfile.read_text())
