@@ -139,7 +139,8 @@ def test_cancelling_a_running_job_kills_its_payload(p3s):
     pidfile = p3s.dir / "pid"
     [uuid] = p3s.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
     p3s.pilot("-p", "1")
-    wait_until(lambda: p3s.job(uuid)["state"] == "running" and pidfile.exists(), 10, what="running")
+    wait_until(lambda: p3s.job(uuid)["state"] == "running" and pidfile.exists() and pidfile.read_text().strip(),
+               10, what="running")
     assert p3s.run("job.py", "-a", "-u", uuid, "-s", "cancelled").returncode == 0
     pid = int(pidfile.read_text())
     wait_until(lambda: not os.path.exists(f"/proc/{pid}") or

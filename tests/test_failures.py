@@ -18,7 +18,7 @@ def sleeping_job_on_a_pilot(p3s, spawn="", *pilot_args):
     [uuid] = p3s.submit([shell_job(f"{spawn + '; ' if spawn else ''}echo $$ > {pidfile}; exec sleep 60")])
     pilot = p3s.pilot("-p", "1", *pilot_args)
     running(p3s, uuid, pidfile)
-    return uuid, pilot, int(pidfile.read_text())
+    return uuid, pilot, int(wait_until(lambda: pidfile.read_text().strip(), 5, what="the pid written"))
 
 
 def test_time_limit_kills_payload_and_its_children(p3s):
