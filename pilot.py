@@ -405,7 +405,8 @@ class Pilot:
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job)
-        env = {**os.environ, **self.site_env, **job["env"],
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
+        env = {**inherited, **self.site_env, **job["env"],
                "P3S_JOB_UUID": job["uuid"], "P3S_PILOT_UUID": self.uuid}
         if job.get("infile"):
             env["P3S_INPUT_FILE"] = job["infile"]

@@ -25,6 +25,7 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
 """
 import argparse
 import contextlib
+import hashlib
 import hmac
 import html
 import ipaddress
@@ -279,6 +280,11 @@ MIGRATIONS = [
     CREATE INDEX datasets_consumer ON datasets(consumer);
     CREATE INDEX datasets_producer ON datasets(producer);
     CREATE UNIQUE INDEX datasets_injected ON datasets(dirpath, name) WHERE origin = 'injected';
+    """,
+    # v4: each pilot's own secret (its SHA-256; the pilot chose it at registration), required
+    # for its job requests, heartbeats, reports and stop.
+    """
+    ALTER TABLE pilots ADD COLUMN secret TEXT NOT NULL DEFAULT '';
     """,
 ]
 
@@ -602,6 +608,23 @@ def delete_rows(conn, table, where, args):
     for chunk in chunks([r["id"] for r in rows]):
         conn.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
     return [r["uuid"] for r in rows]
+
+
+def secret_hash(secret):
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_pilot_secret(conn, pilot_uuid, secret):
+    """403 unless `secret` is this pilot's own: a token holder cannot act as another pilot."""
+    row = lookup(conn, "pilots", pilot_uuid)
+    if not secret or not hmac.compare_digest(secret_hash(secret), row["secret"]):
+        raise ApiError(403, f"X-P3S-Pilot-Secret: missing or wrong secret for pilot {pilot_uuid}")
+
+
+def own_pilot(conn, uuid, secret):
+    """The live pilot, once its secret is checked (a lost one that speaks is back)."""
+    check_pilot_secret(conn, uuid, secret)
+    return live_pilot(conn, uuid)
 
 
 def job_to_dict(row, full=True):
@@ -1084,7 +1107,7 @@ class Broker:
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)    # claim latency histogram, last = +Inf
         self.latency_sum = 0.0
 
-    def request_job(self, pilot_uuid, body):
+    def request_job(self, pilot_uuid, body, secret):
         check_keys(body, "request", ("wait",))
         wait = min(as_number(body.get("wait", 0), "wait", 0), MAX_WAIT)
         deadline = now() + wait
@@ -1092,7 +1115,7 @@ class Broker:
         while True:
             with self.work:
                 generation = self.generation
-            job, directive = self.store.write(self.claim, pilot_uuid)
+            job, directive = self.store.write(self.claim, pilot_uuid, secret)
             if job is not None:
                 self.count_claim(job)
                 return {"job": job, "directive": None}
@@ -1114,10 +1137,10 @@ class Broker:
                         self.waiting -= 1
                 woken = True
 
-    def claim(self, conn, pilot_uuid):
+    def claim(self, conn, pilot_uuid, secret):
         """Hand the pilot its job: the one already dispatched to it (an answer it never got),
         else the best eligible defined job. One transaction. Returns (job or None, directive)."""
-        pilot = live_pilot(conn, pilot_uuid)
+        pilot = own_pilot(conn, pilot_uuid, secret)
         if pilot["directive"] in ("stop", "drain"):     # told to go: it gets no more work
             return None, pilot["directive"]
         return self.pick(conn, pilot), None
@@ -1492,7 +1515,7 @@ class Service:
 
     # -- pilot protocol ---------------------------------------------------------------------------
     def register(self, body):
-        check_keys(body, "register", ("uuid", "host", "pid", "site", "jobtypes", "extra", "heartbeat"))
+        check_keys(body, "register", ("uuid", "secret", "host", "pid", "site", "jobtypes", "extra", "heartbeat"))
         jobtypes = body.get("jobtypes", [])
         if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
             raise bad("jobtypes: must be a list of non-empty strings")
@@ -1504,23 +1527,27 @@ class Service:
             "jobtypes": json.dumps(sorted(set(jobtypes))),
             "extra": as_str(body.get("extra", ""), "extra", max_len=256),
         }
+        secret = as_str(body.get("secret", ""), "secret", max_len=256) or secrets.token_urlsafe(24)
+        if len(secret) < 16:
+            raise bad("secret: at least 16 characters (the pilot's own credential)")
+        pilot["secret"] = secret_hash(secret)
         site = self.site_defaults(pilot["site"]) or {}
         default_beat = site.get("heartbeat") or DEFAULT_HEARTBEAT
         pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1)
         with self.store.transaction() as conn:
-            if conn.execute("INSERT INTO pilots(uuid,host,pid,site,jobtypes,extra,heartbeat,state,ts_reg,ts_beat)"
-                            " VALUES(:uuid,:host,:pid,:site,:jobtypes,:extra,:heartbeat,'active',:t,:t)"
-                            " ON CONFLICT(uuid) DO NOTHING", {**pilot, "t": now()}).rowcount:
+            if conn.execute("INSERT INTO pilots(uuid,secret,host,pid,site,jobtypes,extra,heartbeat,state,"
+                            "ts_reg,ts_beat) VALUES(:uuid,:secret,:host,:pid,:site,:jobtypes,:extra,:heartbeat,"
+                            "'active',:t,:t) ON CONFLICT(uuid) DO NOTHING", {**pilot, "t": now()}).rowcount:
                 event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
             else:   # a registration repeated because its answer was lost: the same pilot, once
-                live_pilot(conn, pilot["uuid"])
-        return {"uuid": pilot["uuid"], "heartbeat": pilot["heartbeat"], "site": site or None,
+                own_pilot(conn, pilot["uuid"], secret)
+        return {"uuid": pilot["uuid"], "secret": secret, "heartbeat": pilot["heartbeat"], "site": site or None,
                 "lease": pilot["heartbeat"] * self.lease_beats}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
                    "pid", "stdout_path", "stderr_path")
 
-    def report(self, uuid, body):
+    def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
         pilot = as_uuid(body.get("pilot"), "pilot")
         attempt = as_int(body.get("attempt"), "attempt", 1)
@@ -1528,6 +1555,7 @@ class Service:
         fields = self.report_fields(body, state)
         try:
             with self.store.transaction() as conn:
+                check_pilot_secret(conn, pilot, secret)
                 result = self.apply_report(conn, uuid, pilot, attempt, state, fields)
         except ApiError as e:
             if e.status == 409:
@@ -1583,13 +1611,13 @@ class Service:
         return conn.execute("SELECT 1 FROM events WHERE uuid=? AND attempt=? AND new=? AND who=?",
                             (job["uuid"], attempt, state, pilot)).fetchone() is not None
 
-    def heartbeat(self, pilot_uuid, body):
+    def heartbeat(self, pilot_uuid, body, secret):
         check_keys(body, "heartbeat", ("job",))
         job_uuid = body.get("job")
         if job_uuid is not None:
             job_uuid = as_uuid(job_uuid, "job")
         with self.store.transaction() as conn:
-            pilot = live_pilot(conn, pilot_uuid)
+            pilot = own_pilot(conn, pilot_uuid, secret)
             conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=?", (now(), pilot_uuid))
             directive = pilot["directive"]
             if job_uuid is not None:
@@ -1598,10 +1626,11 @@ class Service:
                     directive = directive or "kill"     # cancelled, deleted or given to another pilot
         return {"directive": directive}
 
-    def deregister(self, pilot_uuid, body):
+    def deregister(self, pilot_uuid, body, secret):
         check_keys(body, "deregister", ("reason",))
         reason = as_str(body.get("reason", ""), "reason", max_len=256)
         with self.store.transaction() as conn:
+            check_pilot_secret(conn, pilot_uuid, secret)
             if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
                               ts_stop=now(), job=None):
                 raise ApiError(409, f"pilot {pilot_uuid}: is not live")
@@ -2296,41 +2325,43 @@ def path_regex(path):
 
 # The API. Each row: method, path (as documented in the README's "HTTP API"), the operation
 # (a Service method, or "broker." / "workflows." one), the request parts passed after the path
-# parameters, and whether it needs the write token.
+# parameters, and the credential it needs: ADMIN (the write token), REGISTER (the write token or
+# the pilot token), PILOT (that pilot's own secret, checked by the operation), or None (a read).
+ADMIN, REGISTER, PILOT = "admin", "register", "pilot"
 API = (
-    ("GET", "/api/health", "health", (), False),
-    ("POST", "/api/auth", "auth_ok", (), True),
-    ("POST", "/api/jobs", "submit", ("body", "who"), True),
-    ("GET", "/api/jobs", "list_jobs", ("query",), False),
-    ("POST", "/api/jobs/states", "job_states", ("body",), False),
-    ("GET", "/api/jobs/<uuid>", "get_job", (), False),
-    ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), True),
-    ("DELETE", "/api/jobs/<uuid>", "delete_job", ("who",), True),
-    ("POST", "/api/jobs/<uuid>/report", "report", ("body",), True),
-    ("POST", "/api/pilots", "register", ("body",), True),
-    ("GET", "/api/pilots", "list_pilots", ("query",), False),
-    ("POST", "/api/pilots/directive", "mark_pilots", ("body", "who"), True),
-    ("POST", "/api/pilots/<uuid>/request", "broker.request_job", ("body",), True),
-    ("POST", "/api/pilots/<uuid>/heartbeat", "heartbeat", ("body",), True),
-    ("POST", "/api/pilots/<uuid>/stop", "deregister", ("body",), True),
-    ("GET", "/api/dags", "workflows.list_dags", (), False),
-    ("POST", "/api/dags", "workflows.add_dag", ("body",), True),
-    ("GET", "/api/dags/<dag>", "workflows.get_dag", (), False),
-    ("GET", "/api/dags/<dag>/graphml", "workflows.dag_graphml", (), False),
-    ("DELETE", "/api/dags/<dag>", "workflows.delete_dag", (), True),
-    ("GET", "/api/workflows", "workflows.list_workflows", ("query",), False),
-    ("POST", "/api/workflows", "workflows.create_workflow", ("body", "who"), True),
-    ("GET", "/api/workflows/<uuid>", "workflows.get_workflow", (), False),
-    ("POST", "/api/workflows/<uuid>/state", "workflows.set_workflow_state", ("body", "who"), True),
-    ("DELETE", "/api/workflows/<uuid>", "workflows.delete_workflow", ("who",), True),
-    ("POST", "/api/inject", "workflows.inject", ("body", "who"), True),
-    ("GET", "/api/datasets", "workflows.list_datasets", ("query",), False),
-    ("GET", "/api/datatypes", "workflows.list_datatypes", (), False),
-    ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), True),
-    ("GET", "/api/sites", "list_sites", (), False),
-    ("PUT", "/api/sites/<name>", "define_site", ("body",), True),
+    ("GET", "/api/health", "health", (), None),
+    ("POST", "/api/auth", "auth_ok", (), ADMIN),
+    ("POST", "/api/jobs", "submit", ("body", "who"), ADMIN),
+    ("GET", "/api/jobs", "list_jobs", ("query",), None),
+    ("POST", "/api/jobs/states", "job_states", ("body",), None),
+    ("GET", "/api/jobs/<uuid>", "get_job", (), None),
+    ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), ADMIN),
+    ("DELETE", "/api/jobs/<uuid>", "delete_job", ("who",), ADMIN),
+    ("POST", "/api/jobs/<uuid>/report", "report", ("body", "secret"), PILOT),
+    ("POST", "/api/pilots", "register", ("body",), REGISTER),
+    ("GET", "/api/pilots", "list_pilots", ("query",), None),
+    ("POST", "/api/pilots/directive", "mark_pilots", ("body", "who"), ADMIN),
+    ("POST", "/api/pilots/<uuid>/request", "broker.request_job", ("body", "secret"), PILOT),
+    ("POST", "/api/pilots/<uuid>/heartbeat", "heartbeat", ("body", "secret"), PILOT),
+    ("POST", "/api/pilots/<uuid>/stop", "deregister", ("body", "secret"), PILOT),
+    ("GET", "/api/dags", "workflows.list_dags", (), None),
+    ("POST", "/api/dags", "workflows.add_dag", ("body",), ADMIN),
+    ("GET", "/api/dags/<dag>", "workflows.get_dag", (), None),
+    ("GET", "/api/dags/<dag>/graphml", "workflows.dag_graphml", (), None),
+    ("DELETE", "/api/dags/<dag>", "workflows.delete_dag", (), ADMIN),
+    ("GET", "/api/workflows", "workflows.list_workflows", ("query",), None),
+    ("POST", "/api/workflows", "workflows.create_workflow", ("body", "who"), ADMIN),
+    ("GET", "/api/workflows/<uuid>", "workflows.get_workflow", (), None),
+    ("POST", "/api/workflows/<uuid>/state", "workflows.set_workflow_state", ("body", "who"), ADMIN),
+    ("DELETE", "/api/workflows/<uuid>", "workflows.delete_workflow", ("who",), ADMIN),
+    ("POST", "/api/inject", "workflows.inject", ("body", "who"), ADMIN),
+    ("GET", "/api/datasets", "workflows.list_datasets", ("query",), None),
+    ("GET", "/api/datatypes", "workflows.list_datatypes", (), None),
+    ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), ADMIN),
+    ("GET", "/api/sites", "list_sites", (), None),
+    ("PUT", "/api/sites/<name>", "define_site", ("body",), ADMIN),
 )
-ROUTES = [(method, path_regex(path), name, parts, write) for method, path, name, parts, write in API]
+ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
 
 # The pages. Each row: path, Views method, HTML renderer (/metrics and /file are served apart).
 PAGES = [(path_regex(path), name, render) for path, name, render in (
@@ -2376,12 +2407,13 @@ class Handler(BaseHTTPRequestHandler):
         if method == "GET" and not url.path.startswith("/api/"):
             return self.serve_page(url)
         try:
-            name, groups, parts, write = self.find_route(method, url.path)
-            if write:
-                self.check_token()
+            name, groups, parts, auth = self.find_route(method, url.path)
+            if auth in (ADMIN, REGISTER):
+                self.check_token(auth)
             request = {"body": self.read_body() if method in ("POST", "PUT") else {},
                        "query": {k: v[-1] for k, v in parse_qs(url.query).items()},
-                       "who": self.client_address[0]}
+                       "who": self.client_address[0],
+                       "secret": self.headers.get("X-P3S-Pilot-Secret", "")}
             result = operation(self.server.service, name)(*groups, *(request[p] for p in parts))
             self.send_json(200, result)
         except ApiError as e:
@@ -2445,26 +2477,33 @@ class Handler(BaseHTTPRequestHandler):
 
     def find_route(self, method, path):
         allowed = False
-        for m, regex, name, parts, write in ROUTES:
+        for m, regex, name, parts, auth in ROUTES:
             match = regex.match(path)
             if match:
                 if m == method:
                     groups = {k: unquote(v) for k, v in match.groupdict().items()}
                     if "uuid" in groups:
                         groups["uuid"] = as_uuid(groups["uuid"], "uuid")
-                    return name, list(groups.values()), parts, write
+                    return name, list(groups.values()), parts, auth
                 allowed = True
         if allowed:
             raise ApiError(405, f"{method} {path}: method not allowed")
         raise ApiError(404, f"{path}: no such endpoint")
 
-    def check_token(self):
+    def check_token(self, auth):
+        """The write token passes everywhere; the pilot token only where pilots register."""
         header = self.headers.get("Authorization", "")
-        given = header[7:] if header.startswith("Bearer ") else ""
+        given = header[7:].encode() if header.startswith("Bearer ") else b""
         if not given:
             raise ApiError(401, "Authorization: missing token; set P3S_TOKEN or P3S_TOKEN_FILE")
-        if not hmac.compare_digest(given.encode(), self.server.token.encode()):
-            raise ApiError(403, "Authorization: wrong token")
+        if hmac.compare_digest(given, self.server.token.encode()):
+            return
+        pilot_token = self.server.pilot_token.encode()
+        if pilot_token and hmac.compare_digest(given, pilot_token):
+            if auth == REGISTER:
+                return
+            raise ApiError(403, "Authorization: the pilot token may only register pilots")
+        raise ApiError(403, "Authorization: wrong token")
 
     def read_body(self):
         try:
@@ -2505,8 +2544,9 @@ class P3SServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256
 
-    def __init__(self, address, service, views, token, max_body=MAX_BODY):
+    def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token=""):
         self.service, self.views, self.token, self.max_body = service, views, token, max_body
+        self.pilot_token = pilot_token
         super().__init__(address, Handler)
 
 
@@ -2577,19 +2617,33 @@ def is_loopback(host):
         return False
 
 
+def read_token_file(path, option):
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except OSError as e:
+        raise StartupError(f"{option} {path}: {e.strerror}") from None
+    if not token:
+        raise StartupError(f"{option} {path}: the file is empty")
+    return token
+
+
+def load_pilot_token(path, token):
+    """The optional pilot token: it may register pilots and nothing else."""
+    if not path:
+        return ""
+    pilot_token = read_token_file(path, "--pilot-token-file")
+    if pilot_token == token:
+        raise StartupError(f"--pilot-token-file {path}: holds the write token; give pilots a token of their own")
+    return pilot_token
+
+
 def load_token(token_file, db_path, host):
     """The write token: --token-file, else $P3S_TOKEN, else one generated beside the database.
 
     A generated token is only for users of this machine, so the server then binds loopback only."""
     if token_file:
-        try:
-            with open(token_file) as f:
-                token = f.read().strip()
-        except OSError as e:
-            raise StartupError(f"--token-file {token_file}: {e.strerror}") from None
-        if not token:
-            raise StartupError(f"--token-file {token_file}: the file is empty")
-        return token, token_file
+        return read_token_file(token_file, "--token-file"), token_file
     if os.environ.get("P3S_TOKEN"):
         return os.environ["P3S_TOKEN"].strip(), "$P3S_TOKEN"
     if not is_loopback(host):
@@ -2616,6 +2670,9 @@ def parse_args(argv):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--db", default=DEFAULT_DB, help="sqlite database (default p3s.db beside server.py)")
+    p.add_argument("--pilot-token-file", metavar="FILE",
+                   help="a second token that may only register pilots (for batch accounts that run "
+                   "pilots but must not submit, adjust or delete)")
     p.add_argument("--allow-network-fs", action="store_true",
                    help="let --db lie on AFS, NFS, EOS or another network filesystem (unsafe: "
                    "sqlite's locking does not hold there)")
@@ -2657,6 +2714,7 @@ def main(argv=None):
     try:
         check_db_filesystem(args.db, args.allow_network_fs)
         token, token_source = load_token(args.token_file, args.db, args.host)
+        pilot_token = load_pilot_token(args.pilot_token_file, token)
         warn_token_on_afs(token_source)
         store = Store(args.db)
     except (OSError, sqlite3.Error) as e:
@@ -2668,10 +2726,9 @@ def main(argv=None):
     service = Service(store, args.housekeeping, args.retention_days, args.lease_beats)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
-        if os.path.isfile(token_source):
-            private.append(token_source)
+        private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]
         views = Views(service, args.files_root or [DEFAULT_FILES_ROOT], private)
-        httpd = P3SServer((args.host, args.port), service, views, token, args.max_body)
+        httpd = P3SServer((args.host, args.port), service, views, token, args.max_body, pilot_token)
     except OSError as e:
         print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

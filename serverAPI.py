@@ -16,6 +16,7 @@ run_cli (exit 0 success, 2 bad input, 1 server or network failure).
 import argparse
 import json
 import os
+import secrets
 import sys
 import time
 import urllib.error
@@ -107,17 +108,19 @@ class Client:
         self.token, self.token_file = token, token_file
         self.timeout = timeout
         self.retry_for = retry_for if retry_for is not None else _retry_from_env()
+        self.pilot_secrets = {}     # pilot uuid -> the secret it registered with
 
     # -- transport ------------------------------------------------------------------------------
-    def call(self, method, path, body=None, query=None, timeout=None, retry_for=None):
-        """One API call; returns the decoded JSON answer or raises P3SError."""
+    def call(self, method, path, body=None, query=None, timeout=None, retry_for=None, pilot=None):
+        """One API call; returns the decoded JSON answer or raises P3SError. `pilot`: the
+        pilot uuid whose secret the call carries (job requests, heartbeats, reports, stop)."""
         url = self.server + path + ("?" + urlencode(query) if query else "")
         data = json.dumps(body).encode() if body is not None else None
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         delay = BACKOFF_FIRST
         while True:
             try:
-                return self._once(urllib.request.Request(url, data, self._headers(), method=method),
+                return self._once(urllib.request.Request(url, data, self._headers(pilot), method=method),
                                   timeout or self.timeout)
             except P3SError as e:
                 if e.bad_input or time.monotonic() + delay > deadline:
@@ -125,7 +128,7 @@ class Client:
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
 
-    def _headers(self):
+    def _headers(self, pilot=None):
         """Read the token at each attempt until found: a server starting alongside the
         client may write the default token file only after the client started."""
         if not self.token:
@@ -133,6 +136,8 @@ class Client:
         headers = {"Content-Type": "application/json"}
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
+        if pilot in self.pilot_secrets:
+            headers["X-P3S-Pilot-Secret"] = self.pilot_secrets[pilot]
         return headers
 
     @staticmethod
@@ -170,25 +175,33 @@ class Client:
         return self.call("DELETE", f"/api/jobs/{uuid}")
 
     def report(self, uuid, report, retry_for=None):
-        return self.call("POST", f"/api/jobs/{uuid}/report", report, retry_for=retry_for)
+        return self.call("POST", f"/api/jobs/{uuid}/report", report, retry_for=retry_for,
+                         pilot=report.get("pilot"))
 
     # -- pilots and sites -----------------------------------------------------------------------
     def register_pilot(self, retry_for=None, **info):
-        return self.call("POST", "/api/pilots", info, retry_for=retry_for)
+        """Register a pilot with a secret chosen here, so a retried registration is the same
+        pilot; later calls for it carry the secret. Returns the server's answer."""
+        info.setdefault("secret", secrets.token_urlsafe(24))
+        answer = self.call("POST", "/api/pilots", info, retry_for=retry_for)
+        self.pilot_secrets[answer["uuid"]] = info["secret"]
+        return answer
 
     def request_job(self, pilot, wait):
         """{"job": a job or None, "directive": None, "stop" or "drain"}."""
-        return self.call("POST", f"/api/pilots/{pilot}/request", {"wait": wait}, timeout=wait + self.timeout)
+        return self.call("POST", f"/api/pilots/{pilot}/request", {"wait": wait}, timeout=wait + self.timeout,
+                         pilot=pilot)
 
     def mark_pilots(self, directive, **selectors):
         return self.call("POST", "/api/pilots/directive", {"directive": directive, **selectors})["marked"]
 
     def heartbeat(self, pilot, job=None, retry_for=None, timeout=None):
         return self.call("POST", f"/api/pilots/{pilot}/heartbeat", {"job": job}, retry_for=retry_for,
-                         timeout=timeout)
+                         timeout=timeout, pilot=pilot)
 
     def deregister_pilot(self, pilot, reason="", retry_for=None):
-        return self.call("POST", f"/api/pilots/{pilot}/stop", {"reason": reason}, retry_for=retry_for)
+        return self.call("POST", f"/api/pilots/{pilot}/stop", {"reason": reason}, retry_for=retry_for,
+                         pilot=pilot)
 
     def list_pilots(self, **filters):
         return self.call("GET", "/api/pilots", query={k: v for k, v in filters.items() if v is not None})["pilots"]

@@ -54,9 +54,8 @@ def ask(base, token, method, path, body):
         return e.code, e.read()
 
 
-@pytest.mark.parametrize("method,path,name,parts,write", server.API,
-                         ids=[f"{r[0]} {r[1]}" for r in server.API])
-def test_every_route_refuses_bad_input_with_a_json_error(one_server, method, path, name, parts, write):
+@pytest.mark.parametrize("method,path,name,parts,auth", server.API, ids=[f"{r[0]} {r[1]}" for r in server.API])
+def test_every_route_refuses_bad_input_with_a_json_error(one_server, method, path, name, parts, auth):
     method, url, body, expected = bad_request(method, path, parts)
     status, raw = ask(one_server.url, one_server.token_file.read_text().strip(), method, url, body)
     answer = json.loads(raw)
@@ -65,12 +64,51 @@ def test_every_route_refuses_bad_input_with_a_json_error(one_server, method, pat
     assert "\n" not in answer["error"]
 
 
-@pytest.mark.parametrize("method,path,name,parts,write", [r for r in server.API if r[4]],
-                         ids=[f"{r[0]} {r[1]}" for r in server.API if r[4]])
-def test_every_write_route_needs_the_token(one_server, method, path, name, parts, write):
+@pytest.mark.parametrize("method,path,name,parts,auth", [r for r in server.API if r[4] in ("admin", "register")],
+                         ids=[f"{r[0]} {r[1]}" for r in server.API if r[4] in ("admin", "register")])
+def test_every_write_route_needs_the_token(one_server, method, path, name, parts, auth):
     url = path.replace("<uuid>", "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d").replace("<dag>", "d").replace("<name>", "n")
     status, raw = ask(one_server.url, "wrong", method, url, b"{}")
     assert status == 403 and "wrong token" in json.loads(raw)["error"]
+
+
+PILOT_ROUTES = [r for r in server.API if r[4] == "pilot"]
+
+
+@pytest.mark.parametrize("method,path,name,parts,auth", PILOT_ROUTES, ids=[f"{r[0]} {r[1]}" for r in PILOT_ROUTES])
+def test_a_pilot_route_needs_that_pilots_own_secret_not_the_token(one_server, method, path, name, parts, auth):
+    """Any token holder could act as any pilot; only the pilot's own secret can."""
+    victim = one_server.api.register_pilot(heartbeat=60)["uuid"]
+    other = one_server.api.register_pilot(heartbeat=60)["uuid"]
+    [job] = one_server.api.submit_jobs([{"payload": "true", "jobtype": f"only-{victim}"}])
+    url = path.replace("<uuid>", job if "/jobs/" in path else victim)
+    body = json.dumps({"pilot": victim, "attempt": 1, "state": "finished"} if "report" in path else {}).encode()
+    token = one_server.token_file.read_text().strip()
+    for secret in ("", one_server.api.pilot_secrets[other]):
+        request = urllib.request.Request(one_server.url + url, data=body, method=method,
+                                         headers={"Authorization": "Bearer " + token, "X-P3S-Pilot-Secret": secret})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == 403 and "secret" in json.loads(err.value.read())["error"]
+    assert one_server.api.get_job(job)["state"] == "defined"
+    assert next(p for p in one_server.api.list_pilots() if p["uuid"] == victim)["state"] == "active"
+
+
+def test_the_pilot_token_registers_pilots_and_nothing_else(tmp_path):
+    pilot_token = tmp_path / "pilot-token"
+    pilot_token.write_text("pilots-only-" + os.urandom(8).hex())
+    served = P3S(tmp_path, ["--pilot-token-file", str(pilot_token)]).start()
+    try:
+        env = dict(served.env, P3S_TOKEN_FILE=str(pilot_token))
+        [uuid] = served.submit([{"payload": "true"}])
+        assert served.run("pilot.py", "-c", "1", "-p", "1", "-L", served.logs, env=env).returncode == 0
+        assert served.job(uuid)["state"] == "finished", "a pilot with the pilot token could not work"
+        jobs = [f for f in os.listdir(served.dir) if f.startswith("jobs-")]
+        refused = served.run("job.py", "-j", served.dir / jobs[0], env=env)
+        assert refused.returncode == 2 and "pilot token may only register" in refused.stderr
+        assert len(served.api.list_jobs()) == 1
+    finally:
+        served.stop()
 
 
 def test_every_route_is_in_the_readme_http_api_section():

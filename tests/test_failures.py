@@ -120,9 +120,11 @@ def test_server_killed_and_restarted_loses_nothing_and_runs_nothing_twice(p3s):
 
 def test_stale_report_is_refused_and_changes_nothing(p3s):
     [uuid] = p3s.submit([shell_job("true")])
-    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    pilot = p3s.api.register_pilot()["uuid"]              # this client acts as the pilot
+    assert p3s.api.request_job(pilot, 0)["job"]["uuid"] == uuid
+    p3s.api.report(uuid, {"pilot": pilot, "attempt": 1, "state": "finished", "exit_code": 0})
     job = p3s.job(uuid)
-    late = {"pilot": job["pilot"], "attempt": 1, "state": "failed", "exit_code": 9}
+    late = {"pilot": pilot, "attempt": 1, "state": "failed", "exit_code": 9}
     wrong_attempt = dict(late, attempt=2, state="finished")
     for report in (late, wrong_attempt):
         try:
@@ -133,7 +135,7 @@ def test_stale_report_is_refused_and_changes_nothing(p3s):
     again = p3s.job(uuid)
     assert again["state"] == "finished" and again["exit_code"] == 0
     assert len(again["events"]) == len(job["events"])
-    repeated = {"pilot": job["pilot"], "attempt": 1, "state": "finished", "exit_code": 0}
+    repeated = {"pilot": pilot, "attempt": 1, "state": "finished", "exit_code": 0}
     assert p3s.api.report(uuid, repeated)["duplicate"] is True     # a lost answer, retried
 
 
@@ -183,8 +185,9 @@ def test_dispatched_job_of_a_lost_pilot_ends_pilotTO_but_a_deregistered_pilot_gi
 def test_retried_creations_are_stored_once(p3s):
     import uuid
     pilot = str(uuid.uuid4())
-    assert p3s.api.register_pilot(uuid=pilot)["uuid"] == pilot
-    assert p3s.api.register_pilot(uuid=pilot)["uuid"] == pilot       # the answer was lost; asked again
+    secret = "the same secret, asked twice"
+    assert p3s.api.register_pilot(uuid=pilot, secret=secret)["uuid"] == pilot
+    assert p3s.api.register_pilot(uuid=pilot, secret=secret)["uuid"] == pilot  # the answer was lost
     assert [p["uuid"] for p in p3s.api.list_pilots()] == [pilot]
     job = dict(shell_job("true"), uuid=str(uuid.uuid4()))
     assert p3s.api.submit_jobs([job]) == p3s.api.submit_jobs([job]) == [job["uuid"]]
