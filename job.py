@@ -116,7 +116,14 @@ def wait_for(client, uuids, timeout, verbose):
 
 def submit(client, args):
     jobs = load_jobs(args.jobfile, args.infile, args.replicas)
-    uuids = client.submit_jobs(jobs)
+    try:
+        uuids = client.submit_jobs(jobs)
+    except P3SError as e:
+        if not e.bad_input:     # the answer may be lost while the jobs were stored: say which
+            print("\n".join(j["uuid"] for j in jobs))
+            raise P3SError(f"{e}; the jobs may or may not be stored: their uuids are on stdout "
+                           "(job.py --show UUID tells)", e.status) from None
+        raise
     if not args.wait:
         emit(args, {"uuids": uuids}, lambda: "\n".join(uuids))
         return 0

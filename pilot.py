@@ -101,7 +101,7 @@ def parse_args(argv):
 # ------------------------------------------------------------------------------------------------
 def payload_command(job):
     """(argv or shell line, shell?) for the two payload forms of the original p3s."""
-    if job["env"].get("P3S_EXECMODE") == "SHELL":
+    if job["env"].get("P3S_EXECMODE", "").upper() == "SHELL":
         return " ".join(x for x in (job["payload"], job["params"]) if x), True
     return shlex.split(job["payload"]) + shlex.split(job["params"]), False
 

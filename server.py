@@ -31,12 +31,15 @@ import html
 import ipaddress
 import json
 import logging
+import math
 import os
 import queue
 import re
 import secrets
 import signal
+import socket
 import sqlite3
+import stat
 import sys
 import threading
 import time
@@ -61,7 +64,12 @@ NETWORK_FS = ("afs", "openafs", "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", 
               "glusterfs", "9p", "fuse")
 DEFAULT_FILES_ROOT = os.path.join(HERE, "logs")
 MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
-SOCKET_TIMEOUT = 60                 # seconds a connection may sit silent (long polls wait server-side)
+SOCKET_TIMEOUT = 10                 # seconds a connection may sit silent while we read its request
+                                    # (long polls wait server-side, not on the socket)
+MAX_CONNECTIONS = 4000              # connections served at once; beyond, a quick 503 and close
+POOL_KEEP = 32                      # idle sqlite connections kept for reuse; the rest are closed
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+SECRET_NAME = re.compile(r"TOKEN|PASSW|SECRET|KEY|CREDENTIAL", re.I)   # env names masked on reads
 MAX_WAIT = 30.0                     # cap on a pilot's long poll, seconds
 TAIL_BYTES = 64 * 1024              # stdout/stderr tails kept per job
 DEFAULT_HEARTBEAT = 10.0           # seconds, when neither the pilot nor its site says
@@ -74,6 +82,9 @@ PURGE_BATCH = 1000                  # rows of each kind one retention pass may d
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction)
+DISCARD_LIMIT = 64 * 1024 * 1024    # bytes of an oversized body read and dropped, so that the
+                                    # client, still sending, gets to read our 413
+INT64 = 2 ** 63                     # sqlite's integers are 64-bit: anything outside is a 400
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
               "finished", "failed", "timeout", "pilotTO", "cancelled")
@@ -106,6 +117,10 @@ class StartupError(Exception):
 
 def now():
     return time.time()
+
+
+def is_disk_full(error):
+    return isinstance(error, sqlite3.OperationalError) and "full" in str(error)
 
 
 def esc(value):
@@ -342,6 +357,8 @@ def as_int(value, field, minimum=None):
         raise bad(f"{field}: must be an integer, got {json.dumps(value)}")
     if minimum is not None and value < minimum:
         raise bad(f"{field}: must be >= {minimum}, got {value}")
+    if not -INT64 <= value < INT64:
+        raise bad(f"{field}: {value} is out of range (a 64-bit integer)")
     return value
 
 
@@ -353,8 +370,8 @@ def as_number(value, field, minimum=None):
             value = float(value)
         except ValueError:
             raise bad(f"{field}: must be a number, got {json.dumps(value)}") from None
-    if not isinstance(value, (int, float)) or value != value:
-        raise bad(f"{field}: must be a number, got {json.dumps(value)}")
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise bad(f"{field}: must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise bad(f"{field}: must be >= {minimum}, got {value}")
     return value
@@ -408,6 +425,24 @@ def check_keys(obj, field, allowed):
     unknown = sorted(set(obj) - set(allowed))
     if unknown:
         raise bad(f"{field}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def parse_json_body(raw):
+    """A request body: a JSON object of finite numbers and valid Unicode, or a 400 saying why."""
+    def no_constant(name):
+        raise ValueError(f"{name} is not a JSON number")
+    try:
+        body = json.loads(raw, parse_constant=no_constant)
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except RecursionError:
+        raise bad("body: nested too deeply") from None
+    except UnicodeError:
+        raise bad("body: not valid Unicode (a lone surrogate?)") from None
+    except ValueError as e:
+        raise bad(f"body: malformed JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise bad("body: must be a JSON object")
+    return body
 
 
 JOB_KEYS = ("uuid", "name", "user", "jobtype", "payload", "params", "env", "priority",
@@ -499,7 +534,15 @@ class Store:
         try:
             yield conn
         finally:
+            self.give_back(conn)
+
+    def give_back(self, conn):
+        """Keep at most POOL_KEEP idle connections: a burst of readers does not leave a
+        connection (and its page cache) per thread behind."""
+        if self.pool.qsize() < POOL_KEEP:
             self.pool.put(conn)
+        else:
+            conn.close()
 
     def read(self, sql, args=()):
         with self.reading() as conn:
@@ -526,6 +569,13 @@ class Store:
         """fn(conn, *args) in one transaction, for operations that are a named function."""
         with self.transaction() as conn:
             return fn(conn, *args)
+
+    def check_integrity(self):
+        """PRAGMA quick_check: a damaged database must not start and report healthy."""
+        problems = [r[0] for r in self.read("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise StartupError(f"--db {self.path}: the database is damaged ({'; '.join(problems)[:300]}); "
+                               f"restore a backup or try `sqlite3 {self.path} .recover`, or start with --skip-check")
 
     def close(self):
         while True:
@@ -1432,8 +1482,10 @@ class Service:
         return {"uuids": uuids}
 
     def get_job(self, uuid):
+        """The job as anyone may read it: env values with secret-looking names are masked."""
         with self.store.reading() as conn:
             job = job_to_dict(lookup(conn, "jobs", uuid))
+            job["env"] = {k: "(hidden)" if SECRET_NAME.search(k) else v for k, v in job["env"].items()}
             job["events"] = [dict(e) for e in conn.execute(
                 "SELECT ts, old, new, who, attempt, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
         return job
@@ -1779,11 +1831,16 @@ class Service:
         return len(gone)
 
     def housekeeping_loop(self):
+        failing = None                  # the last failure, logged once until it changes
         while not self.broker.stopping.wait(self.hk_period):
             try:
                 self.housekeep()
-            except Exception:           # keep the thread alive; the next pass retries
-                log.exception("housekeeping pass failed")
+                failing = None
+            except Exception as e:      # keep the thread alive; the next pass retries
+                if str(e) != failing:
+                    log.error("housekeeping pass failed (said once until it changes): %s", e,
+                              exc_info=not is_disk_full(e))
+                failing = str(e)
 
     def health(self):
         return {"ok": True, "version": VERSION, "schema": self.store.schema_version}
@@ -1979,16 +2036,52 @@ class Views:
     # -- files ------------------------------------------------------------------------------------
     def resolve(self, path):
         """The real path of `path` if it lies under a files root (after resolving '..' and
-        symlinks); 403 otherwise. Nothing outside the roots is ever opened."""
-        if not path or "\0" in path or not os.path.isabs(path):
-            raise bad(f"path: must be an absolute path, got {path!r}")
+        symlinks) and is not the server's own token or database; a 400 or 403 otherwise. For
+        links only: what is served is checked again once opened (open_checked)."""
+        if not path or "\0" in path or not os.path.isabs(path) or len(path) > 4096:
+            raise bad(f"path: must be an absolute path of at most 4096 characters, got {path[:100]!r}")
         real = os.path.realpath(path)
-        if real in self.private:
+        self.check_shown(path, real, None)
+        return real
+
+    def check_shown(self, path, real, st):
+        """403 unless `real` lies under a root and is not private (by name, and by device and
+        inode when `st` is given, so a hard link to the token is refused too)."""
+        if real in self.private or (st is not None and (st.st_dev, st.st_ino) in self.private_ids()):
             raise ApiError(403, f"path: {path} is the server's own token or database")
-        for root in self.roots:
-            if os.path.commonpath([real, root]) == root:
-                return real
-        raise ApiError(403, f"path: {path} is outside the files roots this server may show")
+        if not any(os.path.commonpath([real, root]) == root for root in self.roots):
+            raise ApiError(403, f"path: {path} is outside the files roots this server may show")
+
+    def private_ids(self):
+        ids = set()
+        for p in self.private:
+            try:
+                st = os.stat(p)
+                ids.add((st.st_dev, st.st_ino))
+            except OSError:
+                pass
+        return ids
+
+    def open_checked(self, path):
+        """(fd, stat) of `path`, opened first and then checked, so a symlink swapped in after a
+        check cannot lead outside the roots: what was opened must be a regular file or a
+        directory, under a root, and not private. O_NONBLOCK: a FIFO cannot pin a thread."""
+        self.resolve(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ApiError(404, f"path: {path} does not exist") from None
+        except OSError as e:
+            raise ApiError(403, f"path: {path}: {e.strerror}") from None
+        try:
+            st = os.fstat(fd)
+            if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+                raise ApiError(403, f"path: {path} is not a regular file or a directory")
+            self.check_shown(path, os.path.realpath(f"/proc/self/fd/{fd}"), st)
+            return fd, st
+        except BaseException:
+            os.close(fd)
+            raise
 
     def file_link(self, label, path):
         try:
@@ -1998,20 +2091,18 @@ class Views:
         url = "/file?" + urlencode({"path": path}) if os.path.exists(real) else None
         return {"label": label, "path": path, "url": url}
 
-    def listing(self, path):
-        real = self.resolve(path)
-        if not os.path.isdir(real):
-            raise ApiError(404, f"path: {path} is not a directory")
+    def listing(self, fd, path):
+        """The entries of the directory open as `fd` (shown as `path`), private files left out."""
+        private = self.private_ids()
         entries = []
-        for name in sorted(os.listdir(real))[:5000]:
-            full = os.path.join(path, name)
-            if os.path.realpath(os.path.join(real, name)) in self.private:
-                continue
+        for name in sorted(os.listdir(fd))[:5000]:
             try:
-                st = os.stat(os.path.join(real, name))
+                st = os.stat(name, dir_fd=fd)
             except OSError:
                 continue
-            entries.append({"name": name, "path": full, "dir": os.path.isdir(os.path.join(real, name)),
+            if (st.st_dev, st.st_ino) in private:
+                continue
+            entries.append({"name": name, "path": os.path.join(path, name), "dir": stat.S_ISDIR(st.st_mode),
                             "size": st.st_size, "mtime": st.st_mtime})
         return {"path": path, "entries": entries}
 
@@ -2063,12 +2154,17 @@ def table(headers, rows):
 def page(title, body, query):
     refresh = query.get("refresh", "")
     meta = (f'<meta http-equiv="refresh" content="{int(refresh)}">'
-            if refresh.isdigit() and 0 < int(refresh) <= 3600 else "")
+            if refresh.isascii() and refresh.isdigit() and 0 < int(refresh) <= 3600 else "")
     nav = "".join(link(href, text) for href, text in NAV)
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{meta}<title>p3s: {esc(title)}</title>"
             f"<style>{CSS}</style></head><body><nav>{nav}</nav><h1>{esc(title)}</h1>{body}"
             f"<p><small>p3s {VERSION} · {esc(when(now()))} · {link('?' + urlencode({**query, 'format': 'json'}), 'JSON')}"
             f"</small></p></body></html>")
+
+
+def href(path, **params):
+    """A link with its query parameters URL-encoded (names may hold '&', '#', spaces)."""
+    return path + "?" + urlencode(params)
 
 
 def with_query(query, **changes):
@@ -2092,13 +2188,13 @@ def render_summary(d, query):
     states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
     alarms = "".join(f'<div class="alarm">{esc(a)}</div>' for a in d["alarms"])
     by_type = table(["jobtype"] + [state_cell(s) for s in states] + ["total"],
-                    [[link(f"/jobs?jobtype={jt}", jt)] +
-                     [link(f"/jobs?jobtype={jt}&state={s}", counts.get(s, 0)) for s in states] +
+                    [[link(href("/jobs", jobtype=jt), jt)] +
+                     [link(href("/jobs", jobtype=jt, state=s), counts.get(s, 0)) for s in states] +
                      [esc(sum(counts.values()))] for jt, counts in sorted(d["jobs_by_jobtype"].items())] +
-                    [["<b>all</b>"] + [link(f"/jobs?state={s}", d["jobs_by_state"][s]) for s in states] +
+                    [["<b>all</b>"] + [link(href("/jobs", state=s), d["jobs_by_state"][s]) for s in states] +
                      [esc(sum(d["jobs_by_state"].values()))]])
     pilots = table([state_cell(s) for s in d["pilots_by_state"]],
-                   [[link(f"/pilots?state={s}", n) for s, n in d["pilots_by_state"].items()]])
+                   [[link(href("/pilots", state=s), n) for s, n in d["pilots_by_state"].items()]])
     ended = table(["window", "finished", "failed", "timeout", "pilotTO", "cancelled"],
                   [[esc(w)] + [esc(c.get(s, 0)) for s in END_JOB_STATES] for w, c in d["ended"].items()])
     lat = d["latency"]
@@ -2295,7 +2391,7 @@ def render_workflows(d, query):
 
 
 def render_dags(d, query):
-    rows = [[esc(x["name"]), esc(x["vertices"]), link(f"/workflows?dag={x['name']}", x["workflows"]),
+    rows = [[esc(x["name"]), esc(x["vertices"]), link(href("/workflows", dag=x["name"]), x["workflows"]),
              esc(x["description"]), esc(when(x["ts"]))] for x in d["dags"]]
     return page("DAG templates", table(["name", "vertices", "workflows", "description", "registered"], rows), query)
 
@@ -2404,6 +2500,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self, method):
         url = urlsplit(self.path)
+        if not self.host_allowed():
+            host = self.headers.get("Host", "")
+            return self.send_json(421, {"error": f"Host: {host[:100]!r} is not a name of this server; "
+                                                 "start it with --allow-host NAME to serve it by that name"})
         if method == "GET" and not url.path.startswith("/api/"):
             return self.serve_page(url)
         try:
@@ -2418,6 +2518,10 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, result)
         except ApiError as e:
             self.send_json(e.status, {"error": e.message})
+        except sqlite3.OperationalError as e:
+            if not is_disk_full(e):
+                raise
+            self.send_json(503, {"error": "disk full: the server cannot store anything until space is freed"})
         except Exception:
             log.exception("%s %s failed", method, self.path)
             self.send_json(500, {"error": "internal server error; see the server log"})
@@ -2450,27 +2554,30 @@ class Handler(BaseHTTPRequestHandler):
             self.send_html(500, page("Error 500", "<p>internal server error; see the server log</p>", {}))
 
     def serve_file(self, path, query, as_json):
-        real = self.server.views.resolve(path)
-        if os.path.isdir(real):
-            data = self.server.views.listing(path)
+        views = self.server.views
+        fd, st = views.open_checked(path)
+        if stat.S_ISDIR(st.st_mode):
+            try:
+                data = views.listing(fd, path)
+            finally:
+                os.close(fd)
             return self.send_json(200, data) if as_json else self.send_html(200, render_listing(data, query))
-        try:
-            with open(real, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
+        with open(fd, "rb") as f:
+            try:
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(size))
+                self.send_header("Content-Length", str(st.st_size))
                 self.send_header("X-Content-Type-Options", "nosniff")
                 self.end_headers()
-                while True:
-                    chunk = f.read(1 << 16)
+                left = st.st_size
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 16))
                     if not chunk:
                         break
                     self.wfile.write(chunk)
-        except FileNotFoundError:
-            raise ApiError(404, f"path: {path} does not exist") from None
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+                    left -= len(chunk)
+            except (BrokenPipeError, ConnectionResetError):
+                pass
 
     def send_html(self, status, text):
         self.send_bytes(status, text.encode(), "text/html; charset=utf-8")
@@ -2489,6 +2596,13 @@ class Handler(BaseHTTPRequestHandler):
         if allowed:
             raise ApiError(405, f"{method} {path}: method not allowed")
         raise ApiError(404, f"{path}: no such endpoint")
+
+    def host_allowed(self):
+        """Only names this server answers to (DNS rebinding: a web page must not read a
+        loopback-only server through a name of its own that resolves to 127.0.0.1)."""
+        host = self.headers.get("Host", "")
+        name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
+        return not name or is_ip(name) or name.lower() in self.server.allowed_hosts
 
     def check_token(self, auth):
         """The write token passes everywhere; the pilot token only where pilots register."""
@@ -2511,17 +2625,24 @@ class Handler(BaseHTTPRequestHandler):
         except ValueError:
             raise bad("Content-Length: not a number") from None
         if length > self.server.max_body:
-            raise ApiError(413, f"body: {length} bytes is over the limit of {self.server.max_body}")
+            self.discard(length)
+            raise ApiError(413, f"body: {length} bytes is over the limit of {self.server.max_body}; "
+                                "send less at a time (job.py splits big submissions itself)")
         raw = self.rfile.read(length) if length > 0 else b""
         if not raw.strip():
             return {}
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise bad(f"body: malformed JSON ({e})") from None
-        if not isinstance(body, dict):
-            raise bad("body: must be a JSON object")
-        return body
+        return parse_json_body(raw)
+
+    def discard(self, length):
+        """Read and drop an oversized body (up to DISCARD_LIMIT), so the client sees the 413
+        instead of a connection reset; past the limit, the connection is closed."""
+        left = min(length, DISCARD_LIMIT)
+        while left > 0:
+            chunk = self.rfile.read(min(left, 1 << 16))
+            if not chunk:
+                break
+            left -= len(chunk)
+        self.close_connection = True
 
     def send_json(self, status, obj):
         self.send_bytes(status, json.dumps(obj).encode(), "application/json")
@@ -2541,13 +2662,41 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class P3SServer(ThreadingHTTPServer):
+    """ThreadingHTTPServer with a cap on connections served at once: beyond it, a quick 503
+    from the accepting thread and close, so a flood of clients cannot take the server down."""
     daemon_threads = True
-    request_queue_size = 256
+    request_queue_size = 1024
 
-    def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token=""):
+    def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token="",
+                 allowed_hosts=(), max_connections=MAX_CONNECTIONS):
         self.service, self.views, self.token, self.max_body = service, views, token, max_body
         self.pilot_token = pilot_token
+        self.slots = threading.BoundedSemaphore(max_connections)
         super().__init__(address, Handler)
+        names = {address[0], *LOOPBACK_NAMES, socket.gethostname(), socket.getfqdn(), *allowed_hosts}
+        self.allowed_hosts = {n.lower() for n in names if n}
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            try:
+                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                                b"Connection: close\r\n\r\n{\"error\": \"server busy: too many connections; "
+                                b"retry later\"}")
+            except OSError:
+                pass
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 ################################################################################################
@@ -2606,6 +2755,28 @@ def warn_token_on_afs(token_source):
         log.warning("token file %s is on AFS, whose directory ACLs ignore its mode 0600: anyone who "
                     "may read that directory may write to p3s; use --token-file on a local disk "
                     "or in a private AFS directory", token_source)
+
+
+def is_ip(name):
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def raise_fd_limit(connections):
+    """Each connection holds a descriptor (and a sqlite reader may hold more): raise the soft
+    limit toward the hard one, so a flood gets 503s rather than failed accepts."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        want = connections + 256
+        if soft != resource.RLIM_INFINITY and soft < want:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY
+                                                        else min(want, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def is_loopback(host):
@@ -2673,6 +2844,13 @@ def parse_args(argv):
     p.add_argument("--pilot-token-file", metavar="FILE",
                    help="a second token that may only register pilots (for batch accounts that run "
                    "pilots but must not submit, adjust or delete)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="a name clients may use for this server besides loopback, its IPs and its host "
+                   "name (repeatable); requests naming another Host get 421")
+    p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                   help="connections served at once; beyond, a quick 503 (default %(default)s)")
+    p.add_argument("--skip-check", action="store_true",
+                   help="skip the integrity check (PRAGMA quick_check) at start, for huge databases")
     p.add_argument("--allow-network-fs", action="store_true",
                    help="let --db lie on AFS, NFS, EOS or another network filesystem (unsafe: "
                    "sqlite's locking does not hold there)")
@@ -2717,8 +2895,10 @@ def main(argv=None):
         pilot_token = load_pilot_token(args.pilot_token_file, token)
         warn_token_on_afs(token_source)
         store = Store(args.db)
+        if not args.skip_check:
+            store.check_integrity()
     except (OSError, sqlite3.Error) as e:
-        print(f"server.py: {e}", file=sys.stderr)
+        print(f"server.py: --db {args.db}: {e}", file=sys.stderr)
         return 1
     except StartupError as e:
         print(f"server.py: {e}", file=sys.stderr)
@@ -2728,7 +2908,9 @@ def main(argv=None):
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]
         views = Views(service, args.files_root or [DEFAULT_FILES_ROOT], private)
-        httpd = P3SServer((args.host, args.port), service, views, token, args.max_body, pilot_token)
+        raise_fd_limit(args.max_connections)
+        httpd = P3SServer((args.host, args.port), service, views, token, args.max_body, pilot_token,
+                          args.allow_host, args.max_connections)
     except OSError as e:
         print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

@@ -28,6 +28,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_TOKEN_FILE = os.path.join(HERE, "p3s.token")
 BACKOFF_FIRST = 0.1     # seconds before the first retry of a failed call; doubles each time
 BACKOFF_CAP = 5.0       # seconds, the longest pause between retries
+SUBMIT_BYTES = 1024 * 1024  # a submission goes in requests of about this size (the server takes 4 MiB)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -156,7 +157,13 @@ class Client:
 
     # -- jobs -----------------------------------------------------------------------------------
     def submit_jobs(self, jobs):
-        return self.call("POST", "/api/jobs", {"jobs": jobs})["uuids"]
+        """Submit jobs in requests of at most SUBMIT_BYTES (the server refuses big bodies) and
+        1000 jobs; each request is all-or-nothing, and each job carries its own uuid, so a
+        submission repeated after a failure stores nothing twice."""
+        uuids = []
+        for batch in batches(jobs, SUBMIT_BYTES, 1000):
+            uuids += self.call("POST", "/api/jobs", {"jobs": batch})["uuids"]
+        return uuids
 
     def list_jobs(self, **filters):
         return self.call("GET", "/api/jobs", query={k: v for k, v in filters.items() if v is not None})["jobs"]
@@ -262,6 +269,20 @@ class Client:
 
     def check_token(self):
         return self.call("POST", "/api/auth", {})
+
+
+def batches(items, max_bytes, max_items):
+    """Consecutive lists of items whose JSON stays under max_bytes (one item may exceed it)."""
+    batch, size = [], 0
+    for item in items:
+        item_size = len(json.dumps(item)) + 2
+        if batch and (size + item_size > max_bytes or len(batch) >= max_items):
+            yield batch
+            batch, size = [], 0
+        batch.append(item)
+        size += item_size
+    if batch:
+        yield batch
 
 
 def check_url(url):
