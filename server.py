@@ -572,7 +572,7 @@ class Store:
 
     def check_integrity(self):
         """PRAGMA quick_check: a damaged database must not start and report healthy."""
-        problems = [r[0] for r in self.read("PRAGMA quick_check(5)")]
+        problems = [" ".join(r[0].split()) for r in self.read("PRAGMA quick_check(5)")]
         if problems != ["ok"]:
             raise StartupError(f"--db {self.path}: the database is damaged ({'; '.join(problems)[:300]}); "
                                f"restore a backup or try `sqlite3 {self.path} .recover`, or start with --skip-check")

@@ -62,3 +62,223 @@ def test_a_paused_server_kills_nothing_and_every_pilot_carries_on(tmp_path):
         assert all(server.job(u)["attempt"] == 1 for u in uuids)
     finally:
         server.stop()
+
+
+# -- a server its own clients cannot take down ------------------------------------------------------
+def raw_request(port, data, timeout=5):
+    """Send raw bytes to the server; the status line and body it answers."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        answer = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                return answer.decode(errors="replace")
+            answer += chunk
+
+
+def test_beyond_the_connection_cap_a_quick_503_and_the_rest_still_served(tmp_path):
+    import socket
+    server = P3S(tmp_path, ["--max-connections", "20"]).start()
+    idle = []
+    try:
+        for _ in range(20):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+        time.sleep(0.3)
+        started = time.monotonic()
+        answer = raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n")
+        assert answer.startswith("HTTP/1.0 503") and "too many connections" in answer
+        assert time.monotonic() - started < 2
+    finally:
+        for s in idle:
+            s.close()
+    wait_until(lambda: raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n").startswith("HTTP/1.0 200"),
+               15, what="the server to serve again once the idle clients left")
+    server.stop()
+
+
+def test_pilots_keep_working_through_2000_idle_connections(tmp_path):
+    import resource
+    import socket
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(soft, 1024), hard))
+    server = P3S(tmp_path).start()         # with the usual soft limit of 1024 descriptors
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))     # for our 2000 sockets
+    idle = []
+    try:
+        server.pilot("-p", "1")
+        for _ in range(2000):
+            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+        started = time.monotonic()
+        uuids = server.submit([shell_job("true")] * 20)
+        states = server.wait_jobs(uuids, timeout=30)
+        assert time.monotonic() - started < 8, "served only once the idle clients timed out (10 s)"
+        assert {s["state"] for s in states.values()} == {"finished"}
+        assert all(p["state"] != "lost" for p in server.api.list_pilots())
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_an_oversized_body_gets_a_413_the_client_reads(p3s):
+    import json
+    import urllib.error
+    import urllib.request
+    body = json.dumps({"jobs": [{"payload": "x" * 1000}] * 8000}).encode()      # 8 MB
+    request = urllib.request.Request(p3s.url + "/api/jobs", data=body, method="POST",
+                                     headers={"Authorization": "Bearer " + p3s.token_file.read_text().strip()})
+    started = time.monotonic()
+    try:
+        urllib.request.urlopen(request, timeout=20)
+        raise AssertionError("an 8 MB body was accepted")
+    except urllib.error.HTTPError as e:
+        assert e.code == 413 and "over the limit" in json.loads(e.read())["error"]
+    assert time.monotonic() - started < 10
+
+
+def test_job_py_splits_a_big_submission(p3s):
+    jobs = [{"payload": "true " + "n" * 300, "state": "template"}] * 15000      # about 6 MB
+    uuids = p3s.submit(jobs)
+    assert len(uuids) == 15000 and len(set(uuids)) == 15000
+    assert p3s.api.call("GET", "/?format=json")["jobs_by_state"] == {"template": 15000}
+
+
+BAD_BODIES = [
+    ("nested 100k", b'{"jobs": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
+    ("priority 2**64", b'{"jobs": [{"payload": "x", "priority": 18446744073709551616}]}', "out of range"),
+    ("lone surrogate", b'{"jobs": [{"payload": "\\ud800"}]}', "not valid Unicode"),
+    ("Infinity", b'{"jobs": [{"payload": "x", "priority": Infinity}]}', "Infinity is not a JSON number"),
+    ("NaN", b'{"jobs": [{"payload": "x", "timeout": NaN}]}', "NaN is not a JSON number"),
+]
+
+
+def test_hostile_input_gets_a_400_never_a_traceback(p3s):
+    import json
+    token = p3s.token_file.read_text().strip()
+    for case, body, message in BAD_BODIES:
+        answer = raw_request(p3s.port, b"POST /api/jobs HTTP/1.0\r\nAuthorization: Bearer " + token.encode() +
+                             b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        status, _, payload = answer.partition("\r\n\r\n")
+        assert status.startswith("HTTP/1.0 400"), (case, status)
+        assert message in json.loads(payload)["error"], (case, payload)
+    for path, status in (("/jobs?page=100000000000000000000", "400"), ("/?refresh=%C2%B2", "200"),
+                         ("/file?path=/" + "x" * 4097, "400"), ("/api/jobs?offset=1e20", "400")):
+        answer = raw_request(p3s.port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+        assert answer.split()[1] == status, (path, answer[:200])
+    register = {"heartbeat": float("inf")}
+    for call in (lambda: p3s.api.register_pilot(**register), lambda: p3s.api.define_site("s", period=1e999)):
+        try:
+            call()
+            raise AssertionError("an infinite number was accepted")
+        except Exception as e:
+            assert getattr(e, "status", None) == 400, e
+    assert "Traceback" not in (p3s.dir / "server.log").read_text()
+    assert p3s.api.list_jobs() == [] and p3s.api.list_pilots() == []
+
+
+def test_a_damaged_database_is_refused_at_start(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    server = P3S(tmp_path).start()
+    server.submit([shell_job("true")] * 2000)
+    server.stop()
+    with open(server.db, "r+b") as f:            # scribble over a page in the middle
+        f.seek(4096 * 20)
+        f.write(b"\xff" * 4096)
+    result = subprocess.run([sys.executable, f"{ROOT}/server.py", "--port", "0", "--db", server.db,
+                             "--token-file", str(server.token_file)], capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "damaged" in result.stderr or "malformed" in result.stderr
+
+
+# -- least privilege ---------------------------------------------------------------------------------
+def test_file_serves_only_what_it_opened_under_a_root(tmp_path):
+    import os
+    import threading
+    import urllib.error
+    import urllib.request
+    root = tmp_path / "root"
+    root.mkdir()
+    server = P3S(tmp_path, ["--files-root", str(root)]).start()
+    try:
+        token = server.token_file.read_text().strip()
+        (root / "good.txt").write_text("good")
+        os.link(server.token_file, root / "hardlink")
+        os.mkfifo(root / "fifo")
+        swap, stop = root / "swap", threading.Event()
+
+        def swapper():
+            while not stop.is_set():
+                for target in (root / "good.txt", server.token_file):
+                    tmp = root / "swap.tmp"
+                    if tmp.is_symlink():
+                        tmp.unlink()
+                    tmp.symlink_to(target)
+                    os.replace(tmp, swap)
+
+        thread = threading.Thread(target=swapper)
+        thread.start()
+        leaked = 0
+        try:
+            for _ in range(300):
+                try:
+                    with urllib.request.urlopen(f"{server.url}/file?path={swap}", timeout=5) as answer:
+                        leaked += token in answer.read().decode()
+                except urllib.error.HTTPError as e:
+                    assert e.code in (403, 404)
+        finally:
+            stop.set()
+            thread.join()
+        assert leaked == 0, f"the token was served {leaked} times"
+        for path, code in ((root / "hardlink", 403), (root / "fifo", 403)):
+            started = time.monotonic()
+            try:
+                urllib.request.urlopen(f"{server.url}/file?path={path}", timeout=5)
+                raise AssertionError(f"{path} was served")
+            except urllib.error.HTTPError as e:
+                assert e.code == code
+            assert time.monotonic() - started < 2
+        listing = urllib.request.urlopen(f"{server.url}/file?path={root}&format=json", timeout=5).read().decode()
+        assert "hardlink" not in listing and "good.txt" in listing
+    finally:
+        server.stop()
+
+
+def test_an_unknown_host_name_gets_421_and_secret_env_is_masked(tmp_path):
+    import json
+    server = P3S(tmp_path, ["--allow-host", "p3s.example.org"]).start()
+    try:
+        [uuid] = server.submit([shell_job("true", env={"P3S_EXECMODE": "SHELL", "EOS_TOKEN": "s3cr3t",
+                                                       "DB_PASSWORD": "hunter2", "RUN": "7"})])
+        for host, status in (("evil.example", "421"), ("localhost", "200"), ("p3s.example.org", "200"),
+                             ("127.0.0.1", "200"), ("[::1]", "200")):
+            answer = raw_request(server.port, f"GET /job/{uuid} HTTP/1.0\r\nHost: {host}:{server.port}\r\n\r\n"
+                                 .encode())
+            assert answer.split()[1] == status, (host, answer[:200])
+            assert "s3cr3t" not in answer and "hunter2" not in answer
+        env = json.loads(raw_request(server.port, f"GET /api/jobs/{uuid} HTTP/1.0\r\n\r\n".encode())
+                         .partition("\r\n\r\n")[2])["env"]
+        assert env["EOS_TOKEN"] == env["DB_PASSWORD"] == "(hidden)" and env["RUN"] == "7"
+    finally:
+        server.stop()
+
+
+def test_payloads_never_see_the_token_and_execmode_is_any_case(p3s):
+    out = p3s.dir / "env.txt"
+    [uuid] = p3s.submit([{"payload": f"env > {out}", "env": {"P3S_EXECMODE": "shell"}}])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs,
+            env=dict(p3s.env, P3S_TOKEN=p3s.token_file.read_text().strip()))
+    assert p3s.job(uuid)["state"] == "finished"
+    seen = out.read_text()
+    assert "P3S_JOB_UUID" in seen and "P3S_TOKEN" not in seen
+    assert p3s.token_file.read_text().strip() not in seen
+
+
+def test_links_carry_url_encoded_names(p3s):
+    p3s.submit([{"payload": "true", "jobtype": "a&b#c d", "state": "template"}])
+    page = raw_request(p3s.port, b"GET / HTTP/1.0\r\n\r\n")
+    assert "/jobs?jobtype=a%26b%23c+d" in page
