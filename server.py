@@ -24,6 +24,7 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
     python server.py --port 0 --db /tmp/x.db --token-file /tmp/x.token
 """
 import argparse
+import collections
 import contextlib
 import hashlib
 import hmac
@@ -812,14 +813,14 @@ def check_dag(vertices, edges):
     names = [v["name"] for v in vertices]
     if not names:
         raise bad("graphml: the graph has no nodes")
-    dup = sorted({n for n in names if names.count(n) > 1})
+    dup = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if dup:
         raise bad(f"graphml: duplicate node id(s) {', '.join(dup)}")
-    seen = set()
+    known, seen = set(names), set()
     for e in edges:
         pair = (e["source"], e["target"])
         for end in pair:
-            if end not in names:
+            if end not in known:
                 raise bad(f"graphml: edge {pair[0]}->{pair[1]}: {end!r} is not a node (dangling edge)")
         if pair in seen:
             raise bad(f"graphml: edge {pair[0]}->{pair[1]} appears twice")
@@ -837,16 +838,17 @@ def topological_order(names, edges):
     for e in edges:
         indegree[e["target"]] += 1
         children[e["source"]].append(e["target"])
-    ready = [n for n in names if indegree[n] == 0]
+    ready = collections.deque(n for n in names if indegree[n] == 0)
     order = []
     while ready:
-        n = ready.pop(0)
+        n = ready.popleft()
         order.append(n)
         for c in children[n]:
             indegree[c] -= 1
             if indegree[c] == 0:
                 ready.append(c)
-    return order, [n for n in names if n not in order]
+    placed = set(order)
+    return order, [n for n in names if n not in placed]
 
 
 def to_graphml(vertices, edges):
@@ -938,48 +940,57 @@ def dag_parts(read, name):
     return dict(dag[0]), vertices, edges
 
 
-def instantiate(conn, wf, vertices, edges, fileinfo, jobinfo):
-    """Copy a DAG into template jobs and pending datasets; start it if wf["state"] is defined.
-    `wf` holds uuid, name, dag, description, user, state. Returns how many jobs became
-    claimable."""
+def plan_workflow(wf, vertices, edges, fileinfo, jobinfo, extensions):
+    """The rows of a new workflow, validated: (jobs, datasets). Pure, so it runs before the
+    write transaction: a 10,000-vertex DAG costs the lock only its inserts."""
     t = now()
-    extensions = {r["name"]: r["ext"] for r in conn.execute("SELECT name, ext FROM datatypes")}
     sources = {v["name"] for v in vertices} - {e["target"] for e in edges}
     files = name_files(edges, fileinfo, extensions, sources)
-    job_uuids = {v["name"]: str(uuidlib.uuid4()) for v in vertices}
-    conn.execute("INSERT INTO workflows(uuid, name, dag, description, user, state, ts_def) "
-                 "VALUES(:uuid, :name, :dag, :description, :user, 'template', :ts)", {**wf, "ts": t})
-    event(conn, "workflow", wf["uuid"], None, "template", wf["user"])
-    for v in vertices:
-        job = validate_job(vertex_job(v, jobinfo.get(v["name"], {}), files, wf["user"]),
-                           f"vertex {v['name']}")
-        job.update(uuid=job_uuids[v["name"]], name=job["name"] or f"{wf['name']}:{v['name']}",
-                   wfuuid=wf["uuid"], vertex=v["name"], ts=t)
-        conn.execute("""
-            INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
-                             site, state, max_attempts, wfuuid, vertex, ts_def)
-            VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
-                   :site, 'template', :max_attempts, :wfuuid, :vertex, :ts)""", job)
-        event(conn, "job", job["uuid"], None, "template", wf["user"], 1)
+    tags = {}                                   # vertex -> {DATATAG: path} of its files
     for f in files:
-        conn.execute("""
-            INSERT INTO datasets(uuid, name, dirpath, datatype, datatag, comment, state, origin,
-                                 wfuuid, producer, consumer, ts)
-            VALUES(:uuid, :name, :dirpath, :datatype, :datatag, :comment, 'pending', 'edge',
-                   :wfuuid, :producer, :consumer, :ts)""",
-                     {**f, "uuid": str(uuidlib.uuid4()), "wfuuid": wf["uuid"], "ts": t,
-                      "producer": job_uuids[f["source"]], "consumer": job_uuids[f["target"]]})
+        if f["datatag"]:
+            for end in (f["source"], f["target"]):
+                tags.setdefault(end, {})[f["datatag"]] = os.path.join(f["dirpath"], f["name"])
+    jobs = []
+    for v in vertices:
+        job = validate_job(vertex_job(v, jobinfo.get(v["name"], {}), tags.get(v["name"], {}), wf["user"]),
+                           f"vertex {v['name']}")
+        job.update(name=job["name"] or f"{wf['name']}:{v['name']}", wfuuid=wf["uuid"], vertex=v["name"], ts=t)
+        jobs.append(job)
+    job_uuids = {j["vertex"]: j["uuid"] for j in jobs}
+    datasets = [{**f, "uuid": str(uuidlib.uuid4()), "wfuuid": wf["uuid"], "ts": t,
+                 "producer": job_uuids[f["source"]], "consumer": job_uuids[f["target"]]} for f in files]
+    return jobs, datasets
+
+
+def instantiate(conn, wf, jobs, datasets):
+    """Store a planned workflow as template jobs and pending datasets; start it if wf["state"]
+    is defined. `wf` holds uuid, name, dag, description, user, state. Returns how many jobs
+    became claimable."""
+    conn.execute("INSERT INTO workflows(uuid, name, dag, description, user, state, ts_def) "
+                 "VALUES(:uuid, :name, :dag, :description, :user, 'template', :ts)", {**wf, "ts": now()})
+    event(conn, "workflow", wf["uuid"], None, "template", wf["user"])
+    conn.executemany("""
+        INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
+                         site, state, max_attempts, wfuuid, vertex, ts_def)
+        VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
+               :site, 'template', :max_attempts, :wfuuid, :vertex, :ts)""", jobs)
+    conn.executemany("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) "
+                     "VALUES(:ts, 'job', :uuid, 1, NULL, 'template', :user, '')", jobs)
+    conn.executemany("""
+        INSERT INTO datasets(uuid, name, dirpath, datatype, datatag, comment, state, origin,
+                             wfuuid, producer, consumer, ts)
+        VALUES(:uuid, :name, :dirpath, :datatype, :datatag, :comment, 'pending', 'edge',
+               :wfuuid, :producer, :consumer, :ts)""", datasets)
     return start_workflow(conn, wf["uuid"], wf["user"]) if wf["state"] == "defined" else 0
 
 
-def vertex_job(vertex, attrs, files, user):
-    """A vertex as a job description: its attributes, the jobinfo overrides, and a
+def vertex_job(vertex, attrs, tags, user):
+    """A vertex as a job description: its attributes, the jobinfo overrides, and `tags`, a
     DATATAG=dirpath/name variable for every file it reads or writes."""
     env = json.loads(vertex["env"])
     env.update(attrs.get("env") or {})
-    for f in files:
-        if f["datatag"] and vertex["name"] in (f["source"], f["target"]):
-            env[f["datatag"]] = os.path.join(f["dirpath"], f["name"])
+    env.update(tags)
     job = {k: vertex[k] for k in ("payload", "jobtype", "timelimit", "priority")}
     job.update({k: v for k, v in attrs.items() if k != "env"})
     if "timeout" in job:
@@ -1001,38 +1012,48 @@ def start_workflow(conn, wfuuid, who):
 
 def advance_workflow(conn, wfuuid):
     """Release, finish or cancel the template jobs of a workflow whose parents have ended, then
-    let the workflow's state follow its jobs. Repeats until nothing moves (noop chains).
+    let the workflow's state follow its jobs. A worklist: a job is looked at again only when a
+    parent of it moved (noop chains), so a pass is O(vertices + edges) however deep the DAG.
     Returns how many jobs became claimable (defined)."""
     if conn.execute("SELECT state FROM workflows WHERE uuid=?", (wfuuid,)).fetchone()["state"] == "template":
         return 0                                    # not started: nothing is released yet
-    released, moved = 0, True
-    while moved:
-        moved = False
-        jobs = {r["uuid"]: r for r in conn.execute(
-            "SELECT uuid, vertex, state, jobtype, attempt FROM jobs WHERE wfuuid=?", (wfuuid,))}
-        parents = {}
-        for d in conn.execute("SELECT producer, consumer FROM datasets WHERE wfuuid=? AND origin='edge'",
-                              (wfuuid,)):
-            parents.setdefault(d["consumer"], []).append(jobs[d["producer"]])
-        for job in (j for j in jobs.values() if j["state"] == "template"):
-            mine = parents.get(job["uuid"], [])
-            bad_parent = next((p for p in mine if p["state"] in END_JOB_STATES and p["state"] != "finished"), None)
-            if bad_parent:
-                moved |= move_job(conn, job["uuid"], "template", "cancelled", "workflow", attempt=job["attempt"],
-                                  info=f"parent {bad_parent['vertex']} {bad_parent['state']}",
-                                  changes={"ts_sto": now()})
-            elif all(p["state"] == "finished" for p in mine):
-                if job["jobtype"] == "noop":
-                    moved |= move_job(conn, job["uuid"], "template", "finished", "workflow", attempt=job["attempt"],
-                                      info="noop", changes={"exit_code": 0, "ts_sto": now()})
-                else:
-                    released += move_job(conn, job["uuid"], "template", "defined", "workflow",
-                                         attempt=job["attempt"], info="parents finished",
-                                         changes={"ts_def": now()})
+    jobs = {r["uuid"]: dict(r) for r in conn.execute(
+        "SELECT uuid, vertex, state, jobtype, attempt FROM jobs WHERE wfuuid=?", (wfuuid,))}
+    parents, children = {}, {}
+    for d in conn.execute("SELECT producer, consumer FROM datasets WHERE wfuuid=? AND origin='edge'", (wfuuid,)):
+        parents.setdefault(d["consumer"], []).append(jobs[d["producer"]])
+        children.setdefault(d["producer"], []).append(d["consumer"])
+    released = 0
+    pending = collections.deque(u for u, j in jobs.items() if j["state"] == "template")
+    while pending:
+        job = jobs[pending.popleft()]
+        new, info, changes = next_state(job, parents.get(job["uuid"], []))
+        if new is None or not move_job(conn, job["uuid"], "template", new, "workflow", attempt=job["attempt"],
+                                       info=info, changes=changes):
+            continue
+        job["state"] = new
+        if new == "defined":
+            released += 1
+        else:                                       # finished (noop) or cancelled: tell its children
+            pending.extend(c for c in children.get(job["uuid"], []) if jobs[c]["state"] == "template")
     conn.execute("UPDATE datasets SET state='ready' WHERE wfuuid=? AND state='pending' AND producer IN "
                  "(SELECT uuid FROM jobs WHERE wfuuid=? AND state='finished')", (wfuuid, wfuuid))
     follow_jobs(conn, wfuuid)
     return released
+
+
+def next_state(job, parents):
+    """(state, info, changes) a template job moves to given its parents, or (None, ...) to wait:
+    cancelled if a parent ended badly, finished if a noop whose parents all finished, else
+    defined once they all finished."""
+    bad_parent = next((p for p in parents if p["state"] in END_JOB_STATES and p["state"] != "finished"), None)
+    if bad_parent:
+        return "cancelled", f"parent {bad_parent['vertex']} {bad_parent['state']}", {"ts_sto": now()}
+    if not all(p["state"] == "finished" for p in parents):
+        return None, "", {}
+    if job["jobtype"] == "noop":
+        return "finished", "noop", {"exit_code": 0, "ts_sto": now()}
+    return "defined", "parents finished", {"ts_def": now()}
 
 
 def follow_jobs(conn, wfuuid):
@@ -1332,16 +1353,30 @@ class Workflows:
               "user": as_str(body.get("user", ""), "user", max_len=64),
               "description": as_str(body.get("description", ""), "description", max_len=4096),
               "name": as_str(body.get("name") or dag_name, "name", max_len=256)}
+        plan = self.plan(wf, body.get("fileinfo"), body.get("jobinfo"))
         released = 0
         with self.store.transaction() as conn:
             # A creation repeated because its answer was lost was made once already.
             if not conn.execute("SELECT 1 FROM workflows WHERE uuid=?", (wf["uuid"],)).fetchone():
-                _, vertices, edges = dag_parts(conn.execute, dag_name)
-                released = instantiate(conn, wf, vertices, edges,
-                                       validate_fileinfo(body.get("fileinfo"), edges),
-                                       validate_jobinfo(body.get("jobinfo"), [v["name"] for v in vertices]))
+                released = self.instantiate_planned(conn, wf, plan)
         self.broker.notify_work(released)
         return self.get_workflow(wf["uuid"])
+
+    def plan(self, wf, fileinfo, jobinfo):
+        """Read the DAG and plan the workflow's rows outside the write lock: (dag's ts, rows)."""
+        dag, vertices, edges = dag_parts(self.store.read, wf["dag"])
+        extensions = {r["name"]: r["ext"] for r in self.store.read("SELECT name, ext FROM datatypes")}
+        rows = plan_workflow(wf, vertices, edges, validate_fileinfo(fileinfo, edges),
+                             validate_jobinfo(jobinfo, [v["name"] for v in vertices]), extensions)
+        return dag["ts"], rows
+
+    @staticmethod
+    def instantiate_planned(conn, wf, plan):
+        """Store the planned rows, unless the DAG was deleted or replaced meanwhile (409)."""
+        dag_ts, (jobs, datasets) = plan
+        if not conn.execute("SELECT 1 FROM dags WHERE name=? AND ts=?", (wf["dag"], dag_ts)).fetchone():
+            raise ApiError(409, f"dag {wf['dag']!r}: deleted or replaced while the workflow was made; try again")
+        return instantiate(conn, wf, jobs, datasets)
 
     def set_workflow_state(self, wfuuid, body, who):
         check_keys(body, "workflow", ("state",))
@@ -1402,35 +1437,28 @@ class Workflows:
         user = as_str(body.get("user", ""), "user", max_len=64)
         if ("dag" in body) == ("jobs" in body):
             raise bad("inject: give either dag or jobs")
-        dag_name = None if "jobs" in body else as_str(body["dag"], "dag", allow_empty=False)
         path = os.path.join(dirpath, name)
         jobs = validate_submission({"jobs": body["jobs"]}) if "jobs" in body else None
+        wf = plan = None
+        if jobs is None:
+            dag_name = as_str(body["dag"], "dag", allow_empty=False)
+            wf = {"uuid": str(uuidlib.uuid4()), "dag": dag_name, "name": f"{dag_name}:{name}",
+                  "description": f"injected {path}", "user": user, "state": "defined"}
+            plan = self.plan(wf, f"inherit:{path}", None)
         with self.store.transaction() as conn:
-            result, released = self.start_work_for(conn, name, dirpath, body.get("datatype", ""), size,
-                                                   jobs, dag_name, user, who)
+            cur = conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,state,origin,wfuuid,size,ts) "
+                               "VALUES(?,?,?,?,'ready','injected',?,?,?) ON CONFLICT DO NOTHING",
+                               (str(uuidlib.uuid4()), name, dirpath, body.get("datatype", ""),
+                                wf and wf["uuid"], size, now()))
+            if not cur.rowcount:                    # known already: its work was started then
+                return {"path": path, "registered": False}
+            if jobs is not None:
+                insert_jobs(conn, jobs, user or who)
+                result, released = {"jobs": [j["uuid"] for j in jobs]}, len(jobs)
+            else:
+                result, released = {"workflow": wf["uuid"]}, self.instantiate_planned(conn, wf, plan)
         self.broker.notify_work(released)
-        return {"path": path, **result}
-
-    @staticmethod
-    def start_work_for(conn, name, dirpath, datatype, size, jobs, dag_name, user, who):
-        """Register the file; if it is new, submit `jobs` (owned by `user`, else `who`) or a
-        workflow of `dag_name` for it. Returns (what was done, how many jobs became claimable)."""
-        cur = conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,state,origin,size,ts) "
-                           "VALUES(?,?,?,?,'ready','injected',?,?) ON CONFLICT DO NOTHING",
-                           (str(uuidlib.uuid4()), name, dirpath, datatype, size, now()))
-        if not cur.rowcount:
-            return {"registered": False}, 0
-        if jobs is not None:
-            insert_jobs(conn, jobs, user or who)
-            return {"registered": True, "jobs": [j["uuid"] for j in jobs]}, len(jobs)
-        _, vertices, edges = dag_parts(conn.execute, dag_name)
-        path = os.path.join(dirpath, name)
-        wf = {"uuid": str(uuidlib.uuid4()), "dag": dag_name, "name": f"{dag_name}:{name}",
-              "description": f"injected {path}", "user": user, "state": "defined"}
-        released = instantiate(conn, wf, vertices, edges, f"inherit:{path}", {})
-        conn.execute("UPDATE datasets SET wfuuid=? WHERE origin='injected' AND dirpath=? AND name=?",
-                     (wf["uuid"], dirpath, name))
-        return {"registered": True, "workflow": wf["uuid"]}, released
+        return {"path": path, "registered": True, **result}
 
     def list_datasets(self, query):
         rows, paging = page_of(self.store, "datasets", query, ("state", "origin", "wfuuid", "datatype"))
@@ -2332,11 +2360,13 @@ def dag_layers(jobs, datasets):
     """Layer of each job: the length of the longest path from a root to it."""
     names = [j["uuid"] for j in jobs]
     edges = [{"source": d["producer"], "target": d["consumer"]} for d in datasets]
+    children = {n: [] for n in names}
+    for e in edges:
+        children[e["source"]].append(e["target"])
     layer = {n: 0 for n in names}
     for n in topological_order(names, edges)[0]:
-        for e in edges:
-            if e["source"] == n:
-                layer[e["target"]] = max(layer[e["target"]], layer[n] + 1)
+        for child in children[n]:
+            layer[child] = max(layer[child], layer[n] + 1)
     return layer
 
 
