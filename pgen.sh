@@ -5,7 +5,8 @@
 #   pdsh -w 'node[1-8]' /path/to/p3s/pgen.sh 4 -s mysite
 #
 # Each pilot runs under setsid with stdin, stdout and stderr redirected (so pdsh returns at once);
-# its pid goes to $P3S_RUNDIR/pilot-<stamp>.pid and its output to pilot-<stamp>.log beside it.
+# its pid (with its start time and this clone's path, see pilot-pids.sh) goes to
+# $P3S_RUNDIR/pilot-<stamp>.pid and its output to pilot-<stamp>.log beside it.
 #   P3S_NODE    this node's name, registered by the pilots (default: hostname -s)
 #   P3S_RUNDIR  pid and log directory (default: ~/.p3s/run/$P3S_NODE)
 #   P3S_PYTHON  the Python to run pilot.py with (default: python3)
@@ -16,6 +17,7 @@ usage() { echo "usage: pgen.sh N [pilot.py options...]" >&2; exit 2; }
 case $1 in ''|*[!0-9]*) echo "pgen.sh: N must be a whole number, got '$1'" >&2; exit 2;; esac
 n=$1; shift
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/pilot-pids.sh"
 export P3S_NODE=${P3S_NODE:-$(hostname -s)}
 rundir=${P3S_RUNDIR:-$HOME/.p3s/run/$P3S_NODE}
 mkdir -p "$rundir"
@@ -23,6 +25,6 @@ for i in $(seq "$n"); do
   stamp=$(date +%Y%m%d-%H%M%S)-$$-$i
   # In a non-interactive shell setsid execs in place, so $! is the pilot's own pid.
   setsid "${P3S_PYTHON:-python3}" "$here/pilot.py" "$@" </dev/null >"$rundir/pilot-$stamp.log" 2>&1 &
-  echo $! >"$rundir/pilot-$stamp.pid"
+  record_pilot $! "$rundir/pilot-$stamp.pid" "$here"
 done
 echo "$P3S_NODE: started $n pilot(s), pid files in $rundir"

@@ -17,20 +17,25 @@ node=${P3S_NODE:-$(hostname -s)}
 rundir=${P3S_RUNDIR:-$HOME/.p3s/run/$node}
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/pilot-pids.sh"
-pids=()
+pidfiles=(); pids=()
 for pidfile in "$rundir"/pilot-*.pid; do
   [ -e "$pidfile" ] || continue
-  pid=$(cat "$pidfile")
-  if pilot_alive "$pid"; then kill -s "$signal" "$pid" 2>/dev/null && pids+=("$pid"); else rm -f "$pidfile"; fi
+  if pid=$(pilot_pid "$pidfile"); then
+    kill -s "$signal" "$pid" 2>/dev/null && pidfiles+=("$pidfile") && pids+=("$pid")
+  else
+    rm -f "$pidfile"
+  fi
 done
 if [ $signal = USR1 ]; then echo "$node: asked ${#pids[@]} pilot(s) to drain"; exit 0; fi
-alive_left() { local p; for p in "${pids[@]}"; do pilot_alive "$p" && return 0; done; return 1; }
+alive_left() { local f; for f in "${pidfiles[@]}"; do pilot_pid "$f" >/dev/null && return 0; done; return 1; }
 for _ in $(seq $((grace * 10))); do alive_left || break; sleep 0.1; done
 killed=0
-for p in "${pids[@]}"; do pilot_alive "$p" && kill -s KILL "$p" 2>/dev/null && killed=$((killed + 1)); done
+for f in "${pidfiles[@]}"; do
+  pid=$(pilot_pid "$f") && kill -s KILL "$pid" 2>/dev/null && killed=$((killed + 1))
+done
 sleep 0.2
 for pidfile in "$rundir"/pilot-*.pid; do
-  [ -e "$pidfile" ] && ! pilot_alive "$(cat "$pidfile")" && rm -f "$pidfile"
+  [ -e "$pidfile" ] && ! pilot_pid "$pidfile" >/dev/null && rm -f "$pidfile"
 done
 echo "$node: stopped ${#pids[@]} pilot(s) ($killed needed SIGKILL)"
 exit 0

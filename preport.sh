@@ -16,8 +16,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 live=0; stale=0; lines=()
 for pidfile in "$rundir"/pilot-*.pid; do
   [ -e "$pidfile" ] || continue
-  pid=$(cat "$pidfile")
-  if pilot_alive "$pid"; then
+  if pid=$(pilot_pid "$pidfile"); then
     live=$((live + 1))
     log=${pidfile%.pid}.log
     uuid=$(grep -m1 -o 'registered as [0-9a-f-]*' "$log" 2>/dev/null | cut -d' ' -f3)

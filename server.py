@@ -68,6 +68,7 @@ MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, 
 SOCKET_TIMEOUT = 10                 # seconds a connection may sit silent while we read its request
                                     # (long polls wait server-side, not on the socket)
 MAX_CONNECTIONS = 4000              # connections served at once; beyond, a quick 503 and close
+WAL_LIMIT = 64 * 1024 * 1024        # bytes of write-ahead log before housekeeping truncates it
 POOL_KEEP = 32                      # idle sqlite connections kept for reuse; the rest are closed
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SECRET_NAME = re.compile(r"TOKEN|PASSW|SECRET|KEY|CREDENTIAL", re.I)   # env names masked on reads
@@ -324,6 +325,7 @@ def connect(path):
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
     return conn
 
 
@@ -577,6 +579,24 @@ class Store:
         if problems != ["ok"]:
             raise StartupError(f"--db {self.path}: the database is damaged ({'; '.join(problems)[:300]}); "
                                f"restore a backup or try `sqlite3 {self.path} .recover`, or start with --skip-check")
+
+    def wal_bytes(self):
+        try:
+            return os.path.getsize(self.path + "-wal")
+        except OSError:
+            return 0
+
+    def truncate_wal(self):
+        """Checkpoint and truncate the write-ahead log, unless a reader still needs it (an
+        outside sqlite3 shell left in BEGIN): then try again at the next pass. A short busy
+        timeout, so housekeeping never waits on that reader."""
+        with self.reading() as conn:
+            conn.execute("PRAGMA busy_timeout=100")
+            try:
+                busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                conn.execute("PRAGMA busy_timeout=30000")
+        return not busy
 
     def close(self):
         while True:
@@ -1487,13 +1507,15 @@ class Service:
     as "broker.request_job", "workflows.add_dag", ...
     """
 
-    def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS):
+    def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT):
         self.store = store
         self.broker = Broker(store)
         self.workflows = Workflows(store, self.broker)
         self.hk_period = hk_period
         self.retention_days = retention_days
         self.lease_beats = lease_beats
+        self.wal_limit = wal_limit
+        self.wal_stuck = False
         self.resumed = now()        # silence is counted from here: the start, or the last pause
         self.last_pass = (time.monotonic(), self.resumed)
         self.last_tidy = self.resumed
@@ -1787,11 +1809,20 @@ class Service:
             purged = self.store.write(self.purge, t - self.retention_days * 86400)
             if purged:
                 log.info("retention: purged %d ended object(s) older than %g days", purged, self.retention_days)
+        self.keep_wal_small()
         if t - self.last_tidy > TIDY_PERIOD:
             self.last_tidy = t
             self.store.write(lambda conn: conn.execute("DELETE FROM job_ends WHERE bucket < ?",
                                                        (int(t - 2 * 86400) // 10,)))
             self.store.read("PRAGMA optimize")
+
+    def keep_wal_small(self):
+        """Truncate a write-ahead log past its limit; say so once if a reader prevents it."""
+        stuck = self.store.wal_bytes() > self.wal_limit and not self.store.truncate_wal()
+        if stuck and not self.wal_stuck:
+            log.warning("write-ahead log at %d bytes and a reader keeps it from shrinking (an outside "
+                        "sqlite3 session left in a transaction?)", self.store.wal_bytes())
+        self.wal_stuck = stuck
 
     def notice_pause(self):
         """The time of this pass. A pass far later than due (the server was stopped, swapped
@@ -1871,7 +1902,9 @@ class Service:
                 failing = str(e)
 
     def health(self):
-        return {"ok": True, "version": VERSION, "schema": self.store.schema_version}
+        wal = self.store.wal_bytes()
+        return {"ok": True, "version": VERSION, "schema": self.store.schema_version,
+                "wal_bytes": wal, "wal_large": wal > self.wal_limit}
 
     @staticmethod
     def auth_ok():
@@ -2879,6 +2912,9 @@ def parse_args(argv):
                    "name (repeatable); requests naming another Host get 421")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
                    help="connections served at once; beyond, a quick 503 (default %(default)s)")
+    p.add_argument("--wal-limit", type=int, default=WAL_LIMIT, metavar="BYTES",
+                   help="truncate the write-ahead log once it grows past this (default %(default)s); "
+                   "/api/health says wal_large while a reader keeps it from shrinking")
     p.add_argument("--skip-check", action="store_true",
                    help="skip the integrity check (PRAGMA quick_check) at start, for huge databases")
     p.add_argument("--allow-network-fs", action="store_true",
@@ -2933,7 +2969,7 @@ def main(argv=None):
     except StartupError as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
-    service = Service(store, args.housekeeping, args.retention_days, args.lease_beats)
+    service = Service(store, args.housekeeping, args.retention_days, args.lease_beats, args.wal_limit)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]

@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import subprocess
+import time
 from collections import Counter
 
 import pytest
@@ -46,7 +47,7 @@ def live_counts(p3s, hosts=NODES):
 
 
 def pilot_pids(p3s, host):
-    return [int(f.read_text()) for f in (p3s.dir / "run" / host).glob("pilot-*.pid")]
+    return [int(f.read_text().split()[0]) for f in (p3s.dir / "run" / host).glob("pilot-*.pid")]
 
 
 def server_pilots(p3s, state_in=("active", "no jobs", "dispatched", "running")):
@@ -141,3 +142,32 @@ def test_scripts_refuse_bad_arguments(p3s):
     for script, args in (("pgen.sh", []), ("pgen.sh", ["two"]), ("preport.sh", ["-x"]), ("pkill.sh", ["-t", "x"])):
         result = subprocess.run([os.path.join(ROOT, script), *args], capture_output=True, text=True, timeout=10)
         assert result.returncode == 2 and result.stderr.strip(), (script, args)
+
+
+def test_pkill_spares_what_a_stale_pid_file_now_names(p3s, tmp_path):
+    """A pid file whose pid now belongs to something else that mentions pilot.py (copilot.py,
+    another clone's pilot) must not get it killed."""
+    other_clone = tmp_path / "other-clone"
+    other_clone.mkdir()
+    (other_clone / "pilot.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "copilot.py").write_text("import time\ntime.sleep(60)\n")
+    rundir = p3s.dir / "run" / "node1"
+    rundir.mkdir(parents=True)
+    bystanders = [subprocess.Popen(["python3", str(other_clone / "pilot.py")]),
+                  subprocess.Popen(["python3", str(tmp_path / "copilot.py")])]
+    try:
+        time.sleep(0.3)
+        for i, proc in enumerate(bystanders):
+            stat = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            # the first: right start time, but another clone; the second: a wrong start time
+            start = stat[19] if i == 0 else str(int(stat[19]) - 1)
+            (rundir / f"pilot-old-{i}.pid").write_text(f"{proc.pid} {start} {ROOT}\n")
+        report = pdsh(p3s, f"{ROOT}/preport.sh", "node1")["node1"]
+        assert "live=0" in report[0], report
+        pdsh(p3s, f"{ROOT}/pkill.sh -t 1", "node1")
+        assert all(proc.poll() is None for proc in bystanders), "pkill.sh killed a process that is no pilot of ours"
+        assert list(rundir.glob("*.pid")) == [], "stale pid files were kept"
+    finally:
+        for proc in bystanders:
+            proc.kill()
+            proc.wait()

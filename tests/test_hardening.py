@@ -310,3 +310,23 @@ def test_a_4000_vertex_noop_chain_starts_without_stalling_the_pilots(p3s):
         thread.join()
     assert workflow["state"] == "finished" and len(workflow["jobs"]) == n
     assert max(latencies) < 2.0, f"a heartbeat waited {max(latencies):.1f} s behind the workflow's start"
+
+
+def test_an_outside_reader_cannot_grow_the_wal_for_good(tmp_path):
+    import os
+    import sqlite3
+    server = P3S(tmp_path, ["--wal-limit", "300000"]).start()
+    try:
+        reader = sqlite3.connect(server.db)
+        reader.execute("BEGIN")
+        reader.execute("SELECT COUNT(*) FROM jobs").fetchone()        # holds its snapshot
+        server.submit([shell_job("true", state="template")] * 3000)
+        wal = lambda: os.path.getsize(server.db + "-wal")               # noqa: E731
+        assert wal() > 300000
+        wait_until(lambda: server.api.health()["wal_large"], 10, what="health to say the WAL is large")
+        reader.rollback()
+        reader.close()
+        wait_until(lambda: wal() == 0, 10, what="the WAL to be truncated once the reader left")
+        assert server.api.health()["wal_large"] is False
+    finally:
+        server.stop()
