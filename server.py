@@ -651,22 +651,6 @@ def lookup(conn, table, uuid):
     return row
 
 
-def live_pilot(conn, uuid):
-    """The pilot row if it is live: 404 if unknown, 409 if it stopped. A lost pilot that speaks
-    again was only silent (a partition, a pause): it is back, with whatever job it still holds.
-    Called inside a write transaction."""
-    row = lookup(conn, "pilots", uuid)
-    if row["state"] == "lost":
-        held = conn.execute("SELECT state FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
-                            (uuid,)).fetchone()
-        move_pilot(conn, uuid, ("lost",), held["state"] if held else "active", info="back after silence",
-                   ts_stop=None, ts_beat=now())
-        row = lookup(conn, "pilots", uuid)
-    if row["state"] not in LIVE_PILOT_STATES:
-        raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
-    return row
-
-
 def chunks(items, size=500):
     """Slices of `items` small enough for one IN (...) list (sqlite caps bound parameters)."""
     return [items[start:start + size] for start in range(0, len(items), size)]
@@ -686,16 +670,28 @@ def secret_hash(secret):
 
 
 def check_pilot_secret(conn, pilot_uuid, secret):
-    """403 unless `secret` is this pilot's own: a token holder cannot act as another pilot."""
+    """The pilot's row, or a 403 unless `secret` is this pilot's own: a token holder cannot act
+    as another pilot."""
     row = lookup(conn, "pilots", pilot_uuid)
     if not secret or not hmac.compare_digest(secret_hash(secret), row["secret"]):
         raise ApiError(403, f"X-P3S-Pilot-Secret: missing or wrong secret for pilot {pilot_uuid}")
+    return row
 
 
 def own_pilot(conn, uuid, secret):
-    """The live pilot, once its secret is checked (a lost one that speaks is back)."""
-    check_pilot_secret(conn, uuid, secret)
-    return live_pilot(conn, uuid)
+    """The pilot's row, once its secret is checked, if it is live: 409 if it stopped. A lost
+    pilot that speaks again was only silent (a partition, a pause): it is back, with whatever
+    job it still holds. Called inside a write transaction."""
+    row = check_pilot_secret(conn, uuid, secret)
+    if row["state"] == "lost":
+        held = conn.execute("SELECT state FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
+                            (uuid,)).fetchone()
+        move_pilot(conn, uuid, ("lost",), held["state"] if held else "active", info="back after silence",
+                   ts_stop=None, ts_beat=now())
+        row = lookup(conn, "pilots", uuid)
+    if row["state"] not in LIVE_PILOT_STATES:
+        raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
+    return row
 
 
 def job_to_dict(row, full=True):
