@@ -14,6 +14,7 @@ the workflow starts at once. With -j every job in the file is submitted with inf
 P3S_INPUT_FILE set to the file's path.
 """
 import fnmatch
+import getpass
 import logging
 import os
 import sys
@@ -21,9 +22,11 @@ import time
 import uuid as uuidlib
 
 from job import read_job_file
-from serverAPI import ArgumentParser, Client, P3SError, run_cli
+from workflow import structured
+from serverAPI import ArgumentParser, add_verbosity, Client, P3SError, run_cli
 
 log = logging.getLogger("p3s.injector")
+USER = getpass.getuser()            # who the jobs are for, as job.py records it
 
 
 def parse_args(argv):
@@ -44,13 +47,24 @@ def parse_args(argv):
     p.add_argument("--max-age", type=float, default=0, metavar="SECONDS",
                    help="ignore files modified longer ago than this (0 = no limit)")
     p.add_argument("--datatype", default="", help="datatype recorded with each file (e.g. ROOT)")
+    p.add_argument("--outdir", metavar="DIR",
+                   help="with --dag: the workflow's output files go to DIR instead of the GraphML's dirpaths")
+    p.add_argument("-f", "--fileinfo",
+                   help="with --dag: file names as for workflow.py -a -f (default inherit:<the new file>)")
+    p.add_argument("--bare-name", action="store_true",
+                   help="with -j: export P3S_INPUT_FILE as the bare file name and P3S_INPUT_DIR as its "
+                   "directory, as the original's production wrappers expect (default: the full path)")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every scan")
+    add_verbosity(p, "log every scan")
     args = p.parse_args(argv)
     if min(args.period, args.cycles, args.settle, args.min_age, args.max_age, args.min_size) < 0:
         p.error("--period, --cycles, --settle, --min-age, --max-age and --min-size must not be negative")
     if not os.path.isdir(args.dir):
         p.error(f"-d {args.dir}: not a directory")
+    if (args.outdir or args.fileinfo) and not args.dag:
+        p.error("--outdir and -f go with --dag")
+    if args.bare_name and not args.jobs:
+        p.error("--bare-name goes with -j FILE")
     return args
 
 
@@ -92,28 +106,40 @@ class Watcher:
 
 
 def work_for(args, jobs, path):
-    """The inject request body's work part: a DAG, or the jobs bound to this file."""
+    """The inject request body's work part, with the template it is registered under (a file
+    is started once per template, so injectors with different templates share a directory)."""
     if args.dag:
-        return {"dag": args.dag}
+        work = {"dag": args.dag, "template": f"dag:{args.dag}", "outdir": args.outdir}
+        if args.fileinfo:
+            work["fileinfo"] = structured(args.fileinfo, "-f")
+        return {k: v for k, v in work.items() if v is not None}
+    inputs = ({"P3S_INPUT_FILE": os.path.basename(path), "P3S_INPUT_DIR": os.path.dirname(path)}
+              if args.bare_name else {"P3S_INPUT_FILE": path})
     bound = []
     for job in jobs:
         env = job.get("env", {})
-        bound.append({**job, "uuid": str(uuidlib.uuid4()), "infile": path,
-                      "env": {**env, "P3S_INPUT_FILE": path} if isinstance(env, dict) else env})
-    return {"jobs": bound}
+        bound.append({**job, "uuid": str(uuidlib.uuid4()), "infile": path, "user": job.get("user", USER),
+                      "env": {**env, **inputs} if isinstance(env, dict) else env})
+    return {"jobs": bound, "template": "jobs:" + os.path.abspath(args.jobs)}
 
 
 def scan(client, watcher, args, jobs):
+    """Start the work of every settled file; one summary line when anything was seen."""
+    started = skipped = 0
     for name, size in watcher.settled():
         path = os.path.join(os.path.abspath(args.dir), name)
         answer = client.inject(name=name, dirpath=os.path.abspath(args.dir), size=size,
-                               datatype=args.datatype, user=os.environ.get("USER", ""),
-                               **work_for(args, jobs, path))
+                               datatype=args.datatype, user=USER, **work_for(args, jobs, path))
         watcher.done.add(name)
         if answer["registered"]:
+            started += 1
             print(f"{path} {answer.get('workflow') or ' '.join(answer['jobs'])}", flush=True)
         else:
-            log.info("%s: registered before, skipped", path)
+            skipped += 1
+            log.info("%s: registered before for this template, skipped", path)
+    if started or skipped:
+        print(f"injector: scan of {args.dir}: {started} file(s) started, {skipped} skipped "
+              "(started before with this template)", file=sys.stderr, flush=True)
 
 
 def main(argv=None):

@@ -13,11 +13,12 @@ network failure, and with --wait 1 when a job did not finish with exit code 0.
 """
 import getpass
 import json
+import os
 import sys
 import time
 import uuid as uuidlib
 
-from serverAPI import ArgumentParser, Client, InputError, P3SError, run_cli
+from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, run_cli
 
 END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
 LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name")
@@ -26,14 +27,21 @@ LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name")
 def parse_args(argv):
     p = ArgumentParser(description="Submit and manage p3s jobs.")
     p.add_argument("-j", "--job-file", dest="jobfile", metavar="FILE",
-                   help="submit the jobs in FILE (a JSON list of job objects, or one object)")
-    p.add_argument("-f", "--file", dest="infile", metavar="NAME",
-                   help="input file for the submitted jobs: sets infile and P3S_INPUT_FILE")
+                   help="submit the jobs in FILE (a JSON list of job objects, or one object), or given "
+                   "inline as a JSON string")
+    p.add_argument("-f", "--file", dest="infile", metavar="NAME[,NAME...]",
+                   help="input file(s): one job per file for each job in -j, with infile and "
+                   "P3S_INPUT_FILE set (default $P3S_INPUT_FILE)")
+    p.add_argument("-D", "--delay", type=int, default=0, metavar="MS",
+                   help="with -j: milliseconds between submissions, sending jobs one at a time "
+                   "(default 0: all at once)")
+    p.add_argument("-t", "--test", action="store_true",
+                   help="with -j: check the jobs and print them as they would be sent; send nothing")
     p.add_argument("-N", "--replicas", type=int, default=1, metavar="N",
                    help="submit N copies of each job (default 1)")
     p.add_argument("-a", "--adjust", action="store_true", help="change the state and/or priority of job -u")
     p.add_argument("-d", "--delete", action="store_true", help="delete job -u (not while it runs)")
-    p.add_argument("-u", "--uuid", help="the job to adjust or delete")
+    p.add_argument("-u", "--uuid", help="the job(s) to adjust or delete: UUID or UUID1,UUID2,...")
     p.add_argument("-s", "--state", help="with -a: new state (defined, template, cancelled); "
                    "with --list: only jobs in this state")
     p.add_argument("-P", "--priority", help="with -a: new priority (higher runs first)")
@@ -48,7 +56,7 @@ def parse_args(argv):
     p.add_argument("--json", dest="json_out", action="store_true",
                    help="print results as JSON")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
-    p.add_argument("-v", "--verbose", action="store_true", help="say more")
+    add_verbosity(p, "say more")
     args = p.parse_args(argv)
     actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show)]
     if sum(actions) != 1:
@@ -61,40 +69,59 @@ def parse_args(argv):
         p.error("-N must be at least 1")
     if args.wait and not args.jobfile:
         p.error("--wait goes with -j FILE")
+    if args.delay < 0:
+        p.error(f"-D {args.delay}: must not be negative")
+    if (args.test or args.delay) and not args.jobfile:
+        p.error("-t and -D go with -j FILE")
+    if args.infile is None:
+        args.infile = os.environ.get("P3S_INPUT_FILE") or None
     return args
 
 
 def read_job_file(path):
-    """The job objects in a JSON file holding one object or a list of them."""
+    """The job objects in a JSON file, or a JSON string given instead of a file name (as the
+    original p3s took), holding one object or a list of them."""
+    if path.lstrip().startswith(("{", "[")):
+        text, where = path, "-j"
+    else:
+        try:
+            with open(path) as f:
+                text, where = f.read(), path
+        except OSError as e:
+            raise InputError(f"{path}: {e.strerror}") from None
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except OSError as e:
-        raise InputError(f"{path}: {e.strerror}") from None
+        data = json.loads(text)
     except ValueError as e:
-        raise InputError(f"{path}: malformed JSON: {e}") from None
+        raise InputError(f"{where}: malformed JSON: {e}") from None
     jobs = data if isinstance(data, list) else [data]
     if not jobs or not all(isinstance(j, dict) for j in jobs):
-        raise InputError(f"{path}: expected a job object or a non-empty list of job objects")
+        raise InputError(f"{where}: expected a job object or a non-empty list of job objects")
     return jobs
 
 
-def load_jobs(path, infile, replicas):
-    """Read the job file; give each job (and replica) its own uuid so a retried submission
-    cannot store a job twice."""
+def load_jobs(path, infiles, replicas):
+    """Read the jobs; one job per input file (-f a,b: the original's meaning) and replica, each
+    with its own uuid so a retried submission cannot store a job twice."""
+    files = infiles.split(",") if infiles else [None]
     out = []
     for job in read_job_file(path):
-        for _ in range(replicas):
-            job = dict(job)
-            job.setdefault("user", getpass.getuser())
-            if infile:
-                job["infile"] = infile
-                env = job.get("env", {})
-                if isinstance(env, dict):
-                    job["env"] = {**env, "P3S_INPUT_FILE": infile}
-            job["uuid"] = str(uuidlib.uuid4())
-            out.append(job)
+        for infile in files:
+            for _ in range(replicas):
+                out.append(dict(bind_input(job, infile), uuid=str(uuidlib.uuid4()),
+                                user=job.get("user", getpass.getuser())))
     return out
+
+
+def bind_input(job, infile):
+    """The job with its input file: `infile` if given, else its env's P3S_INPUT_FILE, so the
+    lists show the input file either way."""
+    env = job.get("env", {})
+    if not isinstance(env, dict):
+        return job                  # the server names the field and the problem
+    infile = infile or env.get("P3S_INPUT_FILE")
+    if not infile:
+        return job
+    return {**job, "infile": infile, "env": {**env, "P3S_INPUT_FILE": infile}}
 
 
 def wait_for(client, uuids, timeout, verbose):
@@ -116,8 +143,11 @@ def wait_for(client, uuids, timeout, verbose):
 
 def submit(client, args):
     jobs = load_jobs(args.jobfile, args.infile, args.replicas)
+    if args.test:
+        print(json.dumps(jobs, indent=2))
+        return 0
     try:
-        uuids = client.submit_jobs(jobs)
+        uuids = send(client, jobs, args.delay)
     except P3SError as e:
         if not e.bad_input:     # the answer may be lost while the jobs were stored: say which
             print("\n".join(j["uuid"] for j in jobs))
@@ -136,6 +166,18 @@ def submit(client, args):
     return 0 if ok else 1
 
 
+def send(client, jobs, delay_ms):
+    """All jobs at once, or one at a time with delay_ms between them (the original's -D)."""
+    if not delay_ms:
+        return client.submit_jobs(jobs)
+    uuids = []
+    for i, job in enumerate(jobs):
+        if i:
+            time.sleep(delay_ms / 1000)
+        uuids += client.submit_jobs([job])
+    return uuids
+
+
 def list_jobs(client, args):
     jobs = client.list_jobs(state=args.state, jobtype=args.jobtype, limit=args.limit)
     emit(args, {"jobs": jobs}, lambda: format_table(jobs, LIST_COLUMNS))
@@ -149,13 +191,15 @@ def show_job(client, args):
 
 
 def adjust(client, args):
-    job = client.adjust_job(args.uuid, state=args.state, priority=args.priority)
-    emit(args, job, lambda: f"{job['uuid']} {job['state']} priority {job['priority']}")
+    for uuid in args.uuid.split(","):
+        job = client.adjust_job(uuid, state=args.state, priority=args.priority)
+        emit(args, job, lambda: f"{job['uuid']} {job['state']} priority {job['priority']}")
     return 0
 
 
 def delete(client, args):
-    emit(args, client.delete_job(args.uuid), lambda: f"deleted {args.uuid}")
+    for uuid in args.uuid.split(","):
+        emit(args, client.delete_job(uuid), lambda: f"deleted {uuid}")
     return 0
 
 

@@ -2,6 +2,7 @@
 # pgen.sh N [pilot.py options...]: start N pilots on this node, detached, each with its own log.
 #
 #   ./pgen.sh 4 -s mysite --jobtype dqm
+#   ./pgen.sh 4 '-s mysite --jobtype dqm'      # the original's form: one quoted argument
 #   pdsh -w 'node[1-8]' /path/to/p3s/pgen.sh 4 -s mysite
 #
 # Each pilot runs under setsid with stdin, stdout and stderr redirected (so pdsh returns at once);
@@ -16,6 +17,18 @@ usage() { echo "usage: pgen.sh N [pilot.py options...]" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 case $1 in ''|*[!0-9]*) echo "pgen.sh: N must be a whole number, got '$1'" >&2; exit 2;; esac
 n=$1; shift
+if [ $# -eq 1 ] && [[ $1 == *[[:space:]]* ]]; then
+  # The original's form, all pilot options in one quoted argument ('-s np04 -c 0 -p 40'): split
+  # it as a shell would (quotes respected), never eval'd, so it cannot inject a command.
+  words=$("${P3S_PYTHON:-python3}" -c '
+import shlex, sys
+try:
+    print("\n".join(shlex.split(sys.argv[1])))
+except ValueError as e:
+    sys.exit(f"pgen.sh: cannot split the pilot options {sys.argv[1]!r}: {e}")' "$1") || exit 2
+  mapfile -t split <<<"$words"
+  set -- "${split[@]}"
+fi
 here=$(cd "$(dirname "$0")" && pwd)
 . "$here/pilot-pids.sh"
 export P3S_NODE=${P3S_NODE:-$(hostname -s)}

@@ -15,6 +15,7 @@ SIGUSR1 drains: the current job finishes, then the pilot exits.
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,7 +24,7 @@ import threading
 import time
 import uuid as uuidlib
 
-from serverAPI import ArgumentParser, Client, P3SError, run_cli
+from serverAPI import ArgumentParser, add_verbosity, Client, P3SError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
@@ -42,14 +43,17 @@ class Interrupted(Exception):
 def parse_args(argv):
     p = ArgumentParser(description="Run p3s jobs on this node.")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
-    p.add_argument("-s", "--site", default="", help="site name; its defaults on the server apply")
+    p.add_argument("-s", "--site", default=os.environ.get("P3S_SITE", ""),
+                   help="site name; its defaults on the server apply (default $P3S_SITE)")
     p.add_argument("-c", "--cycles", type=int, help="job requests before exiting (0 = until stopped; default 0)")
     p.add_argument("-p", "--period", type=float,
                    help="seconds one job request waits on the server for work (default 10)")
     p.add_argument("-b", "--heartbeat", type=float, help="seconds between heartbeats (default 10)")
-    p.add_argument("-l", "--logdir", help="write the pilot's own log to LOGDIR/pilot-<host>-<pid>.log")
-    p.add_argument("-L", "--joblogdir", default=os.path.join(HERE, "logs", "jobs"),
-                   help="directory for job stdout/stderr (default logs/jobs beside pilot.py)")
+    p.add_argument("-l", "--logdir", default=os.environ.get("P3S_PILOTLOG"),
+                   help="write the pilot's own log to LOGDIR/<pilot uuid>.log (default $P3S_PILOTLOG, "
+                   "else stderr)")
+    p.add_argument("-L", "--joblogdir", default=os.environ.get("P3S_JOBLOG") or os.path.join(HERE, "logs", "jobs"),
+                   help="directory for job stdout/stderr (default $P3S_JOBLOG, else logs/jobs beside pilot.py)")
     p.add_argument("-e", "--extra", default="", help="free text shown with the pilot, e.g. a batch job id")
     p.add_argument("--jobtype", action="append", default=[], help="accept only this job type (repeatable)")
     p.add_argument("--max-idle", type=float, default=0, metavar="SECONDS",
@@ -71,7 +75,7 @@ def parse_args(argv):
     p.add_argument("--fleet-check", metavar="FILE",
                    help="compare the server's live pilots with preport.sh -v output in FILE ('-' = stdin); "
                    "exit 1 if they differ")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    add_verbosity(p, "log every step")
     args = p.parse_args(argv)
     for name in ("cycles", "period", "heartbeat"):
         value = getattr(args, name)
@@ -179,6 +183,16 @@ class Watchdog:
         self.tell(".")
 
 
+def copy_payload(command, scratch):
+    """P3S_MODE=COPY (the original's): run a copy of the payload from the job's own scratch
+    directory, so the job cannot be hurt by the payload changing under it, and two jobs never
+    share the copy."""
+    os.makedirs(scratch, exist_ok=True)
+    copy = os.path.join(scratch, os.path.basename(command[0]))
+    shutil.copy2(shutil.which(command[0]) or command[0], copy)
+    return [copy] + command[1:]
+
+
 def kill_group(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -248,10 +262,11 @@ class Pilot:
         self.beats = threading.Event()  # set to stop the heartbeat thread
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def register(self):
+    def register(self, uuid=None):
         # our own uuid: a registration retried after a lost answer registers this pilot once
-        info = {"uuid": str(uuidlib.uuid4()), "host": node_name(), "pid": os.getpid(), "site": self.args.site,
-                "jobtypes": self.args.jobtype, "extra": self.args.extra}
+        info = {"uuid": uuid or str(uuidlib.uuid4()), "host": node_name(), "pid": os.getpid(),
+                "site": self.args.site, "jobtypes": self.args.jobtype, "extra": self.args.extra,
+                "log": self.args.logfile or ""}
         if self.args.heartbeat is not None:
             info["heartbeat"] = self.args.heartbeat
         answer = self.client.register_pilot(retry_for=REGISTER_RETRY, **info)
@@ -271,7 +286,7 @@ class Pilot:
     def run(self):
         self.idle = True            # a signal may end the (possibly long) wait for the server
         try:
-            self.register()
+            self.register(self.args.pilot_uuid)
         except Interrupted:
             log.info("stopped before the server answered: %s", self.exit_reason)
             return 0
@@ -405,10 +420,12 @@ class Pilot:
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job)
+        if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
+            command = copy_payload(command, os.path.join(self.args.joblogdir, job["uuid"]))
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
         env = {**inherited, **self.site_env, **job["env"],
                "P3S_JOB_UUID": job["uuid"], "P3S_PILOT_UUID": self.uuid}
-        if job.get("infile"):
+        if job.get("infile") and "P3S_INPUT_FILE" not in job["env"]:
             env["P3S_INPUT_FILE"] = job["infile"]
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(command, shell=shell, env=env, stdin=subprocess.DEVNULL,
@@ -564,11 +581,13 @@ def list_sites(client):
 
 
 def setup_logging(args):
+    """The pilot's log: stderr, or with -l DIR the file DIR/<pilot uuid>.log (as the original)."""
+    args.pilot_uuid, args.logfile = str(uuidlib.uuid4()), None
     handler = logging.StreamHandler(sys.stderr)
     if args.logdir:
         os.makedirs(args.logdir, exist_ok=True)
-        handler = logging.FileHandler(
-            os.path.join(args.logdir, f"pilot-{socket.gethostname()}-{os.getpid()}.log"))
+        args.logfile = os.path.abspath(os.path.join(args.logdir, f"{args.pilot_uuid}.log"))
+        handler = logging.FileHandler(args.logfile)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler],
                         format="%(asctime)s pilot[%(process)d] %(levelname)s: %(message)s")
 

@@ -299,9 +299,16 @@ MIGRATIONS = [
     CREATE UNIQUE INDEX datasets_injected ON datasets(dirpath, name) WHERE origin = 'injected';
     """,
     # v4: each pilot's own secret (its SHA-256; the pilot chose it at registration), required
-    # for its job requests, heartbeats, reports and stop.
+    # for its job requests, heartbeats, reports and stop; the pilot's log file. An injected file
+    # is registered once per template (a DAG, or a jobs file), so two injectors with different
+    # templates on one directory each start their work. Workflows are found by name.
     """
     ALTER TABLE pilots ADD COLUMN secret TEXT NOT NULL DEFAULT '';
+    ALTER TABLE pilots ADD COLUMN log TEXT NOT NULL DEFAULT '';
+    ALTER TABLE datasets ADD COLUMN template TEXT NOT NULL DEFAULT '';
+    DROP INDEX datasets_injected;
+    CREATE UNIQUE INDEX datasets_injected ON datasets(dirpath, name, template) WHERE origin = 'injected';
+    CREATE INDEX workflows_name ON workflows(name, id);
     """,
 ]
 
@@ -707,6 +714,7 @@ def job_to_dict(row, full=True):
 def pilot_to_dict(row):
     pilot = dict(row)
     pilot.pop("id", None)
+    pilot.pop("secret", None)
     pilot["jobtypes"] = json.loads(pilot["jobtypes"])
     return pilot
 
@@ -904,9 +912,10 @@ def validate_fileinfo(info, edges):
     return info
 
 
-def name_files(edges, policy, extensions, roots):
+def name_files(edges, policy, extensions, roots, outdir=None):
     """Each edge's final name and dirpath under the policy. `roots` are the DAG's source
-    vertices: with inherit:PATH their outgoing edges are PATH itself, the others derive from it."""
+    vertices: with inherit:PATH their outgoing edges are PATH itself, the others derive from it.
+    `outdir`, if given, is the directory of every file not read from a root (the outputs)."""
     files = []
     for e in edges:
         f = dict(e)
@@ -926,6 +935,8 @@ def name_files(edges, policy, extensions, roots):
             else:
                 f["name"] = f"{stem}_{e['datatag'] or e['source'] + '-' + e['target']}" + \
                     extensions.get(e["datatype"], "")
+        if outdir and e["source"] not in roots:
+            f["dirpath"] = outdir
         files.append(f)
     return files
 
@@ -956,12 +967,12 @@ def dag_parts(read, name):
     return dict(dag[0]), vertices, edges
 
 
-def plan_workflow(wf, vertices, edges, fileinfo, jobinfo, extensions):
+def plan_workflow(wf, vertices, edges, fileinfo, jobinfo, extensions, outdir=None):
     """The rows of a new workflow, validated: (jobs, datasets). Pure, so it runs before the
     write transaction: a 10,000-vertex DAG costs the lock only its inserts."""
     t = now()
     sources = {v["name"] for v in vertices} - {e["target"] for e in edges}
-    files = name_files(edges, fileinfo, extensions, sources)
+    files = name_files(edges, fileinfo, extensions, sources, outdir)
     tags = {}                                   # vertex -> {DATATAG: path} of its files
     for f in files:
         if f["datatag"]:
@@ -1317,15 +1328,20 @@ class Workflows:
 
     # -- DAG templates ----------------------------------------------------------------------------
     def add_dag(self, body):
-        check_keys(body, "dag", ("name", "description", "graphml"))
+        check_keys(body, "dag", ("name", "description", "graphml", "replace"))
         name = as_str(body.get("name", ""), "name", allow_empty=False, max_len=128)
         if "/" in name:
             raise bad(f"name: {name!r} must not contain '/'")
         description = as_str(body.get("description", ""), "description", max_len=4096)
+        replace = as_choice(body.get("replace", False), "replace", (True, False))
         vertices, edges = parse_graphml(as_str(body.get("graphml", ""), "graphml", False, MAX_BODY))
         with self.store.transaction() as conn:
+            self.check_datatypes(conn, edges)
             if conn.execute("SELECT 1 FROM dags WHERE name=?", (name,)).fetchone():
-                raise ApiError(409, f"name: a DAG called {name!r} exists already")
+                if not replace:
+                    raise ApiError(409, f"name: a DAG called {name!r} exists already; replace it with "
+                                        "replace: true (workflow.py -g FILE --replace), or choose another name")
+                self.remove_dag(conn, name)
             conn.execute("INSERT INTO dags(name, description, ts) VALUES(?,?,?)", (name, description, now()))
             conn.executemany("INSERT INTO dag_vertices(dag,name,payload,env,jobtype,timelimit,priority) "
                              "VALUES(:dag,:name,:payload,:env,:jobtype,:timelimit,:priority)",
@@ -1351,13 +1367,27 @@ class Workflows:
     def delete_dag(self, name):
         with self.store.transaction() as conn:
             dag_parts(conn.execute, name)
-            live = conn.execute("SELECT COUNT(*) FROM workflows WHERE dag=? AND state IN ('defined','running')",
-                                (name,)).fetchone()[0]
-            if live:
-                raise ApiError(409, f"dag {name!r}: {live} workflow(s) made from it are still running")
-            conn.execute("DELETE FROM dags WHERE name=?", (name,))
-            event(conn, "dag", name, None, "deleted")
+            self.remove_dag(conn, name)
         return {"deleted": name}
+
+    @staticmethod
+    def remove_dag(conn, name):
+        """Delete a DAG template, unless workflows made from it still run (409)."""
+        live = conn.execute("SELECT COUNT(*) FROM workflows WHERE dag=? AND state IN ('defined','running')",
+                            (name,)).fetchone()[0]
+        if live:
+            raise ApiError(409, f"dag {name!r}: {live} workflow(s) made from it are still running")
+        conn.execute("DELETE FROM dags WHERE name=?", (name,))
+        event(conn, "dag", name, None, "deleted")
+
+    @staticmethod
+    def check_datatypes(conn, edges):
+        """Every datatype an edge names must be defined: else its files get no extension."""
+        known = {r["name"] for r in conn.execute("SELECT name FROM datatypes")}
+        for e in edges:
+            if e["datatype"] and e["datatype"] not in known:
+                raise bad(f"graphml: edge {e['source']}->{e['target']}: datatype {e['datatype']!r} is not "
+                          f"defined; define it with workflow.py --datatype {e['datatype']}:.EXT")
 
     # -- workflows --------------------------------------------------------------------------------
     def create_workflow(self, body, who):
@@ -1378,12 +1408,12 @@ class Workflows:
         self.broker.notify_work(released)
         return self.get_workflow(wf["uuid"])
 
-    def plan(self, wf, fileinfo, jobinfo):
+    def plan(self, wf, fileinfo, jobinfo, outdir=None):
         """Read the DAG and plan the workflow's rows outside the write lock: (dag's ts, rows)."""
         dag, vertices, edges = dag_parts(self.store.read, wf["dag"])
         extensions = {r["name"]: r["ext"] for r in self.store.read("SELECT name, ext FROM datatypes")}
         rows = plan_workflow(wf, vertices, edges, validate_fileinfo(fileinfo, edges),
-                             validate_jobinfo(jobinfo, [v["name"] for v in vertices]), extensions)
+                             validate_jobinfo(jobinfo, [v["name"] for v in vertices]), extensions, outdir)
         return dag["ts"], rows
 
     @staticmethod
@@ -1426,7 +1456,7 @@ class Workflows:
         return {**dict(wf), "jobs": jobs, "datasets": files}
 
     def list_workflows(self, query):
-        rows, paging = page_of(self.store, "workflows", query, ("state", "dag"))
+        rows, paging = page_of(self.store, "workflows", query, ("state", "dag", "name"))
         return {"workflows": rows, **paging}
 
     def delete_workflow(self, wfuuid, who):
@@ -1446,13 +1476,15 @@ class Workflows:
     def inject(self, body, who):
         """Register a new data file once (the server decides, by dirpath and name) and start its
         work in the same transaction: a workflow of `dag`, or the given `jobs`."""
-        check_keys(body, "inject", ("name", "dirpath", "datatype", "size", "dag", "jobs", "user"))
+        check_keys(body, "inject", ("name", "dirpath", "datatype", "size", "dag", "jobs", "user", "template",
+                                    "fileinfo", "outdir"))
         name = as_str(body.get("name", ""), "name", allow_empty=False, max_len=1024)
         dirpath = as_str(body.get("dirpath", ""), "dirpath", allow_empty=False, max_len=4096)
         size = as_int(body.get("size", 0), "size", 0)
         user = as_str(body.get("user", ""), "user", max_len=64)
         if ("dag" in body) == ("jobs" in body):
             raise bad("inject: give either dag or jobs")
+        template = as_str(body.get("template", body.get("dag", "")), "template", max_len=256)
         path = os.path.join(dirpath, name)
         jobs = validate_submission({"jobs": body["jobs"]}) if "jobs" in body else None
         wf = plan = None
@@ -1460,13 +1492,14 @@ class Workflows:
             dag_name = as_str(body["dag"], "dag", allow_empty=False)
             wf = {"uuid": str(uuidlib.uuid4()), "dag": dag_name, "name": f"{dag_name}:{name}",
                   "description": f"injected {path}", "user": user, "state": "defined"}
-            plan = self.plan(wf, f"inherit:{path}", None)
+            outdir = as_str(body.get("outdir", ""), "outdir", max_len=4096) or None
+            plan = self.plan(wf, body.get("fileinfo") or f"inherit:{path}", None, outdir)
         with self.store.transaction() as conn:
-            cur = conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,state,origin,wfuuid,size,ts) "
-                               "VALUES(?,?,?,?,'ready','injected',?,?,?) ON CONFLICT DO NOTHING",
+            cur = conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,state,origin,wfuuid,size,"
+                               "template,ts) VALUES(?,?,?,?,'ready','injected',?,?,?,?) ON CONFLICT DO NOTHING",
                                (str(uuidlib.uuid4()), name, dirpath, body.get("datatype", ""),
-                                wf and wf["uuid"], size, now()))
-            if not cur.rowcount:                    # known already: its work was started then
+                                wf and wf["uuid"], size, template, now()))
+            if not cur.rowcount:                    # known for this template: its work was started then
                 return {"path": path, "registered": False}
             if jobs is not None:
                 insert_jobs(conn, jobs, user or who)
@@ -1613,7 +1646,8 @@ class Service:
 
     # -- pilot protocol ---------------------------------------------------------------------------
     def register(self, body):
-        check_keys(body, "register", ("uuid", "secret", "host", "pid", "site", "jobtypes", "extra", "heartbeat"))
+        check_keys(body, "register", ("uuid", "secret", "host", "pid", "site", "jobtypes", "extra", "heartbeat",
+                                      "log"))
         jobtypes = body.get("jobtypes", [])
         if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
             raise bad("jobtypes: must be a list of non-empty strings")
@@ -1624,6 +1658,7 @@ class Service:
             "site": as_str(body.get("site", ""), "site", max_len=64),
             "jobtypes": json.dumps(sorted(set(jobtypes))),
             "extra": as_str(body.get("extra", ""), "extra", max_len=256),
+            "log": as_str(body.get("log", ""), "log", max_len=4096),
         }
         secret = as_str(body.get("secret", ""), "secret", max_len=256) or secrets.token_urlsafe(24)
         if len(secret) < 16:
@@ -1633,8 +1668,8 @@ class Service:
         default_beat = site.get("heartbeat") or DEFAULT_HEARTBEAT
         pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1)
         with self.store.transaction() as conn:
-            if conn.execute("INSERT INTO pilots(uuid,secret,host,pid,site,jobtypes,extra,heartbeat,state,"
-                            "ts_reg,ts_beat) VALUES(:uuid,:secret,:host,:pid,:site,:jobtypes,:extra,:heartbeat,"
+            if conn.execute("INSERT INTO pilots(uuid,secret,host,pid,site,jobtypes,extra,log,heartbeat,state,"
+                            "ts_reg,ts_beat) VALUES(:uuid,:secret,:host,:pid,:site,:jobtypes,:extra,:log,:heartbeat,"
                             "'active',:t,:t) ON CONFLICT(uuid) DO NOTHING", {**pilot, "t": now()}).rowcount:
                 event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
             else:   # a registration repeated because its answer was lost: the same pilot, once
@@ -2075,6 +2110,7 @@ class Views:
         with self.store.reading() as conn:
             row = lookup(conn, "pilots", uuid)
         pilot = dict(pilot_to_dict(row), beat_age=now() - row["ts_beat"])
+        pilot["logs"] = [self.file_link("pilot log", row["log"])] if row["log"] else []
         pilot["recent_jobs"] = [dict(r) for r in self.store.read(
             "SELECT uuid, name, jobtype, state, exit_code, ts_sta, ts_sto FROM jobs WHERE pilot=? "
             "ORDER BY id DESC LIMIT 50", (uuid,))]
@@ -2348,7 +2384,7 @@ def render_pilot(d, query):
                                                for e in d["events"]])
     body = (table(PILOT_HEADERS, [pilot_row(d)]) +
             f"<p>registered {esc(when(d['ts_reg']))}, heartbeat every {esc(d['heartbeat'])} s</p>"
-            f"<h2>Recent jobs</h2>{jobs}<h2>History</h2>{history}")
+            f"<h2>Log</h2>{file_list(d['logs'])}<h2>Recent jobs</h2>{jobs}<h2>History</h2>{history}")
     return page(f"Pilot {d['uuid']}", body, query)
 
 

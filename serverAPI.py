@@ -10,8 +10,9 @@ Configuration, in order of precedence: explicit arguments, then the environment:
 Connection errors and 5xx answers are retried with capped exponential backoff for `retry_for`
 seconds; everything else fails at once. Every failure raises P3SError with a readable message.
 
-It also holds the conventions every tool shares: ArgumentParser (one-line usage errors) and
-run_cli (exit 0 success, 2 bad input, 1 server or network failure).
+It also holds the conventions every tool shares: ArgumentParser (one-line usage errors),
+add_verbosity (-v N, $P3S_VERBOSITY) and run_cli (exit 0 success, 2 bad input, 1 server or
+network failure).
 """
 import argparse
 import json
@@ -36,6 +37,20 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def verbosity(value):
+    """-v N: 0 (quiet) to 4 (everything), as in the original p3s."""
+    if not (value.isascii() and value.isdigit()) or int(value) > 4:
+        raise argparse.ArgumentTypeError(f"verbosity (-v or $P3S_VERBOSITY) must be 0 to 4, got {value!r}")
+    return int(value)
+
+
+def add_verbosity(parser, what="say more"):
+    """-v [N] for every tool: a bare -v is 1; $P3S_VERBOSITY sets the default."""
+    parser.add_argument("-v", "--verbose", type=verbosity, nargs="?", const=1, metavar="N",
+                        default=os.environ.get("P3S_VERBOSITY", "0"),
+                        help=f"{what}: verbosity 0-4 (a bare -v is 1; default $P3S_VERBOSITY or 0)")
 
 
 class InputError(Exception):
@@ -220,8 +235,9 @@ class Client:
         return self.call("GET", "/api/sites")["sites"]
 
     # -- workflows and data ---------------------------------------------------------------------
-    def add_dag(self, name, graphml, description=""):
-        return self.call("POST", "/api/dags", {"name": name, "graphml": graphml, "description": description})
+    def add_dag(self, name, graphml, description="", replace=False):
+        return self.call("POST", "/api/dags", {"name": name, "graphml": graphml, "description": description,
+                                               "replace": replace})
 
     def list_dags(self):
         return self.call("GET", "/api/dags")["dags"]

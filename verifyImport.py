@@ -6,14 +6,16 @@ then (unless --offline) that the server answers and accepts our token.
 
 Prints one OK line per check and "Success" at the end; exit 0, else the first failure and 1.
 """
-import argparse
 import importlib
 import os
 import sys
 
-MODULES = ("argparse", "ctypes", "getpass", "hmac", "html", "http.server", "ipaddress", "json",
-           "logging", "queue", "re", "secrets", "shlex", "signal", "socket", "sqlite3",
-           "subprocess", "threading", "urllib.request", "uuid", "xml.etree.ElementTree")
+from serverAPI import ArgumentParser, add_verbosity
+
+MODULES = ("argparse", "collections", "getpass", "hashlib", "hmac", "html", "http.server", "ipaddress",
+           "json", "logging", "math", "queue", "re", "resource", "secrets", "select", "shlex", "signal",
+           "socket", "sqlite3", "stat", "subprocess", "threading", "urllib.request", "uuid",
+           "xml.etree.ElementTree")
 OWN_MODULES = ("serverAPI", "server", "job", "pilot", "workflow", "injector")
 
 
@@ -36,13 +38,15 @@ def check_versions():
               f"e.g. python server.py --db /var/tmp/{os.environ.get('USER', 'p3s')}/p3s.db")
 
 
-def check_modules():
+def check_modules(verbose):
     for name in MODULES + OWN_MODULES:
         try:
             importlib.import_module(name)
         except Exception as e:
             raise CheckFailed(f"import {name}: {e}") from None
-        print(f"OK import {name}")
+        if verbose:
+            print(f"OK import {name}")
+    print(f"OK {len(MODULES + OWN_MODULES)} modules import")
 
 
 def check_server(url):
@@ -58,13 +62,14 @@ def check_server(url):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check that this machine can run p3s.")
+    p = ArgumentParser(description="Check that this machine can run p3s.")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     p.add_argument("--offline", action="store_true", help="skip the server and token checks")
+    add_verbosity(p, "list every module imported")
     args = p.parse_args(argv)
     try:
         check_versions()
-        check_modules()
+        check_modules(args.verbose)
         if not args.offline:
             check_server(args.server)
     except CheckFailed as e:

@@ -21,7 +21,7 @@ import os
 import sys
 import uuid as uuidlib
 
-from serverAPI import ArgumentParser, Client, InputError, P3SError, run_cli
+from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, run_cli
 
 
 def parse_args(argv):
@@ -37,7 +37,10 @@ def parse_args(argv):
                    "generated file names, e.g. ROOT:.root")
     p.add_argument("--datatypes", action="store_true", help="list the datatypes")
     p.add_argument("--show", metavar="UUID|NAME", help="show a workflow (by uuid) or a DAG (by name)")
-    p.add_argument("-n", "--name", help="name of the DAG (-g, -d) or of the workflow (-a)")
+    p.add_argument("-n", "--name", help="name of the DAG (-g, -d -w dag) or of the workflow (-a; with "
+                   "-d -w workflow: delete the workflows of this name, or of each in a comma list)")
+    p.add_argument("--replace", action="store_true",
+                   help="with -g: replace the DAG of that name (refused while workflows of it run)")
     p.add_argument("-D", "--description", default="", help="with -g or -a: a description")
     p.add_argument("-s", "--state", help="with -a: template (default) or defined (start it now); "
                    "with -m: defined (start) or cancelled")
@@ -47,7 +50,7 @@ def parse_args(argv):
     p.add_argument("-w", "--what", choices=("dag", "workflow"), help="with -d: what to delete")
     p.add_argument("--json", dest="json_out", action="store_true", help="print results as JSON")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
-    p.add_argument("-v", "--verbose", action="store_true", help="say more")
+    add_verbosity(p, "say more")
     args = p.parse_args(argv)
     actions = [args.graphml, args.add, args.modify, args.delete, args.get, args.list, args.show,
                args.datatype, args.datatypes]
@@ -57,8 +60,10 @@ def parse_args(argv):
         p.error(f"--datatype {args.datatype!r}: expected NAME:EXT, e.g. ROOT:.root")
     if args.modify and not (args.uuid and args.state):
         p.error("-m needs -u UUID and -s STATE")
-    if args.delete and not (args.what == "dag" and args.name or args.what == "workflow" and args.uuid):
-        p.error("-d needs -w dag -n NAME or -w workflow -u UUID")
+    if args.delete and not (args.what == "dag" and args.name or args.what == "workflow" and (args.uuid or args.name)):
+        p.error("-d needs -w dag -n NAME, or -w workflow with -u UUID or -n NAME[,NAME...]")
+    if args.replace and not args.graphml:
+        p.error("--replace goes with -g FILE")
     return args
 
 
@@ -83,7 +88,7 @@ def structured(value, option):
 
 def register_dag(client, args):
     name = args.name or os.path.splitext(os.path.basename(args.graphml))[0]
-    dag = client.add_dag(name, read_text(args.graphml), args.description)
+    dag = client.add_dag(name, read_text(args.graphml), args.description, replace=args.replace)
     return dag, f"dag {dag['name']}: {len(dag['vertices'])} vertices, {len(dag['edges'])} edges"
 
 
@@ -103,7 +108,15 @@ def modify(client, args):
 def delete(client, args):
     if args.what == "dag":
         return client.delete_dag(args.name), f"deleted dag {args.name}"
-    return client.delete_workflow(args.uuid), f"deleted workflow {args.uuid}"
+    if args.uuid:
+        return client.delete_workflow(args.uuid), f"deleted workflow {args.uuid}"
+    deleted = []
+    for name in args.name.split(","):
+        found = client.list_workflows(name=name, limit=400)
+        if not found:
+            raise InputError(f"-n {name}: no workflow of that name")
+        deleted += [client.delete_workflow(w["uuid"])["deleted"] for w in found]
+    return {"deleted": deleted}, "\n".join(f"deleted workflow {u}" for u in deleted)
 
 
 def get_graphml(client, args):
@@ -148,8 +161,9 @@ def list_datatypes(client, args):
     return {"datatypes": types}, "\n".join(f"{t['name']}  {t['ext']}" for t in types)
 
 
-ACTIONS = (("datatype", define_datatype), ("datatypes", list_datatypes), ("graphml", register_dag), ("add", add_workflow), ("modify", modify), ("delete", delete),
-           ("get", get_graphml), ("list", list_all), ("show", show))
+ACTIONS = (("datatype", define_datatype), ("datatypes", list_datatypes), ("graphml", register_dag),
+           ("add", add_workflow), ("modify", modify), ("delete", delete), ("get", get_graphml),
+           ("list", list_all), ("show", show))
 
 
 def main(argv=None):

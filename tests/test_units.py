@@ -194,7 +194,8 @@ def rendered_pages():
                "order": "desc"}
     pilot = {"uuid": job["uuid"], "state": HOSTILE, "host": HOSTILE, "pid": 1, "site": HOSTILE,
              "jobtypes": [HOSTILE], "beat_age": 1.0, "jobs_done": 0, "job": None, "extra": HOSTILE,
-             "ts_reg": 1.0, "heartbeat": 10, "recent_jobs": [job], "events": job["events"]}
+             "ts_reg": 1.0, "heartbeat": 10, "recent_jobs": [job], "events": job["events"],
+             "logs": [{"label": HOSTILE, "path": HOSTILE, "url": None}]}
     workflow = {"uuid": job["uuid"], "name": HOSTILE, "state": "running", "dag": HOSTILE,
                 "description": HOSTILE, "jobs": [dict(job, vertex=HOSTILE)],
                 "datasets": []}
