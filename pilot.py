@@ -337,8 +337,10 @@ class Pilot:
         try:
             if self.exit_reason is not None:
                 return None
+            log.debug("asking for a job (waiting up to %g s)", wait)
             answer = self.client.request_job(self.uuid, wait)
             self.heard_from_server()
+            log.debug("answer: job %s, directive %s", answer["job"] and answer["job"]["uuid"], answer["directive"])
             if answer["directive"]:
                 self.obey(answer["directive"], f"{answer['directive']} requested by the server", None)
             return answer["job"]
@@ -476,6 +478,7 @@ class Pilot:
             try:
                 directive = self.client.heartbeat(self.uuid, job, retry_for=0, timeout=max(1.0, beat))["directive"]
                 self.heard_from_server()
+                log.debug("heartbeat (job %s): directive %s", job, directive)
             except P3SError as e:
                 if e.status in (404, 409):
                     self.dropped = str(e)
