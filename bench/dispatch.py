@@ -1,13 +1,15 @@
 #!/usr/bin/env python3
 """Dispatch benchmark (not a test): how close p3s gets to the bare HTTP server it is built on.
 
-    python bench/dispatch.py [--pilots 8] [--jobs 400] [--latency-jobs 40]
+    python bench/dispatch.py [--pilots 8] [--jobs 400] [--latency-jobs 40] [--queued 100000]
 
 Prints, from one run on this machine:
   - the bare http.server request rate (ThreadingHTTPServer answering a small JSON, same client
     concurrency as the pilots),
   - end-to-end jobs/s for N pilots running /bin/true (submit -> claim -> run -> report),
-  - their ratio, and the requests/s p3s handled meanwhile,
+  - their ratio, and the server's CPU milliseconds per job,
+  - with --queued N: the same rate again once N jobs wait for a site no pilot serves (after
+    ANALYZE), beside the empty-queue rate,
   - submit-to-start latency of an idle pilot, and with --idle-pilots waiting: median and p95.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
@@ -17,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import sqlite3
 import tempfile
 import threading
 import time
@@ -111,12 +114,37 @@ def wait_ended(client, uuids):
     raise SystemExit("jobs did not end in time")
 
 
-def throughput(client, n_jobs):
-    jobs = [{"payload": "/bin/true", "name": "bench"} for _ in range(n_jobs)]
+def ended(client, jobtype):
+    """Jobs of `jobtype` ended: one cheap read of the counts table (/metrics), not every uuid."""
+    counts = client.call("GET", "/metrics", query={"format": "json"})["jobs"]
+    return sum(c["n"] for c in counts if c["jobtype"] == jobtype and c["state"] in ("finished", "failed"))
+
+
+def throughput(client, n_jobs, jobtype):
+    jobs = [{"payload": "/bin/true", "name": "bench", "jobtype": jobtype} for _ in range(n_jobs)]
     started = time.perf_counter()
-    uuids = client.submit_jobs(jobs)
-    wait_ended(client, uuids)
+    client.submit_jobs(jobs)
+    deadline = time.monotonic() + TIME_LIMIT
+    while ended(client, jobtype) < n_jobs:
+        if time.monotonic() > deadline:
+            raise SystemExit("jobs did not end in time")
+        time.sleep(0.02)
     return n_jobs / (time.perf_counter() - started)
+
+
+def prefill(client, db, n):
+    """N jobs queued for a site no pilot serves, then ANALYZE (as PRAGMA optimize may run it)."""
+    for start in range(0, n, 10000):
+        client.submit_jobs([{"payload": "/bin/true", "site": "nowhere"} for _ in range(min(10000, n - start))])
+    conn = sqlite3.connect(db, timeout=60)
+    conn.execute("ANALYZE")
+    conn.close()
+
+
+def server_cpu_seconds(proc):
+    with open(f"/proc/{proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def latencies(client, n_jobs):
@@ -142,6 +170,8 @@ def main(argv=None):
     p.add_argument("--latency-jobs", type=int, default=40)
     p.add_argument("--idle-pilots", type=int, default=50,
                    help="latency again with this many idle pilots waiting (one is woken per job)")
+    p.add_argument("--queued", type=int, default=0,
+                   help="then prefill this many jobs for a site no pilot serves, ANALYZE, and measure again")
     args = p.parse_args(argv)
     workdir = tempfile.mkdtemp(prefix="p3s-bench-")
     bare = bare_rate(args.pilots, 2000)
@@ -151,7 +181,13 @@ def main(argv=None):
         client = Client(url, token_file=token, retry_for=10)
         pilots = start_pilots(args.pilots, url, token, workdir)
         wait_idle(client, args.pilots)
-        jobs_per_s = throughput(client, args.jobs)
+        cpu = server_cpu_seconds(server)
+        jobs_per_s = throughput(client, args.jobs, "bench-empty")
+        cpu_ms_per_job = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
+        queued_per_s = None
+        if args.queued:
+            prefill(client, os.path.join(workdir, "p3s.db"), args.queued)
+            queued_per_s = throughput(client, args.jobs, "bench-queued")
         for pilot in pilots:
             pilot.terminate()
         for pilot in pilots:
@@ -172,6 +208,10 @@ def main(argv=None):
         "bare_http_requests_per_s": round(bare, 1),
         "p3s_jobs_per_s": round(jobs_per_s, 1),
         "ratio_jobs_per_s_to_bare_requests_per_s": round(jobs_per_s / bare, 3),
+        "server_cpu_ms_per_job": round(cpu_ms_per_job, 2),
+        "queued": args.queued,
+        "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
+        "queued_to_empty_ratio": queued_per_s and round(queued_per_s / jobs_per_s, 2),
         "submit_to_start_median_ms": round(statistics.median(lat) * 1000, 1),
         "submit_to_start_p95_ms": round(p95(lat) * 1000, 1),
         "idle_pilots": args.idle_pilots,
