@@ -46,6 +46,13 @@ def parse_args(argv):
                    "with --list: only jobs in this state")
     p.add_argument("-P", "--priority", help="with -a: new priority (higher runs first)")
     p.add_argument("--list", action="store_true", help="list jobs, newest first")
+    p.add_argument("-l", "--jobtypes", action="store_true",
+                   help="list job types: cap, defined, running, finished, failed (-T: one type)")
+    p.add_argument("-T", "--type", dest="jobtype_name", metavar="TYPE", help="with -l: this job type")
+    p.add_argument("-L", "--cap", type=int, metavar="N",
+                   help="with -l -T: at most N jobs of the type dispatched or running at once (0 suspends "
+                   "it, -1 removes the cap); enforced when pilots claim, never at submission")
+    p.add_argument("--no-cap", action="store_true", help="with -l -T: remove the type's cap")
     p.add_argument("--jobtype", help="with --list: only jobs of this type")
     p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
     p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
@@ -58,9 +65,13 @@ def parse_args(argv):
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "say more")
     args = p.parse_args(argv)
-    actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show)]
+    actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes]
     if sum(actions) != 1:
-        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID")
+        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l")
+    if (args.cap is not None or args.no_cap) and not (args.jobtypes and args.jobtype_name):
+        p.error("-L and --no-cap go with -l -T TYPE")
+    if args.cap is not None and args.cap < -1:
+        p.error(f"-L {args.cap}: a cap is 0 or more (-1 removes it)")
     if (args.adjust or args.delete) and not args.uuid:
         p.error("-a and -d need -u UUID")
     if args.adjust and args.state is None and args.priority is None:
@@ -203,6 +214,21 @@ def delete(client, args):
     return 0
 
 
+JOBTYPE_COLUMNS = ("name", "cap", "defined", "running", "finished", "failed")
+
+
+def jobtypes(client, args):
+    """List job types (the original's -l), or set one's cap (-L N, -L -1 or --no-cap removes)."""
+    if args.cap is not None or args.no_cap:
+        cap = None if args.no_cap or args.cap == -1 else args.cap
+        client.set_cap(args.jobtype_name, cap)
+    types = client.list_jobtypes(args.jobtype_name)
+    if args.jobtype_name and not types:
+        types = [{"name": args.jobtype_name, "cap": None, "defined": 0, "running": 0, "finished": 0, "failed": 0}]
+    emit(args, {"jobtypes": types}, lambda: format_table(types, JOBTYPE_COLUMNS))
+    return 0
+
+
 def emit(args, obj, text):
     print(json.dumps(obj, indent=2) if args.json_out else text())
 
@@ -230,7 +256,7 @@ def format_job(job):
 
 
 ACTIONS = ((lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
-           (lambda a: a.adjust, adjust), (lambda a: a.delete, delete))
+           (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes))
 
 
 def main(argv=None):

@@ -12,6 +12,7 @@ group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stop
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
+import json
 import logging
 import os
 import shlex
@@ -24,7 +25,7 @@ import threading
 import time
 import uuid as uuidlib
 
-from serverAPI import ArgumentParser, add_verbosity, Client, P3SError, run_cli
+from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
@@ -64,7 +65,14 @@ def parse_args(argv):
                    help="store -p/-c/-b/--site-env as the defaults of site -s on the server, and exit")
     p.add_argument("--site-env", action="append", default=[], metavar="NAME=VALUE",
                    help="with --define-site: environment given to every job at the site (repeatable)")
+    p.add_argument("--pilots", type=int, metavar="N",
+                   help="with --define-site: the site's nominal number of pilots (an alarm below it)")
+    p.add_argument("--pilot-life", type=float, metavar="SECONDS",
+                   help="with --define-site: the nominal lifetime of the site's pilots")
+    p.add_argument("-j", "--site-file", metavar="FILE",
+                   help="with --define-site: the site's JSON (the original p3s's site files as they are)")
     p.add_argument("--sites", action="store_true", help="list the sites defined on the server, and exit")
+    p.add_argument("--delete-site", action="store_true", help="delete site -s on the server, and exit")
     p.add_argument("-k", "--kill", action="store_true",
                    help="mark pilots chosen by -u, -s, -H and/or -A to stop (kill the job, report, exit) "
                    "at their next heartbeat, and exit")
@@ -81,8 +89,12 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None and value < (0 if name != "heartbeat" else 0.1):
             p.error(f"--{name}: must not be negative" if name != "heartbeat" else "--heartbeat: at least 0.1")
-    if args.define_site and not args.site:
-        p.error("--define-site needs -s SITE")
+    if args.define_site and not (args.site or args.site_file):
+        p.error("--define-site needs -s SITE or -j FILE")
+    if args.delete_site and not args.site:
+        p.error("--delete-site needs -s SITE")
+    if (args.site_file or args.pilots is not None or args.pilot_life is not None) and not args.define_site:
+        p.error("-j, --pilots and --pilot-life go with --define-site")
     if args.kill and not (args.uuid or args.site or args.host or args.pilot_state):
         p.error("-k needs -u UUID, -s SITE, -H HOST and/or -A STATE")
     if args.drain and not args.kill:
@@ -90,7 +102,7 @@ def parse_args(argv):
     for item in args.site_env:
         if "=" not in item:
             p.error(f"--site-env {item!r}: expected NAME=VALUE")
-    if not (args.define_site or args.sites or args.kill or args.fleet_check):
+    if not (args.define_site or args.sites or args.delete_site or args.kill or args.fleet_check):
         try:
             os.makedirs(args.joblogdir, exist_ok=True)
         except OSError as e:
@@ -568,18 +580,47 @@ def fleet_check(client, args):
 
 
 def define_site(client, args):
-    env = dict(item.split("=", 1) for item in args.site_env)
-    site = client.define_site(args.site, period=args.period, cycles=args.cycles,
-                              heartbeat=args.heartbeat, env=env)
-    print(f"site {site['name']}: period {site['period']}, cycles {site['cycles']}, "
-          f"heartbeat {site['heartbeat']}, env {site['env']}")
+    """Store a site: from -j FILE (the original's site JSON, unchanged), else from the flags."""
+    if args.site_file:
+        try:
+            with open(args.site_file) as f:
+                fields = json.load(f)
+        except (OSError, ValueError) as e:
+            raise InputError(f"-j {args.site_file}: {getattr(e, 'strerror', None) or e}") from None
+        if not isinstance(fields, dict) or not isinstance(fields.get("name", args.site), str):
+            raise InputError(f"-j {args.site_file}: expected a site object with a name")
+        name = args.site or fields.get("name", "")
+    else:
+        name = args.site
+        fields = {"period": args.period, "cycles": args.cycles, "heartbeat": args.heartbeat,
+                  "pilots": args.pilots, "pilotlife": args.pilot_life,
+                  "env": dict(item.split("=", 1) for item in args.site_env)}
+    print(format_sites([client.define_site(name, **fields)]))
     return 0
 
 
+SITE_COLUMNS = ("name", "pilots", "pilotlife", "period", "cycles", "heartbeat", "server", "env")
+
+
+def format_sites(sites):
+    """Sites as a table: one line each, empty cells for unset fields."""
+    cells = [[("" if s.get(c) in (None, {}) else json.dumps(s[c]) if c == "env" else f"{s[c]:g}"
+               if isinstance(s[c], float) else str(s[c])) for c in SITE_COLUMNS] for s in sites]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(SITE_COLUMNS)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(SITE_COLUMNS, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def list_sites(client):
-    for site in client.list_sites():
-        print(f"{site['name']}: period {site['period']}, cycles {site['cycles']}, "
-              f"heartbeat {site['heartbeat']}, env {site['env']}")
+    sites = client.list_sites()
+    print(format_sites(sites) if sites else "no sites defined (pilot.py --define-site -s NAME ...)")
+    return 0
+
+
+def delete_site(client, args):
+    client.delete_site(args.site)
+    print(f"deleted site {args.site}")
     return 0
 
 
@@ -610,6 +651,8 @@ def act(args, client):
         return define_site(client, args)
     if args.sites:
         return list_sites(client)
+    if args.delete_site:
+        return delete_site(client, args)
     pilot = Pilot(args, client)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, pilot.on_signal)

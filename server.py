@@ -319,6 +319,16 @@ MIGRATIONS = [
     CREATE INDEX jobs_pilot_state ON jobs(pilot, state);
     DROP INDEX jobs_broker_any;
     """,
+    # v6: a site keeps the original's fields: the server its pilots use, the nominal number of
+    # pilots and their nominal lifetime (seconds); the alarm's tolerance below nominal. A job
+    # type may have a cap: the most of its jobs dispatched or running at once (0 suspends it).
+    """
+    ALTER TABLE sites ADD COLUMN server TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sites ADD COLUMN pilots INTEGER;
+    ALTER TABLE sites ADD COLUMN pilotlife REAL;
+    ALTER TABLE sites ADD COLUMN tolerance REAL;
+    CREATE TABLE jobtypes(name TEXT PRIMARY KEY, cap INTEGER NOT NULL) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -708,6 +718,14 @@ def own_pilot(conn, uuid, secret):
     if row["state"] not in LIVE_PILOT_STATES:
         raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
     return row
+
+
+def jobtype_counts(by_state):
+    """A job type's figures as job.py -l shows them, from its counts by state."""
+    return {"defined": by_state.get("defined", 0),
+            "running": by_state.get("dispatched", 0) + by_state.get("running", 0),
+            "finished": by_state.get("finished", 0),
+            "failed": sum(by_state.get(s, 0) for s in FAILED_STATES)}
 
 
 def job_to_dict(row, full=True):
@@ -1199,11 +1217,30 @@ CLAIM_TYPE = ("SELECT uuid, attempt, priority, ts_def, id FROM jobs INDEXED BY j
 def best_claimable(conn, site, jobtypes):
     """The best defined job a pilot of `site` taking `jobtypes` (empty: any) may claim, or None.
     One indexed probe per (site, jobtype): the cost does not grow with the backlog, whatever
-    sqlite's statistics say (INDEXED BY: the plan cannot change under ANALYZE)."""
+    sqlite's statistics say (INDEXED BY: the plan cannot change under ANALYZE). Job types at
+    their cap are left out; the counts come from the same transaction, so a cap holds under
+    any concurrency."""
+    capped = capped_types(conn)
+    if capped:
+        jobtypes = [t for t in (jobtypes or waiting_types(conn)) if t not in capped]
+        if not jobtypes:
+            return None
     probes = [(s, *([t] if t else [])) for s in dict.fromkeys(("", site)) for t in (jobtypes or [None])]
     found = [conn.execute(CLAIM_TYPE if jobtypes else CLAIM_ANY, args).fetchone() for args in probes]
     found = [r for r in found if r is not None]
     return min(found, key=lambda r: (-r["priority"], r["ts_def"], r["id"]), default=None)
+
+
+def capped_types(conn):
+    """Job types with as many jobs dispatched or running as their cap allows (cap 0: suspended)."""
+    return {r[0] for r in conn.execute(
+        "SELECT t.name FROM jobtypes t WHERE t.cap <= (SELECT COALESCE(SUM(c.n), 0) FROM job_counts c "
+        "WHERE c.jobtype = t.name AND c.state IN ('dispatched', 'running'))")}
+
+
+def waiting_types(conn):
+    """Job types with defined jobs, from the counts table."""
+    return [r[0] for r in conn.execute("SELECT jobtype FROM job_counts WHERE state='defined' AND n > 0")]
 
 
 class Broker:
@@ -1662,6 +1699,31 @@ class Service:
             event(conn, "job", uuid, job["state"], "deleted", who)
         return {"deleted": uuid}
 
+    def list_jobtypes(self, query):
+        """Each job type with its cap and its jobs by state, from the counts tables."""
+        check_keys(query, "query", ("jobtype",))
+        types = {}
+        for r in self.store.read("SELECT state, jobtype, n FROM job_counts WHERE n > 0"):
+            types.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
+        caps = {r["name"]: r["cap"] for r in self.store.read("SELECT name, cap FROM jobtypes")}
+        names = sorted(set(types) | set(caps))
+        if query.get("jobtype"):
+            names = [n for n in names if n == query["jobtype"]]
+        return {"jobtypes": [{"name": n, "cap": caps.get(n), **jobtype_counts(types.get(n, {}))} for n in names]}
+
+    def set_cap(self, name, body):
+        """The most jobs of a type dispatched or running at once; 0 suspends it, null lifts it.
+        Enforced when pilots claim, so submissions are never refused for a cap."""
+        check_keys(body, "jobtype", ("cap",))
+        cap = None if body.get("cap") is None else as_int(body["cap"], "cap", 0)
+        with self.store.transaction() as conn:
+            if cap is None:
+                conn.execute("DELETE FROM jobtypes WHERE name=?", (name,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO jobtypes(name, cap) VALUES(?, ?)", (name, cap))
+        self.broker.notify_work()       # a raised or lifted cap may free waiting jobs
+        return {"name": name, "cap": cap}
+
     # -- pilot protocol ---------------------------------------------------------------------------
     def register(self, body):
         check_keys(body, "register", ("uuid", "secret", "host", "pid", "site", "jobtypes", "extra", "heartbeat",
@@ -1683,6 +1745,9 @@ class Service:
             raise bad("secret: at least 16 characters (the pilot's own credential)")
         pilot["secret"] = secret_hash(secret)
         site = self.site_defaults(pilot["site"]) or {}
+        if pilot["site"] and not site:
+            raise bad(f"site: {pilot['site']!r} is not defined; define it first with "
+                      f"pilot.py --define-site -s {pilot['site']} (or start the pilot without -s)")
         default_beat = site.get("heartbeat") or DEFAULT_HEARTBEAT
         pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1)
         with self.store.transaction() as conn:
@@ -1827,25 +1892,43 @@ class Service:
         site["env"] = json.loads(site["env"])
         return site
 
+    # The original's site JSON names some fields differently; both spellings are taken.
+    SITE_ALIASES = {"pilotperiod": "period", "pilotcycles": "cycles", "pilotbeat": "heartbeat"}
+
     def define_site(self, name, body):
+        """Create or replace a site: the original's site JSON as is, or our field names."""
         as_str(name, "site", allow_empty=False, max_len=64)
-        check_keys(body, "site", ("period", "cycles", "heartbeat", "env"))
-        site = {"name": name,
-                "period": as_number(body["period"], "period", 0) if body.get("period") is not None else None,
-                "cycles": as_int(body["cycles"], "cycles", 0) if body.get("cycles") is not None else None,
-                "heartbeat": (as_number(body["heartbeat"], "heartbeat", 0.1)
-                              if body.get("heartbeat") is not None else None),
+        check_keys(body, "site", ("name", "period", "cycles", "heartbeat", "env", "server", "pilots", "pilotlife",
+                                  "tolerance", *self.SITE_ALIASES))
+        if body.get("name", name) != name:
+            raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
+        body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
+
+        def number(key, minimum, kind=as_number):
+            return kind(body[key], key, minimum) if key in body else None
+
+        site = {"name": name, "period": number("period", 0), "cycles": number("cycles", 0, as_int),
+                "heartbeat": number("heartbeat", 0.1), "pilots": number("pilots", 0, as_int),
+                "pilotlife": number("pilotlife", 0), "tolerance": number("tolerance", 0),
+                "server": as_str(body.get("server", ""), "server", max_len=256),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
+        if site["tolerance"] is not None and site["tolerance"] > 1:
+            raise bad(f"tolerance: a fraction of the nominal pilots (0 to 1), got {site['tolerance']}")
         with self.store.transaction() as conn:
-            conn.execute("INSERT INTO sites(name,period,cycles,heartbeat,env,ts) "
-                         "VALUES(:name,:period,:cycles,:heartbeat,:env,:ts) ON CONFLICT(name) DO UPDATE "
-                         "SET period=:period, cycles=:cycles, heartbeat=:heartbeat, env=:env, ts=:ts",
-                         {**site, "ts": now()})
+            conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
+                         "pilotlife, tolerance, ts) VALUES(:name, :period, :cycles, :heartbeat, :env, :server, "
+                         ":pilots, :pilotlife, :tolerance, :ts)", {**site, "ts": now()})
         return self.site_defaults(name)
 
     def list_sites(self):
         return {"sites": [self.site_defaults(r["name"]) for r in
                           self.store.read("SELECT name FROM sites ORDER BY name")]}
+
+    def delete_site(self, name):
+        with self.store.transaction() as conn:
+            if not conn.execute("DELETE FROM sites WHERE name=?", (name,)).rowcount:
+                raise ApiError(404, f"site {name!r}: no such site")
+        return {"deleted": name}
 
     # -- housekeeping -----------------------------------------------------------------------------
     def housekeep(self):
@@ -1997,7 +2080,8 @@ class Views:
     def summary(self, query):
         t = now()
         by_state, by_type, pilots = self.counts()
-        return {"time": t, "jobs_by_state": by_state, "jobs_by_jobtype": by_type,
+        caps = {r["name"]: r["cap"] for r in self.store.read("SELECT name, cap FROM jobtypes")}
+        return {"time": t, "jobs_by_state": by_state, "jobs_by_jobtype": by_type, "caps": caps,
                 "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10),
                 "latency": self.start_latency(t), "alarms": self.alarms(t, by_state, pilots)}
@@ -2080,7 +2164,7 @@ class Views:
             return ["held in state template: adjust it to defined to release it"]
         if job["state"] != "defined":
             return []
-        reasons = []
+        reasons = self.cap_reasons(job["jobtype"])
         live = self.store.read("SELECT site, jobtypes FROM pilots WHERE state IN (%s)"
                                % ",".join("?" * len(LIVE_PILOT_STATES)), LIVE_PILOT_STATES)
         fits = [p for p in live if (not job["site"] or p["site"] == job["site"])
@@ -2096,6 +2180,18 @@ class Views:
         if ahead:
             reasons.append(f"{ahead} waiting job(s) of the same type come first (higher priority or older)")
         return reasons
+
+    def cap_reasons(self, jobtype):
+        cap = self.store.read_one("SELECT cap FROM jobtypes WHERE name=?", (jobtype,))
+        if cap is None:
+            return []
+        active = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE jobtype=? AND state IN "
+                                     "('dispatched', 'running')", (jobtype,))[0]
+        if cap[0] == 0:
+            return [f"jobtype {jobtype} is suspended (cap 0): job.py -l -L N -T {jobtype} resumes it"]
+        if active >= cap[0]:
+            return [f"jobtype {jobtype} is at its cap of {cap[0]} ({active} running)"]
+        return []
 
     def waiting_for_parents(self, job):
         wf = self.store.read_one("SELECT state FROM workflows WHERE uuid=?", (job["wfuuid"],))
@@ -2295,15 +2391,21 @@ def pager(data, query):
     return "<p>" + " · ".join(parts) + "</p>"
 
 
+def cap_text(cap):
+    return "" if cap is None else "suspended" if cap == 0 else f"at most {cap}"
+
+
 def render_summary(d, query):
     states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
     alarms = "".join(f'<div class="alarm">{esc(a)}</div>' for a in d["alarms"])
-    by_type = table(["jobtype"] + [state_cell(s) for s in states] + ["total"],
-                    [[link(href("/jobs", jobtype=jt), jt)] +
-                     [link(href("/jobs", jobtype=jt, state=s), counts.get(s, 0)) for s in states] +
-                     [esc(sum(counts.values()))] for jt, counts in sorted(d["jobs_by_jobtype"].items())] +
-                    [["<b>all</b>"] + [link(href("/jobs", state=s), d["jobs_by_state"][s]) for s in states] +
-                     [esc(sum(d["jobs_by_state"].values()))]])
+    caps = d.get("caps", {})
+    type_rows = [[link(href("/jobs", jobtype=jt), jt)] +
+                 [link(href("/jobs", jobtype=jt, state=s), counts.get(s, 0)) for s in states] +
+                 [esc(sum(counts.values())), esc(cap_text(caps.get(jt)))]
+                 for jt, counts in sorted(d["jobs_by_jobtype"].items())]
+    all_row = ([["<b>all</b>"] + [link(href("/jobs", state=s), d["jobs_by_state"][s]) for s in states] +
+                [esc(sum(d["jobs_by_state"].values())), ""]])
+    by_type = table(["jobtype"] + [state_cell(s) for s in states] + ["total", "cap"], type_rows + all_row)
     pilots = table([state_cell(s) for s in d["pilots_by_state"]],
                    [[link(href("/pilots", state=s), n) for s, n in d["pilots_by_state"].items()]])
     ended = table(["window", "finished", "failed", "timeout", "pilotTO", "cancelled"],
@@ -2522,8 +2624,9 @@ def render_datasets(d, query):
 # HTTP: the routes table (API), the pages table, the request handler and the server.
 ################################################################################################
 # Path parameters of the routes and pages: <uuid> is checked by as_uuid, so a typo gets a clear
-# 400; <dag> is a DAG name, <name> a site or datatype name.
+# 400; <dag> is a DAG name, <jobtype> a job type, <name> a site or datatype name.
 PATH_PARAMS = {"<uuid>": r"(?P<uuid>[^/]+)", "<dag>": r"(?P<name>[^/]{1,128})",
+               "<jobtype>": r"(?P<name>[^/]{1,64})",
                "<name>": r"(?P<name>[A-Za-z0-9_.-]{1,64})"}
 
 
@@ -2569,6 +2672,9 @@ API = (
     ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), ADMIN),
     ("GET", "/api/sites", "list_sites", (), None),
     ("PUT", "/api/sites/<name>", "define_site", ("body",), ADMIN),
+    ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
+    ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
+    ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), ADMIN),
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
 

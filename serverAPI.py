@@ -228,11 +228,20 @@ class Client:
     def list_pilots(self, **filters):
         return self.call("GET", "/api/pilots", query={k: v for k, v in filters.items() if v is not None})["pilots"]
 
-    def define_site(self, name, **defaults):
-        return self.call("PUT", f"/api/sites/{name}", defaults)
+    def define_site(self, site, **fields):
+        return self.call("PUT", f"/api/sites/{quote(site, safe='')}", fields)
 
     def list_sites(self):
         return self.call("GET", "/api/sites")["sites"]
+
+    def delete_site(self, name):
+        return self.call("DELETE", f"/api/sites/{quote(name, safe='')}")
+
+    def list_jobtypes(self, jobtype=None):
+        return self.call("GET", "/api/jobtypes", query={"jobtype": jobtype} if jobtype else None)["jobtypes"]
+
+    def set_cap(self, jobtype, cap):
+        return self.call("PUT", f"/api/jobtypes/{quote(jobtype, safe='')}", {"cap": cap})
 
     # -- workflows and data ---------------------------------------------------------------------
     def add_dag(self, name, graphml, description="", replace=False):

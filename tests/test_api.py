@@ -35,8 +35,8 @@ def bad_request(method, path, parts):
     that is not an object, a bad query value; a route that takes nothing gets a wrong method."""
     if "<uuid>" in path:
         return method, path.replace("<uuid>", "not-a-uuid"), b"{}", 400
-    if "<dag>" in path:
-        return method, path.replace("<dag>", "no-such-dag"), b"{}", 404
+    if "<dag>" in path or "<name>" in path and "body" not in parts:
+        return method, path.replace("<dag>", "no-such-dag").replace("<name>", "no-such-site"), b"{}", 404
     if "body" in parts:
         return method, path.replace("<name>", "x"), b"[1, 2]", 400
     if "query" in parts:

@@ -68,6 +68,7 @@ def test_inline_json_a_delay_and_a_dry_run(p3s):
 def test_pgen_takes_the_originals_quoted_options_without_eval(p3s):
     rundir, marker = p3s.dir / "run", p3s.dir / "pwned"
     env = dict(p3s.env, P3S_RUNDIR=str(rundir), P3S_NODE="node9")
+    p3s.api.define_site("np04")
     try:
         result = subprocess.run([f"{ROOT}/pgen.sh", "2", f"-s np04 -b 0.5 -L {p3s.logs} -e 'batch 12'"],
                                 env=env, capture_output=True, text=True, timeout=30)
@@ -116,6 +117,7 @@ def test_pilot_environment_site_logs_and_a_server_url_with_a_slash(tmp_path):
     server = P3S(tmp_path, ["--files-root", str(root)]).start()
     try:
         joblog, pilotlog = root / "joblog", root / "pilotlog"
+        server.api.define_site("np04")
         [uuid] = server.submit([shell_job("echo hello", site="np04")])
         env = dict(server.env, P3S_SITE="np04", P3S_JOBLOG=str(joblog), P3S_PILOTLOG=str(pilotlog),
                    P3S_SERVER=server.url + "/")

@@ -66,6 +66,7 @@ def test_jobtype_and_site_matching(p3s):
     assert p3s.job(a)["state"] == "finished"
     assert p3s.job(b)["state"] == "defined", "a reco pilot took a dqm job"
     assert p3s.job(s)["state"] == "defined", "a pilot without a site took a site-bound job"
+    p3s.api.define_site("cern")
     p3s.run("pilot.py", "-s", "cern", "--jobtype", "reco", "-c", "1", "-p", "0.5", "-L", p3s.logs)
     assert p3s.job(s)["state"] == "finished"
 

@@ -109,6 +109,7 @@ def test_fleet_check_finds_vanished_and_unknown_pilots(p3s):
 
 
 def test_server_side_stop_and_drain(p3s):
+    p3s.api.define_site("cern")
     pgen(p3s, 1, "-p", 20, "-b", 0.5, "-s", "cern", hosts="node1")
     pgen(p3s, 1, "-p", 20, "-b", 0.5, hosts="node2")
     wait_until(lambda: len(server_pilots(p3s, ("no jobs",))) == 2, 20, what="2 idle pilots")

@@ -1,0 +1,92 @@
+"""Operating a fleet: sites with the original's fields, and job-type caps enforced at claim time."""
+import json
+import os
+import threading
+import time
+
+from conftest import COMPAT, shell_job, wait_until
+
+
+def test_the_originals_site_file_defines_a_site_unchanged(p3s):
+    path = os.path.join(COMPAT, "lxvm.json")
+    result = p3s.run("pilot.py", "--define-site", "-j", path)
+    assert result.returncode == 0, result.stderr
+    [site] = p3s.api.list_sites()
+    original = json.load(open(path))
+    assert (site["name"], site["server"], site["pilots"]) == ("lxvm", "p3s-web:80", 120)
+    assert (site["period"], site["cycles"], site["heartbeat"]) == (40, 0, 100) and site["env"] == original["env"]
+    listing = p3s.run("pilot.py", "--sites").stdout.splitlines()
+    assert listing[0].split()[:6] == ["name", "pilots", "pilotlife", "period", "cycles", "heartbeat"]
+    assert listing[1].split()[:2] == ["lxvm", "120"] and "None" not in listing[1] and "{'" not in listing[1]
+    assert p3s.run("pilot.py", "--define-site", "-s", "small", "--pilots", "4", "--pilot-life", "3600").returncode == 0
+    assert {s["name"]: s["pilotlife"] for s in p3s.api.list_sites()} == {"lxvm": None, "small": 3600}
+    assert p3s.run("pilot.py", "--delete-site", "-s", "small").returncode == 0
+    assert [s["name"] for s in p3s.api.list_sites()] == ["lxvm"]
+
+
+def test_a_pilot_naming_an_undefined_site_refuses_to_start(p3s):
+    result = p3s.run("pilot.py", "-s", "neutdqm", "-c", "1", "-L", p3s.logs)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "--define-site" in result.stderr and "neutdqm" in result.stderr
+    assert p3s.api.list_pilots() == []
+    env = dict(p3s.env, P3S_SITE="neutdqm")
+    assert p3s.run("pilot.py", "-c", "1", "-L", p3s.logs, env=env).returncode == 2
+    assert p3s.run("pilot.py", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0, "no site at all still runs"
+
+
+def test_a_cap_holds_under_six_pilots_and_other_types_flow_past(p3s):
+    ledger = p3s.dir / "ledger"
+    capped = [shell_job(f"echo start $(date +%s.%N) >> {ledger}; sleep 0.3; echo end $(date +%s.%N) >> {ledger}",
+                        jobtype="evdisp") for _ in range(12)]
+    others = [shell_job("true", jobtype="monitor") for _ in range(30)]
+    assert p3s.run("job.py", "-l", "-T", "evdisp", "-L", "2").returncode == 0
+    uuids = p3s.submit(capped + others)
+    seen, stop = [], threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            counts = p3s.api.call("GET", "/metrics", query={"format": "json"})["jobs"]
+            seen.append(sum(c["n"] for c in counts if c["jobtype"] == "evdisp"
+                            and c["state"] in ("dispatched", "running")))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        for _ in range(6):
+            p3s.pilot("-p", "1")
+        monitor_done = p3s.wait_jobs(uuids[12:], timeout=60)
+        evdisp_left = sum(p3s.job(u)["state"] != "finished" for u in uuids[:12])
+        p3s.wait_jobs(uuids[:12], timeout=60)
+    finally:
+        stop.set()
+        sampler.join()
+    assert {s["state"] for s in monitor_done.values()} == {"finished"}
+    assert evdisp_left > 0, "the other type did not flow past the capped one"
+    assert max(seen) <= 2, f"{max(seen)} evdisp jobs at once on the server"
+    events = sorted((float(t), +1 if kind == "start" else -1)
+                    for kind, t in (line.split() for line in ledger.read_text().splitlines()))
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak <= 2, f"{peak} evdisp payloads ran at once"
+    listing = p3s.run("job.py", "-l").stdout
+    assert "evdisp" in listing and "monitor" in listing
+
+
+def test_cap_zero_suspends_a_type_and_says_why_and_removing_it_resumes(p3s):
+    assert p3s.run("job.py", "-l", "-T", "purity", "-L", "0").returncode == 0
+    [uuid] = p3s.submit([shell_job("true", jobtype="purity")])
+    p3s.run("pilot.py", "-c", "1", "-p", "0.5", "-L", p3s.logs)
+    assert p3s.job(uuid)["state"] == "defined"
+    page = p3s.api.call("GET", f"/job/{uuid}", query={"format": "json"})
+    assert any("purity is suspended (cap 0)" in r for r in page["why_waiting"])
+    summary = p3s.api.call("GET", "/", query={"format": "json"})
+    assert summary["caps"] == {"purity": 0}
+    shown = p3s.run("job.py", "-l", "-T", "purity", "--no-cap")
+    assert shown.returncode == 0 and shown.stdout.splitlines()[1].split()[:2] == ["purity", "1"]  # no cap
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    assert p3s.job(uuid)["state"] == "finished"
+    assert p3s.run("job.py", "-l", "-T", "purity", "-L", "-5").returncode == 2
+    wait_until(lambda: p3s.api.list_jobtypes("purity")[0]["cap"] is None, 5, what="the cap removed")
