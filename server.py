@@ -83,6 +83,8 @@ LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 3600)   # claim late
 PURGE_BATCH = 1000                  # rows of each kind one retention pass may delete
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
+SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
+ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime")   # /metrics gauges
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction)
 DISCARD_LIMIT = 64 * 1024 * 1024    # bytes of an oversized body read and dropped, so that the
                                     # client, still sending, gets to read our 413
@@ -328,6 +330,7 @@ MIGRATIONS = [
     ALTER TABLE sites ADD COLUMN pilotlife REAL;
     ALTER TABLE sites ADD COLUMN tolerance REAL;
     CREATE TABLE jobtypes(name TEXT PRIMARY KEY, cap INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX pilots_site ON pilots(site, state, ts_stop);
     """,
 ]
 
@@ -726,6 +729,10 @@ def jobtype_counts(by_state):
             "running": by_state.get("dispatched", 0) + by_state.get("running", 0),
             "finished": by_state.get("finished", 0),
             "failed": sum(by_state.get(s, 0) for s in FAILED_STATES)}
+
+
+def alarm(name, message, link):
+    return {"name": name, "message": message, "link": link}
 
 
 def job_to_dict(row, full=True):
@@ -1924,6 +1931,51 @@ class Service:
         return {"sites": [self.site_defaults(r["name"]) for r in
                           self.store.read("SELECT name FROM sites ORDER BY name")]}
 
+    def site_figures(self, site, t):
+        """A site's pilots now and in the last hour, from bounded indexed reads."""
+        marks = ",".join("?" * len(LIVE_PILOT_STATES))
+        live = {r["state"]: r["n"] for r in self.store.read(
+            f"SELECT state, COUNT(*) AS n FROM pilots WHERE site=? AND state IN ({marks}) GROUP BY state",
+            (site["name"], *LIVE_PILOT_STATES))}
+        ended = self.store.read("SELECT state, ts_stop - ts_reg AS life FROM pilots WHERE site=? AND state IN "
+                                "('stopped', 'lost') AND ts_stop > ? LIMIT 10000", (site["name"], t - 3600))
+        lives = [r["life"] for r in ended]
+        return {"live": sum(live.values()), "running": live.get("running", 0) + live.get("dispatched", 0),
+                "idle": live.get("active", 0) + live.get("no jobs", 0),
+                "lost_1h": sum(r["state"] == "lost" for r in ended), "ended_1h": len(ended),
+                "mean_life_1h": sum(lives) / len(lives) if lives else None, "median_life_1h": median(lives)}
+
+    def alarms(self, query=None):
+        """What needs a person now: each alarm names the problem, the figure and the list that
+        shows it. Bounded reads only (counts tables, indexes), so the summary stays cheap."""
+        t = now()
+        pilots = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM pilot_counts")}
+        alarms = []
+        if not sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES):
+            waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
+            alarms.append(alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots"))
+        lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?", (t - 3600,))[0]
+        if lost:
+            alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour", "/pilots?state=lost"))
+        for site in self.list_sites()["sites"]:
+            alarms += self.site_alarms(site, self.site_figures(site, t))
+        return {"alarms": alarms}
+
+    @staticmethod
+    def site_alarms(site, figures):
+        """A site below its nominal number of pilots, or whose pilots die young."""
+        found = []
+        tolerance = SITE_TOLERANCE if site["tolerance"] is None else site["tolerance"]
+        if site["pilots"] and figures["live"] < site["pilots"] * (1 - tolerance):
+            found.append(alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
+                               f"{site['pilots']} nominal", f"/site/{site['name']}"))
+        life = figures["median_life_1h"]
+        if site["pilotlife"] and life is not None and life < site["pilotlife"] / 2:
+            found.append(alarm("pilot_lifetime", f"{site['name']}: pilots ended in the last hour lived "
+                               f"{life:.0f} s (median) of {site['pilotlife']:g} s nominal",
+                               "/pilots?" + urlencode({"site": site["name"], "state": "lost"})))
+        return found
+
     def delete_site(self, name):
         with self.store.transaction() as conn:
             if not conn.execute("DELETE FROM sites WHERE name=?", (name,)).rowcount:
@@ -2084,7 +2136,7 @@ class Views:
         return {"time": t, "jobs_by_state": by_state, "jobs_by_jobtype": by_type, "caps": caps,
                 "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10),
-                "latency": self.start_latency(t), "alarms": self.alarms(t, by_state, pilots)}
+                "latency": self.start_latency(t), "alarms": self.svc.alarms()["alarms"]}
 
     def ended_counts(self, t):
         """Jobs ended per state in each window, summed from the 10-second buckets."""
@@ -2238,7 +2290,22 @@ class Views:
         return {"jobs": [{"state": s, "jobtype": jt, "n": n} for jt, states in
                          sorted(by_type.items()) for s, n in sorted(states.items())],
                 "pilots": pilots, "counters": dict(self.svc.broker.counters),
-                "claim_latency": self.svc.broker.latency_histogram()}
+                "claim_latency": self.svc.broker.latency_histogram(),
+                "alarms": sorted({a["name"] for a in self.svc.alarms()["alarms"]})}
+
+    # -- sites ------------------------------------------------------------------------------------
+    def sites(self, query):
+        t = now()
+        return {"sites": [{**site, **self.svc.site_figures(site, t)} for site in self.svc.list_sites()["sites"]]}
+
+    def site(self, name, query):
+        site = self.svc.site_defaults(name)
+        if site is None:
+            raise ApiError(404, f"site {name!r}: no such site")
+        rows, paging = page_of(self.store, "pilots", {**query, "site": name}, ("site", "state"))
+        t = now()
+        return {**site, **self.svc.site_figures(site, t), **paging,
+                "pilots_list": [dict(pilot_to_dict(r), beat_age=t - r["ts_beat"]) for r in rows]}
 
     # -- files ------------------------------------------------------------------------------------
     def resolve(self, path):
@@ -2322,12 +2389,12 @@ CSS = """body{font:14px/1.4 sans-serif;margin:0 1.5em 2em}nav{background:#234;pa
 nav a{color:#fff;margin-right:1.2em;text-decoration:none;font-weight:bold}table{border-collapse:collapse;margin:.5em 0 1.2em}
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}th{background:#eee}
 th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #ddd;padding:.5em;overflow:auto;max-height:30em}
-.alarm{background:#c00;color:#fff;padding:.4em .8em;margin:.3em 0;font-weight:bold}
+.alarm{background:#c00;color:#fff;padding:.4em .8em;margin:.3em 0;font-weight:bold}.alarm a{color:#fff}
 .s-finished{color:#070}.s-failed,.s-timeout,.s-pilotTO,.s-lost{color:#c00;font-weight:bold}
 .s-running,.s-dispatched{color:#06c}.s-cancelled,.s-stopped{color:#777}.s-defined,.s-nojobs,.s-active{color:#960}
 .why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}"""
-NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/workflows", "Workflows"), ("/dags", "DAGs"),
-       ("/datasets", "Datasets"), ("/metrics", "Metrics"))
+NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
+       ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/metrics", "Metrics"))
 
 
 def link(href, text):
@@ -2397,7 +2464,7 @@ def cap_text(cap):
 
 def render_summary(d, query):
     states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
-    alarms = "".join(f'<div class="alarm">{esc(a)}</div>' for a in d["alarms"])
+    alarms = "".join(f'<div class="alarm">{link(a["link"], a["message"])}</div>' for a in d["alarms"])
     caps = d.get("caps", {})
     type_rows = [[link(href("/jobs", jobtype=jt), jt)] +
                  [link(href("/jobs", jobtype=jt, state=s), counts.get(s, 0)) for s in states] +
@@ -2508,6 +2575,37 @@ def render_pilot(d, query):
     return page(f"Pilot {d['uuid']}", body, query)
 
 
+SITE_HEADERS = ["site", "nominal pilots", "live", "running", "idle", "lost (1 h)", "ended (1 h)",
+                "mean pilot life (1 h)", "nominal life"]
+
+
+def site_row(s):
+    short = s["pilots"] and s["live"] < s["pilots"] * (1 - (SITE_TOLERANCE if s["tolerance"] is None
+                                                         else s["tolerance"]))
+    live = f'<span class="s-lost">{esc(s["live"])}</span>' if short else esc(s["live"])
+    return [link(f"/site/{s['name']}", s["name"]), esc(s["pilots"]), live, esc(s["running"]), esc(s["idle"]),
+            link(href("/pilots", site=s["name"], state="lost"), s["lost_1h"]), esc(s["ended_1h"]),
+            esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"]))]
+
+
+def render_sites(d, query):
+    body = (table(SITE_HEADERS, [site_row(s) for s in d["sites"]]) +
+            "<p><small>Define a site with <code>pilot.py --define-site -s NAME --pilots N ...</code> "
+            "or <code>-j site.json</code>.</small></p>")
+    return page("Sites", body, query)
+
+
+def render_site(d, query):
+    settings = table(["setting", "value"], [[esc(k), esc(d[k])] for k in
+                                            ("server", "pilots", "pilotlife", "tolerance", "period", "cycles",
+                                             "heartbeat")])
+    env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
+    pilots = table(PILOT_HEADERS, [pilot_row(p) for p in d["pilots_list"]])
+    body = (table(SITE_HEADERS, [site_row(d)]) + f"<h2>Settings</h2>{settings}<h2>Environment</h2>{env}"
+            f"<h2>Pilots</h2>{pager(d, query)}{pilots}")
+    return page(f"Site {d['name']}", body, query)
+
+
 def render_listing(d, query):
     rows = [[link("/file?" + urlencode({"path": e["path"]}), e["name"] + ("/" if e["dir"] else "")),
              f"<span class='num'>{esc(e['size'])}</span>", esc(when(e["mtime"]))] for e in d["entries"]]
@@ -2524,6 +2622,8 @@ def render_metrics(d):
                             ("reports", "Pilot reports accepted."), ("stale_reports", "Pilot reports refused as stale.")):
         out += [f"# HELP p3s_{name}_total {help_text}", f"# TYPE p3s_{name}_total counter",
                 f"p3s_{name}_total {d['counters'][name]}"]
+    out += ["# HELP p3s_alarm 1 while the alarm is raised (see /api/alarms).", "# TYPE p3s_alarm gauge"]
+    out += [f'p3s_alarm{{name="{name}"}} {int(name in d["alarms"])}' for name in ALARMS]
     hist = d["claim_latency"]
     out += ["# HELP p3s_claim_latency_seconds Seconds from a job becoming claimable to its claim by a pilot.",
             "# TYPE p3s_claim_latency_seconds histogram"]
@@ -2674,6 +2774,7 @@ API = (
     ("PUT", "/api/sites/<name>", "define_site", ("body",), ADMIN),
     ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
     ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
+    ("GET", "/api/alarms", "alarms", (), None),
     ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), ADMIN),
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
@@ -2685,6 +2786,8 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/job/<uuid>", "job", render_job),
     ("/pilots", "pilots", render_pilots),
     ("/pilot/<uuid>", "pilot", render_pilot),
+    ("/sites", "sites", render_sites),
+    ("/site/<name>", "site", render_site),
     ("/workflows", "workflows", render_workflows),
     ("/workflow/<uuid>", "workflow", render_workflow),
     ("/dags", "dags", render_dags),
@@ -2760,7 +2863,8 @@ class Handler(BaseHTTPRequestHandler):
             for regex, name, render in PAGES:
                 match = regex.match(url.path)
                 if match:
-                    groups = [as_uuid(g, "uuid") for g in match.groups()]
+                    groups = [as_uuid(v, "uuid") if k == "uuid" else unquote(v)
+                              for k, v in match.groupdict().items()]
                     data = getattr(views, name)(*groups, query)
                     return self.send_json(200, data) if as_json else self.send_html(200, render(data, query))
             raise ApiError(404, f"{url.path}: no such page")

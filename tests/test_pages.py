@@ -52,7 +52,7 @@ def test_summary_shows_counts_failures_latency_and_alarms(served):
     assert data["recent_failures"][0]["uuid"] == bad and data["recent_failures"][0]["exit_code"] == 3
     assert data["latency"]["samples"] == 3 and data["latency"]["median_s"] >= 0
     assert data["pilots_by_state"] == {"stopped": 1}
-    assert any("no pilot is alive" in a for a in data["alarms"])
+    assert any("no pilot is alive" in a["message"] for a in data["alarms"])
     page = get(served, "/")
     assert "no pilot is alive" in page and f"/job/{bad}" in page and "broken" in page
     assert "<meta http-equiv" not in page
@@ -64,7 +64,7 @@ def test_lost_pilot_raises_an_alarm(served):
     wait_until(lambda: get_json(served, "/")["pilots_by_state"].get("no jobs"), 10, what="idle pilot")
     assert get_json(served, "/")["alarms"] == []
     pilot.kill()
-    wait_until(lambda: any("lost" in a for a in get_json(served, "/")["alarms"]), 10, what="lost alarm")
+    wait_until(lambda: any("lost" in a["message"] for a in get_json(served, "/")["alarms"]), 10, what="lost alarm")
 
 
 def test_every_value_is_escaped(served):

@@ -90,3 +90,22 @@ def test_cap_zero_suspends_a_type_and_says_why_and_removing_it_resumes(p3s):
     assert p3s.job(uuid)["state"] == "finished"
     assert p3s.run("job.py", "-l", "-T", "purity", "-L", "-5").returncode == 2
     wait_until(lambda: p3s.api.list_jobtypes("purity")[0]["cap"] is None, 5, what="the cap removed")
+
+
+def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
+    p3s.api.define_site("lxvm", pilots=3, tolerance=0.2, heartbeat=0.5)
+
+    def raised():
+        return [a for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "site_below_nominal"]
+
+    [alarm] = raised()
+    assert alarm["message"] == "lxvm: 0 live pilots of 3 nominal" and alarm["link"] == "/site/lxvm"
+    metrics = p3s.api.call("GET", "/metrics", query={"format": "json"})
+    assert "site_below_nominal" in metrics["alarms"]
+    for _ in range(3):
+        p3s.pilot("-s", "lxvm", "-p", "1")
+    wait_until(lambda: not raised(), 15, what="the alarm to clear with 3 live pilots")
+    site = p3s.api.call("GET", "/site/lxvm", query={"format": "json"})
+    assert site["live"] == 3 and len(site["pilots_list"]) == 3
+    sites_page = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
+    assert [(s["name"], s["pilots"], s["live"]) for s in sites_page] == [("lxvm", 3, 3)]

@@ -189,7 +189,8 @@ def rendered_pages():
     job = hostile_job()
     summary = {"jobs_by_state": {"failed": 1}, "jobs_by_jobtype": {HOSTILE: {"failed": 1}},
                "pilots_by_state": {HOSTILE: 1}, "ended": {"1h": {"failed": 1}},
-               "recent_failures": [job], "latency": {"median_s": None}, "alarms": [HOSTILE]}
+               "recent_failures": [job], "latency": {"median_s": None},
+               "alarms": [{"name": "x", "message": HOSTILE, "link": "/"}], "caps": {HOSTILE: 3}}
     listing = {"jobs": [job], "page": 1, "limit": 25, "more": False, "total": 1, "sort": "submitted",
                "order": "desc"}
     pilot = {"uuid": job["uuid"], "state": HOSTILE, "host": HOSTILE, "pid": 1, "site": HOSTILE,
@@ -200,7 +201,11 @@ def rendered_pages():
                 "description": HOSTILE, "jobs": [dict(job, vertex=HOSTILE)],
                 "datasets": []}
     query = {"state": HOSTILE}
-    return [server.render_summary(summary, query), server.render_jobs(listing, query),
+    site = {"name": HOSTILE, "pilots": 3, "tolerance": None, "live": 1, "running": 0, "idle": 1, "lost_1h": 0,
+            "ended_1h": 0, "mean_life_1h": None, "pilotlife": None, "server": HOSTILE, "period": 1,
+            "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE}, "pilots_list": [pilot], "page": 1, "more": False}
+    return [server.render_sites({"sites": [site]}, query), server.render_site(site, query),
+            server.render_summary(summary, query), server.render_jobs(listing, query),
             server.render_job(job, query), server.render_pilot(pilot, query),
             server.render_pilots({"pilots": [pilot], "page": 1, "more": False}, query),
             server.render_workflow(workflow, query)]
