@@ -84,7 +84,9 @@ PURGE_BATCH = 1000                  # rows of each kind one retention pass may d
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
-ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime")   # /metrics gauges
+ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate")  # gauges
+FAILURE_RATE = 0.5                  # alarm: more than this share of a type's jobs ended badly in the
+FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction)
 DISCARD_LIMIT = 64 * 1024 * 1024    # bytes of an oversized body read and dropped, so that the
                                     # client, still sending, gets to read our 413
@@ -331,6 +333,14 @@ MIGRATIONS = [
     ALTER TABLE sites ADD COLUMN tolerance REAL;
     CREATE TABLE jobtypes(name TEXT PRIMARY KEY, cap INTEGER NOT NULL) WITHOUT ROWID;
     CREATE INDEX pilots_site ON pilots(site, state, ts_stop);
+    CREATE TABLE type_ends(bucket INTEGER NOT NULL, jobtype TEXT NOT NULL, state TEXT NOT NULL,
+                           n INTEGER NOT NULL, PRIMARY KEY(bucket, jobtype, state)) WITHOUT ROWID;
+    CREATE TRIGGER jobs_type_end AFTER UPDATE OF state ON jobs
+    WHEN old.state IS NOT new.state
+         AND new.state IN ('finished', 'failed', 'timeout', 'pilotTO', 'cancelled') BEGIN
+        INSERT INTO type_ends VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 60, new.jobtype, new.state, 1)
+            ON CONFLICT(bucket, jobtype, state) DO UPDATE SET n = n + 1;
+    END;
     """,
 ]
 
@@ -1959,7 +1969,22 @@ class Service:
             alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour", "/pilots?state=lost"))
         for site in self.list_sites()["sites"]:
             alarms += self.site_alarms(site, self.site_figures(site, t))
-        return {"alarms": alarms}
+        return {"alarms": alarms + self.failure_alarms(t)}
+
+    def failure_alarms(self, t):
+        """Job types whose jobs mostly fail: from per-minute end counts of the last hour."""
+        ended = {}
+        for r in self.store.read("SELECT jobtype, state, SUM(n) AS n FROM type_ends WHERE bucket >= ? "
+                                 "GROUP BY jobtype, state", (int(t - 3600) // 60,)):
+            ended.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
+        found = []
+        for jobtype, states in sorted(ended.items()):
+            total, bad_ones = sum(states.values()), sum(states.get(s, 0) for s in FAILED_STATES)
+            if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
+                found.append(alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} jobs ended failed, timeout "
+                                   f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
+                                   "/jobs?" + urlencode({"jobtype": jobtype, "state": "failed"})))
+        return found
 
     @staticmethod
     def site_alarms(site, figures):
@@ -1996,8 +2021,10 @@ class Service:
         self.keep_wal_small()
         if t - self.last_tidy > TIDY_PERIOD:
             self.last_tidy = t
-            self.store.write(lambda conn: conn.execute("DELETE FROM job_ends WHERE bucket < ?",
-                                                       (int(t - 2 * 86400) // 10,)))
+            self.store.write(lambda conn: (conn.execute("DELETE FROM job_ends WHERE bucket < ?",
+                                                        (int(t - 2 * 86400) // 10,)),
+                                           conn.execute("DELETE FROM type_ends WHERE bucket < ?",
+                                                        (int(t - 2 * 86400) // 60,))))
             self.store.read("PRAGMA optimize")
 
     def keep_wal_small(self):

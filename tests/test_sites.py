@@ -109,3 +109,18 @@ def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
     assert site["live"] == 3 and len(site["pilots_list"]) == 3
     sites_page = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
     assert [(s["name"], s["pilots"], s["live"]) for s in sites_page] == [("lxvm", 3, 3)]
+
+
+def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
+    def raised():
+        return [a["message"] for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "failure_rate"]
+
+    p3s.submit([shell_job("exit 3", jobtype="purity")] * 3 + [shell_job("true", jobtype="purity")])
+    p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs)
+    assert raised() == [], "raised with fewer than 5 jobs ended"
+    p3s.submit([shell_job("exit 3", jobtype="purity")] + [shell_job("true", jobtype="monitor")] * 6)
+    p3s.run("pilot.py", "-c", "7", "-p", "1", "-L", p3s.logs)
+    assert raised() == ["purity: 4 of 5 jobs ended failed, timeout or pilotTO in the last hour (80%)"]
+    p3s.submit([shell_job("true", jobtype="purity")] * 4)
+    p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs)
+    assert raised() == [], "4 of 9 is under half: the alarm should clear"
