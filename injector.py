@@ -17,6 +17,7 @@ import fnmatch
 import getpass
 import logging
 import os
+import socket
 import sys
 import time
 import uuid as uuidlib
@@ -140,6 +141,13 @@ def scan(client, watcher, args, jobs):
     if started or skipped:
         print(f"injector: scan of {args.dir}: {started} file(s) started, {skipped} skipped "
               "(started before with this template)", file=sys.stderr, flush=True)
+    return f"{started} started, {skipped} skipped"
+
+
+def service_name(args):
+    """How this injector appears on /services: what it watches, for which work."""
+    work = f"dag {args.dag}" if args.dag else f"jobs {os.path.basename(args.jobs)}"
+    return f"injector {os.path.abspath(args.dir)} ({work})"
 
 
 def main(argv=None):
@@ -159,7 +167,8 @@ def watch(args):
         while True:
             cycle += 1
             try:
-                scan(client, watcher, args, jobs)
+                result = scan(client, watcher, args, jobs)
+                client.service_beat(service_name(args), args.period, result, socket.gethostname())
             except P3SError as e:
                 if e.bad_input:
                     raise

@@ -84,7 +84,9 @@ PURGE_BATCH = 1000                  # rows of each kind one retention pass may d
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
-ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate")  # gauges
+ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
+          "service_silent")        # the alarms, also as /metrics gauges
+SILENT_PERIODS = 3                  # alarm: a service (an injector) silent for this many of its periods
 FAILURE_RATE = 0.5                  # alarm: more than this share of a type's jobs ended badly in the
 FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction)
@@ -333,6 +335,8 @@ MIGRATIONS = [
     ALTER TABLE sites ADD COLUMN tolerance REAL;
     CREATE TABLE jobtypes(name TEXT PRIMARY KEY, cap INTEGER NOT NULL) WITHOUT ROWID;
     CREATE INDEX pilots_site ON pilots(site, state, ts_stop);
+    CREATE TABLE services(name TEXT PRIMARY KEY, host TEXT NOT NULL, period REAL NOT NULL,
+                          result TEXT NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE type_ends(bucket INTEGER NOT NULL, jobtype TEXT NOT NULL, state TEXT NOT NULL,
                            n INTEGER NOT NULL, PRIMARY KEY(bucket, jobtype, state)) WITHOUT ROWID;
     CREATE TRIGGER jobs_type_end AFTER UPDATE OF state ON jobs
@@ -1608,7 +1612,8 @@ class Service:
     as "broker.request_job", "workflows.add_dag", ...
     """
 
-    def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT):
+    def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
+                 no_new_work=0):
         self.store = store
         self.broker = Broker(store)
         self.workflows = Workflows(store, self.broker)
@@ -1617,6 +1622,7 @@ class Service:
         self.lease_beats = lease_beats
         self.wal_limit = wal_limit
         self.wal_stuck = False
+        self.no_new_work = no_new_work      # minutes without a new job or workflow: alarm (0: off)
         self.resumed = now()        # silence is counted from here: the start, or the last pause
         self.last_pass = (time.monotonic(), self.resumed)
         self.last_tidy = self.resumed
@@ -1969,7 +1975,40 @@ class Service:
             alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour", "/pilots?state=lost"))
         for site in self.list_sites()["sites"]:
             alarms += self.site_alarms(site, self.site_figures(site, t))
-        return {"alarms": alarms + self.failure_alarms(t)}
+        return {"alarms": alarms + self.failure_alarms(t) + self.flow_alarms(t)}
+
+    def flow_alarms(self, t):
+        """Data flow stopped: no new job or workflow for --alarm-no-new-work minutes, or a
+        service (an injector) silent for SILENT_PERIODS of its periods."""
+        found = []
+        if self.no_new_work:
+            last = max(self.store.read_one("SELECT COALESCE(MAX(ts_def), 0) FROM jobs")[0],
+                       self.store.read_one("SELECT COALESCE((SELECT ts_def FROM workflows ORDER BY id DESC "
+                                           "LIMIT 1), 0)")[0])
+            if t - max(last, self.resumed) > self.no_new_work * 60:
+                found.append(alarm("no_new_work", f"no new job or workflow for {(t - last) / 60:.0f} minutes"
+                                   if last else "no job or workflow created yet", "/jobs"))
+        for svc in self.store.read("SELECT * FROM services WHERE ts + ? * period < ?", (SILENT_PERIODS, t)):
+            found.append(alarm("service_silent", f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "
+                               f"(it reports every {svc['period']:g} s)", "/services"))
+        return found
+
+    # -- services (injectors and other clients that report) ----------------------------------------
+    def service_beat(self, name, body):
+        """A client's report that it is alive, with the result of its last round (an injector's scan)."""
+        check_keys(body, "service", ("host", "period", "result"))
+        row = {"name": name, "host": as_str(body.get("host", ""), "host", max_len=256),
+               "period": as_number(body.get("period", 60), "period", 0.1),
+               "result": as_str(body.get("result", ""), "result", max_len=1024), "ts": now()}
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO services(name, host, period, result, ts) "
+                         "VALUES(:name, :host, :period, :result, :ts)", row)
+        return row
+
+    def list_services(self, query=None):
+        t = now()
+        return {"services": [dict(r, silent=t - r["ts"] > SILENT_PERIODS * r["period"], age=t - r["ts"])
+                             for r in self.store.read("SELECT * FROM services ORDER BY name")]}
 
     def failure_alarms(self, t):
         """Job types whose jobs mostly fail: from per-minute end counts of the last hour."""
@@ -2320,6 +2359,9 @@ class Views:
                 "claim_latency": self.svc.broker.latency_histogram(),
                 "alarms": sorted({a["name"] for a in self.svc.alarms()["alarms"]})}
 
+    def services(self, query):
+        return self.svc.list_services()
+
     # -- sites ------------------------------------------------------------------------------------
     def sites(self, query):
         t = now()
@@ -2421,7 +2463,7 @@ th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #d
 .s-running,.s-dispatched{color:#06c}.s-cancelled,.s-stopped{color:#777}.s-defined,.s-nojobs,.s-active{color:#960}
 .why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}"""
 NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
-       ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/metrics", "Metrics"))
+       ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/services", "Services"), ("/metrics", "Metrics"))
 
 
 def link(href, text):
@@ -2633,6 +2675,13 @@ def render_site(d, query):
     return page(f"Site {d['name']}", body, query)
 
 
+def render_services(d, query):
+    rows = [[esc(x["name"]), esc(x["host"]), state_cell("lost") if x["silent"] else esc("alive"),
+             esc(ago(x["age"])) + " ago", esc(f"{x['period']:g} s"), esc(x["result"])] for x in d["services"]]
+    body = table(["service", "host", "state", "last seen", "period", "last result"], rows)
+    return page("Services", body + "<p><small>Injectors report each scan here.</small></p>", query)
+
+
 def render_listing(d, query):
     rows = [[link("/file?" + urlencode({"path": e["path"]}), e["name"] + ("/" if e["dir"] else "")),
              f"<span class='num'>{esc(e['size'])}</span>", esc(when(e["mtime"]))] for e in d["entries"]]
@@ -2751,9 +2800,10 @@ def render_datasets(d, query):
 # HTTP: the routes table (API), the pages table, the request handler and the server.
 ################################################################################################
 # Path parameters of the routes and pages: <uuid> is checked by as_uuid, so a typo gets a clear
-# 400; <dag> is a DAG name, <jobtype> a job type, <name> a site or datatype name.
+# 400; <dag> is a DAG name, <jobtype> a job type, <service> a reporting client (URL-quoted),
+# <name> a site or datatype name.
 PATH_PARAMS = {"<uuid>": r"(?P<uuid>[^/]+)", "<dag>": r"(?P<name>[^/]{1,128})",
-               "<jobtype>": r"(?P<name>[^/]{1,64})",
+               "<jobtype>": r"(?P<name>[^/]{1,64})", "<service>": r"(?P<name>[^/]{1,256})",
                "<name>": r"(?P<name>[A-Za-z0-9_.-]{1,64})"}
 
 
@@ -2802,6 +2852,8 @@ API = (
     ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
     ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
     ("GET", "/api/alarms", "alarms", (), None),
+    ("GET", "/api/services", "list_services", (), None),
+    ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
     ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), ADMIN),
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
@@ -2815,6 +2867,7 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/pilot/<uuid>", "pilot", render_pilot),
     ("/sites", "sites", render_sites),
     ("/site/<name>", "site", render_site),
+    ("/services", "services", render_services),
     ("/workflows", "workflows", render_workflows),
     ("/workflow/<uuid>", "workflow", render_workflow),
     ("/dags", "dags", render_dags),
@@ -3197,6 +3250,8 @@ def parse_args(argv):
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="a name clients may use for this server besides loopback, its IPs and its host "
                    "name (repeatable); requests naming another Host get 421")
+    p.add_argument("--alarm-no-new-work", type=float, default=0, metavar="MINUTES",
+                   help="alarm when no job or workflow was created for this long (default 0: off)")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
                    help="connections served at once; beyond, a quick 503 (default %(default)s)")
     p.add_argument("--wal-limit", type=int, default=WAL_LIMIT, metavar="BYTES",
@@ -3256,7 +3311,8 @@ def main(argv=None):
     except StartupError as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
-    service = Service(store, args.housekeeping, args.retention_days, args.lease_beats, args.wal_limit)
+    service = Service(store, args.housekeeping, args.retention_days, args.lease_beats, args.wal_limit,
+                      args.alarm_no_new_work)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]

@@ -237,6 +237,10 @@ class Client:
     def delete_site(self, name):
         return self.call("DELETE", f"/api/sites/{quote(name, safe='')}")
 
+    def service_beat(self, name, period, result, host=""):
+        return self.call("POST", f"/api/services/{quote(name, safe='')}/beat",
+                         {"host": host, "period": period, "result": result}, retry_for=0)
+
     def list_jobtypes(self, jobtype=None):
         return self.call("GET", "/api/jobtypes", query={"jobtype": jobtype} if jobtype else None)["jobtypes"]
 

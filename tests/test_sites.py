@@ -124,3 +124,33 @@ def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
     p3s.submit([shell_job("true", jobtype="purity")] * 4)
     p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs)
     assert raised() == [], "4 of 9 is under half: the alarm should clear"
+
+
+def test_a_silent_injector_and_stopped_data_flow_raise_alarms(tmp_path):
+    from conftest import P3S
+    server = P3S(tmp_path, ["--alarm-no-new-work", "0.02"]).start()        # 1.2 s
+    try:
+        def raised(name):
+            return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == name]
+
+        data = tmp_path / "data"
+        data.mkdir()
+        (data / "run1.txt").write_text("x")
+        jobs = tmp_path / "jobs.json"
+        jobs.write_text(json.dumps(shell_job("true", state="template")))
+        scan = ["-d", data, "-j", jobs, "--settle", "0", "-p", "0.3"]
+        assert server.run("injector.py", *scan, "-c", "1").returncode == 0
+        services = server.api.call("GET", "/api/services")["services"]
+        assert len(services) == 1 and services[0]["result"] == "1 started, 0 skipped"
+        assert raised("service_silent") == [] and raised("no_new_work") == []
+        wait_until(lambda: raised("service_silent") and raised("no_new_work"), 10,
+                   what="the injector's silence and the stopped flow to raise alarms")
+        assert "injector" in raised("service_silent")[0] and str(data) in raised("service_silent")[0]
+        (data / "run2.txt").write_text("x")
+        assert server.run("injector.py", *scan, "-c", "2").returncode == 0
+        assert raised("service_silent") == [] and raised("no_new_work") == [], "the alarms did not clear"
+        page = server.api.call("GET", "/services", query={"format": "json"})
+        assert page["services"][0]["result"] == "0 started, 0 skipped" and not page["services"][0]["silent"]
+        assert len(server.api.list_jobs()) == 2, "run2 was not started once"
+    finally:
+        server.stop()
