@@ -13,7 +13,8 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
     Workflow engine           GraphML, DAG checks, file names, instantiating and advancing DAGs
     Lifecycle rules           how jobs enter, retry, end, are cancelled or freed from a pilot
     Service                   the operations behind the API, in sub-banners: brokerage,
-                              workflows, then jobs, pilot protocol, sites and housekeeping
+                              workflows, then jobs, pilot protocol, sites and alarms,
+                              services, housekeeping
     Views                     the data behind every page (also the pages' JSON twins)
     HTML pages                pure renderers: a dict in, an HTML string out
     HTTP                      the routes and pages tables, Handler, P3SServer
@@ -1601,10 +1602,11 @@ class Workflows:
         return {"name": name, "ext": ext}
 
 
-# -- Service: jobs, pilot protocol, sites, housekeeping -------------------------------------------
+# -- Service: jobs, pilot protocol, sites and alarms, services, housekeeping ----------------------
 class Service:
-    """The operations behind the API routes that are not brokerage or workflows: jobs, the
-    pilot protocol (register, report, heartbeat, stop, directives), sites and housekeeping.
+    """The operations behind the API routes that are not brokerage or workflows: jobs and their
+    caps, the pilot protocol (register, report, heartbeat, stop, directives), sites and alarms,
+    services (clients that report, like injectors) and housekeeping.
 
     Methods for the caller: one per route (see ROUTES), each validating its request before
     one transaction; housekeeping_loop() for the housekeeping thread; stop() at shutdown.
@@ -1906,7 +1908,7 @@ class Service:
         rows = self.store.read(f"SELECT * FROM pilots{where} ORDER BY id DESC LIMIT ?", args + [limit])
         return {"pilots": [pilot_to_dict(r) for r in rows]}
 
-    # -- sites ------------------------------------------------------------------------------------
+    # -- sites and alarms -------------------------------------------------------------------------
     def site_defaults(self, name):
         row = self.store.read_one("SELECT * FROM sites WHERE name=?", (name,)) if name else None
         if row is None:
