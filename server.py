@@ -319,12 +319,12 @@ MIGRATIONS = [
     """,
     # v5: claims that do not grow with the backlog. The broker probes, per site ('' and the
     # pilot's) and per jobtype it takes, the first defined job in priority order of a partial
-    # index holding only defined jobs; the job a pilot holds is found by (pilot, state).
+    # index holding only defined jobs; the job a pilot holds is found by (pilot, state). (The
+    # old claim's index, jobs_broker_any, stays: /jobs?state=...&sort=priority reads it.)
     """
     CREATE INDEX jobs_claim ON jobs(site, priority DESC, ts_def, id) WHERE state = 'defined';
     CREATE INDEX jobs_claim_type ON jobs(site, jobtype, priority DESC, ts_def, id) WHERE state = 'defined';
     CREATE INDEX jobs_pilot_state ON jobs(pilot, state);
-    DROP INDEX jobs_broker_any;
     """,
     # v6: a site keeps the original's fields: the server its pilots use, the nominal number of
     # pilots and their nominal lifetime (seconds); the alarm's tolerance below nominal. A job
