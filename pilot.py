@@ -408,8 +408,12 @@ class Pilot:
         self.current = execution
         if self.exit_reason is not None:    # a signal arrived while the job was being started
             execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
-        self.report_running(execution)
+        # The running report goes beside the supervision, never before it: while the server is
+        # away the time limit must still hold. The end report waits for it, to keep the order.
+        reporter = threading.Thread(target=self.report_running, args=(execution,), daemon=True)
+        reporter.start()
         state, exit_code, errmsg = self.wait(execution)
+        reporter.join()
         self.current = None
         log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
         if state == "cancelled":    # the server already ended it; there is nothing to report
@@ -418,16 +422,16 @@ class Pilot:
                                "stdout": tail(out_path), "stderr": tail(err_path)})
 
     def report_running(self, execution):
-        """Best effort: the payload is supervised whether or not this arrives (the server takes
-        an end report for a job it still has as dispatched). A refusal means the job was
-        cancelled or given away meanwhile: stop the payload."""
+        """Best effort, in its own thread: the payload is supervised whether or not this arrives
+        (the server takes an end report for a job it still has as dispatched). A refusal means the
+        job was cancelled or given away meanwhile: stop the payload, if it still runs."""
         report = {"state": "running", "pid": execution.proc.pid, "pilot": self.uuid,
                   "attempt": execution.job["attempt"], "stdout_path": execution.out_path,
                   "stderr_path": execution.err_path}
         try:
             self.client.report(execution.job["uuid"], report, retry_for=RUNNING_REPORT_RETRY)
         except P3SError as e:
-            if e.bad_input:
+            if e.bad_input and execution.proc.poll() is None:
                 execution.stop("cancelled", str(e), self.args.kill_grace)
             else:
                 log.warning("job %s: running report not delivered: %s", execution.job["uuid"], e)

@@ -86,7 +86,8 @@ TIDY_PERIOD = 600                   # seconds between trims of the end buckets a
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
 ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
-          "service_silent")        # the alarms, also as /metrics gauges
+          "service_silent", "starving")   # the alarms, also as /metrics gauges
+STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
 SILENT_PERIODS = 3                  # alarm: a service (an injector) silent for this many of its periods
 FAILURE_RATE = 0.5                  # alarm: more than this share of a type's jobs ended badly in the
 FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
@@ -336,6 +337,21 @@ MIGRATIONS = [
     ALTER TABLE sites ADD COLUMN tolerance REAL;
     CREATE TABLE jobtypes(name TEXT PRIMARY KEY, cap INTEGER NOT NULL) WITHOUT ROWID;
     CREATE INDEX pilots_site ON pilots(site, state, ts_stop);
+    CREATE TABLE waiting(site TEXT NOT NULL, jobtype TEXT NOT NULL, n INTEGER NOT NULL,
+                         PRIMARY KEY(site, jobtype)) WITHOUT ROWID;
+    INSERT INTO waiting SELECT site, jobtype, COUNT(*) FROM jobs WHERE state = 'defined' GROUP BY site, jobtype;
+    CREATE TRIGGER jobs_waiting_insert AFTER INSERT ON jobs WHEN new.state = 'defined' BEGIN
+        INSERT INTO waiting VALUES(new.site, new.jobtype, 1) ON CONFLICT(site, jobtype) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER jobs_waiting_delete AFTER DELETE ON jobs WHEN old.state = 'defined' BEGIN
+        UPDATE waiting SET n = n - 1 WHERE site = old.site AND jobtype = old.jobtype;
+    END;
+    CREATE TRIGGER jobs_waiting_update AFTER UPDATE OF state, site, jobtype ON jobs
+    WHEN old.state = 'defined' OR new.state = 'defined' BEGIN
+        UPDATE waiting SET n = n - 1 WHERE old.state = 'defined' AND site = old.site AND jobtype = old.jobtype;
+        INSERT INTO waiting SELECT new.site, new.jobtype, 1 WHERE new.state = 'defined'
+            ON CONFLICT(site, jobtype) DO UPDATE SET n = n + 1;
+    END;
     CREATE TABLE services(name TEXT PRIMARY KEY, host TEXT NOT NULL, period REAL NOT NULL,
                           result TEXT NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE type_ends(bucket INTEGER NOT NULL, jobtype TEXT NOT NULL, state TEXT NOT NULL,
@@ -1615,7 +1631,7 @@ class Service:
     """
 
     def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
-                 no_new_work=0):
+                 no_new_work=0, starving_minutes=STARVING_MINUTES):
         self.store = store
         self.broker = Broker(store)
         self.workflows = Workflows(store, self.broker)
@@ -1625,6 +1641,8 @@ class Service:
         self.wal_limit = wal_limit
         self.wal_stuck = False
         self.no_new_work = no_new_work      # minutes without a new job or workflow: alarm (0: off)
+        self.starving_minutes = starving_minutes
+        self.starving_since = {}            # (site, jobtype) -> when no live pilot could take them
         self.resumed = now()        # silence is counted from here: the start, or the last pause
         self.last_pass = (time.monotonic(), self.resumed)
         self.last_tidy = self.resumed
@@ -1977,7 +1995,32 @@ class Service:
             alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour", "/pilots?state=lost"))
         for site in self.list_sites()["sites"]:
             alarms += self.site_alarms(site, self.site_figures(site, t))
-        return {"alarms": alarms + self.failure_alarms(t) + self.flow_alarms(t)}
+        return {"alarms": alarms + self.failure_alarms(t) + self.flow_alarms(t) + self.starving_alarms(t)}
+
+    def starving_alarms(self, t):
+        found = []
+        for (site, jobtype), (since, n) in sorted(self.starving_since.items()):
+            if t - since > self.starving_minutes * 60:
+                where = f" at site {site}" if site else ""
+                found.append(alarm("starving", f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
+                                   f"(for {(t - since) / 60:.0f} min)",
+                                   "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site})))
+        return found
+
+    def notice_starving(self, t):
+        """Housekeeping: which (site, jobtype) pairs of defined jobs no live pilot may take (by
+        site, jobtype, or a cap of 0), and since when; from the waiting counts and the live pilots."""
+        marks = ",".join("?" * len(LIVE_PILOT_STATES))
+        pilots = [(r["site"], json.loads(r["jobtypes"])) for r in self.store.read(
+            f"SELECT DISTINCT site, jobtypes FROM pilots WHERE state IN ({marks})", LIVE_PILOT_STATES)]
+        suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0")}
+        starving = {}
+        for r in self.store.read("SELECT site, jobtype, n FROM waiting WHERE n > 0"):
+            takers = [p for p in pilots if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])]
+            if r["jobtype"] in suspended or not takers:
+                pair = (r["site"], r["jobtype"])
+                starving[pair] = (self.starving_since.get(pair, (t, 0))[0], r["n"])
+        self.starving_since = starving
 
     def flow_alarms(self, t):
         """Data flow stopped: no new job or workflow for --alarm-no-new-work minutes, or a
@@ -2052,6 +2095,7 @@ class Service:
     def housekeep(self):
         """One pass: lost pilots, expired job leases, jobs overrunning their time limit."""
         t = self.notice_pause()
+        self.notice_starving(t)
         released = (self.store.write(self._mark_lost_pilots, t) + self.store.write(self._expire_leases, t)
                     + self.store.write(self._time_out_jobs, t))
         self.broker.notify_work(released)
@@ -3254,6 +3298,9 @@ def parse_args(argv):
                    "name (repeatable); requests naming another Host get 421")
     p.add_argument("--alarm-no-new-work", type=float, default=0, metavar="MINUTES",
                    help="alarm when no job or workflow was created for this long (default 0: off)")
+    p.add_argument("--alarm-starving", type=float, default=STARVING_MINUTES, metavar="MINUTES",
+                   help="alarm when defined jobs wait this long with no live pilot that may take them "
+                   "(default %(default)s)")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
                    help="connections served at once; beyond, a quick 503 (default %(default)s)")
     p.add_argument("--wal-limit", type=int, default=WAL_LIMIT, metavar="BYTES",
@@ -3314,7 +3361,7 @@ def main(argv=None):
         print(f"server.py: {e}", file=sys.stderr)
         return 2
     service = Service(store, args.housekeeping, args.retention_days, args.lease_beats, args.wal_limit,
-                      args.alarm_no_new_work)
+                      args.alarm_no_new_work, args.alarm_starving)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]

@@ -154,3 +154,22 @@ def test_a_silent_injector_and_stopped_data_flow_raise_alarms(tmp_path):
         assert len(server.api.list_jobs()) == 2, "run2 was not started once"
     finally:
         server.stop()
+
+
+def test_jobs_no_live_pilot_may_take_raise_the_starving_alarm_until_one_comes(tmp_path):
+    from conftest import P3S
+    server = P3S(tmp_path, ["--alarm-starving", "0.02"]).start()           # 1.2 s
+    try:
+        def raised():
+            return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "starving"]
+
+        server.api.define_site("neutdqm")
+        uuids = server.submit([shell_job("true", jobtype="purity", site="neutdqm")] * 3)
+        server.pilot("-p", "1", "--jobtype", "monitor")             # alive, but not for these
+        wait_until(raised, 10, what="the starving alarm")
+        assert raised()[0].startswith("3 purity job(s) at site neutdqm wait with no pilot that takes them")
+        server.pilot("-p", "1", "-s", "neutdqm", "--jobtype", "purity")
+        server.wait_jobs(uuids, timeout=30)
+        wait_until(lambda: not raised(), 10, what="the alarm to clear")
+    finally:
+        server.stop()
