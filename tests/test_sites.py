@@ -173,3 +173,16 @@ def test_jobs_no_live_pilot_may_take_raise_the_starving_alarm_until_one_comes(tm
         wait_until(lambda: not raised(), 10, what="the alarm to clear")
     finally:
         server.stop()
+
+
+def test_pilots_dying_young_raise_the_pilot_lifetime_alarm(p3s):
+    def raised():
+        return [a["message"] for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "pilot_lifetime"]
+
+    p3s.api.define_site("short", pilotlife=600)
+    for _ in range(3):
+        assert p3s.run("pilot.py", "-s", "short", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0
+    [message] = raised()
+    assert message.startswith("short: pilots ended in the last hour lived") and "of 600 s nominal" in message
+    p3s.api.define_site("short", pilotlife=0.01)         # they did live half of that
+    assert raised() == []
