@@ -18,7 +18,7 @@ import sys
 import time
 import uuid as uuidlib
 
-from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, run_cli
+from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
 
 END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
 LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name")
@@ -231,14 +231,6 @@ def jobtypes(client, args):
 
 def emit(args, obj, text):
     print(json.dumps(obj, indent=2) if args.json_out else text())
-
-
-def format_table(rows, columns):
-    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
 
 
 def format_job(job):

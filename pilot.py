@@ -25,7 +25,7 @@ import threading
 import time
 import uuid as uuidlib
 
-from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, run_cli
+from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
@@ -589,11 +589,15 @@ def define_site(client, args):
         try:
             with open(args.site_file) as f:
                 fields = json.load(f)
-        except (OSError, ValueError) as e:
-            raise InputError(f"-j {args.site_file}: {getattr(e, 'strerror', None) or e}") from None
+        except OSError as e:
+            raise InputError(f"-j {args.site_file}: {e.strerror}") from None
+        except ValueError as e:
+            raise InputError(f"-j {args.site_file}: malformed JSON: {e}") from None
         if not isinstance(fields, dict) or not isinstance(fields.get("name", args.site), str):
             raise InputError(f"-j {args.site_file}: expected a site object with a name")
         name = args.site or fields.get("name", "")
+        if not name:
+            raise InputError(f"-j {args.site_file}: the site has no name; give one with -s NAME")
     else:
         name = args.site
         fields = {"period": args.period, "cycles": args.cycles, "heartbeat": args.heartbeat,
@@ -607,13 +611,10 @@ SITE_COLUMNS = ("name", "pilots", "pilotlife", "period", "cycles", "heartbeat", 
 
 
 def format_sites(sites):
-    """Sites as a table: one line each, empty cells for unset fields."""
-    cells = [[("" if s.get(c) in (None, {}) else json.dumps(s[c]) if c == "env" else f"{s[c]:g}"
-               if isinstance(s[c], float) else str(s[c])) for c in SITE_COLUMNS] for s in sites]
-    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(SITE_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(SITE_COLUMNS, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
+    """Sites as a table: env as JSON, unset fields as empty cells."""
+    shown = [{c: json.dumps(s[c]) if c == "env" and s[c] else None if c == "env" else
+              f"{s[c]:g}" if isinstance(s[c], float) else s[c] for c in SITE_COLUMNS} for s in sites]
+    return format_table(shown, SITE_COLUMNS)
 
 
 def list_sites(client):

@@ -762,6 +762,11 @@ def jobtype_counts(by_state):
             "failed": sum(by_state.get(s, 0) for s in FAILED_STATES)}
 
 
+def pilot_view(row, t):
+    """A pilot as the pages show it: with the seconds since its last heartbeat."""
+    return dict(pilot_to_dict(row), beat_age=t - row["ts_beat"])
+
+
 def alarm(name, message, link):
     return {"name": name, "message": message, "link": link}
 
@@ -2382,12 +2387,12 @@ class Views:
     def pilots(self, query):
         rows, paging = page_of(self.store, "pilots", query, ("state", "site", "host"))
         t = now()
-        return {"pilots": [dict(pilot_to_dict(r), beat_age=t - r["ts_beat"]) for r in rows], **paging}
+        return {"pilots": [pilot_view(r, t) for r in rows], **paging}
 
     def pilot(self, uuid, query):
         with self.store.reading() as conn:
             row = lookup(conn, "pilots", uuid)
-        pilot = dict(pilot_to_dict(row), beat_age=now() - row["ts_beat"])
+        pilot = pilot_view(row, now())
         pilot["logs"] = [self.file_link("pilot log", row["log"])] if row["log"] else []
         pilot["recent_jobs"] = [dict(r) for r in self.store.read(
             "SELECT uuid, name, jobtype, state, exit_code, ts_sta, ts_sto FROM jobs WHERE pilot=? "
@@ -2420,7 +2425,7 @@ class Views:
         rows, paging = page_of(self.store, "pilots", {**query, "site": name}, ("site", "state"))
         t = now()
         return {**site, **self.svc.site_figures(site, t), **paging,
-                "pilots_list": [dict(pilot_to_dict(r), beat_age=t - r["ts_beat"]) for r in rows]}
+                "pilots_list": [pilot_view(r, t) for r in rows]}
 
     # -- files ------------------------------------------------------------------------------------
     def resolve(self, path):

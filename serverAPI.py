@@ -11,7 +11,7 @@ Connection errors and 5xx answers are retried with capped exponential backoff fo
 seconds; everything else fails at once. Every failure raises P3SError with a readable message.
 
 It also holds the conventions every tool shares: ArgumentParser (one-line usage errors),
-add_verbosity (-v N, $P3S_VERBOSITY) and run_cli (exit 0 success, 2 bad input, 1 server or
+add_verbosity (-v N, $P3S_VERBOSITY), format_table (text tables) and run_cli (exit 0 success, 2 bad input, 1 server or
 network failure).
 """
 import argparse
@@ -298,6 +298,15 @@ class Client:
 
     def check_token(self):
         return self.call("POST", "/api/auth", {})
+
+
+def format_table(rows, columns):
+    """Rows (dicts) as aligned text columns under a header line; None shows as an empty cell."""
+    cells = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)) for row in cells]
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def batches(items, max_bytes, max_items):
