@@ -363,6 +363,22 @@ MIGRATIONS = [
             ON CONFLICT(bucket, jobtype, state) DO UPDATE SET n = n + 1;
     END;
     """,
+    # v7: end counts per minute also by the site of the pilot that ran the job (the sites page
+    # shows each site's finished and failed jobs of the last hour); they replace type_ends.
+    """
+    CREATE TABLE ends(bucket INTEGER NOT NULL, jobtype TEXT NOT NULL, site TEXT NOT NULL, state TEXT NOT NULL,
+                      n INTEGER NOT NULL, PRIMARY KEY(bucket, jobtype, site, state)) WITHOUT ROWID;
+    INSERT INTO ends SELECT bucket, jobtype, '', state, n FROM type_ends;
+    DROP TRIGGER jobs_type_end;
+    DROP TABLE type_ends;
+    CREATE TRIGGER jobs_ends AFTER UPDATE OF state ON jobs
+    WHEN old.state IS NOT new.state
+         AND new.state IN ('finished', 'failed', 'timeout', 'pilotTO', 'cancelled') BEGIN
+        INSERT INTO ends VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 60, new.jobtype,
+                                COALESCE((SELECT site FROM pilots WHERE uuid = new.pilot), ''), new.state, 1)
+            ON CONFLICT(bucket, jobtype, site, state) DO UPDATE SET n = n + 1;
+    END;
+    """,
 ]
 
 
@@ -1981,7 +1997,11 @@ class Service:
         ended = self.store.read("SELECT state, ts_stop - ts_reg AS life FROM pilots WHERE site=? AND state IN "
                                 "('stopped', 'lost') AND ts_stop > ? LIMIT 10000", (site["name"], t - 3600))
         lives = [r["life"] for r in ended]
-        return {"live": sum(live.values()), "running": live.get("running", 0) + live.get("dispatched", 0),
+        jobs = {r["state"]: r["n"] for r in self.store.read(
+            "SELECT state, SUM(n) AS n FROM ends WHERE site=? AND bucket >= ? GROUP BY state",
+            (site["name"], int(t - 3600) // 60))}
+        return {"finished_1h": jobs.get("finished", 0), "failed_1h": sum(jobs.get(s, 0) for s in FAILED_STATES),
+                "live": sum(live.values()), "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),
                 "lost_1h": sum(r["state"] == "lost" for r in ended), "ended_1h": len(ended),
                 "mean_life_1h": sum(lives) / len(lives) if lives else None, "median_life_1h": median(lives)}
@@ -2063,7 +2083,7 @@ class Service:
     def failure_alarms(self, t):
         """Job types whose jobs mostly fail: from per-minute end counts of the last hour."""
         ended = {}
-        for r in self.store.read("SELECT jobtype, state, SUM(n) AS n FROM type_ends WHERE bucket >= ? "
+        for r in self.store.read("SELECT jobtype, state, SUM(n) AS n FROM ends WHERE bucket >= ? "
                                  "GROUP BY jobtype, state", (int(t - 3600) // 60,)):
             ended.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
         found = []
@@ -2113,7 +2133,7 @@ class Service:
             self.last_tidy = t
             self.store.write(lambda conn: (conn.execute("DELETE FROM job_ends WHERE bucket < ?",
                                                         (int(t - 2 * 86400) // 10,)),
-                                           conn.execute("DELETE FROM type_ends WHERE bucket < ?",
+                                           conn.execute("DELETE FROM ends WHERE bucket < ?",
                                                         (int(t - 2 * 86400) // 60,))))
             self.store.read("PRAGMA optimize")
 
@@ -2696,7 +2716,7 @@ def render_pilot(d, query):
 
 
 SITE_HEADERS = ["site", "nominal pilots", "live", "running", "idle", "lost (1 h)", "ended (1 h)",
-                "mean pilot life (1 h)", "nominal life"]
+                "jobs finished (1 h)", "jobs failed (1 h)", "mean pilot life (1 h)", "nominal life"]
 
 
 def site_row(s):
@@ -2705,6 +2725,7 @@ def site_row(s):
     live = f'<span class="s-lost">{esc(s["live"])}</span>' if short else esc(s["live"])
     return [link(f"/site/{s['name']}", s["name"]), esc(s["pilots"]), live, esc(s["running"]), esc(s["idle"]),
             link(href("/pilots", site=s["name"], state="lost"), s["lost_1h"]), esc(s["ended_1h"]),
+            esc(s["finished_1h"]), f'<span class="s-failed">{s["failed_1h"]}</span>' if s["failed_1h"] else "0",
             esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"]))]
 
 

@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from html import escape
 
 import pytest
@@ -136,6 +138,16 @@ class P3S:
 
     def job(self, uuid):
         return self.api.get_job(uuid)
+
+    def page(self, path, status=200):
+        """The text of a page (or any answer) as a browser gets it, checking its status."""
+        try:
+            with urllib.request.urlopen(self.url + path, timeout=10) as answer:
+                assert answer.status == status
+                return answer.read().decode()
+        except urllib.error.HTTPError as e:
+            assert e.code == status, (path, e.code, e.read())
+            return e.read().decode()
 
     def wait_jobs(self, uuids, timeout=60, states=END_STATES):
         def done():

@@ -10,13 +10,7 @@ from conftest import P3S, shell_job, wait_until
 
 
 def get(p3s, path, status=200):
-    try:
-        with urllib.request.urlopen(p3s.url + path, timeout=10) as answer:
-            assert answer.status == status
-            return answer.read().decode()
-    except urllib.error.HTTPError as e:
-        assert e.code == status, (path, e.code, e.read())
-        return e.read().decode()
+    return p3s.page(path, status)
 
 
 def get_json(p3s, path, status=200):

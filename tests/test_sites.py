@@ -186,3 +186,16 @@ def test_pilots_dying_young_raise_the_pilot_lifetime_alarm(p3s):
     assert message.startswith("short: pilots ended in the last hour lived") and "of 600 s nominal" in message
     p3s.api.define_site("short", pilotlife=0.01)         # they did live half of that
     assert raised() == []
+
+
+def test_the_sites_page_counts_the_jobs_each_sites_pilots_finished_and_failed(p3s):
+    p3s.api.define_site("lxvm")
+    p3s.api.define_site("neut")
+    p3s.submit([shell_job("true"), shell_job("true"), shell_job("exit 3")])
+    assert p3s.run("pilot.py", "-s", "lxvm", "-c", "3", "-p", "0", "-L", p3s.logs).returncode == 0
+    p3s.submit([shell_job("true")])
+    assert p3s.run("pilot.py", "-s", "neut", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0
+    sites = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
+    assert [(s["name"], s["finished_1h"], s["failed_1h"]) for s in sites] == [("lxvm", 2, 1), ("neut", 1, 0)]
+    page = p3s.page("/sites")
+    assert '<span class="s-failed">1</span>' in page

@@ -202,7 +202,7 @@ def rendered_pages():
                 "datasets": []}
     query = {"state": HOSTILE}
     site = {"name": HOSTILE, "pilots": 3, "tolerance": None, "live": 1, "running": 0, "idle": 1, "lost_1h": 0,
-            "ended_1h": 0, "mean_life_1h": None, "pilotlife": None, "server": HOSTILE, "period": 1,
+            "finished_1h": 2, "failed_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None, "server": HOSTILE, "period": 1,
             "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE}, "pilots_list": [pilot], "page": 1, "more": False}
     return [server.render_sites({"sites": [site]}, query), server.render_site(site, query),
             server.render_summary(summary, query), server.render_jobs(listing, query),
