@@ -6,15 +6,18 @@
     python pilot.py --define-site -s mysite -p 20 -b 5 --site-env DATA=/eos/x   # site defaults
 
 The payload runs in its own process group (a watchdog process kills the group if the pilot
-dies, even by kill -9) with the job's env plus P3S_JOB_UUID, P3S_PILOT_UUID
-and P3S_INPUT_FILE; its stdout/stderr go to <joblogdir>/<uuid>.out|.err. At the time limit the
+dies, even by kill -9) with the job's env plus P3S_JOB_UUID, P3S_PILOT_UUID, P3S_INPUT_FILE and
+P3S_OUTPUT_DIR (<joblogdir>/<uuid>/: the images it leaves there, PNG, JPEG, GIF or SVG, are sent
+to the server for the job's page); its stdout/stderr go to <joblogdir>/<uuid>.out|.err. At the time limit the
 group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stops the payload the
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
+import glob
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -34,6 +37,8 @@ LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
 RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, forever
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".svg")     # what a job publishes for its page
+IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
 log = logging.getLogger("p3s.pilot")
 
 
@@ -205,6 +210,29 @@ def copy_payload(command, scratch):
     return [copy] + command[1:]
 
 
+def images_to_publish(env, limits):
+    """(name, path) of the images to publish: those in $P3S_OUTPUT_DIR (and below) and those the
+    $P3S_PUBLISH globs name (space-separated; relative to the output directory), within limits."""
+    out = env["P3S_OUTPUT_DIR"]
+    found = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files]
+    for pattern in env.get("P3S_PUBLISH", "").split():
+        found += glob.glob(os.path.join(out, os.path.expanduser(pattern)))
+    chosen = {}
+    for path in sorted(set(found)):
+        rel = os.path.relpath(path, out) if path.startswith(out + os.sep) else os.path.basename(path)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "_")).lstrip("._-")
+        if (os.path.splitext(name)[1].lower() not in IMAGE_EXTS or os.path.islink(path)
+                or not os.path.isfile(path)):
+            continue
+        if os.path.getsize(path) > limits["max_bytes"]:
+            log.warning("image %s not published: over %d bytes", path, limits["max_bytes"])
+        elif len(chosen) == limits["max_count"]:
+            log.warning("image %s not published: a job publishes at most %d", path, limits["max_count"])
+        else:
+            chosen.setdefault(name, path)
+    return list(chosen.items())
+
+
 def kill_group(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -234,8 +262,8 @@ def tail(path, size=TAIL_BYTES):
 class Execution:
     """A running payload and why it may have to stop early (set from other threads)."""
 
-    def __init__(self, job, proc, out_path, err_path):
-        self.job, self.proc = job, proc
+    def __init__(self, job, proc, out_path, err_path, env):
+        self.job, self.proc, self.env = job, proc, env
         self.out_path, self.err_path = out_path, err_path
         self.stop_reason = None     # (state, errmsg) once someone decided to end it
         self.started = time.monotonic()     # the time limit counts from here
@@ -272,6 +300,7 @@ class Pilot:
         self.exit_reason = None         # set when the pilot should stop asking for work
         self.idle = False               # True only while blocked in a job request
         self.beats = threading.Event()  # set to stop the heartbeat thread
+        self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
 
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self, uuid=None):
@@ -284,6 +313,7 @@ class Pilot:
         answer = self.client.register_pilot(retry_for=REGISTER_RETRY, **info)
         self.heard_from_server()
         self.uuid, self.lease, self.dropped = answer["uuid"], answer["lease"], None
+        self.image_limits = answer.get("images", IMAGE_LIMITS)
         site = answer.get("site") or {}
         for key in DEFAULTS:       # explicit options win over site defaults, which win over ours
             chosen = getattr(self.args, key)
@@ -418,6 +448,7 @@ class Pilot:
         log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
+        self.publish_images(job, execution.env)
         self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                                "stdout": tail(out_path), "stderr": tail(err_path)})
 
@@ -438,18 +469,30 @@ class Pilot:
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job)
+        output_dir = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"]))
         if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
-            command = copy_payload(command, os.path.join(self.args.joblogdir, job["uuid"]))
+            command = copy_payload(command, output_dir)
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
-        env = {**inherited, **self.site_env, **job["env"],
+        env = {**inherited, "P3S_OUTPUT_DIR": output_dir, **self.site_env, **job["env"],
                "P3S_JOB_UUID": job["uuid"], "P3S_PILOT_UUID": self.uuid}
         if job.get("infile") and "P3S_INPUT_FILE" not in job["env"]:
             env["P3S_INPUT_FILE"] = job["infile"]
+        os.makedirs(env["P3S_OUTPUT_DIR"], exist_ok=True)
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(command, shell=shell, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=err, start_new_session=True)
         self.watchdog.watch(proc.pid)
-        return Execution(job, proc, out_path, err_path)
+        return Execution(job, proc, out_path, err_path, env)
+
+    def publish_images(self, job, env):
+        """Send the server the images the job made, so its page shows them even where the
+        server cannot read the worker's disk. Best effort: a refusal never fails the job."""
+        for name, path in images_to_publish(env, self.image_limits):
+            try:
+                with open(path, "rb") as f:
+                    self.client.publish_image(job["uuid"], name, f.read(), self.uuid)
+            except (OSError, P3SError) as e:
+                log.warning("job %s: image %s not published: %s", job["uuid"], path, e)
 
     def wait(self, execution):
         """Wait for the payload, enforcing the time limit; (state, exit code, message)."""

@@ -38,6 +38,7 @@ import os
 import queue
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -47,7 +48,7 @@ import threading
 import time
 import uuid as uuidlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, unquote, urlencode, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 from xml.etree import ElementTree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,6 +95,9 @@ FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction)
 DISCARD_LIMIT = 64 * 1024 * 1024    # bytes of an oversized body read and dropped, so that the
                                     # client, still sending, gets to read our 413
+ERROR_BUCKET = 600                  # seconds: the error summary counts failures in buckets this long
+MAX_IMAGE_BYTES = 2 * 1024 * 1024   # a published image (a job's plot), at most
+MAX_IMAGES = 20                     # images one job may publish
 INT64 = 2 ** 63                     # sqlite's integers are 64-bit: anything outside is a 400
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
@@ -377,6 +381,33 @@ MIGRATIONS = [
         INSERT INTO ends VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 60, new.jobtype,
                                 COALESCE((SELECT site FROM pilots WHERE uuid = new.pilot), ''), new.state, 1)
             ON CONFLICT(bucket, jobtype, site, state) DO UPDATE SET n = n + 1;
+    END;
+    """,
+    # v8: what a shifter reads. Each ended job's one-line reason (set when it ends; jobs ended
+    # before keep their error message or exit code); failures counted per 10 minutes, jobtype and
+    # normalised reason (the error summary); claims per minute and a per-minute sample of pilots
+    # and queue (the activity charts); the images jobs published (their files beside the db).
+    """
+    ALTER TABLE jobs ADD COLUMN reason TEXT NOT NULL DEFAULT '';
+    UPDATE jobs SET reason = CASE WHEN errmsg != '' THEN substr(errmsg, 1, 300)
+                                  ELSE 'exit code ' || exit_code END
+    WHERE state IN ('failed', 'timeout', 'pilotTO') AND (errmsg != '' OR exit_code IS NOT NULL);
+    CREATE INDEX jobs_problems ON jobs(id) WHERE state IN ('failed', 'timeout', 'pilotTO');
+    CREATE TABLE errors(bucket INTEGER NOT NULL, jobtype TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
+                        first REAL NOT NULL, last REAL NOT NULL, PRIMARY KEY(bucket, jobtype, reason)) WITHOUT ROWID;
+    CREATE TABLE job_starts(bucket INTEGER PRIMARY KEY, n INTEGER NOT NULL);
+    CREATE TRIGGER jobs_start AFTER UPDATE OF state ON jobs WHEN new.state = 'dispatched' BEGIN
+        INSERT INTO job_starts VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 60, 1)
+            ON CONFLICT(bucket) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TABLE samples(minute INTEGER PRIMARY KEY, pilots INTEGER NOT NULL, running INTEGER NOT NULL,
+                         queued INTEGER NOT NULL);
+    CREATE TABLE images(id INTEGER PRIMARY KEY, job TEXT NOT NULL, name TEXT NOT NULL, type TEXT NOT NULL,
+                        size INTEGER NOT NULL, jobtype TEXT NOT NULL, infile TEXT NOT NULL, ts REAL NOT NULL,
+                        UNIQUE(job, name));
+    CREATE INDEX images_jobtype ON images(jobtype, id);
+    CREATE TRIGGER jobs_images_delete AFTER DELETE ON jobs BEGIN
+        DELETE FROM images WHERE job = old.uuid;
     END;
     """,
 ]
@@ -1221,17 +1252,54 @@ def insert_jobs(conn, rows, who=""):
 
 def requeue_or_end(conn, job, end_state, who, info, changes=None):
     """End a job in end_state, or put it back to `defined` while attempts remain; an ended
-    workflow job moves its workflow on. Returns (the job's new state, how many jobs became
-    claimable), or (None, 0) if the job was no longer in the state `job` says."""
+    workflow job moves its workflow on. A failure's reason is kept with the job and counted
+    in the error summary. Returns (the job's new state, how many jobs became claimable), or
+    (None, 0) if the job was no longer in the state `job` says."""
+    changes = dict(changes or {})
+    t = changes["ts_sto"] = now()
+    changes["reason"] = "" if end_state == "finished" else job_reason(
+        changes.get("errmsg") or info, changes.get("stderr_tail", ""), changes.get("exit_code"))
     if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
-                    pilot=job["pilot"], info=info, changes={**(changes or {}), "ts_sto": now()}):
+                    pilot=job["pilot"], info=info, changes=changes):
         return None, 0
+    if end_state in FAILED_STATES:
+        count_error(conn, job["jobtype"], changes["reason"], t)
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
                               ts_sto=None))
         return "defined", 1
     return end_state, advance_workflow(conn, job["wfuuid"]) if job["wfuuid"] else 0
+
+
+EXIT_CODE_ONLY = re.compile(r"exit code -?\d+")
+REASON_CHARS = 300
+FOLDED = ((re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I), "<uuid>"),
+          (re.compile(r"0x[0-9a-f]+|\b[0-9a-f]{12,}\b", re.I), "<hex>"), (re.compile(r"\d+(\.\d+)?"), "#"))
+
+
+def job_reason(errmsg, stderr_tail, exit_code):
+    """Why a job failed, in one line: its error message, else the last non-empty line of its
+    stderr (where payloads say what went wrong), else its exit code."""
+    if errmsg and not EXIT_CODE_ONLY.fullmatch(errmsg):
+        line = errmsg
+    else:
+        line = next((x for x in reversed(stderr_tail.splitlines()) if x.strip()), "")
+        line = line or (f"exit code {exit_code}" if exit_code is not None else errmsg)
+    return " ".join(line.split())[:REASON_CHARS]
+
+
+def normalise_reason(reason):
+    """A reason with its numbers, uuids and hex folded, so the same failure groups together."""
+    for pattern, replacement in FOLDED:
+        reason = pattern.sub(replacement, reason)
+    return reason
+
+
+def count_error(conn, jobtype, reason, t):
+    conn.execute("INSERT INTO errors VALUES(?, ?, ?, 1, ?, ?) ON CONFLICT(bucket, jobtype, reason) "
+                 "DO UPDATE SET n = n + 1, last = excluded.last",
+                 (int(t) // ERROR_BUCKET, jobtype, normalise_reason(reason), t, t))
 
 
 def cancel_job(conn, job, who, info):
@@ -1639,6 +1707,102 @@ class Workflows:
         return {"name": name, "ext": ext}
 
 
+# -- Service: published images -------------------------------------------------------------------
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
+               ".svg": "image/svg+xml"}
+IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SVG_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"   # an SVG shows, never runs
+
+
+def sniff_image(data, ext):
+    """The MIME type `data` really has if it is the image its extension says, else None."""
+    magic = {".png": (b"\x89PNG\r\n\x1a\n",), ".jpg": (b"\xff\xd8\xff",), ".jpeg": (b"\xff\xd8\xff",),
+             ".gif": (b"GIF87a", b"GIF89a")}
+    if ext == ".svg":
+        return IMAGE_TYPES[ext] if b"<svg" in data[:4096] else None
+    return IMAGE_TYPES[ext] if ext in magic and data.startswith(magic[ext]) else None
+
+
+class Images:
+    """The images jobs publish (their plots), kept as files in a directory beside the database,
+    never in a web root, one subdirectory per job; the images table says which exist.
+
+    Methods for the caller: publish (a pilot's upload), path_of (serving), forget (purge)."""
+
+    def __init__(self, store, directory, max_bytes=MAX_IMAGE_BYTES, max_count=MAX_IMAGES):
+        self.store, self.directory = store, directory
+        self.max_bytes, self.max_count = max_bytes, max_count
+
+    def limits(self):
+        return {"max_bytes": self.max_bytes, "max_count": self.max_count}
+
+    def publish(self, uuid, name, data, secret):
+        """Keep one image of a job its pilot is running; the pilot proves it holds the job."""
+        with self.store.transaction() as conn:
+            job = lookup(conn, "jobs", uuid)
+            if not job["pilot"]:
+                raise ApiError(403, f"X-P3S-Pilot-Secret: no pilot holds job {uuid}; images need the secret "
+                                    "of the pilot running it")
+            check_pilot_secret(conn, job["pilot"], secret)
+            if job["state"] not in ACTIVE_JOB_STATES:
+                raise ApiError(409, f"job {uuid}: is {job['state']}; images are published while it runs")
+            mime = self.check_image(name, data)
+            held = conn.execute("SELECT COUNT(*) FROM images WHERE job=? AND name != ?", (uuid, name)).fetchone()[0]
+            if held >= self.max_count:
+                raise bad(f"{name}: job {uuid} already published {held} images, the most a job may")
+            self.write_file(uuid, name, data)
+            conn.execute("INSERT OR REPLACE INTO images(job, name, type, size, jobtype, infile, ts) "
+                         "VALUES(?, ?, ?, ?, ?, ?, ?)", (uuid, name, mime, len(data), job["jobtype"],
+                                                         job["infile"], now()))
+        return {"job": uuid, "name": name, "type": mime, "size": len(data)}
+
+    def check_image(self, name, data):
+        """The image's MIME type, or a 400/413 naming what is wrong with it."""
+        ext = os.path.splitext(name)[1].lower()
+        if not IMAGE_NAME.fullmatch(name) or ext not in IMAGE_TYPES:
+            raise bad(f"name: {name[:140]!r} must be a plain file name (letters, digits, . _ -) ending in "
+                      f"{', '.join(IMAGE_TYPES)}")
+        if len(data) > self.max_bytes:
+            raise ApiError(413, f"{name}: {len(data)} bytes is over the image limit of {self.max_bytes}")
+        mime = sniff_image(data, ext)
+        if mime is None:
+            raise bad(f"{name}: the content is not a {ext[1:].upper()} image")
+        return mime
+
+    def write_file(self, uuid, name, data):
+        folder = os.path.join(self.directory, uuid)
+        os.makedirs(folder, mode=0o750, exist_ok=True)
+        partial = os.path.join(folder, f".{name}.part")
+        with open(partial, "wb") as f:
+            f.write(data)
+        os.replace(partial, os.path.join(folder, name))
+
+    def path_of(self, uuid, name):
+        """(file path, MIME type) of a published image, or a 404."""
+        row = self.store.read_one("SELECT type FROM images WHERE job=? AND name=?", (uuid, name))
+        if row is None:
+            raise ApiError(404, f"image {name[:140]!r} of job {uuid}: no such image")
+        return os.path.join(self.directory, uuid, name), row["type"]
+
+    def forget(self, uuids):
+        """Remove the files of deleted jobs (their rows went with the jobs, by trigger)."""
+        for uuid in uuids:
+            shutil.rmtree(os.path.join(self.directory, uuid), ignore_errors=True)
+
+    def sweep(self, settle=TIDY_PERIOD):
+        """Remove the folders of jobs deleted by other paths (a deleted workflow), left over by a
+        crash between a file and its row; folders younger than `settle` may be mid-publish."""
+        try:
+            folders = [e.name for e in os.scandir(self.directory)
+                       if e.is_dir() and e.stat().st_mtime < now() - settle]
+        except FileNotFoundError:
+            return
+        for chunk in chunks(folders):
+            kept = {r[0] for r in self.store.read(f"SELECT DISTINCT job FROM images WHERE job IN "
+                                                  f"({','.join('?' * len(chunk))})", chunk)}
+            self.forget(set(chunk) - kept)
+
+
 # -- Service: jobs, pilot protocol, sites and alarms, services, housekeeping ----------------------
 class Service:
     """The operations behind the API routes that are not brokerage or workflows: jobs and their
@@ -1652,9 +1816,10 @@ class Service:
     """
 
     def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
-                 no_new_work=0, starving_minutes=STARVING_MINUTES):
+                 no_new_work=0, starving_minutes=STARVING_MINUTES, images=None):
         self.store = store
         self.broker = Broker(store)
+        self.images = images or Images(store, store.path + ".files")
         self.workflows = Workflows(store, self.broker)
         self.hk_period = hk_period
         self.retention_days = retention_days
@@ -1667,6 +1832,7 @@ class Service:
         self.resumed = now()        # silence is counted from here: the start, or the last pause
         self.last_pass = (time.monotonic(), self.resumed)
         self.last_tidy = self.resumed
+        self.sampled_minute = None  # the minute of the last activity sample
 
     def stop(self):
         """Shutdown: end the housekeeping loop and every long poll."""
@@ -1761,6 +1927,7 @@ class Service:
                 raise ApiError(409, f"job {uuid}: is {job['state']}; cancel it before deleting it")
             conn.execute("DELETE FROM jobs WHERE uuid=? AND state=?", (uuid, job["state"]))
             event(conn, "job", uuid, job["state"], "deleted", who)
+        self.images.forget([uuid])
         return {"deleted": uuid}
 
     def list_jobtypes(self, query):
@@ -1822,7 +1989,7 @@ class Service:
             else:   # a registration repeated because its answer was lost: the same pilot, once
                 own_pilot(conn, pilot["uuid"], secret)
         return {"uuid": pilot["uuid"], "secret": secret, "heartbeat": pilot["heartbeat"], "site": site or None,
-                "lease": pilot["heartbeat"] * self.lease_beats}
+                "lease": pilot["heartbeat"] * self.lease_beats, "images": self.images.limits()}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
                    "pid", "stdout_path", "stderr_path")
@@ -2127,15 +2294,36 @@ class Service:
         if self.retention_days:
             purged = self.store.write(self.purge, t - self.retention_days * 86400)
             if purged:
-                log.info("retention: purged %d ended object(s) older than %g days", purged, self.retention_days)
+                self.images.forget(purged)
+                log.info("retention: purged %d ended object(s) older than %g days", len(purged),
+                         self.retention_days)
         self.keep_wal_small()
+        if int(t) // 60 != self.sampled_minute:
+            self.store.write(self.sample, t)
         if t - self.last_tidy > TIDY_PERIOD:
             self.last_tidy = t
-            self.store.write(lambda conn: (conn.execute("DELETE FROM job_ends WHERE bucket < ?",
-                                                        (int(t - 2 * 86400) // 10,)),
-                                           conn.execute("DELETE FROM ends WHERE bucket < ?",
-                                                        (int(t - 2 * 86400) // 60,))))
+            self.store.write(self.trim_counts, t)
+            self.images.sweep()
             self.store.read("PRAGMA optimize")
+
+    def sample(self, conn, t):
+        """Once a minute: live pilots, running and queued jobs, for the activity charts."""
+        pilots = conn.execute("SELECT COALESCE(SUM(n), 0) FROM pilot_counts WHERE state IN (%s)"
+                              % ",".join("?" * len(LIVE_PILOT_STATES)), LIVE_PILOT_STATES).fetchone()[0]
+        jobs = dict(conn.execute("SELECT state, SUM(n) FROM job_counts WHERE state IN "
+                                 "('defined', 'dispatched', 'running') GROUP BY state").fetchall())
+        conn.execute("INSERT OR REPLACE INTO samples VALUES(?, ?, ?, ?)",
+                     (int(t) // 60, pilots, jobs.get("dispatched", 0) + jobs.get("running", 0),
+                      jobs.get("defined", 0)))
+        self.sampled_minute = int(t) // 60
+
+    @staticmethod
+    def trim_counts(conn, t):
+        """The time-bucketed counts are kept 2 days (alarms, summary), the charts' 7 days."""
+        for table, bucket, keep in (("job_ends", 10, 2), ("ends", 60, 2), ("errors", ERROR_BUCKET, 7),
+                                    ("job_starts", 60, 7)):
+            conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (int(t - keep * 86400) // bucket,))
+        conn.execute("DELETE FROM samples WHERE minute < ?", (int(t - 7 * 86400) // 60,))
 
     def keep_wal_small(self):
         """Truncate a write-ahead log past its limit; say so once if a reader prevents it."""
@@ -2193,7 +2381,8 @@ class Service:
 
     def purge(self, conn, cutoff):
         """Delete, at most PURGE_BATCH of each per pass, what ended before `cutoff`: standalone
-        jobs, workflows with their jobs and files, stopped or lost pilots; and their history."""
+        jobs, workflows with their jobs and files, stopped or lost pilots; and their history.
+        Returns the uuids deleted."""
         gone = []
         for state in END_JOB_STATES:
             gone += delete_rows(conn, "jobs", "state=? AND ts_sto < ? AND wfuuid IS NULL LIMIT ?",
@@ -2208,7 +2397,7 @@ class Service:
             gone += delete_rows(conn, "pilots", "state=? AND ts_beat < ? LIMIT ?", (state, cutoff, PURGE_BATCH))
         for chunk in chunks(gone):
             conn.execute(f"DELETE FROM events WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
-        return len(gone)
+        return gone
 
     def housekeeping_loop(self):
         failing = None                  # the last failure, logged once until it changes
@@ -2238,6 +2427,37 @@ class Service:
 # Every query here is bounded (LIMIT, counts tables, buckets) so pages stay fast at 1M jobs.
 ################################################################################################
 WINDOWS = (("1m", 60), ("10m", 600), ("1h", 3600), ("24h", 86400))
+JOB_FILTERS = ("state", "jobtype", "site", "user", "workflow", "age", "reason")
+STATE_GROUPS = {"problems": FAILED_STATES}
+
+
+def parse_states(value):
+    """?state=a,b,problems,error: (the states, whether only jobs with a non-zero exit code);
+    a 400 naming the choices for anything else."""
+    states, errors_only = [], False
+    for name in filter(None, (v.strip() for v in value.split(","))):
+        if name == "error":
+            errors_only = True
+        elif name in STATE_GROUPS:
+            states += STATE_GROUPS[name]
+        elif name in JOB_STATES:
+            states.append(name)
+        else:
+            raise bad(f"state: unknown state {name!r}; choose from {', '.join(JOB_STATES)}, "
+                      f"{', '.join(STATE_GROUPS)}, error (non-zero exit code), or a comma list")
+    return list(dict.fromkeys(states)), errors_only
+
+
+def like_escape(text):
+    """`text` for a LIKE pattern with ESCAPE '\\': its own % and _ match only themselves."""
+    return re.sub(r"([\\%_])", r"\\\1", text)
+
+
+def reason_pattern(normalised):
+    """A LIKE pattern matching the raw reasons a normalised one stands for."""
+    return re.sub(r"#|<uuid>|<hex>", "%", like_escape(normalised))
+
+
 JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobtype": "jobtype",
              "ended": "ts_sto"}
 
@@ -2251,10 +2471,11 @@ class Views:
     through the service's store and calls no write operation.
     """
 
-    def __init__(self, service, files_roots, private=()):
+    def __init__(self, service, files_roots, private=(), links=()):
         self.svc, self.store = service, service.store
         self.roots = [os.path.realpath(r) for r in files_roots]
         self.private = {os.path.realpath(p) for p in private}   # never served, whatever the roots
+        self.links = list(links)                                # (name, URL) for the summary header
 
     # -- summary ----------------------------------------------------------------------------------
     def counts(self):
@@ -2270,10 +2491,46 @@ class Views:
         t = now()
         by_state, by_type, pilots = self.counts()
         caps = {r["name"]: r["cap"] for r in self.store.read("SELECT name, cap FROM jobtypes")}
-        return {"time": t, "jobs_by_state": by_state, "jobs_by_jobtype": by_type, "caps": caps,
-                "pilots_by_state": pilots, "ended": self.ended_counts(t),
-                "recent_failures": self.recent_failures(10),
-                "latency": self.start_latency(t), "alarms": self.svc.alarms()["alarms"]}
+        return {"time": t, "server": self.server_info(), "jobs_by_state": by_state, "jobs_by_jobtype": by_type,
+                "caps": caps, "pilots_by_state": pilots, "ended": self.ended_counts(t),
+                "recent_failures": self.recent_failures(10), "errors": self.error_summary(t, 10),
+                "activity": self.activity(t), "latency": self.start_latency(t),
+                "alarms": self.svc.alarms()["alarms"]}
+
+    def server_info(self):
+        """The summary header: where this is, how loaded, and the crew's own links."""
+        return {"host": socket.gethostname(), "load": list(os.getloadavg()),
+                "links": [{"name": n, "url": u} for n, u in self.links]}
+
+    def error_summary(self, t, limit=-1):
+        """Failures of the last 24 h by jobtype and normalised reason, most frequent in the last
+        hour first, from the 10-minute counts (bounded by distinct reasons, never by jobs)."""
+        rows = self.store.read(
+            "SELECT jobtype, reason, SUM(CASE WHEN bucket >= ? THEN n ELSE 0 END) AS last_1h, SUM(n) AS last_24h, "
+            "MIN(first) AS first, MAX(last) AS last FROM errors WHERE bucket >= ? GROUP BY jobtype, reason "
+            "ORDER BY last_1h DESC, last_24h DESC, last DESC LIMIT ?",
+            (int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET, limit))
+        return [dict(r) for r in rows]
+
+    def errors(self, query):
+        return {"time": now(), "errors": self.error_summary(now())}
+
+    def activity(self, t):
+        """The charts over the last 24 h: jobs claimed, finished and failed per 10 minutes (from
+        the per-minute counts), and the per-minute samples of live pilots, running and queued jobs."""
+        first = int(t - 86400) // 600
+        bins = {b: {"start": b * 600, "started": 0, "finished": 0, "failed": 0} for b in range(first + 1, int(t) // 600 + 1)}
+        for r in self.store.read("SELECT bucket / 10 AS b, SUM(n) AS n FROM job_starts WHERE bucket >= ? GROUP BY b",
+                                 (first * 10 + 10,)):
+            bins[r["b"]]["started"] = r["n"]
+        marks = ",".join("?" * len(FAILED_STATES))
+        for r in self.store.read(f"SELECT bucket / 10 AS b, state = 'finished' AS good, SUM(n) AS n FROM ends "
+                                 f"WHERE bucket >= ? AND state IN ('finished', {marks}) GROUP BY b, good",
+                                 (first * 10 + 10, *FAILED_STATES)):
+            bins[r["b"]]["finished" if r["good"] else "failed"] = r["n"]
+        samples = [dict(r) for r in self.store.read("SELECT minute * 60 AS ts, pilots, running, queued FROM samples "
+                                                    "WHERE minute > ? ORDER BY minute", (int(t - 86400) // 60,))]
+        return {"bins": list(bins.values()), "samples": samples}
 
     def ended_counts(self, t):
         """Jobs ended per state in each window, summed from the 10-second buckets."""
@@ -2285,7 +2542,7 @@ class Views:
     def recent_failures(self, n):
         rows = []
         for state in FAILED_STATES:     # one indexed LIMIT query per state, merged
-            rows += self.store.read("SELECT uuid, name, jobtype, state, exit_code, errmsg, host, ts_sto "
+            rows += self.store.read("SELECT uuid, name, jobtype, state, exit_code, reason, infile, host, ts_sto "
                                     "FROM jobs WHERE state=? ORDER BY ts_sto DESC LIMIT ?", (state, n))
         return sorted((dict(r) for r in rows), key=lambda r: -(r["ts_sto"] or 0))[:n]
 
@@ -2307,27 +2564,59 @@ class Views:
 
     # -- jobs -------------------------------------------------------------------------------------
     def jobs(self, query):
-        since = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
-        where, args = where_equal(query, ("state", "jobtype", "site", "user", ("workflow", "wfuuid")), since)
+        states, errors_only = parse_states(query.get("state", ""))
+        self.check_jobtype(query.get("jobtype", ""))
+        where, args = self.job_conditions(query, states, errors_only)
         sort = as_choice(query.get("sort", "submitted"), "sort", tuple(JOB_SORTS))
         order = as_choice(query.get("order", "desc"), "order", ("asc", "desc"))
         limit, offset, page = page_window(query)
         column = JOB_SORTS[sort]
-        sql = ("SELECT uuid, name, user, jobtype, state, priority, site, attempt, exit_code, host, "
-               f"wfuuid, ts_def, ts_sta, ts_sto FROM jobs{where} ORDER BY {column} {order}, id {order} "
+        sql = ("SELECT uuid, name, user, jobtype, state, priority, site, attempt, exit_code, reason, infile, "
+               f"host, wfuuid, ts_def, ts_sta, ts_sto FROM jobs{where} ORDER BY {column} {order}, id {order} "
                "LIMIT ? OFFSET ?")
         rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
         return {"jobs": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit,
-                "total": self.cheap_total(query), "sort": sort, "order": order,
-                "filters": {k: query[k] for k in ("state", "jobtype", "site", "user", "workflow", "age")
-                            if query.get(k)}}
+                "total": self.cheap_total(query, states, errors_only), "sort": sort, "order": order,
+                "filters": {k: query[k] for k in JOB_FILTERS if query.get(k)}, "choices": self.job_choices()}
 
-    def cheap_total(self, query):
+    @staticmethod
+    def job_conditions(query, states, errors_only):
+        """The WHERE clause of a job list: equality filters, the states, the age and the
+        (normalised) reason of the error summary's links."""
+        conds = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
+        if query.get("reason"):
+            conds.append(("reason LIKE ? ESCAPE '\\'", reason_pattern(query["reason"])))
+        if errors_only:
+            conds.append(("exit_code != ?", 0))
+        where, args = where_equal(query, ("jobtype", "site", "user", ("workflow", "wfuuid")), conds)
+        if states:
+            where += (" AND " if where else " WHERE ") + f"state IN ({','.join('?' * len(states))})"
+            args += states
+        return where, args
+
+    def cheap_total(self, query, states, errors_only):
         """The number of matching jobs when the counts table knows it, else None (no scan)."""
-        if any(query.get(k) for k in ("site", "user", "workflow", "age")):
+        if errors_only or any(query.get(k) for k in ("site", "user", "workflow", "age", "reason")):
             return None
-        where, args = where_equal(query, ("state", "jobtype"))
+        where, args = where_equal(query, ("jobtype",))
+        if states:
+            where += (" AND " if where else " WHERE ") + f"state IN ({','.join('?' * len(states))})"
+            args += states
         return self.store.read_one(f"SELECT COALESCE(SUM(n), 0) FROM job_counts{where}", args)[0]
+
+    def known_jobtypes(self):
+        return sorted({r[0] for r in self.store.read("SELECT jobtype FROM job_counts UNION SELECT name FROM jobtypes")})
+
+    def check_jobtype(self, jobtype):
+        """An unknown jobtype is a 400 naming the known ones, not a silent empty list."""
+        if jobtype and jobtype not in self.known_jobtypes():
+            raise bad(f"jobtype: no job of type {jobtype!r}; known: {', '.join(self.known_jobtypes()) or 'none'}")
+
+    def job_choices(self):
+        """What the job list's drop-downs offer: states, the jobtypes and sites known."""
+        sites = {r[0] for r in self.store.read("SELECT name FROM sites UNION SELECT site FROM waiting")}
+        return {"state": [*JOB_STATES, *STATE_GROUPS, "error"], "jobtype": self.known_jobtypes(),
+                "site": sorted(sites - {""})}
 
     def job(self, uuid, query):
         job = self.svc.get_job(uuid)
@@ -2335,7 +2624,30 @@ class Views:
         job["logs"] = [self.file_link(stream, job[f"{stream}_path"]) for stream in ("stdout", "stderr")
                        if job[f"{stream}_path"]]
         job["files"] = [self.file_link(k, v) for k, v in self.job_paths(job)]
+        job["images"] = [dict(r) for r in self.store.read("SELECT name, type, size FROM images WHERE job=? "
+                                                          "ORDER BY name", (uuid,))]
         return job
+
+    def plots(self, query):
+        """The newest published images, per jobtype (or one), optionally of one input file/run
+        and younger than an age: the shifter's flip-through of the last runs' plots."""
+        self.check_jobtype(query.get("jobtype", ""))
+        per_type = min(as_int(query.get("limit", 24), "limit", 1), 400)
+        conds = [("i.ts >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
+        if query.get("infile"):
+            conds.append(("i.infile LIKE ? ESCAPE '\\'", "%" + like_escape(query["infile"]) + "%"))
+        jobtypes = [query["jobtype"]] if query.get("jobtype") else [
+            r[0] for r in self.store.read("SELECT DISTINCT jobtype FROM images ORDER BY jobtype")]
+        groups = []
+        for jobtype in jobtypes:
+            where = " AND ".join(["i.jobtype = ?"] + [c for c, _ in conds])
+            rows = self.store.read("SELECT i.job, i.name, i.size, i.infile, i.ts, j.name AS job_name, j.state "
+                                   f"FROM images i LEFT JOIN jobs j ON j.uuid = i.job WHERE {where} "
+                                   "ORDER BY i.id DESC LIMIT ?", [jobtype, *(a for _, a in conds), per_type])
+            if rows:
+                groups.append({"jobtype": jobtype, "images": [dict(r) for r in rows]})
+        return {"groups": groups, "filters": {k: query[k] for k in ("jobtype", "infile", "age") if query.get(k)},
+                "choices": {"jobtype": self.known_jobtypes()}}
 
     @staticmethod
     def job_paths(job):
@@ -2532,9 +2844,16 @@ th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #d
 .alarm{background:#c00;color:#fff;padding:.4em .8em;margin:.3em 0;font-weight:bold}.alarm a{color:#fff}
 .s-finished{color:#070}.s-failed,.s-timeout,.s-pilotTO,.s-lost{color:#c00;font-weight:bold}
 .s-running,.s-dispatched{color:#06c}.s-cancelled,.s-stopped{color:#777}.s-defined,.s-nojobs,.s-active{color:#960}
-.why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}"""
+.why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}
+.bad,.bad a{color:#c00;font-weight:bold}.head{color:#555;margin:-.6em 0 .6em}.refresh{float:right;color:#cde}
+.refresh a{margin:0 0 0 .6em;font-weight:normal}.chart{margin:.2em 1.5em .8em 0;display:inline-block;vertical-align:top}
+.thumbs a{display:inline-block;margin:0 .6em .6em 0;text-align:center;font-size:12px}
+.thumbs img{display:block;max-width:260px;max-height:200px;border:1px solid #ccc;background:#fff}
+.reason{max-width:40em}"""
 NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
-       ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/services", "Services"), ("/metrics", "Metrics"))
+       ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
+       ("/services", "Services"), ("/metrics", "Metrics"))
+REFRESH_CHOICES = (("never", ""), ("10 s", "10"), ("30 s", "30"), ("1 min", "60"))
 
 
 def link(href, text):
@@ -2570,6 +2889,9 @@ def page(title, body, query):
     meta = (f'<meta http-equiv="refresh" content="{int(refresh)}">'
             if refresh.isascii() and refresh.isdigit() and 0 < int(refresh) <= 3600 else "")
     nav = "".join(link(href, text) for href, text in NAV)
+    nav += '<span class="refresh">refresh:' + "".join(
+        f" <b>{esc(label)}</b>" if refresh == value else link(with_query(query, refresh=value), label)
+        for label, value in REFRESH_CHOICES) + "</span>"
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{meta}<title>p3s: {esc(title)}</title>"
             f"<style>{CSS}</style></head><body><nav>{nav}</nav><h1>{esc(title)}</h1>{body}"
             f"<p><small>p3s {VERSION} · {esc(when(now()))} · {link('?' + urlencode({**query, 'format': 'json'}), 'JSON')}"
@@ -2602,38 +2924,171 @@ def cap_text(cap):
     return "" if cap is None else "suspended" if cap == 0 else f"at most {cap}"
 
 
+def count_cell(n, url, bad_state=False):
+    """A count in a table: a link unless zero; failures that happened in red."""
+    if not n:
+        return "0"
+    return f'<span class="bad">{link(url, n)}</span>' if bad_state else link(url, n)
+
+
+def server_header(d):
+    info = d["server"]
+    links = "".join(" · " + link(x["url"], x["name"]) for x in info["links"])
+    return (f'<p class="head">{esc(info["host"])} · updated {esc(when(d["time"]))} · load '
+            f'{esc(" ".join(f"{x:.2f}" for x in info["load"]))}{links}</p>')
+
+
 def render_summary(d, query):
     states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
     alarms = "".join(f'<div class="alarm">{link(a["link"], a["message"])}</div>' for a in d["alarms"])
     caps = d.get("caps", {})
     type_rows = [[link(href("/jobs", jobtype=jt), jt)] +
-                 [link(href("/jobs", jobtype=jt, state=s), counts.get(s, 0)) for s in states] +
-                 [esc(sum(counts.values())), esc(cap_text(caps.get(jt)))]
+                 [count_cell(counts.get(s, 0), href("/jobs", jobtype=jt, state=s), s in FAILED_STATES)
+                  for s in states] + [esc(sum(counts.values())), esc(cap_text(caps.get(jt)))]
                  for jt, counts in sorted(d["jobs_by_jobtype"].items())]
-    all_row = ([["<b>all</b>"] + [link(href("/jobs", state=s), d["jobs_by_state"][s]) for s in states] +
-                [esc(sum(d["jobs_by_state"].values())), ""]])
+    all_row = ([["<b>all</b>"] + [count_cell(d["jobs_by_state"][s], href("/jobs", state=s), s in FAILED_STATES)
+                                  for s in states] + [esc(sum(d["jobs_by_state"].values())), ""]])
     by_type = table(["jobtype"] + [state_cell(s) for s in states] + ["total", "cap"], type_rows + all_row)
     pilots = table([state_cell(s) for s in d["pilots_by_state"]],
                    [[link(href("/pilots", state=s), n) for s, n in d["pilots_by_state"].items()]])
     ended = table(["window", "finished", "failed", "timeout", "pilotTO", "cancelled"],
-                  [[esc(w)] + [esc(c.get(s, 0)) for s in END_JOB_STATES] for w, c in d["ended"].items()])
+                  [[esc(w)] + [count_cell(c.get(s, 0), href("/jobs", state=s), s in FAILED_STATES)
+                               for s in END_JOB_STATES] for w, c in d["ended"].items()])
     lat = d["latency"]
     latency = (f"<p>Submit-to-start latency, median over the last hour: <b>{lat['median_s'] * 1000:.0f} ms</b> "
                f"({lat['samples']} jobs)</p>" if lat["median_s"] is not None
                else "<p>No job started in the last hour.</p>")
-    failures = table(["ended", "job", "jobtype", "state", "exit code", "host", "error"],
+    failures = table(["ended", "job", "jobtype", "input file", "state", "exit code", "host", "reason"],
                      [[esc(when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
-                       esc(f["jobtype"]), state_cell(f["state"]), esc(f["exit_code"]), esc(f["host"]),
-                       esc(f["errmsg"][:200])] for f in d["recent_failures"]])
-    body = (f"{alarms}<h2>Jobs by type and state</h2>{by_type}<h2>Pilots</h2>{pilots}"
-            f"<h2>Jobs ended</h2>{ended}{latency}<h2>Recent failures</h2>{failures}")
+                       esc(f["jobtype"]), infile_cell(f["infile"]), state_cell(f["state"]), esc(f["exit_code"]),
+                       esc(f["host"]), reason_cell(f["reason"])] for f in d["recent_failures"]])
+    body = (f"{server_header(d)}{alarms}{activity_charts(d['activity'], d['time'])}"
+            f"<h2>Jobs by type and state</h2>{by_type}<h2>Pilots</h2>{pilots}"
+            f"<h2>Jobs ended</h2>{ended}{latency}"
+            f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2>{error_table(d['errors'])}"
+            f"<h2>Recent failures</h2>{failures}")
     return page("Summary", body, query)
 
 
-def filter_form(fields, query):
-    inputs = "".join(f'<label>{esc(f)} <input name="{esc(f)}" value="{esc(query.get(f, ""))}" size="12"></label>'
-                     for f in fields)
-    return f'<form method="get">{inputs}<button>filter</button></form>'
+def infile_cell(path):
+    return f'<span title="{esc(path)}">{esc(os.path.basename(path))}</span>' if path else ""
+
+
+def reason_cell(reason):
+    return f'<span class="reason" title="{esc(reason)}">{esc(reason[:160])}</span>'
+
+
+def error_table(errors):
+    rows = [[esc(e["jobtype"]), link(href("/jobs", state="problems", jobtype=e["jobtype"], reason=e["reason"]),
+                                     e["reason"] or "(no reason)"),
+             count_cell(e["last_1h"], href("/jobs", state="problems", jobtype=e["jobtype"], reason=e["reason"]),
+                        True), esc(e["last_24h"]), esc(when(e["first"])), esc(when(e["last"]))] for e in errors]
+    return table(["jobtype", "reason (numbers folded to #)", "last 1 h", "last 24 h", "first seen", "last seen"],
+                 rows)
+
+
+def render_errors(d, query):
+    intro = ("<p class='head'>Failed, timed-out and pilotTO jobs by jobtype and reason (its error message, else "
+             "the last line of its stderr, else its exit code), counted in 10-minute buckets.</p>")
+    return page("Errors of the last 24 hours", intro + error_table(d["errors"]), query)
+
+
+# -- activity charts: inline SVG, no JavaScript; a <title> on each slot is its hover text ---------
+CHART_W, CHART_H, CHART_PAD = 380, 90, 30
+
+
+def chart_frame(title, t, ymax, marks):
+    """An SVG chart of the 24 h before `t`: time axis (local hours), the y maximum, `marks` inside."""
+    x0 = t - 86400
+    ticks = "".join(
+        f'<line x1="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y1="{CHART_H}" '
+        f'x2="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y2="{CHART_H + 4}" stroke="#999"/>'
+        f'<text x="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y="{CHART_H + 15}" font-size="10" '
+        f'text-anchor="middle">{time.strftime("%H:%M", time.localtime(h))}</text>'
+        for h in hour_ticks(x0, t, 3))
+    return (f'<div class="chart"><b>{esc(title)}</b><br><svg xmlns="http://www.w3.org/2000/svg" '
+            f'width="{CHART_W + CHART_PAD + 10}" height="{CHART_H + 20}" role="img" aria-label="{esc(title)}">'
+            f'<rect x="{CHART_PAD}" y="0" width="{CHART_W}" height="{CHART_H}" fill="#fafafa" stroke="#ccc"/>'
+            f'<text x="{CHART_PAD - 4}" y="10" font-size="10" text-anchor="end">{esc(ymax)}</text>'
+            f'<text x="{CHART_PAD - 4}" y="{CHART_H}" font-size="10" text-anchor="end">0</text>'
+            f'{marks}{ticks}</svg></div>')
+
+
+def hour_ticks(start, end, every):
+    """Local-time instants on the hour, every `every` hours, between start and end."""
+    t = math.ceil(start / 3600) * 3600
+    while t <= end:
+        if time.localtime(t).tm_hour % every == 0:
+            yield t
+        t += 3600
+
+
+def chart_x(ts, t):
+    return CHART_PAD + (ts - (t - 86400)) / 86400 * CHART_W
+
+
+def bars_chart(bins, t):
+    """Jobs finished (green) and failed (red) per 10 minutes, stacked; claims as a blue line."""
+    ymax = max([b["finished"] + b["failed"] for b in bins] + [b["started"] for b in bins] + [1])
+    width = CHART_W / 144
+    scale = CHART_H / ymax
+    marks, line = [], []
+    for b in bins:
+        x = chart_x(b["start"], t)
+        good, failed = b["finished"] * scale, b["failed"] * scale
+        label = (f'{time.strftime("%H:%M", time.localtime(b["start"]))}: {b["started"]} started, '
+                 f'{b["finished"]} finished, {b["failed"]} failed')
+        marks.append(f'<g><title>{esc(label)}</title><rect x="{x:.1f}" y="0" width="{width:.1f}" '
+                     f'height="{CHART_H}" fill-opacity="0"/>'
+                     + (f'<rect class="finished" x="{x:.1f}" y="{CHART_H - good:.1f}" width="{width:.1f}" '
+                        f'height="{good:.1f}" fill="#3a3"/>' if good else "")
+                     + (f'<rect class="failed" x="{x:.1f}" y="{CHART_H - good - failed:.1f}" width="{width:.1f}" '
+                        f'height="{failed:.1f}" fill="#d22"/>' if failed else "") + "</g>")
+        line.append(f"{x + width / 2:.1f},{CHART_H - b['started'] * scale:.1f}")
+    marks.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="#26c" stroke-width="1"/>')
+    return chart_frame("Jobs per 10 min: finished (green), failed (red), started (blue line)", t, ymax,
+                       "".join(marks))
+
+
+def line_chart(title, samples, key, t, color):
+    """One per-minute figure over 24 h; hover a 10-minute slot for its last value."""
+    ymax = max([s[key] for s in samples] + [1])
+    scale = CHART_H / ymax
+    points = " ".join(f"{chart_x(s['ts'], t):.1f},{CHART_H - s[key] * scale:.1f}" for s in samples)
+    slots = {}
+    for s in samples:
+        slots[int(s["ts"]) // 600] = s
+    hovers = "".join(f'<rect x="{chart_x(slot * 600, t):.1f}" y="0" width="{CHART_W / 144:.1f}" height="{CHART_H}" '
+                     f'fill-opacity="0"><title>{esc(time.strftime("%H:%M", time.localtime(s["ts"])))}: '
+                     f'{esc(s[key])}</title></rect>' for slot, s in slots.items())
+    line = f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>' if samples else ""
+    return chart_frame(title, t, ymax, line + hovers)
+
+
+def activity_charts(activity, t):
+    samples = activity["samples"]
+    return ("<div>" + bars_chart(activity["bins"], t) + line_chart("Live pilots", samples, "pilots", t, "#26c") +
+            line_chart("Queue depth (defined jobs)", samples, "queued", t, "#c80") + "</div>")
+
+
+def filter_form(fields, query, choices=None):
+    """Text inputs for `fields`, drop-downs for those in `choices` (the current value kept)."""
+    choices = choices or {}
+
+    def field(f):
+        value = query.get(f, "")
+        if f not in choices:
+            return f'<label>{esc(f)} <input name="{esc(f)}" value="{esc(value)}" size="12"></label>'
+        options = ["", *choices[f]] + ([value] if value and value not in choices[f] else [])
+        opts = "".join(f'<option value="{esc(o)}"{" selected" if o == value else ""}>{esc(o or "any")}</option>'
+                       for o in options)
+        return f'<label>{esc(f)} <select name="{esc(f)}">{opts}</select></label>'
+    return f'<form method="get">{"".join(field(f) for f in fields)}<button>filter</button></form>'
+
+
+def duration(job):
+    end = job["ts_sto"] or (now() if job["state"] == "running" else None)
+    return ago(end - job["ts_sta"]) if job["ts_sta"] and end else ""
 
 
 def render_jobs(d, query):
@@ -2645,13 +3100,17 @@ def render_jobs(d, query):
         return link(with_query(query, sort=key, order=order, page=None), label + mark)
 
     headers = [sort_header(*h) for h in (("job", "name"), ("state", "state"), ("jobtype", "jobtype"),
-                                         ("priority", "priority"), ("site", ""), ("user", ""),
-                                         ("attempt", ""), ("exit", ""), ("host", ""),
-                                         ("submitted", "submitted"), ("ended", "ended"))]
+                                         ("input file", ""), ("reason", ""), ("exit", ""), ("host", ""),
+                                         ("site", ""), ("priority", "priority"), ("attempt", ""), ("user", ""),
+                                         ("submitted", "submitted"), ("started", ""), ("duration", ""),
+                                         ("ended", "ended"))]
     rows = [[link(f"/job/{j['uuid']}", j["name"] or j["uuid"][:8]), state_cell(j["state"]), esc(j["jobtype"]),
-             esc(j["priority"]), esc(j["site"]), esc(j["user"]), esc(j["attempt"]), esc(j["exit_code"]),
-             esc(j["host"]), esc(when(j["ts_def"])), esc(when(j["ts_sto"]))] for j in d["jobs"]]
-    body = (filter_form(("state", "jobtype", "site", "user", "workflow", "age"), query) +
+             infile_cell(j["infile"]), reason_cell(j["reason"]), esc(j["exit_code"]), esc(j["host"]),
+             esc(j["site"]), esc(j["priority"]), esc(j["attempt"]), esc(j["user"]), esc(when(j["ts_def"])),
+             esc(when(j["ts_sta"])), esc(duration(j)), esc(when(j["ts_sto"]))] for j in d["jobs"]]
+    shown = (f"<p>Jobs whose reason is like <b>{esc(query['reason'])}</b> "
+             f"({link(with_query(query, reason=None), 'any reason')})</p>" if query.get("reason") else "")
+    body = (filter_form(("state", "jobtype", "site", "user", "workflow", "age"), query, d["choices"]) + shown +
             pager(d, query) + table(headers, rows) + pager(d, query))
     return page("Jobs", body, query)
 
@@ -2665,7 +3124,7 @@ def file_list(items):
 
 def render_job(d, query):
     fields = [k for k in d if k not in ("events", "env", "stdout_tail", "stderr_tail", "why_waiting",
-                                        "logs", "files")]
+                                        "logs", "files", "images")]
     info = table(["field", "value"], [[esc(k), state_cell(d[k]) if k == "state" else
                                        link(f"/pilot/{d[k]}", d[k]) if k == "pilot" and d[k] else
                                        link(f"/workflow/{d[k]}", d[k]) if k == "wfuuid" and d[k] else
@@ -2681,10 +3140,39 @@ def render_job(d, query):
     logs = " ".join(link(f["url"], f["label"]) for f in d["logs"] if f["url"])
     headline = (f"<p style='font-size:120%'>{state_cell(d['state'])} · exit code <b>{esc(d['exit_code'])}</b>"
                 f" · attempt {esc(d['attempt'])}/{esc(d['max_attempts'])} · host {esc(d['host'] or '-')}"
-                f"{' · ' + esc(d['errmsg']) if d['errmsg'] else ''}{' · logs: ' + logs if logs else ''}</p>")
-    body = (f"{headline}{why}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
+                f"{' · <b>' + esc(d['reason']) + '</b>' if d['reason'] else ''}"
+                f"{' · logs: ' + logs if logs else ''}</p>")
+    images = f"<h2>Plots</h2>{thumbnails(d['uuid'], d['images'])}" if d["images"] else ""
+    body = (f"{headline}{why}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
             f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
     return page(f"Job {d['name'] or d['uuid']}", body, query)
+
+
+def image_url(job, name):
+    return f"/image/{job}/{quote(name)}"
+
+
+def thumbnails(job, images):
+    """Each image as a thumbnail linking to its full size."""
+    return '<div class="thumbs">' + "".join(
+        f'<a href="{esc(image_url(job, i["name"]))}"><img src="{esc(image_url(job, i["name"]))}" '
+        f'alt="{esc(i["name"])}" loading="lazy">{esc(i["name"])}</a>' for i in images) + "</div>"
+
+
+def render_plots(d, query):
+    sections = []
+    for group in d["groups"]:
+        by_job = {}
+        for i in group["images"]:
+            by_job.setdefault(i["job"], []).append(i)
+        rows = "".join(f"<h3>{link(f'/job/{job}', images[0]['job_name'] or job[:8])} · "
+                       f"{infile_cell(images[0]['infile']) or 'no input file'} · {esc(when(images[0]['ts']))}</h3>"
+                       f"{thumbnails(job, images)}" for job, images in by_job.items())
+        sections.append(f"<h2>{link(href('/plots', jobtype=group['jobtype']), group['jobtype'])}</h2>{rows}")
+    body = (filter_form(("jobtype", "infile", "age"), query, d["choices"]) +
+            ("".join(sections) or "<p><i>no published images match</i> · jobs publish the PNG, JPEG, GIF "
+             "and SVG files they write to <code>$P3S_OUTPUT_DIR</code></p>"))
+    return page("Plots", body, query)
 
 
 def pilot_row(p):
@@ -2927,6 +3415,7 @@ API = (
     ("GET", "/api/services", "list_services", (), None),
     ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
     ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), ADMIN),
+    ("PUT", "/api/jobs/<uuid>/images/<name>", "images.publish", ("raw", "secret"), PILOT),
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
 
@@ -2944,7 +3433,20 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/workflow/<uuid>", "workflow", render_workflow),
     ("/dags", "dags", render_dags),
     ("/datasets", "datasets", render_datasets),
+    ("/errors", "errors", render_errors),
+    ("/plots", "plots", render_plots),
 )]
+
+
+IMAGE_PATH = re.compile(r"/image/(?P<uuid>[^/]+)/(?P<name>[^/]+)")
+
+
+def file_type(path, head):
+    """The Content-Type /file sends: an image's own when its bytes say so, else text."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext in IMAGE_TYPES and sniff_image(head, ext):
+        return IMAGE_TYPES[ext]
+    return "text/plain; charset=utf-8"
 
 
 def operation(service, name):
@@ -2984,7 +3486,8 @@ class Handler(BaseHTTPRequestHandler):
             name, groups, parts, auth = self.find_route(method, url.path)
             if auth in (ADMIN, REGISTER):
                 self.check_token(auth)
-            request = {"body": self.read_body() if method in ("POST", "PUT") else {},
+            raw = self.read_raw() if method in ("POST", "PUT") else b""
+            request = {"body": parse_json_body(raw) if raw.strip() and "body" in parts else {}, "raw": raw,
                        "query": {k: v[-1] for k, v in parse_qs(url.query).items()},
                        "who": self.client_address[0],
                        "secret": self.headers.get("X-P3S-Pilot-Secret", "")}
@@ -3012,6 +3515,10 @@ class Handler(BaseHTTPRequestHandler):
                         self.send_bytes(200, render_metrics(data).encode(), "text/plain; version=0.0.4"))
             if url.path == "/file":
                 return self.serve_file(query.get("path", ""), query, as_json)
+            match = IMAGE_PATH.fullmatch(url.path)
+            if match:
+                path, mime = self.server.service.images.path_of(as_uuid(match["uuid"], "uuid"), unquote(match["name"]))
+                return self.send_file(os.open(path, os.O_RDONLY), mime)
             for regex, name, render in PAGES:
                 match = regex.match(url.path)
                 if match:
@@ -3037,14 +3544,21 @@ class Handler(BaseHTTPRequestHandler):
             finally:
                 os.close(fd)
             return self.send_json(200, data) if as_json else self.send_html(200, render_listing(data, query))
+        self.send_file(fd, file_type(path, os.pread(fd, 4096, 0)))    # the fd checked, never the path again
+
+    def send_file(self, fd, mime):
+        """Stream a file with a Content-Type that cannot script our pages: images as images
+        (SVG under a policy that runs nothing), everything else as plain text."""
         with open(fd, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
             try:
                 self.send_response(200)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
-                self.send_header("Content-Length", str(st.st_size))
-                self.send_header("X-Content-Type-Options", "nosniff")
+                self.send_header("Content-Type", mime)
+                self.send_header("Content-Length", str(size))
+                if mime == IMAGE_TYPES[".svg"]:
+                    self.send_header("Content-Security-Policy", SVG_POLICY)
                 self.end_headers()
-                left = st.st_size
+                left = size
                 while left > 0:
                     chunk = f.read(min(left, 1 << 16))
                     if not chunk:
@@ -3053,6 +3567,10 @@ class Handler(BaseHTTPRequestHandler):
                     left -= len(chunk)
             except (BrokenPipeError, ConnectionResetError):
                 pass
+
+    def end_headers(self):
+        self.send_header("X-Content-Type-Options", "nosniff")     # every answer: no guessing types
+        super().end_headers()
 
     def send_html(self, status, text):
         self.send_bytes(status, text.encode(), "text/html; charset=utf-8")
@@ -3094,7 +3612,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(403, "Authorization: the pilot token may only register pilots")
         raise ApiError(403, "Authorization: wrong token")
 
-    def read_body(self):
+    def read_raw(self):
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -3103,10 +3621,7 @@ class Handler(BaseHTTPRequestHandler):
             self.discard(length)
             raise ApiError(413, f"body: {length} bytes is over the limit of {self.server.max_body}; "
                                 "send less at a time (job.py splits big submissions itself)")
-        raw = self.rfile.read(length) if length > 0 else b""
-        if not raw.strip():
-            return {}
-        return parse_json_body(raw)
+        return self.rfile.read(length) if length > 0 else b""
 
     def discard(self, length):
         """Read and drop an oversized body (up to DISCARD_LIMIT), so the client sees the 413
@@ -3350,6 +3865,12 @@ def parse_args(argv):
                    "(default: logs/ beside server.py, where pilots write job logs by default)")
     p.add_argument("--retention-days", type=float, default=0, metavar="DAYS",
                    help="purge jobs, workflows and pilots that ended more than DAYS ago (default 0 = keep all)")
+    p.add_argument("--link", action="append", default=[], metavar="NAME=URL",
+                   help="a link in the summary's header, e.g. \"Shifter manual=https://...\" (repeatable)")
+    p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="BYTES",
+                   help=f"largest image a job may publish (default {MAX_IMAGE_BYTES}; within --max-body)")
+    p.add_argument("--max-images", type=int, default=MAX_IMAGES, metavar="N",
+                   help=f"most images one job may publish (default {MAX_IMAGES})")
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES",
                    help=f"largest request body accepted (default {MAX_BODY})")
     args = p.parse_args(argv)
@@ -3358,6 +3879,9 @@ def parse_args(argv):
                 f"{LOST_AFTER_BEATS} silent heartbeats, its job given away after the lease)")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port}: must be between 0 and 65535")
+    bad_links = [x for x in args.link if "=" not in x or not x.split("=", 1)[1].startswith(("http://", "https://", "/"))]
+    if bad_links:
+        p.error(f"--link {bad_links[0]!r}: give NAME=URL with an http(s):// or /path URL")
     db_dir = os.path.dirname(os.path.abspath(args.db))
     if not os.path.isdir(db_dir):
         p.error(f"--db {args.db}: the directory {db_dir} does not exist")
@@ -3386,12 +3910,14 @@ def main(argv=None):
     except StartupError as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
+    images = Images(store, args.db + ".files", args.max_image_bytes, args.max_images)
     service = Service(store, args.housekeeping, args.retention_days, args.lease_beats, args.wal_limit,
-                      args.alarm_no_new_work, args.alarm_starving)
+                      args.alarm_no_new_work, args.alarm_starving, images)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]
-        views = Views(service, args.files_root or [DEFAULT_FILES_ROOT], private)
+        views = Views(service, args.files_root or [DEFAULT_FILES_ROOT], private,
+                      [tuple(x.split("=", 1)) for x in args.link])
         raise_fd_limit(args.max_connections)
         httpd = P3SServer((args.host, args.port), service, views, token, args.max_body, pilot_token,
                           args.allow_host, args.max_connections)

@@ -128,15 +128,17 @@ class Client:
 
     # -- transport ------------------------------------------------------------------------------
     def call(self, method, path, body=None, query=None, timeout=None, retry_for=None, pilot=None):
-        """One API call; returns the decoded JSON answer or raises P3SError. `pilot`: the
-        pilot uuid whose secret the call carries (job requests, heartbeats, reports, stop)."""
+        """One API call; returns the decoded JSON answer or raises P3SError. `body` is sent as
+        JSON, or as is if bytes. `pilot`: the pilot uuid whose secret the call carries (job
+        requests, heartbeats, reports, stop, images)."""
         url = self.server + path + ("?" + urlencode(query) if query else "")
-        data = json.dumps(body).encode() if body is not None else None
+        raw = isinstance(body, bytes)
+        data = body if raw else json.dumps(body).encode() if body is not None else None
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         delay = BACKOFF_FIRST
         while True:
             try:
-                return self._once(urllib.request.Request(url, data, self._headers(pilot), method=method),
+                return self._once(urllib.request.Request(url, data, self._headers(pilot, raw), method=method),
                                   timeout or self.timeout)
             except P3SError as e:
                 if e.bad_input or time.monotonic() + delay > deadline:
@@ -144,12 +146,12 @@ class Client:
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
 
-    def _headers(self, pilot=None):
+    def _headers(self, pilot=None, raw=False):
         """Read the token at each attempt until found: a server starting alongside the
         client may write the default token file only after the client started."""
         if not self.token:
             self.token = read_token(None, self.token_file)
-        headers = {"Content-Type": "application/json"}
+        headers = {"Content-Type": "application/octet-stream" if raw else "application/json"}
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
         if pilot in self.pilot_secrets:
@@ -199,6 +201,11 @@ class Client:
     def report(self, uuid, report, retry_for=None):
         return self.call("POST", f"/api/jobs/{uuid}/report", report, retry_for=retry_for,
                          pilot=report.get("pilot"))
+
+    def publish_image(self, uuid, name, data, pilot):
+        """Send one image a job made (bytes) to the server, by the pilot running the job."""
+        return self.call("PUT", f"/api/jobs/{uuid}/images/{quote(name, safe='')}", data, pilot=pilot,
+                         retry_for=10)
 
     # -- pilots and sites -----------------------------------------------------------------------
     def register_pilot(self, retry_for=None, **info):

@@ -34,7 +34,7 @@ def bad_request(method, path, parts):
     """A request to this route that must be refused: a malformed uuid, an unknown name, a body
     that is not an object, a bad query value; a route that takes nothing gets a wrong method."""
     if "<uuid>" in path:
-        return method, path.replace("<uuid>", "not-a-uuid"), b"{}", 400
+        return method, path.replace("<uuid>", "not-a-uuid").replace("<name>", "plot.png"), b"{}", 400
     if "<dag>" in path or "<name>" in path and "body" not in parts:
         return method, path.replace("<dag>", "no-such-dag").replace("<name>", "no-such-site"), b"{}", 404
     if "body" in parts:
@@ -81,7 +81,7 @@ def test_a_pilot_route_needs_that_pilots_own_secret_not_the_token(one_server, me
     victim = one_server.api.register_pilot(heartbeat=60)["uuid"]
     other = one_server.api.register_pilot(heartbeat=60)["uuid"]
     [job] = one_server.api.submit_jobs([{"payload": "true", "jobtype": f"only-{victim}"}])
-    url = path.replace("<uuid>", job if "/jobs/" in path else victim)
+    url = path.replace("<uuid>", job if "/jobs/" in path else victim).replace("<name>", "plot.png")
     body = json.dumps({"pilot": victim, "attempt": 1, "state": "finished"} if "report" in path else {}).encode()
     token = one_server.token_file.read_text().strip()
     for secret in ("", one_server.api.pilot_secrets[other]):

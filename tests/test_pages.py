@@ -65,8 +65,9 @@ def test_every_value_is_escaped(served):
     evil = "<script>alert('x')</script>"
     [uuid] = run_jobs(served, [shell_job("echo '<img src=x onerror=alert(1)>'; exit 1", name=evil,
                                          jobtype="<b>t</b>", env={"P3S_EXECMODE": "SHELL", "NOTE": "<i>n</i>"})])
-    for path in ("/", "/jobs", f"/job/{uuid}", "/pilots", "/jobs?state=<x>"):
-        page = get(served, path)
+    for path, status in (("/", 200), ("/jobs", 200), (f"/job/{uuid}", 200), ("/pilots", 200),
+                         ("/jobs?state=<x>", 400), ("/jobs?jobtype=<x>", 400), ("/errors", 200)):
+        page = get(served, path, status)
         assert "<script>alert" not in page and "<img src=x" not in page and "<b>t</b>" not in page
         assert "<i>n</i>" not in page and "<x>" not in page
     job_page = get(served, f"/job/{uuid}")

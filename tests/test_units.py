@@ -179,20 +179,30 @@ def hostile_job():
             "max_attempts": 1, "pilot": None, "wfuuid": None, "vertex": None, "infile": HOSTILE,
             "exit_code": 3, "errmsg": HOSTILE, "stdout_tail": HOSTILE, "stderr_tail": HOSTILE,
             "stdout_path": "", "stderr_path": "", "host": HOSTILE, "pid": 1, "ts_def": 1.0,
-            "ts_dis": 2.0, "ts_sta": 3.0, "ts_sto": 4.0,
+            "ts_dis": 2.0, "ts_sta": 3.0, "ts_sto": 4.0, "reason": HOSTILE,
             "events": [{"ts": 1.0, "old": None, "new": "failed", "who": HOSTILE, "attempt": 1,
                         "info": HOSTILE}],
-            "why_waiting": [HOSTILE], "logs": [], "files": [{"label": HOSTILE, "path": HOSTILE, "url": None}]}
+            "why_waiting": [HOSTILE], "logs": [], "files": [{"label": HOSTILE, "path": HOSTILE, "url": None}],
+            "images": [{"name": HOSTILE, "type": "image/png", "size": 1}]}
 
 
 def rendered_pages():
     job = hostile_job()
-    summary = {"jobs_by_state": {"failed": 1}, "jobs_by_jobtype": {HOSTILE: {"failed": 1}},
+    errors = [{"jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2, "first": 1.0, "last": 2.0}]
+    t = 86400.0 * 365
+    activity = {"bins": [{"start": t - 600, "started": 1, "finished": 1, "failed": 1}],
+                "samples": [{"ts": t - 60, "pilots": 2, "running": 1, "queued": 3}]}
+    summary = {"time": t, "jobs_by_state": {"failed": 1}, "jobs_by_jobtype": {HOSTILE: {"failed": 1}},
                "pilots_by_state": {HOSTILE: 1}, "ended": {"1h": {"failed": 1}},
-               "recent_failures": [job], "latency": {"median_s": None},
+               "recent_failures": [job], "latency": {"median_s": None}, "errors": errors, "activity": activity,
+               "server": {"host": HOSTILE, "load": [0.5, 0.4, 0.3], "links": [{"name": HOSTILE, "url": HOSTILE}]},
                "alarms": [{"name": "x", "message": HOSTILE, "link": "/"}], "caps": {HOSTILE: 3}}
+    choices = {"state": [HOSTILE], "jobtype": [HOSTILE], "site": [HOSTILE]}
     listing = {"jobs": [job], "page": 1, "limit": 25, "more": False, "total": 1, "sort": "submitted",
-               "order": "desc"}
+               "order": "desc", "choices": choices}
+    plots = {"groups": [{"jobtype": HOSTILE, "images": [{"job": job["uuid"], "name": HOSTILE, "size": 1,
+                                                         "infile": HOSTILE, "ts": 1.0, "job_name": HOSTILE,
+                                                         "state": "finished"}]}], "choices": choices}
     pilot = {"uuid": job["uuid"], "state": HOSTILE, "host": HOSTILE, "pid": 1, "site": HOSTILE,
              "jobtypes": [HOSTILE], "beat_age": 1.0, "jobs_done": 0, "job": None, "extra": HOSTILE,
              "ts_reg": 1.0, "heartbeat": 10, "recent_jobs": [job], "events": job["events"],
@@ -202,13 +212,14 @@ def rendered_pages():
                 "datasets": []}
     query = {"state": HOSTILE}
     site = {"name": HOSTILE, "pilots": 3, "tolerance": None, "live": 1, "running": 0, "idle": 1, "lost_1h": 0,
-            "finished_1h": 2, "failed_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None, "server": HOSTILE, "period": 1,
-            "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE}, "pilots_list": [pilot], "page": 1, "more": False}
+            "finished_1h": 2, "failed_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None,
+            "server": HOSTILE, "period": 1, "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE}, "pilots_list": [pilot], "page": 1, "more": False}
     return [server.render_sites({"sites": [site]}, query), server.render_site(site, query),
             server.render_summary(summary, query), server.render_jobs(listing, query),
             server.render_job(job, query), server.render_pilot(pilot, query),
             server.render_pilots({"pilots": [pilot], "page": 1, "more": False}, query),
-            server.render_workflow(workflow, query)]
+            server.render_workflow(workflow, query), server.render_errors({"errors": errors}, query),
+            server.render_plots(plots, query)]
 
 
 def test_renderers_escape_every_hostile_value():
