@@ -21,7 +21,7 @@ import uuid as uuidlib
 from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
 
 END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
-LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name")
+LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name", "input", "reason")
 
 
 def parse_args(argv):
@@ -60,6 +60,9 @@ def parse_args(argv):
                    help="after submitting, wait until the jobs end; exit 0 only if all finished with code 0")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="SECONDS",
                    help="with --wait: give up after this long (default 0 = no limit)")
+    p.add_argument("--wait-notes", type=float, default=30, metavar="SECONDS",
+                   help="with --wait: how often to say on stderr why jobs wait when no live pilot takes them "
+                   "(default 30)")
     p.add_argument("--json", dest="json_out", action="store_true",
                    help="print results as JSON")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
@@ -80,6 +83,8 @@ def parse_args(argv):
         p.error("-N must be at least 1")
     if args.wait and not args.jobfile:
         p.error("--wait goes with -j FILE")
+    if args.wait_notes <= 0:
+        p.error(f"--wait-notes {args.wait_notes:g}: must be more than 0 seconds")
     if args.delay < 0:
         p.error(f"-D {args.delay}: must not be negative")
     if (args.test or args.delay) and not args.jobfile:
@@ -135,9 +140,12 @@ def bind_input(job, infile):
     return {**job, "infile": infile, "env": {**env, "P3S_INPUT_FILE": infile}}
 
 
-def wait_for(client, uuids, timeout, verbose):
-    """Poll until every job has ended; return {uuid: {state, exit_code}}."""
+def wait_for(client, jobs, timeout, verbose, note_every):
+    """Poll until every job has ended; return {uuid: {state, exit_code}}. Every `note_every`
+    seconds, say on stderr why jobs still wait, if no live pilot takes them."""
+    uuids = [j["uuid"] for j in jobs]
     deadline = time.monotonic() + timeout if timeout else None
+    next_note = time.monotonic() + note_every
     delay = 0.2
     while True:
         states = client.job_states(uuids)
@@ -148,8 +156,24 @@ def wait_for(client, uuids, timeout, verbose):
             raise P3SError(f"--wait-timeout: {len(pending)} job(s) still not ended after {timeout:g} s")
         if verbose:
             print(f"waiting for {len(pending)} job(s)", file=sys.stderr)
+        if time.monotonic() >= next_note:
+            next_note = time.monotonic() + note_every
+            for note in stuck_notes(client, [j for j in jobs if states[j["uuid"]]["state"] == "defined"]):
+                print(f"waiting: {note}", file=sys.stderr, flush=True)
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
+
+
+def stuck_notes(client, waiting):
+    """Why the waiting jobs wait, one job of each (jobtype, site) asked, when the reason is
+    that no live pilot may take them (not merely a queue ahead of them)."""
+    firsts = {}
+    for job in waiting:
+        firsts.setdefault((job.get("jobtype", "default"), job.get("site", "")), job["uuid"])
+    notes = []
+    for uuid in firsts.values():
+        notes += [r for r in client.why_waiting(uuid) if "come first" not in r]
+    return list(dict.fromkeys(notes))
 
 
 def submit(client, args):
@@ -170,7 +194,7 @@ def submit(client, args):
         return 0
     if not args.json_out:
         print("\n".join(uuids), flush=True)
-    states = wait_for(client, uuids, args.wait_timeout, args.verbose)
+    states = wait_for(client, jobs, args.wait_timeout, args.verbose, args.wait_notes)
     ok = all(states[u]["state"] == "finished" and states[u]["exit_code"] == 0 for u in uuids)
     emit(args, {"jobs": states},
          lambda: "\n".join(f"{u} {states[u]['state']} {states[u]['exit_code']}" for u in uuids))
@@ -191,14 +215,29 @@ def send(client, jobs, delay_ms):
 
 def list_jobs(client, args):
     jobs = client.list_jobs(state=args.state, jobtype=args.jobtype, limit=args.limit)
-    emit(args, {"jobs": jobs}, lambda: format_table(jobs, LIST_COLUMNS))
+    rows = [dict(j, input=os.path.basename(j.get("infile") or "")) for j in jobs]
+    emit(args, {"jobs": [utc_times(j) for j in jobs]}, lambda: format_table(rows, LIST_COLUMNS))
     return 0
 
 
 def show_job(client, args):
     job = client.get_job(args.show)
-    emit(args, job, lambda: format_job(job))
+    emit(args, utc_times(dict(job, events=[utc_times(e) for e in job["events"]])), lambda: format_job(job))
     return 0
+
+
+def is_time(key):
+    return key == "ts" or key.startswith("ts_")
+
+
+def local_time(ts):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+
+
+def utc_times(record):
+    """The record with its epoch times as ISO 8601 UTC (for --json: scripts read them anywhere)."""
+    return {k: (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(v)) if v else None) if is_time(k) else v
+            for k, v in record.items()}
 
 
 def adjust(client, args):
@@ -234,12 +273,12 @@ def emit(args, obj, text):
 
 
 def format_job(job):
-    fields = [f"{k:12} {job[k]}" for k in job
-              if k not in ("events", "env", "stdout_tail", "stderr_tail")]
+    """A job for a person: local times, empty fields blank (never None), history, log tails."""
+    fields = [f"{k:12} {local_time(job[k]) if is_time(k) else '' if job[k] is None else job[k]}".rstrip()
+              for k in job if k not in ("events", "env", "stdout_tail", "stderr_tail")]
     fields.append(f"{'env':12} {json.dumps(job['env'])}")
-    history = [f"  {time.strftime('%H:%M:%S', time.localtime(e['ts']))} "
-               f"{e['old'] or '-'} -> {e['new']} by {e['who']} (attempt {e['attempt']}) {e['info']}"
-               for e in job["events"]]
+    history = [f"  {local_time(e['ts'])} {e['old'] or '-'} -> {e['new']} by {e['who']}"
+               f" (attempt {e['attempt']}) {e['info']}".rstrip() for e in job["events"]]
     parts = fields + ["history:"] + history
     for stream in ("stdout", "stderr"):
         if job[stream + "_tail"]:

@@ -210,26 +210,24 @@ def copy_payload(command, scratch):
     return [copy] + command[1:]
 
 
-def images_to_publish(env, limits):
-    """(name, path) of the images to publish: those in $P3S_OUTPUT_DIR (and below) and those the
-    $P3S_PUBLISH globs name (space-separated; relative to the output directory), within limits."""
+def images_to_publish(env, max_bytes):
+    """(name, path) of the images to offer the server: those in $P3S_OUTPUT_DIR (and below), then
+    those the $P3S_PUBLISH globs name (space-separated; relative to the output directory)."""
     out = env["P3S_OUTPUT_DIR"]
-    found = [os.path.join(d, f) for d, _, files in os.walk(out) for f in files]
+    found = sorted(os.path.join(d, f) for d, _, files in os.walk(out) for f in files)
     for pattern in env.get("P3S_PUBLISH", "").split():
-        found += glob.glob(os.path.join(out, os.path.expanduser(pattern)))
+        found += sorted(glob.glob(os.path.join(out, os.path.expanduser(pattern))))
     chosen = {}
-    for path in sorted(set(found)):
+    for path in found:
         rel = os.path.relpath(path, out) if path.startswith(out + os.sep) else os.path.basename(path)
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "_")).lstrip("._-")
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "_"))[-64:].lstrip("._-")
         if (os.path.splitext(name)[1].lower() not in IMAGE_EXTS or os.path.islink(path)
-                or not os.path.isfile(path)):
+                or not os.path.isfile(path) or name in chosen):
             continue
-        if os.path.getsize(path) > limits["max_bytes"]:
-            log.warning("image %s not published: over %d bytes", path, limits["max_bytes"])
-        elif len(chosen) == limits["max_count"]:
-            log.warning("image %s not published: a job publishes at most %d", path, limits["max_count"])
+        if os.path.getsize(path) > max_bytes:
+            log.warning("image %s not published: over %d bytes", path, max_bytes)
         else:
-            chosen.setdefault(name, path)
+            chosen[name] = path
     return list(chosen.items())
 
 
@@ -487,10 +485,16 @@ class Pilot:
     def publish_images(self, job, env):
         """Send the server the images the job made, so its page shows them even where the
         server cannot read the worker's disk. Best effort: a refusal never fails the job."""
-        for name, path in images_to_publish(env, self.image_limits):
+        published = 0
+        for name, path in images_to_publish(env, self.image_limits["max_bytes"]):
+            if published == self.image_limits["max_count"]:
+                log.warning("job %s: image %s not published: a job publishes at most %d", job["uuid"], path,
+                            published)
+                continue
             try:
                 with open(path, "rb") as f:
                     self.client.publish_image(job["uuid"], name, f.read(), self.uuid)
+                published += 1
             except (OSError, P3SError) as e:
                 log.warning("job %s: image %s not published: %s", job["uuid"], path, e)
 

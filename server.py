@@ -854,6 +854,56 @@ def where_equal(query, filters, extra=()):
     return (" WHERE " + " AND ".join(conds) if conds else ""), args
 
 
+JOB_FILTERS = ("state", "jobtype", "site", "user", "workflow", "age", "reason")
+STATE_GROUPS = {"problems": FAILED_STATES}
+
+
+def parse_states(value):
+    """?state=a,b,problems,error: (the states, whether only jobs with a non-zero exit code);
+    a 400 naming the choices for anything else."""
+    states, errors_only = [], False
+    for name in filter(None, (v.strip() for v in value.split(","))):
+        if name == "error":
+            errors_only = True
+        elif name in STATE_GROUPS:
+            states += STATE_GROUPS[name]
+        elif name in JOB_STATES:
+            states.append(name)
+        else:
+            raise bad(f"state: unknown state {name!r}; choose from {', '.join(JOB_STATES)}, "
+                      f"{', '.join(STATE_GROUPS)}, error (non-zero exit code), or a comma list")
+    return list(dict.fromkeys(states)), errors_only
+
+
+def like_escape(text):
+    """`text` for a LIKE pattern with ESCAPE '\\': its own % and _ match only themselves."""
+    return re.sub(r"([\\%_])", r"\\\1", text)
+
+
+def reason_pattern(normalised):
+    """A LIKE pattern matching the raw reasons a normalised one stands for."""
+    return re.sub(r"#|<uuid>|<hex>", "%", like_escape(normalised))
+
+
+def job_conditions(query, states, errors_only):
+    """The WHERE clause of a job list: equality filters, the states, the age and the
+    (normalised) reason of the error summary's links."""
+    conds = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
+    if query.get("reason"):
+        conds.append(("reason LIKE ? ESCAPE '\\'", reason_pattern(query["reason"])))
+    if errors_only:
+        conds.append(("exit_code != ?", 0))
+    where, args = where_equal(query, ("jobtype", "site", "user", ("workflow", "wfuuid"), "wfuuid"), conds)
+    return with_states(where, args, states)
+
+
+def with_states(where, args, states):
+    """`where` (maybe empty) narrowed to jobs in `states`, if any are given."""
+    if not states:
+        return where, args
+    return where + (" AND " if where else " WHERE ") + f"state IN ({','.join('?' * len(states))})", args + states
+
+
 def page_window(query):
     """(limit, offset, page) from ?limit=25..400&page=N."""
     limit = as_int(query.get("limit", PAGE_SIZES[0]), "limit")
@@ -1710,7 +1760,7 @@ class Workflows:
 # -- Service: published images -------------------------------------------------------------------
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".gif": "image/gif",
                ".svg": "image/svg+xml"}
-IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+IMAGE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SVG_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"   # an SVG shows, never runs
 
 
@@ -1855,7 +1905,7 @@ class Service:
         return job
 
     def list_jobs(self, query):
-        where, args = where_equal(query, ("state", "jobtype", "site", "user", "wfuuid"))
+        where, args = job_conditions(query, *parse_states(query.get("state", "")))
         limit = min(as_int(query.get("limit", 100), "limit", 1), 10000)
         offset = as_int(query.get("offset", 0), "offset", 0)
         rows = self.store.read(f"SELECT * FROM jobs{where} ORDER BY id DESC LIMIT ? OFFSET ?", args + [limit, offset])
@@ -2427,37 +2477,6 @@ class Service:
 # Every query here is bounded (LIMIT, counts tables, buckets) so pages stay fast at 1M jobs.
 ################################################################################################
 WINDOWS = (("1m", 60), ("10m", 600), ("1h", 3600), ("24h", 86400))
-JOB_FILTERS = ("state", "jobtype", "site", "user", "workflow", "age", "reason")
-STATE_GROUPS = {"problems": FAILED_STATES}
-
-
-def parse_states(value):
-    """?state=a,b,problems,error: (the states, whether only jobs with a non-zero exit code);
-    a 400 naming the choices for anything else."""
-    states, errors_only = [], False
-    for name in filter(None, (v.strip() for v in value.split(","))):
-        if name == "error":
-            errors_only = True
-        elif name in STATE_GROUPS:
-            states += STATE_GROUPS[name]
-        elif name in JOB_STATES:
-            states.append(name)
-        else:
-            raise bad(f"state: unknown state {name!r}; choose from {', '.join(JOB_STATES)}, "
-                      f"{', '.join(STATE_GROUPS)}, error (non-zero exit code), or a comma list")
-    return list(dict.fromkeys(states)), errors_only
-
-
-def like_escape(text):
-    """`text` for a LIKE pattern with ESCAPE '\\': its own % and _ match only themselves."""
-    return re.sub(r"([\\%_])", r"\\\1", text)
-
-
-def reason_pattern(normalised):
-    """A LIKE pattern matching the raw reasons a normalised one stands for."""
-    return re.sub(r"#|<uuid>|<hex>", "%", like_escape(normalised))
-
-
 JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobtype": "jobtype",
              "ended": "ts_sto"}
 
@@ -2566,7 +2585,7 @@ class Views:
     def jobs(self, query):
         states, errors_only = parse_states(query.get("state", ""))
         self.check_jobtype(query.get("jobtype", ""))
-        where, args = self.job_conditions(query, states, errors_only)
+        where, args = job_conditions(query, states, errors_only)
         sort = as_choice(query.get("sort", "submitted"), "sort", tuple(JOB_SORTS))
         order = as_choice(query.get("order", "desc"), "order", ("asc", "desc"))
         limit, offset, page = page_window(query)
@@ -2579,29 +2598,11 @@ class Views:
                 "total": self.cheap_total(query, states, errors_only), "sort": sort, "order": order,
                 "filters": {k: query[k] for k in JOB_FILTERS if query.get(k)}, "choices": self.job_choices()}
 
-    @staticmethod
-    def job_conditions(query, states, errors_only):
-        """The WHERE clause of a job list: equality filters, the states, the age and the
-        (normalised) reason of the error summary's links."""
-        conds = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
-        if query.get("reason"):
-            conds.append(("reason LIKE ? ESCAPE '\\'", reason_pattern(query["reason"])))
-        if errors_only:
-            conds.append(("exit_code != ?", 0))
-        where, args = where_equal(query, ("jobtype", "site", "user", ("workflow", "wfuuid")), conds)
-        if states:
-            where += (" AND " if where else " WHERE ") + f"state IN ({','.join('?' * len(states))})"
-            args += states
-        return where, args
-
     def cheap_total(self, query, states, errors_only):
         """The number of matching jobs when the counts table knows it, else None (no scan)."""
         if errors_only or any(query.get(k) for k in ("site", "user", "workflow", "age", "reason")):
             return None
-        where, args = where_equal(query, ("jobtype",))
-        if states:
-            where += (" AND " if where else " WHERE ") + f"state IN ({','.join('?' * len(states))})"
-            args += states
+        where, args = with_states(*where_equal(query, ("jobtype",)), states)
         return self.store.read_one(f"SELECT COALESCE(SUM(n), 0) FROM job_counts{where}", args)[0]
 
     def known_jobtypes(self):
@@ -2963,10 +2964,9 @@ def render_summary(d, query):
                        esc(f["jobtype"]), infile_cell(f["infile"]), state_cell(f["state"]), esc(f["exit_code"]),
                        esc(f["host"]), reason_cell(f["reason"])] for f in d["recent_failures"]])
     body = (f"{server_header(d)}{alarms}{activity_charts(d['activity'], d['time'])}"
-            f"<h2>Jobs by type and state</h2>{by_type}<h2>Pilots</h2>{pilots}"
-            f"<h2>Jobs ended</h2>{ended}{latency}"
+            f"<h2>Jobs by type and state</h2>{by_type}"
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2>{error_table(d['errors'])}"
-            f"<h2>Recent failures</h2>{failures}")
+            f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>{ended}{latency}")
     return page("Summary", body, query)
 
 
@@ -2994,7 +2994,7 @@ def render_errors(d, query):
 
 
 # -- activity charts: inline SVG, no JavaScript; a <title> on each slot is its hover text ---------
-CHART_W, CHART_H, CHART_PAD = 380, 90, 30
+CHART_W, CHART_H, CHART_PAD = 360, 90, 30
 
 
 def chart_frame(title, t, ymax, marks):

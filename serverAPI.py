@@ -191,6 +191,10 @@ class Client:
     def job_states(self, uuids):
         return self.call("POST", "/api/jobs/states", {"uuids": list(uuids)})["jobs"]
 
+    def why_waiting(self, uuid):
+        """The plain reasons a job is not running yet (the job page's), empty once it started."""
+        return self.call("GET", f"/job/{uuid}", query={"format": "json"})["why_waiting"]
+
     def adjust_job(self, uuid, state=None, priority=None):
         body = {k: v for k, v in (("state", state), ("priority", priority)) if v is not None}
         return self.call("POST", f"/api/jobs/{uuid}/adjust", body)

@@ -170,6 +170,21 @@ def shell_job(command, **fields):
     return job
 
 
+def tiny_png(path, rgb=(200, 30, 30), size=(64, 40)):
+    """Write a real PNG (one colour) to path, as a DQM payload writes its plots."""
+    import struct
+    import zlib
+    width, height = size
+    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+    return path
+
+
 def graphml(vertices, edges):
     """A GraphML DAG in the original p3s dialect. vertices: (id, jobtype, payload[, env]);
     edges: (source, target, name, datatag)."""

@@ -57,3 +57,52 @@ def test_summary_and_job_page_in_a_real_browser(served, tmp_path):
     assert "bad channel 42" in text, "the stderr tail is not visible"
     assert re.search(r'<a href="/file\?path=[^"]+\.err">stderr</a>', dom), "no link to the stderr log"
     assert "Timeline" in text and "running failed" in text
+
+
+def screenshot(tmp_path, url, name):
+    """A full-page PNG of url as a person sees it; kept in the test's temp dir to look at."""
+    shot = tmp_path / "screenshots" / name
+    shot.parent.mkdir(exist_ok=True)
+    profile = tmp_path / f"chromium-{len(list(tmp_path.glob('chromium-*')))}"
+    subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "--window-size=1400,1400",
+                    f"--screenshot={shot}", url], capture_output=True, timeout=90, check=True)
+    assert shot.stat().st_size > 10000, f"{shot}: an empty page?"
+    print(f"screenshot: {shot}")
+    return shot
+
+
+def test_plots_reasons_and_activity_in_a_real_browser(served, tmp_path):
+    """A DQM job writes two PNGs and an SVG carrying a script; another fails with a message on
+    stderr. The shifter sees the thumbnails, the SVG runs nothing, /plots lists them, the
+    summary names the failure's reason and its chart has this hour's bars."""
+    from conftest import tiny_png
+    tiny_png(tmp_path / "adc_mean_apa1.png", (200, 40, 40), (320, 200))
+    tiny_png(tmp_path / "adc_rms_apa1.png", (40, 40, 200), (320, 200))
+    (tmp_path / "evd.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="320" height="200"><rect width="320" height="200" '
+        'fill="#3a3"/><script>document.documentElement.setAttribute("data-pwned", "yes")</script></svg>')
+    plots = shell_job(f"cp {tmp_path}/adc_mean_apa1.png {tmp_path}/adc_rms_apa1.png {tmp_path}/evd.svg "
+                      "$P3S_OUTPUT_DIR/", name="Monitor:Main", jobtype="monitor",
+                      infile="/eos/np04/run_012345_0001.root")
+    failing = shell_job("echo 'opening run 12345'; echo 'ERROR: RawDecoder: APA3 FEMB 12 returned no frames' >&2;"
+                        " exit 3", name="Purity", jobtype="purity", infile="/eos/np04/run_012345_0001.root")
+    uuids = served.submit([plots, failing])
+    served.run("pilot.py", "-c", "2", "-p", "0", "-L", served.logs)
+    served.wait_jobs(uuids)
+
+    dom, text = browse(tmp_path, served.url + f"/job/{uuids[0]}")
+    assert len(re.findall(r'<img src="/image/[^"]+\.png"', dom)) == 2 and '<img src="/image/' in dom
+    assert re.search(r'<img src="/image/[^"]+/evd\.svg"', dom)
+    svg_dom, _ = browse(tmp_path, served.url + f"/image/{uuids[0]}/evd.svg")
+    assert "<rect" in svg_dom and 'data-pwned="yes"' not in svg_dom, "the SVG's script ran"
+
+    dom, text = browse(tmp_path, served.url + "/plots")
+    assert "monitor" in text and "run_012345_0001.root" in text and dom.count('<img src="/image/') == 3
+
+    dom, text = browse(tmp_path, served.url + "/")
+    assert "ERROR: RawDecoder: APA3 FEMB 12 returned no frames" in text, "the reason is the stderr's last line"
+    assert "APA# FEMB # returned no frames" in text, "the error summary groups it"
+    assert re.search(r'<rect class="finished"[^>]*height="[1-9]', dom) and '<rect class="failed"' in dom
+
+    for path, name in (("/", "summary.png"), (f"/job/{uuids[0]}", "job-with-plots.png"), ("/plots", "plots.png")):
+        screenshot(tmp_path, served.url + path, name)
