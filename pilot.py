@@ -212,10 +212,12 @@ def copy_payload(command, scratch):
 
 def images_to_publish(env, max_bytes):
     """(name, path) of the images to offer the server: those in $P3S_OUTPUT_DIR (and below), then
-    those the $P3S_PUBLISH globs name (space-separated; relative to the output directory)."""
+    those the $P3S_PUBLISH globs name (space-separated; relative to the output directory; $NAMEs
+    from the job's environment expanded)."""
     out = env["P3S_OUTPUT_DIR"]
     found = sorted(os.path.join(d, f) for d, _, files in os.walk(out) for f in files)
     for pattern in env.get("P3S_PUBLISH", "").split():
+        pattern = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), pattern)
         found += sorted(glob.glob(os.path.join(out, os.path.expanduser(pattern))))
     chosen = {}
     for path in found:

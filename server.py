@@ -392,7 +392,6 @@ MIGRATIONS = [
     UPDATE jobs SET reason = CASE WHEN errmsg != '' THEN substr(errmsg, 1, 300)
                                   ELSE 'exit code ' || exit_code END
     WHERE state IN ('failed', 'timeout', 'pilotTO') AND (errmsg != '' OR exit_code IS NOT NULL);
-    CREATE INDEX jobs_problems ON jobs(id) WHERE state IN ('failed', 'timeout', 'pilotTO');
     CREATE TABLE errors(bucket INTEGER NOT NULL, jobtype TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
                         first REAL NOT NULL, last REAL NOT NULL, PRIMARY KEY(bucket, jobtype, reason)) WITHOUT ROWID;
     CREATE TABLE job_starts(bucket INTEGER PRIMARY KEY, n INTEGER NOT NULL);

@@ -4,8 +4,9 @@
     python bench/pages.py [--jobs 1000000] [--pilots 100000] [--repeat 7]
 
 Fills a temporary database through the server's own schema and triggers (a realistic mix: 30
-days of jobs, mostly finished, some failed, a queue of defined ones, 10 job types, 5 sites, 20
-users, 100k pilots, most of them long gone), starts the real server.py on it on 127.0.0.1, and prints the median and max
+days of jobs, mostly finished, some failed with reasons, a queue of defined ones, 10 job types, 5
+sites, 20 users, 100k pilots, most of them long gone, 400k published images, a busy day of activity
+and error counts), starts the real server.py on it on 127.0.0.1, and prints the median and max
 wall time of each page as a client sees it. Bounded: one fill, `repeat` requests per page.
 """
 import argparse
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 import uuid
 
@@ -40,7 +42,13 @@ def job_rows(n, t_end, rng, pilots):
                f"type{rng.randrange(10)}", "/bin/true", rng.randrange(5), f"site{i % 5}" if i % 3 else "",
                state, ts_def, ts_def + 1 if started else None, ts_def + 5 if ended else None,
                (0 if state == "finished" else 1) if ended else None, "vm" if started else "",
-               pilots[i % len(pilots)] if started else None)
+               pilots[i % len(pilots)] if started else None, f"/eos/np04/run_{i // 100:06d}_{i % 100:04d}.root",
+               REASONS[i % len(REASONS)].format(i % 7, i % 97) if state in server.FAILED_STATES else "")
+
+
+REASONS = ["ERROR: RawDecoder: APA{} FEMB {} returned no frames", "disk quota exceeded on /scratch{}",
+           "segmentation violation in module {}", "cannot open input file run {} event {}",
+           "killed at its time limit of 3600 s"] + [f"reason family {k}: item {{}} {{}}" for k in range(15)]
 
 
 def fill(path, n_jobs, n_pilots):
@@ -51,8 +59,12 @@ def fill(path, n_jobs, n_pilots):
 
     def insert(conn):
         conn.executemany("INSERT INTO jobs(uuid,name,user,jobtype,payload,priority,site,state,ts_def,ts_sta,"
-                         "ts_sto,exit_code,host,pilot) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                         "ts_sto,exit_code,host,pilot,infile,reason) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          job_rows(n_jobs, t, rng, pilots))
+        fill_activity(conn, t, rng)
+        conn.executemany("INSERT INTO images(job, name, type, size, jobtype, infile, ts) "   # 20 plots a job
+                         "SELECT uuid, ?, 'image/png', 50000, jobtype, infile, ts_sto FROM jobs "
+                         "WHERE state='finished' AND id % 50 = 0", [(f"plot{k}.png",) for k in range(20)])
         conn.executemany("INSERT INTO pilots(uuid,host,pid,site,state,heartbeat,ts_reg,ts_beat,jobs_done) "
                          "VALUES(?,?,?,?,?,?,?,?,?)",
                          ((p, f"node{i % 50}", 1000 + i, f"site{i % 5}", "running" if i % 100 == 0 else "stopped",
@@ -63,6 +75,23 @@ def fill(path, n_jobs, n_pilots):
     store.write(insert)
     store.read("ANALYZE")
     store.close()
+
+
+def fill_activity(conn, t, rng):
+    """A busy day of the counts the summary's charts and error summary read, as triggers and
+    housekeeping make them: per-minute ends by jobtype, site and state, claims, samples, and
+    failures by 10 minutes, jobtype and reason (a noisy 200 distinct reasons)."""
+    minutes = range(int(t - 86400) // 60, int(t) // 60 + 1)
+    conn.executemany("INSERT INTO ends VALUES(?,?,?,?,?)",
+                     ((m, f"type{k}", f"site{k % 5}", state, rng.randrange(1, 30)) for m in minutes
+                      for k in range(10) for state in ("finished", "failed")))
+    conn.executemany("INSERT INTO job_starts VALUES(?,?)", ((m, rng.randrange(50, 300)) for m in minutes))
+    conn.executemany("INSERT INTO samples VALUES(?,?,?,?)",
+                     ((m, rng.randrange(900, 1000), rng.randrange(800, 1000), rng.randrange(0, 5000)) for m in minutes))
+    buckets = range(int(t - 86400) // server.ERROR_BUCKET, int(t) // server.ERROR_BUCKET + 1)
+    conn.executemany("INSERT INTO errors VALUES(?,?,?,?,?,?)",
+                     ((b, f"type{k}", f"reason family {r}: item # #", rng.randrange(1, 9), b * 600.0, b * 600.0 + 599)
+                      for b in buckets for k in range(10) for r in range(20)))
 
 
 def timed_get(url):
@@ -97,7 +126,11 @@ def main(argv=None):
         pages = ["/", "/?format=json", "/jobs", "/jobs?page=100", f"/jobs?page={deep // 2}", f"/jobs?page={deep}",
                  "/jobs?state=failed", "/jobs?state=defined&sort=priority", "/jobs?jobtype=type3&limit=400",
                  "/jobs?user=user7&site=site2", "/jobs?age=1h", "/jobs?sort=ended", "/jobs?sort=priority&order=asc",
-                 f"/job/{some['uuid']}", "/pilots", f"/pilot/{pilot['uuid']}", "/metrics"]
+                 "/jobs?state=problems", "/jobs?state=error", "/jobs?state=failed,timeout&jobtype=type3",
+                 "/jobs?" + urllib.parse.urlencode({"state": "problems", "jobtype": "type3",
+                                                    "reason": "ERROR: RawDecoder: APA# FEMB # returned no frames"}),
+                 f"/job/{some['uuid']}", "/pilots", f"/pilot/{pilot['uuid']}", "/metrics", "/errors", "/plots",
+                 "/plots?jobtype=type3&infile=run_0099", "/sites"]
         results = {}
         for path in pages:
             times = [timed_get(base + path) for _ in range(args.repeat)]

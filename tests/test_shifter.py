@@ -91,13 +91,14 @@ def test_job_filters_take_lists_groups_and_error_and_refuse_unknown_names(p3s):
 
 
 def test_a_job_publishes_its_images_within_the_servers_limits(tmp_path):
-    server = P3S(tmp_path, ["--max-image-bytes", "20000", "--max-images", "4"]).start()
+    server = P3S(tmp_path, ["--max-image-bytes", "20000", "--max-images", "5"]).start()
     try:
         elsewhere = tmp_path / "elsewhere"
         elsewhere.mkdir()
         for name, rgb in (("adc_mean_apa1.png", (200, 0, 0)), ("adc_mean_apa2.png", (0, 0, 200))):
             tiny_png(tmp_path / name, rgb)
         tiny_png(elsewhere / "summary.png", (0, 150, 0))
+        tiny_png(elsewhere / "zzz.png", (0, 150, 0))
         huge = tiny_png(tmp_path / "huge.png")
         huge.write_bytes(huge.read_bytes() + os.urandom(30000))        # a PNG over --max-image-bytes
         (tmp_path / "fake.png").write_text("not a png at all")
@@ -106,13 +107,13 @@ def test_a_job_publishes_its_images_within_the_servers_limits(tmp_path):
                   f"{tmp_path}/fake.png {tmp_path}/huge.png $P3S_OUTPUT_DIR/; mkdir $P3S_OUTPUT_DIR/sub; "
                   f"cp {tmp_path}/adc_mean_apa1.png $P3S_OUTPUT_DIR/sub/; echo notes > $P3S_OUTPUT_DIR/notes.txt")
         job = shell_job(script, jobtype="monitor", infile="/eos/run_000123_0001.root")
-        job["env"]["P3S_PUBLISH"] = f"{elsewhere}/*.png"
+        job["env"].update(P3S_PUBLISH="$WHERE/*.png", WHERE=str(elsewhere))
         [uuid] = run(server, [job])
         assert server.job(uuid)["state"] == "finished", "a refused image must not fail the job"
         page = server.api.call("GET", f"/job/{uuid}", query={"format": "json"})
         names = [i["name"] for i in page["images"]]
-        assert names == ["adc_mean_apa1.png", "adc_mean_apa2.png", "evil.svg", "sub_adc_mean_apa1.png"], \
-            "4 of the 5 valid ones (--max-images 4), never fake.png or huge.png, in name order"
+        assert names == ["adc_mean_apa1.png", "adc_mean_apa2.png", "evil.svg", "sub_adc_mean_apa1.png",
+                         "summary.png"], "5 of the 6 valid ones (--max-images 5), never fake.png or huge.png"
         kept = tmp_path / "p3s.db.files" / uuid
         assert sorted(os.listdir(kept)) == names
         status, headers, body = fetch(f"{server.url}/image/{uuid}/adc_mean_apa1.png")
@@ -122,7 +123,7 @@ def test_a_job_publishes_its_images_within_the_servers_limits(tmp_path):
         assert headers["Content-Type"] == "image/svg+xml" and "default-src 'none'" in headers["Content-Security-Policy"]
         assert fetch(f"{server.url}/image/{uuid}/nosuch.png")[0] == 404
         plots = server.api.call("GET", "/plots", query={"format": "json", "infile": "run_000123"})
-        assert [g["jobtype"] for g in plots["groups"]] == ["monitor"] and len(plots["groups"][0]["images"]) == 4
+        assert [g["jobtype"] for g in plots["groups"]] == ["monitor"] and len(plots["groups"][0]["images"]) == 5
         assert server.api.call("GET", "/plots", query={"format": "json", "infile": "run_999"})["groups"] == []
 
         token = server.token_file.read_text().strip()
