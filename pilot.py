@@ -301,6 +301,7 @@ class Pilot:
         self.idle = False               # True only while blocked in a job request
         self.beats = threading.Event()  # set to stop the heartbeat thread
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
+        self.prefetched = None          # the answer to a job request an end report carried
 
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self, uuid=None):
@@ -370,7 +371,7 @@ class Pilot:
             job = self.request(wait)
             done += 1
             if job is not None:
-                self.run_job(job)
+                self.run_job(job, ask_next=not (cycles and done >= cycles))
                 last_work = time.monotonic()
 
     def request(self, wait):
@@ -379,9 +380,11 @@ class Pilot:
         try:
             if self.exit_reason is not None:
                 return None
-            log.debug("asking for a job (waiting up to %g s)", wait)
-            answer = self.client.request_job(self.uuid, wait)
-            self.heard_from_server()
+            answer, self.prefetched = self.prefetched, None
+            if not answer or not (answer["job"] or answer["directive"]):
+                log.debug("asking for a job (waiting up to %g s)", wait)
+                answer = self.client.request_job(self.uuid, wait)
+                self.heard_from_server()
             log.debug("answer: job %s, directive %s", answer["job"] and answer["job"]["uuid"], answer["directive"])
             if answer["directive"]:
                 self.obey(answer["directive"], f"{answer['directive']} requested by the server", None)
@@ -425,7 +428,9 @@ class Pilot:
             pass
 
     # -- one job --------------------------------------------------------------------------------
-    def run_job(self, job):
+    def run_job(self, job, ask_next=False):
+        """Run one job to its end and report it; the end report asks for the next job too
+        (`ask_next`), which the next request() then takes without a round trip."""
         out_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".out"))
         err_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".err"))
         log.info("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
@@ -450,7 +455,7 @@ class Pilot:
             return
         self.publish_images(job, execution.env)
         self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
-                               "stdout": tail(out_path), "stderr": tail(err_path)})
+                               "stdout": tail(out_path), "stderr": tail(err_path)}, ask_next)
 
     def report_running(self, execution):
         """Best effort, in its own thread: the payload is supervised whether or not this arrives
@@ -502,12 +507,16 @@ class Pilot:
 
     def wait(self, execution):
         """Wait for the payload, enforcing the time limit; (state, exit code, message)."""
-        limit = execution.job["timelimit"] or None
-        try:
-            code = execution.proc.wait(timeout=limit and max(0.0, execution.started + limit - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            execution.stop("timeout", f"killed at its time limit of {limit} s", self.args.kill_grace)
-            code = execution.proc.wait()
+        limit = execution.job["timelimit"]
+        # A timer enforces the limit, so the wait blocks in waitpid and returns the moment the
+        # payload exits (a wait with a timeout polls, adding milliseconds to every job).
+        timer = threading.Timer(max(0.0, execution.started + limit - time.monotonic()), execution.stop,
+                                ("timeout", f"killed at its time limit of {limit} s", self.args.kill_grace))
+        timer.daemon = True
+        if limit:
+            timer.start()
+        code = execution.proc.wait()
+        timer.cancel()
         kill_group(execution.proc.pid, signal.SIGKILL)     # leave no stray children behind
         self.watchdog.release(execution.proc.pid)
         if execution.stop_reason:
@@ -519,13 +528,19 @@ class Pilot:
             return "finished", 0, ""
         return "failed", code, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
 
-    def send_report(self, job, report):
-        """Deliver an end report, retried until the server accepts or refuses it."""
+    def send_report(self, job, report, ask_next=False):
+        """Deliver an end report, retried until the server accepts or refuses it. With
+        `ask_next` (and no reason to stop), it also claims the pilot's next job."""
         report.update(pilot=self.uuid, attempt=job["attempt"])
         while True:
+            if ask_next and self.exit_reason is None and not self.dropped:
+                report["next"] = True
+            else:
+                report.pop("next", None)
             try:
                 answer = self.client.report(job["uuid"], report, retry_for=60)
                 self.heard_from_server()
+                self.prefetched = answer.get("next")
                 return answer
             except P3SError as e:
                 if e.bad_input:

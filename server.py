@@ -1438,7 +1438,7 @@ class Broker:
         self.waiting = 0                    # job requests blocked on self.work
         self.passes = 0                     # wake-ups a request that found nothing may pass on
         self.stopping = threading.Event()
-        self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0}
+        self.counters = {"claims": 0, "empty_polls": 0, "reports": 0, "stale_reports": 0, "http_requests": 0}
         self.counters_lock = threading.Lock()   # request threads count concurrently
         self.latency = [0] * (len(LATENCY_BUCKETS) + 1)    # claim latency histogram, last = +Inf
         self.latency_sum = 0.0
@@ -2041,7 +2041,7 @@ class Service:
                 "lease": pilot["heartbeat"] * self.lease_beats, "images": self.images.limits()}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
-                   "pid", "stdout_path", "stderr_path")
+                   "pid", "stdout_path", "stderr_path", "next")
 
     def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
@@ -2049,15 +2049,22 @@ class Service:
         attempt = as_int(body.get("attempt"), "attempt", 1)
         state = as_choice(body.get("state"), "state", ("running", "finished", "failed", "timeout", "pilotTO"))
         fields = self.report_fields(body, state)
+        if body.get("next", False) not in (True, False) or (body.get("next") and state == "running"):
+            raise bad("next: true (an end report that also asks for the next job) or false")
         try:
             with self.store.transaction() as conn:
                 check_pilot_secret(conn, pilot, secret)
                 result = self.apply_report(conn, uuid, pilot, attempt, state, fields)
+                if body.get("next"):    # the next job in the same transaction: one request, one commit
+                    job, directive = self.broker.claim(conn, pilot, secret)
+                    result["next"] = {"job": job, "directive": directive}
         except ApiError as e:
             if e.status == 409:
                 self.broker.count("stale_reports")
             raise
         self.broker.count("reports")
+        if result.get("next", {}).get("job"):
+            self.broker.count_claim(result["next"]["job"])
         self.broker.notify_work(result.pop("released", 0))
         return result
 
@@ -3254,7 +3261,8 @@ def render_metrics(d):
     out += ["# HELP p3s_pilots Pilots by state.", "# TYPE p3s_pilots gauge"]
     out += [f'p3s_pilots{{state="{prom(s)}"}} {n}' for s, n in sorted(d["pilots"].items())]
     for name, help_text in (("claims", "Jobs handed to pilots."), ("empty_polls", "Job requests that found no job."),
-                            ("reports", "Pilot reports accepted."), ("stale_reports", "Pilot reports refused as stale.")):
+                            ("reports", "Pilot reports accepted."), ("stale_reports", "Pilot reports refused as stale."),
+                            ("http_requests", "HTTP requests served (pages and API).")):
         out += [f"# HELP p3s_{name}_total {help_text}", f"# TYPE p3s_{name}_total counter",
                 f"p3s_{name}_total {d['counters'][name]}"]
     out += ["# HELP p3s_alarm 1 while the alarm is raised (see /api/alarms).", "# TYPE p3s_alarm gauge"]
@@ -3457,8 +3465,12 @@ def operation(service, name):
 
 
 class Handler(BaseHTTPRequestHandler):
+    """HTTP/1.1 with kept-alive connections (a pilot's next request skips the TCP handshake and
+    the thread start), TCP_NODELAY (an answer's head and body go out without waiting for an
+    ACK), and SOCKET_TIMEOUT as the idle limit of a kept connection."""
     server_version = "p3s/" + VERSION
-    protocol_version = "HTTP/1.0"
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
     timeout = SOCKET_TIMEOUT    # a client that connects and goes quiet does not hold a thread forever
 
     def do_GET(self):
@@ -3474,7 +3486,10 @@ class Handler(BaseHTTPRequestHandler):
         self.dispatch("DELETE")
 
     def dispatch(self, method):
+        self.server.service.broker.count("http_requests")
         url = urlsplit(self.path)
+        self.body_pending = (self.headers.get("Content-Length", "0") not in ("", "0")
+                             or "Transfer-Encoding" in self.headers)
         if not self.host_allowed():
             host = self.headers.get("Host", "")
             return self.send_json(421, {"error": f"Host: {host[:100]!r} is not a name of this server; "
@@ -3612,6 +3627,7 @@ class Handler(BaseHTTPRequestHandler):
         raise ApiError(403, "Authorization: wrong token")
 
     def read_raw(self):
+        """The request body, at most max_body bytes (413 above, and the body dropped)."""
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -3620,7 +3636,9 @@ class Handler(BaseHTTPRequestHandler):
             self.discard(length)
             raise ApiError(413, f"body: {length} bytes is over the limit of {self.server.max_body}; "
                                 "send less at a time (job.py splits big submissions itself)")
-        return self.rfile.read(length) if length > 0 else b""
+        raw = self.rfile.read(length) if length > 0 else b""
+        self.body_pending = "Transfer-Encoding" in self.headers    # chunked: not ours to parse
+        return raw
 
     def discard(self, length):
         """Read and drop an oversized body (up to DISCARD_LIMIT), so the client sees the 413
@@ -3639,6 +3657,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_bytes(self, status, data, ctype):
         try:
             self.send_response(status)
+            if getattr(self, "body_pending", False):    # refused before its body was read: the
+                self.send_header("Connection", "close")     # rest of the stream is not a request
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()

@@ -15,13 +15,14 @@ add_verbosity (-v N, $P3S_VERBOSITY), format_table (text tables) and run_cli (ex
 network failure).
 """
 import argparse
+import http.client
 import json
 import os
 import secrets
+import socket
 import sys
+import threading
 import time
-import urllib.error
-import urllib.request
 from urllib.parse import quote, urlencode, urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -29,6 +30,7 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_TOKEN_FILE = os.path.join(HERE, "p3s.token")
 BACKOFF_FIRST = 0.1     # seconds before the first retry of a failed call; doubles each time
 BACKOFF_CAP = 5.0       # seconds, the longest pause between retries
+KEEP_CONNECTIONS = 4    # idle connections a client keeps open (a pilot uses up to three at once)
 SUBMIT_BYTES = 1024 * 1024  # a submission goes in requests of about this size (the server takes 4 MiB)
 
 
@@ -121,6 +123,10 @@ class Client:
         if "://" not in self.server:
             self.server = "http://" + self.server
         check_url(self.server)
+        parts = urlsplit(self.server)
+        self.scheme, self.host, self.port = parts.scheme, parts.hostname, parts.port
+        self.base_path = parts.path.rstrip("/")
+        self.pool, self.pool_lock = [], threading.Lock()     # idle kept-alive connections
         self.token, self.token_file = token, token_file
         self.timeout = timeout
         self.retry_for = retry_for if retry_for is not None else _retry_from_env()
@@ -131,15 +137,14 @@ class Client:
         """One API call; returns the decoded JSON answer or raises P3SError. `body` is sent as
         JSON, or as is if bytes. `pilot`: the pilot uuid whose secret the call carries (job
         requests, heartbeats, reports, stop, images)."""
-        url = self.server + path + ("?" + urlencode(query) if query else "")
+        target = self.base_path + path + ("?" + urlencode(query) if query else "")
         raw = isinstance(body, bytes)
         data = body if raw else json.dumps(body).encode() if body is not None else None
         deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
         delay = BACKOFF_FIRST
         while True:
             try:
-                return self._once(urllib.request.Request(url, data, self._headers(pilot, raw), method=method),
-                                  timeout or self.timeout)
+                return self._once(method, target, data, self._headers(pilot, raw), timeout or self.timeout)
             except P3SError as e:
                 if e.bad_input or time.monotonic() + delay > deadline:
                     raise
@@ -158,19 +163,64 @@ class Client:
             headers["X-P3S-Pilot-Secret"] = self.pilot_secrets[pilot]
         return headers
 
-    @staticmethod
-    def _once(request, timeout):
+    def _once(self, method, target, data, headers, timeout):
+        """One request on a kept-alive connection. A kept connection the server has closed
+        meanwhile (its idle timeout) fails before any answer: then once more, on a new one."""
+        for reuse in (True, False):
+            conn = None
+            try:
+                conn, reused = self._connection(timeout, reuse)
+                conn.request(method, target, body=data, headers=headers)
+                answer = conn.getresponse()
+                payload = answer.read()
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as e:
+                if conn is not None:
+                    conn.close()
+                if conn is not None and reused:
+                    continue
+                raise P3SError(f"cannot reach the p3s server at {self.server}: {e}") from None
+            except (OSError, http.client.HTTPException) as e:
+                if conn is not None:
+                    conn.close()
+                raise P3SError(f"cannot reach the p3s server at {self.server}: {e}") from None
+            self._release(conn, answer.will_close)
+            break
+        if answer.status >= 400:
+            raise P3SError(_error_text(payload, answer), answer.status)
         try:
-            with urllib.request.urlopen(request, timeout=timeout) as answer:
-                return json.loads(answer.read() or b"{}")
-        except urllib.error.HTTPError as e:
-            raise P3SError(_error_text(e), e.code) from None
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            raise P3SError(f"cannot reach the p3s server at {request.full_url.split('/api')[0]}: "
-                           f"{reason}") from None
+            return json.loads(payload or b"{}")
         except ValueError:
-            raise P3SError(f"{request.full_url}: the answer is not JSON") from None
+            raise P3SError(f"{self.server}{target}: the answer is not JSON") from None
+
+    def _connection(self, timeout, reuse=True):
+        """(a connection, whether it served a request before): an idle kept one, else a new
+        one. Any thread may take one (a pilot's main loop, heartbeats, reports); one request at
+        a time on each. TCP_NODELAY: a small request is not held back for an earlier ACK."""
+        with self.pool_lock:
+            kept = self.pool.pop() if reuse and self.pool else None
+        if kept is not None:
+            kept.sock.settimeout(timeout)
+            return kept, True
+        kind = http.client.HTTPSConnection if self.scheme == "https" else http.client.HTTPConnection
+        conn = kind(self.host, self.port, timeout=timeout)
+        conn.connect()
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return conn, False
+
+    def _release(self, conn, closing):
+        """Keep a connection for the next request, unless the server closes it or enough are kept."""
+        with self.pool_lock:
+            if not closing and len(self.pool) < KEEP_CONNECTIONS:
+                self.pool.append(conn)
+                return
+        conn.close()
+
+    def close(self):
+        """Close the kept connections (the server also drops them after 10 s idle)."""
+        with self.pool_lock:
+            kept, self.pool = self.pool, []
+        for conn in kept:
+            conn.close()
 
     # -- jobs -----------------------------------------------------------------------------------
     def submit_jobs(self, jobs):
@@ -353,9 +403,9 @@ def _retry_from_env():
         raise P3SError(f"P3S_RETRY_FOR={value!r}: not a number of seconds") from None
 
 
-def _error_text(e):
+def _error_text(payload, answer):
     """The server's {"error": ...} message, or the HTTP reason when there is none."""
     try:
-        return json.loads(e.read())["error"]
-    except (ValueError, KeyError, TypeError, OSError):
-        return f"HTTP {e.code} {e.reason}"
+        return json.loads(payload)["error"]
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {answer.status} {answer.reason}"

@@ -114,22 +114,38 @@ def wait_ended(client, uuids):
     raise SystemExit("jobs did not end in time")
 
 
-def ended(client, jobtype):
-    """Jobs of `jobtype` ended: one cheap read of the counts table (/metrics), not every uuid."""
-    counts = client.call("GET", "/metrics", query={"format": "json"})["jobs"]
-    return sum(c["n"] for c in counts if c["jobtype"] == jobtype and c["state"] in ("finished", "failed"))
+def metrics(client):
+    return client.call("GET", "/metrics", query={"format": "json"})
+
+
+def ended(figures, jobtype):
+    """Jobs of `jobtype` ended, from one cheap read of the counts table (/metrics), not every uuid."""
+    return sum(c["n"] for c in figures["jobs"] if c["jobtype"] == jobtype and c["state"] in ("finished", "failed"))
 
 
 def throughput(client, n_jobs, jobtype):
+    """(jobs/s, HTTP requests the server served per job, not counting this script's own)."""
     jobs = [{"payload": "/bin/true", "name": "bench", "jobtype": jobtype} for _ in range(n_jobs)]
+    before = metrics(client)["counters"].get("http_requests", 0)
     started = time.perf_counter()
+    ours = len(list(batches_of(jobs)))
     client.submit_jobs(jobs)
     deadline = time.monotonic() + TIME_LIMIT
-    while ended(client, jobtype) < n_jobs:
+    while True:
+        figures = metrics(client)
+        ours += 1
+        if ended(figures, jobtype) >= n_jobs:
+            break
         if time.monotonic() > deadline:
             raise SystemExit("jobs did not end in time")
         time.sleep(0.02)
-    return n_jobs / (time.perf_counter() - started)
+    rate = n_jobs / (time.perf_counter() - started)
+    served = figures["counters"].get("http_requests", 0) - before - ours
+    return rate, served / n_jobs if "http_requests" in figures["counters"] else None
+
+
+def batches_of(jobs):
+    return range(0, len(jobs), 1000)        # Client.submit_jobs sends at most 1000 jobs a request
 
 
 def prefill(client, db, n):
@@ -182,12 +198,12 @@ def main(argv=None):
         pilots = start_pilots(args.pilots, url, token, workdir)
         wait_idle(client, args.pilots)
         cpu = server_cpu_seconds(server)
-        jobs_per_s = throughput(client, args.jobs, "bench-empty")
+        jobs_per_s, requests_per_job = throughput(client, args.jobs, "bench-empty")
         cpu_ms_per_job = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
         queued_per_s = None
         if args.queued:
             prefill(client, os.path.join(workdir, "p3s.db"), args.queued)
-            queued_per_s = throughput(client, args.jobs, "bench-queued")
+            queued_per_s = throughput(client, args.jobs, "bench-queued")[0]
         for pilot in pilots:
             pilot.terminate()
         for pilot in pilots:
@@ -209,6 +225,7 @@ def main(argv=None):
         "p3s_jobs_per_s": round(jobs_per_s, 1),
         "ratio_jobs_per_s_to_bare_requests_per_s": round(jobs_per_s / bare, 3),
         "server_cpu_ms_per_job": round(cpu_ms_per_job, 2),
+        "http_requests_per_job": requests_per_job and round(requests_per_job, 2),
         "queued": args.queued,
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
         "queued_to_empty_ratio": queued_per_s and round(queued_per_s / jobs_per_s, 2),

@@ -90,12 +90,14 @@ def test_beyond_the_connection_cap_a_quick_503_and_the_rest_still_served(tmp_pat
         answer = raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n")
         assert answer.startswith("HTTP/1.0 503") and "too many connections" in answer
         assert time.monotonic() - started < 2
+        for s in idle:
+            s.close()
+        wait_until(lambda: raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n").startswith("HTTP/1.1 200"),
+                   15, what="the server to serve again once the idle clients left")
     finally:
         for s in idle:
             s.close()
-    wait_until(lambda: raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n").startswith("HTTP/1.0 200"),
-               15, what="the server to serve again once the idle clients left")
-    server.stop()
+        server.stop()
 
 
 def test_pilots_keep_working_through_2000_idle_connections(tmp_path):
@@ -162,7 +164,7 @@ def test_hostile_input_gets_a_400_never_a_traceback(p3s):
         answer = raw_request(p3s.port, b"POST /api/jobs HTTP/1.0\r\nAuthorization: Bearer " + token.encode() +
                              b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         status, _, payload = answer.partition("\r\n\r\n")
-        assert status.startswith("HTTP/1.0 400"), (case, status)
+        assert status.startswith("HTTP/1.1 400"), (case, status)
         assert message in json.loads(payload)["error"], (case, payload)
     for path, status in (("/jobs?page=100000000000000000000", "400"), ("/?refresh=%C2%B2", "200"),
                          ("/file?path=/" + "x" * 4097, "400"), ("/api/jobs?offset=1e20", "400")):
@@ -328,5 +330,33 @@ def test_an_outside_reader_cannot_grow_the_wal_for_good(tmp_path):
         reader.close()
         wait_until(lambda: wal() == 0, 10, what="the WAL to be truncated once the reader left")
         assert server.api.health()["wal_large"] is False
+    finally:
+        server.stop()
+
+
+def test_kept_alive_connections_carry_many_requests_and_a_refused_body_closes_its_connection(tmp_path):
+    from serverAPI import Client
+    server = P3S(tmp_path).start()
+    try:
+        client = Client(server.url, token_file=str(server.token_file), retry_for=5)
+        client.call("GET", "/api/health")
+        [kept] = client.pool
+        local_port = kept.sock.getsockname()[1]
+        for _ in range(20):
+            client.call("POST", "/api/auth")
+        assert client.pool == [kept] and kept.sock.getsockname()[1] == local_port, "one TCP connection"
+        both = raw_request(server.port, b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                                        b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert both.count("HTTP/1.1 200") == 2, "two requests answered on one connection"
+        smuggled = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        refused = raw_request(server.port, b"POST /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                                           b"wrong\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        assert refused.count("HTTP/1.1") == 1 and refused.startswith("HTTP/1.1 403"), \
+            "a body left unread must not be taken for the next request"
+        server.kill9()
+        server.start()                      # the same port: the kept connection is dead now
+        started = time.monotonic()
+        assert client.call("GET", "/api/health")["ok"]
+        assert client.pool != [kept] and time.monotonic() - started < 1, "a new connection, at once"
     finally:
         server.stop()

@@ -184,7 +184,7 @@ def test_pilots_dying_young_raise_the_pilot_lifetime_alarm(p3s):
         assert p3s.run("pilot.py", "-s", "short", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0
     [message] = raised()
     assert message.startswith("short: pilots ended in the last hour lived") and "of 600 s nominal" in message
-    p3s.api.define_site("short", pilotlife=0.01)         # they did live half of that
+    p3s.api.define_site("short", pilotlife=1e-6)         # they did live half of that
     assert raised() == []
 
 
