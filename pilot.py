@@ -13,6 +13,7 @@ group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stop
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
+import contextlib
 import glob
 import json
 import logging
@@ -36,6 +37,8 @@ TAIL_BYTES = 64 * 1024
 LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
 RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, forever
+RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported running: a shorter job
+                            # is reported once, at its end (with its runtime; the server records both)
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".svg")     # what a job publishes for its page
 IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
@@ -267,6 +270,11 @@ class Execution:
         self.out_path, self.err_path = out_path, err_path
         self.stop_reason = None     # (state, errmsg) once someone decided to end it
         self.started = time.monotonic()     # the time limit counts from here
+        self.ended = threading.Event()      # set when the payload has exited
+
+    def runtime(self):
+        """Seconds since the payload started (the server dates the start from it: no clock skew)."""
+        return round(time.monotonic() - self.started, 6)
 
     def stop(self, state, errmsg, grace):
         if self.stop_reason is None:
@@ -302,6 +310,8 @@ class Pilot:
         self.beats = threading.Event()  # set to stop the heartbeat thread
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
         self.prefetched = None          # the answer to a job request an end report carried
+        # what payloads inherit from the pilot's environment: never the server's tokens
+        self.inherited_env = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
 
     # -- lifecycle ------------------------------------------------------------------------------
     def register(self, uuid=None):
@@ -448,22 +458,31 @@ class Pilot:
         reporter = threading.Thread(target=self.report_running, args=(execution,), daemon=True)
         reporter.start()
         state, exit_code, errmsg = self.wait(execution)
+        execution.ended.set()
         reporter.join()
         self.current = None
         log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
         self.publish_images(job, execution.env)
+        if execution.env["P3S_OUTPUT_DIR"] == self.output_dir(job):
+            with contextlib.suppress(OSError):  # our output directory goes if the job left it empty
+                os.rmdir(self.output_dir(job))
         self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
-                               "stdout": tail(out_path), "stderr": tail(err_path)}, ask_next)
+                               "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.proc.pid,
+                               "stdout_path": out_path, "stderr_path": err_path,
+                               "runtime": execution.runtime()}, ask_next)
 
     def report_running(self, execution):
         """Best effort, in its own thread: the payload is supervised whether or not this arrives
         (the server takes an end report for a job it still has as dispatched). A refusal means the
-        job was cancelled or given away meanwhile: stop the payload, if it still runs."""
+        job was cancelled or given away meanwhile: stop the payload, if it still runs. A payload
+        that ends within RUNNING_REPORT_DELAY is not reported running: its end report says it all."""
+        if execution.ended.wait(RUNNING_REPORT_DELAY):
+            return
         report = {"state": "running", "pid": execution.proc.pid, "pilot": self.uuid,
                   "attempt": execution.job["attempt"], "stdout_path": execution.out_path,
-                  "stderr_path": execution.err_path}
+                  "stderr_path": execution.err_path, "runtime": execution.runtime()}
         try:
             self.client.report(execution.job["uuid"], report, retry_for=RUNNING_REPORT_RETRY)
         except P3SError as e:
@@ -474,11 +493,10 @@ class Pilot:
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job)
-        output_dir = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"]))
+        output_dir = self.output_dir(job)
         if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
             command = copy_payload(command, output_dir)
-        inherited = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
-        env = {**inherited, "P3S_OUTPUT_DIR": output_dir, **self.site_env, **job["env"],
+        env = {**self.inherited_env, "P3S_OUTPUT_DIR": output_dir, **self.site_env, **job["env"],
                "P3S_JOB_UUID": job["uuid"], "P3S_PILOT_UUID": self.uuid}
         if job.get("infile") and "P3S_INPUT_FILE" not in job["env"]:
             env["P3S_INPUT_FILE"] = job["infile"]
@@ -488,6 +506,9 @@ class Pilot:
                                     stdout=out, stderr=err, start_new_session=True)
         self.watchdog.watch(proc.pid)
         return Execution(job, proc, out_path, err_path, env)
+
+    def output_dir(self, job):
+        return os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"]))
 
     def publish_images(self, job, env):
         """Send the server the images the job made, so its page shows them even where the

@@ -2041,20 +2041,20 @@ class Service:
                 "lease": pilot["heartbeat"] * self.lease_beats, "images": self.images.limits()}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
-                   "pid", "stdout_path", "stderr_path", "next")
+                   "pid", "stdout_path", "stderr_path", "runtime", "next")
 
     def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
         pilot = as_uuid(body.get("pilot"), "pilot")
         attempt = as_int(body.get("attempt"), "attempt", 1)
         state = as_choice(body.get("state"), "state", ("running", "finished", "failed", "timeout", "pilotTO"))
-        fields = self.report_fields(body, state)
+        start, outcome = self.report_fields(body, state)
         if body.get("next", False) not in (True, False) or (body.get("next") and state == "running"):
             raise bad("next: true (an end report that also asks for the next job) or false")
         try:
             with self.store.transaction() as conn:
                 check_pilot_secret(conn, pilot, secret)
-                result = self.apply_report(conn, uuid, pilot, attempt, state, fields)
+                result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
                     job, directive = self.broker.claim(conn, pilot, secret)
                     result["next"] = {"job": job, "directive": directive}
@@ -2070,39 +2070,47 @@ class Service:
 
     @staticmethod
     def report_fields(body, state):
-        """The job columns a report sets: pid and log paths when running, else the outcome."""
-        fields = {}
-        if state == "running":
-            fields["pid"] = as_int(body.get("pid", 0), "pid", 0)
+        """The job columns a report sets, as (how it started: pid, log paths and the seconds it
+        has run, which date its start; how it ended: exit code, message, log tails)."""
+        start, outcome = {}, {}
+        if state == "running" or "pid" in body:
+            start["pid"] = as_int(body.get("pid", 0), "pid", 0)
             for key in ("stdout_path", "stderr_path"):
-                fields[key] = as_str(body.get(key, ""), key, max_len=4096)
-        else:
+                start[key] = as_str(body.get(key, ""), key, max_len=4096)
+        if "runtime" in body:
+            start["runtime"] = as_number(body["runtime"], "runtime", 0)
+        if state != "running":
             if body.get("exit_code") is not None:
-                fields["exit_code"] = as_int(body["exit_code"], "exit_code")
-            fields["errmsg"] = as_str(body.get("errmsg", ""), "errmsg", max_len=4096)
+                outcome["exit_code"] = as_int(body["exit_code"], "exit_code")
+            outcome["errmsg"] = as_str(body.get("errmsg", ""), "errmsg", max_len=4096)
             for key in ("stdout", "stderr"):
-                fields[key + "_tail"] = as_str(body.get(key, ""), key, max_len=4 * TAIL_BYTES)[-TAIL_BYTES:]
-        return fields
+                outcome[key + "_tail"] = as_str(body.get(key, ""), key, max_len=4 * TAIL_BYTES)[-TAIL_BYTES:]
+        return start, outcome
 
-    def apply_report(self, conn, uuid, pilot, attempt, state, fields):
+    def apply_report(self, conn, uuid, pilot, attempt, state, start, outcome):
         """A pilot's report, fenced by pilot and attempt: a repeat is acknowledged, a stale one
-        refused with 409; `running` moves the job on, an end state ends or retries it."""
+        refused with 409; `running` moves the job on, an end state ends or retries it. An end
+        report for a job still dispatched (a short job: its pilot reports `running` only for jobs
+        that outlast RUNNING_REPORT_DELAY) moves it through `running` first, in one transaction."""
         job = lookup(conn, "jobs", uuid)
         if self._already_reported(conn, job, pilot, attempt, state):
             return {"state": job["state"], "duplicate": True}
         if job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES:
             raise ApiError(409, f"job {uuid}: report for attempt {attempt} by pilot {pilot} is stale; "
                                 f"the job is {job['state']} (attempt {job['attempt']})")
-        if state == "running":
+        if state == "running" or (job["state"] == "dispatched" and "runtime" in start):
             if job["state"] != "dispatched":
                 raise ApiError(409, f"job {uuid}: is already {job['state']}")
+            runtime = start.pop("runtime", 0.0)
             move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
-                     changes={**fields, "ts_sta": now()})
+                     changes={**start, "ts_sta": now() - runtime})
             move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
             if job["wfuuid"]:
                 follow_jobs(conn, job["wfuuid"])
-            return {"state": "running"}
-        new_state, released = requeue_or_end(conn, dict(job), state, pilot, fields.get("errmsg", ""), fields)
+            if state == "running":
+                return {"state": "running"}
+            job = dict(job, state="running")
+        new_state, released = requeue_or_end(conn, dict(job), state, pilot, outcome.get("errmsg", ""), outcome)
         conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
                      "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
                      "WHERE uuid=? AND job=?", (now(), pilot, uuid))
