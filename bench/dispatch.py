@@ -7,9 +7,10 @@ Prints, from one run on this machine:
   - the bare http.server request rate (ThreadingHTTPServer answering a small JSON, same client
     concurrency as the pilots),
   - end-to-end jobs/s for N pilots running /bin/true (submit -> claim -> run -> report),
-  - their ratio, and the server's CPU milliseconds per job,
+  - their ratio, the server's CPU milliseconds per job and the HTTP requests it served per job,
   - with --queued N: the same rate again once N jobs wait for a site no pilot serves (after
-    ANALYZE), beside the empty-queue rate,
+    ANALYZE), beside the empty-queue rate, and the round trip of a job request that finds
+    nothing to claim,
   - submit-to-start latency of an idle pilot, and with --idle-pilots waiting: median and p95.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
@@ -157,6 +158,19 @@ def prefill(client, db, n):
     conn.close()
 
 
+def empty_claim_ms(client, n=50):
+    """Median round trip of a job request (no waiting) that finds nothing to claim, while the
+    backlog waits: a pilot of a jobtype nobody submitted."""
+    pilot = client.register_pilot(jobtypes=["nothing-queued"], heartbeat=60)["uuid"]
+    times = []
+    for _ in range(n):
+        started = time.perf_counter()
+        assert client.request_job(pilot, 0)["job"] is None
+        times.append(time.perf_counter() - started)
+    client.deregister_pilot(pilot)
+    return statistics.median(times) * 1000
+
+
 def server_cpu_seconds(proc):
     with open(f"/proc/{proc.pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
@@ -200,10 +214,11 @@ def main(argv=None):
         cpu = server_cpu_seconds(server)
         jobs_per_s, requests_per_job = throughput(client, args.jobs, "bench-empty")
         cpu_ms_per_job = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
-        queued_per_s = None
+        queued_per_s = empty_claim = None
         if args.queued:
             prefill(client, os.path.join(workdir, "p3s.db"), args.queued)
             queued_per_s = throughput(client, args.jobs, "bench-queued")[0]
+            empty_claim = empty_claim_ms(client)
         for pilot in pilots:
             pilot.terminate()
         for pilot in pilots:
@@ -229,6 +244,7 @@ def main(argv=None):
         "queued": args.queued,
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
         "queued_to_empty_ratio": queued_per_s and round(queued_per_s / jobs_per_s, 2),
+        "empty_claim_round_trip_ms_with_queued": empty_claim and round(empty_claim, 2),
         "submit_to_start_median_ms": round(statistics.median(lat) * 1000, 1),
         "submit_to_start_p95_ms": round(p95(lat) * 1000, 1),
         "idle_pilots": args.idle_pilots,

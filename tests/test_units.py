@@ -261,9 +261,12 @@ def test_a_claim_does_not_grow_with_the_backlog_even_after_analyze(tmp_path):
     store.write(server.insert_jobs, rows)
     store.read("ANALYZE")
     with store.reading() as conn:
-        for sql, args in ((server.CLAIM_ANY, ("here",)), (server.CLAIM_TYPE, ("here", "dqm"))):
+        for sql, args in ((server.CLAIM_ANY, ("here",)), (server.CLAIM_TYPE, ("here", "dqm")),
+                          (server.AHEAD, ("elsewhere", "default", 3, "elsewhere", "default", 3, 0.0))):
             plan = " ".join(r[3] for r in conn.execute("EXPLAIN QUERY PLAN " + sql, args))
             assert "USING INDEX jobs_claim" in plan and "TEMP B-TREE" not in plan, plan
+        assert conn.execute(server.AHEAD, ("elsewhere", "default", 5, "elsewhere", "default", 5,
+                                           0.0)).fetchone()[0] == 100000 // 7, "jobs ahead: those of priority 6"
         steps = []
         conn.set_progress_handler(lambda: steps.append(1), 100)
         assert server.best_claimable(conn, "nowhere", ["dqm"]) is None
