@@ -2563,14 +2563,15 @@ class Views:
         the per-minute counts), and the per-minute samples of live pilots, running and queued jobs."""
         first = int(t - 86400) // 600
         bins = {b: {"start": b * 600, "started": 0, "finished": 0, "failed": 0} for b in range(first + 1, int(t) // 600 + 1)}
+        late = {"start": 0}     # a bucket begun since `t` (a job ended meanwhile) is left out
         for r in self.store.read("SELECT bucket / 10 AS b, SUM(n) AS n FROM job_starts WHERE bucket >= ? GROUP BY b",
                                  (first * 10 + 10,)):
-            bins[r["b"]]["started"] = r["n"]
+            bins.get(r["b"], late)["started"] = r["n"]
         marks = ",".join("?" * len(FAILED_STATES))
         for r in self.store.read(f"SELECT bucket / 10 AS b, state = 'finished' AS good, SUM(n) AS n FROM ends "
                                  f"WHERE bucket >= ? AND state IN ('finished', {marks}) GROUP BY b, good",
                                  (first * 10 + 10, *FAILED_STATES)):
-            bins[r["b"]]["finished" if r["good"] else "failed"] = r["n"]
+            bins.get(r["b"], late)["finished" if r["good"] else "failed"] = r["n"]
         samples = [dict(r) for r in self.store.read("SELECT minute * 60 AS ts, pilots, running, queued FROM samples "
                                                     "WHERE minute > ? ORDER BY minute", (int(t - 86400) // 60,))]
         return {"bins": list(bins.values()), "samples": samples}
