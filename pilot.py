@@ -525,6 +525,8 @@ class Pilot:
                 published += 1
             except (OSError, P3SError) as e:
                 log.warning("job %s: image %s not published: %s", job["uuid"], path, e)
+                if isinstance(e, P3SError) and not e.bad_input:
+                    return      # the server is away: the end report matters more than the images
 
     def wait(self, execution):
         """Wait for the payload, enforcing the time limit; (state, exit code, message)."""

@@ -259,7 +259,7 @@ class Client:
     def publish_image(self, uuid, name, data, pilot):
         """Send one image a job made (bytes) to the server, by the pilot running the job."""
         return self.call("PUT", f"/api/jobs/{uuid}/images/{quote(name, safe='')}", data, pilot=pilot,
-                         retry_for=10)
+                         retry_for=5)
 
     # -- pilots and sites -----------------------------------------------------------------------
     def register_pilot(self, retry_for=None, **info):

@@ -2,6 +2,7 @@
 publish, activity over time, the header; and job.py saying why jobs wait."""
 import json
 import os
+import time
 import urllib.error
 import urllib.request
 
@@ -236,3 +237,24 @@ def test_job_py_wait_says_why_no_live_pilot_takes_the_jobs(p3s):
     notes = [line for line in result.stderr.splitlines() if line.startswith("waiting: ")]
     assert notes and notes[0] == ("waiting: no live pilot takes jobtype 'purity' at site 'neutdqm' "
                                   "(0 pilot(s) alive)")
+
+
+def test_a_server_away_when_a_job_ends_costs_one_image_try_not_one_per_image(tmp_path):
+    """The end report matters more than the plots: the pilot stops publishing at the first image
+    the server cannot take for being away, and delivers the report once it is back."""
+    server = P3S(tmp_path).start()
+    try:
+        for k in range(4):
+            tiny_png(tmp_path / f"plot{k}.png")
+        [uuid] = server.submit([shell_job(f"sleep 1; cp {tmp_path}/plot*.png $P3S_OUTPUT_DIR/")])
+        server.pilot("-c", "1", "-p", "0")
+        wait_until(lambda: server.job(uuid)["state"] == "running", 10, what="the job running")
+        server.kill9()
+        log = tmp_path / "pilots.log"
+        wait_until(lambda: "not published" in log.read_text(), 20, what="the pilot giving up on the images")
+        time.sleep(6)                   # long enough for a second image to be tried and given up
+        server.start()
+        assert server.wait_jobs([uuid], timeout=30)[uuid]["state"] == "finished"
+        assert log.read_text().count("not published") == 1
+    finally:
+        server.stop()
