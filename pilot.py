@@ -15,6 +15,7 @@ SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
 import contextlib
 import glob
+import itertools
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported runni
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".svg")     # what a job publishes for its page
 IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
+MAX_LOOKED_AT = 10000       # files of an output directory looked at for images to publish
 log = logging.getLogger("p3s.pilot")
 
 
@@ -218,7 +220,8 @@ def images_to_publish(env, max_bytes):
     those the $P3S_PUBLISH globs name (space-separated; relative to the output directory; $NAMEs
     from the job's environment expanded)."""
     out = env["P3S_OUTPUT_DIR"]
-    found = sorted(os.path.join(d, f) for d, _, files in os.walk(out) for f in files)
+    walked = (os.path.join(d, f) for d, _, files in os.walk(out) for f in files)
+    found = sorted(itertools.islice(walked, MAX_LOOKED_AT))    # a job that wrote 1M files: bounded
     for pattern in env.get("P3S_PUBLISH", "").split():
         pattern = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), pattern)
         found += sorted(glob.glob(os.path.join(out, os.path.expanduser(pattern))))

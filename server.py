@@ -2556,7 +2556,8 @@ class Views:
         return [dict(r) for r in rows]
 
     def errors(self, query):
-        return {"time": now(), "errors": self.error_summary(now())}
+        t = now()
+        return {"time": t, "errors": self.error_summary(t)}
 
     def activity(self, t):
         """The charts over the last 24 h: jobs claimed, finished and failed per 10 minutes (from
@@ -3021,8 +3022,9 @@ def render_errors(d, query):
 CHART_W, CHART_H, CHART_PAD = 360, 90, 30
 
 
-def chart_frame(title, t, ymax, marks):
-    """An SVG chart of the 24 h before `t`: time axis (local hours), the y maximum, `marks` inside."""
+def chart_frame(title, t, ymax, marks, legend=()):
+    """An SVG chart of the 24 h before `t`: time axis (local hours), the y maximum, `marks` inside;
+    `legend`: (label, colour) pairs named after the title."""
     x0 = t - 86400
     ticks = "".join(
         f'<line x1="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y1="{CHART_H}" '
@@ -3030,8 +3032,10 @@ def chart_frame(title, t, ymax, marks):
         f'<text x="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y="{CHART_H + 15}" font-size="10" '
         f'text-anchor="middle">{time.strftime("%H:%M", time.localtime(h))}</text>'
         for h in hour_ticks(x0, t, 3))
-    return (f'<div class="chart"><b>{esc(title)}</b><br><svg xmlns="http://www.w3.org/2000/svg" '
-            f'width="{CHART_W + CHART_PAD + 10}" height="{CHART_H + 20}" role="img" aria-label="{esc(title)}">'
+    keys = ", ".join(f'<span style="color:{colour}">{esc(label)}</span>' for label, colour in legend)
+    return (f'<div class="chart"><b>{esc(title)}{": " + keys if keys else ""}</b><br>'
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{CHART_W + CHART_PAD + 20}" height="{CHART_H + 20}" '
+            f'role="img" aria-label="{esc(title)}">'
             f'<rect x="{CHART_PAD}" y="0" width="{CHART_W}" height="{CHART_H}" fill="#fafafa" stroke="#ccc"/>'
             f'<text x="{CHART_PAD - 4}" y="10" font-size="10" text-anchor="end">{esc(ymax)}</text>'
             f'<text x="{CHART_PAD - 4}" y="{CHART_H}" font-size="10" text-anchor="end">0</text>'
@@ -3070,8 +3074,8 @@ def bars_chart(bins, t):
                         f'height="{failed:.1f}" fill="#d22"/>' if failed else "") + "</g>")
         line.append(f"{x + width / 2:.1f},{CHART_H - b['started'] * scale:.1f}")
     marks.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="#26c" stroke-width="1"/>')
-    return chart_frame("Jobs per 10 min: finished (green), failed (red), started (blue line)", t, ymax,
-                       "".join(marks))
+    return chart_frame("Jobs per 10 min", t, ymax, "".join(marks),
+                       (("finished", "#3a3"), ("failed", "#d22"), ("started", "#26c")))
 
 
 def line_chart(title, samples, key, t, color):
