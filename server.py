@@ -3504,6 +3504,10 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self.dispatch("GET")
 
+    def do_HEAD(self):
+        """A GET's status and headers without its body (uptime checkers, `curl -I`)."""
+        self.dispatch("GET")
+
     def do_POST(self):
         self.dispatch("POST")
 
@@ -3600,7 +3604,7 @@ class Handler(BaseHTTPRequestHandler):
                 if mime == IMAGE_TYPES[".svg"]:
                     self.send_header("Content-Security-Policy", SVG_POLICY)
                 self.end_headers()
-                left = size
+                left = size if self.command != "HEAD" else 0
                 while left > 0:
                     chunk = f.read(min(left, 1 << 16))
                     if not chunk:
@@ -3690,7 +3694,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):
             pass    # the client gave up; a pilot's retry will ask again
 

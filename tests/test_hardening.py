@@ -353,6 +353,10 @@ def test_kept_alive_connections_carry_many_requests_and_a_refused_body_closes_it
                                            b"wrong\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
         assert refused.count("HTTP/1.1") == 1 and refused.startswith("HTTP/1.1 403"), \
             "a body left unread must not be taken for the next request"
+        heads = raw_request(server.port, b"HEAD /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                                         b"HEAD / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        assert heads.count("HTTP/1.1 200") == 2 and '"ok"' not in heads and "<html" not in heads, \
+            "HEAD: status and headers, no body (a body would be read as the next answer)"
         server.kill9()
         server.start()                      # the same port: the kept connection is dead now
         started = time.monotonic()
