@@ -1785,7 +1785,7 @@ class Images:
     """The images jobs publish (their plots), kept as files in a directory beside the database,
     never in a web root, one subdirectory per job; the images table says which exist.
 
-    Methods for the caller: publish (a pilot's upload), path_of (serving), forget (purge)."""
+    Methods for the caller: publish (a pilot's upload), open (serving), forget and sweep (purge)."""
 
     def __init__(self, store, directory, max_bytes=MAX_IMAGE_BYTES, max_count=MAX_IMAGES):
         self.store, self.directory = store, directory
@@ -1835,12 +1835,16 @@ class Images:
             f.write(data)
         os.replace(partial, os.path.join(folder, name))
 
-    def path_of(self, uuid, name):
-        """(file path, MIME type) of a published image, or a 404."""
+    def open(self, uuid, name):
+        """(open file descriptor, MIME type) of a published image, or a 404 (no such row, or
+        its file removed behind the server's back)."""
         row = self.store.read_one("SELECT type FROM images WHERE job=? AND name=?", (uuid, name))
-        if row is None:
-            raise ApiError(404, f"image {name[:140]!r} of job {uuid}: no such image")
-        return os.path.join(self.directory, uuid, name), row["type"]
+        try:
+            if row is not None:
+                return os.open(os.path.join(self.directory, uuid, name), os.O_RDONLY | os.O_CLOEXEC), row["type"]
+        except FileNotFoundError:
+            pass
+        raise ApiError(404, f"image {name[:140]!r} of job {uuid}: no such image")
 
     def forget(self, uuids):
         """Remove the files of deleted jobs (their rows went with the jobs, by trigger)."""
@@ -2332,7 +2336,7 @@ class Service:
             if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
                 found.append(alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} jobs ended failed, timeout "
                                    f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
-                                   "/jobs?" + urlencode({"jobtype": jobtype, "state": "failed"})))
+                                   "/jobs?" + urlencode({"jobtype": jobtype, "state": "problems"})))
         return found
 
     @staticmethod
@@ -2616,7 +2620,7 @@ class Views:
     # -- jobs -------------------------------------------------------------------------------------
     def jobs(self, query):
         states, errors_only = parse_states(query.get("state", ""))
-        self.check_jobtype(query.get("jobtype", ""))
+        known = self.check_jobtype(query.get("jobtype", ""))
         where, args = job_conditions(query, states, errors_only)
         sort = as_choice(query.get("sort", "submitted"), "sort", tuple(JOB_SORTS))
         order = as_choice(query.get("order", "desc"), "order", ("asc", "desc"))
@@ -2628,7 +2632,7 @@ class Views:
         rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
         return {"jobs": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit,
                 "total": self.cheap_total(query, states, errors_only), "sort": sort, "order": order,
-                "filters": {k: query[k] for k in JOB_FILTERS if query.get(k)}, "choices": self.job_choices()}
+                "filters": {k: query[k] for k in JOB_FILTERS if query.get(k)}, "choices": self.job_choices(known)}
 
     def cheap_total(self, query, states, errors_only):
         """The number of matching jobs when the counts table knows it, else None (no scan)."""
@@ -2641,15 +2645,16 @@ class Views:
         return sorted({r[0] for r in self.store.read("SELECT jobtype FROM job_counts UNION SELECT name FROM jobtypes")})
 
     def check_jobtype(self, jobtype):
-        """An unknown jobtype is a 400 naming the known ones, not a silent empty list."""
-        if jobtype and jobtype not in self.known_jobtypes():
-            raise bad(f"jobtype: no job of type {jobtype!r}; known: {', '.join(self.known_jobtypes()) or 'none'}")
+        """The known jobtypes; an unknown `jobtype` is a 400 naming them, not a silent empty list."""
+        known = self.known_jobtypes()
+        if jobtype and jobtype not in known:
+            raise bad(f"jobtype: no job of type {jobtype!r}; known: {', '.join(known) or 'none'}")
+        return known
 
-    def job_choices(self):
+    def job_choices(self, jobtypes):
         """What the job list's drop-downs offer: states, the jobtypes and sites known."""
         sites = {r[0] for r in self.store.read("SELECT name FROM sites UNION SELECT site FROM waiting")}
-        return {"state": [*JOB_STATES, *STATE_GROUPS, "error"], "jobtype": self.known_jobtypes(),
-                "site": sorted(sites - {""})}
+        return {"state": [*JOB_STATES, *STATE_GROUPS, "error"], "jobtype": jobtypes, "site": sorted(sites - {""})}
 
     def job(self, uuid, query):
         job = self.svc.get_job(uuid)
@@ -2664,7 +2669,7 @@ class Views:
     def plots(self, query):
         """The newest published images, per jobtype (or one), optionally of one input file/run
         and younger than an age: the shifter's flip-through of the last runs' plots."""
-        self.check_jobtype(query.get("jobtype", ""))
+        known = self.check_jobtype(query.get("jobtype", ""))
         per_type = min(as_int(query.get("limit", 24), "limit", 1), 400)
         conds = [("i.ts >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
         if query.get("infile"):
@@ -2680,7 +2685,7 @@ class Views:
             if rows:
                 groups.append({"jobtype": jobtype, "images": [dict(r) for r in rows]})
         return {"groups": groups, "filters": {k: query[k] for k in ("jobtype", "infile", "age") if query.get(k)},
-                "choices": {"jobtype": self.known_jobtypes()}}
+                "choices": {"jobtype": known}}
 
     @staticmethod
     def job_paths(job):
@@ -3563,8 +3568,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self.serve_file(query.get("path", ""), query, as_json)
             match = IMAGE_PATH.fullmatch(url.path)
             if match:
-                path, mime = self.server.service.images.path_of(as_uuid(match["uuid"], "uuid"), unquote(match["name"]))
-                return self.send_file(os.open(path, os.O_RDONLY), mime)
+                return self.send_file(*self.server.service.images.open(as_uuid(match["uuid"], "uuid"),
+                                                                        unquote(match["name"])))
             for regex, name, render in PAGES:
                 match = regex.match(url.path)
                 if match:

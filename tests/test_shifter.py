@@ -123,6 +123,9 @@ def test_a_job_publishes_its_images_within_the_servers_limits(tmp_path):
         status, headers, _ = fetch(f"{server.url}/image/{uuid}/evil.svg")
         assert headers["Content-Type"] == "image/svg+xml" and "default-src 'none'" in headers["Content-Security-Policy"]
         assert fetch(f"{server.url}/image/{uuid}/nosuch.png")[0] == 404
+        (kept / "adc_mean_apa2.png").unlink()               # removed behind the server's back
+        status, _, body = fetch(f"{server.url}/image/{uuid}/adc_mean_apa2.png")
+        assert status == 404 and b"no such image" in body
         plots = server.api.call("GET", "/plots", query={"format": "json", "infile": "run_000123"})
         assert [g["jobtype"] for g in plots["groups"]] == ["monitor"] and len(plots["groups"][0]["images"]) == 5
         assert server.api.call("GET", "/plots", query={"format": "json", "infile": "run_999"})["groups"] == []
