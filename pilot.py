@@ -7,8 +7,9 @@
 
 The payload runs in its own process group (a watchdog process kills the group if the pilot
 dies, even by kill -9) with the job's env plus P3S_JOB_UUID, P3S_PILOT_UUID, P3S_INPUT_FILE and
-P3S_OUTPUT_DIR (<joblogdir>/<uuid>/: the images it leaves there, PNG, JPEG, GIF or SVG, are sent
-to the server for the job's page); its stdout/stderr go to <joblogdir>/<uuid>.out|.err. At the time limit the
+P3S_JOB_DIR (<joblogdir>/<uuid>/, also P3S_OUTPUT_DIR unless the site or job sets that: the images
+the job leaves in its own directories, PNG, JPEG, GIF or SVG, are sent to the server for the job's
+page; see payload_env and own_directories); its stdout/stderr go to <joblogdir>/<uuid>.out|.err. At the time limit the
 group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stops the payload the
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
@@ -215,27 +216,58 @@ def copy_payload(command, scratch):
     return [copy] + command[1:]
 
 
+def payload_env(inherited, site_env, job, pilot_uuid, job_dir):
+    """The payload's environment, lowest precedence first: the pilot's own (less its tokens);
+    P3S_OUTPUT_DIR, which defaults to the job's directory; the site's env; the job's env; the
+    job's input file as P3S_INPUT_FILE unless the job's env names one; last, p3s's per-job
+    values, which neither a site nor a job can override (a site's P3S_JOB_UUID would make every
+    job write over the others)."""
+    env = {**inherited, "P3S_OUTPUT_DIR": job_dir, **site_env, **job["env"]}
+    if job.get("infile") and "P3S_INPUT_FILE" not in job["env"]:
+        env["P3S_INPUT_FILE"] = job["infile"]
+    env.update(P3S_JOB_UUID=job["uuid"], P3S_PILOT_UUID=pilot_uuid, P3S_JOB_DIR=job_dir)
+    return env
+
+
+def own_directories(env):
+    """The directories that belong to this job alone, whose images are published: p3s's own
+    ($P3S_JOB_DIR); $P3S_OUTPUT_DIR if it names the job's uuid, else the original wrappers'
+    `$P3S_OUTPUT_DIR/$P3S_JOB_UUID` (a site's P3S_OUTPUT_DIR is a base shared between jobs,
+    as lxvm.json's /tmp); the later wrappers' `$P3S_DATA/$P3S_MONITOR_DIR/$P3S_JOB_UUID` (and
+    P3S_EVDISP_DIR). Never a directory shared between jobs."""
+    uuid = env["P3S_JOB_UUID"]
+    output = env.get("P3S_OUTPUT_DIR", "")
+    dirs = [env["P3S_JOB_DIR"], output if uuid in output else output and os.path.join(output, uuid)]
+    dirs += [os.path.join(env.get("P3S_DATA", ""), env[name], uuid)
+             for name in ("P3S_MONITOR_DIR", "P3S_EVDISP_DIR") if env.get(name)]
+    return list(dict.fromkeys(os.path.abspath(d) for d in dirs if d))
+
+
 def images_to_publish(env, max_bytes):
-    """(name, path) of the images to offer the server: those in $P3S_OUTPUT_DIR (and below), then
-    those the $P3S_PUBLISH globs name (space-separated; relative to the output directory; $NAMEs
-    from the job's environment expanded)."""
-    out = env["P3S_OUTPUT_DIR"]
-    walked = (os.path.join(d, f) for d, _, files in os.walk(out) for f in files)
-    found = sorted(itertools.islice(walked, MAX_LOOKED_AT))    # a job that wrote 1M files: bounded
+    """(name, path) of the images to offer the server: those in the job's own directories (and
+    below), then those the $P3S_PUBLISH globs name (space-separated; relative to $P3S_JOB_DIR;
+    $NAMEs from the job's environment expanded)."""
+    found = []
+    for top in own_directories(env):
+        walked = (os.path.join(d, f) for d, _, files in os.walk(top) for f in files)
+        found += [(top, f) for f in sorted(itertools.islice(walked, MAX_LOOKED_AT))]  # 1M files: bounded
     for pattern in env.get("P3S_PUBLISH", "").split():
         pattern = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), pattern)
-        found += sorted(glob.glob(os.path.join(out, os.path.expanduser(pattern))))
-    chosen = {}
-    for path in found:
-        rel = os.path.relpath(path, out) if path.startswith(out + os.sep) else os.path.basename(path)
+        found += [(None, f) for f in sorted(glob.glob(os.path.join(env["P3S_JOB_DIR"],
+                                                                   os.path.expanduser(pattern))))]
+    chosen, too_big = {}, []
+    for top, path in found:
+        rel = os.path.relpath(path, top) if top else os.path.basename(path)
         name = re.sub(r"[^A-Za-z0-9._-]", "_", rel.replace(os.sep, "_"))[-64:].lstrip("._-")
         if (os.path.splitext(name)[1].lower() not in IMAGE_EXTS or os.path.islink(path)
-                or not os.path.isfile(path) or name in chosen):
+                or not os.path.isfile(path) or name in chosen or path in chosen.values()):
             continue
         if os.path.getsize(path) > max_bytes:
-            log.warning("image %s not published: over %d bytes", path, max_bytes)
+            too_big.append(path)
         else:
             chosen[name] = path
+    if too_big:
+        log.warning("%d image(s) not published, over %d bytes: %s", len(too_big), max_bytes, " ".join(too_big[:3]))
     return list(chosen.items())
 
 
@@ -468,9 +500,8 @@ class Pilot:
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
         self.publish_images(job, execution.env)
-        if execution.env["P3S_OUTPUT_DIR"] == self.output_dir(job):
-            with contextlib.suppress(OSError):  # our output directory goes if the job left it empty
-                os.rmdir(self.output_dir(job))
+        with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
+            os.rmdir(execution.env["P3S_JOB_DIR"])
         self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                                "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.proc.pid,
                                "stdout_path": out_path, "stderr_path": err_path,
@@ -496,32 +527,27 @@ class Pilot:
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job)
-        output_dir = self.output_dir(job)
+        job_dir = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"]))
+        env = payload_env(self.inherited_env, self.site_env, job, self.uuid, job_dir)
+        os.makedirs(job_dir, exist_ok=True)
         if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
-            command = copy_payload(command, output_dir)
-        env = {**self.inherited_env, "P3S_OUTPUT_DIR": output_dir, **self.site_env, **job["env"],
-               "P3S_JOB_UUID": job["uuid"], "P3S_PILOT_UUID": self.uuid}
-        if job.get("infile") and "P3S_INPUT_FILE" not in job["env"]:
-            env["P3S_INPUT_FILE"] = job["infile"]
-        os.makedirs(env["P3S_OUTPUT_DIR"], exist_ok=True)
+            command = copy_payload(command, job_dir)
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
             proc = subprocess.Popen(command, shell=shell, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=err, start_new_session=True)
         self.watchdog.watch(proc.pid)
         return Execution(job, proc, out_path, err_path, env)
 
-    def output_dir(self, job):
-        return os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"]))
-
     def publish_images(self, job, env):
         """Send the server the images the job made, so its page shows them even where the
         server cannot read the worker's disk. Best effort: a refusal never fails the job."""
+        images = images_to_publish(env, self.image_limits["max_bytes"])
         published = 0
-        for name, path in images_to_publish(env, self.image_limits["max_bytes"]):
+        for name, path in images:
             if published == self.image_limits["max_count"]:
-                log.warning("job %s: image %s not published: a job publishes at most %d", job["uuid"], path,
-                            published)
-                continue
+                log.warning("job %s: %d more image(s) not published: a job publishes at most %d", job["uuid"],
+                            len(images) - images.index((name, path)), published)
+                return
             try:
                 with open(path, "rb") as f:
                     self.client.publish_image(job["uuid"], name, f.read(), self.uuid)

@@ -99,6 +99,7 @@ ERROR_BUCKET = 600                  # seconds: the error summary counts failures
 MAX_IMAGE_BYTES = 2 * 1024 * 1024   # a published image (a job's plot), at most
 MAX_IMAGES = 20                     # images one job may publish
 INT64 = 2 ** 63                     # sqlite's integers are 64-bit: anything outside is a 400
+PER_JOB_ENV = ("P3S_JOB_UUID", "P3S_PILOT_UUID", "P3S_JOB_DIR")    # the pilot's, for each job
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
               "finished", "failed", "timeout", "pilotTO", "cancelled")
@@ -500,7 +501,9 @@ def as_str(value, field, allow_empty=True, max_len=65536):
 
 
 def as_env(value, field):
-    """An environment map: string keys to string values (numbers are turned into strings)."""
+    """A payload's environment map (a job's, a DAG vertex's, a site's): string keys to string
+    values (numbers are turned into strings). The names the pilot sets for each job are refused:
+    a site or job that set them would make jobs write over each other."""
     if isinstance(value, str):
         try:
             value = json.loads(value) if value.strip() else {}
@@ -512,6 +515,8 @@ def as_env(value, field):
     for key, val in value.items():
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
             raise bad(f"{field}: {key!r} is not a valid environment variable name")
+        if key in PER_JOB_ENV:
+            raise bad(f"{field}: {key} is set by the pilot for each job; a job or site cannot set it")
         if isinstance(val, bool) or not isinstance(val, (str, int, float)):
             raise bad(f"{field}.{key}: must be a string, got {json.dumps(val)}")
         env[key] = str(val)
@@ -771,12 +776,13 @@ def chunks(items, size=500):
     return [items[start:start + size] for start in range(0, len(items), size)]
 
 
-def delete_rows(conn, table, where, args):
-    """DELETE the rows of `table` matching `where` (which may end in LIMIT); returns their uuids.
-    Select-then-delete inside the caller's transaction: a returning clause needs sqlite 3.35."""
-    rows = conn.execute(f"SELECT id, uuid FROM {table} WHERE {where}", args).fetchall()
-    for chunk in chunks([r["id"] for r in rows]):
-        conn.execute(f"DELETE FROM {table} WHERE id IN ({','.join('?' * len(chunk))})", chunk)
+def delete_rows(conn, source, where, args):
+    """DELETE the rows matching `where` (which may end in LIMIT) of `source` (a table, maybe
+    with its INDEXED BY); returns their uuids. Select-then-delete inside the caller's
+    transaction (a returning clause needs sqlite 3.35), one rowid lookup a row: a long IN list
+    may be planned as a scan."""
+    rows = conn.execute(f"SELECT id, uuid FROM {source} WHERE {where}", args).fetchall()
+    conn.executemany(f"DELETE FROM {source.split()[0]} WHERE id=?", [(r["id"],) for r in rows])
     return [r["uuid"] for r in rows]
 
 
@@ -793,14 +799,19 @@ def check_pilot_secret(conn, pilot_uuid, secret):
     return row
 
 
+# The jobs a pilot holds. INDEXED BY: statistics gathered on a table of queued jobs (pilot NULL
+# in every row) would make sqlite scan every job on every claim.
+HELD_JOBS = ("SELECT {columns} FROM jobs INDEXED BY jobs_pilot_state "
+             "WHERE pilot=? AND state IN ('dispatched','running')")
+
+
 def own_pilot(conn, uuid, secret):
     """The pilot's row, once its secret is checked, if it is live: 409 if it stopped. A lost
     pilot that speaks again was only silent (a partition, a pause): it is back, with whatever
     job it still holds. Called inside a write transaction."""
     row = check_pilot_secret(conn, uuid, secret)
     if row["state"] == "lost":
-        held = conn.execute("SELECT state FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
-                            (uuid,)).fetchone()
+        held = conn.execute(HELD_JOBS.format(columns="state"), (uuid,)).fetchone()
         move_pilot(conn, uuid, ("lost",), held["state"] if held else "active", info="back after silence",
                    ts_stop=None, ts_beat=now())
         row = lookup(conn, "pilots", uuid)
@@ -1377,8 +1388,7 @@ def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False)
     remain), except that a job still dispatched to a pilot that deregistered, and so says it
     never started it, goes back to `defined` as it was. Returns how many became claimable."""
     released = 0
-    for job in conn.execute("SELECT * FROM jobs WHERE pilot=? AND state IN ('dispatched','running')",
-                            (pilot_uuid,)).fetchall():
+    for job in conn.execute(HELD_JOBS.format(columns="*"), (pilot_uuid,)).fetchall():
         if job["state"] == "dispatched" and never_started:
             released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
                                  pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
@@ -1460,7 +1470,12 @@ class Broker:
         while True:
             with self.work:
                 generation = self.generation
-            job, directive = self.store.write(self.claim, pilot_uuid, secret)
+            try:
+                job, directive = self.store.write(self.claim, pilot_uuid, secret)
+            except ApiError:
+                if woken:       # the pilot is gone (stopped, deleted): its wake-up goes to another
+                    self.notify_work(1)
+                raise
             if job is not None:
                 self.count_claim(job)
                 return {"job": job, "directive": None}
@@ -1495,21 +1510,20 @@ class Broker:
         """The job dispatched to this pilot already, else the best defined job it may take,
         now dispatched to it; None (the pilot marked `no jobs`) when there is none."""
         pilot_uuid = pilot["uuid"]
-        t = now()
-        job = conn.execute("SELECT * FROM jobs WHERE pilot=? AND state='dispatched'",
+        job = conn.execute("SELECT * FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='dispatched'",
                            (pilot_uuid,)).fetchone()
         if job is None:
             best = best_claimable(conn, pilot["site"], json.loads(pilot["jobtypes"]))
             if best is None:    # woken with nothing for it: write only if its state changes
                 if pilot["state"] != "no jobs":
-                    move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=t)
+                    move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=now())
                 return None
             # Select, then a guarded update: atomic, as the write lock and BEGIN IMMEDIATE are
             # held (a returning clause needs sqlite 3.35; lxplus has 3.34).
             move_job(conn, best["uuid"], "defined", "dispatched", pilot_uuid, attempt=best["attempt"],
-                     changes=dict(pilot=pilot_uuid, ts_dis=t, host=pilot["host"]))
+                     changes=dict(pilot=pilot_uuid, ts_dis=now(), host=pilot["host"]))
             job = lookup(conn, "jobs", best["uuid"])
-        move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=t)
+        move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=now())
         return job_to_dict(job)
 
     def notify_work(self, jobs=None):
@@ -1536,7 +1550,9 @@ class Broker:
             self.counters[name] += 1
 
     def count_claim(self, job):
-        waited = max(0.0, job["ts_dis"] - job["ts_def"])
+        """Call once the claim committed: the latency runs to this moment, so it includes the
+        claim's queries and its commit (a claim that crawls shows here)."""
+        waited = max(0.0, now() - job["ts_def"])
         with self.counters_lock:
             self.counters["claims"] += 1
             self.latency_sum += waited
@@ -2281,7 +2297,7 @@ class Service:
         site, jobtype, or a cap of 0), and since when; from the waiting counts and the live pilots."""
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
         pilots = [(r["site"], json.loads(r["jobtypes"])) for r in self.store.read(
-            f"SELECT DISTINCT site, jobtypes FROM pilots WHERE state IN ({marks})", LIVE_PILOT_STATES)]
+            f"SELECT DISTINCT site, jobtypes FROM pilots INDEXED BY pilots_state WHERE state IN ({marks})", LIVE_PILOT_STATES)]
         suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0")}
         starving = {}
         for r in self.store.read("SELECT site, jobtype, n FROM waiting WHERE n > 0"):
@@ -2428,7 +2444,7 @@ class Service:
         """Pilots silent for LOST_AFTER_BEATS heartbeats are shown lost (the alarm); their jobs
         stay theirs until the lease runs out. Silence counts from the start or the last pause."""
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
-        lost = conn.execute(f"SELECT uuid FROM pilots WHERE state IN ({marks}) "
+        lost = conn.execute(f"SELECT uuid FROM pilots INDEXED BY pilots_state WHERE state IN ({marks}) "
                             f"AND MAX(ts_beat, ?) + ? * heartbeat < ?",
                             (*LIVE_PILOT_STATES, self.resumed, LOST_AFTER_BEATS, t)).fetchall()
         for pilot in lost:
@@ -2440,7 +2456,7 @@ class Service:
         """The job of a pilot silent for lease_beats heartbeats is given away: pilotTO, or back to
         defined while attempts remain. By then the pilot has killed it itself (it fences itself
         before its lease runs out), so it never runs twice at once. Returns how many are claimable."""
-        expired = conn.execute("SELECT uuid FROM pilots WHERE state='lost' AND job IS NOT NULL "
+        expired = conn.execute("SELECT uuid FROM pilots INDEXED BY pilots_state WHERE state='lost' AND job IS NOT NULL "
                                "AND MAX(ts_beat, ?) + ? * heartbeat < ?",
                                (self.resumed, self.lease_beats, t)).fetchall()
         released = 0
@@ -2451,7 +2467,7 @@ class Service:
         return released
 
     def _time_out_jobs(self, conn, t):
-        overdue = conn.execute("SELECT * FROM jobs WHERE state='running' AND timelimit > 0 "
+        overdue = conn.execute("SELECT * FROM jobs INDEXED BY jobs_state_id WHERE state='running' AND timelimit > 0 "
                                "AND ts_sta + timelimit + ? < ?", (TIMELIMIT_GRACE, t)).fetchall()
         return sum(requeue_or_end(conn, dict(job), "timeout", "housekeeping", "no report after the time limit")[1]
                    for job in overdue)
@@ -2462,18 +2478,20 @@ class Service:
         Returns the uuids deleted."""
         gone = []
         for state in END_JOB_STATES:
-            gone += delete_rows(conn, "jobs", "state=? AND ts_sto < ? AND wfuuid IS NULL LIMIT ?",
+            gone += delete_rows(conn, "jobs INDEXED BY jobs_ended", "state=? AND ts_sto < ? AND wfuuid IS NULL LIMIT ?",
                                 (state, cutoff, PURGE_BATCH))
-        for wf in conn.execute("SELECT uuid FROM workflows WHERE state IN ('finished','failed','cancelled') "
+        for wf in conn.execute("SELECT uuid FROM workflows INDEXED BY workflows_state "
+                               "WHERE state IN ('finished','failed','cancelled') "
                                "AND ts_sto < ? LIMIT ?", (cutoff, PURGE_BATCH)).fetchall():
-            gone += delete_rows(conn, "jobs", "wfuuid=?", (wf[0],))
+            gone += delete_rows(conn, "jobs INDEXED BY jobs_wf", "wfuuid=?", (wf[0],))
             conn.execute("DELETE FROM datasets WHERE wfuuid=?", (wf[0],))
             conn.execute("DELETE FROM workflows WHERE uuid=?", (wf[0],))
             gone.append(wf[0])
         for state in ("stopped", "lost"):
-            gone += delete_rows(conn, "pilots", "state=? AND ts_beat < ? LIMIT ?", (state, cutoff, PURGE_BATCH))
+            gone += delete_rows(conn, "pilots INDEXED BY pilots_state", "state=? AND ts_beat < ? LIMIT ?",
+                                (state, cutoff, PURGE_BATCH))
         for chunk in chunks(gone):
-            conn.execute(f"DELETE FROM events WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
+            conn.execute(f"DELETE FROM events INDEXED BY events_uuid WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
         return gone
 
     def housekeeping_loop(self):
@@ -2776,6 +2794,7 @@ class Views:
         return {"jobs": [{"state": s, "jobtype": jt, "n": n} for jt, states in
                          sorted(by_type.items()) for s, n in sorted(states.items())],
                 "pilots": pilots, "counters": dict(self.svc.broker.counters),
+                "waiting_requests": self.svc.broker.waiting,
                 "claim_latency": self.svc.broker.latency_histogram(),
                 "alarms": sorted({a["name"] for a in self.svc.alarms()["alarms"]})}
 
@@ -3210,7 +3229,7 @@ def render_plots(d, query):
         sections.append(f"<h2>{link(href('/plots', jobtype=group['jobtype']), group['jobtype'])}</h2>{rows}")
     body = (filter_form(("jobtype", "infile", "age"), query, d["choices"]) +
             ("".join(sections) or "<p><i>no published images match</i> · jobs publish the PNG, JPEG, GIF "
-             "and SVG files they write to <code>$P3S_OUTPUT_DIR</code></p>"))
+             "and SVG files they write to their own directory, <code>$P3S_JOB_DIR</code></p>"))
     return page("Plots", body, query)
 
 
@@ -3298,10 +3317,13 @@ def render_metrics(d):
                             ("http_requests", "HTTP requests served (pages and API).")):
         out += [f"# HELP p3s_{name}_total {help_text}", f"# TYPE p3s_{name}_total counter",
                 f"p3s_{name}_total {d['counters'][name]}"]
+    out += ["# HELP p3s_waiting_requests Job requests (long polls) waiting for work now.",
+            "# TYPE p3s_waiting_requests gauge", f"p3s_waiting_requests {d['waiting_requests']}"]
     out += ["# HELP p3s_alarm 1 while the alarm is raised (see /api/alarms).", "# TYPE p3s_alarm gauge"]
     out += [f'p3s_alarm{{name="{name}"}} {int(name in d["alarms"])}' for name in ALARMS]
     hist = d["claim_latency"]
-    out += ["# HELP p3s_claim_latency_seconds Seconds from a job becoming claimable to its claim by a pilot.",
+    out += ["# HELP p3s_claim_latency_seconds Seconds from a job's submission to the committed claim that "
+            "hands it to a pilot.",
             "# TYPE p3s_claim_latency_seconds histogram"]
     out += [f'p3s_claim_latency_seconds_bucket{{le="{le}"}} {n}' for le, n in hist["buckets"]]
     out += [f"p3s_claim_latency_seconds_sum {hist['sum']:.6f}", f"p3s_claim_latency_seconds_count {hist['count']}"]

@@ -10,7 +10,9 @@ Prints, from one run on this machine:
   - their ratio, the server's CPU milliseconds per job and the HTTP requests it served per job,
   - with --queued N: the same rate again once N jobs wait for a site no pilot serves (after
     ANALYZE), beside the empty-queue rate, and the round trip of a job request that finds
-    nothing to claim,
+    nothing to claim; in two cases: the backlog arrives after jobs ran, and a fresh server
+    whose backlog arrives before any job ran (statistics then see only queued jobs, `pilot`
+    NULL in every row),
   - submit-to-start latency of an idle pilot, and with --idle-pilots waiting: median and p95.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
@@ -72,6 +74,7 @@ def bare_rate(concurrency, total):
 
 
 def start_server(workdir):
+    os.makedirs(workdir, exist_ok=True)
     log = open(os.path.join(workdir, "server.log"), "wb")
     token = os.path.join(workdir, "token")
     with open(token, "w") as f:
@@ -158,6 +161,23 @@ def prefill(client, db, n):
     conn.close()
 
 
+def fresh_backlog(args, workdir):
+    """A fresh server gets its backlog before any job ran, then ANALYZE: (jobs/s, empty claim ms)."""
+    server, url, token = start_server(workdir)
+    pilots = []
+    try:
+        client = Client(url, token_file=token, retry_for=10)
+        prefill(client, os.path.join(workdir, "p3s.db"), args.queued)
+        pilots = start_pilots(args.pilots, url, token, workdir)
+        wait_idle(client, args.pilots)
+        return throughput(client, args.jobs, "bench-fresh")[0], empty_claim_ms(client)
+    finally:
+        for pilot in pilots:
+            pilot.terminate()
+        server.terminate()
+        server.wait(10)
+
+
 def empty_claim_ms(client, n=50):
     """Median round trip of a job request (no waiting) that finds nothing to claim, while the
     backlog waits: a pilot of a jobtype nobody submitted."""
@@ -214,11 +234,12 @@ def main(argv=None):
         cpu = server_cpu_seconds(server)
         jobs_per_s, requests_per_job = throughput(client, args.jobs, "bench-empty")
         cpu_ms_per_job = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
-        queued_per_s = empty_claim = None
+        queued_per_s = empty_claim = fresh_per_s = fresh_empty_claim = None
         if args.queued:
             prefill(client, os.path.join(workdir, "p3s.db"), args.queued)
             queued_per_s = throughput(client, args.jobs, "bench-queued")[0]
             empty_claim = empty_claim_ms(client)
+            fresh_per_s, fresh_empty_claim = fresh_backlog(args, os.path.join(workdir, "fresh"))
         for pilot in pilots:
             pilot.terminate()
         for pilot in pilots:
@@ -245,6 +266,9 @@ def main(argv=None):
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
         "queued_to_empty_ratio": queued_per_s and round(queued_per_s / jobs_per_s, 2),
         "empty_claim_round_trip_ms_with_queued": empty_claim and round(empty_claim, 2),
+        "p3s_jobs_per_s_queued_on_a_fresh_server": fresh_per_s and round(fresh_per_s, 1),
+        "fresh_queued_to_empty_ratio": fresh_per_s and round(fresh_per_s / jobs_per_s, 2),
+        "empty_claim_round_trip_ms_queued_on_a_fresh_server": fresh_per_s and round(fresh_empty_claim, 2),
         "submit_to_start_median_ms": round(statistics.median(lat) * 1000, 1),
         "submit_to_start_p95_ms": round(p95(lat) * 1000, 1),
         "idle_pilots": args.idle_pilots,

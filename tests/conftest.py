@@ -149,6 +149,10 @@ class P3S:
             assert e.code == status, (path, e.code, e.read())
             return e.read().decode()
 
+    def waiting_requests(self):
+        """Job requests (pilots' long polls) waiting on the server now, from /metrics."""
+        return self.api.call("GET", "/metrics", query={"format": "json"})["waiting_requests"]
+
     def wait_jobs(self, uuids, timeout=60, states=END_STATES):
         def done():
             found = self.api.job_states(uuids)

@@ -218,3 +218,55 @@ def test_readme_injector_example_runs_as_written(tmp_path):
     result = run_readme(tmp_path, env, script)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-3:] == ["run7_OUTTXT1.txt", "run7_OUTTXT2.txt", "run7_OUTTXT3.txt"]
+
+
+# -- a site defined from the original's lxvm.json, unchanged ------------------------------------------
+def test_wrappers_at_an_original_site_publish_exactly_their_own_plots(p3s):
+    """lxvm.json sets P3S_OUTPUT_DIR=/tmp: the original's base, shared by every job. The earlier
+    wrappers write to `$P3S_OUTPUT_DIR/$P3S_JOB_UUID`, the later ones to
+    `$P3S_DATA/$P3S_MONITOR_DIR/$P3S_JOB_UUID`, native payloads to `$P3S_JOB_DIR`: each job
+    publishes its own plots, and nothing else in the shared base."""
+    import shutil
+    from conftest import tiny_png
+    assert p3s.run("pilot.py", "--define-site", "-j", os.path.join(COMPAT, "lxvm.json")).returncode == 0
+    plot = tiny_png(p3s.dir / "plot.png")
+    foreign = tiny_png(p3s.dir / "foreign.png")
+    stray = f"/tmp/p3s-test-stray-{os.urandom(6).hex()}.png"      # another user's file in the base
+    shutil.copy(foreign, stray)
+    earlier = f'cd $P3S_OUTPUT_DIR; mkdir $P3S_JOB_UUID; cd $P3S_JOB_UUID; cp {plot} adc_mean.png'
+    later = f'D=$P3S_DATA/$P3S_MONITOR_DIR/$P3S_JOB_UUID; mkdir -p $D; cp {plot} $D/evd.png'
+    native = f'cp {plot} $P3S_JOB_DIR/native.png; echo "$P3S_JOB_UUID $P3S_OUTPUT_DIR"'
+    data = p3s.dir / "data"
+    jobs = [shell_job(earlier, site="lxvm"), shell_job(earlier, site="lxvm"),
+            shell_job(later, site="lxvm", env={"P3S_EXECMODE": "SHELL", "P3S_DATA": str(data),
+                                                "P3S_MONITOR_DIR": "monitor"}),
+            shell_job(native, site="lxvm")]
+    uuids = p3s.submit(jobs)
+    try:
+        ran = p3s.run("pilot.py", "-s", "lxvm", "-c", "4", "-p", "1", "-b", "0.5", "-L", p3s.logs)
+        assert ran.returncode == 0 and "not published" not in ran.stderr, ran.stderr
+        published = {}
+        for uuid in uuids:
+            job = p3s.job(uuid)
+            assert job["state"] == "finished", job["stderr_tail"]
+            page = p3s.api.call("GET", f"/job/{uuid}", query={"format": "json"})
+            published[uuid] = [i["name"] for i in page["images"]]
+        assert published == {uuids[0]: ["adc_mean.png"], uuids[1]: ["adc_mean.png"], uuids[2]: ["evd.png"],
+                             uuids[3]: ["native.png"]}, "only each job's own directory, never the base /tmp"
+        assert p3s.job(uuids[3])["stdout_tail"].split() == [uuids[3], "/tmp"], "the site's base, as the original"
+    finally:
+        os.unlink(stray)
+        for uuid in uuids:
+            shutil.rmtree(f"/tmp/{uuid}", ignore_errors=True)
+
+
+def test_a_job_or_site_cannot_set_the_pilots_per_job_values(p3s):
+    for body in ({"payload": "true", "env": {"P3S_JOB_UUID": "mine"}},
+                 {"payload": "true", "env": {"P3S_JOB_DIR": "/tmp"}}):
+        path = p3s.dir / "bad.json"
+        path.write_text(json.dumps(body))
+        one_line_refusal(p3s.run("job.py", "-j", path), "is set by the pilot for each job")
+    site = p3s.dir / "site.json"
+    site.write_text(json.dumps({"name": "x", "env": {"P3S_PILOT_UUID": "p"}}))
+    one_line_refusal(p3s.run("pilot.py", "--define-site", "-j", site), "P3S_PILOT_UUID is set by the pilot")
+    assert p3s.api.list_jobs() == [] and p3s.api.list_sites() == []

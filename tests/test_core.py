@@ -281,6 +281,22 @@ def test_a_job_only_the_last_waiting_pilot_may_take_still_starts_at_once(p3s):
         assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 1.0, "a job waited for a poll"
 
 
+def test_a_wake_up_meant_for_a_pilot_that_left_goes_to_a_live_one(p3s):
+    """A stopped pilot's long poll still waits on the server (nobody told it the socket
+    closed); woken for a new job, it finds its pilot gone and must pass the wake-up on, or the
+    job waits a whole poll period for the live pilot."""
+    gone = p3s.pilot("-p", "25")
+    wait_until(lambda: p3s.waiting_requests() == 1, 10, what="the first pilot's long poll")
+    gone.terminate()
+    gone.wait(10)
+    p3s.pilot("-p", "25")
+    wait_until(lambda: p3s.waiting_requests() == 2, 10, what="the live pilot's long poll beside the stale one")
+    [uuid] = p3s.submit([shell_job("true")])
+    p3s.wait_jobs([uuid], timeout=20)
+    job = p3s.job(uuid)
+    assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 2.0, "the job waited for a poll period"
+
+
 def test_server_py_runs_alone_copied_anywhere(tmp_path):
     """server.py needs none of the other files: copied by itself, it starts and answers."""
     import shutil

@@ -2,6 +2,7 @@
 file naming, migrations, start-up checks and the HTML renderers fed hostile values. The
 end-to-end tests elsewhere show the same rules hold through the real tools."""
 import json
+import re
 import os
 
 import pytest
@@ -276,3 +277,85 @@ def test_a_claim_does_not_grow_with_the_backlog_even_after_analyze(tmp_path):
         assert best["uuid"] == rows[-2]["uuid"], "priority, then age, across site '' and the pilot's"
         assert len(steps) < 50, f"{len(steps) * 100} VM steps: the claims walked the backlog"
     store.close()
+
+
+BIG_TABLES = ("jobs", "pilots", "events", "workflows", "datasets", "images")
+
+
+def hostile_store(path, queued=3000, stopped=1000):
+    """A database whose statistics were gathered on a table of only queued jobs (every `pilot`
+    NULL, every state `defined`) beside a crowd of stopped pilots: the statistics then say the
+    indexes on pilot and state are useless, and an unpinned plan scans."""
+    store = server.Store(path)
+    store.write(server.insert_jobs, [server.validate_job({"payload": "x", "site": "elsewhere"}, "j")
+                                     for _ in range(queued)])
+    with store.transaction() as conn:
+        conn.executemany("INSERT INTO pilots(uuid, state, heartbeat, ts_reg, ts_beat, ts_stop) "
+                         "VALUES(?, 'stopped', 1, 0, 0, 0)", [(f"p{i}",) for i in range(stopped)])
+    store.read("ANALYZE")
+    store.close()
+
+
+def traced_store(path, monkeypatch):
+    """A Store whose every connection records the statements it runs."""
+    seen = []
+    connect = server.connect
+
+    def traced(p):
+        conn = connect(p)
+        conn.set_trace_callback(seen.append)
+        return conn
+    monkeypatch.setattr(server, "connect", traced)
+    return server.Store(path), seen
+
+
+def drive_hot_paths(service):
+    """Claims (empty and not), running and end reports (with the next claim), heartbeats, a
+    deregistration, and housekeeping that finds a lost pilot, an expired lease, an overdue job
+    and ended objects to purge."""
+    store, broker = service.store, service.broker
+    pilots = [service.register({"secret": "s" * 16 + str(i), "heartbeat": 1}) for i in range(3)]
+    assert broker.request_job(pilots[0]["uuid"], {}, pilots[0]["secret"])["job"] is None
+    uuids = service.submit({"jobs": [{"payload": "x", "timelimit": 1} for _ in range(4)]}, "t")["uuids"]
+    held = []
+    for p in pilots:
+        held.append(broker.request_job(p["uuid"], {}, p["secret"])["job"]["uuid"])
+        service.report(held[-1], {"pilot": p["uuid"], "attempt": 1, "state": "running", "pid": 5},
+                       p["secret"])
+        service.heartbeat(p["uuid"], {"job": held[-1]}, p["secret"])
+    answer = service.report(held[0], {"pilot": pilots[0]["uuid"], "attempt": 1, "state": "finished",
+                                    "exit_code": 0, "next": True}, pilots[0]["secret"])
+    assert answer["next"]["job"]["uuid"] == uuids[3]
+    service.deregister(pilots[0]["uuid"], {"reason": "done"}, pilots[0]["secret"])
+    with store.transaction() as conn:      # pilot 1 falls silent; pilot 2's job overruns its limit
+        conn.execute("UPDATE pilots SET ts_beat = 0 WHERE uuid=?", (pilots[1]["uuid"],))
+        conn.execute("UPDATE jobs SET ts_sta = 0 WHERE uuid=?", (held[2],))
+        conn.execute("UPDATE jobs SET ts_sto = 0 WHERE uuid=?", (held[0],))
+    service.resumed = 0
+    service.housekeep()
+    service.heartbeat(pilots[1]["uuid"], {}, pilots[1]["secret"])     # lost, and back
+    service.retention_days = 1
+    service.housekeep()
+    states = {r["state"] for r in store.read("SELECT state FROM jobs WHERE uuid IN (?,?,?,?)", uuids)}
+    assert {"pilotTO", "timeout"} <= states, states
+
+
+def test_hot_path_plans_hold_under_hostile_statistics(tmp_path, monkeypatch):
+    """Every statement the claim, report, heartbeat and housekeeping paths run is recorded and
+    its plan read: none scans a big table, whatever ANALYZE said (the held-job query once scanned
+    every row, because `pilot` is NULL in all of them)."""
+    db = str(tmp_path / "x.db")
+    hostile_store(db)
+    store, seen = traced_store(db, monkeypatch)
+    drive_hot_paths(server.Service(store))
+    scans = {}
+    with store.reading() as conn:
+        conn.set_trace_callback(None)
+        for sql in set(seen):
+            if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT")):
+                continue
+            for row in conn.execute("EXPLAIN QUERY PLAN " + sql):
+                if re.match(r"SCAN (%s)\b" % "|".join(BIG_TABLES), row[3]):
+                    scans[" ".join(sql.split())[:160]] = row[3]
+    store.close()
+    assert len(seen) > 50 and not scans, "\n".join(f"{plan}: {sql}" for sql, plan in scans.items())
