@@ -56,6 +56,8 @@ def parse_args(argv):
     p.add_argument("--jobtype", help="with --list: only jobs of this type")
     p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
     p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
+    p.add_argument("--submission", metavar="ID",
+                   help="was the submission with this id stored? (the id a failed -j prints)")
     p.add_argument("--wait", action="store_true",
                    help="after submitting, wait until the jobs end; exit 0 only if all finished with code 0")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="SECONDS",
@@ -68,9 +70,10 @@ def parse_args(argv):
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "say more")
     args = p.parse_args(argv)
-    actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes]
+    actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes,
+               bool(args.submission)]
     if sum(actions) != 1:
-        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l")
+        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID")
     if (args.cap is not None or args.no_cap) and not (args.jobtypes and args.jobtype_name):
         p.error("-L and --no-cap go with -l -T TYPE")
     if args.cap is not None and args.cap < -1:
@@ -181,10 +184,14 @@ def submit(client, args):
     if args.test:
         print(json.dumps(jobs, indent=2))
         return 0
+    submission = str(uuidlib.uuid4())
     try:
-        uuids = send(client, jobs, args.delay)
+        uuids = send(client, jobs, args.delay, submission)
     except P3SError as e:
-        if not e.bad_input:     # the answer may be lost while the jobs were stored: say which
+        if not e.bad_input and not args.delay:  # the answer may be lost while the jobs were stored
+            raise P3SError(f"{e}; submission {submission} is stored whole or not at all: "
+                           f"`job.py --submission {submission}` tells which", e.status) from None
+        if not e.bad_input:     # -D: one submission per job; say which jobs there were
             print("\n".join(j["uuid"] for j in jobs))
             raise P3SError(f"{e}; the jobs may or may not be stored: their uuids are on stdout "
                            "(job.py --show UUID tells)", e.status) from None
@@ -201,16 +208,27 @@ def submit(client, args):
     return 0 if ok else 1
 
 
-def send(client, jobs, delay_ms):
-    """All jobs at once, or one at a time with delay_ms between them (the original's -D)."""
+def send(client, jobs, delay_ms, submission):
+    """All jobs at once, as one submission stored whole or not at all, or one at a time with
+    delay_ms between them (the original's -D)."""
     if not delay_ms:
-        return client.submit_jobs(jobs)
+        return client.submit_jobs(jobs, submission)
     uuids = []
     for i, job in enumerate(jobs):
         if i:
             time.sleep(delay_ms / 1000)
         uuids += client.submit_jobs([job])
     return uuids
+
+
+def show_submission(client, args):
+    found = client.get_submission(args.submission)
+    said = {"committed": f"stored: {found['jobs']} job(s)",
+            "staged": f"not stored: {found.get('staged_parts')} part(s) staged but never committed (they expire); "
+                      "submit again",
+            "none": "not stored: nothing under this id; submit again"}
+    emit(args, found, lambda: f"submission {args.submission}: {said[found['state']]}")
+    return 0
 
 
 def list_jobs(client, args):
@@ -287,7 +305,8 @@ def format_job(job):
 
 
 ACTIONS = ((lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
-           (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes))
+           (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
+           (lambda a: a.submission, show_submission))
 
 
 def main(argv=None):

@@ -92,13 +92,22 @@ STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take
 SILENT_PERIODS = 3                  # alarm: a service (an injector) silent for this many of its periods
 FAILURE_RATE = 0.5                  # alarm: more than this share of a type's jobs ended badly in the
 FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
-MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction)
+MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction), or in one part
+MAX_PARTS = 100                     # parts of one staged submission (a million jobs at most)
+STAGED_TTL = 3600                   # seconds staged parts wait for their commit before they expire
+SUBMISSIONS_KEPT = 7 * 86400        # seconds a committed submission's id still answers "stored"
 DISCARD_LIMIT = 64 * 1024 * 1024    # bytes of an oversized body read and dropped, so that the
                                     # client, still sending, gets to read our 413
 ERROR_BUCKET = 600                  # seconds: the error summary counts failures in buckets this long
 MAX_IMAGE_BYTES = 2 * 1024 * 1024   # a published image (a job's plot), at most
 MAX_IMAGES = 20                     # images one job may publish
 INT64 = 2 ** 63                     # sqlite's integers are 64-bit: anything outside is a 400
+# Every number a pilot or client sends is bounded at the door: a heartbeat of 1e300 would be a
+# lease that never ends, a runtime of 1e300 a start date no page can print.
+MAX_HEARTBEAT = 3600.0              # seconds between a pilot's heartbeats (and a site's period)
+MAX_SECONDS = 366 * 86400           # a runtime, a pilot's life, a service's period: a year at most
+MAX_PID = 2 ** 22                   # Linux's pid_max ceiling
+EXIT_CODES = 2 ** 31                # an exit code (or -signal) fits in 32 bits
 PER_JOB_ENV = ("P3S_JOB_UUID", "P3S_PILOT_UUID", "P3S_JOB_DIR")    # the pilot's, for each job
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
@@ -413,6 +422,17 @@ MIGRATIONS = [
         DELETE FROM images WHERE job = old.uuid;
     END;
     """,
+    # v9: submissions all-or-nothing at any size. A submission too big for one request is sent as
+    # parts, staged under its id (never claimable), and committed in one transaction; its id
+    # answers "was it stored?" when the answer to the commit was lost. Staged parts that are
+    # never committed expire.
+    """
+    CREATE TABLE submissions(id TEXT PRIMARY KEY, jobs INTEGER NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
+    CREATE INDEX submissions_ts ON submissions(ts);
+    CREATE TABLE staged(submission TEXT NOT NULL, part INTEGER NOT NULL, jobs TEXT NOT NULL, n INTEGER NOT NULL,
+                        ts REAL NOT NULL, PRIMARY KEY(submission, part)) WITHOUT ROWID;
+    CREATE INDEX staged_ts ON staged(ts);
+    """,
 ]
 
 
@@ -439,6 +459,13 @@ def connect(path):
     return conn
 
 
+def rollback(conn):
+    """ROLLBACK if a transaction is still open: sqlite ends it by itself on some errors (a full
+    disk), and a ROLLBACK then would raise and mask the error that matters."""
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
+
+
 def migrate(conn):
     """Bring the schema forward from PRAGMA user_version; each step in its own transaction."""
     version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -452,7 +479,7 @@ def migrate(conn):
             conn.execute(f"PRAGMA user_version={step + 1}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            rollback(conn)
             raise
     return len(MIGRATIONS)
 
@@ -460,22 +487,30 @@ def migrate(conn):
 ################################################################################################
 # Validation: every request field is checked here, so the store only ever sees clean values.
 ################################################################################################
-def as_int(value, field, minimum=None):
-    """Accept ints and the original p3s's numeric strings ("100"); refuse floats, bools, junk."""
+def as_int(value, field, minimum=None, maximum=None):
+    """Accept ints and the original p3s's numeric strings ("100"); refuse floats, bools, junk,
+    and anything outside [minimum, maximum] (a 64-bit integer at most)."""
     if isinstance(value, bool):
         raise bad(f"{field}: must be an integer, got {json.dumps(value)}")
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,19}\s*", value):
         value = int(value)
     if not isinstance(value, int):
         raise bad(f"{field}: must be an integer, got {json.dumps(value)}")
+    if not -INT64 <= value < INT64:
+        raise bad(f"{field}: out of range (a 64-bit integer)")
+    return in_range(value, field, minimum, maximum)
+
+
+def in_range(value, field, minimum, maximum):
     if minimum is not None and value < minimum:
         raise bad(f"{field}: must be >= {minimum}, got {value}")
-    if not -INT64 <= value < INT64:
-        raise bad(f"{field}: {value} is out of range (a 64-bit integer)")
+    if maximum is not None and value > maximum:
+        raise bad(f"{field}: must be <= {maximum}, got {value:.6g}")
     return value
 
 
-def as_number(value, field, minimum=None):
+def as_number(value, field, minimum=None, maximum=None):
+    """A finite number (or a numeric string) within [minimum, maximum]."""
     if isinstance(value, bool):
         raise bad(f"{field}: must be a number, got {json.dumps(value)}")
     if isinstance(value, str):
@@ -484,10 +519,8 @@ def as_number(value, field, minimum=None):
         except ValueError:
             raise bad(f"{field}: must be a number, got {json.dumps(value)}") from None
     if not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise bad(f"{field}: must be a finite number, got {value!r}")
-    if minimum is not None and value < minimum:
-        raise bad(f"{field}: must be >= {minimum}, got {value}")
-    return value
+        raise bad(f"{field}: must be a finite number, got {str(value)[:40]}")
+    return in_range(value, field, minimum, maximum)
 
 
 def as_str(value, field, allow_empty=True, max_len=65536):
@@ -596,8 +629,9 @@ def validate_submission(body):
     jobs = body.get("jobs") if isinstance(body, dict) else None
     if not isinstance(jobs, list) or not jobs:
         raise bad("jobs: must be a non-empty list of job objects")
-    if len(jobs) > 10000:
-        raise bad("jobs: at most 10000 jobs per submission")
+    if len(jobs) > MAX_JOBS_PER_SUBMISSION:
+        raise bad(f"jobs: at most {MAX_JOBS_PER_SUBMISSION} jobs per request; send more as parts "
+                  "of one submission (job.py does)")
     rows = [validate_job(obj, f"jobs[{i}]") for i, obj in enumerate(jobs)]
     if len({r["uuid"] for r in rows}) != len(rows):
         raise bad("jobs: the same uuid appears twice in one submission")
@@ -683,7 +717,7 @@ class Store:
                 yield conn
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                rollback(conn)
                 raise
 
     def write(self, fn, *args):
@@ -803,6 +837,9 @@ def check_pilot_secret(conn, pilot_uuid, secret):
 # in every row) would make sqlite scan every job on every claim.
 HELD_JOBS = ("SELECT {columns} FROM jobs INDEXED BY jobs_pilot_state "
              "WHERE pilot=? AND state IN ('dispatched','running')")
+
+
+RUNNING_JOB = "SELECT uuid FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='running'"
 
 
 def own_pilot(conn, uuid, secret):
@@ -1317,6 +1354,19 @@ def insert_jobs(conn, rows, who=""):
             event(conn, "job", r["uuid"], None, row["state"], r["user"] or who, 1)
     return [r["uuid"] for r in rows]
 
+
+
+def claimable(rows):
+    """How many of these stored jobs a pilot may claim now (wake-ups to send)."""
+    return sum(r["state"] == "defined" and r["jobtype"] != "noop" for r in rows)
+
+
+def submission_row(conn, submission):
+    return conn.execute("SELECT jobs FROM submissions WHERE id=?", (submission,)).fetchone()
+
+
+def record_submission(conn, submission, jobs):
+    conn.execute("INSERT OR IGNORE INTO submissions(id, jobs, ts) VALUES(?, ?, ?)", (submission, jobs, now()))
 
 
 def requeue_or_end(conn, job, end_state, who, info, changes=None):
@@ -1918,10 +1968,68 @@ class Service:
 
     # -- jobs -------------------------------------------------------------------------------------
     def submit(self, body, who):
+        """Store jobs in one transaction; with a `submission` id, record it, so that a client
+        whose answer was lost can ask whether the submission was stored."""
+        check_keys(body, "submission", ("jobs", "submission"))
         rows = validate_submission(body)
-        uuids = self.store.write(insert_jobs, rows, who)
-        self.broker.notify_work(sum(r["state"] == "defined" and r["jobtype"] != "noop" for r in rows))
+        submission = as_uuid(body["submission"], "submission") if "submission" in body else None
+        with self.store.transaction() as conn:
+            uuids = insert_jobs(conn, rows, who)
+            if submission:
+                record_submission(conn, submission, len(rows))
+        self.broker.notify_work(claimable(rows))
         return {"uuids": uuids}
+
+    def stage_part(self, submission, body):
+        """One part of a submission too big for one request: validated now, stored aside, never
+        claimable until the commit. Sending a part again replaces it (a retry after a lost answer)."""
+        check_keys(body, "part", ("part", "jobs"))
+        part = as_int(body.get("part"), "part", 0, MAX_PARTS - 1)
+        rows = validate_submission(body)
+        with self.store.transaction() as conn:
+            if submission_row(conn, submission):
+                raise ApiError(409, f"submission {submission}: already committed")
+            conn.execute("INSERT OR REPLACE INTO staged(submission, part, jobs, n, ts) VALUES(?, ?, ?, ?, ?)",
+                         (submission, part, json.dumps(rows), len(rows), now()))
+        return {"submission": submission, "part": part, "staged": len(rows)}
+
+    def commit_submission(self, submission, body):
+        """Store every staged part of a submission in one transaction, or nothing. Committing again
+        answers as the first commit did."""
+        check_keys(body, "commit", ("parts",))
+        parts = as_int(body.get("parts"), "parts", 1, MAX_PARTS)
+        with self.store.transaction() as conn:
+            done = submission_row(conn, submission)
+            if done:
+                return {"submission": submission, "state": "committed", "jobs": done["jobs"]}
+            staged = conn.execute("SELECT part, jobs FROM staged WHERE submission=? ORDER BY part",
+                                  (submission,)).fetchall()
+            missing = sorted(set(range(parts)) - {r["part"] for r in staged})
+            if missing or len(staged) != parts:
+                raise ApiError(409, f"submission {submission}: part(s) {', '.join(map(str, missing)) or '?'} of "
+                                    f"{parts} not staged (expired after {STAGED_TTL} s, or never sent); "
+                                    "nothing was stored: submit again")
+            rows = [row for r in staged for row in json.loads(r["jobs"])]
+            if len({r["uuid"] for r in rows}) != len(rows):
+                raise bad("jobs: the same uuid appears twice in one submission")
+            insert_jobs(conn, rows, "")
+            conn.execute("DELETE FROM staged WHERE submission=?", (submission,))
+            record_submission(conn, submission, len(rows))
+        self.broker.notify_work(claimable(rows))
+        return {"submission": submission, "state": "committed", "jobs": len(rows)}
+
+    def get_submission(self, submission):
+        """Was this submission stored? committed (with its job count), staged (parts waiting for a
+        commit, which expire), or none (nothing stored)."""
+        with self.store.reading() as conn:
+            done = submission_row(conn, submission)
+            if done:
+                return {"submission": submission, "state": "committed", "jobs": done["jobs"]}
+            staged = conn.execute("SELECT COUNT(*), COALESCE(SUM(n), 0) FROM staged WHERE submission=?",
+                                  (submission,)).fetchone()
+        state = "staged" if staged[0] else "none"
+        return {"submission": submission, "state": state, "jobs": 0, "staged_parts": staged[0],
+                "staged_jobs": staged[1]}
 
     def get_job(self, uuid):
         """The job as anyone may read it: env values with secret-looking names are masked."""
@@ -2043,7 +2151,7 @@ class Service:
         pilot = {
             "uuid": as_uuid(body["uuid"], "uuid") if "uuid" in body else str(uuidlib.uuid4()),
             "host": as_str(body.get("host", ""), "host", max_len=256),
-            "pid": as_int(body.get("pid", 0), "pid", 0),
+            "pid": as_int(body.get("pid", 0), "pid", 0, MAX_PID),
             "site": as_str(body.get("site", ""), "site", max_len=64),
             "jobtypes": json.dumps(sorted(set(jobtypes))),
             "extra": as_str(body.get("extra", ""), "extra", max_len=256),
@@ -2058,7 +2166,7 @@ class Service:
             raise bad(f"site: {pilot['site']!r} is not defined; define it first with "
                       f"pilot.py --define-site -s {pilot['site']} (or start the pilot without -s)")
         default_beat = site.get("heartbeat") or DEFAULT_HEARTBEAT
-        pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1)
+        pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1, MAX_HEARTBEAT)
         with self.store.transaction() as conn:
             if conn.execute("INSERT INTO pilots(uuid,secret,host,pid,site,jobtypes,extra,log,heartbeat,state,"
                             "ts_reg,ts_beat) VALUES(:uuid,:secret,:host,:pid,:site,:jobtypes,:extra,:log,:heartbeat,"
@@ -2085,8 +2193,7 @@ class Service:
                 check_pilot_secret(conn, pilot, secret)
                 result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
-                    job, directive = self.broker.claim(conn, pilot, secret)
-                    result["next"] = {"job": job, "directive": directive}
+                    result["next"] = self.next_job(conn, pilot, secret)
         except ApiError as e:
             if e.status == 409:
                 self.broker.count("stale_reports")
@@ -2097,20 +2204,28 @@ class Service:
         self.broker.notify_work(result.pop("released", 0))
         return result
 
+    def next_job(self, conn, pilot, secret):
+        """The job an end report asks for, unless the pilot already runs one: a replayed end
+        report (its answer was lost, the pilot went on) must not hand it a second job."""
+        if conn.execute(RUNNING_JOB, (pilot,)).fetchone():
+            return {"job": None, "directive": None}
+        job, directive = self.broker.claim(conn, pilot, secret)
+        return {"job": job, "directive": directive}
+
     @staticmethod
     def report_fields(body, state):
         """The job columns a report sets, as (how it started: pid, log paths and the seconds it
         has run, which date its start; how it ended: exit code, message, log tails)."""
         start, outcome = {}, {}
         if state == "running" or "pid" in body:
-            start["pid"] = as_int(body.get("pid", 0), "pid", 0)
+            start["pid"] = as_int(body.get("pid", 0), "pid", 0, MAX_PID)
             for key in ("stdout_path", "stderr_path"):
                 start[key] = as_str(body.get(key, ""), key, max_len=4096)
         if "runtime" in body:
-            start["runtime"] = as_number(body["runtime"], "runtime", 0)
+            start["runtime"] = as_number(body["runtime"], "runtime", 0, MAX_SECONDS)
         if state != "running":
             if body.get("exit_code") is not None:
-                outcome["exit_code"] = as_int(body["exit_code"], "exit_code")
+                outcome["exit_code"] = as_int(body["exit_code"], "exit_code", -EXIT_CODES, EXIT_CODES)
             outcome["errmsg"] = as_str(body.get("errmsg", ""), "errmsg", max_len=4096)
             for key in ("stdout", "stderr"):
                 outcome[key + "_tail"] = as_str(body.get(key, ""), key, max_len=4 * TAIL_BYTES)[-TAIL_BYTES:]
@@ -2228,16 +2343,15 @@ class Service:
             raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
         body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
 
-        def number(key, minimum, kind=as_number):
-            return kind(body[key], key, minimum) if key in body else None
+        def number(key, minimum, maximum, kind=as_number):
+            return kind(body[key], key, minimum, maximum) if key in body else None
 
-        site = {"name": name, "period": number("period", 0), "cycles": number("cycles", 0, as_int),
-                "heartbeat": number("heartbeat", 0.1), "pilots": number("pilots", 0, as_int),
-                "pilotlife": number("pilotlife", 0), "tolerance": number("tolerance", 0),
+        site = {"name": name, "period": number("period", 0, MAX_HEARTBEAT),
+                "cycles": number("cycles", 0, None, as_int), "heartbeat": number("heartbeat", 0.1, MAX_HEARTBEAT),
+                "pilots": number("pilots", 0, 100000, as_int), "pilotlife": number("pilotlife", 0, MAX_SECONDS),
+                "tolerance": number("tolerance", 0, 1),
                 "server": as_str(body.get("server", ""), "server", max_len=256),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
-        if site["tolerance"] is not None and site["tolerance"] > 1:
-            raise bad(f"tolerance: a fraction of the nominal pilots (0 to 1), got {site['tolerance']}")
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
                          "pilotlife, tolerance, ts) VALUES(:name, :period, :cycles, :heartbeat, :env, :server, "
@@ -2328,7 +2442,7 @@ class Service:
         """A client's report that it is alive, with the result of its last round (an injector's scan)."""
         check_keys(body, "service", ("host", "period", "result"))
         row = {"name": name, "host": as_str(body.get("host", ""), "host", max_len=256),
-               "period": as_number(body.get("period", 60), "period", 0.1),
+               "period": as_number(body.get("period", 60), "period", 0.1, MAX_SECONDS),
                "result": as_str(body.get("result", ""), "result", max_len=1024), "ts": now()}
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO services(name, host, period, result, ts) "
@@ -2383,6 +2497,7 @@ class Service:
         self.notice_starving(t)
         released = (self.store.write(self._mark_lost_pilots, t) + self.store.write(self._expire_leases, t)
                     + self.store.write(self._time_out_jobs, t))
+        self.store.write(self._expire_staged, t)
         self.broker.notify_work(released)
         if self.retention_days:
             purged = self.store.write(self.purge, t - self.retention_days * 86400)
@@ -2417,6 +2532,7 @@ class Service:
                                     ("job_starts", 60, 7)):
             conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (int(t - keep * 86400) // bucket,))
         conn.execute("DELETE FROM samples WHERE minute < ?", (int(t - 7 * 86400) // 60,))
+        conn.execute("DELETE FROM submissions INDEXED BY submissions_ts WHERE ts < ?", (t - SUBMISSIONS_KEPT,))
 
     def keep_wal_small(self):
         """Truncate a write-ahead log past its limit; say so once if a reader prevents it."""
@@ -2471,6 +2587,11 @@ class Service:
                                "AND ts_sta + timelimit + ? < ?", (TIMELIMIT_GRACE, t)).fetchall()
         return sum(requeue_or_end(conn, dict(job), "timeout", "housekeeping", "no report after the time limit")[1]
                    for job in overdue)
+
+    @staticmethod
+    def _expire_staged(conn, t):
+        """Parts of submissions never committed (the client died, or gave up) go after STAGED_TTL."""
+        conn.execute("DELETE FROM staged INDEXED BY staged_ts WHERE ts < ?", (t - STAGED_TTL,))
 
     def purge(self, conn, cutoff):
         """Delete, at most PURGE_BATCH of each per pass, what ended before `cutoff`: standalone
@@ -2921,7 +3042,11 @@ def state_cell(state):
 
 
 def when(ts):
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+    """A date as pages show it; any stored value renders (an absurd one as "?")."""
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else ""
+    except (OverflowError, OSError, ValueError, TypeError):
+        return "?"
 
 
 def ago(seconds):
@@ -3445,6 +3570,9 @@ API = (
     ("POST", "/api/jobs", "submit", ("body", "who"), ADMIN),
     ("GET", "/api/jobs", "list_jobs", ("query",), None),
     ("POST", "/api/jobs/states", "job_states", ("body",), None),
+    ("PUT", "/api/submissions/<uuid>/part", "stage_part", ("body",), ADMIN),
+    ("POST", "/api/submissions/<uuid>/commit", "commit_submission", ("body",), ADMIN),
+    ("GET", "/api/submissions/<uuid>", "get_submission", (), None),
     ("GET", "/api/jobs/<uuid>", "get_job", (), None),
     ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), ADMIN),
     ("DELETE", "/api/jobs/<uuid>", "delete_job", ("who",), ADMIN),

@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import secrets
+import uuid as uuidlib
 import socket
 import sys
 import threading
@@ -223,14 +224,24 @@ class Client:
             conn.close()
 
     # -- jobs -----------------------------------------------------------------------------------
-    def submit_jobs(self, jobs):
-        """Submit jobs in requests of at most SUBMIT_BYTES (the server refuses big bodies) and
-        1000 jobs; each request is all-or-nothing, and each job carries its own uuid, so a
-        submission repeated after a failure stores nothing twice."""
-        uuids = []
-        for batch in batches(jobs, SUBMIT_BYTES, 1000):
-            uuids += self.call("POST", "/api/jobs", {"jobs": batch})["uuids"]
-        return uuids
+    def submit_jobs(self, jobs, submission=None):
+        """Submit jobs all-or-nothing under the id `submission` (made here if not given; the
+        server remembers it, so `get_submission` tells whether a submission whose answer was lost
+        was stored). What fits one request (SUBMIT_BYTES, 1000 jobs) goes in one; more goes as
+        parts the server stages, then one commit stores them all in one transaction. Each job
+        carries its own uuid and each part its number, so a retried request stores nothing twice."""
+        submission = submission or str(uuidlib.uuid4())
+        parts = list(batches(jobs, SUBMIT_BYTES, 1000))
+        if len(parts) == 1:
+            return self.call("POST", "/api/jobs", {"jobs": parts[0], "submission": submission})["uuids"]
+        for number, part in enumerate(parts):
+            self.call("PUT", f"/api/submissions/{submission}/part", {"part": number, "jobs": part})
+        self.call("POST", f"/api/submissions/{submission}/commit", {"parts": len(parts)})
+        return [job["uuid"] for job in jobs]
+
+    def get_submission(self, submission):
+        """{"state": "committed" (with "jobs"), "staged" (parts not committed, which expire) or "none"}."""
+        return self.call("GET", f"/api/submissions/{submission}")
 
     def list_jobs(self, **filters):
         return self.call("GET", "/api/jobs", query={k: v for k, v in filters.items() if v is not None})["jobs"]

@@ -1,0 +1,87 @@
+"""Exactly once, at the edges: a submission of any size is stored whole or not at all, its id
+answers "was it stored?", and a replayed end report never hands a pilot a second job."""
+import json
+import sqlite3
+
+import pytest
+
+from conftest import P3S, shell_job, wait_until
+from serverAPI import P3SError
+
+
+def jobs(n, tag="x"):
+    return [dict(shell_job("true", name=f"{tag}{i}"), uuid=__import__("uuid").uuid4().hex) for i in range(n)]
+
+
+def test_a_submission_in_parts_is_stored_whole_or_not_at_all(tmp_path):
+    """Parts staged, then the server killed -9 before the commit: nothing is stored, the
+    submission says so, the commit is refused naming the missing part; the rerun stores it once."""
+    server = P3S(tmp_path).start()
+    try:
+        api, sid = server.api, "6f1b2c3d-0000-4000-8000-000000000001"
+        batch = jobs(3000)
+        for part in range(2):       # 2 of 3 parts, then the server dies
+            api.call("PUT", f"/api/submissions/{sid}/part", {"part": part, "jobs": batch[part * 1000:(part + 1) * 1000]})
+        assert api.list_jobs() == [], "a staged part is visible before the commit"
+        server.kill9()
+        server.start()
+        result = server.run("job.py", "--submission", sid)
+        assert result.returncode == 0 and "not stored: 2 part(s) staged" in result.stdout, result.stdout
+        with pytest.raises(P3SError, match="part.s. 2 of 3 not staged"):
+            server.api.call("POST", f"/api/submissions/{sid}/commit", {"parts": 3}, retry_for=0)
+        assert server.api.list_jobs() == []
+        path = tmp_path / "big.json"
+        path.write_text(json.dumps([shell_job("true", name=f"y{i}") for i in range(2500)]))
+        ran = server.run("job.py", "-j", path)
+        assert ran.returncode == 0 and len(ran.stdout.split()) == 2500, ran.stderr
+        assert len(server.api.list_jobs(limit=10000)) == 2500, "stored once, whole"
+    finally:
+        server.stop()
+
+
+def test_a_lost_commit_answer_can_be_asked_about_and_a_repeated_commit_stores_nothing_twice(p3s):
+    api, sid = p3s.api, "6f1b2c3d-0000-4000-8000-000000000002"
+    batch = jobs(1500)
+    for part in range(2):
+        api.call("PUT", f"/api/submissions/{sid}/part", {"part": part, "jobs": batch[part * 1000:(part + 1) * 1000]})
+    first = api.call("POST", f"/api/submissions/{sid}/commit", {"parts": 2})
+    again = api.call("POST", f"/api/submissions/{sid}/commit", {"parts": 2})      # the answer was lost
+    assert first == again == {"submission": sid, "state": "committed", "jobs": 1500}
+    assert len(api.list_jobs(limit=10000)) == 1500
+    result = p3s.run("job.py", "--submission", sid)
+    assert result.stdout.strip() == f"submission {sid}: stored: 1500 job(s)"
+    with pytest.raises(P3SError, match="already committed"):
+        api.call("PUT", f"/api/submissions/{sid}/part", {"part": 0, "jobs": jobs(1)})
+    nothing = p3s.run("job.py", "--submission", "6f1b2c3d-0000-4000-8000-00000000dead")
+    assert "not stored: nothing under this id" in nothing.stdout
+
+
+def test_staged_parts_never_committed_expire(p3s):
+    sid = "6f1b2c3d-0000-4000-8000-000000000003"
+    p3s.api.call("PUT", f"/api/submissions/{sid}/part", {"part": 0, "jobs": jobs(5)})
+    conn = sqlite3.connect(p3s.db, timeout=30)
+    with conn:
+        conn.execute("UPDATE staged SET ts = ts - 7200")
+    conn.close()
+    wait_until(lambda: p3s.api.get_submission(sid)["state"] == "none", 10, what="the staged part to expire")
+
+
+def test_job_py_names_the_submission_when_the_server_is_away(p3s):
+    path = p3s.dir / "one.json"
+    path.write_text(json.dumps(shell_job("true")))
+    p3s.stop()
+    result = p3s.run("job.py", "-j", path, env=dict(p3s.env, P3S_RETRY_FOR="0"))
+    assert result.returncode == 1 and "is stored whole or not at all: `job.py --submission" in result.stderr
+
+
+def test_a_replayed_end_report_never_gives_a_running_pilot_a_second_job(p3s):
+    api = p3s.api
+    pilot = api.register_pilot(heartbeat=1)["uuid"]
+    first, second, third = p3s.submit([shell_job("true", name=n) for n in ("a", "b", "c")])
+    assert api.request_job(pilot, 0)["job"]["uuid"] == first
+    end = {"pilot": pilot, "attempt": 1, "state": "finished", "exit_code": 0, "runtime": 0.1, "next": True}
+    assert api.report(first, end)["next"]["job"]["uuid"] == second
+    api.report(second, {"pilot": pilot, "attempt": 1, "state": "running", "pid": 7, "runtime": 0.1})
+    replay = api.report(first, end)                     # the first answer was lost
+    assert replay["next"]["job"] is None
+    assert api.get_job(third)["state"] == "defined", "the pilot was handed a second job while it runs one"

@@ -1,0 +1,99 @@
+"""Bounded by design: a full disk answers 503 and stores nothing, every number a pilot sends is
+checked at the door, and no stored value can make a page answer 500. Each test failed on the
+code before it."""
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import P3S, shell_job
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 4 MiB filesystem (tmpfs) that a test can fill; skipped where mounting is not allowed."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(directory):
+    """Write until the filesystem says ENOSPC; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler
+
+
+def test_a_full_disk_answers_503_stores_nothing_and_recovers(tmp_path, small_fs):
+    server = P3S(tmp_path)
+    server.db = str(small_fs / "p3s.db")
+    server.start()
+    try:
+        assert server.submit([shell_job("true")])       # the database works, then the disk fills
+        filler = fill(small_fs)
+        jobs = tmp_path / "many.json"
+        jobs.write_text(json.dumps([shell_job("echo " + "x" * 2000, name=f"j{i}") for i in range(500)]))
+        env = dict(server.env, P3S_RETRY_FOR="0")
+        for _ in range(3):
+            result = server.run("job.py", "-j", jobs, env=env)
+            assert result.returncode == 1 and "disk full" in result.stderr, (result.returncode, result.stderr)
+        log = (tmp_path / "server.log").read_text()
+        assert "Traceback" not in log and "cannot rollback" not in log, log[-2000:]
+        filler.unlink()
+        assert len(server.submit([shell_job("true")])) == 1, "the server did not recover once space was freed"
+        assert len(server.api.list_jobs()) == 2, "a refused submission left jobs behind"
+    finally:
+        server.stop()
+
+
+def test_a_pilots_numbers_are_bounded_at_the_door(p3s):
+    """A heartbeat of 1e300 is a lease that never ends; a runtime of 1e300 a start date no page
+    can print. Each is a 400 naming the field, and nothing changes."""
+    api = p3s.api
+    for field, value in (("heartbeat", 1e300), ("heartbeat", 1e6), ("pid", 2 ** 40)):
+        with pytest.raises(Exception, match=field):
+            api.register_pilot(**{field: value})
+    pilot = api.register_pilot(heartbeat=1)
+    [uuid] = p3s.submit([shell_job("true")])
+    job = api.request_job(pilot["uuid"], 0)["job"]
+    assert job["uuid"] == uuid
+    for report in ({"runtime": 1e300}, {"runtime": -1}, {"pid": 2 ** 40}, {"exit_code": 2 ** 40}):
+        with pytest.raises(Exception, match=next(iter(report))):
+            api.report(uuid, dict(report, state="finished", pilot=pilot["uuid"], attempt=1), retry_for=0)
+    assert api.get_job(uuid)["state"] == "dispatched", "a refused report changed the job"
+    with pytest.raises(Exception, match="period"):
+        api.call("POST", "/api/services/x/beat", {"period": 1e300})
+
+
+def test_no_stored_value_makes_a_page_answer_500(p3s):
+    """Rows written by an older server or by hand (an outside sqlite3 shell) with absurd
+    numbers: every page still renders."""
+    import sqlite3
+    pilot = p3s.api.register_pilot(heartbeat=1)
+    uuids = p3s.submit([shell_job("true", infile="/data/run_1.root"), shell_job("true")])
+    p3s.api.request_job(pilot["uuid"], 0)
+    conn = sqlite3.connect(p3s.db, timeout=30)
+    with conn:
+        conn.execute("UPDATE jobs SET ts_sta=1e300, ts_sto=-1e300, ts_dis=1e308, exit_code=9223372036854775807, "
+                     "state='failed', reason='x' WHERE uuid=?", (uuids[0],))
+        conn.execute("UPDATE jobs SET ts_def=-1e300, priority=-9223372036854775808, timelimit=9223372036854775807 "
+                     "WHERE uuid=?", (uuids[1],))
+        conn.execute("UPDATE pilots SET heartbeat=1e300, ts_beat=-1e300, ts_reg=1e300, pid=-5")
+    conn.close()
+    pages = ["/", "/jobs", "/jobs?state=problems", f"/job/{uuids[0]}", f"/job/{uuids[1]}", "/pilots",
+             f"/pilot/{pilot['uuid']}", "/errors", "/sites", "/plots", "/metrics", "/api/jobs", "/api/pilots"]
+    for path in pages:
+        p3s.page(path)
+        if not path.startswith(("/api", "/metrics")):
+            p3s.page(path + ("&" if "?" in path else "?") + "format=json")
