@@ -492,10 +492,10 @@ def as_int(value, field, minimum=None, maximum=None):
     and anything outside [minimum, maximum] (a 64-bit integer at most)."""
     if isinstance(value, bool):
         raise bad(f"{field}: must be an integer, got {json.dumps(value)}")
-    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,19}\s*", value):
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,30}\s*", value):
         value = int(value)
     if not isinstance(value, int):
-        raise bad(f"{field}: must be an integer, got {json.dumps(value)}")
+        raise bad(f"{field}: must be an integer, got {json.dumps(value)[:40]}")
     if not -INT64 <= value < INT64:
         raise bad(f"{field}: out of range (a 64-bit integer)")
     return in_range(value, field, minimum, maximum)
@@ -640,7 +640,7 @@ def validate_submission(body):
 
 def parse_age(value, field="age"):
     """'90', '10m', '1h', '2d' -> seconds."""
-    match = re.fullmatch(r"(\d+)([smhd]?)", value.strip())
+    match = re.fullmatch(r"(\d{1,9})([smhd]?)", value.strip())
     if not match:
         raise bad(f"{field}: expected a number of seconds or e.g. 10m, 1h, 2d; got {value!r}")
     return int(match.group(1)) * {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
@@ -3068,7 +3068,7 @@ def table(headers, rows):
 def page(title, body, query):
     refresh = query.get("refresh", "")
     meta = (f'<meta http-equiv="refresh" content="{int(refresh)}">'
-            if refresh.isascii() and refresh.isdigit() and 0 < int(refresh) <= 3600 else "")
+            if refresh.isascii() and refresh.isdigit() and len(refresh) <= 4 and 0 < int(refresh) <= 3600 else "")
     nav = "".join(link(href, text) for href, text in NAV)
     nav += '<span class="refresh">refresh:' + "".join(
         f" <b>{esc(label)}</b>" if refresh == value else link(with_query(query, refresh=value), label)
@@ -3628,6 +3628,7 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
 )]
 
 
+CLIENT_GONE = (socket.timeout, TimeoutError, ConnectionError)   # socket.timeout: Python 3.9's own
 IMAGE_PATH = re.compile(r"/image/(?P<uuid>[^/]+)/(?P<name>[^/]+)")
 
 
@@ -3677,6 +3678,11 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.body_pending = (self.headers.get("Content-Length", "0") not in ("", "0")
                              or "Transfer-Encoding" in self.headers)
+        try:
+            self.check_framing(method)
+        except ApiError as e:           # the stream can no longer be trusted: answer, then close
+            self.close_connection = self.body_pending = True
+            return self.send_json(e.status, {"error": e.message})
         if not self.host_allowed():
             host = self.headers.get("Host", "")
             return self.send_json(421, {"error": f"Host: {host[:100]!r} is not a name of this server; "
@@ -3700,9 +3706,39 @@ class Handler(BaseHTTPRequestHandler):
             if not is_disk_full(e):
                 raise
             self.send_json(503, {"error": "disk full: the server cannot store anything until space is freed"})
+        except CLIENT_GONE:
+            self.close_connection = True    # it stopped sending (or left): nothing to answer
         except Exception:
             log.exception("%s %s failed", method, self.path)
             self.send_json(500, {"error": "internal server error; see the server log"})
+
+    def check_framing(self, method):
+        """RFC 9112, strictly, so that no proxy in front and this server can disagree on where a
+        request ends (request smuggling): no Transfer-Encoding, no folded header lines, one
+        Content-Length of digits only; a body on a method that takes none is read and dropped
+        (never left on the connection to be read as the next request)."""
+        if "Transfer-Encoding" in self.headers:
+            raise ApiError(501, "Transfer-Encoding: not supported; send a Content-Length")
+        if any("\n" in value or "\r" in value for value in self.headers.values()):
+            raise bad("headers: a folded (obs-fold) header line is not allowed")
+        lengths = self.headers.get_all("Content-Length") or []
+        if len(lengths) > 1:
+            raise bad("Content-Length: given more than once")
+        if lengths and not re.fullmatch(r"[0-9]{1,15}", lengths[0]):
+            raise bad("Content-Length: must be digits only")
+        length = int(lengths[0]) if lengths else 0
+        if method not in ("POST", "PUT") and length:
+            if length > self.server.max_body:
+                raise ApiError(413, f"body: {length} bytes is over the limit of {self.server.max_body}")
+            self.read_exactly(length)
+            self.body_pending = False
+
+    def read_exactly(self, length):
+        """Read `length` bytes of body; a client that stops sending first gets a 400 and the close."""
+        data = self.rfile.read(length) if length > 0 else b""
+        if len(data) != length:
+            raise bad(f"body: {len(data)} of {length} bytes arrived before the client stopped sending")
+        return data
 
     def serve_page(self, url):
         """HTML pages, their JSON twins (?format=json), /metrics and /file."""
@@ -3815,16 +3851,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def read_raw(self):
         """The request body, at most max_body bytes (413 above, and the body dropped)."""
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise bad("Content-Length: not a number") from None
+        length = int(self.headers.get("Content-Length", "0"))     # digits only: check_framing
         if length > self.server.max_body:
             self.discard(length)
             raise ApiError(413, f"body: {length} bytes is over the limit of {self.server.max_body}; "
                                 "send less at a time (job.py splits big submissions itself)")
-        raw = self.rfile.read(length) if length > 0 else b""
-        self.body_pending = "Transfer-Encoding" in self.headers    # chunked: not ours to parse
+        raw = self.read_exactly(length)
+        self.body_pending = False
         return raw
 
     def discard(self, length):

@@ -97,3 +97,75 @@ def test_no_stored_value_makes_a_page_answer_500(p3s):
         p3s.page(path)
         if not path.startswith(("/api", "/metrics")):
             p3s.page(path + ("&" if "?" in path else "?") + "format=json")
+
+
+# -- strict HTTP on kept-alive connections (RFC 9112) -------------------------------------------------
+def exchange(port, data, wait=1.5):
+    """Send raw bytes on one connection; (the responses' status lines, whether the server closed)."""
+    import socket
+    import time
+    sock = socket.create_connection(("127.0.0.1", port), timeout=wait)
+    sock.sendall(data)
+    got, closed, deadline = b"", False, time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            break
+        if not chunk:
+            closed = True
+            break
+        got += chunk
+    sock.close()
+    return [line for line in got.split(b"\r\n") if line.startswith(b"HTTP/1.")], closed
+
+
+def request(head, body=b""):
+    return head.replace(b"\n", b"\r\n") + b"\r\n" + body
+
+
+SMUGGLED = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+
+
+def test_a_body_on_a_get_is_never_read_as_the_next_request(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "x.txt").write_text("hello\n")
+    server = P3S(tmp_path, ["--files-root", str(root)]).start()
+    try:
+        for method in (b"GET", b"HEAD"):
+            head = (method + b" /file?path=" + str(root / "x.txt").encode() + b" HTTP/1.1\nHost: 127.0.0.1\n"
+                    b"Content-Length: " + str(len(SMUGGLED)).encode() + b"\n")
+            statuses, _ = exchange(server.port, request(head, SMUGGLED))
+            assert statuses == [b"HTTP/1.1 200 OK"], f"{method}: the body was answered as a request: {statuses}"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("header,status", [
+    (b"Content-Length: 2\nContent-Length: 51", b"400"),
+    (b"Content-Length: +2", b"400"),
+    (b"Content-Length: 0_2", b"400"),
+    (b"Content-Length: 0x02", b"400"),
+    (b"Transfer-Encoding: chunked", b"501"),
+    (b"Content-Length: 2\nX-Note: a\n Transfer-Encoding: chunked", b"400"),
+])
+def test_ambiguous_framing_is_refused_and_the_connection_closed(p3s, header, status):
+    """Each framing a proxy could read differently: one answer, then the close (a lenient parser
+    answers the smuggled request too)."""
+    head = b"POST /api/jobs/states HTTP/1.1\nHost: 127.0.0.1\n" + header + b"\n"
+    statuses, closed = exchange(p3s.port, request(head, b"{}" + SMUGGLED))
+    assert len(statuses) == 1 and statuses[0].split()[1] == status and closed, (statuses, closed)
+
+
+def test_no_anonymous_request_gets_a_500(p3s):
+    huge = "9" * 5000
+    for path in (f"/plots?limit={huge}", f"/plots?age={huge}", f"/?refresh={huge}", f"/jobs?page={huge}",
+                 f"/api/jobs?limit={huge}"):
+        statuses, _ = exchange(p3s.port, request(b"GET " + path.encode() + b" HTTP/1.1\nHost: 127.0.0.1\n"))
+        assert statuses and not statuses[0].split()[1].startswith(b"5"), (path, statuses)
+    # a body over --max-body whose client stops sending: a clean close, never a 500
+    head = b"POST /api/jobs HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 99999999\n"
+    statuses, _ = exchange(p3s.port, request(head, b"x" * 1000), wait=3)
+    assert all(not s.split()[1].startswith(b"5") for s in statuses), statuses
+    assert "Traceback" not in (p3s.dir / "server.log").read_text()
