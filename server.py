@@ -12,7 +12,8 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
                               row lookups and the query helpers of the lists
     Workflow engine           GraphML, DAG checks, file names, instantiating and advancing DAGs
     Lifecycle rules           how jobs enter, retry, end, are cancelled or freed from a pilot
-    Service                   the operations behind the API, in sub-banners: brokerage,
+    Service                   the lease clock (Leases, in memory), then the operations behind
+                              the API, in sub-banners: brokerage,
                               workflows, then jobs, pilot protocol, sites and alarms,
                               services, housekeeping
     Views                     the data behind every page (also the pages' JSON twins)
@@ -672,8 +673,11 @@ class Store:
         self.pool.put(first)
         self.writer = connect(path)     # transactions only, under the write lock: its statement
                                         # cache stays warm (measured: 1.35 against 1.65 ms CPU a job)
+        self.closed = False             # requests still in flight at shutdown get a 503
 
     def _conn(self):
+        if self.closed:
+            raise ApiError(503, "the server is shutting down; retry")
         try:
             return self.pool.get_nowait()
         except queue.Empty:
@@ -692,7 +696,7 @@ class Store:
     def give_back(self, conn):
         """Keep at most POOL_KEEP idle connections: a burst of readers does not leave a
         connection (and its page cache) per thread behind."""
-        if self.pool.qsize() < POOL_KEEP:
+        if self.pool.qsize() < POOL_KEEP and not self.closed:
             self.pool.put(conn)
         else:
             conn.close()
@@ -711,6 +715,8 @@ class Store:
         block, then COMMIT, or ROLLBACK if the block raises. Validate before entering: the lock
         serialises writers."""
         with self.write_lock:
+            if self.closed:
+                raise ApiError(503, "the server is shutting down; retry")
             conn = self.writer
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -752,6 +758,7 @@ class Store:
 
     def close(self):
         with self.write_lock:
+            self.closed = True
             self.writer.close()
         while True:
             try:
@@ -839,6 +846,14 @@ HELD_JOBS = ("SELECT {columns} FROM jobs INDEXED BY jobs_pilot_state "
              "WHERE pilot=? AND state IN ('dispatched','running')")
 
 
+def bring_back(conn, uuid, t):
+    """A lost pilot spoke again: it was only silent (a partition, a pause), and is back in the
+    state of the job it still holds."""
+    held = conn.execute(HELD_JOBS.format(columns="state"), (uuid,)).fetchone()
+    move_pilot(conn, uuid, ("lost",), held["state"] if held else "active", info="back after silence",
+               ts_stop=None, ts_beat=t)
+
+
 RUNNING_JOB = "SELECT uuid FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='running'"
 
 
@@ -848,9 +863,7 @@ def own_pilot(conn, uuid, secret):
     job it still holds. Called inside a write transaction."""
     row = check_pilot_secret(conn, uuid, secret)
     if row["state"] == "lost":
-        held = conn.execute(HELD_JOBS.format(columns="state"), (uuid,)).fetchone()
-        move_pilot(conn, uuid, ("lost",), held["state"] if held else "active", info="back after silence",
-                   ts_stop=None, ts_beat=now())
+        bring_back(conn, uuid, now())
         row = lookup(conn, "pilots", uuid)
     if row["state"] not in LIVE_PILOT_STATES:
         raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
@@ -1932,6 +1945,58 @@ class Images:
 
 
 # -- Service: jobs, pilot protocol, sites and alarms, services, housekeeping ----------------------
+class Leases:
+    """The lease clock, kept in memory: a heartbeat renews it without the database's write lock,
+    so an outside sqlite3 shell, a long transaction or a slow disk never looks like silence.
+    Housekeeping writes the beats heard to pilots.ts_beat and judges expired leases under the
+    lock heartbeats take: a beat is either heard before its pilot's lease is judged, or answered
+    `kill` (its job is being given away). A restarted server gives every lease a full term.
+
+    Methods for the caller: beat() from a heartbeat; unwritten(), written(), last_heard(),
+    judge() and released() from housekeeping."""
+
+    def __init__(self):
+        self.lock = threading.Lock()    # held for dict operations only, never across I/O
+        self.heard = {}                 # pilot uuid -> its last heartbeat not yet in the database
+        self.expiring = set()           # pilots whose job is being given away
+
+    def beat(self, uuid, t):
+        """Record a heartbeat; False if the pilot's job is being given away (answer `kill`)."""
+        with self.lock:
+            if uuid in self.expiring:
+                return False
+            self.heard[uuid] = t
+            return True
+
+    def unwritten(self):
+        with self.lock:
+            return dict(self.heard)
+
+    def written(self, beats):
+        """These beats are in the database now; a newer one of the same pilot stays."""
+        with self.lock:
+            for uuid, t in beats.items():
+                if self.heard.get(uuid) == t:
+                    del self.heard[uuid]
+
+    def last_heard(self, uuid):
+        with self.lock:
+            return self.heard.get(uuid, 0.0)
+
+    def judge(self, pilots, silent_since):
+        """The pilots (uuid, heartbeat) whose silence, counting beats heard in memory too, began
+        before silent_since(heartbeat); they are marked expiring, so their beats get `kill` from
+        now until released()."""
+        with self.lock:
+            expired = [uuid for uuid, beat in pilots if self.heard.get(uuid, 0.0) < silent_since(beat)]
+            self.expiring.update(expired)
+            return expired
+
+    def released(self, uuids):
+        with self.lock:
+            self.expiring.difference_update(uuids)
+
+
 class Service:
     """The operations behind the API routes that are not brokerage or workflows: jobs and their
     caps, the pilot protocol (register, report, heartbeat, stop, directives), sites and alarms,
@@ -1947,6 +2012,7 @@ class Service:
                  no_new_work=0, starving_minutes=STARVING_MINUTES, images=None):
         self.store = store
         self.broker = Broker(store)
+        self.leases = Leases()
         self.images = images or Images(store, store.path + ".files")
         self.workflows = Workflows(store, self.broker)
         self.hk_period = hk_period
@@ -1965,6 +2031,12 @@ class Service:
     def stop(self):
         """Shutdown: end the housekeeping loop and every long poll."""
         self.broker.stop()
+
+    def write_beats(self):
+        """At a clean shutdown: the beats heard since the last pass go to the database."""
+        beats = self.leases.unwritten()
+        self.store.write(self._write_beats, beats)
+        self.leases.written(beats)
 
     # -- jobs -------------------------------------------------------------------------------------
     def submit(self, body, who):
@@ -2271,13 +2343,15 @@ class Service:
         job_uuid = body.get("job")
         if job_uuid is not None:
             job_uuid = as_uuid(job_uuid, "job")
-        with self.store.transaction() as conn:
-            pilot = own_pilot(conn, pilot_uuid, secret)
-            conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=?", (now(), pilot_uuid))
+        with self.store.reading() as conn:     # never the write lock: see Leases
+            pilot = check_pilot_secret(conn, pilot_uuid, secret)
+            if pilot["state"] not in LIVE_PILOT_STATES + ("lost",):
+                raise ApiError(409, f"pilot {pilot_uuid}: is {pilot['state']}; register again")
+            kept = self.leases.beat(pilot_uuid, now())  # before reading the job: see Leases
             directive = pilot["directive"]
             if job_uuid is not None:
                 job = conn.execute("SELECT state, pilot FROM jobs WHERE uuid=?", (job_uuid,)).fetchone()
-                if job is None or job["pilot"] != pilot_uuid or job["state"] not in ACTIVE_JOB_STATES:
+                if not kept or job is None or job["pilot"] != pilot_uuid or job["state"] not in ACTIVE_JOB_STATES:
                     directive = directive or "kill"     # cancelled, deleted or given to another pilot
         return {"directive": directive}
 
@@ -2495,8 +2569,7 @@ class Service:
         """One pass: lost pilots, expired job leases, jobs overrunning their time limit."""
         t = self.notice_pause()
         self.notice_starving(t)
-        released = (self.store.write(self._mark_lost_pilots, t) + self.store.write(self._expire_leases, t)
-                    + self.store.write(self._time_out_jobs, t))
+        released = self.supervise(t) + self.store.write(self._time_out_jobs, t)
         self.store.write(self._expire_staged, t)
         self.broker.notify_work(released)
         if self.retention_days:
@@ -2556,6 +2629,29 @@ class Service:
         self.last_pass = (mono, t)
         return t
 
+    def supervise(self, t):
+        """The heartbeats heard in memory written, silent pilots shown lost, expired leases given
+        away: one transaction, judged under the leases' lock (see Leases). Returns how many jobs
+        became claimable."""
+        beats = self.leases.unwritten()
+        expired = []
+        try:
+            with self.store.transaction() as conn:
+                self._write_beats(conn, beats)
+                self._mark_lost_pilots(conn, t)
+                expired, released = self._expire_leases(conn, t)
+        finally:
+            self.leases.released(expired)
+        self.leases.written(beats)
+        return released
+
+    @staticmethod
+    def _write_beats(conn, beats):
+        for uuid, ts in beats.items():
+            conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=? AND ts_beat < ?", (ts, uuid, ts))
+            if conn.execute("SELECT state FROM pilots WHERE uuid=?", (uuid,)).fetchone() == ("lost",):
+                bring_back(conn, uuid, ts)
+
     def _mark_lost_pilots(self, conn, t):
         """Pilots silent for LOST_AFTER_BEATS heartbeats are shown lost (the alarm); their jobs
         stay theirs until the lease runs out. Silence counts from the start or the last pause."""
@@ -2564,23 +2660,24 @@ class Service:
                             f"AND MAX(ts_beat, ?) + ? * heartbeat < ?",
                             (*LIVE_PILOT_STATES, self.resumed, LOST_AFTER_BEATS, t)).fetchall()
         for pilot in lost:
-            move_pilot(conn, pilot["uuid"], LIVE_PILOT_STATES, "lost",
-                       info=f"silent for {LOST_AFTER_BEATS} heartbeats", ts_stop=t)
-        return 0
+            if not self.leases.last_heard(pilot["uuid"]):
+                move_pilot(conn, pilot["uuid"], LIVE_PILOT_STATES, "lost",
+                           info=f"silent for {LOST_AFTER_BEATS} heartbeats", ts_stop=t)
 
     def _expire_leases(self, conn, t):
         """The job of a pilot silent for lease_beats heartbeats is given away: pilotTO, or back to
         defined while attempts remain. By then the pilot has killed it itself (it fences itself
-        before its lease runs out), so it never runs twice at once. Returns how many are claimable."""
-        expired = conn.execute("SELECT uuid FROM pilots INDEXED BY pilots_state WHERE state='lost' AND job IS NOT NULL "
-                               "AND MAX(ts_beat, ?) + ? * heartbeat < ?",
-                               (self.resumed, self.lease_beats, t)).fetchall()
+        before its lease runs out), so it never runs twice at once. Returns (the pilots whose
+        jobs were freed, how many jobs are claimable)."""
+        silent = conn.execute("SELECT uuid, heartbeat FROM pilots INDEXED BY pilots_state WHERE state='lost' "
+                              "AND job IS NOT NULL AND MAX(ts_beat, ?) + ? * heartbeat < ?",
+                              (self.resumed, self.lease_beats, t)).fetchall()
+        expired = self.leases.judge([tuple(r) for r in silent], lambda beat: t - self.lease_beats * beat)
         released = 0
-        for pilot in expired:
-            released += release_jobs(conn, pilot["uuid"], f"pilot lost: its lease of {self.lease_beats} "
-                                                          "heartbeats ran out")
-            conn.execute("UPDATE pilots SET job=NULL WHERE uuid=?", (pilot["uuid"],))
-        return released
+        for uuid in expired:
+            released += release_jobs(conn, uuid, f"pilot lost: its lease of {self.lease_beats} heartbeats ran out")
+            conn.execute("UPDATE pilots SET job=NULL WHERE uuid=?", (uuid,))
+        return expired, released
 
     def _time_out_jobs(self, conn, t):
         overdue = conn.execute("SELECT * FROM jobs INDEXED BY jobs_state_id WHERE state='running' AND timelimit > 0 "
@@ -4182,6 +4279,8 @@ def main(argv=None):
         httpd.serve_forever(poll_interval=0.2)
     finally:
         httpd.server_close()
+        with contextlib.suppress(Exception):    # best effort: a restart gives full leases anyway
+            service.write_beats()
         store.close()
     log.info("stopped")
     return 0

@@ -64,6 +64,52 @@ def test_a_paused_server_kills_nothing_and_every_pilot_carries_on(tmp_path):
         server.stop()
 
 
+def test_an_outside_writer_holding_the_lock_past_the_lease_kills_nothing(tmp_path):
+    """A sqlite3 shell holds BEGIN IMMEDIATE for twice the lease: heartbeats are answered from
+    memory, so no pilot fences, nothing is given away, and every job runs once to its end."""
+    import sqlite3
+    server = P3S(tmp_path, ["--lease-beats", "6"]).start()        # lease: 6 x 0.5 s = 3 s
+    try:
+        ledger = tmp_path / "ledger"
+        uuids = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 8', max_attempts=2)] * 2)
+        for _ in uuids:
+            server.pilot("-p", "1", "-b", "0.5", "--kill-grace", "1")
+        wait_until(lambda: all(server.job(u)["state"] == "running" for u in uuids), 20, what="jobs running")
+        shell = sqlite3.connect(server.db, timeout=30, isolation_level=None)
+        shell.execute("BEGIN IMMEDIATE")
+        time.sleep(6)
+        shell.execute("ROLLBACK")
+        shell.close()
+        states = server.wait_jobs(uuids, timeout=30)
+        assert {s["state"] for s in states.values()} == {"finished"}, states
+        assert sorted(ledger.read_text().split()) == sorted(uuids), "a job ran twice"
+        assert all(server.job(u)["attempt"] == 1 for u in uuids)
+    finally:
+        server.stop()
+
+
+def test_a_server_stopped_for_less_than_the_lease_less_the_margin_kills_nothing(tmp_path):
+    """README: a pilot kills its payload after lease - 2 heartbeats - kill grace without an answer;
+    a server SIGSTOPped for a second less than that kills nothing."""
+    beats, beat, grace = 12, 0.5, 1.0
+    lease = beats * beat
+    margin = 2 * beat + grace
+    server = P3S(tmp_path, ["--lease-beats", str(beats)]).start()
+    try:
+        ledger = tmp_path / "ledger"
+        [uuid] = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 10')])
+        server.pilot("-p", "1", "-b", str(beat), "--kill-grace", str(grace))
+        wait_until(lambda: server.job(uuid)["state"] == "running", 20, what="the job running")
+        server.proc.send_signal(signal.SIGSTOP)
+        time.sleep(lease - margin - 1)
+        server.proc.send_signal(signal.SIGCONT)
+        assert server.wait_jobs([uuid], timeout=30)[uuid]["state"] == "finished"
+        assert ledger.read_text().split() == [uuid]
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        server.stop()
+
+
 # -- a server its own clients cannot take down ------------------------------------------------------
 def raw_request(port, data, timeout=5):
     """Send raw bytes to the server; the status line and body it answers."""

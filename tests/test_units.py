@@ -327,6 +327,7 @@ def drive_hot_paths(service):
                                     "exit_code": 0, "next": True}, pilots[0]["secret"])
     assert answer["next"]["job"]["uuid"] == uuids[3]
     service.deregister(pilots[0]["uuid"], {"reason": "done"}, pilots[0]["secret"])
+    service.housekeep()                     # the beats heard in memory are written
     with store.transaction() as conn:      # pilot 1 falls silent; pilot 2's job overruns its limit
         conn.execute("UPDATE pilots SET ts_beat = 0 WHERE uuid=?", (pilots[1]["uuid"],))
         conn.execute("UPDATE jobs SET ts_sta = 0 WHERE uuid=?", (held[2],))
@@ -359,3 +360,15 @@ def test_hot_path_plans_hold_under_hostile_statistics(tmp_path, monkeypatch):
                     scans[" ".join(sql.split())[:160]] = row[3]
     store.close()
     assert len(seen) > 50 and not scans, "\n".join(f"{plan}: {sql}" for sql, plan in scans.items())
+
+
+def test_a_heartbeat_is_heard_before_its_lease_is_judged_or_answered_kill():
+    leases = server.Leases()
+    assert leases.beat("a", 100.0)
+    assert leases.judge([("a", 1.0), ("b", 1.0)], lambda beat: 100.0 - 10 * beat) == ["b"], \
+        "a beat heard in memory renews the lease"
+    assert not leases.beat("b", 101.0), "the job of b is being given away: its beat must get kill"
+    leases.released(["b"])
+    assert leases.beat("b", 102.0)
+    leases.written({"a": 100.0, "b": 101.0})
+    assert leases.unwritten() == {"b": 102.0}, "a newer beat than the one written stays"
