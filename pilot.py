@@ -136,20 +136,38 @@ def payload_command(job):
 # The watchdog: one small process per pilot (not per job), in its own session, started with
 # `python -c` so that no command line naming pilot.py matches it (pkill -f pilot.py spares it).
 # The pilot writes lines: "+PGID" when a payload starts, "-PGID" once its group is gone, "=S" the
-# lease window, "." each time it hears from the server. It SIGKILLs the groups still listed
-# when the pipe closes, however the pilot died (kill -9 included), and when no "." came for S
-# seconds (the pilot is stopped, hung or cut off from the server for its whole lease). So a
-# payload, and all its wrapper spawns in the group, dies with its pilot and never outlives the
-# lease, before the server can give the job to another pilot; and a spawn costs a plain spawn.
+# lease window, "@UUID" the pilot's uuid, "." each time it hears from the server. It SIGKILLs
+# the groups still listed when the pipe closes, however the pilot died (kill -9 included), and
+# when no "." came for S seconds (the pilot is stopped, hung or cut off from the server for its
+# whole lease); and with them every process whose environment names the pilot's uuid: a payload
+# child that left the group (setsid, a double fork) is still the job's. So a payload, and all it
+# spawned, dies with its pilot and never outlives the lease, before the server can give the job
+# to another pilot; a spawn costs a plain spawn, and /proc is read only when killing.
 WATCHDOG = """
 import os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-groups, window, last, pending = set(), None, time.monotonic(), b""
+groups, marks, window, last, pending = set(), set(), None, time.monotonic(), b""
 
-def kill_all():
+def escaped():
+    for name in os.listdir("/proc"):
+        if name.isdigit() and int(name) != os.getpid():
+            try:
+                with open("/proc/" + name + "/environ", "rb") as f:
+                    env = b"\\0" + f.read()
+            except OSError:
+                continue
+            if any(mark in env for mark in marks):
+                yield int(name)
+
+def kill_all(everything=False):
     for pgid in groups:
         try:
             os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+    for pid in (escaped() if groups or everything else ()):
+        try:
+            os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
     groups.clear()
@@ -170,28 +188,59 @@ while True:
             groups.discard(int(line[1:]))
         elif line[:1] == b"=":
             window = float(line[1:])
+        elif line[:1] == b"@":
+            marks.add(b"\\0P3S_PILOT_UUID=" + line[1:] + b"\\0")
         if line[:1] in (b"+", b"."):
             last = time.monotonic()
-kill_all()
+kill_all(everything=True)
 """
 
 
 class Watchdog:
-    """Kills the payload groups of a pilot that died, stopped or lost the server for its lease.
+    """Kills the payloads of a pilot that died, stopped or lost the server for its lease. It is
+    watched in turn: if it dies, a new one starts at once and is told the running groups.
 
     Methods for the caller: watch(pgid) when a payload starts, release(pgid) once its group is
-    gone, lease(seconds) after registering, contact() whenever the server answered."""
+    gone, lease(seconds) and pilot(uuid) after registering, contact() whenever the server
+    answered, close() when the pilot ends."""
 
     def __init__(self):
+        self.lock = threading.Lock()    # one writer at a time; a restart replays under it
+        self.groups, self.setup = set(), {}
+        self.closing = False
+        self.start()
+
+    def start(self):
         self.proc = subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE,
                                      start_new_session=True, close_fds=True)
+        threading.Thread(target=self.keep_alive, args=(self.proc,), name="watchdog", daemon=True).start()
+
+    def keep_alive(self, proc):
+        """Notice the watchdog's death at once; start another, told all the first one knew."""
+        code = proc.wait()
+        with self.lock:
+            if self.closing or proc is not self.proc:
+                return
+            log.warning("watchdog exited (code %s): starting another, watching %d payload group(s)",
+                        code, len(self.groups))
+            self.start()
+            for line in [*self.setup.values(), *(f"+{g}" for g in self.groups), "."]:
+                self._write(line)
 
     def tell(self, line):
+        with self.lock:
+            if line[0] in "+-":
+                (self.groups.add if line[0] == "+" else self.groups.discard)(int(line[1:]))
+            elif line[0] in "=@":
+                self.setup[line[0]] = line
+            self._write(line)
+
+    def _write(self, line):
         try:
             self.proc.stdin.write(line.encode() + b"\n")
             self.proc.stdin.flush()
         except (BrokenPipeError, ValueError):
-            log.warning("watchdog gone: a kill -9 of this pilot would leave its payload behind")
+            pass        # it died: keep_alive starts another and tells it everything
 
     def watch(self, pgid):
         self.tell(f"+{pgid}")
@@ -202,8 +251,17 @@ class Watchdog:
     def lease(self, seconds):
         self.tell(f"={seconds}")
 
+    def pilot(self, uuid):
+        self.tell(f"@{uuid}")
+
     def contact(self):
         self.tell(".")
+
+    def close(self):
+        with self.lock:
+            self.closing = True
+            with contextlib.suppress(OSError, ValueError):
+                self.proc.stdin.close()
 
 
 def copy_payload(command, scratch):
@@ -368,6 +426,7 @@ class Pilot:
         self.site_env = site.get("env", {})
         # The watchdog's last word: SIGKILL one heartbeat before the server gives the job away.
         self.watchdog.lease(max(self.lease - self.settings["heartbeat"], self.fence_after()))
+        self.watchdog.pilot(self.uuid)
         log.info("registered as %s (site %r, %s)", self.uuid, self.args.site,
                  ", ".join(f"{k} {v:g}" for k, v in self.settings.items()))
 
@@ -389,6 +448,7 @@ class Pilot:
         finally:
             self.beats.set()
             self.deregister()
+            self.watchdog.close()
         return 0
 
     def deregister(self):

@@ -88,7 +88,7 @@ TIDY_PERIOD = 600                   # seconds between trims of the end buckets a
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
 ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
-          "service_silent", "starving")   # the alarms, also as /metrics gauges
+          "service_silent", "starving", "disk_low")   # the alarms, also as /metrics gauges
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
 SILENT_PERIODS = 3                  # alarm: a service (an injector) silent for this many of its periods
 FAILURE_RATE = 0.5                  # alarm: more than this share of a type's jobs ended badly in the
@@ -102,6 +102,9 @@ DISCARD_LIMIT = 64 * 1024 * 1024    # bytes of an oversized body read and droppe
 ERROR_BUCKET = 600                  # seconds: the error summary counts failures in buckets this long
 MAX_IMAGE_BYTES = 2 * 1024 * 1024   # a published image (a job's plot), at most
 MAX_IMAGES = 20                     # images one job may publish
+MAX_IMAGE_STORE = 1024 ** 3         # bytes of published images kept in all; the oldest go first
+MIN_FREE = 200 * 1024 ** 2          # bytes the database's filesystem keeps free: images are refused
+                                    # (507) below it, and an alarm warns at twice this
 INT64 = 2 ** 63                     # sqlite's integers are 64-bit: anything outside is a 400
 # Every number a pilot or client sends is bounded at the door: a heartbeat of 1e300 would be a
 # lease that never ends, a runtime of 1e300 a start date no page can print.
@@ -426,13 +429,21 @@ MIGRATIONS = [
     # v9: submissions all-or-nothing at any size. A submission too big for one request is sent as
     # parts, staged under its id (never claimable), and committed in one transaction; its id
     # answers "was it stored?" when the answer to the commit was lost. Staged parts that are
-    # never committed expire.
+    # never committed expire. The published images' total size, kept by triggers (the store's cap).
     """
     CREATE TABLE submissions(id TEXT PRIMARY KEY, jobs INTEGER NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
     CREATE INDEX submissions_ts ON submissions(ts);
     CREATE TABLE staged(submission TEXT NOT NULL, part INTEGER NOT NULL, jobs TEXT NOT NULL, n INTEGER NOT NULL,
                         ts REAL NOT NULL, PRIMARY KEY(submission, part)) WITHOUT ROWID;
     CREATE INDEX staged_ts ON staged(ts);
+    CREATE TABLE image_store(id INTEGER PRIMARY KEY CHECK (id = 1), bytes INTEGER NOT NULL, n INTEGER NOT NULL);
+    INSERT INTO image_store SELECT 1, COALESCE(SUM(size), 0), COUNT(*) FROM images;
+    CREATE TRIGGER images_store_insert AFTER INSERT ON images BEGIN
+        UPDATE image_store SET bytes = bytes + new.size, n = n + 1;
+    END;
+    CREATE TRIGGER images_store_delete AFTER DELETE ON images BEGIN
+        UPDATE image_store SET bytes = bytes - old.size, n = n - 1;
+    END;
     """,
 ]
 
@@ -1866,9 +1877,11 @@ class Images:
 
     Methods for the caller: publish (a pilot's upload), open (serving), forget and sweep (purge)."""
 
-    def __init__(self, store, directory, max_bytes=MAX_IMAGE_BYTES, max_count=MAX_IMAGES):
+    def __init__(self, store, directory, max_bytes=MAX_IMAGE_BYTES, max_count=MAX_IMAGES,
+                 max_store=MAX_IMAGE_STORE, min_free=MIN_FREE):
         self.store, self.directory = store, directory
         self.max_bytes, self.max_count = max_bytes, max_count
+        self.max_store, self.min_free = max_store, min_free
 
     def limits(self):
         return {"max_bytes": self.max_bytes, "max_count": self.max_count}
@@ -1887,11 +1900,47 @@ class Images:
             held = conn.execute("SELECT COUNT(*) FROM images WHERE job=? AND name != ?", (uuid, name)).fetchone()[0]
             if held >= self.max_count:
                 raise bad(f"{name}: job {uuid} already published {held} images, the most a job may")
+            self.check_free(len(data))
             self.write_file(uuid, name, data)
-            conn.execute("INSERT OR REPLACE INTO images(job, name, type, size, jobtype, infile, ts) "
-                         "VALUES(?, ?, ?, ?, ?, ?, ?)", (uuid, name, mime, len(data), job["jobtype"],
-                                                         job["infile"], now()))
+            conn.execute("DELETE FROM images WHERE job=? AND name=?", (uuid, name))    # a replaced image
+            conn.execute("INSERT INTO images(job, name, type, size, jobtype, infile, ts) VALUES(?, ?, ?, ?, ?, ?, ?)",
+                         (uuid, name, mime, len(data), job["jobtype"], job["infile"], now()))
+            evicted = self.evict_oldest(conn)
+        for job_uuid, old_name in evicted:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(self.directory, job_uuid, old_name))
         return {"job": uuid, "name": name, "type": mime, "size": len(data)}
+
+    def free_bytes(self):
+        try:
+            return shutil.disk_usage(os.path.dirname(os.path.abspath(self.directory))).free
+        except OSError:
+            return None
+
+    def check_free(self, size):
+        """507 when this image would leave less than min_free on the database's filesystem: the
+        database matters more than the plots."""
+        free = self.free_bytes()
+        if free is not None and free - size < self.min_free:
+            raise ApiError(507, f"images: {free // 2**20} MiB free on the server's disk, below the floor of "
+                                f"{self.min_free // 2**20} MiB (--min-free-mb); image refused, the job goes on")
+
+    def evict_oldest(self, conn):
+        """Past max_store bytes in all, the oldest images go (their rows now, files after the commit)."""
+        evicted = []
+        while conn.execute("SELECT bytes FROM image_store").fetchone()[0] > self.max_store:
+            oldest = conn.execute("SELECT id, job, name FROM images ORDER BY id LIMIT 1").fetchone()
+            if oldest is None:
+                break
+            conn.execute("DELETE FROM images WHERE id=?", (oldest["id"],))
+            evicted.append((oldest["job"], oldest["name"]))
+        return evicted
+
+    def usage(self):
+        """What /api/health says of the image store."""
+        row = self.store.read_one("SELECT bytes, n FROM image_store")
+        return {"bytes": row["bytes"], "count": row["n"], "max_bytes": self.max_store,
+                "free_bytes": self.free_bytes(), "min_free_bytes": self.min_free}
 
     def check_image(self, name, data):
         """The image's MIME type, or a 400/413 naming what is wrong with it."""
@@ -2468,6 +2517,11 @@ class Service:
             alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour", "/pilots?state=lost"))
         for site in self.list_sites()["sites"]:
             alarms += self.site_alarms(site, self.site_figures(site, t))
+        free = self.images.free_bytes()
+        if free is not None and free < 2 * self.images.min_free:
+            alarms.append(alarm("disk_low", f"the server's disk has {free // 2 ** 20} MiB free: published images "
+                                f"are refused below {self.images.min_free // 2 ** 20} MiB, and the database "
+                                "stops when it is full", "/api/health"))
         return {"alarms": alarms + self.failure_alarms(t) + self.flow_alarms(t) + self.starving_alarms(t)}
 
     def starving_alarms(self, t):
@@ -2727,7 +2781,7 @@ class Service:
     def health(self):
         wal = self.store.wal_bytes()
         return {"ok": True, "version": VERSION, "schema": self.store.schema_version,
-                "wal_bytes": wal, "wal_large": wal > self.wal_limit}
+                "wal_bytes": wal, "wal_large": wal > self.wal_limit, "images": self.images.usage()}
 
     @staticmethod
     def auth_ok():
@@ -4206,6 +4260,11 @@ def parse_args(argv):
                    help="a link in the summary's header, e.g. \"Shifter manual=https://...\" (repeatable)")
     p.add_argument("--max-image-bytes", type=int, default=MAX_IMAGE_BYTES, metavar="BYTES",
                    help=f"largest image a job may publish (default {MAX_IMAGE_BYTES}; within --max-body)")
+    p.add_argument("--max-image-store", type=int, default=MAX_IMAGE_STORE // 2 ** 20, metavar="MB",
+                   help="published images kept in all, in MiB; past it the oldest go (default %(default)s)")
+    p.add_argument("--min-free-mb", type=int, default=MIN_FREE // 2 ** 20, metavar="MB",
+                   help="MiB the database's filesystem keeps free: images are refused (507) below it, "
+                   "an alarm warns at twice it (default %(default)s)")
     p.add_argument("--max-images", type=int, default=MAX_IMAGES, metavar="N",
                    help=f"most images one job may publish (default {MAX_IMAGES})")
     p.add_argument("--max-body", type=int, default=MAX_BODY, metavar="BYTES",
@@ -4247,7 +4306,8 @@ def main(argv=None):
     except StartupError as e:
         print(f"server.py: {e}", file=sys.stderr)
         return 2
-    images = Images(store, args.db + ".files", args.max_image_bytes, args.max_images)
+    images = Images(store, args.db + ".files", args.max_image_bytes, args.max_images,
+                    args.max_image_store * 2 ** 20, args.min_free_mb * 2 ** 20)
     service = Service(store, args.housekeeping, args.retention_days, args.lease_beats, args.wal_limit,
                       args.alarm_no_new_work, args.alarm_starving, images)
     try:

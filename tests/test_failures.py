@@ -1,4 +1,5 @@
 """Nothing is lost and nothing runs twice when payloads hang, pilots die or the server dies."""
+import os
 import signal
 import time
 from collections import Counter
@@ -207,3 +208,42 @@ def test_a_pilot_waiting_for_an_unreachable_server_stops_on_sigterm(p3s):
     started = time.monotonic()
     pilot.send_signal(signal.SIGTERM)
     assert pilot.wait(10) == 0 and time.monotonic() - started < 3
+
+
+def watchdogs_of(pilot_pid):
+    """The pids of the watchdog processes whose parent is this pilot."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pilot_pid and fields[0] != "Z" and b"select" in cmdline:
+            found.append(int(name))
+    return found
+
+
+def test_a_killed_watchdog_is_replaced_and_still_takes_the_payload_along(p3s):
+    """kill -9 of the watchdog, then of the pilot: the pilot started a new watchdog at once,
+    told it the running payload, and that one kills the payload."""
+    uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "", "-b", "0.5")
+    [first] = wait_until(lambda: watchdogs_of(pilot.pid), 5, what="the watchdog")
+    os.kill(first, signal.SIGKILL)
+    wait_until(lambda: [w for w in watchdogs_of(pilot.pid) if w != first], 5, what="a new watchdog")
+    pilot.send_signal(signal.SIGKILL)
+    wait_until(lambda: not alive(payload_pid), 3, what="the payload to die with its pilot")
+
+
+def test_a_payload_child_that_left_its_session_dies_with_the_pilot(p3s):
+    """setsid takes a process out of the payload's group and session: it is still the job's,
+    and dies with its pilot's kill -9."""
+    escaped = p3s.dir / "escaped.pid"
+    uuid, pilot, payload_pid = sleeping_job_on_a_pilot(
+        p3s, f"setsid sh -c 'echo $$ > {escaped}; exec sleep 60' & true", "-b", "0.5")
+    stray = int(wait_until(lambda: escaped.exists() and escaped.read_text().strip(), 5, what="the escape"))
+    assert os.getpgid(stray) != os.getpgid(payload_pid), "the test's child did not leave the group"
+    pilot.send_signal(signal.SIGKILL)
+    wait_until(lambda: not alive(payload_pid) and not alive(stray), 3, what="the payload and its escape to die")

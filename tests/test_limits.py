@@ -169,3 +169,71 @@ def test_no_anonymous_request_gets_a_500(p3s):
     statuses, _ = exchange(p3s.port, request(head, b"x" * 1000), wait=3)
     assert all(not s.split()[1].startswith(b"5") for s in statuses), statuses
     assert "Traceback" not in (p3s.dir / "server.log").read_text()
+
+
+def test_a_shutdown_with_long_polls_in_flight_is_clean(tmp_path):
+    server = P3S(tmp_path).start()
+    try:
+        for _ in range(8):
+            server.pilot("-p", "20")
+        from conftest import wait_until
+        wait_until(lambda: server.waiting_requests() == 8, 20, what="8 long polls")
+        server.proc.terminate()
+        server.proc.wait(15)
+        log = (tmp_path / "server.log").read_text()
+        assert "closed database" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        server.stop()
+
+
+# -- the published images: bounded in all, and never at the database's expense ------------------------
+def publish(api, pilot, name, size):
+    """Claim the next job with `pilot` and publish one PNG of about `size` bytes for it."""
+    from conftest import tiny_png
+    import tempfile
+    job = api.request_job(pilot, 0)["job"]
+    with tempfile.TemporaryDirectory() as d:
+        import pathlib
+        data = tiny_png(pathlib.Path(d) / "p.png").read_bytes()
+    api.publish_image(job["uuid"], name, data + b"\0" * (size - len(data)), pilot)
+    api.report(job["uuid"], {"pilot": pilot, "attempt": 1, "state": "finished", "exit_code": 0, "runtime": 0.1})
+    return job["uuid"]
+
+
+def status(url):
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=10) as answer:
+            return answer.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_the_image_store_keeps_its_cap_oldest_first(tmp_path):
+    server = P3S(tmp_path, ["--max-image-store", "1", "--max-image-bytes", "400000"]).start()
+    try:
+        server.submit([shell_job("true") for _ in range(5)])
+        pilot = server.api.register_pilot(heartbeat=1)["uuid"]
+        uuids = [publish(server.api, pilot, "plot.png", 300000) for _ in range(5)]
+        store = server.api.health()["images"]
+        assert store["bytes"] <= 2 ** 20 and store["count"] == 3, store
+        assert [status(f"{server.url}/image/{u}/plot.png") for u in uuids] == [404, 404, 200, 200, 200]
+        assert not (tmp_path / "p3s.db.files" / uuids[0] / "plot.png").exists(), "an evicted file stayed"
+    finally:
+        server.stop()
+
+
+def test_images_are_refused_above_the_free_space_floor_and_an_alarm_warns(tmp_path, small_fs):
+    server = P3S(tmp_path, ["--min-free-mb", "3"])
+    server.db = str(small_fs / "p3s.db")
+    server.start()
+    try:
+        server.submit([shell_job("true")])
+        pilot = server.api.register_pilot(heartbeat=1)["uuid"]
+        with pytest.raises(Exception, match="507|below the floor"):
+            publish(server.api, pilot, "plot.png", 2 * 2 ** 20)
+        assert server.api.health()["images"]["min_free_bytes"] == 3 * 2 ** 20
+        assert "disk_low" in [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]
+    finally:
+        server.stop()
