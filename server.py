@@ -70,9 +70,15 @@ DEFAULT_FILES_ROOT = os.path.join(HERE, "logs")
 MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
 SOCKET_TIMEOUT = 10                 # seconds a connection may sit silent while we read its request
                                     # (long polls wait server-side, not on the socket)
-MAX_CONNECTIONS = 4000              # connections served at once; beyond, a quick 503 and close
+MAX_CONNECTIONS = 4000              # connections served at once; beyond, a quick 503 and close (the
+                                    # cap is lowered to what the descriptor limit allows)
+MAX_PER_CLIENT = 128                # connections from one address (not loopback, not --pilot-net)
+HEADER_DEADLINE = SOCKET_TIMEOUT    # seconds a request's line and headers may take in all (a client
+                                    # trickling a byte at a time is cut off here, not held forever)
+MAX_READERS = 64                    # sqlite reader connections open at once; more requests wait
 WAL_LIMIT = 64 * 1024 * 1024        # bytes of write-ahead log before housekeeping truncates it
 POOL_KEEP = 32                      # idle sqlite connections kept for reuse; the rest are closed
+READER_WAIT = 30                    # seconds a request waits for a reader connection, then 503
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 SECRET_NAME = re.compile(r"TOKEN|PASSW|SECRET|KEY|CREDENTIAL", re.I)   # env names masked on reads
 MAX_WAIT = 30.0                     # cap on a pilot's long poll, seconds
@@ -675,10 +681,12 @@ class Store:
     Safe to use as a library (bench/pages.py does): errors are exceptions, never exits.
     """
 
-    def __init__(self, path):
+    def __init__(self, path, max_readers=MAX_READERS):
         self.path = path
         self.write_lock = threading.Lock()
         self.pool = queue.LifoQueue()
+        self.readers = threading.BoundedSemaphore(max_readers)  # each holds ~3 descriptors
+        self.held = threading.local()   # a thread reading inside a read reuses its connection
         first = connect(path)
         self.schema_version = migrate(first)
         self.pool.put(first)
@@ -697,12 +705,23 @@ class Store:
     @contextlib.contextmanager
     def reading(self):
         """A pooled connection for several reads; outside a transaction each read sees the
-        latest commit."""
-        conn = self._conn()
+        latest commit. At most max_readers are open at once: a crowd of page views waits for one
+        (a 503 after READER_WAIT) instead of running out of file descriptors."""
+        held = getattr(self.held, "conn", None)
+        if held is not None:
+            yield held
+            return
+        if not self.readers.acquire(timeout=READER_WAIT):
+            raise ApiError(503, "server busy: every database reader is in use; retry")
         try:
-            yield conn
+            conn = self.held.conn = self._conn()
+            try:
+                yield conn
+            finally:
+                self.held.conn = None
+                self.give_back(conn)
         finally:
-            self.give_back(conn)
+            self.readers.release()
 
     def give_back(self, conn):
         """Keep at most POOL_KEEP idle connections: a burst of readers does not leave a
@@ -3808,6 +3827,17 @@ class Handler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True
     timeout = SOCKET_TIMEOUT    # a client that connects and goes quiet does not hold a thread forever
 
+    authenticated = False       # set once a request on this connection proved a token or secret
+
+    def handle_one_request(self):
+        """While it waits for a request's line and headers, the connection has a deadline and may
+        be displaced by a new one when every slot is taken (see P3SServer)."""
+        self.server.awaiting(self)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.not_awaiting(self)
+
     def do_GET(self):
         self.dispatch("GET")
 
@@ -3825,6 +3855,7 @@ class Handler(BaseHTTPRequestHandler):
         self.dispatch("DELETE")
 
     def dispatch(self, method):
+        self.server.not_awaiting(self)
         self.server.service.broker.count("http_requests")
         url = urlsplit(self.path)
         self.body_pending = (self.headers.get("Content-Length", "0") not in ("", "0")
@@ -3850,6 +3881,7 @@ class Handler(BaseHTTPRequestHandler):
                        "who": self.client_address[0],
                        "secret": self.headers.get("X-P3S-Pilot-Secret", "")}
             result = operation(self.server.service, name)(*groups, *(request[p] for p in parts))
+            self.authenticated = self.authenticated or auth is not None
             self.send_json(200, result)
         except ApiError as e:
             self.send_json(e.status, {"error": e.message})
@@ -4043,41 +4075,117 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class P3SServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer with a cap on connections served at once: beyond it, a quick 503
-    from the accepting thread and close, so a flood of clients cannot take the server down."""
+    """ThreadingHTTPServer that no crowd can deny. Connections served at once are capped; when
+    every slot is taken, a new connection displaces the oldest one idling before a request that
+    never proved a token or secret, else gets a quick 503 and close. One address holds at most
+    max_per_client connections (loopback and --pilot-net addresses are not limited). A request's
+    line and headers must arrive within HEADER_DEADLINE in all: a client trickling a byte at a
+    time is cut off there.
+
+    Methods for the caller: serve_forever() and the rest of socketserver's; awaiting(handler)
+    and not_awaiting(handler) from Handler, around the wait for a request."""
     daemon_threads = True
     request_queue_size = 1024
 
     def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token="",
-                 allowed_hosts=(), max_connections=MAX_CONNECTIONS):
+                 allowed_hosts=(), max_connections=MAX_CONNECTIONS, max_per_client=MAX_PER_CLIENT,
+                 pilot_nets=()):
         self.service, self.views, self.token, self.max_body = service, views, token, max_body
         self.pilot_token = pilot_token
         self.slots = threading.BoundedSemaphore(max_connections)
+        self.max_per_client = max_per_client
+        self.unlimited = [ipaddress.ip_network(n, strict=False) for n in ("127.0.0.1/32", "::1/128", *pilot_nets)]
+        self.conn_lock = threading.Lock()
+        self.per_client = collections.Counter()     # open connections by client address
+        self.idle = {}                              # handler -> (deadline, since): awaiting a request
         super().__init__(address, Handler)
         names = {address[0], *LOOPBACK_NAMES, socket.gethostname(), socket.getfqdn(), *allowed_hosts}
         self.allowed_hosts = {n.lower() for n in names if n}
+        threading.Thread(target=self.enforce_deadlines, name="deadlines", daemon=True).start()
+
+    def awaiting(self, handler):
+        t = time.monotonic()
+        with self.conn_lock:
+            self.idle[handler] = (t + HEADER_DEADLINE, t)
+
+    def not_awaiting(self, handler):
+        with self.conn_lock:
+            self.idle.pop(handler, None)
+
+    def enforce_deadlines(self):
+        """Cut off connections whose request has not arrived in full by its deadline."""
+        while True:
+            time.sleep(0.5)
+            t = time.monotonic()
+            with self.conn_lock:
+                late = [h for h, (deadline, _) in self.idle.items() if deadline < t]
+            for handler in late:
+                cut_off(handler.connection)
+
+    def limited(self, ip):
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return True
+        return not any(address in net for net in self.unlimited)
+
+    def refuse(self, request, why):
+        try:
+            request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                            b"Connection: close\r\n\r\n" + json.dumps({"error": why}).encode())
+        except OSError:
+            pass
+        self.shutdown_request(request)
+
+    def take_slot(self):
+        """A slot for a new connection: a free one, or one freed by displacing the oldest idle
+        connection that never proved a token or secret."""
+        if self.slots.acquire(blocking=False):
+            return True
+        with self.conn_lock:
+            anonymous = [(since, h) for h, (_, since) in self.idle.items() if not h.authenticated]
+            victim = min(anonymous, key=lambda pair: pair[0])[1] if anonymous else None
+            if victim is not None:
+                del self.idle[victim]
+        if victim is None:
+            return False
+        cut_off(victim.connection)
+        return self.slots.acquire(timeout=1.0)
 
     def process_request(self, request, client_address):
-        if not self.slots.acquire(blocking=False):
-            try:
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Connection: close\r\n\r\n{\"error\": \"server busy: too many connections; "
-                                b"retry later\"}")
-            except OSError:
-                pass
-            self.shutdown_request(request)
-            return
+        ip = client_address[0]
+        with self.conn_lock:
+            crowded = self.limited(ip) and self.per_client[ip] >= self.max_per_client
+        if crowded:
+            return self.refuse(request, f"server busy: at most {self.max_per_client} connections from one address")
+        if not self.take_slot():
+            return self.refuse(request, "server busy: too many connections; retry later")
+        with self.conn_lock:
+            self.per_client[ip] += 1
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.slots.release()
+            self.release(ip)
             raise
+
+    def release(self, ip):
+        with self.conn_lock:
+            self.per_client[ip] -= 1
+            if not self.per_client[ip]:
+                del self.per_client[ip]
+        self.slots.release()
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.slots.release()
+            self.release(client_address[0])
+
+
+def cut_off(connection):
+    """End a connection from another thread: its blocked read returns at once."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_RDWR)
 
 
 ################################################################################################
@@ -4138,6 +4246,14 @@ def warn_token_on_afs(token_source):
                     "or in a private AFS directory", token_source)
 
 
+def is_network(text):
+    try:
+        ipaddress.ip_network(text, strict=False)
+        return True
+    except ValueError:
+        return False
+
+
 def is_ip(name):
     try:
         ipaddress.ip_address(name)
@@ -4146,18 +4262,29 @@ def is_ip(name):
         return False
 
 
-def raise_fd_limit(connections):
-    """Each connection holds a descriptor (and a sqlite reader may hold more): raise the soft
-    limit toward the hard one, so a flood gets 503s rather than failed accepts."""
+FD_RESERVE = 64        # descriptors kept for the listening socket, logs, the writer, /file and images
+FDS_PER_READER = 3     # a sqlite reader: the database, its WAL and its shared memory
+
+
+def connections_for_descriptors(connections, readers=MAX_READERS):
+    """Raise the soft descriptor limit toward the hard one, then the connection cap that fits in
+    it beside the readers: a flood gets quick 503s, never failed accepts or "unable to open
+    database file"."""
+    want = connections + readers * FDS_PER_READER + FD_RESERVE
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = connections + 256
         if soft != resource.RLIM_INFINITY and soft < want:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY
-                                                        else min(want, hard), hard))
+            soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     except (ImportError, ValueError, OSError):
-        pass
+        return connections
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return connections
+    fits = max(16, soft - readers * FDS_PER_READER - FD_RESERVE)
+    log.warning("--max-connections %d lowered to %d: the file descriptor limit is %d (ulimit -n)",
+                connections, fits, soft)
+    return fits
 
 
 def is_loopback(host):
@@ -4233,6 +4360,12 @@ def parse_args(argv):
     p.add_argument("--alarm-starving", type=float, default=STARVING_MINUTES, metavar="MINUTES",
                    help="alarm when defined jobs wait this long with no live pilot that may take them "
                    "(default %(default)s)")
+    p.add_argument("--max-per-client", type=int, default=MAX_PER_CLIENT, metavar="N",
+                   help="connections one address may hold, except loopback and --pilot-net addresses "
+                   "(default %(default)s)")
+    p.add_argument("--pilot-net", action="append", default=[], metavar="CIDR",
+                   help="a network of worker nodes whose addresses --max-per-client does not limit "
+                   "(repeatable), e.g. 10.0.0.0/8")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
                    help="connections served at once; beyond, a quick 503 (default %(default)s)")
     p.add_argument("--wal-limit", type=int, default=WAL_LIMIT, metavar="BYTES",
@@ -4275,6 +4408,9 @@ def parse_args(argv):
                 f"{LOST_AFTER_BEATS} silent heartbeats, its job given away after the lease)")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port}: must be between 0 and 65535")
+    for net in args.pilot_net:
+        if not is_network(net):
+            p.error(f"--pilot-net {net!r}: not a network; give an address or CIDR such as 10.0.0.0/8")
     bad_links = [x for x in args.link if "=" not in x or not x.split("=", 1)[1].startswith(("http://", "https://", "/"))]
     if bad_links:
         p.error(f"--link {bad_links[0]!r}: give NAME=URL with an http(s):// or /path URL")
@@ -4315,9 +4451,9 @@ def main(argv=None):
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]
         views = Views(service, args.files_root or [DEFAULT_FILES_ROOT], private,
                       [tuple(x.split("=", 1)) for x in args.link])
-        raise_fd_limit(args.max_connections)
         httpd = P3SServer((args.host, args.port), service, views, token, args.max_body, pilot_token,
-                          args.allow_host, args.max_connections)
+                          args.allow_host, connections_for_descriptors(args.max_connections),
+                          args.max_per_client, args.pilot_net)
     except OSError as e:
         print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

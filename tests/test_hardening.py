@@ -124,26 +124,127 @@ def raw_request(port, data, timeout=5):
             answer += chunk
 
 
-def test_beyond_the_connection_cap_a_quick_503_and_the_rest_still_served(tmp_path):
+def connect_from(port, source="127.0.0.1"):
     import socket
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+def test_at_the_cap_a_new_request_displaces_an_idle_anonymous_connection(tmp_path):
     server = P3S(tmp_path, ["--max-connections", "20"]).start()
     idle = []
     try:
-        for _ in range(20):
-            idle.append(socket.create_connection(("127.0.0.1", server.port)))
+        idle = [connect_from(server.port) for _ in range(20)]
         time.sleep(0.3)
         started = time.monotonic()
         answer = raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n")
-        assert answer.startswith("HTTP/1.0 503") and "too many connections" in answer
-        assert time.monotonic() - started < 2
-        for s in idle:
-            s.close()
-        wait_until(lambda: raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n").startswith("HTTP/1.1 200"),
-                   15, what="the server to serve again once the idle clients left")
+        assert answer.startswith("HTTP/1.1 200") and time.monotonic() - started < 2, answer[:200]
+        idle[0].settimeout(2)
+        assert idle[0].recv(100) == b"", "the oldest idle connection was not the one displaced"
     finally:
         for s in idle:
             s.close()
         server.stop()
+
+
+def test_when_every_slot_is_busy_a_quick_503(tmp_path):
+    """Long polls of registered pilots are neither idle nor anonymous: nothing to displace."""
+    import threading
+    from serverAPI import Client
+    server = P3S(tmp_path, ["--max-connections", "6"]).start()
+    try:
+        pilots = [server.api.register_pilot(heartbeat=30)["uuid"] for _ in range(6)]
+        server.api.close()
+
+        def poll(pilot):
+            client = Client(server.url, token_file=str(server.token_file))
+            client.pilot_secrets = server.api.pilot_secrets
+            client.request_job(pilot, 8)
+        for pilot in pilots:
+            threading.Thread(target=poll, args=(pilot,), daemon=True).start()
+        probe = b"GET /api/health HTTP/1.0\r\n\r\n"
+        wait_until(lambda: raw_request(server.port, probe).startswith("HTTP/1.0 503"), 10,
+                   what="every slot held by a long poll")
+        started = time.monotonic()
+        answer = raw_request(server.port, probe)
+        assert answer.startswith("HTTP/1.0 503") and "too many connections" in answer, answer[:200]
+        assert time.monotonic() - started < 2
+    finally:
+        server.stop()
+
+
+def test_one_address_cannot_take_every_slot_and_a_trickle_is_cut_off(tmp_path):
+    """A crowd from one address gets 503 past --max-per-client while loopback pilots are served;
+    a client that sends its headers a byte at a time is cut off at the header deadline."""
+    server = P3S(tmp_path, ["--max-per-client", "5"]).start()
+    crowd = []
+    try:
+        crowd = [connect_from(server.port, "127.0.0.2") for _ in range(5)]
+        extra = connect_from(server.port, "127.0.0.2")
+        extra.settimeout(3)
+        assert b"from one address" in extra.recv(1000)
+        extra.close()
+        assert raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n").startswith("HTTP/1.1 200")
+        trickle = crowd[0]
+        started = time.monotonic()
+        closed = False
+        for byte in b"GET /api/health HTTP/1.1\r\nHost: x\r\n":
+            try:
+                trickle.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(0.5)
+        assert closed or time.monotonic() - started > 10
+        trickle.settimeout(3)
+        try:
+            closed = closed or trickle.recv(100) == b""
+        except OSError:
+            closed = True
+        assert closed and time.monotonic() - started < 10 + 3, "the trickle held its slot past the deadline"
+    finally:
+        for s in crowd:
+            s.close()
+        server.stop()
+
+
+def test_under_a_descriptor_limit_of_1024_page_views_wait_never_fail(tmp_path):
+    import resource
+    import threading
+    import urllib.request
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    server = P3S(tmp_path)
+    limited = lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))   # noqa: E731
+    import subprocess
+    real_popen = subprocess.Popen
+    subprocess.Popen = lambda *a, **k: real_popen(*a, preexec_fn=limited, **k)
+    try:
+        server.start()
+    finally:
+        subprocess.Popen = real_popen
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 8192), hard))
+    statuses = []
+    try:
+        server.submit([shell_job("true")] * 5)
+
+        def view():
+            try:
+                with urllib.request.urlopen(server.url + "/jobs", timeout=60) as answer:
+                    statuses.append(answer.status)
+            except Exception as e:         # a 5xx or a refused connection: what must not happen
+                statuses.append(getattr(e, "code", repr(e)))
+        threads = [threading.Thread(target=view) for _ in range(600)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert statuses.count(200) == 600, sorted(set(map(str, statuses)))
+        assert "lowered to" in (tmp_path / "server.log").read_text()
+    finally:
+        server.stop()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def test_pilots_keep_working_through_2000_idle_connections(tmp_path):
