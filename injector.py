@@ -24,7 +24,7 @@ import uuid as uuidlib
 
 from job import read_job_file
 from workflow import structured
-from serverAPI import ArgumentParser, add_verbosity, Client, P3SError, run_cli
+from serverAPI import ArgumentParser, add_verbosity, Client, P3SError, retire, run_cli, stop_on_sigterm
 
 log = logging.getLogger("p3s.injector")
 USER = getpass.getuser()            # who the jobs are for, as job.py records it
@@ -154,6 +154,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s injector %(levelname)s: %(message)s")
+    stop_on_sigterm()
     return run_cli("injector.py", lambda: watch(args))
 
 
@@ -174,10 +175,13 @@ def watch(args):
                     raise
                 log.warning("scan %d: %s; will retry", cycle, e)
             if args.cycles and cycle >= args.cycles:
-                return 0
+                break
             time.sleep(args.period)
     except KeyboardInterrupt:
-        return 0
+        pass
+    retire(client, service_name(args))
+    return 0
+
 
 
 if __name__ == "__main__":

@@ -7,9 +7,9 @@
 
 The payload runs in its own process group (a watchdog process kills the group if the pilot
 dies, even by kill -9) with the job's env plus P3S_JOB_UUID, P3S_PILOT_UUID, P3S_INPUT_FILE and
-P3S_JOB_DIR (<joblogdir>/<uuid>/, also P3S_OUTPUT_DIR unless the site or job sets that: the images
+P3S_JOB_DIR (<joblogdir>/<YYYYMMDD-HH>/<uuid>/, also P3S_OUTPUT_DIR unless the site or job sets that: the images
 the job leaves in its own directories, PNG, JPEG, GIF or SVG, are sent to the server for the job's
-page; see payload_env and own_directories); its stdout/stderr go to <joblogdir>/<uuid>.out|.err. At the time limit the
+page; see payload_env and own_directories); its stdout/stderr go beside it, <uuid>.out|.err. At the time limit the
 group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stops the payload the
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
@@ -45,6 +45,11 @@ OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is u
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".svg")     # what a job publishes for its page
 IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
 MAX_LOOKED_AT = 10000       # files of an output directory looked at for images to publish
+KEEP_JOB_FILES = 20.0       # hours a worker keeps job logs and directories (the original's DQM_DATA_LIFE)
+CLEAN_EVERY = 300           # seconds between two clean-ups of the job log directory
+MIN_FREE_MB = 500           # below this much free space in the job log directory, take no jobs
+HOUR_DIR = re.compile(r"\d{8}-\d{2}")       # <joblogdir>/<YYYYMMDD-HH>/: an hour of job files
+JOB_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err)?")
 log = logging.getLogger("p3s.pilot")
 
 
@@ -67,6 +72,13 @@ def parse_args(argv):
     p.add_argument("-L", "--joblogdir", default=os.environ.get("P3S_JOBLOG") or os.path.join(HERE, "logs", "jobs"),
                    help="directory for job stdout/stderr (default $P3S_JOBLOG, else logs/jobs beside pilot.py)")
     p.add_argument("-e", "--extra", default="", help="free text shown with the pilot, e.g. a batch job id")
+    p.add_argument("--request", default=os.environ.get("P3S_REQUEST") or None, metavar="ID",
+                   help="the pilot factory's request that started this pilot (default $P3S_REQUEST)")
+    p.add_argument("--keep-job-files", type=float, metavar="HOURS",
+                   help="delete job logs and directories older than this (default: the site's keep_hours, "
+                   f"else {KEEP_JOB_FILES:g})")
+    p.add_argument("--min-free-mb", type=float, default=MIN_FREE_MB, metavar="MB",
+                   help="take no job while the job log directory has less free space (default %(default)s)")
     p.add_argument("--jobtype", action="append", default=[], help="accept only this job type (repeatable)")
     p.add_argument("--max-idle", type=float, default=0, metavar="SECONDS",
                    help="exit after this long without a job (default 0 = never)")
@@ -113,6 +125,8 @@ def parse_args(argv):
     for item in args.site_env:
         if "=" not in item:
             p.error(f"--site-env {item!r}: expected NAME=VALUE")
+    if args.keep_job_files is not None and args.keep_job_files <= 0:
+        p.error(f"--keep-job-files {args.keep_job_files:g}: must be more than 0 hours")
     if not (args.define_site or args.sites or args.delete_site or args.kill or args.fleet_check):
         try:
             os.makedirs(args.joblogdir, exist_ok=True)
@@ -329,6 +343,46 @@ def images_to_publish(env, max_bytes):
     return list(chosen.items())
 
 
+def free_mb(directory):
+    try:
+        return shutil.disk_usage(directory).free / 2 ** 20
+    except OSError:
+        return None
+
+
+def clean_job_files(joblogdir, max_age):
+    """Delete what pilots wrote to the job log directory longer than max_age seconds ago: in the
+    hour directories (<YYYYMMDD-HH>/) and at the top (the older flat layout), a job's
+    <uuid>.out, <uuid>.err and <uuid>/, once all three are older (a running job writes to them),
+    then hour directories left empty. Nothing else is touched. Returns how many entries went."""
+    cutoff, removed = time.time() - max_age, 0
+    hours = [os.path.join(joblogdir, d) for d in listdir(joblogdir) if HOUR_DIR.fullmatch(d)]
+    for top in [joblogdir, *hours]:
+        by_job = {}
+        for name in filter(JOB_FILE.fullmatch, listdir(top)):
+            by_job.setdefault(name[:36], []).append(os.path.join(top, name))
+        for paths in by_job.values():
+            try:
+                if max(os.lstat(p).st_mtime for p in paths) >= cutoff:
+                    continue
+                for path in paths:
+                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                    removed += 1
+            except OSError:
+                continue
+        if top != joblogdir:
+            with contextlib.suppress(OSError):
+                os.rmdir(top)       # an hour directory left empty
+    return removed
+
+
+def listdir(path):
+    try:
+        return os.listdir(path)
+    except OSError:
+        return []
+
+
 def kill_group(pgid, sig):
     try:
         os.killpg(pgid, sig)
@@ -403,6 +457,9 @@ class Pilot:
         self.beats = threading.Event()  # set to stop the heartbeat thread
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
         self.prefetched = None          # the answer to a job request an end report carried
+        self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
+        self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
+        self.note = ""                  # why the pilot takes no job now (its page shows it)
         # what payloads inherit from the pilot's environment: never the server's tokens
         self.inherited_env = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
 
@@ -412,6 +469,8 @@ class Pilot:
         info = {"uuid": uuid or str(uuidlib.uuid4()), "host": node_name(), "pid": os.getpid(),
                 "site": self.args.site, "jobtypes": self.args.jobtype, "extra": self.args.extra,
                 "log": self.args.logfile or ""}
+        if self.args.request:
+            info["request"] = self.args.request
         if self.args.heartbeat is not None:
             info["heartbeat"] = self.args.heartbeat
         answer = self.client.register_pilot(retry_for=REGISTER_RETRY, **info)
@@ -424,6 +483,7 @@ class Pilot:
             self.settings[key] = chosen if chosen is not None else (
                 site[key] if site.get(key) is not None else DEFAULTS[key])
         self.site_env = site.get("env", {})
+        self.keep_hours = self.args.keep_job_files or site.get("keep_hours") or KEEP_JOB_FILES
         # The watchdog's last word: SIGKILL one heartbeat before the server gives the job away.
         self.watchdog.lease(max(self.lease - self.settings["heartbeat"], self.fence_after()))
         self.watchdog.pilot(self.uuid)
@@ -473,6 +533,10 @@ class Pilot:
                 period, max(0.0, self.args.max_idle - (time.monotonic() - last_work)))
             if self.dropped:
                 self.register_again()
+            self.keep_disk_clean()
+            if self.disk_too_full():
+                self.pause(period)
+                continue
             job = self.request(wait)
             done += 1
             if job is not None:
@@ -506,6 +570,29 @@ class Pilot:
         finally:
             self.idle = False
 
+    def keep_disk_clean(self):
+        """At start and every CLEAN_EVERY seconds (or half the keep time, if shorter): job files
+        older than keep_hours go."""
+        if self.cleaned and time.monotonic() - self.cleaned < min(CLEAN_EVERY, self.keep_hours * 3600 / 2):
+            return
+        self.cleaned = time.monotonic()
+        removed = clean_job_files(self.args.joblogdir, self.keep_hours * 3600)
+        if removed:
+            log.info("removed %d job file(s) and directories older than %g h", removed, self.keep_hours)
+
+    def disk_too_full(self):
+        """True (and a note for the pilot's page) while the job log directory is short of space:
+        a pilot takes no job it would fail for want of disk, and takes jobs again once freed."""
+        free = free_mb(self.args.joblogdir)
+        low = free is not None and free < self.args.min_free_mb
+        note = f"taking no jobs: {free:.0f} MB free in {self.args.joblogdir}, below {self.args.min_free_mb:g}" \
+            if low else ""
+        if note != self.note:
+            (log.warning if low else log.info)("%s", note or "disk space back: taking jobs again")
+            self.cleaned = 0.0 if low else self.cleaned     # clean again at once
+        self.note = note
+        return low
+
     def heard_from_server(self):
         self.last_contact = time.monotonic()
         self.watchdog.contact()
@@ -536,8 +623,9 @@ class Pilot:
     def run_job(self, job, ask_next=False):
         """Run one job to its end and report it; the end report asks for the next job too
         (`ask_next`), which the next request() then takes without a round trip."""
-        out_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".out"))
-        err_path = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"] + ".err"))
+        hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
+        os.makedirs(hour, exist_ok=True)
+        out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
         log.info("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
         try:
             execution = self.start(job, out_path, err_path)
@@ -587,7 +675,7 @@ class Pilot:
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job)
-        job_dir = os.path.abspath(os.path.join(self.args.joblogdir, job["uuid"]))
+        job_dir = os.path.join(os.path.dirname(out_path), job["uuid"])
         env = payload_env(self.inherited_env, self.site_env, job, self.uuid, job_dir)
         os.makedirs(job_dir, exist_ok=True)
         if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
@@ -668,7 +756,8 @@ class Pilot:
             execution = self.current
             job = execution.job["uuid"] if execution else None
             try:
-                directive = self.client.heartbeat(self.uuid, job, retry_for=0, timeout=max(1.0, beat))["directive"]
+                directive = self.client.heartbeat(self.uuid, job, retry_for=0, timeout=max(1.0, beat),
+                                                  free_mb=free_mb(self.args.joblogdir), note=self.note)["directive"]
                 self.heard_from_server()
                 log.debug("heartbeat (job %s): directive %s", job, directive)
             except P3SError as e:

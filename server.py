@@ -97,6 +97,8 @@ ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "f
           "service_silent", "starving", "disk_low")   # the alarms, also as /metrics gauges
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
 SILENT_PERIODS = 3                  # alarm: a service (an injector) silent for this many of its periods
+SERVICE_LINES = 100                 # a service's history: its last lines kept
+YOUNG_DEATH = 60                    # seconds: a factory's round whose pilots all ended this young failed
 FAILURE_RATE = 0.5                  # alarm: more than this share of a type's jobs ended badly in the
 FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction), or in one part
@@ -451,6 +453,27 @@ MIGRATIONS = [
         UPDATE image_store SET bytes = bytes - old.size, n = n - 1;
     END;
     """,
+    # v10: unattended production. A pilot factory's requests (a site, how many pilots it started
+    # and how many of them registered: the pending pilots a batch queue still holds); the
+    # request, free disk and note of each pilot; a site's factory command and period and how long
+    # its workers keep job files; services with an optional period, a retirement and a history.
+    """
+    ALTER TABLE sites ADD COLUMN factory TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sites ADD COLUMN factory_period REAL;
+    ALTER TABLE sites ADD COLUMN keep_hours REAL;
+    ALTER TABLE pilots ADD COLUMN request TEXT;
+    ALTER TABLE pilots ADD COLUMN free_mb REAL;
+    ALTER TABLE pilots ADD COLUMN note TEXT NOT NULL DEFAULT '';
+    CREATE INDEX pilots_request ON pilots(request) WHERE request IS NOT NULL;
+    CREATE TABLE requests(id TEXT PRIMARY KEY, site TEXT NOT NULL, count INTEGER NOT NULL,
+                          registered INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, ts REAL NOT NULL,
+                          expires REAL NOT NULL) WITHOUT ROWID;
+    CREATE INDEX requests_site ON requests(site, ts);
+    ALTER TABLE services ADD COLUMN retired REAL;
+    CREATE TABLE service_lines(id INTEGER PRIMARY KEY, name TEXT NOT NULL, result TEXT NOT NULL, ts REAL NOT NULL);
+    CREATE INDEX service_lines_name ON service_lines(name, id);
+    CREATE INDEX datasets_loose ON datasets(ts) WHERE wfuuid IS NULL;
+    """,
 ]
 
 
@@ -775,10 +798,11 @@ class Store:
             return 0
 
     def truncate_wal(self):
-        """Checkpoint and truncate the write-ahead log, unless a reader still needs it (an
-        outside sqlite3 shell left in BEGIN): then try again at the next pass. A short busy
-        timeout, so housekeeping never waits on that reader."""
-        with self.reading() as conn:
+        """Checkpoint and truncate the write-ahead log, unless a reader still needs it (a long
+        page view, or an outside sqlite3 shell left in BEGIN): then try again at the next pass.
+        Our own writers wait meanwhile (the write lock), so only a reader can keep it; a short
+        busy timeout, so housekeeping never waits long on that reader."""
+        with self.write_lock, self.reading() as conn:
             conn.execute("PRAGMA busy_timeout=100")
             try:
                 busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -911,6 +935,12 @@ def jobtype_counts(by_state):
 def pilot_view(row, t):
     """A pilot as the pages show it: with the seconds since its last heartbeat."""
     return dict(pilot_to_dict(row), beat_age=t - row["ts_beat"])
+
+
+def service_view(row, t):
+    """A service as pages and the API show it: silent only if it promised a period and broke it."""
+    silent = bool(row["period"]) and not row["retired"] and t - row["ts"] > SILENT_PERIODS * row["period"]
+    return dict(row, silent=silent, age=t - row["ts"])
 
 
 def alarm(name, message, link):
@@ -2026,26 +2056,32 @@ class Leases:
     def __init__(self):
         self.lock = threading.Lock()    # held for dict operations only, never across I/O
         self.heard = {}                 # pilot uuid -> its last heartbeat not yet in the database
+        self.status = {}                # pilot uuid -> {"free_mb", "note"} its last heartbeat said
         self.expiring = set()           # pilots whose job is being given away
 
-    def beat(self, uuid, t):
-        """Record a heartbeat; False if the pilot's job is being given away (answer `kill`)."""
+    def beat(self, uuid, t, status=None):
+        """Record a heartbeat (and what it says of the pilot: free disk, a note); False if the
+        pilot's job is being given away (answer `kill`)."""
         with self.lock:
             if uuid in self.expiring:
                 return False
             self.heard[uuid] = t
+            if status:
+                self.status[uuid] = status
             return True
 
     def unwritten(self):
+        """{uuid: (time, status)} of the beats not yet in the database."""
         with self.lock:
-            return dict(self.heard)
+            return {uuid: (t, self.status.get(uuid)) for uuid, t in self.heard.items()}
 
     def written(self, beats):
         """These beats are in the database now; a newer one of the same pilot stays."""
         with self.lock:
-            for uuid, t in beats.items():
+            for uuid, (t, _) in beats.items():
                 if self.heard.get(uuid) == t:
                     del self.heard[uuid]
+                    self.status.pop(uuid, None)
 
     def last_heard(self, uuid):
         with self.lock:
@@ -2095,6 +2131,7 @@ class Service:
         self.last_pass = (time.monotonic(), self.resumed)
         self.last_tidy = self.resumed
         self.sampled_minute = None  # the minute of the last activity sample
+        self.purged, self.purge_said = 0, 0.0   # retention's count since it last said so
 
     def stop(self):
         """Shutdown: end the housekeeping loop and every long poll."""
@@ -2284,7 +2321,7 @@ class Service:
     # -- pilot protocol ---------------------------------------------------------------------------
     def register(self, body):
         check_keys(body, "register", ("uuid", "secret", "host", "pid", "site", "jobtypes", "extra", "heartbeat",
-                                      "log"))
+                                      "log", "request"))
         jobtypes = body.get("jobtypes", [])
         if not isinstance(jobtypes, list) or not all(isinstance(t, str) and t for t in jobtypes):
             raise bad("jobtypes: must be a list of non-empty strings")
@@ -2296,6 +2333,7 @@ class Service:
             "jobtypes": json.dumps(sorted(set(jobtypes))),
             "extra": as_str(body.get("extra", ""), "extra", max_len=256),
             "log": as_str(body.get("log", ""), "log", max_len=4096),
+            "request": as_uuid(body["request"], "request") if body.get("request") else None,
         }
         secret = as_str(body.get("secret", ""), "secret", max_len=256) or secrets.token_urlsafe(24)
         if len(secret) < 16:
@@ -2308,10 +2346,14 @@ class Service:
         default_beat = site.get("heartbeat") or DEFAULT_HEARTBEAT
         pilot["heartbeat"] = as_number(body.get("heartbeat", default_beat), "heartbeat", 0.1, MAX_HEARTBEAT)
         with self.store.transaction() as conn:
-            if conn.execute("INSERT INTO pilots(uuid,secret,host,pid,site,jobtypes,extra,log,heartbeat,state,"
-                            "ts_reg,ts_beat) VALUES(:uuid,:secret,:host,:pid,:site,:jobtypes,:extra,:log,:heartbeat,"
-                            "'active',:t,:t) ON CONFLICT(uuid) DO NOTHING", {**pilot, "t": now()}).rowcount:
+            if conn.execute("INSERT INTO pilots(uuid,secret,host,pid,site,jobtypes,extra,log,heartbeat,request,"
+                            "state,ts_reg,ts_beat) VALUES(:uuid,:secret,:host,:pid,:site,:jobtypes,:extra,:log,"
+                            ":heartbeat,:request,'active',:t,:t) ON CONFLICT(uuid) DO NOTHING",
+                            {**pilot, "t": now()}).rowcount:
                 event(conn, "pilot", pilot["uuid"], None, "active", pilot["host"], info=f"pid {pilot['pid']}")
+                if pilot["request"]:    # one slot of its factory's request: no longer pending
+                    conn.execute("UPDATE requests SET registered = registered + 1 WHERE id=? AND registered < count",
+                                 (pilot["request"],))
             else:   # a registration repeated because its answer was lost: the same pilot, once
                 own_pilot(conn, pilot["uuid"], secret)
         return {"uuid": pilot["uuid"], "secret": secret, "heartbeat": pilot["heartbeat"], "site": site or None,
@@ -2407,7 +2449,9 @@ class Service:
                             (job["uuid"], attempt, state, pilot)).fetchone() is not None
 
     def heartbeat(self, pilot_uuid, body, secret):
-        check_keys(body, "heartbeat", ("job",))
+        check_keys(body, "heartbeat", ("job", "free_mb", "note"))
+        status = {"free_mb": as_number(body["free_mb"], "free_mb", 0, 2 ** 53) if "free_mb" in body else None,
+                  "note": as_str(body.get("note", ""), "note", max_len=256)}
         job_uuid = body.get("job")
         if job_uuid is not None:
             job_uuid = as_uuid(job_uuid, "job")
@@ -2415,7 +2459,7 @@ class Service:
             pilot = check_pilot_secret(conn, pilot_uuid, secret)
             if pilot["state"] not in LIVE_PILOT_STATES + ("lost",):
                 raise ApiError(409, f"pilot {pilot_uuid}: is {pilot['state']}; register again")
-            kept = self.leases.beat(pilot_uuid, now())  # before reading the job: see Leases
+            kept = self.leases.beat(pilot_uuid, now(), status)  # before reading the job: see Leases
             directive = pilot["directive"]
             if job_uuid is not None:
                 job = conn.execute("SELECT state, pilot FROM jobs WHERE uuid=?", (job_uuid,)).fetchone()
@@ -2480,7 +2524,7 @@ class Service:
         """Create or replace a site: the original's site JSON as is, or our field names."""
         as_str(name, "site", allow_empty=False, max_len=64)
         check_keys(body, "site", ("name", "period", "cycles", "heartbeat", "env", "server", "pilots", "pilotlife",
-                                  "tolerance", *self.SITE_ALIASES))
+                                  "tolerance", "factory", "factory_period", "keep_hours", *self.SITE_ALIASES))
         if body.get("name", name) != name:
             raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
         body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
@@ -2492,17 +2536,67 @@ class Service:
                 "cycles": number("cycles", 0, None, as_int), "heartbeat": number("heartbeat", 0.1, MAX_HEARTBEAT),
                 "pilots": number("pilots", 0, 100000, as_int), "pilotlife": number("pilotlife", 0, MAX_SECONDS),
                 "tolerance": number("tolerance", 0, 1),
+                "factory_period": number("factory_period", 1, MAX_SECONDS),
+                "keep_hours": number("keep_hours", 0, 24 * 366),
+                "factory": as_str(body.get("factory", ""), "factory", max_len=1024),
                 "server": as_str(body.get("server", ""), "server", max_len=256),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
-                         "pilotlife, tolerance, ts) VALUES(:name, :period, :cycles, :heartbeat, :env, :server, "
-                         ":pilots, :pilotlife, :tolerance, :ts)", {**site, "ts": now()})
+                         "pilotlife, tolerance, factory, factory_period, keep_hours, ts) VALUES(:name, :period, "
+                         ":cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, :factory, "
+                         ":factory_period, :keep_hours, :ts)", {**site, "ts": now()})
         return self.site_defaults(name)
 
     def list_sites(self):
         return {"sites": [self.site_defaults(r["name"]) for r in
                           self.store.read("SELECT name FROM sites ORDER BY name")]}
+
+    def get_site(self, name):
+        """A site with its population now: live and pending pilots, and `missing`, the pilots a
+        factory (or a site's own cron line) should start: nominal - live - pending, at least 0."""
+        site = self.site_defaults(name)
+        if site is None:
+            raise ApiError(404, f"site {name!r}: no such site")
+        t = now()
+        figures = self.site_figures(site, t)
+        return {**site, **figures, "requests": self.recent_requests(name, t)}
+
+    # -- pilot factories --------------------------------------------------------------------------
+    def request_pilots(self, name, body):
+        """A factory is about to start `count` pilots for the site: recorded, so that the pilots
+        a batch queue still holds count as pending until they register or the request expires."""
+        check_keys(body, "request", ("count", "expires"))
+        count = as_int(body.get("count"), "count", 1, 100000)
+        expires = as_number(body.get("expires", 900), "expires", 1, MAX_SECONDS)
+        if self.site_defaults(name) is None:
+            raise ApiError(404, f"site {name!r}: no such site")
+        request = {"id": str(uuidlib.uuid4()), "site": name, "count": count, "ts": now()}
+        with self.store.transaction() as conn:
+            conn.execute("INSERT INTO requests(id, site, count, state, ts, expires) VALUES(?, ?, ?, 'open', ?, ?)",
+                         (request["id"], name, count, request["ts"], request["ts"] + expires))
+        return request
+
+    def cancel_request(self, uuid):
+        """The factory's command failed: its pilots will never come, so they are not pending."""
+        with self.store.transaction() as conn:
+            if not conn.execute("UPDATE requests SET state='cancelled' WHERE id=?", (uuid,)).rowcount:
+                raise ApiError(404, f"request {uuid}: no such request")
+        return {"id": uuid, "state": "cancelled"}
+
+    def recent_requests(self, site, t):
+        """A site's requests of the last day, newest first, with their pilots' fate: how many
+        registered, how many are pending, how many ended within YOUNG_DEATH of registering."""
+        rows = self.store.read("SELECT * FROM requests INDEXED BY requests_site WHERE site=? AND ts > ? "
+                               "ORDER BY ts DESC LIMIT 20", (site, t - 86400))
+        found = []
+        for r in rows:
+            young = self.store.read_one("SELECT COUNT(*) FROM pilots INDEXED BY pilots_request WHERE request=? "
+                                        "AND state IN ('stopped', 'lost') AND ts_stop - ts_reg < ?",
+                                        (r["id"], YOUNG_DEATH))[0]
+            open_ = r["state"] == "open" and r["expires"] > t
+            found.append({**dict(r), "pending": r["count"] - r["registered"] if open_ else 0, "died_young": young})
+        return found
 
     def site_figures(self, site, t):
         """A site's pilots now and in the last hour, from bounded indexed reads."""
@@ -2516,8 +2610,13 @@ class Service:
         jobs = {r["state"]: r["n"] for r in self.store.read(
             "SELECT state, SUM(n) AS n FROM ends WHERE site=? AND bucket >= ? GROUP BY state",
             (site["name"], int(t - 3600) // 60))}
+        pending = self.store.read_one("SELECT COALESCE(SUM(count - registered), 0) FROM requests INDEXED BY "
+                                      "requests_site WHERE site=? AND ts > ? AND state='open' AND expires > ?",
+                                      (site["name"], t - MAX_SECONDS, t))[0]
+        nominal = site["pilots"] or 0
         return {"finished_1h": jobs.get("finished", 0), "failed_1h": sum(jobs.get(s, 0) for s in FAILED_STATES),
-                "live": sum(live.values()), "running": live.get("running", 0) + live.get("dispatched", 0),
+                "live": sum(live.values()), "pending": pending,
+                "missing": max(0, nominal - sum(live.values()) - pending), "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),
                 "lost_1h": sum(r["state"] == "lost" for r in ended), "ended_1h": len(ended),
                 "mean_life_1h": sum(lives) / len(lives) if lives else None, "median_life_1h": median(lives)}
@@ -2579,27 +2678,53 @@ class Service:
             if t - max(last, self.resumed) > self.no_new_work * 60:
                 found.append(alarm("no_new_work", f"no new job or workflow for {(t - last) / 60:.0f} minutes"
                                    if last else "no job or workflow created yet", "/jobs"))
-        for svc in self.store.read("SELECT * FROM services WHERE ts + ? * period < ?", (SILENT_PERIODS, t)):
+        for svc in self.store.read("SELECT * FROM services WHERE period > 0 AND retired IS NULL "
+                                   "AND ts + ? * period < ?", (SILENT_PERIODS, t)):
             found.append(alarm("service_silent", f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "
                                f"(it reports every {svc['period']:g} s)", "/services"))
         return found
 
     # -- services (injectors and other clients that report) ----------------------------------------
     def service_beat(self, name, body):
-        """A client's report that it is alive, with the result of its last round (an injector's scan)."""
+        """A client's status line (an injector's scan, a factory's round, a cron script's
+        result), kept with its last SERVICE_LINES. A service that gives a period promises to
+        report that often and alarms after SILENT_PERIODS silent ones; without one (0) it never
+        alarms. A retired service that reports again is back."""
         check_keys(body, "service", ("host", "period", "result"))
-        row = {"name": name, "host": as_str(body.get("host", ""), "host", max_len=256),
-               "period": as_number(body.get("period", 60), "period", 0.1, MAX_SECONDS),
+        row = {"name": as_str(name, "service", allow_empty=False, max_len=256),
+               "host": as_str(body.get("host", ""), "host", max_len=256),
+               "period": as_number(body.get("period", 0), "period", 0, MAX_SECONDS),
                "result": as_str(body.get("result", ""), "result", max_len=1024), "ts": now()}
+        if 0 < row["period"] < 0.1:
+            raise bad(f"period: at least 0.1 s (or 0: no promise, no alarm), got {row['period']}")
         with self.store.transaction() as conn:
-            conn.execute("INSERT OR REPLACE INTO services(name, host, period, result, ts) "
-                         "VALUES(:name, :host, :period, :result, :ts)", row)
+            conn.execute("INSERT OR REPLACE INTO services(name, host, period, result, ts, retired) "
+                         "VALUES(:name, :host, :period, :result, :ts, NULL)", row)
+            conn.execute("INSERT INTO service_lines(name, result, ts) VALUES(:name, :result, :ts)", row)
+            conn.execute("DELETE FROM service_lines WHERE name=? AND id <= (SELECT id FROM service_lines WHERE "
+                         "name=? ORDER BY id DESC LIMIT 1 OFFSET ?)", (name, name, SERVICE_LINES))
         return row
 
     def list_services(self, query=None):
         t = now()
-        return {"services": [dict(r, silent=t - r["ts"] > SILENT_PERIODS * r["period"], age=t - r["ts"])
-                             for r in self.store.read("SELECT * FROM services ORDER BY name")]}
+        return {"services": [service_view(r, t) for r in self.store.read("SELECT * FROM services ORDER BY name")]}
+
+    def get_service(self, name):
+        """A service with its last lines, newest first."""
+        row = self.store.read_one("SELECT * FROM services WHERE name=?", (name,))
+        if row is None:
+            raise ApiError(404, f"service {name[:100]!r}: no such service")
+        lines = self.store.read("SELECT result, ts FROM service_lines WHERE name=? ORDER BY id DESC LIMIT ?",
+                                (name, SERVICE_LINES))
+        return {**service_view(row, now()), "lines": [dict(r) for r in lines]}
+
+    def retire_service(self, name):
+        """A service stopped on purpose (an injector done, a cron line removed): it never alarms,
+        and retention purges it."""
+        with self.store.transaction() as conn:
+            if not conn.execute("UPDATE services SET retired=? WHERE name=?", (now(), name)).rowcount:
+                raise ApiError(404, f"service {name[:100]!r}: no such service")
+        return {"name": name, "retired": True}
 
     def failure_alarms(self, t):
         """Job types whose jobs mostly fail: from per-minute end counts of the last hour."""
@@ -2649,8 +2774,7 @@ class Service:
             purged = self.store.write(self.purge, t - self.retention_days * 86400)
             if purged:
                 self.images.forget(purged)
-                log.info("retention: purged %d ended object(s) older than %g days", len(purged),
-                         self.retention_days)
+            self.say_purged(len(purged), t)
         self.keep_wal_small()
         if int(t) // 60 != self.sampled_minute:
             self.store.write(self.sample, t)
@@ -2659,6 +2783,14 @@ class Service:
             self.store.write(self.trim_counts, t)
             self.images.sweep()
             self.store.read("PRAGMA optimize")
+
+    def say_purged(self, count, t):
+        """Retention's work, said once a minute in a summary, not at every pass."""
+        self.purged += count
+        if self.purged and t - self.purge_said >= 60:
+            log.info("retention: purged %d ended object(s) older than %g days in the last %.0f s", self.purged,
+                     self.retention_days, t - self.purge_said)
+            self.purged, self.purge_said = 0, t
 
     def sample(self, conn, t):
         """Once a minute: live pilots, running and queued jobs, for the activity charts."""
@@ -2684,8 +2816,9 @@ class Service:
         """Truncate a write-ahead log past its limit; say so once if a reader prevents it."""
         stuck = self.store.wal_bytes() > self.wal_limit and not self.store.truncate_wal()
         if stuck and not self.wal_stuck:
-            log.warning("write-ahead log at %d bytes and a reader keeps it from shrinking (an outside "
-                        "sqlite3 session left in a transaction?)", self.store.wal_bytes())
+            log.warning("write-ahead log at %d bytes and a reader keeps it from shrinking: a read still "
+                        "in progress (a long page view) or an outside sqlite3 session left in a transaction; "
+                        "retried at every pass", self.store.wal_bytes())
         self.wal_stuck = stuck
 
     def notice_pause(self):
@@ -2720,8 +2853,10 @@ class Service:
 
     @staticmethod
     def _write_beats(conn, beats):
-        for uuid, ts in beats.items():
+        for uuid, (ts, status) in beats.items():
             conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=? AND ts_beat < ?", (ts, uuid, ts))
+            if status:
+                conn.execute("UPDATE pilots SET free_mb=?, note=? WHERE uuid=?", (status["free_mb"], status["note"], uuid))
             if conn.execute("SELECT state FROM pilots WHERE uuid=?", (uuid,)).fetchone() == ("lost",):
                 bring_back(conn, uuid, ts)
 
@@ -2781,6 +2916,12 @@ class Service:
         for state in ("stopped", "lost"):
             gone += delete_rows(conn, "pilots INDEXED BY pilots_state", "state=? AND ts_beat < ? LIMIT ?",
                                 (state, cutoff, PURGE_BATCH))
+        for svc in conn.execute("SELECT name FROM services WHERE retired < ?", (cutoff,)).fetchall():
+            conn.execute("DELETE FROM service_lines WHERE name=?", (svc[0],))
+            conn.execute("DELETE FROM services WHERE name=?", (svc[0],))
+        conn.execute("DELETE FROM requests WHERE ts < ?", (cutoff,))
+        gone += delete_rows(conn, "datasets INDEXED BY datasets_loose", "wfuuid IS NULL AND ts < ? LIMIT ?",
+                            (cutoff, PURGE_BATCH))
         for chunk in chunks(gone):
             conn.execute(f"DELETE FROM events INDEXED BY events_uuid WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
         return gone
@@ -3092,19 +3233,18 @@ class Views:
     def services(self, query):
         return self.svc.list_services()
 
+    def service(self, name, query):
+        return self.svc.get_service(name)
+
     # -- sites ------------------------------------------------------------------------------------
     def sites(self, query):
         t = now()
         return {"sites": [{**site, **self.svc.site_figures(site, t)} for site in self.svc.list_sites()["sites"]]}
 
     def site(self, name, query):
-        site = self.svc.site_defaults(name)
-        if site is None:
-            raise ApiError(404, f"site {name!r}: no such site")
+        site = self.svc.get_site(name)
         rows, paging = page_of(self.store, "pilots", {**query, "site": name}, ("site", "state"))
-        t = now()
-        return {**site, **self.svc.site_figures(site, t), **paging,
-                "pilots_list": [pilot_view(r, t) for r in rows]}
+        return {**site, **paging, "pilots_list": [pilot_view(r, now()) for r in rows]}
 
     # -- files ------------------------------------------------------------------------------------
     def resolve(self, path):
@@ -3529,13 +3669,15 @@ def render_plots(d, query):
 
 
 def pilot_row(p):
+    free = "" if p.get("free_mb") is None else f"{p['free_mb']:.0f} MB"
     return [link(f"/pilot/{p['uuid']}", p["uuid"][:8]), state_cell(p["state"]), esc(p["host"]), esc(p["pid"]),
             esc(p["site"]), esc(", ".join(p["jobtypes"]) or "any"), esc(ago(p["beat_age"])),
-            esc(p["jobs_done"]), link(f"/job/{p['job']}", p["job"][:8]) if p["job"] else "", esc(p["extra"])]
+            esc(p["jobs_done"]), link(f"/job/{p['job']}", p["job"][:8]) if p["job"] else "", esc(free),
+            f'<span class="bad">{esc(p["note"])}</span>' if p.get("note") else "", esc(p["extra"])]
 
 
 PILOT_HEADERS = ["pilot", "state", "host", "pid", "site", "jobtypes", "last heartbeat", "jobs done",
-                 "current job", "extra"]
+                 "current job", "disk free", "note", "extra"]
 
 
 def render_pilots(d, query):
@@ -3556,7 +3698,7 @@ def render_pilot(d, query):
     return page(f"Pilot {d['uuid']}", body, query)
 
 
-SITE_HEADERS = ["site", "nominal pilots", "live", "running", "idle", "lost (1 h)", "ended (1 h)",
+SITE_HEADERS = ["site", "nominal pilots", "live", "pending", "running", "idle", "lost (1 h)", "ended (1 h)",
                 "jobs finished (1 h)", "jobs failed (1 h)", "mean pilot life (1 h)", "nominal life"]
 
 
@@ -3564,7 +3706,8 @@ def site_row(s):
     short = s["pilots"] and s["live"] < s["pilots"] * (1 - (SITE_TOLERANCE if s["tolerance"] is None
                                                          else s["tolerance"]))
     live = f'<span class="s-lost">{esc(s["live"])}</span>' if short else esc(s["live"])
-    return [link(f"/site/{s['name']}", s["name"]), esc(s["pilots"]), live, esc(s["running"]), esc(s["idle"]),
+    return [link(f"/site/{s['name']}", s["name"]), esc(s["pilots"]), live, esc(s["pending"]), esc(s["running"]),
+            esc(s["idle"]),
             link(href("/pilots", site=s["name"], state="lost"), s["lost_1h"]), esc(s["ended_1h"]),
             esc(s["finished_1h"]), f'<span class="s-failed">{s["failed_1h"]}</span>' if s["failed_1h"] else "0",
             esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"]))]
@@ -3580,19 +3723,39 @@ def render_sites(d, query):
 def render_site(d, query):
     settings = table(["setting", "value"], [[esc(k), esc(d[k])] for k in
                                             ("server", "pilots", "pilotlife", "tolerance", "period", "cycles",
-                                             "heartbeat")])
+                                             "heartbeat", "factory", "factory_period", "keep_hours")])
     env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
     pilots = table(PILOT_HEADERS, [pilot_row(p) for p in d["pilots_list"]])
-    body = (table(SITE_HEADERS, [site_row(d)]) + f"<h2>Settings</h2>{settings}<h2>Environment</h2>{env}"
-            f"<h2>Pilots</h2>{pager(d, query)}{pilots}")
+    requests = table(["requested", "pilots", "registered", "pending", "ended young", "state"],
+                     [[esc(when(r["ts"])), esc(r["count"]), esc(r["registered"]), esc(r["pending"]),
+                       esc(r["died_young"]), esc(r["state"])] for r in d["requests"]])
+    body = (table(SITE_HEADERS, [site_row(d)]) + f"<p>missing: <b>{esc(d['missing'])}</b> pilot(s) "
+            "(nominal - live - pending)</p>" + f"<h2>Settings</h2>{settings}<h2>Environment</h2>{env}"
+            f"<h2>Pilot requests (factory)</h2>{requests}<h2>Pilots</h2>{pager(d, query)}{pilots}")
     return page(f"Site {d['name']}", body, query)
 
 
+def service_state(x):
+    if x["retired"]:
+        return esc("retired")
+    return state_cell("lost") if x["silent"] else esc("alive")
+
+
 def render_services(d, query):
-    rows = [[esc(x["name"]), esc(x["host"]), state_cell("lost") if x["silent"] else esc("alive"),
-             esc(ago(x["age"])) + " ago", esc(f"{x['period']:g} s"), esc(x["result"])] for x in d["services"]]
+    rows = [[link(f"/service/{quote(x['name'], safe='')}", x["name"]), esc(x["host"]), service_state(x),
+             esc(ago(x["age"])) + " ago", esc(f"{x['period']:g} s" if x["period"] else "none"), esc(x["result"])]
+            for x in d["services"]]
     body = table(["service", "host", "state", "last seen", "period", "last result"], rows)
-    return page("Services", body + "<p><small>Injectors report each scan here.</small></p>", query)
+    return page("Services", body + "<p><small>Injectors, pilot factories and cron scripts "
+                "(<code>service.py -n NAME -m MESSAGE</code>) report here.</small></p>", query)
+
+
+def render_service(d, query):
+    lines = table(["time", "result"], [[esc(when(x["ts"])), esc(x["result"])] for x in d["lines"]])
+    head = table(["service", "host", "state", "last seen", "period"],
+                 [[esc(d["name"]), esc(d["host"]), service_state(d), esc(ago(d["age"])) + " ago",
+                   esc(f"{d['period']:g} s" if d["period"] else "none")]])
+    return page(f"Service {d['name']}", f"{head}<h2>Last {len(d['lines'])} lines</h2>{lines}", query)
 
 
 def render_listing(d, query):
@@ -3768,12 +3931,17 @@ API = (
     ("GET", "/api/datatypes", "workflows.list_datatypes", (), None),
     ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), ADMIN),
     ("GET", "/api/sites", "list_sites", (), None),
+    ("GET", "/api/sites/<name>", "get_site", (), None),
+    ("POST", "/api/sites/<name>/requests", "request_pilots", ("body",), ADMIN),
+    ("POST", "/api/requests/<uuid>/cancel", "cancel_request", (), ADMIN),
     ("PUT", "/api/sites/<name>", "define_site", ("body",), ADMIN),
     ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
     ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
     ("GET", "/api/alarms", "alarms", (), None),
     ("GET", "/api/services", "list_services", (), None),
     ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
+    ("GET", "/api/services/<service>", "get_service", (), None),
+    ("DELETE", "/api/services/<service>", "retire_service", (), ADMIN),
     ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), ADMIN),
     ("PUT", "/api/jobs/<uuid>/images/<name>", "images.publish", ("raw", "secret"), PILOT),
 )
@@ -3789,6 +3957,7 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/sites", "sites", render_sites),
     ("/site/<name>", "site", render_site),
     ("/services", "services", render_services),
+    ("/service/<service>", "service", render_service),
     ("/workflows", "workflows", render_workflows),
     ("/workflow/<uuid>", "workflow", render_workflow),
     ("/dags", "dags", render_dags),

@@ -19,6 +19,7 @@ import http.client
 import json
 import os
 import secrets
+import signal
 import uuid as uuidlib
 import socket
 import sys
@@ -54,6 +55,23 @@ def add_verbosity(parser, what="say more"):
     parser.add_argument("-v", "--verbose", type=verbosity, nargs="?", const=1, metavar="N",
                         default=os.environ.get("P3S_VERBOSITY", "0"),
                         help=f"{what}: verbosity 0-4 (a bare -v is 1; default $P3S_VERBOSITY or 0)")
+
+
+def stop_on_sigterm():
+    """SIGTERM ends a long-running tool (injector, factory) as Ctrl-C does: a clean exit, which
+    retires its service (a kill -9 does not, and so alarms)."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def retire(client, name):
+    """A long-running tool's clean exit: its service is retired, so a stopped injector or
+    factory never alarms."""
+    try:
+        client.retire_service(name, retry_for=10)
+    except P3SError as e:
+        print(f"could not retire the service {name!r}: {e}", file=sys.stderr)
 
 
 class InputError(Exception):
@@ -289,8 +307,10 @@ class Client:
     def mark_pilots(self, directive, **selectors):
         return self.call("POST", "/api/pilots/directive", {"directive": directive, **selectors})["marked"]
 
-    def heartbeat(self, pilot, job=None, retry_for=None, timeout=None):
-        return self.call("POST", f"/api/pilots/{pilot}/heartbeat", {"job": job}, retry_for=retry_for,
+    def heartbeat(self, pilot, job=None, retry_for=None, timeout=None, **status):
+        """status: what the pilot says of itself (free_mb, note); None values are left out."""
+        body = {"job": job, **{k: v for k, v in status.items() if v is not None}}
+        return self.call("POST", f"/api/pilots/{pilot}/heartbeat", body, retry_for=retry_for,
                          timeout=timeout, pilot=pilot)
 
     def deregister_pilot(self, pilot, reason="", retry_for=None):
@@ -309,9 +329,25 @@ class Client:
     def delete_site(self, name):
         return self.call("DELETE", f"/api/sites/{quote(name, safe='')}")
 
-    def service_beat(self, name, period, result, host=""):
+    def service_beat(self, name, period, result, host="", retry_for=0):
         return self.call("POST", f"/api/services/{quote(name, safe='')}/beat",
-                         {"host": host, "period": period, "result": result}, retry_for=0)
+                         {"host": host, "period": period, "result": result}, retry_for=retry_for)
+
+    def get_service(self, name):
+        return self.call("GET", f"/api/services/{quote(name, safe='')}")
+
+    def retire_service(self, name, retry_for=None):
+        return self.call("DELETE", f"/api/services/{quote(name, safe='')}", retry_for=retry_for)
+
+    def get_site(self, name):
+        """The site with live, pending and missing pilots and its recent factory requests."""
+        return self.call("GET", f"/api/sites/{quote(name, safe='')}")
+
+    def request_pilots(self, site, count, expires):
+        return self.call("POST", f"/api/sites/{quote(site, safe='')}/requests", {"count": count, "expires": expires})
+
+    def cancel_request(self, request):
+        return self.call("POST", f"/api/requests/{request}/cancel")
 
     def list_jobtypes(self, jobtype=None):
         return self.call("GET", "/api/jobtypes", query={"jobtype": jobtype} if jobtype else None)["jobtypes"]

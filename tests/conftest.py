@@ -215,3 +215,28 @@ def register(p3s, name, text):
     result = p3s.run("workflow.py", "-g", path, "-n", name)
     assert result.returncode == 0, result.stderr
     return result
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A real 4 MiB filesystem (tmpfs) that a test can fill; skipped where mounting is not allowed."""
+    where = tmp_path / "small"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(directory):
+    """Write until the filesystem says ENOSPC; returns the filler file."""
+    filler = directory / "filler"
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    return filler

@@ -35,6 +35,8 @@ def bad_request(method, path, parts):
     that is not an object, a bad query value; a route that takes nothing gets a wrong method."""
     if "<uuid>" in path:
         return method, path.replace("<uuid>", "not-a-uuid").replace("<name>", "plot.png"), b"{}", 400
+    if "<service>" in path and "body" not in parts:
+        return method, path.replace("<service>", "no-such-service"), None, 404
     if "<dag>" in path or "<name>" in path and "body" not in parts:
         return method, path.replace("<dag>", "no-such-dag").replace("<name>", "no-such-site"), b"{}", 404
     if "body" in parts:
@@ -119,7 +121,7 @@ def test_every_route_is_in_the_readme_http_api_section():
     assert sorted(listed) == sorted((m, p) for m, p, *_ in server.API), "README lists a route that is not served"
 
 
-TOOLS = ["server.py", "job.py", "pilot.py", "workflow.py", "injector.py", "verifyImport.py"]
+TOOLS = ["server.py", "job.py", "pilot.py", "workflow.py", "injector.py", "verifyImport.py", "factory.py", "service.py"]
 
 
 def options_of(tool):

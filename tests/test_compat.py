@@ -123,7 +123,8 @@ def test_pilot_environment_site_logs_and_a_server_url_with_a_slash(tmp_path):
                    P3S_SERVER=server.url + "/")
         assert server.run("pilot.py", "-c", "1", "-p", "1", env=env).returncode == 0
         assert server.job(uuid)["state"] == "finished"
-        assert (joblog / f"{uuid}.out").read_text() == "hello\n"
+        out = server.job(uuid)["stdout_path"]
+        assert out.startswith(str(joblog) + "/") and open(out).read() == "hello\n"
         [pilot] = server.api.list_pilots()
         assert pilot["site"] == "np04" and (pilotlog / f"{pilot['uuid']}.log").exists()
         page = server.api.call("GET", f"/pilot/{pilot['uuid']}?format=json")
@@ -152,7 +153,7 @@ def test_copy_mode_runs_a_copy_from_the_jobs_own_scratch_directory(p3s):
     for uuid in uuids:
         job = p3s.job(uuid)
         assert job["state"] == "finished"
-        assert job["stdout_tail"].strip() == str(p3s.logs / uuid / "reco.sh")
+        assert job["stdout_tail"].strip() == os.path.join(os.path.dirname(job["stdout_path"]), uuid, "reco.sh")
 
 
 # -- the injector and the production data path -----------------------------------------------------

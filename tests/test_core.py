@@ -16,7 +16,8 @@ def test_readme_example_runs_once_and_finishes(p3s):
     job = p3s.job(uuid)
     assert job["state"] == "finished" and job["exit_code"] == 0
     assert f"hello from job {uuid}" in job["stdout_tail"]
-    assert (p3s.logs / f"{uuid}.out").read_text().startswith(f"hello from job {uuid}")
+    assert job["stdout_path"].startswith(str(p3s.logs) + "/")
+    assert open(job["stdout_path"]).read().startswith(f"hello from job {uuid}")
     assert [e["new"] for e in job["events"]] == ["defined", "dispatched", "running", "finished"]
     listing = p3s.run("job.py", "--list")
     assert uuid in listing.stdout and "finished" in listing.stdout

@@ -7,32 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import P3S, shell_job
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """A real 4 MiB filesystem (tmpfs) that a test can fill; skipped where mounting is not allowed."""
-    where = tmp_path / "small"
-    where.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    yield where
-    subprocess.run(["umount", "-l", str(where)], capture_output=True)
-
-
-def fill(directory):
-    """Write until the filesystem says ENOSPC; returns the filler file."""
-    filler = directory / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    return filler
+from conftest import P3S, fill, shell_job
 
 
 def test_a_full_disk_answers_503_stores_nothing_and_recovers(tmp_path, small_fs):

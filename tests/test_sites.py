@@ -1,10 +1,12 @@
 """Operating a fleet: sites with the original's fields, and job-type caps enforced at claim time."""
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 
-from conftest import COMPAT, shell_job, wait_until
+from conftest import COMPAT, ROOT, shell_job, wait_until
 
 
 def test_the_originals_site_file_defines_a_site_unchanged(p3s):
@@ -141,10 +143,14 @@ def test_a_silent_injector_and_stopped_data_flow_raise_alarms(tmp_path):
         jobs = tmp_path / "jobs.json"
         jobs.write_text(json.dumps(shell_job("true", state="template")))
         scan = ["-d", data, "-j", jobs, "--settle", "0", "-p", "0.3"]
-        assert server.run("injector.py", *scan, "-c", "1").returncode == 0
+        injector = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), *map(str, scan)],
+                                    env=server.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_until(lambda: server.api.call("GET", "/api/services")["services"], 10, what="the injector's first scan")
         services = server.api.call("GET", "/api/services")["services"]
         assert len(services) == 1 and services[0]["result"] == "1 started, 0 skipped"
-        assert raised("service_silent") == [] and raised("no_new_work") == []
+        assert raised("service_silent") == []
+        injector.kill()             # a crash: no clean exit, so no retirement
+        injector.wait()
         wait_until(lambda: raised("service_silent") and raised("no_new_work"), 10,
                    what="the injector's silence and the stopped flow to raise alarms")
         assert "injector" in raised("service_silent")[0] and str(data) in raised("service_silent")[0]

@@ -214,8 +214,15 @@ def rendered_pages():
     query = {"state": HOSTILE}
     site = {"name": HOSTILE, "pilots": 3, "tolerance": None, "live": 1, "running": 0, "idle": 1, "lost_1h": 0,
             "finished_1h": 2, "failed_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None,
-            "server": HOSTILE, "period": 1, "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE}, "pilots_list": [pilot], "page": 1, "more": False}
+            "server": HOSTILE, "period": 1, "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE},
+            "pilots_list": [pilot], "page": 1, "more": False, "pending": 0, "missing": 2, "factory": HOSTILE,
+            "factory_period": 60, "keep_hours": None,
+            "requests": [{"ts": 1.0, "count": 2, "registered": 1, "pending": 1, "died_young": 0, "state": HOSTILE}]}
+    service = {"name": HOSTILE, "host": HOSTILE, "period": 0, "retired": None, "silent": False, "age": 1.0,
+               "result": HOSTILE, "lines": [{"ts": 1.0, "result": HOSTILE}]}
+    pilot = dict(pilot, free_mb=12.0, note=HOSTILE)
     return [server.render_sites({"sites": [site]}, query), server.render_site(site, query),
+            server.render_services({"services": [service]}, query), server.render_service(service, query),
             server.render_summary(summary, query), server.render_jobs(listing, query),
             server.render_job(job, query), server.render_pilot(pilot, query),
             server.render_pilots({"pilots": [pilot], "page": 1, "more": False}, query),
@@ -370,5 +377,5 @@ def test_a_heartbeat_is_heard_before_its_lease_is_judged_or_answered_kill():
     assert not leases.beat("b", 101.0), "the job of b is being given away: its beat must get kill"
     leases.released(["b"])
     assert leases.beat("b", 102.0)
-    leases.written({"a": 100.0, "b": 101.0})
-    assert leases.unwritten() == {"b": 102.0}, "a newer beat than the one written stays"
+    leases.written({"a": (100.0, None), "b": (101.0, None)})
+    assert leases.unwritten() == {"b": (102.0, None)}, "a newer beat than the one written stays"

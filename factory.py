@@ -1,0 +1,191 @@
+#!/usr/bin/env python3
+"""p3s pilot factory: keep a site at its nominal number of pilots, unattended.
+
+    python factory.py -s np04                                    # the site's own command and period
+    python factory.py -s np04 --command './pgen.sh {n} -s {site}'
+    python factory.py -s np04 --command 'sbatch --array=1-{n} deploy/slurm-pilots.sh'
+    python factory.py -s np04 --command 'condor_submit deploy/htcondor-pilots.sub pilots={n} \
+        p3s_site={site} p3s_request={request}'
+
+Each round (--period, default 60 s) it asks the server for the site's live and pending pilots
+and starts missing = nominal - live - pending of them (at most --max-per-round) through the
+command. Before it runs the command it records a request on the server; the command's pilots
+get its id (P3S_REQUEST in their environment, or {request} in the command) and each one that
+registers uses a slot of it. Pilots a batch queue still holds are therefore counted as pending,
+whatever the batch system, and never submitted twice; a request whose pilots never came stops
+counting after --pending-timeout. This is how glideinWMS, PanDA Harvester and DIRAC's
+SiteDirector avoid flooding a queue.
+
+Safety: a command that fails (non-zero exit) cancels its request and backs off (the period
+doubles, up to 10 periods), its stderr's last line shown on the factory's service entry; a round
+whose pilots all ended within a minute of registering (a bad node, a broken environment) backs
+off the same way; pilots above nominal are never killed (they end at their lifetime or cycles).
+Each round is reported as the service "factory <site>" (/services); a clean exit (cycles done,
+SIGTERM, SIGINT) retires it, a kill -9 does not, and so alarms.
+
+Placeholders in the command: {n} {site} {request} {server} {home} (this clone). The command runs
+without a shell (split like a shell would), from this clone's directory, with P3S_REQUEST,
+P3S_SITE and P3S_SERVER set and P3S_TOKEN removed (pilots read P3S_TOKEN_FILE, never the token).
+
+Environment: P3S_SERVER, P3S_TOKEN / P3S_TOKEN_FILE, P3S_RETRY_FOR (see README).
+Exit codes: 0 after --cycles rounds or a signal, 2 bad input (an unknown site, a bad template),
+1 the server unreachable at start.
+"""
+import logging
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+from serverAPI import (ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_cli,
+                       stop_on_sigterm)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_COMMAND = "./pgen.sh {n} -s {site}"
+MAX_BACKOFF = 10            # periods a failing factory waits at most between tries
+COMMAND_TIMEOUT = 300       # seconds a submit command may take
+log = logging.getLogger("p3s.factory")
+
+
+def parse_args(argv):
+    p = ArgumentParser(description="Keep a p3s site at its nominal number of pilots.")
+    p.add_argument("-s", "--site", required=True, help="the site (its nominal `pilots` is the target)")
+    p.add_argument("--command", metavar="TEMPLATE",
+                   help=f"how to start {{n}} pilots (default: the site's factory command, else '{DEFAULT_COMMAND}')")
+    p.add_argument("-p", "--period", type=float,
+                   help="seconds between rounds (default: the site's factory_period, else 60)")
+    p.add_argument("--max-per-round", type=int, default=50, metavar="N",
+                   help="pilots started in one round at most (default %(default)s)")
+    p.add_argument("--pending-timeout", type=float, default=900, metavar="SECONDS",
+                   help="a request's pilots that have not registered by then are no longer pending "
+                   "(default %(default)s)")
+    p.add_argument("-c", "--cycles", type=int, default=0, help="rounds before exiting (0 = forever; default 0)")
+    p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
+    add_verbosity(p, "log every round")
+    args = p.parse_args(argv)
+    if args.period is not None and args.period < 1:
+        p.error(f"--period {args.period:g}: at least 1 second")
+    if args.max_per_round < 1:
+        p.error(f"--max-per-round {args.max_per_round}: at least 1")
+    if args.pending_timeout < 1:
+        p.error(f"--pending-timeout {args.pending_timeout:g}: at least 1 second")
+    return args
+
+
+def command_line(template, **values):
+    """The command as argv: split like a shell would, then each word filled in (so a value can
+    never become a second word or a shell construct); an unknown placeholder is bad input."""
+    try:
+        return [word.format(**values) for word in shlex.split(template)]
+    except (KeyError, IndexError, ValueError) as e:
+        raise InputError(f"--command {template!r}: {e!r}; placeholders are {{n}} {{site}} {{request}} "
+                         "{server} {home}") from None
+
+
+def last_line(text):
+    return next((x.strip() for x in reversed(text.splitlines()) if x.strip()), "")
+
+
+class Factory:
+    """One site's factory: round() once per period until stopped.
+
+    Methods for the caller: round() returns the status line it reported; run() loops."""
+
+    def __init__(self, args, client):
+        self.args, self.client = args, client
+        self.failures = 0           # rounds in a row that failed: the back-off grows with them
+        self.resume_at = 0.0        # monotonic time before which no pilot is started
+        self.last_error = ""
+        self.last_request = None
+        site = client.get_site(args.site)       # an unknown site is bad input, said at once
+        self.command = args.command or site.get("factory") or DEFAULT_COMMAND
+        self.period = args.period or site.get("factory_period") or 60.0
+        command_line(self.command, n=1, site=args.site, request="r", server="s", home=HERE)
+
+    @property
+    def service(self):
+        return f"factory {self.args.site}"
+
+    def round(self):
+        site = self.client.get_site(self.args.site)
+        nominal, live, pending = site["pilots"] or 0, site["live"], site["pending"]
+        self.notice_young_deaths(site["requests"])
+        submitted = 0
+        if time.monotonic() < self.resume_at:
+            state = f"backing off for {self.resume_at - time.monotonic():.0f} s"
+        else:
+            submitted = min(site["missing"], self.args.max_per_round)
+            state = self.start_pilots(submitted) if submitted else "at nominal"
+        status = f"nominal {nominal}, live {live}, pending {pending}, submitted {submitted}: {state}"
+        if self.last_error:
+            status += f"; last error: {self.last_error}"
+        log.info("%s", status)
+        self.client.service_beat(self.service, self.period, status[:1024], socket.gethostname())
+        return status
+
+    def start_pilots(self, n):
+        request = self.client.request_pilots(self.args.site, n, self.args.pending_timeout)["id"]
+        argv = command_line(self.command, n=n, site=self.args.site, request=request,
+                            server=self.client.server, home=HERE)
+        env = {k: v for k, v in os.environ.items() if k != "P3S_TOKEN"}
+        env.update(P3S_REQUEST=request, P3S_SITE=self.args.site, P3S_SERVER=self.client.server)
+        try:
+            ran = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
+            failed = ran.returncode != 0 and (last_line(ran.stderr) or f"exit code {ran.returncode}")
+        except (OSError, subprocess.TimeoutExpired) as e:
+            failed = str(e)
+        if failed:
+            self.client.cancel_request(request)
+            self.back_off(f"{argv[0]}: {failed}")
+            return "the command failed"
+        self.last_request, self.failures = request, 0
+        return f"started {n} through {argv[0]}"
+
+    def notice_young_deaths(self, requests):
+        """The last round's pilots all registered and all ended within a minute: back off."""
+        last = next((r for r in requests if r["id"] == self.last_request), None)
+        if last and last["registered"] == last["count"] and last["died_young"] == last["count"]:
+            self.last_request = None
+            self.back_off(f"all {last['count']} pilot(s) of the last round ended within a minute "
+                          "(a bad node or a broken environment?)")
+
+    def back_off(self, error):
+        self.failures += 1
+        self.last_error = error[:300]
+        wait = self.period * min(2 ** self.failures, MAX_BACKOFF)
+        self.resume_at = time.monotonic() + wait
+        log.warning("%s; next try in %.0f s", error, wait)
+
+    def run(self):
+        """Rounds until --cycles or a signal; a clean exit retires the service."""
+        cycle = 0
+        try:
+            while True:
+                cycle += 1
+                try:
+                    self.round()
+                except P3SError as e:
+                    if e.bad_input:
+                        raise
+                    log.warning("round %d: %s; will retry", cycle, e)
+                if self.args.cycles and cycle >= self.args.cycles:
+                    break
+                time.sleep(self.period)
+        except KeyboardInterrupt:
+            pass
+        retire(self.client, self.service)
+        return 0
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s factory %(levelname)s: %(message)s")
+    stop_on_sigterm()
+    return run_cli("factory.py", lambda: Factory(args, Client(args.server)).run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Unattended production: a pilot factory keeps a site at nominal (locally through pgen.sh, and
+through a real Slurm), workers' job files are kept clean and bounded, a full disk stops a pilot
+from taking jobs, and services have a life: a period, a history and a retirement."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import P3S, ROOT, alive, shell_job, wait_until
+from test_slurm import SLURM, slurm  # noqa: F401  (the fixture)
+
+
+def live(p3s, site):
+    return p3s.api.get_site(site)["live"]
+
+
+def run_factory(p3s, site, command, *args):
+    """The factory as a background process; stopped (and its pilots killed) at teardown."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "factory.py"), "-s", site, "--command", command,
+                             *map(str, args)], env=p3s.env, cwd=p3s.dir,
+                            stderr=open(p3s.dir / "factory.log", "ab"))
+    p3s.pilots.append(proc)
+    return proc
+
+
+def pgen_pilots(rundir):
+    """The pids pgen.sh recorded (pid, start time, clone: see pilot-pids.sh)."""
+    pids = []
+    for name in os.listdir(rundir) if rundir.exists() else []:
+        if name.endswith(".pid"):
+            pids.append(int((rundir / name).read_text().split()[0]))
+    return pids
+
+
+def kill_all(pids):
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def test_a_factory_keeps_a_site_at_nominal_through_pgen(p3s):
+    p3s.api.define_site("prod", pilots=3, heartbeat=0.5)
+    rundir = p3s.dir / "run"
+    p3s.env["P3S_RUNDIR"] = str(rundir)
+    command = f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {p3s.logs}"
+    factory = run_factory(p3s, "prod", command, "-p", "1.5")
+    try:
+        samples = []
+
+        def at_nominal():
+            samples.append(live(p3s, "prod"))
+            return samples[-1] == 3
+        wait_until(at_nominal, 30, 0.2, "3 live pilots")
+        victim = pgen_pilots(rundir)[0]
+        os.kill(victim, signal.SIGKILL)
+        wait_until(lambda: not alive(victim), 5, what="the pilot to die")
+        wait_until(lambda: live(p3s, "prod") < 3, 10, 0.2, "the pilot shown lost")
+        wait_until(at_nominal, 3 * 1.5 + 5, 0.2, "3 live pilots again within two rounds")
+        for _ in range(10):
+            samples.append(live(p3s, "prod"))
+            time.sleep(0.3)
+        assert max(samples) <= 3, f"more pilots than nominal: {samples}"
+        service = p3s.api.get_service("factory prod")
+        assert service["period"] == 1.5 and "nominal 3" in service["lines"][0]["result"]
+        factory.send_signal(signal.SIGTERM)
+        factory.wait(15)
+        assert p3s.api.get_service("factory prod")["retired"], "a clean exit retires the factory's service"
+        assert "service_silent" not in [a["name"] for a in p3s.api.call("GET", "/api/alarms")["alarms"]]
+    finally:
+        kill_all(pgen_pilots(rundir))
+
+
+def test_a_failing_command_backs_off_and_says_why(p3s):
+    p3s.api.define_site("prod", pilots=2)
+    factory = run_factory(p3s, "prod", "sh -c 'echo sbatch: error: Batch job submission failed >&2; exit 1'",
+                          "-p", "1", "-c", "4")
+    assert factory.wait(60) == 0
+    site = p3s.api.get_site("prod")
+    assert len(site["requests"]) < 4, "it retried every round instead of backing off"
+    assert {r["state"] for r in site["requests"]} == {"cancelled"} and site["pending"] == 0
+    lines = [x["result"] for x in p3s.api.get_service("factory prod")["lines"]]
+    assert any("backing off" in x for x in lines)
+    assert "last error: sh: sbatch: error: Batch job submission failed" in lines[0]
+
+
+def test_an_unknown_site_or_a_bad_template_is_refused_at_once(p3s):
+    result = p3s.run("factory.py", "-s", "nowhere", "-c", "1")
+    assert result.returncode == 2 and "nowhere" in result.stderr and len(result.stderr.splitlines()) == 1
+    p3s.api.define_site("prod", pilots=1)
+    result = p3s.run("factory.py", "-s", "prod", "--command", "./pgen.sh {count}", "-c", "1")
+    assert result.returncode == 2 and "placeholders are" in result.stderr
+    assert p3s.api.get_site("prod")["requests"] == []
+
+
+@pytest.mark.skipif(not SLURM or os.geteuid() != 0, reason="needs root and Slurm (.ci/run installs it)")
+def test_a_factory_over_slurm_reaches_nominal_and_counts_what_the_queue_holds(p3s, slurm, tmp_path):  # noqa: F811
+    p3s.api.define_site("hpc", pilots=3, heartbeat=0.5)
+    env = dict(slurm, **{k: v for k, v in p3s.env.items() if k.startswith("P3S_")}, P3S_HOME=ROOT,
+               P3S_PILOT_ARGS=f"-p 1 -b 0.5 -L {p3s.logs}")
+    p3s.env.update(env)
+    sbatch = f"sbatch --array=1-{{n}} -o {tmp_path}/pilot-%A_%a.out deploy/slurm-pilots.sh"
+    factory = run_factory(p3s, "hpc", sbatch, "-p", "1")
+    samples = []
+
+    def at_nominal():
+        samples.append(live(p3s, "hpc"))
+        return samples[-1] == 3
+    wait_until(at_nominal, 90, 0.3, "3 pilots through Slurm")
+    pilots = p3s.api.list_pilots(site="hpc")
+    assert all(p["extra"].startswith("slurm:") for p in pilots)
+    factory.send_signal(signal.SIGTERM)
+    factory.wait(15)
+    assert max(samples) <= 3, samples
+    subprocess.run(["scancel", "-u", "root"], env=env, timeout=30)
+    wait_until(lambda: live(p3s, "hpc") == 0, 30, 0.3, "the pilots to end")
+
+    # The queue holds the pilots (partition down): pending, no new submission until the timeout.
+    subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], env=env, check=True, timeout=30)
+    factory = run_factory(p3s, "hpc", sbatch, "-p", "1", "--pending-timeout", "6")
+    wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == 2, 20, 0.3, "the first request while down")
+    first = time.monotonic()
+    time.sleep(4)       # rounds pass while the pilots pend
+    site = p3s.api.get_site("hpc")
+    assert len(site["requests"]) == 2 and site["pending"] == 3, "resubmitted while the queue held pilots"
+    wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == 3, 15, 0.3, "one new request after the timeout")
+    assert time.monotonic() - first >= 5
+    factory.send_signal(signal.SIGTERM)
+    factory.wait(15)
+    assert len(p3s.api.get_site("hpc")["requests"]) == 3, "more than one new request"
+
+
+def test_the_htcondor_submit_file_expands_as_htcondor_reads_it():
+    """There are no HTCondor daemons here: HTCondor's own Python bindings parse the submit file
+    and expand its queue with the factory's arguments."""
+    htcondor = pytest.importorskip("htcondor", reason="pip install 'htcondor<25' (.ci/run does)")
+    os.environ.setdefault("CONDOR_CONFIG", "/dev/null")
+    submit = htcondor.Submit(open(os.path.join(ROOT, "deploy", "htcondor-pilots.sub")).read())
+    for key, value in {"pilots": "4", "p3s_site": "np04", "p3s_request": "6f1b2c3d-0000-4000-8000-000000000009",
+                       "p3s_server": "http://p3s.example:8000", "p3s_home": "/afs/x/p3s"}.items():
+        submit[key] = value
+    ads = list(submit.jobs(clusterid=7))
+    assert len(ads) == 4 and [a["ProcId"] for a in ads] == [0, 1, 2, 3]
+    ad = ads[0]
+    assert ad["Cmd"].endswith("env") and "/afs/x/p3s/pilot.py -s np04" in ad["Args"]
+    env = ad["Environment"]
+    assert "P3S_SERVER=http://p3s.example:8000" in env and "P3S_SITE=np04" in env
+    assert "P3S_REQUEST=6f1b2c3d-0000-4000-8000-000000000009" in env and "P3S_TOKEN_FILE=/afs/x/p3s/p3s.token" in env
+    assert "P3S_TOKEN=" not in env.replace("P3S_TOKEN_FILE=", ""), "the token itself must never be in the job"
+
+
+def test_old_job_files_go_a_running_jobs_and_foreign_files_stay(p3s):
+    """Pilots delete job logs and directories older than --keep-job-files, in hour directories
+    and in the old flat layout; a running job's files and anything p3s did not name stay."""
+    from pilot import clean_job_files
+    logs = p3s.logs
+    old, hour = time.time() - 30 * 3600, logs / "20260101-03"
+    hour.mkdir(parents=True)
+    stale = ["0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d", "1b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d"]
+    paths = [hour / f"{stale[0]}.out", hour / f"{stale[0]}.err", logs / f"{stale[1]}.out"]
+    (hour / stale[0]).mkdir()
+    paths.append(hour / stale[0])
+    foreign = [logs / "notes.txt", hour / "README"]
+    for path in paths + foreign:
+        if not path.exists():
+            path.write_text("x")
+        os.utime(path, (old, old))
+    [uuid] = p3s.submit([shell_job("sleep 3")])
+    pilot = p3s.pilot("-p", "1", "--keep-job-files", "20")
+    p3s.wait_jobs([uuid], timeout=20, states=("running",))
+    wait_until(lambda: not any(p.exists() for p in paths), 10, what="the stale job files to go")
+    assert all(p.exists() for p in foreign), "a file p3s did not make was deleted"
+    job = p3s.job(uuid)
+    assert os.path.exists(job["stdout_path"]) and os.path.dirname(job["stdout_path"]) != str(logs)
+    assert clean_job_files(str(logs), 3600) == 0, "the running job's fresh files must stay"
+    pilot.kill()
+
+
+def test_a_pilot_short_of_disk_takes_no_jobs_and_says_why(tmp_path, small_fs):
+    where = small_fs
+    server = P3S(tmp_path).start()
+    try:
+        filler = where / "filler"
+        filler.write_bytes(b"\0" * (3 * 2 ** 20))      # 1 MB left, below --min-free-mb 2
+        [uuid] = server.submit([shell_job("true")])
+        server.pilot("-p", "1", "-L", str(where / "jobs"), "--min-free-mb", "2")
+        wait_until(lambda: "taking no jobs" in (server.api.list_pilots() or [{}])[0].get("note", ""), 15,
+                   what="the pilot to say why it takes no job")
+        [pilot] = server.api.list_pilots()
+        assert pilot["free_mb"] < 2 and server.job(uuid)["state"] == "defined"
+        filler.unlink()
+        server.wait_jobs([uuid], timeout=20)
+        assert server.job(uuid)["state"] == "finished", "the pilot did not take jobs again once space was freed"
+    finally:
+        server.stop()
+
+
+def test_services_have_a_period_a_history_and_a_retirement(p3s):
+    run = lambda *a: p3s.run("service.py", *a)     # noqa: E731
+    assert run("-n", "inputsize", "-m", "np04 inbox: 12 files").returncode == 0
+    assert run("-n", "tscan", "-m", "scan ok", "--period", "0.5").returncode == 0
+    for i in range(105):
+        p3s.api.service_beat("inputsize", 0, f"line {i}")
+    shown = p3s.api.get_service("inputsize")
+    assert len(shown["lines"]) == 100 and shown["lines"][0]["result"] == "line 104"
+    alarms = lambda: [a["message"] for a in p3s.api.call("GET", "/api/alarms")["alarms"]  # noqa: E731
+                      if a["name"] == "service_silent"]
+    wait_until(lambda: any("tscan" in m for m in alarms()), 10, what="the silent tscan to alarm")
+    assert not any("inputsize" in m for m in alarms()), "a service without a period must never alarm"
+    assert run("-n", "tscan", "--retire").returncode == 0
+    assert alarms() == []
+    assert "retired" in p3s.page("/services") and "line 104" in p3s.page("/service/inputsize")
+    listing = run("--list")
+    assert "tscan" in listing.stdout and "retired" in listing.stdout
+
+
+def test_an_injector_that_exits_cleanly_retires_itself_and_one_killed_alarms(p3s):
+    inbox = p3s.dir / "inbox"
+    inbox.mkdir()
+    jobs = p3s.dir / "jobs.json"
+    jobs.write_text(json.dumps(shell_job("true")))
+    done = p3s.run("injector.py", "-d", inbox, "-j", jobs, "-p", "0.3", "-c", "2")
+    assert done.returncode == 0
+    [svc] = p3s.api.call("GET", "/api/services")["services"]
+    assert svc["retired"], "cycles done: a clean exit"
+    killed = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), "-d", str(inbox), "-j", str(jobs),
+                               "-p", "0.3", "--settle", "0"], env=p3s.env, cwd=p3s.dir, stderr=subprocess.DEVNULL)
+    wait_until(lambda: not p3s.api.call("GET", "/api/services")["services"][0]["retired"], 10, what="it back")
+    killed.kill()
+    killed.wait()
+    wait_until(lambda: "service_silent" in [a["name"] for a in p3s.api.call("GET", "/api/alarms")["alarms"]], 10,
+               what="the killed injector to alarm")
+
+
+def test_a_production_hour_accelerated(tmp_path):
+    """An injector fed a file every 0.3 s, a factory over pgen.sh keeping 4 pilots, a pilot
+    killed -9 and the server killed -9 and restarted: every file's job runs to its end once,
+    the population returns to nominal, no job file outlives its keep time, and the injector
+    stopped cleanly raises no alarm."""
+    server = P3S(tmp_path).start()
+    rundir, inbox = tmp_path / "run", tmp_path / "inbox"
+    inbox.mkdir()
+    keep_s = 6.0
+    server.env["P3S_RUNDIR"] = str(rundir)
+    try:
+        server.api.define_site("dqm", pilots=4, heartbeat=0.5, keep_hours=keep_s / 3600)
+        jobs = tmp_path / "dqm.json"
+        jobs.write_text(json.dumps(shell_job('echo "$P3S_JOB_UUID $P3S_INPUT_FILE"; sleep 0.3', site="dqm",
+                                             max_attempts=3)))
+        injector = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), "-d", str(inbox), "-j",
+                                     str(jobs), "-p", "0.5", "--settle", "0.2"], env=server.env, cwd=tmp_path,
+                                    stdout=subprocess.DEVNULL, stderr=open(tmp_path / "injector.log", "ab"))
+        server.pilots.append(injector)
+        run_factory(server, "dqm", f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {server.logs}", "-p", "1.5")
+        started, fed, killed_pilot, restarted = time.monotonic(), 0, False, False
+        while time.monotonic() - started < 30:
+            (inbox / f"np04_raw_run{fed:06d}.root").write_text("raw\n")
+            fed += 1
+            if not killed_pilot and time.monotonic() - started > 8 and pgen_pilots(rundir):
+                kill_all(pgen_pilots(rundir)[:1])
+                killed_pilot = True
+            if not restarted and time.monotonic() - started > 15:
+                server.kill9()
+                server.start()
+                restarted = True
+            time.sleep(0.3)
+        wait_until(lambda: len(server.api.list_jobs(limit=10000)) == fed, 30, 0.5, f"{fed} files injected")
+        injector.send_signal(signal.SIGTERM)
+        assert injector.wait(15) == 0
+        uuids = [j["uuid"] for j in server.api.list_jobs(limit=10000)]
+        states = server.wait_jobs(uuids, timeout=90)
+        assert {s["state"] for s in states.values()} == {"finished"}, "a job was lost"
+        wait_until(lambda: live(server, "dqm") == 4, 30, 0.3, "the population back at nominal")
+        old = time.time() - (keep_s + keep_s / 2 + 5)
+        stale = [os.path.join(d, f) for d, dirs, files in os.walk(server.logs) for f in files + dirs
+                 if os.path.getmtime(os.path.join(d, f)) < old]
+        assert not stale, f"job files outlived their keep time: {stale[:3]}"
+        alarms = [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]
+        assert "service_silent" not in alarms, alarms
+    finally:
+        kill_all(pgen_pilots(rundir))
+        server.stop()
