@@ -249,6 +249,7 @@ class Client:
         parts the server stages, then one commit stores them all in one transaction. Each job
         carries its own uuid and each part its number, so a retried request stores nothing twice."""
         submission = submission or str(uuidlib.uuid4())
+        jobs = [job if "uuid" in job else dict(job, uuid=str(uuidlib.uuid4())) for job in jobs]
         parts = list(batches(jobs, SUBMIT_BYTES, 1000))
         if len(parts) == 1:
             return self.call("POST", "/api/jobs", {"jobs": parts[0], "submission": submission})["uuids"]

@@ -85,3 +85,10 @@ def test_a_replayed_end_report_never_gives_a_running_pilot_a_second_job(p3s):
     replay = api.report(first, end)                     # the first answer was lost
     assert replay["next"]["job"] is None
     assert api.get_job(third)["state"] == "defined", "the pilot was handed a second job while it runs one"
+
+
+def test_a_library_caller_submits_in_parts_without_giving_uuids(p3s):
+    """bench/ and scripts call Client.submit_jobs with plain job objects: parts need uuids (a
+    retried part must not store a job twice), so the client gives each one."""
+    uuids = p3s.api.submit_jobs([shell_job("true")] * 1500)
+    assert len(set(uuids)) == 1500 and len(p3s.api.list_jobs(limit=10000)) == 1500
