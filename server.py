@@ -39,6 +39,7 @@ import os
 import queue
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -47,6 +48,9 @@ import stat
 import sys
 import threading
 import time
+import subprocess
+import urllib.error
+import urllib.request
 import uuid as uuidlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
@@ -94,8 +98,17 @@ TIDY_PERIOD = 600                   # seconds between trims of the end buckets a
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
 ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
-          "service_silent", "starving", "disk_low")   # the alarms, also as /metrics gauges
+          "service_silent", "starving", "disk_low", "db_failing")   # the alarms, also as /metrics gauges
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
+# A critical alarm means a person must act now, and is sent at once; the rest are warnings,
+# sent once they have lasted ALARM_DELAY. no_pilots is critical while work waits, pilots_lost
+# once the lost pilots pass LOST_SHARE of the live ones or LOST_COUNT.
+CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate", "pilots_lost")
+ALARM_DELAY = 15 * 60               # seconds a warning lasts before it is sent to a person
+LOST_SHARE, LOST_COUNT = 0.2, 5
+LIFETIME_MIN_ENDED = 5              # pilot_lifetime: pilots lost in the hour before it may be raised
+DELIVERY_TIMEOUT = 10               # seconds a webhook or command may take per try
+DELIVERY_BACKOFF = (1, 2, 5, 15, 60, 300)   # seconds between tries of a failed delivery
 SILENT_PERIODS = 3                  # alarm: a service (an injector) silent for this many of its periods
 SERVICE_LINES = 100                 # a service's history: its last lines kept
 YOUNG_DEATH = 60                    # seconds: a factory's round whose pilots all ended this young failed
@@ -473,6 +486,21 @@ MIGRATIONS = [
     CREATE TABLE service_lines(id INTEGER PRIMARY KEY, name TEXT NOT NULL, result TEXT NOT NULL, ts REAL NOT NULL);
     CREATE INDEX service_lines_name ON service_lines(name, id);
     CREATE INDEX datasets_loose ON datasets(ts) WHERE wfuuid IS NULL;
+    """,
+    # v11: alarms with a memory. The alarms raised now (since when, whether a person was told),
+    # their history (raised, changed, acknowledged, silenced, cleared), and the acknowledgements
+    # and silences people gave, by alarm name and optionally site or job type.
+    """
+    CREATE TABLE alarm_state(key TEXT PRIMARY KEY, name TEXT NOT NULL, severity TEXT NOT NULL,
+                             message TEXT NOT NULL, link TEXT NOT NULL, since REAL NOT NULL,
+                             sent INTEGER NOT NULL DEFAULT 0) WITHOUT ROWID;
+    CREATE TABLE alarm_events(id INTEGER PRIMARY KEY, ts REAL NOT NULL, key TEXT NOT NULL, name TEXT NOT NULL,
+                              kind TEXT NOT NULL, severity TEXT NOT NULL DEFAULT '', message TEXT NOT NULL DEFAULT '',
+                              who TEXT NOT NULL DEFAULT '', why TEXT NOT NULL DEFAULT '', until REAL);
+    CREATE INDEX alarm_events_ts ON alarm_events(ts);
+    CREATE TABLE alarm_acks(id INTEGER PRIMARY KEY, kind TEXT NOT NULL, name TEXT NOT NULL,
+                            site TEXT NOT NULL DEFAULT '', jobtype TEXT NOT NULL DEFAULT '', who TEXT NOT NULL,
+                            why TEXT NOT NULL, until REAL, ts REAL NOT NULL);
     """,
 ]
 
@@ -943,8 +971,39 @@ def service_view(row, t):
     return dict(row, silent=silent, age=t - row["ts"])
 
 
-def alarm(name, message, link):
-    return {"name": name, "message": message, "link": link}
+def alarm(name, message, link, critical=None, **labels):
+    """One alarm: its name, a key that tells apart the alarms of one name (by site, job type,
+    service), severity, message and link. `critical` overrides the name's usual severity."""
+    critical = name in CRITICAL if critical is None else critical
+    key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service") if k in labels)])
+    return {"name": name, "key": key, "severity": "critical" if critical else "warning", "message": message,
+            "link": link, **labels}
+
+
+def explain(alarms):
+    """Root causes hide their symptoms: with no pilot alive, the sites below nominal and the
+    starving jobs are that one problem; a site with no live pilot at all explains its starving
+    job types. The symptoms stay in the list with `explained_by`, and are not shown apart."""
+    keys = {a["key"] for a in alarms}
+    dead_sites = {a["site"] for a in alarms if a["name"] == "site_below_nominal" and not a["live"]}
+    for a in alarms:
+        if a["name"] in ("site_below_nominal", "starving") and "no_pilots" in keys:
+            a["explained_by"] = "no_pilots"
+        elif a["name"] == "starving" and a["site"] in dead_sites:
+            a["explained_by"] = f"site_below_nominal:{a['site']}"
+    return alarms
+
+
+def alarm_event(conn, t, a, kind, who="", why="", until=None):
+    conn.execute("INSERT INTO alarm_events(ts, key, name, kind, severity, message, who, why, until) "
+                 "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (t, a["key"], a["name"], kind, a["severity"], a["message"], who, why, until))
+
+
+def matching_ack(a, acks):
+    """The newest acknowledgement or silence that covers alarm `a`, if any."""
+    return next((k for k in acks if k["name"] == a["name"] and (not k["site"] or k["site"] == a.get("site"))
+                 and (not k["jobtype"] or k["jobtype"] == a.get("jobtype"))), None)
 
 
 def job_to_dict(row, full=True):
@@ -2101,6 +2160,68 @@ class Leases:
             self.expiring.difference_update(uuids)
 
 
+class Notifier:
+    """Delivers alarms to a person: a webhook (Mattermost's and Slack's incoming webhooks take
+    the {"text": ...} body; the structured fields ride along) and/or a command with the alarm in
+    its environment (mail, ntfy, a pager script). One thread, in order, outside every lock: a
+    receiver that hangs delays only the next message. A failed delivery is retried with
+    back-off (DELIVERY_BACKOFF, then given up), and each outcome reported (`report`).
+
+    Methods for the caller: send(alarm, "raised" or "cleared")."""
+
+    def __init__(self, webhook=None, command=None, report=None):
+        self.channels = [(kind, target) for kind, target in (("webhook", webhook), ("command", command)) if target]
+        self.report = report or (lambda result: None)
+        self.queue = queue.Queue()
+        self.delivered = 0
+        if self.channels:
+            threading.Thread(target=self.run, name="notifier", daemon=True).start()
+
+    def send(self, a, state):
+        for channel in self.channels:
+            self.queue.put((channel, alarm_message(a, state)))
+
+    def run(self):
+        while True:
+            (kind, target), message = self.queue.get()
+            for tries, wait in enumerate((0, *DELIVERY_BACKOFF), 1):
+                time.sleep(wait)
+                error = self.deliver(kind, target, message)
+                if error is None:
+                    self.delivered += 1
+                    self.report(f"delivered {self.delivered}; last: {message['text']}")
+                    break
+                self.report(f"{kind} failing (try {tries}): {error}; alarm: {message['text']}")
+            else:
+                log.error("alarm not delivered by %s after %d tries: %s", kind, tries, message["text"])
+
+    @staticmethod
+    def deliver(kind, target, message):
+        """None once delivered, else what went wrong."""
+        try:
+            if kind == "webhook":
+                request = urllib.request.Request(target, json.dumps(message).encode(), method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT) as answer:
+                    answer.read()
+                return None
+            env = dict(os.environ, **{f"P3S_ALARM_{k.upper()}": str(v) for k, v in message.items()})
+            ran = subprocess.run(shlex.split(target), env=env, capture_output=True, text=True,
+                                 timeout=DELIVERY_TIMEOUT)
+            return None if ran.returncode == 0 else f"exit code {ran.returncode}: {ran.stderr.strip()[-200:]}"
+        except (OSError, ValueError, subprocess.TimeoutExpired, urllib.error.URLError) as e:
+            return str(e)[:300]
+
+
+def alarm_message(a, state):
+    """What a person gets: one line of text, and the alarm's fields."""
+    since = time.strftime("%H:%M", time.localtime(a["since"]))
+    word = a["severity"].upper() if state == "raised" else "cleared"
+    text = f"[p3s {word}] {a['message']} (since {since}; {socket.gethostname()} {a['link']})"
+    return {"text": text, "state": state, "name": a["name"], "key": a["key"], "severity": a["severity"],
+            "message": a["message"], "link": a["link"], "since": a["since"], "server": socket.gethostname()}
+
+
 class Service:
     """The operations behind the API routes that are not brokerage or workflows: jobs and their
     caps, the pilot protocol (register, report, heartbeat, stop, directives), sites and alarms,
@@ -2113,8 +2234,15 @@ class Service:
     """
 
     def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
-                 no_new_work=0, starving_minutes=STARVING_MINUTES, images=None):
+                 no_new_work=0, starving_minutes=STARVING_MINUTES, images=None, alarm_settings=None):
         self.store = store
+        settings = {"delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
+                    "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
+                    **(alarm_settings or {})}
+        self.alarm_delay, self.lost_share = settings["delay"], settings["lost_share"]
+        self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
+        self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
+        self.hk_failing = None      # the error of the last housekeeping pass, if it failed
         self.broker = Broker(store)
         self.leases = Leases()
         self.images = images or Images(store, store.path + ".files")
@@ -2619,20 +2747,37 @@ class Service:
                 "missing": max(0, nominal - sum(live.values()) - pending), "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),
                 "lost_1h": sum(r["state"] == "lost" for r in ended), "ended_1h": len(ended),
+                "lost_lives_1h": [r["life"] for r in ended if r["state"] == "lost"],
                 "mean_life_1h": sum(lives) / len(lives) if lives else None, "median_life_1h": median(lives)}
 
     def alarms(self, query=None):
-        """What needs a person now: each alarm names the problem, the figure and the list that
-        shows it. Bounded reads only (counts tables, indexes), so the summary stays cheap."""
+        """What needs a person now, ranked: criticals first, then the oldest. Each alarm names
+        the problem, the figure and the list that shows it, with its severity, since when it is
+        raised, what explains it (a root cause hides its symptoms) and who acknowledged or
+        silenced it. Bounded reads only (counts tables, indexes), so the summary stays cheap."""
         t = now()
+        found = explain(self.evaluate_alarms(t))
+        since = {r["key"]: r["since"] for r in self.store.read("SELECT key, since FROM alarm_state")}
+        acks = self.active_acks(t)
+        for a in found:
+            a["since"] = since.get(a["key"], t)
+            a["ack"] = matching_ack(a, acks)
+        found.sort(key=lambda a: (a["severity"] != "critical", a["since"], a["key"]))
+        return {"alarms": found}
+
+    def evaluate_alarms(self, t):
         pilots = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM pilot_counts")}
+        live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
         alarms = []
-        if not sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES):
+        if not live:
             waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
-            alarms.append(alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots"))
+            alarms.append(alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots",
+                                critical=waiting > 0))
         lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?", (t - 3600,))[0]
         if lost:
-            alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour", "/pilots?state=lost"))
+            many = lost >= self.lost_count or lost > self.lost_share * (live + lost)
+            alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour ({live} alive)",
+                                "/pilots?state=lost", critical=many))
         for site in self.list_sites()["sites"]:
             alarms += self.site_alarms(site, self.site_figures(site, t))
         free = self.images.free_bytes()
@@ -2640,7 +2785,13 @@ class Service:
             alarms.append(alarm("disk_low", f"the server's disk has {free // 2 ** 20} MiB free: published images "
                                 f"are refused below {self.images.min_free // 2 ** 20} MiB, and the database "
                                 "stops when it is full", "/api/health"))
-        return {"alarms": alarms + self.failure_alarms(t) + self.flow_alarms(t) + self.starving_alarms(t)}
+        if self.hk_failing:
+            alarms.append(alarm("db_failing", f"housekeeping fails: {self.hk_failing[:200]}", "/api/health"))
+        return alarms + self.failure_alarms(t) + self.flow_alarms(t) + self.starving_alarms(t)
+
+    def active_acks(self, t):
+        return [dict(r) for r in self.store.read("SELECT * FROM alarm_acks WHERE until IS NULL OR until > ? "
+                                                 "ORDER BY id DESC", (t,))]
 
     def starving_alarms(self, t):
         found = []
@@ -2649,7 +2800,8 @@ class Service:
                 where = f" at site {site}" if site else ""
                 found.append(alarm("starving", f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
                                    f"(for {(t - since) / 60:.0f} min)",
-                                   "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site})))
+                                   "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
+                                   site=site, jobtype=jobtype))
         return found
 
     def notice_starving(self, t):
@@ -2681,8 +2833,85 @@ class Service:
         for svc in self.store.read("SELECT * FROM services WHERE period > 0 AND retired IS NULL "
                                    "AND ts + ? * period < ?", (SILENT_PERIODS, t)):
             found.append(alarm("service_silent", f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "
-                               f"(it reports every {svc['period']:g} s)", "/services"))
+                               f"(it reports every {svc['period']:g} s)", "/services", service=svc["name"]))
         return found
+
+    # -- alarms: memory, acknowledgements, delivery -------------------------------------------------
+    def record_alarms(self, t):
+        """Housekeeping: remember since when each alarm is raised, write its history, and send
+        it to a person: a critical one at once, a warning once it lasted alarm_delay, each once
+        per raise (and its clear, if its raise was sent); never one explained by another, or
+        acknowledged or silenced. Delivery runs in the notifier's thread, outside any lock."""
+        found = {a["key"]: a for a in self.alarms()["alarms"]}
+        stored = {r["key"]: dict(r) for r in self.store.read("SELECT * FROM alarm_state")}
+        raised = [a for key, a in found.items() if key not in stored]
+        cleared = [r for key, r in stored.items() if key not in found]
+        changed = [a for key, a in found.items() if key in stored and stored[key]["severity"] != a["severity"]]
+        # a critical that became a warning (no_pilots once nothing waits) is over for whoever was told
+        eased = [stored[a["key"]] for a in changed if a["severity"] == "warning" and stored[a["key"]]["sent"]]
+        unsent = {r["key"] for r in eased} | {key for key, r in stored.items() if not r["sent"]}
+        due = [a for a in found.values() if (a["key"] in unsent or a["key"] not in stored)
+               and not a.get("explained_by") and not a["ack"]
+               and (a["severity"] == "critical" or t - a["since"] >= self.alarm_delay)]
+        if not (raised or cleared or changed or due):
+            return
+        with self.store.transaction() as conn:
+            for a in raised:
+                conn.execute("INSERT OR REPLACE INTO alarm_state(key, name, severity, message, link, since) "
+                             "VALUES(:key, :name, :severity, :message, :link, :since)", a)
+                alarm_event(conn, t, a, "raised")
+            for a in changed:
+                conn.execute("UPDATE alarm_state SET severity=?, message=?, sent=0 WHERE key=?",
+                             (a["severity"], a["message"], a["key"]))
+                alarm_event(conn, t, a, "changed")
+            for r in cleared:
+                conn.execute("DELETE FROM alarm_state WHERE key=?", (r["key"],))
+                alarm_event(conn, t, r, "cleared")
+            conn.execute("DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
+                         f"(SELECT name FROM alarm_state)")
+            for a in due:
+                conn.execute("UPDATE alarm_state SET sent=1 WHERE key=?", (a["key"],))
+        for a in due:
+            self.notifier.send(a, "raised")
+        for r in cleared + eased:
+            if r["sent"]:
+                self.notifier.send(r, "cleared")
+
+    def acknowledge(self, body, who):
+        """Acknowledge an alarm (until it clears, or for `for` seconds) or silence it (for `for`
+        seconds, required), by name and optionally site or job type, saying who and why. An
+        acknowledged or silenced alarm is shown greyed and not sent to anyone."""
+        check_keys(body, "ack", ("name", "site", "jobtype", "kind", "who", "why", "for"))
+        ack = {"name": as_choice(body.get("name"), "name", ALARMS),
+               "kind": as_choice(body.get("kind", "ack"), "kind", ("ack", "silence")),
+               "site": as_str(body.get("site", ""), "site", max_len=64),
+               "jobtype": as_str(body.get("jobtype", ""), "jobtype", max_len=64),
+               "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64),
+               "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300), "ts": now()}
+        if ack["kind"] == "silence" and "for" not in body:
+            raise bad("for: a silence needs a duration in seconds (it ends by itself)")
+        ack["until"] = ack["ts"] + as_number(body["for"], "for", 1, 30 * 86400) if "for" in body else None
+        with self.store.transaction() as conn:
+            ack["id"] = conn.execute("INSERT INTO alarm_acks(kind, name, site, jobtype, who, why, until, ts) VALUES("
+                                     ":kind, :name, :site, :jobtype, :who, :why, :until, :ts)", ack).lastrowid
+            key = ":".join(x for x in (ack["name"], ack["site"], ack["jobtype"]) if x)
+            alarm_event(conn, ack["ts"], {"key": key, "name": ack["name"], "severity": "", "message": ""},
+                        "acknowledged" if ack["kind"] == "ack" else "silenced", ack["who"], ack["why"], ack["until"])
+        return ack
+
+    def alarm_history(self, query):
+        """Every alarm raised, changed, acknowledged, silenced and cleared in the last `age`
+        (default 24 h), newest first: "what happened overnight?"."""
+        check_keys(query, "query", ("age", "format", "refresh"))
+        age = parse_age(query.get("age") or "24h")
+        rows = self.store.read("SELECT * FROM alarm_events INDEXED BY alarm_events_ts WHERE ts > ? "
+                               "ORDER BY ts DESC LIMIT 1000", (now() - age,))
+        return {"events": [dict(r) for r in rows]}
+
+    def delivery_status(self, result):
+        """The notifier's last outcome, as a line of the service `alarm delivery` (/services)."""
+        with contextlib.suppress(Exception):
+            self.service_beat("alarm delivery", {"host": socket.gethostname(), "result": result[:1024]})
 
     # -- services (injectors and other clients that report) ----------------------------------------
     def service_beat(self, name, body):
@@ -2738,22 +2967,25 @@ class Service:
             if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
                 found.append(alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} jobs ended failed, timeout "
                                    f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
-                                   "/jobs?" + urlencode({"jobtype": jobtype, "state": "problems"})))
+                                   "/jobs?" + urlencode({"jobtype": jobtype, "state": "problems"}), jobtype=jobtype))
         return found
 
-    @staticmethod
-    def site_alarms(site, figures):
-        """A site below its nominal number of pilots, or whose pilots die young."""
+    def site_alarms(self, site, figures):
+        """A site below its nominal number of pilots, or whose pilots die young: lost (a pilot
+        that stopped, drained or finished its cycles ended on purpose), at least
+        lifetime_min_ended of them in the hour, so that one kill -9 is not an alarm."""
         found = []
         tolerance = SITE_TOLERANCE if site["tolerance"] is None else site["tolerance"]
         if site["pilots"] and figures["live"] < site["pilots"] * (1 - tolerance):
             found.append(alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
-                               f"{site['pilots']} nominal", f"/site/{site['name']}"))
-        life = figures["median_life_1h"]
-        if site["pilotlife"] and life is not None and life < site["pilotlife"] / 2:
-            found.append(alarm("pilot_lifetime", f"{site['name']}: pilots ended in the last hour lived "
-                               f"{life:.0f} s (median) of {site['pilotlife']:g} s nominal",
-                               "/pilots?" + urlencode({"site": site["name"], "state": "lost"})))
+                               f"{site['pilots']} nominal", f"/site/{site['name']}", site=site["name"],
+                               live=figures["live"]))
+        lives = figures["lost_lives_1h"]
+        life = median(lives)
+        if site["pilotlife"] and len(lives) >= self.lifetime_min_ended and life < site["pilotlife"] / 2:
+            found.append(alarm("pilot_lifetime", f"{site['name']}: {len(lives)} pilots lost in the last hour "
+                               f"lived {life:.0f} s (median) of {site['pilotlife']:g} s nominal",
+                               "/pilots?" + urlencode({"site": site["name"], "state": "lost"}), site=site["name"]))
         return found
 
     def delete_site(self, name):
@@ -2811,6 +3043,8 @@ class Service:
             conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (int(t - keep * 86400) // bucket,))
         conn.execute("DELETE FROM samples WHERE minute < ?", (int(t - 7 * 86400) // 60,))
         conn.execute("DELETE FROM submissions INDEXED BY submissions_ts WHERE ts < ?", (t - SUBMISSIONS_KEPT,))
+        conn.execute("DELETE FROM alarm_events INDEXED BY alarm_events_ts WHERE ts < ?", (t - 30 * 86400,))
+        conn.execute("DELETE FROM alarm_acks WHERE until < ?", (t,))
 
     def keep_wal_small(self):
         """Truncate a write-ahead log past its limit; say so once if a reader prevents it."""
@@ -2927,16 +3161,19 @@ class Service:
         return gone
 
     def housekeeping_loop(self):
-        failing = None                  # the last failure, logged once until it changes
         while not self.broker.stopping.wait(self.hk_period):
             try:
                 self.housekeep()
-                failing = None
+                self.hk_failing = None
             except Exception as e:      # keep the thread alive; the next pass retries
-                if str(e) != failing:
+                if str(e) != self.hk_failing:
                     log.error("housekeeping pass failed (said once until it changes): %s", e,
                               exc_info=not is_disk_full(e))
-                failing = str(e)
+                self.hk_failing = str(e) or type(e).__name__
+            try:
+                self.record_alarms(now())
+            except Exception as e:      # the alarms must not stop with the pass that raised them
+                log.error("recording alarms failed: %s", e)
 
     def health(self):
         wal = self.store.wal_bytes()
@@ -3001,9 +3238,24 @@ class Views:
                 "alarms": self.svc.alarms()["alarms"]}
 
     def server_info(self):
-        """The summary header: where this is, how loaded, and the crew's own links."""
-        return {"host": socket.gethostname(), "load": list(os.getloadavg()),
-                "links": [{"name": n, "url": u} for n, u in self.links]}
+        """The summary header: where this is, how loaded, and the crew's own links (the shifter
+        manual first: this server's /manual unless --link "Shifter manual=URL" points elsewhere)."""
+        links = [{"name": n, "url": u} for n, u in self.links]
+        if not any(x["name"].lower() == "shifter manual" for x in links):
+            links.insert(0, {"name": "Shifter manual", "url": "/manual"})
+        return {"host": socket.gethostname(), "load": list(os.getloadavg()), "links": links}
+
+    @staticmethod
+    def manual(query):
+        """The README's "For the shift crew" section, for the summary's header link."""
+        try:
+            with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+                text = f.read()
+            start = text.index("\n## For the shift crew\n")
+            end = text.find("\n## ", start + 1)
+            return {"text": text[start:end if end > 0 else None].strip()}
+        except (OSError, ValueError):
+            return {"text": "README.md (For the shift crew) is not beside server.py; see the p3s repository."}
 
     def error_summary(self, t, limit=-1):
         """Failures of the last 24 h by jobtype and normalised reason, most frequent in the last
@@ -3228,10 +3480,14 @@ class Views:
                 "pilots": pilots, "counters": dict(self.svc.broker.counters),
                 "waiting_requests": self.svc.broker.waiting,
                 "claim_latency": self.svc.broker.latency_histogram(),
-                "alarms": sorted({a["name"] for a in self.svc.alarms()["alarms"]})}
+                "alarms": {a["name"]: a["severity"] for a in reversed(self.svc.alarms()["alarms"])
+                           if not a.get("explained_by")}}
 
     def services(self, query):
         return self.svc.list_services()
+
+    def alarms_page(self, query):
+        return {**self.svc.alarms(), **self.svc.alarm_history(query)}
 
     def service(self, name, query):
         return self.svc.get_service(name)
@@ -3329,6 +3585,10 @@ nav a{color:#fff;margin-right:1.2em;text-decoration:none;font-weight:bold}table{
 td,th{border:1px solid #ccc;padding:2px 8px;text-align:left;vertical-align:top}th{background:#eee}
 th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #ddd;padding:.5em;overflow:auto;max-height:30em}
 .alarm{background:#c00;color:#fff;padding:.4em .8em;margin:.3em 0;font-weight:bold}.alarm a{color:#fff}
+.alarm.warn{background:#fff3cd;color:#533;font-weight:normal;border-left:4px solid #e0a800}.alarm.warn a{color:#533}
+.alarm.acked{background:#ddd;color:#555;font-weight:normal}.alarm.acked a{color:#555}
+details.warnings{margin:.3em 0;padding:.3em .8em;background:#fff3cd;border-left:4px solid #e0a800}
+details.warnings summary{cursor:pointer;font-weight:bold;color:#533}
 .s-finished{color:#070}.s-failed,.s-timeout,.s-pilotTO,.s-lost{color:#c00;font-weight:bold}
 .s-running,.s-dispatched{color:#06c}.s-cancelled,.s-stopped{color:#777}.s-defined,.s-nojobs,.s-active{color:#960}
 .why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}
@@ -3339,7 +3599,7 @@ th a{color:#000}.num{text-align:right}pre{background:#f6f6f6;border:1px solid #d
 .reason{max-width:40em}"""
 NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
-       ("/services", "Services"), ("/metrics", "Metrics"))
+       ("/services", "Services"), ("/alarms", "Alarms"))
 REFRESH_CHOICES = (("never", ""), ("10 s", "10"), ("30 s", "30"), ("1 min", "60"))
 
 
@@ -3386,7 +3646,7 @@ def page(title, body, query):
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'>{meta}<title>p3s: {esc(title)}</title>"
             f"<style>{CSS}</style></head><body><nav>{nav}</nav><h1>{esc(title)}</h1>{body}"
             f"<p><small>p3s {VERSION} · {esc(when(now()))} · {link('?' + urlencode({**query, 'format': 'json'}), 'JSON')}"
-            f"</small></p></body></html>")
+            f" · {link('/metrics', 'metrics (Prometheus)')} · {link('/api/health', 'health')}</small></p></body></html>")
 
 
 def href(path, **params):
@@ -3431,7 +3691,7 @@ def server_header(d):
 
 def render_summary(d, query):
     states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
-    alarms = "".join(f'<div class="alarm">{link(a["link"], a["message"])}</div>' for a in d["alarms"])
+    alarms = alarm_bars(d["alarms"], d["time"])
     caps = d.get("caps", {})
     type_rows = [[link(href("/jobs", jobtype=jt), jt)] +
                  [count_cell(counts.get(s, 0), href("/jobs", jobtype=jt, state=s), s in FAILED_STATES)
@@ -3458,6 +3718,59 @@ def render_summary(d, query):
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2>{error_table(d['errors'])}"
             f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>{ended}{latency}")
     return page("Summary", body, query)
+
+
+def alarm_since(a, t):
+    return f"since {time.strftime('%H:%M', time.localtime(a['since']))} ({ago(t - a['since'])})"
+
+
+def ack_text(ack):
+    if not ack:
+        return ""
+    until = f" until {when(ack['until'])}" if ack["until"] else " until it clears"
+    return f"{'acknowledged' if ack['kind'] == 'ack' else 'silenced'} by {ack['who']}{until}: {ack['why']}"
+
+
+def alarm_bar(a, t):
+    """One alarm as a bar: its message (a link to what it counts), since when, and who is on it."""
+    parts = [link(a["link"], a["message"]), esc(alarm_since(a, t))]
+    if a["ack"]:
+        parts.append(esc(ack_text(a["ack"])))
+    kind = "alarm acked" if a["ack"] else "alarm" if a["severity"] == "critical" else "alarm warn"
+    return f'<div class="{kind}">{" · ".join(parts)}</div>'
+
+
+def alarm_bars(alarms, t):
+    """The summary's alarms: each critical as its own bar, the warnings in one line that opens
+    to their list (no JavaScript: <details>); alarms explained by another are left out."""
+    shown = [a for a in alarms if not a.get("explained_by")]
+    critical = [a for a in shown if a["severity"] == "critical"]
+    warnings = [a for a in shown if a["severity"] != "critical"]
+    bars = "".join(alarm_bar(a, t) for a in critical)
+    if warnings:
+        bars += (f'<details class="warnings"><summary>{len(warnings)} warning{"s" * (len(warnings) > 1)} · '
+                 f'{link("/alarms", "all alarms and their history")}</summary>'
+                 + "".join(alarm_bar(a, t) for a in warnings) + "</details>")
+    return bars
+
+
+def render_manual(d, query):
+    return page("Shifter manual", f'<pre style="white-space:pre-wrap;max-width:110em">{esc(d["text"])}</pre>', query)
+
+
+def render_alarms(d, query):
+    t = now()
+    current = table(["severity", "alarm", "since", "explained by", "acknowledged / silenced"],
+                    [[state_cell("failed") if a["severity"] == "critical" else esc("warning"),
+                      link(a["link"], a["message"]), esc(alarm_since(a, t)), esc(a.get("explained_by", "")),
+                      esc(ack_text(a["ack"]))] for a in d["alarms"]])
+    history = table(["time", "event", "alarm", "severity", "message", "who", "why"],
+                    [[esc(when(e["ts"])), esc(e["kind"]), esc(e["key"]), esc(e["severity"]), esc(e["message"]),
+                      esc(e["who"]), esc(e["why"])] for e in d["events"]])
+    body = (f"<h2>Now</h2>{current}<p><small>Acknowledge or silence with <code>alarm.py --ack NAME -m WHY</code> "
+            f"or <code>alarm.py --silence NAME --for 2h -m WHY</code>.</small></p>"
+            f"<h2>History</h2>{filter_form(('age',), query, {})}{history}")
+    return page("Alarms", body, query)
 
 
 def infile_cell(path):
@@ -3778,7 +4091,8 @@ def render_metrics(d):
     out += ["# HELP p3s_waiting_requests Job requests (long polls) waiting for work now.",
             "# TYPE p3s_waiting_requests gauge", f"p3s_waiting_requests {d['waiting_requests']}"]
     out += ["# HELP p3s_alarm 1 while the alarm is raised (see /api/alarms).", "# TYPE p3s_alarm gauge"]
-    out += [f'p3s_alarm{{name="{name}"}} {int(name in d["alarms"])}' for name in ALARMS]
+    out += [f'p3s_alarm{{name="{name}",severity="{d["alarms"].get(name, default_severity(name))}"}} '
+            f'{int(name in d["alarms"])}' for name in ALARMS]
     hist = d["claim_latency"]
     out += ["# HELP p3s_claim_latency_seconds Seconds from a job's submission to the committed claim that "
             "hands it to a pilot.",
@@ -3786,6 +4100,10 @@ def render_metrics(d):
     out += [f'p3s_claim_latency_seconds_bucket{{le="{le}"}} {n}' for le, n in hist["buckets"]]
     out += [f"p3s_claim_latency_seconds_sum {hist['sum']:.6f}", f"p3s_claim_latency_seconds_count {hist['count']}"]
     return "\n".join(out) + "\n"
+
+
+def default_severity(name):
+    return "critical" if name in CRITICAL else "warning"
 
 
 def prom(value):
@@ -3938,6 +4256,8 @@ API = (
     ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
     ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
     ("GET", "/api/alarms", "alarms", (), None),
+    ("GET", "/api/alarms/history", "alarm_history", ("query",), None),
+    ("POST", "/api/alarms/ack", "acknowledge", ("body", "who"), ADMIN),
     ("GET", "/api/services", "list_services", (), None),
     ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
     ("GET", "/api/services/<service>", "get_service", (), None),
@@ -3957,6 +4277,8 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/sites", "sites", render_sites),
     ("/site/<name>", "site", render_site),
     ("/services", "services", render_services),
+    ("/alarms", "alarms_page", render_alarms),
+    ("/manual", "manual", render_manual),
     ("/service/<service>", "service", render_service),
     ("/workflows", "workflows", render_workflows),
     ("/workflow/<uuid>", "workflow", render_workflow),
@@ -4526,6 +4848,18 @@ def parse_args(argv):
                    "name (repeatable); requests naming another Host get 421")
     p.add_argument("--alarm-no-new-work", type=float, default=0, metavar="MINUTES",
                    help="alarm when no job or workflow was created for this long (default 0: off)")
+    p.add_argument("--alarm-webhook", metavar="URL",
+                   help="POST each alarm raised and cleared to URL as JSON {\"text\": ...} (Mattermost, Slack)")
+    p.add_argument("--alarm-command", metavar="CMD",
+                   help="run CMD for each alarm raised and cleared, with P3S_ALARM_* in its environment")
+    p.add_argument("--alarm-delay", type=float, default=ALARM_DELAY / 60, metavar="MINUTES",
+                   help="a warning is sent once it has lasted this long; a critical at once (default %(default)s)")
+    p.add_argument("--alarm-lost-share", type=float, default=LOST_SHARE, metavar="FRACTION",
+                   help="pilots_lost is critical past this share of the pilots (default %(default)s)")
+    p.add_argument("--alarm-lost-count", type=int, default=LOST_COUNT, metavar="N",
+                   help="... or past this many lost in an hour (default %(default)s)")
+    p.add_argument("--alarm-lifetime-pilots", type=int, default=LIFETIME_MIN_ENDED, metavar="N",
+                   help="pilot_lifetime needs at least N pilots lost in the hour (default %(default)s)")
     p.add_argument("--alarm-starving", type=float, default=STARVING_MINUTES, metavar="MINUTES",
                    help="alarm when defined jobs wait this long with no live pilot that may take them "
                    "(default %(default)s)")
@@ -4614,7 +4948,10 @@ def main(argv=None):
     images = Images(store, args.db + ".files", args.max_image_bytes, args.max_images,
                     args.max_image_store * 2 ** 20, args.min_free_mb * 2 ** 20)
     service = Service(store, args.housekeeping, args.retention_days, args.lease_beats, args.wal_limit,
-                      args.alarm_no_new_work, args.alarm_starving, images)
+                      args.alarm_no_new_work, args.alarm_starving, images,
+                      {"delay": args.alarm_delay * 60, "lost_share": args.alarm_lost_share,
+                       "lost_count": args.alarm_lost_count, "lifetime_min_ended": args.alarm_lifetime_pilots,
+                       "webhook": args.alarm_webhook, "command": args.alarm_command})
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]

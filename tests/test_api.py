@@ -121,7 +121,7 @@ def test_every_route_is_in_the_readme_http_api_section():
     assert sorted(listed) == sorted((m, p) for m, p, *_ in server.API), "README lists a route that is not served"
 
 
-TOOLS = ["server.py", "job.py", "pilot.py", "workflow.py", "injector.py", "verifyImport.py", "factory.py", "service.py"]
+TOOLS = ["server.py", "job.py", "pilot.py", "workflow.py", "injector.py", "verifyImport.py", "factory.py", "service.py", "alarm.py"]
 
 
 def options_of(tool):

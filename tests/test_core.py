@@ -4,7 +4,7 @@ import os
 import time
 from collections import Counter
 
-from conftest import ROOT, shell_job, wait_until
+from conftest import ROOT, alive, shell_job, wait_until
 
 
 def test_readme_example_runs_once_and_finishes(p3s):
@@ -145,9 +145,7 @@ def test_cancelling_a_running_job_kills_its_payload(p3s):
                10, what="running")
     assert p3s.run("job.py", "-a", "-u", uuid, "-s", "cancelled").returncode == 0
     pid = int(pidfile.read_text())
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
-               open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10,
-               what="the cancelled payload to die")
+    wait_until(lambda: not alive(pid), 10, what="the cancelled payload to die")
     assert p3s.job(uuid)["state"] == "cancelled"
 
 

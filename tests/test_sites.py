@@ -102,8 +102,11 @@ def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
 
     [alarm] = raised()
     assert alarm["message"] == "lxvm: 0 live pilots of 3 nominal" and alarm["link"] == "/site/lxvm"
+    assert alarm["explained_by"] == "no_pilots", "with no pilot alive at all, one problem: no_pilots"
     metrics = p3s.api.call("GET", "/metrics", query={"format": "json"})
-    assert "site_below_nominal" in metrics["alarms"]
+    assert metrics["alarms"] == {"no_pilots": "warning"}, "nothing waits: no_pilots is a warning"
+    p3s.pilot("-p", "1", "--jobtype", "elsewhere")             # alive, not at the site
+    wait_until(lambda: raised() and not raised()[0].get("explained_by"), 15, what="the site alarm on its own")
     for _ in range(3):
         p3s.pilot("-s", "lxvm", "-p", "1")
     wait_until(lambda: not raised(), 15, what="the alarm to clear with 3 live pilots")
@@ -183,17 +186,35 @@ def test_jobs_no_live_pilot_may_take_raise_the_starving_alarm_until_one_comes(tm
         server.stop()
 
 
-def test_pilots_dying_young_raise_the_pilot_lifetime_alarm(p3s):
-    def raised():
-        return [a["message"] for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "pilot_lifetime"]
+def test_pilots_dying_young_raise_the_pilot_lifetime_alarm_but_one_kill_or_a_drain_does_not(p3s):
+    import signal
 
-    p3s.api.define_site("short", pilotlife=600)
-    for _ in range(3):
-        assert p3s.run("pilot.py", "-s", "short", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0
-    [message] = raised()
-    assert message.startswith("short: pilots ended in the last hour lived") and "of 600 s nominal" in message
-    p3s.api.define_site("short", pilotlife=1e-6)         # they did live half of that
-    assert raised() == []
+    def raised(name="pilot_lifetime"):
+        return [a for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == name]
+
+    p3s.api.define_site("short", pilotlife=600, heartbeat=0.5)
+    drained = [p3s.pilot("-s", "short", "-p", "1") for _ in range(5)]
+    wait_until(lambda: p3s.api.get_site("short")["live"] == 5, 15, what="5 pilots")
+    for pilot in drained:
+        pilot.send_signal(signal.SIGUSR1)               # a planned drain: they end on purpose
+        pilot.wait(15)
+    assert raised() == [] and raised("pilots_lost") == [], "a drain is not an alarm"
+    steady = [p3s.pilot("-s", "short", "-p", "1") for _ in range(5)]
+    first = p3s.pilot("-s", "short", "-p", "1")
+    wait_until(lambda: p3s.api.get_site("short")["live"] == 6, 15, what="6 pilots")
+    first.kill()                                        # 1 of 6: under the 20% share
+    wait_until(lambda: raised("pilots_lost"), 10, what="the lost pilot")
+    [lost] = raised("pilots_lost")
+    assert lost["severity"] == "warning" and raised() == [], "one kill -9 is a warning, not a lifetime alarm"
+    more = [p3s.pilot("-s", "short", "-p", "1") for _ in range(4)]
+    wait_until(lambda: p3s.api.get_site("short")["live"] == 9, 15, what="4 more pilots")
+    for pilot in more:
+        pilot.kill()
+    wait_until(raised, 15, what="the lifetime alarm once 5 pilots were lost young")
+    [life] = raised()
+    assert life["message"].startswith("short: 5 pilots lost in the last hour lived") and "of 600 s" in life["message"]
+    assert raised("pilots_lost")[0]["severity"] == "critical", "5 lost pilots in an hour"
+    assert all(p.poll() is None for p in steady)
 
 
 def test_the_sites_page_counts_the_jobs_each_sites_pilots_finished_and_failed(p3s):

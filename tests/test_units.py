@@ -193,11 +193,16 @@ def rendered_pages():
     t = 86400.0 * 365
     activity = {"bins": [{"start": t - 600, "started": 1, "finished": 1, "failed": 1}],
                 "samples": [{"ts": t - 60, "pilots": 2, "running": 1, "queued": 3}]}
+    ack = {"kind": "silence", "who": HOSTILE, "why": HOSTILE, "until": t + 60}
+    alarms = [{"name": "no_pilots", "key": HOSTILE, "message": HOSTILE, "link": "/", "severity": "critical",
+               "since": t - 60, "ack": None},
+              {"name": "starving", "key": HOSTILE, "message": HOSTILE, "link": "/", "severity": "warning",
+               "since": t - 60, "ack": ack, "explained_by": HOSTILE}]
     summary = {"time": t, "jobs_by_state": {"failed": 1}, "jobs_by_jobtype": {HOSTILE: {"failed": 1}},
                "pilots_by_state": {HOSTILE: 1}, "ended": {"1h": {"failed": 1}},
                "recent_failures": [job], "latency": {"median_s": None}, "errors": errors, "activity": activity,
                "server": {"host": HOSTILE, "load": [0.5, 0.4, 0.3], "links": [{"name": HOSTILE, "url": HOSTILE}]},
-               "alarms": [{"name": "x", "message": HOSTILE, "link": "/"}], "caps": {HOSTILE: 3}}
+               "alarms": alarms, "caps": {HOSTILE: 3}}
     choices = {"state": [HOSTILE], "jobtype": [HOSTILE], "site": [HOSTILE]}
     listing = {"jobs": [job], "page": 1, "limit": 25, "more": False, "total": 1, "sort": "submitted",
                "order": "desc", "choices": choices}
@@ -223,6 +228,9 @@ def rendered_pages():
     pilot = dict(pilot, free_mb=12.0, note=HOSTILE)
     return [server.render_sites({"sites": [site]}, query), server.render_site(site, query),
             server.render_services({"services": [service]}, query), server.render_service(service, query),
+            server.render_alarms({"alarms": alarms, "events": [{"ts": t, "kind": HOSTILE, "key": HOSTILE,
+                                                                 "severity": HOSTILE, "message": HOSTILE,
+                                                                 "who": HOSTILE, "why": HOSTILE}]}, query),
             server.render_summary(summary, query), server.render_jobs(listing, query),
             server.render_job(job, query), server.render_pilot(pilot, query),
             server.render_pilots({"pilots": [pilot], "page": 1, "more": False}, query),
@@ -344,6 +352,8 @@ def drive_hot_paths(service):
     service.heartbeat(pilots[1]["uuid"], {}, pilots[1]["secret"])     # lost, and back
     service.retention_days = 1
     service.housekeep()
+    service.define_site("np04", {"pilots": 3, "pilotlife": 60})
+    service.record_alarms(server.now())     # every housekeeping pass evaluates the alarms
     states = {r["state"] for r in store.read("SELECT state FROM jobs WHERE uuid IN (?,?,?,?)", uuids)}
     assert {"pilotTO", "timeout"} <= states, states
 
