@@ -2775,7 +2775,7 @@ class Service:
                                 critical=waiting > 0))
         lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?", (t - 3600,))[0]
         if lost:
-            many = lost >= self.lost_count or lost > self.lost_share * (live + lost)
+            many = lost > 1 and (lost >= self.lost_count or lost > self.lost_share * (live + lost))   # never one
             alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour ({live} alive)",
                                 "/pilots?state=lost", critical=many))
         for site in self.list_sites()["sites"]:
@@ -3761,7 +3761,7 @@ def render_manual(d, query):
 def render_alarms(d, query):
     t = now()
     current = table(["severity", "alarm", "since", "explained by", "acknowledged / silenced"],
-                    [[state_cell("failed") if a["severity"] == "critical" else esc("warning"),
+                    [['<span class="s-failed">critical</span>' if a["severity"] == "critical" else esc("warning"),
                       link(a["link"], a["message"]), esc(alarm_since(a, t)), esc(a.get("explained_by", "")),
                       esc(ack_text(a["ack"]))] for a in d["alarms"]])
     history = table(["time", "event", "alarm", "severity", "message", "who", "why"],
