@@ -1,5 +1,6 @@
 """Test harness: a real server.py on a free loopback port with a temporary database, and helpers
 that run the real tools (job.py, pilot.py, ...) as processes against it. No mocks."""
+import contextlib
 import json
 import os
 import re
@@ -41,6 +42,23 @@ def alive(pid):
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def processes_of(url):
+    """Pids of live processes whose environment points them at the server `url`."""
+    if not url:
+        return []
+    mark = f"\0P3S_SERVER={url}\0".encode()
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = b"\0" + f.read()
+        except OSError:
+            continue
+        if mark in env and int(name) != os.getpid() and alive(int(name)):
+            found.append(int(name))
+    return found
 
 
 class P3S:
@@ -96,11 +114,17 @@ class P3S:
         self._starts = self.starts_seen + 1
 
     def stop(self):
+        """Stop the server and every process started against it: the pilots and tools the test
+        started, and those started through pgen.sh or a factory (found by P3S_SERVER)."""
         for p in self.pilots:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+        for pid in processes_of(getattr(self, "url", None)):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
         if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)       # a test may have left it stopped
             self.proc.terminate()
             try:
                 self.proc.wait(10)
@@ -161,10 +185,25 @@ class P3S:
 
 
 @pytest.fixture
-def p3s(tmp_path):
-    server = P3S(tmp_path).start()
-    yield server
-    server.stop()
+def start_server(tmp_path):
+    """start_server(args, db=None): a real server (and the pilots it starts) in tmp_path, stopped
+    by the fixture at teardown whatever the test did: the one way tests start a server."""
+    started = []
+
+    def start(args=(), db=None):
+        server = P3S(tmp_path, list(args))
+        if db:
+            server.db = str(db)
+        started.append(server)
+        return server.start()
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def p3s(start_server):
+    return start_server()
 
 
 def shell_job(command, **fields):
@@ -240,3 +279,67 @@ def fill(directory):
         except OSError:
             pass
     return filler
+
+
+@pytest.fixture
+def closing():
+    """closing(thing) -> thing, closed at teardown: the sockets a test holds open."""
+    held = []
+
+    def hold(thing):
+        held.append(thing)
+        return thing
+    yield hold
+    for thing in held:
+        with contextlib.suppress(OSError):
+            thing.close()
+
+
+# -- the session's own checks --------------------------------------------------------------------
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI (CI=true) a test that skips (a tool it checks p3s against is missing) fails:
+    CI installs every one, so a skip there means a real part went untested. Locally, skips stay."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("CI") == "true" and call.when in ("setup", "call"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI, where every real part must run: {report.longrepr}"
+
+
+def leftovers(marker):
+    """Live processes (not this one) whose command line or environment names `marker`."""
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        if int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if (marker in cmdline or marker in env) and alive(int(name)):
+            found.append((int(name), cmdline.replace(b"\0", b" ").decode(errors="replace")[:160]))
+    return found
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """No test leaves a process behind (a server, a pilot, a payload, a watchdog): any still
+    alive that names this session's temporary directory fails the run, and is killed."""
+    factory = getattr(session.config, "_tmp_path_factory", None)
+    if factory is None:
+        return
+    marker = str(factory.getbasetemp()).encode()
+    deadline = time.monotonic() + 5           # a watchdog or a pilot may be exiting right now
+    while leftovers(marker) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = leftovers(marker)
+    for pid, _ in left:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    if left:
+        print("\nprocesses left behind by the tests (now killed):\n" +
+              "\n".join(f"  {pid} {cmd}" for pid, cmd in left), file=sys.stderr)
+        session.exitstatus = 1

@@ -20,28 +20,25 @@ def alarms(p3s):
     return {a["key"]: a for a in p3s.api.call("GET", "/api/alarms")["alarms"]}
 
 
-def test_no_pilots_is_one_critical_bar_that_explains_the_sites_and_starving_jobs(tmp_path):
-    server = P3S(tmp_path, ["--alarm-starving", "0.01"]).start()
-    try:
-        server.api.define_site("np04", pilots=3)
-        server.submit([shell_job("true", site="np04", jobtype="purity")])
-        wait_until(lambda: "starving:np04:purity" in alarms(server), 10, what="the starving alarm")
-        found = alarms(server)
-        assert found["no_pilots"]["severity"] == "critical" and "explained_by" not in found["no_pilots"]
-        assert found["site_below_nominal:np04"]["explained_by"] == "no_pilots"
-        assert found["starving:np04:purity"]["explained_by"] == "no_pilots"
-        page = server.page("/")
-        bars = re.findall(r'<div class="alarm[^"]*">(.*?)</div>', page)
-        assert len(bars) == 1 and "no pilot is alive; 1 job(s) waiting" in bars[0] and "since" in bars[0]
-        server.pilot("-p", "1", "--jobtype", "monitor")         # alive, at no site
-        wait_until(lambda: "no_pilots" not in alarms(server), 10, what="no_pilots to clear")
-        found = alarms(server)
-        assert "explained_by" not in found["site_below_nominal:np04"], "np04 has no pilot: that is the problem now"
-        assert found["starving:np04:purity"]["explained_by"] == "site_below_nominal:np04"
-        page = server.page("/")
-        assert "<details" in page and "1 warning" in page, "one warning line: the site, not one per job type"
-    finally:
-        server.stop()
+def test_no_pilots_is_one_critical_bar_that_explains_the_sites_and_starving_jobs(tmp_path, start_server):
+    server = start_server(["--alarm-starving", "0.01"])
+    server.api.define_site("np04", pilots=3)
+    server.submit([shell_job("true", site="np04", jobtype="purity")])
+    wait_until(lambda: "starving:np04:purity" in alarms(server), 10, what="the starving alarm")
+    found = alarms(server)
+    assert found["no_pilots"]["severity"] == "critical" and "explained_by" not in found["no_pilots"]
+    assert found["site_below_nominal:np04"]["explained_by"] == "no_pilots"
+    assert found["starving:np04:purity"]["explained_by"] == "no_pilots"
+    page = server.page("/")
+    bars = re.findall(r'<div class="alarm[^"]*">(.*?)</div>', page)
+    assert len(bars) == 1 and "no pilot is alive; 1 job(s) waiting" in bars[0] and "since" in bars[0]
+    server.pilot("-p", "1", "--jobtype", "monitor")         # alive, at no site
+    wait_until(lambda: "no_pilots" not in alarms(server), 10, what="no_pilots to clear")
+    found = alarms(server)
+    assert "explained_by" not in found["site_below_nominal:np04"], "np04 has no pilot: that is the problem now"
+    assert found["starving:np04:purity"]["explained_by"] == "site_below_nominal:np04"
+    page = server.page("/")
+    assert "<details" in page and "1 warning" in page, "one warning line: the site, not one per job type"
 
 
 def test_an_alarm_is_silenced_acknowledged_remembered_and_the_silence_ends_by_itself(p3s):
@@ -99,98 +96,86 @@ def receiver():
     httpd.shutdown()
 
 
-def test_a_webhook_gets_one_message_per_raise_and_per_clear_even_after_a_500(tmp_path, receiver):
+def test_a_webhook_gets_one_message_per_raise_and_per_clear_even_after_a_500(tmp_path, receiver, start_server):
     url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks/p3s"
-    server = P3S(tmp_path, ["--alarm-webhook", url]).start()
-    try:
-        [uuid] = server.submit([shell_job("true")])                 # no pilot while work waits: critical
-        delivered = lambda: [(s, b["state"], b["name"]) for s, b in Receiver.got if s == 200]   # noqa: E731
-        wait_until(lambda: delivered() == [(200, "raised", "no_pilots")], 15, what="the raise, after a 500")
-        assert Receiver.got[0][0] == 500, "the first try was answered 500 and retried"
-        body = Receiver.got[1][1]
-        assert body["text"].startswith("[p3s CRITICAL] no pilot is alive; 1 job(s) waiting")
-        assert body["severity"] == "critical" and body["link"] == "/pilots"
-        server.run("pilot.py", "-c", "1", "-p", "1", "-L", server.logs)
-        wait_until(lambda: len(delivered()) == 2, 15, what="the clear")
-        assert delivered()[1] == (200, "cleared", "no_pilots")
-        time.sleep(2)                                               # several housekeeping passes
-        assert len(delivered()) == 2, "sent again on a later pass"
-        services = {s["name"]: s for s in server.api.call("GET", "/api/services")["services"]}
-        assert "delivered 2" in services["alarm delivery"]["result"]
-    finally:
-        server.stop()
+    server = start_server(["--alarm-webhook", url])
+    [uuid] = server.submit([shell_job("true")])                 # no pilot while work waits: critical
+    delivered = lambda: [(s, b["state"], b["name"]) for s, b in Receiver.got if s == 200]   # noqa: E731
+    wait_until(lambda: delivered() == [(200, "raised", "no_pilots")], 15, what="the raise, after a 500")
+    assert Receiver.got[0][0] == 500, "the first try was answered 500 and retried"
+    body = Receiver.got[1][1]
+    assert body["text"].startswith("[p3s CRITICAL] no pilot is alive; 1 job(s) waiting")
+    assert body["severity"] == "critical" and body["link"] == "/pilots"
+    server.run("pilot.py", "-c", "1", "-p", "1", "-L", server.logs)
+    wait_until(lambda: len(delivered()) == 2, 15, what="the clear")
+    assert delivered()[1] == (200, "cleared", "no_pilots")
+    time.sleep(2)                                               # several housekeeping passes
+    assert len(delivered()) == 2, "sent again on a later pass"
+    services = {s["name"]: s for s in server.api.call("GET", "/api/services")["services"]}
+    assert "delivered 2" in services["alarm delivery"]["result"]
 
 
-def test_a_command_gets_the_alarm_and_a_warning_waits_its_delay(tmp_path):
+def test_a_command_gets_the_alarm_and_a_warning_waits_its_delay(tmp_path, start_server):
     out = tmp_path / "paged"
     command = f"sh -c 'echo \"$P3S_ALARM_STATE $P3S_ALARM_NAME $P3S_ALARM_SEVERITY\" >> {out}'"
-    server = P3S(tmp_path, ["--alarm-command", command, "--alarm-delay", "60"]).start()
-    try:
-        server.api.define_site("np04", pilots=2)
-        server.pilot("-p", "1", "--jobtype", "nothing")             # the site's alarm is a warning
-        wait_until(lambda: "site_below_nominal:np04" in alarms(server), 10, what="the warning")
-        time.sleep(2)
-        assert not out.exists(), "a warning was sent before its delay"
-        server.stop()
-        server.proc = None
-        server.pilots = []
-        server.start()
-        [uuid] = server.submit([shell_job("true")])                 # no pilot now, and work waits
-        wait_until(lambda: out.exists() and "raised no_pilots critical" in out.read_text(), 15,
-                   what="the critical sent at once")
-        assert "site_below_nominal" not in out.read_text(), "explained by no_pilots: not sent apart"
-    finally:
-        server.stop()
+    server = start_server(["--alarm-command", command, "--alarm-delay", "60"])
+    server.api.define_site("np04", pilots=2)
+    server.pilot("-p", "1", "--jobtype", "nothing")             # the site's alarm is a warning
+    wait_until(lambda: "site_below_nominal:np04" in alarms(server), 10, what="the warning")
+    time.sleep(2)
+    assert not out.exists(), "a warning was sent before its delay"
+    server.stop()
+    server.proc = None
+    server.pilots = []
+    server.start()
+    [uuid] = server.submit([shell_job("true")])                 # no pilot now, and work waits
+    wait_until(lambda: out.exists() and "raised no_pilots critical" in out.read_text(), 15,
+               what="the critical sent at once")
+    assert "site_below_nominal" not in out.read_text(), "explained by no_pilots: not sent apart"
 
 
-def test_a_hanging_webhook_slows_no_claim(tmp_path, receiver):
+def test_a_hanging_webhook_slows_no_claim(tmp_path, receiver, start_server):
     Receiver.plan, Receiver.hang = [], 30
     url = f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-    server = P3S(tmp_path, ["--alarm-webhook", url]).start()
-    try:
-        [first] = server.submit([shell_job("true")])
-        wait_until(lambda: "no_pilots" in alarms(server), 10, what="the alarm")
-        time.sleep(0.5)                                             # its delivery now hangs
-        server.pilot("-p", "1")
-        started = time.monotonic()
-        server.wait_jobs([first], timeout=10)
-        uuids = server.submit([shell_job("true")] * 5)
-        server.wait_jobs(uuids, timeout=10)
-        assert time.monotonic() - started < 8, "the pilot waited for the webhook"
-    finally:
-        server.stop()
+    server = start_server(["--alarm-webhook", url])
+    [first] = server.submit([shell_job("true")])
+    wait_until(lambda: "no_pilots" in alarms(server), 10, what="the alarm")
+    time.sleep(0.5)                                             # its delivery now hangs
+    server.pilot("-p", "1")
+    started = time.monotonic()
+    server.wait_jobs([first], timeout=10)
+    uuids = server.submit([shell_job("true")] * 5)
+    server.wait_jobs(uuids, timeout=10)
+    assert time.monotonic() - started < 8, "the pilot waited for the webhook"
 
 
-def test_ten_alarms_leave_the_charts_on_the_first_screen(tmp_path):
+def test_ten_alarms_leave_the_charts_on_the_first_screen(tmp_path, start_server):
     """Criticals as bars, warnings in one line: with 10 alarms the summary's first screen
     (1400x900) still shows the charts. Checked on the page's structure, and a screenshot is kept
     beside the test's files for a person to look at."""
-    server = P3S(tmp_path, ["--alarm-no-new-work", "0.01"]).start()
-    try:
-        for i in range(5):
-            server.api.define_site(f"site{i}", pilots=3)
-        for i in range(3):
-            server.api.service_beat(f"cron{i}", 0.2, "ok")
-        server.submit([shell_job("exit 3", jobtype="purity") for _ in range(5)])
-        server.run("pilot.py", "-c", "5", "-p", "0", "-L", server.logs)
-        server.pilot("-p", "1", "--jobtype", "idle")
-        wait_until(lambda: len(alarms(server)) >= 10, 15, what="10 alarms")
-        page = server.page("/")
-        before_charts = page[:page.index("Live pilots")]
-        outside = re.sub(r"(?s)<details.*?</details>", "", before_charts)
-        critical = [a for a in alarms(server).values() if a["severity"] == "critical"]
-        assert len(re.findall(r'class="alarm', outside)) == len(critical) <= 3
-        assert re.search(r"<summary>\d+ warnings", before_charts)
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium:
-            shot = tmp_path / "summary-10-alarms.png"
-            subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                            "--disable-background-networking", f"--user-data-dir={tmp_path / 'chromium'}",
-                            "--window-size=1400,900", f"--screenshot={shot}", server.url + "/"],
-                           capture_output=True, timeout=90)
-            assert shot.exists() and shot.stat().st_size > 10000
-    finally:
-        server.stop()
+    server = start_server(["--alarm-no-new-work", "0.01"])
+    for i in range(5):
+        server.api.define_site(f"site{i}", pilots=3)
+    for i in range(3):
+        server.api.service_beat(f"cron{i}", 0.2, "ok")
+    server.submit([shell_job("exit 3", jobtype="purity") for _ in range(5)])
+    server.run("pilot.py", "-c", "5", "-p", "0", "-L", server.logs)
+    server.pilot("-p", "1", "--jobtype", "idle")
+    wait_until(lambda: len(alarms(server)) >= 10, 15, what="10 alarms")
+    page = server.page("/")
+    before_charts = page[:page.index("Live pilots")]
+    outside = re.sub(r"(?s)<details.*?</details>", "", before_charts)
+    critical = [a for a in alarms(server).values() if a["severity"] == "critical"]
+    assert len(re.findall(r'class="alarm', outside)) == len(critical) <= 3
+    assert re.search(r"<summary>\d+ warnings", before_charts)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium:
+        shot = tmp_path / "summary-10-alarms.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                        "--disable-background-networking", f"--user-data-dir={tmp_path / 'chromium'}",
+                        "--window-size=1400,900", f"--screenshot={shot}", server.url + "/"],
+                       capture_output=True, timeout=90)
+        assert shot.exists() and shot.stat().st_size > 10000
 
 
 def test_the_prometheus_rules_pass_promtool():

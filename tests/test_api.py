@@ -96,21 +96,18 @@ def test_a_pilot_route_needs_that_pilots_own_secret_not_the_token(one_server, me
     assert next(p for p in one_server.api.list_pilots() if p["uuid"] == victim)["state"] == "active"
 
 
-def test_the_pilot_token_registers_pilots_and_nothing_else(tmp_path):
+def test_the_pilot_token_registers_pilots_and_nothing_else(tmp_path, start_server):
     pilot_token = tmp_path / "pilot-token"
     pilot_token.write_text("pilots-only-" + os.urandom(8).hex())
-    served = P3S(tmp_path, ["--pilot-token-file", str(pilot_token)]).start()
-    try:
-        env = dict(served.env, P3S_TOKEN_FILE=str(pilot_token))
-        [uuid] = served.submit([{"payload": "true"}])
-        assert served.run("pilot.py", "-c", "1", "-p", "1", "-L", served.logs, env=env).returncode == 0
-        assert served.job(uuid)["state"] == "finished", "a pilot with the pilot token could not work"
-        jobs = [f for f in os.listdir(served.dir) if f.startswith("jobs-")]
-        refused = served.run("job.py", "-j", served.dir / jobs[0], env=env)
-        assert refused.returncode == 2 and "pilot token may only register" in refused.stderr
-        assert len(served.api.list_jobs()) == 1
-    finally:
-        served.stop()
+    served = start_server(["--pilot-token-file", str(pilot_token)])
+    env = dict(served.env, P3S_TOKEN_FILE=str(pilot_token))
+    [uuid] = served.submit([{"payload": "true"}])
+    assert served.run("pilot.py", "-c", "1", "-p", "1", "-L", served.logs, env=env).returncode == 0
+    assert served.job(uuid)["state"] == "finished", "a pilot with the pilot token could not work"
+    jobs = [f for f in os.listdir(served.dir) if f.startswith("jobs-")]
+    refused = served.run("job.py", "-j", served.dir / jobs[0], env=env)
+    assert refused.returncode == 2 and "pilot token may only register" in refused.stderr
+    assert len(served.api.list_jobs()) == 1
 
 
 def test_every_route_is_in_the_readme_http_api_section():

@@ -19,34 +19,31 @@ def wrapper_job(runs):
     return shell_job(check + f"echo $$ >> {runs}/$P3S_JOB_UUID; sh -c 'sleep 0.2' & wait", max_attempts=20)
 
 
-def test_chaos_nothing_lost_nothing_twice_at_once_every_pilot_alive(tmp_path):
+def test_chaos_nothing_lost_nothing_twice_at_once_every_pilot_alive(tmp_path, start_server):
     random.seed(7)
-    server = P3S(tmp_path, ["--lease-beats", "12"]).start()      # lease 6 s; pilots fence at 4 s
+    server = start_server(["--lease-beats", "12"])    # lease 6 s; pilots fence at 4 s
     runs = tmp_path / "runs"
     runs.mkdir()
-    try:
-        uuids = server.submit([wrapper_job(runs)] * JOBS)
-        pilots = [server.pilot("-p", "1", "-b", str(BEAT), "--kill-grace", "1") for _ in range(PILOTS)]
-        killed = set()
-        deadline = time.monotonic() + 100
-        for i in range(KILLS):
-            time.sleep(1.0)
-            victim = random.choice([p for p in pilots if p not in killed])
-            victim.send_signal(signal.SIGKILL)
-            killed.add(victim)
-            pilots.append(server.pilot("-p", "1", "-b", str(BEAT), "--kill-grace", "1"))
-            if i == KILLS // 2:
-                server.proc.send_signal(signal.SIGSTOP)         # 4 heartbeats of a frozen server
-                time.sleep(4 * BEAT)
-                server.proc.send_signal(signal.SIGCONT)
-        states = server.wait_jobs(uuids, timeout=max(10, deadline - time.monotonic()))
-        assert {s["state"] for s in states.values()} == {"finished"}, "a job was lost"
-        assert not (runs / "OVERLAP").exists(), f"ran twice at once: {(runs / 'OVERLAP').read_text()}"
-        retried = [j for j in server.api.list_jobs(limit=JOBS) if j["attempt"] > 1]
-        assert retried, "no job was interrupted: the chaos did not bite"
-        survivors = [p for p in pilots if p not in killed]
-        assert all(p.poll() is None for p in survivors), "a pilot exited during the chaos"
-        wait_until(lambda: sum(p["state"] in ("active", "no jobs") for p in server.api.list_pilots(limit=100))
-                   == len(survivors), 10, what="every surviving pilot live on the server")
-    finally:
-        server.stop()
+    uuids = server.submit([wrapper_job(runs)] * JOBS)
+    pilots = [server.pilot("-p", "1", "-b", str(BEAT), "--kill-grace", "1") for _ in range(PILOTS)]
+    killed = set()
+    deadline = time.monotonic() + 100
+    for i in range(KILLS):
+        time.sleep(1.0)
+        victim = random.choice([p for p in pilots if p not in killed])
+        victim.send_signal(signal.SIGKILL)
+        killed.add(victim)
+        pilots.append(server.pilot("-p", "1", "-b", str(BEAT), "--kill-grace", "1"))
+        if i == KILLS // 2:
+            server.proc.send_signal(signal.SIGSTOP)         # 4 heartbeats of a frozen server
+            time.sleep(4 * BEAT)
+            server.proc.send_signal(signal.SIGCONT)
+    states = server.wait_jobs(uuids, timeout=max(10, deadline - time.monotonic()))
+    assert {s["state"] for s in states.values()} == {"finished"}, "a job was lost"
+    assert not (runs / "OVERLAP").exists(), f"ran twice at once: {(runs / 'OVERLAP').read_text()}"
+    retried = [j for j in server.api.list_jobs(limit=JOBS) if j["attempt"] > 1]
+    assert retried, "no job was interrupted: the chaos did not bite"
+    survivors = [p for p in pilots if p not in killed]
+    assert all(p.poll() is None for p in survivors), "a pilot exited during the chaos"
+    wait_until(lambda: sum(p["state"] in ("active", "no jobs") for p in server.api.list_pilots(limit=100))
+               == len(survivors), 10, what="every surviving pilot live on the server")

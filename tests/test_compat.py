@@ -6,7 +6,7 @@ import os
 import subprocess
 import time
 
-from conftest import COMPAT, ROOT, P3S, graphml, shell_job, wait_until
+from conftest import COMPAT, ROOT, P3S, alive, graphml, shell_job, wait_until
 from test_core import fresh_copy, readme_block, run_readme
 
 
@@ -69,20 +69,23 @@ def test_pgen_takes_the_originals_quoted_options_without_eval(p3s):
     rundir, marker = p3s.dir / "run", p3s.dir / "pwned"
     env = dict(p3s.env, P3S_RUNDIR=str(rundir), P3S_NODE="node9")
     p3s.api.define_site("np04")
-    try:
-        result = subprocess.run([f"{ROOT}/pgen.sh", "2", f"-s np04 -b 0.5 -L {p3s.logs} -e 'batch 12'"],
-                                env=env, capture_output=True, text=True, timeout=30)
-        assert result.returncode == 0, result.stderr
-        wait_until(lambda: len(p3s.api.list_pilots(state="no jobs")) == 2, 20, what="two pilots idle")
-        assert {(p["site"], p["extra"]) for p in p3s.api.list_pilots()} == {("np04", "batch 12")}
-        hostile = subprocess.run([f"{ROOT}/pgen.sh", "1", f"-e '$(touch {marker})' -L {p3s.logs} -b 0.5"],
-                                 env=env, capture_output=True, text=True, timeout=30)
-        assert hostile.returncode == 0
-        wait_until(lambda: len(p3s.api.list_pilots(state="no jobs")) == 3, 20, what="the third pilot")
-        assert not marker.exists(), "pgen.sh ran a command from its argument"
-        assert any(p["extra"] == f"$(touch {marker})" for p in p3s.api.list_pilots())
-    finally:
-        subprocess.run([f"{ROOT}/pkill.sh", "-t", "3"], env=env, capture_output=True, timeout=30)
+    result = subprocess.run([f"{ROOT}/pgen.sh", "2", f"-s np04 -b 0.5 -L {p3s.logs} -e 'batch 12'"],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: len(p3s.api.list_pilots(state="no jobs")) == 2, 20, what="two pilots idle")
+    assert {(p["site"], p["extra"]) for p in p3s.api.list_pilots()} == {("np04", "batch 12")}
+    hostile = subprocess.run([f"{ROOT}/pgen.sh", "1", f"-e '$(touch {marker})' -L {p3s.logs} -b 0.5"],
+                             env=env, capture_output=True, text=True, timeout=30)
+    assert hostile.returncode == 0
+    wait_until(lambda: len(p3s.api.list_pilots(state="no jobs")) == 3, 20, what="the third pilot")
+    assert not marker.exists(), "pgen.sh ran a command from its argument"
+    assert any(p["extra"] == f"$(touch {marker})" for p in p3s.api.list_pilots())
+    pids = [int(open(rundir / f).read().split()[0]) for f in os.listdir(rundir) if f.endswith(".pid")]
+    assert len(pids) == 3 and all(alive(pid) for pid in pids)
+    stopped = subprocess.run([f"{ROOT}/pkill.sh", "-t", "3"], env=env, capture_output=True, text=True, timeout=30)
+    assert stopped.returncode == 0 and "stopped 3 pilot(s)" in stopped.stdout, stopped.stdout + stopped.stderr
+    wait_until(lambda: not any(alive(pid) for pid in pids), 10, what="pkill.sh to stop every pilot")
+    assert {p["state"] for p in p3s.api.list_pilots()} == {"stopped"}, "the pilots did not deregister"
 
 
 def test_a_second_graphml_of_the_same_name_says_how_to_replace_it(p3s):
@@ -112,25 +115,22 @@ def test_an_edge_of_an_undefined_datatype_is_refused_by_name(p3s):
 
 
 # -- environment variables -------------------------------------------------------------------------
-def test_pilot_environment_site_logs_and_a_server_url_with_a_slash(tmp_path):
+def test_pilot_environment_site_logs_and_a_server_url_with_a_slash(tmp_path, start_server):
     root = tmp_path / "root"
-    server = P3S(tmp_path, ["--files-root", str(root)]).start()
-    try:
-        joblog, pilotlog = root / "joblog", root / "pilotlog"
-        server.api.define_site("np04")
-        [uuid] = server.submit([shell_job("echo hello", site="np04")])
-        env = dict(server.env, P3S_SITE="np04", P3S_JOBLOG=str(joblog), P3S_PILOTLOG=str(pilotlog),
-                   P3S_SERVER=server.url + "/")
-        assert server.run("pilot.py", "-c", "1", "-p", "1", env=env).returncode == 0
-        assert server.job(uuid)["state"] == "finished"
-        out = server.job(uuid)["stdout_path"]
-        assert out.startswith(str(joblog) + "/") and open(out).read() == "hello\n"
-        [pilot] = server.api.list_pilots()
-        assert pilot["site"] == "np04" and (pilotlog / f"{pilot['uuid']}.log").exists()
-        page = server.api.call("GET", f"/pilot/{pilot['uuid']}?format=json")
-        assert page["logs"][0]["url"], "the pilot page does not link its log"
-    finally:
-        server.stop()
+    server = start_server(["--files-root", str(root)])
+    joblog, pilotlog = root / "joblog", root / "pilotlog"
+    server.api.define_site("np04")
+    [uuid] = server.submit([shell_job("echo hello", site="np04")])
+    env = dict(server.env, P3S_SITE="np04", P3S_JOBLOG=str(joblog), P3S_PILOTLOG=str(pilotlog),
+               P3S_SERVER=server.url + "/")
+    assert server.run("pilot.py", "-c", "1", "-p", "1", env=env).returncode == 0
+    assert server.job(uuid)["state"] == "finished"
+    out = server.job(uuid)["stdout_path"]
+    assert out.startswith(str(joblog) + "/") and open(out).read() == "hello\n"
+    [pilot] = server.api.list_pilots()
+    assert pilot["site"] == "np04" and (pilotlog / f"{pilot['uuid']}.log").exists()
+    page = server.api.call("GET", f"/pilot/{pilot['uuid']}?format=json")
+    assert page["logs"][0]["url"], "the pilot page does not link its log"
 
 
 def test_p3s_input_file_from_the_shell_or_the_env_becomes_the_infile(p3s):

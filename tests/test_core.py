@@ -242,26 +242,23 @@ def test_a_noop_job_finishes_without_a_pilot(p3s):
     assert job["state"] == "finished" and job["exit_code"] == 0 and job["pilot"] is None
 
 
-def test_retention_purges_what_ended_long_ago(tmp_path):
+def test_retention_purges_what_ended_long_ago(tmp_path, start_server):
     import sqlite3
     from conftest import P3S
-    server = P3S(tmp_path, ["--retention-days", "7"]).start()
-    try:
-        old, recent, waiting = server.submit([shell_job("true"), shell_job("true"), shell_job("true", jobtype="x")])
-        server.run("pilot.py", "-c", "2", "-p", "1", "--jobtype", "default", "-L", server.logs)
-        db = sqlite3.connect(server.db)
-        with db:
-            db.execute("UPDATE jobs SET ts_sto = ts_sto - 8 * 86400 WHERE uuid=?", (old,))
-            db.execute("UPDATE pilots SET ts_beat = ts_beat - 8 * 86400")
-        db.close()
-        wait_until(lambda: [j["uuid"] for j in server.api.list_jobs()] == [waiting, recent], 10,
-                   what="the old job to be purged")
-        assert server.api.list_pilots() == []
-        summary = server.api.call("GET", "/?format=json")
-        assert summary["jobs_by_state"] == {"finished": 1, "defined": 1}, "counts not kept with the purge"
-        assert server.run("job.py", "--show", old).returncode == 2
-    finally:
-        server.stop()
+    server = start_server(["--retention-days", "7"])
+    old, recent, waiting = server.submit([shell_job("true"), shell_job("true"), shell_job("true", jobtype="x")])
+    server.run("pilot.py", "-c", "2", "-p", "1", "--jobtype", "default", "-L", server.logs)
+    db = sqlite3.connect(server.db)
+    with db:
+        db.execute("UPDATE jobs SET ts_sto = ts_sto - 8 * 86400 WHERE uuid=?", (old,))
+        db.execute("UPDATE pilots SET ts_beat = ts_beat - 8 * 86400")
+    db.close()
+    wait_until(lambda: [j["uuid"] for j in server.api.list_jobs()] == [waiting, recent], 10,
+               what="the old job to be purged")
+    assert server.api.list_pilots() == []
+    summary = server.api.call("GET", "/?format=json")
+    assert summary["jobs_by_state"] == {"finished": 1, "defined": 1}, "counts not kept with the purge"
+    assert server.run("job.py", "--show", old).returncode == 2
 
 
 def test_a_job_only_the_last_waiting_pilot_may_take_still_starts_at_once(p3s):

@@ -13,30 +13,27 @@ def jobs(n, tag="x"):
     return [dict(shell_job("true", name=f"{tag}{i}"), uuid=__import__("uuid").uuid4().hex) for i in range(n)]
 
 
-def test_a_submission_in_parts_is_stored_whole_or_not_at_all(tmp_path):
+def test_a_submission_in_parts_is_stored_whole_or_not_at_all(tmp_path, start_server):
     """Parts staged, then the server killed -9 before the commit: nothing is stored, the
     submission says so, the commit is refused naming the missing part; the rerun stores it once."""
-    server = P3S(tmp_path).start()
-    try:
-        api, sid = server.api, "6f1b2c3d-0000-4000-8000-000000000001"
-        batch = jobs(3000)
-        for part in range(2):       # 2 of 3 parts, then the server dies
-            api.call("PUT", f"/api/submissions/{sid}/part", {"part": part, "jobs": batch[part * 1000:(part + 1) * 1000]})
-        assert api.list_jobs() == [], "a staged part is visible before the commit"
-        server.kill9()
-        server.start()
-        result = server.run("job.py", "--submission", sid)
-        assert result.returncode == 0 and "not stored: 2 part(s) staged" in result.stdout, result.stdout
-        with pytest.raises(P3SError, match="part.s. 2 of 3 not staged"):
-            server.api.call("POST", f"/api/submissions/{sid}/commit", {"parts": 3}, retry_for=0)
-        assert server.api.list_jobs() == []
-        path = tmp_path / "big.json"
-        path.write_text(json.dumps([shell_job("true", name=f"y{i}") for i in range(2500)]))
-        ran = server.run("job.py", "-j", path)
-        assert ran.returncode == 0 and len(ran.stdout.split()) == 2500, ran.stderr
-        assert len(server.api.list_jobs(limit=10000)) == 2500, "stored once, whole"
-    finally:
-        server.stop()
+    server = start_server()
+    api, sid = server.api, "6f1b2c3d-0000-4000-8000-000000000001"
+    batch = jobs(3000)
+    for part in range(2):       # 2 of 3 parts, then the server dies
+        api.call("PUT", f"/api/submissions/{sid}/part", {"part": part, "jobs": batch[part * 1000:(part + 1) * 1000]})
+    assert api.list_jobs() == [], "a staged part is visible before the commit"
+    server.kill9()
+    server.start()
+    result = server.run("job.py", "--submission", sid)
+    assert result.returncode == 0 and "not stored: 2 part(s) staged" in result.stdout, result.stdout
+    with pytest.raises(P3SError, match="part.s. 2 of 3 not staged"):
+        server.api.call("POST", f"/api/submissions/{sid}/commit", {"parts": 3}, retry_for=0)
+    assert server.api.list_jobs() == []
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([shell_job("true", name=f"y{i}") for i in range(2500)]))
+    ran = server.run("job.py", "-j", path)
+    assert ran.returncode == 0 and len(ran.stdout.split()) == 2500, ran.stderr
+    assert len(server.api.list_jobs(limit=10000)) == 2500, "stored once, whole"
 
 
 def test_a_lost_commit_answer_can_be_asked_about_and_a_repeated_commit_stores_nothing_twice(p3s):

@@ -61,15 +61,12 @@ def test_adjust_to_unknown_state_or_bad_priority_changes_nothing(p3s):
     assert_refused(p3s.run("job.py", "--show", "not-a-uuid"), "uuid: not a UUID")
 
 
-def test_body_over_the_limit_is_refused(tmp_path):
-    server = P3S(tmp_path, ["--max-body", "2000"]).start()
-    try:
-        path = tmp_path / "big.json"
-        path.write_text(json.dumps([shell_job("echo " + "x" * 3000)]))
-        assert_refused(server.run("job.py", "-j", path), "over the limit of 2000")
-        assert server.api.list_jobs() == []
-    finally:
-        server.stop()
+def test_body_over_the_limit_is_refused(tmp_path, start_server):
+    server = start_server(["--max-body", "2000"])
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([shell_job("echo " + "x" * 3000)]))
+    assert_refused(server.run("job.py", "-j", path), "over the limit of 2000")
+    assert server.api.list_jobs() == []
 
 
 def test_server_answers_json_error_naming_the_field(p3s):

@@ -10,26 +10,21 @@ import pytest
 from conftest import P3S, fill, shell_job
 
 
-def test_a_full_disk_answers_503_stores_nothing_and_recovers(tmp_path, small_fs):
-    server = P3S(tmp_path)
-    server.db = str(small_fs / "p3s.db")
-    server.start()
-    try:
-        assert server.submit([shell_job("true")])       # the database works, then the disk fills
-        filler = fill(small_fs)
-        jobs = tmp_path / "many.json"
-        jobs.write_text(json.dumps([shell_job("echo " + "x" * 2000, name=f"j{i}") for i in range(500)]))
-        env = dict(server.env, P3S_RETRY_FOR="0")
-        for _ in range(3):
-            result = server.run("job.py", "-j", jobs, env=env)
-            assert result.returncode == 1 and "disk full" in result.stderr, (result.returncode, result.stderr)
-        log = (tmp_path / "server.log").read_text()
-        assert "Traceback" not in log and "cannot rollback" not in log, log[-2000:]
-        filler.unlink()
-        assert len(server.submit([shell_job("true")])) == 1, "the server did not recover once space was freed"
-        assert len(server.api.list_jobs()) == 2, "a refused submission left jobs behind"
-    finally:
-        server.stop()
+def test_a_full_disk_answers_503_stores_nothing_and_recovers(tmp_path, small_fs, start_server):
+    server = start_server(db=small_fs / "p3s.db")
+    assert server.submit([shell_job("true")])       # the database works, then the disk fills
+    filler = fill(small_fs)
+    jobs = tmp_path / "many.json"
+    jobs.write_text(json.dumps([shell_job("echo " + "x" * 2000, name=f"j{i}") for i in range(500)]))
+    env = dict(server.env, P3S_RETRY_FOR="0")
+    for _ in range(3):
+        result = server.run("job.py", "-j", jobs, env=env)
+        assert result.returncode == 1 and "disk full" in result.stderr, (result.returncode, result.stderr)
+    log = (tmp_path / "server.log").read_text()
+    assert "Traceback" not in log and "cannot rollback" not in log, log[-2000:]
+    filler.unlink()
+    assert len(server.submit([shell_job("true")])) == 1, "the server did not recover once space was freed"
+    assert len(server.api.list_jobs()) == 2, "a refused submission left jobs behind"
 
 
 def test_a_pilots_numbers_are_bounded_at_the_door(p3s):
@@ -102,19 +97,16 @@ def request(head, body=b""):
 SMUGGLED = b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
 
 
-def test_a_body_on_a_get_is_never_read_as_the_next_request(tmp_path):
+def test_a_body_on_a_get_is_never_read_as_the_next_request(tmp_path, start_server):
     root = tmp_path / "root"
     root.mkdir()
     (root / "x.txt").write_text("hello\n")
-    server = P3S(tmp_path, ["--files-root", str(root)]).start()
-    try:
-        for method in (b"GET", b"HEAD"):
-            head = (method + b" /file?path=" + str(root / "x.txt").encode() + b" HTTP/1.1\nHost: 127.0.0.1\n"
-                    b"Content-Length: " + str(len(SMUGGLED)).encode() + b"\n")
-            statuses, _ = exchange(server.port, request(head, SMUGGLED))
-            assert statuses == [b"HTTP/1.1 200 OK"], f"{method}: the body was answered as a request: {statuses}"
-    finally:
-        server.stop()
+    server = start_server(["--files-root", str(root)])
+    for method in (b"GET", b"HEAD"):
+        head = (method + b" /file?path=" + str(root / "x.txt").encode() + b" HTTP/1.1\nHost: 127.0.0.1\n"
+                b"Content-Length: " + str(len(SMUGGLED)).encode() + b"\n")
+        statuses, _ = exchange(server.port, request(head, SMUGGLED))
+        assert statuses == [b"HTTP/1.1 200 OK"], f"{method}: the body was answered as a request: {statuses}"
 
 
 @pytest.mark.parametrize("header,status", [
@@ -146,19 +138,16 @@ def test_no_anonymous_request_gets_a_500(p3s):
     assert "Traceback" not in (p3s.dir / "server.log").read_text()
 
 
-def test_a_shutdown_with_long_polls_in_flight_is_clean(tmp_path):
-    server = P3S(tmp_path).start()
-    try:
-        for _ in range(8):
-            server.pilot("-p", "20")
-        from conftest import wait_until
-        wait_until(lambda: server.waiting_requests() == 8, 20, what="8 long polls")
-        server.proc.terminate()
-        server.proc.wait(15)
-        log = (tmp_path / "server.log").read_text()
-        assert "closed database" not in log and "Traceback" not in log, log[-3000:]
-    finally:
-        server.stop()
+def test_a_shutdown_with_long_polls_in_flight_is_clean(tmp_path, start_server):
+    server = start_server()
+    for _ in range(8):
+        server.pilot("-p", "20")
+    from conftest import wait_until
+    wait_until(lambda: server.waiting_requests() == 8, 20, what="8 long polls")
+    server.proc.terminate()
+    server.proc.wait(15)
+    log = (tmp_path / "server.log").read_text()
+    assert "closed database" not in log and "Traceback" not in log, log[-3000:]
 
 
 # -- the published images: bounded in all, and never at the database's expense ------------------------
@@ -185,30 +174,22 @@ def status(url):
         return e.code
 
 
-def test_the_image_store_keeps_its_cap_oldest_first(tmp_path):
-    server = P3S(tmp_path, ["--max-image-store", "1", "--max-image-bytes", "400000"]).start()
-    try:
-        server.submit([shell_job("true") for _ in range(5)])
-        pilot = server.api.register_pilot(heartbeat=1)["uuid"]
-        uuids = [publish(server.api, pilot, "plot.png", 300000) for _ in range(5)]
-        store = server.api.health()["images"]
-        assert store["bytes"] <= 2 ** 20 and store["count"] == 3, store
-        assert [status(f"{server.url}/image/{u}/plot.png") for u in uuids] == [404, 404, 200, 200, 200]
-        assert not (tmp_path / "p3s.db.files" / uuids[0] / "plot.png").exists(), "an evicted file stayed"
-    finally:
-        server.stop()
+def test_the_image_store_keeps_its_cap_oldest_first(tmp_path, start_server):
+    server = start_server(["--max-image-store", "1", "--max-image-bytes", "400000"])
+    server.submit([shell_job("true") for _ in range(5)])
+    pilot = server.api.register_pilot(heartbeat=1)["uuid"]
+    uuids = [publish(server.api, pilot, "plot.png", 300000) for _ in range(5)]
+    store = server.api.health()["images"]
+    assert store["bytes"] <= 2 ** 20 and store["count"] == 3, store
+    assert [status(f"{server.url}/image/{u}/plot.png") for u in uuids] == [404, 404, 200, 200, 200]
+    assert not (tmp_path / "p3s.db.files" / uuids[0] / "plot.png").exists(), "an evicted file stayed"
 
 
-def test_images_are_refused_above_the_free_space_floor_and_an_alarm_warns(tmp_path, small_fs):
-    server = P3S(tmp_path, ["--min-free-mb", "3"])
-    server.db = str(small_fs / "p3s.db")
-    server.start()
-    try:
-        server.submit([shell_job("true")])
-        pilot = server.api.register_pilot(heartbeat=1)["uuid"]
-        with pytest.raises(Exception, match="507|below the floor"):
-            publish(server.api, pilot, "plot.png", 2 * 2 ** 20)
-        assert server.api.health()["images"]["min_free_bytes"] == 3 * 2 ** 20
-        assert "disk_low" in [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]
-    finally:
-        server.stop()
+def test_images_are_refused_above_the_free_space_floor_and_an_alarm_warns(tmp_path, small_fs, start_server):
+    server = start_server(["--min-free-mb", "3"], db=small_fs / "p3s.db")
+    server.submit([shell_job("true")])
+    pilot = server.api.register_pilot(heartbeat=1)["uuid"]
+    with pytest.raises(Exception, match="507|below the floor"):
+        publish(server.api, pilot, "plot.png", 2 * 2 ** 20)
+    assert server.api.health()["images"]["min_free_bytes"] == 3 * 2 ** 20
+    assert "disk_low" in [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]

@@ -171,13 +171,10 @@ def test_metrics_in_prometheus_format(served):
     assert get_json(served, "/metrics")["counters"]["claims"] == 3
 
 
-def test_the_servers_token_and_database_are_never_served(tmp_path):
-    server = P3S(tmp_path, ["--files-root", str(tmp_path)]).start()     # a careless root: all of it
-    try:
-        for name in ("token", "p3s.db", "p3s.db-wal"):
-            body = get(server, "/file?" + urllib.parse.urlencode({"path": str(tmp_path / name)}), 403)
-            assert "own token or database" in body and server.token_file.read_text().strip() not in body
-        listing = [e["name"] for e in get_json(server, "/file?" + urllib.parse.urlencode({"path": str(tmp_path)}))["entries"]]
-        assert "server.log" in listing and "token" not in listing and "p3s.db" not in listing
-    finally:
-        server.stop()
+def test_the_servers_token_and_database_are_never_served(tmp_path, start_server):
+    server = start_server(["--files-root", str(tmp_path)])    # a careless root: all of it
+    for name in ("token", "p3s.db", "p3s.db-wal"):
+        body = get(server, "/file?" + urllib.parse.urlencode({"path": str(tmp_path / name)}), 403)
+        assert "own token or database" in body and server.token_file.read_text().strip() not in body
+    listing = [e["name"] for e in get_json(server, "/file?" + urllib.parse.urlencode({"path": str(tmp_path)}))["entries"]]
+    assert "server.log" in listing and "token" not in listing and "p3s.db" not in listing

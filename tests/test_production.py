@@ -50,30 +50,27 @@ def test_a_factory_keeps_a_site_at_nominal_through_pgen(p3s):
     p3s.env["P3S_RUNDIR"] = str(rundir)
     command = f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {p3s.logs}"
     factory = run_factory(p3s, "prod", command, "-p", "1.5")
-    try:
-        samples = []
+    samples = []
 
-        def at_nominal():
-            samples.append(live(p3s, "prod"))
-            return samples[-1] == 3
-        wait_until(at_nominal, 30, 0.2, "3 live pilots")
-        victim = pgen_pilots(rundir)[0]
-        os.kill(victim, signal.SIGKILL)
-        wait_until(lambda: not alive(victim), 5, what="the pilot to die")
-        wait_until(lambda: live(p3s, "prod") < 3, 10, 0.2, "the pilot shown lost")
-        wait_until(at_nominal, 3 * 1.5 + 5, 0.2, "3 live pilots again within two rounds")
-        for _ in range(10):
-            samples.append(live(p3s, "prod"))
-            time.sleep(0.3)
-        assert max(samples) <= 3, f"more pilots than nominal: {samples}"
-        service = p3s.api.get_service("factory prod")
-        assert service["period"] == 1.5 and "nominal 3" in service["lines"][0]["result"]
-        factory.send_signal(signal.SIGTERM)
-        factory.wait(15)
-        assert p3s.api.get_service("factory prod")["retired"], "a clean exit retires the factory's service"
-        assert "service_silent" not in [a["name"] for a in p3s.api.call("GET", "/api/alarms")["alarms"]]
-    finally:
-        kill_all(pgen_pilots(rundir))
+    def at_nominal():
+        samples.append(live(p3s, "prod"))
+        return samples[-1] == 3
+    wait_until(at_nominal, 30, 0.2, "3 live pilots")
+    victim = pgen_pilots(rundir)[0]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: not alive(victim), 5, what="the pilot to die")
+    wait_until(lambda: live(p3s, "prod") < 3, 10, 0.2, "the pilot shown lost")
+    wait_until(at_nominal, 3 * 1.5 + 5, 0.2, "3 live pilots again within two rounds")
+    for _ in range(10):
+        samples.append(live(p3s, "prod"))
+        time.sleep(0.3)
+    assert max(samples) <= 3, f"more pilots than nominal: {samples}"
+    service = p3s.api.get_service("factory prod")
+    assert service["period"] == 1.5 and "nominal 3" in service["lines"][0]["result"]
+    factory.send_signal(signal.SIGTERM)
+    factory.wait(15)
+    assert p3s.api.get_service("factory prod")["retired"], "a clean exit retires the factory's service"
+    assert "service_silent" not in [a["name"] for a in p3s.api.call("GET", "/api/alarms")["alarms"]]
 
 
 def test_a_failing_command_backs_off_and_says_why(p3s):
@@ -181,23 +178,20 @@ def test_old_job_files_go_a_running_jobs_and_foreign_files_stay(p3s):
     pilot.kill()
 
 
-def test_a_pilot_short_of_disk_takes_no_jobs_and_says_why(tmp_path, small_fs):
+def test_a_pilot_short_of_disk_takes_no_jobs_and_says_why(tmp_path, small_fs, start_server):
     where = small_fs
-    server = P3S(tmp_path).start()
-    try:
-        filler = where / "filler"
-        filler.write_bytes(b"\0" * (3 * 2 ** 20))      # 1 MB left, below --min-free-mb 2
-        [uuid] = server.submit([shell_job("true")])
-        server.pilot("-p", "1", "-L", str(where / "jobs"), "--min-free-mb", "2")
-        wait_until(lambda: "taking no jobs" in (server.api.list_pilots() or [{}])[0].get("note", ""), 15,
-                   what="the pilot to say why it takes no job")
-        [pilot] = server.api.list_pilots()
-        assert pilot["free_mb"] < 2 and server.job(uuid)["state"] == "defined"
-        filler.unlink()
-        server.wait_jobs([uuid], timeout=20)
-        assert server.job(uuid)["state"] == "finished", "the pilot did not take jobs again once space was freed"
-    finally:
-        server.stop()
+    server = start_server()
+    filler = where / "filler"
+    filler.write_bytes(b"\0" * (3 * 2 ** 20))      # 1 MB left, below --min-free-mb 2
+    [uuid] = server.submit([shell_job("true")])
+    server.pilot("-p", "1", "-L", str(where / "jobs"), "--min-free-mb", "2")
+    wait_until(lambda: "taking no jobs" in (server.api.list_pilots() or [{}])[0].get("note", ""), 15,
+               what="the pilot to say why it takes no job")
+    [pilot] = server.api.list_pilots()
+    assert pilot["free_mb"] < 2 and server.job(uuid)["state"] == "defined"
+    filler.unlink()
+    server.wait_jobs([uuid], timeout=20)
+    assert server.job(uuid)["state"] == "finished", "the pilot did not take jobs again once space was freed"
 
 
 def test_services_have_a_period_a_history_and_a_retirement(p3s):
@@ -237,51 +231,47 @@ def test_an_injector_that_exits_cleanly_retires_itself_and_one_killed_alarms(p3s
                what="the killed injector to alarm")
 
 
-def test_a_production_hour_accelerated(tmp_path):
+def test_a_production_hour_accelerated(tmp_path, start_server):
     """An injector fed a file every 0.3 s, a factory over pgen.sh keeping 4 pilots, a pilot
     killed -9 and the server killed -9 and restarted: every file's job runs to its end once,
     the population returns to nominal, no job file outlives its keep time, and the injector
     stopped cleanly raises no alarm."""
-    server = P3S(tmp_path).start()
+    server = start_server()
     rundir, inbox = tmp_path / "run", tmp_path / "inbox"
     inbox.mkdir()
     keep_s = 6.0
     server.env["P3S_RUNDIR"] = str(rundir)
-    try:
-        server.api.define_site("dqm", pilots=4, heartbeat=0.5, keep_hours=keep_s / 3600)
-        jobs = tmp_path / "dqm.json"
-        jobs.write_text(json.dumps(shell_job('echo "$P3S_JOB_UUID $P3S_INPUT_FILE"; sleep 0.3', site="dqm",
-                                             max_attempts=3)))
-        injector = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), "-d", str(inbox), "-j",
-                                     str(jobs), "-p", "0.5", "--settle", "0.2"], env=server.env, cwd=tmp_path,
-                                    stdout=subprocess.DEVNULL, stderr=open(tmp_path / "injector.log", "ab"))
-        server.pilots.append(injector)
-        run_factory(server, "dqm", f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {server.logs}", "-p", "1.5")
-        started, fed, killed_pilot, restarted = time.monotonic(), 0, False, False
-        while time.monotonic() - started < 30:
-            (inbox / f"np04_raw_run{fed:06d}.root").write_text("raw\n")
-            fed += 1
-            if not killed_pilot and time.monotonic() - started > 8 and pgen_pilots(rundir):
-                kill_all(pgen_pilots(rundir)[:1])
-                killed_pilot = True
-            if not restarted and time.monotonic() - started > 15:
-                server.kill9()
-                server.start()
-                restarted = True
-            time.sleep(0.3)
-        wait_until(lambda: len(server.api.list_jobs(limit=10000)) == fed, 30, 0.5, f"{fed} files injected")
-        injector.send_signal(signal.SIGTERM)
-        assert injector.wait(15) == 0
-        uuids = [j["uuid"] for j in server.api.list_jobs(limit=10000)]
-        states = server.wait_jobs(uuids, timeout=90)
-        assert {s["state"] for s in states.values()} == {"finished"}, "a job was lost"
-        wait_until(lambda: live(server, "dqm") == 4, 30, 0.3, "the population back at nominal")
-        old = time.time() - (keep_s + keep_s / 2 + 5)
-        stale = [os.path.join(d, f) for d, dirs, files in os.walk(server.logs) for f in files + dirs
-                 if os.path.getmtime(os.path.join(d, f)) < old]
-        assert not stale, f"job files outlived their keep time: {stale[:3]}"
-        alarms = [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]
-        assert "service_silent" not in alarms, alarms
-    finally:
-        kill_all(pgen_pilots(rundir))
-        server.stop()
+    server.api.define_site("dqm", pilots=4, heartbeat=0.5, keep_hours=keep_s / 3600)
+    jobs = tmp_path / "dqm.json"
+    jobs.write_text(json.dumps(shell_job('echo "$P3S_JOB_UUID $P3S_INPUT_FILE"; sleep 0.3', site="dqm",
+                                         max_attempts=3)))
+    injector = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), "-d", str(inbox), "-j",
+                                 str(jobs), "-p", "0.5", "--settle", "0.2"], env=server.env, cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "injector.log", "ab"))
+    server.pilots.append(injector)
+    run_factory(server, "dqm", f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {server.logs}", "-p", "1.5")
+    started, fed, killed_pilot, restarted = time.monotonic(), 0, False, False
+    while time.monotonic() - started < 20:
+        (inbox / f"np04_raw_run{fed:06d}.root").write_text("raw\n")
+        fed += 1
+        if not killed_pilot and time.monotonic() - started > 6 and pgen_pilots(rundir):
+            kill_all(pgen_pilots(rundir)[:1])
+            killed_pilot = True
+        if not restarted and time.monotonic() - started > 12:
+            server.kill9()
+            server.start()
+            restarted = True
+        time.sleep(0.3)
+    wait_until(lambda: len(server.api.list_jobs(limit=10000)) == fed, 30, 0.5, f"{fed} files injected")
+    injector.send_signal(signal.SIGTERM)
+    assert injector.wait(15) == 0
+    uuids = [j["uuid"] for j in server.api.list_jobs(limit=10000)]
+    states = server.wait_jobs(uuids, timeout=90)
+    assert {s["state"] for s in states.values()} == {"finished"}, "a job was lost"
+    wait_until(lambda: live(server, "dqm") == 4, 30, 0.3, "the population back at nominal")
+    old = time.time() - (keep_s + keep_s / 2 + 5)
+    stale = [os.path.join(d, f) for d, dirs, files in os.walk(server.logs) for f in files + dirs
+             if os.path.getmtime(os.path.join(d, f)) < old]
+    assert not stale, f"job files outlived their keep time: {stale[:3]}"
+    alarms = [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]
+    assert "service_silent" not in alarms, alarms

@@ -133,57 +133,51 @@ def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
     assert raised() == [], "4 of 9 is under half: the alarm should clear"
 
 
-def test_a_silent_injector_and_stopped_data_flow_raise_alarms(tmp_path):
+def test_a_silent_injector_and_stopped_data_flow_raise_alarms(tmp_path, start_server):
     from conftest import P3S
-    server = P3S(tmp_path, ["--alarm-no-new-work", "0.02"]).start()        # 1.2 s
-    try:
-        def raised(name):
-            return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == name]
+    server = start_server(["--alarm-no-new-work", "0.02"])    # 1.2 s
+    def raised(name):
+        return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == name]
 
-        data = tmp_path / "data"
-        data.mkdir()
-        (data / "run1.txt").write_text("x")
-        jobs = tmp_path / "jobs.json"
-        jobs.write_text(json.dumps(shell_job("true", state="template")))
-        scan = ["-d", data, "-j", jobs, "--settle", "0", "-p", "0.3"]
-        injector = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), *map(str, scan)],
-                                    env=server.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_until(lambda: server.api.call("GET", "/api/services")["services"], 10, what="the injector's first scan")
-        services = server.api.call("GET", "/api/services")["services"]
-        assert len(services) == 1 and services[0]["result"] == "1 started, 0 skipped"
-        assert raised("service_silent") == []
-        injector.kill()             # a crash: no clean exit, so no retirement
-        injector.wait()
-        wait_until(lambda: raised("service_silent") and raised("no_new_work"), 10,
-                   what="the injector's silence and the stopped flow to raise alarms")
-        assert "injector" in raised("service_silent")[0] and str(data) in raised("service_silent")[0]
-        (data / "run2.txt").write_text("x")
-        assert server.run("injector.py", *scan, "-c", "2").returncode == 0
-        assert raised("service_silent") == [] and raised("no_new_work") == [], "the alarms did not clear"
-        page = server.api.call("GET", "/services", query={"format": "json"})
-        assert page["services"][0]["result"] == "0 started, 0 skipped" and not page["services"][0]["silent"]
-        assert len(server.api.list_jobs()) == 2, "run2 was not started once"
-    finally:
-        server.stop()
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "run1.txt").write_text("x")
+    jobs = tmp_path / "jobs.json"
+    jobs.write_text(json.dumps(shell_job("true", state="template")))
+    scan = ["-d", data, "-j", jobs, "--settle", "0", "-p", "0.3"]
+    injector = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), *map(str, scan)],
+                                env=server.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_until(lambda: server.api.call("GET", "/api/services")["services"], 10, what="the injector's first scan")
+    services = server.api.call("GET", "/api/services")["services"]
+    assert len(services) == 1 and services[0]["result"] == "1 started, 0 skipped"
+    assert raised("service_silent") == []
+    injector.kill()             # a crash: no clean exit, so no retirement
+    injector.wait()
+    wait_until(lambda: raised("service_silent") and raised("no_new_work"), 10,
+               what="the injector's silence and the stopped flow to raise alarms")
+    assert "injector" in raised("service_silent")[0] and str(data) in raised("service_silent")[0]
+    (data / "run2.txt").write_text("x")
+    assert server.run("injector.py", *scan, "-c", "2").returncode == 0
+    assert raised("service_silent") == [] and raised("no_new_work") == [], "the alarms did not clear"
+    page = server.api.call("GET", "/services", query={"format": "json"})
+    assert page["services"][0]["result"] == "0 started, 0 skipped" and not page["services"][0]["silent"]
+    assert len(server.api.list_jobs()) == 2, "run2 was not started once"
 
 
-def test_jobs_no_live_pilot_may_take_raise_the_starving_alarm_until_one_comes(tmp_path):
+def test_jobs_no_live_pilot_may_take_raise_the_starving_alarm_until_one_comes(tmp_path, start_server):
     from conftest import P3S
-    server = P3S(tmp_path, ["--alarm-starving", "0.02"]).start()           # 1.2 s
-    try:
-        def raised():
-            return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "starving"]
+    server = start_server(["--alarm-starving", "0.02"])    # 1.2 s
+    def raised():
+        return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "starving"]
 
-        server.api.define_site("neutdqm")
-        uuids = server.submit([shell_job("true", jobtype="purity", site="neutdqm")] * 3)
-        server.pilot("-p", "1", "--jobtype", "monitor")             # alive, but not for these
-        wait_until(raised, 10, what="the starving alarm")
-        assert raised()[0].startswith("3 purity job(s) at site neutdqm wait with no pilot that takes them")
-        server.pilot("-p", "1", "-s", "neutdqm", "--jobtype", "purity")
-        server.wait_jobs(uuids, timeout=30)
-        wait_until(lambda: not raised(), 10, what="the alarm to clear")
-    finally:
-        server.stop()
+    server.api.define_site("neutdqm")
+    uuids = server.submit([shell_job("true", jobtype="purity", site="neutdqm")] * 3)
+    server.pilot("-p", "1", "--jobtype", "monitor")             # alive, but not for these
+    wait_until(raised, 10, what="the starving alarm")
+    assert raised()[0].startswith("3 purity job(s) at site neutdqm wait with no pilot that takes them")
+    server.pilot("-p", "1", "-s", "neutdqm", "--jobtype", "purity")
+    server.wait_jobs(uuids, timeout=30)
+    wait_until(lambda: not raised(), 10, what="the alarm to clear")
 
 
 def test_pilots_dying_young_raise_the_pilot_lifetime_alarm_but_one_kill_or_a_drain_does_not(p3s):
