@@ -209,10 +209,7 @@ def test_injected_workflows_write_their_outputs_to_outdir(p3s):
 
 
 def test_readme_injector_example_runs_as_written(tmp_path):
-    import shutil
     env = fresh_copy(tmp_path)
-    shutil.rmtree("/tmp/p3s-in", ignore_errors=True)
-    shutil.rmtree("/tmp/p3s-out", ignore_errors=True)
     script = ("python server.py 2>/dev/null &\n"
               "python workflow.py -g tests/compat/3filters.graphml >/dev/null\n"
               + readme_block("Try it (with the server running and the DAG"))
