@@ -111,6 +111,9 @@ def test_a_factory_over_slurm_reaches_nominal_and_counts_what_the_queue_holds(p3
     wait_until(at_nominal, 90, 0.3, "3 pilots through Slurm")
     pilots = p3s.api.list_pilots(site="hpc")
     assert all(p["extra"].startswith("slurm:") for p in pilots)
+    os.kill(pilots[0]["pid"], signal.SIGKILL)           # the fake nodes run here: a node's pilot dies
+    wait_until(lambda: live(p3s, "hpc") < 3, 10, 0.2, "the pilot shown lost")
+    wait_until(at_nominal, 2 * 1 + 30, 0.3, "3 live again: Slurm's array task ended, the factory replaced it")
     factory.send_signal(signal.SIGTERM)
     factory.wait(15)
     assert max(samples) <= 3, samples
@@ -119,17 +122,19 @@ def test_a_factory_over_slurm_reaches_nominal_and_counts_what_the_queue_holds(p3
 
     # The queue holds the pilots (partition down): pending, no new submission until the timeout.
     subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], env=env, check=True, timeout=30)
+    before = len(p3s.api.get_site("hpc")["requests"])
     factory = run_factory(p3s, "hpc", sbatch, "-p", "1", "--pending-timeout", "6")
-    wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == 2, 20, 0.3, "the first request while down")
+    wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == before + 1, 20, 0.3, "a request while down")
     first = time.monotonic()
     time.sleep(4)       # rounds pass while the pilots pend
     site = p3s.api.get_site("hpc")
-    assert len(site["requests"]) == 2 and site["pending"] == 3, "resubmitted while the queue held pilots"
-    wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == 3, 15, 0.3, "one new request after the timeout")
+    assert len(site["requests"]) == before + 1 and site["pending"] == 3, "resubmitted while the queue held pilots"
+    wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == before + 2, 15, 0.3,
+               "one new request after the timeout")
     assert time.monotonic() - first >= 5
     factory.send_signal(signal.SIGTERM)
     factory.wait(15)
-    assert len(p3s.api.get_site("hpc")["requests"]) == 3, "more than one new request"
+    assert len(p3s.api.get_site("hpc")["requests"]) == before + 2, "more than one new request"
 
 
 def test_the_htcondor_submit_file_expands_as_htcondor_reads_it():
