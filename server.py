@@ -2243,6 +2243,7 @@ class Service:
         self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
         self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
         self.hk_failing = None      # the error of the last housekeeping pass, if it failed
+        self.told = set()           # alarm keys sent while the database could not record it
         self.broker = Broker(store)
         self.leases = Leases()
         self.images = images or Images(store, store.path + ".files")
@@ -2855,6 +2856,22 @@ class Service:
                and (a["severity"] == "critical" or t - a["since"] >= self.alarm_delay)]
         if not (raised or cleared or changed or due):
             return
+        try:
+            self.write_alarm_state(t, raised, changed, cleared, due)
+        except sqlite3.OperationalError:    # the database fails (db_failing, a full disk): a person
+            due = [a for a in due if a["key"] not in self.told]     # still hears of it, once
+            self.told.update(a["key"] for a in due)
+            cleared = eased = []
+        else:
+            self.told.clear()               # the database remembers what was sent
+        for a in due:
+            self.notifier.send(a, "raised")
+        for r in cleared + eased:
+            if r["sent"]:
+                self.notifier.send(r, "cleared")
+
+    def write_alarm_state(self, t, raised, changed, cleared, due):
+        """The alarms' memory and history, in one transaction (see record_alarms)."""
         with self.store.transaction() as conn:
             for a in raised:
                 conn.execute("INSERT OR REPLACE INTO alarm_state(key, name, severity, message, link, since) "
@@ -2868,14 +2885,9 @@ class Service:
                 conn.execute("DELETE FROM alarm_state WHERE key=?", (r["key"],))
                 alarm_event(conn, t, r, "cleared")
             conn.execute("DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
-                         f"(SELECT name FROM alarm_state)")
+                         "(SELECT name FROM alarm_state)")
             for a in due:
                 conn.execute("UPDATE alarm_state SET sent=1 WHERE key=?", (a["key"],))
-        for a in due:
-            self.notifier.send(a, "raised")
-        for r in cleared + eased:
-            if r["sent"]:
-                self.notifier.send(r, "cleared")
 
     def acknowledge(self, body, who):
         """Acknowledge an alarm (until it clears, or for `for` seconds) or silence it (for `for`
@@ -3173,7 +3185,8 @@ class Service:
             try:
                 self.record_alarms(now())
             except Exception as e:      # the alarms must not stop with the pass that raised them
-                log.error("recording alarms failed: %s", e)
+                if str(e) != self.hk_failing:
+                    log.error("recording alarms failed: %s", e)
 
     def health(self):
         wal = self.store.wal_bytes()
