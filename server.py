@@ -1526,7 +1526,8 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None):
 EXIT_CODE_ONLY = re.compile(r"exit code -?\d+")
 REASON_CHARS = 300
 FOLDED = ((re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I), "<uuid>"),
-          (re.compile(r"0x[0-9a-f]+|\b[0-9a-f]{12,}\b", re.I), "<hex>"), (re.compile(r"\d+(\.\d+)?"), "#"))
+          (re.compile(r"0x[0-9a-f]+|\b[0-9a-f]{12,}\b", re.I), "<hex>"),
+          (re.compile(r"(?<![\w.])\d+(\.\d+)?(?!\w)"), "#"))    # a number alone, not a name's (APA3, np04)
 
 
 def job_reason(errmsg, stderr_tail, exit_code):
@@ -3215,6 +3216,15 @@ AHEAD = ("SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_claim_type WHERE sta
          "WHERE state='defined' AND site=? AND jobtype=? AND priority = ? AND ts_def < ?)")
 
 
+def newest_jobs_first_names_in_order(rows):
+    """Images (newest first) regrouped: the jobs newest first, each job's images in name order
+    (adc_mean_apa1, apa2, apa3), as a shifter reads them."""
+    first = {}
+    for i, r in enumerate(rows):
+        first.setdefault(r["job"], i)
+    return sorted((dict(r) for r in rows), key=lambda r: (first[r["job"]], r["name"]))
+
+
 class Views:
     """The data behind every page; each method returns the dict that the page renders and that
     ?format=json returns as is.
@@ -3398,7 +3408,7 @@ class Views:
                                    f"FROM images i LEFT JOIN jobs j ON j.uuid = i.job WHERE {where} "
                                    "ORDER BY i.id DESC LIMIT ?", [jobtype, *(a for _, a in conds), per_type])
             if rows:
-                groups.append({"jobtype": jobtype, "images": [dict(r) for r in rows]})
+                groups.append({"jobtype": jobtype, "images": newest_jobs_first_names_in_order(rows)})
         return {"groups": groups, "filters": {k: query[k] for k in ("jobtype", "infile", "age") if query.get(k)},
                 "choices": {"jobtype": known}}
 

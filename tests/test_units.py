@@ -389,3 +389,21 @@ def test_a_heartbeat_is_heard_before_its_lease_is_judged_or_answered_kill():
     assert leases.beat("b", 102.0)
     leases.written({"a": (100.0, None), "b": (101.0, None)})
     assert leases.unwritten() == {"b": (102.0, None)}, "a newer beat than the one written stays"
+
+
+@pytest.mark.parametrize("reason,folded", [
+    ("ERROR: RawDecoder: APA3 FEMB 12 returned no frames", "ERROR: RawDecoder: APA3 FEMB # returned no frames"),
+    ("cannot open np04_raw_run005017_0001.root", "cannot open np04_raw_run005017_0001.root"),
+    ("exit code 137 after 3.5 s", "exit code # after # s"),
+    ("job 0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d at 0x7ffe12", "job <uuid> at <hex>"),
+])
+def test_numbers_fold_but_identifiers_stay(reason, folded):
+    assert server.normalise_reason(reason) == folded
+
+
+def test_plots_show_the_newest_jobs_first_and_each_jobs_images_in_name_order():
+    rows = [{"job": "b", "name": "apa3.png"}, {"job": "b", "name": "apa1.png"}, {"job": "a", "name": "apa2.png"},
+            {"job": "b", "name": "apa2.png"}, {"job": "a", "name": "apa1.png"}]
+    ordered = server.newest_jobs_first_names_in_order(rows)
+    assert [(r["job"], r["name"]) for r in ordered] == [("b", "apa1.png"), ("b", "apa2.png"), ("b", "apa3.png"),
+                                                        ("a", "apa1.png"), ("a", "apa2.png")]
