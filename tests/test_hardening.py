@@ -142,10 +142,10 @@ def test_when_every_slot_is_busy_a_quick_503(tmp_path, start_server):
     server.api.close()
 
     def poll(pilot):
-        client = Client(server.url, token_file=str(server.token_file), retry_for=0)
-        client.pilot_secrets = server.api.pilot_secrets
+        client = Client(server.url, token_file=str(server.token_file), retry_for=10)   # a 503 while
+        client.pilot_secrets = server.api.pilot_secrets                                # we probe: retry
         with contextlib.suppress(P3SError):        # the server may stop first
-            client.request_job(pilot, 8)
+            client.request_job(pilot, 20)
     for pilot in pilots:
         threading.Thread(target=poll, args=(pilot,), daemon=True).start()
     probe = b"GET /api/health HTTP/1.0\r\n\r\n"
