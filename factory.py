@@ -25,7 +25,8 @@ SIGTERM, SIGINT) retires it, a kill -9 does not, and so alarms.
 
 Placeholders in the command: {n} {site} {request} {server} {home} (this clone). The command runs
 without a shell (split like a shell would), from this clone's directory, with P3S_REQUEST,
-P3S_SITE and P3S_SERVER set and P3S_TOKEN removed (pilots read P3S_TOKEN_FILE, never the token).
+P3S_SITE, P3S_SERVER and P3S_HOME (unless set) in its environment and P3S_TOKEN removed (pilots
+read P3S_TOKEN_FILE, never the token).
 
 Environment: P3S_SERVER, P3S_TOKEN / P3S_TOKEN_FILE, P3S_RETRY_FOR (see README).
 Exit codes: 0 after --cycles rounds or a signal, 2 bad input (an unknown site, a bad template),
@@ -131,6 +132,7 @@ class Factory:
                             server=self.client.server, home=HERE)
         env = {k: v for k, v in os.environ.items() if k != "P3S_TOKEN"}
         env.update(P3S_REQUEST=request, P3S_SITE=self.args.site, P3S_SERVER=self.client.server)
+        env.setdefault("P3S_HOME", HERE)        # deploy/slurm-pilots.sh finds the clone by it
         try:
             ran = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
             failed = ran.returncode != 0 and (last_line(ran.stderr) or f"exit code {ran.returncode}")
