@@ -27,6 +27,17 @@ def run_factory(p3s, site, command, *args):
     return proc
 
 
+def population_watch(p3s, site, nominal):
+    """(samples, at_nominal): at_nominal() records the site's live pilots in samples and says
+    whether they are at nominal, so a test can wait on it and check no sample passed nominal."""
+    samples = []
+
+    def at_nominal():
+        samples.append(live(p3s, site))
+        return samples[-1] == nominal
+    return samples, at_nominal
+
+
 def pgen_pilots(rundir):
     """The pids pgen.sh recorded (pid, start time, clone: see pilot-pids.sh)."""
     pids = []
@@ -50,11 +61,7 @@ def test_a_factory_keeps_a_site_at_nominal_through_pgen(p3s):
     p3s.env["P3S_RUNDIR"] = str(rundir)
     command = f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {p3s.logs}"
     factory = run_factory(p3s, "prod", command, "-p", "1.5")
-    samples = []
-
-    def at_nominal():
-        samples.append(live(p3s, "prod"))
-        return samples[-1] == 3
+    samples, at_nominal = population_watch(p3s, "prod", 3)
     wait_until(at_nominal, 30, 0.2, "3 live pilots")
     victim = pgen_pilots(rundir)[0]
     os.kill(victim, signal.SIGKILL)
@@ -103,11 +110,7 @@ def test_a_factory_over_slurm_reaches_nominal_and_counts_what_the_queue_holds(p3
     p3s.env.update(env)
     sbatch = f"sbatch --array=1-{{n}} -o {tmp_path}/pilot-%A_%a.out deploy/slurm-pilots.sh"
     factory = run_factory(p3s, "hpc", sbatch, "-p", "1")
-    samples = []
-
-    def at_nominal():
-        samples.append(live(p3s, "hpc"))
-        return samples[-1] == 3
+    samples, at_nominal = population_watch(p3s, "hpc", 3)
     wait_until(at_nominal, 90, 0.3, "3 pilots through Slurm")
     pilots = p3s.api.list_pilots(site="hpc")
     assert all(p["extra"].startswith("slurm:") for p in pilots)
