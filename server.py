@@ -3404,7 +3404,8 @@ class Views:
         groups = []
         for jobtype in jobtypes:
             where = " AND ".join(["i.jobtype = ?"] + [c for c, _ in conds])
-            rows = self.store.read("SELECT i.job, i.name, i.size, i.infile, i.ts, j.name AS job_name, j.state "
+            rows = self.store.read("SELECT i.job, i.name, i.size, i.infile, i.ts, j.name AS job_name, j.state, "
+                                   "j.reason "
                                    f"FROM images i LEFT JOIN jobs j ON j.uuid = i.job WHERE {where} "
                                    "ORDER BY i.id DESC LIMIT ?", [jobtype, *(a for _, a in conds), per_type])
             if rows:
@@ -3619,6 +3620,7 @@ details.warnings summary{cursor:pointer;font-weight:bold;color:#533}
 .refresh a{margin:0 0 0 .6em;font-weight:normal}.chart{margin:.2em 1.5em .8em 0;display:inline-block;vertical-align:top}
 .thumbs a{display:inline-block;margin:0 .6em .6em 0;text-align:center;font-size:12px}
 .thumbs img{display:block;max-width:260px;max-height:200px;border:1px solid #ccc;background:#fff}
+.thumbs.bad-job img{border:3px solid #c00;opacity:.75}.thumbs.bad-job a{color:#c00}
 .reason{max-width:40em}"""
 NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
@@ -3981,11 +3983,23 @@ def image_url(job, name):
     return f"/image/{job}/{quote(name)}"
 
 
-def thumbnails(job, images):
-    """Each image as a thumbnail linking to its full size."""
-    return '<div class="thumbs">' + "".join(
+def thumbnails(job, images, failed_why=None):
+    """Each image as a thumbnail linking to its full size; a failed job's framed in red, its
+    reason on hover, so its plots never pass for good ones."""
+    mark = f' bad-job" title="{esc(failed_why)}' if failed_why is not None else ""
+    return f'<div class="thumbs{mark}">' + "".join(
         f'<a href="{esc(image_url(job, i["name"]))}"><img src="{esc(image_url(job, i["name"]))}" '
         f'alt="{esc(i["name"])}" loading="lazy">{esc(i["name"])}</a>' for i in images) + "</div>"
+
+
+def plots_of_job(job, images):
+    """A job's heading (name, input file, time, and its state if it did not finish) and plots."""
+    first = images[0]
+    failed = first.get("state") in FAILED_STATES
+    state = f" · {state_cell(first['state'])} {reason_cell(first.get('reason') or '')}" if failed else ""
+    return (f"<h3>{link(f'/job/{job}', first['job_name'] or job[:8])} · "
+            f"{infile_cell(first['infile']) or 'no input file'} · {esc(when(first['ts']))}{state}</h3>"
+            f"{thumbnails(job, images, (first.get('reason') or first['state']) if failed else None)}")
 
 
 def render_plots(d, query):
@@ -3994,9 +4008,7 @@ def render_plots(d, query):
         by_job = {}
         for i in group["images"]:
             by_job.setdefault(i["job"], []).append(i)
-        rows = "".join(f"<h3>{link(f'/job/{job}', images[0]['job_name'] or job[:8])} · "
-                       f"{infile_cell(images[0]['infile']) or 'no input file'} · {esc(when(images[0]['ts']))}</h3>"
-                       f"{thumbnails(job, images)}" for job, images in by_job.items())
+        rows = "".join(plots_of_job(job, images) for job, images in by_job.items())
         sections.append(f"<h2>{link(href('/plots', jobtype=group['jobtype']), group['jobtype'])}</h2>{rows}")
     body = (filter_form(("jobtype", "infile", "age"), query, d["choices"]) +
             ("".join(sections) or "<p><i>no published images match</i> · jobs publish the PNG, JPEG, GIF "

@@ -407,3 +407,14 @@ def test_plots_show_the_newest_jobs_first_and_each_jobs_images_in_name_order():
     ordered = server.newest_jobs_first_names_in_order(rows)
     assert [(r["job"], r["name"]) for r in ordered] == [("b", "apa1.png"), ("b", "apa2.png"), ("b", "apa3.png"),
                                                         ("a", "apa1.png"), ("a", "apa2.png")]
+
+
+def test_a_failed_jobs_plots_carry_its_state_and_reason():
+    images = [{"job": "j1", "name": "apa1.png", "infile": "/eos/run_1.root", "ts": 1.0, "job_name": "Monitor",
+               "state": "failed", "reason": "ERROR: RawDecoder: APA3 FEMB 12 returned no frames"},
+              {"job": "j2", "name": "apa1.png", "infile": "/eos/run_2.root", "ts": 1.0, "job_name": "Monitor",
+               "state": "finished", "reason": ""}]
+    html = server.render_plots({"groups": [{"jobtype": "monitor", "images": images}], "choices": {}}, {})
+    bad, good = html.split("<h3>")[1:3]
+    assert 'class="thumbs bad-job" title="ERROR: RawDecoder: APA3 FEMB 12 returned no frames"' in bad
+    assert 's-failed' in bad and "bad-job" not in good and "s-finished" not in good
