@@ -185,9 +185,12 @@ def submit(client, args):
         print(json.dumps(jobs, indent=2))
         return 0
     submission = str(uuidlib.uuid4())
+    client.on_retry = lambda line: print(f"job.py: {line}", file=sys.stderr, flush=True)
     try:
         uuids = send(client, jobs, args.delay, submission)
     except P3SError as e:
+        if not e.bad_input and not client.reached:      # no request left this machine
+            raise P3SError(f"{e}; nothing was stored", e.status) from None
         if not e.bad_input and not args.delay:  # the answer may be lost while the jobs were stored
             raise P3SError(f"{e}; submission {submission} is stored whole or not at all: "
                            f"`job.py --submission {submission}` tells which", e.status) from None

@@ -150,6 +150,8 @@ class Client:
         self.timeout = timeout
         self.retry_for = retry_for if retry_for is not None else _retry_from_env()
         self.pilot_secrets = {}     # pilot uuid -> the secret it registered with
+        self.reached = False        # True once a request may have reached the server
+        self.on_retry = None        # said once when the server cannot be reached and we retry
 
     # -- transport ------------------------------------------------------------------------------
     def call(self, method, path, body=None, query=None, timeout=None, retry_for=None, pilot=None):
@@ -159,7 +161,8 @@ class Client:
         target = self.base_path + path + ("?" + urlencode(query) if query else "")
         raw = isinstance(body, bytes)
         data = body if raw else json.dumps(body).encode() if body is not None else None
-        deadline = time.monotonic() + (self.retry_for if retry_for is None else retry_for)
+        retrying = self.retry_for if retry_for is None else retry_for
+        deadline = time.monotonic() + retrying
         delay = BACKOFF_FIRST
         while True:
             try:
@@ -167,6 +170,10 @@ class Client:
             except P3SError as e:
                 if e.bad_input or time.monotonic() + delay > deadline:
                     raise
+                if self.on_retry and e.status is None:
+                    self.on_retry(f"server not reachable at {self.server} ({e}); retrying for {retrying:g} s "
+                                  "(P3S_RETRY_FOR)")
+                    self.on_retry = None        # said once
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
 
@@ -189,6 +196,7 @@ class Client:
             conn = None
             try:
                 conn, reused = self._connection(timeout, reuse)
+                self.reached = True     # from here the request may reach the server
                 conn.request(method, target, body=data, headers=headers)
                 answer = conn.getresponse()
                 payload = answer.read()

@@ -63,11 +63,37 @@ def test_staged_parts_never_committed_expire(p3s):
     wait_until(lambda: p3s.api.get_submission(sid)["state"] == "none", 10, what="the staged part to expire")
 
 
-def test_job_py_names_the_submission_when_the_server_is_away(p3s):
+def test_job_py_says_nothing_was_stored_when_no_request_reached_the_server(p3s):
     path = p3s.dir / "one.json"
     path.write_text(json.dumps(shell_job("true")))
     p3s.stop()
-    result = p3s.run("job.py", "-j", path, env=dict(p3s.env, P3S_RETRY_FOR="0"))
+    result = p3s.run("job.py", "-j", path, env=dict(p3s.env, P3S_RETRY_FOR="1"))
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 2, result.stderr
+    assert lines[0].startswith(f"job.py: server not reachable at {p3s.url}") and "retrying for 1 s" in lines[0]
+    assert lines[1].endswith("nothing was stored") and result.stdout == ""
+
+
+def test_job_py_names_the_submission_when_its_answer_is_lost(p3s):
+    """A server that takes the request and hangs up: the jobs may be stored, and the submission
+    id lets the user ask, instead of guessing."""
+    import socket
+    import threading
+    path = p3s.dir / "one.json"
+    path.write_text(json.dumps(shell_job("true")))
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def hang_up():
+        for _ in range(5):
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.close()
+    threading.Thread(target=hang_up, daemon=True).start()
+    url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    result = p3s.run("job.py", "-j", path, env=dict(p3s.env, P3S_SERVER=url, P3S_RETRY_FOR="0"))
+    listener.close()
     assert result.returncode == 1 and "is stored whole or not at all: `job.py --submission" in result.stderr
 
 
