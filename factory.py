@@ -101,6 +101,9 @@ class Factory:
         self.last_error = ""
         self.last_request = None
         site = client.get_site(args.site)       # an unknown site is bad input, said at once
+        if not site.get("pilots"):
+            raise InputError(f"site {args.site!r} has no nominal number of pilots to keep; give it one with "
+                             f"pilot.py --define-site -s {args.site} --pilots N")
         self.command = args.command or site.get("factory") or DEFAULT_COMMAND
         self.period = args.period or site.get("factory_period") or 60.0
         command_line(self.command, n=1, site=args.site, request="r", server="s", home=HERE)

@@ -2312,10 +2312,12 @@ class Service:
             staged = conn.execute("SELECT part, jobs FROM staged WHERE submission=? ORDER BY part",
                                   (submission,)).fetchall()
             missing = sorted(set(range(parts)) - {r["part"] for r in staged})
-            if missing or len(staged) != parts:
-                raise ApiError(409, f"submission {submission}: part(s) {', '.join(map(str, missing)) or '?'} of "
+            if missing:
+                raise ApiError(409, f"submission {submission}: part(s) {', '.join(map(str, missing))} of "
                                     f"{parts} not staged (expired after {STAGED_TTL} s, or never sent); "
                                     "nothing was stored: submit again")
+            if len(staged) != parts:
+                raise bad(f"parts: {len(staged)} parts are staged for submission {submission}, not {parts}")
             rows = [row for r in staged for row in json.loads(r["jobs"])]
             if len({r["uuid"] for r in rows}) != len(rows):
                 raise bad("jobs: the same uuid appears twice in one submission")

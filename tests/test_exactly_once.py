@@ -47,6 +47,11 @@ def test_a_lost_commit_answer_can_be_asked_about_and_a_repeated_commit_stores_no
     assert len(api.list_jobs(limit=10000)) == 1500
     result = p3s.run("job.py", "--submission", sid)
     assert result.stdout.strip() == f"submission {sid}: stored: 1500 job(s)"
+    with pytest.raises(P3SError, match="3 parts are staged for submission .*, not 2"):
+        extra = "6f1b2c3d-0000-4000-8000-000000000004"
+        for part in range(3):
+            api.call("PUT", f"/api/submissions/{extra}/part", {"part": part, "jobs": jobs(1, f"e{part}")})
+        api.call("POST", f"/api/submissions/{extra}/commit", {"parts": 2})
     with pytest.raises(P3SError, match="already committed"):
         api.call("PUT", f"/api/submissions/{sid}/part", {"part": 0, "jobs": jobs(1)})
     nothing = p3s.run("job.py", "--submission", "6f1b2c3d-0000-4000-8000-00000000dead")

@@ -96,6 +96,9 @@ def test_a_failing_command_backs_off_and_says_why(p3s):
 def test_an_unknown_site_or_a_bad_template_is_refused_at_once(p3s):
     result = p3s.run("factory.py", "-s", "nowhere", "-c", "1")
     assert result.returncode == 2 and "nowhere" in result.stderr and len(result.stderr.splitlines()) == 1
+    p3s.api.define_site("bare")
+    result = p3s.run("factory.py", "-s", "bare", "-c", "1")
+    assert result.returncode == 2 and "no nominal number of pilots" in result.stderr, result.stderr
     p3s.api.define_site("prod", pilots=1)
     result = p3s.run("factory.py", "-s", "prod", "--command", "./pgen.sh {count}", "-c", "1")
     assert result.returncode == 2 and "placeholders are" in result.stderr
