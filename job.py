@@ -9,8 +9,9 @@
     python job.py -d -u UUID
 
 Exit codes: 0 success, 2 bad input (including a request the server refused), 1 server or
-network failure, and with --wait 1 when a job did not finish with exit code 0.
+network failure, and with --wait 3 when a job did not finish with exit code 0.
 """
+import argparse
 import getpass
 import json
 import os
@@ -20,12 +21,20 @@ import uuid as uuidlib
 
 from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
 
+# the original's options p3s does not keep, each with the p3s way
+UNSUPPORTED = {
+    "-i": "jobs have no numeric ids; use -u UUID (job.py --list shows them)",
+    "-U": "the usage notes are in --help and the README's walk-through",
+}
 END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
+WAIT_FAILED = 3     # --wait's exit status when a job did not finish with exit code 0
 LIST_COLUMNS = ("uuid", "state", "jobtype", "priority", "exit_code", "name", "input", "reason")
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Submit and manage p3s jobs.")
+    p = ArgumentParser(description="Submit and manage p3s jobs.",
+                       env=[("P3S_INPUT_FILE", "the input file of jobs submitted without -f")],
+                       exits=[("3", "with --wait: a job did not finish with exit code 0 (its reason is printed)")])
     p.add_argument("-j", "--job-file", dest="jobfile", metavar="FILE",
                    help="submit the jobs in FILE (a JSON list of job objects, or one object), or given "
                    "inline as a JSON string")
@@ -44,22 +53,31 @@ def parse_args(argv):
     p.add_argument("-u", "--uuid", help="the job(s) to adjust or delete: UUID or UUID1,UUID2,...")
     p.add_argument("-s", "--state", help="with -a: new state (defined, template, cancelled); "
                    "with --list: only jobs in this state")
-    p.add_argument("-P", "--priority", help="with -a: new priority (higher runs first)")
+    p.add_argument("-P", "-p", "--priority", help="with -a: new priority (higher runs first; -p as the original)")
+    p.add_argument("-V", "--version", dest="dunetpcver", metavar="VERSION",
+                   help="with -j: set DUNETPCVER=VERSION in each job's env (the original's -V)")
+    for flag, instead in UNSUPPORTED.items():
+        p.add_argument(flag, nargs="?", const="", dest="unsupported_" + flag.strip("-"), help=argparse.SUPPRESS)
     p.add_argument("--list", action="store_true", help="list jobs, newest first")
     p.add_argument("-l", "--jobtypes", action="store_true",
                    help="list job types: cap, defined, running, finished, failed (-T: one type)")
     p.add_argument("-T", "--type", dest="jobtype_name", metavar="TYPE", help="with -l: this job type")
     p.add_argument("-L", "--cap", type=int, metavar="N",
-                   help="with -l -T: at most N jobs of the type dispatched or running at once (0 suspends "
-                   "it, -1 removes the cap); enforced when pilots claim, never at submission")
-    p.add_argument("--no-cap", action="store_true", help="with -l -T: remove the type's cap")
+                   help="with -l: at most N jobs of the type (-T), or of each known type, dispatched or "
+                   "running at once (0 suspends, -1 removes the cap); enforced when pilots claim, never at "
+                   "submission")
+    p.add_argument("--no-cap", action="store_true", help="with -l: remove the cap of -T TYPE, or of every type")
     p.add_argument("--jobtype", help="with --list: only jobs of this type")
     p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
     p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
+    p.add_argument("--summary", action="store_true",
+                   help="jobs and pilots by state, jobs ended in the last hour, and the alarms, as "
+                   "key=value lines for scripts (the original's summary.py)")
     p.add_argument("--submission", metavar="ID",
                    help="was the submission with this id stored? (the id a failed -j prints)")
     p.add_argument("--wait", action="store_true",
-                   help="after submitting, wait until the jobs end; exit 0 only if all finished with code 0")
+                   help="after submitting, wait until the jobs end; exit 0 only if all finished with code 0, "
+                   "else 3 with the reason of each that did not")
     p.add_argument("--wait-timeout", type=float, default=0, metavar="SECONDS",
                    help="with --wait: give up after this long (default 0 = no limit)")
     p.add_argument("--wait-notes", type=float, default=30, metavar="SECONDS",
@@ -70,14 +88,22 @@ def parse_args(argv):
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "say more")
     args = p.parse_args(argv)
+    for flag, instead in UNSUPPORTED.items():
+        if getattr(args, "unsupported_" + flag.strip("-")) is not None:
+            p.error(f"{flag}: not in p3s; {instead}")
     actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes,
-               bool(args.submission)]
+               bool(args.submission), args.summary]
     if sum(actions) != 1:
-        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID")
-    if (args.cap is not None or args.no_cap) and not (args.jobtypes and args.jobtype_name):
-        p.error("-L and --no-cap go with -l -T TYPE")
+        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID, --summary")
+    if (args.cap is not None or args.no_cap) and not args.jobtypes:
+        p.error("-L and --no-cap go with -l [-T TYPE]")
+    if args.dunetpcver is not None and not args.jobfile:
+        p.error("-V goes with -j FILE")
     if args.cap is not None and args.cap < -1:
         p.error(f"-L {args.cap}: a cap is 0 or more (-1 removes it)")
+    if args.delete and (args.priority is not None or args.state is not None):
+        p.error("-d takes -u UUID[,UUID...] only: p3s does not delete by state or priority; "
+                "server.py --retention-days N purges ended jobs")
     if (args.adjust or args.delete) and not args.uuid:
         p.error("-a and -d need -u UUID")
     if args.adjust and args.state is None and args.priority is None:
@@ -118,12 +144,14 @@ def read_job_file(path):
     return jobs
 
 
-def load_jobs(path, infiles, replicas):
+def load_jobs(path, infiles, replicas, dunetpcver=None):
     """Read the jobs; one job per input file (-f a,b: the original's meaning) and replica, each
     with its own uuid so a retried submission cannot store a job twice."""
     files = infiles.split(",") if infiles else [None]
     out = []
     for job in read_job_file(path):
+        if dunetpcver is not None and isinstance(job.get("env", {}), dict):
+            job = {**job, "env": {**job.get("env", {}), "DUNETPCVER": dunetpcver}}
         for infile in files:
             for _ in range(replicas):
                 out.append(dict(bind_input(job, infile), uuid=str(uuidlib.uuid4()),
@@ -148,7 +176,7 @@ def wait_for(client, jobs, timeout, verbose, note_every):
     seconds, say on stderr why jobs still wait, if no live pilot takes them."""
     uuids = [j["uuid"] for j in jobs]
     deadline = time.monotonic() + timeout if timeout else None
-    next_note = time.monotonic() + note_every
+    next_note = time.monotonic()    # the first note at once: a job no pilot may take never starts
     delay = 0.2
     while True:
         states = client.job_states(uuids)
@@ -180,7 +208,7 @@ def stuck_notes(client, waiting):
 
 
 def submit(client, args):
-    jobs = load_jobs(args.jobfile, args.infile, args.replicas)
+    jobs = load_jobs(args.jobfile, args.infile, args.replicas, args.dunetpcver)
     if args.test:
         print(json.dumps(jobs, indent=2))
         return 0
@@ -206,9 +234,14 @@ def submit(client, args):
         print("\n".join(uuids), flush=True)
     states = wait_for(client, jobs, args.wait_timeout, args.verbose, args.wait_notes)
     ok = all(states[u]["state"] == "finished" and states[u]["exit_code"] == 0 for u in uuids)
-    emit(args, {"jobs": states},
-         lambda: "\n".join(f"{u} {states[u]['state']} {states[u]['exit_code']}" for u in uuids))
-    return 0 if ok else 1
+    emit(args, {"jobs": states}, lambda: "\n".join(ended_line(u, states[u]) for u in uuids))
+    return 0 if ok else WAIT_FAILED
+
+
+def ended_line(uuid, state):
+    """`uuid state exit_code`, and the reason of a job that did not finish well."""
+    line = f"{uuid} {state['state']} {state['exit_code']}"
+    return f"{line} {state['reason']}" if state.get("reason") else line
 
 
 def send(client, jobs, delay_ms, submission):
@@ -281,7 +314,9 @@ def jobtypes(client, args):
     """List job types (the original's -l), or set one's cap (-L N, -L -1 or --no-cap removes)."""
     if args.cap is not None or args.no_cap:
         cap = None if args.no_cap or args.cap == -1 else args.cap
-        client.set_cap(args.jobtype_name, cap)
+        names = [args.jobtype_name] if args.jobtype_name else [t["name"] for t in client.list_jobtypes()]
+        for name in names:
+            client.set_cap(name, cap)
     types = client.list_jobtypes(args.jobtype_name)
     if args.jobtype_name and not types:
         types = [{"name": args.jobtype_name, "cap": None, "defined": 0, "running": 0, "finished": 0, "failed": 0}]
@@ -307,9 +342,22 @@ def format_job(job):
     return "\n".join(parts)
 
 
+def summary(client, args):
+    """The status page's figures as `key=value` lines: easy to grep, awk or diff."""
+    page = client.call("GET", "/", query={"format": "json"})
+    last_hour = page["ended"].get("1h", {})
+    alarms = page["alarms"]
+    emit(args, {k: page[k] for k in ("jobs_by_state", "pilots_by_state", "ended", "alarms")}, lambda: "\n".join([
+        "jobs " + " ".join(f"{s}={n}" for s, n in page["jobs_by_state"].items()),
+        "pilots " + " ".join(f"{s}={n}" for s, n in page["pilots_by_state"].items()),
+        "ended_1h " + " ".join(f"{s}={n}" for s, n in last_hour.items()),
+        f"alarms {len(alarms)}"] + [f"alarm {a['name']} severity={a['severity']} {a['message']}" for a in alarms]))
+    return 0
+
+
 ACTIONS = ((lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
            (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
-           (lambda a: a.submission, show_submission))
+           (lambda a: a.submission, show_submission), (lambda a: a.summary, summary))
 
 
 def main(argv=None):

@@ -34,6 +34,8 @@ here=$(cd "$(dirname "$0")" && pwd)
 export P3S_NODE=${P3S_NODE:-$(hostname -s)}
 rundir=${P3S_RUNDIR:-$HOME/.p3s/run/$P3S_NODE}
 mkdir -p "$rundir"
+# refuse at once what every pilot would refuse alone in its log (a bad option, an undefined site)
+"${P3S_PYTHON:-python3}" "$here/pilot.py" --check "$@" >/dev/null || exit 2
 for i in $(seq "$n"); do
   stamp=$(date +%Y%m%d-%H%M%S)-$$-$i
   # In a non-interactive shell setsid execs in place, so $! is the pilot's own pid.

@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid as uuidlib
@@ -38,6 +39,7 @@ DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
 TAIL_BYTES = 64 * 1024
 LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
+CHECK_RETRY = 5             # seconds pilot.py --check (pgen.sh) waits for it: the pilots wait longer
 RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, forever
 RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported running: a shorter job
                             # is reported once, at its end (with its runtime; the server records both)
@@ -58,7 +60,11 @@ class Interrupted(Exception):
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="Run p3s jobs on this node.")
+    p = ArgumentParser(description="Run p3s jobs on this node.", env=[
+        ("P3S_SITE", "the default of -s"), ("P3S_NODE", "the host name the pilot registers (default hostname -s)"),
+        ("P3S_PILOTLOG", "the default of -l"), ("P3S_JOBLOG", "the default of -L"),
+        ("P3S_REQUEST", "the default of --request")],
+        exits=[("3", "with --try: a job did not exit with code 0")])
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     p.add_argument("-s", "--site", default=os.environ.get("P3S_SITE", ""),
                    help="site name; its defaults on the server apply (default $P3S_SITE)")
@@ -103,6 +109,17 @@ def parse_args(argv):
     p.add_argument("-u", "--uuid", help="with -k: this pilot")
     p.add_argument("-H", "--host", help="with -k: pilots on this host")
     p.add_argument("-A", "--pilot-state", metavar="STATE", help="with -k: pilots in this state (e.g. 'no jobs')")
+    p.add_argument("--try", dest="try_file", metavar="FILE",
+                   help="run the jobs of FILE here and now, with the env a pilot would give them (site env from "
+                   "-j SITE.json or -s SITE, input file -f), output on this terminal; nothing is stored")
+    p.add_argument("-f", "--input-file", metavar="PATH", help="with --try: the job's input file (P3S_INPUT_FILE)")
+    p.add_argument("-x", "--shell", action="store_true",
+                   help="run every payload through the shell, as P3S_EXECMODE does (the original's -x)")
+    p.add_argument("-U", "--usage", action="store_true",
+                   help="print the job states and exit codes p3s uses, and exit")
+    p.add_argument("--check", action="store_true",
+                   help="check these options and that the site is defined on the server, and exit "
+                   "(pgen.sh runs it before starting pilots)")
     p.add_argument("--fleet-check", metavar="FILE",
                    help="compare the server's live pilots with preport.sh -v output in FILE ('-' = stdin); "
                    "exit 1 if they differ")
@@ -116,8 +133,12 @@ def parse_args(argv):
         p.error("--define-site needs -s SITE or -j FILE")
     if args.delete_site and not args.site:
         p.error("--delete-site needs -s SITE")
-    if (args.site_file or args.pilots is not None or args.pilot_life is not None) and not args.define_site:
-        p.error("-j, --pilots and --pilot-life go with --define-site")
+    if (args.pilots is not None or args.pilot_life is not None) and not args.define_site:
+        p.error("--pilots and --pilot-life go with --define-site")
+    if args.site_file and not (args.define_site or args.try_file):
+        p.error("-j goes with --define-site or --try")
+    if args.input_file and not args.try_file:
+        p.error("-f goes with --try FILE")
     if args.kill and not (args.uuid or args.site or args.host or args.pilot_state):
         p.error("-k needs -u UUID, -s SITE, -H HOST and/or -A STATE")
     if args.drain and not args.kill:
@@ -127,7 +148,8 @@ def parse_args(argv):
             p.error(f"--site-env {item!r}: expected NAME=VALUE")
     if args.keep_job_files is not None and args.keep_job_files <= 0:
         p.error(f"--keep-job-files {args.keep_job_files:g}: must be more than 0 hours")
-    if not (args.define_site or args.sites or args.delete_site or args.kill or args.fleet_check):
+    if not (args.define_site or args.sites or args.delete_site or args.kill or args.fleet_check or args.usage
+            or args.try_file):
         try:
             os.makedirs(args.joblogdir, exist_ok=True)
         except OSError as e:
@@ -140,9 +162,10 @@ def parse_args(argv):
 # ------------------------------------------------------------------------------------------------
 # Running one payload
 # ------------------------------------------------------------------------------------------------
-def payload_command(job):
-    """(argv or shell line, shell?) for the two payload forms of the original p3s."""
-    if job["env"].get("P3S_EXECMODE", "").upper() == "SHELL":
+def payload_command(job, force_shell=False):
+    """(argv or shell line, shell?) for the two payload forms of the original p3s: any non-empty
+    P3S_EXECMODE (the original's test), or pilot.py -x, runs the payload through the shell."""
+    if force_shell or job["env"].get("P3S_EXECMODE", "").strip():
         return " ".join(x for x in (job["payload"], job["params"]) if x), True
     return shlex.split(job["payload"]) + shlex.split(job["params"]), False
 
@@ -473,6 +496,7 @@ class Pilot:
             info["request"] = self.args.request
         if self.args.heartbeat is not None:
             info["heartbeat"] = self.args.heartbeat
+        self.client.on_retry = log.warning     # said at once, whatever the verbosity
         answer = self.client.register_pilot(retry_for=REGISTER_RETRY, **info)
         self.heard_from_server()
         self.uuid, self.lease, self.dropped = answer["uuid"], answer["lease"], None
@@ -674,7 +698,7 @@ class Pilot:
                 log.warning("job %s: running report not delivered: %s", execution.job["uuid"], e)
 
     def start(self, job, out_path, err_path):
-        command, shell = payload_command(job)
+        command, shell = payload_command(job, self.args.shell)
         job_dir = os.path.join(os.path.dirname(out_path), job["uuid"])
         env = payload_env(self.inherited_env, self.site_env, job, self.uuid, job_dir)
         os.makedirs(job_dir, exist_ok=True)
@@ -833,10 +857,12 @@ def fleet_check(client, args):
     with source:
         hosts, found = read_preport(source)
     live = [p for p in client.list_pilots(limit=10000) if p["state"] in LIVE_STATES and p["host"] in hosts]
-    on_nodes = {uuid for _, _, uuid in found}
-    gone = [p for p in live if p["uuid"] not in on_nodes]
-    known = {p["uuid"] for p in live}
-    strangers = [f for f in found if f[2] not in known]
+    # a process is a pilot by its uuid (from its pgen.sh log) or, when it logs elsewhere (-l DIR,
+    # P3S_PILOTLOG), by its node and pid, which it registered with
+    on_nodes = {uuid for _, _, uuid in found} | {(host, pid) for host, pid, _ in found}
+    gone = [p for p in live if p["uuid"] not in on_nodes and (p["host"], str(p["pid"])) not in on_nodes]
+    known = {p["uuid"] for p in live} | {(p["host"], str(p["pid"])) for p in live}
+    strangers = [f for f in found if f[2] not in known and (f[0], f[1]) not in known]
     print(f"checked {len(hosts)} node(s): {len(found)} pilot process(es), {len(live)} live on the server")
     for p in gone:
         print(f"GONE     {p['host']} {p['uuid']} pid {p['pid']}: the server thinks it is {p['state']}, "
@@ -848,16 +874,59 @@ def fleet_check(client, args):
     return 1 if gone or strangers else 0
 
 
+def read_json(path, option):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except OSError as e:
+        raise InputError(f"{option} {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise InputError(f"{option} {path}: malformed JSON: {e}") from None
+
+
+def try_jobs(client, args):
+    """pilot.py --try FILE: run each job of FILE here, now, with the environment a pilot would
+    give it (the site's env from -j SITE.json or the server's site -s, the P3S_* values, the
+    input file -f), its output on this terminal: how a payload author tests a wrapper before
+    submitting it (the original's testwrapper.py). No job is stored, no pilot registers."""
+    jobs = read_json(args.try_file, "--try")
+    jobs = jobs if isinstance(jobs, list) else [jobs]
+    site_env = {}
+    if args.site_file:
+        site = read_json(args.site_file, "-j")
+        if not isinstance(site, dict) or not isinstance(site.get("env", {}), dict):
+            raise InputError(f"-j {args.site_file}: expected a site object, with env an object")
+        site_env = site.get("env", {})
+    elif args.site:
+        site_env = client.get_site(args.site, retry_for=CHECK_RETRY).get("env", {})
+    worst = 0
+    for number, fields in enumerate(jobs):
+        if not isinstance(fields, dict) or not isinstance(fields.get("payload"), str):
+            raise InputError(f"--try {args.try_file}: job {number} has no payload")
+        job = {"uuid": str(uuidlib.uuid4()), "payload": fields["payload"], "params": str(fields.get("params", "")),
+               "env": {k: str(v) for k, v in (fields.get("env") or {}).items()},
+               "infile": args.input_file or str(fields.get("infile", ""))}
+        job_dir = tempfile.mkdtemp(prefix=f"p3s-try-{job['uuid'][:8]}-")
+        env = payload_env(os.environ, site_env, job, "local-try", job_dir)
+        env = {k: v for k, v in env.items() if not k.startswith("P3S_TOKEN")}
+        command, shell = payload_command(job, args.shell)
+        print(f"--- {fields.get('name') or 'job'} {number}: {command}  (P3S_JOB_DIR={job_dir})", flush=True)
+        proc = subprocess.Popen(command, shell=shell, env=env, start_new_session=True)
+        try:
+            code = proc.wait()
+        finally:
+            kill_group(proc.pid, signal.SIGKILL)       # as a pilot does: no stray child outlives it
+        images = [path for _, path in images_to_publish(env, IMAGE_LIMITS["max_bytes"])]
+        print(f"--- exit code {code}; a pilot would publish {len(images)} image(s)"
+              + "".join(f"\n    {p}" for p in images), flush=True)
+        worst = worst or (3 if code else 0)
+    return worst
+
+
 def define_site(client, args):
     """Store a site: from -j FILE (the original's site JSON, unchanged), else from the flags."""
     if args.site_file:
-        try:
-            with open(args.site_file) as f:
-                fields = json.load(f)
-        except OSError as e:
-            raise InputError(f"-j {args.site_file}: {e.strerror}") from None
-        except ValueError as e:
-            raise InputError(f"-j {args.site_file}: malformed JSON: {e}") from None
+        fields = read_json(args.site_file, "-j")
         if not isinstance(fields, dict) or not isinstance(fields.get("name", args.site), str):
             raise InputError(f"-j {args.site_file}: expected a site object with a name")
         name = args.site or fields.get("name", "")
@@ -880,6 +949,35 @@ def format_sites(sites):
     shown = [{c: json.dumps(s[c]) if c == "env" and s[c] else None if c == "env" else
               f"{s[c]:g}" if isinstance(s[c], float) else s[c] for c in SITE_COLUMNS} for s in sites]
     return format_table(shown, SITE_COLUMNS)
+
+
+USAGE_TEXT = """job states:
+  template    held until adjusted to defined
+  defined     waiting for a pilot
+  dispatched  claimed by a pilot, not started yet
+  running     its payload runs
+  finished    the payload exited with code 0
+  failed      the payload exited with a non-zero code (its reason: the last stderr line)
+  timeout     killed at its time limit
+  pilotTO     its pilot died, was stopped, or lost the server for its whole lease
+  cancelled   cancelled by a user, or with its workflow
+exit codes of a payload: as the payload gave them; -N when killed by signal N (-9 SIGKILL, -15 SIGTERM)
+exit codes of pilot.py: 0 done or stopped, 2 bad options or an undefined site, 1 the server unreachable"""
+
+
+def check_site(client, site):
+    """pilot.py --check: refuse at once what every pilot started with these options would
+    refuse later, alone in its log (pgen.sh runs it before starting N pilots)."""
+    if site:
+        try:
+            client.get_site(site, retry_for=CHECK_RETRY)
+        except P3SError as e:
+            if e.status == 404:
+                raise InputError(f"site {site!r} is not defined on {client.server} "
+                                 "(define it first: pilot.py --define-site -s SITE ...)") from None
+            print(f"pilot.py: {e}; the site is not checked, the pilots will retry", file=sys.stderr)
+    print(f"ok: pilot options checked{f', site {site!r} defined' if site else ''}")
+    return 0
 
 
 def list_sites(client):
@@ -913,6 +1011,13 @@ def main(argv=None):
 
 
 def act(args, client):
+    if args.usage:
+        print(USAGE_TEXT)
+        return 0
+    if args.check:
+        return check_site(client, args.site)
+    if args.try_file:
+        return try_jobs(client, args)
     if args.kill:
         return mark_pilots(client, args)
     if args.fleet_check:

@@ -502,6 +502,21 @@ MIGRATIONS = [
                             site TEXT NOT NULL DEFAULT '', jobtype TEXT NOT NULL DEFAULT '', who TEXT NOT NULL,
                             why TEXT NOT NULL, until REAL, ts REAL NOT NULL);
     """,
+    # v12: where each job ran (its pilot's site, beside the site it asked for); the input files
+    # in the order they arrived, for the run grid (rows are files; a bounded read, never a scan
+    # of jobs); a datatype's comment (the original's Data Types page).
+    """
+    ALTER TABLE jobs ADD COLUMN ran_site TEXT;
+    CREATE INDEX jobs_ran_site ON jobs(ran_site, id) WHERE ran_site IS NOT NULL;
+    CREATE INDEX jobs_infile ON jobs(infile, jobtype) WHERE infile != '';
+    CREATE TABLE inputs(infile TEXT PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID;
+    CREATE INDEX inputs_ts ON inputs(ts);
+    INSERT OR IGNORE INTO inputs SELECT infile, MIN(ts_def) FROM jobs WHERE infile != '' GROUP BY infile;
+    CREATE TRIGGER jobs_inputs AFTER INSERT ON jobs WHEN new.infile != '' BEGIN
+        INSERT OR IGNORE INTO inputs VALUES(new.infile, new.ts_def);
+    END;
+    ALTER TABLE datatypes ADD COLUMN comment TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 
@@ -1704,7 +1719,7 @@ class Broker:
             # Select, then a guarded update: atomic, as the write lock and BEGIN IMMEDIATE are
             # held (a returning clause needs sqlite 3.35; lxplus has 3.34).
             move_job(conn, best["uuid"], "defined", "dispatched", pilot_uuid, attempt=best["attempt"],
-                     changes=dict(pilot=pilot_uuid, ts_dis=now(), host=pilot["host"]))
+                     changes=dict(pilot=pilot_uuid, ts_dis=now(), host=pilot["host"], ran_site=pilot["site"]))
             job = lookup(conn, "jobs", best["uuid"])
         move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=now())
         return job_to_dict(job)
@@ -1952,16 +1967,80 @@ class Workflows:
         rows, paging = page_of(self.store, "datasets", query, ("state", "origin", "wfuuid", "datatype"))
         return {"datasets": rows, **paging}
 
+    DATASET_STATES = ("pending", "ready", "bad", "archived")
+
+    def register_dataset(self, body, who):
+        """A file registered by hand (the original's dataset.py -r): listed on /datasets, its own
+        origin, tied to no work."""
+        check_keys(body, "dataset", ("name", "dirpath", "datatype", "comment", "state", "size", "uuid"))
+        row = {"uuid": as_uuid(body["uuid"], "uuid") if "uuid" in body else str(uuidlib.uuid4()),
+               "name": as_str(body.get("name", ""), "name", allow_empty=False, max_len=1024),
+               "dirpath": as_str(body.get("dirpath", ""), "dirpath", allow_empty=False, max_len=4096),
+               "datatype": as_str(body.get("datatype", ""), "datatype", max_len=64),
+               "comment": as_str(body.get("comment", ""), "comment", max_len=1024),
+               "state": as_choice(body.get("state", "ready"), "state", self.DATASET_STATES),
+               "size": as_int(body.get("size", 0), "size", 0)}
+        with self.store.transaction() as conn:
+            self.check_datatype(conn, row["datatype"])
+            conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,comment,state,origin,size,ts) "
+                         "VALUES(:uuid,:name,:dirpath,:datatype,:comment,:state,'registered',:size,:ts) "
+                         "ON CONFLICT(uuid) DO NOTHING", dict(row, ts=now()))
+            return dict(lookup(conn, "datasets", row["uuid"]))
+
+    def adjust_dataset(self, uuid, body, who):
+        check_keys(body, "dataset", ("state", "comment", "datatype"))
+        if not body:
+            raise bad("dataset: give state, comment and/or datatype")
+        changes = {}
+        if "state" in body:
+            changes["state"] = as_choice(body["state"], "state", self.DATASET_STATES)
+        if "comment" in body:
+            changes["comment"] = as_str(body["comment"], "comment", max_len=1024)
+        if "datatype" in body:
+            changes["datatype"] = as_str(body["datatype"], "datatype", max_len=64)
+        with self.store.transaction() as conn:
+            lookup(conn, "datasets", uuid)
+            self.check_datatype(conn, changes.get("datatype", ""))
+            conn.execute("UPDATE datasets SET " + ", ".join(f"{k}=:{k}" for k in changes) + " WHERE uuid=:uuid",
+                         dict(changes, uuid=uuid))
+            return dict(lookup(conn, "datasets", uuid))
+
+    def delete_dataset(self, uuid, who):
+        """Forget a file record: an injected file is then started again by its injector (the way to
+        rerun one file); a workflow's files go with their workflow."""
+        with self.store.transaction() as conn:
+            row = lookup(conn, "datasets", uuid)
+            if row["origin"] == "edge":
+                raise ApiError(409, f"dataset {uuid}: a file of workflow {row['wfuuid']}; delete the workflow instead")
+            conn.execute("DELETE FROM datasets WHERE uuid=?", (uuid,))
+        return {"deleted": uuid}
+
+    @staticmethod
+    def check_datatype(conn, name):
+        if name and not conn.execute("SELECT 1 FROM datatypes WHERE name=?", (name,)).fetchone():
+            raise bad(f"datatype: {name!r} is not defined (workflow.py --datatype NAME:EXT)")
+
+    def delete_datatype(self, name):
+        with self.store.transaction() as conn:
+            if not conn.execute("SELECT 1 FROM datatypes WHERE name=?", (name,)).fetchone():
+                raise ApiError(404, f"datatype {name!r}: no such datatype")
+            used = conn.execute("SELECT dag FROM dag_edges WHERE datatype=? LIMIT 1", (name,)).fetchone()
+            if used:
+                raise ApiError(409, f"datatype {name!r}: DAG {used[0]!r} uses it")
+            conn.execute("DELETE FROM datatypes WHERE name=?", (name,))
+        return {"deleted": name}
+
     def list_datatypes(self):
-        return {"datatypes": [dict(r) for r in self.store.read("SELECT name, ext FROM datatypes ORDER BY name")]}
+        return {"datatypes": [dict(r) for r in self.store.read("SELECT name, ext, comment FROM datatypes ORDER BY name")]}
 
     def define_datatype(self, name, body):
-        check_keys(body, "datatype", ("ext",))
+        check_keys(body, "datatype", ("ext", "comment"))
         ext = as_str(body.get("ext", ""), "ext", max_len=16)
+        comment = as_str(body.get("comment", ""), "comment", max_len=1024)
         self.store.write(lambda conn: conn.execute(
-            "INSERT INTO datatypes(name, ext) VALUES(?, ?) ON CONFLICT(name) DO UPDATE SET ext=excluded.ext",
-            (name, ext)))
-        return {"name": name, "ext": ext}
+            "INSERT INTO datatypes(name, ext, comment) VALUES(?, ?, ?) "
+            "ON CONFLICT(name) DO UPDATE SET ext=excluded.ext, comment=excluded.comment", (name, ext, comment)))
+        return {"name": name, "ext": ext, "comment": comment}
 
 
 # -- Service: published images -------------------------------------------------------------------
@@ -2363,9 +2442,9 @@ class Service:
         uuids = [as_uuid(u, f"uuids[{i}]") for i, u in enumerate(uuids)]
         found = {}
         for chunk in chunks(uuids):
-            for r in self.store.read("SELECT uuid, state, exit_code FROM jobs WHERE uuid IN (%s)"
+            for r in self.store.read("SELECT uuid, state, exit_code, reason FROM jobs WHERE uuid IN (%s)"
                                      % ",".join("?" * len(chunk)), chunk):
-                found[r["uuid"]] = {"state": r["state"], "exit_code": r["exit_code"]}
+                found[r["uuid"]] = {"state": r["state"], "exit_code": r["exit_code"], "reason": r["reason"]}
         return {"jobs": found}
 
     ADJUSTABLE = {  # target state -> states a user may move a job from
@@ -3171,6 +3250,11 @@ class Service:
         conn.execute("DELETE FROM requests WHERE ts < ?", (cutoff,))
         gone += delete_rows(conn, "datasets INDEXED BY datasets_loose", "wfuuid IS NULL AND ts < ? LIMIT ?",
                             (cutoff, PURGE_BATCH))
+        stale_inputs = conn.execute(          # the run grid's rows whose jobs are all purged
+            "SELECT infile FROM inputs INDEXED BY inputs_ts WHERE ts < ? AND NOT EXISTS "
+            "(SELECT 1 FROM jobs INDEXED BY jobs_infile WHERE jobs.infile = inputs.infile AND jobs.infile != '') LIMIT ?",
+            (cutoff, PURGE_BATCH)).fetchall()
+        conn.executemany("DELETE FROM inputs WHERE infile=?", stale_inputs)
         for chunk in chunks(gone):
             conn.execute(f"DELETE FROM events INDEXED BY events_uuid WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
         return gone
@@ -4285,6 +4369,10 @@ API = (
     ("GET", "/api/datasets", "workflows.list_datasets", ("query",), None),
     ("GET", "/api/datatypes", "workflows.list_datatypes", (), None),
     ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), ADMIN),
+    ("DELETE", "/api/datatypes/<name>", "workflows.delete_datatype", (), ADMIN),
+    ("POST", "/api/datasets", "workflows.register_dataset", ("body", "who"), ADMIN),
+    ("POST", "/api/datasets/<uuid>/adjust", "workflows.adjust_dataset", ("body", "who"), ADMIN),
+    ("DELETE", "/api/datasets/<uuid>", "workflows.delete_dataset", ("who",), ADMIN),
     ("GET", "/api/sites", "list_sites", (), None),
     ("GET", "/api/sites/<name>", "get_site", (), None),
     ("POST", "/api/sites/<name>/requests", "request_pilots", ("body",), ADMIN),
@@ -4857,11 +4945,41 @@ def load_token(token_file, db_path, host):
         raise StartupError(f"--host {host}: a non-loopback address needs a token (--token-file or P3S_TOKEN)")
     path = os.path.splitext(db_path)[0] + ".token"
     if not os.path.exists(path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32) + "\n")
+        write_new_token(path)
     with open(path) as f:
         return f.read().strip(), path
+
+
+def write_new_token(path):
+    """A fresh random token in a new file only its owner may read (never over an existing one)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_urlsafe(32) + "\n")
+
+
+def new_token_command(path):
+    """server.py --new-token FILE: make a token file and exit (0 made, 2 refused)."""
+    try:
+        write_new_token(path)
+    except FileExistsError:
+        print(f"server.py: --new-token {path}: the file exists; use it, or remove it first", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"server.py: --new-token {path}: {e.strerror}", file=sys.stderr)
+        return 2
+    print(f"wrote a new token to {path} (mode 0600); give it to the server with --token-file and to "
+          f"the tools with P3S_TOKEN_FILE")
+    return 0
+
+
+SERVER_EPILOG = """environment:
+  P3S_TOKEN       the write token, when no --token-file is given
+
+exit codes:
+  0   stopped (SIGTERM, SIGINT), or --new-token wrote its file
+  1   cannot open the database or listen on the port
+  2   a bad option, or a start refused (an old Python or sqlite, a network filesystem, a token problem)"""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -4873,7 +4991,8 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def parse_args(argv):
-    p = ArgumentParser(description="p3s server: jobs, pilots and workflows over HTTP/JSON.")
+    p = ArgumentParser(description="p3s server: jobs, pilots and workflows over HTTP/JSON.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVER_EPILOG)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--db", default=DEFAULT_DB, help="sqlite database (default p3s.db beside server.py)")
@@ -4918,6 +5037,8 @@ def parse_args(argv):
                    "sqlite's locking does not hold there)")
     p.add_argument("--token-file", help="file holding the write token (default: $P3S_TOKEN, else "
                    "a token generated beside the database, loopback only)")
+    p.add_argument("--new-token", metavar="FILE",
+                   help="write a new random token to FILE (mode 0600, never over an existing file) and exit")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--housekeeping", type=float, default=2.0, metavar="SECONDS",
                    help="seconds between housekeeping passes (default 2)")
@@ -4962,6 +5083,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.new_token:
+        return new_token_command(args.new_token)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     problem = floor_problem()

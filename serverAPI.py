@@ -36,8 +36,29 @@ KEEP_CONNECTIONS = 4    # idle connections a client keeps open (a pilot uses up 
 SUBMIT_BYTES = 1024 * 1024  # a submission goes in requests of about this size (the server takes 4 MiB)
 
 
+CLIENT_ENV = (
+    ("P3S_SERVER", f"the server's URL (default {DEFAULT_SERVER})"),
+    ("P3S_TOKEN", "the write token, or"),
+    ("P3S_TOKEN_FILE", "a file holding it (default p3s.token beside the scripts)"),
+    ("P3S_RETRY_FOR", "seconds to keep retrying an unreachable server (default 30)"),
+    ("P3S_VERBOSITY", "the default of -v (0-4)"),
+)
+CLIENT_EXITS = (
+    ("0", "success"),
+    ("1", "server or network failure"),
+    ("2", "bad input, or a request the server refused (one line on stderr says why)"),
+)
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with the tools' convention for bad options: one line on stderr, exit 2."""
+    """argparse with the tools' convention for bad options: one line on stderr, exit 2; its
+    --help ends with the environment the tool reads and its exit codes."""
+
+    def __init__(self, *args, env=(), exits=(), **kwargs):
+        lines = ["environment:"] + [f"  {name:<16}{meaning}" for name, meaning in CLIENT_ENV + tuple(env)]
+        lines += ["", "exit codes:"] + [f"  {code:<4}{meaning}" for code, meaning in CLIENT_EXITS + tuple(exits)]
+        super().__init__(*args, epilog="\n".join(lines), formatter_class=argparse.RawDescriptionHelpFormatter,
+                         **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
@@ -81,9 +102,14 @@ class InputError(Exception):
 def run_cli(tool, action):
     """Run a tool's action with the exit-code convention of every p3s client: 0 success,
     2 bad input or a request the server refused, 1 server or network failure; one line on
-    stderr says what went wrong."""
+    stderr says what went wrong. A reader that stops reading (`| head`) ends it quietly."""
     try:
-        return action()
+        status = action()
+        sys.stdout.flush()
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit
+        return 0
     except InputError as e:
         print(f"{tool}: {e}", file=sys.stderr)
         return 2
@@ -126,7 +152,8 @@ def read_token(token=None, token_file=None):
         with open(path) as f:
             return f.read().strip()
     except OSError as e:
-        raise P3SError(f"token file {path}: {e.strerror}") from None
+        raise InputError(f"token file {path} (P3S_TOKEN_FILE): {e.strerror}; make one with "
+                         "`python server.py --new-token FILE`, or set P3S_TOKEN") from None
 
 
 class Client:
@@ -147,6 +174,7 @@ class Client:
         self.base_path = parts.path.rstrip("/")
         self.pool, self.pool_lock = [], threading.Lock()     # idle kept-alive connections
         self.token, self.token_file = token, token_file
+        self.token_problem = None   # why the token could not be read, said if the server needs it
         self.timeout = timeout
         self.retry_for = retry_for if retry_for is not None else _retry_from_env()
         self.pilot_secrets = {}     # pilot uuid -> the secret it registered with
@@ -171,17 +199,23 @@ class Client:
                 if e.bad_input or time.monotonic() + delay > deadline:
                     raise
                 if self.on_retry and e.status is None:
-                    self.on_retry(f"server not reachable at {self.server} ({e}); retrying for {retrying:g} s "
-                                  "(P3S_RETRY_FOR)")
+                    until = time.strftime("%H:%M:%S", time.localtime(time.time() + retrying))
+                    source = " (P3S_RETRY_FOR)" if retry_for is None else ""
+                    self.on_retry(f"server not reachable at {self.server} ({e}); retrying for {retrying:g} s"
+                                  f"{source}, until {until}")
                     self.on_retry = None        # said once
             time.sleep(delay)
             delay = min(delay * 2, BACKOFF_CAP)
 
     def _headers(self, pilot=None, raw=False):
         """Read the token at each attempt until found: a server starting alongside the
-        client may write the default token file only after the client started."""
+        client may write its token file only after the client started. A token file that is
+        missing is said (exit 2) only once the server answers that it needs the token."""
         if not self.token:
-            self.token = read_token(None, self.token_file)
+            try:
+                self.token, self.token_problem = read_token(None, self.token_file), None
+            except InputError as e:
+                self.token_problem = e
         headers = {"Content-Type": "application/octet-stream" if raw else "application/json"}
         if self.token:
             headers["Authorization"] = "Bearer " + self.token
@@ -212,6 +246,10 @@ class Client:
                 raise P3SError(f"cannot reach the p3s server at {self.server}: {e}") from None
             self._release(conn, answer.will_close)
             break
+        if answer.status == 401 and self.token_problem:
+            raise self.token_problem
+        if answer.status == 404:        # name what was asked: a wrong P3S_SERVER shows at once
+            raise P3SError(f"{method} {self.server}{target[len(self.base_path):]}: {_error_text(payload, answer)}", 404)
         if answer.status >= 400:
             raise P3SError(_error_text(payload, answer), answer.status)
         try:
@@ -348,9 +386,9 @@ class Client:
     def retire_service(self, name, retry_for=None):
         return self.call("DELETE", f"/api/services/{quote(name, safe='')}", retry_for=retry_for)
 
-    def get_site(self, name):
+    def get_site(self, name, retry_for=None):
         """The site with live, pending and missing pilots and its recent factory requests."""
-        return self.call("GET", f"/api/sites/{quote(name, safe='')}")
+        return self.call("GET", f"/api/sites/{quote(name, safe='')}", retry_for=retry_for)
 
     def request_pilots(self, site, count, expires):
         return self.call("POST", f"/api/sites/{quote(site, safe='')}/requests", {"count": count, "expires": expires})
@@ -404,8 +442,20 @@ class Client:
         return self.call("GET", "/api/datasets",
                          query={k: v for k, v in filters.items() if v is not None})["datasets"]
 
-    def define_datatype(self, name, ext):
-        return self.call("PUT", f"/api/datatypes/{quote(name, safe='')}", {"ext": ext})
+    def define_datatype(self, name, ext, comment=""):
+        return self.call("PUT", f"/api/datatypes/{quote(name, safe='')}", {"ext": ext, "comment": comment})
+
+    def delete_datatype(self, name):
+        return self.call("DELETE", f"/api/datatypes/{quote(name, safe='')}")
+
+    def register_dataset(self, **fields):
+        return self.call("POST", "/api/datasets", fields)
+
+    def adjust_dataset(self, uuid, **changes):
+        return self.call("POST", f"/api/datasets/{uuid}/adjust", changes)
+
+    def delete_dataset(self, uuid):
+        return self.call("DELETE", f"/api/datasets/{uuid}")
 
     def list_datatypes(self):
         return self.call("GET", "/api/datatypes")["datatypes"]

@@ -33,6 +33,7 @@ def parse_args(argv):
                    "(-w workflow -u UUID) with its jobs and files")
     p.add_argument("-G", "--get", metavar="NAME", help="print DAG NAME as GraphML")
     p.add_argument("--list", action="store_true", help="list DAGs and recent workflows")
+    p.add_argument("-l", "--list-dags", action="store_true", help="list the DAG templates (the original's -l)")
     p.add_argument("--datatype", metavar="NAME:EXT", help="define a datatype and the extension of its "
                    "generated file names, e.g. ROOT:.root")
     p.add_argument("--datatypes", action="store_true", help="list the datatypes")
@@ -52,10 +53,10 @@ def parse_args(argv):
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "say more")
     args = p.parse_args(argv)
-    actions = [args.graphml, args.add, args.modify, args.delete, args.get, args.list, args.show,
+    actions = [args.graphml, args.add, args.modify, args.delete, args.get, args.list, args.list_dags, args.show,
                args.datatype, args.datatypes]
     if sum(bool(a) for a in actions) != 1:
-        p.error("give exactly one of -g FILE, -a DAG, -m, -d, -G NAME, --list, --show, --datatype, --datatypes")
+        p.error("give exactly one of -g FILE, -a DAG, -m, -d, -G NAME, --list, -l, --show, --datatype, --datatypes")
     if args.datatype and ":" not in args.datatype:
         p.error(f"--datatype {args.datatype!r}: expected NAME:EXT, e.g. ROOT:.root")
     if args.modify and not (args.uuid and args.state):
@@ -124,10 +125,18 @@ def get_graphml(client, args):
     return {"name": args.get, "graphml": text}, text.rstrip("\n")
 
 
+def dag_lines(dags):
+    return [f"  {d['name']}  {d['vertices']} vertices, {d['workflows']} workflows  {d['description']}" for d in dags]
+
+
+def list_dags(client, args):
+    dags = client.list_dags()
+    return {"dags": dags}, "\n".join(["DAGs:"] + dag_lines(dags))
+
+
 def list_all(client, args):
     dags, workflows = client.list_dags(), client.list_workflows(limit=100)
-    lines = ["DAGs:"] + [f"  {d['name']}  {d['vertices']} vertices, {d['workflows']} workflows  {d['description']}"
-                         for d in dags]
+    lines = ["DAGs:"] + dag_lines(dags)
     lines += ["workflows:"] + [f"  {w['uuid']}  {w['state']:9}  {w['dag']}  {w['name']}" for w in workflows]
     return {"dags": dags, "workflows": workflows}, "\n".join(lines)
 
@@ -163,7 +172,7 @@ def list_datatypes(client, args):
 
 ACTIONS = (("datatype", define_datatype), ("datatypes", list_datatypes), ("graphml", register_dag),
            ("add", add_workflow), ("modify", modify), ("delete", delete), ("get", get_graphml),
-           ("list", list_all), ("show", show))
+           ("list", list_all), ("list_dags", list_dags), ("show", show))
 
 
 def main(argv=None):

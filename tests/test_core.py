@@ -115,10 +115,10 @@ def test_replicas_wait_and_exit_codes(p3s):
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 6 and all(line.endswith("finished 0") for line in lines[3:])
     bad = p3s.dir / "bad.json"
-    bad.write_text(json.dumps(shell_job("exit 3")))
+    bad.write_text(json.dumps(shell_job("echo 'ERROR: RawDecoder: no frames' >&2; exit 3")))
     result = p3s.run("job.py", "-j", bad, "--wait")
-    assert result.returncode == 1
-    assert result.stdout.strip().splitlines()[-1].endswith("failed 3")
+    assert result.returncode == 3, "a failed job must be told apart from a network failure (1)"
+    assert result.stdout.strip().splitlines()[-1].endswith("failed 3 ERROR: RawDecoder: no frames")
 
 
 def test_adjust_priority_cancel_and_delete(p3s):
@@ -174,10 +174,14 @@ def test_verify_import_checks_server_and_token(p3s):
 
 
 def readme_block(heading):
-    """The first ```bash block after `heading` in README.md, exactly as a user would copy it."""
+    """The first ```bash block after `heading` in README.md or docs/, exactly as a user would copy it."""
+    import glob
     import re
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    return re.search(re.escape(heading) + r".*?```bash\n(.*?)\n```", readme, re.S).group(1).strip()
+    for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        found = re.search(re.escape(heading) + r".*?```bash\n(.*?)\n```", open(path).read(), re.S)
+        if found:
+            return found.group(1).strip()
+    raise AssertionError(f"no bash block after {heading!r} in README.md or docs/")
 
 
 def fresh_copy(tmp_path):

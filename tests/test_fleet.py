@@ -93,7 +93,7 @@ def test_pdsh_fleet_runs_jobs_once_and_pkill_leaves_nothing(p3s):
 
 
 def test_fleet_check_finds_vanished_and_unknown_pilots(p3s):
-    pgen(p3s, 1, "-p", 1, "-b", 5, hosts="node[1-2]")
+    pgen(p3s, 1, "-p", 1, "-b", 5, "-l", p3s.dir / "pilot-logs", hosts="node[1-2]")   # logs by uuid
     unreachable = dict(p3s.env, P3S_SERVER="http://127.0.0.1:9")
     pgen(p3s, 1, hosts="node3", env=unreachable)          # runs, but never reaches the server
     wait_until(lambda: len(server_pilots(p3s)) == 2, 20, what="2 registered pilots")

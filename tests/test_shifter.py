@@ -219,11 +219,11 @@ def test_the_summary_header_has_the_host_the_crews_links_and_a_refresh_choice(st
 def test_job_py_wait_says_why_no_live_pilot_takes_the_jobs(p3s):
     p3s.api.define_site("neutdqm")
     job = json.dumps([{"payload": "true", "jobtype": "purity", "site": "neutdqm"}])
-    result = p3s.run("job.py", "-j", job, "--wait", "--wait-notes", "0.5", "--wait-timeout", "2.5")
+    result = p3s.run("job.py", "-j", job, "--wait", "--wait-timeout", "2.5")     # notes every 30 s ...
     assert result.returncode == 1
     notes = [line for line in result.stderr.splitlines() if line.startswith("waiting: ")]
     assert notes and notes[0] == ("waiting: no live pilot takes jobtype 'purity' at site 'neutdqm' "
-                                  "(0 pilot(s) alive)")
+                                  "(0 pilot(s) alive)"), "... and the first at once"
 
 
 def test_a_server_away_when_a_job_ends_costs_one_image_try_not_one_per_image(tmp_path, start_server):
