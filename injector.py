@@ -24,7 +24,7 @@ import uuid as uuidlib
 
 from job import read_job_file
 from workflow import structured
-from serverAPI import ArgumentParser, add_verbosity, Client, P3SError, retire, run_cli, stop_on_sigterm
+from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_cli, stop_on_sigterm
 
 log = logging.getLogger("p3s.injector")
 USER = getpass.getuser()            # who the jobs are for, as job.py records it
@@ -52,9 +52,11 @@ def parse_args(argv):
                    help="with --dag: the workflow's output files go to DIR instead of the GraphML's dirpaths")
     p.add_argument("-f", "--fileinfo",
                    help="with --dag: file names as for workflow.py -a -f (default inherit:<the new file>)")
-    p.add_argument("--bare-name", action="store_true",
-                   help="with -j: export P3S_INPUT_FILE as the bare file name and P3S_INPUT_DIR as its "
-                   "directory, as the original's production wrappers expect (default: the full path)")
+    p.add_argument("--bare-name", nargs="?", const="data", choices=("data", "dir"), metavar="SHAPE",
+                   help="with -j: export P3S_INPUT_FILE as the bare file name and P3S_INPUT_DIR for the "
+                   "original's wrappers: 'data' (the default) for $P3S_DATA/$P3S_INPUT_DIR/$P3S_INPUT_FILE, "
+                   "P3S_INPUT_DIR relative to the P3S_DATA the job will have (its env, else its site's); "
+                   "'dir' for $P3S_INPUT_DIR/$P3S_INPUT_FILE, P3S_INPUT_DIR absolute")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "log every scan")
     args = p.parse_args(argv)
@@ -106,7 +108,35 @@ class Watcher:
         return sorted(ready)
 
 
-def work_for(args, jobs, path):
+def input_dirs(client, args, jobs):
+    """For --bare-name: each job's P3S_INPUT_DIR. 'dir': the watched directory. 'data': the
+    watched directory relative to the P3S_DATA the job will run with (its own env's, else its
+    site's), which the directory must lie under; said at start, in one line, if it does not."""
+    inbox = os.path.abspath(args.dir)
+    if args.bare_name == "dir":
+        return [inbox] * len(jobs)
+    site_data = {}
+    dirs = []
+    for job in jobs:
+        env = job.get("env") if isinstance(job.get("env"), dict) else {}
+        site = job.get("site") or ""
+        if "P3S_DATA" not in env and site and site not in site_data:
+            site_data[site] = client.get_site(site).get("env", {}).get("P3S_DATA", "")
+        data = env.get("P3S_DATA", site_data.get(site, ""))
+        if not data:
+            dirs.append(inbox)        # "$P3S_DATA/" + an absolute path is still that path
+            continue
+        relative = os.path.relpath(inbox, os.path.abspath(data))
+        if relative == ".." or relative.startswith("../"):
+            raise InputError(f"--bare-name data: -d {inbox} is not under P3S_DATA={data} (of "
+                             f"{'the job' if 'P3S_DATA' in env else 'site ' + repr(site)}), so "
+                             "$P3S_DATA/$P3S_INPUT_DIR cannot name it; watch a directory under it, or use "
+                             "--bare-name dir for wrappers that read $P3S_INPUT_DIR/$P3S_INPUT_FILE")
+        dirs.append("" if relative == "." else relative)
+    return dirs
+
+
+def work_for(args, jobs, path, dirs=None):
     """The inject request body's work part, with the template it is registered under (a file
     is started once per template, so injectors with different templates share a directory)."""
     if args.dag:
@@ -114,23 +144,23 @@ def work_for(args, jobs, path):
         if args.fileinfo:
             work["fileinfo"] = structured(args.fileinfo, "-f")
         return {k: v for k, v in work.items() if v is not None}
-    inputs = ({"P3S_INPUT_FILE": os.path.basename(path), "P3S_INPUT_DIR": os.path.dirname(path)}
-              if args.bare_name else {"P3S_INPUT_FILE": path})
     bound = []
-    for job in jobs:
+    for job, input_dir in zip(jobs, dirs or [None] * len(jobs)):
         env = job.get("env", {})
+        inputs = ({"P3S_INPUT_FILE": os.path.basename(path), "P3S_INPUT_DIR": input_dir}
+                  if args.bare_name else {"P3S_INPUT_FILE": path})
         bound.append({**job, "uuid": str(uuidlib.uuid4()), "infile": path, "user": job.get("user", USER),
                       "env": {**env, **inputs} if isinstance(env, dict) else env})
     return {"jobs": bound, "template": "jobs:" + os.path.abspath(args.jobs)}
 
 
-def scan(client, watcher, args, jobs):
+def scan(client, watcher, args, jobs, dirs):
     """Start the work of every settled file; one summary line when anything was seen."""
     started = skipped = 0
     for name, size in watcher.settled():
         path = os.path.join(os.path.abspath(args.dir), name)
         answer = client.inject(name=name, dirpath=os.path.abspath(args.dir), size=size,
-                               datatype=args.datatype, user=USER, **work_for(args, jobs, path))
+                               datatype=args.datatype, user=USER, **work_for(args, jobs, path, dirs))
         watcher.done.add(name)
         if answer["registered"]:
             started += 1
@@ -163,12 +193,13 @@ def watch(args):
     jobs = read_job_file(args.jobs) if args.jobs else None
     client = Client(args.server)
     watcher = Watcher(args)
+    dirs = input_dirs(client, args, jobs) if args.bare_name else None
     cycle = 0
     try:
         while True:
             cycle += 1
             try:
-                result = scan(client, watcher, args, jobs)
+                result = scan(client, watcher, args, jobs, dirs)
                 client.service_beat(service_name(args), args.period, result, socket.gethostname())
             except P3SError as e:
                 if e.bad_input:

@@ -502,7 +502,8 @@ MIGRATIONS = [
                             site TEXT NOT NULL DEFAULT '', jobtype TEXT NOT NULL DEFAULT '', who TEXT NOT NULL,
                             why TEXT NOT NULL, until REAL, ts REAL NOT NULL);
     """,
-    # v12: where each job ran (its pilot's site, beside the site it asked for); the input files
+    # v12: where each job ran (its pilot's site, beside the site it asked for), and failures
+    # counted by the site and host they happened at (a bad node stands out); the input files
     # in the order they arrived, for the run grid (rows are files; a bounded read, never a scan
     # of jobs); a datatype's comment (the original's Data Types page).
     """
@@ -516,6 +517,9 @@ MIGRATIONS = [
         INSERT OR IGNORE INTO inputs VALUES(new.infile, new.ts_def);
     END;
     ALTER TABLE datatypes ADD COLUMN comment TEXT NOT NULL DEFAULT '';
+    CREATE TABLE error_places(bucket INTEGER NOT NULL, site TEXT NOT NULL, host TEXT NOT NULL, jobtype TEXT NOT NULL,
+                              reason TEXT NOT NULL, n INTEGER NOT NULL,
+                              PRIMARY KEY(bucket, site, host, jobtype, reason)) WITHOUT ROWID;
     """,
 ]
 
@@ -976,8 +980,8 @@ def jobtype_counts(by_state):
 
 
 def pilot_view(row, t):
-    """A pilot as the pages show it: with the seconds since its last heartbeat."""
-    return dict(pilot_to_dict(row), beat_age=t - row["ts_beat"])
+    """A pilot as the pages show it: with the seconds since its last heartbeat, and its life."""
+    return dict(pilot_to_dict(row), beat_age=t - row["ts_beat"], life=(row["ts_stop"] or t) - row["ts_reg"])
 
 
 def service_view(row, t):
@@ -1057,7 +1061,8 @@ def where_equal(query, filters, extra=()):
     return (" WHERE " + " AND ".join(conds) if conds else ""), args
 
 
-JOB_FILTERS = ("state", "jobtype", "site", "user", "workflow", "age", "reason")
+JOB_FILTERS = ("state", "jobtype", "site", "ran_site", "host", "user", "workflow", "age", "ended", "reason")
+PER_PAGE = (25, 50, 100, 200, 400)     # the original's choices
 STATE_GROUPS = {"problems": FAILED_STATES}
 
 
@@ -1092,11 +1097,14 @@ def job_conditions(query, states, errors_only):
     """The WHERE clause of a job list: equality filters, the states, the age and the
     (normalised) reason of the error summary's links."""
     conds = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
+    if query.get("ended"):
+        conds.append(("ts_sto >= ?", now() - parse_age(query["ended"])))
     if query.get("reason"):
         conds.append(("reason LIKE ? ESCAPE '\\'", reason_pattern(query["reason"])))
     if errors_only:
         conds.append(("exit_code != ?", 0))
-    where, args = where_equal(query, ("jobtype", "site", "user", ("workflow", "wfuuid"), "wfuuid"), conds)
+    where, args = where_equal(query, ("jobtype", "site", "ran_site", "host", "user", ("workflow", "wfuuid"), "wfuuid"),
+                              conds)
     return with_states(where, args, states)
 
 
@@ -1529,7 +1537,7 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None):
                     pilot=job["pilot"], info=info, changes=changes):
         return None, 0
     if end_state in FAILED_STATES:
-        count_error(conn, job["jobtype"], changes["reason"], t)
+        count_error(conn, job, changes["reason"], t)
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
@@ -1563,10 +1571,13 @@ def normalise_reason(reason):
     return reason
 
 
-def count_error(conn, jobtype, reason, t):
+def count_error(conn, job, reason, t):
+    """Count a failure for the error summary: by job type and reason, and by where it ran."""
+    bucket, reason = int(t) // ERROR_BUCKET, normalise_reason(reason)
     conn.execute("INSERT INTO errors VALUES(?, ?, ?, 1, ?, ?) ON CONFLICT(bucket, jobtype, reason) "
-                 "DO UPDATE SET n = n + 1, last = excluded.last",
-                 (int(t) // ERROR_BUCKET, jobtype, normalise_reason(reason), t, t))
+                 "DO UPDATE SET n = n + 1, last = excluded.last", (bucket, job["jobtype"], reason, t, t))
+    conn.execute("INSERT INTO error_places VALUES(?, ?, ?, ?, ?, 1) ON CONFLICT(bucket, site, host, jobtype, reason) "
+                 "DO UPDATE SET n = n + 1", (bucket, job["ran_site"] or "", job["host"] or "", job["jobtype"], reason))
 
 
 def cancel_job(conn, job, who, info):
@@ -3132,8 +3143,8 @@ class Service:
     @staticmethod
     def trim_counts(conn, t):
         """The time-bucketed counts are kept 2 days (alarms, summary), the charts' 7 days."""
-        for table, bucket, keep in (("job_ends", 10, 2), ("ends", 60, 2), ("errors", ERROR_BUCKET, 7),
-                                    ("job_starts", 60, 7)):
+        for table, bucket, keep in (("job_ends", 10, 2), ("ends", 60, 7), ("errors", ERROR_BUCKET, 7),
+                                    ("error_places", ERROR_BUCKET, 7), ("job_starts", 60, 7)):
             conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (int(t - keep * 86400) // bucket,))
         conn.execute("DELETE FROM samples WHERE minute < ?", (int(t - 7 * 86400) // 60,))
         conn.execute("DELETE FROM submissions INDEXED BY submissions_ts WHERE ts < ?", (t - SUBMISSIONS_KEPT,))
@@ -3291,6 +3302,9 @@ class Service:
 # Every query here is bounded (LIMIT, counts tables, buckets) so pages stay fast at 1M jobs.
 ################################################################################################
 WINDOWS = (("1m", 60), ("10m", 600), ("1h", 3600), ("24h", 86400))
+CHART_RANGES = {"1h": (3600, 60), "6h": (6 * 3600, 300), "24h": (86400, 600), "7d": (7 * 86400, 3600)}
+CHART_TICKS = {3600: (600, "%H:%M"), 6 * 3600: (3600, "%H:%M"), 86400: (3 * 3600, "%H:%M"),
+               7 * 86400: (86400, "%a %d")}     # x-axis tick spacing and label per range
 JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobtype": "jobtype",
              "ended": "ts_sto"}
 
@@ -3343,7 +3357,7 @@ class Views:
         return {"time": t, "server": self.server_info(), "jobs_by_state": by_state, "jobs_by_jobtype": by_type,
                 "caps": caps, "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10), "errors": self.error_summary(t, 10),
-                "activity": self.activity(t), "latency": self.start_latency(t),
+                "activity": self.activity(t, query), "latency": self.start_latency(t),
                 "alarms": self.svc.alarms()["alarms"]}
 
     def server_info(self):
@@ -3378,25 +3392,52 @@ class Views:
 
     def errors(self, query):
         t = now()
-        return {"time": t, "errors": self.error_summary(t)}
+        errors = self.error_summary(t)
+        places = self.error_places(t, ("jobtype", "reason", "site", "host"))
+        for e in errors:
+            e["hosts"] = [p for p in places if (p["jobtype"], p["reason"]) == (e["jobtype"], e["reason"])][:3]
+        return {"time": t, "errors": errors, "by_site": self.error_places(t, ("site",)),
+                "by_host": self.error_places(t, ("site", "host"))[:20]}
 
-    def activity(self, t):
-        """The charts over the last 24 h: jobs claimed, finished and failed per 10 minutes (from
-        the per-minute counts), and the per-minute samples of live pilots, running and queued jobs."""
-        first = int(t - 86400) // 600
-        bins = {b: {"start": b * 600, "started": 0, "finished": 0, "failed": 0} for b in range(first + 1, int(t) // 600 + 1)}
+    def error_places(self, t, keys):
+        """Failures of the last 24 h (and 1 h) summed by `keys` of where they ran, most in the
+        last hour first: so the node or site behind a burst of failures stands out."""
+        columns = ", ".join(keys)
+        rows = self.store.read(
+            f"SELECT {columns}, SUM(CASE WHEN bucket >= ? THEN n ELSE 0 END) AS last_1h, SUM(n) AS last_24h "
+            f"FROM error_places WHERE bucket >= ? GROUP BY {columns} ORDER BY last_1h DESC, last_24h DESC LIMIT 1000",
+            (int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET))
+        return [dict(r) for r in rows]
+
+    def activity(self, t, query=None):
+        """The charts over a range (?range=1h, 6h, 24h or 7d; by default the shortest that holds
+        the server's whole history, so a young server's activity is not a sliver): jobs claimed,
+        finished and failed per bucket (from the per-minute counts), and per bucket the last
+        per-minute sample of live pilots, running and queued jobs."""
+        name = (query or {}).get("range") or self.default_range(t)
+        span, bucket = CHART_RANGES[as_choice(name, "range", tuple(CHART_RANGES))]
+        per = bucket // 60          # minutes a bucket
+        first = int(t - span) // bucket
+        bins = {b: {"start": b * bucket, "started": 0, "finished": 0, "failed": 0}
+                for b in range(first + 1, int(t) // bucket + 1)}
         late = {"start": 0}     # a bucket begun since `t` (a job ended meanwhile) is left out
-        for r in self.store.read("SELECT bucket / 10 AS b, SUM(n) AS n FROM job_starts WHERE bucket >= ? GROUP BY b",
-                                 (first * 10 + 10,)):
+        for r in self.store.read("SELECT bucket / ? AS b, SUM(n) AS n FROM job_starts WHERE bucket >= ? GROUP BY b",
+                                 (per, (first + 1) * per)):
             bins.get(r["b"], late)["started"] = r["n"]
         marks = ",".join("?" * len(FAILED_STATES))
-        for r in self.store.read(f"SELECT bucket / 10 AS b, state = 'finished' AS good, SUM(n) AS n FROM ends "
+        for r in self.store.read(f"SELECT bucket / ? AS b, state = 'finished' AS good, SUM(n) AS n FROM ends "
                                  f"WHERE bucket >= ? AND state IN ('finished', {marks}) GROUP BY b, good",
-                                 (first * 10 + 10, *FAILED_STATES)):
+                                 (per, (first + 1) * per, *FAILED_STATES)):
             bins.get(r["b"], late)["finished" if r["good"] else "failed"] = r["n"]
-        samples = [dict(r) for r in self.store.read("SELECT minute * 60 AS ts, pilots, running, queued FROM samples "
-                                                    "WHERE minute > ? ORDER BY minute", (int(t - 86400) // 60,))]
-        return {"bins": list(bins.values()), "samples": samples}
+        samples = [dict(r) for r in self.store.read(
+            "SELECT MAX(minute) * 60 AS ts, pilots, running, queued FROM samples WHERE minute > ? "
+            "GROUP BY minute / ? ORDER BY ts", (int(t - span) // 60, per))]
+        return {"range": name, "span": span, "bucket": bucket, "bins": list(bins.values()), "samples": samples}
+
+    def default_range(self, t):
+        oldest = self.store.read_one("SELECT MIN(minute) FROM samples")[0]
+        age = t - oldest * 60 if oldest is not None else 0
+        return next((n for n, (span, _) in CHART_RANGES.items() if age <= span), "24h") if age < 86400 else "24h"
 
     def ended_counts(self, t):
         """Jobs ended per state in each window, summed from the 10-second buckets."""
@@ -3437,7 +3478,7 @@ class Views:
         order = as_choice(query.get("order", "desc"), "order", ("asc", "desc"))
         limit, offset, page = page_window(query)
         column = JOB_SORTS[sort]
-        sql = ("SELECT uuid, name, user, jobtype, state, priority, site, attempt, exit_code, reason, infile, "
+        sql = ("SELECT uuid, name, user, jobtype, state, priority, site, ran_site, attempt, exit_code, reason, infile, "
                f"host, wfuuid, ts_def, ts_sta, ts_sto FROM jobs{where} ORDER BY {column} {order}, id {order} "
                "LIMIT ? OFFSET ?")
         rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
@@ -3447,7 +3488,8 @@ class Views:
 
     def cheap_total(self, query, states, errors_only):
         """The number of matching jobs when the counts table knows it, else None (no scan)."""
-        if errors_only or any(query.get(k) for k in ("site", "user", "workflow", "age", "reason")):
+        if errors_only or any(query.get(k) for k in ("site", "ran_site", "host", "user", "workflow", "age", "ended",
+                                                     "reason")):
             return None
         where, args = with_states(*where_equal(query, ("jobtype",)), states)
         return self.store.read_one(f"SELECT COALESCE(SUM(n), 0) FROM job_counts{where}", args)[0]
@@ -3465,7 +3507,8 @@ class Views:
     def job_choices(self, jobtypes):
         """What the job list's drop-downs offer: states, the jobtypes and sites known."""
         sites = {r[0] for r in self.store.read("SELECT name FROM sites UNION SELECT site FROM waiting")}
-        return {"state": [*JOB_STATES, *STATE_GROUPS, "error"], "jobtype": jobtypes, "site": sorted(sites - {""})}
+        return {"state": [*JOB_STATES, *STATE_GROUPS, "error"], "jobtype": jobtypes, "site": sorted(sites - {""}),
+                "ran_site": sorted(sites - {""})}
 
     def job(self, uuid, query):
         job = self.svc.get_job(uuid)
@@ -3546,7 +3589,7 @@ class Views:
     def waiting_for_parents(self, job):
         wf = self.store.read_one("SELECT state FROM workflows WHERE uuid=?", (job["wfuuid"],))
         if wf and wf["state"] == "template":
-            return ["its workflow has not been started (workflow.py -m -u UUID -s defined)"]
+            return [f"its workflow has not been started (workflow.py -m -u {job['wfuuid']} -s defined)"]
         parents = self.store.read("SELECT j.vertex, j.state FROM datasets d JOIN jobs j ON j.uuid = d.producer "
                                   "WHERE d.consumer=? AND j.state != 'finished' ORDER BY j.vertex", (job["uuid"],))
         return ["parents not finished: " + ", ".join(f"{p['vertex']} ({p['state']})" for p in parents)]
@@ -3568,7 +3611,16 @@ class Views:
     def pilots(self, query):
         rows, paging = page_of(self.store, "pilots", query, ("state", "site", "host"))
         t = now()
-        return {"pilots": [pilot_view(r, t) for r in rows], **paging}
+        pilots = [pilot_view(r, t) for r in rows]
+        current = {p["job"] for p in pilots if p["job"]}
+        jobs = {}
+        for chunk in chunks(sorted(current)):
+            jobs.update((r["uuid"], dict(r)) for r in self.store.read(
+                f"SELECT uuid, name, infile FROM jobs WHERE uuid IN ({','.join('?' * len(chunk))})", chunk))
+        for p in pilots:
+            p["current"] = jobs.get(p["job"])
+        sites = [r[0] for r in self.store.read("SELECT name FROM sites ORDER BY name")]
+        return {"pilots": pilots, **paging, "choices": {"state": [*LIVE_PILOT_STATES, "lost", "stopped"], "site": sites}}
 
     def pilot(self, uuid, query):
         with self.store.reading() as conn:
@@ -3707,7 +3759,8 @@ details.warnings summary{cursor:pointer;font-weight:bold;color:#533}
 .thumbs a{display:inline-block;margin:0 .6em .6em 0;text-align:center;font-size:12px}
 .thumbs img{display:block;max-width:260px;max-height:200px;border:1px solid #ccc;background:#fff}
 .thumbs.bad-job img{border:3px solid #c00;opacity:.75}.thumbs.bad-job a{color:#c00}
-.reason{max-width:40em}"""
+.reason{max-width:40em}table.list td{white-space:nowrap}
+table.list .reason{display:inline-block;max-width:22em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}"""
 NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
@@ -3720,6 +3773,19 @@ def link(href, text):
 
 def state_cell(state):
     return f'<span class="s-{esc(re.sub(r"[^A-Za-z]", "", state or ""))}">{esc(state)}</span>'
+
+
+def short_when(ts, today=None):
+    """A date on one line in a list: the time alone for today, else the day and minute."""
+    try:
+        if not ts:
+            return ""
+        local = time.localtime(ts)
+        if time.strftime("%Y-%m-%d", local) == (today or time.strftime("%Y-%m-%d")):
+            return time.strftime("%H:%M:%S", local)
+        return time.strftime("%Y-%m-%d %H:%M", local)
+    except (OverflowError, OSError, ValueError, TypeError):
+        return "?"
 
 
 def when(ts):
@@ -3739,11 +3805,12 @@ def ago(seconds):
     return f"{seconds:.1f}s"
 
 
-def table(headers, rows):
-    """headers: safe HTML strings; rows: lists of safe HTML cells (escape before passing)."""
+def table(headers, rows, kind=""):
+    """headers: safe HTML strings; rows: lists of safe HTML cells (escape before passing).
+    kind "list": one line a row (long cells cut, their text on hover)."""
     head = "".join(f"<th>{h}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>" if body else "<p><i>none</i></p>"
+    return f'<table class="{kind}"><tr>{head}</tr>{body}</table>' if body else "<p><i>none</i></p>"
 
 
 def page(title, body, query):
@@ -3779,7 +3846,9 @@ def pager(data, query):
         parts.append(f"of {max(1, -(-data['total'] // data['limit']))} ({data['total']} jobs)")
     if data["more"]:
         parts.append(link(with_query(query, page=data["page"] + 1), "next page →"))
-    return "<p>" + " · ".join(parts) + "</p>"
+    sizes = " ".join(f"<b>{n}</b>" if n == data["limit"] else link(with_query(query, limit=n, page=None), n)
+                     for n in PER_PAGE)
+    return "<p>" + " · ".join(parts) + f" · per page: {sizes}</p>"
 
 
 def cap_text(cap):
@@ -3824,7 +3893,7 @@ def render_summary(d, query):
                      [[esc(when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
                        esc(f["jobtype"]), infile_cell(f["infile"]), state_cell(f["state"]), esc(f["exit_code"]),
                        esc(f["host"]), reason_cell(f["reason"])] for f in d["recent_failures"]])
-    body = (f"{server_header(d)}{alarms}{activity_charts(d['activity'], d['time'])}"
+    body = (f"{server_header(d)}{alarms}{activity_charts(d['activity'], d['time'], query)}"
             f"<h2>Jobs by type and state</h2>{by_type}"
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2>{error_table(d['errors'])}"
             f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>{ended}{latency}")
@@ -3888,73 +3957,121 @@ def infile_cell(path):
     return f'<span title="{esc(path)}">{esc(os.path.basename(path))}</span>' if path else ""
 
 
+def ran_at_cell(job):
+    """Where the job ran: its pilot's site and host (each a filter link), nothing before."""
+    parts = [link(href("/jobs", ran_site=job["ran_site"]), job["ran_site"]) if job.get("ran_site") else "",
+             link(href("/jobs", host=job["host"]), job["host"]) if job.get("host") else ""]
+    return " · ".join(p for p in parts if p)
+
+
 def reason_cell(reason):
     return f'<span class="reason" title="{esc(reason)}">{esc(reason[:160])}</span>'
 
 
-def error_table(errors):
+def error_table(errors, with_places=False):
+    """The error summary; `with_places` adds where each failure happened most (site, host)."""
     rows = [[esc(e["jobtype"]), link(href("/jobs", state="problems", jobtype=e["jobtype"], reason=e["reason"]),
                                      e["reason"] or "(no reason)"),
              count_cell(e["last_1h"], href("/jobs", state="problems", jobtype=e["jobtype"], reason=e["reason"]),
-                        True), esc(e["last_24h"]), esc(when(e["first"])), esc(when(e["last"]))] for e in errors]
-    return table(["jobtype", "reason (numbers folded to #)", "last 1 h", "last 24 h", "first seen", "last seen"],
-                 rows)
+                        True), esc(e["last_24h"]), esc(when(e["first"])), esc(when(e["last"]))] +
+            ([places_cell(e)] if with_places else []) for e in errors]
+    return table(["jobtype", "reason (numbers folded to #)", "last 1 h", "last 24 h", "first seen", "last seen"] +
+                 (["where (24 h)"] if with_places else []), rows)
+
+
+def places_cell(error):
+    """The hosts a failure happened on, most first: `node7 (5)` alone says a node is bad."""
+    return ", ".join(link(href("/jobs", state="problems", jobtype=error["jobtype"], reason=error["reason"],
+                               **place_query(p)), " · ".join(x for x in (p["site"], p["host"]) if x) or "(none)") +
+                     f" ({p['last_24h']})" for p in error["hosts"])
 
 
 def render_errors(d, query):
     intro = ("<p class='head'>Failed, timed-out and pilotTO jobs by jobtype and reason (its error message, else "
              "the last line of its stderr, else its exit code), counted in 10-minute buckets.</p>")
-    return page("Errors of the last 24 hours", intro + error_table(d["errors"]), query)
+    def place_table(rows, keys):
+        return table([*keys, "last hour", "last 24 h"],
+                     [[link(href("/jobs", state="problems", ended="24h", **place_query(r)), r[k] or "(none)")
+                       if k in ("site", "host") else esc(r[k]) for k in keys] +
+                      [count_cell(r["last_1h"], href("/jobs", state="problems", ended="1h", **place_query(r)), True),
+                       esc(r["last_24h"])] for r in rows])
+    return page("Errors of the last 24 hours",
+                intro + error_table(d["errors"], with_places=True) + "<h2>By site</h2>" +
+                place_table(d["by_site"], ("site",)) + "<h2>By host (the 20 with most failures)</h2>" +
+                place_table(d["by_host"], ("site", "host")), query)
+
+
+def place_query(row):
+    """The job-list filters that select the failures counted in an error_places row."""
+    return {k: v for k, v in (("ran_site", row.get("site")), ("host", row.get("host"))) if v}
 
 
 # -- activity charts: inline SVG, no JavaScript; a <title> on each slot is its hover text ---------
 CHART_W, CHART_H, CHART_PAD = 360, 90, 30
 
 
-def chart_frame(title, t, ymax, marks, legend=()):
-    """An SVG chart of the 24 h before `t`: time axis (local hours), the y maximum, `marks` inside;
+def nice_ticks(ymax):
+    """A few round y-axis values (counts: whole numbers) from 0 to at least ymax: (ticks, top)."""
+    raw = max(ymax, 1) / 3
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = max(1, next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw))
+    top = step * math.ceil(max(ymax, 1) / step)
+    return [step * i for i in range(int(round(top / step)) + 1)], top
+
+
+def tick_label(value):
+    return f"{value:g}" if value < 10000 else f"{value / 1000:g}k"
+
+
+def chart_frame(title, activity, t, top, ticks, marks, legend=()):
+    """An SVG chart of the range before `t`: time axis in local time, y ticks, `marks` inside;
     `legend`: (label, colour) pairs named after the title."""
-    x0 = t - 86400
-    ticks = "".join(
-        f'<line x1="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y1="{CHART_H}" '
-        f'x2="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y2="{CHART_H + 4}" stroke="#999"/>'
-        f'<text x="{CHART_PAD + (h - x0) / 86400 * CHART_W:.1f}" y="{CHART_H + 15}" font-size="10" '
-        f'text-anchor="middle">{time.strftime("%H:%M", time.localtime(h))}</text>'
-        for h in hour_ticks(x0, t, 3))
+    span = activity["span"]
+    every, fmt = CHART_TICKS[span]
+    xs = [(chart_x(x, t, span), time.strftime(fmt, time.localtime(x))) for x in time_ticks(t - span, t, every)]
+    x_axis = "".join(f'<line x1="{x:.1f}" y1="{CHART_H}" x2="{x:.1f}" y2="{CHART_H + 4}" stroke="#999"/>'
+                     f'<text x="{x:.1f}" y="{CHART_H + 15}" font-size="10" text-anchor="middle">{esc(label)}</text>'
+                     for x, label in xs)
+    y_axis = "".join(f'<line x1="{CHART_PAD}" y1="{CHART_H - v / top * CHART_H:.1f}" x2="{CHART_PAD + CHART_W}" '
+                     f'y2="{CHART_H - v / top * CHART_H:.1f}" stroke="#e4e4e4"/>'
+                     f'<text x="{CHART_PAD - 4}" y="{CHART_H - v / top * CHART_H + 3:.1f}" font-size="10" '
+                     f'text-anchor="end">{tick_label(v)}</text>' for v in ticks)
     keys = ", ".join(f'<span style="color:{colour}">{esc(label)}</span>' for label, colour in legend)
     return (f'<div class="chart"><b>{esc(title)}{": " + keys if keys else ""}</b><br>'
             f'<svg xmlns="http://www.w3.org/2000/svg" width="{CHART_W + CHART_PAD + 20}" height="{CHART_H + 20}" '
             f'role="img" aria-label="{esc(title)}">'
             f'<rect x="{CHART_PAD}" y="0" width="{CHART_W}" height="{CHART_H}" fill="#fafafa" stroke="#ccc"/>'
-            f'<text x="{CHART_PAD - 4}" y="10" font-size="10" text-anchor="end">{esc(ymax)}</text>'
-            f'<text x="{CHART_PAD - 4}" y="{CHART_H}" font-size="10" text-anchor="end">0</text>'
-            f'{marks}{ticks}</svg></div>')
+            f'{y_axis}{marks}{x_axis}</svg></div>')
 
 
-def hour_ticks(start, end, every):
-    """Local-time instants on the hour, every `every` hours, between start and end."""
-    t = math.ceil(start / 3600) * 3600
-    while t <= end:
-        if time.localtime(t).tm_hour % every == 0:
-            yield t
-        t += 3600
+def time_ticks(start, end, every):
+    """Local-time instants that are whole multiples of `every` seconds (local midnight-aligned)."""
+    offset = -time.localtime(start).tm_gmtoff
+    x = math.ceil((start - offset) / every) * every + offset
+    while x <= end:
+        yield x
+        x += every
 
 
-def chart_x(ts, t):
-    return CHART_PAD + (ts - (t - 86400)) / 86400 * CHART_W
+def chart_x(ts, t, span):
+    return CHART_PAD + (ts - (t - span)) / span * CHART_W
 
 
-def bars_chart(bins, t):
-    """Jobs finished (green) and failed (red) per 10 minutes, stacked; claims as a blue line."""
-    ymax = max([b["finished"] + b["failed"] for b in bins] + [b["started"] for b in bins] + [1])
-    width = CHART_W / 144
-    scale = CHART_H / ymax
+def slot_label(activity, start):
+    return time.strftime("%a %H:%M" if activity["span"] > 86400 else "%H:%M", time.localtime(start))
+
+
+def bars_chart(activity, t):
+    """Jobs finished (green) and failed (red) per bucket, stacked; claims as a blue line."""
+    bins, span = activity["bins"], activity["span"]
+    ticks, top = nice_ticks(max([b["finished"] + b["failed"] for b in bins] + [b["started"] for b in bins] + [1]))
+    width = CHART_W * activity["bucket"] / span
+    scale = CHART_H / top
     marks, line = [], []
     for b in bins:
-        x = chart_x(b["start"], t)
+        x = chart_x(b["start"], t, span)
         good, failed = b["finished"] * scale, b["failed"] * scale
-        label = (f'{time.strftime("%H:%M", time.localtime(b["start"]))}: {b["started"]} started, '
-                 f'{b["finished"]} finished, {b["failed"]} failed')
+        label = f'{slot_label(activity, b["start"])}: {b["started"]} started, {b["finished"]} finished, {b["failed"]} failed'
         marks.append(f'<g><title>{esc(label)}</title><rect x="{x:.1f}" y="0" width="{width:.1f}" '
                      f'height="{CHART_H}" fill-opacity="0"/>'
                      + (f'<rect class="finished" x="{x:.1f}" y="{CHART_H - good:.1f}" width="{width:.1f}" '
@@ -3963,43 +4080,52 @@ def bars_chart(bins, t):
                         f'height="{failed:.1f}" fill="#d22"/>' if failed else "") + "</g>")
         line.append(f"{x + width / 2:.1f},{CHART_H - b['started'] * scale:.1f}")
     marks.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="#26c" stroke-width="1"/>')
-    return chart_frame("Jobs per 10 min", t, ymax, "".join(marks),
+    minutes = activity["bucket"] // 60
+    per = f"{minutes} min" if minutes < 60 else "hour"
+    return chart_frame(f"Jobs per {per}", activity, t, top, ticks, "".join(marks),
                        (("finished", "#3a3"), ("failed", "#d22"), ("started", "#26c")))
 
 
-def line_chart(title, samples, key, t, color):
-    """One per-minute figure over 24 h; hover a 10-minute slot for its last value."""
-    ymax = max([s[key] for s in samples] + [1])
-    scale = CHART_H / ymax
-    points = " ".join(f"{chart_x(s['ts'], t):.1f},{CHART_H - s[key] * scale:.1f}" for s in samples)
-    slots = {}
-    for s in samples:
-        slots[int(s["ts"]) // 600] = s
-    hovers = "".join(f'<rect x="{chart_x(slot * 600, t):.1f}" y="0" width="{CHART_W / 144:.1f}" height="{CHART_H}" '
-                     f'fill-opacity="0"><title>{esc(time.strftime("%H:%M", time.localtime(s["ts"])))}: '
-                     f'{esc(s[key])}</title></rect>' for slot, s in slots.items())
-    line = f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>' if samples else ""
-    return chart_frame(title, t, ymax, line + hovers)
+def line_chart(title, activity, key, t, color):
+    """A sampled figure over the range, a line through every bucket's last sample (held flat
+    to now, so a steady value is a line, not a dot); hover a bucket for its value."""
+    samples, span = activity["samples"], activity["span"]
+    ticks, top = nice_ticks(max([s[key] for s in samples] + [1]))
+    scale = CHART_H / top
+    points = [(chart_x(s["ts"], t, span), CHART_H - s[key] * scale) for s in samples]
+    if points:
+        points.append((chart_x(t, t, span), points[-1][1]))
+    width = CHART_W * activity["bucket"] / span
+    hovers = "".join(f'<rect x="{chart_x(s["ts"], t, span) - width:.1f}" y="0" width="{width:.1f}" '
+                     f'height="{CHART_H}" fill-opacity="0"><title>{esc(slot_label(activity, s["ts"]))}: '
+                     f'{esc(s[key])}</title></rect>' for s in samples)
+    line = (f'<polyline points="{" ".join(f"{x:.1f},{y:.1f}" for x, y in points)}" fill="none" '
+            f'stroke="{color}" stroke-width="1.5"/>' if points else "")
+    return chart_frame(title, activity, t, top, ticks, line + hovers)
 
 
-def activity_charts(activity, t):
-    samples = activity["samples"]
-    return ("<div>" + bars_chart(activity["bins"], t) + line_chart("Live pilots", samples, "pilots", t, "#26c") +
-            line_chart("Queue depth (defined jobs)", samples, "queued", t, "#c80") + "</div>")
+def activity_charts(activity, t, query):
+    choices = " ".join(f"<b>{esc(n)}</b>" if n == activity["range"] else link(with_query(query, range=n), n)
+                       for n in CHART_RANGES)
+    return (f'<div><p class="head">Activity over the last {esc(activity["range"])} · range: {choices}</p>'
+            + bars_chart(activity, t) + line_chart("Live pilots", activity, "pilots", t, "#26c") +
+            line_chart("Queue depth (defined jobs)", activity, "queued", t, "#c80") + "</div>")
 
 
-def filter_form(fields, query, choices=None):
-    """Text inputs for `fields`, drop-downs for those in `choices` (the current value kept)."""
-    choices = choices or {}
+def filter_form(fields, query, choices=None, labels=None):
+    """Text inputs for `fields`, drop-downs for those in `choices` (the current value kept);
+    `labels` names a field for people where its parameter name would not."""
+    choices, labels = choices or {}, labels or {}
 
     def field(f):
         value = query.get(f, "")
+        label = esc(labels.get(f, f))
         if f not in choices:
-            return f'<label>{esc(f)} <input name="{esc(f)}" value="{esc(value)}" size="12"></label>'
+            return f'<label>{label} <input name="{esc(f)}" value="{esc(value)}" size="10"></label>'
         options = ["", *choices[f]] + ([value] if value and value not in choices[f] else [])
         opts = "".join(f'<option value="{esc(o)}"{" selected" if o == value else ""}>{esc(o or "any")}</option>'
                        for o in options)
-        return f'<label>{esc(f)} <select name="{esc(f)}">{opts}</select></label>'
+        return f'<label>{label} <select name="{esc(f)}">{opts}</select></label>'
     return f'<form method="get">{"".join(field(f) for f in fields)}<button>filter</button></form>'
 
 
@@ -4017,18 +4143,21 @@ def render_jobs(d, query):
         return link(with_query(query, sort=key, order=order, page=None), label + mark)
 
     headers = [sort_header(*h) for h in (("job", "name"), ("state", "state"), ("jobtype", "jobtype"),
-                                         ("input file", ""), ("reason", ""), ("exit", ""), ("host", ""),
-                                         ("site", ""), ("priority", "priority"), ("attempt", ""), ("user", ""),
-                                         ("submitted", "submitted"), ("started", ""), ("duration", ""),
+                                         ("input file", ""), ("reason", ""), ("exit", ""), ("ran at", ""),
+                                         ("asked for", ""), ("prio", "priority"), ("try", ""), ("user", ""),
+                                         ("submitted", "submitted"), ("started", ""), ("took", ""),
                                          ("ended", "ended"))]
+    today = time.strftime("%Y-%m-%d")
     rows = [[link(f"/job/{j['uuid']}", j["name"] or j["uuid"][:8]), state_cell(j["state"]), esc(j["jobtype"]),
-             infile_cell(j["infile"]), reason_cell(j["reason"]), esc(j["exit_code"]), esc(j["host"]),
-             esc(j["site"]), esc(j["priority"]), esc(j["attempt"]), esc(j["user"]), esc(when(j["ts_def"])),
-             esc(when(j["ts_sta"])), esc(duration(j)), esc(when(j["ts_sto"]))] for j in d["jobs"]]
+             infile_cell(j["infile"]), reason_cell(j["reason"]), esc(j["exit_code"]), ran_at_cell(j),
+             esc(j["site"] or "any"), esc(j["priority"]), esc(j["attempt"]), esc(j["user"]),
+             esc(short_when(j["ts_def"], today)), esc(short_when(j["ts_sta"], today)), esc(duration(j)),
+             esc(short_when(j["ts_sto"], today))] for j in d["jobs"]]
     shown = (f"<p>Jobs whose reason is like <b>{esc(query['reason'])}</b> "
              f"({link(with_query(query, reason=None), 'any reason')})</p>" if query.get("reason") else "")
-    body = (filter_form(("state", "jobtype", "site", "user", "workflow", "age"), query, d["choices"]) + shown +
-            pager(d, query) + table(headers, rows) + pager(d, query))
+    body = (filter_form(("state", "jobtype", "site", "ran_site", "host", "user", "workflow", "age"), query,
+                        d["choices"], {"site": "asked for", "ran_site": "ran at"}) + shown +
+            pager(d, query) + table(headers, rows, "list") + pager(d, query))
     return page("Jobs", body, query)
 
 
@@ -4039,13 +4168,59 @@ def file_list(items):
         for f in items) + "</ul>" if items else "<p>none</p>"
 
 
+JOB_FIELDS = (("infile", "input file"), ("name", "name"), ("uuid", "job id"), ("state", "state"),
+              ("reason", "reason"), ("errmsg", "pilot's message"), ("exit_code", "exit code"),
+              ("jobtype", "job type"), ("payload", "payload"), ("params", "parameters"), ("priority", "priority"),
+              ("timelimit", "time limit (s)"), ("attempt", "attempt"), ("max_attempts", "attempts allowed"),
+              ("site", "site asked for"), ("ran_site", "ran at site"), ("host", "host"), ("pilot", "pilot"),
+              ("pid", "process id"), ("wfuuid", "workflow"), ("vertex", "workflow step"), ("user", "submitted by"),
+              ("ts_def", "submitted"), ("ts_dis", "dispatched"), ("ts_sta", "started"), ("ts_sto", "ended"),
+              ("stdout_path", "stdout file"), ("stderr_path", "stderr file"))
+
+
+def job_field_rows(d):
+    """The job's fields in human words, empty ones left out, the pilot's message only where it
+    says more than the reason."""
+    rows = []
+    for key, label in JOB_FIELDS:
+        value = d.get(key)
+        if value in (None, "") or key == "errmsg" and (value == d.get("reason") or EXIT_CODE_ONLY.fullmatch(value)):
+            continue
+        cell = (state_cell(value) if key == "state" else link(f"/pilot/{value}", value) if key == "pilot" else
+                link(f"/workflow/{value}", value) if key == "wfuuid" else
+                esc(when(value)) if key.startswith("ts_") else esc(value))
+        rows.append([esc(label), cell])
+    return rows
+
+
+def job_headline(d):
+    """What differs between jobs, first: state, reason, exit code, where it ran, since when it
+    waits; a part with nothing to say is left out, never shown empty."""
+    parts = [state_cell(d["state"])]
+    if d["reason"]:
+        parts.append(f"<b>{esc(d['reason'])}</b>")
+    if d["exit_code"] is not None:
+        parts.append(f"exit code <b>{esc(d['exit_code'])}</b>")
+    if d["attempt"] > 1 or d["max_attempts"] > 1:
+        parts.append(f"attempt {esc(d['attempt'])} of {esc(d['max_attempts'])}")
+    if d["host"]:
+        parts.append("ran at " + " · ".join(esc(x) for x in (d.get("ran_site"), d["host"]) if x))
+    if d["state"] in ("template", "defined", "dispatched"):
+        parts.append(f"waiting since {esc(when(d['ts_def']))} ({esc(ago(now() - d['ts_def']))})")
+    logs = " ".join(link(f["url"], f["label"]) for f in d["logs"] if f["url"])
+    if logs:
+        parts.append("logs: " + logs)
+    return "<p style='font-size:120%'>" + " · ".join(parts) + "</p>"
+
+
+def job_title(d):
+    """The input file (run and subrun) first, then the name: what tells two DQM jobs apart."""
+    names = [os.path.basename(d["infile"]) if d["infile"] else "", d["name"]]
+    return "Job " + (" · ".join(n for n in names if n) or d["uuid"])
+
+
 def render_job(d, query):
-    fields = [k for k in d if k not in ("events", "env", "stdout_tail", "stderr_tail", "why_waiting",
-                                        "logs", "files", "images")]
-    info = table(["field", "value"], [[esc(k), state_cell(d[k]) if k == "state" else
-                                       link(f"/pilot/{d[k]}", d[k]) if k == "pilot" and d[k] else
-                                       link(f"/workflow/{d[k]}", d[k]) if k == "wfuuid" and d[k] else
-                                       esc(when(d[k]) if k.startswith("ts_") else d[k])] for k in fields])
+    info = table(["field", "value"], job_field_rows(d))
     env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
     timeline = table(["time", "from", "to", "attempt", "by", "info"],
                      [[esc(when(e["ts"])), state_cell(e["old"]), state_cell(e["new"]), esc(e["attempt"]),
@@ -4054,15 +4229,10 @@ def render_job(d, query):
            "".join(f"<li>{esc(r)}</li>" for r in d["why_waiting"]) + "</ul></div>") if d["why_waiting"] else ""
     tails = "".join(f"<h2>{s} (last 64 KiB)</h2><pre>{esc(d[s + '_tail'])}</pre>"
                     for s in ("stdout", "stderr") if d[s + "_tail"])
-    logs = " ".join(link(f["url"], f["label"]) for f in d["logs"] if f["url"])
-    headline = (f"<p style='font-size:120%'>{state_cell(d['state'])} · exit code <b>{esc(d['exit_code'])}</b>"
-                f" · attempt {esc(d['attempt'])}/{esc(d['max_attempts'])} · host {esc(d['host'] or '-')}"
-                f"{' · <b>' + esc(d['reason']) + '</b>' if d['reason'] else ''}"
-                f"{' · logs: ' + logs if logs else ''}</p>")
     images = f"<h2>Plots</h2>{thumbnails(d['uuid'], d['images'])}" if d["images"] else ""
-    body = (f"{headline}{why}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
+    body = (f"{job_headline(d)}{why}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
             f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
-    return page(f"Job {d['name'] or d['uuid']}", body, query)
+    return page(job_title(d), body, query)
 
 
 def image_url(job, name):
@@ -4105,18 +4275,28 @@ def render_plots(d, query):
 def pilot_row(p):
     free = "" if p.get("free_mb") is None else f"{p['free_mb']:.0f} MB"
     return [link(f"/pilot/{p['uuid']}", p["uuid"][:8]), state_cell(p["state"]), esc(p["host"]), esc(p["pid"]),
-            esc(p["site"]), esc(", ".join(p["jobtypes"]) or "any"), esc(ago(p["beat_age"])),
-            esc(p["jobs_done"]), link(f"/job/{p['job']}", p["job"][:8]) if p["job"] else "", esc(free),
+            esc(p["site"]), esc(", ".join(p["jobtypes"]) or "any"), esc(ago(p["life"])), esc(ago(p["beat_age"])),
+            esc(p["jobs_done"]), current_job_cell(p), esc(free),
             f'<span class="bad">{esc(p["note"])}</span>' if p.get("note") else "", esc(p["extra"])]
 
 
-PILOT_HEADERS = ["pilot", "state", "host", "pid", "site", "jobtypes", "last heartbeat", "jobs done",
+def current_job_cell(pilot):
+    """The pilot's job as a link named by its input file (else its name), if it has one."""
+    if not pilot["job"]:
+        return ""
+    job = pilot.get("current") or {}
+    label = os.path.basename(job.get("infile") or "") or job.get("name") or pilot["job"][:8]
+    title = esc(job.get("infile") or "")
+    return f'<span title="{title}">{link("/job/" + pilot["job"], label)}</span>'
+
+
+PILOT_HEADERS = ["pilot", "state", "host", "pid", "site", "jobtypes", "life", "last heartbeat", "jobs done",
                  "current job", "disk free", "note", "extra"]
 
 
 def render_pilots(d, query):
-    body = (filter_form(("state", "site", "host"), query) + pager(d, query) +
-            table(PILOT_HEADERS, [pilot_row(p) for p in d["pilots"]]))
+    body = (filter_form(("state", "site", "host"), query, d["choices"]) + pager(d, query) +
+            table(PILOT_HEADERS, [pilot_row(p) for p in d["pilots"]], "list"))
     return page("Pilots", body, query)
 
 
@@ -4139,11 +4319,14 @@ SITE_HEADERS = ["site", "nominal pilots", "live", "pending", "running", "idle", 
 def site_row(s):
     short = s["pilots"] and s["live"] < s["pilots"] * (1 - (SITE_TOLERANCE if s["tolerance"] is None
                                                          else s["tolerance"]))
-    live = f'<span class="s-lost">{esc(s["live"])}</span>' if short else esc(s["live"])
-    return [link(f"/site/{s['name']}", s["name"]), esc(s["pilots"]), live, esc(s["pending"]), esc(s["running"]),
-            esc(s["idle"]),
-            link(href("/pilots", site=s["name"], state="lost"), s["lost_1h"]), esc(s["ended_1h"]),
-            esc(s["finished_1h"]), f'<span class="s-failed">{s["failed_1h"]}</span>' if s["failed_1h"] else "0",
+    name = s["name"]
+    live = count_cell(s["live"], href("/pilots", site=name), short)
+    return [link(f"/site/{name}", name), esc(s["pilots"]), live, esc(s["pending"]),
+            count_cell(s["running"], href("/pilots", site=name, state="running")),
+            count_cell(s["idle"], href("/pilots", site=name, state="no jobs")),
+            count_cell(s["lost_1h"], href("/pilots", site=name, state="lost")), esc(s["ended_1h"]),
+            count_cell(s["finished_1h"], href("/jobs", ran_site=name, state="finished", ended="1h")),
+            count_cell(s["failed_1h"], href("/jobs", ran_site=name, state="problems", ended="1h"), True),
             esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"]))]
 
 

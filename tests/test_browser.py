@@ -53,7 +53,7 @@ def test_summary_and_job_page_in_a_real_browser(served, tmp_path):
     title = re.search(r"<title>(.*?)</title>", dom).group(1)
     assert title.startswith("p3s: Job &lt;script&gt;") and title != "pwned", "a script from a job name ran"
     assert f"Job {evil}" in text
-    assert "failed · exit code 3 · attempt 1/1" in text
+    assert "failed · bad channel 42 · exit code 3 · ran at" in text
     assert "bad channel 42" in text, "the stderr tail is not visible"
     assert re.search(r'<a href="/file\?path=[^"]+\.err">stderr</a>', dom), "no link to the stderr log"
     assert "Timeline" in text and "running failed" in text

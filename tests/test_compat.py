@@ -178,6 +178,36 @@ def test_bare_names_for_the_originals_wrappers_and_a_user_on_every_job(p3s):
     assert p3s.job(job["uuid"])["stdout_tail"] == "RAW\nfile=run42.txt\n"
 
 
+def test_both_wrapper_shapes_find_the_file_at_a_site_from_lxvm_json_with_the_inbox_under_its_data(p3s):
+    """The later production wrappers read $P3S_DATA/$P3S_INPUT_DIR/$P3S_INPUT_FILE (P3S_DATA from
+    the site), the earlier ones $P3S_INPUT_DIR/$P3S_INPUT_FILE: --bare-name data and dir."""
+    data = p3s.dir / "eos" / "output"
+    inbox = data / "inbox"
+    inbox.mkdir(parents=True)
+    site = json.load(open(os.path.join(COMPAT, "lxvm.json")))
+    site["env"]["P3S_DATA"] = str(data)                  # the rest of the original file unchanged
+    site_file = p3s.dir / "lxvm.json"
+    site_file.write_text(json.dumps(site))
+    assert p3s.run("pilot.py", "--define-site", "-j", site_file).returncode == 0
+    later, earlier = p3s.dir / "later.sh", p3s.dir / "earlier.sh"
+    later.write_text('#!/bin/sh\ncat "$P3S_DATA/$P3S_INPUT_DIR/$P3S_INPUT_FILE"\n')
+    earlier.write_text('#!/bin/sh\ncat "$P3S_INPUT_DIR/$P3S_INPUT_FILE"\n')
+    for shape, wrapper in (("data", later), ("dir", earlier)):
+        wrapper.chmod(0o755)
+        jobs = p3s.dir / f"{shape}.json"
+        jobs.write_text(json.dumps({"payload": str(wrapper), "site": "lxvm", "jobtype": shape}))
+        (inbox / f"np04_raw_run5010_{shape}.root").write_text(f"RAW {shape}\n")
+        result = injector(p3s, "-d", inbox, "-j", jobs, "--bare-name", shape, "-g", f"*_{shape}.root")
+        assert result.returncode == 0, result.stderr
+    p3s.run("pilot.py", "-s", "lxvm", "-c", "2", "-p", "1", "-L", p3s.logs)
+    outputs = {j["jobtype"]: (j["state"], p3s.job(j["uuid"])["stdout_tail"]) for j in p3s.api.list_jobs()}
+    assert outputs == {"data": ("finished", "RAW data\n"), "dir": ("finished", "RAW dir\n")}, outputs
+    outside = p3s.dir / "elsewhere"
+    outside.mkdir()
+    refused = injector(p3s, "-d", outside, "-j", p3s.dir / "data.json", "--bare-name")
+    assert refused.returncode == 2 and "not under P3S_DATA" in refused.stderr and "--bare-name dir" in refused.stderr
+
+
 def test_two_templates_on_one_directory_each_start_once_per_file(p3s):
     data = p3s.dir / "data"
     data.mkdir()

@@ -195,14 +195,20 @@ def test_retention_purges_published_images_with_their_job(tmp_path, start_server
 def test_activity_charts_count_claims_ends_and_samples(p3s):
     run(p3s, [shell_job("true"), shell_job("true"), shell_job("exit 2")])
     activity = p3s.api.call("GET", "/", query={"format": "json"})["activity"]
-    last = activity["bins"][-1]
-    assert (last["started"], last["finished"], last["failed"]) == (3, 2, 1)
-    assert len(activity["bins"]) == 144 and sum(b["started"] for b in activity["bins"]) == 3
+    assert activity["range"] == "1h" and len(activity["bins"]) == 60, "a young server's charts show the last hour"
+    totals = [sum(b[k] for b in activity["bins"]) for k in ("started", "finished", "failed")]
+    assert totals == [3, 2, 1]
+    day = p3s.api.call("GET", "/", query={"format": "json", "range": "24h"})["activity"]
+    assert len(day["bins"]) == 144 and sum(b["started"] for b in day["bins"]) == 3
+    week = p3s.api.call("GET", "/", query={"format": "json", "range": "7d"})["activity"]
+    assert len(week["bins"]) == 168 and sum(b["failed"] for b in week["bins"]) == 1
+    p3s.page("/?range=2w", status=400)
     wait_until(lambda: p3s.api.call("GET", "/", query={"format": "json"})["activity"]["samples"], 10,
                what="the first per-minute sample")
-    page = p3s.page("/")
+    page = p3s.page("/?range=24h")
     assert page.count('<rect class="finished"') == 1 and page.count('<rect class="failed"') == 1
     assert "<script" not in page and "3 started, 2 finished, 1 failed" in page
+    assert "range: " in page and '<a href="?range=7d">7d</a>' in page and "<b>24h</b>" in page
 
 
 def test_the_summary_header_has_the_host_the_crews_links_and_a_refresh_choice(start_server):

@@ -180,7 +180,7 @@ def hostile_job():
             "max_attempts": 1, "pilot": None, "wfuuid": None, "vertex": None, "infile": HOSTILE,
             "exit_code": 3, "errmsg": HOSTILE, "stdout_tail": HOSTILE, "stderr_tail": HOSTILE,
             "stdout_path": "", "stderr_path": "", "host": HOSTILE, "pid": 1, "ts_def": 1.0,
-            "ts_dis": 2.0, "ts_sta": 3.0, "ts_sto": 4.0, "reason": HOSTILE,
+            "ts_dis": 2.0, "ts_sta": 3.0, "ts_sto": 4.0, "reason": HOSTILE, "ran_site": HOSTILE,
             "events": [{"ts": 1.0, "old": None, "new": "failed", "who": HOSTILE, "attempt": 1,
                         "info": HOSTILE}],
             "why_waiting": [HOSTILE], "logs": [], "files": [{"label": HOSTILE, "path": HOSTILE, "url": None}],
@@ -189,9 +189,12 @@ def hostile_job():
 
 def rendered_pages():
     job = hostile_job()
-    errors = [{"jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2, "first": 1.0, "last": 2.0}]
+    place = {"site": HOSTILE, "host": HOSTILE, "jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2}
+    errors = [{"jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2, "first": 1.0, "last": 2.0,
+               "hosts": [place]}]
     t = 86400.0 * 365
-    activity = {"bins": [{"start": t - 600, "started": 1, "finished": 1, "failed": 1}],
+    activity = {"range": "24h", "span": 86400, "bucket": 600,
+                "bins": [{"start": t - 600, "started": 1, "finished": 1, "failed": 1}],
                 "samples": [{"ts": t - 60, "pilots": 2, "running": 1, "queued": 3}]}
     ack = {"kind": "silence", "who": HOSTILE, "why": HOSTILE, "until": t + 60}
     alarms = [{"name": "no_pilots", "key": HOSTILE, "message": HOSTILE, "link": "/", "severity": "critical",
@@ -210,7 +213,8 @@ def rendered_pages():
                                                          "infile": HOSTILE, "ts": 1.0, "job_name": HOSTILE,
                                                          "state": "finished"}]}], "choices": choices}
     pilot = {"uuid": job["uuid"], "state": HOSTILE, "host": HOSTILE, "pid": 1, "site": HOSTILE,
-             "jobtypes": [HOSTILE], "beat_age": 1.0, "jobs_done": 0, "job": None, "extra": HOSTILE,
+             "jobtypes": [HOSTILE], "beat_age": 1.0, "life": 5.0, "jobs_done": 0, "job": job["uuid"],
+             "current": {"uuid": job["uuid"], "name": HOSTILE, "infile": HOSTILE}, "extra": HOSTILE,
              "ts_reg": 1.0, "heartbeat": 10, "recent_jobs": [job], "events": job["events"],
              "logs": [{"label": HOSTILE, "path": HOSTILE, "url": None}]}
     workflow = {"uuid": job["uuid"], "name": HOSTILE, "state": "running", "dag": HOSTILE,
@@ -220,7 +224,7 @@ def rendered_pages():
     site = {"name": HOSTILE, "pilots": 3, "tolerance": None, "live": 1, "running": 0, "idle": 1, "lost_1h": 0,
             "finished_1h": 2, "failed_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None,
             "server": HOSTILE, "period": 1, "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE},
-            "pilots_list": [pilot], "page": 1, "more": False, "pending": 0, "missing": 2, "factory": HOSTILE,
+            "pilots_list": [pilot], "page": 1, "more": False, "limit": 25, "pending": 0, "missing": 2, "factory": HOSTILE,
             "factory_period": 60, "keep_hours": None,
             "requests": [{"ts": 1.0, "count": 2, "registered": 1, "pending": 1, "died_young": 0, "state": HOSTILE}]}
     service = {"name": HOSTILE, "host": HOSTILE, "period": 0, "retired": None, "silent": False, "age": 1.0,
@@ -233,8 +237,8 @@ def rendered_pages():
                                                                  "who": HOSTILE, "why": HOSTILE}]}, query),
             server.render_summary(summary, query), server.render_jobs(listing, query),
             server.render_job(job, query), server.render_pilot(pilot, query),
-            server.render_pilots({"pilots": [pilot], "page": 1, "more": False}, query),
-            server.render_workflow(workflow, query), server.render_errors({"errors": errors}, query),
+            server.render_pilots({"pilots": [pilot], "page": 1, "more": False, "limit": 25, "choices": choices}, query),
+            server.render_workflow(workflow, query), server.render_errors({"errors": errors, "by_site": [place], "by_host": [place]}, query),
             server.render_plots(plots, query)]
 
 

@@ -1,0 +1,82 @@
+"""The shifter's view, second pass: where jobs ran, the run grid, charts with a range, the job
+type pages, lists that fit, and the expert pages, against a real server with real pilots."""
+import html
+import json
+import os
+import re
+
+from conftest import COMPAT, shell_job, tiny_png
+
+
+def jobs_json(p3s, **query):
+    return p3s.api.call("GET", "/jobs", query=dict(query, format="json"))["jobs"]
+
+
+def test_jobs_tell_the_site_asked_for_from_where_they_ran_and_sites_link_to_them(p3s):
+    for name in ("np04", "cern"):
+        p3s.api.define_site(name)
+    anywhere, at_cern = p3s.submit([shell_job("true", name="anywhere"), shell_job("exit 2", name="at-cern", site="cern")])
+    p3s.run("pilot.py", "-s", "np04", "-c", "1", "-p", "1", "-L", p3s.logs)
+    p3s.run("pilot.py", "-s", "cern", "-c", "1", "-p", "1", "-L", p3s.logs)
+    assert [j["uuid"] for j in jobs_json(p3s, site="np04")] == [], "site= is the site asked for"
+    [ran] = jobs_json(p3s, ran_site="np04")
+    assert ran["uuid"] == anywhere and ran["site"] == "" and ran["host"]
+    assert [j["uuid"] for j in jobs_json(p3s, ran_site="cern", state="problems", ended="1h")] == [at_cern]
+    sites = p3s.page("/sites")
+    assert 'href="/jobs?ran_site=np04&amp;state=finished&amp;ended=1h">1</a>' in sites
+    assert 'href="/jobs?ran_site=cern&amp;state=problems&amp;ended=1h">1</a>' in sites
+    listing = p3s.page("/jobs")
+    assert "ran at" in listing and "asked for" in listing and 'href="/jobs?ran_site=np04">np04</a>' in listing
+    assert "per page:" in listing and 'href="?limit=400">400</a>' in listing
+    assert re.search(r"<td>\d\d:\d\d:\d\d</td>", listing), "today's times are shown without the date"
+
+
+def test_the_job_page_leads_with_the_input_file_and_shows_no_empty_labels(p3s):
+    held = p3s.api.add_dag("d1", open(os.path.join(COMPAT, "1filter.graphml")).read())
+    wf = p3s.api.create_workflow("d1", state="template")
+    waiting_wf_job = wf["jobs"][0]["uuid"]
+    failed, waiting = p3s.submit([
+        shell_job("echo 'ERROR: RawDecoder: no frames' >&2; exit 3", name="Monitor:Main", infile="/eos/np04/np04_raw_run005010_0007.root"),
+        shell_job("true", jobtype="nobody-takes-it")])
+    p3s.run("pilot.py", "--jobtype", "default", "-c", "1", "-p", "1", "-L", p3s.logs)
+    page = p3s.page(f"/job/{failed}")
+    assert "<title>p3s: Job np04_raw_run005010_0007.root · Monitor:Main</title>" in page
+    headline = page.split("<p style='font-size:120%'>")[1].split("</p>")[0]
+    assert "ERROR: RawDecoder: no frames" in headline and "exit code <b>3</b>" in headline and "ran at" in headline
+    assert "attempt" not in headline, "a job allowed one attempt says nothing about attempts"
+    assert "pilot&#x27;s message" not in page and "errmsg" not in page and "<td>input file</td>" in page
+    fields = page.split("<h2>Environment</h2>")[0]
+    assert "<td>None</td>" not in fields and "<td></td>" not in fields
+    waiting_page = p3s.page(f"/job/{waiting}")
+    assert "waiting since" in waiting_page and "exit code" not in waiting_page.split("<h2>")[0]
+    assert f"workflow.py -m -u {wf['uuid']} -s defined" in p3s.page(f"/job/{waiting_wf_job}")
+
+
+def test_pilots_list_has_drop_downs_a_life_and_the_current_jobs_input_file(p3s):
+    p3s.api.define_site("np04")
+    [uuid] = p3s.submit([shell_job("sleep 30", infile="/eos/np04/np04_raw_run005010_0003.root")])
+    p3s.pilot("-s", "np04", "-p", "1")
+    from conftest import wait_until
+    wait_until(lambda: p3s.job(uuid)["state"] == "running", 15, what="the job to run")
+    page = p3s.page("/pilots")
+    assert '<select name="state">' in page and '<option value="np04">np04</option>' in page
+    assert "<th>life</th>" in page
+    assert f'<a href="/job/{uuid}">np04_raw_run005010_0003.root</a>' in page
+    assert p3s.page("/pilots?state=lost").count("<tr>") == 0
+
+
+def test_errors_split_by_site_and_host_so_a_bad_node_stands_out(p3s):
+    p3s.api.define_site("np04")
+    bad = [shell_job("echo 'ProductNotFound: dunetpc v08' >&2; exit 65", jobtype="reco")] * 3
+    p3s.submit(bad)
+    p3s.run("pilot.py", "-s", "np04", "-c", "3", "-p", "1", "-L", p3s.logs, env=dict(p3s.env, P3S_NODE="node7"))
+    p3s.submit([shell_job("echo 'ProductNotFound: dunetpc v08' >&2; exit 65", jobtype="reco"), shell_job("true")])
+    p3s.run("pilot.py", "-s", "np04", "-c", "2", "-p", "1", "-L", p3s.logs, env=dict(p3s.env, P3S_NODE="node2"))
+    data = p3s.api.call("GET", "/errors", query={"format": "json"})
+    [error] = data["errors"]
+    assert [(h["host"], h["last_24h"]) for h in error["hosts"]] == [("node7", 3), ("node2", 1)]
+    assert [(h["host"], h["last_1h"]) for h in data["by_host"]] == [("node7", 3), ("node2", 1)]
+    assert [(s["site"], s["last_24h"]) for s in data["by_site"]] == [("np04", 4)]
+    page = p3s.page("/errors")
+    assert "By host" in page and 'ran_site=np04&amp;host=node7">np04 · node7</a> (3)' in page
+    assert len(jobs_json(p3s, state="problems", ran_site="np04", host="node7", ended="1h")) == 3
