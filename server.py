@@ -1061,7 +1061,7 @@ def where_equal(query, filters, extra=()):
     return (" WHERE " + " AND ".join(conds) if conds else ""), args
 
 
-JOB_FILTERS = ("state", "jobtype", "site", "ran_site", "host", "user", "workflow", "age", "ended", "reason")
+JOB_FILTERS = ("state", "jobtype", "site", "ran_site", "host", "infile", "user", "workflow", "age", "ended", "reason")
 PER_PAGE = (25, 50, 100, 200, 400)     # the original's choices
 STATE_GROUPS = {"problems": FAILED_STATES}
 
@@ -1103,6 +1103,8 @@ def job_conditions(query, states, errors_only):
         conds.append(("reason LIKE ? ESCAPE '\\'", reason_pattern(query["reason"])))
     if errors_only:
         conds.append(("exit_code != ?", 0))
+    if query.get("infile"):        # the literal term lets the planner use the partial index
+        conds.append(("infile = ? AND infile != ''", query["infile"]))
     where, args = where_equal(query, ("jobtype", "site", "ran_site", "host", "user", ("workflow", "wfuuid"), "wfuuid"),
                               conds)
     return with_states(where, args, states)
@@ -1360,7 +1362,8 @@ def plan_workflow(wf, vertices, edges, fileinfo, jobinfo, extensions, outdir=Non
     for v in vertices:
         job = validate_job(vertex_job(v, jobinfo.get(v["name"], {}), tags.get(v["name"], {}), wf["user"]),
                            f"vertex {v['name']}")
-        job.update(name=job["name"] or f"{wf['name']}:{v['name']}", wfuuid=wf["uuid"], vertex=v["name"], ts=t)
+        job.update(name=job["name"] or f"{wf['name']}:{v['name']}", wfuuid=wf["uuid"], vertex=v["name"], ts=t,
+                   infile=job["infile"] or wf.get("infile", ""))     # an injected file's run grid row
         jobs.append(job)
     job_uuids = {j["vertex"]: j["uuid"] for j in jobs}
     datasets = [{**f, "uuid": str(uuidlib.uuid4()), "wfuuid": wf["uuid"], "ts": t,
@@ -1377,9 +1380,9 @@ def instantiate(conn, wf, jobs, datasets):
     event(conn, "workflow", wf["uuid"], None, "template", wf["user"])
     conn.executemany("""
         INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
-                         site, state, max_attempts, wfuuid, vertex, ts_def)
+                         site, state, max_attempts, wfuuid, vertex, infile, ts_def)
         VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
-               :site, 'template', :max_attempts, :wfuuid, :vertex, :ts)""", jobs)
+               :site, 'template', :max_attempts, :wfuuid, :vertex, :infile, :ts)""", jobs)
     conn.executemany("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) "
                      "VALUES(:ts, 'job', :uuid, 1, NULL, 'template', :user, '')", jobs)
     conn.executemany("""
@@ -1956,7 +1959,7 @@ class Workflows:
         if jobs is None:
             dag_name = as_str(body["dag"], "dag", allow_empty=False)
             wf = {"uuid": str(uuidlib.uuid4()), "dag": dag_name, "name": f"{dag_name}:{name}",
-                  "description": f"injected {path}", "user": user, "state": "defined"}
+                  "description": f"injected {path}", "user": user, "state": "defined", "infile": path}
             outdir = as_str(body.get("outdir", ""), "outdir", max_len=4096) or None
             plan = self.plan(wf, body.get("fileinfo") or f"inherit:{path}", None, outdir)
         with self.store.transaction() as conn:
@@ -3316,6 +3319,25 @@ AHEAD = ("SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_claim_type WHERE sta
          "WHERE state='defined' AND site=? AND jobtype=? AND priority = ? AND ts_def < ?)")
 
 
+RUN_NUMBER = re.compile(r"run_?0*(\d+)(?:_0*(\d+))?", re.I)    # np04_raw_run005010_0007 -> 5010, 7
+RUN_SCAN = 20000        # input files a run-range filter examines at most (newest first)
+
+
+def run_of(infile):
+    """(run, subrun) named in a file name (subrun may be None), else (None, None)."""
+    match = RUN_NUMBER.search(os.path.basename(infile))
+    return (int(match.group(1)), match.group(2) and int(match.group(2))) if match else (None, None)
+
+
+def parse_run_range(value):
+    """'5010' or '5000-5010' -> (low, high)."""
+    match = re.fullmatch(r"\s*(\d{1,9})\s*(?:-\s*(\d{1,9})\s*)?", value)
+    if not match:
+        raise bad(f"runs: expected a run number or a range such as 5000-5010, got {value!r}")
+    low = int(match.group(1))
+    return low, int(match.group(2) or low)
+
+
 def newest_jobs_first_names_in_order(rows):
     """Images (newest first) regrouped: the jobs newest first, each job's images in name order
     (adc_mean_apa1, apa2, apa3), as a shifter reads them."""
@@ -3488,8 +3510,8 @@ class Views:
 
     def cheap_total(self, query, states, errors_only):
         """The number of matching jobs when the counts table knows it, else None (no scan)."""
-        if errors_only or any(query.get(k) for k in ("site", "ran_site", "host", "user", "workflow", "age", "ended",
-                                                     "reason")):
+        if errors_only or any(query.get(k) for k in ("site", "ran_site", "host", "infile", "user", "workflow", "age",
+                                                     "ended", "reason")):
             return None
         where, args = with_states(*where_equal(query, ("jobtype",)), states)
         return self.store.read_one(f"SELECT COALESCE(SUM(n), 0) FROM job_counts{where}", args)[0]
@@ -3519,6 +3541,54 @@ class Views:
         job["images"] = [dict(r) for r in self.store.read("SELECT name, type, size FROM images WHERE job=? "
                                                           "ORDER BY name", (uuid,))]
         return job
+
+    def runs(self, query):
+        """The run grid: input files (newest first) by job types, each cell the newest job of
+        that type on that file, with its state and published images. Paged, bounded: it reads
+        the input files' table and each shown file's jobs by index, never every job."""
+        known = self.check_jobtype(query.get("jobtype", ""))
+        limit, offset, page = page_window(query)
+        since = now() - parse_age(query["age"]) if query.get("age") else 0
+        files = self.grid_files(since, query.get("runs"), limit + 1, offset)
+        rows, order = [], {}
+        for infile, ts in files[:limit]:
+            jobs = {}
+            for j in self.store.read("SELECT uuid, name, jobtype, state, reason, id FROM jobs INDEXED BY jobs_infile "
+                                     "WHERE infile = ? AND infile != '' ORDER BY id", (infile,)):
+                jobs[j["jobtype"]] = dict(j)            # the newest job of each type wins
+                order.setdefault(j["jobtype"], j["id"])
+            run, subrun = run_of(infile)
+            rows.append({"infile": infile, "ts": ts, "run": run, "subrun": subrun, "jobs": jobs})
+        self.attach_images([j for r in rows for j in r["jobs"].values()])
+        chosen = [t for t in query.get("types", "").split(",") if t]
+        types = ([query["jobtype"]] if query.get("jobtype") else
+                 chosen + sorted((t for t in order if t not in chosen), key=order.get))
+        return {"rows": rows, "types": types, "page": page, "limit": limit, "more": len(files) > limit,
+                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types") if query.get(k)},
+                "choices": {"jobtype": known}}
+
+    def grid_files(self, since, runs, count, offset):
+        """(input file, first seen) newest first, younger than `since`, in the run range if any."""
+        if not runs:
+            return [tuple(r) for r in self.store.read(
+                "SELECT infile, ts FROM inputs INDEXED BY inputs_ts WHERE ts >= ? ORDER BY ts DESC LIMIT ? OFFSET ?",
+                (since, count, offset))]
+        low, high = parse_run_range(runs)
+        scanned = self.store.read("SELECT infile, ts FROM inputs INDEXED BY inputs_ts WHERE ts >= ? "
+                                  "ORDER BY ts DESC LIMIT ?", (since, RUN_SCAN))
+        inside = [tuple(r) for r in scanned if run_of(r["infile"])[0] is not None
+                  and low <= run_of(r["infile"])[0] <= high]
+        return inside[offset:offset + count]
+
+    def attach_images(self, jobs):
+        """Each job's published images (names, in name order) as job["images"]."""
+        by_uuid = {j["uuid"]: j for j in jobs}
+        for j in jobs:
+            j["images"] = []
+        for chunk in chunks(sorted(by_uuid)):
+            for r in self.store.read(f"SELECT job, name FROM images WHERE job IN ({','.join('?' * len(chunk))}) "
+                                     "ORDER BY name", chunk):
+                by_uuid[r["job"]]["images"].append(r["name"])
 
     def plots(self, query):
         """The newest published images, per jobtype (or one), optionally of one input file/run
@@ -3758,10 +3828,16 @@ details.warnings summary{cursor:pointer;font-weight:bold;color:#533}
 .refresh a{margin:0 0 0 .6em;font-weight:normal}.chart{margin:.2em 1.5em .8em 0;display:inline-block;vertical-align:top}
 .thumbs a{display:inline-block;margin:0 .6em .6em 0;text-align:center;font-size:12px}
 .thumbs img{display:block;max-width:260px;max-height:200px;border:1px solid #ccc;background:#fff}
+.cards{display:flex;flex-wrap:wrap;gap:.6em}.card{border:1px solid #ddd;padding:.3em .4em;max-width:100%}
+.card-head{font-size:12px;margin-bottom:.2em;max-width:66em;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
+.card .thumbs img{max-width:200px;max-height:150px}.bad-card{border-color:#c00;background:#fff5f5}
 .thumbs.bad-job img{border:3px solid #c00;opacity:.75}.thumbs.bad-job a{color:#c00}
 .reason{max-width:40em}table.list td{white-space:nowrap}
-table.list .reason{display:inline-block;max-width:22em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}"""
-NAV = (("/", "Summary"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
+table.grid td{padding:2px 4px}.cell{display:block;padding:2px 6px;color:#000;text-decoration:none;border-radius:2px}
+.g-finished{background:#cfc}.g-failed,.g-timeout,.g-pilotTO{background:#f99;font-weight:bold}
+.g-running,.g-dispatched{background:#cde8ff}.g-defined,.g-template{background:#ffe9a8}.g-cancelled{background:#ddd}
+.strip img{height:40px;margin:2px 2px 0 0;border:1px solid #ccc}table.list .reason{display:inline-block;max-width:22em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}"""
+NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
 REFRESH_CHOICES = (("never", ""), ("10 s", "10"), ("30 s", "30"), ("1 min", "60"))
@@ -4253,20 +4329,69 @@ def plots_of_job(job, images):
     first = images[0]
     failed = first.get("state") in FAILED_STATES
     state = f" · {state_cell(first['state'])} {reason_cell(first.get('reason') or '')}" if failed else ""
-    return (f"<h3>{link(f'/job/{job}', first['job_name'] or job[:8])} · "
-            f"{infile_cell(first['infile']) or 'no input file'} · {esc(when(first['ts']))}{state}</h3>"
-            f"{thumbnails(job, images, (first.get('reason') or first['state']) if failed else None)}")
+    return (f'<div class="card{" bad-card" if failed else ""}"><div class="card-head">'
+            f"{link(f'/job/{job}', first['job_name'] or job[:8])} · "
+            f"{infile_cell(first['infile']) or 'no input file'} · {esc(short_when(first['ts']))}{state}</div>"
+            f"{thumbnails(job, images, (first.get('reason') or first['state']) if failed else None)}</div>")
 
 
-def render_plots(d, query):
-    sections = []
-    for group in d["groups"]:
+def grid_cell(job):
+    """One job of the run grid: its state as the cell's colour, a link to it, its reason on
+    hover, and a strip of its first images (framed red if the job did not finish)."""
+    if job is None:
+        return ""
+    title = f"{job['state']}: {job['reason']}" if job["reason"] else job["state"]
+    shown = job["images"][:4]
+    strip = "".join(f'<img src="{esc(image_url(job["uuid"], n))}" alt="{esc(n)}" title="{esc(n)}" loading="lazy">'
+                    for n in shown)
+    more = f"<small>+{len(job['images']) - len(shown)}</small>" if len(job["images"]) > len(shown) else ""
+    return (f'<a class="cell g-{esc(re.sub(r"[^A-Za-z]", "", job["state"]))}" href="/job/{esc(job["uuid"])}" '
+            f'title="{esc(title)}">{esc(job["state"])}</a>' + (f'<div class="strip">{strip}{more}</div>' if shown else ""))
+
+
+def render_runs(d, query):
+    """The run grid: "does run 5010 look OK?" in one look."""
+    headers = ["input file"] + [link(href("/runs", **{**d["filters"], "jobtype": t}), t) for t in d["types"]]
+    rows = []
+    for r in d["rows"]:
+        label = (f"run {r['run']}" + (f" · {r['subrun']}" if r["subrun"] is not None else "")
+                 if r["run"] is not None else os.path.basename(r["infile"]))
+        first = (f'<a href="{esc(href("/jobs", infile=r["infile"]))}" title="{esc(r["infile"])}">{esc(label)}</a>'
+                 f'<br><small>{esc(short_when(r["ts"]))}</small>')
+        rows.append([first] + [grid_cell(r["jobs"].get(t)) for t in d["types"]])
+    intro = ("<p class='head'>One row per input file, newest first; one column per job type (the order of "
+             "<code>types=a,b,c</code>, else the order jobs were submitted in). A cell is the newest job of "
+             "that type on that file: its colour is its state, hover for its reason, click for the job.</p>")
+    body = (intro + filter_form(("jobtype", "runs", "age", "types"), query, d["choices"],
+                                {"runs": "run(s)", "types": "column order"}) +
+            pager(d, query) + table(headers, rows, "grid") + pager(d, query))
+    return page("Run grid", body, query)
+
+
+def plot_sections(groups, by_run):
+    """(heading, jobs' cards) by job type, or with `by_run` by the run of the input file
+    (newest run first, its jobs of every type together)."""
+    cards = {}
+    for group in groups:
         by_job = {}
         for i in group["images"]:
             by_job.setdefault(i["job"], []).append(i)
-        rows = "".join(plots_of_job(job, images) for job, images in by_job.items())
-        sections.append(f"<h2>{link(href('/plots', jobtype=group['jobtype']), group['jobtype'])}</h2>{rows}")
-    body = (filter_form(("jobtype", "infile", "age"), query, d["choices"]) +
+        for job, images in by_job.items():
+            run = run_of(images[0]["infile"] or "")[0]
+            key = (f"run {run}" if run is not None else "no run number") if by_run else group["jobtype"]
+            cards.setdefault(key, []).append((images[0]["ts"], plots_of_job(job, images)))
+    if by_run:
+        order = sorted(cards, key=lambda k: -max(ts for ts, _ in cards[k]))
+        return [(esc(k), "".join(c for _, c in sorted(cards[k], key=lambda x: -x[0]))) for k in order]
+    return [(link(href("/plots", jobtype=k), k), "".join(c for _, c in cards[k])) for k in cards]
+
+
+def render_plots(d, query):
+    by_run = query.get("group") == "run"
+    switch = ("grouped by run · " + link(with_query(query, group=None), "group by job type") if by_run else
+              "grouped by job type · " + link(with_query(query, group="run"), "group by run"))
+    sections = [f"<h2>{head}</h2><div class='cards'>{cards}</div>" for head, cards in plot_sections(d["groups"], by_run)]
+    body = (filter_form(("jobtype", "infile", "age"), query, d["choices"]) + f"<p class='head'>{switch}</p>" +
             ("".join(sections) or "<p><i>no published images match</i> · jobs publish the PNG, JPEG, GIF "
              "and SVG files they write to their own directory, <code>$P3S_JOB_DIR</code></p>"))
     return page("Plots", body, query)
@@ -4579,6 +4704,7 @@ ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, 
 PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/", "summary", render_summary),
     ("/jobs", "jobs", render_jobs),
+    ("/runs", "runs", render_runs),
     ("/job/<uuid>", "job", render_job),
     ("/pilots", "pilots", render_pilots),
     ("/pilot/<uuid>", "pilot", render_pilot),

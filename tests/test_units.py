@@ -418,7 +418,11 @@ def test_a_failed_jobs_plots_carry_its_state_and_reason():
                "state": "failed", "reason": "ERROR: RawDecoder: APA3 FEMB 12 returned no frames"},
               {"job": "j2", "name": "apa1.png", "infile": "/eos/run_2.root", "ts": 1.0, "job_name": "Monitor",
                "state": "finished", "reason": ""}]
-    html = server.render_plots({"groups": [{"jobtype": "monitor", "images": images}], "choices": {}}, {})
-    bad, good = html.split("<h3>")[1:3]
-    assert 'class="thumbs bad-job" title="ERROR: RawDecoder: APA3 FEMB 12 returned no frames"' in bad
-    assert 's-failed' in bad and "bad-job" not in good and "s-finished" not in good
+    for query in ({}, {"group": "run"}):
+        html = server.render_plots({"groups": [{"jobtype": "monitor", "images": images}], "choices": {}}, query)
+        cards = re.split(r'<div class="card(?: bad-card)?">', html)[1:]
+        bad, good = (cards if "run_1" in cards[0] else cards[::-1])
+        assert 'class="thumbs bad-job" title="ERROR: RawDecoder: APA3 FEMB 12 returned no frames"' in bad
+        assert 's-failed' in bad and "bad-job" not in good and "s-finished" not in good
+        assert html.count('<div class="card bad-card">') == 1
+    assert "<h2>run 2</h2>" in html and "<h2>run 1</h2>" in html

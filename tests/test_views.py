@@ -80,3 +80,42 @@ def test_errors_split_by_site_and_host_so_a_bad_node_stands_out(p3s):
     page = p3s.page("/errors")
     assert "By host" in page and 'ran_site=np04&amp;host=node7">np04 · node7</a> (3)' in page
     assert len(jobs_json(p3s, state="problems", ran_site="np04", host="node7", ended="1h")) == 3
+
+
+def test_the_run_grid_shows_each_file_by_job_type_with_states_and_plots(p3s, tmp_path):
+    png = tmp_path / "adc.png"
+    tiny_png(png)
+    runs = [f"/eos/np04/np04_raw_run00{run}_000{sub}.root" for run, sub in ((5009, 1), (5010, 1), (5010, 2))]
+    for infile in runs:
+        p3s.submit([shell_job(f"cp {png} $P3S_JOB_DIR/apa1.png", jobtype="monitor", infile=infile),
+                    shell_job("echo 'ERROR: no frames' >&2; exit 3" if infile.endswith("5010_0002.root") else "true",
+                              jobtype="purity", infile=infile),
+                    shell_job("true", jobtype="evdisp", infile=infile)])
+    p3s.run("pilot.py", "-c", "9", "-p", "1", "-L", p3s.logs)
+    grid = p3s.api.call("GET", "/runs", query={"format": "json"})
+    assert [(r["run"], r["subrun"]) for r in grid["rows"]] == [(5010, 2), (5010, 1), (5009, 1)]
+    assert grid["types"] == ["monitor", "purity", "evdisp"], "columns in the order jobs were submitted"
+    newest = grid["rows"][0]["jobs"]
+    assert newest["purity"]["state"] == "failed" and newest["monitor"]["images"] == ["apa1.png"]
+    chosen = p3s.api.call("GET", "/runs", query={"format": "json", "types": "evdisp,purity"})
+    assert chosen["types"] == ["evdisp", "purity", "monitor"]
+    only = p3s.api.call("GET", "/runs", query={"format": "json", "runs": "5009-5009"})
+    assert [r["run"] for r in only["rows"]] == [5009]
+    p3s.page("/runs?runs=five", status=400)
+    page = p3s.page("/runs")
+    assert 'class="cell g-failed"' in page and 'title="failed: ERROR: no frames"' in page
+    assert page.count('<div class="strip"><img') == 3 and "run 5010 · 2" in page
+    files = jobs_json(p3s, infile=runs[2])
+    assert sorted(j["jobtype"] for j in files) == ["evdisp", "monitor", "purity"]
+
+
+def test_an_injected_workflows_jobs_are_the_row_of_their_file(p3s, tmp_path):
+    p3s.api.add_dag("filters", open(os.path.join(COMPAT, "3filters.graphml")).read())
+    inbox, out = tmp_path / "inbox", tmp_path / "out"
+    inbox.mkdir()
+    out.mkdir()
+    (inbox / "np04_raw_run005011_0001.txt").write_text("TEST1\n")
+    assert p3s.run("injector.py", "-d", inbox, "--dag", "filters", "--outdir", out, "--settle", "0",
+                   "-p", "0.2", "-c", "2").returncode == 0
+    [row] = p3s.api.call("GET", "/runs", query={"format": "json"})["rows"]
+    assert row["run"] == 5011 and set(row["jobs"]) >= {"filter"}
