@@ -502,7 +502,9 @@ MIGRATIONS = [
                             site TEXT NOT NULL DEFAULT '', jobtype TEXT NOT NULL DEFAULT '', who TEXT NOT NULL,
                             why TEXT NOT NULL, until REAL, ts REAL NOT NULL);
     """,
-    # v12: where each job ran (its pilot's site, beside the site it asked for), and failures
+    # v12: a histogram per job type and 10 minutes of what its jobs took (duration; the job
+    # type's page reads medians and p95 from it, never the jobs); where each job ran (its
+    # pilot's site, beside the site it asked for), and failures
     # counted by the site and host they happened at (a bad node stands out); the input files
     # in the order they arrived, for the run grid (rows are files; a bounded read, never a scan
     # of jobs); a datatype's comment (the original's Data Types page).
@@ -517,6 +519,8 @@ MIGRATIONS = [
         INSERT OR IGNORE INTO inputs VALUES(new.infile, new.ts_def);
     END;
     ALTER TABLE datatypes ADD COLUMN comment TEXT NOT NULL DEFAULT '';
+    CREATE TABLE profiles(bucket INTEGER NOT NULL, jobtype TEXT NOT NULL, metric TEXT NOT NULL, bin INTEGER NOT NULL,
+                          n INTEGER NOT NULL, PRIMARY KEY(bucket, jobtype, metric, bin)) WITHOUT ROWID;
     CREATE TABLE error_places(bucket INTEGER NOT NULL, site TEXT NOT NULL, host TEXT NOT NULL, jobtype TEXT NOT NULL,
                               reason TEXT NOT NULL, n INTEGER NOT NULL,
                               PRIMARY KEY(bucket, site, host, jobtype, reason)) WITHOUT ROWID;
@@ -1541,6 +1545,9 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None):
         return None, 0
     if end_state in FAILED_STATES:
         count_error(conn, job, changes["reason"], t)
+    started = changes.get("ts_sta") or job["ts_sta"]
+    if end_state in PROFILED_STATES and started:
+        count_profile(conn, job["jobtype"], "duration", t - started, t)
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
@@ -1572,6 +1579,41 @@ def normalise_reason(reason):
     for pattern, replacement in FOLDED:
         reason = pattern.sub(replacement, reason)
     return reason
+
+
+PROFILED_STATES = ("finished", "failed", "timeout")     # jobs whose run says what their type costs
+PROFILE_BUCKET = 600                # seconds: a job type's profile is kept in buckets this long, 8 days
+PROFILE_RATIO = 1.25                # histogram bins grow by this factor: a median is within 12 %
+
+
+def profile_bin(value):
+    return int(math.floor(math.log(max(value, 1e-3)) / math.log(PROFILE_RATIO)))
+
+
+def bin_value(b):
+    """The middle of a histogram bin, as the figure it stands for."""
+    return PROFILE_RATIO ** (b + 0.5)
+
+
+def count_profile(conn, jobtype, metric, value, t):
+    conn.execute("INSERT INTO profiles VALUES(?, ?, ?, ?, 1) ON CONFLICT(bucket, jobtype, metric, bin) "
+                 "DO UPDATE SET n = n + 1", (int(t) // PROFILE_BUCKET, jobtype, metric, profile_bin(value)))
+
+
+def quantiles(histogram, *qs):
+    """The quantiles `qs` of a {bin: n} histogram (None when it is empty)."""
+    total = sum(histogram.values())
+    if not total:
+        return [None] * len(qs)
+    out = []
+    for q in qs:
+        seen = 0
+        for b in sorted(histogram):
+            seen += histogram[b]
+            if seen >= q * total:
+                out.append(bin_value(b))
+                break
+    return out
 
 
 def count_error(conn, job, reason, t):
@@ -2653,14 +2695,15 @@ class Service:
             if job["state"] != "dispatched":
                 raise ApiError(409, f"job {uuid}: is already {job['state']}")
             runtime = start.pop("runtime", 0.0)
+            started = now() - runtime
             move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
-                     changes={**start, "ts_sta": now() - runtime})
+                     changes={**start, "ts_sta": started})
             move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
             if job["wfuuid"]:
                 follow_jobs(conn, job["wfuuid"])
             if state == "running":
                 return {"state": "running"}
-            job = dict(job, state="running")
+            job = dict(job, state="running", ts_sta=started)
         new_state, released = requeue_or_end(conn, dict(job), state, pilot, outcome.get("errmsg", ""), outcome)
         conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
                      "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
@@ -3147,7 +3190,8 @@ class Service:
     def trim_counts(conn, t):
         """The time-bucketed counts are kept 2 days (alarms, summary), the charts' 7 days."""
         for table, bucket, keep in (("job_ends", 10, 2), ("ends", 60, 7), ("errors", ERROR_BUCKET, 7),
-                                    ("error_places", ERROR_BUCKET, 7), ("job_starts", 60, 7)):
+                                    ("error_places", ERROR_BUCKET, 7), ("job_starts", 60, 7),
+                                    ("profiles", PROFILE_BUCKET, 8)):
             conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (int(t - keep * 86400) // bucket,))
         conn.execute("DELETE FROM samples WHERE minute < ?", (int(t - 7 * 86400) // 60,))
         conn.execute("DELETE FROM submissions INDEXED BY submissions_ts WHERE ts < ?", (t - SUBMISSIONS_KEPT,))
@@ -3402,15 +3446,51 @@ class Views:
         except (OSError, ValueError):
             return {"text": "README.md (For the shift crew) is not beside server.py; see the p3s repository."}
 
-    def error_summary(self, t, limit=-1):
-        """Failures of the last 24 h by jobtype and normalised reason, most frequent in the last
-        hour first, from the 10-minute counts (bounded by distinct reasons, never by jobs)."""
+    def error_summary(self, t, limit=-1, jobtype=None):
+        """Failures of the last 24 h by jobtype (or of one) and normalised reason, most frequent
+        in the last hour first, from the 10-minute counts (bounded by distinct reasons, never by jobs)."""
         rows = self.store.read(
             "SELECT jobtype, reason, SUM(CASE WHEN bucket >= ? THEN n ELSE 0 END) AS last_1h, SUM(n) AS last_24h, "
-            "MIN(first) AS first, MAX(last) AS last FROM errors WHERE bucket >= ? GROUP BY jobtype, reason "
+            "MIN(first) AS first, MAX(last) AS last FROM errors WHERE bucket >= ?"
+            f"{' AND jobtype = ?' if jobtype else ''} GROUP BY jobtype, reason "
             "ORDER BY last_1h DESC, last_24h DESC, last DESC LIMIT ?",
-            (int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET, limit))
+            (int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET, *([jobtype] if jobtype else []), limit))
         return [dict(r) for r in rows]
+
+    def jobtype(self, name, query):
+        """A job type's page: its counts and cap, its ends over time, what its jobs take (median
+        and p95 over time, the last 24 h against the 7 days before) and its errors."""
+        if name not in self.known_jobtypes():
+            raise ApiError(404, f"jobtype {name!r}: no job of this type")
+        t = now()
+        activity = self.activity(t, query, jobtype=name)
+        counts = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM job_counts WHERE jobtype=? AND n > 0",
+                                                               (name,))}
+        cap = self.store.read_one("SELECT cap FROM jobtypes WHERE name=?", (name,))
+        return {"name": name, "counts": counts, "cap": cap[0] if cap else None, "activity": activity,
+                "profile": self.profile(name, "duration", t, activity),
+                "errors": self.error_summary(t, 50, jobtype=name), "time": t}
+
+    def profile(self, jobtype, metric, t, activity):
+        """A metric of a job type from its histograms: median and p95 per chart bucket over the
+        activity's range, and for the last 24 h against the 7 days before."""
+        step = max(1, activity["bucket"] // PROFILE_BUCKET)
+        series = {}
+        for r in self.store.read("SELECT bucket / ? AS b, bin, SUM(n) AS n FROM profiles WHERE jobtype=? AND metric=? "
+                                 "AND bucket >= ? GROUP BY b, bin", (step, jobtype, metric,
+                                                                     int(t - activity["span"]) // PROFILE_BUCKET)):
+            series.setdefault(r["b"], {})[r["bin"]] = r["n"]
+        points = [{"ts": b * step * PROFILE_BUCKET, "n": sum(h.values()),
+                   **dict(zip(("median", "p95"), quantiles(h, 0.5, 0.95)))} for b, h in sorted(series.items())]
+        windows = {}
+        day, week = int(t - 86400) // PROFILE_BUCKET, int(t - 8 * 86400) // PROFILE_BUCKET
+        for label, first, last in (("last_24h", day, day + 10 ** 9), ("previous_7d", week, day)):
+            h = {r["bin"]: r["n"] for r in self.store.read(
+                "SELECT bin, SUM(n) AS n FROM profiles WHERE jobtype=? AND metric=? AND bucket >= ? AND bucket < ? "
+                "GROUP BY bin", (jobtype, metric, first, last))}
+            median, p95 = quantiles(h, 0.5, 0.95)
+            windows[label] = {"n": sum(h.values()), "median": median, "p95": p95}
+        return {"metric": metric, "points": points, **windows}
 
     def errors(self, query):
         t = now()
@@ -3431,11 +3511,12 @@ class Views:
             (int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET))
         return [dict(r) for r in rows]
 
-    def activity(self, t, query=None):
+    def activity(self, t, query=None, jobtype=None):
         """The charts over a range (?range=1h, 6h, 24h or 7d; by default the shortest that holds
         the server's whole history, so a young server's activity is not a sliver): jobs claimed,
         finished and failed per bucket (from the per-minute counts), and per bucket the last
-        per-minute sample of live pilots, running and queued jobs."""
+        per-minute sample of live pilots, running and queued jobs. With `jobtype`: its ends only
+        (claims are not counted by type)."""
         name = (query or {}).get("range") or self.default_range(t)
         span, bucket = CHART_RANGES[as_choice(name, "range", tuple(CHART_RANGES))]
         per = bucket // 60          # minutes a bucket
@@ -3443,13 +3524,17 @@ class Views:
         bins = {b: {"start": b * bucket, "started": 0, "finished": 0, "failed": 0}
                 for b in range(first + 1, int(t) // bucket + 1)}
         late = {"start": 0}     # a bucket begun since `t` (a job ended meanwhile) is left out
-        for r in self.store.read("SELECT bucket / ? AS b, SUM(n) AS n FROM job_starts WHERE bucket >= ? GROUP BY b",
-                                 (per, (first + 1) * per)):
+        for r in [] if jobtype else self.store.read(
+                "SELECT bucket / ? AS b, SUM(n) AS n FROM job_starts WHERE bucket >= ? GROUP BY b", (per, (first + 1) * per)):
             bins.get(r["b"], late)["started"] = r["n"]
+        if jobtype:
+            for b in bins.values():
+                b["started"] = None
         marks = ",".join("?" * len(FAILED_STATES))
+        of_type = " AND jobtype = ?" if jobtype else ""
         for r in self.store.read(f"SELECT bucket / ? AS b, state = 'finished' AS good, SUM(n) AS n FROM ends "
-                                 f"WHERE bucket >= ? AND state IN ('finished', {marks}) GROUP BY b, good",
-                                 (per, (first + 1) * per, *FAILED_STATES)):
+                                 f"WHERE bucket >= ? AND state IN ('finished', {marks}){of_type} GROUP BY b, good",
+                                 (per, (first + 1) * per, *FAILED_STATES, *([jobtype] if jobtype else []))):
             bins.get(r["b"], late)["finished" if r["good"] else "failed"] = r["n"]
         samples = [dict(r) for r in self.store.read(
             "SELECT MAX(minute) * 60 AS ts, pilots, running, queued FROM samples WHERE minute > ? "
@@ -3949,7 +4034,7 @@ def render_summary(d, query):
     states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
     alarms = alarm_bars(d["alarms"], d["time"])
     caps = d.get("caps", {})
-    type_rows = [[link(href("/jobs", jobtype=jt), jt)] +
+    type_rows = [[link(f"/jobtype/{quote(jt, safe='')}", jt)] +
                  [count_cell(counts.get(s, 0), href("/jobs", jobtype=jt, state=s), s in FAILED_STATES)
                   for s in states] + [esc(sum(counts.values())), esc(cap_text(caps.get(jt)))]
                  for jt, counts in sorted(d["jobs_by_jobtype"].items())]
@@ -4138,28 +4223,49 @@ def slot_label(activity, start):
 
 
 def bars_chart(activity, t):
-    """Jobs finished (green) and failed (red) per bucket, stacked; claims as a blue line."""
+    """Jobs finished (green) and failed (red) per bucket, stacked; claims as a blue line (not
+    for one job type: claims are not counted by type)."""
     bins, span = activity["bins"], activity["span"]
-    ticks, top = nice_ticks(max([b["finished"] + b["failed"] for b in bins] + [b["started"] for b in bins] + [1]))
+    claims = all(b["started"] is not None for b in bins)
+    ticks, top = nice_ticks(max([b["finished"] + b["failed"] for b in bins] +
+                                [b["started"] for b in bins if claims] + [1]))
     width = CHART_W * activity["bucket"] / span
     scale = CHART_H / top
     marks, line = [], []
     for b in bins:
         x = chart_x(b["start"], t, span)
         good, failed = b["finished"] * scale, b["failed"] * scale
-        label = f'{slot_label(activity, b["start"])}: {b["started"]} started, {b["finished"]} finished, {b["failed"]} failed'
+        started = f'{b["started"]} started, ' if claims else ""
+        label = f'{slot_label(activity, b["start"])}: {started}{b["finished"]} finished, {b["failed"]} failed'
         marks.append(f'<g><title>{esc(label)}</title><rect x="{x:.1f}" y="0" width="{width:.1f}" '
                      f'height="{CHART_H}" fill-opacity="0"/>'
                      + (f'<rect class="finished" x="{x:.1f}" y="{CHART_H - good:.1f}" width="{width:.1f}" '
                         f'height="{good:.1f}" fill="#3a3"/>' if good else "")
                      + (f'<rect class="failed" x="{x:.1f}" y="{CHART_H - good - failed:.1f}" width="{width:.1f}" '
                         f'height="{failed:.1f}" fill="#d22"/>' if failed else "") + "</g>")
-        line.append(f"{x + width / 2:.1f},{CHART_H - b['started'] * scale:.1f}")
-    marks.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="#26c" stroke-width="1"/>')
+        if claims:
+            line.append(f"{x + width / 2:.1f},{CHART_H - b['started'] * scale:.1f}")
+    if claims:
+        marks.append(f'<polyline points="{" ".join(line)}" fill="none" stroke="#26c" stroke-width="1"/>')
     minutes = activity["bucket"] // 60
     per = f"{minutes} min" if minutes < 60 else "hour"
     return chart_frame(f"Jobs per {per}", activity, t, top, ticks, "".join(marks),
-                       (("finished", "#3a3"), ("failed", "#d22"), ("started", "#26c")))
+                       (("finished", "#3a3"), ("failed", "#d22")) + ((("started", "#26c"),) if claims else ()))
+
+
+def profile_chart(title, activity, points, t, unit="s"):
+    """Median (blue) and p95 (orange) of a job type's figure per bucket, from its histograms."""
+    span = activity["span"]
+    ticks, top = nice_ticks(max([p["p95"] for p in points] + [1]))
+    scale = CHART_H / top
+    def polyline(key, colour):
+        xy = " ".join(f"{chart_x(p['ts'], t, span):.1f},{CHART_H - p[key] * scale:.1f}" for p in points)
+        return f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="1.5"/>'
+    lines = polyline("median", "#26c") + polyline("p95", "#e80")
+    dots = "".join(f'<circle cx="{chart_x(p["ts"], t, span):.1f}" cy="{CHART_H - p["median"] * scale:.1f}" r="2" '
+                   f'fill="#26c"><title>{esc(slot_label(activity, p["ts"]))}: median {p["median"]:.3g} {unit}, '
+                   f'p95 {p["p95"]:.3g} {unit} ({p["n"]} jobs)</title></circle>' for p in points)
+    return chart_frame(title, activity, t, top, ticks, lines + dots, (("median", "#26c"), ("p95", "#e80")))
 
 
 def line_chart(title, activity, key, t, color):
@@ -4492,6 +4598,37 @@ def render_services(d, query):
                 "(<code>service.py -n NAME -m MESSAGE</code>) report here.</small></p>", query)
 
 
+def figure(value, unit="s"):
+    return "" if value is None else f"{value:.3g} {unit}"
+
+
+def render_jobtype(d, query):
+    """A job type at a glance: is it running, failing, slower than last week?"""
+    states = [s for s in JOB_STATES if d["counts"].get(s)]
+    counts = table([state_cell(s) for s in states] + ["cap"],
+                   [[count_cell(d["counts"][s], href("/jobs", jobtype=d["name"], state=s), s in FAILED_STATES)
+                     for s in states] + [esc(cap_text(d["cap"]) or "none")]])
+    p = d["profile"]
+    drift = table(["duration", "jobs", "median", "p95"],
+                  [[label, esc(p[key]["n"]), esc(figure(p[key]["median"])), esc(figure(p[key]["p95"]))]
+                   for label, key in (("last 24 h", "last_24h"), ("the 7 days before", "previous_7d"))])
+    slower = (p["last_24h"]["median"] and p["previous_7d"]["median"] and
+              p["last_24h"]["median"] >= 2 * p["previous_7d"]["median"])
+    warning = ("<p class='bad'>The median duration of the last 24 h is at least twice that of the 7 days "
+               "before: a new software version, a slower input?</p>" if slower else "")
+    choices = " ".join(f"<b>{esc(n)}</b>" if n == d["activity"]["range"] else link(with_query(query, range=n), n)
+                       for n in CHART_RANGES)
+    charts = (f'<p class="head">over the last {esc(d["activity"]["range"])} · range: {choices}</p>'
+              + bars_chart(d["activity"], d["time"])
+              + profile_chart("Duration (s)", d["activity"], p["points"], d["time"]))
+    body = (f"{counts}{warning}{charts}<h2>What its jobs take</h2>{drift}"
+            f"<h2>Errors of the last 24 hours</h2>{error_table(d['errors'])}"
+            f"<p>{link(href('/runs', jobtype=d['name']), 'its run grid')} · "
+            f"{link(href('/plots', jobtype=d['name']), 'its plots')} · "
+            f"{link(href('/jobs', jobtype=d['name']), 'its jobs')}</p>")
+    return page(f"Job type {d['name']}", body, query)
+
+
 def render_service(d, query):
     lines = table(["time", "result"], [[esc(when(x["ts"])), esc(x["result"])] for x in d["lines"]])
     head = table(["service", "host", "state", "last seen", "period"],
@@ -4705,6 +4842,7 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/", "summary", render_summary),
     ("/jobs", "jobs", render_jobs),
     ("/runs", "runs", render_runs),
+    ("/jobtype/<jobtype>", "jobtype", render_jobtype),
     ("/job/<uuid>", "job", render_job),
     ("/pilots", "pilots", render_pilots),
     ("/pilot/<uuid>", "pilot", render_pilot),

@@ -426,3 +426,23 @@ def test_a_failed_jobs_plots_carry_its_state_and_reason():
         assert 's-failed' in bad and "bad-job" not in good and "s-finished" not in good
         assert html.count('<div class="card bad-card">') == 1
     assert "<h2>run 2</h2>" in html and "<h2>run 1</h2>" in html
+
+
+def test_a_job_types_profile_says_when_its_median_duration_doubled(tmp_path):
+    """The profile histogram gives medians within a bin (12 %) and the drift of the last 24 h
+    against the week before, from counts only."""
+    store = server.Store(str(tmp_path / "p.db"))
+    t = server.now()
+    def ended(seconds, when, n):
+        store.write(lambda conn: [server.count_profile(conn, "reco", "duration", seconds, when) for _ in range(n)])
+    ended(10.0, t - 3 * 86400, 50)
+    ended(25.0, t - 3600, 20)
+    views = server.Views(server.Service(store), [str(tmp_path)])
+    profile = views.profile("reco", "duration", t, views.activity(t, {"range": "24h"}))
+    assert 8.8 < profile["previous_7d"]["median"] < 11.3 and profile["previous_7d"]["n"] == 50
+    assert 22 < profile["last_24h"]["median"] < 28.2 and profile["last_24h"]["n"] == 20
+    assert len(profile["points"]) == 1
+    html = server.render_jobtype({"name": "reco", "counts": {}, "cap": None, "time": t, "errors": [],
+                                  "activity": views.activity(t, {"range": "24h"}), "profile": profile}, {})
+    store.close()
+    assert "at least twice" in html

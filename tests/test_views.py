@@ -119,3 +119,19 @@ def test_an_injected_workflows_jobs_are_the_row_of_their_file(p3s, tmp_path):
                    "-p", "0.2", "-c", "2").returncode == 0
     [row] = p3s.api.call("GET", "/runs", query={"format": "json"})["rows"]
     assert row["run"] == 5011 and set(row["jobs"]) >= {"filter"}
+
+
+def test_a_job_type_page_shows_its_ends_durations_errors_and_cap(p3s):
+    p3s.submit([shell_job("sleep 0.5", jobtype="reco")] * 3 + [shell_job("echo 'ERROR: bad APA3' >&2; exit 1",
+                                                                        jobtype="reco"), shell_job("true")])
+    p3s.run("pilot.py", "-c", "5", "-p", "1", "-L", p3s.logs)
+    p3s.run("job.py", "-l", "-T", "reco", "-L", "4")
+    data = p3s.api.call("GET", "/jobtype/reco", query={"format": "json"})
+    assert data["counts"] == {"finished": 3, "failed": 1} and data["cap"] == 4
+    assert data["profile"]["last_24h"]["n"] == 4 and 0.4 < data["profile"]["last_24h"]["median"] < 0.75
+    assert [e["reason"] for e in data["errors"]] == ["ERROR: bad APA3"]
+    assert sum(b["finished"] for b in data["activity"]["bins"]) == 3
+    page = p3s.page("/jobtype/reco")
+    assert "Duration (s)" in page and "ERROR: bad APA3" in page and "at most 4" in page
+    assert 'href="/jobtype/reco">reco</a>' in p3s.page("/")
+    p3s.page("/jobtype/nosuchtype", status=404)
