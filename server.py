@@ -1473,16 +1473,20 @@ def follow_jobs(conn, wfuuid):
     wf = conn.execute("SELECT state FROM workflows WHERE uuid=?", (wfuuid,)).fetchone()
     if wf is None or wf["state"] in ("template", "cancelled", "failed", "finished"):
         return
-    counts = {r["state"]: r["n"] for r in conn.execute(
-        "SELECT state, COUNT(*) AS n FROM jobs WHERE wfuuid=? GROUP BY state", (wfuuid,))}
+    counts, real = {}, {}       # real: the jobs that run on a pilot (a noop finishes by itself)
+    for r in conn.execute("SELECT state, jobtype = 'noop' AS noop, COUNT(*) AS n FROM jobs WHERE wfuuid=? "
+                          "GROUP BY state, noop", (wfuuid,)):
+        counts[r["state"]] = counts.get(r["state"], 0) + r["n"]
+        if not r["noop"]:
+            real[r["state"]] = r["n"]
     if any(counts.get(s) for s in FAILED_STATES):
         new = "failed"
     elif set(counts) == {"finished"}:
         new = "finished"
     elif set(counts) <= set(END_JOB_STATES):        # all ended, some cancelled by a user
         new = "cancelled"
-    elif any(counts.get(s) for s in ("dispatched", "running", "finished")):
-        new = "running"
+    elif any(real.get(s) for s in ("dispatched", "running", "finished")):
+        new = "running"         # defined until one of its jobs starts
     else:
         return
     if new != wf["state"]:
@@ -3751,7 +3755,22 @@ class Views:
 
     # -- workflows --------------------------------------------------------------------------------
     def workflows(self, query):
-        return self.svc.workflows.list_workflows(query)
+        """Workflows with their progress (vertices finished of all) and their first failure."""
+        listing = self.svc.workflows.list_workflows(query)
+        by_uuid = {w["uuid"]: dict(w, done=0, vertices=0, failure=None) for w in listing["workflows"]}
+        for chunk in chunks(sorted(by_uuid)):
+            marks = ",".join("?" * len(chunk))
+            for r in self.store.read(f"SELECT wfuuid, SUM(state = 'finished') AS done, COUNT(*) AS n FROM jobs "
+                                     f"INDEXED BY jobs_wf WHERE wfuuid IN ({marks}) GROUP BY wfuuid", chunk):
+                by_uuid[r["wfuuid"]].update(done=r["done"], vertices=r["n"])
+            for r in self.store.read(f"SELECT wfuuid, uuid, vertex, state, reason FROM jobs INDEXED BY jobs_wf "
+                                     f"WHERE wfuuid IN ({marks}) AND state IN ('failed', 'timeout', 'pilotTO')", chunk):
+                by_uuid[r["wfuuid"]]["failure"] = by_uuid[r["wfuuid"]]["failure"] or dict(r)
+        users = [r[0] for r in self.store.read("SELECT DISTINCT user FROM workflows ORDER BY user LIMIT 100")]
+        dags = [r[0] for r in self.store.read("SELECT name FROM dags ORDER BY name")]
+        return {**listing, "workflows": [by_uuid[w["uuid"]] for w in listing["workflows"]],
+                "choices": {"state": ["template", "defined", "running", "finished", "failed", "cancelled"],
+                            "dag": dags, "user": users}}
 
     def workflow(self, uuid, query):
         return self.svc.workflows.get_workflow(uuid)
@@ -3759,8 +3778,27 @@ class Views:
     def dags(self, query):
         return self.svc.workflows.list_dags()
 
+    def dag(self, name, query):
+        """A DAG template: its vertices, its edges with their datatypes, and its workflows."""
+        dag = self.svc.workflows.get_dag(name)
+        dag["workflows"] = self.workflows({"dag": name, "limit": "25"})["workflows"]
+        return dag
+
+    def datatypes(self, query):
+        return self.svc.workflows.list_datatypes()
+
     def datasets(self, query):
-        return self.svc.workflows.list_datasets(query)
+        """One row per file, with the work it started or belongs to: its workflow, the jobs that
+        write and read it, or the jobs an injector started for it (found by their input file)."""
+        listing = self.svc.workflows.list_datasets(query)
+        names = {}
+        uuids = sorted({u for d in listing["datasets"] for u in (d["producer"], d["consumer"]) if u})
+        for chunk in chunks(uuids):
+            names.update((r["uuid"], r["vertex"] or r["name"]) for r in self.store.read(
+                f"SELECT uuid, vertex, name FROM jobs WHERE uuid IN ({','.join('?' * len(chunk))})", chunk))
+        for d in listing["datasets"]:
+            d["producer_name"], d["consumer_name"] = names.get(d["producer"]), names.get(d["consumer"])
+        return listing
 
     # -- pilots -----------------------------------------------------------------------------------
     def pilots(self, query):
@@ -4695,8 +4733,9 @@ def dag_layers(jobs, datasets):
     return layer
 
 
-def dag_svg(jobs, datasets):
-    """The workflow's DAG as inline SVG: layers left to right, boxes coloured by job state."""
+def dag_svg(jobs, datasets, link_jobs=True):
+    """The workflow's DAG as inline SVG: layers left to right, boxes coloured by job state
+    (a template's vertices: no job to link to)."""
     layer = dag_layers(jobs, datasets)
     columns = {}
     for j in sorted(jobs, key=lambda j: j["vertex"] or ""):
@@ -4715,11 +4754,12 @@ def dag_svg(jobs, datasets):
                      f'{esc(os.path.join(d["dirpath"], d["name"]))}</title></line>')
     for j in jobs:
         x, y = pos[j["uuid"]]
-        parts.append(f'<a href="/job/{esc(j["uuid"])}"><rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" '
-                     f'rx="6" fill="{STATE_FILL.get(j["state"], "#fff")}" stroke="#333"/>'
-                     f'<text x="{x + BOX_W / 2}" y="{y + 18}" text-anchor="middle" font-weight="bold">'
-                     f'{esc(j["vertex"])}</text><text x="{x + BOX_W / 2}" y="{y + 35}" text-anchor="middle">'
-                     f'{esc(j["state"])}</text></a>')
+        box = (f'<rect x="{x}" y="{y}" width="{BOX_W}" height="{BOX_H}" '
+               f'rx="6" fill="{STATE_FILL.get(j["state"], "#fff")}" stroke="#333"/>'
+               f'<text x="{x + BOX_W / 2}" y="{y + 18}" text-anchor="middle" font-weight="bold">'
+               f'{esc(j["vertex"])}</text><text x="{x + BOX_W / 2}" y="{y + 35}" text-anchor="middle">'
+               f'{esc(j["state"] if link_jobs else j.get("jobtype", ""))}</text>')
+        parts.append(f'<a href="/job/{esc(j["uuid"])}">{box}</a>' if link_jobs else box)
     return "".join(parts) + "</svg>"
 
 
@@ -4737,26 +4777,87 @@ def render_workflow(d, query):
     return page(f"Workflow {d['name']}", body, query)
 
 
+def progress_cell(w):
+    """`2 / 3 vertices`, and the failed vertex with its reason."""
+    text = f"{w['done']} / {w['vertices']}"
+    failure = w.get("failure")
+    if failure:
+        text = esc(text) + f' · <span class="bad">{link("/job/" + failure["uuid"], failure["vertex"])} ' \
+                           f'{esc(failure["state"])}</span> {reason_cell(failure["reason"])}'
+        return text
+    return esc(text)
+
+
+def workflow_rows(workflows):
+    return [[link(f"/workflow/{w['uuid']}", w["name"]), state_cell(w["state"]), progress_cell(w),
+             link(f"/dag/{quote(w['dag'], safe='')}", w["dag"]), esc(w["user"]), esc(short_when(w["ts_def"])),
+             esc(short_when(w["ts_sto"]))] for w in workflows]
+
+
+WORKFLOW_HEADERS = ["workflow", "state", "progress (vertices finished)", "dag", "user", "created", "ended"]
+
+
 def render_workflows(d, query):
-    rows = [[link(f"/workflow/{w['uuid']}", w["name"]), state_cell(w["state"]), esc(w["dag"]), esc(w["user"]),
-             esc(when(w["ts_def"])), esc(when(w["ts_sto"]))] for w in d["workflows"]]
-    body = (filter_form(("state", "dag"), query) + pager(d, query) +
-            table(["workflow", "state", "dag", "user", "defined", "ended"], rows))
+    body = (filter_form(("state", "dag", "user"), query, d["choices"]) + pager(d, query) +
+            table(WORKFLOW_HEADERS, workflow_rows(d["workflows"]), "list"))
     return page("Workflows", body, query)
 
 
 def render_dags(d, query):
-    rows = [[esc(x["name"]), esc(x["vertices"]), link(href("/workflows", dag=x["name"]), x["workflows"]),
-             esc(x["description"]), esc(when(x["ts"]))] for x in d["dags"]]
-    return page("DAG templates", table(["name", "vertices", "workflows", "description", "registered"], rows), query)
+    rows = [[link(f"/dag/{quote(x['name'], safe='')}", x["name"]), esc(x["vertices"]),
+             link(href("/workflows", dag=x["name"]), x["workflows"]), esc(x["description"]), esc(when(x["ts"]))]
+            for x in d["dags"]]
+    return page("DAG templates", table(["name", "vertices", "workflows", "description", "registered"], rows) +
+                f"<p>{link('/datatypes', 'Data types')}</p>", query)
+
+
+def render_dag(d, query):
+    """A DAG template: its drawing, vertices, edges with datatypes, and the workflows made from it."""
+    boxes = [{"uuid": v["name"], "vertex": v["name"], "state": "template", "jobtype": v["jobtype"]} for v in d["vertices"]]
+    arrows = [{**e, "producer": e["source"], "consumer": e["target"]} for e in d["edges"]]
+    vertices = table(["vertex", "jobtype", "payload", "time limit (s)", "priority"],
+                     [[esc(v["name"]), esc(v["jobtype"]), f"<code>{esc(v['payload'])}</code>", esc(v["timelimit"]),
+                       esc(v["priority"])] for v in d["vertices"]])
+    edges = table(["from", "to", "file", "datatype", "datatag", "comment"],
+                  [[esc(e["source"]), esc(e["target"]), esc(os.path.join(e["dirpath"], e["name"])),
+                    esc(e["datatype"]), esc(e["datatag"]), esc(e["comment"])] for e in d["edges"]])
+    svg = dag_svg(boxes, arrows, link_jobs=False) if boxes else ""
+    body = (f"<p>{esc(d['description'])}</p>{svg}<h2>Vertices</h2>{vertices}<h2>Edges</h2>{edges}"
+            f"<h2>Workflows made from it</h2>{table(WORKFLOW_HEADERS, workflow_rows(d['workflows']), 'list')}"
+            f"<p>{link(href('/workflows', dag=d['name']), 'all its workflows')} · "
+            f"{link('/api/dags/' + quote(d['name'], safe='') + '/graphml', 'GraphML')}</p>")
+    return page(f"DAG {d['name']}", body, query)
+
+
+def render_datatypes(d, query):
+    rows = [[esc(x["name"]), esc(x["ext"]), esc(x["comment"]), link(href("/datasets", datatype=x["name"]), "files")]
+            for x in d["datatypes"]]
+    return page("Data types", table(["name", "extension", "comment", ""], rows) +
+                "<p><small>Define one with <code>workflow.py --datatype NAME:EXT</code> or "
+                "<code>dataset.py -R -j '{...}'</code>.</small></p>", query)
+
+
+def dataset_work(x):
+    """The work a file record belongs to or started: its workflow, the jobs writing and
+    reading it, or an injected file's jobs (by their input file)."""
+    parts = []
+    if x["wfuuid"]:
+        parts.append(link(f"/workflow/{x['wfuuid']}", "workflow " + x["wfuuid"][:8]))
+    for role, key in (("from", "producer"), ("to", "consumer")):
+        if x.get(key):
+            parts.append(f"{role} " + link(f"/job/{x[key]}", x.get(key + "_name") or x[key][:8]))
+    if x["origin"] == "injected" and not x["wfuuid"]:
+        parts.append(link(href("/jobs", infile=os.path.join(x["dirpath"], x["name"])), "its jobs"))
+    return " · ".join(parts)
 
 
 def render_datasets(d, query):
-    rows = [[esc(os.path.join(x["dirpath"], x["name"])), esc(x["datatype"]), esc(x["datatag"]), esc(x["state"]),
-             esc(x["origin"]), link(f"/workflow/{x['wfuuid']}", x["wfuuid"][:8]) if x["wfuuid"] else "",
-             esc(when(x["ts"]))] for x in d["datasets"]]
+    rows = [[f'<span title="{esc(os.path.join(x["dirpath"], x["name"]))}">{esc(x["name"])}</span>',
+             esc(x["datatype"]), esc(x["datatag"]), esc(x["state"]), esc(x["origin"]), dataset_work(x),
+             esc(short_when(x["ts"]))] for x in d["datasets"]]
     body = (filter_form(("state", "origin", "datatype"), query) + pager(d, query) +
-            table(["file", "type", "datatag", "state", "origin", "workflow", "registered"], rows))
+            table(["file", "type", "datatag", "state", "origin", "work", "registered"], rows, "list") +
+            f"<p>{link('/datatypes', 'Data types')}</p>")
     return page("Datasets", body, query)
 
 
@@ -4842,6 +4943,8 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/", "summary", render_summary),
     ("/jobs", "jobs", render_jobs),
     ("/runs", "runs", render_runs),
+    ("/dag/<dag>", "dag", render_dag),
+    ("/datatypes", "datatypes", render_datatypes),
     ("/jobtype/<jobtype>", "jobtype", render_jobtype),
     ("/job/<uuid>", "job", render_job),
     ("/pilots", "pilots", render_pilots),

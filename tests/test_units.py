@@ -239,7 +239,25 @@ def rendered_pages():
             server.render_job(job, query), server.render_pilot(pilot, query),
             server.render_pilots({"pilots": [pilot], "page": 1, "more": False, "limit": 25, "choices": choices}, query),
             server.render_workflow(workflow, query), server.render_errors({"errors": errors, "by_site": [place], "by_host": [place]}, query),
-            server.render_plots(plots, query)]
+            server.render_plots(plots, query), server.render_plots(plots, {"group": "run"}),
+            server.render_runs({"rows": [{"infile": HOSTILE, "ts": 1.0, "run": None, "subrun": None,
+                                          "jobs": {HOSTILE: dict(job, images=[HOSTILE])}}], "types": [HOSTILE],
+                                "page": 1, "limit": 25, "more": False, "filters": {"types": HOSTILE},
+                                "choices": choices}, query),
+            server.render_workflows({"workflows": [dict(workflow, user=HOSTILE, done=1, vertices=2, ts_def=1.0,
+                                                        ts_sto=None, failure=dict(job, vertex=HOSTILE))],
+                                     "page": 1, "limit": 25, "more": False, "choices": choices}, query),
+            server.render_dag({"name": HOSTILE, "description": HOSTILE, "workflows": [],
+                               "vertices": [{"name": HOSTILE, "jobtype": HOSTILE, "payload": HOSTILE,
+                                             "timelimit": 1, "priority": 0}],
+                               "edges": [{"source": HOSTILE, "target": HOSTILE, "dirpath": HOSTILE, "name": HOSTILE,
+                                          "datatype": HOSTILE, "datatag": HOSTILE, "comment": HOSTILE}]}, query),
+            server.render_datatypes({"datatypes": [{"name": HOSTILE, "ext": HOSTILE, "comment": HOSTILE}]}, query),
+            server.render_datasets({"datasets": [{"dirpath": HOSTILE, "name": HOSTILE, "datatype": HOSTILE,
+                                                  "datatag": HOSTILE, "state": HOSTILE, "origin": "injected",
+                                                  "wfuuid": None, "producer": job["uuid"], "consumer": None,
+                                                  "producer_name": HOSTILE, "ts": 1.0}],
+                                    "page": 1, "limit": 25, "more": False}, query)]
 
 
 def test_renderers_escape_every_hostile_value():

@@ -135,3 +135,31 @@ def test_a_job_type_page_shows_its_ends_durations_errors_and_cap(p3s):
     assert "Duration (s)" in page and "ERROR: bad APA3" in page and "at most 4" in page
     assert 'href="/jobtype/reco">reco</a>' in p3s.page("/")
     p3s.page("/jobtype/nosuchtype", status=404)
+
+
+def test_expert_pages_dag_workflow_progress_datasets_and_datatypes(p3s, tmp_path):
+    p3s.api.add_dag("3filters", open(os.path.join(COMPAT, "3filters.graphml")).read(), description="three filters")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "input.txt").write_text("TEST1\nTEST2\n")                 # no TEST3: filter3's grep -c fails
+    info = {f"{s}:{t}": {"dirpath": str(data) + "/"} for s, t in (("NOOP1", "filter1"), ("NOOP1", "filter2"),
+                                                                  ("NOOP1", "filter3"), ("filter1", "NOOP2"),
+                                                                  ("filter2", "NOOP2"), ("filter3", "NOOP2"))}
+    info["NOOP1:filter1"]["name"] = info["NOOP1:filter2"]["name"] = info["NOOP1:filter3"]["name"] = "input.txt"
+    wf = p3s.api.create_workflow("3filters", state="defined", fileinfo=info)
+    assert p3s.api.get_workflow(wf["uuid"])["state"] == "defined", "no job started: the workflow is defined"
+    p3s.run("pilot.py", "-c", "3", "-p", "1", "-L", p3s.logs)
+    [row] = p3s.api.call("GET", "/workflows", query={"format": "json"})["workflows"]
+    assert row["state"] == "failed" and (row["done"], row["vertices"]) == (3, 5)
+    assert row["failure"]["vertex"] == "filter3" and row["failure"]["reason"] == "exit code 1"
+    listing = p3s.page("/workflows")
+    assert "3 / 5" in listing and ">filter3</a> failed" in listing and 'href="/dag/3filters"' in listing
+    assert '<select name="user">' in listing
+    dag = p3s.page("/dag/3filters")
+    assert "<svg" in dag and "three filters" in dag and "<td>TXT</td>" in dag and wf["uuid"] in dag
+    assert 'href="/dag/3filters"' in p3s.page("/dags")
+    p3s.page("/dag/nosuchdag", status=404)
+    files = p3s.page("/datasets")
+    assert "from <a href=\"/job/" in files and ">filter1</a>" in files
+    types = p3s.page("/datatypes")
+    assert "<td>TXT</td><td>.txt</td>" in types
