@@ -3947,7 +3947,7 @@ details.warnings summary{cursor:pointer;font-weight:bold;color:#533}
 .s-finished{color:#070}.s-failed,.s-timeout,.s-pilotTO,.s-lost{color:#c00;font-weight:bold}
 .s-running,.s-dispatched{color:#06c}.s-cancelled,.s-stopped{color:#777}.s-defined,.s-nojobs,.s-active{color:#960}
 .why{background:#ffd;border:1px solid #cc8;padding:.4em .8em}form{margin:.5em 0}label{margin-right:.8em}
-.bad,.bad a{color:#c00;font-weight:bold}.head{color:#555;margin:-.6em 0 .6em}.refresh{float:right;color:#cde}
+.bad,.bad a{color:#c00;font-weight:bold}.head{color:#555;margin:0 0 .6em}h1+.head{margin-top:-.6em}.refresh{float:right;color:#cde}
 .refresh a{margin:0 0 0 .6em;font-weight:normal}.chart{margin:.2em 1.5em .8em 0;display:inline-block;vertical-align:top}
 .thumbs a{display:inline-block;margin:0 .6em .6em 0;text-align:center;font-size:12px}
 .thumbs img{display:block;max-width:260px;max-height:200px;border:1px solid #ccc;background:#fff}
@@ -3959,7 +3959,8 @@ details.warnings summary{cursor:pointer;font-weight:bold;color:#533}
 table.grid td{padding:2px 4px}.cell{display:block;padding:2px 6px;color:#000;text-decoration:none;border-radius:2px}
 .g-finished{background:#cfc}.g-failed,.g-timeout,.g-pilotTO{background:#f99;font-weight:bold}
 .g-running,.g-dispatched{background:#cde8ff}.g-defined,.g-template{background:#ffe9a8}.g-cancelled{background:#ddd}
-.strip img{height:40px;margin:2px 2px 0 0;border:1px solid #ccc}table.list .reason{display:inline-block;max-width:22em;overflow:hidden;text-overflow:ellipsis;vertical-align:bottom}"""
+.strip img{height:40px;margin:2px 2px 0 0;border:1px solid #ccc}table.list .reason,table.list .cut{display:inline-block;max-width:17em;overflow:hidden;text-overflow:ellipsis;
+vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5px}"""
 NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
@@ -4152,8 +4153,13 @@ def render_alarms(d, query):
     return page("Alarms", body, query)
 
 
+def job_name_cell(job):
+    name = job["name"] or job["uuid"][:8]
+    return f'<span class="cut" title="{esc(name)}">{link("/job/" + job["uuid"], name)}</span>'
+
+
 def infile_cell(path):
-    return f'<span title="{esc(path)}">{esc(os.path.basename(path))}</span>' if path else ""
+    return f'<span class="cut" title="{esc(path)}">{esc(os.path.basename(path))}</span>' if path else ""
 
 
 def ran_at_cell(job):
@@ -4368,7 +4374,7 @@ def render_jobs(d, query):
                                          ("submitted", "submitted"), ("started", ""), ("took", ""),
                                          ("ended", "ended"))]
     today = time.strftime("%Y-%m-%d")
-    rows = [[link(f"/job/{j['uuid']}", j["name"] or j["uuid"][:8]), state_cell(j["state"]), esc(j["jobtype"]),
+    rows = [[job_name_cell(j), state_cell(j["state"]), esc(j["jobtype"]),
              infile_cell(j["infile"]), reason_cell(j["reason"]), esc(j["exit_code"]), ran_at_cell(j),
              esc(j["site"] or "any"), esc(j["priority"]), esc(j["attempt"]), esc(j["user"]),
              esc(short_when(j["ts_def"], today)), esc(short_when(j["ts_sta"], today)), esc(duration(j)),
