@@ -39,6 +39,7 @@ DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
 TAIL_BYTES = 64 * 1024
 LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
+SAMPLE_PERIOD = 1.0         # seconds between samples of a running payload's memory, CPU and I/O
 CHECK_RETRY = 5             # seconds pilot.py --check (pgen.sh) waits for it: the pilots wait longer
 RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, forever
 RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported running: a shorter job
@@ -413,14 +414,91 @@ def kill_group(pgid, sig):
         pass
 
 
-def stop_group(proc, grace):
-    """SIGTERM to the payload's process group, SIGKILL after `grace` seconds."""
-    kill_group(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        pass
-    kill_group(proc.pid, signal.SIGKILL)
+def stop_group(execution, grace):
+    """SIGTERM to the payload's process group, SIGKILL after `grace` seconds unless it ended
+    (only the main thread reaps the payload: it needs its resource usage)."""
+    kill_group(execution.proc.pid, signal.SIGTERM)
+    execution.exited.wait(grace)
+    kill_group(execution.proc.pid, signal.SIGKILL)
+
+
+PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def group_processes(pgid):
+    """{pid: (resident MB, CPU seconds, bytes read, bytes written)} of the live processes of a
+    process group, from /proc (I/O only where readable; a process gone meanwhile is skipped)."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+            if int(fields[2]) != pgid or fields[0] == b"Z":
+                continue
+            with open(f"/proc/{name}/statm", "rb") as f:
+                rss = int(f.read().split()[1]) * PAGE_MB
+        except (OSError, IndexError, ValueError):
+            continue
+        read = written = 0
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/{name}/io", "rb") as f:
+                io = dict(line.split(b":") for line in f.read().splitlines())
+            read, written = int(io[b"read_bytes"]), int(io[b"write_bytes"])
+        found[int(name)] = (rss, (int(fields[11]) + int(fields[12])) / TICKS, read, written)
+    return found
+
+
+def tree_size(path):
+    """Bytes of the regular files under path (symlinks not followed)."""
+    total = 0
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(path):
+            with contextlib.suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    total += tree_size(entry.path)
+                elif entry.is_file(follow_symlinks=False):
+                    total += entry.stat(follow_symlinks=False).st_size
+    return total
+
+
+class Usage:
+    """What a payload's process group consumed: sampled while it runs (the group's resident
+    memory, and each process's CPU and I/O, for those the payload never waits for), and the
+    kernel's account of the payload and the children it waited for, at its end."""
+
+    def __init__(self):
+        self.peak_mb = 0.0          # the group's largest sampled resident memory
+        self.last_mb = 0.0          # the group's resident memory at the last sample
+        self.seen = {}              # pid -> its last (rss, cpu, read, written)
+        self.sampled = False
+
+    def sample(self, pgid):
+        group = group_processes(pgid)
+        self.sampled = True
+        self.last_mb = sum(p[0] for p in group.values())
+        self.peak_mb = max(self.peak_mb, self.last_mb)
+        self.seen.update(group)
+        return self.last_mb
+
+    def survivors(self, pgid):
+        """The group's processes still alive once the payload has exited, after a last look."""
+        group = group_processes(pgid)
+        self.seen.update(group)
+        return list(group)
+
+    def figures(self, rusage, stragglers, job_dir):
+        """The end report's figures: the kernel's for the payload and what it waited for, plus
+        the last sample of each process still alive at its end (they are killed with the group)."""
+        extra = [self.seen[pid] for pid in stragglers if pid in self.seen]
+        return {"cpu_user": round(rusage.ru_utime + sum(p[1] for p in extra), 3),
+                "cpu_sys": round(rusage.ru_stime, 3),
+                "max_rss_mb": round(max(self.peak_mb, rusage.ru_maxrss / 1024), 1),
+                "read_bytes": rusage.ru_inblock * 512 + sum(p[2] for p in extra),
+                "write_bytes": rusage.ru_oublock * 512 + sum(p[3] for p in extra),
+                "output_bytes": tree_size(job_dir)}
 
 
 def tail(path, size=TAIL_BYTES):
@@ -440,7 +518,12 @@ class Execution:
         self.out_path, self.err_path = out_path, err_path
         self.stop_reason = None     # (state, errmsg) once someone decided to end it
         self.started = time.monotonic()     # the time limit counts from here
-        self.ended = threading.Event()      # set when the payload has exited
+        self.exited = threading.Event()     # set when the payload has been reaped
+        self.ended = threading.Event()      # set when the payload has exited and is accounted
+        self.usage = Usage()
+        self.limits = {}                    # "memory", "disk": MB, where the job or site sets one
+        self.shell = False                  # run through the shell (its exit 137 is a child's SIGKILL)
+        self.figures = {}                   # what it consumed, for the end report
 
     def runtime(self):
         """Seconds since the payload started (the server dates the start from it: no clock skew)."""
@@ -449,7 +532,7 @@ class Execution:
     def stop(self, state, errmsg, grace):
         if self.stop_reason is None:
             self.stop_reason = (state, errmsg)
-            threading.Thread(target=stop_group, args=(self.proc, grace), daemon=True).start()
+            threading.Thread(target=stop_group, args=(self, grace), daemon=True).start()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,6 +553,7 @@ class Pilot:
         self.uuid = None
         self.settings = dict(DEFAULTS)
         self.site_env = {}
+        self.site_limits = {}           # the site's default limits for its jobs (MB)
         self.current = None             # the Execution in progress, if any (set by the main thread)
         self.watchdog = Watchdog()
         self.lease = None               # seconds the server keeps our job while we are silent
@@ -507,6 +591,7 @@ class Pilot:
             self.settings[key] = chosen if chosen is not None else (
                 site[key] if site.get(key) is not None else DEFAULTS[key])
         self.site_env = site.get("env", {})
+        self.site_limits = {"memory": site.get("memory"), "disk": site.get("disk")}
         self.keep_hours = self.args.keep_job_files or site.get("keep_hours") or KEEP_JOB_FILES
         # The watchdog's last word: SIGKILL one heartbeat before the server gives the job away.
         self.watchdog.lease(max(self.lease - self.settings["heartbeat"], self.fence_after()))
@@ -525,6 +610,7 @@ class Pilot:
             self.idle = False
         beat_thread = threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True)
         beat_thread.start()
+        threading.Thread(target=self.sample_loop, name="sampler", daemon=True).start()
         try:
             self.work_loop()
         except Interrupted:         # a signal landed just outside the long poll
@@ -677,7 +763,7 @@ class Pilot:
         self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                                "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.proc.pid,
                                "stdout_path": out_path, "stderr_path": err_path,
-                               "runtime": execution.runtime()}, ask_next)
+                               "runtime": execution.runtime(), "usage": execution.figures}, ask_next)
 
     def report_running(self, execution):
         """Best effort, in its own thread: the payload is supervised whether or not this arrives
@@ -692,7 +778,7 @@ class Pilot:
         try:
             self.client.report(execution.job["uuid"], report, retry_for=RUNNING_REPORT_RETRY)
         except P3SError as e:
-            if e.bad_input and execution.proc.poll() is None:
+            if e.bad_input and not execution.exited.is_set():
                 execution.stop("cancelled", str(e), self.args.kill_grace)
             else:
                 log.warning("job %s: running report not delivered: %s", execution.job["uuid"], e)
@@ -708,7 +794,10 @@ class Pilot:
             proc = subprocess.Popen(command, shell=shell, env=env, stdin=subprocess.DEVNULL,
                                     stdout=out, stderr=err, start_new_session=True)
         self.watchdog.watch(proc.pid)
-        return Execution(job, proc, out_path, err_path, env)
+        execution = Execution(job, proc, out_path, err_path, env)
+        execution.shell = shell
+        execution.limits = {k: job.get(k) or self.site_limits.get(k) for k in ("memory", "disk")}
+        return execution
 
     def publish_images(self, job, env):
         """Send the server the images the job made, so its page shows them even where the
@@ -739,10 +828,17 @@ class Pilot:
         timer.daemon = True
         if limit:
             timer.start()
-        code = execution.proc.wait()
+        _, status, rusage = os.wait4(execution.proc.pid, 0)      # the kernel's account comes with it
+        code = execution.proc.returncode = os.waitstatus_to_exitcode(status)
+        execution.exited.set()
         timer.cancel()
+        usage = execution.usage
+        # processes the payload left behind: accounted from a last look (only for a job the
+        # sampler saw; a short job costs no /proc scan), then killed with the group
+        stragglers = usage.survivors(execution.proc.pid) if usage.sampled else []
         kill_group(execution.proc.pid, signal.SIGKILL)     # leave no stray children behind
         self.watchdog.release(execution.proc.pid)
+        execution.figures = usage.figures(rusage, stragglers, execution.env["P3S_JOB_DIR"])
         if execution.stop_reason:
             state, errmsg = execution.stop_reason
             return state, code, errmsg
@@ -750,7 +846,33 @@ class Pilot:
             return "pilotTO", code, "killed by the watchdog: no answer from the server for the job's lease"
         if code == 0:
             return "finished", 0, ""
+        if code == -signal.SIGKILL or (code == 128 + signal.SIGKILL and execution.shell):
+            seen = f"last seen using {usage.last_mb:,.0f} MB" if usage.sampled else "ended before any sample"
+            return "failed", code, f"killed by SIGKILL, not by p3s: out of memory? ({seen})"
         return "failed", code, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+
+    def sample_loop(self):
+        """Once a second, the running payload's process group: its memory (and the CPU and I/O
+        of each process), against the job's limits. One thread for the pilot's life, so a
+        short job costs nothing."""
+        while not self.beats.wait(SAMPLE_PERIOD):
+            execution = self.current
+            if execution is None or execution.exited.is_set():
+                continue
+            with contextlib.suppress(OSError):
+                self.check_limits(execution, execution.usage.sample(execution.proc.pid))
+
+    def check_limits(self, execution, memory_mb):
+        """Stop a payload past its memory or disk limit, with a reason a person understands."""
+        memory, disk = execution.limits.get("memory"), execution.limits.get("disk")
+        if memory and memory_mb > memory:
+            execution.stop("failed", f"used {memory_mb:,.0f} MB, over its memory limit of {memory:,} MB",
+                           self.args.kill_grace)
+        if disk:
+            written = tree_size(execution.env["P3S_JOB_DIR"]) / 2 ** 20
+            if written > disk:
+                execution.stop("failed", f"wrote {written:,.0f} MB to its directory, over its disk limit of "
+                                         f"{disk:,} MB", self.args.kill_grace)
 
     def send_report(self, job, report, ask_next=False):
         """Deliver an end report, retried until the server accepts or refuses it. With

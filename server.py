@@ -26,6 +26,7 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
     python server.py --port 0 --db /tmp/x.db --token-file /tmp/x.token
 """
 import argparse
+import bisect
 import collections
 import contextlib
 import hashlib
@@ -502,14 +503,26 @@ MIGRATIONS = [
                             site TEXT NOT NULL DEFAULT '', jobtype TEXT NOT NULL DEFAULT '', who TEXT NOT NULL,
                             why TEXT NOT NULL, until REAL, ts REAL NOT NULL);
     """,
-    # v12: a histogram per job type and 10 minutes of what its jobs took (duration; the job
-    # type's page reads medians and p95 from it, never the jobs); where each job ran (its
+    # v12: what each job consumed (CPU, peak memory, I/O, output size, as its pilot measured)
+    # and the limits it ran under (memory, disk; a site's default); a histogram per job type and
+    # 10 minutes of what its jobs took (duration, memory, CPU efficiency; the job type's page
+    # reads medians and p95 from it, never the jobs); where each job ran (its
     # pilot's site, beside the site it asked for), and failures
     # counted by the site and host they happened at (a bad node stands out); the input files
     # in the order they arrived, for the run grid (rows are files; a bounded read, never a scan
     # of jobs); a datatype's comment (the original's Data Types page).
     """
     ALTER TABLE jobs ADD COLUMN ran_site TEXT;
+    ALTER TABLE jobs ADD COLUMN memory INTEGER;
+    ALTER TABLE jobs ADD COLUMN disk INTEGER;
+    ALTER TABLE jobs ADD COLUMN cpu_user REAL;
+    ALTER TABLE jobs ADD COLUMN cpu_sys REAL;
+    ALTER TABLE jobs ADD COLUMN max_rss_mb REAL;
+    ALTER TABLE jobs ADD COLUMN read_bytes INTEGER;
+    ALTER TABLE jobs ADD COLUMN write_bytes INTEGER;
+    ALTER TABLE jobs ADD COLUMN output_bytes INTEGER;
+    ALTER TABLE sites ADD COLUMN memory INTEGER;
+    ALTER TABLE sites ADD COLUMN disk INTEGER;
     CREATE INDEX jobs_ran_site ON jobs(ran_site, id) WHERE ran_site IS NOT NULL;
     CREATE INDEX jobs_infile ON jobs(infile, jobtype) WHERE infile != '';
     CREATE TABLE inputs(infile TEXT PRIMARY KEY, ts REAL NOT NULL) WITHOUT ROWID;
@@ -688,7 +701,8 @@ def parse_json_body(raw):
 
 
 JOB_KEYS = ("uuid", "name", "user", "jobtype", "payload", "params", "env", "priority",
-            "timeout", "timelimit", "state", "site", "max_attempts", "infile")
+            "timeout", "timelimit", "state", "site", "max_attempts", "infile", "memory", "disk")
+MAX_LIMIT_MB = 2 ** 30              # a memory or disk limit, in MB: a petabyte at most
 
 
 def validate_job(obj, field):
@@ -714,6 +728,8 @@ def validate_job(obj, field):
     }
     limit_key = "timelimit" if "timelimit" in obj else "timeout"
     job["timelimit"] = as_int(obj.get(limit_key, 3600), f"{field}.{limit_key}", 0)
+    for key in ("memory", "disk"):          # MB; none: no limit (or the site's)
+        job[key] = None if obj.get(key) is None else as_int(obj[key], f"{field}.{key}", 1, MAX_LIMIT_MB)
     return job
 
 
@@ -1149,7 +1165,7 @@ EDGE_KEYS = {"name": "", "dirpath": "", "datatype": "", "datatag": "", "comment"
 GRAPHML_IDS = {**{k: f"d{101 + i}" for i, k in enumerate(VERTEX_KEYS)},
                **{k: f"d{1 + i}" for i, k in enumerate(EDGE_KEYS)}}
 JOBINFO_KEYS = ("payload", "params", "env", "jobtype", "priority", "timeout", "timelimit", "site",
-                "max_attempts", "name")
+                "max_attempts", "name", "memory", "disk")
 EDGE_OVERRIDES = ("name", "dirpath", "datatype", "datatag", "comment")
 
 
@@ -1384,9 +1400,9 @@ def instantiate(conn, wf, jobs, datasets):
     event(conn, "workflow", wf["uuid"], None, "template", wf["user"])
     conn.executemany("""
         INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
-                         site, state, max_attempts, wfuuid, vertex, infile, ts_def)
+                         site, state, max_attempts, wfuuid, vertex, infile, memory, disk, ts_def)
         VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
-               :site, 'template', :max_attempts, :wfuuid, :vertex, :infile, :ts)""", jobs)
+               :site, 'template', :max_attempts, :wfuuid, :vertex, :infile, :memory, :disk, :ts)""", jobs)
     conn.executemany("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) "
                      "VALUES(:ts, 'job', :uuid, 1, NULL, 'template', :user, '')", jobs)
     conn.executemany("""
@@ -1512,9 +1528,9 @@ def insert_jobs(conn, rows, who=""):
                    ts_def=t, ts_sto=t if done else None)
         cur = conn.execute("""
             INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
-                             site, state, max_attempts, infile, exit_code, ts_def, ts_sto)
+                             site, state, max_attempts, infile, memory, disk, exit_code, ts_def, ts_sto)
             VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
-                   :site, :state, :max_attempts, :infile, :exit_code, :ts_def, :ts_sto)
+                   :site, :state, :max_attempts, :infile, :memory, :disk, :exit_code, :ts_def, :ts_sto)
             ON CONFLICT(uuid) DO NOTHING""", row)
         if cur.rowcount:
             event(conn, "job", r["uuid"], None, row["state"], r["user"] or who, 1)
@@ -1549,13 +1565,12 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None):
         return None, 0
     if end_state in FAILED_STATES:
         count_error(conn, job, changes["reason"], t)
-    started = changes.get("ts_sta") or job["ts_sta"]
-    if end_state in PROFILED_STATES and started:
-        count_profile(conn, job["jobtype"], "duration", t - started, t)
+    if end_state in PROFILED_STATES:
+        count_usage(conn, job, changes, t)
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
-                              ts_sto=None))
+                              ts_sto=None, **dict.fromkeys(USAGE_BOUNDS)))
         return "defined", 1
     return end_state, advance_workflow(conn, job["wfuuid"]) if job["wfuuid"] else 0
 
@@ -1618,6 +1633,30 @@ def quantiles(histogram, *qs):
                 out.append(bin_value(b))
                 break
     return out
+
+
+USAGE_BOUNDS = {"cpu_user": MAX_SECONDS * 1024, "cpu_sys": MAX_SECONDS * 1024, "max_rss_mb": 2 ** 40,
+                "read_bytes": 2 ** 62, "write_bytes": 2 ** 62, "output_bytes": 2 ** 62}
+
+
+def usage_fields(usage):
+    """What a pilot measured its payload consumed (end reports' `usage`), each figure bounded."""
+    check_keys(usage, "usage", tuple(USAGE_BOUNDS))
+    return {k: as_number(v, f"usage.{k}", 0, USAGE_BOUNDS[k]) for k, v in usage.items()}
+
+
+def count_usage(conn, job, changes, t):
+    """A job type's profile gets the job's duration, peak memory and CPU efficiency."""
+    started = changes.get("ts_sta") or job["ts_sta"]
+    if not started:
+        return
+    wall = t - started
+    count_profile(conn, job["jobtype"], "duration", wall, t)
+    if changes.get("max_rss_mb") is not None:
+        count_profile(conn, job["jobtype"], "memory", changes["max_rss_mb"], t)
+    if changes.get("cpu_user") is not None and wall > 0:
+        cpu = changes["cpu_user"] + changes.get("cpu_sys", 0)
+        count_profile(conn, job["jobtype"], "cpu_eff", 100 * cpu / wall, t)
 
 
 def count_error(conn, job, reason, t):
@@ -1823,6 +1862,40 @@ class Broker:
             cumulative += n
             buckets.append((le, cumulative))
         return {"buckets": buckets, "sum": self.latency_sum, "count": cumulative}
+
+
+DURATION_BUCKETS = (1, 5, 10, 30, 60, 300, 600, 1800, 3600, 14400)     # seconds
+MEMORY_BUCKETS = (100, 250, 500, 1000, 2000, 4000, 8000)                # MB
+
+
+class JobCosts:
+    """What ended jobs cost, per job type, for /metrics: histograms of duration and peak memory
+    and a counter of CPU seconds (since the server started, as Prometheus counters are)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.pending = {}       # job uuid -> its figures, from the report's transaction until its commit
+        self.types = {}         # jobtype -> {"duration": [counts], "memory": [counts], sums, cpu}
+
+    def observe(self, uuid):
+        figures = self.pending.pop(uuid, None)
+        if figures is None:
+            return
+        jobtype, wall, memory, cpu = figures
+        with self.lock:
+            t = self.types.setdefault(jobtype, {"duration": [0] * (len(DURATION_BUCKETS) + 1), "duration_sum": 0.0,
+                                                "memory": [0] * (len(MEMORY_BUCKETS) + 1), "memory_sum": 0.0,
+                                                "cpu": 0.0})
+            t["duration"][bisect.bisect_left(DURATION_BUCKETS, wall)] += 1
+            t["duration_sum"] += wall
+            t["cpu"] += cpu or 0.0
+            if memory is not None:
+                t["memory"][bisect.bisect_left(MEMORY_BUCKETS, memory)] += 1
+                t["memory_sum"] += memory
+
+    def snapshot(self):
+        with self.lock:
+            return {jt: {k: list(v) if isinstance(v, list) else v for k, v in t.items()} for jt, t in self.types.items()}
 
 
 # -- Service: workflows ---------------------------------------------------------------------------
@@ -2385,6 +2458,7 @@ class Service:
         self.hk_failing = None      # the error of the last housekeeping pass, if it failed
         self.told = set()           # alarm keys sent while the database could not record it
         self.broker = Broker(store)
+        self.costs = JobCosts()
         self.leases = Leases()
         self.images = images or Images(store, store.path + ".files")
         self.workflows = Workflows(store, self.broker)
@@ -2631,7 +2705,7 @@ class Service:
                 "lease": pilot["heartbeat"] * self.lease_beats, "images": self.images.limits()}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
-                   "pid", "stdout_path", "stderr_path", "runtime", "next")
+                   "pid", "stdout_path", "stderr_path", "runtime", "next", "usage")
 
     def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
@@ -2647,11 +2721,13 @@ class Service:
                 result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
                     result["next"] = self.next_job(conn, pilot, secret)
-        except ApiError as e:
-            if e.status == 409:
+        except Exception as e:
+            self.costs.pending.pop(uuid, None)      # rolled back: not counted
+            if isinstance(e, ApiError) and e.status == 409:
                 self.broker.count("stale_reports")
             raise
         self.broker.count("reports")
+        self.costs.observe(uuid)        # counted once committed
         if result.get("next", {}).get("job"):
             self.broker.count_claim(result["next"]["job"])
         self.broker.notify_work(result.pop("released", 0))
@@ -2682,6 +2758,7 @@ class Service:
             outcome["errmsg"] = as_str(body.get("errmsg", ""), "errmsg", max_len=4096)
             for key in ("stdout", "stderr"):
                 outcome[key + "_tail"] = as_str(body.get(key, ""), key, max_len=4 * TAIL_BYTES)[-TAIL_BYTES:]
+            outcome.update(usage_fields(body.get("usage") or {}))
         return start, outcome
 
     def apply_report(self, conn, uuid, pilot, attempt, state, start, outcome):
@@ -2709,6 +2786,9 @@ class Service:
                 return {"state": "running"}
             job = dict(job, state="running", ts_sta=started)
         new_state, released = requeue_or_end(conn, dict(job), state, pilot, outcome.get("errmsg", ""), outcome)
+        if state in PROFILED_STATES and job["ts_sta"]:
+            self.costs.pending[uuid] = (job["jobtype"], now() - job["ts_sta"], outcome.get("max_rss_mb"),
+                                        outcome.get("cpu_user", 0) + outcome.get("cpu_sys", 0))
         conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
                      "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
                      "WHERE uuid=? AND job=?", (now(), pilot, uuid))
@@ -2796,7 +2876,8 @@ class Service:
         """Create or replace a site: the original's site JSON as is, or our field names."""
         as_str(name, "site", allow_empty=False, max_len=64)
         check_keys(body, "site", ("name", "period", "cycles", "heartbeat", "env", "server", "pilots", "pilotlife",
-                                  "tolerance", "factory", "factory_period", "keep_hours", *self.SITE_ALIASES))
+                                  "tolerance", "factory", "factory_period", "keep_hours", "memory", "disk",
+                                  *self.SITE_ALIASES))
         if body.get("name", name) != name:
             raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
         body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
@@ -2810,14 +2891,15 @@ class Service:
                 "tolerance": number("tolerance", 0, 1),
                 "factory_period": number("factory_period", 1, MAX_SECONDS),
                 "keep_hours": number("keep_hours", 0, 24 * 366),
+                "memory": number("memory", 1, MAX_LIMIT_MB, as_int), "disk": number("disk", 1, MAX_LIMIT_MB, as_int),
                 "factory": as_str(body.get("factory", ""), "factory", max_len=1024),
                 "server": as_str(body.get("server", ""), "server", max_len=256),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
-                         "pilotlife, tolerance, factory, factory_period, keep_hours, ts) VALUES(:name, :period, "
-                         ":cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, :factory, "
-                         ":factory_period, :keep_hours, :ts)", {**site, "ts": now()})
+                         "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, ts) VALUES(:name, "
+                         ":period, :cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, :factory, "
+                         ":factory_period, :keep_hours, :memory, :disk, :ts)", {**site, "ts": now()})
         return self.site_defaults(name)
 
     def list_sites(self):
@@ -3473,6 +3555,7 @@ class Views:
         cap = self.store.read_one("SELECT cap FROM jobtypes WHERE name=?", (name,))
         return {"name": name, "counts": counts, "cap": cap[0] if cap else None, "activity": activity,
                 "profile": self.profile(name, "duration", t, activity),
+                "profiles": {m: self.profile(name, m, t, activity) for m in ("memory", "cpu_eff")},
                 "errors": self.error_summary(t, 50, jobtype=name), "time": t}
 
     def profile(self, jobtype, metric, t, activity):
@@ -3590,7 +3673,7 @@ class Views:
         limit, offset, page = page_window(query)
         column = JOB_SORTS[sort]
         sql = ("SELECT uuid, name, user, jobtype, state, priority, site, ran_site, attempt, exit_code, reason, infile, "
-               f"host, wfuuid, ts_def, ts_sta, ts_sto FROM jobs{where} ORDER BY {column} {order}, id {order} "
+               f"host, wfuuid, ts_def, ts_sta, ts_sto, cpu_user, cpu_sys, max_rss_mb FROM jobs{where} ORDER BY {column} {order}, id {order} "
                "LIMIT ? OFFSET ?")
         rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
         return {"jobs": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit,
@@ -3833,7 +3916,7 @@ class Views:
         return {"jobs": [{"state": s, "jobtype": jt, "n": n} for jt, states in
                          sorted(by_type.items()) for s, n in sorted(states.items())],
                 "pilots": pilots, "counters": dict(self.svc.broker.counters),
-                "waiting_requests": self.svc.broker.waiting,
+                "waiting_requests": self.svc.broker.waiting, "costs": self.svc.costs.snapshot(),
                 "claim_latency": self.svc.broker.latency_histogram(),
                 "alarms": {a["name"]: a["severity"] for a in reversed(self.svc.alarms()["alarms"])
                            if not a.get("explained_by")}}
@@ -4153,6 +4236,14 @@ def render_alarms(d, query):
     return page("Alarms", body, query)
 
 
+def percent(value):
+    return "" if value is None else f"{value:.0f} %"
+
+
+def megabytes(value):
+    return "" if value is None else f"{value:,.0f} MB"
+
+
 def job_name_cell(job):
     name = job["name"] or job["uuid"][:8]
     return f'<span class="cut" title="{esc(name)}">{link("/job/" + job["uuid"], name)}</span>'
@@ -4371,14 +4462,14 @@ def render_jobs(d, query):
     headers = [sort_header(*h) for h in (("job", "name"), ("state", "state"), ("jobtype", "jobtype"),
                                          ("input file", ""), ("reason", ""), ("exit", ""), ("ran at", ""),
                                          ("asked for", ""), ("prio", "priority"), ("try", ""), ("user", ""),
-                                         ("submitted", "submitted"), ("started", ""), ("took", ""),
+                                         ("submitted", "submitted"), ("took", ""), ("cpu", ""), ("mem", ""),
                                          ("ended", "ended"))]
     today = time.strftime("%Y-%m-%d")
     rows = [[job_name_cell(j), state_cell(j["state"]), esc(j["jobtype"]),
              infile_cell(j["infile"]), reason_cell(j["reason"]), esc(j["exit_code"]), ran_at_cell(j),
              esc(j["site"] or "any"), esc(j["priority"]), esc(j["attempt"]), esc(j["user"]),
-             esc(short_when(j["ts_def"], today)), esc(short_when(j["ts_sta"], today)), esc(duration(j)),
-             esc(short_when(j["ts_sto"], today))] for j in d["jobs"]]
+             esc(short_when(j["ts_def"], today)), esc(duration(j)), esc(percent(cpu_efficiency(j))),
+             esc(megabytes(j.get("max_rss_mb"))), esc(short_when(j["ts_sto"], today))] for j in d["jobs"]]
     shown = (f"<p>Jobs whose reason is like <b>{esc(query['reason'])}</b> "
              f"({link(with_query(query, reason=None), 'any reason')})</p>" if query.get("reason") else "")
     body = (filter_form(("state", "jobtype", "site", "ran_site", "host", "user", "workflow", "age"), query,
@@ -4401,7 +4492,28 @@ JOB_FIELDS = (("infile", "input file"), ("name", "name"), ("uuid", "job id"), ("
               ("site", "site asked for"), ("ran_site", "ran at site"), ("host", "host"), ("pilot", "pilot"),
               ("pid", "process id"), ("wfuuid", "workflow"), ("vertex", "workflow step"), ("user", "submitted by"),
               ("ts_def", "submitted"), ("ts_dis", "dispatched"), ("ts_sta", "started"), ("ts_sto", "ended"),
+              ("cpu_user", "CPU user (s)"), ("cpu_sys", "CPU system (s)"), ("max_rss_mb", "peak memory (MB)"),
+              ("read_bytes", "bytes read"), ("write_bytes", "bytes written"), ("output_bytes", "output size (bytes)"),
+              ("memory", "memory limit (MB)"), ("disk", "disk limit (MB)"),
               ("stdout_path", "stdout file"), ("stderr_path", "stderr file"))
+
+
+def cpu_efficiency(job):
+    """CPU time over wall time, in percent, for an ended job that reported its usage."""
+    if job.get("cpu_user") is None or not job.get("ts_sta") or not job.get("ts_sto") or job["ts_sto"] <= job["ts_sta"]:
+        return None
+    return 100 * (job["cpu_user"] + (job.get("cpu_sys") or 0)) / (job["ts_sto"] - job["ts_sta"])
+
+
+def cost_text(job):
+    """`took 12 s · CPU 95 % · peak 2,150 MB`, what is known of it."""
+    parts = [f"took {ago(job['ts_sto'] - job['ts_sta'])}"] if job.get("ts_sta") and job.get("ts_sto") else []
+    eff = cpu_efficiency(job)
+    if eff is not None:
+        parts.append(f"CPU {eff:.0f} %")
+    if job.get("max_rss_mb") is not None:
+        parts.append(f"peak {job['max_rss_mb']:,.0f} MB")
+    return " · ".join(parts)
 
 
 def job_field_rows(d):
@@ -4431,6 +4543,8 @@ def job_headline(d):
         parts.append(f"attempt {esc(d['attempt'])} of {esc(d['max_attempts'])}")
     if d["host"]:
         parts.append("ran at " + " · ".join(esc(x) for x in (d.get("ran_site"), d["host"]) if x))
+    if cost_text(d):
+        parts.append(esc(cost_text(d)))
     if d["state"] in ("template", "defined", "dispatched"):
         parts.append(f"waiting since {esc(when(d['ts_def']))} ({esc(ago(now() - d['ts_def']))})")
     logs = " ".join(link(f["url"], f["label"]) for f in d["logs"] if f["url"])
@@ -4653,18 +4767,23 @@ def render_jobtype(d, query):
                    [[count_cell(d["counts"][s], href("/jobs", jobtype=d["name"], state=s), s in FAILED_STATES)
                      for s in states] + [esc(cap_text(d["cap"]) or "none")]])
     p = d["profile"]
-    drift = table(["duration", "jobs", "median", "p95"],
-                  [[label, esc(p[key]["n"]), esc(figure(p[key]["median"])), esc(figure(p[key]["p95"]))]
-                   for label, key in (("last 24 h", "last_24h"), ("the 7 days before", "previous_7d"))])
-    slower = (p["last_24h"]["median"] and p["previous_7d"]["median"] and
-              p["last_24h"]["median"] >= 2 * p["previous_7d"]["median"])
-    warning = ("<p class='bad'>The median duration of the last 24 h is at least twice that of the 7 days "
-               "before: a new software version, a slower input?</p>" if slower else "")
+    measures = [("duration", p, "s"), ("peak memory", d["profiles"]["memory"], "MB"),
+                ("CPU efficiency", d["profiles"]["cpu_eff"], "%")]
+    drift = table(["", "jobs (24 h)", "median, last 24 h", "p95, last 24 h", "median, 7 days before",
+                   "p95, 7 days before"],
+                  [[esc(label), esc(m["last_24h"]["n"]), esc(figure(m["last_24h"]["median"], unit)),
+                    esc(figure(m["last_24h"]["p95"], unit)), esc(figure(m["previous_7d"]["median"], unit)),
+                    esc(figure(m["previous_7d"]["p95"], unit))] for label, m, unit in measures])
+    doubled = [label for label, m, _ in measures[:2] if m["last_24h"]["median"] and m["previous_7d"]["median"]
+               and m["last_24h"]["median"] >= 2 * m["previous_7d"]["median"]]
+    warning = (f"<p class='bad'>The median {' and '.join(doubled)} of the last 24 h is at least twice that of "
+               "the 7 days before: a new software version, a slower input?</p>" if doubled else "")
     choices = " ".join(f"<b>{esc(n)}</b>" if n == d["activity"]["range"] else link(with_query(query, range=n), n)
                        for n in CHART_RANGES)
     charts = (f'<p class="head">over the last {esc(d["activity"]["range"])} · range: {choices}</p>'
               + bars_chart(d["activity"], d["time"])
-              + profile_chart("Duration (s)", d["activity"], p["points"], d["time"]))
+              + profile_chart("Duration (s)", d["activity"], p["points"], d["time"])
+              + profile_chart("Peak memory (MB)", d["activity"], d["profiles"]["memory"]["points"], d["time"], "MB"))
     body = (f"{counts}{warning}{charts}<h2>What its jobs take</h2>{drift}"
             f"<h2>Errors of the last 24 hours</h2>{error_table(d['errors'])}"
             f"<p>{link(href('/runs', jobtype=d['name']), 'its run grid')} · "
@@ -4709,7 +4828,27 @@ def render_metrics(d):
             "# TYPE p3s_claim_latency_seconds histogram"]
     out += [f'p3s_claim_latency_seconds_bucket{{le="{le}"}} {n}' for le, n in hist["buckets"]]
     out += [f"p3s_claim_latency_seconds_sum {hist['sum']:.6f}", f"p3s_claim_latency_seconds_count {hist['count']}"]
-    return "\n".join(out) + "\n"
+    return "\n".join(out + cost_metrics(d["costs"])) + "\n"
+
+
+def cost_metrics(costs):
+    """Per job type: duration and peak memory histograms, CPU seconds (jobs ended since start)."""
+    out = []
+    for name, key, bounds, help_text in (
+            ("p3s_job_duration_seconds", "duration", DURATION_BUCKETS, "Wall time of ended jobs, by job type."),
+            ("p3s_job_peak_memory_megabytes", "memory", MEMORY_BUCKETS, "Peak resident memory of ended jobs.")):
+        out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+        for jobtype, t in sorted(costs.items()):
+            label, cumulative = prom(jobtype), 0
+            for le, n in zip([*bounds, "+Inf"], t[key]):
+                cumulative += n
+                out.append(f'{name}_bucket{{jobtype="{label}",le="{le}"}} {cumulative}')
+            out += [f'{name}_sum{{jobtype="{label}"}} {t[key + "_sum"]:.3f}',
+                    f'{name}_count{{jobtype="{label}"}} {cumulative}']
+    out += ["# HELP p3s_job_cpu_seconds_total CPU seconds (user + system) of ended jobs, by job type.",
+            "# TYPE p3s_job_cpu_seconds_total counter"]
+    out += [f'p3s_job_cpu_seconds_total{{jobtype="{prom(jt)}"}} {t["cpu"]:.3f}' for jt, t in sorted(costs.items())]
+    return out
 
 
 def default_severity(name):

@@ -43,7 +43,8 @@ def job_rows(n, t_end, rng, pilots):
                state, ts_def, ts_def + 1 if started else None, ts_def + 5 if ended else None,
                (0 if state == "finished" else 1) if ended else None, "vm" if started else "",
                pilots[i % len(pilots)] if started else None, f"/eos/np04/run_{i // 100:06d}_{i % 100:04d}.root",
-               REASONS[i % len(REASONS)].format(i % 7, i % 97) if state in server.FAILED_STATES else "")
+               REASONS[i % len(REASONS)].format(i % 7, i % 97) if state in server.FAILED_STATES else "",
+               f"site{i % 5}" if started else None)
 
 
 REASONS = ["ERROR: RawDecoder: APA{} FEMB {} returned no frames", "disk quota exceeded on /scratch{}",
@@ -59,7 +60,7 @@ def fill(path, n_jobs, n_pilots):
 
     def insert(conn):
         conn.executemany("INSERT INTO jobs(uuid,name,user,jobtype,payload,priority,site,state,ts_def,ts_sta,"
-                         "ts_sto,exit_code,host,pilot,infile,reason) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                         "ts_sto,exit_code,host,pilot,infile,reason,ran_site) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          job_rows(n_jobs, t, rng, pilots))
         fill_activity(conn, t, rng)
         conn.executemany("INSERT INTO images(job, name, type, size, jobtype, infile, ts) "   # 20 plots a job
@@ -92,6 +93,14 @@ def fill_activity(conn, t, rng):
     conn.executemany("INSERT INTO errors VALUES(?,?,?,?,?,?)",
                      ((b, f"type{k}", f"reason family {r}: item # #", rng.randrange(1, 9), b * 600.0, b * 600.0 + 599)
                       for b in buckets for k in range(10) for r in range(20)))
+    conn.executemany("INSERT OR IGNORE INTO error_places VALUES(?,?,?,?,?,?)",      # each on a few of 50 nodes
+                     ((b, f"site{k % 5}", f"node{rng.randrange(50)}", f"type{k}", f"reason family {r}: item # #",
+                       rng.randrange(1, 9)) for b in buckets for k in range(10) for r in range(20) for _ in range(3)))
+    week = range(int(t - 8 * 86400) // server.PROFILE_BUCKET, int(t) // server.PROFILE_BUCKET + 1)
+    conn.executemany("INSERT OR IGNORE INTO profiles VALUES(?,?,?,?,?)",      # a week of profiles by type
+                     ((b, f"type{k}", metric, server.profile_bin(rng.uniform(5, 600)), rng.randrange(1, 40))
+                      for b in week for k in range(10) for metric in ("duration", "memory", "cpu_eff")
+                      for _ in range(8)))
 
 
 def timed_get(url):
@@ -121,6 +130,10 @@ def main(argv=None):
     try:
         base = wait_for_port(os.path.join(work, "server.log"))
         some = json.loads(urllib.request.urlopen(base + "/jobs?format=json&state=failed").read())["jobs"][0]
+        with open(os.path.join(ROOT, "tests", "compat", "3filters.graphml")) as f:
+            register = urllib.request.Request(base + "/api/dags", data=json.dumps(
+                {"name": "3filters", "graphml": f.read()}).encode(), headers={"Authorization": "Bearer bench"})
+        urllib.request.urlopen(register).read()
         pilot = json.loads(urllib.request.urlopen(base + "/pilots?format=json").read())["pilots"][0]
         deep = args.jobs // 25
         pages = ["/", "/?format=json", "/jobs", "/jobs?page=100", f"/jobs?page={deep // 2}", f"/jobs?page={deep}",
@@ -130,7 +143,11 @@ def main(argv=None):
                  "/jobs?" + urllib.parse.urlencode({"state": "problems", "jobtype": "type3",
                                                     "reason": "ERROR: RawDecoder: APA# FEMB # returned no frames"}),
                  f"/job/{some['uuid']}", "/pilots", f"/pilot/{pilot['uuid']}", "/metrics", "/errors", "/plots",
-                 "/plots?jobtype=type3&infile=run_0099", "/sites"]
+                 "/plots?jobtype=type3&infile=run_0099", "/plots?group=run", "/sites", "/?range=7d", "/?range=1h",
+                 "/runs", "/runs?limit=400", "/runs?page=100", "/runs?runs=5000-5010", "/runs?jobtype=type3",
+                 "/jobtype/type3", "/jobtype/type3?range=7d", "/jobs?ran_site=site2", "/jobs?ran_site=site2&host=vm",
+                 "/jobs?" + urllib.parse.urlencode({"infile": some["infile"]}), "/workflows", "/dags",
+                 "/dag/3filters", "/datasets", "/datatypes"]
         results = {}
         for path in pages:
             times = [timed_get(base + path) for _ in range(args.repeat)]

@@ -460,7 +460,7 @@ def test_a_job_types_profile_says_when_its_median_duration_doubled(tmp_path):
     assert 8.8 < profile["previous_7d"]["median"] < 11.3 and profile["previous_7d"]["n"] == 50
     assert 22 < profile["last_24h"]["median"] < 28.2 and profile["last_24h"]["n"] == 20
     assert len(profile["points"]) == 1
-    html = server.render_jobtype({"name": "reco", "counts": {}, "cap": None, "time": t, "errors": [],
+    html = server.render_jobtype({"name": "reco", "counts": {}, "cap": None, "time": t, "errors": [], "profiles": {m: views.profile("reco", m, t, views.activity(t, {"range": "24h"})) for m in ("memory", "cpu_eff")},
                                   "activity": views.activity(t, {"range": "24h"}), "profile": profile}, {})
     store.close()
     assert "at least twice" in html
