@@ -191,10 +191,38 @@ def empty_claim_ms(client, n=50):
     return statistics.median(times) * 1000
 
 
-def server_cpu_seconds(proc):
-    with open(f"/proc/{proc.pid}/stat") as f:
+def cpu_seconds(pid):
+    """A process's own CPU (user + system), its children not included."""
+    with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu_seconds(proc):
+    return cpu_seconds(proc.pid)
+
+
+def pilots_cpu_seconds(pilots):
+    """The pilots' own CPU and their watchdogs' (each pilot's `python -c` child), payloads not included."""
+    parents = {p.pid for p in pilots}
+    pids = set(parents)
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                watchdog = f.read().split(b"\0")[1:2] == [b"-c"]
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid in parents and watchdog:
+            pids.add(int(name))
+    total = 0.0
+    for pid in pids:
+        try:
+            total += cpu_seconds(pid)
+        except OSError:
+            pass
+    return total
 
 
 def latencies(client, n_jobs):
@@ -231,9 +259,10 @@ def main(argv=None):
         client = Client(url, token_file=token, retry_for=10)
         pilots = start_pilots(args.pilots, url, token, workdir)
         wait_idle(client, args.pilots)
-        cpu = server_cpu_seconds(server)
+        cpu, pilot_cpu = server_cpu_seconds(server), pilots_cpu_seconds(pilots)
         jobs_per_s, requests_per_job = throughput(client, args.jobs, "bench-empty")
         cpu_ms_per_job = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
+        pilot_cpu_ms_per_job = (pilots_cpu_seconds(pilots) - pilot_cpu) * 1000 / args.jobs
         queued_per_s = empty_claim = fresh_per_s = fresh_empty_claim = None
         if args.queued:
             prefill(client, os.path.join(workdir, "p3s.db"), args.queued)
@@ -261,6 +290,8 @@ def main(argv=None):
         "p3s_jobs_per_s": round(jobs_per_s, 1),
         "ratio_jobs_per_s_to_bare_requests_per_s": round(jobs_per_s / bare, 3),
         "server_cpu_ms_per_job": round(cpu_ms_per_job, 2),
+        "pilots_cpu_ms_per_job": round(pilot_cpu_ms_per_job, 2),
+        "total_cpu_ms_per_job": round(cpu_ms_per_job + pilot_cpu_ms_per_job, 2),
         "http_requests_per_job": requests_per_job and round(requests_per_job, 2),
         "queued": args.queued,
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),

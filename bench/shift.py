@@ -1,0 +1,169 @@
+#!/usr/bin/env python3
+"""A short, realistic DQM shift on this machine (not a test): look at what a shifter sees.
+
+    python bench/shift.py [--minutes 4] [--pilots 4] [--keep]
+
+A server on 127.0.0.1 with a temporary database; the site of the original's lxvm.json (its
+P3S_DATA pointed at a temporary directory); pilots started through pgen.sh; an injector fed a
+fake raw file every few seconds; per file a monitor job that draws PNG plots (standard library
+only), a purity job that sometimes fails like the real one (a ROOT-style error on stderr, an
+out-of-range exit code) and an event display that times out now and then; a workflow of the
+original's 3filters DAG. At the end, screenshots of every page (headless Chromium, when
+installed) in the work directory, whose path is printed. Bounded in time; loopback only.
+"""
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from serverAPI import Client  # noqa: E402
+
+PLOT = r'''
+import os, struct, sys, zlib, random
+def png(path, values, colour):
+    w, h = 320, 200
+    rows = []
+    top = max(values) or 1
+    for y in range(h):
+        row = bytearray(b"\0")
+        for x in range(w):
+            v = values[x * len(values) // w] / top
+            row += bytes(colour) if h - y <= v * (h - 20) else b"\xff\xff\xff"
+        rows.append(bytes(row))
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    with open(path, "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(b"".join(rows))) + chunk(b"IEND", b""))
+out = os.environ["P3S_JOB_DIR"]
+run = os.path.basename(os.environ.get("P3S_INPUT_FILE", "run"))
+print("monitor of", run)
+for apa in (1, 2, 3):
+    png(os.path.join(out, f"adc_mean_apa{apa}.png"), [random.gauss(50, 10) for _ in range(64)], (40, 90, 200))
+'''
+PURITY = r'''
+import os, random, sys, time
+time.sleep(random.uniform(0.5, 2))
+if random.random() < 0.3:
+    print("Processing run", os.environ.get("P3S_INPUT_FILE"))
+    print("%MSG-s ArtException: ProductNotFound: no RawDigits for APA3 FEMB 12 in run", file=sys.stderr)
+    sys.exit(65)
+print("purity 2.1 ms")
+'''
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=4)
+    p.add_argument("--pilots", type=int, default=4)
+    args = p.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="p3s-shift-")
+    data, logs = os.path.join(work, "eos", "output"), os.path.join(work, "logs")
+    inbox = os.path.join(data, "inbox")
+    os.makedirs(inbox)
+    for name, text in (("plot.py", PLOT), ("purity.py", PURITY)):
+        with open(os.path.join(work, name), "w") as f:
+            f.write(text)
+    token = os.path.join(work, "token")
+    subprocess.run([sys.executable, os.path.join(ROOT, "server.py"), "--new-token", token], check=True,
+                   stdout=subprocess.DEVNULL)
+    log = open(os.path.join(work, "server.log"), "w")
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", "0", "--db",
+                               os.path.join(work, "p3s.db"), "--token-file", token, "--files-root", work,
+                               "--housekeeping", "1"], stdout=log, stderr=log)
+    url = wait_for_url(os.path.join(work, "server.log"))
+    env = dict(os.environ, P3S_SERVER=url, P3S_TOKEN_FILE=token, P3S_RUNDIR=os.path.join(work, "run"),
+               P3S_PYTHON=sys.executable)
+    client = Client(url, token_file=token)
+    procs = []
+    try:
+        site = json.load(open(os.path.join(ROOT, "tests", "compat", "lxvm.json")))
+        site["env"]["P3S_DATA"] = data
+        site["pilots"] = args.pilots
+        site_file = os.path.join(work, "lxvm.json")
+        with open(site_file, "w") as f:
+            json.dump(site, f)
+        run(env, "pilot.py", "--define-site", "-j", site_file)
+        jobs = [{"name": "Monitor:Main", "jobtype": "monitor", "site": "lxvm", "payload": sys.executable,
+                 "params": os.path.join(work, "plot.py"), "timeout": 60},
+                {"name": "Purity", "jobtype": "purity", "site": "lxvm", "payload": sys.executable,
+                 "params": os.path.join(work, "purity.py"), "timeout": 60, "max_attempts": 2},
+                {"name": "EvDisp", "jobtype": "evdisp", "site": "lxvm",
+                 "payload": "sleep $((RANDOM % 8)); echo event display done", "timeout": 6,
+                 "env": {"P3S_EXECMODE": "SHELL"}}]
+        jobs_file = os.path.join(work, "dqm.json")
+        with open(jobs_file, "w") as f:
+            json.dump(jobs, f)
+        subprocess.run([os.path.join(ROOT, "pgen.sh"), str(args.pilots), "-s", "lxvm", "-p", "5", "-b", "2",
+                        "-L", logs, "-l", os.path.join(work, "pilot-logs")], env=env, check=True)
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), "-d", inbox, "-j",
+                                       jobs_file, "-p", "2", "--settle", "1", "--bare-name"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "injector.log"), "w")))
+        run(env, "workflow.py", "-g", os.path.join(ROOT, "tests", "compat", "3filters.graphml"))
+        deadline = time.monotonic() + args.minutes * 60
+        number = 5000
+        while time.monotonic() < deadline:
+            for sub in (1, 2):
+                with open(os.path.join(inbox, f"np04_raw_run{number:06d}_{sub:04d}_dl1.root"), "wb") as f:
+                    f.write(os.urandom(2048))
+            number += 1
+            time.sleep(random.uniform(6, 10))
+        time.sleep(15)
+        shots = screenshots(url, client, work)
+        print(json.dumps({"work": work, "url": url, "screenshots": shots,
+                          "jobs": client.call("GET", "/", query={"format": "json"})["jobs_by_state"]}, indent=2))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        subprocess.run([os.path.join(ROOT, "pkill.sh"), "-t", "5"], env=env, stdout=subprocess.DEVNULL)
+        server.terminate()
+        server.wait(10)
+    return 0
+
+
+def run(env, tool, *args):
+    subprocess.run([sys.executable, os.path.join(ROOT, tool), *args], env=env, check=True, stdout=subprocess.DEVNULL)
+
+
+def wait_for_url(path):
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        text = open(path).read()
+        if "serving on " in text:
+            return text.split("serving on ")[1].split()[0]
+        time.sleep(0.1)
+    raise SystemExit("the server did not start: " + open(path).read())
+
+
+def screenshots(url, client, work):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        return []
+    failed = client.list_jobs(state="failed", limit=1)
+    pilot = client.list_pilots()[0]["uuid"]
+    pages = {"summary": "/", "runs": "/runs", "plots": "/plots", "plots-by-run": "/plots?group=run",
+             "errors": "/errors", "jobs": "/jobs", "pilots": "/pilots", "pilot": f"/pilot/{pilot}", "sites": "/sites",
+             "site": "/site/lxvm", "services": "/services", "alarms": "/alarms", "jobtype": "/jobtype/purity",
+             "dags": "/dags", "dag": "/dag/3filters", "workflows": "/workflows", "datasets": "/datasets"}
+    if failed:
+        pages["failed-job"] = f"/job/{failed[0]['uuid']}"
+    shots = []
+    for name, path in pages.items():
+        shot = os.path.join(work, "screenshots", f"{name}.png")
+        os.makedirs(os.path.dirname(shot), exist_ok=True)
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
+                        f"--user-data-dir={os.path.join(work, 'chromium')}", f"--screenshot={shot}", url + path],
+                       capture_output=True, timeout=90)
+        shots.append(shot)
+    return shots
+
+
+if __name__ == "__main__":
+    sys.exit(main())
