@@ -73,13 +73,12 @@ NETWORK_FS = ("afs", "openafs", "nfs", "nfs4", "cifs", "smb3", "smbfs", "ceph", 
               "glusterfs", "9p", "fuse")
 DEFAULT_FILES_ROOT = os.path.join(HERE, "logs")
 MAX_BODY = 4 * 1024 * 1024          # bytes; a report carries two 64 KiB tails, a submission many jobs
-SOCKET_TIMEOUT = 10                 # seconds a connection may sit silent while we read its request
-                                    # (long polls wait server-side, not on the socket)
+HEADER_TIMEOUT = 10                 # seconds a request's line and headers may take in all, and a kept
+                                    # connection may idle (a trickle is cut off, not held forever;
+                                    # long polls wait server-side, not on the socket): --header-timeout
 MAX_CONNECTIONS = 4000              # connections served at once; beyond, a quick 503 and close (the
                                     # cap is lowered to what the descriptor limit allows)
 MAX_PER_CLIENT = 128                # connections from one address (not loopback, not --pilot-net)
-HEADER_DEADLINE = SOCKET_TIMEOUT    # seconds a request's line and headers may take in all (a client
-                                    # trickling a byte at a time is cut off here, not held forever)
 MAX_READERS = 64                    # sqlite reader connections open at once; more requests wait
 WAL_LIMIT = 64 * 1024 * 1024        # bytes of write-ahead log before housekeeping truncates it
 POOL_KEEP = 32                      # idle sqlite connections kept for reuse; the rest are closed
@@ -4185,12 +4184,13 @@ def render_summary(d, query):
                f"({lat['samples']} jobs)</p>" if lat["median_s"] is not None
                else "<p>No job started in the last hour.</p>")
     failures = table(["ended", "job", "jobtype", "input file", "state", "exit code", "host", "reason"],
-                     [[esc(when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
+                     [[esc(short_when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
                        esc(f["jobtype"]), infile_cell(f["infile"]), state_cell(f["state"]), esc(f["exit_code"]),
                        esc(f["host"]), reason_cell(f["reason"])] for f in d["recent_failures"]])
     body = (f"{server_header(d)}{alarms}{activity_charts(d['activity'], d['time'], query)}"
             f"<h2>Jobs by type and state</h2>{by_type}"
-            f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2>{error_table(d['errors'])}"
+            f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2><p class='head'>every failed attempt, "
+            f"the retried ones too: more than the failed jobs when jobs are retried</p>{error_table(d['errors'])}"
             f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>{ended}{latency}")
     return page("Summary", body, query)
 
@@ -4342,7 +4342,7 @@ def chart_frame(title, activity, t, top, ticks, marks, legend=()):
                      for x, label in xs)
     y_axis = "".join(f'<line x1="{CHART_PAD}" y1="{CHART_H - v / top * CHART_H:.1f}" x2="{CHART_PAD + CHART_W}" '
                      f'y2="{CHART_H - v / top * CHART_H:.1f}" stroke="#e4e4e4"/>'
-                     f'<text x="{CHART_PAD - 4}" y="{CHART_H - v / top * CHART_H + 3:.1f}" font-size="10" '
+                     f'<text x="{CHART_PAD - 4}" y="{max(9.0, CHART_H - v / top * CHART_H + 3):.1f}" font-size="10" '
                      f'text-anchor="end">{tick_label(v)}</text>' for v in ticks)
     keys = ", ".join(f'<span style="color:{colour}">{esc(label)}</span>' for label, colour in legend)
     return (f'<div class="chart"><b>{esc(title)}{": " + keys if keys else ""}</b><br>'
@@ -5144,13 +5144,17 @@ def operation(service, name):
 class Handler(BaseHTTPRequestHandler):
     """HTTP/1.1 with kept-alive connections (a pilot's next request skips the TCP handshake and
     the thread start), TCP_NODELAY (an answer's head and body go out without waiting for an
-    ACK), and SOCKET_TIMEOUT as the idle limit of a kept connection."""
+    ACK), and the server's header timeout as the idle limit of a kept connection."""
     server_version = "p3s/" + VERSION
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
-    timeout = SOCKET_TIMEOUT    # a client that connects and goes quiet does not hold a thread forever
+    timeout = HEADER_TIMEOUT    # a client that connects and goes quiet does not hold a thread forever
 
     authenticated = False       # set once a request on this connection proved a token or secret
+
+    def setup(self):
+        self.timeout = self.server.header_timeout
+        super().setup()
 
     def handle_one_request(self):
         """While it waits for a request's line and headers, the connection has a deadline and may
@@ -5402,7 +5406,7 @@ class P3SServer(ThreadingHTTPServer):
     every slot is taken, a new connection displaces the oldest one idling before a request that
     never proved a token or secret, else gets a quick 503 and close. One address holds at most
     max_per_client connections (loopback and --pilot-net addresses are not limited). A request's
-    line and headers must arrive within HEADER_DEADLINE in all: a client trickling a byte at a
+    line and headers must arrive within `header_timeout` in all: a client trickling a byte at a
     time is cut off there.
 
     Methods for the caller: serve_forever() and the rest of socketserver's; awaiting(handler)
@@ -5412,8 +5416,9 @@ class P3SServer(ThreadingHTTPServer):
 
     def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token="",
                  allowed_hosts=(), max_connections=MAX_CONNECTIONS, max_per_client=MAX_PER_CLIENT,
-                 pilot_nets=()):
+                 pilot_nets=(), header_timeout=HEADER_TIMEOUT):
         self.service, self.views, self.token, self.max_body = service, views, token, max_body
+        self.header_timeout = header_timeout
         self.pilot_token = pilot_token
         self.slots = threading.BoundedSemaphore(max_connections)
         self.max_per_client = max_per_client
@@ -5429,7 +5434,7 @@ class P3SServer(ThreadingHTTPServer):
     def awaiting(self, handler):
         t = time.monotonic()
         with self.conn_lock:
-            self.idle[handler] = (t + HEADER_DEADLINE, t)
+            self.idle[handler] = (t + self.header_timeout, t)
 
     def not_awaiting(self, handler):
         with self.conn_lock:
@@ -5732,6 +5737,9 @@ def parse_args(argv):
     p.add_argument("--pilot-net", action="append", default=[], metavar="CIDR",
                    help="a network of worker nodes whose addresses --max-per-client does not limit "
                    "(repeatable), e.g. 10.0.0.0/8")
+    p.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT, metavar="SECONDS",
+                   help="a request's line and headers must arrive within this, and a kept connection idle "
+                   "this long is closed (default %(default)s)")
     p.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
                    help="connections served at once; beyond, a quick 503 (default %(default)s)")
     p.add_argument("--wal-limit", type=int, default=WAL_LIMIT, metavar="BYTES",
@@ -5774,6 +5782,8 @@ def parse_args(argv):
     if args.lease_beats <= LOST_AFTER_BEATS:
         p.error(f"--lease-beats {args.lease_beats}: must be more than {LOST_AFTER_BEATS} (a pilot is lost after "
                 f"{LOST_AFTER_BEATS} silent heartbeats, its job given away after the lease)")
+    if args.header_timeout <= 0:
+        p.error(f"--header-timeout {args.header_timeout:g}: must be more than 0 seconds")
     if not 0 <= args.port <= 65535:
         p.error(f"--port {args.port}: must be between 0 and 65535")
     for net in args.pilot_net:
@@ -5826,7 +5836,7 @@ def main(argv=None):
                       [tuple(x.split("=", 1)) for x in args.link])
         httpd = P3SServer((args.host, args.port), service, views, token, args.max_body, pilot_token,
                           args.allow_host, connections_for_descriptors(args.max_connections),
-                          args.max_per_client, args.pilot_net)
+                          args.max_per_client, args.pilot_net, args.header_timeout)
     except OSError as e:
         print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

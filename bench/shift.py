@@ -96,7 +96,7 @@ def main(argv=None):
                 {"name": "Purity", "jobtype": "purity", "site": "lxvm", "payload": sys.executable,
                  "params": os.path.join(work, "purity.py"), "timeout": 60, "max_attempts": 2},
                 {"name": "EvDisp", "jobtype": "evdisp", "site": "lxvm",
-                 "payload": "sleep $((RANDOM % 8)); echo event display done", "timeout": 6,
+                 "payload": "sleep $(shuf -i 0-8 -n 1); echo event display done", "timeout": 6,
                  "env": {"P3S_EXECMODE": "SHELL"}}]
         jobs_file = os.path.join(work, "dqm.json")
         with open(jobs_file, "w") as f:
