@@ -3582,7 +3582,8 @@ class Views:
                                  "AND bucket >= ? GROUP BY b, bin", (step, jobtype, metric,
                                                                      int(t - activity["span"]) // PROFILE_BUCKET)):
             series.setdefault(r["b"], {})[r["bin"]] = r["n"]
-        points = [{"ts": b * step * PROFILE_BUCKET, "n": sum(h.values()),
+        width = step * PROFILE_BUCKET
+        points = [{"ts": min(t, b * width + width / 2), "n": sum(h.values()),     # drawn mid-bucket
                    **dict(zip(("median", "p95"), quantiles(h, 0.5, 0.95)))} for b, h in sorted(series.items())]
         windows = {}
         day, week = int(t - 86400) // PROFILE_BUCKET, int(t - 8 * 86400) // PROFILE_BUCKET
@@ -4295,8 +4296,9 @@ def places_cell(error):
 
 
 def render_errors(d, query):
-    intro = ("<p class='head'>Failed, timed-out and pilotTO jobs by jobtype and reason (its error message, else "
-             "the last line of its stderr, else its exit code), counted in 10-minute buckets.</p>")
+    intro = ("<p class='head'>Every failed, timed-out or pilotTO attempt (a retried job's too, so the counts may "
+             "exceed the failed jobs the links list) by jobtype and reason (its error message, else the last line "
+             "of its stderr, else its exit code), counted in 10-minute buckets.</p>")
     def place_table(rows, keys):
         return table([*keys, "last hour", "last 24 h"],
                      [[link(href("/jobs", state="problems", ended="24h", **place_query(r)), r[k] or "(none)")

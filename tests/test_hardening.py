@@ -89,7 +89,7 @@ def test_a_server_stopped_for_less_than_the_lease_less_the_margin_kills_nothing(
     margin = 2 * beat + grace
     server = start_server(["--lease-beats", str(beats)])
     ledger = tmp_path / "ledger"
-    [uuid] = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 10')])
+    [uuid] = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 5')])           # outlasts the 3 s stop
     server.pilot("-p", "1", "-b", str(beat), "--kill-grace", str(grace))
     wait_until(lambda: server.job(uuid)["state"] == "running", 20, what="the job running")
     server.proc.send_signal(signal.SIGSTOP)

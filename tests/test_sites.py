@@ -221,4 +221,4 @@ def test_the_sites_page_counts_the_jobs_each_sites_pilots_finished_and_failed(p3
     sites = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
     assert [(s["name"], s["finished_1h"], s["failed_1h"]) for s in sites] == [("lxvm", 2, 1), ("neut", 1, 0)]
     page = p3s.page("/sites")
-    assert '<span class="s-failed">1</span>' in page
+    assert '<span class="bad"><a href="/jobs?ran_site=lxvm&amp;state=problems&amp;ended=1h">1</a></span>' in page
