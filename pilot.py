@@ -249,7 +249,7 @@ class Watchdog:
         self.start()
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", WATCHDOG], stdin=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG], stdin=subprocess.PIPE,
                                      start_new_session=True, close_fds=True)
         threading.Thread(target=self.keep_alive, args=(self.proc,), name="watchdog", daemon=True).start()
 

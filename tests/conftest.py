@@ -20,6 +20,10 @@ sys.path.insert(0, ROOT)
 from serverAPI import Client  # noqa: E402
 
 COMPAT = os.path.join(ROOT, "tests", "compat")   # the original p3s files, unchanged
+# The tools run as processes, without site-packages (-S): they need none (standard library only,
+# which verifyImport.py checks), and a site's .pth hooks cost tens of ms a process, thousands of
+# times a run. The README's own commands are run as written, with site.
+PYTHON = [sys.executable, "-S"]
 END_STATES = ("finished", "failed", "timeout", "pilotTO", "cancelled")
 
 
@@ -81,7 +85,7 @@ class P3S:
     def start(self):
         log = open(self.dir / "server.log", "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "server.py"), "--port", str(self.port), "--db", self.db,
+            [*PYTHON, os.path.join(ROOT, "server.py"), "--port", str(self.port), "--db", self.db,
              "--token-file", str(self.token_file), "--housekeeping", "0.3", *self.lease_args(),
              *self.extra_args],
             stdout=log, stderr=log, cwd=self.dir)
@@ -135,7 +139,7 @@ class P3S:
     # -- clients --------------------------------------------------------------------------------
     def run(self, tool, *args, env=None, timeout=120, input=None):
         """Run a tool to completion; returns CompletedProcess with text stdout/stderr."""
-        return subprocess.run([sys.executable, os.path.join(ROOT, tool), *map(str, args)],
+        return subprocess.run([*PYTHON, os.path.join(ROOT, tool), *map(str, args)],
                               capture_output=True, text=True, timeout=timeout, input=input,
                               env=env or self.env, cwd=self.dir)
 
@@ -146,7 +150,7 @@ class P3S:
             args += ["-b", "0.5"]
         if "-L" not in args:
             args += ["-L", str(self.logs)]
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pilot.py"), *args],
+        proc = subprocess.Popen([*PYTHON, os.path.join(ROOT, "pilot.py"), *args],
                                 stdout=subprocess.DEVNULL, stderr=open(self.dir / "pilots.log", "ab"),
                                 env=env or self.env, cwd=self.dir)
         self.pilots.append(proc)

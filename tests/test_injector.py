@@ -54,7 +54,7 @@ def test_two_injectors_on_one_directory_start_each_file_once(p3s):
     setup_dag(p3s)
     incoming = p3s.dir / "incoming"
     incoming.mkdir()
-    args = ("-d", incoming, "--dag", "dqm", "--settle", "0.3", "-p", "0.1", "-c", "60")
+    args = ("-d", incoming, "--dag", "dqm", "--settle", "0.3", "-p", "0.1", "-c", "30")
     running = [injector(p3s, *args, wait=False) for _ in range(2)]
     for i in range(20):
         (incoming / f"f{i:02}.txt").write_text(f"{i}\n")
@@ -71,7 +71,7 @@ def test_half_written_file_waits_until_it_settles(p3s):
     incoming.mkdir()
     job_file = p3s.dir / "job.json"
     job_file.write_text(json.dumps(shell_job('wc -c < "$P3S_INPUT_FILE"')))
-    proc = injector(p3s, "-d", incoming, "-j", job_file, "--settle", "2.0", "-p", "0.2", "-c", "40", wait=False)
+    proc = injector(p3s, "-d", incoming, "-j", job_file, "--settle", "2.0", "-p", "0.2", "-c", "20", wait=False)
     growing = incoming / "big.dat"
     with open(growing, "w") as f:
         for _ in range(6):                              # keeps changing for ~1.2 s, never still for 2 s

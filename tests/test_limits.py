@@ -129,7 +129,8 @@ def test_no_anonymous_request_gets_a_500(p3s):
     huge = "9" * 5000
     for path in (f"/plots?limit={huge}", f"/plots?age={huge}", f"/?refresh={huge}", f"/jobs?page={huge}",
                  f"/api/jobs?limit={huge}"):
-        statuses, _ = exchange(p3s.port, request(b"GET " + path.encode() + b" HTTP/1.1\nHost: 127.0.0.1\n"))
+        statuses, _ = exchange(p3s.port, request(b"GET " + path.encode() + b" HTTP/1.1\nHost: 127.0.0.1\n"
+                                                 b"Connection: close\n"))
         assert statuses and not statuses[0].split()[1].startswith(b"5"), (path, statuses)
     # a body over --max-body whose client stops sending: a clean close, never a 500
     head = b"POST /api/jobs HTTP/1.1\nHost: 127.0.0.1\nContent-Length: 99999999\n"

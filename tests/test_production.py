@@ -247,7 +247,7 @@ def test_a_production_hour_accelerated(tmp_path, start_server):
     killed -9 and the server killed -9 and restarted: every file's job runs to its end once,
     the population returns to nominal, no job file outlives its keep time, and the injector
     stopped cleanly raises no alarm."""
-    server = start_server()
+    server = start_server(["--lease-beats", "10"])      # a killed pilot's job is retried after 5 s
     rundir, inbox = tmp_path / "run", tmp_path / "inbox"
     inbox.mkdir()
     keep_s = 6.0
@@ -260,15 +260,16 @@ def test_a_production_hour_accelerated(tmp_path, start_server):
                                  str(jobs), "-p", "0.5", "--settle", "0.2"], env=server.env, cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=open(tmp_path / "injector.log", "ab"))
     server.pilots.append(injector)
-    run_factory(server, "dqm", f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {server.logs}", "-p", "1.5")
+    run_factory(server, "dqm", f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 --kill-grace 1 -L {server.logs}",
+                "-p", "1.5")
     started, fed, killed_pilot, restarted = time.monotonic(), 0, False, False
-    while time.monotonic() - started < 20:
+    while time.monotonic() - started < 14:
         (inbox / f"np04_raw_run{fed:06d}.root").write_text("raw\n")
         fed += 1
-        if not killed_pilot and time.monotonic() - started > 6 and pgen_pilots(rundir):
+        if not killed_pilot and time.monotonic() - started > 4 and pgen_pilots(rundir):
             kill_all(pgen_pilots(rundir)[:1])
             killed_pilot = True
-        if not restarted and time.monotonic() - started > 12:
+        if not restarted and time.monotonic() - started > 9:
             server.kill9()
             server.start()
             restarted = True
