@@ -46,7 +46,7 @@ def test_a_paused_server_kills_nothing_and_every_pilot_carries_on(tmp_path, star
     gap and blames nobody; running jobs finish once; every pilot is still there."""
     server = start_server()
     ledger = tmp_path / "ledger"
-    uuids = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 8')] * 3)
+    uuids = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 7')] * 3)
     pilots = [server.pilot("-p", "1", "-b", "0.5") for _ in range(3)]
     wait_until(lambda: all(server.job(u)["state"] == "running" for u in uuids), 20, what="jobs running")
     server.proc.send_signal(signal.SIGSTOP)
@@ -64,15 +64,15 @@ def test_an_outside_writer_holding_the_lock_past_the_lease_kills_nothing(tmp_pat
     """A sqlite3 shell holds BEGIN IMMEDIATE for twice the lease: heartbeats are answered from
     memory, so no pilot fences, nothing is given away, and every job runs once to its end."""
     import sqlite3
-    server = start_server(["--lease-beats", "6"])    # lease: 6 x 0.5 s
+    server = start_server(["--lease-beats", "5"])    # lease: 5 x 0.5 s
     ledger = tmp_path / "ledger"
-    uuids = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 8', max_attempts=2)] * 2)
+    uuids = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 6.5', max_attempts=2)] * 2)
     for _ in uuids:
         server.pilot("-p", "1", "-b", "0.5", "--kill-grace", "1")
     wait_until(lambda: all(server.job(u)["state"] == "running" for u in uuids), 20, what="jobs running")
     shell = sqlite3.connect(server.db, timeout=30, isolation_level=None)
     shell.execute("BEGIN IMMEDIATE")
-    time.sleep(6)
+    time.sleep(5)                                    # twice the lease
     shell.execute("ROLLBACK")
     shell.close()
     states = server.wait_jobs(uuids, timeout=30)

@@ -129,15 +129,15 @@ def test_a_factory_over_slurm_reaches_nominal_and_counts_what_the_queue_holds(p3
     # The queue holds the pilots (partition down): pending, no new submission until the timeout.
     subprocess.run(["scontrol", "update", "PartitionName=debug", "State=DOWN"], env=env, check=True, timeout=30)
     before = len(p3s.api.get_site("hpc")["requests"])
-    factory = run_factory(p3s, "hpc", sbatch, "-p", "1", "--pending-timeout", "6")
+    factory = run_factory(p3s, "hpc", sbatch, "-p", "1", "--pending-timeout", "4")
     wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == before + 1, 20, 0.3, "a request while down")
     first = time.monotonic()
-    time.sleep(4)       # rounds pass while the pilots pend
+    time.sleep(2.5)     # rounds pass while the pilots pend
     site = p3s.api.get_site("hpc")
     assert len(site["requests"]) == before + 1 and site["pending"] == 3, "resubmitted while the queue held pilots"
     wait_until(lambda: len(p3s.api.get_site("hpc")["requests"]) == before + 2, 15, 0.3,
                "one new request after the timeout")
-    assert time.monotonic() - first >= 5
+    assert time.monotonic() - first >= 3
     factory.send_signal(signal.SIGTERM)
     factory.wait(15)
     assert len(p3s.api.get_site("hpc")["requests"]) == before + 2, "more than one new request"
