@@ -20,6 +20,7 @@ import itertools
 import json
 import logging
 import os
+import queue
 import re
 import shlex
 import shutil
@@ -519,10 +520,12 @@ class Execution:
         self.stop_reason = None     # (state, errmsg) once someone decided to end it
         self.started = time.monotonic()     # the time limit counts from here
         self.exited = threading.Event()     # set when the payload has been reaped
-        self.ended = threading.Event()      # set when the payload has exited and is accounted
         self.usage = Usage()
         self.limits = {}                    # "memory", "disk": MB, where the job or site sets one
         self.shell = False                  # run through the shell (its exit 137 is a child's SIGKILL)
+        self.report_queued = False          # handed to the reporter thread as running
+        self.running_sent = threading.Event()   # set once that report was sent or given up
+        self.next_sample = self.started + SAMPLE_PERIOD
         self.figures = {}                   # what it consumed, for the end report
 
     def runtime(self):
@@ -561,7 +564,9 @@ class Pilot:
         self.dropped = None             # why the server no longer knows us: register again
         self.exit_reason = None         # set when the pilot should stop asking for work
         self.idle = False               # True only while blocked in a job request
-        self.beats = threading.Event()  # set to stop the heartbeat thread
+        self.beats = threading.Event()  # set to stop the heartbeat and supervisor threads
+        self.wake = threading.Event()   # set when a payload starts: the supervisor looks at it
+        self.running_reports = queue.Queue()    # executions to report running, for the reporter
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
         self.prefetched = None          # the answer to a job request an end report carried
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
@@ -610,7 +615,8 @@ class Pilot:
             self.idle = False
         beat_thread = threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True)
         beat_thread.start()
-        threading.Thread(target=self.sample_loop, name="sampler", daemon=True).start()
+        threading.Thread(target=self.supervise_loop, name="supervisor", daemon=True).start()
+        threading.Thread(target=self.report_loop, name="reporter", daemon=True).start()
         try:
             self.work_loop()
         except Interrupted:         # a signal landed just outside the long poll
@@ -736,7 +742,7 @@ class Pilot:
         hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
         os.makedirs(hour, exist_ok=True)
         out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
-        log.info("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
+        log.debug("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
         try:
             execution = self.start(job, out_path, err_path)
         except (OSError, ValueError) as e:
@@ -746,13 +752,10 @@ class Pilot:
         self.current = execution
         if self.exit_reason is not None:    # a signal arrived while the job was being started
             execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
-        # The running report goes beside the supervision, never before it: while the server is
-        # away the time limit must still hold. The end report waits for it, to keep the order.
-        reporter = threading.Thread(target=self.report_running, args=(execution,), daemon=True)
-        reporter.start()
+        self.wake.set()                     # the supervisor watches it from now
         state, exit_code, errmsg = self.wait(execution)
-        execution.ended.set()
-        reporter.join()
+        if execution.report_queued:         # the end report goes after the running report
+            execution.running_sent.wait()
         self.current = None
         log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
         if state == "cancelled":    # the server already ended it; there is nothing to report
@@ -766,12 +769,11 @@ class Pilot:
                                "runtime": execution.runtime(), "usage": execution.figures}, ask_next)
 
     def report_running(self, execution):
-        """Best effort, in its own thread: the payload is supervised whether or not this arrives
-        (the server takes an end report for a job it still has as dispatched). A refusal means the
-        job was cancelled or given away meanwhile: stop the payload, if it still runs. A payload
-        that ends within RUNNING_REPORT_DELAY is not reported running: its end report says it all."""
-        if execution.ended.wait(RUNNING_REPORT_DELAY):
-            return
+        """Best effort, in the reporter thread: the payload is supervised whether or not this
+        arrives (the server takes an end report for a job it still has as dispatched). A refusal
+        means the job was cancelled or given away meanwhile: stop the payload, if it still runs. A
+        payload that ends within RUNNING_REPORT_DELAY is not reported running: its end report says
+        it all."""
         report = {"state": "running", "pid": execution.proc.pid, "pilot": self.uuid,
                   "attempt": execution.job["attempt"], "stdout_path": execution.out_path,
                   "stderr_path": execution.err_path, "runtime": execution.runtime()}
@@ -819,19 +821,11 @@ class Pilot:
                     return      # the server is away: the end report matters more than the images
 
     def wait(self, execution):
-        """Wait for the payload, enforcing the time limit; (state, exit code, message)."""
-        limit = execution.job["timelimit"]
-        # A timer enforces the limit, so the wait blocks in waitpid and returns the moment the
-        # payload exits (a wait with a timeout polls, adding milliseconds to every job).
-        timer = threading.Timer(max(0.0, execution.started + limit - time.monotonic()), execution.stop,
-                                ("timeout", f"killed at its time limit of {limit} s", self.args.kill_grace))
-        timer.daemon = True
-        if limit:
-            timer.start()
+        """Wait for the payload (the supervisor enforces its time limit meanwhile); (state, exit
+        code, message). The wait blocks in waitpid and returns the moment the payload exits."""
         _, status, rusage = os.wait4(execution.proc.pid, 0)      # the kernel's account comes with it
         code = execution.proc.returncode = os.waitstatus_to_exitcode(status)
         execution.exited.set()
-        timer.cancel()
         usage = execution.usage
         # processes the payload left behind: accounted from a last look (only for a job the
         # sampler saw; a short job costs no /proc scan), then killed with the group
@@ -851,16 +845,46 @@ class Pilot:
             return "failed", code, f"killed by SIGKILL, not by p3s: out of memory? ({seen})"
         return "failed", code, (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
 
-    def sample_loop(self):
-        """Once a second, the running payload's process group: its memory (and the CPU and I/O
-        of each process), against the job's limits. One thread for the pilot's life, so a
-        short job costs nothing."""
-        while not self.beats.wait(SAMPLE_PERIOD):
+    def supervise_loop(self):
+        """One thread for the pilot's life watches the running payload: its running report once
+        it outlasts RUNNING_REPORT_DELAY (handed to the reporter thread, so a server away never
+        delays the rest), its time limit, and once a second its process group's memory, CPU and
+        I/O against its limits. A short job costs no thread and no /proc scan."""
+        while not self.beats.is_set():
+            self.wake.clear()                   # before reading `current`: no wake-up is lost
             execution = self.current
             if execution is None or execution.exited.is_set():
+                self.wake.wait(SAMPLE_PERIOD)
                 continue
+            self.wake.wait(max(0.0, self.supervise(execution) - time.monotonic()))
+
+    def supervise(self, execution):
+        """Do what is due for the running payload; the monotonic time of the next thing due."""
+        t = time.monotonic()
+        age, limit = t - execution.started, execution.job["timelimit"]
+        if not execution.report_queued and age >= RUNNING_REPORT_DELAY:
+            execution.report_queued = True
+            self.running_reports.put(execution)
+        if limit and age >= limit:
+            execution.stop("timeout", f"killed at its time limit of {limit} s", self.args.kill_grace)
+        if t >= execution.next_sample:
+            execution.next_sample = t + SAMPLE_PERIOD
             with contextlib.suppress(OSError):
                 self.check_limits(execution, execution.usage.sample(execution.proc.pid))
+        due = [execution.next_sample] + ([execution.started + limit] if limit and age < limit else [])
+        if not execution.report_queued:
+            due.append(execution.started + RUNNING_REPORT_DELAY)
+        return min(due)
+
+    def report_loop(self):
+        """The running reports, one at a time, for the pilot's life (see report_running)."""
+        while True:
+            execution = self.running_reports.get()
+            try:
+                if not execution.exited.is_set():
+                    self.report_running(execution)
+            finally:
+                execution.running_sent.set()
 
     def check_limits(self, execution, memory_mb):
         """Stop a payload past its memory or disk limit, with a reason a person understands."""

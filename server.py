@@ -560,6 +560,9 @@ def connect(path):
     conn.execute("PRAGMA foreign_keys=ON")
     conn.execute("PRAGMA busy_timeout=30000")
     conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
+    # a statement journal (an UPDATE with triggers has one) stays in memory: otherwise a
+    # temporary file is created and deleted in every transaction that writes a job
+    conn.execute("PRAGMA temp_store=MEMORY")
     return conn
 
 
