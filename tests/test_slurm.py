@@ -37,7 +37,7 @@ def test_slurm_array_of_pilots_drains_the_queue(p3s, slurm, tmp_path):
     ledger = tmp_path / "ledger"
     uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 0.2')] * 40)
     env = dict(slurm, **{k: v for k, v in p3s.env.items() if k.startswith("P3S_")},
-               P3S_HOME=ROOT, P3S_MAX_IDLE="4", P3S_PILOT_ARGS=f"-p 1 -b 1 -L {p3s.logs}")
+               P3S_HOME=ROOT, P3S_MAX_IDLE="2", P3S_PILOT_ARGS=f"-p 1 -b 1 -L {p3s.logs}")
     submitted = subprocess.run(["sbatch", "--parsable", "--array=1-4", "-o", str(tmp_path / "pilot-%A_%a.out"),
                                 os.path.join(ROOT, "deploy", "slurm-pilots.sh")],
                                capture_output=True, text=True, env=env, cwd=tmp_path, timeout=30)
