@@ -536,6 +536,9 @@ MIGRATIONS = [
     CREATE TABLE error_places(bucket INTEGER NOT NULL, site TEXT NOT NULL, host TEXT NOT NULL, jobtype TEXT NOT NULL,
                               reason TEXT NOT NULL, n INTEGER NOT NULL,
                               PRIMARY KEY(bucket, site, host, jobtype, reason)) WITHOUT ROWID;
+    CREATE INDEX error_places_error ON error_places(jobtype, reason, bucket);
+    CREATE TABLE error_hosts(bucket INTEGER NOT NULL, site TEXT NOT NULL, host TEXT NOT NULL, n INTEGER NOT NULL,
+                             PRIMARY KEY(bucket, site, host)) WITHOUT ROWID;
     """,
 ]
 
@@ -1666,8 +1669,11 @@ def count_error(conn, job, reason, t):
     bucket, reason = int(t) // ERROR_BUCKET, normalise_reason(reason)
     conn.execute("INSERT INTO errors VALUES(?, ?, ?, 1, ?, ?) ON CONFLICT(bucket, jobtype, reason) "
                  "DO UPDATE SET n = n + 1, last = excluded.last", (bucket, job["jobtype"], reason, t, t))
+    place = (job["ran_site"] or "", job["host"] or "")
     conn.execute("INSERT INTO error_places VALUES(?, ?, ?, ?, ?, 1) ON CONFLICT(bucket, site, host, jobtype, reason) "
-                 "DO UPDATE SET n = n + 1", (bucket, job["ran_site"] or "", job["host"] or "", job["jobtype"], reason))
+                 "DO UPDATE SET n = n + 1", (bucket, *place, job["jobtype"], reason))
+    conn.execute("INSERT INTO error_hosts VALUES(?, ?, ?, 1) ON CONFLICT(bucket, site, host) DO UPDATE SET n = n + 1",
+                 (bucket, *place))
 
 
 def cancel_job(conn, job, who, info):
@@ -3278,7 +3284,8 @@ class Service:
     def trim_counts(conn, t):
         """The time-bucketed counts are kept 2 days (alarms, summary), the charts' 7 days."""
         for table, bucket, keep in (("job_ends", 10, 2), ("ends", 60, 7), ("errors", ERROR_BUCKET, 7),
-                                    ("error_places", ERROR_BUCKET, 7), ("job_starts", 60, 7),
+                                    ("error_places", ERROR_BUCKET, 7), ("error_hosts", ERROR_BUCKET, 7),
+                                    ("job_starts", 60, 7),
                                     ("profiles", PROFILE_BUCKET, 8)):
             conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (int(t - keep * 86400) // bucket,))
         conn.execute("DELETE FROM samples WHERE minute < ?", (int(t - 7 * 86400) // 60,))
@@ -3470,6 +3477,9 @@ def parse_run_range(value):
     return low, int(match.group(2) or low)
 
 
+PLACED_ERRORS = 20          # /errors says where the 20 most frequent failures happened
+
+
 def most_first(rows):
     return sorted(rows, key=lambda r: (-r["last_1h"], -r["last_24h"]))
 
@@ -3601,15 +3611,15 @@ class Views:
     def errors(self, query):
         t = now()
         errors = self.error_summary(t)
-        places = [dict(r) for r in self.store.read(      # one read of the counts; the sums below
-            "SELECT jobtype, reason, site, host, SUM(CASE WHEN bucket >= ? THEN n ELSE 0 END) AS last_1h, "
-            "SUM(n) AS last_24h FROM error_places WHERE bucket >= ? GROUP BY jobtype, reason, site, host",
-            (int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET))]
-        by_error = {}
-        for p in most_first(places):
-            by_error.setdefault((p["jobtype"], p["reason"]), []).append(p)
-        for e in errors:
-            e["hosts"] = by_error.get((e["jobtype"], e["reason"]), [])[:3]
+        hour, day = int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET
+        for e in errors[:PLACED_ERRORS]:        # where the most frequent ones happened, by index
+            e["hosts"] = [dict(r) for r in self.store.read(
+                "SELECT site, host, SUM(CASE WHEN bucket >= ? THEN n ELSE 0 END) AS last_1h, SUM(n) AS last_24h "
+                "FROM error_places INDEXED BY error_places_error WHERE jobtype = ? AND reason = ? AND bucket >= ? "
+                "GROUP BY site, host ORDER BY last_1h DESC, last_24h DESC LIMIT 3", (hour, e["jobtype"], e["reason"], day))]
+        places = [dict(r) for r in self.store.read(
+            "SELECT site, host, SUM(CASE WHEN bucket >= ? THEN n ELSE 0 END) AS last_1h, SUM(n) AS last_24h "
+            "FROM error_hosts WHERE bucket >= ? GROUP BY site, host", (hour, day))]
         return {"time": t, "errors": errors, "by_site": summed(places, ("site",)),
                 "by_host": summed(places, ("site", "host"))[:20]}
 
@@ -4295,7 +4305,7 @@ def places_cell(error):
     """The hosts a failure happened on, most first: `node7 (5)` alone says a node is bad."""
     return ", ".join(link(href("/jobs", state="problems", jobtype=error["jobtype"], reason=error["reason"],
                                **place_query(p)), " · ".join(x for x in (p["site"], p["host"]) if x) or "(none)") +
-                     f" ({p['last_24h']})" for p in error["hosts"])
+                     f" ({p['last_24h']})" for p in error.get("hosts", []))
 
 
 def render_errors(d, query):

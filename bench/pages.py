@@ -96,6 +96,7 @@ def fill_activity(conn, t, rng):
     conn.executemany("INSERT OR IGNORE INTO error_places VALUES(?,?,?,?,?,?)",      # each on a few of 50 nodes
                      ((b, f"site{k % 5}", f"node{rng.randrange(50)}", f"type{k}", f"reason family {r}: item # #",
                        rng.randrange(1, 9)) for b in buckets for k in range(10) for r in range(20) for _ in range(3)))
+    conn.execute("INSERT INTO error_hosts SELECT bucket, site, host, SUM(n) FROM error_places GROUP BY bucket, site, host")
     week = range(int(t - 8 * 86400) // server.PROFILE_BUCKET, int(t) // server.PROFILE_BUCKET + 1)
     conn.executemany("INSERT OR IGNORE INTO profiles VALUES(?,?,?,?,?)",      # a week of profiles by type
                      ((b, f"type{k}", metric, server.profile_bin(rng.uniform(5, 600)), rng.randrange(1, 40))
