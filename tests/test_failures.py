@@ -111,7 +111,7 @@ def test_server_killed_and_restarted_loses_nothing_and_runs_nothing_twice(p3s):
         p3s.pilot("-p", "2", "--max-idle", "90")
     wait_until(lambda: ledger.exists() and len(ledger.read_text().split()) >= 10, 30, what="some progress")
     p3s.kill9()
-    time.sleep(2.5)         # pilots finish payloads and keep their reports while the server is away
+    time.sleep(1.5)         # pilots finish payloads and keep their reports while the server is away
     p3s.start()
     states = p3s.wait_jobs(uuids, timeout=120)
     assert Counter(s["state"] for s in states.values()) == {"finished": 60}

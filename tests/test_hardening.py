@@ -34,7 +34,7 @@ def test_a_stopped_pilot_loses_its_job_only_after_the_watchdog_killed_it(tmp_pat
                what="the retry to start on another pilot")
     assert time.monotonic() - stopped >= 6 * 0.5 - 0.5
     first.send_signal(signal.SIGCONT)
-    time.sleep(2)
+    time.sleep(1)                               # two heartbeats of the pilot woken
     assert "OVERLAP" not in ledger.read_text()
     assert first.poll() is None, "the pilot exited after its pause"
     record = next(p for p in server.api.list_pilots() if p["pid"] == first.pid)

@@ -79,6 +79,8 @@ def test_half_written_file_waits_until_it_settles(p3s):
             f.flush()
             time.sleep(0.2)
             assert p3s.api.list_jobs() == [], "a file still being written was injected"
+    wait_until(lambda: p3s.api.list_jobs(), 10, what="the settled file injected")
+    proc.terminate()                            # a clean stop, as SIGTERM is
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     [job] = p3s.api.list_jobs()

@@ -60,20 +60,20 @@ def test_a_factory_keeps_a_site_at_nominal_through_pgen(p3s):
     rundir = p3s.dir / "run"
     p3s.env["P3S_RUNDIR"] = str(rundir)
     command = f"./pgen.sh {{n}} -s {{site}} -p 1 -b 0.5 -L {p3s.logs}"
-    factory = run_factory(p3s, "prod", command, "-p", "1.5")
+    factory = run_factory(p3s, "prod", command, "-p", "1")
     samples, at_nominal = population_watch(p3s, "prod", 3)
     wait_until(at_nominal, 30, 0.2, "3 live pilots")
     victim = pgen_pilots(rundir)[0]
     os.kill(victim, signal.SIGKILL)
     wait_until(lambda: not alive(victim), 5, what="the pilot to die")
     wait_until(lambda: live(p3s, "prod") < 3, 10, 0.2, "the pilot shown lost")
-    wait_until(at_nominal, 3 * 1.5 + 5, 0.2, "3 live pilots again within two rounds")
-    for _ in range(10):
+    wait_until(at_nominal, 3 * 1 + 5, 0.2, "3 live pilots again within two rounds")
+    for _ in range(7):                          # two more rounds: no pilot above nominal
         samples.append(live(p3s, "prod"))
         time.sleep(0.3)
     assert max(samples) <= 3, f"more pilots than nominal: {samples}"
     service = p3s.api.get_service("factory prod")
-    assert service["period"] == 1.5 and "nominal 3" in service["lines"][0]["result"]
+    assert service["period"] == 1 and "nominal 3" in service["lines"][0]["result"]
     factory.send_signal(signal.SIGTERM)
     factory.wait(15)
     assert p3s.api.get_service("factory prod")["retired"], "a clean exit retires the factory's service"
