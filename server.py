@@ -5709,6 +5709,10 @@ exit codes:
   2   a bad option, or a start refused (an old Python or sqlite, a network filesystem, a token problem)"""
 
 
+class Stopping(Exception):
+    """Raised by the SIGTERM and SIGINT handler to leave the serving loop at once."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with the tools' convention for bad options: one line on stderr, exit 2
     (the same class as serverAPI.py's, kept here so this file runs alone)."""
@@ -5861,8 +5865,10 @@ def main(argv=None):
     hk.start()
 
     def shut_down(signum, frame):
+        """SIGTERM, SIGINT: stop at once (the serving loop is left where it waits, not at its
+        next poll); the finally below closes the listener and the database."""
         service.stop()
-        threading.Thread(target=httpd.shutdown, daemon=True).start()
+        raise Stopping
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
@@ -5870,7 +5876,9 @@ def main(argv=None):
     log.info("p3s server %s: serving on http://%s:%d (db %s, schema v%d)",
              VERSION, host, port, os.path.abspath(args.db), store.schema_version)
     try:
-        httpd.serve_forever(poll_interval=0.05)     # a stop is noticed within 50 ms
+        httpd.serve_forever(poll_interval=0.5)
+    except Stopping:
+        pass
     finally:
         httpd.server_close()
         with contextlib.suppress(Exception):    # best effort: a restart gives full leases anyway
