@@ -5434,6 +5434,7 @@ class P3SServer(ThreadingHTTPServer):
                  pilot_nets=(), header_timeout=HEADER_TIMEOUT):
         self.service, self.views, self.token, self.max_body = service, views, token, max_body
         self.header_timeout = header_timeout
+        self.stopping = False                       # set by stop_soon
         self.pilot_token = pilot_token
         self.slots = threading.BoundedSemaphore(max_connections)
         self.max_per_client = max_per_client
@@ -5445,6 +5446,20 @@ class P3SServer(ThreadingHTTPServer):
         names = {address[0], *LOOPBACK_NAMES, socket.gethostname(), socket.getfqdn(), *allowed_hosts}
         self.allowed_hosts = {n.lower() for n in names if n}
         threading.Thread(target=self.enforce_deadlines, name="deadlines", daemon=True).start()
+
+    def stop_soon(self):
+        """Leave serve_forever at once, between two requests: a flag it reads after each turn
+        (service_actions), and a connection of our own that wakes its wait for connections."""
+        self.stopping = True
+        threading.Thread(target=self.wake_listener, daemon=True).start()
+
+    def wake_listener(self):
+        with contextlib.suppress(OSError):
+            socket.create_connection(self.server_address[:2], timeout=1).close()
+
+    def service_actions(self):
+        if self.stopping:
+            raise Stopping
 
     def awaiting(self, handler):
         t = time.monotonic()
@@ -5710,7 +5725,7 @@ exit codes:
 
 
 class Stopping(Exception):
-    """Raised by the SIGTERM and SIGINT handler to leave the serving loop at once."""
+    """Leaves the serving loop at once, between two requests (see P3SServer.stop_soon)."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -5865,10 +5880,8 @@ def main(argv=None):
     hk.start()
 
     def shut_down(signum, frame):
-        """SIGTERM, SIGINT: stop at once (the serving loop is left where it waits, not at its
-        next poll); the finally below closes the listener and the database."""
         service.stop()
-        raise Stopping
+        httpd.stop_soon()
 
     signal.signal(signal.SIGTERM, shut_down)
     signal.signal(signal.SIGINT, shut_down)
