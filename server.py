@@ -1570,8 +1570,6 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None):
         return None, 0
     if end_state in FAILED_STATES:
         count_error(conn, job, changes["reason"], t)
-    if end_state in PROFILED_STATES:
-        count_usage(conn, job, changes, t)
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
@@ -1619,9 +1617,15 @@ def bin_value(b):
     return PROFILE_RATIO ** (b + 0.5)
 
 
-def count_profile(conn, jobtype, metric, value, t):
-    conn.execute("INSERT INTO profiles VALUES(?, ?, ?, ?, 1) ON CONFLICT(bucket, jobtype, metric, bin) "
-                 "DO UPDATE SET n = n + 1", (int(t) // PROFILE_BUCKET, jobtype, metric, profile_bin(value)))
+def profile_key(jobtype, metric, value, t):
+    """The histogram cell a figure of a job type counts in: (bucket, jobtype, metric, bin)."""
+    return int(t) // PROFILE_BUCKET, jobtype, metric, profile_bin(value)
+
+
+def write_profiles(conn, counts):
+    """Add {histogram cell: n} to the profiles table."""
+    conn.executemany("INSERT INTO profiles VALUES(?, ?, ?, ?, ?) ON CONFLICT(bucket, jobtype, metric, bin) "
+                     "DO UPDATE SET n = n + excluded.n", [(*key, n) for key, n in counts.items()])
 
 
 def quantiles(histogram, *qs):
@@ -1648,20 +1652,6 @@ def usage_fields(usage):
     """What a pilot measured its payload consumed (end reports' `usage`), each figure bounded."""
     check_keys(usage, "usage", tuple(USAGE_BOUNDS))
     return {k: as_number(v, f"usage.{k}", 0, USAGE_BOUNDS[k]) for k, v in usage.items()}
-
-
-def count_usage(conn, job, changes, t):
-    """A job type's profile gets the job's duration, peak memory and CPU efficiency."""
-    started = changes.get("ts_sta") or job["ts_sta"]
-    if not started:
-        return
-    wall = t - started
-    count_profile(conn, job["jobtype"], "duration", wall, t)
-    if changes.get("max_rss_mb") is not None:
-        count_profile(conn, job["jobtype"], "memory", changes["max_rss_mb"], t)
-    if changes.get("cpu_user") is not None and wall > 0:
-        cpu = changes["cpu_user"] + changes.get("cpu_sys", 0)
-        count_profile(conn, job["jobtype"], "cpu_eff", 100 * cpu / wall, t)
 
 
 def count_error(conn, job, reason, t):
@@ -1877,20 +1867,30 @@ MEMORY_BUCKETS = (100, 250, 500, 1000, 2000, 4000, 8000)                # MB
 
 
 class JobCosts:
-    """What ended jobs cost, per job type, for /metrics: histograms of duration and peak memory
-    and a counter of CPU seconds (since the server started, as Prometheus counters are)."""
+    """What ended jobs cost, per job type: for /metrics, histograms of duration and peak memory
+    and a counter of CPU seconds (since the server started, as Prometheus counters are); for a
+    job type's profile, its histogram cells, kept here and written by housekeeping (flush), so
+    the end of a job pays no write for them (a crash loses at most a pass of statistics)."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.pending = {}       # job uuid -> its figures, from the report's transaction until its commit
         self.types = {}         # jobtype -> {"duration": [counts], "memory": [counts], sums, cpu}
+        self.profiles = collections.Counter()   # histogram cell -> jobs counted, not yet written
 
     def observe(self, uuid):
         figures = self.pending.pop(uuid, None)
         if figures is None:
             return
         jobtype, wall, memory, cpu = figures
+        ended = now()
+        cells = [profile_key(jobtype, "duration", wall, ended)]
+        if memory is not None:
+            cells.append(profile_key(jobtype, "memory", memory, ended))
+        if cpu is not None and wall > 0:
+            cells.append(profile_key(jobtype, "cpu_eff", 100 * cpu / wall, ended))
         with self.lock:
+            self.profiles.update(cells)
             t = self.types.setdefault(jobtype, {"duration": [0] * (len(DURATION_BUCKETS) + 1), "duration_sum": 0.0,
                                                 "memory": [0] * (len(MEMORY_BUCKETS) + 1), "memory_sum": 0.0,
                                                 "cpu": 0.0})
@@ -1900,6 +1900,24 @@ class JobCosts:
             if memory is not None:
                 t["memory"][bisect.bisect_left(MEMORY_BUCKETS, memory)] += 1
                 t["memory_sum"] += memory
+
+    def flush(self, store):
+        """Write the histogram cells counted since the last flush (a housekeeping pass)."""
+        with self.lock:
+            counts, self.profiles = self.profiles, collections.Counter()
+        if counts:
+            try:
+                store.write(write_profiles, counts)
+            except Exception:
+                with self.lock:
+                    self.profiles.update(counts)    # kept for the next pass
+                raise
+
+    def unflushed(self, jobtype, metric, first_bucket):
+        """{(bucket, bin): n} counted but not written yet, for reads that must be current."""
+        with self.lock:
+            return {(b, bin_): n for (b, jt, m, bin_), n in self.profiles.items()
+                    if jt == jobtype and m == metric and b >= first_bucket}
 
     def snapshot(self):
         with self.lock:
@@ -2795,8 +2813,8 @@ class Service:
             job = dict(job, state="running", ts_sta=started)
         new_state, released = requeue_or_end(conn, dict(job), state, pilot, outcome.get("errmsg", ""), outcome)
         if state in PROFILED_STATES and job["ts_sta"]:
-            self.costs.pending[uuid] = (job["jobtype"], now() - job["ts_sta"], outcome.get("max_rss_mb"),
-                                        outcome.get("cpu_user", 0) + outcome.get("cpu_sys", 0))
+            cpu = outcome["cpu_user"] + outcome.get("cpu_sys", 0) if "cpu_user" in outcome else None
+            self.costs.pending[uuid] = (job["jobtype"], now() - job["ts_sta"], outcome.get("max_rss_mb"), cpu)
         conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
                      "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
                      "WHERE uuid=? AND job=?", (now(), pilot, uuid))
@@ -3253,6 +3271,7 @@ class Service:
                 self.images.forget(purged)
             self.say_purged(len(purged), t)
         self.keep_wal_small()
+        self.costs.flush(self.store)
         if int(t) // 60 != self.sampled_minute:
             self.store.write(self.sample, t)
         if t - self.last_tidy > TIDY_PERIOD:
@@ -3587,23 +3606,31 @@ class Views:
                 "errors": self.error_summary(t, 50, jobtype=name), "time": t}
 
     def profile(self, jobtype, metric, t, activity):
-        """A metric of a job type from its histograms: median and p95 per chart bucket over the
-        activity's range, and for the last 24 h against the 7 days before."""
+        """A metric of a job type from its histograms (written, and those counted since the last
+        housekeeping pass): median and p95 per chart bucket over the activity's range, and for
+        the last 24 h against the 7 days before."""
         step = max(1, activity["bucket"] // PROFILE_BUCKET)
+        start = int(t - activity["span"]) // PROFILE_BUCKET
+        unflushed = self.svc.costs.unflushed(jobtype, metric, int(t - 8 * 86400) // PROFILE_BUCKET)
         series = {}
         for r in self.store.read("SELECT bucket / ? AS b, bin, SUM(n) AS n FROM profiles WHERE jobtype=? AND metric=? "
-                                 "AND bucket >= ? GROUP BY b, bin", (step, jobtype, metric,
-                                                                     int(t - activity["span"]) // PROFILE_BUCKET)):
-            series.setdefault(r["b"], {})[r["bin"]] = r["n"]
+                                 "AND bucket >= ? GROUP BY b, bin", (step, jobtype, metric, start)):
+            series.setdefault(r["b"], collections.Counter())[r["bin"]] += r["n"]
+        for (bucket, bin_), n in unflushed.items():
+            if bucket >= start:
+                series.setdefault(bucket // step, collections.Counter())[bin_] += n
         width = step * PROFILE_BUCKET
         points = [{"ts": min(t, b * width + width / 2), "n": sum(h.values()),     # drawn mid-bucket
                    **dict(zip(("median", "p95"), quantiles(h, 0.5, 0.95)))} for b, h in sorted(series.items())]
         windows = {}
         day, week = int(t - 86400) // PROFILE_BUCKET, int(t - 8 * 86400) // PROFILE_BUCKET
-        for label, first, last in (("last_24h", day, day + 10 ** 9), ("previous_7d", week, day)):
-            h = {r["bin"]: r["n"] for r in self.store.read(
+        for label, low, high in (("last_24h", day, day + 10 ** 9), ("previous_7d", week, day)):
+            h = collections.Counter({r["bin"]: r["n"] for r in self.store.read(
                 "SELECT bin, SUM(n) AS n FROM profiles WHERE jobtype=? AND metric=? AND bucket >= ? AND bucket < ? "
-                "GROUP BY bin", (jobtype, metric, first, last))}
+                "GROUP BY bin", (jobtype, metric, low, high))})
+            for (bucket, bin_), n in unflushed.items():
+                if low <= bucket < high:
+                    h[bin_] += n
             median, p95 = quantiles(h, 0.5, 0.95)
             windows[label] = {"n": sum(h.values()), "median": median, "p95": p95}
         return {"metric": metric, "points": points, **windows}
@@ -5896,6 +5923,8 @@ def main(argv=None):
         httpd.server_close()
         with contextlib.suppress(Exception):    # best effort: a restart gives full leases anyway
             service.write_beats()
+        with contextlib.suppress(Exception):    # best effort: statistics, not jobs
+            service.costs.flush(store)
         store.close()
     log.info("stopped")
     return 0

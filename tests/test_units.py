@@ -452,7 +452,7 @@ def test_a_job_types_profile_says_when_its_median_duration_doubled(tmp_path):
     store = server.Store(str(tmp_path / "p.db"))
     t = server.now()
     def ended(seconds, when, n):
-        store.write(lambda conn: [server.count_profile(conn, "reco", "duration", seconds, when) for _ in range(n)])
+        store.write(server.write_profiles, {server.profile_key("reco", "duration", seconds, when): n})
     ended(10.0, t - 3 * 86400, 50)
     ended(25.0, t - 3600, 20)
     views = server.Views(server.Service(store), [str(tmp_path)])
