@@ -1049,6 +1049,8 @@ def try_jobs(client, args):
     for number, fields in enumerate(jobs):
         if not isinstance(fields, dict) or not isinstance(fields.get("payload"), str):
             raise InputError(f"--try {args.try_file}: job {number} has no payload")
+        if not isinstance(fields.get("env") or {}, dict):
+            raise InputError(f"--try {args.try_file}: job {number}: env must be an object of NAME: value")
         job = {"uuid": str(uuidlib.uuid4()), "payload": fields["payload"], "params": str(fields.get("params", "")),
                "env": {k: str(v) for k, v in (fields.get("env") or {}).items()},
                "infile": args.input_file or str(fields.get("infile", ""))}

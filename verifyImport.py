@@ -50,14 +50,14 @@ def check_modules(verbose):
 
 
 def check_server(url):
-    from serverAPI import Client, P3SError
+    from serverAPI import Client, InputError, P3SError
     client = Client(url, retry_for=2)
     try:
         health = client.health()
         print(f"OK server {client.server} (p3s {health['version']}, schema v{health['schema']})")
         client.check_token()
         print("OK token accepted")
-    except P3SError as e:
+    except (P3SError, InputError) as e:     # InputError: the token file is missing or unreadable
         raise CheckFailed(str(e)) from None
 
 

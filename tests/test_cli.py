@@ -151,6 +151,9 @@ def test_try_runs_a_job_here_with_the_env_a_pilot_gives_it_and_stores_nothing(p3
     assert "in=/data/run7.root data=/eos/experiment/neutplatform/protodune/rawdata/np04/output" in result.stdout
     assert "exit code 4; a pilot would publish 1 image(s)" in result.stdout
     assert p3s.api.list_jobs() == [] and p3s.api.list_pilots() == []
+    job.write_text(json.dumps({"payload": "true", "env": ["P3S_EXECMODE=SHELL"]}))
+    refused = p3s.run("pilot.py", "--try", job)
+    assert refused.returncode == 2 and "env must be an object" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_settings_precedence_cli_over_site_over_defaults(p3s):

@@ -171,6 +171,9 @@ def test_verify_import_checks_server_and_token(p3s):
     wrong = dict(p3s.env, P3S_TOKEN="wrong")
     result = p3s.run("verifyImport.py", env=wrong)
     assert result.returncode == 1 and "wrong token" in result.stderr
+    missing = dict(p3s.env, P3S_TOKEN_FILE=str(p3s.dir / "no-such-token"))
+    result = p3s.run("verifyImport.py", env=missing)
+    assert result.returncode == 1 and "FAILED token file" in result.stderr and "Traceback" not in result.stderr
 
 
 def readme_block(heading):
