@@ -194,3 +194,28 @@ def test_images_are_refused_above_the_free_space_floor_and_an_alarm_warns(tmp_pa
         publish(server.api, pilot, "plot.png", 2 * 2 ** 20)
     assert server.api.health()["images"]["min_free_bytes"] == 3 * 2 ** 20
     assert "disk_low" in [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]
+
+@pytest.mark.parametrize("raw,status", [
+    (b"GET /api/health HTTP/1.1\nHost: 127.0.0.1\nX-Note : a\n", b"400"),      # space before the colon
+    (b"GET /api/health HTTP/1.1\nHost: 127.0.0.1\nno colon here\n", b"400"),
+    (b"GET /api/health HTTP/1.1\n X-Note: folded first\n", b"400"),
+    (b"GET /api/health\n", b"400"),                                             # HTTP/0.9
+    (b"GET /api/health HTTP/2.0\n", b"400"),
+    (b"GET  /api/health HTTP/1.1\nHost: 127.0.0.1\n", b"400"),
+    (b"GET /api/health HTTP/1.1\n" + b"X-Many: 1\n" * 101, b"431"),
+])
+def test_a_malformed_request_head_gets_one_error_and_the_close(p3s, raw, status):
+    """The server reads a request's line and fields itself, strictly: what a proxy might read
+    differently is refused, never guessed at."""
+    statuses, closed = exchange(p3s.port, request(raw, SMUGGLED))
+    assert len(statuses) == 1 and statuses[0].split()[1] == status and closed, (statuses, closed)
+
+
+def test_a_client_that_asks_to_continue_and_an_http10_client_are_served(p3s):
+    body = json.dumps({"uuids": []}).encode()
+    head = (b"POST /api/jobs/states HTTP/1.1\nHost: 127.0.0.1\nExpect: 100-continue\nContent-Type: application/json\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\n")
+    statuses, _ = exchange(p3s.port, request(head, body), wait=1)
+    assert statuses[:2] == [b"HTTP/1.1 100 Continue", b"HTTP/1.1 200 OK"], statuses
+    statuses, closed = exchange(p3s.port, request(b"GET /api/health HTTP/1.0\n"), wait=5)
+    assert statuses == [b"HTTP/1.1 200 OK"] and closed, "an HTTP/1.0 request is answered, then the close"

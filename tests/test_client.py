@@ -1,0 +1,59 @@
+"""serverAPI's own HTTP client reads what a proxy in front of the server may send (a chunked
+body, an interim 100, a body up to the close) and refuses what is not HTTP in one line. The
+peer here is a loopback socket that answers canned bytes: the real server never sends these."""
+import socket
+import threading
+
+import pytest
+
+import serverAPI
+
+OK_BODY = b'{"status": "ok"}'
+
+
+def canned(answers):
+    """A loopback listener answering each connection's request with the next canned bytes,
+    then closing it; its URL."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        for answer in answers:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(5)
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    got += chunk
+                conn.sendall(answer)
+        listener.close()
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n{\"stat\r\na;x=1\r\nus\": \"ok\"}\r\n0\r\n\r\n",
+    b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n" + OK_BODY,
+    b"HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n" + OK_BODY,
+    b"HTTP/1.1 200 OK\nContent-Length: 16\n\n" + OK_BODY,
+])
+def test_the_client_reads_every_framing_a_proxy_may_use(answer):
+    client = serverAPI.Client(canned([answer]), token="t", retry_for=0)
+    assert client.call("GET", "/api/health") == {"status": "ok"}
+
+
+@pytest.mark.parametrize("answer,said", [
+    (b"SSH-2.0-OpenSSH_8.7\r\n", "not an HTTP/1.x answer"),
+    (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70000 + b"\r\n\r\n", "over 64 KiB"),
+    (b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", "more than 100 header lines"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n{}", "ended after 2 of 99 bytes"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n{}", "Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
+])
+def test_an_answer_that_is_not_http_is_one_line_not_a_traceback(answer, said):
+    client = serverAPI.Client(canned([answer]), token="t", retry_for=0)
+    with pytest.raises(serverAPI.P3SError, match=said) as caught:
+        client.call("GET", "/api/health")
+    assert "\n" not in str(caught.value) and caught.value.status is None
