@@ -23,7 +23,6 @@ import secrets
 import signal
 import uuid as uuidlib
 import socket
-import ssl
 import sys
 import threading
 import time
@@ -187,6 +186,7 @@ class Connection:
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a small request is not held back
             if scheme == "https":
+                import ssl      # only here: a Python built without ssl still speaks http
                 sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
         except (OSError, ValueError):
             sock.close()
