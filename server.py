@@ -898,11 +898,13 @@ def event(conn, kind, uuid, old, new, who="", attempt=None, info=""):
                  "VALUES(?,?,?,?,?,?,?,?)", (now(), kind, uuid, attempt, old, new, who, info))
 
 
-def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", changes=None):
+def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", changes=None, passed=None):
     """The one guarded job transition: UPDATE ... WHERE state=old [AND pilot AND attempt].
 
-    `changes` are the other columns to set. Returns True if the row moved (and its event was
-    written), False if it no longer matched: somebody else moved it first."""
+    `changes` are the other columns to set; `passed`, (state, time), a state the job went
+    through on the way, whose transition is recorded too (a short job's `running`, reported
+    with its end: one row update, the whole history). Returns True if the row moved (and its
+    events were written), False if it no longer matched: somebody else moved it first."""
     changes = changes or {}
     sets = ["state=?"] + [f"{k}=?" for k in changes]
     sql = f"UPDATE jobs SET {', '.join(sets)} WHERE uuid=? AND state=?"
@@ -915,6 +917,12 @@ def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", ch
         args.append(attempt)
     if conn.execute(sql, args).rowcount != 1:
         return False
+    if passed:
+        state, t = passed
+        conn.execute("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) VALUES"
+                     "(?,'job',?,?,?,?,?,''), (?,'job',?,?,?,?,?,?)",
+                     (t, uuid, attempt, old, state, who, now(), uuid, attempt, state, new, who, info))
+        return True
     event(conn, "job", uuid, old, new, who, attempt, info)
     return True
 
@@ -1556,7 +1564,7 @@ def record_submission(conn, submission, jobs):
     conn.execute("INSERT OR IGNORE INTO submissions(id, jobs, ts) VALUES(?, ?, ?)", (submission, jobs, now()))
 
 
-def requeue_or_end(conn, job, end_state, who, info, changes=None):
+def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None):
     """End a job in end_state, or put it back to `defined` while attempts remain; an ended
     workflow job moves its workflow on. A failure's reason is kept with the job and counted
     in the error summary. Returns (the job's new state, how many jobs became claimable), or
@@ -1566,7 +1574,7 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None):
     changes["reason"] = "" if end_state == "finished" else job_reason(
         changes.get("errmsg") or info, changes.get("stderr_tail", ""), changes.get("exit_code"))
     if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
-                    pilot=job["pilot"], info=info, changes=changes):
+                    pilot=job["pilot"], info=info, changes=changes, passed=passed):
         return None, 0
     if end_state in FAILED_STATES:
         count_error(conn, job, changes["reason"], t)
@@ -2746,7 +2754,7 @@ class Service:
                 check_pilot_secret(conn, pilot, secret)
                 result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
-                    result["next"] = self.next_job(conn, pilot, secret)
+                    result["next"] = self.next_job(conn, pilot, secret, result.get("duplicate"))
         except Exception as e:
             self.costs.pending.pop(uuid, None)      # rolled back: not counted
             if isinstance(e, ApiError) and e.status == 409:
@@ -2759,10 +2767,10 @@ class Service:
         self.broker.notify_work(result.pop("released", 0))
         return result
 
-    def next_job(self, conn, pilot, secret):
+    def next_job(self, conn, pilot, secret, replayed):
         """The job an end report asks for, unless the pilot already runs one: a replayed end
         report (its answer was lost, the pilot went on) must not hand it a second job."""
-        if conn.execute(RUNNING_JOB, (pilot,)).fetchone():
+        if replayed and conn.execute(RUNNING_JOB, (pilot,)).fetchone():
             return {"job": None, "directive": None}
         job, directive = self.broker.claim(conn, pilot, secret)
         return {"job": job, "directive": directive}
@@ -2791,27 +2799,33 @@ class Service:
         """A pilot's report, fenced by pilot and attempt: a repeat is acknowledged, a stale one
         refused with 409; `running` moves the job on, an end state ends or retries it. An end
         report for a job still dispatched (a short job: its pilot reports `running` only for jobs
-        that outlast RUNNING_REPORT_DELAY) moves it through `running` first, in one transaction."""
+        that outlast RUNNING_REPORT_DELAY) moves it through `running` in the same row update
+        (a workflow's job in two, as its workflow follows each)."""
         job = lookup(conn, "jobs", uuid)
         if self._already_reported(conn, job, pilot, attempt, state):
             return {"state": job["state"], "duplicate": True}
         if job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES:
             raise ApiError(409, f"job {uuid}: report for attempt {attempt} by pilot {pilot} is stale; "
                                 f"the job is {job['state']} (attempt {job['attempt']})")
+        passed = None
         if state == "running" or (job["state"] == "dispatched" and "runtime" in start):
             if job["state"] != "dispatched":
                 raise ApiError(409, f"job {uuid}: is already {job['state']}")
-            runtime = start.pop("runtime", 0.0)
-            started = now() - runtime
-            move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
-                     changes={**start, "ts_sta": started})
-            move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
-            if job["wfuuid"]:
-                follow_jobs(conn, job["wfuuid"])
-            if state == "running":
-                return {"state": "running"}
-            job = dict(job, state="running", ts_sta=started)
-        new_state, released = requeue_or_end(conn, dict(job), state, pilot, outcome.get("errmsg", ""), outcome)
+            started = now() - start.pop("runtime", 0.0)
+            if state == "running" or job["wfuuid"]:
+                move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
+                         changes={**start, "ts_sta": started})
+                move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
+                if job["wfuuid"]:
+                    follow_jobs(conn, job["wfuuid"])
+                if state == "running":
+                    return {"state": "running"}
+                job = dict(job, state="running", ts_sta=started)
+            else:       # a short job: through `running` to its end in one row update
+                outcome, passed = {**outcome, **start, "ts_sta": started}, ("running", started)
+                job = dict(job, ts_sta=started)
+        new_state, released = requeue_or_end(conn, dict(job), state, pilot, outcome.get("errmsg", ""), outcome,
+                                             passed=passed)
         if state in PROFILED_STATES and job["ts_sta"]:
             cpu = outcome["cpu_user"] + outcome.get("cpu_sys", 0) if "cpu_user" in outcome else None
             self.costs.pending[uuid] = (job["jobtype"], now() - job["ts_sta"], outcome.get("max_rss_mb"), cpu)

@@ -19,6 +19,8 @@ def test_readme_example_runs_once_and_finishes(p3s):
     assert job["stdout_path"].startswith(str(p3s.logs) + "/")
     assert open(job["stdout_path"]).read().startswith(f"hello from job {uuid}")
     assert [e["new"] for e in job["events"]] == ["defined", "dispatched", "running", "finished"]
+    stamps = [e["ts"] for e in job["events"]]
+    assert stamps == sorted(stamps) and abs(job["ts_sta"] - stamps[2]) < 1, "each transition at its own time"
     listing = p3s.run("job.py", "--list")
     assert uuid in listing.stdout and "finished" in listing.stdout
 
