@@ -162,6 +162,17 @@ def test_payload_that_cannot_start_is_reported_failed(p3s):
     assert "cannot start payload" in job["errmsg"] and "/nonexistent/bin/reco" in job["errmsg"]
 
 
+def test_a_payload_gets_the_signals_python_ignores_back(p3s):
+    """Python ignores SIGPIPE; a payload must not inherit that (`yes | head` would end in
+    "Broken pipe" errors, a reader of a closed pipe would never stop)."""
+    [uuid] = p3s.submit([shell_job("yes | head -1 >/dev/null; grep SigIgn /proc/self/status")])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    job = p3s.job(uuid)
+    assert job["state"] == "finished" and "Broken pipe" not in job["stderr_tail"], job["stderr_tail"]
+    ignored = int(job["stdout_tail"].split()[-1], 16)
+    assert not ignored & (1 << (13 - 1)), "SIGPIPE is ignored in the payload"
+
+
 def test_pilot_refuses_an_unwritable_log_directory(p3s):
     blocker = p3s.dir / "a-file"
     blocker.write_text("")
