@@ -765,6 +765,27 @@ def parse_age(value, field="age"):
 # UPDATE plus its events row), and the SQL of an operation sits in the operation that owns its
 # transaction. Below the class: the transitions, row lookups and the lists' query helpers.
 ################################################################################################
+MAX_BATCH = 16          # blocks one group commit carries at most: a crowd of writers never waits long
+
+
+class Batch:
+    """One transaction shared by the writers queued at the same moment (group commit)."""
+
+    def __init__(self):
+        self.blocks = 0
+        self.done = threading.Event()       # set once it committed, or failed
+        self.error = None                   # why it failed: each of its blocks fails with it
+
+
+def raised_again(error):
+    """A new exception like `error`, for another thread to raise (one exception object must not
+    be raised by several threads at once: its traceback is shared)."""
+    try:
+        return type(error)(*error.args)
+    except Exception:
+        return sqlite3.OperationalError(str(error))
+
+
 class Store:
     """The database: one writer connection behind one write lock, and a pool of readers.
 
@@ -779,6 +800,10 @@ class Store:
     def __init__(self, path, max_readers=MAX_READERS):
         self.path = path
         self.write_lock = threading.Lock()
+        self.queue_lock = threading.Lock()
+        self.queued = 0                 # writers waiting for the write lock
+        self.batch = None               # the transaction the queued writers share, until committed
+        self.commits = self.blocks = 0  # commits, and the blocks they carried (/metrics)
         self.pool = queue.LifoQueue()
         self.readers = threading.BoundedSemaphore(max_readers)  # each holds ~3 descriptors
         self.held = threading.local()   # a thread reading inside a read reuses its connection
@@ -836,20 +861,90 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self):
-        """The one way to write: the write lock, BEGIN IMMEDIATE on the writer connection, the
-        block, then COMMIT, or ROLLBACK if the block raises. Validate before entering: the lock
-        serialises writers."""
-        with self.write_lock:
-            if self.closed:
-                raise ApiError(503, "the server is shutting down; retry")
-            conn = self.writer
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                rollback(conn)
-                raise
+        """The one way to write: `with store.transaction() as conn:`. Writers that queue at the
+        same moment share one transaction (group commit): each block runs in a savepoint of it,
+        and the last writer queued (or the MAX_BATCH-th) commits for all. No block returns
+        before that commit: what it answers is durable, as with a commit of its own, and one
+        write of the shared pages and one fsync serve several jobs. A block that raises is
+        rolled back alone; a commit that fails fails every block of its batch. Validate before
+        entering: the lock serialises writers."""
+        with self.queue_lock:
+            self.queued += 1
+        self.write_lock.acquire()
+        with self.queue_lock:
+            self.queued -= 1
+        try:
+            batch = self._join()
+        except BaseException:
+            self._end_turn(self.batch)
+            raise
+        try:
+            yield self.writer
+            self.writer.execute("RELEASE block")
+        except BaseException as e:
+            self._undo_block(batch, e)
+            self._end_turn(batch)
+            raise
+        self._end_turn(batch)
+        batch.done.wait()
+        if batch.error is not None:
+            raise raised_again(batch.error)
+
+    def _join(self):
+        """A savepoint for the next block, in the open batch or a new one (BEGIN IMMEDIATE)."""
+        if self.closed:
+            raise ApiError(503, "the server is shutting down; retry")
+        if self.batch is not None and not self.writer.in_transaction:   # sqlite ended it (a full disk)
+            self._settle(self.batch, sqlite3.OperationalError("the transaction was rolled back"))
+        if self.batch is None:
+            self.writer.execute("BEGIN IMMEDIATE")
+            self.batch = Batch()
+        self.batch.blocks += 1
+        self.writer.execute("SAVEPOINT block")
+        return self.batch
+
+    def _undo_block(self, batch, error):
+        """Roll back the block that raised, and only it; if sqlite ended the whole transaction
+        itself (some errors do, a full disk), the batch fails with that error."""
+        with contextlib.suppress(sqlite3.Error):
+            if self.writer.in_transaction:
+                self.writer.execute("ROLLBACK TO block")
+                self.writer.execute("RELEASE block")
+        if self.batch is batch and not self.writer.in_transaction:
+            self._settle(batch, error)
+
+    def _end_turn(self, batch):
+        """After a block: commit its batch unless a writer queued behind it may join (and the
+        batch is not full), then let the next writer in."""
+        try:
+            if batch is not None and self.batch is batch:
+                with self.queue_lock:
+                    last = self.queued == 0
+                if last or batch.blocks >= MAX_BATCH:
+                    self._commit(batch)
+        finally:
+            self.write_lock.release()
+
+    def _commit(self, batch):
+        try:
+            self.writer.execute("COMMIT")
+        except BaseException as e:
+            rollback(self.writer)
+            self._settle(batch, e)
+            return
+        self.commits += 1
+        self.blocks += batch.blocks
+        self._settle(batch, None)
+
+    def _settle(self, batch, error):
+        self.batch = None
+        batch.error = error
+        batch.done.set()
+
+    def _commit_open_batch(self):
+        """For the holders of the write lock that are not writers (a checkpoint, the close)."""
+        if self.batch is not None:
+            self._commit(self.batch)
 
     def write(self, fn, *args):
         """fn(conn, *args) in one transaction, for operations that are a named function."""
@@ -875,6 +970,7 @@ class Store:
         Our own writers wait meanwhile (the write lock), so only a reader can keep it; a short
         busy timeout, so housekeeping never waits long on that reader."""
         with self.write_lock, self.reading() as conn:
+            self._commit_open_batch()
             conn.execute("PRAGMA busy_timeout=100")
             try:
                 busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -884,6 +980,7 @@ class Store:
 
     def close(self):
         with self.write_lock:
+            self._commit_open_batch()
             self.closed = True
             self.writer.close()
         while True:
@@ -3981,7 +4078,8 @@ class Views:
         _, by_type, pilots = self.counts()
         return {"jobs": [{"state": s, "jobtype": jt, "n": n} for jt, states in
                          sorted(by_type.items()) for s, n in sorted(states.items())],
-                "pilots": pilots, "counters": dict(self.svc.broker.counters),
+                "pilots": pilots, "counters": dict(self.svc.broker.counters, commits=self.svc.store.commits,
+                                                   write_blocks=self.svc.store.blocks),
                 "waiting_requests": self.svc.broker.waiting, "costs": self.svc.costs.snapshot(),
                 "claim_latency": self.svc.broker.latency_histogram(),
                 "alarms": {a["name"]: a["severity"] for a in reversed(self.svc.alarms()["alarms"])
@@ -4882,7 +4980,9 @@ def render_metrics(d):
     out += [f'p3s_pilots{{state="{prom(s)}"}} {n}' for s, n in sorted(d["pilots"].items())]
     for name, help_text in (("claims", "Jobs handed to pilots."), ("empty_polls", "Job requests that found no job."),
                             ("reports", "Pilot reports accepted."), ("stale_reports", "Pilot reports refused as stale."),
-                            ("http_requests", "HTTP requests served (pages and API).")):
+                            ("http_requests", "HTTP requests served (pages and API)."),
+                            ("commits", "Database commits (each may carry several writers' blocks: group commit)."),
+                            ("write_blocks", "Write blocks committed (requests that wrote, and housekeeping).")):
         out += [f"# HELP p3s_{name}_total {help_text}", f"# TYPE p3s_{name}_total counter",
                 f"p3s_{name}_total {d['counters'][name]}"]
     out += ["# HELP p3s_waiting_requests Job requests (long polls) waiting for work now.",
@@ -5262,6 +5362,7 @@ class Handler(BaseHTTPRequestHandler):
     server_version = "p3s/" + VERSION
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True
+    wbufsize = 1 << 16          # an answer's head and body leave in one send, at the request's end
     timeout = HEADER_TIMEOUT    # a client that connects and goes quiet does not hold a thread forever
 
     authenticated = False       # set once a request on this connection proved a token or secret
@@ -5297,12 +5398,20 @@ class Handler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
+    def handle_expect_100(self):
+        """The interim answer leaves at once: the client waits for it before sending its body."""
+        super().handle_expect_100()
+        self.wfile.flush()
+        return True
+
     def handle_one_request(self):
         """While it waits for a request's line and headers, the connection has a deadline and may
         be displaced by a new one when every slot is taken (see P3SServer)."""
         self.server.awaiting(self)
         try:
             super().handle_one_request()
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True    # the client left before its answer was sent
         finally:
             self.server.not_awaiting(self)
 
@@ -5483,7 +5592,7 @@ class Handler(BaseHTTPRequestHandler):
         loopback-only server through a name of its own that resolves to 127.0.0.1)."""
         host = self.headers.get("Host", "")
         name = host[1:host.index("]")] if host.startswith("[") and "]" in host else host.rsplit(":", 1)[0]
-        return not name or is_ip(name) or name.lower() in self.server.allowed_hosts
+        return not name or name.lower() in self.server.allowed_hosts or is_ip(name)
 
     def check_token(self, auth):
         """The write token passes everywhere; the pilot token only where pilots register."""

@@ -3,6 +3,9 @@ file naming, migrations, start-up checks and the HTML renderers fed hostile valu
 end-to-end tests elsewhere show the same rules hold through the real tools."""
 import json
 import re
+import sqlite3
+import threading
+import time
 import os
 
 import pytest
@@ -464,3 +467,82 @@ def test_a_job_types_profile_says_when_its_median_duration_doubled(tmp_path):
                                   "activity": views.activity(t, {"range": "24h"}), "profile": profile}, {})
     store.close()
     assert "at least twice" in html
+
+
+# -- group commit: writers queued at once share one transaction, each durable before it returns --
+def queue_writers(store, blocks):
+    """Run `blocks` (each fn(conn)) in threads that queue behind a first writer held inside its
+    block, so that they all join one batch; returns {index: the exception it raised, or None}."""
+    inside, release, outcome = threading.Event(), threading.Event(), {}
+
+    def first(conn):
+        conn.execute("INSERT INTO datatypes(name) VALUES('first')")
+        inside.set()
+        release.wait(10)
+
+    def run(i, fn):
+        try:
+            with store.transaction() as conn:
+                fn(conn)
+            outcome[i] = None
+            seen = sqlite3.connect(store.path).execute("SELECT COUNT(*) FROM datatypes WHERE name=?", (f"w{i}",))
+            outcome[i, "durable"] = seen.fetchone()[0] == 1     # committed before it returned
+        except Exception as e:
+            outcome[i] = e
+    threads = [threading.Thread(target=run, args=("first", first))]
+    threads[0].start()
+    assert inside.wait(10)
+    threads += [threading.Thread(target=run, args=(i, fn)) for i, fn in enumerate(blocks)]
+    for t in threads[1:]:
+        t.start()
+    deadline = time.monotonic() + 10
+    while store.queued < len(blocks) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    for t in threads:
+        t.join(10)
+    return outcome
+
+
+def insert_datatype(i):
+    return lambda conn: conn.execute("INSERT INTO datatypes(name) VALUES(?)", (f"w{i}",))
+
+
+def test_writers_queued_at_once_share_one_commit_and_each_is_durable_when_it_returns(tmp_path):
+    store = server.Store(str(tmp_path / "g.db"))
+    commits = store.commits
+    outcome = queue_writers(store, [insert_datatype(i) for i in range(5)])
+    assert all(outcome[i] is None and outcome[i, "durable"] for i in range(5)), outcome
+    assert store.commits - commits <= 2, "five queued writers did not share a commit"
+    store.close()
+
+
+def test_a_block_that_raises_is_rolled_back_alone(tmp_path):
+    store = server.Store(str(tmp_path / "g.db"))
+
+    def refused(conn):
+        insert_datatype(1)(conn)
+        raise server.ApiError(409, "stale")
+    outcome = queue_writers(store, [insert_datatype(0), refused, insert_datatype(2)])
+    assert isinstance(outcome[1], server.ApiError)
+    assert outcome[0] is None and outcome[2] is None and outcome[0, "durable"] and outcome[2, "durable"]
+    names = {r[0] for r in store.read("SELECT name FROM datatypes")}
+    assert {"first", "w0", "w2"} <= names and "w1" not in names
+    store.close()
+
+
+def test_a_commit_that_fails_fails_every_block_of_its_batch(tmp_path):
+    """No writer is told "stored" for a batch that did not commit (here a deferred foreign key
+    fails at COMMIT; on a real server, a full disk or an I/O error)."""
+    store = server.Store(str(tmp_path / "g.db"))
+
+    def breaks_the_commit(conn):
+        conn.execute("PRAGMA defer_foreign_keys=ON")
+        conn.execute("INSERT INTO dag_vertices VALUES('no-such-dag', 'v', 'x', '{}', 'default', 1, 0)")
+    outcome = queue_writers(store, [insert_datatype(0), breaks_the_commit, insert_datatype(2)])
+    assert all(isinstance(outcome[i], sqlite3.Error) for i in ("first", 0, 1, 2)), outcome
+    assert not {"first", "w0", "w2"} & {r[0] for r in store.read("SELECT name FROM datatypes")}
+    with store.transaction() as conn:       # and the store writes again
+        insert_datatype(9)(conn)
+    assert store.read_one("SELECT name FROM datatypes WHERE name='w9'")
+    store.close()
