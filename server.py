@@ -860,19 +860,45 @@ class Store:
         return rows[0] if rows else None
 
     @contextlib.contextmanager
-    def transaction(self):
-        """The one way to write: `with store.transaction() as conn:`. Writers that queue at the
-        same moment share one transaction (group commit): each block runs in a savepoint of it,
-        and the last writer queued (or the MAX_BATCH-th) commits for all. No block returns
-        before that commit: what it answers is durable, as with a commit of its own, and one
-        write of the shared pages and one fsync serve several jobs. A block that raises is
-        rolled back alone; a commit that fails fails every block of its batch. Validate before
-        entering: the lock serialises writers."""
+    def transaction(self, shared=False):
+        """The one way to write: `with store.transaction() as conn:`, a transaction of its own
+        (BEGIN IMMEDIATE, the block, COMMIT, or ROLLBACK if it raises). With `shared`, for the
+        pilots' small and frequent writes (claims, reports), the writers queued at the same
+        moment share one transaction (group commit): each block runs in a savepoint of it, and
+        the last writer queued (or the MAX_BATCH-th) commits for all. No block returns before
+        its commit: what it answers is durable, as with a commit of its own, and one write of
+        the shared pages and one fsync serve several jobs. A shared block that raises is rolled
+        back alone; a commit that fails fails every block of its batch. (A big block, such as a
+        submission, never shares: in a savepoint, sqlite's in-memory journal makes its time
+        grow with the square of its size.) Validate before entering: the lock serialises writers."""
         with self.queue_lock:
             self.queued += 1
         self.write_lock.acquire()
         with self.queue_lock:
             self.queued -= 1
+        yield from (self._shared() if shared else self._alone())
+
+    def _alone(self):
+        """A transaction of its own, the write lock held; an open batch commits first."""
+        try:
+            if self.closed:
+                raise ApiError(503, "the server is shutting down; retry")
+            self._commit_open_batch()
+            conn = self.writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                rollback(conn)
+                raise
+            self.commits += 1
+            self.blocks += 1
+        finally:
+            self.write_lock.release()
+
+    def _shared(self):
+        """A savepoint in the batch of the writers queued now (see transaction)."""
         try:
             batch = self._join()
         except BaseException:
@@ -946,9 +972,9 @@ class Store:
         if self.batch is not None:
             self._commit(self.batch)
 
-    def write(self, fn, *args):
+    def write(self, fn, *args, shared=False):
         """fn(conn, *args) in one transaction, for operations that are a named function."""
-        with self.transaction() as conn:
+        with self.transaction(shared) as conn:
             return fn(conn, *args)
 
     def check_integrity(self):
@@ -1871,7 +1897,7 @@ class Broker:
             with self.work:
                 generation = self.generation
             try:
-                job, directive = self.store.write(self.claim, pilot_uuid, secret)
+                job, directive = self.store.write(self.claim, pilot_uuid, secret, shared=True)
             except ApiError:
                 if woken:       # the pilot is gone (stopped, deleted): its wake-up goes to another
                     self.notify_work(1)
@@ -2847,7 +2873,7 @@ class Service:
         if body.get("next", False) not in (True, False) or (body.get("next") and state == "running"):
             raise bad("next: true (an end report that also asks for the next job) or false")
         try:
-            with self.store.transaction() as conn:
+            with self.store.transaction(shared=True) as conn:
                 check_pilot_secret(conn, pilot, secret)
                 result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
                 if body.get("next"):    # the next job in the same transaction: one request, one commit

@@ -482,7 +482,7 @@ def queue_writers(store, blocks):
 
     def run(i, fn):
         try:
-            with store.transaction() as conn:
+            with store.transaction(shared=True) as conn:
                 fn(conn)
             outcome[i] = None
             seen = sqlite3.connect(store.path).execute("SELECT COUNT(*) FROM datatypes WHERE name=?", (f"w{i}",))
