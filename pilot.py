@@ -266,6 +266,7 @@ class Watchdog:
         self.groups, self.setup = set(), {}
         self.closing = False
         self.told_contact = float("-inf")     # when "." was last written
+        self.held = []                          # lines not written yet (see release)
         self.start()
 
     def start(self):
@@ -285,13 +286,25 @@ class Watchdog:
             for line in [*self.setup.values(), *(f"+{g}" for g in self.groups), "."]:
                 self._write(line)
 
-    def tell(self, line):
+    def tell(self, line, later=False):
+        """Write a line, after any held back; `later`: hold it until the next line or flush()."""
         with self.lock:
             if line[0] in "+-":
                 (self.groups.add if line[0] == "+" else self.groups.discard)(int(line[1:]))
             elif line[0] in "=@":
                 self.setup[line[0]] = line
-            self._write(line)
+            self.held.append(line)
+            if not later:
+                self._write_held()
+
+    def flush(self):
+        with self.lock:
+            if self.held:
+                self._write_held()
+
+    def _write_held(self):
+        lines, self.held = self.held, []
+        self._write("\n".join(lines))
 
     def _write(self, line):
         try:
@@ -304,7 +317,9 @@ class Watchdog:
         self.tell(f"+{pgid}")
 
     def release(self, pgid):
-        self.tell(f"-{pgid}")
+        """Held back until the next payload starts (one wake-up of the watchdog a job, not two)
+        or the supervisor's next turn, within a second: a group number is not reused so soon."""
+        self.tell(f"-{pgid}", later=True)
 
     def lease(self, seconds):
         self.tell(f"={seconds}")
@@ -321,6 +336,7 @@ class Watchdog:
             self.tell(".")
 
     def close(self):
+        self.flush()
         with self.lock:
             self.closing = True
             with contextlib.suppress(OSError, ValueError):
@@ -873,6 +889,7 @@ class Pilot:
         delays the rest), its time limit, and once a second its process group's memory, CPU and
         I/O against its limits. A short job costs no thread and no /proc scan."""
         while not self.beats.is_set():
+            self.watchdog.flush()               # what release() held back goes within a second
             self.wake.clear()                   # before reading `current`: no wake-up is lost
             execution = self.current
             if execution is None or execution.exited.is_set():

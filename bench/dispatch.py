@@ -211,7 +211,7 @@ def pilots_cpu_seconds(pilots):
             with open(f"/proc/{name}/stat") as f:
                 ppid = int(f.read().rsplit(")", 1)[1].split()[1])
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                watchdog = f.read().split(b"\0")[1:2] == [b"-c"]
+                watchdog = b"-c" in f.read().split(b"\0")[1:5]      # python -I -S -c WATCHDOG
         except (OSError, ValueError, IndexError):
             continue
         if ppid in parents and watchdog:
