@@ -19,6 +19,7 @@ Everything listens on 127.0.0.1 only; every loop is bounded in count and in time
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -284,6 +285,9 @@ def main(argv=None):
             pilot.terminate()
         server.terminate()
         server.wait(10)
+        for pilot in pilots:
+            pilot.wait(30)
+        shutil.rmtree(workdir, ignore_errors=True)      # with --queued 1000000, most of a gigabyte
     result = {
         "pilots": args.pilots, "jobs": args.jobs,
         "bare_http_requests_per_s": round(bare, 1),

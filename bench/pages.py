@@ -12,6 +12,7 @@ wall time of each page as a client sees it. Bounded: one fill, `repeat` requests
 import argparse
 import json
 import os
+import shutil
 import random
 import statistics
 import subprocess
@@ -157,6 +158,7 @@ def main(argv=None):
     finally:
         proc.terminate()
         proc.wait(10)
+        shutil.rmtree(work, ignore_errors=True)     # a million jobs is most of a gigabyte
     print(json.dumps({"jobs": args.jobs, "pilots": args.pilots, "fill_s": round(fill_s, 1), "pages": results}, indent=2))
     return 0
 
