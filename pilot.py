@@ -47,6 +47,9 @@ RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end rep
 RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported running: a shorter job
                             # is reported once, at its end (with its runtime; the server records both)
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
+STOPPING_REPORT_GRACE = 4   # a pilot told to stop (SIGTERM) keeps an undelivered end report this
+                            # many kill graces (20 s by default), then leaves: a batch system's
+                            # SIGKILL follows, and a server that is gone for good must not hold it
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".svg")     # what a job publishes for its page
 IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
 MAX_LOOKED_AT = 10000       # files of an output directory looked at for images to publish
@@ -603,6 +606,7 @@ class Pilot:
         self.last_contact = time.monotonic()    # the last answer from the server
         self.dropped = None             # why the server no longer knows us: register again
         self.exit_reason = None         # set when the pilot should stop asking for work
+        self.stopped_at = None          # monotonic time of the SIGTERM or SIGINT that stops it
         self.idle = False               # True only while blocked in a job request
         self.beats = threading.Event()  # set to stop the heartbeat and supervisor threads
         self.wake = threading.Event()   # set when a payload starts: the supervisor looks at it
@@ -947,13 +951,17 @@ class Pilot:
             else:
                 report.pop("next", None)
             try:
-                answer = self.client.report(job["uuid"], report, retry_for=60)
+                answer = self.client.report(job["uuid"], report, retry_for=10)   # then the loop below
                 self.heard_from_server()
                 self.prefetched = answer.get("next")
                 return answer
             except P3SError as e:
                 if e.bad_input:
                     log.warning("job %s: report refused: %s", job["uuid"], e)
+                    return None
+                if self.stopped_at and time.monotonic() - self.stopped_at > STOPPING_REPORT_GRACE * self.args.kill_grace:
+                    log.warning("job %s: end report not delivered, server unreachable, and this pilot was told to "
+                                "stop: leaving; the server ends the job when its lease runs out", job["uuid"])
                     return None
                 log.warning("job %s: server unreachable, keeping the report: %s", job["uuid"], e)
                 time.sleep(OUTAGE_PAUSE)
@@ -1001,6 +1009,7 @@ class Pilot:
         name = signal.Signals(signum).name
         self.exit_reason = self.exit_reason or f"{name} received"
         if signum != signal.SIGUSR1:
+            self.stopped_at = self.stopped_at or time.monotonic()
             execution = self.current
             if execution:
                 execution.stop("pilotTO", f"pilot stopped by {name}", self.args.kill_grace)

@@ -120,6 +120,20 @@ def test_server_killed_and_restarted_loses_nothing_and_runs_nothing_twice(p3s):
     assert all(p["state"] != "lost" for p in p3s.api.list_pilots()), "pilots blamed for the outage"
 
 
+def test_a_pilot_told_to_stop_leaves_though_its_server_is_gone_for_good(p3s):
+    """It keeps an end report it cannot deliver for a few kill graces, then leaves (a server
+    moved elsewhere must not leave pilots behind that SIGTERM cannot end)."""
+    [uuid] = p3s.submit([shell_job("sleep 0.5")])
+    pilot = p3s.pilot("-p", "2", "--kill-grace", "0.5")
+    wait_until(lambda: p3s.job(uuid)["state"] in ("dispatched", "running"), 20, what="the job to start")
+    p3s.kill9()
+    time.sleep(1)           # the payload ends; its report finds no server
+    started = time.monotonic()
+    pilot.send_signal(signal.SIGTERM)
+    pilot.wait(60)
+    assert time.monotonic() - started < 40, "the pilot stayed for its undelivered report"
+
+
 def test_stale_report_is_refused_and_changes_nothing(p3s):
     [uuid] = p3s.submit([shell_job("true")])
     pilot = p3s.api.register_pilot()["uuid"]              # this client acts as the pilot
