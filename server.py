@@ -5424,6 +5424,15 @@ class Handler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
+    def finish(self):
+        """A client that left before its answer was sent: what was buffered for it goes nowhere,
+        quietly (socketserver would print a traceback for each)."""
+        try:
+            super().finish()
+        except OSError:
+            with contextlib.suppress(OSError):
+                self.rfile.close()
+
     def handle_expect_100(self):
         """The interim answer leaves at once: the client waits for it before sending its body."""
         super().handle_expect_100()
