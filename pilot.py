@@ -43,7 +43,8 @@ REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable 
 CONTACT_EVERY = 0.25        # seconds: the watchdog hears of contact with the server at most this often
 SAMPLE_PERIOD = 1.0         # seconds between samples of a running payload's memory, CPU and I/O
 CHECK_RETRY = 5             # seconds pilot.py --check (pgen.sh) waits for it: the pilots wait longer
-RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, forever
+RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, until delivered
+                            # (by a pilot told to stop: STOPPING_REPORT_GRACE)
 RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported running: a shorter job
                             # is reported once, at its end (with its runtime; the server records both)
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
@@ -195,8 +196,9 @@ def spawn(command, shell, env, out_path=None, err_path=None):
 
 # The watchdog: one small process per pilot (not per job), in its own session, started with
 # `python -c` so that no command line naming pilot.py matches it (pkill -f pilot.py spares it).
-# The pilot writes lines: "+PGID" when a payload starts, "-PGID" once its group is gone, "=S" the
-# lease window, "@UUID" the pilot's uuid, "." each time it hears from the server. It SIGKILLs
+# The pilot writes lines: "+PGID" when a payload starts, "-PGID" once its group is gone (with the
+# next "+", or within a second), "=S" the lease window, "@UUID" the pilot's uuid, "." when it
+# hears from the server (at most every CONTACT_EVERY). It SIGKILLs
 # the groups still listed when the pipe closes, however the pilot died (kill -9 included), and
 # when no "." came for S seconds (the pilot is stopped, hung or cut off from the server for its
 # whole lease); and with them every process whose environment names the pilot's uuid: a payload
@@ -959,7 +961,8 @@ class Pilot:
                 if e.bad_input:
                     log.warning("job %s: report refused: %s", job["uuid"], e)
                     return None
-                if self.stopped_at and time.monotonic() - self.stopped_at > STOPPING_REPORT_GRACE * self.args.kill_grace:
+                stopping_for = time.monotonic() - (self.stopped_at or float("inf"))
+                if stopping_for > STOPPING_REPORT_GRACE * self.args.kill_grace:
                     log.warning("job %s: end report not delivered, server unreachable, and this pilot was told to "
                                 "stop: leaving; the server ends the job when its lease runs out", job["uuid"])
                     return None

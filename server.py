@@ -5368,7 +5368,7 @@ def read_headers(rfile):
         if line in (b"\r\n", b"\n", b""):
             return headers
         text = line.decode("iso-8859-1").rstrip("\r\n")
-        if text[0] in " \t":
+        if text[:1] in (" ", "\t"):
             headers.fold(text)
             continue
         name, colon, value = text.partition(":")

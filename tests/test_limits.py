@@ -219,6 +219,7 @@ def test_images_are_refused_above_the_free_space_floor_and_an_alarm_warns(tmp_pa
     (b"GET /api/health HTTP/2.0\n", b"400"),
     (b"GET  /api/health HTTP/1.1\nHost: 127.0.0.1\n", b"400"),
     (b"GET /api/health HTTP/1.1\n" + b"X-Many: 1\n" * 101, b"431"),
+    (b"GET /api/health HTTP/1.1\nHost: 127.0.0.1\n\r\r", b"400"),                # a bare CR line
 ])
 def test_a_malformed_request_head_gets_one_error_and_the_close(p3s, raw, status):
     """The server reads a request's line and fields itself, strictly: what a proxy might read
