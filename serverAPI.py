@@ -172,6 +172,7 @@ class Answer:
 STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-5][0-9][0-9])(?: ([^\r\n]*))?\r?\n")
 MAX_LINE = 65536        # bytes of one status or header line
 MAX_HEADERS = 100       # header lines of one answer
+MAX_INTERIM = 10        # interim (1xx) answers before the real one
 
 
 class Connection:
@@ -200,11 +201,13 @@ class Connection:
         if body is not None or method in ("POST", "PUT"):
             head.append(f"Content-Length: {len(body or b'')}")
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
-        while True:
+        for _ in range(MAX_INTERIM + 1):
             version, status, reason = self.status_line()
             headers = self.header_lines()
             if status >= 200:
                 break               # an interim 1xx answer is followed by the real one
+        else:
+            raise BadAnswer(f"more than {MAX_INTERIM} interim (1xx) answers")
         will_close = version == b"0" or "close" in headers.get("connection", "").lower()
         if method == "HEAD" or status in (204, 304):
             return Answer(status, reason, headers, b"", will_close)
@@ -212,7 +215,7 @@ class Connection:
             return Answer(status, reason, headers, self.chunks(), will_close)
         if "content-length" in headers:
             length = headers["content-length"]
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise BadAnswer(f"Content-Length {length[:20]!r}")
             return Answer(status, reason, headers, self.exactly(int(length)), will_close)
         return Answer(status, reason, headers, self.rfile.read(), True)     # up to the close

@@ -50,6 +50,8 @@ def test_the_client_reads_every_framing_a_proxy_may_use(answer):
     (b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 101 + b"\r\n", "more than 100 header lines"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n{}", "ended after 2 of 99 bytes"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n{}", "Content-Length"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: \xb2\r\n\r\n{}", "Content-Length"),
+    (b"HTTP/1.1 100 Continue\r\n\r\n" * 50, "interim"),
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "chunk size"),
 ])
 def test_an_answer_that_is_not_http_is_one_line_not_a_traceback(answer, said):
