@@ -1,7 +1,10 @@
 """serverAPI's own HTTP client reads what a proxy in front of the server may send (a chunked
 body, an interim 100, a body up to the close) and refuses what is not HTTP in one line. The
 peer here is a loopback socket that answers canned bytes: the real server never sends these."""
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 
 import pytest
@@ -11,14 +14,19 @@ import serverAPI
 OK_BODY = b'{"status": "ok"}'
 
 
-def canned(answers):
+def canned(answers, tls=None):
     """A loopback listener answering each connection's request with the next canned bytes,
-    then closing it; its URL."""
+    then closing it (through `tls`, an SSLContext, if given); its URL."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve():
         for answer in answers:
             conn, _ = listener.accept()
+            if tls:
+                try:
+                    conn = tls.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError):
+                    continue        # the client refused our certificate
             with conn:
                 conn.settimeout(5)
                 got = b""
@@ -30,7 +38,7 @@ def canned(answers):
                 conn.sendall(answer)
         listener.close()
     threading.Thread(target=serve, daemon=True).start()
-    return f"http://127.0.0.1:{listener.getsockname()[1]}"
+    return f"{'https' if tls else 'http'}://127.0.0.1:{listener.getsockname()[1]}"
 
 
 @pytest.mark.parametrize("answer", [
@@ -59,3 +67,21 @@ def test_an_answer_that_is_not_http_is_one_line_not_a_traceback(answer, said):
     with pytest.raises(serverAPI.P3SError, match=said) as caught:
         client.call("GET", "/api/health")
     assert "\n" not in str(caught.value) and caught.value.status is None
+
+
+def test_the_client_speaks_https_to_a_server_behind_tls_and_checks_its_certificate(tmp_path, monkeypatch):
+    """A production server behind a TLS proxy: the same client, the certificate verified."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("openssl is not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n" + OK_BODY
+    with pytest.raises(serverAPI.P3SError, match="certificate verify failed"):
+        serverAPI.Client(canned([answer], tls), token="t", retry_for=0).call("GET", "/api/health")
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))      # now the client trusts it
+    assert serverAPI.Client(canned([answer], tls), token="t", retry_for=0).call("GET", "/api/health") == {"status": "ok"}
