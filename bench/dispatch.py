@@ -129,9 +129,11 @@ def ended(figures, jobtype):
 
 
 def throughput(client, n_jobs, jobtype):
-    """(jobs/s, HTTP requests the server served per job, not counting this script's own)."""
+    """(jobs/s, HTTP requests the server served per job, not counting this script's own, and
+    the write blocks each commit carried: the group commit's batch)."""
     jobs = [{"payload": "/bin/true", "name": "bench", "jobtype": jobtype} for _ in range(n_jobs)]
-    before = metrics(client)["counters"].get("http_requests", 0)
+    counters = metrics(client)["counters"]
+    before = counters.get("http_requests", 0)
     started = time.perf_counter()
     ours = len(list(batches_of(jobs)))
     client.submit_jobs(jobs)
@@ -146,7 +148,10 @@ def throughput(client, n_jobs, jobtype):
         time.sleep(0.02)
     rate = n_jobs / (time.perf_counter() - started)
     served = figures["counters"].get("http_requests", 0) - before - ours
-    return rate, served / n_jobs if "http_requests" in figures["counters"] else None
+    commits = figures["counters"].get("commits", 0) - counters.get("commits", 0)
+    blocks = figures["counters"].get("write_blocks", 0) - counters.get("write_blocks", 0)
+    return (rate, served / n_jobs if "http_requests" in figures["counters"] else None,
+            blocks / commits if commits else None)
 
 
 def batches_of(jobs):
@@ -261,7 +266,7 @@ def main(argv=None):
         pilots = start_pilots(args.pilots, url, token, workdir)
         wait_idle(client, args.pilots)
         cpu, pilot_cpu = server_cpu_seconds(server), pilots_cpu_seconds(pilots)
-        jobs_per_s, requests_per_job = throughput(client, args.jobs, "bench-empty")
+        jobs_per_s, requests_per_job, per_commit = throughput(client, args.jobs, "bench-empty")
         cpu_ms_per_job = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
         pilot_cpu_ms_per_job = (pilots_cpu_seconds(pilots) - pilot_cpu) * 1000 / args.jobs
         queued_per_s = empty_claim = fresh_per_s = fresh_empty_claim = None
@@ -297,6 +302,7 @@ def main(argv=None):
         "pilots_cpu_ms_per_job": round(pilot_cpu_ms_per_job, 2),
         "total_cpu_ms_per_job": round(cpu_ms_per_job + pilot_cpu_ms_per_job, 2),
         "http_requests_per_job": requests_per_job and round(requests_per_job, 2),
+        "write_blocks_per_commit": per_commit and round(per_commit, 2),
         "queued": args.queued,
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
         "queued_to_empty_ratio": queued_per_s and round(queued_per_s / jobs_per_s, 2),
