@@ -1114,11 +1114,11 @@ def bring_back(conn, uuid, t):
 RUNNING_JOB = "SELECT uuid FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='running'"
 
 
-def own_pilot(conn, uuid, secret):
-    """The pilot's row, once its secret is checked, if it is live: 409 if it stopped. A lost
-    pilot that speaks again was only silent (a partition, a pause): it is back, with whatever
-    job it still holds. Called inside a write transaction."""
-    row = check_pilot_secret(conn, uuid, secret)
+def own_pilot(conn, uuid, secret, verified=False):
+    """The pilot's row, once its secret is checked (`verified`: earlier in this transaction), if
+    it is live: 409 if it stopped. A lost pilot that speaks again was only silent (a partition,
+    a pause): it is back, with whatever job it still holds. Called inside a write transaction."""
+    row = lookup(conn, "pilots", uuid) if verified else check_pilot_secret(conn, uuid, secret)
     if row["state"] == "lost":
         bring_back(conn, uuid, now())
         row = lookup(conn, "pilots", uuid)
@@ -1923,10 +1923,11 @@ class Broker:
                         self.waiting -= 1
                 woken = True
 
-    def claim(self, conn, pilot_uuid, secret):
+    def claim(self, conn, pilot_uuid, secret, verified=False):
         """Hand the pilot its job: the one already dispatched to it (an answer it never got),
-        else the best eligible defined job. One transaction. Returns (job or None, directive)."""
-        pilot = own_pilot(conn, pilot_uuid, secret)
+        else the best eligible defined job. One transaction (`verified`: the secret was checked
+        earlier in it). Returns (job or None, directive)."""
+        pilot = own_pilot(conn, pilot_uuid, secret, verified)
         if pilot["directive"] in ("stop", "drain"):     # told to go: it gets no more work
             return None, pilot["directive"]
         return self.pick(conn, pilot), None
@@ -2895,7 +2896,7 @@ class Service:
         report (its answer was lost, the pilot went on) must not hand it a second job."""
         if replayed and conn.execute(RUNNING_JOB, (pilot,)).fetchone():
             return {"job": None, "directive": None}
-        job, directive = self.broker.claim(conn, pilot, secret)
+        job, directive = self.broker.claim(conn, pilot, secret, verified=True)    # report() checked it
         return {"job": job, "directive": directive}
 
     @staticmethod

@@ -188,8 +188,12 @@ class Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # a small request is not held back
             if scheme == "https":
                 import ssl      # only here: a Python built without ssl still speaks http
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-        except (OSError, ValueError):
+                try:
+                    sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+                except ssl.SSLCertVerificationError as e:     # retrying cannot help: said at once
+                    raise InputError(f"https://{host}:{port}: its certificate is not trusted ({e.verify_message}); "
+                                     "point SSL_CERT_FILE at the CA that signed it") from None
+        except (OSError, ValueError, InputError):
             sock.close()
             raise
         self.sock, self.rfile = sock, sock.makefile("rb")
