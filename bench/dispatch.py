@@ -2,6 +2,7 @@
 """Dispatch benchmark (not a test): how close p3s gets to the bare HTTP server it is built on.
 
     python bench/dispatch.py [--pilots 8] [--jobs 400] [--latency-jobs 40] [--queued 100000]
+    python bench/dispatch.py --against REV [--repeat 3] [--pilots 8] [--jobs 1500]
 
 Prints, from one run on this machine:
   - the bare http.server request rate (ThreadingHTTPServer answering a small JSON, same client
@@ -13,7 +14,12 @@ Prints, from one run on this machine:
     nothing to claim; in two cases: the backlog arrives after jobs ran, and a fresh server
     whose backlog arrives before any job ran (statistics then see only queued jobs, `pilot`
     NULL in every row),
-  - submit-to-start latency of an idle pilot, and with --idle-pilots waiting: median and p95.
+  - submit-to-start latency of an idle pilot, and with --idle-pilots waiting: median and p95,
+  - the ceiling at one pilot: the ratio a system with no cost of its own would reach, its job
+    being only what no job system can skip here: the payload's start and end (/bin/true
+    spawned and waited for), one durable sqlite commit and one bare request.
+With --against REV, only the throughput and CPU figures, for this checkout and REV (a git
+worktree of it) in turn, --repeat times: on a shared machine only alternating runs compare.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
 import argparse
@@ -74,13 +80,13 @@ def bare_rate(concurrency, total):
     return per_thread * concurrency / elapsed
 
 
-def start_server(workdir):
+def start_server(workdir, root=ROOT):
     os.makedirs(workdir, exist_ok=True)
     log = open(os.path.join(workdir, "server.log"), "wb")
     token = os.path.join(workdir, "token")
     with open(token, "w") as f:
         f.write("bench-token\n")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", "0",
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "server.py"), "--port", "0",
                              "--db", os.path.join(workdir, "p3s.db"), "--token-file", token,
                              "--log-level", "INFO"], stdout=log, stderr=log)
     deadline = time.monotonic() + 20
@@ -93,9 +99,9 @@ def start_server(workdir):
     raise SystemExit("server did not start: " + open(os.path.join(workdir, "server.log")).read())
 
 
-def start_pilots(n, url, token, workdir, extra=()):
+def start_pilots(n, url, token, workdir, extra=(), root=ROOT):
     env = dict(os.environ, P3S_SERVER=url, P3S_TOKEN_FILE=token)
-    return [subprocess.Popen([sys.executable, os.path.join(ROOT, "pilot.py"), "-p", "10", "-b", "5",
+    return [subprocess.Popen([sys.executable, os.path.join(root, "pilot.py"), "-p", "10", "-b", "5",
                               "-L", os.path.join(workdir, "logs"), *extra],
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
 
@@ -178,10 +184,7 @@ def fresh_backlog(args, workdir):
         wait_idle(client, args.pilots)
         return throughput(client, args.jobs, "bench-fresh")[0], empty_claim_ms(client)
     finally:
-        for pilot in pilots:
-            pilot.terminate()
-        server.terminate()
-        server.wait(10)
+        stop(server, pilots)
 
 
 def empty_claim_ms(client, n=50):
@@ -247,6 +250,91 @@ def p95(values):
     return sorted(values)[max(0, int(round(0.95 * len(values))) - 1)]
 
 
+def throughput_figures(server, client, pilots, args, bare):
+    """Throughput and CPU a job of the running pilots, against the bare rate measured beside it."""
+    cpu, pilot_cpu = server_cpu_seconds(server), pilots_cpu_seconds(pilots)
+    jobs_per_s, requests_per_job, per_commit = throughput(client, args.jobs, "bench-empty")
+    server_ms = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
+    pilots_ms = (pilots_cpu_seconds(pilots) - pilot_cpu) * 1000 / args.jobs
+    return {
+        "bare_http_requests_per_s": round(bare, 1),
+        "p3s_jobs_per_s": round(jobs_per_s, 1),
+        "ratio_jobs_per_s_to_bare_requests_per_s": round(jobs_per_s / bare, 3),
+        "server_cpu_ms_per_job": round(server_ms, 2),
+        "pilots_cpu_ms_per_job": round(pilots_ms, 2),
+        "total_cpu_ms_per_job": round(server_ms + pilots_ms, 2),
+        "http_requests_per_job": requests_per_job and round(requests_per_job, 2),
+        "write_blocks_per_commit": per_commit and round(per_commit, 2),
+    }
+
+
+def stop(server, pilots):
+    for pilot in pilots:
+        pilot.terminate()
+    server.terminate()
+    server.wait(10)
+    for pilot in pilots:
+        pilot.wait(30)
+
+
+def ceiling(workdir, n=300):
+    """The ratio at one pilot of a job system that costs nothing itself: its job takes only what
+    none can skip here, the payload's start and end, one durable commit and one bare request."""
+    spawned, committed = [], []
+    for _ in range(n):
+        started = time.perf_counter()
+        os.waitpid(os.posix_spawn("/bin/true", ["/bin/true"], os.environ), 0)
+        spawned.append(time.perf_counter() - started)
+    conn = sqlite3.connect(os.path.join(workdir, "ceiling.db"), isolation_level=None)
+    conn.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; CREATE TABLE t(x)")
+    for i in range(n):
+        started = time.perf_counter()
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO t VALUES(?)", (i,))
+        conn.execute("COMMIT")
+        committed.append(time.perf_counter() - started)
+    conn.close()
+    bare = bare_rate(1, 1000)
+    floor = statistics.median(spawned) + statistics.median(committed) + 1 / bare
+    return {"payload_start_and_end_ms": round(statistics.median(spawned) * 1000, 3),
+            "durable_commit_ms": round(statistics.median(committed) * 1000, 3),
+            "bare_request_ms": round(1000 / bare, 3),
+            "ceiling_ratio_one_pilot": round(1 / floor / bare, 3)}
+
+
+def compare(args):
+    """This checkout against REV, alternating, --repeat times each: the throughput figures of
+    every run, and each side's median."""
+    here = tempfile.mkdtemp(prefix="p3s-against-")
+    other = os.path.join(here, "rev")
+    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", other, args.against], check=True)
+    runs = {"this": [], args.against: []}
+    try:
+        for _ in range(args.repeat):
+            for label, root in (("this", ROOT), (args.against, other)):
+                workdir = tempfile.mkdtemp(prefix="p3s-bench-", dir=here)
+                bare = bare_rate(args.pilots, 2000)
+                server, url, token = start_server(workdir, root)
+                pilots = []
+                try:
+                    client = Client(url, token_file=token, retry_for=10)
+                    pilots = start_pilots(args.pilots, url, token, workdir, root=root)
+                    wait_idle(client, args.pilots)
+                    runs[label].append(throughput_figures(server, client, pilots, args, bare))
+                finally:
+                    stop(server, pilots)
+                print(label, json.dumps(runs[label][-1]), flush=True)
+    finally:
+        subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", other], check=False)
+        shutil.rmtree(here, ignore_errors=True)
+    medians = {label: {key: statistics.median(r[key] for r in results) for key in results[0]
+                       if all(r[key] is not None for r in results)}
+               for label, results in runs.items()}
+    print(json.dumps({"pilots": args.pilots, "jobs": args.jobs, "repeat": args.repeat,
+                      "median": medians}, indent=2))
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pilots", type=int, default=8)
@@ -256,7 +344,12 @@ def main(argv=None):
                    help="latency again with this many idle pilots waiting (one is woken per job)")
     p.add_argument("--queued", type=int, default=0,
                    help="then prefill this many jobs for a site no pilot serves, ANALYZE, and measure again")
+    p.add_argument("--against", metavar="REV",
+                   help="only throughput and CPU, this checkout and git revision REV in turn")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each side with --against")
     args = p.parse_args(argv)
+    if args.against:
+        return compare(args)
     workdir = tempfile.mkdtemp(prefix="p3s-bench-")
     bare = bare_rate(args.pilots, 2000)
     server, url, token = start_server(workdir)
@@ -265,10 +358,9 @@ def main(argv=None):
         client = Client(url, token_file=token, retry_for=10)
         pilots = start_pilots(args.pilots, url, token, workdir)
         wait_idle(client, args.pilots)
-        cpu, pilot_cpu = server_cpu_seconds(server), pilots_cpu_seconds(pilots)
-        jobs_per_s, requests_per_job, per_commit = throughput(client, args.jobs, "bench-empty")
-        cpu_ms_per_job = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
-        pilot_cpu_ms_per_job = (pilots_cpu_seconds(pilots) - pilot_cpu) * 1000 / args.jobs
+        result = {"pilots": args.pilots, "jobs": args.jobs,
+                  **throughput_figures(server, client, pilots, args, bare)}
+        jobs_per_s = result["p3s_jobs_per_s"]
         queued_per_s = empty_claim = fresh_per_s = fresh_empty_claim = None
         if args.queued:
             prefill(client, os.path.join(workdir, "p3s.db"), args.queued)
@@ -286,23 +378,12 @@ def main(argv=None):
         wait_idle(client, args.idle_pilots)
         crowd = latencies(client, args.latency_jobs)
     finally:
-        for pilot in pilots:
-            pilot.terminate()
-        server.terminate()
-        server.wait(10)
-        for pilot in pilots:
-            pilot.wait(30)
+        stop(server, pilots)
+    try:
+        result.update(ceiling(workdir))
+    finally:
         shutil.rmtree(workdir, ignore_errors=True)      # with --queued 1000000, most of a gigabyte
-    result = {
-        "pilots": args.pilots, "jobs": args.jobs,
-        "bare_http_requests_per_s": round(bare, 1),
-        "p3s_jobs_per_s": round(jobs_per_s, 1),
-        "ratio_jobs_per_s_to_bare_requests_per_s": round(jobs_per_s / bare, 3),
-        "server_cpu_ms_per_job": round(cpu_ms_per_job, 2),
-        "pilots_cpu_ms_per_job": round(pilot_cpu_ms_per_job, 2),
-        "total_cpu_ms_per_job": round(cpu_ms_per_job + pilot_cpu_ms_per_job, 2),
-        "http_requests_per_job": requests_per_job and round(requests_per_job, 2),
-        "write_blocks_per_commit": per_commit and round(per_commit, 2),
+    result.update({
         "queued": args.queued,
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
         "queued_to_empty_ratio": queued_per_s and round(queued_per_s / jobs_per_s, 2),
@@ -315,7 +396,7 @@ def main(argv=None):
         "idle_pilots": args.idle_pilots,
         "submit_to_start_median_ms_with_idle_pilots": round(statistics.median(crowd) * 1000, 1),
         "submit_to_start_p95_ms_with_idle_pilots": round(p95(crowd) * 1000, 1),
-    }
+    })
     print(json.dumps(result, indent=2))
     return 0
 
