@@ -550,7 +550,7 @@ class Usage:
 def tail(path, size=TAIL_BYTES):
     try:
         with open(path, "rb") as f:
-            f.seek(max(0, os.path.getsize(path) - size))
+            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
             return f.read().decode("utf-8", "replace")
     except OSError:
         return ""

@@ -688,14 +688,20 @@ def check_keys(obj, field, allowed):
 
 
 def parse_json_body(raw):
-    """A request body: a JSON object of finite numbers and valid Unicode, or a 400 saying why."""
+    """A request body: a JSON object of finite numbers and valid Unicode, or a 400 saying why.
+    UTF-8 only (RFC 8259), decoded strictly, so a lone surrogate can only come from a \\u escape:
+    only a body with one is encoded again to find it."""
     def no_constant(name):
         raise ValueError(f"{name} is not a JSON number")
     try:
-        body = json.loads(raw, parse_constant=no_constant)
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
+        text = raw.decode("utf-8-sig")
+        body = json.loads(text, parse_constant=no_constant)
+        if "\\u" in text:
+            json.dumps(body, ensure_ascii=False).encode("utf-8")
     except RecursionError:
         raise bad("body: nested too deeply") from None
+    except UnicodeDecodeError as e:
+        raise bad(f"body: not UTF-8 (byte {e.start}); JSON is sent as UTF-8") from None
     except UnicodeError:
         raise bad("body: not valid Unicode (a lone surrogate?)") from None
     except ValueError as e:

@@ -268,6 +268,9 @@ BAD_BODIES = [
     ("nested 100k", b'{"jobs": ' + b"[" * 100000 + b"]" * 100000 + b"}", "nested too deeply"),
     ("priority 2**64", b'{"jobs": [{"payload": "x", "priority": 18446744073709551616}]}', "out of range"),
     ("lone surrogate", b'{"jobs": [{"payload": "\\ud800"}]}', "not valid Unicode"),
+    ("surrogate as UTF-8 bytes", b'{"jobs": [{"payload": "\xed\xa0\x80"}]}', "not UTF-8 (byte 23)"),
+    ("UTF-16", '{"jobs": [{"payload": "x"}]}'.encode("utf-16"), "not UTF-8 (byte 0)"),
+    ("Latin-1", '{"jobs": [{"payload": "\u00e9"}]}'.encode("latin-1"), "not UTF-8"),
     ("Infinity", b'{"jobs": [{"payload": "x", "priority": Infinity}]}', "Infinity is not a JSON number"),
     ("NaN", b'{"jobs": [{"payload": "x", "timeout": NaN}]}', "NaN is not a JSON number"),
 ]
