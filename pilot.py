@@ -14,7 +14,9 @@ group gets SIGTERM, then SIGKILL after a grace period. SIGTERM to the pilot stop
 same way, reports it (pilotTO: the server retries it if attempts remain) and deregisters;
 SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
+import collections
 import contextlib
+import functools
 import glob
 import itertools
 import json
@@ -56,6 +58,7 @@ IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
 MAX_LOOKED_AT = 10000       # files of an output directory looked at for images to publish
 KEEP_JOB_FILES = 20.0       # hours a worker keeps job logs and directories (the original's DQM_DATA_LIFE)
 CLEAN_EVERY = 300           # seconds between two clean-ups of the job log directory
+TALLY_EVERY = 600           # seconds between two log lines counting the jobs that finished
 MIN_FREE_MB = 500           # below this much free space in the job log directory, take no jobs
 HOUR_DIR = re.compile(r"\d{8}-\d{2}")       # <joblogdir>/<YYYYMMDD-HH>/: an hour of job files
 JOB_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err)?")
@@ -174,7 +177,14 @@ def payload_command(job, force_shell=False):
     P3S_EXECMODE (the original's test), or pilot.py -x, runs the payload through the shell."""
     if force_shell or job["env"].get("P3S_EXECMODE", "").strip():
         return " ".join(x for x in (job["payload"], job["params"]) if x), True
-    return shlex.split(job["payload"]) + shlex.split(job["params"]), False
+    return list(split_payload(job["payload"], job["params"])), False
+
+
+@functools.lru_cache(maxsize=64)
+def split_payload(payload, params):
+    """A payload and its parameters as argv: a pilot runs the same few commands again and
+    again, so each is split once."""
+    return tuple(shlex.split(payload) + shlex.split(params))
 
 
 def spawn(command, shell, env, out_path=None, err_path=None):
@@ -346,6 +356,17 @@ class Watchdog:
             self.closing = True
             with contextlib.suppress(OSError, ValueError):
                 self.proc.stdin.close()
+
+
+def make_job_dir(job_dir):
+    """The job's directory, in its hour directory, made as well the first time (or again, once
+    the clean-up removed it empty): one mkdir a job. A retried job may find its own."""
+    try:
+        os.mkdir(job_dir)
+    except FileNotFoundError:
+        os.makedirs(job_dir, exist_ok=True)
+    except FileExistsError:
+        pass
 
 
 def copy_payload(command, scratch):
@@ -618,6 +639,8 @@ class Pilot:
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
         self.note = ""                  # why the pilot takes no job now (its page shows it)
+        self.tally = collections.Counter()  # jobs ended by state, since `tallied` (log_end)
+        self.tallied = time.monotonic()
         # what payloads inherit from the pilot's environment: never the server's tokens
         self.inherited_env = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
 
@@ -678,6 +701,7 @@ class Pilot:
             self.client.deregister_pilot(self.uuid, self.exit_reason or "done", retry_for=10)
         except P3SError as e:
             log.warning("could not deregister: %s", e)
+        self.log_tally()
         log.info("exiting: %s", self.exit_reason or "done")
 
     def work_loop(self):
@@ -786,7 +810,6 @@ class Pilot:
         """Run one job to its end and report it; the end report asks for the next job too
         (`ask_next`), which the next request() then takes without a round trip."""
         hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
-        os.makedirs(hour, exist_ok=True)
         out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
         log.debug("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
         try:
@@ -803,7 +826,7 @@ class Pilot:
         if execution.report_queued:         # the end report goes after the running report
             execution.running_sent.wait()
         self.current = None
-        log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
+        self.log_end(job, state, exit_code, errmsg)
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
         self.publish_images(job, execution.env)
@@ -813,6 +836,24 @@ class Pilot:
                                "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
                                "stdout_path": out_path, "stderr_path": err_path,
                                "runtime": execution.runtime(), "usage": execution.figures}, ask_next)
+
+    def log_end(self, job, state, exit_code, errmsg):
+        """A job that did not finish is said at once; finished ones are counted, in a line every
+        TALLY_EVERY seconds (a line a job was a tenth of a busy pilot's CPU)."""
+        if state == "finished":
+            log.debug("job %s: finished", job["uuid"])
+        else:
+            log.info("job %s: %s (exit code %s) %s", job["uuid"], state, exit_code, errmsg)
+        self.tally[state] += 1
+        if time.monotonic() - self.tallied >= TALLY_EVERY:
+            self.log_tally()
+
+    def log_tally(self):
+        if self.tally:
+            log.info("jobs ended in the last %.0f min: %s", (time.monotonic() - self.tallied) / 60,
+                     ", ".join(f"{n} {state}" for state, n in sorted(self.tally.items())))
+        self.tally.clear()
+        self.tallied = time.monotonic()
 
     def report_running(self, execution):
         """Best effort, in the reporter thread: the payload is supervised whether or not this
@@ -835,7 +876,7 @@ class Pilot:
         command, shell = payload_command(job, self.args.shell)
         job_dir = os.path.join(os.path.dirname(out_path), job["uuid"])
         env = payload_env(self.inherited_env, self.site_env, job, self.uuid, job_dir)
-        os.makedirs(job_dir, exist_ok=True)
+        make_job_dir(job_dir)
         if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
             command = copy_payload(command, job_dir)
         pid = spawn(command, shell, env, out_path, err_path)

@@ -189,6 +189,28 @@ def test_old_job_files_go_a_running_jobs_and_foreign_files_stay(p3s):
     pilot.kill()
 
 
+def test_a_pilot_makes_its_hour_directory_again_and_logs_what_did_not_finish(p3s):
+    """A pilot makes a job's hour directory only when it is missing (one mkdir a job): removed
+    under it (by the clean-up, or by hand), it is made again and the next job runs. Its log
+    names each job that did not finish, with its exit code, and counts the finished ones."""
+    import shutil
+    [first] = p3s.submit([shell_job("true")])
+    pilot = p3s.pilot("-p", "1")
+    p3s.wait_jobs([first], timeout=20)
+    hour = os.path.dirname(p3s.job(first)["stdout_path"])
+    shutil.rmtree(hour)
+    uuids = p3s.submit([shell_job("echo again"), shell_job("true"), shell_job("exit 3")])
+    states = p3s.wait_jobs(uuids, timeout=20)
+    assert [states[u]["state"] for u in uuids] == ["finished", "finished", "failed"], states
+    assert open(p3s.job(uuids[0])["stdout_path"]).read() == "again\n"
+    pilot.send_signal(signal.SIGTERM)
+    assert pilot.wait(20) == 0
+    log = (p3s.dir / "pilots.log").read_text()
+    assert f"job {uuids[2]}: failed (exit code 3)" in log
+    assert not any(u in log for u in (first, *uuids[:2])), "a finished job has a line of its own"
+    assert "3 finished" in log.split("jobs ended in the last")[1].splitlines()[0], log
+
+
 def test_a_pilot_short_of_disk_takes_no_jobs_and_says_why(tmp_path, small_fs, start_server):
     where = small_fs
     server = start_server()
