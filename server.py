@@ -2932,15 +2932,15 @@ class Service:
         that outlast RUNNING_REPORT_DELAY) moves it through `running` in the same row update
         (a workflow's job in two, as its workflow follows each)."""
         job = lookup(conn, "jobs", uuid)
-        if self._already_reported(conn, job, pilot, attempt, state):
-            return {"state": job["state"], "duplicate": True}
-        if job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES:
+        stale = job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES
+        if stale or (state == "running" and job["state"] != "dispatched"):
+            if self._already_reported(conn, job, pilot, attempt, state):
+                return {"state": job["state"], "duplicate": True}
             raise ApiError(409, f"job {uuid}: report for attempt {attempt} by pilot {pilot} is stale; "
-                                f"the job is {job['state']} (attempt {job['attempt']})")
+                                f"the job is {job['state']} (attempt {job['attempt']})" if stale else
+                                f"job {uuid}: is already {job['state']}")
         passed = None
         if state == "running" or (job["state"] == "dispatched" and "runtime" in start):
-            if job["state"] != "dispatched":
-                raise ApiError(409, f"job {uuid}: is already {job['state']}")
             started = now() - start.pop("runtime", 0.0)
             if state == "running" or job["wfuuid"]:
                 move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
@@ -2966,7 +2966,8 @@ class Service:
 
     @staticmethod
     def _already_reported(conn, job, pilot, attempt, state):
-        """A report repeated because its answer was lost is acknowledged, not refused."""
+        """A report repeated because its answer was lost is acknowledged, not refused. Asked
+        only of a report that cannot apply: a repeat never can (its job has moved on)."""
         return conn.execute("SELECT 1 FROM events WHERE uuid=? AND attempt=? AND new=? AND who=?",
                             (job["uuid"], attempt, state, pilot)).fetchone() is not None
 
