@@ -363,10 +363,8 @@ def make_job_dir(job_dir):
     the clean-up removed it empty): one mkdir a job. A retried job may find its own."""
     try:
         os.mkdir(job_dir)
-    except FileNotFoundError:
-        os.makedirs(job_dir, exist_ok=True)
-    except FileExistsError:
-        pass
+    except OSError:
+        os.makedirs(job_dir, exist_ok=True)     # its hour directory first, or a retried job's own
 
 
 def copy_payload(command, scratch):
