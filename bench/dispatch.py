@@ -147,17 +147,26 @@ def throughput(client, n_jobs, jobtype):
     while True:
         figures = metrics(client)
         ours += 1
-        if ended(figures, jobtype) >= n_jobs:
+        done = ended(figures, jobtype)
+        if done >= n_jobs:
             break
         if time.monotonic() > deadline:
             raise SystemExit("jobs did not end in time")
-        time.sleep(0.02)
+        time.sleep(poll_pause(done, n_jobs, time.perf_counter() - started))
     rate = n_jobs / (time.perf_counter() - started)
     served = figures["counters"].get("http_requests", 0) - before - ours
     commits = figures["counters"].get("commits", 0) - counters.get("commits", 0)
     blocks = figures["counters"].get("write_blocks", 0) - counters.get("write_blocks", 0)
     return (rate, served / n_jobs if "http_requests" in figures["counters"] else None,
             blocks / commits if commits else None)
+
+
+def poll_pause(done, total, elapsed):
+    """Seconds to the next look at the count: a quarter of the time the rest should take (each
+    look costs the server a third of a millisecond, which would count as the jobs' CPU), never
+    more than 0.25 s nor less than 0.02 s (the end is seen within 20 ms)."""
+    left = elapsed * (total - done) / done if done else 0.25
+    return min(0.25, max(0.02, left / 4))
 
 
 def batches_of(jobs):
