@@ -339,8 +339,10 @@ def compare(args):
     medians = {label: {key: statistics.median(r[key] for r in results) for key in results[0]
                        if all(r[key] is not None for r in results)}
                for label, results in runs.items()}
-    print(json.dumps({"pilots": args.pilots, "jobs": args.jobs, "repeat": args.repeat,
-                      "median": medians}, indent=2))
+    this, other = medians["this"], medians[args.against]
+    print(json.dumps({"pilots": args.pilots, "jobs": args.jobs, "repeat": args.repeat, "median": medians,
+                      "this_to_" + args.against: {key: round(this[key] / other[key], 3)
+                                                  for key in this if other.get(key)}}, indent=2))
     return 0
 
 
