@@ -316,7 +316,9 @@ def compare(args):
     every run, and each side's median."""
     here = tempfile.mkdtemp(prefix="p3s-against-")
     other = os.path.join(here, "rev")
-    subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", other, args.against], check=True)
+    if subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", "-q", other, args.against]).returncode:
+        shutil.rmtree(here, ignore_errors=True)
+        raise SystemExit(f"--against {args.against}: git could not check it out (see above)")
     runs = {"this": [], args.against: []}
     try:
         for _ in range(args.repeat):
