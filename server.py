@@ -540,6 +540,15 @@ MIGRATIONS = [
     CREATE TABLE error_hosts(bucket INTEGER NOT NULL, site TEXT NOT NULL, host TEXT NOT NULL, n INTEGER NOT NULL,
                              PRIMARY KEY(bucket, site, host)) WITHOUT ROWID;
     """,
+    # v13: each failed attempt, a retried job's too, so the error summary's counts can be listed
+    """
+    CREATE TABLE attempt_failures(id INTEGER PRIMARY KEY, ts REAL NOT NULL, uuid TEXT NOT NULL,
+                                  attempt INTEGER NOT NULL, jobtype TEXT NOT NULL, state TEXT NOT NULL,
+                                  exit_code INTEGER, site TEXT NOT NULL, host TEXT NOT NULL,
+                                  reason TEXT NOT NULL, line TEXT NOT NULL);
+    CREATE INDEX attempt_failures_ts ON attempt_failures(ts);
+    CREATE INDEX attempt_failures_error ON attempt_failures(jobtype, reason, ts);
+    """,
 ]
 
 
@@ -1706,7 +1715,7 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None):
                     pilot=job["pilot"], info=info, changes=changes, passed=passed):
         return None, 0
     if end_state in FAILED_STATES:
-        count_error(conn, job, changes["reason"], t)
+        count_error(conn, job, end_state, changes.get("exit_code"), changes["reason"], t)
     if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
@@ -1791,9 +1800,10 @@ def usage_fields(usage):
     return {k: as_number(v, f"usage.{k}", 0, USAGE_BOUNDS[k]) for k, v in usage.items()}
 
 
-def count_error(conn, job, reason, t):
-    """Count a failure for the error summary: by job type and reason, and by where it ran."""
-    bucket, reason = int(t) // ERROR_BUCKET, normalise_reason(reason)
+def count_error(conn, job, state, exit_code, line, t):
+    """Count a failure for the error summary: by job type and reason, and by where it ran; and
+    keep the attempt itself, so that each count can be listed (/failures)."""
+    bucket, reason = int(t) // ERROR_BUCKET, normalise_reason(line)
     conn.execute("INSERT INTO errors VALUES(?, ?, ?, 1, ?, ?) ON CONFLICT(bucket, jobtype, reason) "
                  "DO UPDATE SET n = n + 1, last = excluded.last", (bucket, job["jobtype"], reason, t, t))
     place = (job["ran_site"] or "", job["host"] or "")
@@ -1801,6 +1811,9 @@ def count_error(conn, job, reason, t):
                  "DO UPDATE SET n = n + 1", (bucket, *place, job["jobtype"], reason))
     conn.execute("INSERT INTO error_hosts VALUES(?, ?, ?, 1) ON CONFLICT(bucket, site, host) DO UPDATE SET n = n + 1",
                  (bucket, *place))
+    conn.execute("INSERT INTO attempt_failures(ts, uuid, attempt, jobtype, state, exit_code, site, host, reason, line) "
+                 "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                 (t, job["uuid"], job["attempt"], job["jobtype"], state, exit_code, *place, reason, line))
 
 
 def cancel_job(conn, job, who, info):
@@ -3453,6 +3466,8 @@ class Service:
                                     ("profiles", PROFILE_BUCKET, 8)):
             conn.execute(f"DELETE FROM {table} WHERE bucket < ?", (int(t - keep * 86400) // bucket,))
         conn.execute("DELETE FROM samples WHERE minute < ?", (int(t - 7 * 86400) // 60,))
+        conn.execute("DELETE FROM attempt_failures INDEXED BY attempt_failures_ts WHERE ts < ?",
+                     (int(t - 7 * 86400) // ERROR_BUCKET * ERROR_BUCKET,))
         conn.execute("DELETE FROM submissions INDEXED BY submissions_ts WHERE ts < ?", (t - SUBMISSIONS_KEPT,))
         conn.execute("DELETE FROM alarm_events INDEXED BY alarm_events_ts WHERE ts < ?", (t - 30 * 86400,))
         conn.execute("DELETE FROM alarm_acks WHERE until < ?", (t,))
@@ -3642,6 +3657,7 @@ def parse_run_range(value):
 
 
 PLACED_ERRORS = 20          # /errors says where the 20 most frequent failures happened
+FAILURE_WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}   # /failures?since=: as the summary's
 
 
 def most_first(rows):
@@ -3794,6 +3810,31 @@ class Views:
             "FROM error_hosts WHERE bucket >= ? GROUP BY site, host", (hour, day))]
         return {"time": t, "errors": errors, "by_site": summed(places, ("site",)),
                 "by_host": summed(places, ("site", "host"))[:20]}
+
+    def failures(self, query):
+        """What the error summary counts, one failed attempt a row (a retried job's too), newest
+        first, with where it ran and what became of its job. Filters: jobtype and reason (folded,
+        as the summary shows it), site and host, and the window (`since`: 1h, 24h or 7d, the
+        default, all that is kept; from the start of the summary's 10-minute bucket, so the
+        counts agree)."""
+        window = as_choice(query.get("since") or "7d", "since", tuple(FAILURE_WINDOWS))     # all that is kept
+        since = int(now() - FAILURE_WINDOWS[window]) // ERROR_BUCKET * ERROR_BUCKET
+        where, args = ["f.ts >= ?"], [since]
+        for key in ("jobtype", "reason", "site", "host"):
+            if query.get(key):
+                where.append(f"f.{key} = ?")
+                args.append(query[key])
+        index = "attempt_failures_error" if query.get("jobtype") and query.get("reason") else "attempt_failures_ts"
+        limit, offset, page = page_window(query)
+        tables, conditions = f"attempt_failures f INDEXED BY {index}", " AND ".join(where)
+        rows = [dict(r) for r in self.store.read(
+            "SELECT f.*, j.name, j.infile, j.state AS now_state, j.attempt AS now_attempt, j.max_attempts "
+            f"FROM {tables} LEFT JOIN jobs j ON j.uuid = f.uuid WHERE {conditions} "
+            "ORDER BY f.ts DESC, f.id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])]
+        total = self.store.read_one(f"SELECT COUNT(*) FROM {tables} WHERE {conditions}", args)[0]
+        return {"failures": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit, "total": total,
+                "since": window, "filters": {k: query[k] for k in ("jobtype", "reason", "site", "host") if query.get(k)},
+                "choices": {"since": list(FAILURE_WINDOWS), "jobtype": self.known_jobtypes()}}
 
     def activity(self, t, query=None, jobtype=None):
         """The charts over a range (?range=1h, 6h, 24h or 7d; by default the shortest that holds
@@ -4318,13 +4359,13 @@ def with_query(query, **changes):
     return "?" + urlencode(merged)
 
 
-def pager(data, query):
+def pager(data, query, noun="jobs"):
     parts = []
     if data["page"] > 1:
         parts.append(link(with_query(query, page=data["page"] - 1), "← newer page"))
     parts.append(f"page {data['page']}")
     if data.get("total") is not None:
-        parts.append(f"of {max(1, -(-data['total'] // data['limit']))} ({data['total']} jobs)")
+        parts.append(f"of {max(1, -(-data['total'] // data['limit']))} ({data['total']} {noun})")
     if data["more"]:
         parts.append(link(with_query(query, page=data["page"] + 1), "next page →"))
     sizes = " ".join(f"<b>{n}</b>" if n == data["limit"] else link(with_query(query, limit=n, page=None), n)
@@ -4465,10 +4506,11 @@ def reason_cell(reason):
 
 def error_table(errors, with_places=False):
     """The error summary; `with_places` adds where each failure happened most (site, host)."""
-    rows = [[esc(e["jobtype"]), link(href("/jobs", state="problems", jobtype=e["jobtype"], reason=e["reason"]),
-                                     e["reason"] or "(no reason)"),
-             count_cell(e["last_1h"], href("/jobs", state="problems", jobtype=e["jobtype"], reason=e["reason"]),
-                        True), esc(e["last_24h"]), esc(when(e["first"])), esc(when(e["last"]))] +
+    def attempts(e, since):
+        return href("/failures", jobtype=e["jobtype"], reason=e["reason"], since=since)
+    rows = [[esc(e["jobtype"]), link(attempts(e, "24h"), e["reason"] or "(no reason)"),
+             count_cell(e["last_1h"], attempts(e, "1h"), True), count_cell(e["last_24h"], attempts(e, "24h")),
+             esc(when(e["first"])), esc(when(e["last"]))] +
             ([places_cell(e)] if with_places else []) for e in errors]
     return table(["jobtype", "reason (numbers folded to #)", "last 1 h", "last 24 h", "first seen", "last seen"] +
                  (["where (24 h)"] if with_places else []), rows)
@@ -4476,21 +4518,23 @@ def error_table(errors, with_places=False):
 
 def places_cell(error):
     """The hosts a failure happened on, most first: `node7 (5)` alone says a node is bad."""
-    return ", ".join(link(href("/jobs", state="problems", jobtype=error["jobtype"], reason=error["reason"],
-                               **place_query(p)), " · ".join(x for x in (p["site"], p["host"]) if x) or "(none)") +
+    return ", ".join(link(href("/failures", jobtype=error["jobtype"], reason=error["reason"], since="24h",
+                               **place_query(p)),
+                          " · ".join(x for x in (p["site"], p["host"]) if x) or "(none)") +
                      f" ({p['last_24h']})" for p in error.get("hosts", []))
 
 
 def render_errors(d, query):
-    intro = ("<p class='head'>Every failed, timed-out or pilotTO attempt (a retried job's too, so the counts may "
-             "exceed the failed jobs the links list) by jobtype and reason (its error message, else the last line "
-             "of its stderr, else its exit code), counted in 10-minute buckets.</p>")
+    intro = ("<p class='head'>Every failed, timed-out or pilotTO attempt (a retried job's too, so there may be "
+             "more than failed jobs) by jobtype and reason (its error message, else the last line of its stderr, "
+             "else its exit code), counted in 10-minute buckets. Each count links to its attempts, one a row, with "
+             "what became of their jobs.</p>")
     def place_table(rows, keys):
         return table([*keys, "last hour", "last 24 h"],
-                     [[link(href("/jobs", state="problems", ended="24h", **place_query(r)), r[k] or "(none)")
+                     [[link(href("/failures", since="24h", **place_query(r)), r[k] or "(none)")
                        if k in ("site", "host") else esc(r[k]) for k in keys] +
-                      [count_cell(r["last_1h"], href("/jobs", state="problems", ended="1h", **place_query(r)), True),
-                       esc(r["last_24h"])] for r in rows])
+                      [count_cell(r["last_1h"], href("/failures", since="1h", **place_query(r)), True),
+                       count_cell(r["last_24h"], href("/failures", since="24h", **place_query(r)))] for r in rows])
     return page("Errors of the last 24 hours",
                 intro + error_table(d["errors"], with_places=True) + "<h2>By site</h2>" +
                 place_table(d["by_site"], ("site",)) + "<h2>By host (the 20 with most failures)</h2>" +
@@ -4498,8 +4542,29 @@ def render_errors(d, query):
 
 
 def place_query(row):
-    """The job-list filters that select the failures counted in an error_places row."""
-    return {k: v for k, v in (("ran_site", row.get("site")), ("host", row.get("host"))) if v}
+    """The /failures filters that select the failures counted in an error_places row."""
+    return {k: v for k, v in (("site", row.get("site")), ("host", row.get("host"))) if v}
+
+
+def render_failures(d, query):
+    """The failed attempts, one a row, as the error summary counts them."""
+    def outcome(f):
+        if f["now_state"] is None:
+            return "<i>job deleted</i>"
+        retried = f["now_attempt"] > f["attempt"]
+        return state_cell(f["now_state"]) + (f" (attempt {esc(f['now_attempt'])})" if retried else "")
+    rows = [[esc(short_when(f["ts"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]), esc(f["jobtype"]),
+             esc(f"{f['attempt']} of {f['max_attempts']}" if f["max_attempts"] else f["attempt"]),
+             infile_cell(f["infile"] or ""), state_cell(f["state"]), esc(f["exit_code"]),
+             esc(" · ".join(x for x in (f["site"], f["host"]) if x)), reason_cell(f["line"]), outcome(f)]
+            for f in d["failures"]]
+    intro = ("<p class='head'>Each failed, timed-out or pilotTO attempt, a retried job's too, newest first: what "
+             f"the {link('/errors', 'error summary')} counts. <b>now</b> is what became of its job.</p>")
+    form = filter_form(["jobtype", "reason", "site", "host", "since"], query, choices=d["choices"],
+                       labels={"reason": "reason (folded)", "since": "in the last"})
+    return page("Failed attempts", intro + form + pager(d, query, "attempts") +
+                table(["ended", "job", "jobtype", "try", "input file", "state", "exit", "ran at", "reason", "now"],
+                      rows, "list"), query)
 
 
 # -- activity charts: inline SVG, no JavaScript; a <title> on each slot is its hover text ---------
@@ -5307,6 +5372,7 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/dags", "dags", render_dags),
     ("/datasets", "datasets", render_datasets),
     ("/errors", "errors", render_errors),
+    ("/failures", "failures", render_failures),
     ("/plots", "plots", render_plots),
 )]
 

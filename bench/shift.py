@@ -149,7 +149,7 @@ def screenshots(url, client, work):
     failed = client.list_jobs(state="failed", limit=1)
     pilot = client.list_pilots()[0]["uuid"]
     pages = {"summary": "/", "runs": "/runs", "plots": "/plots", "plots-by-run": "/plots?group=run",
-             "errors": "/errors", "jobs": "/jobs", "pilots": "/pilots", "pilot": f"/pilot/{pilot}", "sites": "/sites",
+             "errors": "/errors", "failures": "/failures?jobtype=purity", "jobs": "/jobs", "pilots": "/pilots", "pilot": f"/pilot/{pilot}", "sites": "/sites",
              "site": "/site/lxvm", "services": "/services", "alarms": "/alarms", "jobtype": "/jobtype/purity",
              "dags": "/dags", "dag": "/dag/3filters", "workflows": "/workflows", "datasets": "/datasets"}
     if failed:

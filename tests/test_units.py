@@ -319,7 +319,7 @@ def test_a_claim_does_not_grow_with_the_backlog_even_after_analyze(tmp_path):
     store.close()
 
 
-BIG_TABLES = ("jobs", "pilots", "events", "workflows", "datasets", "images")
+BIG_TABLES = ("jobs", "pilots", "events", "workflows", "datasets", "images", "attempt_failures")
 
 
 def hostile_store(path, queued=3000, stopped=1000):
@@ -376,6 +376,7 @@ def drive_hot_paths(service):
     service.housekeep()
     service.heartbeat(pilots[1]["uuid"], {}, pilots[1]["secret"])     # lost, and back
     service.retention_days = 1
+    service.last_tidy = 0                   # and the trims of the counts and attempts kept 7 days
     service.housekeep()
     service.define_site("np04", {"pilots": 3, "pilotlife": 60})
     service.record_alarms(server.now())     # every housekeeping pass evaluates the alarms

@@ -4,6 +4,7 @@ import html
 import json
 import os
 import re
+from urllib.parse import urlencode
 
 from conftest import COMPAT, shell_job, tiny_png
 
@@ -78,8 +79,42 @@ def test_errors_split_by_site_and_host_so_a_bad_node_stands_out(p3s):
     assert [(h["host"], h["last_1h"]) for h in data["by_host"]] == [("node7", 3), ("node2", 1)]
     assert [(s["site"], s["last_24h"]) for s in data["by_site"]] == [("np04", 4)]
     page = p3s.page("/errors")
-    assert "By host" in page and 'ran_site=np04&amp;host=node7">np04 · node7</a> (3)' in page
+    assert "By host" in page and 'site=np04&amp;host=node7">np04 · node7</a> (3)' in page
     assert len(jobs_json(p3s, state="problems", ran_site="np04", host="node7", ended="1h")) == 3
+    at_node7 = p3s.api.call("GET", "/failures", query={"format": "json", "site": "np04", "host": "node7"})
+    assert at_node7["total"] == 3 and {f["host"] for f in at_node7["failures"]} == {"node7"}
+
+
+def test_every_failed_attempt_the_summary_counts_is_listed_with_what_became_of_its_job(p3s, tmp_path):
+    """The error summary counts attempts, a retried job's too; its counts link to those attempts,
+    one a row, each with where it ran and its job's state now: the numbers and the list agree."""
+    marker = tmp_path / "tried"
+    flaky = (f"if [ -e {marker} ]; then exit 0; fi; touch {marker}; "
+             "echo 'ERROR: RawDecoder: APA3 FEMB 12 returned no frames' >&2; exit 3")
+    broken = "echo 'ERROR: RawDecoder: APA3 FEMB 7 returned no frames' >&2; exit 3"
+    recovered, failed = p3s.submit([shell_job(flaky, jobtype="purity", max_attempts=2),
+                                    shell_job(broken, jobtype="purity", max_attempts=2)])
+    p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs, env=dict(p3s.env, P3S_NODE="node7"))
+    assert p3s.wait_jobs([recovered, failed], timeout=20) and p3s.job(failed)["state"] == "failed"
+    [error] = p3s.api.call("GET", "/errors", query={"format": "json"})["errors"]
+    assert (error["last_1h"], error["last_24h"]) == (3, 3)
+    listed = p3s.api.call("GET", "/failures", query={"format": "json", "jobtype": "purity",
+                                                      "reason": error["reason"], "since": "1h"})
+    assert listed["total"] == 3 and not listed["more"]
+    rows = sorted((f["uuid"], f["attempt"], f["now_state"], f["state"], f["exit_code"], f["host"])
+                  for f in listed["failures"])
+    assert rows == sorted([(recovered, 1, "finished", "failed", 3, "node7"), (failed, 1, "failed", "failed", 3, "node7"),
+                           (failed, 2, "failed", "failed", 3, "node7")])
+    assert {f["line"] for f in listed["failures"]} == {"ERROR: RawDecoder: APA3 FEMB 12 returned no frames",
+                                                       "ERROR: RawDecoder: APA3 FEMB 7 returned no frames"}
+    summary = p3s.page("/errors")
+    count_link = html.escape(f"/failures?{urlencode({'jobtype': 'purity', 'reason': error['reason'], 'since': '1h'})}")
+    assert f'href="{count_link}">3</a>' in summary
+    page = p3s.page("/failures?jobtype=purity&since=24h")
+    assert page.count("<tr>") == 1 + 3 and "1 of 2" in page and "2 of 2" in page and "(attempt 2)" in page
+    assert "APA3 FEMB 12 returned no frames" in page and 'class="s-finished"' in page
+    assert p3s.api.call("GET", "/failures", query={"format": "json", "host": "node2"})["total"] == 0
+    p3s.page("/failures?since=forever", status=400)
 
 
 def test_the_run_grid_shows_each_file_by_job_type_with_states_and_plots(p3s, tmp_path):
