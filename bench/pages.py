@@ -98,6 +98,12 @@ def fill_activity(conn, t, rng):
                      ((b, f"site{k % 5}", f"node{rng.randrange(50)}", f"type{k}", f"reason family {r}: item # #",
                        rng.randrange(1, 9)) for b in buckets for k in range(10) for r in range(20) for _ in range(3)))
     conn.execute("INSERT INTO error_hosts SELECT bucket, site, host, SUM(n) FROM error_places GROUP BY bucket, site, host")
+    failed = [r[0] for r in conn.execute("SELECT uuid FROM jobs WHERE state = 'failed' LIMIT 20000")] or ["gone"]
+    conn.executemany("INSERT INTO attempt_failures(ts, uuid, attempt, jobtype, state, exit_code, site, host, reason, "
+                     "line) VALUES(?,?,?,?,?,?,?,?,?,?)",      # the attempts those counts stand for, 4 a count
+                     ((b * 600.0 + rng.randrange(600), rng.choice(failed), 1, f"type{k}", "failed", 1, f"site{k % 5}",
+                       f"node{rng.randrange(50)}", f"reason family {r}: item # #", f"reason family {r}: item 3 {k}")
+                      for b in buckets for k in range(10) for r in range(20) for _ in range(4)))
     week = range(int(t - 8 * 86400) // server.PROFILE_BUCKET, int(t) // server.PROFILE_BUCKET + 1)
     conn.executemany("INSERT OR IGNORE INTO profiles VALUES(?,?,?,?,?)",      # a week of profiles by type
                      ((b, f"type{k}", metric, server.profile_bin(rng.uniform(5, 600)), rng.randrange(1, 40))
@@ -149,7 +155,10 @@ def main(argv=None):
                  "/runs", "/runs?limit=400", "/runs?page=100", "/runs?runs=5000-5010", "/runs?jobtype=type3",
                  "/jobtype/type3", "/jobtype/type3?range=7d", "/jobs?ran_site=site2", "/jobs?ran_site=site2&host=vm",
                  "/jobs?" + urllib.parse.urlencode({"infile": some["infile"]}), "/workflows", "/dags",
-                 "/dag/3filters", "/datasets", "/datatypes"]
+                 "/dag/3filters", "/datasets", "/datatypes", "/failures", "/failures?page=100",
+                 "/failures?" + urllib.parse.urlencode({"jobtype": "type3", "reason": "reason family 3: item # #",
+                                                        "since": "1h"}),
+                 "/failures?host=node7&since=24h", "/failures?site=site2"]
         results = {}
         for path in pages:
             times = [timed_get(base + path) for _ in range(args.repeat)]
