@@ -4280,7 +4280,7 @@ details.warnings summary{cursor:pointer;font-weight:bold;color:#533}
 .reason{max-width:40em}table.list td{white-space:nowrap}
 table.grid td{padding:2px 4px}.cell{display:block;padding:2px 6px;color:#000;text-decoration:none;border-radius:2px}
 .g-finished{background:#cfc}.g-failed,.g-timeout,.g-pilotTO{background:#f99;font-weight:bold}
-.g-running,.g-dispatched{background:#cde8ff}.g-defined,.g-template{background:#ffe9a8}.g-cancelled{background:#ddd}
+.g-none{color:#888;border:1px dashed #bbb}.g-running,.g-dispatched{background:#cde8ff}.g-defined,.g-template{background:#ffe9a8}.g-cancelled{background:#ddd}
 .strip img{height:40px;margin:2px 2px 0 0;border:1px solid #ccc}table.list .reason,table.list .cut{display:inline-block;max-width:17em;overflow:hidden;text-overflow:ellipsis;
 vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5px}"""
 NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
@@ -4864,11 +4864,12 @@ def plots_of_job(job, images):
             f"{thumbnails(job, images, (first.get('reason') or first['state']) if failed else None)}</div>")
 
 
-def grid_cell(job):
+def grid_cell(job, jobtype):
     """One job of the run grid: its state as the cell's colour, a link to it, its reason on
-    hover, and a strip of its first images (framed red if the job did not finish)."""
+    hover, and a strip of its first images (framed red if the job did not finish). A file with
+    no job of the type says so: a blank cell could be a page that did not load."""
     if job is None:
-        return ""
+        return f'<span class="cell g-none" title="no {esc(jobtype)} job for this file">no job</span>'
     title = f"{job['state']}: {job['reason']}" if job["reason"] else job["state"]
     shown = job["images"][:4]
     strip = "".join(f'<img src="{esc(image_url(job["uuid"], n))}" alt="{esc(n)}" title="{esc(n)}" loading="lazy">'
@@ -4887,7 +4888,7 @@ def render_runs(d, query):
                  if r["run"] is not None else os.path.basename(r["infile"]))
         first = (f'<a href="{esc(href("/jobs", infile=r["infile"]))}" title="{esc(r["infile"])}">{esc(label)}</a>'
                  f'<br><small>{esc(short_when(r["ts"]))}</small>')
-        rows.append([first] + [grid_cell(r["jobs"].get(t)) for t in d["types"]])
+        rows.append([first] + [grid_cell(r["jobs"].get(t), t) for t in d["types"]])
     intro = ("<p class='head'>One row per input file, newest first; one column per job type (the order of "
              "<code>types=a,b,c</code>, else the order jobs were submitted in). A cell is the newest job of "
              "that type on that file: its colour is its state, hover for its reason, click for the job.</p>")

@@ -142,6 +142,11 @@ def test_the_run_grid_shows_each_file_by_job_type_with_states_and_plots(p3s, tmp
     assert page.count('<div class="strip"><img') == 3 and "run 5010 · 2" in page
     files = jobs_json(p3s, infile=runs[2])
     assert sorted(j["jobtype"] for j in files) == ["evdisp", "monitor", "purity"]
+    p3s.submit([shell_job("true", jobtype="monitor", infile="/eos/np04/np04_raw_run005011_0001.root")])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    newest = p3s.page("/runs").split("run 5011 · 1")[1].split("</tr>")[0]
+    assert newest.count('class="cell g-none" title="no purity job for this file">no job<') == 1
+    assert 'title="no evdisp job for this file">no job<' in newest and "g-finished" in newest
 
 
 def test_an_injected_workflows_jobs_are_the_row_of_their_file(p3s, tmp_path):
