@@ -60,6 +60,7 @@ KEEP_JOB_FILES = 20.0       # hours a worker keeps job logs and directories (the
 CLEAN_EVERY = 300           # seconds between two clean-ups of the job log directory
 TALLY_EVERY = 600           # seconds between two log lines counting the jobs that finished
 MIN_FREE_MB = 500           # below this much free space in the job log directory, take no jobs
+UNDELIVERED = "undelivered"     # <joblogdir>/undelivered/<job uuid>.json: end reports pilots left behind
 HOUR_DIR = re.compile(r"\d{8}-\d{2}")       # <joblogdir>/<YYYYMMDD-HH>/: an hour of job files
 JOB_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err)?")
 log = logging.getLogger("p3s.pilot")
@@ -465,6 +466,35 @@ def clean_job_files(joblogdir, max_age):
     return removed
 
 
+def leave_report(joblogdir, job_uuid, pilot_uuid, secret, report):
+    """Leave an end report the server could not take for the next pilot of this job log
+    directory to deliver, in the leaving pilot's name (its secret too: the file is its user's
+    alone). Written whole, then renamed, so a reader never sees half of one. Returns its path."""
+    spool = os.path.join(joblogdir, UNDELIVERED)
+    os.makedirs(spool, mode=0o700, exist_ok=True)
+    fd, part = tempfile.mkstemp(dir=spool, suffix=".part")         # mode 0600
+    with os.fdopen(fd, "w") as f:
+        json.dump({"job": job_uuid, "pilot": pilot_uuid, "secret": secret, "report": report}, f)
+    path = os.path.join(spool, job_uuid + ".json")
+    os.replace(part, path)
+    return path
+
+
+def read_left_report(path):
+    """(job uuid, pilot uuid, secret, report) from a file leave_report wrote; ValueError if it
+    is not one."""
+    with open(path) as f:
+        left = json.load(f)
+    try:
+        job, pilot, secret, report = (left[k] for k in ("job", "pilot", "secret", "report"))
+        job, pilot = str(uuidlib.UUID(job)), str(uuidlib.UUID(pilot))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"no {e}" if isinstance(e, KeyError) else str(e)) from None
+    if not isinstance(report, dict) or not isinstance(secret, str):
+        raise ValueError("its report or secret is of the wrong type")
+    return job, pilot, secret, dict(report, pilot=pilot)
+
+
 def listdir(path):
     try:
         return os.listdir(path)
@@ -695,6 +725,7 @@ class Pilot:
         return 0
 
     def deregister(self):
+        self.deliver_left_reports()         # the server may be back: our own first
         try:
             self.client.deregister_pilot(self.uuid, self.exit_reason or "done", retry_for=10)
         except P3SError as e:
@@ -763,6 +794,35 @@ class Pilot:
         removed = clean_job_files(self.args.joblogdir, self.keep_hours * 3600)
         if removed:
             log.info("removed %d job file(s) and directories older than %g h", removed, self.keep_hours)
+        self.deliver_left_reports()
+
+    def deliver_left_reports(self):
+        """Deliver the end reports that pilots of this job log directory left behind (told to stop
+        while the server was away), each in its pilot's name: the job ends as it did, once, not at
+        its lease as pilotTO nor run again. A report the server no longer takes (the job moved
+        on) is dropped with a warning; while the server is away, they wait for the next look."""
+        spool = os.path.join(self.args.joblogdir, UNDELIVERED)
+        for name in sorted(n for n in listdir(spool) if n.endswith(".json")):
+            path = os.path.join(spool, name)
+            try:
+                job, pilot, secret, report = read_left_report(path)
+            except (OSError, ValueError) as e:
+                log.warning("%s: not an end report a pilot left (%s): removed", path, e)
+            else:
+                self.client.pilot_secrets[pilot] = secret
+                try:
+                    self.client.report(job, report, retry_for=0)
+                    log.info("job %s: delivered the end report pilot %s left behind", job, pilot)
+                    if pilot != self.uuid:
+                        with contextlib.suppress(P3SError):
+                            self.client.deregister_pilot(pilot, "left while the server was unreachable",
+                                                         retry_for=0)
+                except P3SError as e:
+                    if not e.bad_input:
+                        return
+                    log.warning("job %s: the end report pilot %s left is no longer taken: %s", job, pilot, e)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def disk_too_full(self):
         """True (and a note for the pilot's page) while the job log directory is short of space:
@@ -1002,11 +1062,24 @@ class Pilot:
                     return None
                 stopping_for = time.monotonic() - (self.stopped_at or float("inf"))
                 if stopping_for > STOPPING_REPORT_GRACE * self.args.kill_grace:
-                    log.warning("job %s: end report not delivered, server unreachable, and this pilot was told to "
-                                "stop: leaving; the server ends the job when its lease runs out", job["uuid"])
+                    self.leave(job, report)
                     return None
                 log.warning("job %s: server unreachable, keeping the report: %s", job["uuid"], e)
                 time.sleep(OUTAGE_PAUSE)
+
+    def leave(self, job, report):
+        """Told to stop, with an end report the server cannot take: left in the job log directory
+        for the next pilot there (see deliver_left_reports), else the job ends at its lease."""
+        report.pop("next", None)
+        try:
+            path = leave_report(self.args.joblogdir, job["uuid"], self.uuid, self.client.pilot_secrets[self.uuid],
+                                report)
+        except OSError as e:
+            log.warning("job %s: end report not delivered (server unreachable) nor kept (%s); leaving: the "
+                        "server ends the job when its lease runs out", job["uuid"], e)
+            return
+        log.warning("job %s: end report not delivered (server unreachable) and this pilot was told to stop: "
+                    "leaving it in %s for the next pilot of this job log directory", job["uuid"], path)
 
     # -- heartbeats, signals --------------------------------------------------------------------
     def heartbeat_loop(self):

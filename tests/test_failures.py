@@ -1,4 +1,5 @@
 """Nothing is lost and nothing runs twice when payloads hang, pilots die or the server dies."""
+import json
 import os
 import signal
 import time
@@ -132,6 +133,54 @@ def test_a_pilot_told_to_stop_leaves_though_its_server_is_gone_for_good(p3s):
     pilot.send_signal(signal.SIGTERM)
     pilot.wait(60)
     assert time.monotonic() - started < 40, "the pilot stayed for its undelivered report"
+
+
+def test_an_end_report_left_behind_is_delivered_by_the_next_pilot_and_the_job_runs_once(p3s):
+    """A pilot told to stop while its server is away leaves its end report in its job log
+    directory (its user's alone); the next pilot there delivers it in the first one's name: the
+    job ends finished, once, instead of pilotTO at its lease or run again."""
+    ledger = p3s.dir / "ledger"
+    [uuid] = p3s.submit([shell_job(f"echo ran >> {ledger}; sleep 0.3")])
+    pilot = p3s.pilot("-p", "2", "--kill-grace", "0.5")
+    wait_until(lambda: p3s.job(uuid)["state"] in ("dispatched", "running"), 20, what="the job to start")
+    first = p3s.job(uuid)["pilot"]
+    p3s.kill9()
+    time.sleep(1)           # the payload ends; its report finds no server
+    pilot.send_signal(signal.SIGTERM)
+    assert pilot.wait(60) == 0
+    [left] = (p3s.logs / "undelivered").iterdir()
+    assert left.name == f"{uuid}.json" and left.stat().st_mode & 0o777 == 0o600
+    assert "leaving it in" in (p3s.dir / "pilots.log").read_text()
+    p3s.start()
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs([uuid], timeout=30)
+    job = p3s.job(uuid)
+    assert (job["state"], job["attempt"], job["pilot"]) == ("finished", 1, first)
+    assert ledger.read_text().split() == ["ran"], "the job ran again"
+    wait_until(lambda: not left.exists(), 10, what="the delivered report to be removed")
+    wait_until(lambda: {p["uuid"]: p["state"] for p in p3s.api.list_pilots()}[first] == "stopped", 10,
+               what="the pilot that left to be deregistered")
+
+
+def test_a_left_report_the_server_no_longer_takes_is_dropped_and_changes_nothing(p3s):
+    [uuid] = p3s.submit([shell_job("true")])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    before = p3s.job(uuid)
+    assert before["state"] == "finished"
+    gone = p3s.api.register_pilot()["uuid"]
+    spool = p3s.logs / "undelivered"
+    spool.mkdir()
+    (spool / f"{uuid}.json").write_text(json.dumps({"job": uuid, "pilot": gone, "secret": p3s.api.pilot_secrets[gone],
+                                                    "report": {"pilot": gone, "attempt": 1, "state": "failed"}}))
+    (spool / "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d.json").write_text("{half a rep")
+    (spool / "1b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d.json").write_text(json.dumps({"job": "../x", "pilot": gone,
+                                                                                  "secret": "s", "report": []}))
+    said = p3s.run("pilot.py", "-c", "1", "-p", "0", "-L", p3s.logs).stderr
+    assert list(spool.iterdir()) == []
+    after = p3s.job(uuid)
+    assert after["state"] == "finished" and after["events"] == before["events"]
+    assert f"job {uuid}: the end report pilot {gone} left is no longer taken" in said
+    assert "not an end report a pilot left" in said
 
 
 def test_stale_report_is_refused_and_changes_nothing(p3s):
