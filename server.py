@@ -4418,7 +4418,7 @@ def render_summary(d, query):
     body = (f"{server_header(d)}{alarms}{activity_charts(d['activity'], d['time'], query)}"
             f"<h2>Jobs by type and state</h2>{by_type}"
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2><p class='head'>every failed attempt, "
-            f"the retried ones too: more than the failed jobs when jobs are retried</p>{error_table(d['errors'])}"
+            f"the retried ones too (a count opens them, with what became of each job)</p>{error_table(d['errors'])}"
             f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>{ended}{latency}")
     return page("Summary", body, query)
 
