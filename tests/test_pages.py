@@ -63,13 +63,15 @@ def test_lost_pilot_raises_an_alarm(served):
 
 def test_every_value_is_escaped(served):
     evil = "<script>alert('x')</script>"
-    [uuid] = run_jobs(served, [shell_job("echo '<img src=x onerror=alert(1)>'; exit 1", name=evil,
+    [uuid] = run_jobs(served, [shell_job("echo '<img src=x onerror=alert(1)>' | tee /dev/stderr; exit 1", name=evil,
                                          jobtype="<b>t</b>", env={"P3S_EXECMODE": "SHELL", "NOTE": "<i>n</i>"})])
     for path, status in (("/", 200), ("/jobs", 200), (f"/job/{uuid}", 200), ("/pilots", 200),
-                         ("/jobs?state=<x>", 400), ("/jobs?jobtype=<x>", 400), ("/errors", 200)):
+                         ("/jobs?state=<x>", 400), ("/jobs?jobtype=<x>", 400), ("/errors", 200),
+                         ("/failures", 200), ("/failures?host=<x>", 200), ("/runs", 200)):
         page = get(served, path, status)
         assert "<script>alert" not in page and "<img src=x" not in page and "<b>t</b>" not in page
         assert "<i>n</i>" not in page and "<x>" not in page
+    assert "&lt;img src=x onerror=alert(1)&gt;" in get(served, "/failures"), "the hostile reason is listed"
     job_page = get(served, f"/job/{uuid}")
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt;" in job_page
     assert "&lt;img src=x onerror=alert(1)&gt;" in job_page
