@@ -668,6 +668,7 @@ class Pilot:
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
         self.note = ""                  # why the pilot takes no job now (its page shows it)
         self.tally = collections.Counter()  # jobs ended by state, since `tallied` (log_end)
+        self.left_reports = []          # paths of the end reports this pilot left behind (leave)
         self.tallied = time.monotonic()
         # what payloads inherit from the pilot's environment: never the server's tokens
         self.inherited_env = {k: v for k, v in os.environ.items() if not k.startswith("P3S_TOKEN")}
@@ -725,11 +726,18 @@ class Pilot:
         return 0
 
     def deregister(self):
+        """Say goodbye, unless an end report of ours is still left behind: deregistering would
+        give its job away (a short job would even be taken as never started and run again), so
+        the pilot that delivers the report deregisters this one after it."""
         self.deliver_left_reports()         # the server may be back: our own first
-        try:
-            self.client.deregister_pilot(self.uuid, self.exit_reason or "done", retry_for=10)
-        except P3SError as e:
-            log.warning("could not deregister: %s", e)
+        if any(os.path.exists(path) for path in self.left_reports):
+            log.warning("not deregistering: the next pilot of %s delivers our end report, then deregisters us",
+                        self.args.joblogdir)
+        else:
+            try:
+                self.client.deregister_pilot(self.uuid, self.exit_reason or "done", retry_for=10)
+            except P3SError as e:
+                log.warning("could not deregister: %s", e)
         self.log_tally()
         log.info("exiting: %s", self.exit_reason or "done")
 
@@ -1078,6 +1086,7 @@ class Pilot:
             log.warning("job %s: end report not delivered (server unreachable) nor kept (%s); leaving: the "
                         "server ends the job when its lease runs out", job["uuid"], e)
             return
+        self.left_reports.append(path)
         log.warning("job %s: end report not delivered (server unreachable) and this pilot was told to stop: "
                     "leaving it in %s for the next pilot of this job log directory", job["uuid"], path)
 

@@ -150,7 +150,8 @@ def test_an_end_report_left_behind_is_delivered_by_the_next_pilot_and_the_job_ru
     assert pilot.wait(60) == 0
     [left] = (p3s.logs / "undelivered").iterdir()
     assert left.name == f"{uuid}.json" and left.stat().st_mode & 0o777 == 0o600
-    assert "leaving it in" in (p3s.dir / "pilots.log").read_text()
+    said = (p3s.dir / "pilots.log").read_text()
+    assert "leaving it in" in said and "not deregistering" in said, "its job would be given away" 
     p3s.start()
     p3s.pilot("-p", "1")
     p3s.wait_jobs([uuid], timeout=30)
