@@ -473,10 +473,15 @@ def leave_report(joblogdir, job_uuid, pilot_uuid, secret, report):
     spool = os.path.join(joblogdir, UNDELIVERED)
     os.makedirs(spool, mode=0o700, exist_ok=True)
     fd, part = tempfile.mkstemp(dir=spool, suffix=".part")         # mode 0600
-    with os.fdopen(fd, "w") as f:
-        json.dump({"job": job_uuid, "pilot": pilot_uuid, "secret": secret, "report": report}, f)
     path = os.path.join(spool, job_uuid + ".json")
-    os.replace(part, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"job": job_uuid, "pilot": pilot_uuid, "secret": secret, "report": report}, f)
+        os.replace(part, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(part)         # a full disk: no half file left behind
+        raise
     return path
 
 
