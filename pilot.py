@@ -921,7 +921,8 @@ class Pilot:
 
     def log_tally(self):
         if self.tally:
-            log.info("jobs ended in the last %.0f min: %s", (time.monotonic() - self.tallied) / 60,
+            seconds = time.monotonic() - self.tallied
+            log.info("jobs ended in the last %s: %s", f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(1, round(seconds))} s",
                      ", ".join(f"{n} {state}" for state, n in sorted(self.tally.items())))
         self.tally.clear()
         self.tallied = time.monotonic()
