@@ -922,7 +922,8 @@ class Pilot:
     def log_tally(self):
         if self.tally:
             seconds = time.monotonic() - self.tallied
-            log.info("jobs ended in the last %s: %s", f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(1, round(seconds))} s",
+            window = f"{seconds / 60:.0f} min" if seconds >= 90 else f"{max(1, round(seconds))} s"
+            log.info("jobs ended in the last %s: %s", window,
                      ", ".join(f"{n} {state}" for state, n in sorted(self.tally.items())))
         self.tally.clear()
         self.tallied = time.monotonic()
