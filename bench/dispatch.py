@@ -259,6 +259,11 @@ def p95(values):
     return sorted(values)[max(0, int(round(0.95 * len(values))) - 1)]
 
 
+def ms(values, statistic):
+    """A latency figure in ms, or None where none was measured (--latency-jobs 0)."""
+    return round(statistic(values) * 1000, 1) if values else None
+
+
 def throughput_figures(server, client, pilots, args, bare):
     """Throughput and CPU a job of the running pilots, against the bare rate measured beside it."""
     cpu, pilot_cpu = server_cpu_seconds(server), pilots_cpu_seconds(pilots)
@@ -352,7 +357,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pilots", type=int, default=8)
     p.add_argument("--jobs", type=int, default=400)
-    p.add_argument("--latency-jobs", type=int, default=40)
+    p.add_argument("--latency-jobs", type=int, default=40, help="0: no latency figures")
     p.add_argument("--idle-pilots", type=int, default=50,
                    help="latency again with this many idle pilots waiting (one is woken per job)")
     p.add_argument("--queued", type=int, default=0,
@@ -384,12 +389,14 @@ def main(argv=None):
             pilot.terminate()
         for pilot in pilots:
             pilot.wait(30)
-        pilots = start_pilots(1, url, token, workdir)
-        wait_idle(client, 1)
-        lat = latencies(client, args.latency_jobs)
-        pilots += start_pilots(args.idle_pilots - 1, url, token, workdir)
-        wait_idle(client, args.idle_pilots)
-        crowd = latencies(client, args.latency_jobs)
+        lat = crowd = []
+        if args.latency_jobs > 0:
+            pilots = start_pilots(1, url, token, workdir)
+            wait_idle(client, 1)
+            lat = latencies(client, args.latency_jobs)
+            pilots += start_pilots(args.idle_pilots - 1, url, token, workdir)
+            wait_idle(client, args.idle_pilots)
+            crowd = latencies(client, args.latency_jobs)
     finally:
         stop(server, pilots)
     try:
@@ -404,11 +411,11 @@ def main(argv=None):
         "p3s_jobs_per_s_queued_on_a_fresh_server": fresh_per_s and round(fresh_per_s, 1),
         "fresh_queued_to_empty_ratio": fresh_per_s and round(fresh_per_s / jobs_per_s, 2),
         "empty_claim_round_trip_ms_queued_on_a_fresh_server": fresh_per_s and round(fresh_empty_claim, 2),
-        "submit_to_start_median_ms": round(statistics.median(lat) * 1000, 1),
-        "submit_to_start_p95_ms": round(p95(lat) * 1000, 1),
+        "submit_to_start_median_ms": ms(lat, statistics.median),
+        "submit_to_start_p95_ms": ms(lat, p95),
         "idle_pilots": args.idle_pilots,
-        "submit_to_start_median_ms_with_idle_pilots": round(statistics.median(crowd) * 1000, 1),
-        "submit_to_start_p95_ms_with_idle_pilots": round(p95(crowd) * 1000, 1),
+        "submit_to_start_median_ms_with_idle_pilots": ms(crowd, statistics.median),
+        "submit_to_start_p95_ms_with_idle_pilots": ms(crowd, p95),
     })
     print(json.dumps(result, indent=2))
     return 0
