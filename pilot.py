@@ -50,6 +50,7 @@ RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end rep
 RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported running: a shorter job
                             # is reported once, at its end (with its runtime; the server records both)
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
+LATE_REPORT = 1.0           # seconds after its job's end: a report this late says when the job ended
 STOPPING_REPORT_GRACE = 4   # a pilot told to stop (SIGTERM) keeps an undelivered end report this
                             # many kill graces (20 s by default), then leaves: a batch system's
                             # SIGKILL follows, and a server that is gone for good must not hold it
@@ -466,17 +467,19 @@ def clean_job_files(joblogdir, max_age):
     return removed
 
 
-def leave_report(joblogdir, job_uuid, pilot_uuid, secret, report):
+def leave_report(joblogdir, job_uuid, pilot_uuid, secret, report, ended_at):
     """Leave an end report the server could not take for the next pilot of this job log
     directory to deliver, in the leaving pilot's name (its secret too: the file is its user's
-    alone). Written whole, then renamed, so a reader never sees half of one. Returns its path."""
+    alone), with the wall-clock time its job ended. Written whole, then renamed, so a reader
+    never sees half of one. Returns its path."""
     spool = os.path.join(joblogdir, UNDELIVERED)
     os.makedirs(spool, mode=0o700, exist_ok=True)
     fd, part = tempfile.mkstemp(dir=spool, suffix=".part")         # mode 0600
     path = os.path.join(spool, job_uuid + ".json")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump({"job": job_uuid, "pilot": pilot_uuid, "secret": secret, "report": report}, f)
+            json.dump({"job": job_uuid, "pilot": pilot_uuid, "secret": secret, "report": report,
+                       "ended_at": ended_at}, f)
         os.replace(part, path)
     except OSError:
         with contextlib.suppress(OSError):
@@ -486,8 +489,8 @@ def leave_report(joblogdir, job_uuid, pilot_uuid, secret, report):
 
 
 def read_left_report(path):
-    """(job uuid, pilot uuid, secret, report) from a file leave_report wrote; ValueError if it
-    is not one."""
+    """(job uuid, pilot uuid, secret, report) from a file leave_report wrote, the report saying
+    how long ago its job ended (if the file knows); ValueError if it is not one."""
     with open(path) as f:
         left = json.load(f)
     try:
@@ -497,7 +500,11 @@ def read_left_report(path):
         raise ValueError(f"no {e}" if isinstance(e, KeyError) else str(e)) from None
     if not isinstance(report, dict) or not isinstance(secret, str):
         raise ValueError("its report or secret is of the wrong type")
-    return job, pilot, secret, dict(report, pilot=pilot)
+    report = dict(report, pilot=pilot)
+    ended_at = left.get("ended_at")
+    if isinstance(ended_at, (int, float)) and not isinstance(ended_at, bool):
+        report["ended_ago"] = round(max(0.0, time.time() - ended_at), 3)
+    return job, pilot, secret, report
 
 
 def listdir(path):
@@ -668,6 +675,7 @@ class Pilot:
         self.wake = threading.Event()   # set when a payload starts: the supervisor looks at it
         self.running_reports = queue.Queue()    # executions to report running, for the reporter
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
+        self.features = frozenset()     # report fields the server takes beyond the first protocol (idem)
         self.prefetched = None          # the answer to a job request an end report carried
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
@@ -693,6 +701,7 @@ class Pilot:
         self.heard_from_server()
         self.uuid, self.lease, self.dropped = answer["uuid"], answer["lease"], None
         self.image_limits = answer.get("images", IMAGE_LIMITS)
+        self.features = frozenset(answer.get("features", ()))
         site = answer.get("site") or {}
         for key in DEFAULTS:       # explicit options win over site defaults, which win over ours
             chosen = getattr(self.args, key)
@@ -823,6 +832,8 @@ class Pilot:
                 log.warning("%s: not an end report a pilot left (%s): removed", path, e)
             else:
                 self.client.pilot_secrets[pilot] = secret
+                if "ended_ago" not in self.features:    # a server older than the pilot that left it
+                    report.pop("ended_ago", None)
                 try:
                     self.client.report(job, report, retry_for=0)
                     log.info("job %s: delivered the end report pilot %s left behind", job, pilot)
@@ -894,6 +905,7 @@ class Pilot:
             execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
         self.wake.set()                     # the supervisor watches it from now
         state, exit_code, errmsg = self.wait(execution)
+        ended = time.monotonic()
         if execution.report_queued:         # the end report goes after the running report
             execution.running_sent.wait()
         self.current = None
@@ -906,7 +918,7 @@ class Pilot:
         self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                                "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
                                "stdout_path": out_path, "stderr_path": err_path,
-                               "runtime": execution.runtime(), "usage": execution.figures}, ask_next)
+                               "runtime": execution.runtime(), "usage": execution.figures}, ask_next, ended)
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every
@@ -1057,17 +1069,20 @@ class Pilot:
                 execution.stop("failed", f"wrote {written:,.0f} MB to its directory, over its disk limit of "
                                          f"{disk:,} MB", self.args.kill_grace)
 
-    def send_report(self, job, report, ask_next=False):
+    def send_report(self, job, report, ask_next=False, ended=None):
         """Deliver an end report, retried until the server accepts or refuses it. With
-        `ask_next` (and no reason to stop), it also claims the pilot's next job."""
+        `ask_next` (and no reason to stop), it also claims the pilot's next job. `ended`: the
+        monotonic time the job ended (now if not given)."""
         report.update(pilot=self.uuid, attempt=job["attempt"])
+        ended = time.monotonic() if ended is None else ended
         while True:
             if ask_next and self.exit_reason is None and not self.dropped:
                 report["next"] = True
             else:
                 report.pop("next", None)
-            try:
-                answer = self.client.report(job["uuid"], report, retry_for=10)   # then the loop below
+            try:    # retried for 10 s, then the loop below
+                answer = self.client.report(job["uuid"], report, retry_for=10,
+                                            before_each=lambda r: self.date_if_late(r, ended))
                 self.heard_from_server()
                 self.prefetched = answer.get("next")
                 return answer
@@ -1077,18 +1092,29 @@ class Pilot:
                     return None
                 stopping_for = time.monotonic() - (self.stopped_at or float("inf"))
                 if stopping_for > STOPPING_REPORT_GRACE * self.args.kill_grace:
-                    self.leave(job, report)
+                    self.leave(job, report, ended)
                     return None
                 log.warning("job %s: server unreachable, keeping the report: %s", job["uuid"], e)
                 time.sleep(OUTAGE_PAUSE)
 
-    def leave(self, job, report):
+    def date_if_late(self, report, ended):
+        """A report that comes LATE_REPORT or more after its job ended (the server was away) says
+        how long ago, so the server dates the job's end, and a short job's start, by when it
+        happened rather than by when it heard."""
+        late = time.monotonic() - ended
+        if late >= LATE_REPORT and "ended_ago" in self.features:
+            report["ended_ago"] = round(late, 3)
+        return report
+
+    def leave(self, job, report, ended):
         """Told to stop, with an end report the server cannot take: left in the job log directory
         for the next pilot there (see deliver_left_reports), else the job ends at its lease."""
         report.pop("next", None)
+        report.pop("ended_ago", None)       # the file has the wall-clock time instead
+        ended_at = time.time() - (time.monotonic() - ended)
         try:
             path = leave_report(self.args.joblogdir, job["uuid"], self.uuid, self.client.pilot_secrets[self.uuid],
-                                report)
+                                report, ended_at)
         except OSError as e:
             log.warning("job %s: end report not delivered (server unreachable) nor kept (%s); leaving: the "
                         "server ends the job when its lease runs out", job["uuid"], e)

@@ -133,6 +133,8 @@ MAX_HEARTBEAT = 3600.0              # seconds between a pilot's heartbeats (and 
 MAX_SECONDS = 366 * 86400           # a runtime, a pilot's life, a service's period: a year at most
 MAX_PID = 2 ** 22                   # Linux's pid_max ceiling
 EXIT_CODES = 2 ** 31                # an exit code (or -signal) fits in 32 bits
+FEATURES = ("ended_ago",)           # report fields newer than the first protocol: a pilot sends
+                                    # one only to a server whose registration answer lists it
 PER_JOB_ENV = ("P3S_JOB_UUID", "P3S_PILOT_UUID", "P3S_JOB_DIR")    # the pilot's, for each job
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
@@ -1031,18 +1033,19 @@ class Store:
                 return
 
 
-def event(conn, kind, uuid, old, new, who="", attempt=None, info=""):
+def event(conn, kind, uuid, old, new, who="", attempt=None, info="", at=None):
     conn.execute("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) "
-                 "VALUES(?,?,?,?,?,?,?,?)", (now(), kind, uuid, attempt, old, new, who, info))
+                 "VALUES(?,?,?,?,?,?,?,?)", (at or now(), kind, uuid, attempt, old, new, who, info))
 
 
-def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", changes=None, passed=None):
+def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", changes=None, passed=None, at=None):
     """The one guarded job transition: UPDATE ... WHERE state=old [AND pilot AND attempt].
 
     `changes` are the other columns to set; `passed`, (state, time), a state the job went
     through on the way, whose transition is recorded too (a short job's `running`, reported
-    with its end: one row update, the whole history). Returns True if the row moved (and its
-    events were written), False if it no longer matched: somebody else moved it first."""
+    with its end: one row update, the whole history); `at`, when it happened, if not now (a
+    late end report). Returns True if the row moved (and its events were written), False if
+    it no longer matched: somebody else moved it first."""
     changes = changes or {}
     sets = ["state=?"] + [f"{k}=?" for k in changes]
     sql = f"UPDATE jobs SET {', '.join(sets)} WHERE uuid=? AND state=?"
@@ -1059,9 +1062,9 @@ def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", ch
         state, t = passed
         conn.execute("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) VALUES"
                      "(?,'job',?,?,?,?,?,''), (?,'job',?,?,?,?,?,?)",
-                     (t, uuid, attempt, old, state, who, now(), uuid, attempt, state, new, who, info))
+                     (t, uuid, attempt, old, state, who, at or now(), uuid, attempt, state, new, who, info))
         return True
-    event(conn, "job", uuid, old, new, who, attempt, info)
+    event(conn, "job", uuid, old, new, who, attempt, info, at)
     return True
 
 
@@ -1705,14 +1708,15 @@ def record_submission(conn, submission, jobs):
 def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None):
     """End a job in end_state, or put it back to `defined` while attempts remain; an ended
     workflow job moves its workflow on. A failure's reason is kept with the job and counted
-    in the error summary. Returns (the job's new state, how many jobs became claimable), or
+    in the error summary. The end is dated now, unless `changes` date it (ts_sto: a late end
+    report); a retry is now. Returns (the job's new state, how many jobs became claimable), or
     (None, 0) if the job was no longer in the state `job` says."""
     changes = dict(changes or {})
-    t = changes["ts_sto"] = now()
+    t = changes.setdefault("ts_sto", now())
     changes["reason"] = "" if end_state == "finished" else job_reason(
         changes.get("errmsg") or info, changes.get("stderr_tail", ""), changes.get("exit_code"))
     if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
-                    pilot=job["pilot"], info=info, changes=changes, passed=passed):
+                    pilot=job["pilot"], info=info, changes=changes, passed=passed, at=t):
         return None, 0
     if end_state in FAILED_STATES:
         count_error(conn, job, end_state, changes.get("exit_code"), changes["reason"], t)
@@ -2879,10 +2883,11 @@ class Service:
             else:   # a registration repeated because its answer was lost: the same pilot, once
                 own_pilot(conn, pilot["uuid"], secret)
         return {"uuid": pilot["uuid"], "secret": secret, "heartbeat": pilot["heartbeat"], "site": site or None,
-                "lease": pilot["heartbeat"] * self.lease_beats, "images": self.images.limits()}
+                "lease": pilot["heartbeat"] * self.lease_beats, "images": self.images.limits(),
+                "features": list(FEATURES)}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
-                   "pid", "stdout_path", "stderr_path", "runtime", "next", "usage")
+                   "pid", "stdout_path", "stderr_path", "runtime", "next", "usage", "ended_ago")
 
     def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
@@ -2921,7 +2926,8 @@ class Service:
     @staticmethod
     def report_fields(body, state):
         """The job columns a report sets, as (how it started: pid, log paths and the seconds it
-        has run, which date its start; how it ended: exit code, message, log tails)."""
+        has run, which date its start; how it ended: exit code, message, log tails, and when, if
+        the report comes late: `ended_ago`, seconds by the pilot's clock)."""
         start, outcome = {}, {}
         if state == "running" or "pid" in body:
             start["pid"] = as_int(body.get("pid", 0), "pid", 0, MAX_PID)
@@ -2936,6 +2942,10 @@ class Service:
             for key in ("stdout", "stderr"):
                 outcome[key + "_tail"] = as_str(body.get(key, ""), key, max_len=4 * TAIL_BYTES)[-TAIL_BYTES:]
             outcome.update(usage_fields(body.get("usage") or {}))
+            if "ended_ago" in body:
+                outcome["ts_sto"] = now() - as_number(body["ended_ago"], "ended_ago", 0, MAX_SECONDS)
+        elif "ended_ago" in body:
+            raise bad("ended_ago: only an end report has it")
         return start, outcome
 
     def apply_report(self, conn, uuid, pilot, attempt, state, start, outcome):
@@ -2953,8 +2963,10 @@ class Service:
                                 f"the job is {job['state']} (attempt {job['attempt']})" if stale else
                                 f"job {uuid}: is already {job['state']}")
         passed = None
+        if "ts_sto" in outcome:     # a late report: the job ended after it was claimed and started
+            outcome["ts_sto"] = max(outcome["ts_sto"], job["ts_sta"] or 0, job["ts_dis"] or 0)
         if state == "running" or (job["state"] == "dispatched" and "runtime" in start):
-            started = now() - start.pop("runtime", 0.0)
+            started = max(outcome.get("ts_sto", now()) - start.pop("runtime", 0.0), job["ts_dis"] or 0)
             if state == "running" or job["wfuuid"]:
                 move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
                          changes={**start, "ts_sta": started})
@@ -2971,7 +2983,8 @@ class Service:
                                              passed=passed)
         if state in PROFILED_STATES and job["ts_sta"]:
             cpu = outcome["cpu_user"] + outcome.get("cpu_sys", 0) if "cpu_user" in outcome else None
-            self.costs.pending[uuid] = (job["jobtype"], now() - job["ts_sta"], outcome.get("max_rss_mb"), cpu)
+            self.costs.pending[uuid] = (job["jobtype"], outcome.get("ts_sto", now()) - job["ts_sta"],
+                                        outcome.get("max_rss_mb"), cpu)
         conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
                      "state=CASE WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
                      "WHERE uuid=? AND job=?", (now(), pilot, uuid))

@@ -303,15 +303,16 @@ class Client:
     # -- transport ------------------------------------------------------------------------------
     def call(self, method, path, body=None, query=None, timeout=None, retry_for=None, pilot=None):
         """One API call; returns the decoded JSON answer or raises P3SError. `body` is sent as
-        JSON, or as is if bytes. `pilot`: the pilot uuid whose secret the call carries (job
-        requests, heartbeats, reports, stop, images)."""
+        JSON, or as is if bytes; a function gives it anew at each attempt. `pilot`: the pilot
+        uuid whose secret the call carries (job requests, heartbeats, reports, stop, images)."""
         target = self.base_path + path + ("?" + urlencode(query) if query else "")
-        raw = isinstance(body, bytes)
-        data = body if raw else json.dumps(body).encode() if body is not None else None
         retrying = self.retry_for if retry_for is None else retry_for
         deadline = time.monotonic() + retrying
         delay = BACKOFF_FIRST
         while True:
+            value = body() if callable(body) else body
+            raw = isinstance(value, bytes)
+            data = value if raw else json.dumps(value).encode() if value is not None else None
             try:
                 return self._once(method, target, data, self._headers(pilot, raw), timeout or self.timeout)
             except P3SError as e:
@@ -442,8 +443,11 @@ class Client:
     def delete_job(self, uuid):
         return self.call("DELETE", f"/api/jobs/{uuid}")
 
-    def report(self, uuid, report, retry_for=None):
-        return self.call("POST", f"/api/jobs/{uuid}/report", report, retry_for=retry_for,
+    def report(self, uuid, report, retry_for=None, before_each=None):
+        """A pilot's report on its job; `before_each(report)`, if given, returns it brought up to
+        date for each attempt (how late it comes)."""
+        body = report if before_each is None else lambda: before_each(report)
+        return self.call("POST", f"/api/jobs/{uuid}/report", body, retry_for=retry_for,
                          pilot=report.get("pilot"))
 
     def publish_image(self, uuid, name, data, pilot):

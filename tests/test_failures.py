@@ -148,6 +148,7 @@ def test_an_end_report_left_behind_is_delivered_by_the_next_pilot_and_the_job_ru
     time.sleep(1)           # the payload ends; its report finds no server
     pilot.send_signal(signal.SIGTERM)
     assert pilot.wait(60) == 0
+    left_at = time.time()
     [left] = (p3s.logs / "undelivered").iterdir()
     assert left.name == f"{uuid}.json" and left.stat().st_mode & 0o777 == 0o600
     said = (p3s.dir / "pilots.log").read_text()
@@ -158,9 +159,45 @@ def test_an_end_report_left_behind_is_delivered_by_the_next_pilot_and_the_job_ru
     job = p3s.job(uuid)
     assert (job["state"], job["attempt"], job["pilot"]) == ("finished", 1, first)
     assert ledger.read_text().split() == ["ran"], "the job ran again"
+    assert job["ts_sta"] < job["ts_sto"] < left_at, "dated when the report was delivered, not when the job ended"
+    assert [e["ts"] for e in job["events"] if e["new"] == "finished"] == [job["ts_sto"]]
     wait_until(lambda: not left.exists(), 10, what="the delivered report to be removed")
     wait_until(lambda: {p["uuid"]: p["state"] for p in p3s.api.list_pilots()}[first] == "stopped", 10,
                what="the pilot that left to be deregistered")
+
+
+def test_a_report_delivered_late_dates_the_job_by_when_it_ended(p3s):
+    """The server is down while a job ends: its end report arrives seconds later, saying how
+    long ago the job ended, and the job's history, runtime and failure list say when it did."""
+    [uuid] = p3s.submit([shell_job("sleep 1; exit 3")])
+    p3s.pilot("-p", "1")
+    running(p3s, uuid)
+    p3s.kill9()
+    time.sleep(3.5)             # the job ends a second in; its report waits for the server
+    resumed = time.time()
+    p3s.start()
+    p3s.wait_jobs([uuid], timeout=30)
+    job = p3s.job(uuid)
+    assert job["state"] == "failed"
+    assert job["ts_sto"] < resumed - 1.5, "the end dated by when the server heard of it"
+    assert 0.9 < job["ts_sto"] - job["ts_sta"] < 2.5
+    assert [e["ts"] for e in job["events"] if e["new"] == "failed"] == [job["ts_sto"]]
+    [failure] = p3s.api.call("GET", "/failures", query={"format": "json"})["failures"]
+    assert failure["ts"] == job["ts_sto"]
+
+
+def test_a_late_report_claiming_an_end_before_its_job_started_is_dated_at_its_start(p3s):
+    """ended_ago comes from the pilot: the server's own dates bound it, and a bad one is a 400."""
+    [uuid] = p3s.submit([shell_job("true")])
+    pilot = p3s.api.register_pilot()["uuid"]
+    assert p3s.api.request_job(pilot, 0)["job"]["uuid"] == uuid
+    for bad, field in (({"state": "running", "ended_ago": 1}, "ended_ago"), ({"ended_ago": -1}, "ended_ago"),
+                       ({"ended_ago": "soon"}, "ended_ago")):
+        with pytest.raises(P3SError, match=field):
+            p3s.api.report(uuid, {"pilot": pilot, "attempt": 1, "state": "finished", **bad}, retry_for=0)
+    p3s.api.report(uuid, {"pilot": pilot, "attempt": 1, "state": "finished", "runtime": 5, "ended_ago": 3600})
+    job = p3s.job(uuid)
+    assert job["ts_sta"] == job["ts_sto"] == job["ts_dis"]
 
 
 def test_a_left_report_the_server_no_longer_takes_is_dropped_and_changes_nothing(p3s):
