@@ -3636,8 +3636,9 @@ class Service:
 # Every query here is bounded (LIMIT, counts tables, buckets) so pages stay fast at 1M jobs.
 ################################################################################################
 WINDOWS = (("1m", 60), ("10m", 600), ("1h", 3600), ("24h", 86400))
-CHART_RANGES = {"1h": (3600, 60), "6h": (6 * 3600, 300), "24h": (86400, 600), "7d": (7 * 86400, 3600)}
-CHART_TICKS = {3600: (600, "%H:%M"), 6 * 3600: (3600, "%H:%M"), 86400: (3 * 3600, "%H:%M"),
+CHART_RANGES = {"15m": (900, 60), "1h": (3600, 60), "6h": (6 * 3600, 300), "24h": (86400, 600),
+                "7d": (7 * 86400, 3600)}
+CHART_TICKS = {900: (180, "%H:%M"), 3600: (600, "%H:%M"), 6 * 3600: (3600, "%H:%M"), 86400: (3 * 3600, "%H:%M"),
                7 * 86400: (86400, "%a %d")}     # x-axis tick spacing and label per range
 JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobtype": "jobtype",
              "ended": "ts_sto"}
@@ -3850,7 +3851,7 @@ class Views:
                 "choices": {"since": list(FAILURE_WINDOWS), "jobtype": self.known_jobtypes()}}
 
     def activity(self, t, query=None, jobtype=None):
-        """The charts over a range (?range=1h, 6h, 24h or 7d; by default the shortest that holds
+        """The charts over a range (?range=15m, 1h, 6h, 24h or 7d; by default the shortest that holds
         the server's whole history, so a young server's activity is not a sliver): jobs claimed,
         finished and failed per bucket (from the per-minute counts), and per bucket the last
         per-minute sample of live pilots, running and queued jobs. With `jobtype`: its ends only

@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """A short, realistic DQM shift on this machine (not a test): look at what a shifter sees.
 
-    python bench/shift.py [--minutes 4] [--pilots 4] [--keep]
+    python bench/shift.py [--minutes 4] [--pilots 4] [--outage 20]
 
 A server on 127.0.0.1 with a temporary database; the site of the original's lxvm.json (its
 P3S_DATA pointed at a temporary directory); pilots started through pgen.sh; an injector fed a
 fake raw file every few seconds; per file a monitor job that draws PNG plots (standard library
 only), a purity job that sometimes fails like the real one (a ROOT-style error on stderr, an
 out-of-range exit code) and an event display that times out now and then; a workflow of the
-original's 3filters DAG. At the end, screenshots of every page (headless Chromium, when
+original's 3filters DAG; halfway, the server killed (kill -9) and restarted --outage seconds later
+(0: none), as a crashed or rebooted server is. At the end, screenshots of every page (headless Chromium, when
 installed) in the work directory, whose path is printed. Bounded in time; loopback only.
 """
 import argparse
@@ -63,6 +64,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=4)
     p.add_argument("--pilots", type=int, default=4)
+    p.add_argument("--outage", type=float, default=20, help="seconds the server is down halfway (0: none)")
     args = p.parse_args(argv)
     work = tempfile.mkdtemp(prefix="p3s-shift-")
     data, logs = os.path.join(work, "eos", "output"), os.path.join(work, "logs")
@@ -74,11 +76,7 @@ def main(argv=None):
     token = os.path.join(work, "token")
     subprocess.run([sys.executable, os.path.join(ROOT, "server.py"), "--new-token", token], check=True,
                    stdout=subprocess.DEVNULL)
-    log = open(os.path.join(work, "server.log"), "w")
-    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", "0", "--db",
-                               os.path.join(work, "p3s.db"), "--token-file", token, "--files-root", work,
-                               "--housekeeping", "1"], stdout=log, stderr=log)
-    url = wait_for_url(os.path.join(work, "server.log"))
+    server, url = start_server(work, token, "0")
     env = dict(os.environ, P3S_SERVER=url, P3S_TOKEN_FILE=token, P3S_RUNDIR=os.path.join(work, "run"),
                P3S_PYTHON=sys.executable)
     client = Client(url, token_file=token)
@@ -108,8 +106,12 @@ def main(argv=None):
                                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "injector.log"), "w")))
         run(env, "workflow.py", "-g", os.path.join(ROOT, "tests", "compat", "3filters.graphml"))
         deadline = time.monotonic() + args.minutes * 60
+        crash = time.monotonic() + args.minutes * 30 if args.outage else float("inf")
         number = 5000
         while time.monotonic() < deadline:
+            if time.monotonic() > crash:
+                server = outage(server, work, token, url, args.outage)
+                crash = float("inf")
             for sub in (1, 2):
                 with open(os.path.join(inbox, f"np04_raw_run{number:06d}_{sub:04d}_dl1.root"), "wb") as f:
                     f.write(os.urandom(2048))
@@ -128,16 +130,35 @@ def main(argv=None):
     return 0
 
 
+def start_server(work, token, port):
+    """(the server process, its URL); its log appended to work/server.log."""
+    log = open(os.path.join(work, "server.log"), "a")
+    starts = open(log.name).read().count("serving on ")
+    server = subprocess.Popen([sys.executable, os.path.join(ROOT, "server.py"), "--port", port, "--db",
+                               os.path.join(work, "p3s.db"), "--token-file", token, "--files-root", work,
+                               "--housekeeping", "1"], stdout=log, stderr=log)
+    return server, wait_for_url(log.name, starts)
+
+
+def outage(server, work, token, url, seconds):
+    """The server killed (kill -9), then started again on its port `seconds` later."""
+    server.kill()
+    server.wait()
+    time.sleep(seconds)
+    return start_server(work, token, url.rsplit(":", 1)[1])[0]
+
+
 def run(env, tool, *args):
     subprocess.run([sys.executable, os.path.join(ROOT, tool), *args], env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-def wait_for_url(path):
+def wait_for_url(path, starts=0):
+    """The URL the server's log announces, once it has announced more than `starts` times."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         text = open(path).read()
-        if "serving on " in text:
-            return text.split("serving on ")[1].split()[0]
+        if text.count("serving on ") > starts:
+            return text.split("serving on ")[-1].split()[0]
         time.sleep(0.1)
     raise SystemExit("the server did not start: " + open(path).read())
 

@@ -195,9 +195,11 @@ def test_retention_purges_published_images_with_their_job(tmp_path, start_server
 def test_activity_charts_count_claims_ends_and_samples(p3s):
     run(p3s, [shell_job("true"), shell_job("true"), shell_job("exit 2")])
     activity = p3s.api.call("GET", "/", query={"format": "json"})["activity"]
-    assert activity["range"] == "1h" and len(activity["bins"]) == 60, "a young server's charts show the last hour"
+    assert activity["range"] == "15m" and len(activity["bins"]) == 15, "a young server's charts: 15 minutes"
     totals = [sum(b[k] for b in activity["bins"]) for k in ("started", "finished", "failed")]
     assert totals == [3, 2, 1]
+    hour = p3s.api.call("GET", "/", query={"format": "json", "range": "1h"})["activity"]
+    assert len(hour["bins"]) == 60 and sum(b["finished"] for b in hour["bins"]) == 2
     day = p3s.api.call("GET", "/", query={"format": "json", "range": "24h"})["activity"]
     assert len(day["bins"]) == 144 and sum(b["started"] for b in day["bins"]) == 3
     week = p3s.api.call("GET", "/", query={"format": "json", "range": "7d"})["activity"]
