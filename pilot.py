@@ -673,6 +673,7 @@ class Pilot:
         self.idle = False               # True only while blocked in a job request
         self.beats = threading.Event()  # set to stop the heartbeat and supervisor threads
         self.wake = threading.Event()   # set when a payload starts: the supervisor looks at it
+        self.next_look = 0.0            # monotonic time the supervisor looks next, unless woken
         self.running_reports = queue.Queue()    # executions to report running, for the reporter
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
         self.features = frozenset()     # report fields the server takes beyond the first protocol (idem)
@@ -903,7 +904,8 @@ class Pilot:
         self.current = execution
         if self.exit_reason is not None:    # a signal arrived while the job was being started
             execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
-        self.wake.set()                     # the supervisor watches it from now
+        if self.next_look > execution.started + RUNNING_REPORT_DELAY:
+            self.wake.set()     # the supervisor would look too late; else busy, it looks in time
         state, exit_code, errmsg = self.wait(execution)
         ended = time.monotonic()
         if execution.report_queued:         # the end report goes after the running report
@@ -1019,15 +1021,17 @@ class Pilot:
         """One thread for the pilot's life watches the running payload: its running report once
         it outlasts RUNNING_REPORT_DELAY (handed to the reporter thread, so a server away never
         delays the rest), its time limit, and once a second its process group's memory, CPU and
-        I/O against its limits. A short job costs no thread and no /proc scan."""
+        I/O against its limits. A short job costs no thread and no /proc scan, and, among short
+        jobs in a row, no wake-up either: the supervisor is woken for a payload only if it would
+        otherwise look later than the payload's running report is due."""
         while not self.beats.is_set():
             self.watchdog.flush()               # what release() held back goes within a second
             self.wake.clear()                   # before reading `current`: no wake-up is lost
             execution = self.current
-            if execution is None or execution.exited.is_set():
-                self.wake.wait(SAMPLE_PERIOD)
-                continue
-            self.wake.wait(max(0.0, self.supervise(execution) - time.monotonic()))
+            idle = execution is None or execution.exited.is_set()
+            self.next_look = time.monotonic() + SAMPLE_PERIOD if idle else self.supervise(execution)
+            if self.current is execution:       # else a payload started meanwhile: look at it now
+                self.wake.wait(max(0.0, self.next_look - time.monotonic()))
 
     def supervise(self, execution):
         """Do what is due for the running payload; the monotonic time of the next thing due."""

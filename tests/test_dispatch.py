@@ -1,5 +1,7 @@
 """Dispatch at scale, as the pilot and server do it: one request per short job (its end report
 claims the next), both transitions recorded for a job that ended before its running report."""
+import time
+
 from conftest import shell_job, wait_until
 
 
@@ -30,3 +32,13 @@ def test_a_job_ended_before_its_running_report_still_records_its_start(p3s):
         assert job["ts_dis"] <= job["ts_sta"] <= job["ts_sto"]
     long_job = p3s.job(long_)
     assert long_job["ts_sto"] - long_job["ts_sta"] >= 0.9
+
+
+def test_a_long_job_after_a_run_of_short_ones_is_reported_running_in_time(p3s):
+    """Among short jobs in a row the supervisor is not woken for each; a long one that follows
+    is still reported running about RUNNING_REPORT_DELAY (0.2 s) after its start."""
+    *_, long_ = p3s.submit([shell_job("true") for _ in range(20)] + [shell_job("sleep 3")])
+    p3s.pilot("-p", "0")
+    wait_until(lambda: p3s.job(long_)["state"] == "running", 20, interval=0.02, what="the long job reported running")
+    seen = time.time()
+    assert seen - p3s.job(long_)["ts_sta"] < 0.7, "its running report came late"
