@@ -3795,8 +3795,9 @@ class Views:
             if bucket >= start:
                 series.setdefault(bucket // step, collections.Counter())[bin_] += n
         width = step * PROFILE_BUCKET
-        points = [{"ts": min(t, b * width + width / 2), "n": sum(h.values()),     # drawn mid-bucket
-                   **dict(zip(("median", "p95"), quantiles(h, 0.5, 0.95)))} for b, h in sorted(series.items())]
+        points = [{"ts": min(t, b * width + width / 2), "from": b * width, "to": b * width + width,
+                   "n": sum(h.values()), **dict(zip(("median", "p95"), quantiles(h, 0.5, 0.95)))}
+                  for b, h in sorted(series.items())]
         windows = {}
         day, week = int(t - 86400) // PROFILE_BUCKET, int(t - 8 * 86400) // PROFILE_BUCKET
         for label, low, high in (("last_24h", day, day + 10 ** 9), ("previous_7d", week, day)):
@@ -4668,14 +4669,17 @@ def bars_chart(activity, t):
 
 
 def profile_chart(title, activity, points, t, unit="s"):
-    """Median (blue) and p95 (orange) of a job type's figure per bucket, from its histograms."""
+    """Median (blue) and p95 (orange) of a job type's figure per bucket, from its histograms:
+    each a step across the time its bucket covers (10 minutes at least), so that one bucket is
+    a line, not a dot at the edge of a short range."""
     span = activity["span"]
     ticks, top = nice_ticks(max([p["p95"] for p in points] + [1]))
     scale = CHART_H / top
-    def polyline(key, colour):
-        xy = " ".join(f"{chart_x(p['ts'], t, span):.1f},{CHART_H - p[key] * scale:.1f}" for p in points)
-        return f'<polyline points="{xy}" fill="none" stroke="{colour}" stroke-width="1.5"/>'
-    lines = polyline("median", "#26c") + polyline("p95", "#e80")
+    def steps(key, colour):
+        return "".join(f'<line x1="{chart_x(max(p["from"], t - span), t, span):.1f}" '
+                       f'x2="{chart_x(min(p["to"], t), t, span):.1f}" y1="{CHART_H - p[key] * scale:.1f}" '
+                       f'y2="{CHART_H - p[key] * scale:.1f}" stroke="{colour}" stroke-width="1.5"/>' for p in points)
+    lines = steps("median", "#26c") + steps("p95", "#e80")
     dots = "".join(f'<circle cx="{chart_x(p["ts"], t, span):.1f}" cy="{CHART_H - p["median"] * scale:.1f}" r="2" '
                    f'fill="#26c"><title>{esc(slot_label(activity, p["ts"]))}: median {p["median"]:.3g} {unit}, '
                    f'p95 {p["p95"]:.3g} {unit} ({p["n"]} jobs)</title></circle>' for p in points)

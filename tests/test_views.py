@@ -171,8 +171,12 @@ def test_a_job_type_page_shows_its_ends_durations_errors_and_cap(p3s):
     assert data["profile"]["last_24h"]["n"] == 4 and 0.4 < data["profile"]["last_24h"]["median"] < 0.75
     assert [e["reason"] for e in data["errors"]] == ["ERROR: bad APA3"]
     assert sum(b["finished"] for b in data["activity"]["bins"]) == 3
+    [point] = data["profile"]["points"]
+    assert point["to"] - point["from"] == 600 and point["from"] <= point["ts"] <= point["to"]
     page = p3s.page("/jobtype/reco")
     assert "Duration (s)" in page and "ERROR: bad APA3" in page and "at most 4" in page
+    medians = re.findall(r'<line x1="([\d.]+)" x2="([\d.]+)" y1="[\d.]+" y2="[\d.]+" stroke="#26c"', page)
+    assert medians and all(float(x2) > float(x1) for x1, x2 in medians), "a bucket's median is a step, not a dot"
     assert 'href="/jobtype/reco">reco</a>' in p3s.page("/")
     p3s.page("/jobtype/nosuchtype", status=404)
 
