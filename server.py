@@ -4587,11 +4587,13 @@ CHART_W, CHART_H, CHART_PAD = 360, 90, 30
 
 
 def nice_ticks(ymax):
-    """A few round y-axis values (counts: whole numbers) from 0 to at least ymax: (ticks, top)."""
-    raw = max(ymax, 1) / 3
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = max(1, next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw))
-    top = step * math.ceil(max(ymax, 1) / step)
+    """A few round y-axis values (counts: whole numbers) from 0 to above ymax: (ticks, top).
+    The top leaves a tenth of room above the highest value, so that a steady line at its
+    maximum (4 live pilots out of 4) is not drawn on the frame's edge, where nobody sees it."""
+    room = max(ymax * 1.1, 1)
+    magnitude = 10 ** math.floor(math.log10(room / 3))
+    step = max(1, next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= room / 3))
+    top = step * math.ceil(room / step)
     return [step * i for i in range(int(round(top / step)) + 1)], top
 
 

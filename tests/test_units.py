@@ -547,3 +547,10 @@ def test_a_commit_that_fails_fails_every_block_of_its_batch(tmp_path):
         insert_datatype(9)(conn)
     assert store.read_one("SELECT name FROM datatypes WHERE name='w9'")
     store.close()
+
+
+def test_chart_ticks_leave_room_above_the_highest_value():
+    """A line at its maximum (4 pilots of 4) must not lie on the chart's top edge."""
+    for ymax in (0, 1, 4, 7, 60, 999, 12345):
+        ticks, top = server.nice_ticks(ymax)
+        assert top >= ymax * 1.1 and top > ymax and ticks[0] == 0 and ticks[-1] == top and len(ticks) <= 8, (ymax, ticks)
