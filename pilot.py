@@ -489,8 +489,8 @@ def leave_report(joblogdir, job_uuid, pilot_uuid, secret, report, ended_at):
 
 
 def read_left_report(path):
-    """(job uuid, pilot uuid, secret, report) from a file leave_report wrote, the report saying
-    how long ago its job ended (if the file knows); ValueError if it is not one."""
+    """(job uuid, pilot uuid, secret, report, the wall-clock time its job ended or None) from a
+    file leave_report wrote; ValueError if it is not one."""
     with open(path) as f:
         left = json.load(f)
     try:
@@ -500,11 +500,10 @@ def read_left_report(path):
         raise ValueError(f"no {e}" if isinstance(e, KeyError) else str(e)) from None
     if not isinstance(report, dict) or not isinstance(secret, str):
         raise ValueError("its report or secret is of the wrong type")
-    report = dict(report, pilot=pilot)
     ended_at = left.get("ended_at")
-    if isinstance(ended_at, (int, float)) and not isinstance(ended_at, bool):
-        report["ended_ago"] = round(max(0.0, time.time() - ended_at), 3)
-    return job, pilot, secret, report
+    if not isinstance(ended_at, (int, float)) or isinstance(ended_at, bool):
+        ended_at = None                     # a file from before it was kept
+    return job, pilot, secret, dict(report, pilot=pilot), ended_at
 
 
 def listdir(path):
@@ -828,13 +827,13 @@ class Pilot:
         for name in sorted(n for n in listdir(spool) if n.endswith(".json")):
             path = os.path.join(spool, name)
             try:
-                job, pilot, secret, report = read_left_report(path)
+                job, pilot, secret, report, ended_at = read_left_report(path)
             except (OSError, ValueError) as e:
                 log.warning("%s: not an end report a pilot left (%s): removed", path, e)
             else:
                 self.client.pilot_secrets[pilot] = secret
-                if "ended_ago" not in self.features:    # a server older than the pilot that left it
-                    report.pop("ended_ago", None)
+                if ended_at is not None:    # the wall clock's age of its end, on the monotonic clock
+                    self.date_if_late(report, time.monotonic() - max(0.0, time.time() - ended_at))
                 try:
                     self.client.report(job, report, retry_for=0)
                     log.info("job %s: delivered the end report pilot %s left behind", job, pilot)

@@ -275,6 +275,13 @@ class Connection:
             self.sock.close()
 
 
+def encoded(body):
+    """(the bytes a call sends, or None; whether they are raw): bytes as they are, else JSON."""
+    if isinstance(body, bytes):
+        return body, True
+    return (json.dumps(body).encode() if body is not None else None), False
+
+
 class Client:
     """The p3s API for a tool: one method per call, JSON in and out.
 
@@ -309,10 +316,10 @@ class Client:
         retrying = self.retry_for if retry_for is None else retry_for
         deadline = time.monotonic() + retrying
         delay = BACKOFF_FIRST
+        data, raw = (None, False) if callable(body) else encoded(body)     # a big submission: once
         while True:
-            value = body() if callable(body) else body
-            raw = isinstance(value, bytes)
-            data = value if raw else json.dumps(value).encode() if value is not None else None
+            if callable(body):
+                data, raw = encoded(body())
             try:
                 return self._once(method, target, data, self._headers(pilot, raw), timeout or self.timeout)
             except P3SError as e:
