@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import hmac
 import html
+import io
 import ipaddress
 import json
 import logging
@@ -40,6 +41,7 @@ import os
 import queue
 import re
 import secrets
+import selectors
 import shlex
 import shutil
 import signal
@@ -53,7 +55,7 @@ import subprocess
 import urllib.error
 import urllib.request
 import uuid as uuidlib
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 from xml.etree import ElementTree
 
@@ -830,6 +832,7 @@ class Store:
         self.writer = connect(path)     # transactions only, under the write lock: its statement
                                         # cache stays warm (measured: 1.35 against 1.65 ms CPU a job)
         self.closed = False             # requests still in flight at shutdown get a 503
+        self.deferred = threading.local()   # .joined: the batches a block deferring its commit joined
 
     def _conn(self):
         if self.closed:
@@ -859,6 +862,11 @@ class Store:
                 self.give_back(conn)
         finally:
             self.readers.release()
+
+    def keep_reader(self):
+        """A reader connection of this thread's own, for its life: the connection loop must
+        never wait for a pooled one behind a crowd of page views."""
+        self.held.conn = connect(self.path)
 
     def give_back(self, conn):
         """Keep at most POOL_KEEP idle connections: a burst of readers does not leave a
@@ -928,10 +936,34 @@ class Store:
             self._undo_block(batch, e)
             self._end_turn(batch)
             raise
-        self._end_turn(batch)
+        joined = getattr(self.deferred, "joined", None)
+        self._end_turn(batch, deferred=joined is not None)
+        if joined is not None:
+            joined.append(batch)
+            return
         batch.done.wait()
         if batch.error is not None:
             raise raised_again(batch.error)
+
+    @contextlib.contextmanager
+    def commit_later(self):
+        """For the connection loop, which answers a whole turn of requests after one commit: a
+        shared block written inside returns before its batch commits, and the batches joined are
+        listed in what this yields (commit_joined commits them). Reads in them see no difference;
+        the caller must not answer before commit_joined."""
+        self.deferred.joined = joined = []
+        try:
+            yield joined
+        finally:
+            self.deferred.joined = None
+
+    def commit_joined(self, batches):
+        """Commit the open batch, so that every batch in `batches` has ended: {batch: the error
+        it failed with} for those that failed."""
+        if batches:
+            with self.write_lock:
+                self._commit_open_batch()
+        return {b: b.error for b in batches if b.error is not None}
 
     def _join(self):
         """A savepoint for the next block, in the open batch or a new one (BEGIN IMMEDIATE)."""
@@ -956,13 +988,13 @@ class Store:
         if self.batch is batch and not self.writer.in_transaction:
             self._settle(batch, error)
 
-    def _end_turn(self, batch):
-        """After a block: commit its batch unless a writer queued behind it may join (and the
-        batch is not full), then let the next writer in."""
+    def _end_turn(self, batch, deferred=False):
+        """After a block: commit its batch unless a writer queued behind it may join, or its
+        commit is deferred (and the batch is not full), then let the next writer in."""
         try:
             if batch is not None and self.batch is batch:
                 with self.queue_lock:
-                    last = self.queued == 0
+                    last = self.queued == 0 and not deferred
                 if last or batch.blocks >= MAX_BATCH:
                     self._commit(batch)
         finally:
@@ -2909,7 +2941,8 @@ class Service:
                 self.broker.count("stale_reports")
             raise
         self.broker.count("reports")
-        self.costs.observe(uuid)        # counted once committed
+        self.costs.observe(uuid)        # counted once written (the loop commits after: a commit that
+                                        # fails, on a full disk, counts a retried report twice)
         if result.get("next", {}).get("job"):
             self.broker.count_claim(result["next"]["job"])
         self.broker.notify_work(result.pop("released", 0))
@@ -5477,20 +5510,24 @@ HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")    # RFC 9110 token: no
 
 
 class Handler(BaseHTTPRequestHandler):
-    """HTTP/1.1 with kept-alive connections (a pilot's next request skips the TCP handshake and
-    the thread start), TCP_NODELAY (an answer's head and body go out without waiting for an
-    ACK), and the server's header timeout as the idle limit of a kept connection."""
+    """One request of a kept-alive HTTP/1.1 connection (a pilot's next request skips the TCP
+    handshake), read from the bytes the connection loop gathered or from the socket in a thread
+    (see ConnectionLoop)."""
     server_version = "p3s/" + VERSION
     protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
     wbufsize = 1 << 16          # an answer's head and body leave in one send, at the request's end
-    timeout = HEADER_TIMEOUT    # a client that connects and goes quiet does not hold a thread forever
 
-    authenticated = False       # set once a request on this connection proved a token or secret
-
-    def setup(self):
-        self.timeout = self.server.header_timeout
-        super().setup()
+    @classmethod
+    def for_one_request(cls, server, peer, rfile, wfile, since=None):
+        """A handler for the next request of a connection the loop holds (socketserver's way,
+        the constructor, serves a connection to its end). `since`: when the connection began to
+        wait for this request, which dates its deadline."""
+        handler = cls.__new__(cls)
+        handler.server, handler.client_address = server, peer.address
+        handler.request = handler.connection = peer.connection
+        handler.rfile, handler.wfile, handler.since = rfile, wfile, since
+        handler.authenticated, handler.close_connection = peer.authenticated, True
+        return handler
 
     def parse_request(self):
         """The request line and header fields, small and strict (http.server parses headers
@@ -5519,15 +5556,6 @@ class Handler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
-    def finish(self):
-        """A client that left before its answer was sent: what was buffered for it goes nowhere,
-        quietly (socketserver would print a traceback for each)."""
-        try:
-            super().finish()
-        except OSError:
-            with contextlib.suppress(OSError):
-                self.rfile.close()
-
     def handle_expect_100(self):
         """The interim answer leaves at once: the client waits for it before sending its body."""
         super().handle_expect_100()
@@ -5537,7 +5565,7 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         """While it waits for a request's line and headers, the connection has a deadline and may
         be displaced by a new one when every slot is taken (see P3SServer)."""
-        self.server.awaiting(self)
+        self.server.awaiting(self, self.since)
         try:
             super().handle_one_request()
         except (BrokenPipeError, ConnectionResetError):
@@ -5592,15 +5620,18 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, result)
         except ApiError as e:
             self.send_json(e.status, {"error": e.message})
-        except sqlite3.OperationalError as e:
-            if not is_disk_full(e):
-                raise
-            self.send_json(503, {"error": "disk full: the server cannot store anything until space is freed"})
         except CLIENT_GONE:
             self.close_connection = True    # it stopped sending (or left): nothing to answer
-        except Exception:
-            log.exception("%s %s failed", method, self.path)
-            self.send_json(500, {"error": "internal server error; see the server log"})
+        except Exception as e:
+            self.answer_failure(e)
+
+    def answer_failure(self, error):
+        """The answer to a request that failed for the server's sake: 503 while the disk is full
+        (it works again once space is freed), else 500, and the traceback in the log."""
+        if is_disk_full(error):
+            return self.send_json(503, {"error": "disk full: the server cannot store anything until space is freed"})
+        log.error("%s %s failed", self.command, self.path, exc_info=error)
+        self.send_json(500, {"error": "internal server error; see the server log"})
 
     def check_framing(self, method):
         """RFC 9112, strictly, so that no proxy in front and this server can disagree on where a
@@ -5782,8 +5813,8 @@ class Handler(BaseHTTPRequestHandler):
             log.debug("%s %s", self.client_address[0], fmt % args)
 
 
-class P3SServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer that no crowd can deny. Connections served at once are capped; when
+class P3SServer(HTTPServer):
+    """HTTPServer that no crowd can deny, its connections held by a ConnectionLoop. Connections served at once are capped; when
     every slot is taken, a new connection displaces the oldest one idling before a request that
     never proved a token or secret, else gets a quick 503 and close. One address holds at most
     max_per_client connections (loopback and --pilot-net addresses are not limited). A request's
@@ -5792,7 +5823,6 @@ class P3SServer(ThreadingHTTPServer):
 
     Methods for the caller: serve_forever() and the rest of socketserver's; awaiting(handler)
     and not_awaiting(handler) from Handler, around the wait for a request."""
-    daemon_threads = True
     request_queue_size = 1024
 
     def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token="",
@@ -5812,6 +5842,7 @@ class P3SServer(ThreadingHTTPServer):
         names = {address[0], *LOOPBACK_NAMES, socket.gethostname(), socket.getfqdn(), *allowed_hosts}
         self.allowed_hosts = {n.lower() for n in names if n}
         threading.Thread(target=self.enforce_deadlines, name="deadlines", daemon=True).start()
+        self.loop = ConnectionLoop(self)
 
     def stop_soon(self):
         """Leave serve_forever at once, between two requests: a flag it reads after each turn
@@ -5827,8 +5858,9 @@ class P3SServer(ThreadingHTTPServer):
         if self.stopping:
             raise Stopping
 
-    def awaiting(self, handler):
-        t = time.monotonic()
+    def awaiting(self, handler, since=None):
+        """`handler` (or a Peer) waits for a request, since `since` (monotonic; default now)."""
+        t = time.monotonic() if since is None else since
         with self.conn_lock:
             self.idle[handler] = (t + self.header_timeout, t)
 
@@ -5886,11 +5918,9 @@ class P3SServer(ThreadingHTTPServer):
             return self.refuse(request, "server busy: too many connections; retry later")
         with self.conn_lock:
             self.per_client[ip] += 1
-        try:
-            super().process_request(request, client_address)
-        except BaseException:
-            self.release(ip)
-            raise
+        with contextlib.suppress(OSError):     # answers go out without waiting for an ACK
+            request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.loop.adopt(Peer(request, client_address))
 
     def release(self, ip):
         with self.conn_lock:
@@ -5899,11 +5929,278 @@ class P3SServer(ThreadingHTTPServer):
                 del self.per_client[ip]
         self.slots.release()
 
-    def process_request_thread(self, request, client_address):
+
+LOOP_HEAD = 64 * 1024       # bytes of a request's line and headers the loop waits for, then a thread reads
+LOOP_BODY = 256 * 1024      # a report's body, two 64 KiB tails and more, at most; bigger ones go to a thread
+LOOP_INBOX = LOOP_HEAD + LOOP_BODY  # bytes read ahead of one connection at most, while its request is served
+LOOP_ROUNDS = 8             # reads of the ready connections one turn makes at most, then it commits
+HOT_REQUEST = re.compile(rb"POST /api/(?:jobs/[^/?\s]{1,64}/report|pilots/[^/?\s]{1,64}/heartbeat)"
+                         rb"(?:\?\S*)? HTTP/1\.1\r\n")
+CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.I)
+ODD_HEADER = re.compile(rb"\r\n(?:transfer-encoding|expect)[ \t]*:|\r\n[ \t]", re.I)   # a thread's to read
+TO_THREAD = "thread"
+
+
+class Peer:
+    """A client connection while the loop holds it: what has arrived of its next request, what is
+    left to send of its last answer, and whether it proved a token or secret (see take_slot)."""
+
+    def __init__(self, connection, address):
+        self.connection, self.address = connection, address
+        self.inbox, self.outbox = bytearray(), bytearray()
+        self.authenticated = self.closing = self.answering = False
+        self.events = 0         # what the loop's selector watches it for
+        self.since = None       # when it began to wait for its next request: a thread's deadline
+
+
+class Replay(io.RawIOBase):
+    """A connection's stream for a thread's handler: first the bytes the loop read already, then
+    the socket."""
+
+    def __init__(self, head, connection):
+        super().__init__()
+        self.head = bytes(head)
+        self.socket = socket.SocketIO(connection, "rb")
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.head:
+            return self.socket.readinto(buffer)
+        n = min(len(buffer), len(self.head))
+        buffer[:n], self.head = self.head[:n], self.head[n:]
+        return n
+
+    def close(self):
+        self.socket.close()     # else the socket's own close would wait for this reader's
+        super().close()
+
+
+class Answer:
+    """An answer the loop wrote in a turn, sent once the turn's commit is durable."""
+
+    def __init__(self, peer, handler, joined):
+        self.peer, self.handler, self.joined = peer, handler, joined
+
+
+class ConnectionLoop:
+    """One thread watches every connection between its requests (selectors), and serves the
+    pilots' reports and heartbeats itself: a turn reads every ready connection, runs their
+    requests through the Handler, commits their writes once, then sends the answers. The
+    threads a server had per connection cost each other as much CPU as the requests themselves
+    (measured in docs/benchmarks.md), and the answers of a turn share one group commit. Any
+    other request, and any the loop does not see plainly framed (no Content-Length, a
+    Transfer-Encoding, Expect, a folded line, a bare LF, a head or body too big to buffer), is
+    read and answered by a thread of its own, the Handler as it always was, and the connection
+    comes back to the loop afterwards. Deadlines and displacement stay the server's (awaiting)."""
+
+    def __init__(self, server):
+        self.server, self.store = server, server.service.store
+        self.selector = selectors.DefaultSelector()
+        self.arrivals = queue.SimpleQueue()
+        self.wake_in, self.wake_out = socket.socketpair()
+        for end in (self.wake_in, self.wake_out):
+            end.setblocking(False)
+        self.selector.register(self.wake_in, selectors.EVENT_READ)
+        self.ready = set()      # peers whose inbox may hold a request to serve
+        threading.Thread(target=self.run, name="connections", daemon=True).start()
+
+    def adopt(self, peer):
+        """Take a connection (new, or back from a thread); thread-safe."""
+        self.arrivals.put(peer)
+        with contextlib.suppress(BlockingIOError):     # full: a wake-up is pending already
+            self.wake_out.send(b"x")
+
+    def run(self):
+        self.store.keep_reader()
+        while True:
+            try:
+                self.turn(self.selector.select(0 if self.ready else None))
+            except Exception:       # a bug must not leave every connection unserved
+                log.exception("the connection loop's turn failed")
+                time.sleep(0.1)
+
+    def turn(self, events):
+        answers = []
+        for _ in range(LOOP_ROUNDS):
+            self.take(events)
+            answers += self.serve_ready()
+            if len(answers) >= MAX_BATCH:
+                break
+            events = self.selector.select(0)
+            if not events:
+                break
+        failed = self.store.commit_joined([b for a in answers for b in a.joined])
+        for answer in answers:
+            self.send(answer, next((failed[b] for b in answer.joined if b in failed), None))
+
+    def take(self, events):
+        for key, mask in events:
+            if key.fileobj is self.wake_in:
+                self.welcome()
+            elif mask & selectors.EVENT_WRITE:
+                self.flush(key.data)
+            else:
+                self.receive(key.data)
+
+    def welcome(self):
+        with contextlib.suppress(OSError):
+            self.wake_in.recv(4096)
+        while not self.arrivals.empty():
+            peer = self.arrivals.get()
+            peer.connection.setblocking(False)
+            self.await_request(peer)
+            self.watch(peer, selectors.EVENT_READ)
+            if peer.inbox:
+                self.ready.add(peer)
+
+    def receive(self, peer):
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.release(client_address[0])
+            data = peer.connection.recv(1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:                # the client left, or its deadline cut it off
+            peer.closing = True
+            self.watch(peer, 0)
+        peer.inbox += data
+        if len(peer.inbox) >= LOOP_INBOX:
+            self.watch(peer, 0)     # read on once what it sent is served
+        self.ready.add(peer)
+
+    def serve_ready(self):
+        answers = []
+        for peer in list(self.ready):
+            self.ready.discard(peer)
+            if peer.outbox or peer.answering:
+                continue            # its last answer first: flush() makes it ready again
+            request = self.next_request(peer)
+            if request is TO_THREAD:
+                self.hand_to_thread(peer)
+            elif request is not None:
+                answers.append(self.serve_here(peer, request))
+            elif peer.closing:
+                self.close(peer)
+        return answers
+
+    def next_request(self, peer):
+        """A hot request whole (its bytes, taken from the inbox), TO_THREAD, or None: wait."""
+        inbox = peer.inbox
+        if b"\n" not in inbox[:LOOP_HEAD]:
+            return TO_THREAD if len(inbox) > LOOP_HEAD else None
+        if not HOT_REQUEST.match(inbox):
+            return TO_THREAD
+        head_end = inbox.find(b"\r\n\r\n", 0, LOOP_HEAD)
+        if head_end < 0:
+            bare_lf = inbox.count(b"\n") != inbox.count(b"\r\n")
+            return TO_THREAD if bare_lf or len(inbox) > LOOP_HEAD else None
+        head = bytes(inbox[:head_end + 2])
+        lengths = CONTENT_LENGTH.findall(head)
+        if len(lengths) != 1 or ODD_HEADER.search(head) or head.count(b"\n") != head.count(b"\r\n") \
+                or int(lengths[0]) > min(LOOP_BODY, self.server.max_body):
+            return TO_THREAD
+        end = head_end + 4 + int(lengths[0])
+        if len(inbox) < end:
+            return None
+        request = bytes(inbox[:end])
+        del inbox[:end]
+        return request
+
+    def serve_here(self, peer, request):
+        self.server.not_awaiting(peer)
+        peer.answering = True
+        handler = Handler.for_one_request(self.server, peer, io.BytesIO(request), io.BytesIO())
+        with self.store.commit_later() as joined:
+            handler.handle_one_request()
+        peer.authenticated = handler.authenticated
+        return Answer(peer, handler, joined)
+
+    def send(self, answer, error):
+        """Send an answer, or, when the commit it waited for failed, what a thread's request
+        would have answered then."""
+        handler = answer.handler
+        if error is not None:
+            handler.wfile = io.BytesIO()
+            handler.answer_failure(error)
+        peer = answer.peer
+        peer.outbox += handler.wfile.getvalue()
+        peer.closing = peer.closing or handler.close_connection
+        peer.answering = False
+        self.flush(peer)
+
+    def flush(self, peer):
+        try:
+            sent = peer.connection.send(peer.outbox)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            return self.close(peer)
+        del peer.outbox[:sent]
+        if peer.outbox:             # a client slow to read: the rest when it can take it, by its deadline
+            self.await_request(peer)
+            return self.watch(peer, selectors.EVENT_WRITE)
+        if peer.closing:
+            return self.close(peer)
+        self.await_request(peer)
+        self.watch(peer, selectors.EVENT_READ)
+        if peer.inbox:
+            self.ready.add(peer)
+
+    def await_request(self, peer):
+        """From now, its next request (or the rest of its answer) has the server's deadline."""
+        peer.since = time.monotonic()
+        self.server.awaiting(peer, peer.since)
+
+    def watch(self, peer, events):
+        if events == peer.events:
+            return
+        if not peer.events:
+            self.selector.register(peer.connection, events, peer)
+        elif events:
+            self.selector.modify(peer.connection, events, peer)
+        else:
+            self.selector.unregister(peer.connection)
+        peer.events = events
+
+    def hand_to_thread(self, peer):
+        self.watch(peer, 0)
+        self.server.not_awaiting(peer)     # the thread's handler awaits it now
+        threading.Thread(target=self.serve_in_thread, args=(peer,), daemon=True).start()
+
+    def serve_in_thread(self, peer):
+        """One request read and answered by the Handler on the socket itself, as a thread per
+        connection did; a kept connection goes back to the loop with what was read beyond it."""
+        connection = peer.connection
+        try:
+            connection.settimeout(self.server.header_timeout)
+            with io.BufferedReader(Replay(peer.inbox, connection), 1 << 16) as rfile:
+                with connection.makefile("wb", Handler.wbufsize) as wfile:
+                    handler = Handler.for_one_request(self.server, peer, rfile, wfile, since=peer.since)
+                    handler.handle_one_request()
+                if handler.close_connection:
+                    return self.end(peer)
+                connection.setblocking(False)
+                peer.inbox = bytearray(rfile.peek() + rfile.raw.head)
+            peer.authenticated = handler.authenticated
+            self.adopt(peer)
+        except OSError:
+            self.end(peer)
+        except Exception:
+            log.exception("a request from %s failed", peer.address[0])
+            self.end(peer)
+
+    def close(self, peer):
+        self.watch(peer, 0)
+        self.ready.discard(peer)
+        self.end(peer)
+
+    def end(self, peer):
+        """Close a connection the loop no longer watches, and free its slot."""
+        self.server.not_awaiting(peer)
+        self.server.shutdown_request(peer.connection)
+        self.server.release(peer.address[0])
 
 
 def cut_off(connection):

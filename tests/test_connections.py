@@ -1,0 +1,154 @@
+"""The connection loop: one thread holds every connection between requests and serves the
+pilots' reports and heartbeats itself, a turn's writes in one commit; every other request, and
+anything not plainly framed, goes to a thread of its own. Raw sockets, a real server."""
+import json
+import os
+import socket
+import time
+
+from conftest import fill, shell_job
+
+
+def heartbeat_request(pilot, secret, close=False):
+    body = b"{}"
+    return (f"POST /api/pilots/{pilot}/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            f"X-P3S-Pilot-Secret: {secret}\r\nContent-Length: {len(body)}\r\n"
+            + ("Connection: close\r\n" if close else "") + "\r\n").encode() + body
+
+
+def read_answers(sock, count, timeout=10):
+    """`count` answers read off one connection, in order: (status line, JSON body)."""
+    sock.settimeout(timeout)
+    data, answers = b"", []
+    while len(answers) < count:
+        head_end = data.find(b"\r\n\r\n")
+        if head_end >= 0:
+            head = data[:head_end].decode()
+            length = int(next(v for k, v in (line.split(": ", 1) for line in head.split("\r\n")[1:])
+                              if k.lower() == "content-length"))
+            if len(data) >= head_end + 4 + length:
+                answers.append((head.split("\r\n")[0], json.loads(data[head_end + 4:head_end + 4 + length])))
+                data = data[head_end + 4 + length:]
+                continue
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed after {len(answers)} answers"
+        data += chunk
+    return answers
+
+
+def pilot_of(p3s):
+    pilot = p3s.api.register_pilot(heartbeat=1)
+    return pilot["uuid"], p3s.api.pilot_secrets[pilot["uuid"]]
+
+
+def server_threads(p3s):
+    status = open(f"/proc/{p3s.proc.pid}/status").read()
+    return int(status.split("Threads:")[1].split()[0])
+
+
+def test_pipelined_requests_are_answered_in_order_across_the_loop_and_a_thread(p3s, closing):
+    """Heartbeat (the loop's), health (a thread's, which reads the next request into its buffer
+    and must give it back), heartbeat again, in one write: three answers, in that order."""
+    pilot, secret = pilot_of(p3s)
+    sock = closing(socket.create_connection(("127.0.0.1", p3s.port)))
+    sock.sendall(heartbeat_request(pilot, secret) + b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 + heartbeat_request(pilot, "wrong-secret", close=True))
+    beat, health, refused = read_answers(sock, 3)
+    assert beat == ("HTTP/1.1 200 OK", {"directive": None})
+    assert health[0] == "HTTP/1.1 200 OK" and "version" in health[1], health
+    assert refused[0].startswith("HTTP/1.1 403") and "secret" in refused[1]["error"], refused
+    assert sock.recv(100) == b"", "Connection: close was not honoured"
+
+
+def test_a_client_that_reads_no_answers_holds_up_no_one_and_is_cut_off(start_server, closing):
+    """Thousands of heartbeats sent on a connection that never reads: its answers fill its
+    window, the loop keeps the rest for it (never blocking on its send), and other pilots are
+    served meanwhile; past the header deadline, it is cut off and its slot freed."""
+    server = start_server(["--header-timeout", "2"])
+    pilot, secret = pilot_of(server)
+    hostile = socket.socket()
+    closing(hostile)
+    hostile.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    hostile.connect(("127.0.0.1", server.port))
+    hostile.setblocking(False)
+    flood = heartbeat_request(pilot, secret) * 60000     # 10 MB: more than every buffer between
+    sent, deadline = 0, time.monotonic() + 10
+    while sent < len(flood) and time.monotonic() < deadline:
+        try:
+            sent += hostile.send(flood[sent:sent + 65536])
+        except BlockingIOError:
+            time.sleep(0.01)
+    time.sleep(1)       # 9 MB of answers: more than its window and the server's send buffer hold
+    for _ in range(5):
+        started = time.monotonic()
+        other = socket.create_connection(("127.0.0.1", server.port))
+        other.sendall(heartbeat_request(pilot, secret, close=True))
+        [(status, _)] = read_answers(other, 1)
+        other.close()
+        assert status == "HTTP/1.1 200 OK" and time.monotonic() - started < 1.5
+    time.sleep(3)                   # reading nothing past its deadline
+    hostile.setblocking(True)
+    hostile.settimeout(5)
+    started = time.monotonic()
+    try:
+        while hostile.recv(65536):      # what reached its buffer before the cut
+            pass
+    except ConnectionResetError:
+        pass
+    assert time.monotonic() - started < 2, "the stuck connection was not cut off"
+
+
+def test_a_report_whose_commit_fails_answers_503_and_changes_nothing(tmp_path, small_fs, start_server):
+    """A full disk at the commit of a turn: every answer of that turn says so (a 503 that the
+    pilot retries), none says the report was stored, and once space is freed it is."""
+    server = start_server(db=small_fs / "p3s.db")
+    pilot, _ = pilot_of(server)
+    [uuid] = server.submit([shell_job("true")])
+    assert server.api.request_job(pilot, 0)["job"]["uuid"] == uuid
+    filler = fill(small_fs)
+    report = {"state": "finished", "pilot": pilot, "attempt": 1, "exit_code": 0,
+              "stdout": os.urandom(48 * 1024).hex()[:64 * 1024], "stderr": os.urandom(48 * 1024).hex()[:64 * 1024]}
+    try:
+        for _ in range(3):
+            try:
+                server.api.report(uuid, report, retry_for=0)
+                raise AssertionError("a report was stored on a full disk")
+            except Exception as e:      # serverAPI's error: the server's own words
+                assert "disk full" in str(e), e
+        assert server.api.get_job(uuid)["state"] == "dispatched", "a refused report changed the job"
+    finally:
+        filler.unlink()
+    server.api.report(uuid, report, retry_for=5)
+    assert server.api.get_job(uuid)["state"] == "finished"
+    log = (tmp_path / "server.log").read_text()
+    assert "connection loop's turn failed" not in log, log[-2000:]
+
+
+def test_a_hot_request_trickled_past_its_deadline_is_cut_off(start_server, closing):
+    server = start_server(["--header-timeout", "1"])
+    pilot, secret = pilot_of(server)
+    request = heartbeat_request(pilot, secret)
+    slow = closing(socket.create_connection(("127.0.0.1", server.port)))
+    slow.sendall(request[:-1])      # all but the body's last byte
+    slow.settimeout(4)
+    started = time.monotonic()
+    assert slow.recv(100) == b"", "the unfinished request got an answer"
+    assert time.monotonic() - started < 3, "the unfinished request held its slot past its deadline"
+
+
+def test_kept_alive_pilot_connections_hold_no_thread(p3s, closing):
+    """Two hundred pilots' connections, each kept alive after a heartbeat: the server holds them
+    all in its loop, not in a thread each (a thread per connection cost as much CPU as the
+    requests, and memory per idle pilot)."""
+    pilot, secret = pilot_of(p3s)
+    before = server_threads(p3s)
+    held = []
+    for _ in range(200):
+        sock = closing(socket.create_connection(("127.0.0.1", p3s.port)))
+        sock.sendall(heartbeat_request(pilot, secret))
+        held.append(sock)
+    for sock in held:
+        [(status, _)] = read_answers(sock, 1)
+        assert status == "HTTP/1.1 200 OK"
+    assert server_threads(p3s) <= before + 2, (before, server_threads(p3s))
+
