@@ -958,11 +958,16 @@ class Store:
             self.deferred.joined = None
 
     def commit_joined(self, batches):
-        """Commit the open batch, so that every batch in `batches` has ended: {batch: the error
-        it failed with} for those that failed."""
-        if batches:
-            with self.write_lock:
-                self._commit_open_batch()
+        """Wait until every batch in `batches` has ended, committing the open one when the write
+        lock is free: {batch: the error it failed with} for those that failed. A long writer of
+        its own (a big submission) is not waited for: it commits the open batch before it starts."""
+        for batch in batches:
+            while not batch.done.is_set():
+                if self.write_lock.acquire(timeout=0.01):
+                    try:
+                        self._commit_open_batch()
+                    finally:
+                        self.write_lock.release()
         return {b: b.error for b in batches if b.error is not None}
 
     def _join(self):
@@ -5934,7 +5939,7 @@ LOOP_HEAD = 64 * 1024       # bytes of a request's line and headers the loop wai
 LOOP_BODY = 256 * 1024      # a report's body, two 64 KiB tails and more, at most; bigger ones go to a thread
 LOOP_INBOX = LOOP_HEAD + LOOP_BODY  # bytes read ahead of one connection at most, while its request is served
 LOOP_ROUNDS = 8             # reads of the ready connections one turn makes at most, then it commits
-HOT_REQUEST = re.compile(rb"POST /api/(?:jobs/[^/?\s]{1,64}/report|pilots/[^/?\s]{1,64}/heartbeat)"
+HOT_REQUEST = re.compile(rb"POST /api/(?:jobs/[^/?\s]{1,64}/(report)|pilots/[^/?\s]{1,64}/heartbeat)"
                          rb"(?:\?\S*)? HTTP/1\.1\r\n")
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.I)
 ODD_HEADER = re.compile(rb"\r\n(?:transfer-encoding|expect)[ \t]*:|\r\n[ \t]", re.I)   # a thread's to read
@@ -5993,7 +5998,9 @@ class ConnectionLoop:
     other request, and any the loop does not see plainly framed (no Content-Length, a
     Transfer-Encoding, Expect, a folded line, a bare LF, a head or body too big to buffer), is
     read and answered by a thread of its own, the Handler as it always was, and the connection
-    comes back to the loop afterwards. Deadlines and displacement stay the server's (awaiting)."""
+    comes back to the loop afterwards; so is a report that finds the write lock taken (a big
+    submission), so that no heartbeat waits behind a long writer. Deadlines and displacement
+    stay the server's (awaiting)."""
 
     def __init__(self, server):
         self.server, self.store = server, server.service.store
@@ -6090,8 +6097,9 @@ class ConnectionLoop:
         inbox = peer.inbox
         if b"\n" not in inbox[:LOOP_HEAD]:
             return TO_THREAD if len(inbox) > LOOP_HEAD else None
-        if not HOT_REQUEST.match(inbox):
-            return TO_THREAD
+        hot = HOT_REQUEST.match(inbox)
+        if not hot or hot[1] and self.store.write_lock.locked():
+            return TO_THREAD        # a report waits for a long writer (a big submission) in a thread
         head_end = inbox.find(b"\r\n\r\n", 0, LOOP_HEAD)
         if head_end < 0:
             bare_lf = inbox.count(b"\n") != inbox.count(b"\r\n")
