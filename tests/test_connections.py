@@ -196,3 +196,49 @@ def test_heartbeats_do_not_wait_behind_a_long_write(p3s):
             thread.join()
     assert result.returncode == 0, result.stderr
     assert slowest[0] < 1.0, f"a heartbeat waited {slowest[0]:.1f} s behind the submission"
+
+
+def test_a_report_sent_with_expect_100_continue_is_answered_and_the_connection_comes_back(p3s, closing):
+    """`Expect: 100-continue` is a thread's to answer (the interim answer, then the body); the
+    same connection then carries a heartbeat the loop serves."""
+    pilot, secret = pilot_of(p3s)
+    [uuid] = p3s.submit([shell_job("true")])
+    assert p3s.api.request_job(pilot, 0)["job"]["uuid"] == uuid
+    body = json.dumps({"state": "finished", "pilot": pilot, "attempt": 1, "exit_code": 0}).encode()
+    sock = closing(socket.create_connection(("127.0.0.1", p3s.port)))
+    sock.settimeout(10)
+    sock.sendall((f"POST /api/jobs/{uuid}/report HTTP/1.1\r\nHost: 127.0.0.1\r\nX-P3S-Pilot-Secret: {secret}\r\n"
+                  f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\n\r\n").encode())
+    interim = b""
+    while not interim.endswith(b"\r\n\r\n"):
+        interim += sock.recv(1)
+    assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
+    sock.sendall(body + heartbeat_request(pilot, secret))
+    (status, answer), (beat, _) = read_answers(sock, 2)
+    assert status == "HTTP/1.1 200 OK" and answer["state"] == "finished", (status, answer)
+    assert beat == "HTTP/1.1 200 OK"
+    assert p3s.api.get_job(uuid)["state"] == "finished"
+
+
+def test_clients_that_leave_mid_request_free_their_slots(start_server, closing):
+    """Half a report, then the client is gone (killed, its node rebooted): at --max-per-client 3,
+    from one address, three such clients in a row leave room for three more, every time."""
+    server = start_server(["--max-per-client", "3"])
+    pilot, secret = pilot_of(server)
+    half = heartbeat_request(pilot, secret)[:-1]
+    for _ in range(3):
+        crowd = [closing(socket.socket()) for _ in range(3)]
+        for sock in crowd:
+            sock.bind(("127.0.0.2", 0))
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(half)
+        for sock in crowd:
+            sock.close()
+        time.sleep(0.3)
+    sock = closing(socket.socket())
+    sock.bind(("127.0.0.2", 0))
+    sock.connect(("127.0.0.1", server.port))
+    sock.sendall(heartbeat_request(pilot, secret))
+    sock.settimeout(10)
+    status = sock.recv(100).split(b"\r\n")[0]
+    assert status == b"HTTP/1.1 200 OK", f"a slot of a client gone mid-request was never freed: {status}"
