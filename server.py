@@ -5819,15 +5819,16 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class P3SServer(HTTPServer):
-    """HTTPServer that no crowd can deny, its connections held by a ConnectionLoop. Connections served at once are capped; when
-    every slot is taken, a new connection displaces the oldest one idling before a request that
-    never proved a token or secret, else gets a quick 503 and close. One address holds at most
-    max_per_client connections (loopback and --pilot-net addresses are not limited). A request's
-    line and headers must arrive within `header_timeout` in all: a client trickling a byte at a
-    time is cut off there.
+    """HTTPServer that no crowd can deny; it accepts connections and its ConnectionLoop serves
+    them. Connections served at once are capped; when every slot is taken, a new connection
+    displaces the oldest one idling before a request that never proved a token or secret, else
+    gets a quick 503 and close. One address holds at most max_per_client connections (loopback
+    and --pilot-net addresses are not limited). A request's line and headers must arrive within
+    `header_timeout` in all: a client trickling a byte at a time is cut off there.
 
-    Methods for the caller: serve_forever() and the rest of socketserver's; awaiting(handler)
-    and not_awaiting(handler) from Handler, around the wait for a request."""
+    Methods for the caller: serve_forever() and the rest of socketserver's; awaiting(waiter) and
+    not_awaiting(waiter), from the loop (a Peer) and the Handler, around the wait for a request;
+    release(ip) once a connection is closed."""
     request_queue_size = 1024
 
     def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token="",
