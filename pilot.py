@@ -608,12 +608,18 @@ class Usage:
 
 
 def tail(path, size=TAIL_BYTES):
+    """The last `size` bytes of a log, as text (four system calls, no file object: twice a job)."""
     try:
-        with open(path, "rb") as f:
-            f.seek(max(0, os.fstat(f.fileno()).st_size - size))
-            return f.read().decode("utf-8", "replace")
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
         return ""
+    try:
+        end = os.fstat(fd).st_size
+        return os.pread(fd, min(end, size), max(0, end - size)).decode("utf-8", "replace")
+    except OSError:
+        return ""
+    finally:
+        os.close(fd)
 
 
 class Execution:
