@@ -242,3 +242,30 @@ def test_clients_that_leave_mid_request_free_their_slots(start_server, closing):
     sock.settimeout(10)
     status = sock.recv(100).split(b"\r\n")[0]
     assert status == b"HTTP/1.1 200 OK", f"a slot of a client gone mid-request was never freed: {status}"
+
+
+def test_requests_split_anywhere_are_answered_in_order(p3s, closing):
+    """The loop's framing against the Handler's, byte by byte: a mix of the loop's requests
+    (good and refused, a body with bare LFs), a thread's (a page, the API) and back, cut at
+    random places and sent piece by piece, gets every answer, in order, on one connection."""
+    import random
+    pilot, secret = pilot_of(p3s)
+    pretty = json.dumps({"note": "x"}, indent=2).encode()     # LFs inside a body are the body's
+    beat_pretty = (f"POST /api/pilots/{pilot}/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"X-P3S-Pilot-Secret: {secret}\r\nContent-Length: {len(pretty)}\r\n\r\n").encode() + pretty
+    bad_json = (f"POST /api/pilots/{pilot}/heartbeat HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                f"X-P3S-Pilot-Secret: {secret}\r\nContent-Length: 5\r\n\r\n{{x:1}}").encode()
+    mix = [(heartbeat_request(pilot, secret), "200"), (b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "200"),
+           (heartbeat_request(pilot, "wrong"), "403"), (beat_pretty, "200"), (bad_json, "400"),
+           (b"GET /api/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", "200"), (heartbeat_request(pilot, secret), "200")]
+    for seed in range(6):
+        rng = random.Random(seed)
+        requests = [rng.choice(mix) for _ in range(12)]
+        stream = b"".join(r for r, _ in requests)
+        cuts = sorted(rng.sample(range(1, len(stream)), 15))
+        sock = closing(socket.create_connection(("127.0.0.1", p3s.port)))
+        for start, end in zip([0] + cuts, cuts + [len(stream)]):
+            sock.sendall(stream[start:end])
+            time.sleep(rng.choice((0, 0, 0.01)))
+        statuses = [status.split()[1] for status, _ in read_answers(sock, len(requests))]
+        assert statuses == [expected for _, expected in requests], (seed, statuses)
