@@ -5945,6 +5945,7 @@ HOT_REQUEST = re.compile(rb"POST /api/(?:jobs/[^/?\s]{1,64}/(report)|pilots/[^/?
 CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([0-9]{1,15})[ \t]*\r\n", re.I)
 ODD_HEADER = re.compile(rb"\r\n(?:transfer-encoding|expect)[ \t]*:|\r\n[ \t]", re.I)   # a thread's to read
 TO_THREAD = "thread"
+IDLE_WORKERS = 16           # threads kept waiting for the loop's next hand-off
 
 
 class Peer:
@@ -5990,6 +5991,33 @@ class Answer:
         self.peer, self.handler, self.joined = peer, handler, joined
 
 
+class Workers:
+    """Threads for the requests the loop hands off. An idle one takes the next request, else a
+    new one starts (a long poll holds its thread for up to MAX_WAIT, so there is no cap but the
+    connections'); at most IDLE_WORKERS wait for work, the others end."""
+
+    def __init__(self):
+        self.tasks = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.idle = 0
+
+    def run(self, fn, *args):
+        with self.lock:
+            if self.idle:
+                self.idle -= 1
+                return self.tasks.put((fn, args))
+        threading.Thread(target=self.work, args=(fn, args), daemon=True).start()
+
+    def work(self, fn, args):
+        while True:
+            fn(*args)
+            with self.lock:
+                if self.idle >= IDLE_WORKERS:
+                    return
+                self.idle += 1
+            fn, args = self.tasks.get()
+
+
 class ConnectionLoop:
     """One thread watches every connection between its requests (selectors), and serves the
     pilots' reports and heartbeats itself: a turn reads every ready connection, runs their
@@ -6012,6 +6040,7 @@ class ConnectionLoop:
             end.setblocking(False)
         self.selector.register(self.wake_in, selectors.EVENT_READ)
         self.ready = set()      # peers whose inbox may hold a request to serve
+        self.workers = Workers()
         threading.Thread(target=self.run, name="connections", daemon=True).start()
 
     def adopt(self, peer):
@@ -6176,7 +6205,7 @@ class ConnectionLoop:
     def hand_to_thread(self, peer):
         self.watch(peer, 0)
         self.server.not_awaiting(peer)     # the thread's handler awaits it now
-        threading.Thread(target=self.serve_in_thread, args=(peer,), daemon=True).start()
+        self.workers.run(self.serve_in_thread, peer)
 
     def serve_in_thread(self, peer):
         """One request read and answered by the Handler on the socket itself, as a thread per

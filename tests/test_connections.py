@@ -269,3 +269,27 @@ def test_requests_split_anywhere_are_answered_in_order(p3s, closing):
             time.sleep(rng.choice((0, 0, 0.01)))
         statuses = [status.split()[1] for status, _ in read_answers(sock, len(requests))]
         assert statuses == [expected for _, expected in requests], (seed, statuses)
+
+
+def test_threads_for_long_polls_end_once_the_crowd_is_gone(p3s):
+    """Forty idle pilots long-poll at once: each gets a thread of its own (none waits behind
+    another's poll), and once they have their answers, at most IDLE_WORKERS threads stay."""
+    from server import IDLE_WORKERS
+    pilots = [pilot_of(p3s)[0] for _ in range(40)]
+    before = server_threads(p3s)
+    answered = []
+
+    def poll(pilot):
+        client = Client(p3s.url, token_file=str(p3s.token_file), retry_for=5)
+        client.pilot_secrets = p3s.api.pilot_secrets
+        started = time.monotonic()
+        answer = client.request_job(pilot, 2)
+        answered.append((answer["job"], time.monotonic() - started))
+    threads = [threading.Thread(target=poll, args=(p,)) for p in pilots]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(answered) == 40 and all(job is None and 1.5 < waited < 5 for job, waited in answered), answered
+    time.sleep(0.5)
+    assert server_threads(p3s) <= before + IDLE_WORKERS, (before, server_threads(p3s))
