@@ -949,8 +949,8 @@ class Store:
     def commit_later(self):
         """For the connection loop, which answers a whole turn of requests after one commit: a
         shared block written inside returns before its batch commits, and the batches joined are
-        listed in what this yields (commit_joined commits them). Reads in them see no difference;
-        the caller must not answer before commit_joined."""
+        listed in what this yields (commit_joined commits them). A block reads and writes as it
+        would otherwise; only its caller must not answer before commit_joined."""
         self.deferred.joined = joined = []
         try:
             yield joined
@@ -5526,7 +5526,7 @@ class Handler(BaseHTTPRequestHandler):
     def for_one_request(cls, server, peer, rfile, wfile, since=None):
         """A handler for the next request of a connection the loop holds (socketserver's way,
         the constructor, serves a connection to its end). `since`: when the connection began to
-        wait for this request, which dates its deadline."""
+        wait for this request, which dates its deadline; None for a request already read whole."""
         handler = cls.__new__(cls)
         handler.server, handler.client_address = server, peer.address
         handler.request = handler.connection = peer.connection
@@ -5569,8 +5569,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def handle_one_request(self):
         """While it waits for a request's line and headers, the connection has a deadline and may
-        be displaced by a new one when every slot is taken (see P3SServer)."""
-        self.server.awaiting(self, self.since)
+        be displaced by a new one when every slot is taken (see P3SServer); a request the loop
+        read whole (`since` None) waits for nothing."""
+        if self.since is not None:
+            self.server.awaiting(self, self.since)
         try:
             super().handle_one_request()
         except (BrokenPipeError, ConnectionResetError):
