@@ -6028,8 +6028,8 @@ class ConnectionLoop:
     (measured in docs/benchmarks.md), and the answers of a turn share one group commit. Any
     other request, and any the loop does not see plainly framed (no Content-Length, a
     Transfer-Encoding, Expect, a folded line, a bare LF, a head or body too big to buffer), is
-    read and answered by a thread of its own, the Handler as it always was, and the connection
-    comes back to the loop afterwards; so is a report that finds the write lock taken (a big
+    read and answered on the socket by a worker thread (Workers), the Handler as it always was,
+    and the connection comes back to the loop afterwards; so is a report that finds the write lock taken (a big
     submission), so that no heartbeat waits behind a long writer. Deadlines and displacement
     stay the server's (awaiting)."""
 

@@ -1,6 +1,6 @@
 """The connection loop: one thread holds every connection between requests and serves the
 pilots' reports and heartbeats itself, a turn's writes in one commit; every other request, and
-anything not plainly framed, goes to a thread of its own. Raw sockets, a real server."""
+anything not plainly framed, goes to a worker thread. Raw sockets, a real server."""
 import contextlib
 import json
 import os
