@@ -6127,7 +6127,7 @@ class ConnectionLoop:
     def next_request(self, peer):
         """A hot request whole (its bytes, taken from the inbox), TO_THREAD, or None: wait."""
         inbox = peer.inbox
-        if b"\n" not in inbox[:LOOP_HEAD]:
+        if inbox.find(b"\n", 0, LOOP_HEAD) < 0:
             return TO_THREAD if len(inbox) > LOOP_HEAD else None
         hot = HOT_REQUEST.match(inbox)
         if not hot or hot[1] and self.store.write_lock.locked():
