@@ -6207,7 +6207,12 @@ class ConnectionLoop:
     def hand_to_thread(self, peer):
         self.watch(peer, 0)
         self.server.not_awaiting(peer)     # the thread's handler awaits it now
-        self.workers.run(self.serve_in_thread, peer)
+        try:
+            self.workers.run(self.serve_in_thread, peer)
+        except RuntimeError as e:           # the process's thread limit: this client retries
+            log.warning("cannot start a thread for a request from %s (%s): connection closed; "
+                        "raise the server's limit of processes and threads (ulimit -u)", peer.address[0], e)
+            self.end(peer)
 
     def serve_in_thread(self, peer):
         """One request read and answered by the Handler on the socket itself, as a thread per
