@@ -6090,9 +6090,7 @@ class ConnectionLoop:
             peer = self.arrivals.get()
             peer.connection.setblocking(False)
             self.await_request(peer)
-            self.watch(peer, selectors.EVENT_READ)
-            if peer.inbox:
-                self.ready.add(peer)
+            self.read_on(peer)
 
     def receive(self, peer):
         try:
@@ -6184,7 +6182,14 @@ class ConnectionLoop:
         if peer.closing:
             return self.close(peer)
         self.await_request(peer)
-        self.watch(peer, selectors.EVENT_READ)
+        self.read_on(peer)
+
+    def read_on(self, peer):
+        """Serve what it sent, and read more of it only while the loop holds less than
+        LOOP_INBOX of it: a client that sends faster than it is answered waits in its kernel
+        buffers, not in the server's memory. (At LOOP_INBOX its next request is whole, or is a
+        thread's to read, so serving it always makes room.)"""
+        self.watch(peer, selectors.EVENT_READ if len(peer.inbox) < LOOP_INBOX else 0)
         if peer.inbox:
             self.ready.add(peer)
 
