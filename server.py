@@ -5957,7 +5957,9 @@ class Peer:
     def __init__(self, connection, address):
         self.connection, self.address = connection, address
         self.inbox, self.outbox = bytearray(), bytearray()
-        self.authenticated = self.closing = self.answering = False
+        self.authenticated = self.answering = False
+        self.closing = False    # close it once its answer is sent (Connection: close, an error)
+        self.ended = False      # it sent all it will: answer what came whole, then close
         self.events = 0         # what the loop's selector watches it for
         self.since = None       # when it began to wait for its next request: a thread's deadline
 
@@ -6099,8 +6101,8 @@ class ConnectionLoop:
             return
         except OSError:
             data = b""
-        if not data:                # the client left, or its deadline cut it off
-            peer.closing = True
+        if not data:                # the client left or shut its side, or its deadline cut it off
+            peer.ended = True
             self.watch(peer, 0)
         peer.inbox += data
         if len(peer.inbox) >= LOOP_INBOX:
@@ -6118,7 +6120,7 @@ class ConnectionLoop:
                 self.hand_to_thread(peer)
             elif request is not None:
                 answers.append(self.serve_here(peer, request))
-            elif peer.closing:
+            elif peer.ended:        # nothing whole left of what it sent
                 self.close(peer)
         return answers
 
@@ -6164,7 +6166,7 @@ class ConnectionLoop:
             handler.answer_failure(error)
         peer = answer.peer
         peer.outbox += handler.wfile.getvalue()
-        peer.closing = peer.closing or handler.close_connection
+        peer.closing = handler.close_connection
         peer.answering = False
         self.flush(peer)
 
@@ -6188,9 +6190,11 @@ class ConnectionLoop:
         """Serve what it sent, and read more of it only while the loop holds less than
         LOOP_INBOX of it: a client that sends faster than it is answered waits in its kernel
         buffers, not in the server's memory. (At LOOP_INBOX its next request is whole, or is a
-        thread's to read, so serving it always makes room.)"""
-        self.watch(peer, selectors.EVENT_READ if len(peer.inbox) < LOOP_INBOX else 0)
-        if peer.inbox:
+        thread's to read, so serving it always makes room.) One that shut its side is read no
+        more: what it sent whole is answered, then it is closed."""
+        reading = not peer.ended and len(peer.inbox) < LOOP_INBOX
+        self.watch(peer, selectors.EVENT_READ if reading else 0)
+        if peer.inbox or peer.ended:
             self.ready.add(peer)
 
     def await_request(self, peer):

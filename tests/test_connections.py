@@ -106,6 +106,19 @@ def send_until_stalled(sock, data, stall=0.3, limit=10):
     return sent
 
 
+def test_requests_sent_before_the_client_shuts_its_side_are_all_answered(p3s, closing):
+    """Pipelined requests, then the client's end of the stream (shutdown SHUT_WR, as `nc -N`
+    does): every request it sent is answered, the loop's and a thread's, then the server closes."""
+    pilot, secret = pilot_of(p3s)
+    sock = closing(socket.create_connection(("127.0.0.1", p3s.port)))
+    sock.sendall(heartbeat_request(pilot, secret) * 2 + b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+                 + heartbeat_request(pilot, secret))
+    sock.shutdown(socket.SHUT_WR)
+    answers = read_answers(sock, 4)
+    assert [status for status, _ in answers] == ["HTTP/1.1 200 OK"] * 4, answers
+    assert sock.recv(100) == b"", "the server kept a connection whose client had ended"
+
+
 def test_a_client_that_reads_no_answers_holds_up_no_one_and_is_cut_off(start_server, closing):
     """60,000 heartbeats sent on a connection that never reads its answers. The server reads
     only LOOP_INBOX ahead of what it has answered, so the rest waits in kernel buffers, not in
