@@ -164,6 +164,11 @@ def bad(message):
     return ApiError(400, message)
 
 
+class WriterBusy(Exception):
+    """The connection loop's write found the write lock or the database taken (a big
+    submission, an outside sqlite3 shell): its request is handed to a thread, which waits."""
+
+
 class StartupError(Exception):
     """The server cannot start as configured (token, schema, ...): main() prints it, exits 2."""
 
@@ -567,14 +572,24 @@ def statements(script):
             pending = ""
 
 
+@contextlib.contextmanager
+def busy_timeout(conn, ms):
+    """Within the block, `conn` waits at most `ms` for a lock another connection holds."""
+    conn.execute(f"PRAGMA busy_timeout={int(ms)}")
+    try:
+        yield conn
+    finally:
+        conn.execute(f"PRAGMA busy_timeout={BUSY_MS}")
+
+
 def connect(path):
     """Open a connection tuned for many short transactions from many threads."""
-    conn = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+    conn = sqlite3.connect(path, timeout=BUSY_MS / 1000, isolation_level=None, check_same_thread=False)
     conn.row_factory = sqlite3.Row
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
-    conn.execute("PRAGMA busy_timeout=30000")
+    conn.execute(f"PRAGMA busy_timeout={BUSY_MS}")
     conn.execute(f"PRAGMA journal_size_limit={WAL_LIMIT}")
     # a statement journal (an UPDATE with triggers has one) stays in memory: otherwise a
     # temporary file is created and deleted in every transaction that writes a job
@@ -784,6 +799,7 @@ def parse_age(value, field="age"):
 # UPDATE plus its events row), and the SQL of an operation sits in the operation that owns its
 # transaction. Below the class: the transitions, row lookups and the lists' query helpers.
 ################################################################################################
+BUSY_MS = 30000         # how long a connection waits for a lock another one holds (an outside shell)
 MAX_BATCH = 16          # blocks one group commit carries at most: a crowd of writers never waits long
 
 
@@ -896,12 +912,20 @@ class Store:
         back alone; a commit that fails fails every block of its batch. (A big block, such as a
         submission, never shares: in a savepoint, sqlite's in-memory journal makes its time
         grow with the square of its size.) Validate before entering: the lock serialises writers."""
-        with self.queue_lock:
-            self.queued += 1
-        self.write_lock.acquire()
-        with self.queue_lock:
-            self.queued -= 1
+        if self._deferring():       # the connection loop never waits (see WriterBusy)
+            if not self.write_lock.acquire(blocking=False):
+                raise WriterBusy
+        else:
+            with self.queue_lock:
+                self.queued += 1
+            self.write_lock.acquire()
+            with self.queue_lock:
+                self.queued -= 1
         yield from (self._shared() if shared else self._alone())
+
+    def _deferring(self):
+        """Whether this thread's writes commit later: the connection loop's (commit_later)."""
+        return getattr(self.deferred, "joined", None) is not None
 
     def _alone(self):
         """A transaction of its own, the write lock held; an open batch commits first."""
@@ -910,7 +934,7 @@ class Store:
                 raise ApiError(503, "the server is shutting down; retry")
             self._commit_open_batch()
             conn = self.writer
-            conn.execute("BEGIN IMMEDIATE")
+            self._begin()
             try:
                 yield conn
                 conn.execute("COMMIT")
@@ -936,10 +960,10 @@ class Store:
             self._undo_block(batch, e)
             self._end_turn(batch)
             raise
-        joined = getattr(self.deferred, "joined", None)
-        self._end_turn(batch, deferred=joined is not None)
-        if joined is not None:
-            joined.append(batch)
+        deferring = self._deferring()
+        self._end_turn(batch, deferred=deferring)
+        if deferring:
+            self.deferred.joined.append(batch)
             return
         batch.done.wait()
         if batch.error is not None:
@@ -977,11 +1001,24 @@ class Store:
         if self.batch is not None and not self.writer.in_transaction:   # sqlite ended it (a full disk)
             self._settle(self.batch, sqlite3.OperationalError("the transaction was rolled back"))
         if self.batch is None:
-            self.writer.execute("BEGIN IMMEDIATE")
+            self._begin()
             self.batch = Batch()
         self.batch.blocks += 1
         self.writer.execute("SAVEPOINT block")
         return self.batch
+
+    def _begin(self):
+        """BEGIN IMMEDIATE on the writer; in the connection loop without waiting, so that a
+        database another process holds (a sqlite3 shell left in BEGIN) stalls no heartbeat."""
+        if not self._deferring():
+            return self.writer.execute("BEGIN IMMEDIATE")
+        try:
+            with busy_timeout(self.writer, 0):
+                self.writer.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e):
+                raise WriterBusy from None
+            raise
 
     def _undo_block(self, batch, error):
         """Roll back the block that raised, and only it; if sqlite ended the whole transaction
@@ -1051,11 +1088,8 @@ class Store:
         busy timeout, so housekeeping never waits long on that reader."""
         with self.write_lock, self.reading() as conn:
             self._commit_open_batch()
-            conn.execute("PRAGMA busy_timeout=100")
-            try:
+            with busy_timeout(conn, 100):
                 busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
-            finally:
-                conn.execute("PRAGMA busy_timeout=30000")
         return not busy
 
     def close(self):
@@ -5629,6 +5663,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(e.status, {"error": e.message})
         except CLIENT_GONE:
             self.close_connection = True    # it stopped sending (or left): nothing to answer
+        except WriterBusy:
+            raise                           # the connection loop's: a thread serves it again
         except Exception as e:
             self.answer_failure(e)
 
@@ -6119,7 +6155,7 @@ class ConnectionLoop:
             if request is TO_THREAD:
                 self.hand_to_thread(peer)
             elif request is not None:
-                answers.append(self.serve_here(peer, request))
+                answers += self.serve_here(peer, request)
             elif peer.ended:        # nothing whole left of what it sent
                 self.close(peer)
         return answers
@@ -6149,13 +6185,20 @@ class ConnectionLoop:
         return request
 
     def serve_here(self, peer, request):
+        """[its Answer], or [] when its write would wait for the database: a thread then serves
+        it, and the loop goes on (see WriterBusy)."""
         self.server.not_awaiting(peer)
-        peer.answering = True
         handler = Handler.for_one_request(self.server, peer, io.BytesIO(request), io.BytesIO())
-        with self.store.commit_later() as joined:
-            handler.handle_one_request()
+        try:
+            with self.store.commit_later() as joined:
+                handler.handle_one_request()
+        except WriterBusy:
+            peer.inbox[:0] = request
+            self.hand_to_thread(peer)
+            return []
+        peer.answering = True
         peer.authenticated = handler.authenticated
-        return Answer(peer, handler, joined)
+        return [Answer(peer, handler, joined)]
 
     def send(self, answer, error):
         """Send an answer, or, when the commit it waited for failed, what a thread's request

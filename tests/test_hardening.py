@@ -81,6 +81,31 @@ def test_an_outside_writer_holding_the_lock_past_the_lease_kills_nothing(tmp_pat
     assert all(server.job(u)["attempt"] == 1 for u in uuids)
 
 
+def test_a_report_arriving_while_an_outside_writer_holds_the_lock_holds_up_no_heartbeat(tmp_path, start_server):
+    """As above, and a job ends while the shell holds the lock: its report waits for the
+    database, but the pilots' heartbeats are answered meanwhile (the connection loop that
+    serves them never waits for the database), so nothing is killed or given away."""
+    import sqlite3
+    server = start_server(["--lease-beats", "5"])    # lease: 5 x 0.5 s
+    ledger, go = tmp_path / "ledger", tmp_path / "go"
+    record = f'echo "$P3S_JOB_UUID" >> {ledger}'
+    uuids = server.submit([shell_job(f"{record}; sleep 6.5", max_attempts=2)] * 2
+                          + [shell_job(f"{record}; until [ -e {go} ]; do sleep 0.05; done", max_attempts=2)])
+    for _ in uuids:
+        server.pilot("-p", "1", "-b", "0.5", "--kill-grace", "1")
+    wait_until(lambda: all(server.job(u)["state"] == "running" for u in uuids), 20, what="jobs running")
+    shell = sqlite3.connect(server.db, timeout=30, isolation_level=None)
+    shell.execute("BEGIN IMMEDIATE")
+    go.touch()                                       # the third job ends: its report must wait
+    time.sleep(5)                                    # twice the lease
+    shell.execute("ROLLBACK")
+    shell.close()
+    states = server.wait_jobs(uuids, timeout=30)
+    assert {s["state"] for s in states.values()} == {"finished"}, states
+    assert sorted(ledger.read_text().split()) == sorted(uuids), "a job ran twice"
+    assert all(server.job(u)["attempt"] == 1 for u in uuids)
+
+
 def test_a_server_stopped_for_less_than_the_lease_less_the_margin_kills_nothing(tmp_path, start_server):
     """README: a pilot kills its payload after lease - 2 heartbeats - kill grace without an answer;
     a server SIGSTOPped for a second less than that kills nothing."""
