@@ -572,6 +572,9 @@ def statements(script):
             pending = ""
 
 
+BUSY_MS = 30000         # how long a connection waits for a lock another one holds (an outside shell)
+
+
 @contextlib.contextmanager
 def busy_timeout(conn, ms):
     """Within the block, `conn` waits at most `ms` for a lock another connection holds."""
@@ -799,7 +802,6 @@ def parse_age(value, field="age"):
 # UPDATE plus its events row), and the SQL of an operation sits in the operation that owns its
 # transaction. Below the class: the transitions, row lookups and the lists' query helpers.
 ################################################################################################
-BUSY_MS = 30000         # how long a connection waits for a lock another one holds (an outside shell)
 MAX_BATCH = 16          # blocks one group commit carries at most: a crowd of writers never waits long
 
 
