@@ -28,6 +28,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -608,13 +609,18 @@ class Usage:
 
 
 def tail(path, size=TAIL_BYTES):
-    """The last `size` bytes of a log, as text (four system calls, no file object: twice a job)."""
+    """The last `size` bytes of a log, as text (four system calls, no file object: twice a job).
+    Only a regular file is read: the payload may have put a named pipe in its place, whose
+    open would wait for a writer for good (hence O_NONBLOCK, which a regular file ignores)."""
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError:
         return ""
     try:
-        end = os.fstat(fd).st_size
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            return ""
+        end = status.st_size
         return os.pread(fd, min(end, size), max(0, end - size)).decode("utf-8", "replace")
     except OSError:
         return ""

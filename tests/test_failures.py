@@ -274,6 +274,20 @@ def test_a_payload_gets_the_signals_python_ignores_back(p3s):
     assert not ignored & (1 << (13 - 1)), "SIGPIPE is ignored in the payload"
 
 
+def test_a_payload_that_swaps_its_log_for_a_named_pipe_hangs_no_pilot(p3s):
+    """A payload may do anything to its own log files: one that replaces its stdout log with a
+    named pipe must not leave its pilot blocked for good opening it to read the tail (opening a
+    FIFO waits for a writer that never comes). The job is reported, the pilot runs the next."""
+    swap = 'log=$(readlink /proc/$$/fd/1); rm "$log"; mkfifo "$log"; echo swapped >&2; exit 3'
+    first, second = p3s.submit([shell_job(swap), shell_job("echo next")])
+    result = p3s.run("pilot.py", "-c", "2", "-p", "1", "-L", p3s.logs, timeout=30)
+    assert result.returncode == 0, result.stderr
+    job = p3s.job(first)
+    assert job["state"] == "failed" and job["exit_code"] == 3 and "swapped" in job["stderr_tail"], job
+    assert job["stdout_tail"] == ""
+    assert p3s.job(second)["state"] == "finished"
+
+
 def test_pilot_refuses_an_unwritable_log_directory(p3s):
     blocker = p3s.dir / "a-file"
     blocker.write_text("")
