@@ -3238,8 +3238,10 @@ class Service:
         pending = self.store.read_one("SELECT COALESCE(SUM(count - registered), 0) FROM requests INDEXED BY "
                                       "requests_site WHERE site=? AND ts > ? AND state='open' AND expires > ?",
                                       (site["name"], t - MAX_SECONDS, t))[0]
+        failed = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM error_hosts WHERE bucket >= ? AND site = ?",
+                                     (int(t - 3600) // ERROR_BUCKET, site["name"]))[0]   # as /failures?since=1h
         nominal = site["pilots"] or 0
-        return {"finished_1h": jobs.get("finished", 0), "failed_1h": sum(jobs.get(s, 0) for s in FAILED_STATES),
+        return {"finished_1h": jobs.get("finished", 0), "failed_attempts_1h": failed,
                 "live": sum(live.values()), "pending": pending,
                 "missing": max(0, nominal - sum(live.values()) - pending), "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),
@@ -5062,7 +5064,7 @@ def render_pilot(d, query):
 
 
 SITE_HEADERS = ["site", "nominal pilots", "live", "pending", "running", "idle", "lost (1 h)", "ended (1 h)",
-                "jobs finished (1 h)", "jobs failed (1 h)", "mean pilot life (1 h)", "nominal life"]
+                "jobs finished (1 h)", "failed attempts (1 h)", "mean pilot life (1 h)", "nominal life"]
 
 
 def site_row(s):
@@ -5075,7 +5077,7 @@ def site_row(s):
             count_cell(s["idle"], href("/pilots", site=name, state="no jobs")),
             count_cell(s["lost_1h"], href("/pilots", site=name, state="lost")), esc(s["ended_1h"]),
             count_cell(s["finished_1h"], href("/jobs", ran_site=name, state="finished", ended="1h")),
-            count_cell(s["failed_1h"], href("/jobs", ran_site=name, state="problems", ended="1h"), True),
+            count_cell(s["failed_attempts_1h"], href("/failures", site=name, since="1h"), True),
             esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"]))]
 
 

@@ -211,14 +211,19 @@ def test_pilots_dying_young_raise_the_pilot_lifetime_alarm_but_one_kill_or_a_dra
     assert all(p.poll() is None for p in steady)
 
 
-def test_the_sites_page_counts_the_jobs_each_sites_pilots_finished_and_failed(p3s):
+def test_the_sites_page_counts_each_sites_finished_jobs_and_failed_attempts_as_the_lists_it_links(p3s):
+    """A site's failures are its failed attempts, a retried job's too (a site that fails every
+    first attempt is sick though its jobs end well), counted as the /failures list it links
+    to shows them: one failed job and one retried twice are 3 failed attempts, 3 rows."""
     p3s.api.define_site("lxvm")
     p3s.api.define_site("neut")
-    p3s.submit([shell_job("true"), shell_job("true"), shell_job("exit 3")])
-    assert p3s.run("pilot.py", "-s", "lxvm", "-c", "3", "-p", "0", "-L", p3s.logs).returncode == 0
+    p3s.submit([shell_job("true"), shell_job("true"), shell_job("exit 3"), shell_job("exit 4", max_attempts=2)])
+    assert p3s.run("pilot.py", "-s", "lxvm", "-c", "5", "-p", "0", "-L", p3s.logs).returncode == 0
     p3s.submit([shell_job("true")])
     assert p3s.run("pilot.py", "-s", "neut", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0
     sites = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
-    assert [(s["name"], s["finished_1h"], s["failed_1h"]) for s in sites] == [("lxvm", 2, 1), ("neut", 1, 0)]
+    assert [(s["name"], s["finished_1h"], s["failed_attempts_1h"]) for s in sites] == [("lxvm", 2, 3), ("neut", 1, 0)]
     page = p3s.page("/sites")
-    assert '<span class="bad"><a href="/jobs?ran_site=lxvm&amp;state=problems&amp;ended=1h">1</a></span>' in page
+    assert '<span class="bad"><a href="/failures?site=lxvm&amp;since=1h">3</a></span>' in page
+    listed = p3s.api.call("GET", "/failures", query={"site": "lxvm", "since": "1h", "format": "json"})
+    assert listed["total"] == 3 and len(listed["failures"]) == 3

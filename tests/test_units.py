@@ -225,7 +225,7 @@ def rendered_pages():
                 "datasets": []}
     query = {"state": HOSTILE}
     site = {"name": HOSTILE, "pilots": 3, "tolerance": None, "live": 1, "running": 0, "idle": 1, "lost_1h": 0,
-            "finished_1h": 2, "failed_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None,
+            "finished_1h": 2, "failed_attempts_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None,
             "server": HOSTILE, "period": 1, "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE},
             "pilots_list": [pilot], "page": 1, "more": False, "limit": 25, "pending": 0, "missing": 2, "factory": HOSTILE,
             "factory_period": 60, "keep_hours": None,
