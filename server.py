@@ -1373,14 +1373,17 @@ def page_window(query):
     return limit, (page - 1) * limit, page
 
 
-def page_of(store, table, query, filters, columns="*"):
-    """One page of `table`, newest first, filtered by equality on the query's `filters` keys."""
-    where, args = where_equal(query, filters)
+def page_of(store, table, query, filters, columns="*", since=None):
+    """One page of `table`, newest first, filtered by equality on the query's `filters` keys;
+    `since` = (parameter, column): also only rows whose column is within that age (ended=1h)."""
+    aged = [(f"{since[1]} >= ?", now() - parse_age(query[since[0]]))] if since and query.get(since[0]) else []
+    where, args = where_equal(query, filters, aged)
     limit, offset, page = page_window(query)
     rows = store.read(f"SELECT {columns} FROM {table}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
                       args + [limit + 1, offset])
+    shown = (*filters, *since[:1]) if since else filters
     return [dict(r) for r in rows[:limit]], {"page": page, "limit": limit, "more": len(rows) > limit,
-                                             "filters": {k: query[k] for k in filters if query.get(k)}}
+                                             "filters": {k: query[k] for k in shown if query.get(k)}}
 
 
 ################################################################################################
@@ -4214,7 +4217,7 @@ class Views:
 
     # -- pilots -----------------------------------------------------------------------------------
     def pilots(self, query):
-        rows, paging = page_of(self.store, "pilots", query, ("state", "site", "host"))
+        rows, paging = page_of(self.store, "pilots", query, ("state", "site", "host"), since=("ended", "ts_stop"))
         t = now()
         pilots = [pilot_view(r, t) for r in rows]
         current = {p["job"] for p in pilots if p["job"]}
@@ -5046,7 +5049,7 @@ PILOT_HEADERS = ["pilot", "state", "host", "pid", "site", "jobtypes", "life", "l
 
 
 def render_pilots(d, query):
-    body = (filter_form(("state", "site", "host"), query, d["choices"]) + pager(d, query) +
+    body = (filter_form(("state", "site", "host", "ended"), query, d["choices"]) + pager(d, query) +
             table(PILOT_HEADERS, [pilot_row(p) for p in d["pilots"]], "list"))
     return page("Pilots", body, query)
 
@@ -5075,7 +5078,8 @@ def site_row(s):
     return [link(f"/site/{name}", name), esc(s["pilots"]), live, esc(s["pending"]),
             count_cell(s["running"], href("/pilots", site=name, state="running")),
             count_cell(s["idle"], href("/pilots", site=name, state="no jobs")),
-            count_cell(s["lost_1h"], href("/pilots", site=name, state="lost")), esc(s["ended_1h"]),
+            count_cell(s["lost_1h"], href("/pilots", site=name, state="lost", ended="1h")),
+            count_cell(s["ended_1h"], href("/pilots", site=name, ended="1h")),
             count_cell(s["finished_1h"], href("/jobs", ran_site=name, state="finished", ended="1h")),
             count_cell(s["failed_attempts_1h"], href("/failures", site=name, since="1h"), True),
             esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"]))]

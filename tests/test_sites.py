@@ -1,4 +1,5 @@
 """Operating a fleet: sites with the original's fields, and job-type caps enforced at claim time."""
+import contextlib
 import json
 import os
 import subprocess
@@ -227,3 +228,22 @@ def test_the_sites_page_counts_each_sites_finished_jobs_and_failed_attempts_as_t
     assert '<span class="bad"><a href="/failures?site=lxvm&amp;since=1h">3</a></span>' in page
     listed = p3s.api.call("GET", "/failures", query={"site": "lxvm", "since": "1h", "format": "json"})
     assert listed["total"] == 3 and len(listed["failures"]) == 3
+
+
+def test_a_sites_pilots_ended_in_the_last_hour_link_to_those_pilots_only(p3s):
+    """`ended (1 h)` and `lost (1 h)` open the pilots they count (/pilots?ended=1h), not every
+    pilot that ever ended there: one that ended two hours ago is in neither."""
+    import sqlite3
+    p3s.api.define_site("lxvm")
+    for _ in range(2):
+        assert p3s.run("pilot.py", "-s", "lxvm", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0
+    old, recent = [p["uuid"] for p in p3s.api.list_pilots()][::-1]
+    with contextlib.closing(sqlite3.connect(p3s.db, timeout=30)) as db, db:
+        db.execute("UPDATE pilots SET ts_stop = ts_stop - 7200 WHERE uuid = ?", (old,))
+    [site] = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
+    assert site["ended_1h"] == 1
+    assert '<a href="/pilots?site=lxvm&amp;ended=1h">1</a>' in p3s.page("/sites")
+    shown = p3s.api.call("GET", "/pilots", query={"site": "lxvm", "ended": "1h", "format": "json"})["pilots"]
+    assert [p["uuid"] for p in shown] == [recent]
+    assert 'name="ended" value="1h"' in p3s.page("/pilots?site=lxvm&ended=1h")
+    p3s.page("/pilots?ended=soon", status=400)

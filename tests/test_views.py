@@ -25,7 +25,7 @@ def test_jobs_tell_the_site_asked_for_from_where_they_ran_and_sites_link_to_them
     assert [j["uuid"] for j in jobs_json(p3s, ran_site="cern", state="problems", ended="1h")] == [at_cern]
     sites = p3s.page("/sites")
     assert 'href="/jobs?ran_site=np04&amp;state=finished&amp;ended=1h">1</a>' in sites
-    assert 'href="/jobs?ran_site=cern&amp;state=problems&amp;ended=1h">1</a>' in sites
+    assert 'href="/failures?site=cern&amp;since=1h">1</a>' in sites    # its one failed attempt
     listing = p3s.page("/jobs")
     assert "ran at" in listing and "asked for" in listing and 'href="/jobs?ran_site=np04">np04</a>' in listing
     assert "per page:" in listing and 'href="?limit=400">400</a>' in listing
