@@ -3750,7 +3750,15 @@ def parse_run_range(value):
 
 
 PLACED_ERRORS = 20          # /errors says where the 20 most frequent failures happened
-FAILURE_WINDOWS = {"1h": 3600, "24h": 86400, "7d": 7 * 86400}   # /failures?since=: as the summary's
+FAILURE_WINDOWS = {"1m": 60, "10m": 600, "1h": 3600, "24h": 86400, "7d": 7 * 86400}    # /failures?since=
+
+
+def failures_since(window, t):
+    """Where a /failures window starts: for an hour or more, at the start of the error
+    summary's 10-minute bucket, so that its counts agree; a shorter one (the summary's jobs
+    ended in the last minute) exactly."""
+    seconds = FAILURE_WINDOWS[window]
+    return t - seconds if seconds < 3600 else int(t - seconds) // ERROR_BUCKET * ERROR_BUCKET
 
 
 def most_first(rows):
@@ -3912,9 +3920,8 @@ class Views:
         default, all that is kept; from the start of the summary's 10-minute bucket, so the
         counts agree)."""
         window = as_choice(query.get("since") or "7d", "since", tuple(FAILURE_WINDOWS))     # all that is kept
-        since = int(now() - FAILURE_WINDOWS[window]) // ERROR_BUCKET * ERROR_BUCKET
-        where, args = ["f.ts >= ?"], [since]
-        for key in ("jobtype", "reason", "site", "host"):
+        where, args = ["f.ts >= ?"], [failures_since(window, now())]
+        for key in ("jobtype", "reason", "site", "host", "state"):
             if query.get(key):
                 where.append(f"f.{key} = ?")
                 args.append(query[key])
@@ -3927,8 +3934,9 @@ class Views:
             "ORDER BY f.ts DESC, f.id DESC LIMIT ? OFFSET ?", args + [limit + 1, offset])]
         total = self.store.read_one(f"SELECT COUNT(*) FROM {tables} WHERE {conditions}", args)[0]
         return {"failures": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit, "total": total,
-                "since": window, "filters": {k: query[k] for k in ("jobtype", "reason", "site", "host") if query.get(k)},
-                "choices": {"since": list(FAILURE_WINDOWS), "jobtype": self.known_jobtypes()}}
+                "since": window, "filters": {k: query[k] for k in ("jobtype", "reason", "site", "host", "state")
+                                             if query.get(k)},
+                "choices": {"since": list(FAILURE_WINDOWS), "jobtype": self.known_jobtypes(), "state": FAILED_STATES}}
 
     def activity(self, t, query=None, jobtype=None):
         """The charts over a range (?range=15m, 1h, 6h, 24h or 7d; by default the shortest that holds
@@ -3966,10 +3974,13 @@ class Views:
         return next((n for n, (span, _) in CHART_RANGES.items() if age <= span), "24h") if age < 86400 else "24h"
 
     def ended_counts(self, t):
-        """Jobs ended per state in each window, summed from the 10-second buckets."""
+        """Per window: the jobs finished or cancelled (summed from the 10-second buckets), and
+        the attempts failed, timed out or pilotTO, a retried job's too, counted as /failures lists
+        them in that window."""
         return {label: {r["state"]: r["n"] for r in self.store.read(
-                    "SELECT state, SUM(n) AS n FROM job_ends WHERE bucket >= ? GROUP BY state",
-                    (int(t - seconds) // 10,))}
+                    "SELECT state, SUM(n) AS n FROM job_ends WHERE bucket >= ? AND state IN ('finished', 'cancelled') "
+                    "GROUP BY state UNION ALL SELECT state, COUNT(*) FROM attempt_failures INDEXED BY "
+                    "attempt_failures_ts WHERE ts >= ? GROUP BY state", (int(t - seconds) // 10, failures_since(label, t)))}
                 for label, seconds in WINDOWS}
 
     def recent_failures(self, n):
@@ -4498,8 +4509,9 @@ def render_summary(d, query):
     by_type = table(["jobtype"] + [state_cell(s) for s in states] + ["total", "cap"], type_rows + all_row)
     pilots = table([state_cell(s) for s in d["pilots_by_state"]],
                    [[link(href("/pilots", state=s), n) for s, n in d["pilots_by_state"].items()]])
-    ended = table(["window", "finished", "failed", "timeout", "pilotTO", "cancelled"],
-                  [[esc(w)] + [count_cell(c.get(s, 0), href("/jobs", state=s), s in FAILED_STATES)
+    ended = table(["in the last", "finished", "failed", "timeout", "pilotTO", "cancelled"],
+                  [[esc(w)] + [count_cell(c.get(s, 0), href("/failures", state=s, since=w) if s in FAILED_STATES
+                                          else href("/jobs", state=s, ended=w), s in FAILED_STATES)
                                for s in END_JOB_STATES] for w, c in d["ended"].items()])
     lat = d["latency"]
     latency = (f"<p>Submit-to-start latency, median over the last hour: <b>{lat['median_s'] * 1000:.0f} ms</b> "
@@ -4513,7 +4525,8 @@ def render_summary(d, query):
             f"<h2>Jobs by type and state</h2>{by_type}"
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2><p class='head'>every failed attempt, "
             f"the retried ones too (a count opens them, with what became of each job)</p>{error_table(d['errors'])}"
-            f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>{ended}{latency}")
+            f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2><p class='head'>failed, timeout and pilotTO count every "
+            f"attempt, a retried job's too; a count opens what it counts</p>{ended}{latency}")
     return page("Summary", body, query)
 
 
@@ -4654,7 +4667,7 @@ def render_failures(d, query):
             for f in d["failures"]]
     intro = ("<p class='head'>Each failed, timed-out or pilotTO attempt, a retried job's too, newest first: what "
              f"the {link('/errors', 'error summary')} counts. <b>now</b> is what became of its job.</p>")
-    form = filter_form(["jobtype", "reason", "site", "host", "since"], query, choices=d["choices"],
+    form = filter_form(["jobtype", "reason", "site", "host", "state", "since"], query, choices=d["choices"],
                        labels={"reason": "reason (folded)", "since": "in the last"})
     return page("Failed attempts", intro + form + pager(d, query, "attempts") +
                 table(["ended", "job", "jobtype", "try", "input file", "state", "exit", "ran at", "reason", "now"],

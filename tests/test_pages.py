@@ -36,6 +36,22 @@ def run_jobs(p3s, jobs, *pilot_args):
     return uuids
 
 
+def test_the_summarys_jobs_ended_open_what_they_count(p3s):
+    """Jobs ended in a window: each count links to a list of as many rows. A job that failed
+    twice (retried once) is two failed attempts, listed on /failures; a finished job is listed
+    on /jobs with ended= the window."""
+    p3s.submit([shell_job("true"), shell_job("exit 4", max_attempts=2)])
+    p3s.run("pilot.py", "-c", 3, "-p", "0", "-L", p3s.logs)
+    ended = get_json(p3s, "/")["ended"]["1h"]
+    assert (ended["finished"], ended["failed"]) == (1, 2)
+    page = get(p3s, "/")
+    assert '<a href="/failures?state=failed&amp;since=1h">2</a>' in page
+    assert '<a href="/jobs?state=finished&amp;ended=1h">1</a>' in page
+    assert get_json(p3s, "/failures?state=failed&since=1h")["total"] == 2
+    assert len(get_json(p3s, "/jobs?state=finished&ended=1h")["jobs"]) == 1
+    assert get_json(p3s, "/failures?state=timeout&since=1m")["total"] == 0
+
+
 def test_summary_shows_counts_failures_latency_and_alarms(served):
     ok1, ok2, bad = run_jobs(served, [shell_job("true"), shell_job("true", jobtype="dqm"),
                                       shell_job("echo broken >&2; exit 3", name="broken")])
