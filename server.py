@@ -3279,7 +3279,7 @@ class Service:
         if lost:
             many = lost > 1 and (lost >= self.lost_count or lost > self.lost_share * (live + lost))   # never one
             alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour ({live} alive)",
-                                "/pilots?state=lost", critical=many))
+                                "/pilots?state=lost&ended=1h", critical=many))
         for site in self.list_sites()["sites"]:
             alarms += self.site_alarms(site, self.site_figures(site, t))
         free = self.images.free_bytes()
@@ -3469,7 +3469,9 @@ class Service:
         return {"name": name, "retired": True}
 
     def failure_alarms(self, t):
-        """Job types whose jobs mostly fail: from per-minute end counts of the last hour."""
+        """Job types whose attempts mostly fail (a retried job's first tries count: a type that
+        fails every first try is broken though its jobs end well): from the per-minute end counts
+        of the last hour; the alarm links to those attempts."""
         ended = {}
         for r in self.store.read("SELECT jobtype, state, SUM(n) AS n FROM ends WHERE bucket >= ? "
                                  "GROUP BY jobtype, state", (int(t - 3600) // 60,)):
@@ -3478,9 +3480,9 @@ class Service:
         for jobtype, states in sorted(ended.items()):
             total, bad_ones = sum(states.values()), sum(states.get(s, 0) for s in FAILED_STATES)
             if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
-                found.append(alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} jobs ended failed, timeout "
+                found.append(alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} attempts ended failed, timeout "
                                    f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
-                                   "/jobs?" + urlencode({"jobtype": jobtype, "state": "problems"}), jobtype=jobtype))
+                                   "/failures?" + urlencode({"jobtype": jobtype, "since": "1h"}), jobtype=jobtype))
         return found
 
     def site_alarms(self, site, figures):

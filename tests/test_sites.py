@@ -126,9 +126,10 @@ def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
     assert raised() == [], "raised with fewer than 5 jobs ended"
     p3s.submit([shell_job("exit 3", jobtype="purity")] + [shell_job("true", jobtype="monitor")] * 6)
     p3s.run("pilot.py", "-c", "7", "-p", "1", "-L", p3s.logs)
-    assert raised() == ["purity: 4 of 5 jobs ended failed, timeout or pilotTO in the last hour (80%)"]
+    assert raised() == ["purity: 4 of 5 attempts ended failed, timeout or pilotTO in the last hour (80%)"]
     [link] = [a["link"] for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "failure_rate"]
-    assert link == "/jobs?jobtype=purity&state=problems", "the link lists what the alarm counts"
+    assert link == "/failures?jobtype=purity&since=1h"
+    assert json.loads(p3s.page(link + "&format=json"))["total"] == 4, "the link lists what the alarm counts"
     p3s.submit([shell_job("true", jobtype="purity")] * 4)
     p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs)
     assert raised() == [], "4 of 9 is under half: the alarm should clear"
