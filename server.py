@@ -3500,7 +3500,8 @@ class Service:
         if site["pilotlife"] and len(lives) >= self.lifetime_min_ended and life < site["pilotlife"] / 2:
             found.append(alarm("pilot_lifetime", f"{site['name']}: {len(lives)} pilots lost in the last hour "
                                f"lived {life:.0f} s (median) of {site['pilotlife']:g} s nominal",
-                               "/pilots?" + urlencode({"site": site["name"], "state": "lost"}), site=site["name"]))
+                               "/pilots?" + urlencode({"site": site["name"], "state": "lost", "ended": "1h"}),
+                               site=site["name"]))
         return found
 
     def delete_site(self, name):
