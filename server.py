@@ -3919,9 +3919,8 @@ class Views:
     def failures(self, query):
         """What the error summary counts, one failed attempt a row (a retried job's too), newest
         first, with where it ran and what became of its job. Filters: jobtype and reason (folded,
-        as the summary shows it), site and host, and the window (`since`: 1h, 24h or 7d, the
-        default, all that is kept; from the start of the summary's 10-minute bucket, so the
-        counts agree)."""
+        as the summary shows it), site, host and state, and the window (`since`, 7d by default:
+        all that is kept; see failures_since)."""
         window = as_choice(query.get("since") or "7d", "since", tuple(FAILURE_WINDOWS))     # all that is kept
         where, args = ["f.ts >= ?"], [failures_since(window, now())]
         for key in ("jobtype", "reason", "site", "host", "state"):
@@ -3983,7 +3982,8 @@ class Views:
         return {label: {r["state"]: r["n"] for r in self.store.read(
                     "SELECT state, SUM(n) AS n FROM job_ends WHERE bucket >= ? AND state IN ('finished', 'cancelled') "
                     "GROUP BY state UNION ALL SELECT state, COUNT(*) FROM attempt_failures INDEXED BY "
-                    "attempt_failures_ts WHERE ts >= ? GROUP BY state", (int(t - seconds) // 10, failures_since(label, t)))}
+                    "attempt_failures_ts WHERE ts >= ? GROUP BY state",
+                    (int(t - seconds) // 10, failures_since(label, t)))}
                 for label, seconds in WINDOWS}
 
     def recent_failures(self, n):
@@ -4528,8 +4528,9 @@ def render_summary(d, query):
             f"<h2>Jobs by type and state</h2>{by_type}"
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2><p class='head'>every failed attempt, "
             f"the retried ones too (a count opens them, with what became of each job)</p>{error_table(d['errors'])}"
-            f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2><p class='head'>failed, timeout and pilotTO count every "
-            f"attempt, a retried job's too; a count opens what it counts</p>{ended}{latency}")
+            f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>"
+            f"<p class='head'>failed, timeout and pilotTO count every attempt, a retried job's too; a count "
+            f"opens what it counts</p>{ended}{latency}")
     return page("Summary", body, query)
 
 
