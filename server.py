@@ -5091,7 +5091,8 @@ def site_row(s):
     short = s["pilots"] and s["live"] < s["pilots"] * (1 - (SITE_TOLERANCE if s["tolerance"] is None
                                                          else s["tolerance"]))
     name = s["name"]
-    live = count_cell(s["live"], href("/pilots", site=name), short)
+    live = (count_cell(s["live"], href("/pilots", site=name), short) if s["live"] or not short
+            else '<span class="bad">0</span>')      # none live of a nominal few: the worst, in red
     return [link(f"/site/{name}", name), esc(s["pilots"]), live, esc(s["pending"]),
             count_cell(s["running"], href("/pilots", site=name, state="running")),
             count_cell(s["idle"], href("/pilots", site=name, state="no jobs")),

@@ -104,6 +104,7 @@ def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
     [alarm] = raised()
     assert alarm["message"] == "lxvm: 0 live pilots of 3 nominal" and alarm["link"] == "/site/lxvm"
     assert alarm["explained_by"] == "no_pilots", "with no pilot alive at all, one problem: no_pilots"
+    assert '<td><span class="bad">0</span></td>' in p3s.page("/sites"), "0 live of 3 nominal, not in red"
     metrics = p3s.api.call("GET", "/metrics", query={"format": "json"})
     assert metrics["alarms"] == {"no_pilots": "warning"}, "nothing waits: no_pilots is a warning"
     p3s.pilot("-p", "1", "--jobtype", "elsewhere")             # alive, not at the site
