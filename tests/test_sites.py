@@ -239,13 +239,13 @@ def test_a_sites_pilots_ended_in_the_last_hour_link_to_those_pilots_only(p3s):
     p3s.api.define_site("lxvm")
     for _ in range(2):
         assert p3s.run("pilot.py", "-s", "lxvm", "-c", "1", "-p", "0", "-L", p3s.logs).returncode == 0
-    old, recent = [p["uuid"] for p in p3s.api.list_pilots()][::-1]
-    with contextlib.closing(sqlite3.connect(p3s.db, timeout=30)) as db, db:
-        db.execute("UPDATE pilots SET ts_stop = ts_stop - 7200 WHERE uuid = ?", (old,))
+    aged, kept = [p["uuid"] for p in p3s.api.list_pilots()]
+    with contextlib.closing(sqlite3.connect(p3s.db, timeout=30)) as db, db:     # it ended 2 h ago
+        db.execute("UPDATE pilots SET ts_stop = ts_stop - 7200 WHERE uuid = ?", (aged,))
     [site] = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
     assert site["ended_1h"] == 1
     assert '<a href="/pilots?site=lxvm&amp;ended=1h">1</a>' in p3s.page("/sites")
     shown = p3s.api.call("GET", "/pilots", query={"site": "lxvm", "ended": "1h", "format": "json"})["pilots"]
-    assert [p["uuid"] for p in shown] == [recent]
+    assert [p["uuid"] for p in shown] == [kept]
     assert 'name="ended" value="1h"' in p3s.page("/pilots?site=lxvm&ended=1h")
     p3s.page("/pilots?ended=soon", status=400)
