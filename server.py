@@ -1345,7 +1345,7 @@ def job_conditions(query, states, errors_only):
     (normalised) reason of the error summary's links."""
     conds = [("ts_def >= ?", now() - parse_age(query["age"]))] if query.get("age") else []
     if query.get("ended"):
-        conds.append(("ts_sto >= ?", now() - parse_age(query["ended"])))
+        conds.append(("ts_sto >= ?", now() - parse_age(query["ended"], "ended")))
     if query.get("reason"):
         conds.append(("reason LIKE ? ESCAPE '\\'", reason_pattern(query["reason"])))
     if errors_only:
@@ -1376,7 +1376,7 @@ def page_window(query):
 def page_of(store, table, query, filters, columns="*", since=None):
     """One page of `table`, newest first, filtered by equality on the query's `filters` keys;
     `since` = (parameter, column): also only rows whose column is within that age (ended=1h)."""
-    aged = [(f"{since[1]} >= ?", now() - parse_age(query[since[0]]))] if since and query.get(since[0]) else []
+    aged = [(f"{since[1]} >= ?", now() - parse_age(query[since[0]], since[0]))] if since and query.get(since[0]) else []
     where, args = where_equal(query, filters, aged)
     limit, offset, page = page_window(query)
     rows = store.read(f"SELECT {columns} FROM {table}{where} ORDER BY id DESC LIMIT ? OFFSET ?",

@@ -248,4 +248,4 @@ def test_a_sites_pilots_ended_in_the_last_hour_link_to_those_pilots_only(p3s):
     shown = p3s.api.call("GET", "/pilots", query={"site": "lxvm", "ended": "1h", "format": "json"})["pilots"]
     assert [p["uuid"] for p in shown] == [kept]
     assert 'name="ended" value="1h"' in p3s.page("/pilots?site=lxvm&ended=1h")
-    p3s.page("/pilots?ended=soon", status=400)
+    assert "ended: expected a number of seconds" in p3s.page("/pilots?ended=soon", status=400)

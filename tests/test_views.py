@@ -26,6 +26,7 @@ def test_jobs_tell_the_site_asked_for_from_where_they_ran_and_sites_link_to_them
     sites = p3s.page("/sites")
     assert 'href="/jobs?ran_site=np04&amp;state=finished&amp;ended=1h">1</a>' in sites
     assert 'href="/failures?site=cern&amp;since=1h">1</a>' in sites    # its one failed attempt
+    assert "ended: expected a number of seconds" in p3s.page("/jobs?ended=soon", status=400)
     listing = p3s.page("/jobs")
     assert "ran at" in listing and "asked for" in listing and 'href="/jobs?ran_site=np04">np04</a>' in listing
     assert "per page:" in listing and 'href="?limit=400">400</a>' in listing
