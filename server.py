@@ -3922,6 +3922,8 @@ class Views:
         as the summary shows it), site, host and state, and the window (`since`, 7d by default:
         all that is kept; see failures_since)."""
         window = as_choice(query.get("since") or "7d", "since", tuple(FAILURE_WINDOWS))     # all that is kept
+        if query.get("state"):
+            as_choice(query["state"], "state", FAILED_STATES)      # a failed attempt's states only
         where, args = ["f.ts >= ?"], [failures_since(window, now())]
         for key in ("jobtype", "reason", "site", "host", "state"):
             if query.get(key):

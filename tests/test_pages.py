@@ -50,6 +50,7 @@ def test_the_summarys_jobs_ended_open_what_they_count(p3s):
     assert get_json(p3s, "/failures?state=failed&since=1h")["total"] == 2
     assert len(get_json(p3s, "/jobs?state=finished&ended=1h")["jobs"]) == 1
     assert get_json(p3s, "/failures?state=timeout&since=1m")["total"] == 0
+    assert "state: " in get(p3s, "/failures?state=finished", status=400), "a finished attempt never failed"
 
 
 def test_summary_shows_counts_failures_latency_and_alarms(served):
