@@ -1376,12 +1376,13 @@ def page_window(query):
 def page_of(store, table, query, filters, columns="*", since=None):
     """One page of `table`, newest first, filtered by equality on the query's `filters` keys;
     `since` = (parameter, column): also only rows whose column is within that age (ended=1h)."""
-    aged = [(f"{since[1]} >= ?", now() - parse_age(query[since[0]], since[0]))] if since and query.get(since[0]) else []
+    param, column = since or (None, None)
+    aged = [(f"{column} >= ?", now() - parse_age(query[param], param))] if param and query.get(param) else []
     where, args = where_equal(query, filters, aged)
     limit, offset, page = page_window(query)
     rows = store.read(f"SELECT {columns} FROM {table}{where} ORDER BY id DESC LIMIT ? OFFSET ?",
                       args + [limit + 1, offset])
-    shown = (*filters, *since[:1]) if since else filters
+    shown = (*filters, param) if param else filters
     return [dict(r) for r in rows[:limit]], {"page": page, "limit": limit, "more": len(rows) > limit,
                                              "filters": {k: query[k] for k in shown if query.get(k)}}
 
@@ -3235,16 +3236,15 @@ class Service:
         ended = self.store.read("SELECT state, ts_stop - ts_reg AS life FROM pilots WHERE site=? AND state IN "
                                 "('stopped', 'lost') AND ts_stop > ? LIMIT 10000", (site["name"], t - 3600))
         lives = [r["life"] for r in ended]
-        jobs = {r["state"]: r["n"] for r in self.store.read(
-            "SELECT state, SUM(n) AS n FROM ends WHERE site=? AND bucket >= ? GROUP BY state",
-            (site["name"], int(t - 3600) // 60))}
+        finished = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM ends WHERE site=? AND bucket >= ? "
+                                       "AND state='finished'", (site["name"], int(t - 3600) // 60))[0]
         pending = self.store.read_one("SELECT COALESCE(SUM(count - registered), 0) FROM requests INDEXED BY "
                                       "requests_site WHERE site=? AND ts > ? AND state='open' AND expires > ?",
                                       (site["name"], t - MAX_SECONDS, t))[0]
         failed = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM error_hosts WHERE bucket >= ? AND site = ?",
                                      (int(t - 3600) // ERROR_BUCKET, site["name"]))[0]   # as /failures?since=1h
         nominal = site["pilots"] or 0
-        return {"finished_1h": jobs.get("finished", 0), "failed_attempts_1h": failed,
+        return {"finished_1h": finished, "failed_attempts_1h": failed,
                 "live": sum(live.values()), "pending": pending,
                 "missing": max(0, nominal - sum(live.values()) - pending), "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),
@@ -6095,9 +6095,10 @@ class ConnectionLoop:
     other request, and any the loop does not see plainly framed (no Content-Length, a
     Transfer-Encoding, Expect, a folded line, a bare LF, a head or body too big to buffer), is
     read and answered on the socket by a worker thread (Workers), the Handler as it always was,
-    and the connection comes back to the loop afterwards; so is a report that finds the write lock taken (a big
-    submission), so that no heartbeat waits behind a long writer. Deadlines and displacement
-    stay the server's (awaiting)."""
+    and the connection comes back to the loop afterwards. So is a report whose write would wait,
+    for our write lock (a big submission) or for the database (an outside sqlite3 shell): the
+    loop never waits for a writer, so no heartbeat does (WriterBusy). Deadlines and
+    displacement stay the server's (awaiting)."""
 
     def __init__(self, server):
         self.server, self.store = server, server.service.store
@@ -6249,13 +6250,13 @@ class ConnectionLoop:
         except OSError:
             return self.close(peer)
         del peer.outbox[:sent]
-        if peer.outbox:             # a client slow to read: the rest when it can take it, by its deadline
-            self.await_request(peer)
-            return self.watch(peer, selectors.EVENT_WRITE)
-        if peer.closing:
+        if peer.closing and not peer.outbox:
             return self.close(peer)
         self.await_request(peer)
-        self.read_on(peer)
+        if peer.outbox:             # a client slow to read: the rest when it can take it, by its deadline
+            self.watch(peer, selectors.EVENT_WRITE)
+        else:
+            self.read_on(peer)
 
     def read_on(self, peer):
         """Serve what it sent, and read more of it only while the loop holds less than
