@@ -12,10 +12,10 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
                               row lookups and the query helpers of the lists
     Workflow engine           GraphML, DAG checks, file names, instantiating and advancing DAGs
     Lifecycle rules           how jobs enter, retry, end, are cancelled or freed from a pilot
-    Service                   the lease clock (Leases, in memory), then the operations behind
-                              the API, in sub-banners: brokerage,
-                              workflows, then jobs, pilot protocol, sites and alarms,
-                              services, housekeeping
+    Service                   the operations behind the API, in sub-banners: brokerage,
+                              workflows, published images, alarms (Notifier, Alarms), then
+                              the lease clock (Leases, in memory) and Service itself: jobs,
+                              pilot protocol, sites, factories, services, housekeeping
     Views                     the data behind every page (also the pages' JSON twins)
     HTML pages                pure renderers: a dict in, an HTML string out
     HTTP                      the routes and pages tables, Handler, P3SServer
@@ -99,13 +99,8 @@ PURGE_BATCH = 1000                  # rows of each kind one retention pass may d
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
-ALARMS = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
-          "service_silent", "starving", "disk_low", "db_failing")   # the alarms, also as /metrics gauges
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
-# A critical alarm means a person must act now, and is sent at once; the rest are warnings,
-# sent once they have lasted ALARM_DELAY. no_pilots is critical while work waits, pilots_lost
-# once the lost pilots pass LOST_SHARE of the live ones or LOST_COUNT.
-CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate", "pilots_lost")
+# Alarms: their tunables (the rules they feed are stated once, in the Alarms class).
 ALARM_DELAY = 15 * 60               # seconds a warning lasts before it is sent to a person
 LOST_SHARE, LOST_COUNT = 0.2, 5
 LIFETIME_MIN_ENDED = 5              # pilot_lifetime: pilots lost in the hour before it may be raised
@@ -1235,41 +1230,6 @@ def service_view(row, t):
     """A service as pages and the API show it: silent only if it promised a period and broke it."""
     silent = bool(row["period"]) and not row["retired"] and t - row["ts"] > SILENT_PERIODS * row["period"]
     return dict(row, silent=silent, age=t - row["ts"])
-
-
-def alarm(name, message, link, critical=None, **labels):
-    """One alarm: its name, a key that tells apart the alarms of one name (by site, job type,
-    service), severity, message and link. `critical` overrides the name's usual severity."""
-    critical = name in CRITICAL if critical is None else critical
-    key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service") if k in labels)])
-    return {"name": name, "key": key, "severity": "critical" if critical else "warning", "message": message,
-            "link": link, **labels}
-
-
-def explain(alarms):
-    """Root causes hide their symptoms: with no pilot alive, the sites below nominal and the
-    starving jobs are that one problem; a site with no live pilot at all explains its starving
-    job types. The symptoms stay in the list with `explained_by`, and are not shown apart."""
-    keys = {a["key"] for a in alarms}
-    dead_sites = {a["site"] for a in alarms if a["name"] == "site_below_nominal" and not a["live"]}
-    for a in alarms:
-        if a["name"] in ("site_below_nominal", "starving") and "no_pilots" in keys:
-            a["explained_by"] = "no_pilots"
-        elif a["name"] == "starving" and a["site"] in dead_sites:
-            a["explained_by"] = f"site_below_nominal:{a['site']}"
-    return alarms
-
-
-def alarm_event(conn, t, a, kind, who="", why="", until=None):
-    conn.execute("INSERT INTO alarm_events(ts, key, name, kind, severity, message, who, why, until) "
-                 "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                 (t, a["key"], a["name"], kind, a["severity"], a["message"], who, why, until))
-
-
-def matching_ack(a, acks):
-    """The newest acknowledgement or silence that covers alarm `a`, if any."""
-    return next((k for k in acks if k["name"] == a["name"] and (not k["site"] or k["site"] == a.get("site"))
-                 and (not k["jobtype"] or k["jobtype"] == a.get("jobtype"))), None)
 
 
 def job_to_dict(row, full=True):
@@ -2572,7 +2532,355 @@ class Images:
             self.forget(set(chunk) - kept)
 
 
-# -- Service: jobs, pilot protocol, sites and alarms, services, housekeeping ----------------------
+# -- Service: alarms (what needs a person, and its delivery) --------------------------------------
+class Notifier:
+    """Delivers alarms to a person: a webhook (Mattermost's and Slack's incoming webhooks take
+    the {"text": ...} body; the structured fields ride along) and/or a command with the alarm in
+    its environment (mail, ntfy, a pager script). One thread, in order, outside every lock: a
+    receiver that hangs delays only the next message. A failed delivery is retried with
+    back-off (DELIVERY_BACKOFF, then given up), and each outcome reported (`report`).
+
+    Methods for the caller: send(alarm, "raised" or "cleared")."""
+
+    def __init__(self, webhook=None, command=None, report=None):
+        self.channels = [(kind, target) for kind, target in (("webhook", webhook), ("command", command)) if target]
+        self.report = report or (lambda result: None)
+        self.queue = queue.Queue()
+        self.delivered = 0
+        if self.channels:
+            threading.Thread(target=self.run, name="notifier", daemon=True).start()
+
+    def send(self, a, state):
+        for channel in self.channels:
+            self.queue.put((channel, self.message(a, state)))
+
+    def run(self):
+        while True:
+            (kind, target), message = self.queue.get()
+            for tries, wait in enumerate((0, *DELIVERY_BACKOFF), 1):
+                time.sleep(wait)
+                error = self.deliver(kind, target, message)
+                if error is None:
+                    self.delivered += 1
+                    self.report(f"delivered {self.delivered}; last: {message['text']}")
+                    break
+                self.report(f"{kind} failing (try {tries}): {error}; alarm: {message['text']}")
+            else:
+                log.error("alarm not delivered by %s after %d tries: %s", kind, tries, message["text"])
+
+    @staticmethod
+    def deliver(kind, target, message):
+        """None once delivered, else what went wrong."""
+        try:
+            if kind == "webhook":
+                request = urllib.request.Request(target, json.dumps(message).encode(), method="POST",
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT) as answer:
+                    answer.read()
+                return None
+            env = dict(os.environ, **{f"P3S_ALARM_{k.upper()}": str(v) for k, v in message.items()})
+            ran = subprocess.run(shlex.split(target), env=env, capture_output=True, text=True,
+                                 timeout=DELIVERY_TIMEOUT)
+            return None if ran.returncode == 0 else f"exit code {ran.returncode}: {ran.stderr.strip()[-200:]}"
+        except (OSError, ValueError, subprocess.TimeoutExpired, urllib.error.URLError) as e:
+            return str(e)[:300]
+
+    @staticmethod
+    def message(a, state):
+        """What a person gets: one line of text, and the alarm's fields."""
+        since = time.strftime("%H:%M", time.localtime(a["since"]))
+        word = a["severity"].upper() if state == "raised" else "cleared"
+        text = f"[p3s {word}] {a['message']} (since {since}; {socket.gethostname()} {a['link']})"
+        return {"text": text, "state": state, "name": a["name"], "key": a["key"], "severity": a["severity"],
+                "message": a["message"], "link": a["link"], "since": a["since"], "server": socket.gethostname()}
+
+
+class Alarms:
+    """What needs a person now, raised from bounded reads, remembered, and delivered.
+
+    Methods for the caller: raised() (the alarms now, ranked), acknowledge() and history()
+    (the routes), notice_starving(t) and record(t) (each housekeeping pass).
+
+    The rules, in one place:
+    - Severity: a critical alarm means a person must act now (CRITICAL; no_pilots only while
+      work waits, pilots_lost only once the lost pass lost_share of the pilots or lost_count);
+      the rest are warnings.
+    - What hides what: a root cause hides its symptoms (explain()): with no pilot alive, the
+      sites below nominal and the starving jobs; a site with no live pilot, its starving jobs.
+      A hidden alarm is listed with `explained_by`, never shown apart or sent.
+    - Ranking: criticals first, then the oldest.
+    - Delivery (Notifier): a critical at once, a warning once it lasted `delay`; each once per
+      raise, and its clear once if its raise was sent; a critical that eases to a warning is
+      a clear for whoever was told.
+    - Acknowledgements hold until the alarm clears (or for `for` seconds); silences for their
+      `for` seconds. Either greys the alarm and stops its delivery.
+    """
+    NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
+             "service_silent", "starving", "disk_low", "db_failing")   # also the /metrics gauges
+    CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate", "pilots_lost")
+
+    def __init__(self, service, no_new_work=0, starving_minutes=STARVING_MINUTES, settings=None):
+        self.svc, self.store = service, service.store
+        settings = {"delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
+                    "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
+                    **(settings or {})}
+        self.delay, self.lost_share = settings["delay"], settings["lost_share"]
+        self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
+        self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
+        self.told = set()           # alarm keys sent while the database could not record it
+        self.no_new_work = no_new_work      # minutes without a new job or workflow: alarm (0: off)
+        self.starving_minutes = starving_minutes
+        self.starving_since = {}            # (site, jobtype) -> when no live pilot could take them
+
+    # -- one alarm, and what explains it ----------------------------------------------------------
+    @staticmethod
+    def alarm(name, message, link, critical=None, **labels):
+        """One alarm: its name, a key that tells apart the alarms of one name (by site, job type,
+        service), severity, message and link. `critical` overrides the name's usual severity."""
+        critical = name in Alarms.CRITICAL if critical is None else critical
+        key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service") if k in labels)])
+        return {"name": name, "key": key, "severity": "critical" if critical else "warning", "message": message,
+                "link": link, **labels}
+
+    @staticmethod
+    def explain(alarms):
+        """Root causes hide their symptoms: with no pilot alive, the sites below nominal and the
+        starving jobs are that one problem; a site with no live pilot at all explains its starving
+        job types. The symptoms stay in the list with `explained_by`, and are not shown apart."""
+        keys = {a["key"] for a in alarms}
+        dead_sites = {a["site"] for a in alarms if a["name"] == "site_below_nominal" and not a["live"]}
+        for a in alarms:
+            if a["name"] in ("site_below_nominal", "starving") and "no_pilots" in keys:
+                a["explained_by"] = "no_pilots"
+            elif a["name"] == "starving" and a["site"] in dead_sites:
+                a["explained_by"] = f"site_below_nominal:{a['site']}"
+        return alarms
+
+    @staticmethod
+    def event(conn, t, a, kind, who="", why="", until=None):
+        conn.execute("INSERT INTO alarm_events(ts, key, name, kind, severity, message, who, why, until) "
+                     "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     (t, a["key"], a["name"], kind, a["severity"], a["message"], who, why, until))
+
+    @staticmethod
+    def matching_ack(a, acks):
+        """The newest acknowledgement or silence that covers alarm `a`, if any."""
+        return next((k for k in acks if k["name"] == a["name"] and (not k["site"] or k["site"] == a.get("site"))
+                     and (not k["jobtype"] or k["jobtype"] == a.get("jobtype"))), None)
+
+    # -- evaluation: the conditions, from bounded reads -------------------------------------------
+    def raised(self, query=None):
+        """What needs a person now, ranked: criticals first, then the oldest. Each alarm names
+        the problem, the figure and the list that shows it, with its severity, since when it is
+        raised, what explains it (a root cause hides its symptoms) and who acknowledged or
+        silenced it. Bounded reads only (counts tables, indexes), so the summary stays cheap."""
+        t = now()
+        found = self.explain(self.evaluate(t))
+        since = {r["key"]: r["since"] for r in self.store.read("SELECT key, since FROM alarm_state")}
+        acks = self.active_acks(t)
+        for a in found:
+            a["since"] = since.get(a["key"], t)
+            a["ack"] = self.matching_ack(a, acks)
+        found.sort(key=lambda a: (a["severity"] != "critical", a["since"], a["key"]))
+        return {"alarms": found}
+
+    def evaluate(self, t):
+        pilots = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM pilot_counts")}
+        live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
+        alarms = []
+        if not live:
+            waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
+            alarms.append(self.alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots",
+                                critical=waiting > 0))
+        lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?", (t - 3600,))[0]
+        if lost:
+            many = lost > 1 and (lost >= self.lost_count or lost > self.lost_share * (live + lost))   # never one
+            alarms.append(self.alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour ({live} alive)",
+                                "/pilots?state=lost&ended=1h", critical=many))
+        for site in self.svc.list_sites()["sites"]:
+            alarms += self.at_site(site, self.svc.site_figures(site, t))
+        free = self.svc.images.free_bytes()
+        if free is not None and free < 2 * self.svc.images.min_free:
+            alarms.append(self.alarm("disk_low", f"the server's disk has {free // 2 ** 20} MiB free: published images "
+                                f"are refused below {self.svc.images.min_free // 2 ** 20} MiB, and the database "
+                                "stops when it is full", "/api/health"))
+        if self.svc.hk_failing:
+            alarms.append(self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}", "/api/health"))
+        return alarms + self.failures(t) + self.flow(t) + self.starving(t)
+
+    def active_acks(self, t):
+        return [dict(r) for r in self.store.read("SELECT * FROM alarm_acks WHERE until IS NULL OR until > ? "
+                                                 "ORDER BY id DESC", (t,))]
+
+    def starving(self, t):
+        found = []
+        for (site, jobtype), (since, n) in sorted(self.starving_since.items()):
+            if t - since > self.starving_minutes * 60:
+                where = f" at site {site}" if site else ""
+                found.append(self.alarm("starving", f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
+                                   f"(for {(t - since) / 60:.0f} min)",
+                                   "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
+                                   site=site, jobtype=jobtype))
+        return found
+
+    def notice_starving(self, t):
+        """Housekeeping: which (site, jobtype) pairs of defined jobs no live pilot may take (by
+        site, jobtype, or a cap of 0), and since when; from the waiting counts and the live pilots."""
+        marks = ",".join("?" * len(LIVE_PILOT_STATES))
+        pilots = [(r["site"], json.loads(r["jobtypes"])) for r in self.store.read(
+            f"SELECT DISTINCT site, jobtypes FROM pilots INDEXED BY pilots_state WHERE state IN ({marks})", LIVE_PILOT_STATES)]
+        suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0")}
+        starving = {}
+        for r in self.store.read("SELECT site, jobtype, n FROM waiting WHERE n > 0"):
+            takers = [p for p in pilots if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])]
+            if r["jobtype"] in suspended or not takers:
+                pair = (r["site"], r["jobtype"])
+                starving[pair] = (self.starving_since.get(pair, (t, 0))[0], r["n"])
+        self.starving_since = starving
+
+    def flow(self, t):
+        """Data flow stopped: no new job or workflow for --alarm-no-new-work minutes, or a
+        service (an injector) silent for SILENT_PERIODS of its periods."""
+        found = []
+        if self.no_new_work:
+            last = max(self.store.read_one("SELECT COALESCE(MAX(ts_def), 0) FROM jobs")[0],
+                       self.store.read_one("SELECT COALESCE((SELECT ts_def FROM workflows ORDER BY id DESC "
+                                           "LIMIT 1), 0)")[0])
+            if t - max(last, self.svc.resumed) > self.no_new_work * 60:
+                found.append(self.alarm("no_new_work", f"no new job or workflow for {(t - last) / 60:.0f} minutes"
+                                   if last else "no job or workflow created yet", "/jobs"))
+        for svc in self.store.read("SELECT * FROM services WHERE period > 0 AND retired IS NULL "
+                                   "AND ts + ? * period < ?", (SILENT_PERIODS, t)):
+            found.append(self.alarm("service_silent", f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "
+                               f"(it reports every {svc['period']:g} s)", "/services", service=svc["name"]))
+        return found
+
+    # -- memory, acknowledgements, delivery -------------------------------------------------------
+    def record(self, t):
+        """Housekeeping: remember since when each alarm is raised, write its history, and send
+        it to a person: a critical one at once, a warning once it lasted alarm_delay, each once
+        per raise (and its clear, if its raise was sent); never one explained by another, or
+        acknowledged or silenced. Delivery runs in the notifier's thread, outside any lock."""
+        found = {a["key"]: a for a in self.raised()["alarms"]}
+        stored = {r["key"]: dict(r) for r in self.store.read("SELECT * FROM alarm_state")}
+        raised = [a for key, a in found.items() if key not in stored]
+        cleared = [r for key, r in stored.items() if key not in found]
+        changed = [a for key, a in found.items() if key in stored and stored[key]["severity"] != a["severity"]]
+        # a critical that became a warning (no_pilots once nothing waits) is over for whoever was told
+        eased = [stored[a["key"]] for a in changed if a["severity"] == "warning" and stored[a["key"]]["sent"]]
+        unsent = {r["key"] for r in eased} | {key for key, r in stored.items() if not r["sent"]}
+        due = [a for a in found.values() if (a["key"] in unsent or a["key"] not in stored)
+               and not a.get("explained_by") and not a["ack"]
+               and (a["severity"] == "critical" or t - a["since"] >= self.delay)]
+        if not (raised or cleared or changed or due):
+            return
+        try:
+            self.write_state(t, raised, changed, cleared, due)
+        except sqlite3.OperationalError:    # the database fails (db_failing, a full disk): a person
+            due = [a for a in due if a["key"] not in self.told]     # still hears of it, once
+            self.told.update(a["key"] for a in due)
+            cleared = eased = []
+        else:
+            self.told.clear()               # the database remembers what was sent
+        for a in due:
+            self.notifier.send(a, "raised")
+        for r in cleared + eased:
+            if r["sent"]:
+                self.notifier.send(r, "cleared")
+
+    def write_state(self, t, raised, changed, cleared, due):
+        """The alarms' memory and history, in one transaction (see record)."""
+        with self.store.transaction() as conn:
+            for a in raised:
+                conn.execute("INSERT OR REPLACE INTO alarm_state(key, name, severity, message, link, since) "
+                             "VALUES(:key, :name, :severity, :message, :link, :since)", a)
+                self.event(conn, t, a, "raised")
+            for a in changed:
+                conn.execute("UPDATE alarm_state SET severity=?, message=?, sent=0 WHERE key=?",
+                             (a["severity"], a["message"], a["key"]))
+                self.event(conn, t, a, "changed")
+            for r in cleared:
+                conn.execute("DELETE FROM alarm_state WHERE key=?", (r["key"],))
+                self.event(conn, t, r, "cleared")
+            conn.execute("DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
+                         "(SELECT name FROM alarm_state)")
+            for a in due:
+                conn.execute("UPDATE alarm_state SET sent=1 WHERE key=?", (a["key"],))
+
+    def acknowledge(self, body, who):
+        """Acknowledge an alarm (until it clears, or for `for` seconds) or silence it (for `for`
+        seconds, required), by name and optionally site or job type, saying who and why. An
+        acknowledged or silenced alarm is shown greyed and not sent to anyone."""
+        check_keys(body, "ack", ("name", "site", "jobtype", "kind", "who", "why", "for"))
+        ack = {"name": as_choice(body.get("name"), "name", self.NAMES),
+               "kind": as_choice(body.get("kind", "ack"), "kind", ("ack", "silence")),
+               "site": as_str(body.get("site", ""), "site", max_len=64),
+               "jobtype": as_str(body.get("jobtype", ""), "jobtype", max_len=64),
+               "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64),
+               "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300), "ts": now()}
+        if ack["kind"] == "silence" and "for" not in body:
+            raise bad("for: a silence needs a duration in seconds (it ends by itself)")
+        ack["until"] = ack["ts"] + as_number(body["for"], "for", 1, 30 * 86400) if "for" in body else None
+        with self.store.transaction() as conn:
+            ack["id"] = conn.execute("INSERT INTO alarm_acks(kind, name, site, jobtype, who, why, until, ts) VALUES("
+                                     ":kind, :name, :site, :jobtype, :who, :why, :until, :ts)", ack).lastrowid
+            key = ":".join(x for x in (ack["name"], ack["site"], ack["jobtype"]) if x)
+            self.event(conn, ack["ts"], {"key": key, "name": ack["name"], "severity": "", "message": ""},
+                        "acknowledged" if ack["kind"] == "ack" else "silenced", ack["who"], ack["why"], ack["until"])
+        return ack
+
+    def history(self, query):
+        """Every alarm raised, changed, acknowledged, silenced and cleared in the last `age`
+        (default 24 h), newest first: "what happened overnight?"."""
+        check_keys(query, "query", ("age", "format", "refresh"))
+        age = parse_age(query.get("age") or "24h")
+        rows = self.store.read("SELECT * FROM alarm_events INDEXED BY alarm_events_ts WHERE ts > ? "
+                               "ORDER BY ts DESC LIMIT 1000", (now() - age,))
+        return {"events": [dict(r) for r in rows]}
+
+    def delivery_status(self, result):
+        """The notifier's last outcome, as a line of the service `alarm delivery` (/services)."""
+        with contextlib.suppress(Exception):
+            self.svc.service_beat("alarm delivery", {"host": socket.gethostname(), "result": result[:1024]})
+
+    def failures(self, t):
+        """Job types whose attempts mostly fail (a retried job's first tries count: a type that
+        fails every first try is broken though its jobs end well): from the per-minute end counts
+        of the last hour; the alarm links to those attempts."""
+        ended = {}
+        for r in self.store.read("SELECT jobtype, state, SUM(n) AS n FROM ends WHERE bucket >= ? "
+                                 "GROUP BY jobtype, state", (int(t - 3600) // 60,)):
+            ended.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
+        found = []
+        for jobtype, states in sorted(ended.items()):
+            total, bad_ones = sum(states.values()), sum(states.get(s, 0) for s in FAILED_STATES)
+            if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
+                found.append(self.alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} attempts ended failed, timeout "
+                                   f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
+                                   "/failures?" + urlencode({"jobtype": jobtype, "since": "1h"}), jobtype=jobtype))
+        return found
+
+    def at_site(self, site, figures):
+        """A site below its nominal number of pilots, or whose pilots die young: lost (a pilot
+        that stopped, drained or finished its cycles ended on purpose), at least
+        lifetime_min_ended of them in the hour, so that one kill -9 is not an alarm."""
+        found = []
+        tolerance = SITE_TOLERANCE if site["tolerance"] is None else site["tolerance"]
+        if site["pilots"] and figures["live"] < site["pilots"] * (1 - tolerance):
+            found.append(self.alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
+                               f"{site['pilots']} nominal", f"/site/{site['name']}", site=site["name"],
+                               live=figures["live"]))
+        lives = figures["lost_lives_1h"]
+        life = median(lives)
+        if site["pilotlife"] and len(lives) >= self.lifetime_min_ended and life < site["pilotlife"] / 2:
+            found.append(self.alarm("pilot_lifetime", f"{site['name']}: {len(lives)} pilots lost in the last hour "
+                               f"lived {life:.0f} s (median) of {site['pilotlife']:g} s nominal",
+                               "/pilots?" + urlencode({"site": site["name"], "state": "lost", "ended": "1h"}),
+                               site=site["name"]))
+        return found
+
+
+# -- Service: leases, jobs, pilot protocol, sites, services, housekeeping ---------------------------
 class Leases:
     """The lease clock, kept in memory: a heartbeat renews it without the database's write lock,
     so an outside sqlite3 shell, a long transaction or a slow disk never looks like silence.
@@ -2631,103 +2939,32 @@ class Leases:
             self.expiring.difference_update(uuids)
 
 
-class Notifier:
-    """Delivers alarms to a person: a webhook (Mattermost's and Slack's incoming webhooks take
-    the {"text": ...} body; the structured fields ride along) and/or a command with the alarm in
-    its environment (mail, ntfy, a pager script). One thread, in order, outside every lock: a
-    receiver that hangs delays only the next message. A failed delivery is retried with
-    back-off (DELIVERY_BACKOFF, then given up), and each outcome reported (`report`).
-
-    Methods for the caller: send(alarm, "raised" or "cleared")."""
-
-    def __init__(self, webhook=None, command=None, report=None):
-        self.channels = [(kind, target) for kind, target in (("webhook", webhook), ("command", command)) if target]
-        self.report = report or (lambda result: None)
-        self.queue = queue.Queue()
-        self.delivered = 0
-        if self.channels:
-            threading.Thread(target=self.run, name="notifier", daemon=True).start()
-
-    def send(self, a, state):
-        for channel in self.channels:
-            self.queue.put((channel, alarm_message(a, state)))
-
-    def run(self):
-        while True:
-            (kind, target), message = self.queue.get()
-            for tries, wait in enumerate((0, *DELIVERY_BACKOFF), 1):
-                time.sleep(wait)
-                error = self.deliver(kind, target, message)
-                if error is None:
-                    self.delivered += 1
-                    self.report(f"delivered {self.delivered}; last: {message['text']}")
-                    break
-                self.report(f"{kind} failing (try {tries}): {error}; alarm: {message['text']}")
-            else:
-                log.error("alarm not delivered by %s after %d tries: %s", kind, tries, message["text"])
-
-    @staticmethod
-    def deliver(kind, target, message):
-        """None once delivered, else what went wrong."""
-        try:
-            if kind == "webhook":
-                request = urllib.request.Request(target, json.dumps(message).encode(), method="POST",
-                                                 headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT) as answer:
-                    answer.read()
-                return None
-            env = dict(os.environ, **{f"P3S_ALARM_{k.upper()}": str(v) for k, v in message.items()})
-            ran = subprocess.run(shlex.split(target), env=env, capture_output=True, text=True,
-                                 timeout=DELIVERY_TIMEOUT)
-            return None if ran.returncode == 0 else f"exit code {ran.returncode}: {ran.stderr.strip()[-200:]}"
-        except (OSError, ValueError, subprocess.TimeoutExpired, urllib.error.URLError) as e:
-            return str(e)[:300]
-
-
-def alarm_message(a, state):
-    """What a person gets: one line of text, and the alarm's fields."""
-    since = time.strftime("%H:%M", time.localtime(a["since"]))
-    word = a["severity"].upper() if state == "raised" else "cleared"
-    text = f"[p3s {word}] {a['message']} (since {since}; {socket.gethostname()} {a['link']})"
-    return {"text": text, "state": state, "name": a["name"], "key": a["key"], "severity": a["severity"],
-            "message": a["message"], "link": a["link"], "since": a["since"], "server": socket.gethostname()}
-
-
 class Service:
     """The operations behind the API routes that are not brokerage or workflows: jobs and their
-    caps, the pilot protocol (register, report, heartbeat, stop, directives), sites and alarms,
-    services (clients that report, like injectors) and housekeeping.
+    caps, the pilot protocol (register, report, heartbeat, stop, directives), sites and their
+    factories' requests, services (clients that report, like injectors) and housekeeping.
 
     Methods for the caller: one per route (see ROUTES), each validating its request before
     one transaction; housekeeping_loop() for the housekeeping thread; stop() at shutdown.
-    Attributes: store, broker (Broker) and workflows (Workflows), which the routes reach
-    as "broker.request_job", "workflows.add_dag", ...
+    Attributes: store, broker (Broker), workflows (Workflows), images (Images) and alarms
+    (Alarms), which the routes reach as "broker.request_job", "alarms.acknowledge", ...
     """
 
     def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
                  no_new_work=0, starving_minutes=STARVING_MINUTES, images=None, alarm_settings=None):
         self.store = store
-        settings = {"delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
-                    "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
-                    **(alarm_settings or {})}
-        self.alarm_delay, self.lost_share = settings["delay"], settings["lost_share"]
-        self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
-        self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
         self.hk_failing = None      # the error of the last housekeeping pass, if it failed
-        self.told = set()           # alarm keys sent while the database could not record it
         self.broker = Broker(store)
         self.costs = JobCosts()
         self.leases = Leases()
         self.images = images or Images(store, store.path + ".files")
         self.workflows = Workflows(store, self.broker)
+        self.alarms = Alarms(self, no_new_work, starving_minutes, alarm_settings)
         self.hk_period = hk_period
         self.retention_days = retention_days
         self.lease_beats = lease_beats
         self.wal_limit = wal_limit
         self.wal_stuck = False
-        self.no_new_work = no_new_work      # minutes without a new job or workflow: alarm (0: off)
-        self.starving_minutes = starving_minutes
-        self.starving_since = {}            # (site, jobtype) -> when no live pilot could take them
         self.resumed = now()        # silence is counted from here: the start, or the last pause
         self.last_pass = (time.monotonic(), self.resumed)
         self.last_tidy = self.resumed
@@ -3135,7 +3372,7 @@ class Service:
         rows = self.store.read(f"SELECT * FROM pilots{where} ORDER BY id DESC LIMIT ?", args + [limit])
         return {"pilots": [pilot_to_dict(r) for r in rows]}
 
-    # -- sites and alarms -------------------------------------------------------------------------
+    # -- sites ------------------------------------------------------------------------------------
     def site_defaults(self, name):
         row = self.store.read_one("SELECT * FROM sites WHERE name=?", (name,)) if name else None
         if row is None:
@@ -3252,181 +3489,7 @@ class Service:
                 "lost_lives_1h": [r["life"] for r in ended if r["state"] == "lost"],
                 "mean_life_1h": sum(lives) / len(lives) if lives else None, "median_life_1h": median(lives)}
 
-    def alarms(self, query=None):
-        """What needs a person now, ranked: criticals first, then the oldest. Each alarm names
-        the problem, the figure and the list that shows it, with its severity, since when it is
-        raised, what explains it (a root cause hides its symptoms) and who acknowledged or
-        silenced it. Bounded reads only (counts tables, indexes), so the summary stays cheap."""
-        t = now()
-        found = explain(self.evaluate_alarms(t))
-        since = {r["key"]: r["since"] for r in self.store.read("SELECT key, since FROM alarm_state")}
-        acks = self.active_acks(t)
-        for a in found:
-            a["since"] = since.get(a["key"], t)
-            a["ack"] = matching_ack(a, acks)
-        found.sort(key=lambda a: (a["severity"] != "critical", a["since"], a["key"]))
-        return {"alarms": found}
-
-    def evaluate_alarms(self, t):
-        pilots = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM pilot_counts")}
-        live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
-        alarms = []
-        if not live:
-            waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
-            alarms.append(alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots",
-                                critical=waiting > 0))
-        lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?", (t - 3600,))[0]
-        if lost:
-            many = lost > 1 and (lost >= self.lost_count or lost > self.lost_share * (live + lost))   # never one
-            alarms.append(alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour ({live} alive)",
-                                "/pilots?state=lost&ended=1h", critical=many))
-        for site in self.list_sites()["sites"]:
-            alarms += self.site_alarms(site, self.site_figures(site, t))
-        free = self.images.free_bytes()
-        if free is not None and free < 2 * self.images.min_free:
-            alarms.append(alarm("disk_low", f"the server's disk has {free // 2 ** 20} MiB free: published images "
-                                f"are refused below {self.images.min_free // 2 ** 20} MiB, and the database "
-                                "stops when it is full", "/api/health"))
-        if self.hk_failing:
-            alarms.append(alarm("db_failing", f"housekeeping fails: {self.hk_failing[:200]}", "/api/health"))
-        return alarms + self.failure_alarms(t) + self.flow_alarms(t) + self.starving_alarms(t)
-
-    def active_acks(self, t):
-        return [dict(r) for r in self.store.read("SELECT * FROM alarm_acks WHERE until IS NULL OR until > ? "
-                                                 "ORDER BY id DESC", (t,))]
-
-    def starving_alarms(self, t):
-        found = []
-        for (site, jobtype), (since, n) in sorted(self.starving_since.items()):
-            if t - since > self.starving_minutes * 60:
-                where = f" at site {site}" if site else ""
-                found.append(alarm("starving", f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
-                                   f"(for {(t - since) / 60:.0f} min)",
-                                   "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
-                                   site=site, jobtype=jobtype))
-        return found
-
-    def notice_starving(self, t):
-        """Housekeeping: which (site, jobtype) pairs of defined jobs no live pilot may take (by
-        site, jobtype, or a cap of 0), and since when; from the waiting counts and the live pilots."""
-        marks = ",".join("?" * len(LIVE_PILOT_STATES))
-        pilots = [(r["site"], json.loads(r["jobtypes"])) for r in self.store.read(
-            f"SELECT DISTINCT site, jobtypes FROM pilots INDEXED BY pilots_state WHERE state IN ({marks})", LIVE_PILOT_STATES)]
-        suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0")}
-        starving = {}
-        for r in self.store.read("SELECT site, jobtype, n FROM waiting WHERE n > 0"):
-            takers = [p for p in pilots if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])]
-            if r["jobtype"] in suspended or not takers:
-                pair = (r["site"], r["jobtype"])
-                starving[pair] = (self.starving_since.get(pair, (t, 0))[0], r["n"])
-        self.starving_since = starving
-
-    def flow_alarms(self, t):
-        """Data flow stopped: no new job or workflow for --alarm-no-new-work minutes, or a
-        service (an injector) silent for SILENT_PERIODS of its periods."""
-        found = []
-        if self.no_new_work:
-            last = max(self.store.read_one("SELECT COALESCE(MAX(ts_def), 0) FROM jobs")[0],
-                       self.store.read_one("SELECT COALESCE((SELECT ts_def FROM workflows ORDER BY id DESC "
-                                           "LIMIT 1), 0)")[0])
-            if t - max(last, self.resumed) > self.no_new_work * 60:
-                found.append(alarm("no_new_work", f"no new job or workflow for {(t - last) / 60:.0f} minutes"
-                                   if last else "no job or workflow created yet", "/jobs"))
-        for svc in self.store.read("SELECT * FROM services WHERE period > 0 AND retired IS NULL "
-                                   "AND ts + ? * period < ?", (SILENT_PERIODS, t)):
-            found.append(alarm("service_silent", f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "
-                               f"(it reports every {svc['period']:g} s)", "/services", service=svc["name"]))
-        return found
-
-    # -- alarms: memory, acknowledgements, delivery -------------------------------------------------
-    def record_alarms(self, t):
-        """Housekeeping: remember since when each alarm is raised, write its history, and send
-        it to a person: a critical one at once, a warning once it lasted alarm_delay, each once
-        per raise (and its clear, if its raise was sent); never one explained by another, or
-        acknowledged or silenced. Delivery runs in the notifier's thread, outside any lock."""
-        found = {a["key"]: a for a in self.alarms()["alarms"]}
-        stored = {r["key"]: dict(r) for r in self.store.read("SELECT * FROM alarm_state")}
-        raised = [a for key, a in found.items() if key not in stored]
-        cleared = [r for key, r in stored.items() if key not in found]
-        changed = [a for key, a in found.items() if key in stored and stored[key]["severity"] != a["severity"]]
-        # a critical that became a warning (no_pilots once nothing waits) is over for whoever was told
-        eased = [stored[a["key"]] for a in changed if a["severity"] == "warning" and stored[a["key"]]["sent"]]
-        unsent = {r["key"] for r in eased} | {key for key, r in stored.items() if not r["sent"]}
-        due = [a for a in found.values() if (a["key"] in unsent or a["key"] not in stored)
-               and not a.get("explained_by") and not a["ack"]
-               and (a["severity"] == "critical" or t - a["since"] >= self.alarm_delay)]
-        if not (raised or cleared or changed or due):
-            return
-        try:
-            self.write_alarm_state(t, raised, changed, cleared, due)
-        except sqlite3.OperationalError:    # the database fails (db_failing, a full disk): a person
-            due = [a for a in due if a["key"] not in self.told]     # still hears of it, once
-            self.told.update(a["key"] for a in due)
-            cleared = eased = []
-        else:
-            self.told.clear()               # the database remembers what was sent
-        for a in due:
-            self.notifier.send(a, "raised")
-        for r in cleared + eased:
-            if r["sent"]:
-                self.notifier.send(r, "cleared")
-
-    def write_alarm_state(self, t, raised, changed, cleared, due):
-        """The alarms' memory and history, in one transaction (see record_alarms)."""
-        with self.store.transaction() as conn:
-            for a in raised:
-                conn.execute("INSERT OR REPLACE INTO alarm_state(key, name, severity, message, link, since) "
-                             "VALUES(:key, :name, :severity, :message, :link, :since)", a)
-                alarm_event(conn, t, a, "raised")
-            for a in changed:
-                conn.execute("UPDATE alarm_state SET severity=?, message=?, sent=0 WHERE key=?",
-                             (a["severity"], a["message"], a["key"]))
-                alarm_event(conn, t, a, "changed")
-            for r in cleared:
-                conn.execute("DELETE FROM alarm_state WHERE key=?", (r["key"],))
-                alarm_event(conn, t, r, "cleared")
-            conn.execute("DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
-                         "(SELECT name FROM alarm_state)")
-            for a in due:
-                conn.execute("UPDATE alarm_state SET sent=1 WHERE key=?", (a["key"],))
-
-    def acknowledge(self, body, who):
-        """Acknowledge an alarm (until it clears, or for `for` seconds) or silence it (for `for`
-        seconds, required), by name and optionally site or job type, saying who and why. An
-        acknowledged or silenced alarm is shown greyed and not sent to anyone."""
-        check_keys(body, "ack", ("name", "site", "jobtype", "kind", "who", "why", "for"))
-        ack = {"name": as_choice(body.get("name"), "name", ALARMS),
-               "kind": as_choice(body.get("kind", "ack"), "kind", ("ack", "silence")),
-               "site": as_str(body.get("site", ""), "site", max_len=64),
-               "jobtype": as_str(body.get("jobtype", ""), "jobtype", max_len=64),
-               "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64),
-               "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300), "ts": now()}
-        if ack["kind"] == "silence" and "for" not in body:
-            raise bad("for: a silence needs a duration in seconds (it ends by itself)")
-        ack["until"] = ack["ts"] + as_number(body["for"], "for", 1, 30 * 86400) if "for" in body else None
-        with self.store.transaction() as conn:
-            ack["id"] = conn.execute("INSERT INTO alarm_acks(kind, name, site, jobtype, who, why, until, ts) VALUES("
-                                     ":kind, :name, :site, :jobtype, :who, :why, :until, :ts)", ack).lastrowid
-            key = ":".join(x for x in (ack["name"], ack["site"], ack["jobtype"]) if x)
-            alarm_event(conn, ack["ts"], {"key": key, "name": ack["name"], "severity": "", "message": ""},
-                        "acknowledged" if ack["kind"] == "ack" else "silenced", ack["who"], ack["why"], ack["until"])
-        return ack
-
-    def alarm_history(self, query):
-        """Every alarm raised, changed, acknowledged, silenced and cleared in the last `age`
-        (default 24 h), newest first: "what happened overnight?"."""
-        check_keys(query, "query", ("age", "format", "refresh"))
-        age = parse_age(query.get("age") or "24h")
-        rows = self.store.read("SELECT * FROM alarm_events INDEXED BY alarm_events_ts WHERE ts > ? "
-                               "ORDER BY ts DESC LIMIT 1000", (now() - age,))
-        return {"events": [dict(r) for r in rows]}
-
-    def delivery_status(self, result):
-        """The notifier's last outcome, as a line of the service `alarm delivery` (/services)."""
-        with contextlib.suppress(Exception):
-            self.service_beat("alarm delivery", {"host": socket.gethostname(), "result": result[:1024]})
-
-    # -- services (injectors and other clients that report) ----------------------------------------
+    # -- services (injectors and other clients that report) ---------------------------------------
     def service_beat(self, name, body):
         """A client's status line (an injector's scan, a factory's round, a cron script's
         result), kept with its last SERVICE_LINES. A service that gives a period promises to
@@ -3468,42 +3531,6 @@ class Service:
                 raise ApiError(404, f"service {name[:100]!r}: no such service")
         return {"name": name, "retired": True}
 
-    def failure_alarms(self, t):
-        """Job types whose attempts mostly fail (a retried job's first tries count: a type that
-        fails every first try is broken though its jobs end well): from the per-minute end counts
-        of the last hour; the alarm links to those attempts."""
-        ended = {}
-        for r in self.store.read("SELECT jobtype, state, SUM(n) AS n FROM ends WHERE bucket >= ? "
-                                 "GROUP BY jobtype, state", (int(t - 3600) // 60,)):
-            ended.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
-        found = []
-        for jobtype, states in sorted(ended.items()):
-            total, bad_ones = sum(states.values()), sum(states.get(s, 0) for s in FAILED_STATES)
-            if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
-                found.append(alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} attempts ended failed, timeout "
-                                   f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
-                                   "/failures?" + urlencode({"jobtype": jobtype, "since": "1h"}), jobtype=jobtype))
-        return found
-
-    def site_alarms(self, site, figures):
-        """A site below its nominal number of pilots, or whose pilots die young: lost (a pilot
-        that stopped, drained or finished its cycles ended on purpose), at least
-        lifetime_min_ended of them in the hour, so that one kill -9 is not an alarm."""
-        found = []
-        tolerance = SITE_TOLERANCE if site["tolerance"] is None else site["tolerance"]
-        if site["pilots"] and figures["live"] < site["pilots"] * (1 - tolerance):
-            found.append(alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
-                               f"{site['pilots']} nominal", f"/site/{site['name']}", site=site["name"],
-                               live=figures["live"]))
-        lives = figures["lost_lives_1h"]
-        life = median(lives)
-        if site["pilotlife"] and len(lives) >= self.lifetime_min_ended and life < site["pilotlife"] / 2:
-            found.append(alarm("pilot_lifetime", f"{site['name']}: {len(lives)} pilots lost in the last hour "
-                               f"lived {life:.0f} s (median) of {site['pilotlife']:g} s nominal",
-                               "/pilots?" + urlencode({"site": site["name"], "state": "lost", "ended": "1h"}),
-                               site=site["name"]))
-        return found
-
     def delete_site(self, name):
         with self.store.transaction() as conn:
             if not conn.execute("DELETE FROM sites WHERE name=?", (name,)).rowcount:
@@ -3514,7 +3541,7 @@ class Service:
     def housekeep(self):
         """One pass: lost pilots, expired job leases, jobs overrunning their time limit."""
         t = self.notice_pause()
-        self.notice_starving(t)
+        self.alarms.notice_starving(t)
         released = self.supervise(t) + self.store.write(self._time_out_jobs, t)
         self.store.write(self._expire_staged, t)
         self.broker.notify_work(released)
@@ -3697,7 +3724,7 @@ class Service:
                               exc_info=not is_disk_full(e))
                 self.hk_failing = str(e) or type(e).__name__
             try:
-                self.record_alarms(now())
+                self.alarms.record(now())
             except Exception as e:      # the alarms must not stop with the pass that raised them
                 if str(e) != self.hk_failing:
                     log.error("recording alarms failed: %s", e)
@@ -3793,9 +3820,10 @@ class Views:
     """The data behind every page; each method returns the dict that the page renders and that
     ?format=json returns as is.
 
-    Methods for the caller (the pages table, PAGES): summary, jobs, job, pilots, pilot,
-    workflows, workflow, dags, datasets, metrics; and for /file: resolve, listing. It reads
-    through the service's store and calls no write operation.
+    Methods for the caller (the pages table, PAGES): summary, manual, jobs, job, runs, plots,
+    jobtype, errors, failures, pilots, pilot, sites, site, services, service, alarms_page,
+    workflows, workflow, dags, dag, datasets, datatypes; metrics for /metrics; and for /file:
+    resolve, listing. It reads through the service's store and calls no write operation.
     """
 
     def __init__(self, service, files_roots, private=(), links=()):
@@ -3822,7 +3850,7 @@ class Views:
                 "caps": caps, "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10), "errors": self.error_summary(t, 10),
                 "activity": self.activity(t, query), "latency": self.start_latency(t),
-                "alarms": self.svc.alarms()["alarms"]}
+                "alarms": self.svc.alarms.raised()["alarms"]}
 
     def server_info(self):
         """The summary header: where this is, how loaded, and the crew's own links (the shifter
@@ -3999,17 +4027,6 @@ class Views:
         samples = [r[0] for r in self.store.read(
             "SELECT ts_sta - ts_def FROM jobs WHERE ts_sta > ? ORDER BY ts_sta DESC LIMIT 10000", (t - 3600,))]
         return {"median_s": median(samples), "samples": len(samples), "window": "1h"}
-
-    def alarms(self, t, jobs_by_state, pilots):
-        alarms = []
-        alive = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
-        if not alive:
-            alarms.append(f"no pilot is alive; {jobs_by_state.get('defined', 0)} job(s) waiting")
-        lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?",
-                                   (t - 3600,))[0]
-        if lost:
-            alarms.append(f"{lost} pilot(s) lost in the last hour")
-        return alarms
 
     # -- jobs -------------------------------------------------------------------------------------
     def jobs(self, query):
@@ -4267,14 +4284,14 @@ class Views:
                                                    write_blocks=self.svc.store.blocks),
                 "waiting_requests": self.svc.broker.waiting, "costs": self.svc.costs.snapshot(),
                 "claim_latency": self.svc.broker.latency_histogram(),
-                "alarms": {a["name"]: a["severity"] for a in reversed(self.svc.alarms()["alarms"])
+                "alarms": {a["name"]: a["severity"] for a in reversed(self.svc.alarms.raised()["alarms"])
                            if not a.get("explained_by")}}
 
     def services(self, query):
         return self.svc.list_services()
 
     def alarms_page(self, query):
-        return {**self.svc.alarms(), **self.svc.alarm_history(query)}
+        return {**self.svc.alarms.raised(), **self.svc.alarms.history(query)}
 
     def service(self, name, query):
         return self.svc.get_service(name)
@@ -5209,7 +5226,7 @@ def render_metrics(d):
             "# TYPE p3s_waiting_requests gauge", f"p3s_waiting_requests {d['waiting_requests']}"]
     out += ["# HELP p3s_alarm 1 while the alarm is raised (see /api/alarms).", "# TYPE p3s_alarm gauge"]
     out += [f'p3s_alarm{{name="{name}",severity="{d["alarms"].get(name, default_severity(name))}"}} '
-            f'{int(name in d["alarms"])}' for name in ALARMS]
+            f'{int(name in d["alarms"])}' for name in Alarms.NAMES]
     hist = d["claim_latency"]
     out += ["# HELP p3s_claim_latency_seconds Seconds from a job's submission to the committed claim that "
             "hands it to a pilot.",
@@ -5240,7 +5257,7 @@ def cost_metrics(costs):
 
 
 def default_severity(name):
-    return "critical" if name in CRITICAL else "warning"
+    return "critical" if name in Alarms.CRITICAL else "warning"
 
 
 def prom(value):
@@ -5459,9 +5476,9 @@ API = (
     ("PUT", "/api/sites/<name>", "define_site", ("body",), ADMIN),
     ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
     ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
-    ("GET", "/api/alarms", "alarms", (), None),
-    ("GET", "/api/alarms/history", "alarm_history", ("query",), None),
-    ("POST", "/api/alarms/ack", "acknowledge", ("body", "who"), ADMIN),
+    ("GET", "/api/alarms", "alarms.raised", (), None),
+    ("GET", "/api/alarms/history", "alarms.history", ("query",), None),
+    ("POST", "/api/alarms/ack", "alarms.acknowledge", ("body", "who"), ADMIN),
     ("GET", "/api/services", "list_services", (), None),
     ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
     ("GET", "/api/services/<service>", "get_service", (), None),

@@ -379,7 +379,7 @@ def drive_hot_paths(service):
     service.last_tidy = 0                   # and the trims of the counts and attempts kept 7 days
     service.housekeep()
     service.define_site("np04", {"pilots": 3, "pilotlife": 60})
-    service.record_alarms(server.now())     # every housekeeping pass evaluates the alarms
+    service.alarms.record(server.now())     # every housekeeping pass evaluates the alarms
     states = {r["state"] for r in store.read("SELECT state FROM jobs WHERE uuid IN (?,?,?,?)", uuids)}
     assert {"pilotTO", "timeout"} <= states, states
 
