@@ -104,6 +104,47 @@ def test_a_server_stopped_for_less_than_the_lease_less_the_margin_kills_nothing(
     assert ledger.read_text().split() == [uuid]
 
 
+def test_a_silent_server_past_the_fence_gets_the_payload_sigterm_and_a_reason_before_the_lease(
+        tmp_path, start_server):
+    """The pilot's own fence: the server SIGSTOPped past lease - 2 beats - grace but short of
+    the lease. The payload gets SIGTERM (its grace to save its work) while the server is still
+    silent, not the watchdog's SIGKILL at lease - 1 beat, and the job's reason names the fence.
+    (With the fence switched off the payload runs on and ends finished: this test fails.)"""
+    beats, beat, grace = 20, 0.5, 3.0          # lease 10 s; fence at 6 s of silence; watchdog 9.5 s
+    server = start_server(["--lease-beats", str(beats)])
+    termed = tmp_path / "termed"
+    payload = f"trap 'date +%s.%N > {termed}; exit 3' TERM; sleep 20 & wait"
+    [uuid] = server.submit([shell_job(payload)])
+    server.pilot("-p", "1", "-b", str(beat), "--kill-grace", str(grace))
+    wait_until(lambda: server.job(uuid)["state"] == "running", 20, what="the job running")
+    server.proc.send_signal(signal.SIGSTOP)
+    time.sleep(8.5)                             # past the fence, short of the watchdog and the lease
+    resumed = time.time()
+    server.proc.send_signal(signal.SIGCONT)
+    server.wait_jobs([uuid], timeout=30)
+    job = server.job(uuid)
+    assert termed.exists(), "the payload never got SIGTERM: the fence did not stop it"
+    assert float(termed.read_text()) < resumed, "SIGTERM came after the server answered again"
+    assert job["state"] == "pilotTO" and job["attempt"] == 1, job
+    assert "no answer from the server" in job["errmsg"] and "lease" in job["errmsg"], job["errmsg"]
+
+
+def test_a_running_pilot_is_never_shown_lost_while_its_heartbeats_renew_its_lease(start_server):
+    """A job many heartbeats long: every sample of its pilot on the server, taken while it runs,
+    says it is alive (heartbeats that stopped renewing the lease showed it lost after 2.5 s,
+    though the job still ended finished)."""
+    server = start_server()
+    [uuid] = server.submit([shell_job("sleep 5")])
+    server.pilot("-p", "1", "-b", "0.5")
+    wait_until(lambda: server.job(uuid)["state"] == "running", 20, what="the job running")
+    seen = []
+    while server.job(uuid)["state"] == "running":
+        seen += [p["state"] for p in server.api.list_pilots()]
+        time.sleep(0.1)
+    assert len(seen) > 20 and "lost" not in seen, seen
+    assert server.job(uuid)["state"] == "finished"
+
+
 # -- a server its own clients cannot take down ------------------------------------------------------
 def raw_request(port, data, timeout=5):
     """Send raw bytes to the server; the status line and body it answers."""

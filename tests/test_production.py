@@ -80,6 +80,25 @@ def test_a_factory_keeps_a_site_at_nominal_through_pgen(p3s):
     assert "service_silent" not in [a["name"] for a in p3s.api.call("GET", "/api/alarms")["alarms"]]
 
 
+def test_pilots_slow_to_register_count_as_pending_and_the_factory_never_overshoots(p3s):
+    """A local command whose pilots register 3 s after it returned (as a batch queue holds
+    them): rounds every second pass meanwhile, and the factory counts those pilots as pending,
+    so it makes one request and the site never passes nominal (without the pending count it
+    started 3 more each round). Runs everywhere: no Slurm needed."""
+    p3s.api.define_site("prod", pilots=3, heartbeat=0.5)
+    p3s.env["P3S_RUNDIR"] = str(p3s.dir / "run")
+    late = (f"sh -c '(sleep 3; exec ./pgen.sh \"$0\" -s prod -p 1 -b 0.5 -L {p3s.logs}) "
+            ">/dev/null 2>&1 &' {n}")
+    run_factory(p3s, "prod", late, "-p", "1", "--pending-timeout", "30")
+    samples, at_nominal = population_watch(p3s, "prod", 3)
+    wait_until(at_nominal, 30, 0.2, "3 live pilots")
+    for _ in range(10):                         # three more rounds at nominal
+        samples.append(live(p3s, "prod"))
+        time.sleep(0.3)
+    assert max(samples) <= 3, f"more pilots than nominal: {samples}"
+    assert len(p3s.api.get_site("prod")["requests"]) == 1, "pilots on their way were started again"
+
+
 def test_a_failing_command_backs_off_and_says_why(p3s):
     p3s.api.define_site("prod", pilots=2)
     factory = run_factory(p3s, "prod", "sh -c 'echo sbatch: error: Batch job submission failed >&2; exit 1'",
