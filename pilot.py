@@ -58,10 +58,13 @@ STOPPING_REPORT_GRACE = 4   # a pilot told to stop (SIGTERM) keeps an undelivere
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".svg")     # what a job publishes for its page
 IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
 MAX_LOOKED_AT = 10000       # files of an output directory looked at for images to publish
+TREE_ENTRIES = 100000       # entries one walk of a job's directory (measure, publish, delete)
+TREE_SECONDS = 5.0          # ... and seconds: a tree of millions is left, said, never fatal
 KEEP_JOB_FILES = 20.0       # hours a worker keeps job logs and directories (the original's DQM_DATA_LIFE)
 CLEAN_EVERY = 300           # seconds between two clean-ups of the job log directory
 TALLY_EVERY = 600           # seconds between two log lines counting the jobs that finished
 MIN_FREE_MB = 500           # below this much free space in the job log directory, take no jobs
+CRASHED = "crashed"         # how a deregistration begins when the pilot died of a defect
 UNDELIVERED = "undelivered"     # <joblogdir>/undelivered/<job uuid>.json: end reports pilots left behind
 HOUR_DIR = re.compile(r"\d{8}-\d{2}")       # <joblogdir>/<YYYYMMDD-HH>/: an hour of job files
 JOB_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err)?")
@@ -413,7 +416,7 @@ def images_to_publish(env, max_bytes):
     $NAMEs from the job's environment expanded)."""
     found = []
     for top in own_directories(env):
-        walked = (os.path.join(d, f) for d, _, files in os.walk(top) for f in files)
+        walked = (entry.path for entry in walk_files(top, Budget()))
         found += [(top, f) for f in sorted(itertools.islice(walked, MAX_LOOKED_AT))]  # 1M files: bounded
     for pattern in env.get("P3S_PUBLISH", "").split():
         pattern = re.sub(r"\$\{?(\w+)\}?", lambda m: env.get(m.group(1), m.group(0)), pattern)
@@ -458,7 +461,11 @@ def clean_job_files(joblogdir, max_age):
                 if max(os.lstat(p).st_mtime for p in paths) >= cutoff:
                     continue
                 for path in paths:
-                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.unlink(path)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        if not remove_tree(path, Budget()):
+                            break
+                    else:
+                        os.unlink(path)
                     removed += 1
             except OSError:
                 continue
@@ -558,17 +565,67 @@ def group_processes(pgid):
     return found
 
 
+class Budget:
+    """How much of a tree one walk may look at: TREE_ENTRIES entries and TREE_SECONDS. A payload
+    controls its job's tree (a million files, a chain deeper than any recursion): every walk of
+    it stops when its budget is spent, and says so, instead of stalling or killing the pilot."""
+
+    def __init__(self, entries=TREE_ENTRIES, seconds=TREE_SECONDS):
+        self.left, self.deadline = entries, time.monotonic() + seconds
+        self.spent = False
+
+    def take(self):
+        self.left -= 1
+        self.spent = self.spent or self.left < 0 or time.monotonic() > self.deadline
+        return not self.spent
+
+
+def walk_files(top, budget):
+    """The regular files under top (DirEntry objects), depth first without recursion, never
+    following a symlink nor opening anything but directories; what cannot be read is skipped."""
+    stack = [top]
+    while stack and not budget.spent:
+        with contextlib.suppress(OSError):
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    if not budget.take():
+                        return
+                    with contextlib.suppress(OSError):
+                        if entry.is_dir(follow_symlinks=False):
+                            stack.append(entry.path)
+                        elif entry.is_file(follow_symlinks=False):
+                            yield entry
+
+
 def tree_size(path):
-    """Bytes of the regular files under path (symlinks not followed)."""
-    total = 0
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(path):
-            with contextlib.suppress(OSError):
-                if entry.is_dir(follow_symlinks=False):
-                    total += tree_size(entry.path)
-                elif entry.is_file(follow_symlinks=False):
-                    total += entry.stat(follow_symlinks=False).st_size
-    return total
+    """Bytes of the regular files under path (symlinks not followed), as far as one Budget goes."""
+    return sum(entry.stat(follow_symlinks=False).st_size for entry in walk_files(path, Budget()))
+
+
+def remove_tree(top, budget):
+    """Delete top and everything under it without recursion and without following a symlink
+    (a link is removed, never what it points at). True once it is gone; False, leaving the
+    rest, when the budget is spent or something refuses to go (the caller says so)."""
+    stack = [top]
+    try:
+        while stack:
+            subdirs = []
+            with os.scandir(stack[-1]) as entries:
+                for entry in entries:
+                    if not budget.take():
+                        return False
+                    if entry.is_dir(follow_symlinks=False):
+                        subdirs.append(entry.path)
+                    else:
+                        os.unlink(entry.path)
+            if subdirs:
+                stack += subdirs        # emptied first; this directory is looked at again after
+            else:
+                os.rmdir(stack.pop())
+    except OSError as e:
+        log.warning("%s: not removed whole (%s); left for a person", top, e)
+        return False
+    return True
 
 
 class Usage:
@@ -691,6 +748,7 @@ class Pilot:
         self.prefetched = None          # the answer to a job request an end report carried
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
+        self.cleaner = None             # the thread of the clean-up under way, if any
         self.note = ""                  # why the pilot takes no job now (its page shows it)
         self.tally = collections.Counter()  # jobs ended by state, since `tallied` (log_end)
         self.left_reports = []          # paths of the end reports this pilot left behind (leave)
@@ -741,15 +799,19 @@ class Pilot:
         beat_thread.start()
         threading.Thread(target=self.supervise_loop, name="supervisor", daemon=True).start()
         threading.Thread(target=self.report_loop, name="reporter", daemon=True).start()
+        code = 0
         try:
             self.work_loop()
         except Interrupted:         # a signal landed just outside the long poll
             pass
+        except Exception as e:      # a defect met on the way: said, and the job held is not
+            log.exception("crashed")    # taken as never started (it would kill the next pilot)
+            self.exit_reason, code = f"{CRASHED}: {type(e).__name__}: {e}"[:200], 1
         finally:
             self.beats.set()
             self.deregister()
             self.watchdog.close()
-        return 0
+        return code
 
     def deregister(self):
         """Say goodbye, unless an end report of ours is still left behind: deregistering would
@@ -821,14 +883,20 @@ class Pilot:
 
     def keep_disk_clean(self):
         """At start and every CLEAN_EVERY seconds (or half the keep time, if shorter): job files
-        older than keep_hours go."""
+        older than keep_hours go, in a thread of their own, so that a tree a payload left (huge,
+        deep, unreadable) never delays the pilot's work."""
         if self.cleaned and time.monotonic() - self.cleaned < min(CLEAN_EVERY, self.keep_hours * 3600 / 2):
             return
         self.cleaned = time.monotonic()
+        if not (self.cleaner and self.cleaner.is_alive()):
+            self.cleaner = threading.Thread(target=self.clean_job_files, name="cleaner", daemon=True)
+            self.cleaner.start()
+        self.deliver_left_reports()
+
+    def clean_job_files(self):
         removed = clean_job_files(self.args.joblogdir, self.keep_hours * 3600)
         if removed:
             log.info("removed %d job file(s) and directories older than %g h", removed, self.keep_hours)
-        self.deliver_left_reports()
 
     def deliver_left_reports(self):
         """Deliver the end reports that pilots of this job log directory left behind (told to stop

@@ -1872,7 +1872,9 @@ def cancel_job(conn, job, who, info):
 def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False):
     """Free the jobs of a pilot that is gone. They end pilotTO (or are retried while attempts
     remain), except that a job still dispatched to a pilot that deregistered, and so says it
-    never started it, goes back to `defined` as it was. Returns how many became claimable."""
+    never started it, goes back to `defined` as it was; not so for a pilot that says it crashed
+    (its job may be what killed it: it uses an attempt, or it would kill pilot after pilot).
+    Returns how many became claimable."""
     released = 0
     for job in conn.execute(HELD_JOBS.format(columns="*"), (pilot_uuid,)).fetchall():
         if job["state"] == "dispatched" and never_started:
@@ -3339,7 +3341,8 @@ class Service:
             if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
                               ts_stop=now(), job=None):
                 raise ApiError(409, f"pilot {pilot_uuid}: is not live")
-            released = release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid, never_started=True)
+            released = release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid,
+                                    never_started=not reason.startswith("crashed"))
         self.broker.notify_work(released)
         return {"state": "stopped"}
 

@@ -1,6 +1,8 @@
 """Leases instead of hopes: a stopped or cut-off pilot never runs a job twice at once, and the
 fleet outlives a paused server. Each test failed on the code before the lease and watchdog."""
+import os
 import signal
+import subprocess
 import time
 
 import pytest
@@ -516,3 +518,65 @@ def test_kept_alive_connections_carry_many_requests_and_a_refused_body_closes_it
     started = time.monotonic()
     assert client.call("GET", "/api/health")["ok"]
     assert client.pool != [kept] and time.monotonic() - started < 1, "a new connection, at once"
+
+
+# -- no payload takes a pilot out -------------------------------------------------------------------
+DEEP = 1100     # nested directories: deeper than Python's recursion limit
+
+
+def deep_tree_command(top):
+    """Shell lines that leave, under `top`, DEEP nested directories, a named pipe and a
+    symlink to / (a walk that follows it, or opens the pipe, never ends)."""
+    return (f'd="{top}"; for i in $(seq {DEEP}); do d="$d/a"; done; mkdir -p "$d"; '
+            f'mkfifo "{top}/fifo"; ln -s / "{top}/root"')
+
+
+def test_a_payload_that_leaves_a_tree_too_deep_to_recurse_takes_no_pilot_out(p3s):
+    """The pilot measured the job's output recursively: RecursionError, the pilot died, and the
+    job went back to the queue to kill the next pilot. Now the job ends finished, its output
+    measured as far as it could be, and the same pilot runs the next job."""
+    hostile = shell_job(deep_tree_command("$P3S_JOB_DIR"))
+    uuids = p3s.submit([hostile, shell_job("true")])
+    pilot = p3s.pilot("-p", "1")
+    try:
+        states = p3s.wait_jobs(uuids, timeout=60)
+        assert [states[u]["state"] for u in uuids] == ["finished", "finished"], states
+        assert pilot.poll() is None, "the pilot died"
+        assert {p3s.job(u)["pilot"] for u in uuids} == {p3s.api.list_pilots()[0]["uuid"]}
+    finally:
+        subprocess.run(["rm", "-rf", str(p3s.logs)])    # pytest's own clean-up recurses
+
+
+def test_an_old_tree_too_deep_to_recurse_neither_stops_nor_fools_the_clean_up(p3s, tmp_path):
+    """An old job directory with a tree too deep for recursion, a named pipe and a symlink out:
+    the clean-up (at every pilot's start) removes what it can without following the link, and
+    the pilot starts and runs its job (every pilot died at start on such a tree)."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not p3s's")
+    job_dir = p3s.logs / "20260101-03" / "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d"
+    job_dir.mkdir(parents=True)
+    subprocess.run(["sh", "-c", deep_tree_command(job_dir) + f'; ln -s "{outside}" "{job_dir}/out"'], check=True)
+    old = time.time() - 30 * 3600
+    os.utime(job_dir, (old, old))
+    [uuid] = p3s.submit([shell_job("true")])
+    pilot = p3s.pilot("-p", "1", "--keep-job-files", "20")
+    assert p3s.wait_jobs([uuid], timeout=30)[uuid]["state"] == "finished"
+    assert pilot.poll() is None, "the pilot died"
+    wait_until(lambda: not job_dir.exists(), 10, what="the old tree to go")
+    assert (outside / "keep").read_text() == "not p3s's", "the clean-up followed a symlink"
+
+
+def test_a_pilot_that_says_it_crashed_uses_its_jobs_attempt_and_one_that_stopped_does_not(p3s):
+    """A job still dispatched to a pilot that deregisters goes back as never started, unless the
+    pilot says it crashed (pilot.py does, on any defect): then the job may be what killed it, so
+    it uses an attempt and ends pilotTO with the crash as its reason, not handed out for ever."""
+    [calm, fatal] = p3s.api.submit_jobs([{"payload": "true", "jobtype": "calm"},
+                                         {"payload": "true", "jobtype": "fatal"}])
+    for uuid, reason in ((calm, "done"), (fatal, "crashed: RecursionError: maximum recursion depth")):
+        pilot = p3s.api.register_pilot(heartbeat=60, jobtypes=[p3s.job(uuid)["jobtype"]])["uuid"]
+        assert p3s.api.request_job(pilot, 0)["job"]["uuid"] == uuid
+        p3s.api.deregister_pilot(pilot, reason)
+    assert (p3s.job(calm)["state"], p3s.job(calm)["attempt"]) == ("defined", 1)
+    job = p3s.job(fatal)
+    assert job["state"] == "pilotTO" and "crashed: RecursionError" in job["reason"], job
