@@ -16,6 +16,7 @@ SIGUSR1 drains: the current job finishes, then the pilot exits.
 """
 import collections
 import contextlib
+import ctypes
 import functools
 import glob
 import itertools
@@ -64,6 +65,7 @@ KEEP_JOB_FILES = 20.0       # hours a worker keeps job logs and directories (the
 CLEAN_EVERY = 300           # seconds between two clean-ups of the job log directory
 TALLY_EVERY = 600           # seconds between two log lines counting the jobs that finished
 MIN_FREE_MB = 500           # below this much free space in the job log directory, take no jobs
+PR_SET_CHILD_SUBREAPER = 36    # prctl(2): orphans of a payload become the pilot's children
 CRASHED = "crashed"         # how a deregistration begins when the pilot died of a defect
 UNDELIVERED = "undelivered"     # <joblogdir>/undelivered/<job uuid>.json: end reports pilots left behind
 HOUR_DIR = re.compile(r"\d{8}-\d{2}")       # <joblogdir>/<YYYYMMDD-HH>/: an hour of job files
@@ -294,6 +296,10 @@ class Watchdog:
         self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG], stdin=subprocess.PIPE,
                                      start_new_session=True, close_fds=True)
         threading.Thread(target=self.keep_alive, args=(self.proc,), name="watchdog", daemon=True).start()
+
+    def pids(self):
+        """The watchdog's own process: a child of the pilot, never one of a job's."""
+        return {self.proc.pid}
 
     def keep_alive(self, proc):
         """Notice the watchdog's death at once; start another, told all the first one knew."""
@@ -540,29 +546,95 @@ PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def group_processes(pgid):
+def become_subreaper():
+    """Make this pilot the reaper of its orphans (Linux's PR_SET_CHILD_SUBREAPER): a payload's
+    child that leaves its process group (setsid, a double fork) and outlives its parent becomes
+    the pilot's child, not init's, so the pilot still sees, accounts and kills it. Harmless
+    where prctl does not exist."""
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def escaped_children(spared):
+    """This pilot's children now, but the spared ones (the watchdog): after a payload has been
+    reaped, any child left is one of its descendants that escaped its group. A few small reads
+    of /proc (one a thread), so every job can afford the look."""
+    found = set()
+    for task in listdir("/proc/self/task"):
+        with contextlib.suppress(OSError, ValueError):
+            with open(f"/proc/self/task/{task}/children", "rb") as f:
+                found.update(map(int, f.read().split()))
+    return found - set(spared)
+
+
+def job_processes(pgid, spared=()):
     """{pid: (resident MB, CPU seconds, bytes read, bytes written)} of the live processes of a
-    process group, from /proc (I/O only where readable; a process gone meanwhile is skipped)."""
-    found = {}
+    job: its payload's process group and every other descendant of this pilot (its subreaper),
+    the spared ones (the watchdog) and their trees apart. From /proc (I/O only where readable;
+    a process gone meanwhile is skipped)."""
+    stats, children = {}, collections.defaultdict(list)
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
-            if int(fields[2]) != pgid or fields[0] == b"Z":
-                continue
-            with open(f"/proc/{name}/statm", "rb") as f:
+            stats[int(name)] = fields
+            children[int(fields[1])].append(int(name))
+        except (OSError, IndexError, ValueError):
+            continue
+    mine, stack = set(), [os.getpid()]
+    while stack:
+        for child in children[stack.pop()]:
+            if child not in spared:
+                mine.add(child)
+                stack.append(child)
+    mine.update(pid for pid, fields in stats.items() if fields[2] == str(pgid).encode())
+    found = {}
+    for pid in mine:
+        fields = stats[pid]
+        if fields[0] == b"Z":
+            continue
+        try:
+            with open(f"/proc/{pid}/statm", "rb") as f:
                 rss = int(f.read().split()[1]) * PAGE_MB
         except (OSError, IndexError, ValueError):
             continue
         read = written = 0
-        with contextlib.suppress(OSError, ValueError):
-            with open(f"/proc/{name}/io", "rb") as f:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            with open(f"/proc/{pid}/io", "rb") as f:
                 io = dict(line.split(b":") for line in f.read().splitlines())
             read, written = int(io[b"read_bytes"]), int(io[b"write_bytes"])
-        found[int(name)] = (rss, (int(fields[11]) + int(fields[12])) / TICKS, read, written)
+        found[pid] = (rss, (int(fields[11]) + int(fields[12])) / TICKS, read, written)
     return found
+
+
+def left_behind(escaped):
+    """What a finished job's page says of processes that escaped its group and outlived it."""
+    return (f"{len(escaped)} process(es) that left the payload's process group outlived it and were "
+            "killed (pid " + ", ".join(map(str, sorted(escaped)[:5])) + ")") if escaped else ""
+
+
+def kill_escaped(pids):
+    """SIGKILL processes that outlived their job, and reap those that were (or became, their
+    parent killed too) this pilot's children, so no zombie is left."""
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        left = [pid for pid in pids if alive_child(pid)]
+        if not left:
+            return
+        time.sleep(0.01)
+
+
+def alive_child(pid):
+    """False once pid is reaped (or is not our child); reaps it if it has died."""
+    try:
+        return os.waitpid(pid, os.WNOHANG)[0] == 0
+    except ChildProcessError:
+        return False
 
 
 class Budget:
@@ -639,17 +711,17 @@ class Usage:
         self.seen = {}              # pid -> its last (rss, cpu, read, written)
         self.sampled = False
 
-    def sample(self, pgid):
-        group = group_processes(pgid)
+    def sample(self, pgid, spared=()):
+        group = job_processes(pgid, spared)
         self.sampled = True
         self.last_mb = sum(p[0] for p in group.values())
         self.peak_mb = max(self.peak_mb, self.last_mb)
         self.seen.update(group)
         return self.last_mb
 
-    def survivors(self, pgid):
-        """The group's processes still alive once the payload has exited, after a last look."""
-        group = group_processes(pgid)
+    def survivors(self, pgid, spared=()):
+        """The job's processes still alive once the payload has exited, after a last look."""
+        group = job_processes(pgid, spared)
         self.seen.update(group)
         return list(group)
 
@@ -732,6 +804,7 @@ class Pilot:
         self.site_env = {}
         self.site_limits = {}           # the site's default limits for its jobs (MB)
         self.current = None             # the Execution in progress, if any (set by the main thread)
+        become_subreaper()
         self.watchdog = Watchdog()
         self.lease = None               # seconds the server keeps our job while we are silent
         self.last_contact = time.monotonic()    # the last answer from the server
@@ -1080,8 +1153,11 @@ class Pilot:
         usage = execution.usage
         # processes the payload left behind: accounted from a last look (only for a job the
         # sampler saw; a short job costs no /proc scan), then killed with the group
-        stragglers = usage.survivors(execution.pid) if usage.sampled else []
+        spared = self.watchdog.pids()
+        escaped = escaped_children(spared)
+        stragglers = usage.survivors(execution.pid, spared) if usage.sampled or escaped else []
         kill_group(execution.pid, signal.SIGKILL)     # leave no stray children behind
+        kill_escaped(set(stragglers) | escaped)
         self.watchdog.release(execution.pid)
         execution.figures = usage.figures(rusage, stragglers, execution.env["P3S_JOB_DIR"])
         if execution.stop_reason:
@@ -1090,7 +1166,7 @@ class Pilot:
         if code == -signal.SIGKILL and time.monotonic() - self.last_contact > self.fence_after():
             return "pilotTO", code, "killed by the watchdog: no answer from the server for the job's lease"
         if code == 0:
-            return "finished", 0, ""
+            return "finished", 0, left_behind(escaped)
         if code == -signal.SIGKILL or (code == 128 + signal.SIGKILL and execution.shell):
             seen = f"last seen using {usage.last_mb:,.0f} MB" if usage.sampled else "ended before any sample"
             return "failed", code, f"killed by SIGKILL, not by p3s: out of memory? ({seen})"
@@ -1124,7 +1200,7 @@ class Pilot:
         if t >= execution.next_sample:
             execution.next_sample = t + SAMPLE_PERIOD
             with contextlib.suppress(OSError):
-                self.check_limits(execution, execution.usage.sample(execution.pid))
+                self.check_limits(execution, execution.usage.sample(execution.pid, self.watchdog.pids()))
         due = [execution.next_sample] + ([execution.started + limit] if limit and age < limit else [])
         if not execution.report_queued:
             due.append(execution.started + RUNNING_REPORT_DELAY)

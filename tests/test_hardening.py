@@ -580,3 +580,35 @@ def test_a_pilot_that_says_it_crashed_uses_its_jobs_attempt_and_one_that_stopped
     assert (p3s.job(calm)["state"], p3s.job(calm)["attempt"]) == ("defined", 1)
     job = p3s.job(fatal)
     assert job["state"] == "pilotTO" and "crashed: RecursionError" in job["reason"], job
+
+
+# -- escaped children are the pilot's children ----------------------------------------------------
+HOG = "import time; x = bytes(range(256)) * (300 * 4096); time.sleep(60)"    # 300 MB, touched
+
+
+def test_a_child_that_left_the_group_counts_against_the_memory_limit_and_dies_with_the_job(p3s, tmp_path):
+    """A payload's child that calls setsid and holds 300 MB under a 100 MB limit: it counted for
+    nothing (the job ended finished, 24.8 MB peak) and lived on. Now it is the job's: the job
+    fails over its memory limit, and the child is dead when the job has ended."""
+    pidfile = tmp_path / "hog.pid"
+    payload = (f'setsid sh -c \'echo $$ > {pidfile}; exec python3 -c "{HOG}"\' & sleep 30')
+    [uuid] = p3s.submit([shell_job(payload, memory=100)])
+    p3s.pilot("-p", "1")
+    job = p3s.wait_jobs([uuid], timeout=40)[uuid]
+    job = p3s.job(uuid)
+    assert job["state"] == "failed" and "over its memory limit of 100 MB" in job["reason"], job
+    wait_until(lambda: not alive(int(pidfile.read_text())), 5, what="the escaped child to die")
+
+
+def test_a_child_that_left_the_group_and_outlived_a_short_job_is_killed_and_named(p3s, tmp_path):
+    """A short job (no sample taken) leaves a setsid child behind: the pilot, its subreaper,
+    finds it, kills it and says so on the finished job; the next job runs as usual."""
+    pidfile = tmp_path / "left.pid"
+    uuids = p3s.submit([shell_job(f"setsid sh -c 'echo $$ > {pidfile}; exec sleep 60' & sleep 0.05"),
+                        shell_job("true")])
+    pilot = p3s.pilot("-p", "1")
+    states = p3s.wait_jobs(uuids, timeout=30)
+    assert [states[u]["state"] for u in uuids] == ["finished", "finished"]
+    assert not alive(int(pidfile.read_text())), "the escaped child lives on"
+    assert "outlived it and were killed" in p3s.job(uuids[0])["errmsg"]
+    assert pilot.poll() is None
