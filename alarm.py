@@ -5,6 +5,7 @@
     python alarm.py --history --age 12h                      # raised, cleared, acknowledged, ...
     python alarm.py --ack no_new_work -m "DAQ stopped for calibration"
     python alarm.py --silence site_below_nominal -s np04 --for 2h -m "node reboots"
+    python alarm.py --silence disk_low --for 1h --future -m "disk swap at 14:00"   # not raised yet
 
 An acknowledged alarm stays on the page, greyed with who, why and until when, and is not sent
 to anyone; an acknowledgement lasts until the alarm clears (or --for), a silence for --for
@@ -45,6 +46,8 @@ def parse_args(argv):
     p.add_argument("-m", "--why", help="with --ack/--silence: why (shown beside the alarm)")
     p.add_argument("--for", dest="duration", type=duration, metavar="DURATION",
                    help="how long: 90, 30m, 2h, 1d (required with --silence)")
+    p.add_argument("--future", action="store_true",
+                   help="with --silence: the alarm is not raised now (a planned intervention)")
     p.add_argument("--by", default=getpass.getuser(), help="who acknowledges (default %(default)s)")
     p.add_argument("--age", default="24h", help="with --history: how far back (default %(default)s)")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
@@ -61,13 +64,19 @@ def clock(ts):
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
 
 
+def ack_name(a):
+    """What --ack takes to name this alarm (the server's Alarms.ack_name)."""
+    scope = [f"-s {a['site']}" if a.get("site") else "", f"-T {a['jobtype']}" if a.get("jobtype") else ""]
+    return " ".join([a["name"], *filter(None, scope)])
+
+
 def show_now(client):
     alarms = client.call("GET", "/api/alarms")["alarms"]
-    rows = [{"severity": a["severity"], "since": clock(a["since"]), "alarm": a["message"],
+    rows = [{"severity": a["severity"], "since": clock(a["since"]), "alarm": a["message"], "name": ack_name(a),
              "note": f"explained by {a['explained_by']}" if a.get("explained_by") else
              f"{a['ack']['kind']} by {a['ack']['who']}: {a['ack']['why']}" if a.get("ack") else ""}
             for a in alarms]
-    print(format_table(rows, ("severity", "since", "alarm", "note")) if rows else "no alarm raised")
+    print(format_table(rows, ("severity", "name", "since", "alarm", "note")) if rows else "no alarm raised")
 
 
 def show_history(client, age):
@@ -85,6 +94,8 @@ def act(client, args):
                 "jobtype": args.jobtype, "who": args.by, "why": args.why}
         if args.duration:
             body["for"] = args.duration
+        if args.future:
+            body["future"] = True
         done = client.call("POST", "/api/alarms/ack", body)
         until = f"until {clock(done['until'])}" if done["until"] else "until it clears"
         print(f"{done['name']}: {'acknowledged' if args.ack else 'silenced'} by {done['who']} {until}")

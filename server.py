@@ -102,6 +102,8 @@ SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal 
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
 # Alarms: their tunables (the rules they feed are stated once, in the Alarms class).
 ALARM_DELAY = 15 * 60               # seconds a warning lasts before it is sent to a person
+ALARM_HOLD = 60                     # seconds a condition holds before it is raised (a blip is not)
+ALARM_CLEAR_HOLD = 120              # seconds it stays gone before its alarm clears (no flapping)
 LOST_SHARE, LOST_COUNT = 0.2, 5
 LIFETIME_MIN_ENDED = 5              # pilot_lifetime: pilots lost in the hour before it may be raised
 DELIVERY_TIMEOUT = 10               # seconds a webhook or command may take per try
@@ -2610,7 +2612,10 @@ class Alarms:
     - What hides what: a root cause hides its symptoms (explain()): with no pilot alive, the
       sites below nominal and the starving jobs; a site with no live pilot, its starving jobs.
       A hidden alarm is listed with `explained_by`, never shown apart or sent.
-    - Ranking: criticals first, then the oldest.
+    - No flapping (Alertmanager's `for:`): a condition is raised once it held `hold` seconds,
+      and cleared once it stayed gone `clear_hold` seconds (shown "clearing" meanwhile); so a
+      blip is never raised, and a condition that comes and goes is one alarm, not many.
+    - Ranking: criticals first, then by impact (the jobs it holds up), then the oldest.
     - Delivery (Notifier): a critical at once, a warning once it lasted `delay`; each once per
       raise, and its clear once if its raise was sent; a critical that eases to a warning is
       a clear for whoever was told.
@@ -2625,7 +2630,7 @@ class Alarms:
         self.svc, self.store = service, service.store
         settings = {"delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
                     "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
-                    **(settings or {})}
+                    "hold": ALARM_HOLD, "clear_hold": ALARM_CLEAR_HOLD, **(settings or {})}
         self.delay, self.lost_share = settings["delay"], settings["lost_share"]
         self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
         self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
@@ -2633,6 +2638,8 @@ class Alarms:
         self.no_new_work = no_new_work      # minutes without a new job or workflow: alarm (0: off)
         self.starving_minutes = starving_minutes
         self.starving_since = {}            # (site, jobtype) -> when no live pilot could take them
+        self.hold, self.clear_hold = settings["hold"], settings["clear_hold"]
+        self.pending, self.absent = {}, {}  # key -> since when (see notice)
 
     # -- one alarm, and what explains it ----------------------------------------------------------
     @staticmethod
@@ -2670,21 +2677,53 @@ class Alarms:
         return next((k for k in acks if k["name"] == a["name"] and (not k["site"] or k["site"] == a.get("site"))
                      and (not k["jobtype"] or k["jobtype"] == a.get("jobtype"))), None)
 
+    @staticmethod
+    def ack_name(a):
+        """What alarm.py --ack takes to name this alarm: its name, and its site or job type."""
+        scope = [f"-s {a['site']}" if a.get("site") else "", f"-T {a['jobtype']}" if a.get("jobtype") else ""]
+        return " ".join([a["name"], *filter(None, scope)])
+
     # -- evaluation: the conditions, from bounded reads -------------------------------------------
     def raised(self, query=None):
-        """What needs a person now, ranked: criticals first, then the oldest. Each alarm names
-        the problem, the figure and the list that shows it, with its severity, since when it is
-        raised, what explains it (a root cause hides its symptoms) and who acknowledged or
-        silenced it. Bounded reads only (counts tables, indexes), so the summary stays cheap."""
+        """What needs a person now, ranked: criticals first, then by impact (the jobs it holds
+        up), then the oldest. Each alarm names the problem, the figure and the list that shows
+        it, with its severity, since when it is raised, what explains it (a root cause hides its
+        symptoms) and who acknowledged or silenced it. Bounded reads only (counts tables,
+        indexes), so the summary stays cheap."""
         t = now()
-        found = self.explain(self.evaluate(t))
-        since = {r["key"]: r["since"] for r in self.store.read("SELECT key, since FROM alarm_state")}
+        return {"alarms": self.shown(t, *self.observe(t))}
+
+    def observe(self, t):
+        """(the conditions that hold now, explained; the alarms stored as raised, by key)."""
+        conditions = self.explain(self.evaluate(t))
+        return conditions, {r["key"]: dict(r) for r in self.store.read("SELECT * FROM alarm_state")}
+
+    def notice(self, t, conditions, stored):
+        """Housekeeping: since when each condition not yet raised holds (`pending`), and since
+        when each raised alarm's condition is gone (`absent`): the clocks of the holds."""
+        keys = {a["key"] for a in conditions}
+        self.pending = {k: self.pending.get(k, t) for k in keys if k not in stored}
+        self.absent = {k: self.absent.get(k, t) for k in stored if k not in keys}
+
+    def shown(self, t, conditions, stored):
+        """The alarms a person sees: a condition once it held `hold` seconds (or was raised), and
+        a raised alarm whose condition is gone, until it stayed gone `clear_hold` seconds."""
         acks = self.active_acks(t)
+        found = []
+        for a in conditions:
+            a["since"] = stored[a["key"]]["since"] if a["key"] in stored else self.pending.get(a["key"], t)
+            if a["key"] in stored or t - a["since"] >= self.hold:
+                found.append(a)
+        keys = {a["key"] for a in conditions}
+        for key, r in stored.items():
+            gone = t - self.absent.get(key, t)
+            if key not in keys and gone < self.clear_hold:
+                found.append({**{k: r[k] for k in ("name", "key", "severity", "link", "since")}, "impact": 0,
+                              "message": f"{r['message']} (clearing: not seen for {gone:.0f} s)"})
         for a in found:
-            a["since"] = since.get(a["key"], t)
             a["ack"] = self.matching_ack(a, acks)
-        found.sort(key=lambda a: (a["severity"] != "critical", a["since"], a["key"]))
-        return {"alarms": found}
+        found.sort(key=lambda a: (a["severity"] != "critical", -a.get("impact", 0), a["since"], a["key"]))
+        return found
 
     def evaluate(self, t):
         pilots = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM pilot_counts")}
@@ -2693,7 +2732,7 @@ class Alarms:
         if not live:
             waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
             alarms.append(self.alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots",
-                                critical=waiting > 0))
+                                     critical=waiting > 0, impact=waiting))
         lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?", (t - 3600,))[0]
         if lost:
             many = lost > 1 and (lost >= self.lost_count or lost > self.lost_share * (live + lost))   # never one
@@ -2722,7 +2761,7 @@ class Alarms:
                 found.append(self.alarm("starving", f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
                                    f"(for {(t - since) / 60:.0f} min)",
                                    "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
-                                   site=site, jobtype=jobtype))
+                                        site=site, jobtype=jobtype, impact=n))
         return found
 
     def notice_starving(self, t):
@@ -2763,8 +2802,9 @@ class Alarms:
         it to a person: a critical one at once, a warning once it lasted alarm_delay, each once
         per raise (and its clear, if its raise was sent); never one explained by another, or
         acknowledged or silenced. Delivery runs in the notifier's thread, outside any lock."""
-        found = {a["key"]: a for a in self.raised()["alarms"]}
-        stored = {r["key"]: dict(r) for r in self.store.read("SELECT * FROM alarm_state")}
+        conditions, stored = self.observe(t)
+        self.notice(t, conditions, stored)
+        found = {a["key"]: a for a in self.shown(t, conditions, stored)}
         raised = [a for key, a in found.items() if key not in stored]
         cleared = [r for key, r in stored.items() if key not in found]
         changed = [a for key, a in found.items() if key in stored and stored[key]["severity"] != a["severity"]]
@@ -2813,7 +2853,7 @@ class Alarms:
         """Acknowledge an alarm (until it clears, or for `for` seconds) or silence it (for `for`
         seconds, required), by name and optionally site or job type, saying who and why. An
         acknowledged or silenced alarm is shown greyed and not sent to anyone."""
-        check_keys(body, "ack", ("name", "site", "jobtype", "kind", "who", "why", "for"))
+        check_keys(body, "ack", ("name", "site", "jobtype", "kind", "who", "why", "for", "future"))
         ack = {"name": as_choice(body.get("name"), "name", self.NAMES),
                "kind": as_choice(body.get("kind", "ack"), "kind", ("ack", "silence")),
                "site": as_str(body.get("site", ""), "site", max_len=64),
@@ -2822,6 +2862,9 @@ class Alarms:
                "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300), "ts": now()}
         if ack["kind"] == "silence" and "for" not in body:
             raise bad("for: a silence needs a duration in seconds (it ends by itself)")
+        future = ack["kind"] == "silence" and body.get("future") is True
+        if not future:
+            self.check_raised(ack)
         ack["until"] = ack["ts"] + as_number(body["for"], "for", 1, 30 * 86400) if "for" in body else None
         with self.store.transaction() as conn:
             ack["id"] = conn.execute("INSERT INTO alarm_acks(kind, name, site, jobtype, who, why, until, ts) VALUES("
@@ -2830,6 +2873,16 @@ class Alarms:
             self.event(conn, ack["ts"], {"key": key, "name": ack["name"], "severity": "", "message": ""},
                         "acknowledged" if ack["kind"] == "ack" else "silenced", ack["who"], ack["why"], ack["until"])
         return ack
+
+    def check_raised(self, ack):
+        """An acknowledgement (or a silence not meant for the future) must name an alarm raised
+        now: a typo would otherwise be accepted and silence nothing."""
+        raised = self.raised()["alarms"]
+        if not any(a["name"] == ack["name"] and (not ack["site"] or a.get("site") == ack["site"])
+                   and (not ack["jobtype"] or a.get("jobtype") == ack["jobtype"]) for a in raised):
+            names = ", ".join(sorted({self.ack_name(a) for a in raised})) or "none"
+            raise bad(f"name: no raised alarm is {self.ack_name(ack)!r} (raised now: {names}); "
+                      "a silence for the future says future: true")
 
     def history(self, query):
         """Every alarm raised, changed, acknowledged, silenced and cleared in the last `age`
@@ -2859,7 +2912,8 @@ class Alarms:
             if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
                 found.append(self.alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} attempts ended failed, timeout "
                                    f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
-                                   "/failures?" + urlencode({"jobtype": jobtype, "since": "1h"}), jobtype=jobtype))
+                                        "/failures?" + urlencode({"jobtype": jobtype, "since": "1h"}),
+                                        jobtype=jobtype, impact=bad_ones))
         return found
 
     def at_site(self, site, figures):
@@ -2869,9 +2923,13 @@ class Alarms:
         found = []
         tolerance = SITE_TOLERANCE if site["tolerance"] is None else site["tolerance"]
         if site["pilots"] and figures["live"] < site["pilots"] * (1 - tolerance):
+            waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM waiting WHERE site=?",
+                                          (site["name"],))[0]
+            held_up = f"; {waiting} job(s) wait for it" if waiting else ""
             found.append(self.alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
-                               f"{site['pilots']} nominal", f"/site/{site['name']}", site=site["name"],
-                               live=figures["live"]))
+                                    f"{site['pilots']} nominal{held_up}", f"/site/{site['name']}",
+                                    critical=not figures["live"] and waiting > 0, site=site["name"],
+                                    live=figures["live"], impact=waiting))
         lives = figures["lost_lives_1h"]
         life = median(lives)
         if site["pilotlife"] and len(lives) >= self.lifetime_min_ended and life < site["pilotlife"] / 2:
@@ -4596,10 +4654,11 @@ def render_manual(d, query):
 
 def render_alarms(d, query):
     t = now()
-    current = table(["severity", "alarm", "since", "explained by", "acknowledged / silenced"],
+    current = table(["severity", "alarm", "name (alarm.py --ack)", "since", "explained by",
+                     "acknowledged / silenced"],
                     [['<span class="s-failed">critical</span>' if a["severity"] == "critical" else esc("warning"),
-                      link(a["link"], a["message"]), esc(alarm_since(a, t)), esc(a.get("explained_by", "")),
-                      esc(ack_text(a["ack"]))] for a in d["alarms"]])
+                      link(a["link"], a["message"]), f"<code>{esc(Alarms.ack_name(a))}</code>", esc(alarm_since(a, t)),
+                      esc(a.get("explained_by", "")), esc(ack_text(a["ack"]))] for a in d["alarms"]])
     history = table(["time", "event", "alarm", "severity", "message", "who", "why"],
                     [[esc(when(e["ts"])), esc(e["kind"]), esc(e["key"]), esc(e["severity"]), esc(e["message"]),
                       esc(e["who"]), esc(e["why"])] for e in d["events"]])
@@ -6563,6 +6622,10 @@ def parse_args(argv):
                    help="POST each alarm raised and cleared to URL as JSON {\"text\": ...} (Mattermost, Slack)")
     p.add_argument("--alarm-command", metavar="CMD",
                    help="run CMD for each alarm raised and cleared, with P3S_ALARM_* in its environment")
+    p.add_argument("--alarm-hold", type=float, default=ALARM_HOLD, metavar="SECONDS",
+                   help="a condition is raised once it held this long (default %(default)s)")
+    p.add_argument("--alarm-clear-hold", type=float, default=ALARM_CLEAR_HOLD, metavar="SECONDS",
+                   help="a raised alarm clears once its condition stayed gone this long (default %(default)s)")
     p.add_argument("--alarm-delay", type=float, default=ALARM_DELAY / 60, metavar="MINUTES",
                    help="a warning is sent once it has lasted this long; a critical at once (default %(default)s)")
     p.add_argument("--alarm-lost-share", type=float, default=LOST_SHARE, metavar="FRACTION",
@@ -6671,7 +6734,8 @@ def main(argv=None):
                       args.alarm_no_new_work, args.alarm_starving, images,
                       {"delay": args.alarm_delay * 60, "lost_share": args.alarm_lost_share,
                        "lost_count": args.alarm_lost_count, "lifetime_min_ended": args.alarm_lifetime_pilots,
-                       "webhook": args.alarm_webhook, "command": args.alarm_command})
+                       "webhook": args.alarm_webhook, "command": args.alarm_command,
+                       "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold})
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]

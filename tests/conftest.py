@@ -102,7 +102,7 @@ class P3S:
         self.proc = subprocess.Popen(
             [*tool_command("server.py"), "--port", str(self.port), "--db", self.db,
              "--token-file", str(self.token_file), "--housekeeping", "0.3", *self.lease_args(),
-             *self.extra_args],
+             *self.alarm_args(), *self.extra_args],
             stdout=log, stderr=log, cwd=self.dir, env=tool_env(os.environ))
         found = wait_until(self._announced_port, 15, interval=0.01, what="server start")
         self.port = found
@@ -110,6 +110,10 @@ class P3S:
         self.env["P3S_SERVER"] = self.url
         self.api = Client(self.url, token_file=str(self.token_file), retry_for=10)
         return self
+
+    def alarm_args(self):
+        """Alarms are raised and cleared at once in tests, unless a test about holds sets them."""
+        return [] if "--alarm-hold" in self.extra_args else ["--alarm-hold", "0", "--alarm-clear-hold", "0"]
 
     def lease_args(self):
         """Pilots beat every 0.5 s in tests: 30 beats (15 s) ride out a server restart, unless

@@ -37,8 +37,9 @@ def test_no_pilots_is_one_critical_bar_that_explains_the_sites_and_starving_jobs
     found = alarms(server)
     assert "explained_by" not in found["site_below_nominal:np04"], "np04 has no pilot: that is the problem now"
     assert found["starving:np04:purity"]["explained_by"] == "site_below_nominal:np04"
-    page = server.page("/")
-    assert "<details" in page and "1 warning" in page, "one warning line: the site, not one per job type"
+    assert found["site_below_nominal:np04"]["severity"] == "critical", "no pilot of np04 while its work waits"
+    bars = re.findall(r'<div class="alarm[^"]*">(.*?)</div>', server.page("/"))
+    assert len(bars) == 1 and "np04: 0 live pilots of 3 nominal; 1 job(s) wait for it" in bars[0], bars
 
 
 def test_an_alarm_is_silenced_acknowledged_remembered_and_the_silence_ends_by_itself(p3s):
@@ -186,3 +187,105 @@ def test_the_prometheus_rules_pass_promtool():
     for args in (["check", "rules", "p3s-alerts.yml"], ["test", "rules", "p3s-alerts.test.yml"]):
         ran = subprocess.run([promtool, *args], cwd=rules, capture_output=True, text=True, timeout=60)
         assert ran.returncode == 0, ran.stdout + ran.stderr
+
+
+def test_a_blip_is_never_raised_and_a_condition_that_comes_and_goes_is_one_alarm(receiver, start_server):
+    """Alertmanager's `for:`: no pilot alive while work waits must hold --alarm-hold seconds
+    before it is raised (a 1 s gap between two pilots raises nothing, sends nothing), and a raised
+    alarm whose condition goes and comes back within --alarm-clear-hold stays one alarm: one
+    message when raised, one when it finally cleared (a failure_rate critical was raised and
+    cleared 22 s apart: a page at 3 a.m. for a blip)."""
+    Receiver.plan = []
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks/p3s"
+    server = start_server(["--alarm-webhook", url, "--alarm-hold", "3", "--alarm-clear-hold", "4"])
+    server.submit([shell_job("true", jobtype="dqm")])      # waits: no pilot here takes dqm
+    idle = ("-p", "1", "--jobtype", "other")
+    seen = []
+
+    def watch(seconds):
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            seen.append(set(alarms(server)))
+            time.sleep(0.1)
+
+    pilot = server.pilot(*idle)
+    wait_until(lambda: server.api.list_pilots(), 15, what="the pilot to register")
+    pilot.terminate()                                      # a refill: the next pilot comes 1 s later
+    pilot.wait(15)
+    watch(1)
+    pilot = server.pilot(*idle)
+    wait_until(lambda: [p for p in server.api.list_pilots() if p["state"] != "stopped"], 15,
+               what="the next pilot to register")
+    watch(2)
+    assert not any("no_pilots" in s for s in seen), "a 1 s blip was raised"
+    pilot.terminate()
+    pilot.wait(15)
+    wait_until(lambda: "no_pilots" in alarms(server), 10, what="no_pilots, held 3 s, raised")
+    pilot = server.pilot(*idle)                            # back for 2 s: clearing, not cleared
+    wait_until(lambda: "clearing" in alarms(server).get("no_pilots", {}).get("message", ""), 10,
+               what="the alarm shown clearing")
+    pilot.terminate()
+    pilot.wait(15)
+    watch(2)
+    assert all("no_pilots" in s for s in seen[-20:]), "the alarm cleared while its condition came back"
+    server.pilot(*idle)
+    wait_until(lambda: "no_pilots" not in alarms(server), 15, what="the clear, 4 s after the last pilot came")
+    time.sleep(1)
+    got = [(b["state"], b["name"]) for _, b in Receiver.got]
+    assert got == [("raised", "no_pilots"), ("cleared", "no_pilots")], got
+    kinds = [e["kind"] for e in server.api.call("GET", "/api/alarms/history")["events"] if e["name"] == "no_pilots"]
+    assert sorted(kinds) == ["cleared", "raised"], kinds
+
+
+def test_warnings_rank_by_the_jobs_they_hold_up_and_a_site_with_none_of_its_pilots_is_critical(start_server):
+    """A big site a little short (1 of 120 live, nothing waiting for it) ranked first because it
+    was older; the site whose only pilot died, with 17 jobs waiting for it, came last as a
+    warning. Now a site with no live pilot while jobs wait for it is critical, and alarms of a
+    severity rank by the jobs they hold up."""
+    server = start_server()
+    server.api.define_site("lxvm", pilots=120)
+    server.api.define_site("coldbox", pilots=2)
+    server.pilot("-p", "1", "-s", "lxvm", "--jobtype", "none")
+    wait_until(lambda: server.api.get_site("lxvm")["live"] == 1, 15, what="lxvm's pilot")
+    server.submit([shell_job("true", site="coldbox")] * 3)
+    wait_until(lambda: "site_below_nominal:coldbox" in alarms(server), 10, what="coldbox's alarm")
+    ranked = server.api.call("GET", "/api/alarms")["alarms"]
+    coldbox = next(a for a in ranked if a["key"] == "site_below_nominal:coldbox")
+    assert coldbox["severity"] == "critical" and "3 job(s) wait for it" in coldbox["message"], coldbox
+    assert ranked[0]["key"] == "site_below_nominal:coldbox", [a["key"] for a in ranked]
+    page = server.page("/alarms")
+    assert "<code>site_below_nominal -s coldbox</code>" in page
+
+
+def test_an_ack_or_silence_of_an_alarm_not_raised_is_refused_naming_the_raised_ones(p3s):
+    p3s.submit([shell_job("true")])
+    wait_until(lambda: "no_pilots" in alarms(p3s), 10, what="no_pilots")
+    result = p3s.run("alarm.py", "--ack", "no_new_work", "-m", "typo")
+    assert result.returncode == 2 and "raised now: no_pilots" in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = p3s.run("alarm.py", "--silence", "disk_low", "--for", "1h", "-m", "planned")
+    assert result.returncode == 2
+    result = p3s.run("alarm.py", "--silence", "disk_low", "--for", "1h", "--future", "-m", "planned move")
+    assert result.returncode == 0, result.stderr
+    assert p3s.run("alarm.py", "--ack", "no_pilots", "-m", "on it").returncode == 0
+    assert "no_pilots" in p3s.run("alarm.py").stdout
+
+
+def test_a_silenced_critical_and_an_acknowledged_warning_are_never_delivered(tmp_path, receiver, start_server):
+    """A silence set ahead (a planned intervention) keeps a critical from the webhook; an ack
+    keeps a warning from it after its delay; an alarm of neither kind still goes (the control)."""
+    Receiver.plan = []
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks/p3s"
+    server = start_server(["--alarm-webhook", url, "--alarm-delay", "0.05"])      # warnings after 3 s
+    assert server.run("alarm.py", "--silence", "no_pilots", "--for", "1h", "--future", "-m", "planned").returncode == 0
+    server.api.define_site("np04", pilots=4)
+    server.submit([shell_job("true", jobtype="dqm")])
+    wait_until(lambda: {"no_pilots", "site_below_nominal:np04"} <= set(alarms(server)), 10, what="the alarms")
+    assert server.run("alarm.py", "--ack", "site_below_nominal", "-s", "np04", "-m", "on it").returncode == 0
+    server.pilot("-p", "1", "--jobtype", "other", "-s", "np04")       # np04 1 of 4: a warning, not explained
+    wait_until(lambda: "no_pilots" not in alarms(server), 10, what="no_pilots to clear")
+    server.api.define_site("lxvm", pilots=5)                          # the control: a warning nobody acked
+    wait_until(lambda: [b for _, b in Receiver.got if b["key"] == "site_below_nominal:lxvm"], 15,
+               what="the control warning delivered after its delay")
+    keys = [b["key"] for _, b in Receiver.got]
+    assert "no_pilots" not in keys and "site_below_nominal:np04" not in keys, keys
