@@ -22,6 +22,7 @@ import glob
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -56,6 +57,8 @@ LATE_REPORT = 1.0           # seconds after its job's end: a report this late sa
 STOPPING_REPORT_GRACE = 4   # a pilot told to stop (SIGTERM) keeps an undelivered end report this
                             # many kill graces (20 s by default), then leaves: a batch system's
                             # SIGKILL follows, and a server that is gone for good must not hold it
+QUALITY_FILES = {"verdict.json": "checks", "metrics.json": "metrics"}   # a payload's word on its data
+MAX_QUALITY_BYTES = 512 * 1024  # bytes of one of them read at most (200 checks of 1 KiB and more)
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".gif", ".svg")     # what a job publishes for its page
 IMAGE_LIMITS = {"max_bytes": 2 * 1024 * 1024, "max_count": 20}
 MAX_LOOKED_AT = 10000       # files of an output directory looked at for images to publish
@@ -442,6 +445,61 @@ def images_to_publish(env, max_bytes):
     if too_big:
         log.warning("%d image(s) not published, over %d bytes: %s", len(too_big), max_bytes, " ".join(too_big[:3]))
     return list(chosen.items())
+
+
+def read_small_json(path, limit):
+    """The JSON in the regular file `path` of at most `limit` bytes, numbers finite; None when
+    there is no such file; ValueError saying why not otherwise. A payload may leave anything
+    there: a directory, a named pipe (never opened for reading: O_NONBLOCK), a symlink (not
+    followed), 10 MB, NaN, nesting deeper than any parser."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise ValueError(f"cannot be opened ({e.strerror})") from None
+    try:
+        status = os.fstat(fd)
+        if not stat.S_ISREG(status.st_mode):
+            raise ValueError("is not a regular file")
+        if status.st_size > limit:
+            raise ValueError(f"has {status.st_size:,} bytes, more than the {limit:,} a job may write")
+        data = os.pread(fd, limit + 1, 0)
+    finally:
+        os.close(fd)
+    try:
+        return json.loads(data, parse_constant=not_finite, parse_float=finite)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"is not JSON of finite numbers ({str(e)[:120] or 'nested too deeply'})") from None
+
+
+def finite(text):
+    value = float(text)
+    return value if math.isfinite(value) else not_finite(text)
+
+
+def not_finite(text):
+    raise ValueError(f"{text[:20]} is not a finite number")
+
+
+def read_quality(dirs):
+    """What a finished payload said of its data, for the end report: verdict.json's checks and
+    metrics.json's metrics, each the first found in the job's own directories; a file that
+    cannot be read says why in quality_error (the job page shows it), never fatal."""
+    found, errors = {}, []
+    for filename, key in QUALITY_FILES.items():
+        for directory in dirs:
+            try:
+                value = read_small_json(os.path.join(directory, filename), MAX_QUALITY_BYTES)
+            except ValueError as e:
+                errors.append(f"{filename} {e}")
+                break
+            if value is not None:
+                found[key] = value
+                break
+    if errors:
+        found["quality_error"] = "; ".join(errors)
+    return found
 
 
 def free_mb(directory):
@@ -1067,12 +1125,15 @@ class Pilot:
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
         self.publish_images(job, execution.env)
+        report = {"state": state, "exit_code": exit_code, "errmsg": errmsg,
+                  "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
+                  "stdout_path": out_path, "stderr_path": err_path,
+                  "runtime": execution.runtime(), "usage": execution.figures}
+        if state == "finished" and "quality" in self.features:     # a failed job has no verdict
+            report.update(read_quality(own_directories(execution.env)))
         with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
             os.rmdir(execution.env["P3S_JOB_DIR"])
-        self.send_report(job, {"state": state, "exit_code": exit_code, "errmsg": errmsg,
-                               "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
-                               "stdout_path": out_path, "stderr_path": err_path,
-                               "runtime": execution.runtime(), "usage": execution.figures}, ask_next, ended)
+        self.send_report(job, report, ask_next, ended)
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every

@@ -29,6 +29,7 @@ import argparse
 import bisect
 import collections
 import contextlib
+import csv
 import hashlib
 import hmac
 import html
@@ -132,8 +133,16 @@ MAX_HEARTBEAT = 3600.0              # seconds between a pilot's heartbeats (and 
 MAX_SECONDS = 366 * 86400           # a runtime, a pilot's life, a service's period: a year at most
 MAX_PID = 2 ** 22                   # Linux's pid_max ceiling
 EXIT_CODES = 2 ** 31                # an exit code (or -signal) fits in 32 bits
-FEATURES = ("ended_ago",)           # report fields newer than the first protocol: a pilot sends
+FEATURES = ("ended_ago", "quality")   # report fields newer than the first protocol: a pilot sends
                                     # one only to a server whose registration answer lists it
+# Verdicts, after DUNE-DAQ's dqmtools: each check of a job says one of these, worst last; a job's
+# verdict is the worst of its checks, a run's the worst of its jobs'. A failed job has none.
+VERDICTS = ("OK", "WARNING", "INVALID", "BAD")
+BAD_VERDICTS = ("INVALID", "BAD")
+MAX_CHECKS = 200                    # checks one job may report (verdict.json)
+MAX_METRICS = 200                   # metrics one job may report (metrics.json)
+MAX_CHECK_MESSAGE = 1024            # characters of a check's message kept
+MAX_QUALITY_NAME = 128              # characters of a check's or metric's name
 PER_JOB_ENV = ("P3S_JOB_UUID", "P3S_PILOT_UUID", "P3S_JOB_DIR")    # the pilot's, for each job
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
@@ -555,6 +564,24 @@ MIGRATIONS = [
     CREATE INDEX attempt_failures_ts ON attempt_failures(ts);
     CREATE INDEX attempt_failures_error ON attempt_failures(jobtype, reason, ts);
     """,
+    # v14: is the data good? A finished job's verdict (the worst of the checks its payload wrote
+    # to verdict.json: OK, WARNING, INVALID, BAD), the check that made it so, and a note (a file
+    # refused, and why); the checks and metrics themselves, gone with their job. The partial
+    # index holds only bad verdicts: the bad_data alarm reads it, nothing else pays for it.
+    """
+    ALTER TABLE jobs ADD COLUMN verdict TEXT;
+    ALTER TABLE jobs ADD COLUMN verdict_check TEXT;
+    ALTER TABLE jobs ADD COLUMN verdict_note TEXT NOT NULL DEFAULT '';
+    CREATE INDEX jobs_bad ON jobs(ts_sto) WHERE verdict IN ('BAD', 'INVALID');
+    CREATE TABLE checks(uuid TEXT NOT NULL, name TEXT NOT NULL, result TEXT NOT NULL, message TEXT NOT NULL,
+                        PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
+                         PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    CREATE TRIGGER jobs_quality_delete AFTER DELETE ON jobs BEGIN
+        DELETE FROM checks WHERE uuid = old.uuid;
+        DELETE FROM metrics WHERE uuid = old.uuid;
+    END;
+    """,
 ]
 
 
@@ -783,6 +810,65 @@ def validate_submission(body):
     if len({r["uuid"] for r in rows}) != len(rows):
         raise bad("jobs: the same uuid appears twice in one submission")
     return rows
+
+
+def valid_checks(value):
+    """verdict.json's checks, [{"check", "result", "message"}], as (name, RESULT, message) rows;
+    ValueError saying what is wrong. A message past MAX_CHECK_MESSAGE is cut, not refused."""
+    if value is None:
+        return []
+    if not isinstance(value, list) or len(value) > MAX_CHECKS:
+        raise ValueError(f"a list of at most {MAX_CHECKS} checks is expected")
+    rows, names = [], set()
+    for i, check in enumerate(value, 1):
+        if not isinstance(check, dict) or not set(check) <= {"check", "result", "message"}:
+            raise ValueError(f"check {i}: an object with check, result and message is expected")
+        name, result = check.get("check"), check.get("result")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_QUALITY_NAME or name in names:
+            raise ValueError(f"check {i}: a unique name of 1 to {MAX_QUALITY_NAME} characters is expected")
+        if not isinstance(result, str) or result.upper() not in VERDICTS:
+            raise ValueError(f"check {name[:40]!r}: result {str(result)[:20]!r} is not one of {', '.join(VERDICTS)}")
+        message = check.get("message", "")
+        if not isinstance(message, str):
+            raise ValueError(f"check {name[:40]!r}: message must be text")
+        names.add(name)
+        rows.append((name, result.upper(), message[:MAX_CHECK_MESSAGE]))
+    return rows
+
+
+def valid_metrics(value):
+    """metrics.json, {"name": number}, as (name, value) rows; ValueError saying what is wrong."""
+    if value is None:
+        return []
+    if not isinstance(value, dict) or len(value) > MAX_METRICS:
+        raise ValueError(f"an object of at most {MAX_METRICS} metrics by name is expected")
+    for name, number in value.items():
+        if not 0 < len(name) <= MAX_QUALITY_NAME:
+            raise ValueError(f"a metric's name has 1 to {MAX_QUALITY_NAME} characters")
+        if isinstance(number, bool) or not isinstance(number, (int, float)) or not math.isfinite(number) \
+                or abs(number) >= 2 ** 63:
+            raise ValueError(f"metric {name[:40]!r}: {str(number)[:20]} is not a finite number")
+    return [(name, float(number)) for name, number in value.items()]
+
+
+def judge_quality(body):
+    """A finished job's verdict from its end report: (job columns, check rows, metric rows).
+    What a payload wrote is checked here; a file that fails the checks gives no verdict (or no
+    metrics) and a note that says why, which the job page shows: never a refused end report."""
+    notes = [as_str(body.get("quality_error", ""), "quality_error", max_len=1024)]
+    checks, metrics = [], []
+    try:
+        checks = valid_checks(body.get("checks"))
+    except ValueError as e:
+        notes.append(f"verdict.json refused: {e}")
+    try:
+        metrics = valid_metrics(body.get("metrics"))
+    except ValueError as e:
+        notes.append(f"metrics.json refused: {e}")
+    worst = max(checks, key=lambda c: VERDICTS.index(c[1]), default=None)
+    columns = {"verdict": worst and worst[1], "verdict_check": worst and worst[0],
+               "verdict_note": "; ".join(filter(None, notes))}
+    return columns, checks, metrics
 
 
 def parse_age(value, field="age"):
@@ -1843,6 +1929,14 @@ def usage_fields(usage):
     return {k: as_number(v, f"usage.{k}", 0, USAGE_BOUNDS[k]) for k, v in usage.items()}
 
 
+def store_quality(conn, uuid, checks, metrics):
+    """A finished job's checks and metrics (its verdict is in its row)."""
+    conn.executemany("INSERT OR REPLACE INTO checks(uuid, name, result, message) VALUES(?, ?, ?, ?)",
+                     [(uuid, *c) for c in checks])
+    conn.executemany("INSERT OR REPLACE INTO metrics(uuid, name, value) VALUES(?, ?, ?)",
+                     [(uuid, *m) for m in metrics])
+
+
 def count_error(conn, job, state, exit_code, line, t):
     """Count a failure for the error summary: by job type and reason, and by where it ran; and
     keep the attempt itself, so that each count can be listed (/failures)."""
@@ -2623,7 +2717,7 @@ class Alarms:
       `for` seconds. Either greys the alarm and stops its delivery.
     """
     NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
-             "service_silent", "starving", "disk_low", "db_failing")   # also the /metrics gauges
+             "service_silent", "starving", "disk_low", "db_failing", "bad_data")   # also /metrics gauges
     CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate", "pilots_lost")
 
     def __init__(self, service, no_new_work=0, starving_minutes=STARVING_MINUTES, settings=None):
@@ -2647,7 +2741,7 @@ class Alarms:
         """One alarm: its name, a key that tells apart the alarms of one name (by site, job type,
         service), severity, message and link. `critical` overrides the name's usual severity."""
         critical = name in Alarms.CRITICAL if critical is None else critical
-        key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service") if k in labels)])
+        key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service", "check") if k in labels)])
         return {"name": name, "key": key, "severity": "critical" if critical else "warning", "message": message,
                 "link": link, **labels}
 
@@ -2747,7 +2841,26 @@ class Alarms:
                                 "stops when it is full", "/api/health"))
         if self.svc.hk_failing:
             alarms.append(self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}", "/api/health"))
-        return alarms + self.failures(t) + self.flow(t) + self.starving(t)
+        return alarms + self.failures(t) + self.flow(t) + self.starving(t) + self.bad_data(t)
+
+    def bad_data(self, t):
+        """Files a check judged BAD (or INVALID) in the last hour: one alarm per job type and
+        check, however many runs (ten bad runs of one check are one problem), with the newest
+        one's message. From the index of bad verdicts alone."""
+        found = []
+        for r in self.store.read("SELECT jobtype, verdict_check, verdict, COUNT(*) AS n, MAX(ts_sto) AS last "
+                                 "FROM jobs INDEXED BY jobs_bad WHERE verdict IN ('BAD', 'INVALID') AND ts_sto > ? "
+                                 "GROUP BY jobtype, verdict_check", (t - 3600,)):
+            newest = self.store.read_one(
+                "SELECT j.infile, c.message FROM jobs AS j INDEXED BY jobs_bad JOIN checks AS c ON c.uuid = j.uuid "
+                "AND c.name = j.verdict_check WHERE j.verdict IN ('BAD', 'INVALID') AND j.ts_sto = ? "
+                "AND j.jobtype = ? LIMIT 1", (r["last"], r["jobtype"]))
+            said = f"; newest {os.path.basename(newest['infile'])}: {newest['message'][:200]}" if newest else ""
+            found.append(self.alarm("bad_data", f"{r['jobtype']}: {r['n']} file(s) judged {r['verdict']} by "
+                                    f"{r['verdict_check']} in the last hour{said}",
+                                    "/runs?" + urlencode({"verdict": r["verdict"], "jobtype": r["jobtype"]}),
+                                    jobtype=r["jobtype"], check=r["verdict_check"], impact=r["n"]))
+        return found
 
     def active_acks(self, t):
         return [dict(r) for r in self.store.read("SELECT * FROM alarm_acks WHERE until IS NULL OR until > ? "
@@ -3115,6 +3228,10 @@ class Service:
             job["env"] = {k: "(hidden)" if SECRET_NAME.search(k) else v for k, v in job["env"].items()}
             job["events"] = [dict(e) for e in conn.execute(
                 "SELECT ts, old, new, who, attempt, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
+            job["checks"] = [dict(c) for c in conn.execute(
+                "SELECT name, result, message FROM checks WHERE uuid=? ORDER BY name", (uuid,))]
+            job["metrics"] = {m["name"]: m["value"] for m in conn.execute(
+                "SELECT name, value FROM metrics WHERE uuid=? ORDER BY name", (uuid,))}
         return job
 
     def list_jobs(self, query):
@@ -3261,7 +3378,8 @@ class Service:
                 "features": list(FEATURES)}
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
-                   "pid", "stdout_path", "stderr_path", "runtime", "next", "usage", "ended_ago")
+                   "pid", "stdout_path", "stderr_path", "runtime", "next", "usage", "ended_ago",
+                   "checks", "metrics", "quality_error")
 
     def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
@@ -3269,12 +3387,17 @@ class Service:
         attempt = as_int(body.get("attempt"), "attempt", 1)
         state = as_choice(body.get("state"), "state", ("running", "finished", "failed", "timeout", "pilotTO"))
         start, outcome = self.report_fields(body, state)
+        quality = judge_quality(body) if state == "finished" else None
+        if quality:
+            outcome.update(quality[0])
         if body.get("next", False) not in (True, False) or (body.get("next") and state == "running"):
             raise bad("next: true (an end report that also asks for the next job) or false")
         try:
             with self.store.transaction(shared=True) as conn:
                 check_pilot_secret(conn, pilot, secret)
                 result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
+                if quality and not result.get("duplicate"):
+                    store_quality(conn, uuid, *quality[1:])
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
                     result["next"] = self.next_job(conn, pilot, secret, result.get("duplicate"))
         except Exception as e:
@@ -3844,6 +3967,15 @@ PLACED_ERRORS = 20          # /errors says where the 20 most frequent failures h
 FAILURE_WINDOWS = {"1m": 60, "10m": 600, "1h": 3600, "24h": 86400, "7d": 7 * 86400}    # /failures?since=
 
 
+def row_verdict(jobs):
+    """A file's verdict: the worst of its jobs' (the newest of each type), and the job type and
+    check that made it so; None until one of them has a verdict."""
+    judged = [j for j in jobs if j.get("verdict")]
+    worst = max(judged, key=lambda j: VERDICTS.index(j["verdict"]), default=None)
+    return {"verdict": worst and worst["verdict"],
+            "verdict_by": worst and f"{worst['jobtype']}: {worst['verdict_check']}"}
+
+
 def failures_since(window, t):
     """Where a /failures window starts: for an hour or more, at the start of the error
     summary's 10-minute bucket, so that its counts agree; a shorter one (the summary's jobs
@@ -4151,19 +4283,28 @@ class Views:
         rows, order = [], {}
         for infile, ts in files[:limit]:
             jobs = {}
-            for j in self.store.read("SELECT uuid, name, jobtype, state, reason, id FROM jobs INDEXED BY jobs_infile "
+            for j in self.store.read("SELECT uuid, name, jobtype, state, reason, verdict, verdict_check, "
+                                     "verdict_note, id FROM jobs INDEXED BY jobs_infile "
                                      "WHERE infile = ? AND infile != '' ORDER BY id", (infile,)):
                 jobs[j["jobtype"]] = dict(j)            # the newest job of each type wins
                 order.setdefault(j["jobtype"], j["id"])
             run, subrun = run_of(infile)
-            rows.append({"infile": infile, "ts": ts, "run": run, "subrun": subrun, "jobs": jobs})
+            rows.append({"infile": infile, "ts": ts, "run": run, "subrun": subrun, "jobs": jobs,
+                         **row_verdict(jobs.values())})
         self.attach_images([j for r in rows for j in r["jobs"].values()])
+        self.attach_not_ok([j for r in rows for j in r["jobs"].values()])
         chosen = [t for t in query.get("types", "").split(",") if t]
         types = ([query["jobtype"]] if query.get("jobtype") else
                  chosen + sorted((t for t in order if t not in chosen), key=order.get))
+        if query.get("verdict"):
+            wanted = as_choice(query["verdict"], "verdict", VERDICTS + ("none",))
+            rows = [r for r in rows if (r["verdict"] or "none") == wanted]
+        bad_cells = {t: sum(1 for r in rows if (r["jobs"].get(t) or {}).get("verdict") in BAD_VERDICTS)
+                     for t in types}
         return {"rows": rows, "types": types, "page": page, "limit": limit, "more": len(files) > limit,
-                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types") if query.get(k)},
-                "choices": {"jobtype": known}}
+                "bad_cells": bad_cells,
+                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict") if query.get(k)},
+                "choices": {"jobtype": known, "verdict": ("",) + VERDICTS + ("none",)}}
 
     def grid_files(self, since, runs, count, offset):
         """(input file, first seen) newest first, younger than `since`, in the run range if any."""
@@ -4177,6 +4318,14 @@ class Views:
         inside = [tuple(r) for r in scanned if run_of(r["infile"])[0] is not None
                   and low <= run_of(r["infile"])[0] <= high]
         return inside[offset:offset + count]
+
+    def attach_not_ok(self, jobs):
+        """Each job's checks that were not OK, as job["not_ok"] ("check=RESULT"): read only for
+        the jobs whose verdict is not OK, so a good grid costs nothing more."""
+        for j in jobs:
+            j["not_ok"] = [f"{c['name']}={c['result']}" for c in self.store.read(
+                "SELECT name, result FROM checks WHERE uuid=? AND result != 'OK' ORDER BY name", (j["uuid"],))
+            ] if j.get("verdict") not in (None, "OK") else []
 
     def attach_images(self, jobs):
         """Each job's published images (names, in name order) as job["images"]."""
@@ -4470,7 +4619,10 @@ table.grid td{padding:2px 4px}.cell{display:block;padding:2px 6px;color:#000;tex
 .g-finished{background:#cfc}.g-failed,.g-timeout,.g-pilotTO{background:#f99;font-weight:bold}
 .g-none{color:#888;border:1px dashed #bbb}.g-running,.g-dispatched{background:#cde8ff}.g-defined,.g-template{background:#ffe9a8}.g-cancelled{background:#ddd}
 .strip img{height:40px;margin:2px 2px 0 0;border:1px solid #ccc}table.list .reason,table.list .cut{display:inline-block;max-width:17em;overflow:hidden;text-overflow:ellipsis;
-vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5px}"""
+vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5px}
+.v{display:inline-block;padding:0 5px;border-radius:2px;font-size:12px;font-weight:bold;color:#fff;margin-left:3px}
+.v-OK{background:#080}.v-WARNING{background:#c80}.v-BAD{background:#c00}.v-INVALID{background:#707}
+.v-none{background:#fff;color:#777;border:1px solid #bbb;font-weight:normal}"""
 NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
@@ -4483,6 +4635,21 @@ def link(href, text):
 
 def state_cell(state):
     return f'<span class="s-{esc(re.sub(r"[^A-Za-z]", "", state or ""))}">{esc(state)}</span>'
+
+
+def verdict_badge(verdict, title=""):
+    """A verdict as a badge that reads without colour (its word) and without hover."""
+    return (f'<span class="v v-{esc(verdict)}" title="{esc(title)}">{esc(verdict)}</span>' if verdict in VERDICTS
+            else "")
+
+
+def no_verdict_why(job):
+    """Why a job has no verdict, in words: a failed job never shows OK."""
+    if job.get("verdict") or job["state"] in ("template", "defined", "dispatched", "running"):
+        return ""
+    if job["state"] != "finished":
+        return "no verdict: the job did not finish"
+    return f"no verdict: {job['verdict_note']}" if job.get("verdict_note") else ""
 
 
 def short_when(ts, today=None):
@@ -4997,6 +5164,11 @@ def job_headline(d):
     """What differs between jobs, first: state, reason, exit code, where it ran, since when it
     waits; a part with nothing to say is left out, never shown empty."""
     parts = [state_cell(d["state"])]
+    if d.get("verdict"):
+        parts.append("data " + verdict_badge(d["verdict"]) + (f" by <b>{esc(d['verdict_check'])}</b>"
+                                                              if d["verdict"] != "OK" else ""))
+    elif no_verdict_why(d):
+        parts.append(f"<i>{esc(no_verdict_why(d))}</i>")
     if d["reason"]:
         parts.append(f"<b>{esc(d['reason'])}</b>")
     if d["exit_code"] is not None:
@@ -5021,6 +5193,19 @@ def job_title(d):
     return "Job " + (" · ".join(n for n in names if n) or d["uuid"])
 
 
+def quality_section(d):
+    """The job's checks, worst first, and its metrics; what was refused, and why."""
+    checks = sorted(d.get("checks", ()), key=lambda c: (-VERDICTS.index(c["result"]), c["name"]))
+    rows = [[verdict_badge(c["result"]), esc(c["name"]), esc(c["message"])] for c in checks]
+    parts = [table(["result", "check", "message"], rows)] if rows else []
+    if d.get("metrics"):
+        parts.append(table(["metric", "value"], [[esc(k), f'<span class="num">{esc(f"{v:.6g}")}</span>']
+                                                 for k, v in d["metrics"].items()]))
+    if d.get("verdict_note"):
+        parts.append(f"<p class='bad'>{esc(d['verdict_note'])}</p>")
+    return "<h2>Data quality</h2>" + "".join(parts) if parts else ""
+
+
 def render_job(d, query):
     info = table(["field", "value"], job_field_rows(d))
     env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
@@ -5032,7 +5217,7 @@ def render_job(d, query):
     tails = "".join(f"<h2>{s} (last 64 KiB)</h2><pre>{esc(d[s + '_tail'])}</pre>"
                     for s in ("stdout", "stderr") if d[s + "_tail"])
     images = f"<h2>Plots</h2>{thumbnails(d['uuid'], d['images'])}" if d["images"] else ""
-    body = (f"{job_headline(d)}{why}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
+    body = (f"{job_headline(d)}{why}{quality_section(d)}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
             f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
     return page(job_title(d), body, query)
 
@@ -5072,24 +5257,49 @@ def grid_cell(job, jobtype):
     strip = "".join(f'<img src="{esc(image_url(job["uuid"], n))}" alt="{esc(n)}" title="{esc(n)}" loading="lazy">'
                     for n in shown)
     more = f"<small>+{len(job['images']) - len(shown)}</small>" if len(job["images"]) > len(shown) else ""
+    badge = verdict_badge(job.get("verdict"), f"{job.get('verdict_check')}" if job.get("verdict") else "")
     return (f'<a class="cell g-{esc(re.sub(r"[^A-Za-z]", "", job["state"]))}" href="/job/{esc(job["uuid"])}" '
-            f'title="{esc(title)}">{esc(job["state"])}</a>' + (f'<div class="strip">{strip}{more}</div>' if shown else ""))
+            f'title="{esc(title)}">{esc(job["state"])}{badge}</a>'
+            + (f'<div class="strip">{strip}{more}</div>' if shown else ""))
+
+
+def runs_csv(d):
+    """The good-run list as analysers take it away: one line per input file, with its verdict,
+    what made it so and every check that was not OK. A cell that a spreadsheet would read as
+    a formula is quoted as text."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["run", "subrun", "file", "verdict", "verdict_by", "not_ok"])
+    for r in d["rows"]:
+        not_ok = " ".join(f"{j['jobtype']}:{c}" for j in r["jobs"].values() for c in j.get("not_ok", ()))
+        writer.writerow([spreadsheet_safe(x) for x in (r["run"], r["subrun"], r["infile"], r["verdict"] or "",
+                                                       r["verdict_by"] or "", not_ok)])
+    return out.getvalue()
+
+
+def spreadsheet_safe(value):
+    text = "" if value is None else str(value)
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
 
 
 def render_runs(d, query):
     """The run grid: "does run 5010 look OK?" in one look."""
-    headers = ["input file"] + [link(href("/runs", **{**d["filters"], "jobtype": t}), t) for t in d["types"]]
+    headers = (["input file", "data"] + [link(href("/runs", **{**d["filters"], "jobtype": t}), t)
+                                         + (f' <span class="bad">{d["bad_cells"][t]} bad</span>'
+                                            if d["bad_cells"].get(t) else "") for t in d["types"]])
     rows = []
     for r in d["rows"]:
         label = (f"run {r['run']}" + (f" · {r['subrun']}" if r["subrun"] is not None else "")
                  if r["run"] is not None else os.path.basename(r["infile"]))
         first = (f'<a href="{esc(href("/jobs", infile=r["infile"]))}" title="{esc(r["infile"])}">{esc(label)}</a>'
                  f'<br><small>{esc(short_when(r["ts"]))}</small>')
-        rows.append([first] + [grid_cell(r["jobs"].get(t), t) for t in d["types"]])
+        verdict = (verdict_badge(r["verdict"]) + (f"<br><small>{esc(r['verdict_by'])}</small>"
+                                                  if r["verdict"] != "OK" else "")) if r["verdict"] else ""
+        rows.append([first, verdict] + [grid_cell(r["jobs"].get(t), t) for t in d["types"]])
     intro = ("<p class='head'>One row per input file, newest first; one column per job type (the order of "
              "<code>types=a,b,c</code>, else the order jobs were submitted in). A cell is the newest job of "
              "that type on that file: its colour is its state, hover for its reason, click for the job.</p>")
-    body = (intro + filter_form(("jobtype", "runs", "age", "types"), query, d["choices"],
+    body = (intro + filter_form(("jobtype", "runs", "age", "types", "verdict"), query, d["choices"],
                                 {"runs": "run(s)", "types": "column order"}) +
             pager(d, query) + table(headers, rows, "grid") + pager(d, query))
     return page("Run grid", body, query)
@@ -5550,6 +5760,10 @@ API = (
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
 
+# Pages that are API reads too: the good-run list is /runs, as JSON (or ?format=csv).
+PAGE_APIS = {"/api/runs": "/runs"}
+CSV_PAGES = {"runs": runs_csv}
+
 # The pages. Each row: path, Views method, HTML renderer (/metrics and /file are served apart).
 PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/", "summary", render_summary),
@@ -5752,7 +5966,7 @@ class Handler(BaseHTTPRequestHandler):
             host = self.headers.get("Host", "")
             return self.send_json(421, {"error": f"Host: {host[:100]!r} is not a name of this server; "
                                                  "start it with --allow-host NAME to serve it by that name"})
-        if method == "GET" and not url.path.startswith("/api/"):
+        if method == "GET" and (not url.path.startswith("/api/") or url.path in PAGE_APIS):
             return self.serve_page(url)
         try:
             name, groups, parts, auth = self.find_route(method, url.path)
@@ -5812,8 +6026,11 @@ class Handler(BaseHTTPRequestHandler):
         return data
 
     def serve_page(self, url):
-        """HTML pages, their JSON twins (?format=json), /metrics and /file."""
+        """HTML pages, their JSON twins (?format=json), the CSV of /runs (?format=csv), the
+        pages that are also API reads (PAGE_APIS), /metrics and /file."""
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        if url.path in PAGE_APIS:
+            url, query["format"] = url._replace(path=PAGE_APIS[url.path]), query.get("format") or "json"
         as_json = query.get("format") == "json"
         views = self.server.views
         try:
@@ -5833,6 +6050,8 @@ class Handler(BaseHTTPRequestHandler):
                     groups = [as_uuid(v, "uuid") if k == "uuid" else unquote(v)
                               for k, v in match.groupdict().items()]
                     data = getattr(views, name)(*groups, query)
+                    if query.get("format") == "csv":
+                        return self.send_csv(name, data)
                     return self.send_json(200, data) if as_json else self.send_html(200, render(data, query))
             raise ApiError(404, f"{url.path}: no such page")
         except ApiError as e:
@@ -5842,6 +6061,11 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("GET %s failed", self.path)
             self.send_html(500, page("Error 500", "<p>internal server error; see the server log</p>", {}))
+
+    def send_csv(self, name, data):
+        if name not in CSV_PAGES:
+            raise ApiError(400, "format: csv is served for /runs only (json for every page)")
+        self.send_bytes(200, CSV_PAGES[name](data).encode(), "text/csv; charset=utf-8")
 
     def serve_file(self, path, query, as_json):
         views = self.server.views

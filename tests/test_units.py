@@ -191,7 +191,8 @@ def hostile_job():
 
 
 def rendered_pages():
-    job = hostile_job()
+    job = dict(hostile_job(), verdict="BAD", verdict_check=HOSTILE, verdict_note=HOSTILE,
+               checks=[{"name": HOSTILE, "result": "BAD", "message": HOSTILE}], metrics={HOSTILE: 1.5})
     place = {"site": HOSTILE, "host": HOSTILE, "jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2}
     errors = [{"jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2, "first": 1.0, "last": 2.0,
                "hosts": [place]}]
@@ -244,7 +245,8 @@ def rendered_pages():
             server.render_workflow(workflow, query), server.render_errors({"errors": errors, "by_site": [place], "by_host": [place]}, query),
             server.render_plots(plots, query), server.render_plots(plots, {"group": "run"}),
             server.render_runs({"rows": [{"infile": HOSTILE, "ts": 1.0, "run": None, "subrun": None,
-                                          "jobs": {HOSTILE: dict(job, images=[HOSTILE])}}], "types": [HOSTILE],
+                                          "jobs": {HOSTILE: dict(job, images=[HOSTILE])}, "verdict": "BAD",
+                                          "verdict_by": HOSTILE}], "types": [HOSTILE], "bad_cells": {HOSTILE: 1},
                                 "page": 1, "limit": 25, "more": False, "filters": {"types": HOSTILE},
                                 "choices": choices}, query),
             server.render_workflows({"workflows": [dict(workflow, user=HOSTILE, done=1, vertices=2, ts_def=1.0,

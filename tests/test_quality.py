@@ -1,0 +1,117 @@
+"""Is the data good? A payload's verdict.json and metrics.json, carried by its pilot, judged by
+the server (dqmtools' OK, WARNING, INVALID, BAD), shown on the job, the run grid and the good-run
+list; hostile files refused with a reason, never a crash, nothing stored half."""
+import csv
+import io
+import json
+
+from conftest import shell_job
+
+
+def quality_job(infile, checks=None, metrics=None, then="true", **fields):
+    """A DQM-like payload that writes its verdict and metrics, then runs `then`."""
+    lines = []
+    for name, value in (("verdict.json", checks), ("metrics.json", metrics)):
+        if value is not None:
+            lines.append(f"cat > $P3S_JOB_DIR/{name} <<'EOF'\n{json.dumps(value)}\nEOF")
+    return shell_job("\n".join(lines + [then]), jobtype="purity", infile=infile, **fields)
+
+
+def test_a_verdict_and_metrics_show_on_the_job_the_run_grid_and_the_good_run_list(p3s):
+    ok = [{"check": "femb_crc", "result": "OK", "message": "all 40 FEMBs"}]
+    bad = [{"check": "femb_crc", "result": "OK", "message": ""},
+           {"check": "dead_channels", "result": "BAD", "message": "312 dead channels on APA 3"},
+           {"check": "noise", "result": "warning", "message": "high"}]
+    uuids = p3s.submit([
+        quality_job("/data/np04_raw_run005010_0001.root", ok, {"noise_rms_apa1": 3.2, "dead_channels": 4}),
+        quality_job("/data/np04_raw_run005011_0001.root", bad, {"dead_channels": 312}),
+        quality_job("/data/np04_raw_run005012_0001.root", ok, then="exit 3")])      # ran, failed: no verdict
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs(uuids, timeout=30)
+    good, poor, failed = (p3s.job(u) for u in uuids)
+    assert (good["state"], good["verdict"], good["metrics"]) == ("finished", "OK",
+                                                                  {"dead_channels": 4.0, "noise_rms_apa1": 3.2})
+    assert (poor["state"], poor["verdict"], poor["verdict_check"]) == ("finished", "BAD", "dead_channels")
+    assert [c["result"] for c in poor["checks"]] == ["BAD", "OK", "WARNING"]       # by name
+    assert failed["state"] == "failed" and failed["verdict"] is None and failed["checks"] == []
+    page = p3s.page(f"/job/{poor['uuid']}")
+    assert "Data quality" in page and "312 dead channels on APA 3" in page and 'class="v v-BAD"' in page
+    assert "no verdict: the job did not finish" in p3s.page(f"/job/{failed['uuid']}")
+    grid = p3s.page("/runs")
+    assert "1 bad</span>" in grid and "purity: dead_channels" in grid
+    only_bad = p3s.api.call("GET", "/runs", query={"verdict": "BAD", "format": "json"})["rows"]
+    assert [r["run"] for r in only_bad] == [5011]
+    good_runs = p3s.api.call("GET", "/api/runs", query={"verdict": "OK"})["rows"]
+    assert [(r["run"], r["verdict"]) for r in good_runs] == [(5010, "OK")]
+    listing = list(csv.DictReader(io.StringIO(p3s.page("/runs?format=csv"))))
+    by_run = {row["run"]: row for row in listing}
+    assert by_run["5011"]["verdict"] == "BAD" and by_run["5011"]["not_ok"] == \
+        "purity:dead_channels=BAD purity:noise=WARNING"
+    assert by_run["5012"]["verdict"] == "" and by_run["5010"]["verdict"] == "OK"
+
+
+def test_hostile_verdict_and_metrics_files_are_refused_with_a_reason_and_never_crash(p3s):
+    """10 MB, a directory, a named pipe, NaN, 1e309, nesting deeper than any parser, a wrong
+    result, a check named with HTML: each job still finishes, with no verdict (or metrics) and
+    a note saying why; the HTML is shown as text; the pilot runs every one of them."""
+    d = "$P3S_JOB_DIR"
+    hostile = {
+        "huge": f"head -c 10000000 /dev/zero | tr '\\\\0' ' ' > {d}/verdict.json",
+        "directory": f"mkdir {d}/verdict.json",
+        "pipe": f"mkfifo {d}/verdict.json",
+        "nan": f"echo '{{\"noise\": NaN}}' > {d}/metrics.json",
+        "overflow": f"echo '{{\"noise\": 1e309}}' > {d}/metrics.json",
+        "deep": f"python3 -c 'print(\"[\" * 100000 + \"]\" * 100000)' > {d}/verdict.json",
+        "result": f"echo '[{{\"check\": \"a\", \"result\": \"FINE\"}}]' > {d}/verdict.json",
+        "link": f"ln -s /etc/passwd {d}/verdict.json",
+    }
+    jobs = [shell_job(line, name=name, jobtype="purity") for name, line in hostile.items()]
+    html_check = [{"check": "<script>alert(1)</script>", "result": "BAD", "message": "<b>x</b>"}]
+    jobs.append(quality_job("", html_check))
+    uuids = p3s.submit(jobs)
+    pilot = p3s.pilot("-p", "1")
+    p3s.wait_jobs(uuids, timeout=60)
+    notes = {}
+    for uuid in uuids[:-1]:
+        job = p3s.job(uuid)
+        assert job["state"] == "finished" and job["verdict"] is None and job["metrics"] == {}, job
+        notes[job["name"]] = job["verdict_note"]
+    assert "more than the 524,288 a job may write" in notes["huge"]
+    assert "is not a regular file" in notes["directory"] and "is not a regular file" in notes["pipe"]
+    assert "NaN is not a finite number" in notes["nan"] and "1e309 is not a finite number" in notes["overflow"]
+    assert "not JSON" in notes["deep"] and "'FINE' is not one of OK" in notes["result"]
+    assert "cannot be opened" in notes["link"]
+    scripted = p3s.job(uuids[-1])
+    assert scripted["verdict"] == "BAD" and scripted["verdict_check"] == "<script>alert(1)</script>"
+    page = p3s.page(f"/job/{uuids[-1]}")
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert pilot.poll() is None
+
+
+def test_a_hostile_pilot_cannot_store_a_bad_verdict_and_its_report_still_ends_the_job(p3s):
+    """The server checks what the pilot carries, as it checks everything: checks that are not
+    a list are a note, not a verdict, and the end report is taken whole."""
+    [uuid] = p3s.api.submit_jobs([{"payload": "true"}])
+    pilot = p3s.api.register_pilot(heartbeat=60)["uuid"]
+    assert "quality" in p3s.api.call("POST", "/api/pilots", {"secret": "s" * 24})["features"]
+    job = p3s.api.request_job(pilot, 0)["job"]
+    p3s.api.report(uuid, {"pilot": pilot, "attempt": job["attempt"], "state": "finished", "exit_code": 0,
+                          "checks": {"not": "a list"}, "metrics": {"x": "3"}})
+    job = p3s.job(uuid)
+    assert job["state"] == "finished" and job["verdict"] is None and job["metrics"] == {}
+    assert "verdict.json refused" in job["verdict_note"] and "metrics.json refused" in job["verdict_note"]
+
+
+def test_bad_runs_of_one_check_are_one_alarm_with_the_newest_message(p3s):
+    bad = lambda why: [{"check": "dead_channels", "result": "BAD", "message": why}]   # noqa: E731
+    first = p3s.submit([quality_job("/data/np04_raw_run005020_0001.root", bad("APA 3: 312 dead"))])
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs(first, timeout=30)
+    second = p3s.submit([quality_job("/data/np04_raw_run005021_0001.root", bad("APA 3: 318 dead"))])
+    p3s.wait_jobs(second, timeout=30)
+    found = [a for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "bad_data"]
+    assert len(found) == 1, found
+    assert found[0]["key"] == "bad_data:purity:dead_channels" and found[0]["severity"] == "warning"
+    assert "2 file(s) judged BAD by dead_channels" in found[0]["message"]
+    assert "np04_raw_run005021_0001.root: APA 3: 318 dead" in found[0]["message"]
+    assert found[0]["link"] == "/runs?verdict=BAD&jobtype=purity"
