@@ -7,6 +7,7 @@
     python job.py --show UUID
     python job.py -a -u UUID -s cancelled    # or -P 10 to change the priority
     python job.py -d -u UUID
+    python job.py --resume purity -m "release v10_02 fixed the crash"   # paused by the breaker
 
 Exit codes: 0 success, 2 bad input (including a request the server refused), 1 server or
 network failure, and with --wait 3 when a job did not finish with exit code 0.
@@ -67,6 +68,11 @@ def parse_args(argv):
                    "running at once (0 suspends, -1 removes the cap); enforced when pilots claim, never at "
                    "submission")
     p.add_argument("--no-cap", action="store_true", help="with -l: remove the cap of -T TYPE, or of every type")
+    p.add_argument("--pause", metavar="TYPE", help="pause job type TYPE: its queued jobs stay queued, no pilot "
+                                                    "takes one (-m WHY)")
+    p.add_argument("--resume", metavar="TYPE", help="resume job type TYPE, paused by a person or the circuit "
+                                                     "breaker (-m WHY)")
+    p.add_argument("-m", "--why", help="with --pause and --resume: why (kept in the job type's history)")
     p.add_argument("--jobtype", help="with --list: only jobs of this type")
     p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
     p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
@@ -92,9 +98,12 @@ def parse_args(argv):
         if getattr(args, "unsupported_" + flag.strip("-")) is not None:
             p.error(f"{flag}: not in p3s; {instead}")
     actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes,
-               bool(args.submission), args.summary]
-    if sum(actions) != 1:
-        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID, --summary")
+               bool(args.submission), args.summary, bool(args.pause or args.resume)]
+    if sum(actions) != 1 or (args.pause and args.resume):
+        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID, --summary, "
+                "--pause TYPE, --resume TYPE")
+    if (args.pause or args.resume) and not args.why:
+        p.error("--pause and --resume need -m WHY")
     if (args.cap is not None or args.no_cap) and not args.jobtypes:
         p.error("-L and --no-cap go with -l [-T TYPE]")
     if args.dunetpcver is not None and not args.jobfile:
@@ -355,7 +364,14 @@ def summary(client, args):
     return 0
 
 
-ACTIONS = ((lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
+def pause(client, args):
+    """Pause or resume a job type; who and why go to its history."""
+    done = client.pause_jobtype(args.pause or args.resume, bool(args.pause), args.why, getpass.getuser())
+    emit(args, done, lambda: f"{done['jobtype']}: {'paused' if done['paused'] else 'resumed'} by {done['who']}")
+    return 0
+
+
+ACTIONS = ((lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
            (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
            (lambda a: a.submission, show_submission), (lambda a: a.summary, summary))
 

@@ -114,6 +114,10 @@ SERVICE_LINES = 100                 # a service's history: its last lines kept
 YOUNG_DEATH = 60                    # seconds: a factory's round whose pilots all ended this young failed
 FAILURE_RATE = 0.5                  # alarm: more than this share of a type's jobs ended badly in the
 FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
+BREAKER_MIN_FAILED = 10             # a job type is paused (the circuit breaker, after DUNE's justIN)
+                                    # when more attempts than this failed or timed out in the last
+                                    # hour (since it was last resumed) and they outnumber those that
+                                    # finished; 0: never
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction), or in one part
 MAX_PARTS = 100                     # parts of one staged submission (a million jobs at most)
 STAGED_TTL = 3600                   # seconds staged parts wait for their commit before they expire
@@ -568,6 +572,8 @@ MIGRATIONS = [
     # to verdict.json: OK, WARNING, INVALID, BAD), the check that made it so, and a note (a file
     # refused, and why); the checks and metrics themselves, gone with their job. The partial
     # index holds only bad verdicts: the bad_data alarm reads it, nothing else pays for it.
+    # Job types paused (by the circuit breaker or a person; `paused` NULL: running again, since
+    # `resumed`), whose queued jobs stay queued and are handed to no pilot.
     """
     ALTER TABLE jobs ADD COLUMN verdict TEXT;
     ALTER TABLE jobs ADD COLUMN verdict_check TEXT;
@@ -577,6 +583,8 @@ MIGRATIONS = [
                         PRIMARY KEY(uuid, name)) WITHOUT ROWID;
     CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
                          PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    CREATE TABLE pauses(jobtype TEXT PRIMARY KEY, paused REAL, who TEXT NOT NULL, why TEXT NOT NULL,
+                        resumed REAL) WITHOUT ROWID;
     CREATE TRIGGER jobs_quality_delete AFTER DELETE ON jobs BEGIN
         DELETE FROM checks WHERE uuid = old.uuid;
         DELETE FROM metrics WHERE uuid = old.uuid;
@@ -2011,10 +2019,12 @@ def best_claimable(conn, site, jobtypes):
 
 
 def capped_types(conn):
-    """Job types with as many jobs dispatched or running as their cap allows (cap 0: suspended)."""
+    """Job types with as many jobs dispatched or running as their cap allows (cap 0: suspended),
+    and those paused (as if their cap were 0)."""
     return {r[0] for r in conn.execute(
         "SELECT t.name FROM jobtypes t WHERE t.cap <= (SELECT COALESCE(SUM(c.n), 0) FROM job_counts c "
-        "WHERE c.jobtype = t.name AND c.state IN ('dispatched', 'running'))")}
+        "WHERE c.jobtype = t.name AND c.state IN ('dispatched', 'running')) "
+        "UNION SELECT jobtype FROM pauses WHERE paused IS NOT NULL")}
 
 
 def waiting_types(conn):
@@ -2717,7 +2727,8 @@ class Alarms:
       `for` seconds. Either greys the alarm and stops its delivery.
     """
     NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
-             "service_silent", "starving", "disk_low", "db_failing", "bad_data")   # also /metrics gauges
+             "service_silent", "starving", "disk_low", "db_failing", "bad_data",
+             "jobtype_paused")   # also the /metrics gauges
     CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate", "pilots_lost")
 
     def __init__(self, service, no_new_work=0, starving_minutes=STARVING_MINUTES, settings=None):
@@ -2757,6 +2768,8 @@ class Alarms:
                 a["explained_by"] = "no_pilots"
             elif a["name"] == "starving" and a["site"] in dead_sites:
                 a["explained_by"] = f"site_below_nominal:{a['site']}"
+            elif a["name"] == "starving" and f"jobtype_paused:{a['jobtype']}" in keys:
+                a["explained_by"] = f"jobtype_paused:{a['jobtype']}"
         return alarms
 
     @staticmethod
@@ -2841,7 +2854,20 @@ class Alarms:
                                 "stops when it is full", "/api/health"))
         if self.svc.hk_failing:
             alarms.append(self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}", "/api/health"))
-        return alarms + self.failures(t) + self.flow(t) + self.starving(t) + self.bad_data(t)
+        return (alarms + self.paused(t) + self.failures(t) + self.flow(t) + self.starving(t)
+                + self.bad_data(t))
+
+    def paused(self, t):
+        """Job types paused: critical when the circuit breaker did it (a broken release, a bad
+        calibration: nothing of that type runs until a person looks), a warning when a person did."""
+        found = []
+        for r in self.store.read("SELECT * FROM pauses WHERE paused IS NOT NULL ORDER BY jobtype"):
+            held = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM waiting WHERE jobtype=?", (r["jobtype"],))[0]
+            found.append(self.alarm("jobtype_paused", f"{r['jobtype']}: paused by {r['who']}: {r['why']}; {held} "
+                                    f"job(s) held (job.py --resume {r['jobtype']} -m WHY)",
+                                    f"/jobtype/{quote(r['jobtype'], safe='')}",
+                                    critical=r["who"] == "circuit breaker", jobtype=r["jobtype"], impact=held))
+        return found
 
     def bad_data(self, t):
         """Files a check judged BAD (or INVALID) in the last hour: one alarm per job type and
@@ -2883,7 +2909,8 @@ class Alarms:
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
         pilots = [(r["site"], json.loads(r["jobtypes"])) for r in self.store.read(
             f"SELECT DISTINCT site, jobtypes FROM pilots INDEXED BY pilots_state WHERE state IN ({marks})", LIVE_PILOT_STATES)]
-        suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0")}
+        suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0 UNION "
+                                                   "SELECT jobtype FROM pauses WHERE paused IS NOT NULL")}
         starving = {}
         for r in self.store.read("SELECT site, jobtype, n FROM waiting WHERE n > 0"):
             takers = [p for p in pilots if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])]
@@ -3124,8 +3151,10 @@ class Service:
     """
 
     def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
-                 no_new_work=0, starving_minutes=STARVING_MINUTES, images=None, alarm_settings=None):
+                 no_new_work=0, starving_minutes=STARVING_MINUTES, images=None, alarm_settings=None,
+                 breaker_min_failed=BREAKER_MIN_FAILED):
         self.store = store
+        self.breaker_min_failed = breaker_min_failed
         self.hk_failing = None      # the error of the last housekeeping pass, if it failed
         self.broker = Broker(store)
         self.costs = JobCosts()
@@ -3317,10 +3346,61 @@ class Service:
         for r in self.store.read("SELECT state, jobtype, n FROM job_counts WHERE n > 0"):
             types.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
         caps = {r["name"]: r["cap"] for r in self.store.read("SELECT name, cap FROM jobtypes")}
-        names = sorted(set(types) | set(caps))
+        paused = {r["jobtype"]: f"paused by {r['who']}: {r['why']}" for r in
+                  self.store.read("SELECT * FROM pauses WHERE paused IS NOT NULL")}
+        names = sorted(set(types) | set(caps) | set(paused))
         if query.get("jobtype"):
             names = [n for n in names if n == query["jobtype"]]
-        return {"jobtypes": [{"name": n, "cap": caps.get(n), **jobtype_counts(types.get(n, {}))} for n in names]}
+        return {"jobtypes": [{"name": n, "cap": caps.get(n), "paused": paused.get(n, ""),
+                              **jobtype_counts(types.get(n, {}))} for n in names]}
+
+    def pause_jobtype(self, name, body, who):
+        """Pause a job type (its queued jobs stay queued; no pilot is given one) or resume it,
+        saying why; who and why go to its history (the events of `jobtype:NAME`)."""
+        check_keys(body, "pause", ("paused", "why", "who"))
+        paused = body.get("paused")
+        if paused not in (True, False):
+            raise bad("paused: true (pause) or false (resume)")
+        why = as_str(body.get("why", ""), "why", allow_empty=False, max_len=300)
+        who = as_str(body.get("who") or who, "who", allow_empty=False, max_len=64)
+        with self.store.transaction() as conn:
+            self.set_paused(conn, as_str(name, "jobtype", allow_empty=False, max_len=64), paused, who, why, now())
+        if not paused:
+            self.broker.notify_work()
+        return {"jobtype": name, "paused": paused, "who": who, "why": why}
+
+    @staticmethod
+    def set_paused(conn, name, paused, who, why, t):
+        row = conn.execute("SELECT paused FROM pauses WHERE jobtype=?", (name,)).fetchone()
+        if (row is not None and row["paused"] is not None) == paused:
+            raise ApiError(409, f"jobtype {name!r}: is {'paused' if paused else 'not paused'} already")
+        conn.execute("INSERT OR REPLACE INTO pauses(jobtype, paused, who, why, resumed) VALUES(?, ?, ?, ?, ?)",
+                     (name, t if paused else None, who, why, None if paused else t))
+        event(conn, "jobtype", "jobtype:" + name, "running" if paused else "paused",
+              "paused" if paused else "running", who, info=why, at=t)
+
+    def trip_breakers(self, conn, t):
+        """The circuit breaker (DUNE's justIN): a job type whose attempts mostly fail stops
+        being handed out, so it does not burn through the queue and the nodes. Failed or timed
+        out attempts (not pilotTO: a pilot's loss is not the job's fault) of the last hour, since
+        the type was last resumed, more than breaker_min_failed and more than those finished."""
+        if not self.breaker_min_failed:
+            return
+        pauses = {r["jobtype"]: r for r in conn.execute("SELECT * FROM pauses")}
+        counts = {}
+        for r in conn.execute("SELECT jobtype, state, bucket, n FROM ends WHERE bucket >= ? AND state IN "
+                              "('finished', 'failed', 'timeout')", (int(t - 3600) // 60,)):
+            pause = pauses.get(r["jobtype"])
+            if pause is None or (pause["paused"] is None and r["bucket"] * 60 >= (pause["resumed"] or 0)):
+                counts.setdefault(r["jobtype"], collections.Counter())[r["state"] == "finished"] += r["n"]
+        for jobtype, c in sorted(counts.items()):
+            if c[False] > self.breaker_min_failed and c[False] > c[True]:
+                reason = conn.execute("SELECT reason, COUNT(*) FROM attempt_failures INDEXED BY attempt_failures_error "
+                                      "WHERE jobtype=? AND ts > ? GROUP BY reason ORDER BY 2 DESC LIMIT 1",
+                                      (jobtype, t - 3600)).fetchone()
+                top = f"; top reason: {reason[0]}" if reason else ""
+                self.set_paused(conn, jobtype, True, "circuit breaker", f"{c[False]} of {sum(c.values())} attempts "
+                                f"failed or timed out in the last hour{top}"[:300], t)
 
     def set_cap(self, name, body):
         """The most jobs of a type dispatched or running at once; 0 suspends it, null lifts it.
@@ -3726,6 +3806,7 @@ class Service:
         """One pass: lost pilots, expired job leases, jobs overrunning their time limit."""
         t = self.notice_pause()
         self.alarms.notice_starving(t)
+        self.store.write(self.trip_breakers, t)
         released = self.supervise(t) + self.store.write(self._time_out_jobs, t)
         self.store.write(self._expire_staged, t)
         self.broker.notify_work(released)
@@ -4086,7 +4167,11 @@ class Views:
         counts = {r["state"]: r["n"] for r in self.store.read("SELECT state, n FROM job_counts WHERE jobtype=? AND n > 0",
                                                                (name,))}
         cap = self.store.read_one("SELECT cap FROM jobtypes WHERE name=?", (name,))
+        pause = self.store.read_one("SELECT * FROM pauses WHERE jobtype=? AND paused IS NOT NULL", (name,))
+        pauses = [dict(r) for r in self.store.read("SELECT ts, new, who, info FROM events INDEXED BY events_uuid "
+                                                   "WHERE uuid=? ORDER BY id DESC LIMIT 20", ("jobtype:" + name,))]
         return {"name": name, "counts": counts, "cap": cap[0] if cap else None, "activity": activity,
+                "paused": dict(pause) if pause else None, "pauses": pauses,
                 "profile": self.profile(name, "duration", t, activity),
                 "profiles": {m: self.profile(name, m, t, activity) for m in ("memory", "cpu_eff")},
                 "errors": self.error_summary(t, 50, jobtype=name), "time": t}
@@ -4392,6 +4477,10 @@ class Views:
         return reasons
 
     def cap_reasons(self, jobtype):
+        pause = self.store.read_one("SELECT who, why FROM pauses WHERE jobtype=? AND paused IS NOT NULL", (jobtype,))
+        if pause is not None:
+            return [f"jobtype {jobtype} is paused by {pause['who']}: {pause['why']} "
+                    f"(job.py --resume {jobtype} -m WHY resumes it)"]
         cap = self.store.read_one("SELECT cap FROM jobtypes WHERE name=?", (jobtype,))
         if cap is None:
             return []
@@ -5459,7 +5548,13 @@ def render_jobtype(d, query):
               + bars_chart(d["activity"], d["time"])
               + profile_chart("Duration (s)", d["activity"], p["points"], d["time"])
               + profile_chart("Peak memory (MB)", d["activity"], d["profiles"]["memory"]["points"], d["time"], "MB"))
-    body = (f"{counts}{warning}{charts}<h2>What its jobs take</h2>{drift}"
+    paused = (f"<div class='alarm'>Paused by {esc(d['paused']['who'])} at {esc(when(d['paused']['paused']))}: "
+              f"{esc(d['paused']['why'])}. Its jobs wait; <code>job.py --resume {esc(d['name'])} -m WHY</code> "
+              "lets them run.</div>" if d.get("paused") else "")
+    pauses = (f"<h2>Paused and resumed</h2>" + table(["time", "now", "by", "why"], [
+        [esc(when(e["ts"])), state_cell(e["new"]), esc(e["who"]), esc(e["info"])] for e in d["pauses"]])
+        if d.get("pauses") else "")
+    body = (f"{paused}{counts}{warning}{charts}<h2>What its jobs take</h2>{drift}{pauses}"
             f"<h2>Errors of the last 24 hours</h2>{error_table(d['errors'])}"
             f"<p>{link(href('/runs', jobtype=d['name']), 'its run grid')} · "
             f"{link(href('/plots', jobtype=d['name']), 'its plots')} · "
@@ -5756,6 +5851,7 @@ API = (
     ("GET", "/api/services/<service>", "get_service", (), None),
     ("DELETE", "/api/services/<service>", "retire_service", (), ADMIN),
     ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), ADMIN),
+    ("POST", "/api/jobtypes/<jobtype>/pause", "pause_jobtype", ("body", "who"), ADMIN),
     ("PUT", "/api/jobs/<uuid>/images/<name>", "images.publish", ("raw", "secret"), PILOT),
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
@@ -6846,6 +6942,9 @@ def parse_args(argv):
                    help="POST each alarm raised and cleared to URL as JSON {\"text\": ...} (Mattermost, Slack)")
     p.add_argument("--alarm-command", metavar="CMD",
                    help="run CMD for each alarm raised and cleared, with P3S_ALARM_* in its environment")
+    p.add_argument("--breaker-min-failed", type=int, default=BREAKER_MIN_FAILED, metavar="N",
+                   help="pause a job type when more than N of its attempts failed in the last hour and they "
+                        "outnumber those that finished (default %(default)s; 0: never)")
     p.add_argument("--alarm-hold", type=float, default=ALARM_HOLD, metavar="SECONDS",
                    help="a condition is raised once it held this long (default %(default)s)")
     p.add_argument("--alarm-clear-hold", type=float, default=ALARM_CLEAR_HOLD, metavar="SECONDS",
@@ -6959,7 +7058,7 @@ def main(argv=None):
                       {"delay": args.alarm_delay * 60, "lost_share": args.alarm_lost_share,
                        "lost_count": args.alarm_lost_count, "lifetime_min_ended": args.alarm_lifetime_pilots,
                        "webhook": args.alarm_webhook, "command": args.alarm_command,
-                       "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold})
+                       "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold}, args.breaker_min_failed)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]

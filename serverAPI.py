@@ -527,6 +527,10 @@ class Client:
     def set_cap(self, jobtype, cap):
         return self.call("PUT", f"/api/jobtypes/{quote(jobtype, safe='')}", {"cap": cap})
 
+    def pause_jobtype(self, jobtype, paused, why, who=""):
+        return self.call("POST", f"/api/jobtypes/{quote(jobtype, safe='')}/pause",
+                         {"paused": paused, "why": why, "who": who})
+
     # -- workflows and data ---------------------------------------------------------------------
     def add_dag(self, name, graphml, description="", replace=False):
         return self.call("POST", "/api/dags", {"name": name, "graphml": graphml, "description": description,

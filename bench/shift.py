@@ -7,7 +7,8 @@ A server on 127.0.0.1 with a temporary database; the site of the original's lxvm
 P3S_DATA pointed at a temporary directory); pilots started through pgen.sh; an injector fed a
 fake raw file every few seconds; per file a monitor job that draws PNG plots (standard library
 only), a purity job that sometimes fails like the real one (a ROOT-style error on stderr, an
-out-of-range exit code) and an event display that times out now and then; a workflow of the
+out-of-range exit code) and otherwise judges its data (verdict.json, metrics.json: now and then
+a BAD run) and an event display that times out now and then; a workflow of the
 original's 3filters DAG; halfway, the server killed (kill -9) and restarted --outage seconds later
 (0: none), as a crashed or rebooted server is. At the end, screenshots of every page (headless Chromium, when
 installed) in the work directory, whose path is printed. Bounded in time; loopback only.
@@ -56,7 +57,16 @@ if random.random() < 0.3:
     print("Processing run", os.environ.get("P3S_INPUT_FILE"))
     print("%MSG-s ArtException: ProductNotFound: no RawDigits for APA3 FEMB 12 in run", file=sys.stderr)
     sys.exit(65)
-print("purity 2.1 ms")
+lifetime = random.gauss(2.1, 0.1)
+dead = 312 if random.random() < 0.15 else random.randint(0, 6)      # now and then an APA trips
+out = os.environ["P3S_JOB_DIR"]
+with open(os.path.join(out, "metrics.json"), "w") as f:
+    f.write('{"electron_lifetime_ms": %.3f, "dead_channels": %d}' % (lifetime, dead))
+checks = [("dead_channels", "BAD" if dead > 100 else "OK", "%d dead channels" % dead),
+          ("lifetime", "WARNING" if lifetime < 1.95 else "OK", "electron lifetime %.2f ms" % lifetime)]
+with open(os.path.join(out, "verdict.json"), "w") as f:
+    f.write("[" + ",".join('{"check": "%s", "result": "%s", "message": "%s"}' % c for c in checks) + "]")
+print("purity %.2f ms" % lifetime)
 '''
 
 

@@ -289,3 +289,36 @@ def test_a_silenced_critical_and_an_acknowledged_warning_are_never_delivered(tmp
                what="the control warning delivered after its delay")
     keys = [b["key"] for _, b in Receiver.got]
     assert "no_pilots" not in keys and "site_below_nominal:np04" not in keys, keys
+
+
+def test_a_job_type_that_mostly_fails_is_paused_by_the_circuit_breaker_and_resumed_by_a_person(start_server):
+    """justIN's circuit breaker: more than N failed attempts in the hour, outnumbering those that
+    finished, pause the type: its queued jobs stay queued, pilots skip it, a critical alarm names
+    it with its top reason, the reason a job waits says so; job.py --resume lets it run again
+    (who and why in its history), counting afresh. A type failing one attempt in ten, beside
+    it, is never paused."""
+    server = start_server(["--breaker-min-failed", "3"])
+    broken = [shell_job("sleep 0.3; echo 'art::Exception: ProductNotFound' >&2; exit 65", jobtype="purity")] * 12
+    healthy = [shell_job("exit 1" if i % 10 == 0 else "true", jobtype="monitor") for i in range(40)]
+    uuids = server.submit(broken + healthy)
+    server.pilot("-p", "1")
+    wait_until(lambda: "jobtype_paused:purity" in alarms(server), 30, what="purity paused")
+    server.wait_jobs(uuids[12:], timeout=60)                           # monitor runs on
+    alarm = alarms(server)["jobtype_paused:purity"]
+    assert alarm["severity"] == "critical" and "paused by circuit breaker" in alarm["message"], alarm
+    assert "top reason: art::Exception: ProductNotFound" in alarm["message"], alarm["message"]
+    time.sleep(1)
+    states = server.api.job_states(uuids[:12])
+    held = [u for u in uuids[:12] if states[u]["state"] == "defined"]
+    assert held and len(held) < 12 - 3, states                       # some ran, the rest wait
+    assert "jobtype_paused:monitor" not in alarms(server)
+    assert "is paused by circuit breaker" in server.page(f"/job/{held[0]}")
+    resumed = server.run("job.py", "--resume", "purity", "-m", "fixed in v10_02", env={**server.env, "USER": "ana", "LOGNAME": "ana"})
+    assert resumed.returncode == 0 and "purity: resumed" in resumed.stdout, resumed.stderr
+    wait_until(lambda: server.api.job_states(held[:1])[held[0]]["state"] != "defined", 15,
+               what="a held job to run after the resume")
+    history = server.api.call("GET", "/jobtype/purity", query={"format": "json"})["pauses"]
+    assert [(e["new"], e["who"]) for e in history][:2] == [("running", "ana"), ("paused", "circuit breaker")]
+    assert history[0]["info"] == "fixed in v10_02"
+    refused = server.run("job.py", "--resume", "purity", "-m", "again")
+    assert refused.returncode == 2 and "not paused already" in refused.stderr

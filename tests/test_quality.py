@@ -115,3 +115,19 @@ def test_bad_runs_of_one_check_are_one_alarm_with_the_newest_message(p3s):
     assert "2 file(s) judged BAD by dead_channels" in found[0]["message"]
     assert "np04_raw_run005021_0001.root: APA 3: 318 dead" in found[0]["message"]
     assert found[0]["link"] == "/runs?verdict=BAD&jobtype=purity"
+
+
+def test_the_example_dqm_payload_judges_its_file(p3s, tmp_path):
+    """examples/dqm_check.py, the payload docs/jobs.md gives to copy, run by a real pilot."""
+    from conftest import ROOT
+    raw = tmp_path / "np04_raw_run005030_0001.root"
+    raw.write_bytes(bytes(range(256)) * 64)
+    job = json.loads(open(f"{ROOT}/examples/dqm_check.json").read())
+    job["payload"] = f"{ROOT}/{job['payload']}"
+    [uuid] = p3s.submit([job], "-f", raw)
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs([uuid], timeout=30)
+    done = p3s.job(uuid)
+    assert done["state"] == "finished" and done["verdict"] == "OK", done
+    assert {c["name"] for c in done["checks"]} == {"readable", "byte_spread"}
+    assert done["metrics"]["bytes_read"] == 256 * 64
