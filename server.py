@@ -4124,6 +4124,7 @@ class Views:
                 "caps": caps, "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10), "errors": self.error_summary(t, 10),
                 "activity": self.activity(t, query), "latency": self.start_latency(t),
+                "bad_data": self.bad_data_counts(t),
                 "alarms": self.svc.alarms.raised()["alarms"]}
 
     def server_info(self):
@@ -4282,6 +4283,13 @@ class Views:
         oldest = self.store.read_one("SELECT MIN(minute) FROM samples")[0]
         age = t - oldest * 60 if oldest is not None else 0
         return next((n for n, (span, _) in CHART_RANGES.items() if age <= span), "24h") if age < 86400 else "24h"
+
+    def bad_data_counts(self, t):
+        """Jobs of the last hour whose data was judged bad, by verdict: the index of bad verdicts
+        alone, so the summary pays nothing for the good ones."""
+        return {r[0]: r[1] for r in self.store.read(
+            "SELECT verdict, COUNT(*) FROM jobs INDEXED BY jobs_bad WHERE verdict IN ('BAD', 'INVALID') "
+            "AND ts_sto > ? GROUP BY verdict", (t - 3600,))}
 
     def ended_counts(self, t):
         """Per window: the jobs finished or cancelled (summed from the 10-second buckets), and
@@ -4738,7 +4746,7 @@ def no_verdict_why(job):
         return ""
     if job["state"] != "finished":
         return "no verdict: the job did not finish"
-    return f"no verdict: {job['verdict_note']}" if job.get("verdict_note") else ""
+    return f"no verdict: {job['verdict_note']}" if job.get("verdict_note") else ""  # none asked: none said
 
 
 def short_when(ts, today=None):
@@ -4860,14 +4868,23 @@ def render_summary(d, query):
                      [[esc(short_when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
                        esc(f["jobtype"]), infile_cell(f["infile"]), state_cell(f["state"]), esc(f["exit_code"]),
                        esc(f["host"]), reason_cell(f["reason"])] for f in d["recent_failures"]])
-    body = (f"{server_header(d)}{alarms}{activity_charts(d['activity'], d['time'], query)}"
-            f"<h2>Jobs by type and state</h2>{by_type}"
+    body = (f"{server_header(d)}{alarms}{data_line(d.get('bad_data', {}))}"
+            f"{activity_charts(d['activity'], d['time'], query)}<h2>Jobs by type and state</h2>{by_type}"
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2><p class='head'>every failed attempt, "
             f"the retried ones too (a count opens them, with what became of each job)</p>{error_table(d['errors'])}"
             f"<h2>Recent failures</h2>{failures}<h2>Pilots</h2>{pilots}<h2>Jobs ended</h2>"
             f"<p class='head'>failed, timeout and pilotTO count every attempt, a retried job's too; a count "
             f"opens what it counts</p>{ended}{latency}")
     return page("Summary", body, query)
+
+
+def data_line(bad):
+    """Is the data good? One line under the alarms: the files judged BAD or INVALID in the last
+    hour, each count opening them on the run grid; or that none was."""
+    if not bad:
+        return "<p>Data of the last hour: <b>no file judged BAD or INVALID</b> by its checks.</p>"
+    counts = " and ".join(link(href("/runs", verdict=v, age="1h"), f"{bad[v]} {v}") for v in BAD_VERDICTS if bad.get(v))
+    return f"<p class='bad'>Data of the last hour: {counts} (jobs judged by their checks)</p>"
 
 
 def alarm_since(a, t):
@@ -5256,8 +5273,6 @@ def job_headline(d):
     if d.get("verdict"):
         parts.append("data " + verdict_badge(d["verdict"]) + (f" by <b>{esc(d['verdict_check'])}</b>"
                                                               if d["verdict"] != "OK" else ""))
-    elif no_verdict_why(d):
-        parts.append(f"<i>{esc(no_verdict_why(d))}</i>")
     if d["reason"]:
         parts.append(f"<b>{esc(d['reason'])}</b>")
     if d["exit_code"] is not None:
@@ -5290,8 +5305,9 @@ def quality_section(d):
     if d.get("metrics"):
         parts.append(table(["metric", "value"], [[esc(k), f'<span class="num">{esc(f"{v:.6g}")}</span>']
                                                  for k, v in d["metrics"].items()]))
-    if d.get("verdict_note"):
-        parts.append(f"<p class='bad'>{esc(d['verdict_note'])}</p>")
+    note = no_verdict_why(d) or d.get("verdict_note")      # a verdict may come with metrics refused
+    if note:
+        parts.append(f"<p class='bad'>{esc(note)}</p>")
     return "<h2>Data quality</h2>" + "".join(parts) if parts else ""
 
 

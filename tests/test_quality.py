@@ -48,6 +48,7 @@ def test_a_verdict_and_metrics_show_on_the_job_the_run_grid_and_the_good_run_lis
     assert by_run["5011"]["verdict"] == "BAD" and by_run["5011"]["not_ok"] == \
         "purity:dead_channels=BAD purity:noise=WARNING"
     assert by_run["5012"]["verdict"] == "" and by_run["5010"]["verdict"] == "OK"
+    assert 'Data of the last hour: <a href="/runs?verdict=BAD&amp;age=1h">1 BAD</a>' in p3s.page("/")
 
 
 def test_hostile_verdict_and_metrics_files_are_refused_with_a_reason_and_never_crash(p3s):
