@@ -81,6 +81,8 @@ HEADER_TIMEOUT = 10                 # seconds a request's line and headers may t
                                     # long polls wait server-side, not on the socket): --header-timeout
 MAX_CONNECTIONS = 4000              # connections served at once; beyond, a quick 503 and close (the
                                     # cap is lowered to what the descriptor limit allows)
+MIN_BODY_RATE = 32 * 1024           # bytes a second a request's body arrives at least: its deadline
+                                    # is --header-timeout plus its length at this rate
 MAX_PER_CLIENT = 128                # connections from one address (not loopback, not --pilot-net)
 MAX_READERS = 64                    # sqlite reader connections open at once; more requests wait
 WAL_LIMIT = 64 * 1024 * 1024        # bytes of write-ahead log before housekeeping truncates it
@@ -6028,6 +6030,16 @@ class Handler(BaseHTTPRequestHandler):
             return self.handle_expect_100()
         return True
 
+    def await_body(self):
+        """A body read from the socket is under the request's deadline too, stretched by the time
+        its length takes at MIN_BODY_RATE, and the connection stays displaceable until it has
+        come: a client trickling its body holds a slot no longer than one trickling its headers."""
+        length = self.headers.get("Content-Length", "")
+        if self.body_pending and self.since is not None and length.isdigit():
+            self.server.awaiting(self, self.since, int(length) / MIN_BODY_RATE)
+        else:
+            self.server.not_awaiting(self)
+
     def handle_expect_100(self):
         """The interim answer leaves at once: the client waits for it before sending its body."""
         super().handle_expect_100()
@@ -6064,11 +6076,11 @@ class Handler(BaseHTTPRequestHandler):
         self.dispatch("DELETE")
 
     def dispatch(self, method):
-        self.server.not_awaiting(self)
         self.server.service.broker.count("http_requests")
         url = urlsplit(self.path)
         self.body_pending = (self.headers.get("Content-Length", "0") not in ("", "0")
                              or "Transfer-Encoding" in self.headers)
+        self.await_body()
         try:
             self.check_framing(method)
         except ApiError as e:           # the stream can no longer be trusted: answer, then close
@@ -6084,6 +6096,7 @@ class Handler(BaseHTTPRequestHandler):
             name, groups, parts, auth = self.find_route(method, url.path)
             if auth in (ADMIN, REGISTER):
                 self.check_token(auth)
+                self.authenticated = True       # proved: its body may take its time, undisplaced
             raw = self.read_raw() if method in ("POST", "PUT") else b""
             request = {"body": parse_json_body(raw) if raw.strip() and "body" in parts else {}, "raw": raw,
                        "query": {k: v[-1] for k, v in parse_qs(url.query).items()},
@@ -6265,6 +6278,7 @@ class Handler(BaseHTTPRequestHandler):
                                 "send less at a time (job.py splits big submissions itself)")
         raw = self.read_exactly(length)
         self.body_pending = False
+        self.server.not_awaiting(self)      # what follows is the server's time, not the client's
         return raw
 
     def discard(self, length):
@@ -6345,11 +6359,12 @@ class P3SServer(HTTPServer):
         if self.stopping:
             raise Stopping
 
-    def awaiting(self, handler, since=None):
-        """`handler` (or a Peer) waits for a request, since `since` (monotonic; default now)."""
+    def awaiting(self, handler, since=None, more=0.0):
+        """`handler` (or a Peer) waits for a request, since `since` (monotonic; default now), for
+        header_timeout, and `more` seconds for a body that long."""
         t = time.monotonic() if since is None else since
         with self.conn_lock:
-            self.idle[handler] = (t + self.header_timeout, t)
+            self.idle[handler] = (t + self.header_timeout + more, t)
 
     def not_awaiting(self, handler):
         with self.conn_lock:

@@ -1,6 +1,8 @@
 """Leases instead of hopes: a stopped or cut-off pilot never runs a job twice at once, and the
 fleet outlives a paused server. Each test failed on the code before the lease and watchdog."""
+import contextlib
 import os
+import select
 import signal
 import subprocess
 import time
@@ -178,6 +180,39 @@ def test_at_the_cap_a_new_request_displaces_an_idle_anonymous_connection(start_s
     assert answer.startswith("HTTP/1.1 200") and time.monotonic() - started < 2, answer[:200]
     idle[0].settimeout(2)
     assert idle[0].recv(100) == b"", "the oldest idle connection was not the one displaced"
+
+
+def test_clients_trickling_their_bodies_hold_no_slot_and_are_cut_off_by_the_request_deadline(start_server,
+                                                                                             closing):
+    """Full headers, then a body byte every few seconds, from 10 addresses, filling every slot:
+    their connections were never displaceable and had no deadline once in their body, so every
+    probe got 503 for as long as they trickled. Now the request's deadline covers its body (at
+    a minimum rate), a connection in its body is displaced like one in its headers, and a
+    trickler is cut off at its deadline."""
+    server = start_server(["--max-connections", "30", "--header-timeout", "3"])
+    head = (b"POST /api/pilots/0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d/request HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")     # a pilot's route: its
+    # secret is checked once the body is read
+    tricklers = []
+    for i in range(30):
+        sock = closing(connect_from(server.port, f"127.0.0.{2 + i % 10}"))
+        sock.sendall(head)
+        tricklers.append(sock)
+    time.sleep(0.5)
+    for sock in tricklers[:5]:
+        with contextlib.suppress(OSError):
+            sock.sendall(b" ")
+    probes = [raw_request(server.port, b"GET /api/health HTTP/1.0\r\n\r\n") for _ in range(5)]
+    assert all(p.startswith("HTTP/1.1 200") for p in probes), [p[:60] for p in probes]
+    last, started = tricklers[-1], time.monotonic()
+    while time.monotonic() - started < 10:          # a byte a second: far under any minimum rate
+        try:
+            last.sendall(b" ")
+            if select.select([last], [], [], 1)[0] and not last.recv(100):
+                break                               # closed by the server
+        except OSError:
+            break
+    assert time.monotonic() - started < 6, "a trickling body was not cut off by the request's deadline"
 
 
 def test_when_every_slot_is_busy_a_quick_503(tmp_path, start_server):
