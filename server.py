@@ -3862,8 +3862,13 @@ class Service:
         conn.execute("DELETE FROM alarm_acks WHERE until < ?", (t,))
 
     def keep_wal_small(self):
-        """Truncate a write-ahead log past its limit; say so once if a reader prevents it."""
-        stuck = self.store.wal_bytes() > self.wal_limit and not self.store.truncate_wal()
+        """Truncate a write-ahead log past its limit, or at every pass while the disk is short of
+        space (the disk_low alarm's threshold): a log left grown by writes that failed for space
+        would take back what a person frees, and writes would go on failing. Say so once if a
+        reader prevents it."""
+        free = self.images.free_bytes()
+        tight = free is not None and free < 2 * self.images.min_free
+        stuck = (tight or self.store.wal_bytes() > self.wal_limit) and not self.store.truncate_wal()
         if stuck and not self.wal_stuck:
             log.warning("write-ahead log at %d bytes and a reader keeps it from shrinking: a read still "
                         "in progress (a long page view) or an outside sqlite3 session left in a transaction; "
@@ -3990,6 +3995,9 @@ class Service:
                     log.error("housekeeping pass failed (said once until it changes): %s", e,
                               exc_info=not is_disk_full(e))
                 self.hk_failing = str(e) or type(e).__name__
+                if is_disk_full(e):             # give back what the log holds, so that space a
+                    with contextlib.suppress(sqlite3.Error, OSError):   # person frees stays free
+                        self.store.truncate_wal()
             try:
                 self.alarms.record(now())
             except Exception as e:      # the alarms must not stop with the pass that raised them

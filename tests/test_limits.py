@@ -236,3 +236,22 @@ def test_a_client_that_asks_to_continue_and_an_http10_client_are_served(p3s):
     assert statuses[:2] == [b"HTTP/1.1 100 Continue", b"HTTP/1.1 200 OK"], statuses
     statuses, closed = exchange(p3s.port, request(b"GET /api/health HTTP/1.0\n"), wait=5)
     assert statuses == [b"HTTP/1.1 200 OK"] and closed, "an HTTP/1.0 request is answered, then the close"
+
+
+def test_once_space_is_freed_the_next_write_is_stored_at_once(tmp_path, small_fs, start_server):
+    """Writes failing on a full disk leave sqlite's write-ahead log grown; with no checkpoint it
+    took the freed space back and writes kept failing for 45-50 s. The log is checkpointed and
+    truncated when a write fails for space and again at each pass until one succeeds: a person
+    frees room, and the very next writes are stored."""
+    server = start_server(db=small_fs / "p3s.db")
+    assert server.submit([shell_job("true")])
+    filler = fill(small_fs)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([shell_job("echo " + "x" * 1000, name=f"j{i}") for i in range(50)]))
+    env = dict(server.env, P3S_RETRY_FOR="0")
+    for _ in range(5):
+        assert server.run("job.py", "-j", big, env=env).returncode == 1
+    filler.unlink()
+    time.sleep(1)                                   # a housekeeping pass or three (0.3 s)
+    stored = [server.run("job.py", "-j", big, env=env).returncode for _ in range(5)]
+    assert stored == [0] * 5, stored
