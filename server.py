@@ -6921,10 +6921,22 @@ def load_token(token_file, db_path, host):
 
 def write_new_token(path):
     """A fresh random token in a new file only its owner may read (never over an existing one)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    make_private_dirs(os.path.dirname(os.path.abspath(path)))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(secrets.token_urlsafe(32) + "\n")
+
+
+def make_private_dirs(directory):
+    """Make the missing directories down to `directory`, each 0700 whatever the umask
+    (os.makedirs gives the parents it makes the umask's mode: 0777 under umask 000)."""
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for made in reversed(missing):
+        os.mkdir(made, 0o700)
+        os.chmod(made, 0o700)       # mkdir's mode is masked by the umask
 
 
 def new_token_command(path):

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import COMPAT, ROOT, shell_job, tiny_png, wait_until
+from conftest import COMPAT, ROOT, shell_job, tiny_png, tool_command, wait_until
 from test_api import TOOLS
 
 
@@ -30,6 +30,16 @@ def test_new_token_writes_a_private_file_once_and_server_and_tools_use_it(tmp_pa
     served = start_server(["--token-file", str(token)])     # the later --token-file wins over the harness's
     env = dict(served.env, P3S_TOKEN_FILE=str(token))
     assert served.run("job.py", "-j", json.dumps(shell_job("true")), env=env).returncode == 0
+
+
+def test_new_token_makes_every_missing_directory_private_whatever_the_umask(tmp_path):
+    """os.makedirs gives the parents it makes the umask's mode: 0777 under umask 000."""
+    token = tmp_path / "a" / "b" / "c" / "p3s.token"
+    made = subprocess.run(["sh", "-c", 'umask 000; exec "$0" "$@"', *tool_command("server.py"),
+                           "--new-token", str(token)], capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    modes = [stat.S_IMODE(d.stat().st_mode) for d in (tmp_path / "a", tmp_path / "a" / "b", token.parent)]
+    assert modes == [0o700] * 3 and stat.S_IMODE(token.stat().st_mode) == 0o600, [oct(m) for m in modes]
 
 
 def test_a_missing_token_file_is_a_local_error_and_nothing_is_sent_as_submitted(p3s):
