@@ -2554,7 +2554,7 @@ class Images:
             conn.execute("DELETE FROM images WHERE job=? AND name=?", (uuid, name))    # a replaced image
             conn.execute("INSERT INTO images(job, name, type, size, jobtype, infile, ts) VALUES(?, ?, ?, ?, ?, ?, ?)",
                          (uuid, name, mime, len(data), job["jobtype"], job["infile"], now()))
-            evicted = self.evict_oldest(conn)
+            evicted = self.evict(conn, job["jobtype"])
         for job_uuid, old_name in evicted:
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(self.directory, job_uuid, old_name))
@@ -2574,11 +2574,20 @@ class Images:
             raise ApiError(507, f"images: {free // 2**20} MiB free on the server's disk, below the floor of "
                                 f"{self.min_free // 2**20} MiB (--min-free-mb); image refused, the job goes on")
 
-    def evict_oldest(self, conn):
-        """Past max_store bytes in all, the oldest images go (their rows now, files after the commit)."""
+    def evict(self, conn, jobtype):
+        """Past max_store bytes in all, images go oldest first (their rows now, files after the
+        commit): the writer's own job type's while it holds more than an even share of the store,
+        so that one writer flooding the store pushes out its own plots, not every other type's."""
         evicted = []
         while conn.execute("SELECT bytes FROM image_store").fetchone()[0] > self.max_store:
-            oldest = conn.execute("SELECT id, job, name FROM images ORDER BY id LIMIT 1").fetchone()
+            types = conn.execute("SELECT COUNT(*) FROM (SELECT DISTINCT jobtype FROM images INDEXED BY "
+                                 "images_jobtype)").fetchone()[0]
+            own = conn.execute("SELECT COALESCE(SUM(size), 0) FROM images INDEXED BY images_jobtype "
+                               "WHERE jobtype=?", (jobtype,)).fetchone()[0]
+            oldest = conn.execute("SELECT id, job, name FROM images INDEXED BY images_jobtype WHERE jobtype=? "
+                                  "ORDER BY id LIMIT 1", (jobtype,)).fetchone() \
+                if own > self.max_store / max(1, types) else None
+            oldest = oldest or conn.execute("SELECT id, job, name FROM images ORDER BY id LIMIT 1").fetchone()
             if oldest is None:
                 break
             conn.execute("DELETE FROM images WHERE id=?", (oldest["id"],))
@@ -5577,7 +5586,7 @@ def render_jobtype(d, query):
     paused = (f"<div class='alarm'>Paused by {esc(d['paused']['who'])} at {esc(when(d['paused']['paused']))}: "
               f"{esc(d['paused']['why'])}. Its jobs wait; <code>job.py --resume {esc(d['name'])} -m WHY</code> "
               "lets them run.</div>" if d.get("paused") else "")
-    pauses = (f"<h2>Paused and resumed</h2>" + table(["time", "now", "by", "why"], [
+    pauses = ("<h2>Paused and resumed</h2>" + table(["time", "now", "by", "why"], [
         [esc(when(e["ts"])), state_cell(e["new"]), esc(e["who"]), esc(e["info"])] for e in d["pauses"]])
         if d.get("pauses") else "")
     body = (f"{paused}{counts}{warning}{charts}<h2>What its jobs take</h2>{drift}{pauses}"

@@ -202,6 +202,22 @@ def test_the_image_store_keeps_its_cap_oldest_first(tmp_path, start_server):
     assert not (tmp_path / "p3s.db.files" / uuids[0] / "plot.png").exists(), "an evicted file stayed"
 
 
+def test_one_job_type_flooding_the_image_store_pushes_out_its_own_plots_not_the_others(start_server):
+    """Past the store's cap the oldest images went, whoever wrote them: one pilot-token holder
+    publishing many images pushed every real plot out. Now a job type holding more than an
+    even share loses its own oldest first."""
+    server = start_server(["--max-image-store", "1", "--max-image-bytes", "200000"])
+    server.submit([shell_job("true", jobtype="monitor") for _ in range(2)]
+                  + [shell_job("true", jobtype="flood") for _ in range(10)])
+    pilot = server.api.register_pilot(heartbeat=1)["uuid"]
+    real = [publish(server.api, pilot, "adc.png", 150000) for _ in range(2)]
+    flood = [publish(server.api, pilot, "junk.png", 150000) for _ in range(10)]
+    assert [status(f"{server.url}/image/{u}/adc.png") for u in real] == [200, 200], "the real plots were evicted"
+    kept = [status(f"{server.url}/image/{u}/junk.png") for u in flood]
+    assert kept[-3:] == [200] * 3 and kept[0] == 404, kept
+    assert server.api.health()["images"]["bytes"] <= 2 ** 20
+
+
 def test_images_are_refused_above_the_free_space_floor_and_an_alarm_warns(tmp_path, small_fs, start_server):
     server = start_server(["--min-free-mb", "3"], db=small_fs / "p3s.db")
     server.submit([shell_job("true")])
