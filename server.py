@@ -3163,9 +3163,9 @@ class Service:
 
     def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
                  no_new_work=0, starving_minutes=STARVING_MINUTES, images=None, alarm_settings=None,
-                 breaker_min_failed=BREAKER_MIN_FAILED):
+                 breaker_min_failed=BREAKER_MIN_FAILED, timelimit_grace=TIMELIMIT_GRACE):
         self.store = store
-        self.breaker_min_failed = breaker_min_failed
+        self.breaker_min_failed, self.timelimit_grace = breaker_min_failed, timelimit_grace
         self.hk_failing = None      # the error of the last housekeeping pass, if it failed
         self.broker = Broker(store)
         self.costs = JobCosts()
@@ -3952,7 +3952,7 @@ class Service:
 
     def _time_out_jobs(self, conn, t):
         overdue = conn.execute("SELECT * FROM jobs INDEXED BY jobs_state_id WHERE state='running' AND timelimit > 0 "
-                               "AND ts_sta + timelimit + ? < ?", (TIMELIMIT_GRACE, t)).fetchall()
+                               "AND ts_sta + timelimit + ? < ?", (self.timelimit_grace, t)).fetchall()
         return sum(requeue_or_end(conn, dict(job), "timeout", "housekeeping", "no report after the time limit")[1]
                    for job in overdue)
 
@@ -7002,6 +7002,9 @@ def parse_args(argv):
                    help="POST each alarm raised and cleared to URL as JSON {\"text\": ...} (Mattermost, Slack)")
     p.add_argument("--alarm-command", metavar="CMD",
                    help="run CMD for each alarm raised and cleared, with P3S_ALARM_* in its environment")
+    p.add_argument("--timelimit-grace", type=float, default=TIMELIMIT_GRACE, metavar="SECONDS",
+                   help="a running job whose pilot said nothing this long past its time limit ends timeout "
+                        "(default %(default)s)")
     p.add_argument("--breaker-min-failed", type=int, default=BREAKER_MIN_FAILED, metavar="N",
                    help="pause a job type when more than N of its attempts failed in the last hour and they "
                         "outnumber those that finished (default %(default)s; 0: never)")
@@ -7118,7 +7121,8 @@ def main(argv=None):
                       {"delay": args.alarm_delay * 60, "lost_share": args.alarm_lost_share,
                        "lost_count": args.alarm_lost_count, "lifetime_min_ended": args.alarm_lifetime_pilots,
                        "webhook": args.alarm_webhook, "command": args.alarm_command,
-                       "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold}, args.breaker_min_failed)
+                       "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold}, args.breaker_min_failed,
+                      args.timelimit_grace)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]

@@ -36,6 +36,19 @@ def test_a_submission_in_parts_is_stored_whole_or_not_at_all(tmp_path, start_ser
     assert len(server.api.list_jobs(limit=10000)) == 2500, "stored once, whole"
 
 
+def test_job_py_stores_a_big_file_whole_or_not_at_all_when_a_later_part_is_refused(p3s, tmp_path):
+    """From the client's side: job.py sends 2,500 jobs as three parts, and the server refuses
+    the third (a priority past its bounds, which only the server checks). job.py exits 2 naming
+    the field, and not one job is stored: the first two parts were staged, never committed."""
+    batch = [shell_job("true", name=f"z{i}") for i in range(2500)]
+    batch[2200]["priority"] = 10 ** 30
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps(batch))
+    result = p3s.run("job.py", "-j", path)
+    assert result.returncode == 2 and "priority" in result.stderr, (result.returncode, result.stderr)
+    assert p3s.api.list_jobs(limit=10000) == [], "part of the file was stored"
+
+
 def test_a_lost_commit_answer_can_be_asked_about_and_a_repeated_commit_stores_nothing_twice(p3s):
     api, sid = p3s.api, "6f1b2c3d-0000-4000-8000-000000000002"
     batch = jobs(1500)

@@ -133,6 +133,25 @@ def test_a_silent_server_past_the_fence_gets_the_payload_sigterm_and_a_reason_be
     assert "no answer from the server" in job["errmsg"] and "lease" in job["errmsg"], job["errmsg"]
 
 
+def test_the_server_times_out_a_job_its_stopped_pilot_no_longer_reports(tmp_path, start_server):
+    """The server's own clock: a pilot SIGSTOPped while its job runs says nothing, and its lease is
+    long; the server ends the job `timeout` once it is --timelimit-grace past its time limit,
+    long before the lease would give it away."""
+    server = start_server(["--lease-beats", "100", "--timelimit-grace", "1"])     # lease: 50 s
+    [uuid] = server.submit([shell_job("sleep 30", timeout=2)])
+    pilot = server.pilot("-p", "1")
+    wait_until(lambda: server.job(uuid)["state"] == "running", 20, what="the job running")
+    pilot.send_signal(signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+        job = server.wait_jobs([uuid], timeout=15)[uuid]
+        assert job["state"] == "timeout", job
+        assert time.monotonic() - stopped < 10, "timed out by the lease, not the time limit"
+        assert "no report after the time limit" in server.job(uuid)["reason"]
+    finally:
+        pilot.send_signal(signal.SIGCONT)
+
+
 def test_a_running_pilot_is_never_shown_lost_while_its_heartbeats_renew_its_lease(start_server):
     """A job many heartbeats long: every sample of its pilot on the server, taken while it runs,
     says it is alive (heartbeats that stopped renewing the lease showed it lost after 2.5 s,
