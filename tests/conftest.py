@@ -186,6 +186,10 @@ class P3S:
     def job(self, uuid):
         return self.api.get_job(uuid)
 
+    def alarms(self, name=None):
+        """The alarms raised now (GET /api/alarms), only those of `name` if given."""
+        return [a for a in self.api.call("GET", "/api/alarms")["alarms"] if name is None or a["name"] == name]
+
     def page(self, path, status=200):
         """The text of a page (or any answer) as a browser gets it, checking its status."""
         try:
@@ -373,3 +377,59 @@ def pytest_sessionfinish(session, exitstatus):
         print("\nprocesses left behind by the tests (now killed):\n" +
               "\n".join(f"  {pid} {cmd}" for pid, cmd in left), file=sys.stderr)
         session.exitstatus = 1
+
+
+def readme_block(heading):
+    """The first ```bash block after `heading` in README.md or docs/, exactly as a user would copy it."""
+    import glob
+    import re
+    for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        found = re.search(re.escape(heading) + r".*?```bash\n(.*?)\n```", open(path).read(), re.S)
+        if found:
+            return found.group(1).strip()
+    raise AssertionError(f"no bash block after {heading!r} in README.md or docs/")
+
+
+def fresh_copy(tmp_path):
+    """The tools, examples and compat files in a new directory, as in a fresh clone; port 8000 free."""
+    import shutil
+    import socket
+    import pytest
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 8000)) == 0:
+            pytest.skip("port 8000 is in use on this machine; the README commands need it")
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name == "examples":
+            (shutil.copytree if name == "examples" else shutil.copy)(os.path.join(ROOT, name), tmp_path / name)
+    shutil.copytree(os.path.join(ROOT, "tests", "compat"), tmp_path / "tests" / "compat")
+    return {k: v for k, v in os.environ.items() if not k.startswith("P3S_")}
+
+
+def run_readme(tmp_path, env, command):
+    import subprocess
+    return subprocess.run(["bash", "-c", command + "\nstatus=$?; kill %1; wait; exit $status"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
+
+
+SLURM = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "squeue", "munged"))
+SLURM_SCRIPTS = os.path.join(ROOT, "tests", "slurm")
+
+
+@pytest.fixture
+def slurm():
+    # munged wants o+x on every directory above its socket; pytest's tmp_path is 0700
+    base = tempfile.mkdtemp(prefix="p3s-slurm-")
+    os.chmod(base, 0o755)
+    env = dict(os.environ, BASE=base, NODES="3", NCPU="2")     # fake nodes node1..node3, 2 CPUs each
+    up = subprocess.run([os.path.join(SLURM_SCRIPTS, "slurm-up.sh")], capture_output=True, text=True, env=env, timeout=60)
+    if up.returncode != 0:
+        subprocess.run([os.path.join(SLURM_SCRIPTS, "slurm-down.sh")], env=env, timeout=60)
+        pytest.fail(f"slurm did not start: {up.stderr}")
+    env["SLURM_CONF"] = os.path.join(base, "slurm.conf")
+    yield env
+    subprocess.run(["scancel", "-u", "root"], env=env, timeout=30)
+    subprocess.run([os.path.join(SLURM_SCRIPTS, "slurm-down.sh")], env=env, timeout=60)
+    shutil.rmtree(base, ignore_errors=True)
+
+# Every tool a user runs: each has --help, its options in docs/tools.md
+TOOLS = ["server.py", "job.py", "pilot.py", "workflow.py", "injector.py", "verifyImport.py", "factory.py", "service.py", "alarm.py", "dataset.py"]

@@ -6,18 +6,17 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import P3S, ROOT, shell_job, wait_until
+from conftest import ROOT, shell_job, wait_until
 
 
 def alarms(p3s):
-    return {a["key"]: a for a in p3s.api.call("GET", "/api/alarms")["alarms"]}
+    return {a["key"]: a for a in p3s.alarms()}
 
 
 def test_no_pilots_is_one_critical_bar_that_explains_the_sites_and_starving_jobs(tmp_path, start_server):

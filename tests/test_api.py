@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from conftest import P3S, ROOT
+from conftest import P3S, ROOT, TOOLS
 import server
 
 def doc(name):
@@ -121,7 +121,6 @@ def test_every_route_is_in_docs_api():
     assert sorted(listed) == sorted(served), "docs/api.md lists a route that is not served"
 
 
-TOOLS = ["server.py", "job.py", "pilot.py", "workflow.py", "injector.py", "verifyImport.py", "factory.py", "service.py", "alarm.py", "dataset.py"]
 
 
 def options_of(tool):

@@ -5,7 +5,7 @@ import random
 import signal
 import time
 
-from conftest import P3S, shell_job, wait_until
+from conftest import shell_job, wait_until
 
 JOBS, PILOTS, KILLS = 600, 20, 8
 BEAT = 0.5

@@ -6,12 +6,10 @@ import re
 import stat
 import subprocess
 import sys
-import time
 
 import pytest
 
-from conftest import COMPAT, ROOT, shell_job, tiny_png, tool_command, wait_until
-from test_api import TOOLS
+from conftest import COMPAT, ROOT, TOOLS, shell_job, tiny_png, tool_command
 
 
 def tool(*args, env=None, timeout=60, input=None):

@@ -6,8 +6,8 @@ import os
 import subprocess
 import time
 
-from conftest import COMPAT, ROOT, P3S, alive, graphml, shell_job, wait_until
-from test_core import fresh_copy, readme_block, run_readme
+from conftest import (COMPAT, ROOT, alive, fresh_copy, graphml, readme_block, run_readme, shell_job,
+                      wait_until)
 
 
 def one_line_refusal(result, text):

@@ -4,7 +4,7 @@ import os
 import time
 from collections import Counter
 
-from conftest import ROOT, alive, shell_job, wait_until
+from conftest import ROOT, alive, fresh_copy, readme_block, run_readme, shell_job, wait_until
 
 
 def test_readme_example_runs_once_and_finishes(p3s):
@@ -178,38 +178,6 @@ def test_verify_import_checks_server_and_token(p3s):
     assert result.returncode == 1 and "FAILED token file" in result.stderr and "Traceback" not in result.stderr
 
 
-def readme_block(heading):
-    """The first ```bash block after `heading` in README.md or docs/, exactly as a user would copy it."""
-    import glob
-    import re
-    for path in [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
-        found = re.search(re.escape(heading) + r".*?```bash\n(.*?)\n```", open(path).read(), re.S)
-        if found:
-            return found.group(1).strip()
-    raise AssertionError(f"no bash block after {heading!r} in README.md or docs/")
-
-
-def fresh_copy(tmp_path):
-    """The tools, examples and compat files in a new directory, as in a fresh clone; port 8000 free."""
-    import shutil
-    import socket
-    import pytest
-    with socket.socket() as probe:
-        if probe.connect_ex(("127.0.0.1", 8000)) == 0:
-            pytest.skip("port 8000 is in use on this machine; the README commands need it")
-    for name in os.listdir(ROOT):
-        if name.endswith(".py") or name == "examples":
-            (shutil.copytree if name == "examples" else shutil.copy)(os.path.join(ROOT, name), tmp_path / name)
-    shutil.copytree(os.path.join(ROOT, "tests", "compat"), tmp_path / "tests" / "compat")
-    return {k: v for k, v in os.environ.items() if not k.startswith("P3S_")}
-
-
-def run_readme(tmp_path, env, command):
-    import subprocess
-    return subprocess.run(["bash", "-c", command + "\nstatus=$?; kill %1; wait; exit $status"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=90)
-
-
 def test_readme_setup_command_verbatim_in_a_fresh_copy(tmp_path):
     """The first command a new user runs, exactly as the README gives it."""
     import re
@@ -253,7 +221,6 @@ def test_a_noop_job_finishes_without_a_pilot(p3s):
 
 def test_retention_purges_what_ended_long_ago(tmp_path, start_server):
     import sqlite3
-    from conftest import P3S
     server = start_server(["--retention-days", "7"])
     old, recent, waiting = server.submit([shell_job("true"), shell_job("true"), shell_job("true", jobtype="x")])
     server.run("pilot.py", "-c", "2", "-p", "1", "--jobtype", "default", "-L", server.logs)

@@ -42,3 +42,14 @@ def test_a_long_job_after_a_run_of_short_ones_is_reported_running_in_time(p3s):
     wait_until(lambda: p3s.job(long_)["state"] == "running", 20, interval=0.02, what="the long job reported running")
     seen = time.time()
     assert seen - p3s.job(long_)["ts_sta"] < 0.7, "its running report came late"
+
+
+def test_priority_orders_the_claim_across_site_bound_and_free_jobs(p3s):
+    """A job tied to the pilot's site and one for any site compete by priority, then age."""
+    p3s.api.define_site("np04")
+    low, mid = p3s.submit([shell_job("true", name="low", site="np04", priority=1),
+                           shell_job("true", name="mid", site="np04", priority=5)])
+    [high] = p3s.submit([shell_job("true", name="high", priority=9)])     # younger, but first
+    p3s.run("pilot.py", "-s", "np04", "-c", "3", "-p", "1", "-L", p3s.logs)
+    order = sorted((p3s.job(u)["ts_dis"], p3s.job(u)["name"]) for u in (low, high, mid))
+    assert [name for _, name in order] == ["high", "mid", "low"]

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from conftest import P3S, shell_job, wait_until
+from conftest import shell_job, wait_until
 from serverAPI import P3SError
 
 
@@ -135,3 +135,19 @@ def test_a_library_caller_submits_in_parts_without_giving_uuids(p3s):
     retried part must not store a job twice), so the client gives each one."""
     uuids = p3s.api.submit_jobs([shell_job("true")] * 1500)
     assert len(set(uuids)) == 1500 and len(p3s.api.list_jobs(limit=10000)) == 1500
+
+
+def test_a_report_for_another_attempt_is_refused_while_the_job_runs(p3s):
+    """The state alone cannot refuse it (the job is running): the attempt number must."""
+    api = p3s.api
+    [uuid] = p3s.submit([shell_job("true", max_attempts=3)])
+    pilot = api.register_pilot(heartbeat=1)["uuid"]
+    assert api.request_job(pilot, 0)["job"]["uuid"] == uuid
+    api.report(uuid, {"pilot": pilot, "attempt": 1, "state": "running", "pid": 7, "runtime": 0.1})
+    for attempt in (2, 3):
+        with pytest.raises(P3SError) as refused:
+            api.report(uuid, {"pilot": pilot, "attempt": attempt, "state": "failed", "exit_code": 1,
+                              "runtime": 0.2}, retry_for=0)
+        assert refused.value.status == 409 and "stale" in str(refused.value)
+    job = api.get_job(uuid)
+    assert (job["state"], job["attempt"]) == ("running", 1), "a report for another attempt changed the job"

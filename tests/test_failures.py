@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import P3S, ROOT, alive, shell_job, wait_until
+from conftest import ROOT, alive, shell_job, wait_until
 from serverAPI import P3SError
 
 

@@ -666,3 +666,15 @@ def test_a_child_that_left_the_group_and_outlived_a_short_job_is_killed_and_name
     assert not alive(int(pidfile.read_text())), "the escaped child lives on"
     assert "outlived it and were killed" in p3s.job(uuids[0])["errmsg"]
     assert pilot.poll() is None
+
+
+def test_a_payloads_background_child_dies_when_the_payload_exits(p3s):
+    """The pilot kills what is left of the payload's process group once the payload exits."""
+    child = p3s.dir / "child.pid"
+    [uuid] = p3s.submit([shell_job(f"sleep 60 & echo $! > {child}; exit 0")])
+    pilot = p3s.pilot("-p", "1")                 # it lives on: its exit would kill the child too
+    p3s.wait_jobs([uuid], timeout=20)
+    assert p3s.job(uuid)["state"] == "finished"
+    pid = int(child.read_text())
+    wait_until(lambda: not alive(pid), 3, what="the payload's background child to be killed")
+    assert pilot.poll() is None

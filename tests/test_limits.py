@@ -2,13 +2,11 @@
 checked at the door, and no stored value can make a page answer 500. Each test failed on the
 code before it."""
 import json
-import os
-import subprocess
 import time
 
 import pytest
 
-from conftest import P3S, fill, shell_job
+from conftest import fill, shell_job
 
 
 def test_a_full_disk_answers_503_stores_nothing_and_recovers(tmp_path, small_fs, start_server):

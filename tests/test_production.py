@@ -10,8 +10,7 @@ import time
 
 import pytest
 
-from conftest import P3S, ROOT, alive, shell_job, wait_until
-from test_slurm import SLURM, slurm  # noqa: F401  (the fixture)
+from conftest import ROOT, SLURM, alive, shell_job, wait_until
 
 
 def live(p3s, site):

@@ -2,13 +2,12 @@
 publish, activity over time, the header; and job.py saying why jobs wait."""
 import json
 import os
-import time
 import urllib.error
 import urllib.request
 
 import pytest
 
-from conftest import P3S, shell_job, tiny_png, wait_until
+from conftest import shell_job, tiny_png, wait_until
 
 DECODER = "ERROR: RawDecoder: APA{} FEMB {} returned no frames"
 

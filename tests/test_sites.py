@@ -99,7 +99,7 @@ def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
     p3s.api.define_site("lxvm", pilots=3, tolerance=0.2, heartbeat=0.5)
 
     def raised():
-        return [a for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "site_below_nominal"]
+        return p3s.alarms("site_below_nominal")
 
     [alarm] = raised()
     assert alarm["message"] == "lxvm: 0 live pilots of 3 nominal" and alarm["link"] == "/site/lxvm"
@@ -120,7 +120,7 @@ def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
 
 def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
     def raised():
-        return [a["message"] for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "failure_rate"]
+        return [a["message"] for a in p3s.alarms("failure_rate")]
 
     p3s.submit([shell_job("exit 3", jobtype="purity")] * 3 + [shell_job("true", jobtype="purity")])
     p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs)
@@ -128,7 +128,7 @@ def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
     p3s.submit([shell_job("exit 3", jobtype="purity")] + [shell_job("true", jobtype="monitor")] * 6)
     p3s.run("pilot.py", "-c", "7", "-p", "1", "-L", p3s.logs)
     assert raised() == ["purity: 4 of 5 attempts ended failed, timeout or pilotTO in the last hour (80%)"]
-    [link] = [a["link"] for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "failure_rate"]
+    [link] = [a["link"] for a in p3s.alarms("failure_rate")]
     assert link == "/failures?jobtype=purity&since=1h"
     assert json.loads(p3s.page(link + "&format=json"))["total"] == 4, "the link lists what the alarm counts"
     p3s.submit([shell_job("true", jobtype="purity")] * 4)
@@ -137,10 +137,9 @@ def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
 
 
 def test_a_silent_injector_and_stopped_data_flow_raise_alarms(tmp_path, start_server):
-    from conftest import P3S
     server = start_server(["--alarm-no-new-work", "0.02"])    # 1.2 s
     def raised(name):
-        return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == name]
+        return [a["message"] for a in server.alarms(name)]
 
     data = tmp_path / "data"
     data.mkdir()
@@ -168,10 +167,9 @@ def test_a_silent_injector_and_stopped_data_flow_raise_alarms(tmp_path, start_se
 
 
 def test_jobs_no_live_pilot_may_take_raise_the_starving_alarm_until_one_comes(tmp_path, start_server):
-    from conftest import P3S
     server = start_server(["--alarm-starving", "0.02"])    # 1.2 s
     def raised():
-        return [a["message"] for a in server.api.call("GET", "/api/alarms")["alarms"] if a["name"] == "starving"]
+        return [a["message"] for a in server.alarms("starving")]
 
     server.api.define_site("neutdqm")
     uuids = server.submit([shell_job("true", jobtype="purity", site="neutdqm")] * 3)
@@ -187,7 +185,7 @@ def test_pilots_dying_young_raise_the_pilot_lifetime_alarm_but_one_kill_or_a_dra
     import signal
 
     def raised(name="pilot_lifetime"):
-        return [a for a in p3s.api.call("GET", "/api/alarms")["alarms"] if a["name"] == name]
+        return p3s.alarms(name)
 
     p3s.api.define_site("short", pilotlife=600, heartbeat=0.5)
     drained = [p3s.pilot("-s", "short", "-p", "1") for _ in range(5)]

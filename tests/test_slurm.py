@@ -1,36 +1,15 @@
 """Pilots launched by a real Slurm (three fake nodes on this machine) as a job array drain a queue."""
 import os
-import shutil
 import subprocess
-import tempfile
 from collections import Counter
 
 import pytest
 
-from conftest import ROOT, shell_job, wait_until
+from conftest import ROOT, SLURM, shell_job, wait_until  # noqa: F401  (the fixture)
 
-SLURM = all(shutil.which(t) for t in ("slurmctld", "slurmd", "sbatch", "squeue", "munged"))
 pytestmark = pytest.mark.skipif(not SLURM or os.geteuid() != 0,
                                 reason="needs root and slurmctld, slurmd, slurm-client and munge "
                                        "(.ci/run installs them)")
-HERE = os.path.join(ROOT, "tests", "slurm")
-
-
-@pytest.fixture
-def slurm():
-    # munged wants o+x on every directory above its socket; pytest's tmp_path is 0700
-    base = tempfile.mkdtemp(prefix="p3s-slurm-")
-    os.chmod(base, 0o755)
-    env = dict(os.environ, BASE=base, NODES="3", NCPU="2")     # fake nodes node1..node3, 2 CPUs each
-    up = subprocess.run([os.path.join(HERE, "slurm-up.sh")], capture_output=True, text=True, env=env, timeout=60)
-    if up.returncode != 0:
-        subprocess.run([os.path.join(HERE, "slurm-down.sh")], env=env, timeout=60)
-        pytest.fail(f"slurm did not start: {up.stderr}")
-    env["SLURM_CONF"] = os.path.join(base, "slurm.conf")
-    yield env
-    subprocess.run(["scancel", "-u", "root"], env=env, timeout=30)
-    subprocess.run([os.path.join(HERE, "slurm-down.sh")], env=env, timeout=60)
-    shutil.rmtree(base, ignore_errors=True)
 
 
 def test_slurm_array_of_pilots_drains_the_queue(p3s, slurm, tmp_path):

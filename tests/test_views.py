@@ -1,7 +1,6 @@
 """The shifter's view, second pass: where jobs ran, the run grid, charts with a range, the job
 type pages, lists that fit, and the expert pages, against a real server with real pilots."""
 import html
-import json
 import os
 import re
 from urllib.parse import urlencode
@@ -34,7 +33,7 @@ def test_jobs_tell_the_site_asked_for_from_where_they_ran_and_sites_link_to_them
 
 
 def test_the_job_page_leads_with_the_input_file_and_shows_no_empty_labels(p3s):
-    held = p3s.api.add_dag("d1", open(os.path.join(COMPAT, "1filter.graphml")).read())
+    p3s.api.add_dag("d1", open(os.path.join(COMPAT, "1filter.graphml")).read())
     wf = p3s.api.create_workflow("d1", state="template")
     waiting_wf_job = wf["jobs"][0]["uuid"]
     failed, waiting = p3s.submit([

@@ -225,3 +225,14 @@ def test_an_empty_timelimit_in_graphml_means_the_default(p3s):
     text = graphml([("a", "w", "true")], []).replace('<data key="d104">60</data>', '<data key="d104"></data>')
     register(p3s, "empty", text)
     assert p3s.api.get_dag("empty")["vertices"][0]["timelimit"] == 3600
+
+
+def test_workflow_list_shows_the_dags_and_workflows(p3s):
+    from conftest import COMPAT
+    assert p3s.run("workflow.py", "-g", os.path.join(COMPAT, "3filters.graphml")).returncode == 0
+    uuid = p3s.run("workflow.py", "-a", "3filters", "-n", "nightly").stdout.strip()
+    listing = p3s.run("workflow.py", "--list")
+    assert listing.returncode == 0
+    lines = listing.stdout.splitlines()
+    assert lines[0] == "DAGs:" and any(line.split()[0] == "3filters" for line in lines[1:])
+    assert any(uuid in line and "nightly" in line for line in lines), listing.stdout
