@@ -14,6 +14,7 @@ network failure, and with --wait 3 when a job did not finish with exit code 0.
 """
 import argparse
 import getpass
+import hashlib
 import json
 import os
 import sys
@@ -45,6 +46,9 @@ def parse_args(argv):
     p.add_argument("-D", "--delay", type=int, default=0, metavar="MS",
                    help="with -j: milliseconds between submissions, sending jobs one at a time "
                    "(default 0: all at once)")
+    p.add_argument("--again", action="store_true",
+                   help="with -j: submit even if the same jobs were submitted in the last hour (a rerun is "
+                        "otherwise refused, naming the submission that stored them)")
     p.add_argument("-t", "--test", action="store_true",
                    help="with -j: check the jobs and print them as they would be sent; send nothing")
     p.add_argument("-N", "--replicas", type=int, default=1, metavar="N",
@@ -125,8 +129,8 @@ def parse_args(argv):
         p.error(f"--wait-notes {args.wait_notes:g}: must be more than 0 seconds")
     if args.delay < 0:
         p.error(f"-D {args.delay}: must not be negative")
-    if (args.test or args.delay) and not args.jobfile:
-        p.error("-t and -D go with -j FILE")
+    if (args.test or args.delay or args.again) and not args.jobfile:
+        p.error("-t, -D and --again go with -j FILE")
     if args.infile is None:
         args.infile = os.environ.get("P3S_INPUT_FILE") or None
     return args
@@ -221,10 +225,13 @@ def submit(client, args):
     if args.test:
         print(json.dumps(jobs, indent=2))
         return 0
+    digest = jobs_digest(jobs)
+    if not args.again:
+        refuse_a_rerun(client, args, digest)
     submission = str(uuidlib.uuid4())
     client.on_retry = lambda line: print(f"job.py: {line}", file=sys.stderr, flush=True)
     try:
-        uuids = send(client, jobs, args.delay, submission)
+        uuids = send(client, jobs, args.delay, submission, digest)
     except P3SError as e:
         if not e.bad_input and not client.reached:      # no request left this machine
             raise P3SError(f"{e}; nothing was stored", e.status) from None
@@ -253,11 +260,36 @@ def ended_line(uuid, state):
     return f"{line} {state['reason']}" if state.get("reason") else line
 
 
-def send(client, jobs, delay_ms, submission):
+def jobs_digest(jobs):
+    """What identifies a submission's content: the jobs as read (input files, replicas, -V
+    applied), without the uuids made for them."""
+    content = [{k: v for k, v in job.items() if k != "uuid"} for job in jobs]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def refuse_a_rerun(client, args, digest):
+    """A blind rerun after a lost answer would store every job twice: the same jobs submitted in
+    the last hour are named, and submitted again only with --again. One try, no retries: a
+    server that cannot answer it will not take the submission either, which then says so."""
+    try:
+        found = client.find_submissions(digest, retry_for=0)
+    except P3SError as e:
+        if e.bad_input and e.status not in (404, 405):     # an older server has no such check
+            raise
+        return
+    if found:
+        last = found[0]
+        when = time.strftime("%H:%M", time.localtime(last["ts"]))
+        raise InputError(f"{args.jobfile}: these jobs were submitted at {when} as submission {last['id']} "
+                         f"({last['jobs']} job(s)); `job.py --submission {last['id']}` tells more, "
+                         "--again submits them anew")
+
+
+def send(client, jobs, delay_ms, submission, digest=None):
     """All jobs at once, as one submission stored whole or not at all, or one at a time with
     delay_ms between them (the original's -D)."""
     if not delay_ms:
-        return client.submit_jobs(jobs, submission)
+        return client.submit_jobs(jobs, submission, digest)
     uuids = []
     for i, job in enumerate(jobs):
         if i:

@@ -575,7 +575,8 @@ MIGRATIONS = [
     # refused, and why); the checks and metrics themselves, gone with their job. The partial
     # index holds only bad verdicts: the bad_data alarm reads it, nothing else pays for it.
     # Job types paused (by the circuit breaker or a person; `paused` NULL: running again, since
-    # `resumed`), whose queued jobs stay queued and are handed to no pilot.
+    # `resumed`), whose queued jobs stay queued and are handed to no pilot. A submission's digest
+    # (what job.py read, before uuids), so a blind rerun of a file is caught.
     """
     ALTER TABLE jobs ADD COLUMN verdict TEXT;
     ALTER TABLE jobs ADD COLUMN verdict_check TEXT;
@@ -585,6 +586,8 @@ MIGRATIONS = [
                         PRIMARY KEY(uuid, name)) WITHOUT ROWID;
     CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
                          PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    ALTER TABLE submissions ADD COLUMN digest TEXT;
+    CREATE INDEX submissions_digest ON submissions(digest, ts) WHERE digest IS NOT NULL;
     CREATE TABLE pauses(jobtype TEXT PRIMARY KEY, paused REAL, who TEXT NOT NULL, why TEXT NOT NULL,
                         resumed REAL) WITHOUT ROWID;
     CREATE TRIGGER jobs_quality_delete AFTER DELETE ON jobs BEGIN
@@ -1836,8 +1839,13 @@ def submission_row(conn, submission):
     return conn.execute("SELECT jobs FROM submissions WHERE id=?", (submission,)).fetchone()
 
 
-def record_submission(conn, submission, jobs):
-    conn.execute("INSERT OR IGNORE INTO submissions(id, jobs, ts) VALUES(?, ?, ?)", (submission, jobs, now()))
+def record_submission(conn, submission, jobs, digest=None):
+    conn.execute("INSERT OR IGNORE INTO submissions(id, jobs, ts, digest) VALUES(?, ?, ?, ?)",
+                 (submission, jobs, now(), digest))
+
+
+def submission_digest(body):
+    return as_str(body["digest"], "digest", allow_empty=False, max_len=128) if "digest" in body else None
 
 
 def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None):
@@ -3198,13 +3206,14 @@ class Service:
     def submit(self, body, who):
         """Store jobs in one transaction; with a `submission` id, record it, so that a client
         whose answer was lost can ask whether the submission was stored."""
-        check_keys(body, "submission", ("jobs", "submission"))
+        check_keys(body, "submission", ("jobs", "submission", "digest"))
         rows = validate_submission(body)
         submission = as_uuid(body["submission"], "submission") if "submission" in body else None
+        digest = submission_digest(body)
         with self.store.transaction() as conn:
             uuids = insert_jobs(conn, rows, who)
             if submission:
-                record_submission(conn, submission, len(rows))
+                record_submission(conn, submission, len(rows), digest)
         self.broker.notify_work(claimable(rows))
         return {"uuids": uuids}
 
@@ -3224,8 +3233,9 @@ class Service:
     def commit_submission(self, submission, body):
         """Store every staged part of a submission in one transaction, or nothing. Committing again
         answers as the first commit did."""
-        check_keys(body, "commit", ("parts",))
+        check_keys(body, "commit", ("parts", "digest"))
         parts = as_int(body.get("parts"), "parts", 1, MAX_PARTS)
+        digest = submission_digest(body)
         with self.store.transaction() as conn:
             done = submission_row(conn, submission)
             if done:
@@ -3244,9 +3254,19 @@ class Service:
                 raise bad("jobs: the same uuid appears twice in one submission")
             insert_jobs(conn, rows, "")
             conn.execute("DELETE FROM staged WHERE submission=?", (submission,))
-            record_submission(conn, submission, len(rows))
+            record_submission(conn, submission, len(rows), digest)
         self.broker.notify_work(claimable(rows))
         return {"submission": submission, "state": "committed", "jobs": len(rows)}
+
+    def find_submissions(self, query):
+        """The submissions of the last `age` (default 1 h) with this digest, newest first: was
+        this file submitted already (its answer lost, and the user about to run it again)?"""
+        check_keys(query, "query", ("digest", "age"))
+        digest = as_str(query.get("digest", ""), "digest", allow_empty=False, max_len=128)
+        since = now() - parse_age(query.get("age") or "1h")
+        rows = self.store.read("SELECT id, jobs, ts FROM submissions INDEXED BY submissions_digest WHERE "
+                               "digest=? AND ts > ? ORDER BY ts DESC LIMIT 10", (digest, since))
+        return {"submissions": [dict(r) for r in rows]}
 
     def get_submission(self, submission):
         """Was this submission stored? committed (with its job count), staged (parts waiting for a
@@ -5842,6 +5862,7 @@ API = (
     ("POST", "/api/jobs/states", "job_states", ("body",), None),
     ("PUT", "/api/submissions/<uuid>/part", "stage_part", ("body",), ADMIN),
     ("POST", "/api/submissions/<uuid>/commit", "commit_submission", ("body",), ADMIN),
+    ("GET", "/api/submissions", "find_submissions", ("query",), None),
     ("GET", "/api/submissions/<uuid>", "get_submission", (), None),
     ("GET", "/api/jobs/<uuid>", "get_job", (), None),
     ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), ADMIN),

@@ -410,7 +410,7 @@ class Client:
             conn.close()
 
     # -- jobs -----------------------------------------------------------------------------------
-    def submit_jobs(self, jobs, submission=None):
+    def submit_jobs(self, jobs, submission=None, digest=None):
         """Submit jobs all-or-nothing under the id `submission` (made here if not given; the
         server remembers it, so `get_submission` tells whether a submission whose answer was lost
         was stored). What fits one request (SUBMIT_BYTES, 1000 jobs) goes in one; more goes as
@@ -419,12 +419,18 @@ class Client:
         submission = submission or str(uuidlib.uuid4())
         jobs = [job if "uuid" in job else dict(job, uuid=str(uuidlib.uuid4())) for job in jobs]
         parts = list(batches(jobs, SUBMIT_BYTES, 1000))
+        named = {"digest": digest} if digest else {}
         if len(parts) == 1:
-            return self.call("POST", "/api/jobs", {"jobs": parts[0], "submission": submission})["uuids"]
+            return self.call("POST", "/api/jobs", {"jobs": parts[0], "submission": submission, **named})["uuids"]
         for number, part in enumerate(parts):
             self.call("PUT", f"/api/submissions/{submission}/part", {"part": number, "jobs": part})
-        self.call("POST", f"/api/submissions/{submission}/commit", {"parts": len(parts)})
+        self.call("POST", f"/api/submissions/{submission}/commit", {"parts": len(parts), **named})
         return [job["uuid"] for job in jobs]
+
+    def find_submissions(self, digest, age="1h", retry_for=None):
+        """The submissions of the last `age` with this digest, newest first."""
+        return self.call("GET", "/api/submissions", query={"digest": digest, "age": age},
+                         retry_for=retry_for)["submissions"]
 
     def get_submission(self, submission):
         """{"state": "committed" (with "jobs"), "staged" (parts not committed, which expire) or "none"}."""

@@ -176,10 +176,11 @@ class P3S:
         return proc
 
     def submit(self, jobs, *args):
-        """Write jobs to a file and submit them with job.py; returns the uuids printed."""
+        """Write jobs to a file and submit them with job.py; returns the uuids printed. Tests
+        submit the same jobs as often as they like (--again: the rerun guard has tests of its own)."""
         path = self.dir / f"jobs-{time.monotonic_ns()}.json"
         path.write_text(json.dumps(jobs))
-        result = self.run("job.py", "-j", path, *args)
+        result = self.run("job.py", "-j", path, "--again", *args)
         assert result.returncode == 0, result.stderr
         return result.stdout.split()
 

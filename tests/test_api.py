@@ -107,7 +107,7 @@ def test_the_pilot_token_registers_pilots_and_nothing_else(tmp_path, start_serve
     assert served.run("pilot.py", "-c", "1", "-p", "1", "-L", served.logs, env=env).returncode == 0
     assert served.job(uuid)["state"] == "finished", "a pilot with the pilot token could not work"
     jobs = [f for f in os.listdir(served.dir) if f.startswith("jobs-")]
-    refused = served.run("job.py", "-j", served.dir / jobs[0], env=env)
+    refused = served.run("job.py", "-j", served.dir / jobs[0], "--again", env=env)
     assert refused.returncode == 2 and "pilot token may only register" in refused.stderr
     assert len(served.api.list_jobs()) == 1
 

@@ -49,6 +49,23 @@ def test_job_py_stores_a_big_file_whole_or_not_at_all_when_a_later_part_is_refus
     assert p3s.api.list_jobs(limit=10000) == [], "part of the file was stored"
 
 
+def test_a_blind_rerun_of_a_submitted_file_is_refused_naming_its_submission(p3s, tmp_path):
+    """Its answer lost, a user runs job.py -j again: every job would be stored twice. job.py says
+    when the file was submitted and as which submission, stores nothing, and submits anew only
+    with --again; other input files make other jobs, which go at once."""
+    path = tmp_path / "dqm.json"
+    path.write_text(json.dumps([shell_job("true", name="a"), shell_job("true", name="b")]))
+    first = p3s.run("job.py", "-j", path, "-f", "run5010.root")
+    assert first.returncode == 0 and len(first.stdout.split()) == 2, first.stderr
+    again = p3s.run("job.py", "-j", path, "-f", "run5010.root")
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1, again.stderr
+    assert "were submitted at" in again.stderr and "(2 job(s))" in again.stderr and "--again" in again.stderr
+    assert len(p3s.api.list_jobs()) == 2, "the rerun stored something"
+    assert p3s.run("job.py", "-j", path, "-f", "run5011.root").returncode == 0, "another file is new work"
+    assert p3s.run("job.py", "-j", path, "-f", "run5010.root", "--again").returncode == 0
+    assert len(p3s.api.list_jobs()) == 6
+
+
 def test_a_lost_commit_answer_can_be_asked_about_and_a_repeated_commit_stores_nothing_twice(p3s):
     api, sid = p3s.api, "6f1b2c3d-0000-4000-8000-000000000002"
     batch = jobs(1500)
