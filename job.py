@@ -225,9 +225,7 @@ def submit(client, args):
     if args.test:
         print(json.dumps(jobs, indent=2))
         return 0
-    digest = jobs_digest(jobs)
-    if not args.again:
-        refuse_a_rerun(client, args, digest)
+    digest = rerun_checked_digest(client, args, jobs)
     submission = str(uuidlib.uuid4())
     client.on_retry = lambda line: print(f"job.py: {line}", file=sys.stderr, flush=True)
     try:
@@ -267,22 +265,23 @@ def jobs_digest(jobs):
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
-def refuse_a_rerun(client, args, digest):
-    """A blind rerun after a lost answer would store every job twice: the same jobs submitted in
-    the last hour are named, and submitted again only with --again. One try, no retries: a
-    server that cannot answer it will not take the submission either, which then says so."""
+def rerun_checked_digest(client, args, jobs):
+    """The jobs' digest, sent with them so that a rerun can be caught, once this is not one: a
+    blind rerun after a lost answer would store every job twice, so the same jobs submitted in
+    the last hour are named and refused, unless --again. None for a server that keeps no digest
+    (an older one) or cannot answer now (one try: the submission then says why)."""
+    digest = jobs_digest(jobs)
     try:
         found = client.find_submissions(digest, retry_for=0)
-    except P3SError as e:
-        if e.bad_input and e.status not in (404, 405):     # an older server has no such check
-            raise
-        return
-    if found:
+    except P3SError:
+        return None
+    if found and not args.again:
         last = found[0]
         when = time.strftime("%H:%M", time.localtime(last["ts"]))
         raise InputError(f"{args.jobfile}: these jobs were submitted at {when} as submission {last['id']} "
                          f"({last['jobs']} job(s)); `job.py --submission {last['id']}` tells more, "
                          "--again submits them anew")
+    return digest
 
 
 def send(client, jobs, delay_ms, submission, digest=None):

@@ -678,3 +678,57 @@ def test_a_payloads_background_child_dies_when_the_payload_exits(p3s):
     pid = int(child.read_text())
     wait_until(lambda: not alive(pid), 3, what="the payload's background child to be killed")
     assert pilot.poll() is None
+
+
+def test_pilots_at_work_outlast_a_crowd_of_hostile_connections_that_fills_every_slot(tmp_path, start_server,
+                                                                                      closing):
+    """With few slots (--max-connections 60), 150 hostile connections from 15 addresses, in every
+    phase: half-sent headers, bodies trickled a byte at a time, pipelined requests never read,
+    idle sockets. Four pilots at work beat every 0.5 s on their kept connections, and report
+    and claim through new ones. None is shown lost, none fences, every job runs once to its end."""
+    server = start_server(["--max-connections", "60", "--header-timeout", "3", "--lease-beats", "8"])
+    ledger = tmp_path / "ledger"
+    uuids = server.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ledger}; sleep 1')] * 24)
+    for _ in range(4):
+        server.pilot("-p", "1", "--kill-grace", "1")
+    wait_until(lambda: len(server.api.list_pilots()) == 4, 15, what="4 pilots")
+    body_head = (b"POST /api/pilots/0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d/heartbeat HTTP/1.1\r\n"
+                 b"Host: 127.0.0.1\r\nContent-Length: 200\r\n\r\n{")
+    kinds = (b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ",    # headers never ended
+             body_head,                                                      # a body trickled
+             b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 2000,  # answers never read
+             b"")                                                            # nothing at all
+    crowd, seen = [], []
+    end = time.monotonic() + 12
+    while time.monotonic() < end:
+        while len(crowd) < 150:
+            try:
+                sock = closing(connect_from(server.port, f"127.0.0.{2 + len(crowd) % 15}"))
+                sock.setblocking(False)
+                with contextlib.suppress(OSError):
+                    sock.send(kinds[len(crowd) % 4])
+                crowd.append(sock)
+            except OSError:
+                break
+        for sock in crowd[1::4]:
+            with contextlib.suppress(OSError):
+                sock.send(b" ")                     # the tricklers go on
+        crowd = [s for s in crowd if not closed(s)]
+        seen += [p["state"] for p in server.api.list_pilots()]
+        time.sleep(0.5)
+    states = server.wait_jobs(uuids, timeout=60)
+    assert "lost" not in seen, "a pilot at work was shown lost while the crowd held the slots"
+    assert {s["state"] for s in states.values()} == {"finished"}, states
+    assert sorted(ledger.read_text().split()) == sorted(uuids), "a job ran twice or not at all"
+
+
+def closed(sock):
+    """True once the server closed or reset this connection (what it sent is drained)."""
+    try:
+        while True:
+            if not sock.recv(65536):
+                return True
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
