@@ -576,7 +576,8 @@ MIGRATIONS = [
     # index holds only bad verdicts: the bad_data alarm reads it, nothing else pays for it.
     # Job types paused (by the circuit breaker or a person; `paused` NULL: running again, since
     # `resumed`), whose queued jobs stay queued and are handed to no pilot. A submission's digest
-    # (what job.py read, before uuids), so a blind rerun of a file is caught.
+    # (what job.py read, before uuids), so a blind rerun of a file is caught. The data streams:
+    # by directory, when a file last arrived (injected or registered), for no_new_work.
     """
     ALTER TABLE jobs ADD COLUMN verdict TEXT;
     ALTER TABLE jobs ADD COLUMN verdict_check TEXT;
@@ -586,6 +587,8 @@ MIGRATIONS = [
                         PRIMARY KEY(uuid, name)) WITHOUT ROWID;
     CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
                          PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    CREATE TABLE arrivals(dirpath TEXT PRIMARY KEY, ts REAL NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO arrivals SELECT dirpath, MAX(ts), COUNT(*) FROM datasets WHERE origin != 'edge' GROUP BY dirpath;
     ALTER TABLE submissions ADD COLUMN digest TEXT;
     CREATE INDEX submissions_digest ON submissions(digest, ts) WHERE digest IS NOT NULL;
     CREATE TABLE pauses(jobtype TEXT PRIMARY KEY, paused REAL, who TEXT NOT NULL, why TEXT NOT NULL,
@@ -1721,6 +1724,12 @@ def vertex_job(vertex, attrs, tags, user):
     return job
 
 
+def note_arrival(conn, dirpath):
+    """A data file arrived in `dirpath` (its stream): what no_new_work watches."""
+    conn.execute("INSERT INTO arrivals(dirpath, ts, n) VALUES(?, ?, 1) ON CONFLICT(dirpath) DO UPDATE "
+                 "SET ts = excluded.ts, n = n + 1", (dirpath, now()))
+
+
 def start_workflow(conn, wfuuid, who):
     """template -> defined, then release its root jobs. Returns how many became claimable."""
     if conn.execute("UPDATE workflows SET state='defined' WHERE uuid=? AND state='template'",
@@ -2424,6 +2433,7 @@ class Workflows:
                                 wf and wf["uuid"], size, template, now()))
             if not cur.rowcount:                    # known for this template: its work was started then
                 return {"path": path, "registered": False}
+            note_arrival(conn, dirpath)
             if jobs is not None:
                 insert_jobs(conn, jobs, user or who)
                 result, released = {"jobs": [j["uuid"] for j in jobs]}, len(jobs)
@@ -2454,6 +2464,7 @@ class Workflows:
             conn.execute("INSERT INTO datasets(uuid,name,dirpath,datatype,comment,state,origin,size,ts) "
                          "VALUES(:uuid,:name,:dirpath,:datatype,:comment,:state,'registered',:size,:ts) "
                          "ON CONFLICT(uuid) DO NOTHING", dict(row, ts=now()))
+            note_arrival(conn, row["dirpath"])
             return dict(lookup(conn, "datasets", row["uuid"]))
 
     def adjust_dataset(self, uuid, body, who):
@@ -2771,7 +2782,8 @@ class Alarms:
         """One alarm: its name, a key that tells apart the alarms of one name (by site, job type,
         service), severity, message and link. `critical` overrides the name's usual severity."""
         critical = name in Alarms.CRITICAL if critical is None else critical
-        key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service", "check") if k in labels)])
+        key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service", "check", "stream")
+                                if k in labels)])
         return {"name": name, "key": key, "severity": "critical" if critical else "warning", "message": message,
                 "link": link, **labels}
 
@@ -2789,6 +2801,10 @@ class Alarms:
                 a["explained_by"] = f"site_below_nominal:{a['site']}"
             elif a["name"] == "starving" and f"jobtype_paused:{a['jobtype']}" in keys:
                 a["explained_by"] = f"jobtype_paused:{a['jobtype']}"
+            elif a["name"] == "no_new_work" and a.get("stream"):
+                injector = next((k for k in keys if k.startswith(f"service_silent:injector {a['stream']} (")), None)
+                if injector:
+                    a["explained_by"] = injector    # its injector is dead: that is the problem
         return alarms
 
     @staticmethod
@@ -2939,16 +2955,21 @@ class Alarms:
         self.starving_since = starving
 
     def flow(self, t):
-        """Data flow stopped: no new job or workflow for --alarm-no-new-work minutes, or a
-        service (an injector) silent for SILENT_PERIODS of its periods."""
+        """Data flow stopped: no data file arrived (injected or registered, not a job a person
+        submitted) for --alarm-no-new-work minutes, by stream (its directory: one stopped stream
+        is named; a stream quiet for a day is over), or none ever; or a service (an injector)
+        silent for SILENT_PERIODS of its periods."""
         found = []
+        quiet = self.no_new_work * 60
         if self.no_new_work:
-            last = max(self.store.read_one("SELECT COALESCE(MAX(ts_def), 0) FROM jobs")[0],
-                       self.store.read_one("SELECT COALESCE((SELECT ts_def FROM workflows ORDER BY id DESC "
-                                           "LIMIT 1), 0)")[0])
-            if t - max(last, self.svc.resumed) > self.no_new_work * 60:
-                found.append(self.alarm("no_new_work", f"no new job or workflow for {(t - last) / 60:.0f} minutes"
-                                   if last else "no job or workflow created yet", "/jobs"))
+            streams = self.store.read("SELECT dirpath, ts FROM arrivals WHERE ts > ?", (t - 86400,))
+            for s in streams:
+                if t - max(s["ts"], self.svc.resumed) > quiet:
+                    found.append(self.alarm("no_new_work", f"no new data file in {s['dirpath']} for "
+                                            f"{(t - s['ts']) / 60:.0f} minutes", "/datasets", stream=s["dirpath"]))
+            if not streams and t - self.svc.resumed > quiet:
+                found.append(self.alarm("no_new_work", "no data file has arrived for "
+                                        f"{(t - self.svc.resumed) / 60:.0f} minutes", "/datasets"))
         for svc in self.store.read("SELECT * FROM services WHERE period > 0 AND retired IS NULL "
                                    "AND ts + ? * period < ?", (SILENT_PERIODS, t)):
             found.append(self.alarm("service_silent", f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "

@@ -321,3 +321,20 @@ def test_a_job_type_that_mostly_fails_is_paused_by_the_circuit_breaker_and_resum
     assert history[0]["info"] == "fixed in v10_02"
     refused = server.run("job.py", "--resume", "purity", "-m", "again")
     assert refused.returncode == 2 and "not paused already" in refused.stderr
+
+
+def test_no_new_work_watches_data_arriving_per_stream_not_jobs_submitted(start_server):
+    """One job submitted by hand cleared "no new job for 2 minutes" while the data was still
+    stopped. Now the alarm counts files registered (injected, or dataset.py -r) by stream, names
+    the stream that stopped, and a hand-made job changes nothing."""
+    server = start_server(["--alarm-no-new-work", "0.03"])         # 1.8 s
+    for name in ("run5010.raw", "run5011.raw"):
+        assert server.run("dataset.py", "-r", "--name", name, "--dirpath", "/eos/np04/inbox").returncode == 0
+    key = "no_new_work:/eos/np04/inbox"
+    wait_until(lambda: key in alarms(server), 10, what="the stopped stream's alarm")
+    assert "no new data file in /eos/np04/inbox for" in alarms(server)[key]["message"]
+    server.submit([shell_job("true", infile="/eos/np04/inbox/run5012.raw")])   # a person, by hand
+    time.sleep(1)
+    assert key in alarms(server), "a job submitted by hand cleared the stopped stream's alarm"
+    assert server.run("dataset.py", "-r", "--name", "run5012.raw", "--dirpath", "/eos/np04/inbox").returncode == 0
+    wait_until(lambda: key not in alarms(server), 10, what="the alarm to clear when data arrives")
