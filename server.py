@@ -103,6 +103,7 @@ TIDY_PERIOD = 600                   # seconds between trims of the end buckets a
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
+STARVING_ESCALATE = 3               # ... and critical once they waited this many times as long
 # Alarms: their tunables (the rules they feed are stated once, in the Alarms class).
 ALARM_DELAY = 15 * 60               # seconds a warning lasts before it is sent to a person
 ALARM_HOLD = 60                     # seconds a condition holds before it is raised (a blip is not)
@@ -2929,29 +2930,35 @@ class Alarms:
 
     def starving(self, t):
         found = []
-        for (site, jobtype), (since, n) in sorted(self.starving_since.items()):
+        for (site, jobtype), (since, n, refusing) in sorted(self.starving_since.items()):
             if t - since > self.starving_minutes * 60:
                 where = f" at site {site}" if site else ""
+                why = f"; the pilots that could, say: {refusing}" if refusing else ""
                 found.append(self.alarm("starving", f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
-                                   f"(for {(t - since) / 60:.0f} min)",
-                                   "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
+                                        f"(for {(t - since) / 60:.0f} min){why}",
+                                        "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
+                                        critical=t - since > STARVING_ESCALATE * self.starving_minutes * 60,
                                         site=site, jobtype=jobtype, impact=n))
         return found
 
     def notice_starving(self, t):
         """Housekeeping: which (site, jobtype) pairs of defined jobs no live pilot may take (by
-        site, jobtype, or a cap of 0), and since when; from the waiting counts and the live pilots."""
+        site, jobtype, or a cap of 0), and since when; from the waiting counts and the live pilots.
+        A pilot that says it takes no job now (its disk below --min-free-mb) takes none of them:
+        its note is kept to say why."""
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
-        pilots = [(r["site"], json.loads(r["jobtypes"])) for r in self.store.read(
-            f"SELECT DISTINCT site, jobtypes FROM pilots INDEXED BY pilots_state WHERE state IN ({marks})", LIVE_PILOT_STATES)]
+        pilots = [(r["site"], json.loads(r["jobtypes"]), r["note"]) for r in self.store.read(
+            f"SELECT DISTINCT site, jobtypes, note FROM pilots INDEXED BY pilots_state WHERE state IN ({marks})",
+            LIVE_PILOT_STATES)]
         suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0 UNION "
                                                    "SELECT jobtype FROM pauses WHERE paused IS NOT NULL")}
         starving = {}
         for r in self.store.read("SELECT site, jobtype, n FROM waiting WHERE n > 0"):
-            takers = [p for p in pilots if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])]
-            if r["jobtype"] in suspended or not takers:
+            able = [p for p in pilots if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])]
+            if r["jobtype"] in suspended or not [p for p in able if not p[2]]:
                 pair = (r["site"], r["jobtype"])
-                starving[pair] = (self.starving_since.get(pair, (t, 0))[0], r["n"])
+                refusing = next((p[2] for p in able if p[2]), "")
+                starving[pair] = (self.starving_since.get(pair, (t, 0))[0], r["n"], refusing)
         self.starving_since = starving
 
     def flow(self, t):

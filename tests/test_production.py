@@ -230,8 +230,10 @@ def test_a_pilot_makes_its_hour_directory_again_and_logs_what_did_not_finish(p3s
 
 
 def test_a_pilot_short_of_disk_takes_no_jobs_and_says_why(tmp_path, small_fs, start_server):
+    """...and its jobs starve: the starving alarm counts it as no taker and says why (pilots alive,
+    each taking no jobs, once raised nothing)."""
     where = small_fs
-    server = start_server()
+    server = start_server(["--alarm-starving", "0.02"])
     filler = where / "filler"
     filler.write_bytes(b"\0" * (3 * 2 ** 20))      # 1 MB left, below --min-free-mb 2
     [uuid] = server.submit([shell_job("true")])
@@ -240,6 +242,8 @@ def test_a_pilot_short_of_disk_takes_no_jobs_and_says_why(tmp_path, small_fs, st
                what="the pilot to say why it takes no job")
     [pilot] = server.api.list_pilots()
     assert pilot["free_mb"] < 2 and server.job(uuid)["state"] == "defined"
+    wait_until(lambda: server.alarms("starving"), 10, what="the starving alarm")
+    assert "the pilots that could, say: taking no jobs" in server.alarms("starving")[0]["message"]
     filler.unlink()
     server.wait_jobs([uuid], timeout=20)
     assert server.job(uuid)["state"] == "finished", "the pilot did not take jobs again once space was freed"

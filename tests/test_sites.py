@@ -176,6 +176,9 @@ def test_jobs_no_live_pilot_may_take_raise_the_starving_alarm_until_one_comes(tm
     server.pilot("-p", "1", "--jobtype", "monitor")             # alive, but not for these
     wait_until(raised, 10, what="the starving alarm")
     assert raised()[0].startswith("3 purity job(s) at site neutdqm wait with no pilot that takes them")
+    assert server.alarms("starving")[0]["severity"] == "warning"
+    wait_until(lambda: server.alarms("starving")[0]["severity"] == "critical", 10,
+               what="the starving alarm to escalate after three times its threshold")
     server.pilot("-p", "1", "-s", "neutdqm", "--jobtype", "purity")
     server.wait_jobs(uuids, timeout=30)
     wait_until(lambda: not raised(), 10, what="the alarm to clear")
