@@ -2796,7 +2796,7 @@ class Alarms:
         keys = {a["key"] for a in alarms}
         dead_sites = {a["site"] for a in alarms if a["name"] == "site_below_nominal" and not a["live"]}
         for a in alarms:
-            if a["name"] in ("site_below_nominal", "starving") and "no_pilots" in keys:
+            if a["name"] in ("site_below_nominal", "starving", "pilots_lost") and "no_pilots" in keys:
                 a["explained_by"] = "no_pilots"
             elif a["name"] == "starving" and a["site"] in dead_sites:
                 a["explained_by"] = f"site_below_nominal:{a['site']}"
@@ -2876,13 +2876,10 @@ class Alarms:
             waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
             alarms.append(self.alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots",
                                      critical=waiting > 0, impact=waiting))
-        lost = self.store.read_one("SELECT COUNT(*) FROM pilots WHERE state='lost' AND ts_beat > ?", (t - 3600,))[0]
-        if lost:
-            many = lost > 1 and (lost >= self.lost_count or lost > self.lost_share * (live + lost))   # never one
-            alarms.append(self.alarm("pilots_lost", f"{lost} pilot(s) lost in the last hour ({live} alive)",
-                                "/pilots?state=lost&ended=1h", critical=many))
-        for site in self.svc.list_sites()["sites"]:
-            alarms += self.at_site(site, self.svc.site_figures(site, t))
+        sites = {s["name"]: (s, self.svc.site_figures(s, t)) for s in self.svc.list_sites()["sites"]}
+        for site, figures in sites.values():
+            alarms += self.at_site(site, figures)
+        alarms += self.lost_pilots(t, live, sites)
         free = self.svc.images.free_bytes()
         if free is not None and free < 2 * self.svc.images.min_free:
             alarms.append(self.alarm("disk_low", f"the server's disk has {free // 2 ** 20} MiB free: published images "
@@ -2892,6 +2889,31 @@ class Alarms:
             alarms.append(self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}", "/api/health"))
         return (alarms + self.paused(t) + self.failures(t) + self.flow(t) + self.starving(t)
                 + self.bad_data(t))
+
+    def lost_pilots(self, t, live, sites):
+        """Pilots lost in the last hour that were not replaced: those of a site back at nominal
+        (its factory started others) are a healthy disturbance, not an alarm; the rest are one,
+        critical past lost_count or lost_share of the pilots (never one alone). Lost at one site
+        below nominal, they are that site's problem (explained by its alarm)."""
+        below = {name for name, (site, figures) in sites.items()
+                 if not site["pilots"] or figures["live"] < site["pilots"] * (1 - self.tolerance(site))}
+        lost = {r["site"]: r["n"] for r in self.store.read(
+            "SELECT site, COUNT(*) AS n FROM pilots INDEXED BY pilots_state WHERE state='lost' AND ts_beat > ? "
+            "GROUP BY site", (t - 3600,)) if r["site"] not in sites or r["site"] in below}
+        count = sum(lost.values())
+        if not count:
+            return []
+        many = count > 1 and (count >= self.lost_count or count > self.lost_share * (live + count))
+        found = self.alarm("pilots_lost", f"{count} pilot(s) lost in the last hour and not replaced ({live} alive)",
+                           "/pilots?state=lost&ended=1h", critical=many, impact=count)
+        [(where, _)] = lost.items() if len(lost) == 1 else [(None, 0)]
+        if where in sites and sites[where][0]["pilots"]:
+            found["explained_by"] = f"site_below_nominal:{where}"
+        return [found]
+
+    @staticmethod
+    def tolerance(site):
+        return SITE_TOLERANCE if site["tolerance"] is None else site["tolerance"]
 
     def paused(self, t):
         """Job types paused: critical when the circuit breaker did it (a broken release, a bad
@@ -3108,11 +3130,11 @@ class Alarms:
         that stopped, drained or finished its cycles ended on purpose), at least
         lifetime_min_ended of them in the hour, so that one kill -9 is not an alarm."""
         found = []
-        tolerance = SITE_TOLERANCE if site["tolerance"] is None else site["tolerance"]
-        if site["pilots"] and figures["live"] < site["pilots"] * (1 - tolerance):
+        if site["pilots"] and figures["live"] < site["pilots"] * (1 - self.tolerance(site)):
             waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM waiting WHERE site=?",
                                           (site["name"],))[0]
-            held_up = f"; {waiting} job(s) wait for it" if waiting else ""
+            held_up = (f"; {waiting} job(s) wait for it" if waiting else "") + (
+                f"; {figures['lost_1h']} pilot(s) lost in the last hour" if figures["lost_1h"] else "")
             found.append(self.alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
                                     f"{site['pilots']} nominal{held_up}", f"/site/{site['name']}",
                                     critical=not figures["live"] and waiting > 0, site=site["name"],

@@ -338,3 +338,33 @@ def test_no_new_work_watches_data_arriving_per_stream_not_jobs_submitted(start_s
     assert key in alarms(server), "a job submitted by hand cleared the stopped stream's alarm"
     assert server.run("dataset.py", "-r", "--name", "run5012.raw", "--dirpath", "/eos/np04/inbox").returncode == 0
     wait_until(lambda: key not in alarms(server), 10, what="the alarm to clear when data arrives")
+
+
+def test_a_killed_pilot_and_the_site_it_leaves_short_are_one_alarm_and_a_replaced_one_is_none(start_server):
+    """np04's only pilot killed while its work waits: one critical bar (the site, with its waiting
+    jobs and its lost pilot), the lost pilot explained by it, not a second alarm. A pilot of a
+    site at nominal killed and replaced (a factory's refill) leaves no alarm at all."""
+    server = start_server()
+    server.api.define_site("np04", pilots=1, heartbeat=0.5)
+    server.api.define_site("lxvm", pilots=2, tolerance=0, heartbeat=0.5)
+    lxvm = [server.pilot("-s", "lxvm", "-p", "1", "--jobtype", "none") for _ in range(2)]
+    np04 = server.pilot("-s", "np04", "-p", "1", "--jobtype", "dqm")
+    wait_until(lambda: len(server.api.list_pilots()) == 3, 15, what="3 pilots")
+    np04.kill()
+    server.submit([shell_job("true", jobtype="dqm", site="np04")] * 17)
+    wait_until(lambda: "pilots_lost" in alarms(server), 15, what="the pilot shown lost")
+    found = alarms(server)
+    site = found["site_below_nominal:np04"]
+    assert site["severity"] == "critical", site         # (one job may be the dead pilot's: its long poll)
+    assert re.search(r"1[67] job\(s\) wait for it; 1 pilot\(s\) lost in the last hour", site["message"]), site
+    assert found["pilots_lost"]["explained_by"] == "site_below_nominal:np04"
+    bars = re.findall(r'<div class="alarm[^"]*">(.*?)</div>', server.page("/"))
+    assert len(bars) == 1 and "np04: 0 live pilots of 1 nominal" in bars[0], bars
+    lxvm[0].kill()                                             # lxvm: killed, then replaced
+    server.pilot("-s", "lxvm", "-p", "1", "--jobtype", "none")
+    wait_until(lambda: [p for p in server.api.list_pilots(site="lxvm") if p["state"] == "lost"], 15,
+               what="lxvm's pilot shown lost")
+    time.sleep(1)
+    found = alarms(server)
+    assert "site_below_nominal:lxvm" not in found and found["pilots_lost"]["message"].startswith("1 pilot(s)"), \
+        "a pilot killed and replaced at a site back at nominal counted as a problem"
