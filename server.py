@@ -578,7 +578,8 @@ MIGRATIONS = [
     # Job types paused (by the circuit breaker or a person; `paused` NULL: running again, since
     # `resumed`), whose queued jobs stay queued and are handed to no pilot. A submission's digest
     # (what job.py read, before uuids), so a blind rerun of a file is caught. The data streams:
-    # by directory, when a file last arrived (injected or registered), for no_new_work.
+    # by directory, when a file last arrived (injected or registered), for no_new_work. When a
+    # site first had its nominal pilots live (NULL: never since it was defined).
     """
     ALTER TABLE jobs ADD COLUMN verdict TEXT;
     ALTER TABLE jobs ADD COLUMN verdict_check TEXT;
@@ -588,6 +589,7 @@ MIGRATIONS = [
                         PRIMARY KEY(uuid, name)) WITHOUT ROWID;
     CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
                          PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    ALTER TABLE sites ADD COLUMN met REAL;
     CREATE TABLE arrivals(dirpath TEXT PRIMARY KEY, ts REAL NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO arrivals SELECT dirpath, MAX(ts), COUNT(*) FROM datasets WHERE origin != 'edge' GROUP BY dirpath;
     ALTER TABLE submissions ADD COLUMN digest TEXT;
@@ -2963,6 +2965,17 @@ class Alarms:
                                         site=site, jobtype=jobtype, impact=n))
         return found
 
+    def notice_nominal(self, t):
+        """Housekeeping: the sites that reach their nominal pilots for the first time since they
+        were defined; until then, below nominal is their standing state, not an alarm."""
+        for site in self.store.read("SELECT name, pilots, tolerance FROM sites WHERE met IS NULL AND pilots > 0"):
+            live = self.store.read_one(f"SELECT COUNT(*) FROM pilots WHERE site=? AND state IN "
+                                       f"({','.join('?' * len(LIVE_PILOT_STATES))})",
+                                       (site["name"], *LIVE_PILOT_STATES))[0]
+            if live >= site["pilots"] * (1 - self.tolerance(site)):
+                self.store.write(lambda conn: conn.execute("UPDATE sites SET met=? WHERE name=? AND met IS NULL",
+                                                           (t, site["name"])))
+
     def notice_starving(self, t):
         """Housekeeping: which (site, jobtype) pairs of defined jobs no live pilot may take (by
         site, jobtype, or a cap of 0), and since when; from the waiting counts and the live pilots.
@@ -3133,6 +3146,8 @@ class Alarms:
         if site["pilots"] and figures["live"] < site["pilots"] * (1 - self.tolerance(site)):
             waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM waiting WHERE site=?",
                                           (site["name"],))[0]
+            if site["met"] is None and figures["live"]:
+                return found        # some pilots, never its nominal since it was defined: its standing state
             held_up = (f"; {waiting} job(s) wait for it" if waiting else "") + (
                 f"; {figures['lost_1h']} pilot(s) lost in the last hour" if figures["lost_1h"] else "")
             found.append(self.alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
@@ -3887,6 +3902,7 @@ class Service:
         """One pass: lost pilots, expired job leases, jobs overrunning their time limit."""
         t = self.notice_pause()
         self.alarms.notice_starving(t)
+        self.alarms.notice_nominal(t)
         self.store.write(self.trip_breakers, t)
         released = self.supervise(t) + self.store.write(self._time_out_jobs, t)
         self.store.write(self._expire_staged, t)
@@ -5578,7 +5594,8 @@ def site_row(s):
     name = s["name"]
     live = (count_cell(s["live"], href("/pilots", site=name), short) if s["live"] or not short
             else '<span class="bad">0</span>')      # none live of a nominal few: the worst, in red
-    return [link(f"/site/{name}", name), esc(s["pilots"]), live, esc(s["pending"]),
+    standing = " <small>(never yet)</small>" if s["pilots"] and s.get("met") is None else ""
+    return [link(f"/site/{name}", name), esc(s["pilots"]) + standing, live, esc(s["pending"]),
             count_cell(s["running"], href("/pilots", site=name, state="running")),
             count_cell(s["idle"], href("/pilots", site=name, state="no jobs")),
             count_cell(s["lost_1h"], href("/pilots", site=name, state="lost", ended="1h")),

@@ -111,11 +111,27 @@ def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
     wait_until(lambda: raised() and not raised()[0].get("explained_by"), 15, what="the site alarm on its own")
     for _ in range(3):
         p3s.pilot("-s", "lxvm", "-p", "1")
-    wait_until(lambda: not raised(), 15, what="the alarm to clear with 3 live pilots")
+    wait_until(lambda: not raised() and p3s.api.get_site("lxvm")["live"] == 3, 15,
+               what="the alarm to clear with 3 live pilots")
     site = p3s.api.call("GET", "/site/lxvm", query={"format": "json"})
     assert site["live"] == 3 and len(site["pilots_list"]) == 3
     sites_page = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
     assert [(s["name"], s["pilots"], s["live"]) for s in sites_page] == [("lxvm", 3, 3)]
+
+
+def test_a_nominal_never_met_is_the_sites_standing_state_not_an_alarm(p3s):
+    """An original site file's 120 pilots, of which one runs: /sites says the nominal was never
+    met, and no alarm warns of it for ever. A site that met its nominal and falls below it alarms."""
+    p3s.api.define_site("lxvm", pilots=120, heartbeat=0.5)
+    p3s.api.define_site("np04", pilots=2, tolerance=0, heartbeat=0.5)
+    p3s.pilot("-s", "lxvm", "-p", "1")
+    np04 = [p3s.pilot("-s", "np04", "-p", "1") for _ in range(2)]
+    wait_until(lambda: len(p3s.api.list_pilots()) == 3, 15, what="3 pilots")
+    wait_until(lambda: "2 <small>(never yet)</small>" not in p3s.page("/sites"), 10, what="np04 at nominal")
+    assert "120 <small>(never yet)</small>" in p3s.page("/sites")
+    np04[0].terminate()
+    wait_until(lambda: p3s.alarms("site_below_nominal"), 15, what="np04 below the nominal it met")
+    assert [a["key"] for a in p3s.alarms("site_below_nominal")] == ["site_below_nominal:np04"]
 
 
 def test_a_job_type_that_mostly_fails_raises_an_alarm(p3s):
