@@ -5,7 +5,7 @@ Standard library only (http.server + sqlite3), one file that runs alone: copy it
 `python server.py` works. It reads top-down, and nothing calls forward; its banners, in order:
 
     Settings                  constants with their unit and reason; the state names
-    Errors and small helpers  ApiError and bad(), StartupError, now(), esc(), median()
+    Errors and small helpers  ApiError and bad(), StartupError, now(), esc(), figure(), approx(), median()
     Schema                    the migrations (PRAGMA user_version), connect(), migrate()
     Validation                every request field is checked here, before any transaction
     Store                     connections, the write transaction, guarded transitions,
@@ -107,6 +107,7 @@ STARVING_ESCALATE = 3               # ... and critical once they waited this man
 # Alarms: their tunables (the rules they feed are stated once, in the Alarms class).
 ALARM_DELAY = 15 * 60               # seconds a warning lasts before it is sent to a person
 ALARM_HOLD = 60                     # seconds a condition holds before it is raised (a blip is not)
+DRIFT_WINDOW = 3600                 # seconds: drift compares the last window of a type's jobs
 ALARM_CLEAR_HOLD = 120              # seconds it stays gone before its alarm clears (no flapping)
 LOST_SHARE, LOST_COUNT = 0.2, 5
 LIFETIME_MIN_ENDED = 5              # pilot_lifetime: pilots lost in the hour before it may be raised
@@ -197,6 +198,16 @@ def is_disk_full(error):
 def esc(value):
     """Every value shown on a page or written into GraphML goes through here."""
     return html.escape("" if value is None else str(value), quote=True)
+
+
+def figure(value, unit="s"):
+    return "" if value is None else f"{value:.3g} {unit}"
+
+
+def approx(value, unit="s"):
+    """A figure read from a histogram (its bins are 25 % wide): no more digits than it is worth,
+    marked as such (a true 3.89 s reads ~4 s, not 4.26 s)."""
+    return "" if value is None else f"~{float(f'{value:.{1 if value < 10 else 2}g}'):g} {unit}"
 
 
 def median(values):
@@ -1908,6 +1919,10 @@ def normalise_reason(reason):
     return reason
 
 
+DRIFT_JOBS = 2000                    # a job type's last jobs kept in memory for the drift alarm
+DRIFT_BEFORE = 5                    # drift: the last window against the this many windows before it
+DRIFT_RATIO = 2.0                   # ... a median this many times larger (or smaller) is a drift
+DRIFT_MIN_JOBS = 10                 # ... with at least this many jobs in each
 PROFILED_STATES = ("finished", "failed", "timeout")     # jobs whose run says what their type costs
 PROFILE_BUCKET = 600                # seconds: a job type's profile is kept in buckets this long, 8 days
 PROFILE_RATIO = 1.25                # histogram bins grow by this factor: a median is within 12 %
@@ -2199,6 +2214,7 @@ class JobCosts:
         self.pending = {}       # job uuid -> its figures, from the report's transaction until its commit
         self.types = {}         # jobtype -> {"duration": [counts], "memory": [counts], sums, cpu}
         self.profiles = collections.Counter()   # histogram cell -> jobs counted, not yet written
+        self.recent = {}        # jobtype -> its last DRIFT_JOBS (ended, duration, peak memory): drift
 
     def observe(self, uuid):
         figures = self.pending.pop(uuid, None)
@@ -2216,6 +2232,7 @@ class JobCosts:
             t = self.types.setdefault(jobtype, {"duration": [0] * (len(DURATION_BUCKETS) + 1), "duration_sum": 0.0,
                                                 "memory": [0] * (len(MEMORY_BUCKETS) + 1), "memory_sum": 0.0,
                                                 "cpu": 0.0})
+            self.recent.setdefault(jobtype, collections.deque(maxlen=DRIFT_JOBS)).append((ended, wall, memory))
             t["duration"][bisect.bisect_left(DURATION_BUCKETS, wall)] += 1
             t["duration_sum"] += wall
             t["cpu"] += cpu or 0.0
@@ -2234,6 +2251,20 @@ class JobCosts:
                 with self.lock:
                     self.profiles.update(counts)    # kept for the next pass
                 raise
+
+    def medians(self, t, window):
+        """Per job type and metric (duration, memory): the exact medians of its jobs ended in the
+        last `window` seconds and in the DRIFT_BEFORE windows before, with their counts."""
+        with self.lock:
+            recent = {jt: list(q) for jt, q in self.recent.items()}
+        found = []
+        for jobtype, ended in recent.items():
+            for metric, i in (("duration", 1), ("memory", 2)):
+                now_ = [e[i] for e in ended if e[0] > t - window and e[i] is not None]
+                before = [e[i] for e in ended if t - (1 + DRIFT_BEFORE) * window < e[0] <= t - window
+                          and e[i] is not None]
+                found.append((jobtype, metric, median(now_), len(now_), median(before), len(before)))
+        return found
 
     def unflushed(self, jobtype, metric, first_bucket):
         """{(bucket, bin): n} counted but not written yet, for reads that must be current."""
@@ -2761,14 +2792,15 @@ class Alarms:
     """
     NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
              "service_silent", "starving", "disk_low", "db_failing", "bad_data",
-             "jobtype_paused")   # also the /metrics gauges
+             "jobtype_paused", "drift")   # also the /metrics gauges
     CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate", "pilots_lost")
 
     def __init__(self, service, no_new_work=0, starving_minutes=STARVING_MINUTES, settings=None):
         self.svc, self.store = service, service.store
         settings = {"delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
                     "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
-                    "hold": ALARM_HOLD, "clear_hold": ALARM_CLEAR_HOLD, **(settings or {})}
+                    "hold": ALARM_HOLD, "clear_hold": ALARM_CLEAR_HOLD, "drift_window": DRIFT_WINDOW,
+                    **(settings or {})}
         self.delay, self.lost_share = settings["delay"], settings["lost_share"]
         self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
         self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
@@ -2777,6 +2809,7 @@ class Alarms:
         self.starving_minutes = starving_minutes
         self.starving_since = {}            # (site, jobtype) -> when no live pilot could take them
         self.hold, self.clear_hold = settings["hold"], settings["clear_hold"]
+        self.drift_window = settings["drift_window"]
         self.pending, self.absent = {}, {}  # key -> since when (see notice)
 
     # -- one alarm, and what explains it ----------------------------------------------------------
@@ -2890,7 +2923,7 @@ class Alarms:
         if self.svc.hk_failing:
             alarms.append(self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}", "/api/health"))
         return (alarms + self.paused(t) + self.failures(t) + self.flow(t) + self.starving(t)
-                + self.bad_data(t))
+                + self.bad_data(t) + self.drift(t))
 
     def lost_pilots(self, t, live, sites):
         """Pilots lost in the last hour that were not replaced: those of a site back at nominal
@@ -2927,6 +2960,22 @@ class Alarms:
                                     f"job(s) held (job.py --resume {r['jobtype']} -m WHY)",
                                     f"/jobtype/{quote(r['jobtype'], safe='')}",
                                     critical=r["who"] == "circuit breaker", jobtype=r["jobtype"], impact=held))
+        return found
+
+    def drift(self, t):
+        """Inside a shift: a job type whose median duration or peak memory over the last
+        drift_window (1 h) is DRIFT_RATIO times that of the windows before it (a new release, a
+        slower input, a leak), from its last jobs in memory: exact medians, no 24-hour wait."""
+        found = []
+        for jobtype, metric, now_, n_now, before, n_before in self.svc.costs.medians(t, self.drift_window):
+            if min(n_now, n_before) < DRIFT_MIN_JOBS or not now_ or not before:
+                continue
+            if max(now_ / before, before / now_) >= DRIFT_RATIO:
+                unit = "s" if metric == "duration" else "MB"
+                found.append(self.alarm("drift", f"{jobtype}: median {metric} {figure(now_, unit)} over the "
+                                        f"last {self.drift_window / 60:g} min, {figure(before, unit)} before "
+                                        f"({n_now} and {n_before} jobs)", f"/jobtype/{quote(jobtype, safe='')}",
+                                        jobtype=jobtype, check=metric, impact=n_now))
         return found
 
     def bad_data(self, t):
@@ -5642,10 +5691,6 @@ def render_services(d, query):
                 "(<code>service.py -n NAME -m MESSAGE</code>) report here.</small></p>", query)
 
 
-def figure(value, unit="s"):
-    return "" if value is None else f"{value:.3g} {unit}"
-
-
 def render_jobtype(d, query):
     """A job type at a glance: is it running, failing, slower than last week?"""
     states = [s for s in JOB_STATES if d["counts"].get(s)]
@@ -5657,9 +5702,9 @@ def render_jobtype(d, query):
                 ("CPU efficiency", d["profiles"]["cpu_eff"], "%")]
     drift = table(["", "jobs (24 h)", "median, last 24 h", "p95, last 24 h", "median, 7 days before",
                    "p95, 7 days before"],
-                  [[esc(label), esc(m["last_24h"]["n"]), esc(figure(m["last_24h"]["median"], unit)),
-                    esc(figure(m["last_24h"]["p95"], unit)), esc(figure(m["previous_7d"]["median"], unit)),
-                    esc(figure(m["previous_7d"]["p95"], unit))] for label, m, unit in measures])
+                  [[esc(label), esc(m["last_24h"]["n"]), esc(approx(m["last_24h"]["median"], unit)),
+                    esc(approx(m["last_24h"]["p95"], unit)), esc(approx(m["previous_7d"]["median"], unit)),
+                    esc(approx(m["previous_7d"]["p95"], unit))] for label, m, unit in measures])
     doubled = [label for label, m, _ in measures[:2] if m["last_24h"]["median"] and m["previous_7d"]["median"]
                and m["last_24h"]["median"] >= 2 * m["previous_7d"]["median"]]
     warning = (f"<p class='bad'>The median {' and '.join(doubled)} of the last 24 h is at least twice that of "
@@ -7096,6 +7141,9 @@ def parse_args(argv):
     p.add_argument("--breaker-min-failed", type=int, default=BREAKER_MIN_FAILED, metavar="N",
                    help="pause a job type when more than N of its attempts failed in the last hour and they "
                         "outnumber those that finished (default %(default)s; 0: never)")
+    p.add_argument("--alarm-drift-window", type=float, default=DRIFT_WINDOW, metavar="SECONDS",
+                   help="the drift alarm compares a job type's jobs of this last window with the 5 before "
+                        "(default %(default)s)")
     p.add_argument("--alarm-hold", type=float, default=ALARM_HOLD, metavar="SECONDS",
                    help="a condition is raised once it held this long (default %(default)s)")
     p.add_argument("--alarm-clear-hold", type=float, default=ALARM_CLEAR_HOLD, metavar="SECONDS",
@@ -7209,7 +7257,8 @@ def main(argv=None):
                       {"delay": args.alarm_delay * 60, "lost_share": args.alarm_lost_share,
                        "lost_count": args.alarm_lost_count, "lifetime_min_ended": args.alarm_lifetime_pilots,
                        "webhook": args.alarm_webhook, "command": args.alarm_command,
-                       "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold}, args.breaker_min_failed,
+                       "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold,
+                       "drift_window": args.alarm_drift_window}, args.breaker_min_failed,
                       args.timelimit_grace)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]

@@ -368,3 +368,21 @@ def test_a_killed_pilot_and_the_site_it_leaves_short_are_one_alarm_and_a_replace
     found = alarms(server)
     assert "site_below_nominal:lxvm" not in found and found["pilots_lost"]["message"].startswith("1 pilot(s)"), \
         "a pilot killed and replaced at a site back at nominal counted as a problem"
+
+
+def test_a_runtime_that_doubles_inside_a_shift_raises_drift_naming_both_medians(start_server):
+    """The drift of a type's median duration compared 24 h with the 7 days before, which a new
+    server lacks: a runtime that doubled mid-shift raised nothing. Now the last window of its jobs
+    (--alarm-drift-window; an hour by default) is compared with the windows before, exactly."""
+    server = start_server(["--alarm-drift-window", "4"])
+    fast = server.submit([shell_job("sleep 0.05", jobtype="purity")] * 12)
+    for _ in range(3):
+        server.pilot("-p", "1")
+    server.wait_jobs(fast, timeout=30)
+    time.sleep(4.5)                                     # the fast ones are now the window before
+    assert not server.alarms("drift")
+    slow = server.submit([shell_job("sleep 0.4", jobtype="purity")] * 12)
+    server.wait_jobs(slow, timeout=30)
+    [drift] = wait_until(lambda: server.alarms("drift"), 5, what="the drift alarm")
+    assert drift["key"] == "drift:purity:duration" and drift["severity"] == "warning", drift
+    assert drift["message"].startswith("purity: median duration 0.4") and "0.0" in drift["message"], drift
