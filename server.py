@@ -108,6 +108,7 @@ STARVING_ESCALATE = 3               # ... and critical once they waited this man
 ALARM_DELAY = 15 * 60               # seconds a warning lasts before it is sent to a person
 ALARM_HOLD = 60                     # seconds a condition holds before it is raised (a blip is not)
 DRIFT_WINDOW = 3600                 # seconds: drift compares the last window of a type's jobs
+ALARM_REPEAT = 4 * 3600             # seconds: an alarm told and still raised, nobody on it, is told again
 ALARM_CLEAR_HOLD = 120              # seconds it stays gone before its alarm clears (no flapping)
 LOST_SHARE, LOST_COUNT = 0.2, 5
 LIFETIME_MIN_ENDED = 5              # pilot_lifetime: pilots lost in the hour before it may be raised
@@ -2761,7 +2762,7 @@ class Notifier:
     def message(a, state):
         """What a person gets: one line of text, and the alarm's fields."""
         since = time.strftime("%H:%M", time.localtime(a["since"]))
-        word = a["severity"].upper() if state == "raised" else "cleared"
+        word = {"raised": a["severity"].upper(), "repeated": a["severity"].upper() + ", still"}.get(state, "cleared")
         text = f"[p3s {word}] {a['message']} (since {since}; {socket.gethostname()} {a['link']})"
         return {"text": text, "state": state, "name": a["name"], "key": a["key"], "severity": a["severity"],
                 "message": a["message"], "link": a["link"], "since": a["since"], "server": socket.gethostname()}
@@ -2786,7 +2787,8 @@ class Alarms:
     - Ranking: criticals first, then by impact (the jobs it holds up), then the oldest.
     - Delivery (Notifier): a critical at once, a warning once it lasted `delay`; each once per
       raise, and its clear once if its raise was sent; a critical that eases to a warning is
-      a clear for whoever was told.
+      a clear for whoever was told; told and still raised, unacknowledged, it is told again
+      ("repeated") every `repeat` seconds.
     - Acknowledgements hold until the alarm clears (or for `for` seconds); silences for their
       `for` seconds. Either greys the alarm and stops its delivery.
     """
@@ -2800,6 +2802,7 @@ class Alarms:
         settings = {"delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
                     "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
                     "hold": ALARM_HOLD, "clear_hold": ALARM_CLEAR_HOLD, "drift_window": DRIFT_WINDOW,
+                    "repeat": ALARM_REPEAT,
                     **(settings or {})}
         self.delay, self.lost_share = settings["delay"], settings["lost_share"]
         self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
@@ -2809,7 +2812,7 @@ class Alarms:
         self.starving_minutes = starving_minutes
         self.starving_since = {}            # (site, jobtype) -> when no live pilot could take them
         self.hold, self.clear_hold = settings["hold"], settings["clear_hold"]
-        self.drift_window = settings["drift_window"]
+        self.drift_window, self.repeat = settings["drift_window"], settings["repeat"]
         self.pending, self.absent = {}, {}  # key -> since when (see notice)
 
     # -- one alarm, and what explains it ----------------------------------------------------------
@@ -3082,9 +3085,12 @@ class Alarms:
         # a critical that became a warning (no_pilots once nothing waits) is over for whoever was told
         eased = [stored[a["key"]] for a in changed if a["severity"] == "warning" and stored[a["key"]]["sent"]]
         unsent = {r["key"] for r in eased} | {key for key, r in stored.items() if not r["sent"]}
-        due = [a for a in found.values() if (a["key"] in unsent or a["key"] not in stored)
+        stale = {key for key, r in stored.items()          # told, nobody on it, still raised: again
+                 if self.repeat and r["sent"] > 1 and t - r["sent"] >= self.repeat}
+        due = [a for a in found.values() if (a["key"] in unsent | stale or a["key"] not in stored)
                and not a.get("explained_by") and not a["ack"]
                and (a["severity"] == "critical" or t - a["since"] >= self.delay)]
+        repeated = {a["key"] for a in due if a["key"] in stale}
         if not (raised or cleared or changed or due):
             return
         try:
@@ -3096,7 +3102,7 @@ class Alarms:
         else:
             self.told.clear()               # the database remembers what was sent
         for a in due:
-            self.notifier.send(a, "raised")
+            self.notifier.send(a, "repeated" if a["key"] in repeated else "raised")
         for r in cleared + eased:
             if r["sent"]:
                 self.notifier.send(r, "cleared")
@@ -3117,8 +3123,8 @@ class Alarms:
                 self.event(conn, t, r, "cleared")
             conn.execute("DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
                          "(SELECT name FROM alarm_state)")
-            for a in due:
-                conn.execute("UPDATE alarm_state SET sent=1 WHERE key=?", (a["key"],))
+            for a in due:       # `sent`: when it was last told (0: never)
+                conn.execute("UPDATE alarm_state SET sent=? WHERE key=?", (t, a["key"]))
 
     def acknowledge(self, body, who):
         """Acknowledge an alarm (until it clears, or for `for` seconds) or silence it (for `for`
@@ -7144,6 +7150,9 @@ def parse_args(argv):
     p.add_argument("--alarm-drift-window", type=float, default=DRIFT_WINDOW, metavar="SECONDS",
                    help="the drift alarm compares a job type's jobs of this last window with the 5 before "
                         "(default %(default)s)")
+    p.add_argument("--alarm-repeat", type=float, default=ALARM_REPEAT / 3600, metavar="HOURS",
+                   help="an alarm told, still raised and acknowledged by nobody is told again after this "
+                        "long (default %(default)s; 0: never)")
     p.add_argument("--alarm-hold", type=float, default=ALARM_HOLD, metavar="SECONDS",
                    help="a condition is raised once it held this long (default %(default)s)")
     p.add_argument("--alarm-clear-hold", type=float, default=ALARM_CLEAR_HOLD, metavar="SECONDS",
@@ -7258,7 +7267,8 @@ def main(argv=None):
                        "lost_count": args.alarm_lost_count, "lifetime_min_ended": args.alarm_lifetime_pilots,
                        "webhook": args.alarm_webhook, "command": args.alarm_command,
                        "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold,
-                       "drift_window": args.alarm_drift_window}, args.breaker_min_failed,
+                       "drift_window": args.alarm_drift_window, "repeat": args.alarm_repeat * 3600},
+                      args.breaker_min_failed,
                       args.timelimit_grace)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]

@@ -386,3 +386,18 @@ def test_a_runtime_that_doubles_inside_a_shift_raises_drift_naming_both_medians(
     [drift] = wait_until(lambda: server.alarms("drift"), 5, what="the drift alarm")
     assert drift["key"] == "drift:purity:duration" and drift["severity"] == "warning", drift
     assert drift["message"].startswith("purity: median duration 0.4") and "0.0" in drift["message"], drift
+
+
+def test_an_alarm_nobody_is_on_is_told_again_after_its_repeat_time_and_an_ack_stops_it(tmp_path, start_server):
+    out = tmp_path / "paged"
+    command = f"sh -c 'echo \"$P3S_ALARM_STATE $P3S_ALARM_NAME\" >> {out}'"
+    server = start_server(["--alarm-command", command, "--alarm-repeat", "0.0008"])     # about 3 s
+    server.submit([shell_job("true")])                             # no pilot while work waits
+    wait_until(lambda: out.exists() and out.read_text().split("\n")[0] == "raised no_pilots", 10,
+               what="the critical told")
+    wait_until(lambda: "repeated no_pilots" in out.read_text(), 10, what="the critical told again")
+    assert out.read_text().count("repeated no_pilots") == 1
+    assert server.run("alarm.py", "--ack", "no_pilots", "-m", "on it").returncode == 0
+    told = out.read_text()
+    time.sleep(4)
+    assert out.read_text() == told, "an acknowledged alarm was told again"
