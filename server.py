@@ -2779,7 +2779,9 @@ class Alarms:
       work waits, pilots_lost only once the lost pass lost_share of the pilots or lost_count);
       the rest are warnings.
     - What hides what: a root cause hides its symptoms (explain()): with no pilot alive, the
-      sites below nominal and the starving jobs; a site with no live pilot, its starving jobs.
+      sites below nominal, the lost pilots and the starving jobs; a site with no live pilot, its
+      starving jobs and its lost pilots; a paused job type, its failure rate and its starving
+      jobs; a dead injector, its stream's missing data.
       A hidden alarm is listed with `explained_by`, never shown apart or sent.
     - No flapping (Alertmanager's `for:`): a condition is raised once it held `hold` seconds,
       and cleared once it stayed gone `clear_hold` seconds (shown "clearing" meanwhile); so a
@@ -2828,9 +2830,8 @@ class Alarms:
 
     @staticmethod
     def explain(alarms):
-        """Root causes hide their symptoms: with no pilot alive, the sites below nominal and the
-        starving jobs are that one problem; a site with no live pilot at all explains its starving
-        job types. The symptoms stay in the list with `explained_by`, and are not shown apart."""
+        """Root causes hide their symptoms (the class docstring says which): the symptoms stay in
+        the list with `explained_by`, and are neither shown apart nor sent."""
         keys = {a["key"] for a in alarms}
         dead_sites = {a["site"] for a in alarms if a["name"] == "site_below_nominal" and not a["live"]}
         for a in alarms:
@@ -2838,8 +2839,8 @@ class Alarms:
                 a["explained_by"] = "no_pilots"
             elif a["name"] == "starving" and a["site"] in dead_sites:
                 a["explained_by"] = f"site_below_nominal:{a['site']}"
-            elif a["name"] == "starving" and f"jobtype_paused:{a['jobtype']}" in keys:
-                a["explained_by"] = f"jobtype_paused:{a['jobtype']}"
+            elif a["name"] in ("starving", "failure_rate") and f"jobtype_paused:{a['jobtype']}" in keys:
+                a["explained_by"] = f"jobtype_paused:{a['jobtype']}"    # the breaker acted on it
             elif a["name"] == "no_new_work" and a.get("stream"):
                 injector = next((k for k in keys if k.startswith(f"service_silent:injector {a['stream']} (")), None)
                 if injector:

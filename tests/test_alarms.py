@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -401,3 +402,62 @@ def test_an_alarm_nobody_is_on_is_told_again_after_its_repeat_time_and_an_ack_st
     told = out.read_text()
     time.sleep(4)
     assert out.read_text() == told, "an acknowledged alarm was told again"
+
+
+def test_a_scripted_shift_raises_each_problem_once_and_first_and_nothing_else(tmp_path, receiver, start_server):
+    """A short shift with three problems and three healthy disturbances, delivered to a real
+    webhook. Problems: np04's only pilot killed while its work waits; a job type failing most of
+    its attempts (the breaker pauses it); the data stopped while a person submits by hand.
+    Disturbances: a pilot killed and replaced at once (a factory's refill), the server restarted,
+    a job type failing one attempt in ten. Each problem is raised once, sent once, shown first;
+    nothing else is sent, and nothing clears and comes back (0 false, 0 missed, 0 flaps)."""
+    Receiver.plan = []
+    url = f"http://127.0.0.1:{receiver.server_address[1]}/hooks/p3s"
+    args = ["--alarm-webhook", url, "--alarm-hold", "2", "--alarm-clear-hold", "4", "--alarm-delay", "0.05",
+            "--alarm-no-new-work", "0.15", "--breaker-min-failed", "4", "--alarm-repeat", "0"]
+    server = start_server(args)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    template = tmp_path / "monitor.json"
+    template.write_text(json.dumps(shell_job("true", jobtype="monitor", state="template")))
+    server.api.define_site("np04", pilots=1, heartbeat=0.5)
+    server.api.define_site("lxvm", pilots=3, tolerance=0, heartbeat=0.5)
+    lxvm = [server.pilot("-s", "lxvm", "-p", "0.5") for _ in range(3)]
+    np04 = server.pilot("-s", "np04", "-p", "0.5", "--jobtype", "dqm")
+    injector = subprocess.Popen([sys.executable, os.path.join(ROOT, "injector.py"), "-d", str(inbox), "-j",
+                                 str(template), "--settle", "0", "-p", "1"], env=server.env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server.pilots.append(injector)
+    files = iter(range(5000, 6000))
+
+    def feed(seconds):
+        """New raw files every half second, the shift going on meanwhile."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            (inbox / f"np04_raw_run{next(files):06d}_0001.root").write_text("x")
+            time.sleep(0.5)
+
+    wait_until(lambda: len(server.api.list_pilots()) == 4, 15, what="4 pilots")
+    server.submit([shell_job("exit 1" if i == 0 else "true", jobtype="calib") for i in range(10)])
+    feed(3)
+    lxvm[0].kill()                                                  # healthy: killed, replaced at once
+    lxvm.append(server.pilot("-s", "lxvm", "-p", "0.5"))
+    np04.kill()                                                     # problem 1
+    server.submit([shell_job("true", jobtype="dqm", site="np04")] * 6)
+    feed(3)
+    server.submit([shell_job("sleep 0.2; exit 1" if i % 4 else "true", jobtype="purity") for i in range(8)])
+    feed(3)                                                         # problem 2 meanwhile
+    server.proc.terminate()                                         # healthy: the server restarted
+    server.proc.wait(15)
+    server.start()
+    feed(2)
+    server.submit([shell_job("true", jobtype="monitor", infile=str(inbox / "by_hand.root"))])   # problem 3:
+    expected = {"site_below_nominal:np04", "jobtype_paused:purity", "no_new_work:" + str(inbox)}  # no data
+    shown = lambda: {a["key"]: a for a in server.alarms() if not a.get("explained_by")}          # noqa: E731
+    wait_until(lambda: expected <= set(shown()), 30, what="the three problems raised")
+    time.sleep(3)                                                   # more passes: nothing else comes
+    assert set(shown()) == expected, sorted(shown())
+    ranked = [a["key"] for a in server.alarms() if not a.get("explained_by")]
+    assert ranked[0] == "site_below_nominal:np04", ranked           # the outage holding most work up
+    sent = [(b["state"], b["key"]) for _, b in Receiver.got]
+    assert sorted(sent) == sorted(("raised", key) for key in expected), sent
