@@ -2713,10 +2713,12 @@ class Notifier:
     receiver that hangs delays only the next message. A failed delivery is retried with
     back-off (DELIVERY_BACKOFF, then given up), and each outcome reported (`report`).
 
-    Methods for the caller: send(alarm, "raised" or "cleared")."""
+    Methods for the caller: send(alarm, "raised", "repeated" or "cleared")."""
 
     def __init__(self, webhook=None, command=None, report=None):
-        self.channels = [(kind, target) for kind, target in (("webhook", webhook), ("command", command)) if target]
+        self.channels = [(kind, target)
+                         for kind, target in (("webhook", webhook), ("command", command))
+                         if target]
         self.report = report or (lambda result: None)
         self.queue = queue.Queue()
         self.delivered = 0
@@ -2739,22 +2741,27 @@ class Notifier:
                     break
                 self.report(f"{kind} failing (try {tries}): {error}; alarm: {message['text']}")
             else:
-                log.error("alarm not delivered by %s after %d tries: %s", kind, tries, message["text"])
+                log.error("alarm not delivered by %s after %d tries: %s", kind, tries,
+                          message["text"])
 
     @staticmethod
     def deliver(kind, target, message):
         """None once delivered, else what went wrong."""
         try:
             if kind == "webhook":
-                request = urllib.request.Request(target, json.dumps(message).encode(), method="POST",
+                request = urllib.request.Request(target,
+                                                 json.dumps(message).encode(), method="POST",
                                                  headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(request, timeout=DELIVERY_TIMEOUT) as answer:
                     answer.read()
                 return None
-            env = dict(os.environ, **{f"P3S_ALARM_{k.upper()}": str(v) for k, v in message.items()})
+            env = dict(os.environ,
+                       **{f"P3S_ALARM_{k.upper()}": str(v) for k, v in message.items()})
             ran = subprocess.run(shlex.split(target), env=env, capture_output=True, text=True,
                                  timeout=DELIVERY_TIMEOUT)
-            return None if ran.returncode == 0 else f"exit code {ran.returncode}: {ran.stderr.strip()[-200:]}"
+            if ran.returncode == 0:
+                return None
+            return f"exit code {ran.returncode}: {ran.stderr.strip()[-200:]}"
         except (OSError, ValueError, subprocess.TimeoutExpired, urllib.error.URLError) as e:
             return str(e)[:300]
 
@@ -2762,10 +2769,14 @@ class Notifier:
     def message(a, state):
         """What a person gets: one line of text, and the alarm's fields."""
         since = time.strftime("%H:%M", time.localtime(a["since"]))
-        word = {"raised": a["severity"].upper(), "repeated": a["severity"].upper() + ", still"}.get(state, "cleared")
+        word = {"raised": a["severity"].upper(),
+                "repeated": a["severity"].upper() + ", still"}.get(state, "cleared")
         text = f"[p3s {word}] {a['message']} (since {since}; {socket.gethostname()} {a['link']})"
-        return {"text": text, "state": state, "name": a["name"], "key": a["key"], "severity": a["severity"],
-                "message": a["message"], "link": a["link"], "since": a["since"], "server": socket.gethostname()}
+        return {
+            "text": text, "state": state, "name": a["name"], "key": a["key"],
+            "severity": a["severity"], "message": a["message"], "link": a["link"],
+            "since": a["since"], "server": socket.gethostname()
+        }
 
 
 class Alarms:
@@ -2794,20 +2805,23 @@ class Alarms:
     - Acknowledgements hold until the alarm clears (or for `for` seconds); silences for their
       `for` seconds. Either greys the alarm and stops its delivery.
     """
-    NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate", "no_new_work",
-             "service_silent", "starving", "disk_low", "db_failing", "bad_data",
-             "jobtype_paused", "drift")   # also the /metrics gauges
-    CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate", "pilots_lost")
+    NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate",
+             "no_new_work", "service_silent", "starving", "disk_low", "db_failing", "bad_data",
+             "jobtype_paused", "drift")    # also the /metrics gauges
+    CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate",
+                "pilots_lost")
 
     def __init__(self, service, no_new_work=0, starving_minutes=STARVING_MINUTES, settings=None):
         self.svc, self.store = service, service.store
-        settings = {"delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
-                    "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
-                    "hold": ALARM_HOLD, "clear_hold": ALARM_CLEAR_HOLD, "drift_window": DRIFT_WINDOW,
-                    "repeat": ALARM_REPEAT,
-                    **(settings or {})}
+        settings = {
+            "delay": ALARM_DELAY, "lost_share": LOST_SHARE, "lost_count": LOST_COUNT,
+            "lifetime_min_ended": LIFETIME_MIN_ENDED, "webhook": None, "command": None,
+            "hold": ALARM_HOLD, "clear_hold": ALARM_CLEAR_HOLD, "drift_window": DRIFT_WINDOW,
+            "repeat": ALARM_REPEAT, **(settings or {})
+        }
         self.delay, self.lost_share = settings["delay"], settings["lost_share"]
-        self.lost_count, self.lifetime_min_ended = settings["lost_count"], settings["lifetime_min_ended"]
+        self.lost_count = settings["lost_count"]
+        self.lifetime_min_ended = settings["lifetime_min_ended"]
         self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
         self.told = set()           # alarm keys sent while the database could not record it
         self.no_new_work = no_new_work      # minutes without a new job or workflow: alarm (0: off)
@@ -2823,46 +2837,62 @@ class Alarms:
         """One alarm: its name, a key that tells apart the alarms of one name (by site, job type,
         service), severity, message and link. `critical` overrides the name's usual severity."""
         critical = name in Alarms.CRITICAL if critical is None else critical
-        key = ":".join([name, *(str(labels[k]) for k in ("site", "jobtype", "service", "check", "stream")
-                                if k in labels)])
-        return {"name": name, "key": key, "severity": "critical" if critical else "warning", "message": message,
-                "link": link, **labels}
+        key = ":".join([
+            name, *(str(labels[k])
+                    for k in ("site", "jobtype", "service", "check", "stream") if k in labels)
+        ])
+        return {
+            "name": name, "key": key, "severity": "critical" if critical else "warning",
+            "message": message, "link": link, **labels
+        }
 
     @staticmethod
     def explain(alarms):
         """Root causes hide their symptoms (the class docstring says which): the symptoms stay in
         the list with `explained_by`, and are neither shown apart nor sent."""
         keys = {a["key"] for a in alarms}
-        dead_sites = {a["site"] for a in alarms if a["name"] == "site_below_nominal" and not a["live"]}
+        dead_sites = {
+            a["site"] for a in alarms if a["name"] == "site_below_nominal" and not a["live"]
+        }
         for a in alarms:
-            if a["name"] in ("site_below_nominal", "starving", "pilots_lost") and "no_pilots" in keys:
+            symptom = a["name"] in ("site_below_nominal", "starving", "pilots_lost")
+            if symptom and "no_pilots" in keys:
                 a["explained_by"] = "no_pilots"
             elif a["name"] == "starving" and a["site"] in dead_sites:
                 a["explained_by"] = f"site_below_nominal:{a['site']}"
-            elif a["name"] in ("starving", "failure_rate") and f"jobtype_paused:{a['jobtype']}" in keys:
+            elif (a["name"] in ("starving", "failure_rate")
+                  and f"jobtype_paused:{a['jobtype']}" in keys):
                 a["explained_by"] = f"jobtype_paused:{a['jobtype']}"    # the breaker acted on it
             elif a["name"] == "no_new_work" and a.get("stream"):
-                injector = next((k for k in keys if k.startswith(f"service_silent:injector {a['stream']} (")), None)
+                injector = next(
+                    (k for k in keys if k.startswith(f"service_silent:injector {a['stream']} (")),
+                    None)
                 if injector:
                     a["explained_by"] = injector    # its injector is dead: that is the problem
         return alarms
 
     @staticmethod
     def event(conn, t, a, kind, who="", why="", until=None):
-        conn.execute("INSERT INTO alarm_events(ts, key, name, kind, severity, message, who, why, until) "
-                     "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     (t, a["key"], a["name"], kind, a["severity"], a["message"], who, why, until))
+        conn.execute(
+            "INSERT INTO alarm_events(ts, key, name, kind, severity, message, who, why, until) "
+            "VALUES(?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (t, a["key"], a["name"], kind, a["severity"], a["message"], who, why, until))
 
     @staticmethod
     def matching_ack(a, acks):
         """The newest acknowledgement or silence that covers alarm `a`, if any."""
-        return next((k for k in acks if k["name"] == a["name"] and (not k["site"] or k["site"] == a.get("site"))
-                     and (not k["jobtype"] or k["jobtype"] == a.get("jobtype"))), None)
+        return next(
+            (k for k in acks
+             if k["name"] == a["name"] and (not k["site"] or k["site"] == a.get("site")) and
+             (not k["jobtype"] or k["jobtype"] == a.get("jobtype"))), None)
 
     @staticmethod
     def ack_name(a):
         """What alarm.py --ack takes to name this alarm: its name, and its site or job type."""
-        scope = [f"-s {a['site']}" if a.get("site") else "", f"-T {a['jobtype']}" if a.get("jobtype") else ""]
+        scope = [
+            f"-s {a['site']}" if a.get("site") else "",
+            f"-T {a['jobtype']}" if a.get("jobtype") else ""
+        ]
         return " ".join([a["name"], *filter(None, scope)])
 
     # -- evaluation: the conditions, from bounded reads -------------------------------------------
@@ -2878,7 +2908,9 @@ class Alarms:
     def observe(self, t):
         """(the conditions that hold now, explained; the alarms stored as raised, by key)."""
         conditions = self.explain(self.evaluate(t))
-        return conditions, {r["key"]: dict(r) for r in self.store.read("SELECT * FROM alarm_state")}
+        return conditions, {
+            r["key"]: dict(r) for r in self.store.read("SELECT * FROM alarm_state")
+        }
 
     def notice(self, t, conditions, stored):
         """Housekeeping: since when each condition not yet raised holds (`pending`), and since
@@ -2893,18 +2925,22 @@ class Alarms:
         acks = self.active_acks(t)
         found = []
         for a in conditions:
-            a["since"] = stored[a["key"]]["since"] if a["key"] in stored else self.pending.get(a["key"], t)
+            kept = stored.get(a["key"])
+            a["since"] = kept["since"] if kept else self.pending.get(a["key"], t)
             if a["key"] in stored or t - a["since"] >= self.hold:
                 found.append(a)
         keys = {a["key"] for a in conditions}
         for key, r in stored.items():
             gone = t - self.absent.get(key, t)
             if key not in keys and gone < self.clear_hold:
-                found.append({**{k: r[k] for k in ("name", "key", "severity", "link", "since")}, "impact": 0,
-                              "message": f"{r['message']} (clearing: not seen for {gone:.0f} s)"})
+                found.append({
+                    **{k: r[k] for k in ("name", "key", "severity", "link", "since")}, "impact": 0,
+                    "message": f"{r['message']} (clearing: not seen for {gone:.0f} s)"
+                })
         for a in found:
             a["ack"] = self.matching_ack(a, acks)
-        found.sort(key=lambda a: (a["severity"] != "critical", -a.get("impact", 0), a["since"], a["key"]))
+        found.sort(
+            key=lambda a: (a["severity"] != "critical", -a.get("impact", 0), a["since"], a["key"]))
         return found
 
     def evaluate(self, t):
@@ -2912,20 +2948,29 @@ class Alarms:
         live = sum(pilots.get(s, 0) for s in LIVE_PILOT_STATES)
         alarms = []
         if not live:
-            waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
-            alarms.append(self.alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots",
-                                     critical=waiting > 0, impact=waiting))
-        sites = {s["name"]: (s, self.svc.site_figures(s, t)) for s in self.svc.list_sites()["sites"]}
+            waiting = self.store.read_one(
+                "SELECT COALESCE(SUM(n), 0) FROM job_counts WHERE state='defined'")[0]
+            alarms.append(
+                self.alarm("no_pilots", f"no pilot is alive; {waiting} job(s) waiting", "/pilots",
+                           critical=waiting > 0, impact=waiting))
+        sites = {
+            s["name"]: (s, self.svc.site_figures(s, t)) for s in self.svc.list_sites()["sites"]
+        }
         for site, figures in sites.values():
             alarms += self.at_site(site, figures)
         alarms += self.lost_pilots(t, live, sites)
         free = self.svc.images.free_bytes()
         if free is not None and free < 2 * self.svc.images.min_free:
-            alarms.append(self.alarm("disk_low", f"the server's disk has {free // 2 ** 20} MiB free: published images "
-                                f"are refused below {self.svc.images.min_free // 2 ** 20} MiB, and the database "
-                                "stops when it is full", "/api/health"))
+            alarms.append(
+                self.alarm(
+                    "disk_low",
+                    f"the server's disk has {free // 2 ** 20} MiB free: published images are "
+                    f"refused below {self.svc.images.min_free // 2 ** 20} MiB, and the "
+                    "database stops when it is full", "/api/health"))
         if self.svc.hk_failing:
-            alarms.append(self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}", "/api/health"))
+            alarms.append(
+                self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}",
+                           "/api/health"))
         return (alarms + self.paused(t) + self.failures(t) + self.flow(t) + self.starving(t)
                 + self.bad_data(t) + self.drift(t))
 
@@ -2934,17 +2979,21 @@ class Alarms:
         (its factory started others) are a healthy disturbance, not an alarm; the rest are one,
         critical past lost_count or lost_share of the pilots (never one alone). Lost at one site
         below nominal, they are that site's problem (explained by its alarm)."""
-        below = {name for name, (site, figures) in sites.items()
-                 if not site["pilots"] or figures["live"] < site["pilots"] * (1 - self.tolerance(site))}
-        lost = {r["site"]: r["n"] for r in self.store.read(
-            "SELECT site, COUNT(*) AS n FROM pilots INDEXED BY pilots_state WHERE state='lost' AND ts_beat > ? "
-            "GROUP BY site", (t - 3600,)) if r["site"] not in sites or r["site"] in below}
+        below = {
+            name for name, (site, figures) in sites.items()
+            if not site["pilots"] or figures["live"] < site["pilots"] * (1 - self.tolerance(site))
+        }
+        rows = self.store.read("SELECT site, COUNT(*) AS n FROM pilots INDEXED BY pilots_state "
+                               "WHERE state='lost' AND ts_beat > ? GROUP BY site", (t - 3600, ))
+        lost = {r["site"]: r["n"] for r in rows if r["site"] not in sites or r["site"] in below}
         count = sum(lost.values())
         if not count:
             return []
         many = count > 1 and (count >= self.lost_count or count > self.lost_share * (live + count))
-        found = self.alarm("pilots_lost", f"{count} pilot(s) lost in the last hour and not replaced ({live} alive)",
-                           "/pilots?state=lost&ended=1h", critical=many, impact=count)
+        found = self.alarm(
+            "pilots_lost",
+            f"{count} pilot(s) lost in the last hour and not replaced ({live} alive)",
+            "/pilots?state=lost&ended=1h", critical=many, impact=count)
         [(where, _)] = lost.items() if len(lost) == 1 else [(None, 0)]
         if where in sites and sites[where][0]["pilots"]:
             found["explained_by"] = f"site_below_nominal:{where}"
@@ -2956,14 +3005,18 @@ class Alarms:
 
     def paused(self, t):
         """Job types paused: critical when the circuit breaker did it (a broken release, a bad
-        calibration: nothing of that type runs until a person looks), a warning when a person did."""
+        calibration: nothing of that type runs until a person looks), a warning when a person
+        did."""
         found = []
         for r in self.store.read("SELECT * FROM pauses WHERE paused IS NOT NULL ORDER BY jobtype"):
-            held = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM waiting WHERE jobtype=?", (r["jobtype"],))[0]
-            found.append(self.alarm("jobtype_paused", f"{r['jobtype']}: paused by {r['who']}: {r['why']}; {held} "
-                                    f"job(s) held (job.py --resume {r['jobtype']} -m WHY)",
-                                    f"/jobtype/{quote(r['jobtype'], safe='')}",
-                                    critical=r["who"] == "circuit breaker", jobtype=r["jobtype"], impact=held))
+            held = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM waiting WHERE jobtype=?",
+                                       (r["jobtype"], ))[0]
+            found.append(
+                self.alarm(
+                    "jobtype_paused", f"{r['jobtype']}: paused by {r['who']}: {r['why']}; {held} "
+                    f"job(s) held (job.py --resume {r['jobtype']} -m WHY)",
+                    f"/jobtype/{quote(r['jobtype'], safe='')}",
+                    critical=r["who"] == "circuit breaker", jobtype=r["jobtype"], impact=held))
         return found
 
     def drift(self, t):
@@ -2971,15 +3024,18 @@ class Alarms:
         drift_window (1 h) is DRIFT_RATIO times that of the windows before it (a new release, a
         slower input, a leak), from its last jobs in memory: exact medians, no 24-hour wait."""
         found = []
-        for jobtype, metric, now_, n_now, before, n_before in self.svc.costs.medians(t, self.drift_window):
+        for jobtype, metric, now_, n_now, before, n_before in self.svc.costs.medians(
+                t, self.drift_window):
             if min(n_now, n_before) < DRIFT_MIN_JOBS or not now_ or not before:
                 continue
             if max(now_ / before, before / now_) >= DRIFT_RATIO:
                 unit = "s" if metric == "duration" else "MB"
-                found.append(self.alarm("drift", f"{jobtype}: median {metric} {figure(now_, unit)} over the "
-                                        f"last {self.drift_window / 60:g} min, {figure(before, unit)} before "
-                                        f"({n_now} and {n_before} jobs)", f"/jobtype/{quote(jobtype, safe='')}",
-                                        jobtype=jobtype, check=metric, impact=n_now))
+                found.append(
+                    self.alarm(
+                        "drift", f"{jobtype}: median {metric} {figure(now_, unit)} over the "
+                        f"last {self.drift_window / 60:g} min, {figure(before, unit)} before "
+                        f"({n_now} and {n_before} jobs)", f"/jobtype/{quote(jobtype, safe='')}",
+                        jobtype=jobtype, check=metric, impact=n_now))
         return found
 
     def bad_data(self, t):
@@ -2987,23 +3043,31 @@ class Alarms:
         check, however many runs (ten bad runs of one check are one problem), with the newest
         one's message. From the index of bad verdicts alone."""
         found = []
-        for r in self.store.read("SELECT jobtype, verdict_check, verdict, COUNT(*) AS n, MAX(ts_sto) AS last "
-                                 "FROM jobs INDEXED BY jobs_bad WHERE verdict IN ('BAD', 'INVALID') AND ts_sto > ? "
-                                 "GROUP BY jobtype, verdict_check", (t - 3600,)):
+        for r in self.store.read(
+                "SELECT jobtype, verdict_check, verdict, COUNT(*) AS n, MAX(ts_sto) AS last "
+                "FROM jobs INDEXED BY jobs_bad WHERE verdict IN ('BAD', 'INVALID') AND ts_sto > ? "
+                "GROUP BY jobtype, verdict_check", (t - 3600, )):
             newest = self.store.read_one(
-                "SELECT j.infile, c.message FROM jobs AS j INDEXED BY jobs_bad JOIN checks AS c ON c.uuid = j.uuid "
-                "AND c.name = j.verdict_check WHERE j.verdict IN ('BAD', 'INVALID') AND j.ts_sto = ? "
+                "SELECT j.infile, c.message FROM jobs AS j INDEXED BY jobs_bad "
+                "JOIN checks AS c ON c.uuid = j.uuid AND c.name = j.verdict_check "
+                "WHERE j.verdict IN ('BAD', 'INVALID') AND j.ts_sto = ? "
                 "AND j.jobtype = ? LIMIT 1", (r["last"], r["jobtype"]))
-            said = f"; newest {os.path.basename(newest['infile'])}: {newest['message'][:200]}" if newest else ""
-            found.append(self.alarm("bad_data", f"{r['jobtype']}: {r['n']} file(s) judged {r['verdict']} by "
-                                    f"{r['verdict_check']} in the last hour{said}",
-                                    "/runs?" + urlencode({"verdict": r["verdict"], "jobtype": r["jobtype"]}),
-                                    jobtype=r["jobtype"], check=r["verdict_check"], impact=r["n"]))
+            said = (f"; newest {os.path.basename(newest['infile'])}: {newest['message'][:200]}"
+                    if newest else "")
+            found.append(
+                self.alarm(
+                    "bad_data", f"{r['jobtype']}: {r['n']} file(s) judged {r['verdict']} by "
+                    f"{r['verdict_check']} in the last hour{said}",
+                    "/runs?" + urlencode({"verdict": r["verdict"], "jobtype": r["jobtype"]}),
+                    jobtype=r["jobtype"], check=r["verdict_check"], impact=r["n"]))
         return found
 
     def active_acks(self, t):
-        return [dict(r) for r in self.store.read("SELECT * FROM alarm_acks WHERE until IS NULL OR until > ? "
-                                                 "ORDER BY id DESC", (t,))]
+        return [
+            dict(r) for r in self.store.read(
+                "SELECT * FROM alarm_acks WHERE until IS NULL OR until > ? "
+                "ORDER BY id DESC", (t, ))
+        ]
 
     def starving(self, t):
         found = []
@@ -3011,23 +3075,27 @@ class Alarms:
             if t - since > self.starving_minutes * 60:
                 where = f" at site {site}" if site else ""
                 why = f"; the pilots that could, say: {refusing}" if refusing else ""
-                found.append(self.alarm("starving", f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
-                                        f"(for {(t - since) / 60:.0f} min){why}",
-                                        "/jobs?" + urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
-                                        critical=t - since > STARVING_ESCALATE * self.starving_minutes * 60,
-                                        site=site, jobtype=jobtype, impact=n))
+                found.append(
+                    self.alarm(
+                        "starving",
+                        f"{n} {jobtype} job(s){where} wait with no pilot that takes them "
+                        f"(for {(t - since) / 60:.0f} min){why}", "/jobs?" +
+                        urlencode({"state": "defined", "jobtype": jobtype, "site": site}),
+                        critical=t - since > STARVING_ESCALATE * self.starving_minutes * 60,
+                        site=site, jobtype=jobtype, impact=n))
         return found
 
     def notice_nominal(self, t):
         """Housekeeping: the sites that reach their nominal pilots for the first time since they
         were defined; until then, below nominal is their standing state, not an alarm."""
-        for site in self.store.read("SELECT name, pilots, tolerance FROM sites WHERE met IS NULL AND pilots > 0"):
+        for site in self.store.read(
+                "SELECT name, pilots, tolerance FROM sites WHERE met IS NULL AND pilots > 0"):
             live = self.store.read_one(f"SELECT COUNT(*) FROM pilots WHERE site=? AND state IN "
                                        f"({','.join('?' * len(LIVE_PILOT_STATES))})",
                                        (site["name"], *LIVE_PILOT_STATES))[0]
             if live >= site["pilots"] * (1 - self.tolerance(site)):
-                self.store.write(lambda conn: conn.execute("UPDATE sites SET met=? WHERE name=? AND met IS NULL",
-                                                           (t, site["name"])))
+                self.store.write(lambda conn: conn.execute(
+                    "UPDATE sites SET met=? WHERE name=? AND met IS NULL", (t, site["name"])))
 
     def notice_starving(self, t):
         """Housekeeping: which (site, jobtype) pairs of defined jobs no live pilot may take (by
@@ -3036,13 +3104,19 @@ class Alarms:
         its note is kept to say why."""
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
         pilots = [(r["site"], json.loads(r["jobtypes"]), r["note"]) for r in self.store.read(
-            f"SELECT DISTINCT site, jobtypes, note FROM pilots INDEXED BY pilots_state WHERE state IN ({marks})",
+            f"SELECT DISTINCT site, jobtypes, note FROM pilots INDEXED BY pilots_state "
+            f"WHERE state IN ({marks})",
             LIVE_PILOT_STATES)]
-        suspended = {r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0 UNION "
-                                                   "SELECT jobtype FROM pauses WHERE paused IS NOT NULL")}
+        suspended = {
+            r[0] for r in self.store.read("SELECT name FROM jobtypes WHERE cap = 0 UNION "
+                                          "SELECT jobtype FROM pauses WHERE paused IS NOT NULL")
+        }
         starving = {}
         for r in self.store.read("SELECT site, jobtype, n FROM waiting WHERE n > 0"):
-            able = [p for p in pilots if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])]
+            able = [
+                p for p in pilots
+                if (not r["site"] or p[0] == r["site"]) and (not p[1] or r["jobtype"] in p[1])
+            ]
             if r["jobtype"] in suspended or not [p for p in able if not p[2]]:
                 pair = (r["site"], r["jobtype"])
                 refusing = next((p[2] for p in able if p[2]), "")
@@ -3057,18 +3131,24 @@ class Alarms:
         found = []
         quiet = self.no_new_work * 60
         if self.no_new_work:
-            streams = self.store.read("SELECT dirpath, ts FROM arrivals WHERE ts > ?", (t - 86400,))
+            streams = self.store.read("SELECT dirpath, ts FROM arrivals WHERE ts > ?",
+                                      (t - 86400, ))
             for s in streams:
                 if t - max(s["ts"], self.svc.resumed) > quiet:
-                    found.append(self.alarm("no_new_work", f"no new data file in {s['dirpath']} for "
-                                            f"{(t - s['ts']) / 60:.0f} minutes", "/datasets", stream=s["dirpath"]))
+                    found.append(
+                        self.alarm(
+                            "no_new_work", f"no new data file in {s['dirpath']} for "
+                            f"{(t - s['ts']) / 60:.0f} minutes", "/datasets", stream=s["dirpath"]))
             if not streams and t - self.svc.resumed > quiet:
                 found.append(self.alarm("no_new_work", "no data file has arrived for "
                                         f"{(t - self.svc.resumed) / 60:.0f} minutes", "/datasets"))
         for svc in self.store.read("SELECT * FROM services WHERE period > 0 AND retired IS NULL "
                                    "AND ts + ? * period < ?", (SILENT_PERIODS, t)):
-            found.append(self.alarm("service_silent", f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "
-                               f"(it reports every {svc['period']:g} s)", "/services", service=svc["name"]))
+            found.append(
+                self.alarm(
+                    "service_silent",
+                    f"{svc['name']} on {svc['host']}: silent for {t - svc['ts']:.0f} s "
+                    f"(it reports every {svc['period']:g} s)", "/services", service=svc["name"]))
         return found
 
     # -- memory, acknowledgements, delivery -------------------------------------------------------
@@ -3082,12 +3162,20 @@ class Alarms:
         found = {a["key"]: a for a in self.shown(t, conditions, stored)}
         raised = [a for key, a in found.items() if key not in stored]
         cleared = [r for key, r in stored.items() if key not in found]
-        changed = [a for key, a in found.items() if key in stored and stored[key]["severity"] != a["severity"]]
-        # a critical that became a warning (no_pilots once nothing waits) is over for whoever was told
-        eased = [stored[a["key"]] for a in changed if a["severity"] == "warning" and stored[a["key"]]["sent"]]
+        changed = [
+            a for key, a in found.items()
+            if key in stored and stored[key]["severity"] != a["severity"]
+        ]
+        # a critical become a warning (no_pilots once nothing waits) is over for whoever was told
+        eased = [
+            stored[a["key"]] for a in changed
+            if a["severity"] == "warning" and stored[a["key"]]["sent"]
+        ]
         unsent = {r["key"] for r in eased} | {key for key, r in stored.items() if not r["sent"]}
-        stale = {key for key, r in stored.items()          # told, nobody on it, still raised: again
-                 if self.repeat and r["sent"] > 1 and t - r["sent"] >= self.repeat}
+        stale = {
+            key for key, r in stored.items()    # told, nobody on it, still raised: again
+            if self.repeat and r["sent"] > 1 and t - r["sent"] >= self.repeat
+        }
         due = [a for a in found.values() if (a["key"] in unsent | stale or a["key"] not in stored)
                and not a.get("explained_by") and not a["ack"]
                and (a["severity"] == "critical" or t - a["since"] >= self.delay)]
@@ -3096,7 +3184,7 @@ class Alarms:
             return
         try:
             self.write_state(t, raised, changed, cleared, due)
-        except sqlite3.OperationalError:    # the database fails (db_failing, a full disk): a person
+        except sqlite3.OperationalError:    # the database fails (db_failing, disk full): a person
             due = [a for a in due if a["key"] not in self.told]     # still hears of it, once
             self.told.update(a["key"] for a in due)
             cleared = eased = []
@@ -3112,8 +3200,8 @@ class Alarms:
         """The alarms' memory and history, in one transaction (see record)."""
         with self.store.transaction() as conn:
             for a in raised:
-                conn.execute("INSERT OR REPLACE INTO alarm_state(key, name, severity, message, link, since) "
-                             "VALUES(:key, :name, :severity, :message, :link, :since)", a)
+                conn.execute("INSERT OR REPLACE INTO alarm_state(key, name, severity, message, link, "
+                             "since) VALUES(:key, :name, :severity, :message, :link, :since)", a)
                 self.event(conn, t, a, "raised")
             for a in changed:
                 conn.execute("UPDATE alarm_state SET severity=?, message=?, sent=0 WHERE key=?",
@@ -3122,8 +3210,9 @@ class Alarms:
             for r in cleared:
                 conn.execute("DELETE FROM alarm_state WHERE key=?", (r["key"],))
                 self.event(conn, t, r, "cleared")
-            conn.execute("DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
-                         "(SELECT name FROM alarm_state)")
+            conn.execute(
+                "DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
+                "(SELECT name FROM alarm_state)")
             for a in due:       # `sent`: when it was last told (0: never)
                 conn.execute("UPDATE alarm_state SET sent=? WHERE key=?", (t, a["key"]))
 
@@ -3132,24 +3221,33 @@ class Alarms:
         seconds, required), by name and optionally site or job type, saying who and why. An
         acknowledged or silenced alarm is shown greyed and not sent to anyone."""
         check_keys(body, "ack", ("name", "site", "jobtype", "kind", "who", "why", "for", "future"))
-        ack = {"name": as_choice(body.get("name"), "name", self.NAMES),
-               "kind": as_choice(body.get("kind", "ack"), "kind", ("ack", "silence")),
-               "site": as_str(body.get("site", ""), "site", max_len=64),
-               "jobtype": as_str(body.get("jobtype", ""), "jobtype", max_len=64),
-               "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64),
-               "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300), "ts": now()}
+        ack = {
+            "name": as_choice(body.get("name"), "name",
+                              self.NAMES), "kind": as_choice(body.get("kind", "ack"), "kind",
+                                                             ("ack", "silence")),
+            "site": as_str(body.get("site", ""), "site",
+                           max_len=64), "jobtype": as_str(body.get("jobtype", ""), "jobtype",
+                                                          max_len=64),
+            "who": as_str(body.get("who") or who, "who", allow_empty=False,
+                          max_len=64), "why": as_str(body.get("why", ""), "why", allow_empty=False,
+                                                     max_len=300), "ts": now()
+        }
         if ack["kind"] == "silence" and "for" not in body:
             raise bad("for: a silence needs a duration in seconds (it ends by itself)")
         future = ack["kind"] == "silence" and body.get("future") is True
         if not future:
             self.check_raised(ack)
-        ack["until"] = ack["ts"] + as_number(body["for"], "for", 1, 30 * 86400) if "for" in body else None
+        ack["until"] = ack["ts"] + as_number(body["for"], "for", 1, 30 *
+                                             86400) if "for" in body else None
         with self.store.transaction() as conn:
-            ack["id"] = conn.execute("INSERT INTO alarm_acks(kind, name, site, jobtype, who, why, until, ts) VALUES("
-                                     ":kind, :name, :site, :jobtype, :who, :why, :until, :ts)", ack).lastrowid
+            ack["id"] = conn.execute(
+                "INSERT INTO alarm_acks(kind, name, site, jobtype, who, why, until, ts) VALUES("
+                ":kind, :name, :site, :jobtype, :who, :why, :until, :ts)", ack).lastrowid
             key = ":".join(x for x in (ack["name"], ack["site"], ack["jobtype"]) if x)
-            self.event(conn, ack["ts"], {"key": key, "name": ack["name"], "severity": "", "message": ""},
-                        "acknowledged" if ack["kind"] == "ack" else "silenced", ack["who"], ack["why"], ack["until"])
+            self.event(conn, ack["ts"],
+                       {"key": key, "name": ack["name"], "severity": "", "message": ""},
+                       "acknowledged" if ack["kind"] == "ack" else "silenced", ack["who"],
+                       ack["why"], ack["until"])
         return ack
 
     def check_raised(self, ack):
@@ -3167,14 +3265,16 @@ class Alarms:
         (default 24 h), newest first: "what happened overnight?"."""
         check_keys(query, "query", ("age", "format", "refresh"))
         age = parse_age(query.get("age") or "24h")
-        rows = self.store.read("SELECT * FROM alarm_events INDEXED BY alarm_events_ts WHERE ts > ? "
-                               "ORDER BY ts DESC LIMIT 1000", (now() - age,))
+        rows = self.store.read(
+            "SELECT * FROM alarm_events INDEXED BY alarm_events_ts WHERE ts > ? "
+            "ORDER BY ts DESC LIMIT 1000", (now() - age, ))
         return {"events": [dict(r) for r in rows]}
 
     def delivery_status(self, result):
         """The notifier's last outcome, as a line of the service `alarm delivery` (/services)."""
         with contextlib.suppress(Exception):
-            self.svc.service_beat("alarm delivery", {"host": socket.gethostname(), "result": result[:1024]})
+            self.svc.service_beat("alarm delivery",
+                                  {"host": socket.gethostname(), "result": result[:1024]})
 
     def failures(self, t):
         """Job types whose attempts mostly fail (a retried job's first tries count: a type that
@@ -3188,10 +3288,13 @@ class Alarms:
         for jobtype, states in sorted(ended.items()):
             total, bad_ones = sum(states.values()), sum(states.get(s, 0) for s in FAILED_STATES)
             if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
-                found.append(self.alarm("failure_rate", f"{jobtype}: {bad_ones} of {total} attempts ended failed, timeout "
-                                   f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
-                                        "/failures?" + urlencode({"jobtype": jobtype, "since": "1h"}),
-                                        jobtype=jobtype, impact=bad_ones))
+                found.append(
+                    self.alarm(
+                        "failure_rate",
+                        f"{jobtype}: {bad_ones} of {total} attempts ended failed, timeout "
+                        f"or pilotTO in the last hour ({100 * bad_ones // total}%)",
+                        "/failures?" + urlencode({"jobtype": jobtype, "since": "1h"}),
+                        jobtype=jobtype, impact=bad_ones))
         return found
 
     def at_site(self, site, figures):
@@ -3203,20 +3306,26 @@ class Alarms:
             waiting = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM waiting WHERE site=?",
                                           (site["name"],))[0]
             if site["met"] is None and figures["live"]:
-                return found        # some pilots, never its nominal since it was defined: its standing state
-            held_up = (f"; {waiting} job(s) wait for it" if waiting else "") + (
-                f"; {figures['lost_1h']} pilot(s) lost in the last hour" if figures["lost_1h"] else "")
-            found.append(self.alarm("site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
-                                    f"{site['pilots']} nominal{held_up}", f"/site/{site['name']}",
-                                    critical=not figures["live"] and waiting > 0, site=site["name"],
-                                    live=figures["live"], impact=waiting))
+                return found    # some pilots, never its nominal since defined: its standing state
+            held_up = (f"; {waiting} job(s) wait for it" if waiting else
+                       "") + (f"; {figures['lost_1h']} pilot(s) lost in the last hour"
+                              if figures["lost_1h"] else "")
+            found.append(
+                self.alarm(
+                    "site_below_nominal", f"{site['name']}: {figures['live']} live pilots of "
+                    f"{site['pilots']} nominal{held_up}", f"/site/{site['name']}",
+                    critical=not figures["live"] and waiting > 0, site=site["name"],
+                    live=figures["live"], impact=waiting))
         lives = figures["lost_lives_1h"]
         life = median(lives)
-        if site["pilotlife"] and len(lives) >= self.lifetime_min_ended and life < site["pilotlife"] / 2:
-            found.append(self.alarm("pilot_lifetime", f"{site['name']}: {len(lives)} pilots lost in the last hour "
-                               f"lived {life:.0f} s (median) of {site['pilotlife']:g} s nominal",
-                               "/pilots?" + urlencode({"site": site["name"], "state": "lost", "ended": "1h"}),
-                               site=site["name"]))
+        if site["pilotlife"] and len(
+                lives) >= self.lifetime_min_ended and life < site["pilotlife"] / 2:
+            found.append(
+                self.alarm(
+                    "pilot_lifetime", f"{site['name']}: {len(lives)} pilots lost in the last hour "
+                    f"lived {life:.0f} s (median) of {site['pilotlife']:g} s nominal",
+                    "/pilots?" + urlencode({"site": site["name"], "state": "lost", "ended": "1h"}),
+                    site=site["name"]))
         return found
 
 
