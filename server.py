@@ -1924,6 +1924,7 @@ DRIFT_JOBS = 2000                    # a job type's last jobs kept in memory for
 DRIFT_BEFORE = 5                    # drift: the last window against the this many windows before it
 DRIFT_RATIO = 2.0                   # ... a median this many times larger (or smaller) is a drift
 DRIFT_MIN_JOBS = 10                 # ... with at least this many jobs in each
+CPU_EFFICIENCY_MIN = 0.1            # seconds a job runs at least before its CPU % is shown
 PROFILED_STATES = ("finished", "failed", "timeout")     # jobs whose run says what their type costs
 PROFILE_BUCKET = 600                # seconds: a job type's profile is kept in buckets this long, 8 days
 PROFILE_RATIO = 1.25                # histogram bins grow by this factor: a median is within 12 %
@@ -5504,8 +5505,10 @@ JOB_FIELDS = (("infile", "input file"), ("name", "name"), ("uuid", "job id"), ("
 
 
 def cpu_efficiency(job):
-    """CPU time over wall time, in percent, for an ended job that reported its usage."""
-    if job.get("cpu_user") is None or not job.get("ts_sta") or not job.get("ts_sto") or job["ts_sto"] <= job["ts_sta"]:
+    """CPU time over wall time, in percent, for an ended job that reported its usage and ran
+    long enough for the ratio to mean something (under CPU_EFFICIENCY_MIN it is noise)."""
+    if (job.get("cpu_user") is None or not job.get("ts_sta") or not job.get("ts_sto")
+            or job["ts_sto"] - job["ts_sta"] < CPU_EFFICIENCY_MIN):
         return None
     return 100 * (job["cpu_user"] + (job.get("cpu_sys") or 0)) / (job["ts_sto"] - job["ts_sta"])
 

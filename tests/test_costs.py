@@ -43,6 +43,18 @@ def test_cpu_bound_and_sleeping_payloads_and_their_figures_everywhere(p3s):
     assert profile["cpu_eff"]["last_24h"]["n"] == 3
 
 
+def test_a_short_job_reports_no_memory_it_did_not_use_and_no_cpu_share_it_cannot_measure(p3s):
+    """/bin/true reported 24.4 MB, the pilot's own size (the kernel's peak of a child spawned from
+    the pilot starts at the pilot's), and a CPU % of noise. Now no peak memory is claimed for it,
+    and no CPU %, while a job that holds 60 MB for a second still reports them."""
+    hold = f"{PY} -c \"import time; x = bytes(range(256)) * (60 * 4096); time.sleep(1.5)\""
+    short, held = run_jobs(p3s, [shell_job("true", jobtype="tiny"), shell_job(hold, jobtype="tiny")])
+    assert short["state"] == "finished" and short["max_rss_mb"] is None, short["max_rss_mb"]
+    page = p3s.page(f"/job/{short['uuid']}")
+    assert "peak memory" not in page and not re.search(r"CPU \d+ %", page), "a CPU share of noise"
+    assert held["max_rss_mb"] > 55, held["max_rss_mb"]
+
+
 def test_a_runaway_past_its_memory_limit_is_killed_with_its_children_and_a_reason(p3s):
     grow = f"{PY} -c \"import time; x = bytearray(300 * 2 ** 20); x[::4096] = b'1' * len(x[::4096]); time.sleep(30)\""
     wrapper = f"echo wrapper; {grow}; echo never"              # the child allocates, under a shell
