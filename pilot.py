@@ -1492,16 +1492,30 @@ def try_jobs(client, args):
         env = {k: v for k, v in env.items() if not k.startswith("P3S_TOKEN")}
         command, shell = payload_command(job, args.shell)
         print(f"--- {fields.get('name') or 'job'} {number}: {command}  (P3S_JOB_DIR={job_dir})", flush=True)
-        pid = spawn(command, shell, env)
-        try:
-            code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-        finally:
-            kill_group(pid, signal.SIGKILL)       # as a pilot does: no stray child outlives it
+        code = try_one(command, shell, env)
         images = [path for _, path in images_to_publish(env, IMAGE_LIMITS["max_bytes"])]
-        print(f"--- exit code {code}; a pilot would publish {len(images)} image(s)"
-              + "".join(f"\n    {p}" for p in images), flush=True)
-        worst = worst or (3 if code else 0)
+        if code is not None:
+            print(f"--- exit code {code}; a pilot would publish {len(images)} image(s)"
+                  + "".join(f"\n    {p}" for p in images), flush=True)
+        with contextlib.suppress(OSError):      # as a pilot does: the job's directory goes if empty
+            os.rmdir(job_dir)
+        worst = worst or (3 if code != 0 else 0)
     return worst
+
+
+def try_one(command, shell, env):
+    """Run one payload here and wait for it: its exit code, or None (said on stderr) when it
+    cannot even start, which is what --try is for: a payload path that is wrong on this node."""
+    try:
+        pid = spawn(command, shell, env)
+    except OSError as e:
+        print(f"--- cannot start the payload: {e.strerror}: {e.filename or command}; a pilot would "
+              "report it failed (exit code 127)", file=sys.stderr, flush=True)
+        return None
+    try:
+        return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    finally:
+        kill_group(pid, signal.SIGKILL)       # as a pilot does: no stray child outlives it
 
 
 def define_site(client, args):

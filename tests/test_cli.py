@@ -164,6 +164,19 @@ def test_try_runs_a_job_here_with_the_env_a_pilot_gives_it_and_stores_nothing(p3
     assert refused.returncode == 2 and "env must be an object" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_try_says_in_one_line_that_a_payload_cannot_start_and_leaves_no_empty_directory(p3s, tmp_path):
+    """The original's simplejob1.json names a script on its author's disk: the very mistake
+    --try exists to catch. It died with a traceback and left /tmp/p3s-try-* behind."""
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    result = p3s.run("pilot.py", "--try", os.path.join(COMPAT, "simplejob1.json"),
+                     env=dict(p3s.env, TMPDIR=str(scratch)))
+    assert result.returncode == 3 and "Traceback" not in result.stderr, result.stderr
+    assert "cannot start the payload: No such file or directory: /home/maxim/projects/p3s/inputs/jobs/" \
+           "simplejob1.sh" in result.stderr
+    assert list(scratch.iterdir()) == [], "a job directory was left behind"
+
+
 def test_settings_precedence_cli_over_site_over_defaults(p3s):
     """-p, -c and -b given on the command line win over the site's; the site's win over the
     pilot's defaults; both the pilot and the server (its lease) use the same heartbeat."""
