@@ -5001,8 +5001,13 @@ def link(href, text):
     return f'<a href="{esc(href)}">{esc(text)}</a>'
 
 
+# How a page says a state where its API name would mislead: a pilot with "no jobs" is idle.
+STATE_WORDS = {"no jobs": "idle"}
+
+
 def state_cell(state):
-    return f'<span class="s-{esc(re.sub(r"[^A-Za-z]", "", state or ""))}">{esc(state)}</span>'
+    word = STATE_WORDS.get(state, state)
+    return f'<span class="s-{esc(re.sub(r"[^A-Za-z]", "", state or ""))}">{esc(word)}</span>'
 
 
 def verdict_badge(verdict, title=""):

@@ -66,6 +66,14 @@ def test_pilots_list_has_drop_downs_a_life_and_the_current_jobs_input_file(p3s):
     assert p3s.page("/pilots?state=lost").count("<tr>") == 0
 
 
+def test_an_idle_pilot_reads_idle_on_the_pages_and_no_jobs_in_the_api(p3s):
+    p3s.pilot("-p", "1")
+    from conftest import wait_until
+    wait_until(lambda: [p for p in p3s.api.list_pilots() if p["state"] == "no jobs"], 15, what="an idle pilot")
+    page = p3s.page("/pilots")
+    assert '<span class="s-nojobs">idle</span>' in page and ">no jobs<" not in page
+
+
 def test_errors_split_by_site_and_host_so_a_bad_node_stands_out(p3s):
     p3s.api.define_site("np04")
     bad = [shell_job("echo 'ProductNotFound: dunetpc v08' >&2; exit 65", jobtype="reco")] * 3
