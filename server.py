@@ -5451,8 +5451,8 @@ def filter_form(fields, query, choices=None, labels=None):
         if f not in choices:
             return f'<label>{label} <input name="{esc(f)}" value="{esc(value)}" size="10"></label>'
         options = ["", *choices[f]] + ([value] if value and value not in choices[f] else [])
-        opts = "".join(f'<option value="{esc(o)}"{" selected" if o == value else ""}>{esc(o or "any")}</option>'
-                       for o in options)
+        opts = "".join(f'<option value="{esc(o)}"{" selected" if o == value else ""}>'
+                       f'{esc(STATE_WORDS.get(o, o) or "any")}</option>' for o in options)
         return f'<label>{label} <select name="{esc(f)}">{opts}</select></label>'
     return f'<form method="get">{"".join(field(f) for f in fields)}<button>filter</button></form>'
 
