@@ -152,6 +152,7 @@ MAX_CHECKS = 200                    # checks one job may report (verdict.json)
 MAX_METRICS = 200                   # metrics one job may report (metrics.json)
 MAX_CHECK_MESSAGE = 1024            # characters of a check's message kept
 MAX_QUALITY_NAME = 128              # characters of a check's or metric's name
+CRASH_INFO = "pilot stopped: crashed"     # how a crashed pilot's release reads in a job's history
 PER_JOB_ENV = ("P3S_JOB_UUID", "P3S_PILOT_UUID", "P3S_JOB_DIR")    # the pilot's, for each job
 
 JOB_STATES = ("template", "defined", "dispatched", "running",
@@ -1872,7 +1873,7 @@ def submission_digest(body):
     return as_str(body["digest"], "digest", allow_empty=False, max_len=128) if "digest" in body else None
 
 
-def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None):
+def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None, retry=True):
     """End a job in end_state, or put it back to `defined` while attempts remain; an ended
     workflow job moves its workflow on. A failure's reason is kept with the job and counted
     in the error summary. The end is dated now, unless `changes` date it (ts_sto: a late end
@@ -1887,7 +1888,7 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None):
         return None, 0
     if end_state in FAILED_STATES:
         count_error(conn, job, end_state, changes.get("exit_code"), changes["reason"], t)
-    if end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
+    if retry and end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
                  changes=dict(attempt=job["attempt"] + 1, pilot=None, ts_dis=None, ts_sta=None,
                               ts_sto=None, **dict.fromkeys(USAGE_BOUNDS)))
@@ -2012,20 +2013,29 @@ def cancel_job(conn, job, who, info):
     return True
 
 
-def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False):
+def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False, crashed=False):
     """Free the jobs of a pilot that is gone. They end pilotTO (or are retried while attempts
     remain), except that a job still dispatched to a pilot that deregistered, and so says it
-    never started it, goes back to `defined` as it was; not so for a pilot that says it crashed
-    (its job may be what killed it: it uses an attempt, or it would kill pilot after pilot).
-    Returns how many became claimable."""
+    never started it, goes back to `defined` as it was. A pilot that says it crashed never says
+    that: its job may be what killed it, so it uses an attempt, and the second pilot a job takes
+    out ends it failed, never handed out again. Returns how many became claimable."""
     released = 0
     for job in conn.execute(HELD_JOBS.format(columns="*"), (pilot_uuid,)).fetchall():
         if job["state"] == "dispatched" and never_started:
             released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
                                  pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
+        elif crashed and pilots_crashed_by(conn, job["uuid"]):
+            released += requeue_or_end(conn, dict(job), "failed", who, f"{why}; the second pilot to crash "
+                                       "on this job: it is not handed out again", retry=False)[1]
         else:
             released += requeue_or_end(conn, dict(job), "pilotTO", who, why)[1]
     return released
+
+
+def pilots_crashed_by(conn, uuid):
+    """How many pilots said they crashed while they held this job."""
+    return conn.execute("SELECT COUNT(*) FROM events INDEXED BY events_uuid WHERE uuid=? AND info LIKE ?",
+                        (uuid, CRASH_INFO + "%")).fetchone()[0]
 
 
 ################################################################################################
@@ -3864,8 +3874,9 @@ class Service:
             if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
                               ts_stop=now(), job=None):
                 raise ApiError(409, f"pilot {pilot_uuid}: is not live")
+            crashed = reason.startswith("crashed")
             released = release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid,
-                                    never_started=not reason.startswith("crashed"))
+                                    never_started=not crashed, crashed=crashed)
         self.broker.notify_work(released)
         return {"state": "stopped"}
 

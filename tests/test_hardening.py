@@ -636,6 +636,19 @@ def test_a_pilot_that_says_it_crashed_uses_its_jobs_attempt_and_one_that_stopped
     assert job["state"] == "pilotTO" and "crashed: RecursionError" in job["reason"], job
 
 
+def test_a_job_that_took_out_two_pilots_is_failed_not_handed_out_again(p3s):
+    """Attempts to spare do not matter: the second pilot a job crashes ends it, with a reason."""
+    [uuid] = p3s.api.submit_jobs([{"payload": "true", "max_attempts": 5}])
+    for crash in range(2):
+        pilot = p3s.api.register_pilot(heartbeat=60)["uuid"]
+        assert p3s.api.request_job(pilot, 0)["job"]["uuid"] == uuid
+        p3s.api.deregister_pilot(pilot, "crashed: RecursionError: maximum recursion depth exceeded")
+    job = p3s.job(uuid)
+    assert (job["state"], job["attempt"]) == ("failed", 2), job
+    assert "the second pilot to crash on this job" in job["reason"], job["reason"]
+    assert p3s.api.request_job(p3s.api.register_pilot(heartbeat=60)["uuid"], 0)["job"] is None
+
+
 # -- escaped children are the pilot's children ----------------------------------------------------
 HOG = "import time; x = bytes(range(256)) * (300 * 4096); time.sleep(60)"    # 300 MB, touched
 
