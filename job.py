@@ -8,6 +8,7 @@
     python job.py -a -u UUID -s cancelled    # or -P 10 to change the priority
     python job.py -d -u UUID
     python job.py --resume purity -m "release v10_02 fixed the crash"   # paused by the breaker
+    python job.py --note run:5012 -m "HV trip at 14:02, ignore" --hide
 
 Exit codes: 0 success, 2 bad input (including a request the server refused), 1 server or
 network failure, and with --wait 3 when a job did not finish with exit code 0.
@@ -76,7 +77,12 @@ def parse_args(argv):
                                                     "takes one (-m WHY)")
     p.add_argument("--resume", metavar="TYPE", help="resume job type TYPE, paused by a person or the circuit "
                                                      "breaker (-m WHY)")
-    p.add_argument("-m", "--why", help="with --pause and --resume: why (kept in the job type's history)")
+    p.add_argument("--note", metavar="KIND:TARGET",
+                   help="leave a note (-m TEXT) on run:NUMBER, file:PATH or job:UUID, shown on the run grid, "
+                        "the job page and the summary")
+    p.add_argument("--hide", action="store_true", help="with --note on a run or file: the run grid may hide it")
+    p.add_argument("-m", "--why", help="with --pause and --resume: why (kept in the job type's history); "
+                                       "with --note: its text")
     p.add_argument("--jobtype", help="with --list: only jobs of this type")
     p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
     p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
@@ -102,12 +108,16 @@ def parse_args(argv):
         if getattr(args, "unsupported_" + flag.strip("-")) is not None:
             p.error(f"{flag}: not in p3s; {instead}")
     actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes,
-               bool(args.submission), args.summary, bool(args.pause or args.resume)]
+               bool(args.submission), args.summary, bool(args.pause or args.resume), bool(args.note)]
     if sum(actions) != 1 or (args.pause and args.resume):
         p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID, --summary, "
-                "--pause TYPE, --resume TYPE")
-    if (args.pause or args.resume) and not args.why:
-        p.error("--pause and --resume need -m WHY")
+                "--pause TYPE, --resume TYPE, --note KIND:TARGET")
+    if (args.pause or args.resume or args.note) and not args.why:
+        p.error("--pause, --resume and --note need -m TEXT")
+    if args.note and args.note.split(":", 1)[0] not in ("run", "file", "job"):
+        p.error(f"--note {args.note}: give run:NUMBER, file:PATH or job:UUID")
+    if args.hide and not args.note:
+        p.error("--hide goes with --note")
     if (args.cap is not None or args.no_cap) and not args.jobtypes:
         p.error("-L and --no-cap go with -l [-T TYPE]")
     if args.dunetpcver is not None and not args.jobfile:
@@ -402,7 +412,16 @@ def pause(client, args):
     return 0
 
 
-ACTIONS = ((lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
+def note(client, args):
+    """A note on a run, a file or a job, in the user's name."""
+    kind, _, target = args.note.partition(":")
+    done = client.call("POST", "/api/notes", {"kind": kind, "target": target, "text": args.why,
+                                              "who": getpass.getuser(), "hide": args.hide})
+    emit(args, done, lambda: f"noted on {done['kind']} {done['target']} by {done['who']}")
+    return 0
+
+
+ACTIONS = ((lambda a: a.note, note), (lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
            (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
            (lambda a: a.submission, show_submission), (lambda a: a.summary, summary))
 

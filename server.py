@@ -592,7 +592,8 @@ MIGRATIONS = [
     # `resumed`), whose queued jobs stay queued and are handed to no pilot. A submission's digest
     # (what job.py read, before uuids), so a blind rerun of a file is caught. The data streams:
     # by directory, when a file last arrived (injected or registered), for no_new_work. When a
-    # site first had its nominal pilots live (NULL: never since it was defined).
+    # site first had its nominal pilots live (NULL: never since it was defined). Notes a person
+    # leaves on a run, a file or a job ("HV trip at 14:02, ignore run 5012"), who and when.
     """
     ALTER TABLE jobs ADD COLUMN verdict TEXT;
     ALTER TABLE jobs ADD COLUMN verdict_check TEXT;
@@ -603,6 +604,10 @@ MIGRATIONS = [
     CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
                          PRIMARY KEY(uuid, name)) WITHOUT ROWID;
     ALTER TABLE sites ADD COLUMN met REAL;
+    CREATE TABLE notes(id INTEGER PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, text TEXT NOT NULL,
+                       who TEXT NOT NULL, hide INTEGER NOT NULL DEFAULT 0, ts REAL NOT NULL);
+    CREATE INDEX notes_target ON notes(kind, target);
+    CREATE INDEX notes_ts ON notes(ts);
     CREATE TABLE arrivals(dirpath TEXT PRIMARY KEY, ts REAL NOT NULL, n INTEGER NOT NULL) WITHOUT ROWID;
     INSERT INTO arrivals SELECT dirpath, MAX(ts), COUNT(*) FROM datasets WHERE origin != 'edge' GROUP BY dirpath;
     ALTER TABLE submissions ADD COLUMN digest TEXT;
@@ -4026,6 +4031,37 @@ class Service:
                 "lost_lives_1h": [r["life"] for r in ended if r["state"] == "lost"],
                 "mean_life_1h": sum(lives) / len(lives) if lives else None, "median_life_1h": median(lives)}
 
+    # -- notes --------------------------------------------------------------------------------------
+    NOTE_KINDS = ("run", "file", "job")
+
+    def add_note(self, body, who):
+        """A person's note on a run (its number), a file (its path) or a job (its uuid), shown
+        where it is seen: the run grid, the job page, the summary's last 12 hours. `hide`: the
+        run grid may leave the noted run out (hide_noted=1), a run known to be bad."""
+        check_keys(body, "note", ("kind", "target", "text", "who", "hide"))
+        note = {"kind": as_choice(body.get("kind"), "kind", self.NOTE_KINDS),
+                "target": as_str(body.get("target", ""), "target", allow_empty=False, max_len=4096),
+                "text": as_str(body.get("text", ""), "text", allow_empty=False, max_len=1000),
+                "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64),
+                "hide": body.get("hide", False), "ts": now()}
+        if note["hide"] not in (True, False):
+            raise bad("hide: true or false")
+        if note["kind"] == "run":
+            note["target"] = str(as_int(note["target"], "target", 0, INT64 - 1))
+        elif note["kind"] == "job":
+            note["target"] = as_uuid(note["target"], "target")
+        with self.store.transaction() as conn:
+            note["id"] = conn.execute("INSERT INTO notes(kind, target, text, who, hide, ts) VALUES(:kind, :target, "
+                                      ":text, :who, :hide, :ts)", note).lastrowid
+        return note
+
+    def list_notes(self, query):
+        """Notes of the last `age` (default 12 h: a shift and its hand-over), newest first."""
+        check_keys(query, "query", ("age",))
+        rows = self.store.read("SELECT * FROM notes INDEXED BY notes_ts WHERE ts > ? ORDER BY ts DESC LIMIT 200",
+                               (now() - parse_age(query.get("age") or "12h"),))
+        return {"notes": [dict(r) for r in rows]}
+
     # -- services (injectors and other clients that report) ---------------------------------------
     def service_beat(self, name, body):
         """A client's status line (an injector's scan, a factory's round, a cron script's
@@ -4406,7 +4442,7 @@ class Views:
                 "caps": caps, "pilots_by_state": pilots, "ended": self.ended_counts(t),
                 "recent_failures": self.recent_failures(10), "errors": self.error_summary(t, 10),
                 "activity": self.activity(t, query), "latency": self.start_latency(t),
-                "bad_data": self.bad_data_counts(t),
+                "bad_data": self.bad_data_counts(t), "notes": self.svc.list_notes({})["notes"][:20],
                 "alarms": self.svc.alarms.raised()["alarms"]}
 
     def server_info(self):
@@ -4645,6 +4681,9 @@ class Views:
         job["files"] = [self.file_link(k, v) for k, v in self.job_paths(job)]
         job["images"] = [dict(r) for r in self.store.read("SELECT name, type, size FROM images WHERE job=? "
                                                           "ORDER BY name", (uuid,))]
+        run = run_of(job["infile"])[0] if job["infile"] else None
+        job["notes"] = [n for kind, target in (("job", uuid), ("file", job["infile"]), ("run", run))
+                        for n in self.notes_of(kind, [target]).get(str(target), [])]
         return job
 
     def runs(self, query):
@@ -4671,6 +4710,11 @@ class Views:
         chosen = [t for t in query.get("types", "").split(",") if t]
         types = ([query["jobtype"]] if query.get("jobtype") else
                  chosen + sorted((t for t in order if t not in chosen), key=order.get))
+        runs, files = self.notes_of("run", [r["run"] for r in rows]), self.notes_of("file", [r["infile"] for r in rows])
+        for r in rows:
+            r["notes"] = runs.get(str(r["run"]), []) + files.get(r["infile"], [])
+        if query.get("hide_noted"):
+            rows = [r for r in rows if not any(n["hide"] for n in r["notes"])]
         if query.get("verdict"):
             wanted = as_choice(query["verdict"], "verdict", VERDICTS + ("none",))
             rows = [r for r in rows if (r["verdict"] or "none") == wanted]
@@ -4678,7 +4722,8 @@ class Views:
                      for t in types}
         return {"rows": rows, "types": types, "page": page, "limit": limit, "more": len(files) > limit,
                 "bad_cells": bad_cells,
-                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict") if query.get(k)},
+                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict", "hide_noted")
+                            if query.get(k)},
                 "choices": {"jobtype": known, "verdict": ("",) + VERDICTS + ("none",)}}
 
     def grid_files(self, since, runs, count, offset):
@@ -4693,6 +4738,16 @@ class Views:
         inside = [tuple(r) for r in scanned if run_of(r["infile"])[0] is not None
                   and low <= run_of(r["infile"])[0] <= high]
         return inside[offset:offset + count]
+
+    def notes_of(self, kind, targets):
+        """{target: [notes, newest first]} for these runs, files or jobs: one indexed read each."""
+        found = {}
+        for target in dict.fromkeys(str(t) for t in targets if t not in (None, "")):
+            rows = self.store.read("SELECT * FROM notes INDEXED BY notes_target WHERE kind=? AND target=? "
+                                   "ORDER BY id DESC LIMIT 20", (kind, target))
+            if rows:
+                found[target] = [dict(r) for r in rows]
+        return found
 
     def attach_not_ok(self, jobs):
         """Each job's checks that were not OK, as job["not_ok"] ("check=RESULT"): read only for
@@ -5001,7 +5056,8 @@ table.grid td{padding:2px 4px}.cell{display:block;padding:2px 6px;color:#000;tex
 vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5px}
 .v{display:inline-block;padding:0 5px;border-radius:2px;font-size:12px;font-weight:bold;color:#fff;margin-left:3px}
 .v-OK{background:#080}.v-WARNING{background:#c80}.v-BAD{background:#c00}.v-INVALID{background:#707}
-.v-none{background:#fff;color:#777;border:1px solid #bbb;font-weight:normal}"""
+.v-none{background:#fff;color:#777;border:1px solid #bbb;font-weight:normal}
+.note{background:#eef;border-left:3px solid #66c;padding:1px 5px;margin:2px 0;font-size:13px;max-width:40em}"""
 NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
@@ -5025,6 +5081,14 @@ def verdict_badge(verdict, title=""):
     """A verdict as a badge that reads without colour (its word) and without hover."""
     return (f'<span class="v v-{esc(verdict)}" title="{esc(title)}">{esc(verdict)}</span>' if verdict in VERDICTS
             else "")
+
+
+def note_line(note, short=False):
+    """A person's note as a line: the text (cut on the run grid, whole on hover), who, when."""
+    text = note["text"] if not short or len(note["text"]) <= 60 else note["text"][:57] + "..."
+    hidden = " (hidden from the run grid on request)" if note["hide"] and not short else ""
+    return (f'<div class="note" title="{esc(note["text"])}">&#9998; {esc(text)} '
+            f'<small>{esc(note["who"])}, {esc(short_when(note["ts"]))}{esc(hidden)}</small></div>')
 
 
 def no_verdict_why(job):
@@ -5155,7 +5219,10 @@ def render_summary(d, query):
                      [[esc(short_when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
                        esc(f["jobtype"]), infile_cell(f["infile"]), state_cell(f["state"]), esc(f["exit_code"]),
                        esc(f["host"]), reason_cell(f["reason"])] for f in d["recent_failures"]])
-    body = (f"{server_header(d)}{alarms}{data_line(d.get('bad_data', {}))}"
+    notes = ("<h2>Notes of the last 12 hours</h2>" + "".join(
+        note_line(n) + f"<small>on {esc(n['kind'])} {esc(n['target'])}</small>" for n in d["notes"])
+        if d.get("notes") else "")
+    body = (f"{server_header(d)}{alarms}{data_line(d.get('bad_data', {}))}{notes}"
             f"{activity_charts(d['activity'], d['time'], query)}<h2>Jobs by type and state</h2>{by_type}"
             f"<h2>{link('/errors', 'Errors')} (top 10, last 24 h)</h2><p class='head'>every failed attempt, "
             f"the retried ones too (a count opens them, with what became of each job)</p>{error_table(d['errors'])}"
@@ -5611,7 +5678,8 @@ def render_job(d, query):
     tails = "".join(f"<h2>{s} (last 64 KiB)</h2><pre>{esc(d[s + '_tail'])}</pre>"
                     for s in ("stdout", "stderr") if d[s + "_tail"])
     images = f"<h2>Plots</h2>{thumbnails(d['uuid'], d['images'])}" if d["images"] else ""
-    body = (f"{job_headline(d)}{why}{quality_section(d)}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
+    notes = "<h2>Notes</h2>" + "".join(note_line(n) for n in d["notes"]) if d.get("notes") else ""
+    body = (f"{job_headline(d)}{why}{notes}{quality_section(d)}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
             f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
     return page(job_title(d), body, query)
 
@@ -5686,15 +5754,19 @@ def render_runs(d, query):
         label = (f"run {r['run']}" + (f" · {r['subrun']}" if r["subrun"] is not None else "")
                  if r["run"] is not None else os.path.basename(r["infile"]))
         first = (f'<a href="{esc(href("/jobs", infile=r["infile"]))}" title="{esc(r["infile"])}">{esc(label)}</a>'
-                 f'<br><small>{esc(short_when(r["ts"]))}</small>')
+                 f'<br><small>{esc(short_when(r["ts"]))}</small>'
+                 + "".join(note_line(n, short=True) for n in r.get("notes", ())))
         verdict = (verdict_badge(r["verdict"]) + (f"<br><small>{esc(r['verdict_by'])}</small>"
                                                   if r["verdict"] != "OK" else "")) if r["verdict"] else ""
         rows.append([first, verdict] + [grid_cell(r["jobs"].get(t), t) for t in d["types"]])
     intro = ("<p class='head'>One row per input file, newest first; one column per job type (the order of "
              "<code>types=a,b,c</code>, else the order jobs were submitted in). A cell is the newest job of "
-             "that type on that file: its colour is its state, hover for its reason, click for the job.</p>")
-    body = (intro + filter_form(("jobtype", "runs", "age", "types", "verdict"), query, d["choices"],
-                                {"runs": "run(s)", "types": "column order"}) +
+             "that type on that file: its colour is its state, its badge the data's verdict (the payload's "
+             "checks), hover for its reason, click for the job. <i>data</i>: the file's worst verdict and what "
+             "made it so; &#9998; a person's note on the run or file.</p>")
+    body = (intro + filter_form(("jobtype", "runs", "age", "types", "verdict", "hide_noted"), query,
+                                {**d["choices"], "hide_noted": ("yes",)},
+                                {"runs": "run(s)", "types": "column order", "hide_noted": "hide noted runs"}) +
             pager(d, query) + table(headers, rows, "grid") + pager(d, query))
     return page("Run grid", body, query)
 
@@ -6150,6 +6222,8 @@ API = (
     ("GET", "/api/alarms/history", "alarms.history", ("query",), None),
     ("POST", "/api/alarms/ack", "alarms.acknowledge", ("body", "who"), ADMIN),
     ("GET", "/api/services", "list_services", (), None),
+    ("POST", "/api/notes", "add_note", ("body", "who"), ADMIN),
+    ("GET", "/api/notes", "list_notes", ("query",), None),
     ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
     ("GET", "/api/services/<service>", "get_service", (), None),
     ("DELETE", "/api/services/<service>", "retire_service", (), ADMIN),

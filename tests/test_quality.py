@@ -132,3 +132,23 @@ def test_the_example_dqm_payload_judges_its_file(p3s, tmp_path):
     assert done["state"] == "finished" and done["verdict"] == "OK", done
     assert {c["name"] for c in done["checks"]} == {"readable", "byte_spread"}
     assert done["metrics"]["bytes_read"] == 256 * 64
+
+
+def test_a_note_on_a_run_shows_on_the_grid_the_job_and_the_summary_and_can_hide_the_run(p3s):
+    """Shift hand-over: "HV trip at 14:02, ignore run 5012", with who and when, where a shifter
+    looks: the run's row, its jobs' pages, the summary's last 12 hours; hidden on request."""
+    uuids = p3s.submit([quality_job(f"/data/np04_raw_run00{run}_0001.root", [], then="true")
+                        for run in (5011, 5012)])
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs(uuids, timeout=30)
+    env = dict(p3s.env, USER="ana", LOGNAME="ana")
+    noted = p3s.run("job.py", "--note", "run:5012", "-m", "HV trip at 14:02, <ignore>", "--hide", env=env)
+    assert noted.returncode == 0 and "noted on run 5012 by ana" in noted.stdout, noted.stderr
+    grid = p3s.page("/runs")
+    assert "HV trip at 14:02, &lt;ignore&gt;" in grid and "<ignore>" not in grid
+    assert "HV trip" in p3s.page(f"/job/{uuids[1]}") and "HV trip" not in p3s.page(f"/job/{uuids[0]}")
+    assert "Notes of the last 12 hours" in p3s.page("/") and "on run 5012" in p3s.page("/")
+    rows = p3s.api.call("GET", "/runs", query={"hide_noted": "yes", "format": "json"})["rows"]
+    assert [r["run"] for r in rows] == [5011]
+    bad = p3s.run("job.py", "--note", "run:five", "-m", "x")
+    assert bad.returncode == 2 and "target" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

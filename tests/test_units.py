@@ -191,7 +191,8 @@ def hostile_job():
 
 
 def rendered_pages():
-    job = dict(hostile_job(), verdict="BAD", verdict_check=HOSTILE, verdict_note=HOSTILE,
+    note = {"kind": "run", "target": HOSTILE, "text": HOSTILE, "who": HOSTILE, "hide": 1, "ts": 1.0}
+    job = dict(hostile_job(), verdict="BAD", verdict_check=HOSTILE, verdict_note=HOSTILE, notes=[note],
                checks=[{"name": HOSTILE, "result": "BAD", "message": HOSTILE}], metrics={HOSTILE: 1.5})
     place = {"site": HOSTILE, "host": HOSTILE, "jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2}
     errors = [{"jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2, "first": 1.0, "last": 2.0,
@@ -209,7 +210,7 @@ def rendered_pages():
                "pilots_by_state": {HOSTILE: 1}, "ended": {"1h": {"failed": 1}},
                "recent_failures": [job], "latency": {"median_s": None}, "errors": errors, "activity": activity,
                "server": {"host": HOSTILE, "load": [0.5, 0.4, 0.3], "links": [{"name": HOSTILE, "url": HOSTILE}]},
-               "alarms": alarms, "caps": {HOSTILE: 3}}
+               "alarms": alarms, "caps": {HOSTILE: 3}, "notes": [note], "bad_data": {"BAD": 2}}
     choices = {"state": [HOSTILE], "jobtype": [HOSTILE], "site": [HOSTILE]}
     listing = {"jobs": [job], "page": 1, "limit": 25, "more": False, "total": 1, "sort": "submitted",
                "order": "desc", "choices": choices}
@@ -246,7 +247,7 @@ def rendered_pages():
             server.render_plots(plots, query), server.render_plots(plots, {"group": "run"}),
             server.render_runs({"rows": [{"infile": HOSTILE, "ts": 1.0, "run": None, "subrun": None,
                                           "jobs": {HOSTILE: dict(job, images=[HOSTILE])}, "verdict": "BAD",
-                                          "verdict_by": HOSTILE}], "types": [HOSTILE], "bad_cells": {HOSTILE: 1},
+                                          "verdict_by": HOSTILE, "notes": [note]}], "types": [HOSTILE], "bad_cells": {HOSTILE: 1},
                                 "page": 1, "limit": 25, "more": False, "filters": {"types": HOSTILE},
                                 "choices": choices}, query),
             server.render_workflows({"workflows": [dict(workflow, user=HOSTILE, done=1, vertices=2, ts_def=1.0,
