@@ -21,6 +21,7 @@ import os
 import sys
 import time
 import uuid as uuidlib
+from urllib.parse import quote
 
 from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
 
@@ -80,6 +81,12 @@ def parse_args(argv):
     p.add_argument("--note", metavar="KIND:TARGET",
                    help="leave a note (-m TEXT) on run:NUMBER, file:PATH or job:UUID, shown on the run grid, "
                         "the job page and the summary")
+    p.add_argument("--reference", metavar="TYPE:RUN",
+                   help="mark RUN the reference of job type TYPE (-m WHY): its plots and metrics are shown "
+                        "beside every job of the type")
+    p.add_argument("--bands", metavar="TYPE:FILE",
+                   help="set job type TYPE's bands from FILE, {\"metric\": {\"warn\": [low, high], "
+                        "\"error\": [low, high]}}: they judge its jobs' metrics when a payload gives no verdict")
     p.add_argument("--hide", action="store_true", help="with --note on a run or file: the run grid may hide it")
     p.add_argument("-m", "--why", help="with --pause and --resume: why (kept in the job type's history); "
                                        "with --note: its text")
@@ -108,12 +115,16 @@ def parse_args(argv):
         if getattr(args, "unsupported_" + flag.strip("-")) is not None:
             p.error(f"{flag}: not in p3s; {instead}")
     actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes,
-               bool(args.submission), args.summary, bool(args.pause or args.resume), bool(args.note)]
+               bool(args.submission), args.summary, bool(args.pause or args.resume), bool(args.note),
+               bool(args.reference), bool(args.bands)]
     if sum(actions) != 1 or (args.pause and args.resume):
         p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID, --summary, "
-                "--pause TYPE, --resume TYPE, --note KIND:TARGET")
-    if (args.pause or args.resume or args.note) and not args.why:
-        p.error("--pause, --resume and --note need -m TEXT")
+                "--pause TYPE, --resume TYPE, --note KIND:TARGET, --reference TYPE:RUN, --bands TYPE:FILE")
+    if (args.pause or args.resume or args.note or args.reference) and not args.why:
+        p.error("--pause, --resume, --note and --reference need -m TEXT")
+    for flag, value in (("--reference", args.reference), ("--bands", args.bands)):
+        if value is not None and not all(value.partition(":")[::2]):
+            p.error(f"{flag} {value}: give TYPE:{'RUN' if flag == '--reference' else 'FILE'}")
     if args.note and args.note.split(":", 1)[0] not in ("run", "file", "job"):
         p.error(f"--note {args.note}: give run:NUMBER, file:PATH or job:UUID")
     if args.hide and not args.note:
@@ -146,11 +157,10 @@ def parse_args(argv):
     return args
 
 
-def read_job_file(path):
-    """The job objects in a JSON file, or a JSON string given instead of a file name (as the
-    original p3s took), holding one object or a list of them."""
+def read_json_file(path, flag="-j"):
+    """The JSON in a file, or a JSON string given instead of a file name (as the original p3s took)."""
     if path.lstrip().startswith(("{", "[")):
-        text, where = path, "-j"
+        text, where = path, flag
     else:
         try:
             with open(path) as f:
@@ -158,9 +168,15 @@ def read_job_file(path):
         except OSError as e:
             raise InputError(f"{path}: {e.strerror}") from None
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except ValueError as e:
         raise InputError(f"{where}: malformed JSON: {e}") from None
+
+
+def read_job_file(path):
+    """The job objects in a JSON file or string, holding one object or a list of them."""
+    data = read_json_file(path)
+    where = "-j" if path.lstrip().startswith(("{", "[")) else path
     jobs = data if isinstance(data, list) else [data]
     if not jobs or not all(isinstance(j, dict) for j in jobs):
         raise InputError(f"{where}: expected a job object or a non-empty list of job objects")
@@ -412,6 +428,23 @@ def pause(client, args):
     return 0
 
 
+def reference(client, args):
+    """Mark a run the reference of a job type."""
+    jobtype, _, run = args.reference.partition(":")
+    done = client.call("PUT", f"/api/references/{quote(jobtype, safe='')}",
+                       {"run": run, "why": args.why, "who": getpass.getuser()})
+    emit(args, done, lambda: f"{jobtype}: run {done['run']} is the reference (job {done['job']})")
+    return 0
+
+
+def bands(client, args):
+    """Set a job type's bands from a JSON file."""
+    jobtype, _, path = args.bands.partition(":")
+    done = client.call("PUT", f"/api/bands/{quote(jobtype, safe='')}", {"bands": read_json_file(path, "--bands")})
+    emit(args, done, lambda: f"{jobtype}: bands on {', '.join(done['bands']) or 'no metric'}")
+    return 0
+
+
 def note(client, args):
     """A note on a run, a file or a job, in the user's name."""
     kind, _, target = args.note.partition(":")
@@ -421,7 +454,7 @@ def note(client, args):
     return 0
 
 
-ACTIONS = ((lambda a: a.note, note), (lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
+ACTIONS = ((lambda a: a.reference, reference), (lambda a: a.bands, bands), (lambda a: a.note, note), (lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
            (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
            (lambda a: a.submission, show_submission), (lambda a: a.summary, summary))
 

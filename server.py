@@ -212,6 +212,16 @@ def approx(value, unit="s"):
     return "" if value is None else f"~{float(f'{value:.{1 if value < 10 else 2}g}'):g} {unit}"
 
 
+RUN_NUMBER = re.compile(r"run_?0*(\d+)(?:_0*(\d+))?", re.I)    # np04_raw_run005010_0007 -> 5010, 7
+RUN_SCAN = 20000        # input files a run-range filter examines at most (newest first)
+
+
+def run_of(infile):
+    """(run, subrun) named in a file name (subrun may be None), else (None, None)."""
+    match = RUN_NUMBER.search(os.path.basename(infile))
+    return (int(match.group(1)), match.group(2) and int(match.group(2))) if match else (None, None)
+
+
 def median(values):
     ordered = sorted(values)
     if not ordered:
@@ -589,7 +599,9 @@ MIGRATIONS = [
     # refused, and why); the checks and metrics themselves, gone with their job. The partial
     # index holds only bad verdicts: the bad_data alarm reads it, nothing else pays for it.
     # Job types paused (by the circuit breaker or a person; `paused` NULL: running again, since
-    # `resumed`), whose queued jobs stay queued and are handed to no pilot. A submission's digest
+    # `resumed`), whose queued jobs stay queued and are handed to no pilot. Per job type, bands
+    # (warn and error ranges) that judge a metric when the payload gave no verdict, and a
+    # reference run (and its job) whose plots and metrics each job is shown beside. A submission's digest
     # (what job.py read, before uuids), so a blind rerun of a file is caught. The data streams:
     # by directory, when a file last arrived (injected or registered), for no_new_work. When a
     # site first had its nominal pilots live (NULL: never since it was defined). Notes a person
@@ -601,8 +613,13 @@ MIGRATIONS = [
     CREATE INDEX jobs_bad ON jobs(ts_sto) WHERE verdict IN ('BAD', 'INVALID');
     CREATE TABLE checks(uuid TEXT NOT NULL, name TEXT NOT NULL, result TEXT NOT NULL, message TEXT NOT NULL,
                         PRIMARY KEY(uuid, name)) WITHOUT ROWID;
-    CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL,
-                         PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    CREATE TABLE metrics(uuid TEXT NOT NULL, name TEXT NOT NULL, value REAL NOT NULL, jobtype TEXT NOT NULL,
+                         infile TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY(uuid, name)) WITHOUT ROWID;
+    CREATE INDEX metrics_trend ON metrics(jobtype, name, ts);
+    CREATE TABLE bands(jobtype TEXT NOT NULL, metric TEXT NOT NULL, warn_low REAL, warn_high REAL,
+                       error_low REAL, error_high REAL, PRIMARY KEY(jobtype, metric)) WITHOUT ROWID;
+    CREATE TABLE refs(jobtype TEXT PRIMARY KEY, run INTEGER NOT NULL, job TEXT NOT NULL, who TEXT NOT NULL,
+                      why TEXT NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
     ALTER TABLE sites ADD COLUMN met REAL;
     CREATE TABLE notes(id INTEGER PRIMARY KEY, kind TEXT NOT NULL, target TEXT NOT NULL, text TEXT NOT NULL,
                        who TEXT NOT NULL, hide INTEGER NOT NULL DEFAULT 0, ts REAL NOT NULL);
@@ -1983,11 +2000,63 @@ def usage_fields(usage):
 
 
 def store_quality(conn, uuid, checks, metrics):
-    """A finished job's checks and metrics (its verdict is in its row)."""
+    """A finished job's checks and metrics. A job with metrics and no verdict of its own is
+    judged by its type's bands (a team starts with numbers and no code); its row gets the
+    verdict either way."""
+    job = conn.execute("SELECT jobtype, infile, verdict FROM jobs WHERE uuid=?", (uuid,)).fetchone()
+    if not checks and metrics:
+        checks = band_checks(conn, job["jobtype"], metrics)
+        worst = max(checks, key=lambda c: VERDICTS.index(c[1]), default=None)
+        if worst:
+            conn.execute("UPDATE jobs SET verdict=?, verdict_check=? WHERE uuid=?", (worst[1], worst[0], uuid))
     conn.executemany("INSERT OR REPLACE INTO checks(uuid, name, result, message) VALUES(?, ?, ?, ?)",
                      [(uuid, *c) for c in checks])
-    conn.executemany("INSERT OR REPLACE INTO metrics(uuid, name, value) VALUES(?, ?, ?)",
-                     [(uuid, *m) for m in metrics])
+    t = now()
+    conn.executemany("INSERT OR REPLACE INTO metrics(uuid, name, value, jobtype, infile, ts) VALUES(?, ?, ?, ?, ?, ?)",
+                     [(uuid, *m, job["jobtype"], job["infile"], t) for m in metrics])
+
+
+def band_checks(conn, jobtype, metrics):
+    """A check per banded metric: BAD outside its error range, WARNING outside its warn range."""
+    values = dict(metrics)
+    checks = []
+    for b in conn.execute("SELECT * FROM bands WHERE jobtype=? ORDER BY metric", (jobtype,)):
+        if b["metric"] not in values:
+            continue
+        value = values[b["metric"]]
+        for result, low, high in (("BAD", b["error_low"], b["error_high"]), ("WARNING", b["warn_low"], b["warn_high"])):
+            if (low is not None and value < low) or (high is not None and value > high):
+                checks.append((b["metric"], result, f"{value:g} outside [{band_text(low)}, {band_text(high)}]"))
+                break
+        else:
+            checks.append((b["metric"], "OK", f"{value:g} within its bands"))
+    return checks
+
+
+def band_range(ranges, metric, kind):
+    """(low, high) of a band, either None (open); a 400 naming the metric otherwise."""
+    pair = (ranges or {}).get(kind, [None, None]) if isinstance(ranges, dict) else None
+    if not isinstance(pair, list) or len(pair) != 2 or not all(
+            x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)) for x in pair):
+        raise bad(f"bands: {str(metric)[:40]}.{kind} must be [low, high], numbers or null")
+    return pair
+
+
+def run_job(conn, jobtype, run):
+    """The newest finished job of `jobtype` on an input file of run `run`, or None."""
+    for (infile,) in conn.execute("SELECT infile FROM inputs WHERE infile LIKE ? ORDER BY ts DESC LIMIT 1000",
+                                  (f"%{run}%",)).fetchall():
+        if run_of(infile)[0] == run:
+            found = conn.execute("SELECT uuid FROM jobs INDEXED BY jobs_infile WHERE infile=? AND infile != '' "
+                                 "AND jobtype=? AND state='finished' ORDER BY id DESC LIMIT 1",
+                                 (infile, jobtype)).fetchone()
+            if found:
+                return found[0]
+    return None
+
+
+def band_text(value):
+    return "" if value is None else f"{value:g}"
 
 
 def count_error(conn, job, state, exit_code, line, t):
@@ -4031,6 +4100,45 @@ class Service:
                 "lost_lives_1h": [r["life"] for r in ended if r["state"] == "lost"],
                 "mean_life_1h": sum(lives) / len(lives) if lives else None, "median_life_1h": median(lives)}
 
+    # -- data quality: bands and reference runs ----------------------------------------------------
+    def set_bands(self, jobtype, body):
+        """A job type's bands, replacing its old ones: {"metric": {"warn": [low, high], "error":
+        [low, high]}}, either end null (open). They judge a finished job's metrics when its
+        payload wrote no verdict.json."""
+        check_keys(body, "bands", ("bands",))
+        bands = body.get("bands")
+        if not isinstance(bands, dict) or len(bands) > MAX_METRICS:
+            raise bad(f"bands: an object of at most {MAX_METRICS} metrics, each {{\"warn\": [low, high], "
+                      "\"error\": [low, high]}")
+        rows = [(jobtype, as_str(metric, "bands", allow_empty=False, max_len=MAX_QUALITY_NAME),
+                 *band_range(ranges, metric, "warn"), *band_range(ranges, metric, "error"))
+                for metric, ranges in bands.items()]
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM bands WHERE jobtype=?", (jobtype,))
+            conn.executemany("INSERT INTO bands VALUES(?, ?, ?, ?, ?, ?)", rows)
+        return self.get_bands(jobtype)
+
+    def get_bands(self, jobtype):
+        return {"jobtype": jobtype, "bands": {
+            r["metric"]: {"warn": [r["warn_low"], r["warn_high"]], "error": [r["error_low"], r["error_high"]]}
+            for r in self.store.read("SELECT * FROM bands WHERE jobtype=? ORDER BY metric", (jobtype,))}}
+
+    def set_reference(self, jobtype, body, who):
+        """Mark a run the reference of a job type (its newest finished job of that type on that
+        run), with who and why: every job of the type is shown beside it."""
+        check_keys(body, "reference", ("run", "why", "who"))
+        run = as_int(body.get("run"), "run", 0, INT64 - 1)
+        ref = {"jobtype": jobtype, "run": run, "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300),
+               "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64), "ts": now()}
+        with self.store.transaction() as conn:
+            ref["job"] = run_job(conn, jobtype, run)
+            if ref["job"] is None:
+                raise ApiError(404, f"run: no finished {jobtype} job on run {run}")
+            conn.execute("INSERT OR REPLACE INTO refs(jobtype, run, job, who, why, ts) "
+                         "VALUES(:jobtype, :run, :job, :who, :why, :ts)", ref)
+            event(conn, "reference", "reference:" + jobtype, None, str(run), ref["who"], info=ref["why"])
+        return ref
+
     # -- notes --------------------------------------------------------------------------------------
     NOTE_KINDS = ("run", "file", "job")
 
@@ -4341,16 +4449,6 @@ JOB_SORTS = {"submitted": "id", "priority": "priority", "state": "state", "jobty
 AHEAD = ("SELECT (SELECT COUNT(*) FROM jobs INDEXED BY jobs_claim_type WHERE state='defined' AND site=? "
          "AND jobtype=? AND priority > ?) + (SELECT COUNT(*) FROM jobs INDEXED BY jobs_claim_type "
          "WHERE state='defined' AND site=? AND jobtype=? AND priority = ? AND ts_def < ?)")
-
-
-RUN_NUMBER = re.compile(r"run_?0*(\d+)(?:_0*(\d+))?", re.I)    # np04_raw_run005010_0007 -> 5010, 7
-RUN_SCAN = 20000        # input files a run-range filter examines at most (newest first)
-
-
-def run_of(infile):
-    """(run, subrun) named in a file name (subrun may be None), else (None, None)."""
-    match = RUN_NUMBER.search(os.path.basename(infile))
-    return (int(match.group(1)), match.group(2) and int(match.group(2))) if match else (None, None)
 
 
 def parse_run_range(value):
@@ -4684,7 +4782,38 @@ class Views:
         run = run_of(job["infile"])[0] if job["infile"] else None
         job["notes"] = [n for kind, target in (("job", uuid), ("file", job["infile"]), ("run", run))
                         for n in self.notes_of(kind, [target]).get(str(target), [])]
+        job["reference"] = self.reference_of(job)
         return job
+
+    def trend(self, jobtype, metric, query):
+        """A metric of a job type over run numbers (its newest TREND_POINTS values, younger than
+        `age`, in the `runs` range), with its bands and its reference run's value."""
+        check_keys(query, "query", ("age", "runs", "format", "refresh"))
+        since = now() - parse_age(query["age"]) if query.get("age") else 0
+        low, high = parse_run_range(query["runs"]) if query.get("runs") else (0, INT64)
+        points = []
+        for r in self.store.read("SELECT uuid, value, infile FROM metrics INDEXED BY metrics_trend WHERE jobtype=? "
+                                 "AND name=? AND ts > ? ORDER BY ts DESC LIMIT ?", (jobtype, metric, since, TREND_POINTS)):
+            run, subrun = run_of(r["infile"])
+            if run is not None and low <= run <= high:
+                points.append({"job": r["uuid"], "run": run, "subrun": subrun, "value": r["value"]})
+        band = self.svc.get_bands(jobtype)["bands"].get(metric)
+        ref = self.store.read_one("SELECT r.run, m.value FROM refs AS r JOIN metrics AS m ON m.uuid = r.job "
+                                  "AND m.name = ? WHERE r.jobtype = ?", (metric, jobtype))
+        return {"jobtype": jobtype, "metric": metric, "points": points, "band": band,
+                "reference": dict(ref) if ref else None,
+                "filters": {k: query[k] for k in ("age", "runs") if query.get(k)}}
+
+    def reference_of(self, job):
+        """The reference run of the job's type (unless this job is it): its job's plot names and
+        metrics, for the job page to show beside this job's."""
+        ref = self.store.read_one("SELECT * FROM refs WHERE jobtype=?", (job["jobtype"],))
+        if ref is None or ref["job"] == job["uuid"]:
+            return None
+        return {**dict(ref), "images": [r[0] for r in self.store.read(
+                    "SELECT name FROM images WHERE job=? ORDER BY name", (ref["job"],))],
+                "metrics": {r["name"]: r["value"] for r in self.store.read(
+                    "SELECT name, value FROM metrics WHERE uuid=?", (ref["job"],))}}
 
     def runs(self, query):
         """The run grid: input files (newest first) by job types, each cell the newest job of
@@ -5388,6 +5517,7 @@ def render_failures(d, query):
 
 # -- activity charts: inline SVG, no JavaScript; a <title> on each slot is its hover text ---------
 CHART_W, CHART_H, CHART_PAD = 360, 90, 30
+TREND_POINTS = 2000             # values a trend page draws at most (the newest)
 
 
 def nice_ticks(ymax):
@@ -5659,12 +5789,41 @@ def quality_section(d):
     rows = [[verdict_badge(c["result"]), esc(c["name"]), esc(c["message"])] for c in checks]
     parts = [table(["result", "check", "message"], rows)] if rows else []
     if d.get("metrics"):
-        parts.append(table(["metric", "value"], [[esc(k), f'<span class="num">{esc(f"{v:.6g}")}</span>']
-                                                 for k, v in d["metrics"].items()]))
+        parts.append(metrics_table(d["metrics"], d.get("reference"), d["jobtype"]))
     note = no_verdict_why(d) or d.get("verdict_note")      # a verdict may come with metrics refused
     if note:
         parts.append(f"<p class='bad'>{esc(note)}</p>")
     return "<h2>Data quality</h2>" + "".join(parts) if parts else ""
+
+
+def metrics_table(metrics, ref, jobtype):
+    """The job's metrics, each a link to its trend over runs, and beside each the reference
+    run's value and the difference."""
+    rows = []
+    for name, value in metrics.items():
+        cells = [link(f"/trend/{quote(jobtype, safe='')}/{quote(name, safe='')}", name), esc(f"{value:.6g}")]
+        if ref:
+            other = ref["metrics"].get(name)
+            change = "" if other is None else f"{value - other:+.4g}" + (
+                f" ({100 * (value - other) / other:+.0f} %)" if other else "")
+            cells += [esc("" if other is None else f"{other:.6g}"), esc(change)]
+        rows.append(cells)
+    headers = ["metric", "value"] + ([f"reference (run {esc(ref['run'])})", "difference"] if ref else [])
+    return table(headers, rows)
+
+
+def beside_reference(d):
+    """Each plot beside the reference run's plot of the same name: the shift's comparison by eye,
+    made for it."""
+    ref = d["reference"]
+    pairs = [[thumbnails(d["uuid"], [i]), thumbnails(ref["job"], [i])] for i in d["images"]
+             if i["name"] in ref["images"]]
+    if not pairs:
+        return ""
+    rest = [i for i in d["images"] if i["name"] not in ref["images"]]
+    return (f"<h2>Beside the reference run {esc(ref['run'])}</h2><p class='head'>marked by {esc(ref['who'])}: "
+            f"{esc(ref['why'])}</p>" + table(["this job", f"reference, run {esc(ref['run'])}"], pairs)
+            + (thumbnails(d["uuid"], rest) if rest else ""))
 
 
 def render_job(d, query):
@@ -5678,6 +5837,8 @@ def render_job(d, query):
     tails = "".join(f"<h2>{s} (last 64 KiB)</h2><pre>{esc(d[s + '_tail'])}</pre>"
                     for s in ("stdout", "stderr") if d[s + "_tail"])
     images = f"<h2>Plots</h2>{thumbnails(d['uuid'], d['images'])}" if d["images"] else ""
+    if d.get("reference"):
+        images = beside_reference(d) or images
     notes = "<h2>Notes</h2>" + "".join(note_line(n) for n in d["notes"]) if d.get("notes") else ""
     body = (f"{job_headline(d)}{why}{notes}{quality_section(d)}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
             f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
@@ -5936,6 +6097,51 @@ def render_jobtype(d, query):
     return page(f"Job type {d['name']}", body, query)
 
 
+def trend_chart(d, width=720, height=240, pad=50):
+    """The metric over run numbers as an SVG: its bands shaded (error red, warn amber), the
+    reference run's value dashed, each point a link to its job (its run and value on hover)."""
+    points, band, ref = d["points"], d["band"] or {}, d["reference"]
+    values = [p["value"] for p in points] + [v for pair in band.values() for v in pair if v is not None]
+    values += [ref["value"]] if ref else []
+    lo, hi = min(values), max(values)
+    lo, hi = (lo - 1, hi + 1) if lo == hi else (lo - (hi - lo) * 0.05, hi + (hi - lo) * 0.05)
+    r0, r1 = min(p["run"] for p in points), max(p["run"] for p in points)
+    r1 = max(r1, r0 + 1)
+
+    def x(run):
+        return pad + (run - r0) / (r1 - r0) * width
+
+    def y(value):
+        return height - (value - lo) / (hi - lo) * height
+    shades = ""
+    for kind, colour in (("error", "#fde0e0"), ("warn", "#fff3cd")):
+        low, high = band.get(kind, [None, None])
+        for top, bottom in ((hi, high), (low, lo)):      # above the band's high, below its low
+            if top is not None and bottom is not None and top > bottom:
+                shades += (f'<rect x="{pad}" y="{y(top):.1f}" width="{width}" height="{y(bottom) - y(top):.1f}" '
+                           f'fill="{colour}"/>')
+    ref_line = (f'<line x1="{pad}" y1="{y(ref["value"]):.1f}" x2="{pad + width}" y2="{y(ref["value"]):.1f}" '
+                f'stroke="#555" stroke-dasharray="4 3"/><text x="{pad + width - 2}" y="{y(ref["value"]) - 3:.1f}" '
+                f'font-size="10" text-anchor="end">reference, run {esc(ref["run"])}</text>' if ref else "")
+    dots = "".join(f'<a href="/job/{esc(p["job"])}"><circle cx="{x(p["run"]):.1f}" cy="{y(p["value"]):.1f}" '
+                   f'r="3" fill="#1f5fbf"><title>run {esc(p["run"])}: {esc(format(p["value"], ".6g"))}</title>'
+                   f'</circle></a>' for p in points)
+    axes = "".join(f'<text x="{pad - 4}" y="{y(v) + 3:.1f}" font-size="10" text-anchor="end">'
+                   f'{esc(format(v, ".4g"))}</text>' for v in (lo, (lo + hi) / 2, hi))
+    axes += "".join(f'<text x="{x(r):.1f}" y="{height + 14}" font-size="10" text-anchor="middle">{esc(r)}</text>'
+                    for r in sorted({r0, r1, (r0 + r1) // 2}))
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + pad + 20}" height="{height + 22}" role="img" '
+            f'aria-label="{esc(d["metric"])} by run"><rect x="{pad}" y="0" width="{width}" height="{height}" '
+            f'fill="#fafafa" stroke="#ccc"/>{shades}{ref_line}{axes}{dots}</svg>')
+
+
+def render_trend(d, query):
+    """Is this metric drifting, run after run? The trend of one metric of one job type."""
+    form = filter_form(("runs", "age"), query, {}, {"runs": "run(s)"})
+    chart = (trend_chart(d) if d["points"] else "<p>No value of this metric in the runs and age chosen.</p>")
+    return page(f"{d['metric']} of {d['jobtype']}, by run", form + chart, query)
+
+
 def render_service(d, query):
     lines = table(["time", "result"], [[esc(when(x["ts"])), esc(x["result"])] for x in d["lines"]])
     head = table(["service", "host", "state", "last seen", "period"],
@@ -6160,6 +6366,7 @@ def render_datasets(d, query):
 # <name> a site or datatype name.
 PATH_PARAMS = {"<uuid>": r"(?P<uuid>[^/]+)", "<dag>": r"(?P<name>[^/]{1,128})",
                "<jobtype>": r"(?P<name>[^/]{1,64})", "<service>": r"(?P<name>[^/]{1,256})",
+               "<metric>": r"(?P<metric>[^/]{1,128})",
                "<name>": r"(?P<name>[A-Za-z0-9_.-]{1,64})"}
 
 
@@ -6223,6 +6430,9 @@ API = (
     ("POST", "/api/alarms/ack", "alarms.acknowledge", ("body", "who"), ADMIN),
     ("GET", "/api/services", "list_services", (), None),
     ("POST", "/api/notes", "add_note", ("body", "who"), ADMIN),
+    ("PUT", "/api/bands/<jobtype>", "set_bands", ("body",), ADMIN),
+    ("GET", "/api/bands/<jobtype>", "get_bands", (), None),
+    ("PUT", "/api/references/<jobtype>", "set_reference", ("body", "who"), ADMIN),
     ("GET", "/api/notes", "list_notes", ("query",), None),
     ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
     ("GET", "/api/services/<service>", "get_service", (), None),
@@ -6245,6 +6455,7 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/dag/<dag>", "dag", render_dag),
     ("/datatypes", "datatypes", render_datatypes),
     ("/jobtype/<jobtype>", "jobtype", render_jobtype),
+    ("/trend/<jobtype>/<metric>", "trend", render_trend),
     ("/job/<uuid>", "job", render_job),
     ("/pilots", "pilots", render_pilots),
     ("/pilot/<uuid>", "pilot", render_pilot),

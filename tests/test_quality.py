@@ -152,3 +152,31 @@ def test_a_note_on_a_run_shows_on_the_grid_the_job_and_the_summary_and_can_hide_
     assert [r["run"] for r in rows] == [5011]
     bad = p3s.run("job.py", "--note", "run:five", "-m", "x")
     assert bad.returncode == 2 and "target" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_bands_judge_bare_metrics_and_a_reference_run_is_shown_beside_every_job_and_its_trend(p3s, tmp_path):
+    """A team starts with numbers and no code: bands on a metric judge it; a reference run,
+    marked with who and why, stands beside each job (its plots by name, its metrics and the
+    difference); the metric's trend over runs draws the bands, the reference and each job."""
+    from conftest import tiny_png
+    png = tmp_path / "adc.png"
+    tiny_png(png)
+    band_file = tmp_path / "bands.json"
+    band_file.write_text(json.dumps({"noise_rms": {"warn": [None, 4], "error": [None, 6]}}))
+    assert p3s.run("job.py", "--bands", f"purity:{band_file}").returncode == 0
+    jobs = [quality_job(f"/data/np04_raw_run00{run}_0001.root", None, {"noise_rms": noise},
+                        then=f"cp {png} $P3S_JOB_DIR/adc.png") for run, noise in ((5040, 3.0), (5041, 4.5), (5042, 7.0))]
+    uuids = p3s.submit(jobs)
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs(uuids, timeout=30)
+    assert [p3s.job(u)["verdict"] for u in uuids] == ["OK", "WARNING", "BAD"]
+    assert p3s.job(uuids[2])["checks"] == [{"name": "noise_rms", "result": "BAD", "message": "7 outside [, 6]"}]
+    marked = p3s.run("job.py", "--reference", "purity:5040", "-m", "quiet run, all APAs on",
+                     env=dict(p3s.env, USER="ana", LOGNAME="ana"))
+    assert marked.returncode == 0 and f"job {uuids[0]}" in marked.stdout, marked.stderr
+    page = p3s.page(f"/job/{uuids[2]}")
+    assert "Beside the reference run 5040" in page and f"/image/{uuids[0]}/adc.png" in page
+    assert "reference (run 5040)" in page and "+4 (+133 %)" in page and "quiet run, all APAs on" in page
+    trend = p3s.page("/trend/purity/noise_rms")
+    assert trend.count("<circle") == 3 and "reference, run 5040" in trend and 'fill="#fde0e0"' in trend
+    assert p3s.run("job.py", "--reference", "purity:9999", "-m", "x").returncode == 2

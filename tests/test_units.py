@@ -245,6 +245,13 @@ def rendered_pages():
             server.render_pilots({"pilots": [pilot], "page": 1, "more": False, "limit": 25, "choices": choices}, query),
             server.render_workflow(workflow, query), server.render_errors({"errors": errors, "by_site": [place], "by_host": [place]}, query),
             server.render_plots(plots, query), server.render_plots(plots, {"group": "run"}),
+            server.render_trend({"jobtype": HOSTILE, "metric": HOSTILE, "filters": {}, "reference":
+                                 {"run": HOSTILE, "value": 2.0}, "band": {"warn": [1.0, 3.0], "error": [None, 5.0]},
+                                 "points": [{"job": HOSTILE, "run": 5010, "subrun": 1, "value": 2.5},
+                                            {"job": HOSTILE, "run": 5011, "subrun": None, "value": 1e300}]}, query),
+            server.render_job(dict(job, reference={"run": HOSTILE, "job": HOSTILE, "who": HOSTILE, "why": HOSTILE,
+                                                   "images": [HOSTILE], "metrics": {HOSTILE: 0.0}},
+                                   images=[{"name": HOSTILE, "type": "image/png", "size": 1}]), query),
             server.render_runs({"rows": [{"infile": HOSTILE, "ts": 1.0, "run": None, "subrun": None,
                                           "jobs": {HOSTILE: dict(job, images=[HOSTILE])}, "verdict": "BAD",
                                           "verdict_by": HOSTILE, "notes": [note]}], "types": [HOSTILE], "bad_cells": {HOSTILE: 1},
