@@ -4588,7 +4588,7 @@ class Views:
         pauses = [dict(r) for r in self.store.read("SELECT ts, new, who, info FROM events INDEXED BY events_uuid "
                                                    "WHERE uuid=? ORDER BY id DESC LIMIT 20", ("jobtype:" + name,))]
         return {"name": name, "counts": counts, "cap": cap[0] if cap else None, "activity": activity,
-                "paused": dict(pause) if pause else None, "pauses": pauses,
+                "paused": dict(pause) if pause else None, "pauses": pauses, "plots": self.file_latency(t, name),
                 "profile": self.profile(name, "duration", t, activity),
                 "profiles": {m: self.profile(name, m, t, activity) for m in ("memory", "cpu_eff")},
                 "errors": self.error_summary(t, 50, jobtype=name), "time": t}
@@ -4728,7 +4728,24 @@ class Views:
     def start_latency(self, t):
         samples = [r[0] for r in self.store.read(
             "SELECT ts_sta - ts_def FROM jobs WHERE ts_sta > ? ORDER BY ts_sta DESC LIMIT 10000", (t - 3600,))]
-        return {"median_s": median(samples), "samples": len(samples), "window": "1h"}
+        return {"median_s": median(samples), "samples": len(samples), "window": "1h",
+                "plots": self.file_latency(t)}
+
+    def file_latency(self, t, jobtype=None):
+        """File to plots: from a file's arrival (its first job) to the end of its last job (of
+        `jobtype`, if given), for the files of the last hour whose jobs have all ended: the
+        original's goal, "a few minutes". Median and p95 in seconds, and how many files."""
+        samples = []
+        for r in self.store.read("SELECT infile, ts FROM inputs INDEXED BY inputs_ts WHERE ts > ? "
+                                 "ORDER BY ts DESC LIMIT ?", (t - 3600, LATENCY_FILES)):
+            ends = self.store.read("SELECT state, ts_sto FROM jobs INDEXED BY jobs_infile WHERE infile=? "
+                                   "AND infile != ''" + (" AND jobtype=?" if jobtype else ""),
+                                   (r["infile"], jobtype) if jobtype else (r["infile"],))
+            if ends and all(e["state"] in END_JOB_STATES and e["ts_sto"] for e in ends):
+                samples.append(max(e["ts_sto"] for e in ends) - r["ts"])
+        samples.sort()
+        p95 = samples[min(len(samples) - 1, int(0.95 * len(samples)))] if samples else None
+        return {"median_s": median(samples), "p95_s": p95, "files": len(samples)}
 
     # -- jobs -------------------------------------------------------------------------------------
     def jobs(self, query):
@@ -5343,7 +5360,7 @@ def render_summary(d, query):
     lat = d["latency"]
     latency = (f"<p>Submit-to-start latency, median over the last hour: <b>{lat['median_s'] * 1000:.0f} ms</b> "
                f"({lat['samples']} jobs)</p>" if lat["median_s"] is not None
-               else "<p>No job started in the last hour.</p>")
+               else "<p>No job started in the last hour.</p>") + plots_latency(lat.get("plots"))
     failures = table(["ended", "job", "jobtype", "input file", "state", "exit code", "host", "reason"],
                      [[esc(short_when(f["ts_sto"])), link(f"/job/{f['uuid']}", f["name"] or f["uuid"][:8]),
                        esc(f["jobtype"]), infile_cell(f["infile"]), state_cell(f["state"]), esc(f["exit_code"]),
@@ -5368,6 +5385,14 @@ def data_line(bad):
         return "<p>Data of the last hour: <b>no file judged BAD or INVALID</b> by its checks.</p>"
     counts = " and ".join(link(href("/runs", verdict=v, age="1h"), f"{bad[v]} {v}") for v in BAD_VERDICTS if bad.get(v))
     return f"<p class='bad'>Data of the last hour: {counts} (jobs judged by their checks)</p>"
+
+
+def plots_latency(lat):
+    """File to plots, in one line: how long after a file arrives its last job has ended."""
+    if not lat or lat["median_s"] is None:
+        return ""
+    return (f"<p>File to plots (a file's arrival to the end of its last job), last hour: median "
+            f"<b>{ago(lat['median_s'])}</b>, p95 {ago(lat['p95_s'])} ({lat['files']} files)</p>")
 
 
 def alarm_since(a, t):
@@ -5517,6 +5542,7 @@ def render_failures(d, query):
 
 # -- activity charts: inline SVG, no JavaScript; a <title> on each slot is its hover text ---------
 CHART_W, CHART_H, CHART_PAD = 360, 90, 30
+LATENCY_FILES = 500             # files of the last hour the file-to-plots latency reads at most
 TREND_POINTS = 2000             # values a trend page draws at most (the newest)
 
 
@@ -6089,7 +6115,8 @@ def render_jobtype(d, query):
     pauses = ("<h2>Paused and resumed</h2>" + table(["time", "now", "by", "why"], [
         [esc(when(e["ts"])), state_cell(e["new"]), esc(e["who"]), esc(e["info"])] for e in d["pauses"]])
         if d.get("pauses") else "")
-    body = (f"{paused}{counts}{warning}{charts}<h2>What its jobs take</h2>{drift}{pauses}"
+    body = (f"{paused}{counts}{plots_latency(d.get('plots'))}{warning}{charts}<h2>What its jobs take</h2>"
+            f"{drift}{pauses}"
             f"<h2>Errors of the last 24 hours</h2>{error_table(d['errors'])}"
             f"<p>{link(href('/runs', jobtype=d['name']), 'its run grid')} · "
             f"{link(href('/plots', jobtype=d['name']), 'its plots')} · "

@@ -49,6 +49,9 @@ def test_a_verdict_and_metrics_show_on_the_job_the_run_grid_and_the_good_run_lis
         "purity:dead_channels=BAD purity:noise=WARNING"
     assert by_run["5012"]["verdict"] == "" and by_run["5010"]["verdict"] == "OK"
     assert 'Data of the last hour: <a href="/runs?verdict=BAD&amp;age=1h">1 BAD</a>' in p3s.page("/")
+    plots = p3s.api.call("GET", "/", query={"format": "json"})["latency"]["plots"]
+    assert plots["files"] == 3 and 0 < plots["median_s"] < 30, plots     # the original's "a few minutes"
+    assert "File to plots" in p3s.page("/") and "(3 files)" in p3s.page("/jobtype/purity")
 
 
 def test_hostile_verdict_and_metrics_files_are_refused_with_a_reason_and_never_crash(p3s):
