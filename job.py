@@ -73,6 +73,9 @@ def parse_args(argv):
                    help="with -l: at most N jobs of the type (-T), or of each known type, dispatched or "
                    "running at once (0 suspends, -1 removes the cap); enforced when pilots claim, never at "
                    "submission")
+    p.add_argument("--deadline", type=float, metavar="SECONDS",
+                   help="with -l -T TYPE: a file's TYPE job must end within SECONDS of the file's arrival, "
+                        "else the late_run alarm (0 lifts it)")
     p.add_argument("--no-cap", action="store_true", help="with -l: remove the cap of -T TYPE, or of every type")
     p.add_argument("--pause", metavar="TYPE", help="pause job type TYPE: its queued jobs stay queued, no pilot "
                                                     "takes one (-m WHY)")
@@ -131,6 +134,8 @@ def parse_args(argv):
         p.error("--hide goes with --note")
     if (args.cap is not None or args.no_cap) and not args.jobtypes:
         p.error("-L and --no-cap go with -l [-T TYPE]")
+    if args.deadline is not None and not (args.jobtypes and args.jobtype_name) or (args.deadline or 0) < 0:
+        p.error("--deadline SECONDS (0 lifts it) goes with -l -T TYPE")
     if args.dunetpcver is not None and not args.jobfile:
         p.error("-V goes with -j FILE")
     if args.cap is not None and args.cap < -1:
@@ -383,6 +388,9 @@ def jobtypes(client, args):
         names = [args.jobtype_name] if args.jobtype_name else [t["name"] for t in client.list_jobtypes()]
         for name in names:
             client.set_cap(name, cap)
+    if args.deadline is not None:
+        client.call("PUT", f"/api/jobtypes/{quote(args.jobtype_name, safe='')}/deadline",
+                    {"seconds": args.deadline or None})
     types = client.list_jobtypes(args.jobtype_name)
     if args.jobtype_name and not types:
         types = [{"name": args.jobtype_name, "cap": None, "defined": 0, "running": 0, "finished": 0, "failed": 0}]

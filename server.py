@@ -601,7 +601,8 @@ MIGRATIONS = [
     # Job types paused (by the circuit breaker or a person; `paused` NULL: running again, since
     # `resumed`), whose queued jobs stay queued and are handed to no pilot. Per job type, bands
     # (warn and error ranges) that judge a metric when the payload gave no verdict, and a
-    # reference run (and its job) whose plots and metrics each job is shown beside. A submission's digest
+    # reference run (and its job) whose plots and metrics each job is shown beside, and a deadline
+    # from a file's arrival to the end of its job of the type (late_run). A submission's digest
     # (what job.py read, before uuids), so a blind rerun of a file is caught. The data streams:
     # by directory, when a file last arrived (injected or registered), for no_new_work. When a
     # site first had its nominal pilots live (NULL: never since it was defined). Notes a person
@@ -618,6 +619,7 @@ MIGRATIONS = [
     CREATE INDEX metrics_trend ON metrics(jobtype, name, ts);
     CREATE TABLE bands(jobtype TEXT NOT NULL, metric TEXT NOT NULL, warn_low REAL, warn_high REAL,
                        error_low REAL, error_high REAL, PRIMARY KEY(jobtype, metric)) WITHOUT ROWID;
+    CREATE TABLE deadlines(jobtype TEXT PRIMARY KEY, seconds REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE refs(jobtype TEXT PRIMARY KEY, run INTEGER NOT NULL, job TEXT NOT NULL, who TEXT NOT NULL,
                       why TEXT NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
     ALTER TABLE sites ADD COLUMN met REAL;
@@ -2892,7 +2894,7 @@ class Alarms:
     """
     NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate",
              "no_new_work", "service_silent", "starving", "disk_low", "db_failing", "bad_data",
-             "jobtype_paused", "drift")    # also the /metrics gauges
+             "jobtype_paused", "drift", "late_run")    # also the /metrics gauges
     CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate",
                 "pilots_lost")
 
@@ -3057,7 +3059,7 @@ class Alarms:
                 self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}",
                            "/api/health"))
         return (alarms + self.paused(t) + self.failures(t) + self.flow(t) + self.starving(t)
-                + self.bad_data(t) + self.drift(t))
+                + self.bad_data(t) + self.drift(t) + self.late(t))
 
     def lost_pilots(self, t, live, sites):
         """Pilots lost in the last hour that were not replaced: those of a site back at nominal
@@ -3122,6 +3124,29 @@ class Alarms:
                         f"({n_now} and {n_before} jobs)", f"/jobtype/{quote(jobtype, safe='')}",
                         jobtype=jobtype, check=metric, impact=n_now))
         return found
+
+    def late(self, t):
+        """Files of the last hour whose job of a type with a deadline has not ended within it
+        of their arrival (none submitted counts too): one alarm per type, naming the newest."""
+        found = []
+        for d in self.store.read("SELECT jobtype, seconds FROM deadlines"):
+            late = [r["infile"] for r in self.store.read(
+                "SELECT infile, ts FROM inputs INDEXED BY inputs_ts WHERE ts > ? AND ts < ? ORDER BY ts DESC "
+                "LIMIT ?", (t - 3600, t - d["seconds"], LATENCY_FILES)) if not self.done_in_time(r, d)]
+            if late:
+                within = f"{d['seconds']:g} s" if d["seconds"] < 120 else f"{d['seconds'] / 60:g} min"
+                found.append(self.alarm("late_run", f"{d['jobtype']}: {len(late)} file(s) of the last hour not "
+                                        f"done within {within} of arriving; newest "
+                                        f"{os.path.basename(late[0])}",
+                                        "/runs?" + urlencode({"jobtype": d["jobtype"], "age": "1h"}),
+                                        jobtype=d["jobtype"], impact=len(late)))
+        return found
+
+    def done_in_time(self, arrival, deadline):
+        """Whether a file's job of the deadline's type ended within it of the file's arrival."""
+        return self.store.read_one(
+            "SELECT COUNT(*) FROM jobs INDEXED BY jobs_infile WHERE infile=? AND infile != '' AND jobtype=? "
+            "AND ts_sto <= ?", (arrival["infile"], deadline["jobtype"], arrival["ts"] + deadline["seconds"]))[0] > 0
 
     def bad_data(self, t):
         """Files a check judged BAD (or INVALID) in the last hour: one alarm per job type and
@@ -4122,6 +4147,18 @@ class Service:
         return {"jobtype": jobtype, "bands": {
             r["metric"]: {"warn": [r["warn_low"], r["warn_high"]], "error": [r["error_low"], r["error_high"]]}
             for r in self.store.read("SELECT * FROM bands WHERE jobtype=? ORDER BY metric", (jobtype,))}}
+
+    def set_deadline(self, jobtype, body):
+        """The most seconds a file may wait, from its arrival, for its job of this type to end;
+        past it, the late_run alarm names the type and the files. null lifts it."""
+        check_keys(body, "deadline", ("seconds",))
+        seconds = None if body.get("seconds") is None else as_number(body["seconds"], "seconds", 1, MAX_SECONDS)
+        with self.store.transaction() as conn:
+            if seconds is None:
+                conn.execute("DELETE FROM deadlines WHERE jobtype=?", (jobtype,))
+            else:
+                conn.execute("INSERT OR REPLACE INTO deadlines VALUES(?, ?)", (jobtype, seconds))
+        return {"jobtype": jobtype, "seconds": seconds}
 
     def set_reference(self, jobtype, body, who):
         """Mark a run the reference of a job type (its newest finished job of that type on that
@@ -6460,6 +6497,7 @@ API = (
     ("PUT", "/api/bands/<jobtype>", "set_bands", ("body",), ADMIN),
     ("GET", "/api/bands/<jobtype>", "get_bands", (), None),
     ("PUT", "/api/references/<jobtype>", "set_reference", ("body", "who"), ADMIN),
+    ("PUT", "/api/jobtypes/<jobtype>/deadline", "set_deadline", ("body",), ADMIN),
     ("GET", "/api/notes", "list_notes", ("query",), None),
     ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
     ("GET", "/api/services/<service>", "get_service", (), None),

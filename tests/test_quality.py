@@ -5,7 +5,7 @@ import csv
 import io
 import json
 
-from conftest import shell_job
+from conftest import shell_job, wait_until
 
 
 def quality_job(infile, checks=None, metrics=None, then="true", **fields):
@@ -183,3 +183,13 @@ def test_bands_judge_bare_metrics_and_a_reference_run_is_shown_beside_every_job_
     trend = p3s.page("/trend/purity/noise_rms")
     assert trend.count("<circle") == 3 and "reference, run 5040" in trend and 'fill="#fde0e0"' in trend
     assert p3s.run("job.py", "--reference", "purity:9999", "-m", "x").returncode == 2
+
+
+def test_a_file_not_done_by_its_types_deadline_raises_late_run_naming_it(p3s):
+    assert p3s.run("job.py", "-l", "-T", "purity", "--deadline", "2").returncode == 0
+    done, waiting = p3s.submit([shell_job("true", jobtype="purity", infile="/data/np04_raw_run005050_0001.root"),
+                                shell_job("true", jobtype="purity", infile="/data/np04_raw_run005051_0001.root")])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)       # one job only: the other waits
+    [late] = wait_until(lambda: p3s.alarms("late_run"), 10, what="the late_run alarm")
+    assert late["message"].startswith("purity: 1 file(s) of the last hour not done within 2 s of arriving"), late
+    assert "np04_raw_run005051_0001.root" in late["message"] and p3s.job(done)["state"] == "finished"
