@@ -64,6 +64,7 @@ def fill(path, n_jobs, n_pilots):
                          "ts_sto,exit_code,host,pilot,infile,reason,ran_site) VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                          job_rows(n_jobs, t, rng, pilots))
         fill_activity(conn, t, rng)
+        fill_quality(conn)
         conn.executemany("INSERT INTO images(job, name, type, size, jobtype, infile, ts) "   # 20 plots a job
                          "SELECT uuid, ?, 'image/png', 50000, jobtype, infile, ts_sto FROM jobs "
                          "WHERE state='finished' AND id % 50 = 0", [(f"plot{k}.png",) for k in range(20)])
@@ -77,6 +78,17 @@ def fill(path, n_jobs, n_pilots):
     store.write(insert)
     store.read("ANALYZE")
     store.close()
+
+
+def fill_quality(conn):
+    """Verdicts on the finished jobs (5 % BAD, 5 % WARNING, their checks), and a metric on every
+    tenth finished job for the trend pages, as the pilots' end reports leave them."""
+    conn.execute("UPDATE jobs SET verdict = CASE WHEN id % 20 = 0 THEN 'BAD' WHEN id % 20 = 1 THEN 'WARNING' "
+                 "ELSE 'OK' END, verdict_check = 'check' || (id % 5) WHERE state = 'finished'")
+    conn.execute("INSERT INTO checks SELECT uuid, verdict_check, verdict, 'bench' FROM jobs "
+                 "WHERE verdict IN ('BAD', 'WARNING')")
+    conn.execute("INSERT INTO metrics SELECT uuid, 'noise', (id % 97) / 10.0, jobtype, infile, ts_sto FROM jobs "
+                 "WHERE state = 'finished' AND id % 10 = 0")
 
 
 def fill_activity(conn, t, rng):
@@ -152,7 +164,8 @@ def main(argv=None):
                                                     "reason": "ERROR: RawDecoder: APA# FEMB # returned no frames"}),
                  f"/job/{some['uuid']}", "/pilots", f"/pilot/{pilot['uuid']}", "/metrics", "/errors", "/plots",
                  "/plots?jobtype=type3&infile=run_0099", "/plots?group=run", "/sites", "/?range=7d", "/?range=1h",
-                 "/runs", "/runs?limit=400", "/runs?page=100", "/runs?runs=5000-5010", "/runs?jobtype=type3",
+                 "/runs", "/runs?limit=400", "/runs?limit=400&verdict=BAD", "/runs?limit=400&format=csv",
+                 "/trend/type3/noise", "/runs?page=100", "/runs?runs=5000-5010", "/runs?jobtype=type3",
                  "/jobtype/type3", "/jobtype/type3?range=7d", "/jobs?ran_site=site2", "/jobs?ran_site=site2&host=vm",
                  "/jobs?" + urllib.parse.urlencode({"infile": some["infile"]}), "/workflows", "/dags",
                  "/dag/3filters", "/datasets", "/datatypes", "/failures", "/failures?page=100",

@@ -10,7 +10,9 @@ only), a purity job that sometimes fails like the real one (a ROOT-style error o
 out-of-range exit code) and otherwise judges its data (verdict.json, metrics.json: now and then
 a BAD run) and an event display that times out now and then; a workflow of the
 original's 3filters DAG; halfway, the server killed (kill -9) and restarted --outage seconds later
-(0: none), as a crashed or rebooted server is. At the end, screenshots of every page (headless Chromium, when
+(0: none), as a crashed or rebooted server is; bands on the monitor's two metrics (its pedestal
+creeps up run after run), a reference run and a note; 45 s before the end, the real outage:
+every pilot killed (kill -9) while data keeps arriving. At the end, screenshots of every page (headless Chromium, when
 installed) in the work directory, whose path is printed. Bounded in time; loopback only.
 """
 import argparse
@@ -49,6 +51,10 @@ run = os.path.basename(os.environ.get("P3S_INPUT_FILE", "run"))
 print("monitor of", run)
 for apa in (1, 2, 3):
     png(os.path.join(out, f"adc_mean_apa{apa}.png"), [random.gauss(50, 10) for _ in range(64)], (40, 90, 200))
+digits = "".join(c for c in run.split("run")[-1][:6] if c.isdigit()) or "5000"
+drift = (int(digits) - 5000) * 0.4            # the pedestal creeps up, run after run
+with open(os.path.join(out, "metrics.json"), "w") as f:      # numbers only: the bands judge them
+    f.write('{"adc_mean": %.2f, "noise_rms": %.2f}' % (random.gauss(50 + drift, 1), random.gauss(3.0, 0.3)))
 '''
 PURITY = r'''
 import os, random, sys, time
@@ -99,11 +105,11 @@ def main(argv=None):
         with open(site_file, "w") as f:
             json.dump(site, f)
         run(env, "pilot.py", "--define-site", "-j", site_file)
-        jobs = [{"name": "Monitor:Main", "jobtype": "monitor", "site": "lxvm", "payload": sys.executable,
-                 "params": os.path.join(work, "plot.py"), "timeout": 60},
-                {"name": "Purity", "jobtype": "purity", "site": "lxvm", "payload": sys.executable,
+        jobs = [{"name": "Monitor:Main", "jobtype": "monitor", "payload": sys.executable,    # as the original's:
+                 "params": os.path.join(work, "plot.py"), "timeout": 60},                    # naming no site
+                {"name": "Purity", "jobtype": "purity", "payload": sys.executable,
                  "params": os.path.join(work, "purity.py"), "timeout": 60, "max_attempts": 2},
-                {"name": "EvDisp", "jobtype": "evdisp", "site": "lxvm",
+                {"name": "EvDisp", "jobtype": "evdisp",
                  "payload": "sleep $(shuf -i 0-8 -n 1); echo event display done", "timeout": 6,
                  "env": {"P3S_EXECMODE": "SHELL"}}]
         jobs_file = os.path.join(work, "dqm.json")
@@ -115,13 +121,27 @@ def main(argv=None):
                                        jobs_file, "-p", "2", "--settle", "1", "--bare-name"], env=env,
                                       stdout=subprocess.DEVNULL, stderr=open(os.path.join(work, "injector.log"), "w")))
         run(env, "workflow.py", "-g", os.path.join(ROOT, "tests", "compat", "3filters.graphml"))
+        bands = os.path.join(work, "bands.json")
+        with open(bands, "w") as f:
+            json.dump({"adc_mean": {"warn": [None, 56], "error": [None, 60]}, "noise_rms": {"warn": [None, 4]}}, f)
+        run(env, "job.py", "--bands", f"monitor:{bands}")
         deadline = time.monotonic() + args.minutes * 60
         crash = time.monotonic() + args.minutes * 30 if args.outage else float("inf")
+        pilots_die = deadline - 45         # the real outage: every pilot of the site killed
+        reference = time.monotonic() + 25
         number = 5000
         while time.monotonic() < deadline:
             if time.monotonic() > crash:
                 server = outage(server, work, token, url, args.outage)
                 crash = float("inf")
+            if time.monotonic() > reference:
+                subprocess.run([sys.executable, os.path.join(ROOT, "job.py"), "--reference", "monitor:5000", "-m",
+                                "quiet run, all APAs on"], env=env, stdout=subprocess.DEVNULL)
+                run(env, "job.py", "--note", "run:5003", "-m", "HV trip on APA 3 at the start of the run")
+                reference = float("inf")
+            if time.monotonic() > pilots_die:
+                kill_pilots(os.path.join(work, "run"))
+                pilots_die = float("inf")
             for sub in (1, 2):
                 with open(os.path.join(inbox, f"np04_raw_run{number:06d}_{sub:04d}_dl1.root"), "wb") as f:
                     f.write(os.urandom(2048))
@@ -138,6 +158,17 @@ def main(argv=None):
         server.terminate()
         server.wait(10)
     return 0
+
+
+def kill_pilots(rundir):
+    """kill -9 every pilot pgen.sh started here (its pid files): a node lost, as it happens."""
+    for name in os.listdir(rundir):
+        if name.endswith(".pid"):
+            with open(os.path.join(rundir, name)) as f:
+                try:
+                    os.kill(int(f.read().split()[0]), 9)
+                except (OSError, ValueError, IndexError):
+                    pass
 
 
 def start_server(work, token, port):
@@ -178,13 +209,17 @@ def screenshots(url, client, work):
     if not chromium:
         return []
     failed = client.list_jobs(state="failed", limit=1)
+    judged = client.list_jobs(jobtype="monitor", state="finished", limit=1)
     pilot = client.list_pilots()[0]["uuid"]
     pages = {"summary": "/", "runs": "/runs", "plots": "/plots", "plots-by-run": "/plots?group=run",
+             "trend": "/trend/monitor/adc_mean",
              "errors": "/errors", "failures": "/failures?jobtype=purity", "jobs": "/jobs", "pilots": "/pilots", "pilot": f"/pilot/{pilot}", "sites": "/sites",
              "site": "/site/lxvm", "services": "/services", "alarms": "/alarms", "jobtype": "/jobtype/purity",
              "dags": "/dags", "dag": "/dag/3filters", "workflows": "/workflows", "datasets": "/datasets"}
     if failed:
         pages["failed-job"] = f"/job/{failed[0]['uuid']}"
+    if judged:
+        pages["monitor-job"] = f"/job/{judged[0]['uuid']}"
     shots = []
     for name, path in pages.items():
         shot = os.path.join(work, "screenshots", f"{name}.png")
