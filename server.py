@@ -2911,7 +2911,7 @@ class Alarms:
         self.lifetime_min_ended = settings["lifetime_min_ended"]
         self.notifier = Notifier(settings["webhook"], settings["command"], self.delivery_status)
         self.told = set()           # alarm keys sent while the database could not record it
-        self.no_new_work = no_new_work      # minutes without a new job or workflow: alarm (0: off)
+        self.no_new_work = no_new_work      # minutes without a new data file: alarm (0: off)
         self.starving_minutes = starving_minutes
         self.starving_since = {}            # (site, jobtype) -> when no live pilot could take them
         self.hold, self.clear_hold = settings["hold"], settings["clear_hold"]
@@ -7615,7 +7615,8 @@ def parse_args(argv):
                    help="a name clients may use for this server besides loopback, its IPs and its host "
                    "name (repeatable); requests naming another Host get 421")
     p.add_argument("--alarm-no-new-work", type=float, default=0, metavar="MINUTES",
-                   help="alarm when no job or workflow was created for this long (default 0: off)")
+                   help="alarm when no data file arrived in a stream (injected or registered) for this "
+                        "long (default 0: off)")
     p.add_argument("--alarm-webhook", metavar="URL",
                    help="POST each alarm raised and cleared to URL as JSON {\"text\": ...} (Mattermost, Slack)")
     p.add_argument("--alarm-command", metavar="CMD",
