@@ -3847,8 +3847,8 @@ class Service:
             with self.store.transaction(shared=True) as conn:
                 check_pilot_secret(conn, pilot, secret)
                 result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
-                if quality and not result.get("duplicate"):
-                    store_quality(conn, uuid, *quality[1:])
+                if quality and (quality[1] or quality[2]) and not result.get("duplicate"):
+                    store_quality(conn, uuid, *quality[1:])     # most jobs say nothing: no read
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
                     result["next"] = self.next_job(conn, pilot, secret, result.get("duplicate"))
         except Exception as e:
