@@ -193,3 +193,16 @@ def test_a_file_not_done_by_its_types_deadline_raises_late_run_naming_it(p3s):
     [late] = wait_until(lambda: p3s.alarms("late_run"), 10, what="the late_run alarm")
     assert late["message"].startswith("purity: 1 file(s) of the last hour not done within 2 s of arriving"), late
     assert "np04_raw_run005051_0001.root" in late["message"] and p3s.job(done)["state"] == "finished"
+
+
+def test_a_run_grid_cell_is_the_newest_job_of_its_type_on_its_file(p3s):
+    """Two jobs of one type on one file (a rerun after a failure): the cell shows the newest,
+    finished, not the oldest, failed (a break showing the oldest passed the suite)."""
+    infile = "/data/np04_raw_run005060_0001.root"
+    [old] = p3s.submit([shell_job("exit 2", jobtype="purity", infile=infile)])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    [new] = p3s.submit([shell_job("true", jobtype="purity", infile=infile)])
+    p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs)
+    [row] = p3s.api.call("GET", "/runs", query={"format": "json"})["rows"]
+    assert row["jobs"]["purity"]["uuid"] == new and row["jobs"]["purity"]["state"] == "finished"
+    assert p3s.job(old)["state"] == "failed" and f'href="/job/{new}"' in p3s.page("/runs")
