@@ -72,7 +72,8 @@ def ack_name(a):
 
 def show_now(client):
     alarms = client.call("GET", "/api/alarms")["alarms"]
-    rows = [{"severity": a["severity"], "since": clock(a["since"]), "alarm": a["message"], "name": ack_name(a),
+    rows = [{"severity": a["severity"] + (", pending" if a.get("pending") else ""), "since": clock(a["since"]),
+             "alarm": a["message"], "name": ack_name(a),
              "note": f"explained by {a['explained_by']}" if a.get("explained_by") else
              f"{a['ack']['kind']} by {a['ack']['who']}: {a['ack']['why']}" if a.get("ack") else ""}
             for a in alarms]

@@ -2883,7 +2883,8 @@ class Alarms:
       A hidden alarm is listed with `explained_by`, never shown apart or sent.
     - No flapping (Alertmanager's `for:`): a condition is raised once it held `hold` seconds,
       and cleared once it stayed gone `clear_hold` seconds (shown "clearing" meanwhile); so a
-      blip is never raised, and a condition that comes and goes is one alarm, not many.
+      blip is never raised, and a condition that comes and goes is one alarm, not many. A
+      critical condition is shown `pending` before its hold, never sent.
     - Ranking: criticals first, then by impact (the jobs it holds up), then the oldest.
     - Delivery (Notifier): a critical at once, a warning once it lasted `delay`; each once per
       raise, and its clear once if its raise was sent; a critical that eases to a warning is
@@ -3008,7 +3009,9 @@ class Alarms:
 
     def shown(self, t, conditions, stored):
         """The alarms a person sees: a condition once it held `hold` seconds (or was raised), and
-        a raised alarm whose condition is gone, until it stayed gone `clear_hold` seconds."""
+        a raised alarm whose condition is gone, until it stayed gone `clear_hold` seconds. A
+        critical condition not held long enough yet is shown `pending` (a person at the screen
+        sees an outage at once), never raised nor sent before its hold."""
         acks = self.active_acks(t)
         found = []
         for a in conditions:
@@ -3016,6 +3019,8 @@ class Alarms:
             a["since"] = kept["since"] if kept else self.pending.get(a["key"], t)
             if a["key"] in stored or t - a["since"] >= self.hold:
                 found.append(a)
+            elif a["severity"] == "critical":
+                found.append(dict(a, pending=True))
         keys = {a["key"] for a in conditions}
         for key, r in stored.items():
             gone = t - self.absent.get(key, t)
@@ -3269,7 +3274,7 @@ class Alarms:
         acknowledged or silenced. Delivery runs in the notifier's thread, outside any lock."""
         conditions, stored = self.observe(t)
         self.notice(t, conditions, stored)
-        found = {a["key"]: a for a in self.shown(t, conditions, stored)}
+        found = {a["key"]: a for a in self.shown(t, conditions, stored) if not a.get("pending")}
         raised = [a for key, a in found.items() if key not in stored]
         cleared = [r for key, r in stored.items() if key not in found]
         changed = [
@@ -5112,7 +5117,7 @@ class Views:
                 "waiting_requests": self.svc.broker.waiting, "costs": self.svc.costs.snapshot(),
                 "claim_latency": self.svc.broker.latency_histogram(),
                 "alarms": {a["name"]: a["severity"] for a in reversed(self.svc.alarms.raised()["alarms"])
-                           if not a.get("explained_by")}}
+                           if not a.get("explained_by") and not a.get("pending")}}
 
     def services(self, query):
         return self.svc.list_services()
@@ -5444,11 +5449,15 @@ def ack_text(ack):
 
 
 def alarm_bar(a, t):
-    """One alarm as a bar: its message (a link to what it counts), since when, and who is on it."""
+    """One alarm as a bar: its message (a link to what it counts), since when, and who is on it;
+    a critical still pending its hold in amber, saying so."""
     parts = [link(a["link"], a["message"]), esc(alarm_since(a, t))]
+    if a.get("pending"):
+        parts.append("<b>pending</b>: raised and sent if it lasts")
     if a["ack"]:
         parts.append(esc(ack_text(a["ack"])))
-    kind = "alarm acked" if a["ack"] else "alarm" if a["severity"] == "critical" else "alarm warn"
+    kind = ("alarm acked" if a["ack"] else "alarm warn" if a.get("pending") or a["severity"] != "critical"
+            else "alarm")
     return f'<div class="{kind}">{" · ".join(parts)}</div>'
 
 
@@ -5456,7 +5465,7 @@ def alarm_bars(alarms, t):
     """The summary's alarms: each critical as its own bar, the warnings in one line that opens
     to their list (no JavaScript: <details>); alarms explained by another are left out."""
     shown = [a for a in alarms if not a.get("explained_by")]
-    critical = [a for a in shown if a["severity"] == "critical"]
+    critical = [a for a in shown if a["severity"] == "critical"]       # a pending one too: seen at once
     warnings = [a for a in shown if a["severity"] != "critical"]
     bars = "".join(alarm_bar(a, t) for a in critical)
     if warnings:
@@ -5474,7 +5483,8 @@ def render_alarms(d, query):
     t = now()
     current = table(["severity", "alarm", "name (alarm.py --ack)", "since", "explained by",
                      "acknowledged / silenced"],
-                    [['<span class="s-failed">critical</span>' if a["severity"] == "critical" else esc("warning"),
+                    [[("critical, pending" if a.get("pending") else '<span class="s-failed">critical</span>')
+                      if a["severity"] == "critical" else esc("warning"),
                       link(a["link"], a["message"]), f"<code>{esc(Alarms.ack_name(a))}</code>", esc(alarm_since(a, t)),
                       esc(a.get("explained_by", "")), esc(ack_text(a["ack"]))] for a in d["alarms"]])
     history = table(["time", "event", "alarm", "severity", "message", "who", "why"],
