@@ -2027,8 +2027,11 @@ def band_checks(conn, jobtype, metrics):
             continue
         value = values[b["metric"]]
         for result, low, high in (("BAD", b["error_low"], b["error_high"]), ("WARNING", b["warn_low"], b["warn_high"])):
-            if (low is not None and value < low) or (high is not None and value > high):
-                checks.append((b["metric"], result, f"{value:g} outside [{band_text(low)}, {band_text(high)}]"))
+            if low is not None and value < low:
+                checks.append((b["metric"], result, f"{value:g} below {low:g} ({result.lower()} band)"))
+                break
+            if high is not None and value > high:
+                checks.append((b["metric"], result, f"{value:g} above {high:g} ({result.lower()} band)"))
                 break
         else:
             checks.append((b["metric"], "OK", f"{value:g} within its bands"))
@@ -6188,7 +6191,7 @@ def trend_chart(d, width=720, height=240, pad=50):
     def y(value):
         return height - (value - lo) / (hi - lo) * height
     shades = ""
-    for kind, colour in (("error", "#fde0e0"), ("warn", "#fff3cd")):
+    for kind, colour in (("warn", "#fff3cd"), ("error", "#fde0e0")):     # error over warn
         low, high = band.get(kind, [None, None])
         for top, bottom in ((hi, high), (low, lo)):      # above the band's high, below its low
             if top is not None and bottom is not None and top > bottom:
@@ -6200,7 +6203,7 @@ def trend_chart(d, width=720, height=240, pad=50):
     dots = "".join(f'<a href="/job/{esc(p["job"])}"><circle cx="{x(p["run"]):.1f}" cy="{y(p["value"]):.1f}" '
                    f'r="3" fill="#1f5fbf"><title>run {esc(p["run"])}: {esc(format(p["value"], ".6g"))}</title>'
                    f'</circle></a>' for p in points)
-    axes = "".join(f'<text x="{pad - 4}" y="{y(v) + 3:.1f}" font-size="10" text-anchor="end">'
+    axes = "".join(f'<text x="{pad - 4}" y="{max(9.0, y(v) + 3):.1f}" font-size="10" text-anchor="end">'
                    f'{esc(format(v, ".4g"))}</text>' for v in (lo, (lo + hi) / 2, hi))
     axes += "".join(f'<text x="{x(r):.1f}" y="{height + 14}" font-size="10" text-anchor="middle">{esc(r)}</text>'
                     for r in sorted({r0, r1, (r0 + r1) // 2}))
@@ -6213,7 +6216,16 @@ def render_trend(d, query):
     """Is this metric drifting, run after run? The trend of one metric of one job type."""
     form = filter_form(("runs", "age"), query, {}, {"runs": "run(s)"})
     chart = (trend_chart(d) if d["points"] else "<p>No value of this metric in the runs and age chosen.</p>")
-    return page(f"{d['metric']} of {d['jobtype']}, by run", form + chart, query)
+    return page(f"{d['metric']} of {d['jobtype']}, by run", form + trend_legend(d) + chart, query)
+
+
+def trend_legend(d):
+    """In words what the chart shades and dashes: the bands' ends and the reference's value."""
+    said = [f"{kind} outside [{band_text(low)}, {band_text(high)}]" for kind, (low, high) in (d["band"] or {}).items()
+            if low is not None or high is not None]
+    if d["reference"]:
+        said.append(f"reference run {d['reference']['run']}: {d['reference']['value']:.4g}")
+    return f"<p class='head'>{esc(' · '.join(said))}</p>" if said else ""
 
 
 def render_service(d, query):

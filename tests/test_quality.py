@@ -173,7 +173,7 @@ def test_bands_judge_bare_metrics_and_a_reference_run_is_shown_beside_every_job_
     p3s.pilot("-p", "1")
     p3s.wait_jobs(uuids, timeout=30)
     assert [p3s.job(u)["verdict"] for u in uuids] == ["OK", "WARNING", "BAD"]
-    assert p3s.job(uuids[2])["checks"] == [{"name": "noise_rms", "result": "BAD", "message": "7 outside [, 6]"}]
+    assert p3s.job(uuids[2])["checks"] == [{"name": "noise_rms", "result": "BAD", "message": "7 above 6 (bad band)"}]
     marked = p3s.run("job.py", "--reference", "purity:5040", "-m", "quiet run, all APAs on",
                      env=dict(p3s.env, USER="ana", LOGNAME="ana"))
     assert marked.returncode == 0 and f"job {uuids[0]}" in marked.stdout, marked.stderr
