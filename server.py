@@ -4509,6 +4509,18 @@ PLACED_ERRORS = 20          # /errors says where the 20 most frequent failures h
 FAILURE_WINDOWS = {"1m": 60, "10m": 600, "1h": 3600, "24h": 86400, "7d": 7 * 86400}    # /failures?since=
 
 
+def run_verdicts(rows):
+    """Each row's run verdict: the worst over the run's files shown and their job types, and
+    what made it so (a run of several files is as good as its worst file)."""
+    worst = {}
+    for r in rows:
+        if r["run"] is not None and r["verdict"] and (
+                r["run"] not in worst or VERDICTS.index(r["verdict"]) > VERDICTS.index(worst[r["run"]][0])):
+            worst[r["run"]] = (r["verdict"], f"{os.path.basename(r['infile'])}: {r['verdict_by']}")
+    for r in rows:
+        r["run_verdict"], r["run_verdict_by"] = worst.get(r["run"], (None, None))
+
+
 def row_verdict(jobs):
     """A file's verdict: the worst of its jobs' (the newest of each type), and the job type and
     check that made it so; None until one of them has a verdict."""
@@ -4901,6 +4913,7 @@ class Views:
         chosen = [t for t in query.get("types", "").split(",") if t]
         types = ([query["jobtype"]] if query.get("jobtype") else
                  chosen + sorted((t for t in order if t not in chosen), key=order.get))
+        run_verdicts(rows)
         runs, files = self.notes_of("run", [r["run"] for r in rows]), self.notes_of("file", [r["infile"] for r in rows])
         for r in rows:
             r["notes"] = runs.get(str(r["run"]), []) + files.get(r["infile"], [])
@@ -5968,11 +5981,12 @@ def runs_csv(d):
     a formula is quoted as text."""
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run", "subrun", "file", "verdict", "verdict_by", "not_ok"])
+    writer.writerow(["run", "subrun", "file", "verdict", "verdict_by", "not_ok", "run_verdict", "run_verdict_by"])
     for r in d["rows"]:
         not_ok = " ".join(f"{j['jobtype']}:{c}" for j in r["jobs"].values() for c in j.get("not_ok", ()))
         writer.writerow([spreadsheet_safe(x) for x in (r["run"], r["subrun"], r["infile"], r["verdict"] or "",
-                                                       r["verdict_by"] or "", not_ok)])
+                                                       r["verdict_by"] or "", not_ok, r.get("run_verdict") or "",
+                                                       r.get("run_verdict_by") or "")])
     return out.getvalue()
 
 
@@ -5995,6 +6009,8 @@ def render_runs(d, query):
                  + "".join(note_line(n, short=True) for n in r.get("notes", ())))
         verdict = (verdict_badge(r["verdict"]) + (f"<br><small>{esc(r['verdict_by'])}</small>"
                                                   if r["verdict"] != "OK" else "")) if r["verdict"] else ""
+        if r.get("run_verdict") and r["run_verdict"] != r["verdict"]:     # a worse file of the same run
+            verdict += f"<br><small>run: {verdict_badge(r['run_verdict'], r['run_verdict_by'])}</small>"
         rows.append([first, verdict] + [grid_cell(r["jobs"].get(t), t) for t in d["types"]])
     intro = ("<p class='head'>One row per input file, newest first; one column per job type (the order of "
              "<code>types=a,b,c</code>, else the order jobs were submitted in). A cell is the newest job of "

@@ -48,6 +48,7 @@ def test_a_verdict_and_metrics_show_on_the_job_the_run_grid_and_the_good_run_lis
     assert by_run["5011"]["verdict"] == "BAD" and by_run["5011"]["not_ok"] == \
         "purity:dead_channels=BAD purity:noise=WARNING"
     assert by_run["5012"]["verdict"] == "" and by_run["5010"]["verdict"] == "OK"
+    assert by_run["5011"]["run_verdict"] == "BAD" and by_run["5011"]["run_verdict_by"].endswith("purity: dead_channels")
     assert 'Data of the last hour: <a href="/runs?verdict=BAD&amp;age=1h">1 BAD</a>' in p3s.page("/")
     plots = p3s.api.call("GET", "/", query={"format": "json"})["latency"]["plots"]
     assert plots["files"] == 3 and 0 < plots["median_s"] < 30, plots     # the original's "a few minutes"
@@ -206,3 +207,16 @@ def test_a_run_grid_cell_is_the_newest_job_of_its_type_on_its_file(p3s):
     [row] = p3s.api.call("GET", "/runs", query={"format": "json"})["rows"]
     assert row["jobs"]["purity"]["uuid"] == new and row["jobs"]["purity"]["state"] == "finished"
     assert p3s.job(old)["state"] == "failed" and f'href="/job/{new}"' in p3s.page("/runs")
+
+
+def test_a_runs_verdict_is_its_worst_files_and_says_which_made_it_so(p3s):
+    ok = [{"check": "crc", "result": "OK", "message": ""}]
+    bad = [{"check": "crc", "result": "BAD", "message": "FEMB 12"}]
+    uuids = p3s.submit([quality_job("/data/np04_raw_run005070_0001.root", ok),
+                        quality_job("/data/np04_raw_run005070_0002.root", bad)])
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs(uuids, timeout=30)
+    rows = {r["subrun"]: r for r in p3s.api.call("GET", "/api/runs")["rows"]}
+    assert rows[1]["verdict"] == "OK" and rows[1]["run_verdict"] == "BAD"
+    assert rows[1]["run_verdict_by"] == "np04_raw_run005070_0002.root: purity: crc"
+    assert "run: <span class=\"v v-BAD\"" in p3s.page("/runs")
