@@ -122,7 +122,9 @@ FAILURE_MIN_ENDED = 5               # last hour, once at least this many ended
 BREAKER_MIN_FAILED = 10             # a job type is paused (the circuit breaker, after DUNE's justIN)
                                     # when more attempts than this failed or timed out in the last
                                     # hour (since it was last resumed) and they outnumber those that
-                                    # finished; 0: never
+                                    # finished BREAKER_ODDS to one; 0: never
+BREAKER_ODDS = 2                    # justIN's "outnumber" is 1: a type failing 30 % of its tries
+                                    # tripped it on an unlucky start of a shift (11 failed, 10 finished)
 MAX_JOBS_PER_SUBMISSION = 10000     # jobs in one POST /api/jobs (one transaction), or in one part
 MAX_PARTS = 100                     # parts of one staged submission (a million jobs at most)
 STAGED_TTL = 3600                   # seconds staged parts wait for their commit before they expire
@@ -3762,7 +3764,8 @@ class Service:
         """The circuit breaker (DUNE's justIN): a job type whose attempts mostly fail stops
         being handed out, so it does not burn through the queue and the nodes. Failed or timed
         out attempts (not pilotTO: a pilot's loss is not the job's fault) of the last hour, since
-        the type was last resumed, more than breaker_min_failed and more than those finished."""
+        the type was last resumed, more than breaker_min_failed and more than BREAKER_ODDS times
+        those finished."""
         if not self.breaker_min_failed:
             return
         pauses = {r["jobtype"]: r for r in conn.execute("SELECT * FROM pauses")}
@@ -3773,7 +3776,7 @@ class Service:
             if pause is None or (pause["paused"] is None and r["bucket"] * 60 >= (pause["resumed"] or 0)):
                 counts.setdefault(r["jobtype"], collections.Counter())[r["state"] == "finished"] += r["n"]
         for jobtype, c in sorted(counts.items()):
-            if c[False] > self.breaker_min_failed and c[False] > c[True]:
+            if c[False] > self.breaker_min_failed and c[False] > BREAKER_ODDS * c[True]:
                 reason = conn.execute("SELECT reason, COUNT(*) FROM attempt_failures INDEXED BY attempt_failures_error "
                                       "WHERE jobtype=? AND ts > ? GROUP BY reason ORDER BY 2 DESC LIMIT 1",
                                       (jobtype, t - 3600)).fetchone()
@@ -7664,7 +7667,7 @@ def parse_args(argv):
                         "(default %(default)s)")
     p.add_argument("--breaker-min-failed", type=int, default=BREAKER_MIN_FAILED, metavar="N",
                    help="pause a job type when more than N of its attempts failed in the last hour and they "
-                        "outnumber those that finished (default %(default)s; 0: never)")
+                        "are twice those that finished (default %(default)s; 0: never)")
     p.add_argument("--alarm-drift-window", type=float, default=DRIFT_WINDOW, metavar="SECONDS",
                    help="the drift alarm compares a job type's jobs of this last window with the 5 before "
                         "(default %(default)s)")
