@@ -620,7 +620,8 @@ MIGRATIONS = [
                          infile TEXT NOT NULL, ts REAL NOT NULL, PRIMARY KEY(uuid, name)) WITHOUT ROWID;
     CREATE INDEX metrics_trend ON metrics(jobtype, name, ts);
     CREATE TABLE bands(jobtype TEXT NOT NULL, metric TEXT NOT NULL, warn_low REAL, warn_high REAL,
-                       error_low REAL, error_high REAL, PRIMARY KEY(jobtype, metric)) WITHOUT ROWID;
+                       error_low REAL, error_high REAL, needs TEXT, needs_min REAL,
+                       PRIMARY KEY(jobtype, metric)) WITHOUT ROWID;
     CREATE TABLE deadlines(jobtype TEXT PRIMARY KEY, seconds REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE refs(jobtype TEXT PRIMARY KEY, run INTEGER NOT NULL, job TEXT NOT NULL, who TEXT NOT NULL,
                       why TEXT NOT NULL, ts REAL NOT NULL) WITHOUT ROWID;
@@ -2028,6 +2029,10 @@ def band_checks(conn, jobtype, metrics):
         if b["metric"] not in values:
             continue
         value = values[b["metric"]]
+        if b["needs"] and values.get(b["needs"], -math.inf) < b["needs_min"]:
+            checks.append((b["metric"], "INVALID", f"not judged: {b['needs']} "
+                           f"{values.get(b['needs'], 'missing')} is under the {b['needs_min']:g} it needs"))
+            continue
         for result, low, high in (("BAD", b["error_low"], b["error_high"]), ("WARNING", b["warn_low"], b["warn_high"])):
             if low is not None and value < low:
                 checks.append((b["metric"], result, f"{value:g} below {low:g} ({result.lower()} band)"))
@@ -2040,8 +2045,23 @@ def band_checks(conn, jobtype, metrics):
     return checks
 
 
+def band_needs(ranges, metric):
+    """(metric, least value) a band needs before it judges (a histogram with too few entries says
+    nothing: its check is INVALID), or (None, None); a 400 naming the metric otherwise."""
+    needs = ranges.get("needs") if isinstance(ranges, dict) else None
+    if needs is None:
+        return None, None
+    if (not isinstance(needs, dict) or len(needs) != 1 or not all(isinstance(k, str) and k for k in needs)
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                       for v in needs.values())):
+        raise bad(f"bands: {str(metric)[:40]}.needs must be {{\"metric\": least value}}")
+    return next(iter(needs.items()))
+
+
 def band_range(ranges, metric, kind):
     """(low, high) of a band, either None (open); a 400 naming the metric otherwise."""
+    if isinstance(ranges, dict) and not set(ranges) <= {"warn", "error", "needs"}:
+        raise bad(f"bands: {str(metric)[:40]}: only warn, error and needs are known")
     pair = (ranges or {}).get(kind, [None, None]) if isinstance(ranges, dict) else None
     if not isinstance(pair, list) or len(pair) != 2 or not all(
             x is None or (isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)) for x in pair):
@@ -4147,16 +4167,17 @@ class Service:
             raise bad(f"bands: an object of at most {MAX_METRICS} metrics, each {{\"warn\": [low, high], "
                       "\"error\": [low, high]}")
         rows = [(jobtype, as_str(metric, "bands", allow_empty=False, max_len=MAX_QUALITY_NAME),
-                 *band_range(ranges, metric, "warn"), *band_range(ranges, metric, "error"))
-                for metric, ranges in bands.items()]
+                 *band_range(ranges, metric, "warn"), *band_range(ranges, metric, "error"),
+                 *band_needs(ranges, metric)) for metric, ranges in bands.items()]
         with self.store.transaction() as conn:
             conn.execute("DELETE FROM bands WHERE jobtype=?", (jobtype,))
-            conn.executemany("INSERT INTO bands VALUES(?, ?, ?, ?, ?, ?)", rows)
+            conn.executemany("INSERT INTO bands VALUES(?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return self.get_bands(jobtype)
 
     def get_bands(self, jobtype):
         return {"jobtype": jobtype, "bands": {
-            r["metric"]: {"warn": [r["warn_low"], r["warn_high"]], "error": [r["error_low"], r["error_high"]]}
+            r["metric"]: {"warn": [r["warn_low"], r["warn_high"]], "error": [r["error_low"], r["error_high"]],
+                          **({"needs": {r["needs"]: r["needs_min"]}} if r["needs"] else {})}
             for r in self.store.read("SELECT * FROM bands WHERE jobtype=? ORDER BY metric", (jobtype,))}}
 
     def set_deadline(self, jobtype, body):

@@ -220,3 +220,20 @@ def test_a_runs_verdict_is_its_worst_files_and_says_which_made_it_so(p3s):
     assert rows[1]["verdict"] == "OK" and rows[1]["run_verdict"] == "BAD"
     assert rows[1]["run_verdict_by"] == "np04_raw_run005070_0002.root: purity: crc"
     assert "run: <span class=\"v v-BAD\"" in p3s.page("/runs")
+
+
+def test_a_band_that_needs_enough_entries_judges_nothing_below_them(p3s, tmp_path):
+    """A histogram of 12 entries says nothing of the noise: the band's check is INVALID, with why."""
+    band_file = tmp_path / "bands.json"
+    band_file.write_text(json.dumps({"noise_rms": {"warn": [None, 4], "needs": {"entries": 100}}}))
+    assert p3s.run("job.py", "--bands", f"purity:{band_file}").returncode == 0
+    uuids = p3s.submit([quality_job(f"/data/np04_raw_run00{run}_0001.root", None, {"noise_rms": 5.0, "entries": n})
+                        for run, n in ((5080, 12), (5081, 500))])
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs(uuids, timeout=30)
+    few, enough = (p3s.job(u) for u in uuids)
+    assert few["verdict"] == "INVALID" and "entries 12.0 is under the 100 it needs" in few["checks"][0]["message"]
+    assert enough["verdict"] == "WARNING"
+    band_file.write_text(json.dumps({"noise_rms": {"warn": [None, 4], "needs": {"entries": "many"}}}))
+    refused = p3s.run("job.py", "--bands", f"purity:{band_file}")
+    assert refused.returncode == 2 and "noise_rms.needs" in refused.stderr
