@@ -40,10 +40,11 @@ def job_rows(n, t_end, rng, pilots):
         started = state not in ("defined", "cancelled")
         ended = state not in ("defined", "running")
         yield (str(uuid.UUID(int=rng.getrandbits(128), version=4)), f"job {i}", f"user{i % 20}",
-               f"type{rng.randrange(10)}", "/bin/true", rng.randrange(5), f"site{i % 5}" if i % 3 else "",
+               f"type{i % 10}", "/bin/true", rng.randrange(5), f"site{i % 5}" if i % 3 else "",
                state, ts_def, ts_def + 1 if started else None, ts_def + 5 if ended else None,
                (0 if state == "finished" else 1) if ended else None, "vm" if started else "",
-               pilots[i % len(pilots)] if started else None, f"/eos/np04/run_{i // 100:06d}_{i % 100:04d}.root",
+               pilots[i % len(pilots)] if started else None,       # 10 job types on each file
+               f"/eos/np04/run_{i // 1000:06d}_{i // 10 % 100:04d}.root",
                REASONS[i % len(REASONS)].format(i % 7, i % 97) if state in server.FAILED_STATES else "",
                f"site{i % 5}" if started else None)
 
