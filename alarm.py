@@ -64,16 +64,10 @@ def clock(ts):
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts)) if ts else ""
 
 
-def ack_name(a):
-    """What --ack takes to name this alarm (the server's Alarms.ack_name)."""
-    scope = [f"-s {a['site']}" if a.get("site") else "", f"-T {a['jobtype']}" if a.get("jobtype") else ""]
-    return " ".join([a["name"], *filter(None, scope)])
-
-
 def show_now(client):
     alarms = client.call("GET", "/api/alarms")["alarms"]
     rows = [{"severity": a["severity"] + (", pending" if a.get("pending") else ""), "since": clock(a["since"]),
-             "alarm": a["message"], "name": ack_name(a),
+             "alarm": a["message"], "name": a.get("ack_name", a["name"]),
              "note": f"explained by {a['explained_by']}" if a.get("explained_by") else
              f"{a['ack']['kind']} by {a['ack']['who']}: {a['ack']['why']}" if a.get("ack") else ""}
             for a in alarms]

@@ -3055,7 +3055,7 @@ class Alarms:
                     "message": f"{r['message']} (clearing: not seen for {gone:.0f} s)"
                 })
         for a in found:
-            a["ack"] = self.matching_ack(a, acks)
+            a["ack"], a["ack_name"] = self.matching_ack(a, acks), self.ack_name(a)
         found.sort(
             key=lambda a: (a["severity"] != "critical", -a.get("impact", 0), a["since"], a["key"]))
         return found
