@@ -14,7 +14,6 @@ and then ends by itself. -s and -T narrow it to one site or job type of that ala
 Environment: P3S_SERVER, P3S_TOKEN / P3S_TOKEN_FILE, P3S_RETRY_FOR, USER (see README).
 Exit codes: 0 success, 2 bad input or a request the server refused, 1 server or network failure.
 """
-import getpass
 import sys
 import time
 
@@ -48,7 +47,6 @@ def parse_args(argv):
                    help="how long: 90, 30m, 2h, 1d (required with --silence)")
     p.add_argument("--future", action="store_true",
                    help="with --silence: the alarm is not raised now (a planned intervention)")
-    p.add_argument("--by", default=getpass.getuser(), help="who acknowledges (default %(default)s)")
     p.add_argument("--age", default="24h", help="with --history: how far back (default %(default)s)")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "say more")
@@ -86,7 +84,7 @@ def act(client, args):
         show_history(client, args.age)
     elif args.ack or args.silence:
         body = {"name": args.ack or args.silence, "kind": "ack" if args.ack else "silence", "site": args.site,
-                "jobtype": args.jobtype, "who": args.by, "why": args.why}
+                "jobtype": args.jobtype, "why": args.why}
         if args.duration:
             body["for"] = args.duration
         if args.future:

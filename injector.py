@@ -14,7 +14,6 @@ the workflow starts at once. With -j every job in the file is submitted with inf
 P3S_INPUT_FILE set to the file's path.
 """
 import fnmatch
-import getpass
 import logging
 import os
 import socket
@@ -27,7 +26,6 @@ from workflow import structured
 from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_cli, stop_on_sigterm
 
 log = logging.getLogger("p3s.injector")
-USER = getpass.getuser()            # who the jobs are for, as job.py records it
 
 
 def parse_args(argv):
@@ -149,7 +147,7 @@ def work_for(args, jobs, path, dirs=None):
         env = job.get("env", {})
         inputs = ({"P3S_INPUT_FILE": os.path.basename(path), "P3S_INPUT_DIR": input_dir}
                   if args.bare_name else {"P3S_INPUT_FILE": path})
-        bound.append({**job, "uuid": str(uuidlib.uuid4()), "infile": path, "user": job.get("user", USER),
+        bound.append({**job, "uuid": str(uuidlib.uuid4()), "infile": path,
                       "env": {**env, **inputs} if isinstance(env, dict) else env})
     return {"jobs": bound, "template": "jobs:" + os.path.abspath(args.jobs)}
 
@@ -160,7 +158,7 @@ def scan(client, watcher, args, jobs, dirs):
     for name, size in watcher.settled():
         path = os.path.join(os.path.abspath(args.dir), name)
         answer = client.inject(name=name, dirpath=os.path.abspath(args.dir), size=size,
-                               datatype=args.datatype, user=USER, **work_for(args, jobs, path, dirs))
+                               datatype=args.datatype, **work_for(args, jobs, path, dirs))
         watcher.done.add(name)
         if answer["registered"]:
             started += 1

@@ -14,7 +14,6 @@ Exit codes: 0 success, 2 bad input (including a request the server refused), 1 s
 network failure, and with --wait 3 when a job did not finish with exit code 0.
 """
 import argparse
-import getpass
 import hashlib
 import json
 import os
@@ -198,8 +197,7 @@ def load_jobs(path, infiles, replicas, dunetpcver=None):
             job = {**job, "env": {**job.get("env", {}), "DUNETPCVER": dunetpcver}}
         for infile in files:
             for _ in range(replicas):
-                out.append(dict(bind_input(job, infile), uuid=str(uuidlib.uuid4()),
-                                user=job.get("user", getpass.getuser())))
+                out.append(dict(bind_input(job, infile), uuid=str(uuidlib.uuid4())))
     return out
 
 
@@ -430,8 +428,8 @@ def summary(client, args):
 
 
 def pause(client, args):
-    """Pause or resume a job type; who and why go to its history."""
-    done = client.pause_jobtype(args.pause or args.resume, bool(args.pause), args.why, getpass.getuser())
+    """Pause or resume a job type; who (the token's user) and why go to its history."""
+    done = client.pause_jobtype(args.pause or args.resume, bool(args.pause), args.why)
     emit(args, done, lambda: f"{done['jobtype']}: {'paused' if done['paused'] else 'resumed'} by {done['who']}")
     return 0
 
@@ -440,7 +438,7 @@ def reference(client, args):
     """Mark a run the reference of a job type."""
     jobtype, _, run = args.reference.partition(":")
     done = client.call("PUT", f"/api/references/{quote(jobtype, safe='')}",
-                       {"run": run, "why": args.why, "who": getpass.getuser()})
+                       {"run": run, "why": args.why})
     emit(args, done, lambda: f"{jobtype}: run {done['run']} is the reference (job {done['job']})")
     return 0
 
@@ -454,10 +452,9 @@ def bands(client, args):
 
 
 def note(client, args):
-    """A note on a run, a file or a job, in the user's name."""
+    """A note on a run, a file or a job, in the name of the token's user."""
     kind, _, target = args.note.partition(":")
-    done = client.call("POST", "/api/notes", {"kind": kind, "target": target, "text": args.why,
-                                              "who": getpass.getuser(), "hide": args.hide})
+    done = client.call("POST", "/api/notes", {"kind": kind, "target": target, "text": args.why, "hide": args.hide})
     emit(args, done, lambda: f"noted on {done['kind']} {done['target']} by {done['who']}")
     return 0
 

@@ -641,6 +641,15 @@ MIGRATIONS = [
         DELETE FROM metrics WHERE uuid = old.uuid;
     END;
     """,
+    # v15: named users. Each has a role and a token, kept only as its sha256 (a stolen database
+    # holds no usable token); the pages' sessions, each a sha256 too, with the CSRF token its
+    # forms carry and when it expires.
+    """
+    CREATE TABLE users(name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
+                       created REAL NOT NULL) WITHOUT ROWID;
+    CREATE TABLE sessions(id_sha256 TEXT PRIMARY KEY, user TEXT NOT NULL, csrf TEXT NOT NULL,
+                          expires REAL NOT NULL) WITHOUT ROWID;
+    """,
 ]
 
 
@@ -1862,13 +1871,14 @@ def follow_jobs(conn, wfuuid):
 # Lifecycle rules: how a job enters, is retried or ends, is cancelled, or is freed from a
 # pilot that is gone. Each runs inside a caller's transaction.
 ################################################################################################
-def insert_jobs(conn, rows, who=""):
-    """Store validated jobs; a uuid already known (a retried submission) is stored once.
-    A defined `noop` job needs no pilot: it is stored finished. Returns the uuids."""
+def insert_jobs(conn, rows, who):
+    """Store validated jobs as the user `who` (the job's own `user` is only a claim: see Users);
+    a uuid already known (a retried submission) is stored once. A defined `noop` job needs no
+    pilot: it is stored finished. Returns the uuids."""
     t = now()
     for r in rows:
         done = r["jobtype"] == "noop" and r["state"] == "defined"
-        row = dict(r, state="finished" if done else r["state"], exit_code=0 if done else None,
+        row = dict(r, user=who, state="finished" if done else r["state"], exit_code=0 if done else None,
                    ts_def=t, ts_sto=t if done else None)
         cur = conn.execute("""
             INSERT INTO jobs(uuid, name, user, jobtype, payload, params, env, priority, timelimit,
@@ -1877,7 +1887,7 @@ def insert_jobs(conn, rows, who=""):
                    :site, :state, :max_attempts, :infile, :memory, :disk, :exit_code, :ts_def, :ts_sto)
             ON CONFLICT(uuid) DO NOTHING""", row)
         if cur.rowcount:
-            event(conn, "job", r["uuid"], None, row["state"], r["user"] or who, 1)
+            event(conn, "job", r["uuid"], None, row["state"], who, 1)
     return [r["uuid"] for r in rows]
 
 
@@ -2475,7 +2485,7 @@ class Workflows:
         wf = {"uuid": as_uuid(body["uuid"], "uuid") if "uuid" in body else str(uuidlib.uuid4()),
               "dag": dag_name,
               "state": as_choice(body.get("state", "template"), "state", ("template", "defined")),
-              "user": as_str(body.get("user", ""), "user", max_len=64),
+              "user": who,
               "description": as_str(body.get("description", ""), "description", max_len=4096),
               "name": as_str(body.get("name") or dag_name, "name", max_len=256)}
         plan = self.plan(wf, body.get("fileinfo"), body.get("jobinfo"))
@@ -2560,7 +2570,6 @@ class Workflows:
         name = as_str(body.get("name", ""), "name", allow_empty=False, max_len=1024)
         dirpath = as_str(body.get("dirpath", ""), "dirpath", allow_empty=False, max_len=4096)
         size = as_int(body.get("size", 0), "size", 0)
-        user = as_str(body.get("user", ""), "user", max_len=64)
         if ("dag" in body) == ("jobs" in body):
             raise bad("inject: give either dag or jobs")
         template = as_str(body.get("template", body.get("dag", "")), "template", max_len=256)
@@ -2570,7 +2579,7 @@ class Workflows:
         if jobs is None:
             dag_name = as_str(body["dag"], "dag", allow_empty=False)
             wf = {"uuid": str(uuidlib.uuid4()), "dag": dag_name, "name": f"{dag_name}:{name}",
-                  "description": f"injected {path}", "user": user, "state": "defined", "infile": path}
+                  "description": f"injected {path}", "user": who, "state": "defined", "infile": path}
             outdir = as_str(body.get("outdir", ""), "outdir", max_len=4096) or None
             plan = self.plan(wf, body.get("fileinfo") or f"inherit:{path}", None, outdir)
         with self.store.transaction() as conn:
@@ -2582,7 +2591,7 @@ class Workflows:
                 return {"path": path, "registered": False}
             note_arrival(conn, dirpath)
             if jobs is not None:
-                insert_jobs(conn, jobs, user or who)
+                insert_jobs(conn, jobs, who)
                 result, released = {"jobs": [j["uuid"] for j in jobs]}, len(jobs)
             else:
                 result, released = {"workflow": wf["uuid"]}, self.instantiate_planned(conn, wf, plan)
@@ -3361,17 +3370,12 @@ class Alarms:
         seconds, required), by name and optionally site or job type, saying who and why. An
         acknowledged or silenced alarm is shown greyed and not sent to anyone."""
         check_keys(body, "ack", ("name", "site", "jobtype", "kind", "who", "why", "for", "future"))
-        ack = {
-            "name": as_choice(body.get("name"), "name",
-                              self.NAMES), "kind": as_choice(body.get("kind", "ack"), "kind",
-                                                             ("ack", "silence")),
-            "site": as_str(body.get("site", ""), "site",
-                           max_len=64), "jobtype": as_str(body.get("jobtype", ""), "jobtype",
-                                                          max_len=64),
-            "who": as_str(body.get("who") or who, "who", allow_empty=False,
-                          max_len=64), "why": as_str(body.get("why", ""), "why", allow_empty=False,
-                                                     max_len=300), "ts": now()
-        }
+        ack = {"name": as_choice(body.get("name"), "name", self.NAMES),
+               "kind": as_choice(body.get("kind", "ack"), "kind", ("ack", "silence")),
+               "site": as_str(body.get("site", ""), "site", max_len=64),
+               "jobtype": as_str(body.get("jobtype", ""), "jobtype", max_len=64),
+               "who": who, "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300),
+               "ts": now()}
         if ack["kind"] == "silence" and "for" not in body:
             raise bad("for: a silence needs a duration in seconds (it ends by itself)")
         future = ack["kind"] == "silence" and body.get("future") is True
@@ -3469,6 +3473,86 @@ class Alarms:
         return found
 
 
+# -- Service: users, roles and the pages' sessions --------------------------------------------------
+SHIFTER, EXPERT, ADMIN = ROLES = ("shifter", "expert", "admin")   # each may do all the one before may
+SHARED_USER = "shared"      # who the write token (--token-file) acts as: an admin
+USER_NAME = re.compile(r"[a-z][a-z0-9._-]{0,31}")
+SESSION_HOURS = 12.0
+
+
+class Caller(collections.namedtuple("Caller", "name role")):
+    """Who a request acts as: a named user, the shared write token's user, or a pilot token."""
+
+    def may(self, role):
+        return self.role in ROLES and ROLES.index(self.role) >= ROLES.index(role)
+
+
+def sha256_hex(text):
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class Users:
+    """Named users with a role, known by their token's sha256 (server.py --add-user), and the
+    pages' sign-in sessions (a cookie whose sha256 is stored, and the CSRF token of its forms).
+    The shared write token is the user SHARED_USER, an admin, and is never stored."""
+
+    def __init__(self, store, session_hours=SESSION_HOURS):
+        self.store, self.session_hours = store, session_hours
+
+    @staticmethod
+    def check(name, role):
+        if not USER_NAME.fullmatch(name) or name == SHARED_USER:
+            raise bad(f"user: {name!r} must be 1-32 lower-case letters, digits, '.', '_' or '-', "
+                      f"starting with a letter, and not {SHARED_USER!r}")
+        as_choice(role, "role", ROLES)
+
+    def add(self, name, role, token):
+        """A new user with its token (stored as its sha256 only); refused if the name is taken,
+        reserved or malformed."""
+        self.check(name, role)
+        with self.store.transaction() as conn:
+            if conn.execute("SELECT 1 FROM users WHERE name=?", (name,)).fetchone():
+                raise ApiError(409, f"user: {name!r} exists; --remove-user it first to give a new token")
+            conn.execute("INSERT INTO users(name, role, token_sha256, created) VALUES(?, ?, ?, ?)",
+                         (name, role, sha256_hex(token), now()))
+
+    def remove(self, name):
+        """Forget a user: its token and its sessions stop working at once."""
+        with self.store.transaction() as conn:
+            if not conn.execute("DELETE FROM users WHERE name=?", (name,)).rowcount:
+                raise ApiError(404, f"user: {name!r} does not exist")
+            conn.execute("DELETE FROM sessions WHERE user=?", (name,))
+
+    def list(self):
+        return [dict(r) for r in self.store.read("SELECT name, role, created FROM users ORDER BY name")]
+
+    def by_token(self, token):
+        row = self.store.read_one("SELECT name, role FROM users WHERE token_sha256=?", (sha256_hex(token),))
+        return Caller(row["name"], row["role"]) if row else None
+
+    def sign_in(self, caller):
+        """A new session for a caller proved by its token: (cookie value, CSRF token)."""
+        session, csrf, t = secrets.token_urlsafe(32), secrets.token_urlsafe(24), now()
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE expires < ?", (t,))
+            conn.execute("INSERT INTO sessions(id_sha256, user, csrf, expires) VALUES(?, ?, ?, ?)",
+                         (sha256_hex(session), caller.name, csrf, t + self.session_hours * 3600))
+        return session, csrf
+
+    def session(self, cookie):
+        """The (Caller, CSRF token) of a live session, or None: expired, signed out, or its user
+        removed (the role is read now, so a changed role applies at once)."""
+        row = self.store.read_one("SELECT s.user, s.csrf, u.role FROM sessions s LEFT JOIN users u ON u.name = "
+                                  "s.user WHERE s.id_sha256=? AND s.expires > ?", (sha256_hex(cookie), now()))
+        if row is None or (row["role"] is None and row["user"] != SHARED_USER):
+            return None
+        return Caller(row["user"], row["role"] or ADMIN), row["csrf"]
+
+    def sign_out(self, cookie):
+        with self.store.transaction() as conn:
+            conn.execute("DELETE FROM sessions WHERE id_sha256=?", (sha256_hex(cookie),))
+
+
 # -- Service: leases, jobs, pilot protocol, sites, services, housekeeping ---------------------------
 class Leases:
     """The lease clock, kept in memory: a heartbeat renews it without the database's write lock,
@@ -3541,8 +3625,10 @@ class Service:
 
     def __init__(self, store, hk_period=2.0, retention_days=0, lease_beats=LEASE_BEATS, wal_limit=WAL_LIMIT,
                  no_new_work=0, starving_minutes=STARVING_MINUTES, images=None, alarm_settings=None,
-                 breaker_min_failed=BREAKER_MIN_FAILED, timelimit_grace=TIMELIMIT_GRACE):
+                 breaker_min_failed=BREAKER_MIN_FAILED, timelimit_grace=TIMELIMIT_GRACE,
+                 session_hours=SESSION_HOURS):
         self.store = store
+        self.users = Users(store, session_hours)
         self.breaker_min_failed, self.timelimit_grace = breaker_min_failed, timelimit_grace
         self.hk_failing = None      # the error of the last housekeeping pass, if it failed
         self.broker = Broker(store)
@@ -3600,7 +3686,7 @@ class Service:
                          (submission, part, json.dumps(rows), len(rows), now()))
         return {"submission": submission, "part": part, "staged": len(rows)}
 
-    def commit_submission(self, submission, body):
+    def commit_submission(self, submission, body, who):
         """Store every staged part of a submission in one transaction, or nothing. Committing again
         answers as the first commit did."""
         check_keys(body, "commit", ("parts", "digest"))
@@ -3622,7 +3708,7 @@ class Service:
             rows = [row for r in staged for row in json.loads(r["jobs"])]
             if len({r["uuid"] for r in rows}) != len(rows):
                 raise bad("jobs: the same uuid appears twice in one submission")
-            insert_jobs(conn, rows, "")
+            insert_jobs(conn, rows, who)
             conn.execute("DELETE FROM staged WHERE submission=?", (submission,))
             record_submission(conn, submission, len(rows), digest)
         self.broker.notify_work(claimable(rows))
@@ -3730,6 +3816,50 @@ class Service:
         if job["wfuuid"]:
             advance_workflow(conn, job["wfuuid"])
 
+    RETRY_MAX = 1000        # jobs one retry_failed may retry
+
+    def retry_failed(self, body, who):
+        """Retry, each as a new attempt, the failed jobs of a run range (among the newest
+        RUN_SCAN input files), of one job type or all: the newest job of each type on each file
+        if it failed, timed out or lost its pilot. With `dry_run`, only say which: the
+        confirmation a page shows first. All or nothing, in one transaction."""
+        check_keys(body, "retry", ("jobtype", "runs", "dry_run"))
+        jobtype = as_str(body.get("jobtype", ""), "jobtype", max_len=64)
+        low, high = parse_run_range(as_str(body.get("runs", ""), "runs", max_len=40))
+        if body.get("dry_run", False) not in (True, False):
+            raise bad("dry_run: true or false")
+        files = [r["infile"] for r in self.store.read("SELECT infile FROM inputs INDEXED BY inputs_ts ORDER BY ts "
+                                                      "DESC LIMIT ?", (RUN_SCAN,))
+                 if low <= (run_of(r["infile"])[0] or -1) <= high]
+        if len(files) > self.RETRY_MAX:
+            raise ApiError(409, f"runs: {len(files)} input files in {low}-{high}, more than {self.RETRY_MAX} at "
+                                "once; choose fewer runs")
+        with self.store.transaction() as conn:
+            jobs = self.failed_in(conn, jobtype, files)
+            if len(jobs) > self.RETRY_MAX:
+                raise ApiError(409, f"retry: {len(jobs)} failed jobs chosen, more than {self.RETRY_MAX} at once; "
+                                    "choose fewer runs")
+            if not body.get("dry_run"):
+                for job in jobs:
+                    self.move_by_hand(conn, job, "defined", who)
+        if jobs and not body.get("dry_run"):
+            self.broker.notify_work(len(jobs))
+        return {"dry_run": bool(body.get("dry_run")), "jobtype": jobtype, "runs": body.get("runs") or "",
+                "jobs": [{k: j[k] for k in ("uuid", "jobtype", "infile", "state", "attempt")} for j in jobs]}
+
+    @staticmethod
+    def failed_in(conn, jobtype, files):
+        """The jobs retry_failed chooses on these files (workflow jobs are left to their workflow)."""
+        chosen = []
+        for infile in files:
+            newest = {}
+            for j in conn.execute("SELECT * FROM jobs INDEXED BY jobs_infile WHERE infile = ? AND infile != '' "
+                                  "ORDER BY id", (infile,)):
+                newest[j["jobtype"]] = j
+            chosen += [j for t, j in newest.items() if (not jobtype or t == jobtype) and not j["wfuuid"]
+                       and j["state"] in ("failed", "timeout", "pilotTO")]
+        return chosen
+
     def delete_job(self, uuid, who):
         with self.store.transaction() as conn:
             job = lookup(conn, "jobs", uuid)
@@ -3763,7 +3893,6 @@ class Service:
         if paused not in (True, False):
             raise bad("paused: true (pause) or false (resume)")
         why = as_str(body.get("why", ""), "why", allow_empty=False, max_len=300)
-        who = as_str(body.get("who") or who, "who", allow_empty=False, max_len=64)
         with self.store.transaction() as conn:
             self.set_paused(conn, as_str(name, "jobtype", allow_empty=False, max_len=64), paused, who, why, now())
         if not paused:
@@ -4198,7 +4327,7 @@ class Service:
         check_keys(body, "reference", ("run", "why", "who"))
         run = as_int(body.get("run"), "run", 0, INT64 - 1)
         ref = {"jobtype": jobtype, "run": run, "why": as_str(body.get("why", ""), "why", allow_empty=False, max_len=300),
-               "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64), "ts": now()}
+               "who": who, "ts": now()}
         with self.store.transaction() as conn:
             ref["job"] = run_job(conn, jobtype, run)
             if ref["job"] is None:
@@ -4219,8 +4348,7 @@ class Service:
         note = {"kind": as_choice(body.get("kind"), "kind", self.NOTE_KINDS),
                 "target": as_str(body.get("target", ""), "target", allow_empty=False, max_len=4096),
                 "text": as_str(body.get("text", ""), "text", allow_empty=False, max_len=1000),
-                "who": as_str(body.get("who") or who, "who", allow_empty=False, max_len=64),
-                "hide": body.get("hide", False), "ts": now()}
+                "who": who, "hide": body.get("hide", False), "ts": now()}
         if note["hide"] not in (True, False):
             raise bad("hide: true or false")
         if note["kind"] == "run":
@@ -4495,9 +4623,9 @@ class Service:
                 "wal_bytes": wal, "wal_large": wal > self.wal_limit, "images": self.images.usage()}
 
     @staticmethod
-    def auth_ok():
-        """Reached only with a valid token: lets verifyImport.py check it."""
-        return {"ok": True}
+    def auth_ok(who):
+        """Reached only with a valid token: lets verifyImport.py check it, and say whose it is."""
+        return {"ok": True, "user": who}
 
 
 ################################################################################################
@@ -5285,7 +5413,10 @@ vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5
 .v{display:inline-block;padding:0 5px;border-radius:2px;font-size:12px;font-weight:bold;color:#fff;margin-left:3px}
 .v-OK{background:#080}.v-WARNING{background:#c80}.v-BAD{background:#c00}.v-INVALID{background:#707}
 .v-none{background:#fff;color:#777;border:1px solid #bbb;font-weight:normal}
-.note{background:#eef;border-left:3px solid #66c;padding:1px 5px;margin:2px 0;font-size:13px;max-width:40em}"""
+.note{background:#eef;border-left:3px solid #66c;padding:1px 5px;margin:2px 0;font-size:13px;max-width:40em}
+nav .who{float:right;color:#cde;margin-left:1.5em}nav .who a{margin:0}nav form{display:inline;margin:0 0 0 .4em}
+form.act{display:inline-block;margin:.2em .6em .2em 0}.signin{color:#777;font-size:13px;margin-right:.6em}
+.actions{background:#f4f6fa;border:1px solid #dde;padding:.3em .6em;margin:.5em 0}"""
 NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
@@ -5366,11 +5497,47 @@ def table(headers, rows, kind=""):
     return f'<table class="{kind}"><tr>{head}</tr>{body}</table>' if body else "<p><i>none</i></p>"
 
 
+class PageQuery(dict):
+    """A page's query parameters, and what is never in its URL: `viewer`, the signed-in
+    session that views it (a Viewer, or None), whose role the renderers offer actions by, and
+    `target`, the page's own path and query, where an action's form comes back to."""
+    viewer, target = None, "/"
+
+
+Viewer = collections.namedtuple("Viewer", "caller csrf")
+
+
+def action_form(query, action, fields, button, why="", role=SHIFTER, extra=""):
+    """A form that POSTs one page action (see PAGE_ACTIONS) for the signed-in viewer, with its
+    CSRF token and the page to come back to; `why`: the placeholder of a required reason, `extra`
+    more inputs. Empty for a viewer whose role may not act; a sign-in link for nobody signed in."""
+    viewer = getattr(query, "viewer", None)
+    if viewer is None:
+        return f'<span class="signin">{link(href("/signin", next=getattr(query, "target", "/")), "sign in")} to {esc(button.lower())}</span>'
+    if not viewer.caller.may(role):
+        return ""
+    hidden = {"action": action, "csrf": viewer.csrf, "back": query.target, **fields}
+    inputs = "".join(f'<input type="hidden" name="{esc(k)}" value="{esc(v)}">' for k, v in hidden.items())
+    reason = f'<input name="why" required maxlength="300" size="28" placeholder="{esc(why)}"> ' if why else ""
+    return (f'<form class="act" method="post" action="/act">{inputs}{extra}{reason}'
+            f'<button type="submit">{esc(button)}</button></form>')
+
+
+def viewer_nav(query):
+    """The nav bar's right end: who is signed in, with sign-out, or the sign-in link."""
+    viewer = getattr(query, "viewer", None)
+    if viewer is None:
+        return f'<span class="who">{link(href("/signin", next=getattr(query, "target", "/")), "sign in")}</span>'
+    return (f'<span class="who">{esc(viewer.caller.name)} ({esc(viewer.caller.role)}) '
+            f'<form method="post" action="/signout"><input type="hidden" name="csrf" value="{esc(viewer.csrf)}">'
+            '<button type="submit">sign out</button></form></span>')
+
+
 def page(title, body, query):
     refresh = query.get("refresh", "")
     meta = (f'<meta http-equiv="refresh" content="{int(refresh)}">'
             if refresh.isascii() and refresh.isdigit() and len(refresh) <= 4 and 0 < int(refresh) <= 3600 else "")
-    nav = "".join(link(href, text) for href, text in NAV)
+    nav = "".join(link(href, text) for href, text in NAV) + viewer_nav(query)
     nav += '<span class="refresh">refresh:' + "".join(
         f" <b>{esc(label)}</b>" if refresh == value else link(with_query(query, refresh=value), label)
         for label, value in REFRESH_CHOICES) + "</span>"
@@ -5424,7 +5591,7 @@ def server_header(d):
 
 def render_summary(d, query):
     states = [s for s in JOB_STATES if s in d["jobs_by_state"]]
-    alarms = alarm_bars(d["alarms"], d["time"])
+    alarms = alarm_bars(d["alarms"], d["time"], query)
     caps = d.get("caps", {})
     type_rows = [[link(f"/jobtype/{quote(jt, safe='')}", jt)] +
                  [count_cell(counts.get(s, 0), href("/jobs", jobtype=jt, state=s), s in FAILED_STATES)
@@ -5488,9 +5655,9 @@ def ack_text(ack):
     return f"{'acknowledged' if ack['kind'] == 'ack' else 'silenced'} by {ack['who']}{until}: {ack['why']}"
 
 
-def alarm_bar(a, t):
+def alarm_bar(a, t, query):
     """One alarm as a bar: its message (a link to what it counts), since when, and who is on it;
-    a critical still pending its hold in amber, saying so."""
+    a critical still pending its hold in amber, saying so; acknowledge and silence, signed in."""
     parts = [link(a["link"], a["message"]), esc(alarm_since(a, t))]
     if a.get("pending"):
         parts.append("<b>pending</b>: raised and sent if it lasts")
@@ -5498,21 +5665,60 @@ def alarm_bar(a, t):
         parts.append(esc(ack_text(a["ack"])))
     kind = ("alarm acked" if a["ack"] else "alarm warn" if a.get("pending") or a["severity"] != "critical"
             else "alarm")
-    return f'<div class="{kind}">{" · ".join(parts)}</div>'
+    acts = "" if a["ack"] else alarm_actions(a, query)
+    return f'<div class="{kind}">{" · ".join(parts)}{acts}</div>'
 
 
-def alarm_bars(alarms, t):
+def alarm_actions(a, query):
+    """Acknowledge (until it clears) or silence (for a while) this alarm, with a reason."""
+    scope = {"name": a["name"], "site": a.get("site") or "", "jobtype": a.get("jobtype") or ""}
+    if getattr(query, "viewer", None) is None:
+        return " · " + action_form(query, "ack", scope, "Acknowledge")
+    return (" " + action_form(query, "ack", scope, "Acknowledge", why="why: who is on it")
+            + action_form(query, "silence", {**scope, "for": "2h"}, "Silence 2 h", why="why silence it"))
+
+
+def alarm_bars(alarms, t, query):
     """The summary's alarms: each critical as its own bar, the warnings in one line that opens
     to their list (no JavaScript: <details>); alarms explained by another are left out."""
     shown = [a for a in alarms if not a.get("explained_by")]
     critical = [a for a in shown if a["severity"] == "critical"]       # a pending one too: seen at once
     warnings = [a for a in shown if a["severity"] != "critical"]
-    bars = "".join(alarm_bar(a, t) for a in critical)
+    bars = "".join(alarm_bar(a, t, query) for a in critical)
     if warnings:
         bars += (f'<details class="warnings"><summary>{len(warnings)} warning{"s" * (len(warnings) > 1)} · '
                  f'{link("/alarms", "all alarms and their history")}</summary>'
-                 + "".join(alarm_bar(a, t) for a in warnings) + "</details>")
+                 + "".join(alarm_bar(a, t, query) for a in warnings) + "</details>")
     return bars
+
+
+def render_signin(query, error=""):
+    """The sign-in page: a token once, then a session cookie (see Handler.sign_in)."""
+    viewer = getattr(query, "viewer", None)
+    said = f'<p class="why">{esc(error)}</p>' if error else ""
+    now_in = (f"<p>Signed in as <b>{esc(viewer.caller.name)}</b> ({esc(viewer.caller.role)}).</p>"
+              if viewer else "")
+    form = (f'<form method="post" action="/signin"><input type="hidden" name="next" '
+            f'value="{esc(local_path(query.get("next", "/")))}"><label>token <input type="password" name="token" '
+            'required size="48" autocomplete="current-password"></label> <button type="submit">sign in</button></form>')
+    return page("Sign in", said + now_in + form + "<p>Your token is the file <code>server.py --add-user</code> wrote "
+                "for you (the one <code>P3S_TOKEN_FILE</code> names). Signed in, the pages let you act as that "
+                "user: a shifter retries, cancels, acknowledges, notes and pauses; an expert and an admin do "
+                "more. Reading needs no sign-in unless the server runs with <code>--private-pages</code>.</p>",
+                query)
+
+
+def render_confirm(action, fields, result, query):
+    """What a page action would do (its dry run), and the button that does it."""
+    jobs = result["jobs"]
+    rows = [[link(f"/job/{j['uuid']}", j["uuid"][:8]), esc(j["jobtype"]), infile_cell(j["infile"]),
+             state_cell(j["state"]), j["attempt"]] for j in jobs]
+    what = f"{len(jobs)} failed job(s) of {result['jobtype'] or 'every job type'} in runs {result['runs']}"
+    confirm = action_form(query, action, {k: fields.get(k, "") for k in ("jobtype", "runs")} | {"confirm": "1"},
+                          f"Retry these {len(jobs)} jobs") if jobs else "<p>Nothing to do.</p>"
+    return page("Confirm: retry", f"<p>This will retry {esc(what)}, each as a new attempt:</p>"
+                + table(["job", "type", "input", "state", "attempt"], rows) + confirm
+                + f"<p>{link(query.target, '← back, do nothing')}</p>", query)
 
 
 def render_manual(d, query):
@@ -5526,7 +5732,8 @@ def render_alarms(d, query):
                     [[("critical, pending" if a.get("pending") else '<span class="s-failed">critical</span>')
                       if a["severity"] == "critical" else esc("warning"),
                       link(a["link"], a["message"]), f"<code>{esc(Alarms.ack_name(a))}</code>", esc(alarm_since(a, t)),
-                      esc(a.get("explained_by", "")), esc(ack_text(a["ack"]))] for a in d["alarms"]])
+                      esc(a.get("explained_by", "")), esc(ack_text(a["ack"])) or alarm_actions(a, query).lstrip(" ·")]
+                     for a in d["alarms"]])
     history = table(["time", "event", "alarm", "severity", "message", "who", "why"],
                     [[esc(when(e["ts"])), esc(e["kind"]), esc(e["key"]), esc(e["severity"]), esc(e["message"]),
                       esc(e["who"]), esc(e["why"])] for e in d["events"]])
@@ -5876,7 +6083,9 @@ def job_headline(d):
         parts.append(f"<b>{esc(d['reason'])}</b>")
     if d["exit_code"] is not None:
         parts.append(f"exit code <b>{esc(d['exit_code'])}</b>")
-    if d["attempt"] > 1 or d["max_attempts"] > 1:
+    if d["attempt"] > d["max_attempts"]:
+        parts.append(f"attempt {esc(d['attempt'])} (retried by hand; {esc(d['max_attempts'])} automatic)")
+    elif d["attempt"] > 1 or d["max_attempts"] > 1:
         parts.append(f"attempt {esc(d['attempt'])} of {esc(d['max_attempts'])}")
     if d["host"]:
         parts.append("ran at " + " · ".join(esc(x) for x in (d.get("ran_site"), d["host"]) if x))
@@ -5939,6 +6148,27 @@ def beside_reference(d):
             + (thumbnails(d["uuid"], rest) if rest else ""))
 
 
+RETRYABLE = ("failed", "timeout", "pilotTO", "cancelled")
+
+
+def job_actions(d, query):
+    """What a shifter may do to this job from its page: retry an ended one as a new attempt,
+    cancel or reprioritise one still to end, note any. A workflow's job is its workflow's to
+    release: only cancel."""
+    uuid, state, acts = {"uuid": d["uuid"]}, d["state"], []
+    if getattr(query, "viewer", None) is None:
+        return f'<div class="actions">{action_form(query, "retry", uuid, "Act on this job")}</div>'
+    if state in RETRYABLE and not d["wfuuid"]:
+        acts.append(action_form(query, "retry", uuid, f"Retry (attempt {d['attempt'] + 1})"))
+    if state in ("template", "defined", "dispatched", "running"):
+        acts.append(action_form(query, "cancel", uuid, "Cancel"))
+    if state in ("template", "defined") and not d["wfuuid"]:
+        acts.append(action_form(query, "priority", uuid, "Set priority", extra=f'<input name="priority" '
+                                f'type="number" value="{esc(d["priority"])}" style="width:5em"> '))
+    acts.append(action_form(query, "note", {"kind": "job", "target": d["uuid"]}, "Add note", why="note on this job"))
+    return f'<div class="actions">{"".join(acts)}</div>'
+
+
 def render_job(d, query):
     info = table(["field", "value"], job_field_rows(d))
     env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
@@ -5953,7 +6183,7 @@ def render_job(d, query):
     if d.get("reference"):
         images = beside_reference(d) or images
     notes = "<h2>Notes</h2>" + "".join(note_line(n) for n in d["notes"]) if d.get("notes") else ""
-    body = (f"{job_headline(d)}{why}{notes}{quality_section(d)}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
+    body = (f"{job_headline(d)}{job_actions(d, query)}{why}{notes}{quality_section(d)}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
             f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
     return page(job_title(d), body, query)
 
@@ -6028,7 +6258,9 @@ def render_runs(d, query):
     for r in d["rows"]:
         label = (f"run {r['run']}" + (f" · {r['subrun']}" if r["subrun"] is not None else "")
                  if r["run"] is not None else os.path.basename(r["infile"]))
-        first = (f'<a href="{esc(href("/jobs", infile=r["infile"]))}" title="{esc(r["infile"])}">{esc(label)}</a>'
+        act = (f' <small>{link(href("/runs", **{**d["filters"], "runs": r["run"]}), "act")}</small>'
+               if r["run"] is not None and getattr(query, "viewer", None) else "")
+        first = (f'<a href="{esc(href("/jobs", infile=r["infile"]))}" title="{esc(r["infile"])}">{esc(label)}</a>{act}'
                  f'<br><small>{esc(short_when(r["ts"]))}</small>'
                  + "".join(note_line(n, short=True) for n in r.get("notes", ())))
         verdict = (verdict_badge(r["verdict"]) + (f"<br><small>{esc(r['verdict_by'])}</small>"
@@ -6044,8 +6276,34 @@ def render_runs(d, query):
     body = (intro + filter_form(("jobtype", "runs", "age", "types", "verdict", "hide_noted"), query,
                                 {**d["choices"], "hide_noted": ("yes",)},
                                 {"runs": "run(s)", "types": "column order", "hide_noted": "hide noted runs"}) +
-            pager(d, query) + table(headers, rows, "grid") + pager(d, query))
+            run_actions(d, query) + pager(d, query) + table(headers, rows, "grid") + pager(d, query))
     return page("Run grid", body, query)
+
+
+def select(name, options, chosen=""):
+    return (f'<select name="{esc(name)}">' + "".join(
+        f'<option value="{esc(v)}"{" selected" if v == chosen else ""}>{esc(label)}</option>'
+        for v, label in options) + "</select> ")
+
+
+def run_actions(d, query):
+    """For the runs chosen (runs=N or N-M): retry their failed jobs (a confirmation first); for
+    one run, a note, hiding it from the grid (a note too), or marking it a job type's reference."""
+    runs = d["filters"].get("runs")
+    if not runs or not d["rows"]:
+        return ""
+    types = [(t, t) for t in d["types"]]
+    one = {"jobtype": d["filters"].get("jobtype", "")}
+    acts = [action_form(query, "retry_failed", {"runs": runs}, f"Retry failed jobs of runs {runs}…",
+                        extra=select("jobtype", [("", "every job type")] + types, one["jobtype"]))]
+    low, high = parse_run_range(runs)
+    if low == high:
+        target = {"kind": "run", "target": str(low)}
+        acts += [action_form(query, "note", target, "Add note", why=f"note on run {low}"),
+                 action_form(query, "note", {**target, "hide": "1"}, "Hide run", why="why hide it (a known bad run)"),
+                 action_form(query, "reference", {"run": str(low)}, "Mark reference",
+                             why="why this run", extra=select("jobtype", types, one["jobtype"]))]
+    return f'<div class="actions"><b>Runs {esc(runs)}:</b> {"".join(acts)}</div>'
 
 
 def plot_sections(groups, by_run):
@@ -6202,6 +6460,9 @@ def render_jobtype(d, query):
     paused = (f"<div class='alarm'>Paused by {esc(d['paused']['who'])} at {esc(when(d['paused']['paused']))}: "
               f"{esc(d['paused']['why'])}. Its jobs wait; <code>job.py --resume {esc(d['name'])} -m WHY</code> "
               "lets them run.</div>" if d.get("paused") else "")
+    act = ("resume", "Resume: let its jobs run", "why resume") if d.get("paused") else \
+        ("pause", "Pause: hand out none of its jobs", "why pause it")
+    paused += f'<div class="actions">{action_form(query, act[0], {"jobtype": d["name"]}, act[1], why=act[2])}</div>'
     pauses = ("<h2>Paused and resumed</h2>" + table(["time", "now", "by", "why"], [
         [esc(when(e["ts"])), state_cell(e["new"]), esc(e["who"]), esc(e["info"])] for e in d["pauses"]])
         if d.get("pauses") else "")
@@ -6503,72 +6764,105 @@ def path_regex(path):
 
 # The API. Each row: method, path (as documented in the README's "HTTP API"), the operation
 # (a Service method, or "broker." / "workflows." one), the request parts passed after the path
-# parameters, and the credential it needs: ADMIN (the write token), REGISTER (the write token or
-# the pilot token), PILOT (that pilot's own secret, checked by the operation), or None (a read).
-ADMIN, REGISTER, PILOT = "admin", "register", "pilot"
+# parameters, and the credential it needs: the least role a user's token must have (SHIFTER,
+# EXPERT, ADMIN; the shared write token is an admin), REGISTER (an expert's token or the pilot
+# token), PILOT (that pilot's own secret, checked by the operation), or None (a read).
+REGISTER, PILOT = "register", "pilot"
 API = (
     ("GET", "/api/health", "health", (), None),
-    ("POST", "/api/auth", "auth_ok", (), ADMIN),
-    ("POST", "/api/jobs", "submit", ("body", "who"), ADMIN),
+    ("POST", "/api/auth", "auth_ok", ("who",), SHIFTER),
+    ("POST", "/api/jobs", "submit", ("body", "who"), EXPERT),
     ("GET", "/api/jobs", "list_jobs", ("query",), None),
     ("POST", "/api/jobs/states", "job_states", ("body",), None),
-    ("PUT", "/api/submissions/<uuid>/part", "stage_part", ("body",), ADMIN),
-    ("POST", "/api/submissions/<uuid>/commit", "commit_submission", ("body",), ADMIN),
+    ("PUT", "/api/submissions/<uuid>/part", "stage_part", ("body",), EXPERT),
+    ("POST", "/api/submissions/<uuid>/commit", "commit_submission", ("body", "who"), EXPERT),
     ("GET", "/api/submissions", "find_submissions", ("query",), None),
     ("GET", "/api/submissions/<uuid>", "get_submission", (), None),
     ("GET", "/api/jobs/<uuid>", "get_job", (), None),
-    ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), ADMIN),
+    ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), SHIFTER),
+    ("POST", "/api/jobs/retry", "retry_failed", ("body", "who"), SHIFTER),
     ("DELETE", "/api/jobs/<uuid>", "delete_job", ("who",), ADMIN),
     ("POST", "/api/jobs/<uuid>/report", "report", ("body", "secret"), PILOT),
     ("POST", "/api/pilots", "register", ("body",), REGISTER),
     ("GET", "/api/pilots", "list_pilots", ("query",), None),
-    ("POST", "/api/pilots/directive", "mark_pilots", ("body", "who"), ADMIN),
+    ("POST", "/api/pilots/directive", "mark_pilots", ("body", "who"), EXPERT),
     ("POST", "/api/pilots/<uuid>/request", "broker.request_job", ("body", "secret"), PILOT),
     ("POST", "/api/pilots/<uuid>/heartbeat", "heartbeat", ("body", "secret"), PILOT),
     ("POST", "/api/pilots/<uuid>/stop", "deregister", ("body", "secret"), PILOT),
     ("GET", "/api/dags", "workflows.list_dags", (), None),
-    ("POST", "/api/dags", "workflows.add_dag", ("body",), ADMIN),
+    ("POST", "/api/dags", "workflows.add_dag", ("body",), EXPERT),
     ("GET", "/api/dags/<dag>", "workflows.get_dag", (), None),
     ("GET", "/api/dags/<dag>/graphml", "workflows.dag_graphml", (), None),
     ("DELETE", "/api/dags/<dag>", "workflows.delete_dag", (), ADMIN),
     ("GET", "/api/workflows", "workflows.list_workflows", ("query",), None),
-    ("POST", "/api/workflows", "workflows.create_workflow", ("body", "who"), ADMIN),
+    ("POST", "/api/workflows", "workflows.create_workflow", ("body", "who"), EXPERT),
     ("GET", "/api/workflows/<uuid>", "workflows.get_workflow", (), None),
-    ("POST", "/api/workflows/<uuid>/state", "workflows.set_workflow_state", ("body", "who"), ADMIN),
+    ("POST", "/api/workflows/<uuid>/state", "workflows.set_workflow_state", ("body", "who"), EXPERT),
     ("DELETE", "/api/workflows/<uuid>", "workflows.delete_workflow", ("who",), ADMIN),
-    ("POST", "/api/inject", "workflows.inject", ("body", "who"), ADMIN),
+    ("POST", "/api/inject", "workflows.inject", ("body", "who"), EXPERT),
     ("GET", "/api/datasets", "workflows.list_datasets", ("query",), None),
     ("GET", "/api/datatypes", "workflows.list_datatypes", (), None),
-    ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), ADMIN),
+    ("PUT", "/api/datatypes/<name>", "workflows.define_datatype", ("body",), EXPERT),
     ("DELETE", "/api/datatypes/<name>", "workflows.delete_datatype", (), ADMIN),
-    ("POST", "/api/datasets", "workflows.register_dataset", ("body", "who"), ADMIN),
-    ("POST", "/api/datasets/<uuid>/adjust", "workflows.adjust_dataset", ("body", "who"), ADMIN),
+    ("POST", "/api/datasets", "workflows.register_dataset", ("body", "who"), EXPERT),
+    ("POST", "/api/datasets/<uuid>/adjust", "workflows.adjust_dataset", ("body", "who"), EXPERT),
     ("DELETE", "/api/datasets/<uuid>", "workflows.delete_dataset", ("who",), ADMIN),
     ("GET", "/api/sites", "list_sites", (), None),
     ("GET", "/api/sites/<name>", "get_site", (), None),
-    ("POST", "/api/sites/<name>/requests", "request_pilots", ("body",), ADMIN),
-    ("POST", "/api/requests/<uuid>/cancel", "cancel_request", (), ADMIN),
-    ("PUT", "/api/sites/<name>", "define_site", ("body",), ADMIN),
+    ("POST", "/api/sites/<name>/requests", "request_pilots", ("body",), EXPERT),
+    ("POST", "/api/requests/<uuid>/cancel", "cancel_request", (), EXPERT),
+    ("PUT", "/api/sites/<name>", "define_site", ("body",), EXPERT),
     ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
     ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
     ("GET", "/api/alarms", "alarms.raised", (), None),
     ("GET", "/api/alarms/history", "alarms.history", ("query",), None),
-    ("POST", "/api/alarms/ack", "alarms.acknowledge", ("body", "who"), ADMIN),
+    ("POST", "/api/alarms/ack", "alarms.acknowledge", ("body", "who"), SHIFTER),
     ("GET", "/api/services", "list_services", (), None),
-    ("POST", "/api/notes", "add_note", ("body", "who"), ADMIN),
-    ("PUT", "/api/bands/<jobtype>", "set_bands", ("body",), ADMIN),
+    ("POST", "/api/notes", "add_note", ("body", "who"), SHIFTER),
+    ("PUT", "/api/bands/<jobtype>", "set_bands", ("body",), EXPERT),
     ("GET", "/api/bands/<jobtype>", "get_bands", (), None),
-    ("PUT", "/api/references/<jobtype>", "set_reference", ("body", "who"), ADMIN),
-    ("PUT", "/api/jobtypes/<jobtype>/deadline", "set_deadline", ("body",), ADMIN),
+    ("PUT", "/api/references/<jobtype>", "set_reference", ("body", "who"), SHIFTER),
+    ("PUT", "/api/jobtypes/<jobtype>/deadline", "set_deadline", ("body",), EXPERT),
     ("GET", "/api/notes", "list_notes", ("query",), None),
-    ("POST", "/api/services/<service>/beat", "service_beat", ("body",), ADMIN),
+    ("POST", "/api/services/<service>/beat", "service_beat", ("body",), EXPERT),
     ("GET", "/api/services/<service>", "get_service", (), None),
     ("DELETE", "/api/services/<service>", "retire_service", (), ADMIN),
-    ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), ADMIN),
-    ("POST", "/api/jobtypes/<jobtype>/pause", "pause_jobtype", ("body", "who"), ADMIN),
+    ("PUT", "/api/jobtypes/<jobtype>", "set_cap", ("body",), EXPERT),
+    ("POST", "/api/jobtypes/<jobtype>/pause", "pause_jobtype", ("body", "who"), SHIFTER),
     ("PUT", "/api/jobs/<uuid>/images/<name>", "images.publish", ("raw", "secret"), PILOT),
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
+ROUTE_ROLES = {name: auth for method, path, name, parts, auth in API if auth in ROLES}
+
+# The pages' actions (POST /act, from a signed-in page's form): each is an API operation, done
+# with that route's role as the signed-in user, its request built from the form's fields:
+# fields -> (path parameters, body).
+PAGE_ACTIONS = {
+    "retry": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"state": "defined"})),
+    "cancel": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"state": "cancelled"})),
+    "priority": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"priority": f.get("priority", "")})),
+    "note": ("add_note", lambda f: ([], {"kind": f.get("kind"), "target": f.get("target", ""),
+                                         "text": f.get("why", ""), "hide": f.get("hide") == "1"})),
+    "ack": ("alarms.acknowledge", lambda f: ([], {"name": f.get("name"), "site": f.get("site", ""),
+                                                 "jobtype": f.get("jobtype", ""), "why": f.get("why", "")})),
+    "silence": ("alarms.acknowledge", lambda f: ([], {"name": f.get("name"), "site": f.get("site", ""),
+                                                     "jobtype": f.get("jobtype", ""), "why": f.get("why", ""),
+                                                     "kind": "silence", "for": parse_age(f.get("for", ""), "for")})),
+    "pause": ("pause_jobtype", lambda f: ([f.get("jobtype", "")], {"paused": True, "why": f.get("why", "")})),
+    "resume": ("pause_jobtype", lambda f: ([f.get("jobtype", "")], {"paused": False, "why": f.get("why", "")})),
+    "reference": ("set_reference", lambda f: ([f.get("jobtype", "")], {"run": f.get("run"), "why": f.get("why", "")})),
+    "retry_failed": ("retry_failed", lambda f: ([], {"jobtype": f.get("jobtype", ""), "runs": f.get("runs", ""),
+                                                     "dry_run": f.get("confirm") != "1"})),
+}
+FORM_PATHS = ("/signin", "/signout", "/act")
+SESSION_COOKIE = "p3s_session"
+
+
+def local_path(value):
+    """Where a form may send the browser back to: a path of this server, never another site."""
+    ok = value.startswith("/") and not value.startswith("//") and "\\" not in value \
+        and not any(ord(c) < 32 for c in value)
+    return value if ok else "/"
 
 # Pages that are API reads too: the good-run list is /runs, as JSON (or ?format=csv).
 PAGE_APIS = {"/api/runs": "/runs"}
@@ -6789,15 +7083,20 @@ class Handler(BaseHTTPRequestHandler):
                                                  "start it with --allow-host NAME to serve it by that name"})
         if method == "GET" and (not url.path.startswith("/api/") or url.path in PAGE_APIS):
             return self.serve_page(url)
+        if method == "POST" and url.path in FORM_PATHS:
+            return self.serve_form(url.path)
         try:
             name, groups, parts, auth = self.find_route(method, url.path)
-            if auth in (ADMIN, REGISTER):
-                self.check_token(auth)
+            caller = None
+            if auth is None and self.server.private_pages and url.path != "/api/health":
+                auth = SHIFTER                  # a read, from a user
+            if auth in ROLES or auth == REGISTER:
+                caller = self.check_token(auth)
                 self.authenticated = True       # proved: its body may take its time, undisplaced
             raw = self.read_raw() if method in ("POST", "PUT") else b""
             request = {"body": parse_json_body(raw) if raw.strip() and "body" in parts else {}, "raw": raw,
                        "query": {k: v[-1] for k, v in parse_qs(url.query).items()},
-                       "who": self.client_address[0],
+                       "who": caller and caller.name,
                        "secret": self.headers.get("X-P3S-Pilot-Secret", "")}
             result = operation(self.server.service, name)(*groups, *(request[p] for p in parts))
             self.authenticated = self.authenticated or auth is not None
@@ -6849,13 +7148,19 @@ class Handler(BaseHTTPRequestHandler):
 
     def serve_page(self, url):
         """HTML pages, their JSON twins (?format=json), the CSV of /runs (?format=csv), the
-        pages that are also API reads (PAGE_APIS), /metrics and /file."""
-        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        pages that are also API reads (PAGE_APIS), /metrics, /file and /signin."""
+        query = PageQuery((k, v[-1]) for k, v in parse_qs(url.query).items())
+        query.target = url.path + ("?" + url.query if url.query else "")
         if url.path in PAGE_APIS:
             url, query["format"] = url._replace(path=PAGE_APIS[url.path]), query.get("format") or "json"
         as_json = query.get("format") == "json"
         views = self.server.views
         try:
+            query.viewer = self.viewer()
+            if url.path == "/signin":
+                return self.send_html(200, render_signin(query))
+            if self.server.private_pages and query.viewer is None and not self.token_reader():
+                return self.ask_to_sign_in(query, as_json or url.path == "/metrics")
             if url.path == "/metrics":
                 data = views.metrics(query)
                 return (self.send_json(200, data) if as_json else
@@ -6883,6 +7188,115 @@ class Handler(BaseHTTPRequestHandler):
         except Exception:
             log.exception("GET %s failed", self.path)
             self.send_html(500, page("Error 500", "<p>internal server error; see the server log</p>", {}))
+
+    # -- the pages' sign-in and actions (plain HTML forms: POST, then a redirect) ----------------
+    def viewer(self):
+        """The Viewer of this request's session cookie, if it is live."""
+        cookie = self.session_cookie()
+        found = cookie and self.server.service.users.session(cookie)
+        return Viewer(*found) if found else None
+
+    def session_cookie(self):
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, _, value = part.strip().partition("=")
+            if name == SESSION_COOKIE:
+                return value
+        return ""
+
+    def token_reader(self):
+        """Whether a --private-pages read carries a user's token (a script, Prometheus)."""
+        header = self.headers.get("Authorization", "")
+        caller = self.server.identify(header[7:]) if header.startswith("Bearer ") else None
+        return caller is not None and caller.role is not None
+
+    def ask_to_sign_in(self, query, as_data):
+        if as_data:
+            return self.send_json(401, {"error": "Authorization: these pages are private (--private-pages); "
+                                                 "sign in, or send a user's token"})
+        self.redirect(href("/signin", next=query.target))
+
+    def serve_form(self, path):
+        """A form posted from our own pages: /signin, /signout, or /act (one of PAGE_ACTIONS).
+        Each must come from this server's own pages (Origin) and, but for the sign-in, carry its
+        session's CSRF token; a refusal is an error page that changes nothing."""
+        viewer, fields = None, {}
+        try:
+            fields = self.read_form()
+            if path == "/signin":
+                return self.sign_in(fields)
+            viewer = self.viewer()
+            if viewer is None:
+                raise ApiError(401, "sign in first: your session has ended, or you never signed in")
+            if not hmac.compare_digest(fields.get("csrf", "").encode(), viewer.csrf.encode()):
+                raise ApiError(403, "csrf: this form is not from your session's page; reload the page and try again")
+            if path == "/signout":
+                self.server.service.users.sign_out(self.session_cookie())
+                return self.redirect("/", f"{SESSION_COOKIE}=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict")
+            self.page_action(viewer, fields)
+        except ApiError as e:
+            query = PageQuery()
+            query.viewer, back = viewer, local_path(fields.get("back", "/"))
+            self.send_html(e.status, page(f"Not done ({e.status})", f'<p class="why">{esc(e.message)}</p>'
+                                                                     f"<p>{link(back, '← back')}</p>", query))
+        except WriterBusy:
+            raise
+        except Exception as e:
+            self.answer_failure(e)
+
+    def read_form(self):
+        """The fields of a urlencoded form from this server's own pages."""
+        origin = self.headers.get("Origin") or self.headers.get("Referer") or ""
+        if urlsplit(origin).netloc.lower() != self.headers.get("Host", "").lower() or not origin:
+            raise ApiError(403, f"Origin: {origin[:100]!r} is not this server's pages; a form may only be "
+                                "sent from them")
+        if self.headers.get("Content-Type", "").split(";")[0].strip() != "application/x-www-form-urlencoded":
+            raise ApiError(415, "Content-Type: a form must be application/x-www-form-urlencoded")
+        raw = self.read_raw()
+        return {k: v[-1] for k, v in parse_qs(raw.decode("utf-8", "replace"), keep_blank_values=True).items()}
+
+    def sign_in(self, fields):
+        """A token proved once opens a session: an HttpOnly, SameSite=Strict cookie."""
+        caller = self.server.identify(fields.get("token", "").strip())
+        if caller is None or caller.role is None:
+            query = PageQuery(next=fields.get("next", "/"))
+            return self.send_html(403, render_signin(query, "wrong token: give the token of a user "
+                                                            "(server.py --add-user) or the write token"))
+        session, _ = self.server.service.users.sign_in(caller)
+        secure = "; Secure" if self.headers.get("X-Forwarded-Proto", "").lower() == "https" else ""
+        self.redirect(local_path(fields.get("next", "/")),
+                      f"{SESSION_COOKIE}={session}; Path=/; Max-Age={int(self.server.service.users.session_hours * 3600)}; "
+                      f"HttpOnly; SameSite=Strict{secure}")
+
+    def page_action(self, viewer, fields):
+        """Do one of PAGE_ACTIONS as the viewer, through the API's own operation and role; a
+        dry run (retry_failed before its confirmation) shows what it would do instead."""
+        action = fields.get("action", "")
+        if action not in PAGE_ACTIONS:
+            raise bad(f"action: {action!r} is not one of {', '.join(PAGE_ACTIONS)}")
+        name, request = PAGE_ACTIONS[action]
+        role = ROUTE_ROLES[name]
+        if not viewer.caller.may(role):
+            raise ApiError(403, f"{action}: user {viewer.caller.name} is a {viewer.caller.role}; this needs the "
+                                f"{role} role")
+        args, body = request(fields)
+        result = operation(self.server.service, name)(*args, body, viewer.caller.name)
+        if body.get("dry_run"):
+            query = PageQuery()
+            query.viewer, query.target = viewer, local_path(fields.get("back", "/"))
+            return self.send_html(200, render_confirm(action, fields, result, query))
+        self.redirect(local_path(fields.get("back", "/")))
+
+    def redirect(self, location, cookie=None):
+        """303 See Other: after a form, the browser GETs the page it came from."""
+        try:
+            self.send_response(303)
+            self.send_header("Location", location)
+            if cookie:
+                self.send_header("Set-Cookie", cookie)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def send_csv(self, name, data):
         if name not in CSV_PAGES:
@@ -6952,19 +7366,25 @@ class Handler(BaseHTTPRequestHandler):
         return not name or name.lower() in self.server.allowed_hosts or is_ip(name)
 
     def check_token(self, auth):
-        """The write token passes everywhere; the pilot token only where pilots register."""
+        """The Caller a request's token proves, if it may do what `auth` asks: the write token
+        passes everywhere, a user's token up to its role, the pilot token only where pilots
+        register."""
         header = self.headers.get("Authorization", "")
-        given = header[7:].encode() if header.startswith("Bearer ") else b""
+        given = header[7:] if header.startswith("Bearer ") else ""
         if not given:
             raise ApiError(401, "Authorization: missing token; set P3S_TOKEN or P3S_TOKEN_FILE")
-        if hmac.compare_digest(given, self.server.token.encode()):
-            return
-        pilot_token = self.server.pilot_token.encode()
-        if pilot_token and hmac.compare_digest(given, pilot_token):
+        caller = self.server.identify(given)
+        if caller is None:
+            raise ApiError(403, "Authorization: wrong token")
+        if caller.role is None:
             if auth == REGISTER:
-                return
+                return caller
             raise ApiError(403, "Authorization: the pilot token may only register pilots")
-        raise ApiError(403, "Authorization: wrong token")
+        needed = EXPERT if auth == REGISTER else auth
+        if not caller.may(needed):
+            raise ApiError(403, f"Authorization: user {caller.name} is a {caller.role}; this needs the "
+                                f"{needed} role (server.py --add-user NAME --role {needed})")
+        return caller
 
     def read_raw(self):
         """The request body, at most max_body bytes (413 above, and the body dropped)."""
@@ -7025,8 +7445,9 @@ class P3SServer(HTTPServer):
 
     def __init__(self, address, service, views, token, max_body=MAX_BODY, pilot_token="",
                  allowed_hosts=(), max_connections=MAX_CONNECTIONS, max_per_client=MAX_PER_CLIENT,
-                 pilot_nets=(), header_timeout=HEADER_TIMEOUT):
+                 pilot_nets=(), header_timeout=HEADER_TIMEOUT, private_pages=False):
         self.service, self.views, self.token, self.max_body = service, views, token, max_body
+        self.private_pages = private_pages          # reading needs a sign-in or a token too
         self.header_timeout = header_timeout
         self.stopping = False                       # set by stop_soon
         self.pilot_token = pilot_token
@@ -7041,6 +7462,15 @@ class P3SServer(HTTPServer):
         self.allowed_hosts = {n.lower() for n in names if n}
         threading.Thread(target=self.enforce_deadlines, name="deadlines", daemon=True).start()
         self.loop = ConnectionLoop(self)
+
+    def identify(self, token):
+        """The Caller a token proves, or None: the write token, the pilot token (no role), or a
+        named user's."""
+        if hmac.compare_digest(token.encode(), self.token.encode()):
+            return Caller(SHARED_USER, ADMIN)
+        if self.pilot_token and hmac.compare_digest(token.encode(), self.pilot_token.encode()):
+            return Caller("pilot", None)
+        return self.service.users.by_token(token)
 
     def stop_soon(self):
         """Leave serve_forever at once, between two requests: a flag it reads after each turn
@@ -7609,11 +8039,14 @@ def load_token(token_file, db_path, host):
 
 
 def write_new_token(path):
-    """A fresh random token in a new file only its owner may read (never over an existing one)."""
+    """A fresh random token in a new file only its owner may read (never over an existing one);
+    returns the token."""
+    token = secrets.token_urlsafe(32)
     make_private_dirs(os.path.dirname(os.path.abspath(path)))
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(32) + "\n")
+        f.write(token + "\n")
+    return token
 
 
 def make_private_dirs(directory):
@@ -7643,11 +8076,56 @@ def new_token_command(path):
     return 0
 
 
+def user_token_path(db_path, name):
+    """Where --add-user writes a user's token by default: a private directory beside the database."""
+    return os.path.join(os.path.splitext(db_path)[0] + "-users", name + ".token")
+
+
+def users_command(args):
+    """server.py --add-user, --remove-user, --list-users: change the database's users and exit
+    (0 done, 2 refused). A running server sees the change at the next request."""
+    store = Store(args.db)
+    users = Users(store)
+    try:
+        if args.list_users:
+            for u in users.list():
+                print(f"{u['name']:<32} {u['role']:<8} since {when(u['created'])}")
+        elif args.remove_user:
+            users.remove(args.remove_user)
+            print(f"removed user {args.remove_user}: its token and sessions no longer work")
+        else:
+            add_user(users, args.add_user, args.role, args.user_token_file or user_token_path(args.db, args.add_user))
+    except ApiError as e:
+        print(f"server.py: {e.message}", file=sys.stderr)
+        return 2
+    finally:
+        store.close()
+    return 0
+
+
+def add_user(users, name, role, path):
+    """A new user whose token goes to a new 0600 file at `path` (undone if the user is refused)."""
+    users.check(name, role)
+    if any(u["name"] == name for u in users.list()):
+        raise ApiError(409, f"user: {name!r} exists; --remove-user it first to give a new token")
+    try:
+        token = write_new_token(path)
+    except OSError as e:
+        raise ApiError(400, f"--user-token-file {path}: {e.strerror}; remove it first, or give another path")
+    try:
+        users.add(name, role, token)
+    except ApiError:
+        os.unlink(path)
+        raise
+    print(f"added {role} {name}; their token is in {path} (mode 0600): give it to them for P3S_TOKEN_FILE "
+          "and the pages' sign-in")
+
+
 SERVER_EPILOG = """environment:
   P3S_TOKEN       the write token, when no --token-file is given
 
 exit codes:
-  0   stopped (SIGTERM, SIGINT), or --new-token wrote its file
+  0   stopped (SIGTERM, SIGINT), or --new-token or a user command did its work
   1   cannot open the database or listen on the port
   2   a bad option, or a start refused (an old Python or sqlite, a network filesystem, a token problem)"""
 
@@ -7733,6 +8211,19 @@ def parse_args(argv):
                    "a token generated beside the database, loopback only)")
     p.add_argument("--new-token", metavar="FILE",
                    help="write a new random token to FILE (mode 0600, never over an existing file) and exit")
+    p.add_argument("--add-user", metavar="NAME",
+                   help="add a named user with --role to --db, write their token (see --user-token-file) and exit")
+    p.add_argument("--role", choices=ROLES, default=SHIFTER,
+                   help="with --add-user: shifter (retry, cancel, acknowledge, note, pause), expert (also "
+                   "submit, sites, caps, DAGs) or admin (also delete) (default %(default)s)")
+    p.add_argument("--user-token-file", metavar="FILE",
+                   help="with --add-user: where the token goes (default: DB-users/NAME.token beside --db)")
+    p.add_argument("--remove-user", metavar="NAME", help="remove a user: their token and sessions stop working; exit")
+    p.add_argument("--list-users", action="store_true", help="list the named users and their roles; exit")
+    p.add_argument("--session-hours", type=float, default=SESSION_HOURS, metavar="HOURS",
+                   help="how long a sign-in to the pages lasts (default %(default)s)")
+    p.add_argument("--private-pages", action="store_true",
+                   help="the pages and every read need a sign-in or a token too (default: reading is open)")
     p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.add_argument("--housekeeping", type=float, default=2.0, metavar="SECONDS",
                    help="seconds between housekeeping passes (default 2)")
@@ -7781,6 +8272,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.new_token:
         return new_token_command(args.new_token)
+    if args.add_user or args.remove_user or args.list_users:
+        return users_command(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     problem = floor_problem()
@@ -7810,8 +8303,7 @@ def main(argv=None):
                        "webhook": args.alarm_webhook, "command": args.alarm_command,
                        "hold": args.alarm_hold, "clear_hold": args.alarm_clear_hold,
                        "drift_window": args.alarm_drift_window, "repeat": args.alarm_repeat * 3600},
-                      args.breaker_min_failed,
-                      args.timelimit_grace)
+                      args.breaker_min_failed, args.timelimit_grace, args.session_hours)
     try:
         private = [args.db + suffix for suffix in ("", "-wal", "-shm", "-journal")]
         private += [f for f in (token_source, args.pilot_token_file) if f and os.path.isfile(f)]
@@ -7819,7 +8311,7 @@ def main(argv=None):
                       [tuple(x.split("=", 1)) for x in args.link])
         httpd = P3SServer((args.host, args.port), service, views, token, args.max_body, pilot_token,
                           args.allow_host, connections_for_descriptors(args.max_connections),
-                          args.max_per_client, args.pilot_net, args.header_timeout)
+                          args.max_per_client, args.pilot_net, args.header_timeout, args.private_pages)
     except OSError as e:
         print(f"server.py: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

@@ -533,9 +533,8 @@ class Client:
     def set_cap(self, jobtype, cap):
         return self.call("PUT", f"/api/jobtypes/{quote(jobtype, safe='')}", {"cap": cap})
 
-    def pause_jobtype(self, jobtype, paused, why, who=""):
-        return self.call("POST", f"/api/jobtypes/{quote(jobtype, safe='')}/pause",
-                         {"paused": paused, "why": why, "who": who})
+    def pause_jobtype(self, jobtype, paused, why):
+        return self.call("POST", f"/api/jobtypes/{quote(jobtype, safe='')}/pause", {"paused": paused, "why": why})
 
     # -- workflows and data ---------------------------------------------------------------------
     def add_dag(self, name, graphml, description="", replace=False):

@@ -55,8 +55,8 @@ def check_server(url):
     try:
         health = client.health()
         print(f"OK server {client.server} (p3s {health['version']}, schema v{health['schema']})")
-        client.check_token()
-        print("OK token accepted")
+        user = client.check_token().get("user")
+        print(f"OK token accepted (user {user})" if user else "OK token accepted")
     except (P3SError, InputError) as e:     # InputError: the token file is missing or unreadable
         raise CheckFailed(str(e)) from None
 

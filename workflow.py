@@ -15,7 +15,6 @@ as a JSON string or a .json file keyed by vertex name.
 
 Exit codes: 0 success, 2 bad input or a request the server refused, 1 server or network failure.
 """
-import getpass
 import json
 import os
 import sys
@@ -96,7 +95,7 @@ def register_dag(client, args):
 def add_workflow(client, args):
     options = {"name": args.name, "description": args.description, "state": args.state or "template",
                "fileinfo": structured(args.fileinfo, "-f"), "jobinfo": structured(args.jobinfo, "-j"),
-               "user": getpass.getuser(), "uuid": str(uuidlib.uuid4())}   # stored once, even if retried
+               "uuid": str(uuidlib.uuid4())}   # stored once, even if retried
     wf = client.create_workflow(args.add, **{k: v for k, v in options.items() if v is not None})
     return wf, wf["uuid"]
 

@@ -155,6 +155,15 @@ class P3S:
                 self.proc.kill()
                 self.proc.wait()
 
+    def add_user(self, name, role):
+        """A named user of this server's database (server.py --add-user, as an admin does it):
+        returns the environment its tools run with, its token in P3S_TOKEN_FILE."""
+        token_file = self.dir / "users" / f"{name}.token"
+        done = self.run("server.py", "--db", self.db, "--add-user", name, "--role", role,
+                        "--user-token-file", token_file)
+        assert done.returncode == 0, done.stderr
+        return dict(self.env, P3S_TOKEN_FILE=str(token_file))
+
     # -- clients --------------------------------------------------------------------------------
     def run(self, tool, *args, env=None, timeout=120, input=None):
         """Run a tool to completion; returns CompletedProcess with text stdout/stderr."""
@@ -299,7 +308,7 @@ def small_fs(tmp_path):
 def fill(directory):
     """Write until the filesystem says ENOSPC; returns the filler file."""
     filler = directory / "filler"
-    with open(filler, "wb") as f:
+    with open(filler, "wb", buffering=0) as f:      # unbuffered: nothing left to fail at its close
         try:
             while True:
                 f.write(b"\0" * 65536)

@@ -45,7 +45,8 @@ def test_no_pilots_is_one_critical_bar_that_explains_the_sites_and_starving_jobs
 def test_an_alarm_is_silenced_acknowledged_remembered_and_the_silence_ends_by_itself(p3s):
     [uuid] = p3s.submit([shell_job("true")])
     wait_until(lambda: "no_pilots" in alarms(p3s), 10, what="no_pilots")
-    result = p3s.run("alarm.py", "--silence", "no_pilots", "--for", "3", "-m", "pilots restarting", "--by", "ana")
+    result = p3s.run("alarm.py", "--silence", "no_pilots", "--for", "3", "-m", "pilots restarting",
+                     env=p3s.add_user("ana", "shifter"))
     assert result.returncode == 0 and "silenced by ana" in result.stdout, result.stderr
     ack = alarms(p3s)["no_pilots"]["ack"]
     assert (ack["kind"], ack["who"], ack["why"]) == ("silence", "ana", "pilots restarting") and ack["until"]
@@ -316,7 +317,7 @@ def test_a_job_type_that_mostly_fails_is_paused_by_the_circuit_breaker_and_resum
     assert held and len(held) < 12 - 3, states                       # some ran, the rest wait
     assert "jobtype_paused:monitor" not in alarms(server)
     assert "is paused by circuit breaker" in server.page(f"/job/{held[0]}")
-    resumed = server.run("job.py", "--resume", "purity", "-m", "fixed in v10_02", env={**server.env, "USER": "ana", "LOGNAME": "ana"})
+    resumed = server.run("job.py", "--resume", "purity", "-m", "fixed in v10_02", env=server.add_user("ana", "shifter"))
     assert resumed.returncode == 0 and "purity: resumed" in resumed.stdout, resumed.stderr
     wait_until(lambda: server.api.job_states(held[:1])[held[0]]["state"] != "defined", 15,
                what="a held job to run after the resume")

@@ -68,8 +68,10 @@ def test_every_route_refuses_bad_input_with_a_json_error(one_server, method, pat
     assert "\n" not in answer["error"]
 
 
-@pytest.mark.parametrize("method,path,name,parts,auth", [r for r in server.API if r[4] in ("admin", "register")],
-                         ids=[f"{r[0]} {r[1]}" for r in server.API if r[4] in ("admin", "register")])
+WRITES = [r for r in server.API if r[4] in server.ROLES + (server.REGISTER,)]
+
+
+@pytest.mark.parametrize("method,path,name,parts,auth", WRITES, ids=[f"{r[0]} {r[1]}" for r in WRITES])
 def test_every_write_route_needs_the_token(one_server, method, path, name, parts, auth):
     url = path.replace("<uuid>", "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d").replace("<dag>", "d").replace("<name>", "n")
     status, raw = ask(one_server.url, "wrong", method, url, b"{}")
@@ -119,6 +121,9 @@ def test_every_route_is_in_docs_api():
     listed = re.findall(r"^\| `(GET|POST|PUT|DELETE) (/api/\S*)`", documented, re.M)
     served = [(m, p) for m, p, *_ in server.API] + [("GET", p) for p in server.PAGE_APIS]
     assert sorted(listed) == sorted(served), "docs/api.md lists a route that is not served"
+    roles = dict(re.findall(r"^\| `((?:GET|POST|PUT|DELETE) /api/\S*)` \| (shifter|expert|admin) \|", documented, re.M))
+    assert roles == {f"{m} {p}": a for m, p, _, _, a in server.API if a in server.ROLES}, \
+        "docs/api.md gives a route another role than the server asks"
 
 
 

@@ -1,8 +1,15 @@
 """End to end in real headless Chromium: what a person sees on the summary and a job page."""
+import base64
 import html
+import http.server
+import json
+import os
 import re
+import select
 import shutil
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -106,3 +113,189 @@ def test_plots_reasons_and_activity_in_a_real_browser(served, tmp_path):
 
     for path, name in (("/", "summary.png"), (f"/job/{uuids[0]}", "job-with-plots.png"), ("/plots", "plots.png")):
         screenshot(tmp_path, served.url + path, name)
+
+
+class Browser:
+    """Real headless Chromium driven as a person would, through its DevTools protocol over a
+    pipe (--remote-debugging-pipe: JSON messages ending in NUL on fds 3 and 4, no websocket):
+    open a page, fill a form's field, press a button, read what it shows. One profile: its
+    cookies live between pages, as a shifter's browser keeps a sign-in."""
+
+    def __init__(self, tmp_path):
+        to_chromium, self.commands = os.pipe()
+        self.events, from_chromium = os.pipe()
+        profile = tmp_path / f"chromium-{len(list(tmp_path.glob('chromium-*')))}"
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{to_chromium} 4>&{from_chromium}', "chromium", CHROMIUM, *FLAGS,
+             "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=1400,1000", "about:blank"],
+            pass_fds=(to_chromium, from_chromium), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chromium)
+        os.close(from_chromium)
+        self.buffer, self.seen, self.next_id = b"", [], 0
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Page.enable", session=True)
+
+    def send(self, method, session=False, **params):
+        """A command and its answer; the events that arrive meanwhile are kept in `seen`."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        while True:
+            answer = self.receive()
+            if answer.get("id") == self.next_id:
+                assert "error" not in answer, (method, answer["error"])
+                return answer["result"]
+            self.seen.append(answer)
+
+    def receive(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while b"\0" not in self.buffer:
+            ready, _, _ = select.select([self.events], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "Chromium said nothing for a minute"
+            chunk = os.read(self.events, 1 << 20)
+            assert chunk, "Chromium closed its pipe"
+            self.buffer += chunk
+        message, _, self.buffer = self.buffer.partition(b"\0")
+        return json.loads(message)
+
+    def loaded(self):
+        """Wait for the page's load event (after a navigation, or a form's POST and redirect)."""
+        while True:
+            event = self.seen.pop(0) if self.seen else self.receive()
+            if event.get("method") == "Page.loadEventFired":
+                return
+
+    def open(self, url):
+        self.seen.clear()
+        self.send("Page.navigate", session=True, url=url)
+        self.loaded()
+        return self.text()
+
+    def evaluate(self, expression):
+        return self.send("Runtime.evaluate", session=True, expression=expression, returnByValue=True)["result"].get("value")
+
+    def text(self):
+        return self.evaluate("document.body.innerText")
+
+    def press(self, button, fill=None, within="document"):
+        """Fill the inputs of the form whose button says `button` ({name: value}) and press it."""
+        self.seen.clear()
+        found = self.evaluate(f"""(() => {{
+            const b = [...{within}.querySelectorAll('button')].find(b => b.textContent.startsWith({json.dumps(button)}));
+            if (!b) return false;
+            for (const [k, v] of Object.entries({json.dumps(fill or {})})) b.form.elements[k].value = v;
+            b.click(); return true; }})()""")
+        assert found, f"no button {button!r} on the page: {self.text()[:2000]}"
+        self.loaded()
+        return self.text()
+
+    def screenshot(self, path):
+        data = self.send("Page.captureScreenshot", session=True, format="png", captureBeyondViewport=True)["data"]
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        print(f"screenshot: {path}")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.commands)
+        os.close(self.events)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    b = Browser(tmp_path)
+    yield b
+    b.close()
+
+
+def evil_site(target_url, fields):
+    """Another site (localhost, not 127.0.0.1: another site to a browser) whose page posts a
+    form to p3s at once: the cross-site request forgery a signed-in shifter's browser must not
+    carry out."""
+    inputs = "".join(f'<input type="hidden" name="{k}" value="{v}">' for k, v in fields.items())
+    body = (f'<html><body><form id="f" method="post" action="{target_url}">{inputs}</form>'
+            '<script>document.getElementById("f").submit()</script></body></html>').encode()
+
+    class Evil(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    site = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Evil)
+    site.daemon_threads = True          # Chromium's idle preconnections must not hold the shutdown
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    return site
+
+
+def test_a_shifter_works_the_shift_from_the_browser_alone(tmp_path, browser):
+    """Sign in; see the failed jobs of run 5003 and retry them (after a confirmation that lists
+    them); acknowledge the alarm; note the run; pause and resume a job type; a cross-site page
+    that posts to p3s while the shifter is signed in changes nothing. Each action is in the
+    history under the shifter's name."""
+    server = P3S(tmp_path, ["--alarm-hold", "0"]).start()
+    try:
+        alice = server.add_user("alice", "shifter")
+        token = open(alice["P3S_TOKEN_FILE"]).read().strip()
+        data = "/data/np04_raw_run{:06d}_0001_dl1.root"
+        failed = server.submit([shell_job("echo 'art::Exception: ProductNotFound' >&2; exit 65", jobtype="purity",
+                                          infile=data.format(5003))])[0]
+        server.run("pilot.py", "-c", "1", "-p", "1", "-L", tmp_path / "logs")
+        waiting = server.submit([shell_job("true", jobtype="monitor", infile=data.format(5004))])[0]
+
+        text = browser.open(server.url + "/runs?runs=5003")
+        assert "sign in" in text and "Retry failed jobs" not in text
+        browser.open(server.url + "/signin?next=%2Fruns%3Fruns%3D5003")
+        text = browser.press("sign in", {"token": token})
+        assert "alice (shifter)" in text and "Run grid" in text
+        text = browser.press("Retry failed jobs of runs 5003")
+        assert "This will retry 1 failed job(s) of every job type in runs 5003" in text
+        assert server.job(failed)["state"] == "failed", "the confirmation page retried already"
+        browser.screenshot(tmp_path / "screenshots" / "confirm-retry.png")
+        browser.press("Retry these 1 jobs")
+        assert (server.job(failed)["state"], server.job(failed)["attempt"]) == ("defined", 2)
+
+        text = browser.open(server.url + "/alarms")
+        assert "no pilot" in text.lower()
+        browser.screenshot(tmp_path / "screenshots" / "alarms-signed-in.png")
+        text = browser.press("Acknowledge", {"why": "alice: pilots restarting on np04-srv-012"}, within="document.querySelector('table')")
+        assert "acknowledged by alice" in text
+
+        browser.open(server.url + "/runs?runs=5003")
+        text = browser.press("Add note", {"why": "HV trip at 14:02"})
+        assert "HV trip at 14:02" in text and "alice" in text
+
+        browser.open(server.url + "/jobtype/monitor")
+        text = browser.press("Pause", {"why": "noisy APA 3"})
+        assert "Paused by alice" in text
+        text = browser.press("Resume", {"why": "APA 3 masked"})
+        assert "Paused by alice" not in text
+
+        browser.open(server.url + f"/job/{waiting}")
+        evil = evil_site(server.url + "/act", {"action": "cancel", "uuid": waiting, "back": "/"})
+        try:
+            browser.open(f"http://localhost:{evil.server_address[1]}/")
+        finally:
+            evil.shutdown()
+        text = browser.text()
+        assert "Not done (403)" in text and "Origin" in text, "the forged form never reached p3s: " + text
+        assert "alice (shifter)" not in text, "the browser sent the session cookie to a cross-site form"
+        assert server.job(waiting)["state"] == "defined", "a cross-site page cancelled a job"
+        whos = [e["who"] for e in server.job(failed)["events"] if e["info"] == "adjusted"]
+        assert whos == ["alice"]
+        history = server.api.call("GET", "/api/alarms/history", query={"age": "1h"})["events"]
+        assert any(e["kind"] == "acknowledged" and e["who"] == "alice" for e in history)
+        text = browser.open(server.url + f"/job/{failed}")
+        browser.screenshot(tmp_path / "screenshots" / "job-signed-in.png")
+        assert "Cancel" in text and "Add note" in text
+    finally:
+        server.stop()

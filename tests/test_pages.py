@@ -130,9 +130,11 @@ def test_paths_outside_the_roots_are_refused(served):
 
 
 def test_jobs_filters_sorting_and_paging(served):
-    jobs = ([shell_job("true", jobtype="reco", priority=i % 5, site="cern", user="ann") for i in range(40)] +
-            [shell_job("true", jobtype="dqm", priority=9, user="bob") for _ in range(20)])
-    served.submit(jobs)
+    for user, jobs in (("ann", [shell_job("true", jobtype="reco", priority=i % 5, site="cern") for i in range(40)]),
+                       ("bob", [shell_job("true", jobtype="dqm", priority=9) for _ in range(20)])):
+        jobs_file = served.dir / f"{user}.json"
+        jobs_file.write_text(json.dumps(jobs))
+        assert served.run("job.py", "-j", jobs_file, env=served.add_user(user, "expert")).returncode == 0
     first = get_json(served, "/jobs")
     assert len(first["jobs"]) == 25 and first["more"] and first["total"] == 60
     third = get_json(served, "/jobs?page=3")

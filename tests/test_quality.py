@@ -145,7 +145,7 @@ def test_a_note_on_a_run_shows_on_the_grid_the_job_and_the_summary_and_can_hide_
                         for run in (5011, 5012)])
     p3s.pilot("-p", "1")
     p3s.wait_jobs(uuids, timeout=30)
-    env = dict(p3s.env, USER="ana", LOGNAME="ana")
+    env = p3s.add_user("ana", "shifter")
     noted = p3s.run("job.py", "--note", "run:5012", "-m", "HV trip at 14:02, <ignore>", "--hide", env=env)
     assert noted.returncode == 0 and "noted on run 5012 by ana" in noted.stdout, noted.stderr
     grid = p3s.page("/runs")
@@ -176,7 +176,7 @@ def test_bands_judge_bare_metrics_and_a_reference_run_is_shown_beside_every_job_
     assert [p3s.job(u)["verdict"] for u in uuids] == ["OK", "WARNING", "BAD"]
     assert p3s.job(uuids[2])["checks"] == [{"name": "noise_rms", "result": "BAD", "message": "7 above 6 (bad band)"}]
     marked = p3s.run("job.py", "--reference", "purity:5040", "-m", "quiet run, all APAs on",
-                     env=dict(p3s.env, USER="ana", LOGNAME="ana"))
+                     env=p3s.add_user("ana", "shifter"))
     assert marked.returncode == 0 and f"job {uuids[0]}" in marked.stdout, marked.stderr
     page = p3s.page(f"/job/{uuids[2]}")
     assert "Beside the reference run 5040" in page and f"/image/{uuids[0]}/adc.png" in page

@@ -309,7 +309,7 @@ def test_a_claim_does_not_grow_with_the_backlog_even_after_analyze(tmp_path):
     rows += [server.validate_job({"payload": "x", "site": "here", "jobtype": "dqm", "priority": 1}, "j"),
              server.validate_job({"payload": "x", "jobtype": "reco", "priority": 3}, "j"),
              server.validate_job({"payload": "x", "site": "here", "jobtype": "reco", "priority": 3}, "j")]
-    store.write(server.insert_jobs, rows)
+    store.write(server.insert_jobs, rows, "tester")
     store.read("ANALYZE")
     with store.reading() as conn:
         for sql, args in ((server.CLAIM_ANY, ("here",)), (server.CLAIM_TYPE, ("here", "dqm")),
@@ -338,7 +338,7 @@ def hostile_store(path, queued=3000, stopped=1000):
     indexes on pilot and state are useless, and an unpinned plan scans."""
     store = server.Store(path)
     store.write(server.insert_jobs, [server.validate_job({"payload": "x", "site": "elsewhere"}, "j")
-                                     for _ in range(queued)])
+                                     for _ in range(queued)], "tester")
     with store.transaction() as conn:
         conn.executemany("INSERT INTO pilots(uuid, state, heartbeat, ts_reg, ts_beat, ts_stop) "
                          "VALUES(?, 'stopped', 1, 0, 0, 0)", [(f"p{i}",) for i in range(stopped)])
