@@ -53,7 +53,8 @@ def parse_args(argv):
     p.add_argument("--bare-name", nargs="?", const="data", choices=("data", "dir"), metavar="SHAPE",
                    help="with -j: export P3S_INPUT_FILE as the bare file name and P3S_INPUT_DIR for the "
                    "original's wrappers: 'data' (the default) for $P3S_DATA/$P3S_INPUT_DIR/$P3S_INPUT_FILE, "
-                   "P3S_INPUT_DIR relative to the P3S_DATA the job will have (its env, else its site's); "
+                   "P3S_INPUT_DIR relative to the P3S_DATA the job will have (its env, else its site's; "
+                   "for a job naming neither, the pilot's site's, made relative when it runs); "
                    "'dir' for $P3S_INPUT_DIR/$P3S_INPUT_FILE, P3S_INPUT_DIR absolute")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "log every scan")
@@ -122,7 +123,7 @@ def input_dirs(client, args, jobs):
             site_data[site] = client.get_site(site).get("env", {}).get("P3S_DATA", "")
         data = env.get("P3S_DATA", site_data.get(site, ""))
         if not data:
-            dirs.append(inbox)        # "$P3S_DATA/" + an absolute path is still that path
+            dirs.append(inbox)        # made relative to its P3S_DATA by the pilot that runs it
             continue
         relative = os.path.relpath(inbox, os.path.abspath(data))
         if relative == ".." or relative.startswith("../"):
@@ -147,6 +148,8 @@ def work_for(args, jobs, path, dirs=None):
         env = job.get("env", {})
         inputs = ({"P3S_INPUT_FILE": os.path.basename(path), "P3S_INPUT_DIR": input_dir}
                   if args.bare_name else {"P3S_INPUT_FILE": path})
+        if args.bare_name == "data" and os.path.isabs(input_dir):
+            inputs["P3S_INPUT_DIR_BASE"] = "P3S_DATA"     # the pilot knows the P3S_DATA it runs with
         bound.append({**job, "uuid": str(uuidlib.uuid4()), "infile": path,
                       "env": {**env, **inputs} if isinstance(env, dict) else env})
     return {"jobs": bound, "template": "jobs:" + os.path.abspath(args.jobs)}

@@ -47,6 +47,8 @@ def parse_args(argv):
     p.add_argument("-D", "--delay", type=int, default=0, metavar="MS",
                    help="with -j: milliseconds between submissions, sending jobs one at a time "
                    "(default 0: all at once)")
+    p.add_argument("--new-type", action="store_true",
+                   help="with -j or -L: a job type a letter or two from a known one is meant (not a typo)")
     p.add_argument("--again", action="store_true",
                    help="with -j: submit even if the same jobs were submitted in the last hour (a rerun is "
                         "otherwise refused, naming the submission that stored them)")
@@ -258,7 +260,7 @@ def submit(client, args):
     submission = str(uuidlib.uuid4())
     client.on_retry = lambda line: print(f"job.py: {line}", file=sys.stderr, flush=True)
     try:
-        uuids = send(client, jobs, args.delay, submission, digest)
+        uuids = send(client, jobs, args.delay, submission, digest, args.new_type)
     except P3SError as e:
         if not e.bad_input and not client.reached:      # no request left this machine
             raise P3SError(f"{e}; nothing was stored", e.status) from None
@@ -313,16 +315,16 @@ def rerun_checked_digest(client, args, jobs):
     return digest
 
 
-def send(client, jobs, delay_ms, submission, digest=None):
+def send(client, jobs, delay_ms, submission, digest=None, new_jobtypes=False):
     """All jobs at once, as one submission stored whole or not at all, or one at a time with
     delay_ms between them (the original's -D)."""
     if not delay_ms:
-        return client.submit_jobs(jobs, submission, digest)
+        return client.submit_jobs(jobs, submission, digest, new_jobtypes)
     uuids = []
     for i, job in enumerate(jobs):
         if i:
             time.sleep(delay_ms / 1000)
-        uuids += client.submit_jobs([job])
+        uuids += client.submit_jobs([job], new_jobtypes=new_jobtypes)
     return uuids
 
 
@@ -385,7 +387,7 @@ def jobtypes(client, args):
         cap = None if args.no_cap or args.cap == -1 else args.cap
         names = [args.jobtype_name] if args.jobtype_name else [t["name"] for t in client.list_jobtypes()]
         for name in names:
-            client.set_cap(name, cap)
+            client.set_cap(name, cap, args.new_type)
     if args.deadline is not None:
         client.call("PUT", f"/api/jobtypes/{quote(args.jobtype_name, safe='')}/deadline",
                     {"seconds": args.deadline or None})

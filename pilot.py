@@ -73,7 +73,7 @@ PR_SET_CHILD_SUBREAPER = 36    # prctl(2): orphans of a payload become the pilot
 CRASHED = "crashed"         # how a deregistration begins when the pilot died of a defect
 UNDELIVERED = "undelivered"     # <joblogdir>/undelivered/<job uuid>.json: end reports pilots left behind
 HOUR_DIR = re.compile(r"\d{8}-\d{2}")       # <joblogdir>/<YYYYMMDD-HH>/: an hour of job files
-JOB_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err)?")
+JOB_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err|\.dirs)?")
 log = logging.getLogger("p3s.pilot")
 
 
@@ -103,8 +103,8 @@ def parse_args(argv):
     p.add_argument("--request", default=os.environ.get("P3S_REQUEST") or None, metavar="ID",
                    help="the pilot factory's request that started this pilot (default $P3S_REQUEST)")
     p.add_argument("--keep-job-files", type=float, metavar="HOURS",
-                   help="delete job logs and directories older than this (default: the site's keep_hours, "
-                   f"else {KEEP_JOB_FILES:g})")
+                   help="delete job logs and directories older than this, the wrappers' "
+                   f"$P3S_OUTPUT_DIR/$P3S_JOB_UUID too (default: the site's keep_hours, else {KEEP_JOB_FILES:g})")
     p.add_argument("--min-free-mb", type=float, default=MIN_FREE_MB, metavar="MB",
                    help="take no job while the job log directory has less free space (default %(default)s)")
     p.add_argument("--jobtype", action="append", default=[], help="accept only this job type (repeatable)")
@@ -402,6 +402,11 @@ def payload_env(inherited, site_env, job, pilot_uuid, job_dir):
     env = {**inherited, "P3S_OUTPUT_DIR": job_dir, **site_env, **job["env"]}
     if job.get("infile") and "P3S_INPUT_FILE" not in job["env"]:
         env["P3S_INPUT_FILE"] = job["infile"]
+    if env.pop("P3S_INPUT_DIR_BASE", "") == "P3S_DATA" and env.get("P3S_DATA") and \
+            os.path.isabs(env.get("P3S_INPUT_DIR", "")):
+        # injector.py --bare-name data for a job naming no site: its input directory, absolute,
+        # as the wrappers' $P3S_DATA/$P3S_INPUT_DIR reads it with the P3S_DATA it runs with
+        env["P3S_INPUT_DIR"] = os.path.relpath(env["P3S_INPUT_DIR"], env["P3S_DATA"])
     env.update(P3S_JOB_UUID=job["uuid"], P3S_PILOT_UUID=pilot_uuid, P3S_JOB_DIR=job_dir)
     return env
 
@@ -510,11 +515,39 @@ def free_mb(directory):
         return None
 
 
+def wrapper_directories(env):
+    """The original wrappers' `$P3S_OUTPUT_DIR/$P3S_JOB_UUID` (a site's P3S_OUTPUT_DIR is a base
+    shared between jobs, as lxvm.json's /tmp), if the job made it: p3s did not name it, but it
+    is the job's alone, and goes with the job's files (see clean_job_files)."""
+    output, uuid = env.get("P3S_OUTPUT_DIR", ""), env["P3S_JOB_UUID"]
+    made = os.path.join(output, uuid)
+    return [made] if output and uuid not in output and os.path.isdir(made) and not os.path.islink(made) else []
+
+
+def note_wrapper_directories(out_path, env):
+    """Leave `<uuid>.dirs` beside the job's log: the directories its wrapper made, for whichever
+    pilot of this job log directory cleans them."""
+    dirs = wrapper_directories(env)
+    if dirs:
+        with contextlib.suppress(OSError), open(out_path[:-len(".out")] + ".dirs", "w") as f:
+            f.write("".join(d + "\n" for d in dirs))
+
+
+def remove_noted_directories(path):
+    """The directories a `<uuid>.dirs` file names: only one named by that uuid, never a link."""
+    uuid = os.path.basename(path)[:36]
+    with open(path) as f:
+        for line in f.read(65536).splitlines():
+            if os.path.basename(line) == uuid and os.path.isabs(line) and not os.path.islink(line):
+                remove_tree(line, Budget())
+
+
 def clean_job_files(joblogdir, max_age):
     """Delete what pilots wrote to the job log directory longer than max_age seconds ago: in the
     hour directories (<YYYYMMDD-HH>/) and at the top (the older flat layout), a job's
     <uuid>.out, <uuid>.err and <uuid>/, once all three are older (a running job writes to them),
-    then hour directories left empty. Nothing else is touched. Returns how many entries went."""
+    and the directories its <uuid>.dirs names (its wrapper's), then hour directories left empty.
+    Nothing else is touched. Returns how many entries went."""
     cutoff, removed = time.time() - max_age, 0
     hours = [os.path.join(joblogdir, d) for d in listdir(joblogdir) if HOUR_DIR.fullmatch(d)]
     for top in [joblogdir, *hours]:
@@ -526,6 +559,8 @@ def clean_job_files(joblogdir, max_age):
                 if max(os.lstat(p).st_mtime for p in paths) >= cutoff:
                     continue
                 for path in paths:
+                    if path.endswith(".dirs"):
+                        remove_noted_directories(path)
                     if os.path.isdir(path) and not os.path.islink(path):
                         if not remove_tree(path, Budget()):
                             break
@@ -1133,6 +1168,7 @@ class Pilot:
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
         self.publish_images(job, execution.env)
+        note_wrapper_directories(out_path, execution.env)
         report = {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                   "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
                   "stdout_path": out_path, "stderr_path": err_path,

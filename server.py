@@ -30,6 +30,7 @@ import bisect
 import collections
 import contextlib
 import csv
+import difflib
 import hashlib
 import hmac
 import html
@@ -216,6 +217,7 @@ def approx(value, unit="s"):
 
 RUN_NUMBER = re.compile(r"run_?0*(\d+)(?:_0*(\d+))?", re.I)    # np04_raw_run005010_0007 -> 5010, 7
 RUN_SCAN = 20000        # input files a run-range filter examines at most (newest first)
+STREAM_SCAN = 2000      # input files whose directories name the streams the run grid offers
 
 
 def run_of(infile):
@@ -643,12 +645,15 @@ MIGRATIONS = [
     """,
     # v15: named users. Each has a role and a token, kept only as its sha256 (a stolen database
     # holds no usable token); the pages' sessions, each a sha256 too, with the CSRF token its
-    # forms carry and when it expires.
+    # forms carry and when it expires. The run grid's column order saved for a stream (the
+    # directory of its input files), so it no longer moves between refreshes.
     """
     CREATE TABLE users(name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
                        created REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE sessions(id_sha256 TEXT PRIMARY KEY, user TEXT NOT NULL, csrf TEXT NOT NULL,
                           expires REAL NOT NULL) WITHOUT ROWID;
+    CREATE TABLE grid_orders(stream TEXT PRIMARY KEY, types TEXT NOT NULL, who TEXT NOT NULL,
+                             ts REAL NOT NULL) WITHOUT ROWID;
     """,
 ]
 
@@ -860,11 +865,31 @@ def validate_job(obj, field):
         "max_attempts": as_int(obj.get("max_attempts", 1), f"{field}.max_attempts", 1),
         "infile": as_str(obj.get("infile", ""), f"{field}.infile", max_len=4096),
     }
+    job["infile"] = whole_path(job["infile"], json.loads(job["env"]))
     limit_key = "timelimit" if "timelimit" in obj else "timeout"
     job["timelimit"] = as_int(obj.get(limit_key, 3600), f"{field}.{limit_key}", 0)
     for key in ("memory", "disk"):          # MB; none: no limit (or the site's)
         job[key] = None if obj.get(key) is None else as_int(obj[key], f"{field}.{key}", 1, MAX_LIMIT_MB)
     return job
+
+
+def whole_path(infile, env):
+    """A job's input file as one path however the job names it: a bare name (the original's
+    P3S_INPUT_FILE) joined to an absolute P3S_INPUT_DIR, so that a job naming the file by path and
+    one naming it by bare name are one row of the run grid. (A relative P3S_INPUT_DIR is the
+    site's to resolve, on the pilot.)"""
+    directory = env.get("P3S_INPUT_DIR", "")
+    if infile and "/" not in infile and os.path.isabs(directory):
+        return os.path.join(directory, infile)
+    return infile
+
+
+def closest_jobtype(name, known):
+    """The known job type `name` is most likely a typo of, or None."""
+    def digitless(x):
+        return re.sub(r"\d+", "", x)
+    near = difflib.get_close_matches(name, [k for k in known if digitless(k) != digitless(name)], 1, 0.85)
+    return near[0] if near else None
 
 
 def validate_submission(body):
@@ -1937,7 +1962,8 @@ EXIT_CODE_ONLY = re.compile(r"exit code -?\d+")
 REASON_CHARS = 300
 FOLDED = ((re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I), "<uuid>"),
           (re.compile(r"0x[0-9a-f]+|\b[0-9a-f]{12,}\b", re.I), "<hex>"),
-          (re.compile(r"(?<![\w.])\d+(\.\d+)?(?!\w)"), "#"))    # a number alone, not a name's (APA3, np04)
+          (re.compile(r"(?<![\w.])\d+(,\d{3})*(\.\d+)?(?!\w)"), "#"))   # a number alone (2,048 too), not a
+                                                                        # name's (APA3, np04)
 
 
 def job_reason(errmsg, stderr_tail, exit_code):
@@ -1956,6 +1982,24 @@ def normalise_reason(reason):
     for pattern, replacement in FOLDED:
         reason = pattern.sub(replacement, reason)
     return reason
+
+
+def unfold(reason, lines):
+    """A folded reason with each '#' given back its number where every one of `lines` (its
+    failures' own reasons) has the same: "used # MB, over its memory limit of 2,000 MB"."""
+    parts = reason.split("#")
+    numbers = []
+    for line in lines:
+        for pattern, replacement in FOLDED[:2]:
+            line = pattern.sub(replacement, line)
+        numbers.append([m.group(0) for m in FOLDED[2][0].finditer(line)])
+    if not numbers or any(len(n) != len(parts) - 1 for n in numbers):
+        return reason
+    shown = parts[0]
+    for i, part in enumerate(parts[1:]):
+        same = {n[i] for n in numbers}
+        shown += (same.pop() if len(same) == 1 else "#") + part
+    return shown
 
 
 DRIFT_JOBS = 2000                    # a job type's last jobs kept in memory for the drift alarm
@@ -3662,8 +3706,9 @@ class Service:
     def submit(self, body, who):
         """Store jobs in one transaction; with a `submission` id, record it, so that a client
         whose answer was lost can ask whether the submission was stored."""
-        check_keys(body, "submission", ("jobs", "submission", "digest"))
+        check_keys(body, "submission", ("jobs", "submission", "digest", "new_jobtypes"))
         rows = validate_submission(body)
+        self.check_typos([r["jobtype"] for r in rows], body)
         submission = as_uuid(body["submission"], "submission") if "submission" in body else None
         digest = submission_digest(body)
         with self.store.transaction() as conn:
@@ -3676,9 +3721,10 @@ class Service:
     def stage_part(self, submission, body):
         """One part of a submission too big for one request: validated now, stored aside, never
         claimable until the commit. Sending a part again replaces it (a retry after a lost answer)."""
-        check_keys(body, "part", ("part", "jobs"))
+        check_keys(body, "part", ("part", "jobs", "new_jobtypes"))
         part = as_int(body.get("part"), "part", 0, MAX_PARTS - 1)
         rows = validate_submission(body)
+        self.check_typos([r["jobtype"] for r in rows], body)
         with self.store.transaction() as conn:
             if submission_row(conn, submission):
                 raise ApiError(409, f"submission {submission}: already committed")
@@ -3750,7 +3796,26 @@ class Service:
                 "SELECT name, value FROM metrics WHERE uuid=? ORDER BY name", (uuid,))}
         return job
 
+    def known_jobtypes(self):
+        return {r[0] for r in self.store.read("SELECT jobtype FROM job_counts UNION SELECT name FROM jobtypes")}
+
+    def check_typos(self, names, body):
+        """A job type that is new but a letter or two from a known one is most likely a typo
+        ("monitr"): a 400 that says which was meant, unless the request says `new_jobtypes`
+        (job.py --new-type). Names apart only by their digits (type1, type2) are meant apart."""
+        if body.get("new_jobtypes") is True:
+            return
+        known = self.known_jobtypes()
+        for name in dict.fromkeys(names):
+            meant = name not in known and closest_jobtype(name, known)
+            if meant:
+                raise bad(f"jobtype: unknown job type {name!r}; did you mean {meant!r}? (a new type on "
+                          "purpose: job.py --new-type, or \"new_jobtypes\": true)")
+
     def list_jobs(self, query):
+        if query.get("jobtype") and query["jobtype"] not in self.known_jobtypes():
+            meant = closest_jobtype(query["jobtype"], self.known_jobtypes())
+            raise bad(f"jobtype: no job of type {query['jobtype']!r}" + (f"; did you mean {meant!r}?" if meant else ""))
         where, args = job_conditions(query, *parse_states(query.get("state", "")))
         limit = min(as_int(query.get("limit", 100), "limit", 1), 10000)
         offset = as_int(query.get("offset", 0), "offset", 0)
@@ -3857,7 +3922,7 @@ class Service:
                                   "ORDER BY id", (infile,)):
                 newest[j["jobtype"]] = j
             chosen += [j for t, j in newest.items() if (not jobtype or t == jobtype) and not j["wfuuid"]
-                       and j["state"] in ("failed", "timeout", "pilotTO")]
+                       and j["state"] in FAILED_STATES]
         return chosen
 
     def delete_job(self, uuid, who):
@@ -3936,7 +4001,8 @@ class Service:
     def set_cap(self, name, body):
         """The most jobs of a type dispatched or running at once; 0 suspends it, null lifts it.
         Enforced when pilots claim, so submissions are never refused for a cap."""
-        check_keys(body, "jobtype", ("cap",))
+        check_keys(body, "jobtype", ("cap", "new_jobtypes"))
+        self.check_typos([name], body)
         cap = None if body.get("cap") is None else as_int(body["cap"], "cap", 0)
         with self.store.transaction() as conn:
             if cap is None:
@@ -4359,6 +4425,22 @@ class Service:
             note["id"] = conn.execute("INSERT INTO notes(kind, target, text, who, hide, ts) VALUES(:kind, :target, "
                                       ":text, :who, :hide, :ts)", note).lastrowid
         return note
+
+    def set_grid_order(self, body, who):
+        """Save the run grid's column order for a stream (a directory of input files; "all" for
+        every stream at once): it holds on every refresh and for every viewer, until changed."""
+        check_keys(body, "order", ("stream", "types"))
+        stream = as_str(body.get("stream", ""), "stream", allow_empty=False, max_len=4096)
+        types = body.get("types")
+        if not isinstance(types, list) or len(types) > 100:
+            raise bad("types: a list of at most 100 job types is expected")
+        names = [as_str(t, "types", allow_empty=False, max_len=64) for t in types]
+        if any("," in n for n in names):
+            raise bad("types: a job type name with a comma cannot be ordered")
+        with self.store.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO grid_orders(stream, types, who, ts) VALUES(?, ?, ?, ?)",
+                         (stream, ",".join(names), who, now()))
+        return {"stream": stream, "types": names, "who": who}
 
     def list_notes(self, query):
         """Notes of the last `age` (default 12 h: a shift and its hand-over), newest first."""
@@ -4796,11 +4878,13 @@ class Views:
         pause = self.store.read_one("SELECT * FROM pauses WHERE jobtype=? AND paused IS NOT NULL", (name,))
         pauses = [dict(r) for r in self.store.read("SELECT ts, new, who, info FROM events INDEXED BY events_uuid "
                                                    "WHERE uuid=? ORDER BY id DESC LIMIT 20", ("jobtype:" + name,))]
+        errors = self.error_summary(t, 50, jobtype=name)
+        self.unfold_numbers(errors[:PLACED_ERRORS], t)
         return {"name": name, "counts": counts, "cap": cap[0] if cap else None, "activity": activity,
                 "paused": dict(pause) if pause else None, "pauses": pauses, "plots": self.file_latency(t, name),
                 "profile": self.profile(name, "duration", t, activity),
                 "profiles": {m: self.profile(name, m, t, activity) for m in ("memory", "cpu_eff")},
-                "errors": self.error_summary(t, 50, jobtype=name), "time": t}
+                "errors": errors, "time": t}
 
     def profile(self, jobtype, metric, t, activity):
         """A metric of a job type from its histograms (written, and those counted since the last
@@ -4836,6 +4920,7 @@ class Views:
     def errors(self, query):
         t = now()
         errors = self.error_summary(t)
+        self.unfold_numbers(errors[:PLACED_ERRORS], t)
         hour, day = int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET
         for e in errors[:PLACED_ERRORS]:        # where the most frequent ones happened, by index
             e["hosts"] = [dict(r) for r in self.store.read(
@@ -4847,6 +4932,15 @@ class Views:
             "FROM error_hosts WHERE bucket >= ? GROUP BY site, host", (hour, day))]
         return {"time": t, "errors": errors, "by_site": summed(places, ("site",)),
                 "by_host": summed(places, ("site", "host"))[:20]}
+
+    def unfold_numbers(self, errors, t):
+        """Each error's `shown` reason: the numbers its last 50 failures of the day share (a
+        memory limit, a time limit, an exit code), kept; those that differ folded."""
+        for e in errors:
+            lines = [r["line"] for r in self.store.read(
+                "SELECT line FROM attempt_failures INDEXED BY attempt_failures_error WHERE jobtype = ? AND reason = ? "
+                "AND ts >= ? ORDER BY ts DESC LIMIT 50", (e["jobtype"], e["reason"], t - 86400))]
+            e["shown"] = unfold(e["reason"], lines)
 
     def failures(self, query):
         """What the error summary counts, one failed attempt a row (a retried job's too), newest
@@ -5048,23 +5142,25 @@ class Views:
         known = self.check_jobtype(query.get("jobtype", ""))
         limit, offset, page = page_window(query)
         since = now() - parse_age(query["age"]) if query.get("age") else 0
-        files = self.grid_files(since, query.get("runs"), limit + 1, offset)
-        rows, order = [], {}
+        streams = self.streams()
+        stream = query.get("stream") or (streams[0][0] if len(streams) > 1 else "all")
+        files = self.grid_files(since, query.get("runs"), "" if stream == "all" else stream, limit + 1, offset)
+        rows, seen = [], set()
         for infile, ts in files[:limit]:
             jobs = {}
             for j in self.store.read("SELECT uuid, name, jobtype, state, reason, verdict, verdict_check, "
-                                     "verdict_note, id FROM jobs INDEXED BY jobs_infile "
+                                     "verdict_note, ts_def FROM jobs INDEXED BY jobs_infile "
                                      "WHERE infile = ? AND infile != '' ORDER BY id", (infile,)):
                 jobs[j["jobtype"]] = dict(j)            # the newest job of each type wins
-                order.setdefault(j["jobtype"], j["id"])
+                seen.add(j["jobtype"])
             run, subrun = run_of(infile)
             rows.append({"infile": infile, "ts": ts, "run": run, "subrun": subrun, "jobs": jobs,
                          **row_verdict(jobs.values())})
         self.attach_images([j for r in rows for j in r["jobs"].values()])
         self.attach_not_ok([j for r in rows for j in r["jobs"].values()])
-        chosen = [t for t in query.get("types", "").split(",") if t]
-        types = ([query["jobtype"]] if query.get("jobtype") else
-                 chosen + sorted((t for t in order if t not in chosen), key=order.get))
+        saved = self.store.read_one("SELECT types FROM grid_orders WHERE stream=?", (stream,))
+        chosen = [t for t in (query.get("types") or (saved["types"] if saved else "")).split(",") if t]
+        types = [query["jobtype"]] if query.get("jobtype") else chosen + sorted(seen - set(chosen))
         run_verdicts(rows)
         runs, files = self.notes_of("run", [r["run"] for r in rows]), self.notes_of("file", [r["infile"] for r in rows])
         for r in rows:
@@ -5077,22 +5173,32 @@ class Views:
         bad_cells = {t: sum(1 for r in rows if (r["jobs"].get(t) or {}).get("verdict") in BAD_VERDICTS)
                      for t in types}
         return {"rows": rows, "types": types, "page": page, "limit": limit, "more": len(files) > limit,
-                "bad_cells": bad_cells,
-                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict", "hide_noted")
+                "bad_cells": bad_cells, "time": now(), "stream": stream, "saved_order": saved["types"] if saved else "",
+                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict", "hide_noted", "stream")
                             if query.get(k)},
+                "streams": [{"stream": s, "files": n} for s, n in streams],
                 "choices": {"jobtype": known, "verdict": ("",) + VERDICTS + ("none",)}}
 
-    def grid_files(self, since, runs, count, offset):
-        """(input file, first seen) newest first, younger than `since`, in the run range if any."""
-        if not runs:
+    def streams(self):
+        """The data streams of the newest STREAM_SCAN input files (their directories), the most
+        files first: the run grid shows the main one unless asked, so raw files and a DAG's
+        text files, which share no job type, do not interleave."""
+        dirs = collections.Counter(os.path.dirname(r["infile"]) for r in self.store.read(
+            "SELECT infile FROM inputs INDEXED BY inputs_ts ORDER BY ts DESC LIMIT ?", (STREAM_SCAN,)))
+        return sorted(dirs.items(), key=lambda x: (-x[1], x[0]))
+
+    def grid_files(self, since, runs, stream, count, offset):
+        """(input file, first seen) newest first, younger than `since`, in the run range and
+        the stream if given."""
+        if not runs and not stream:
             return [tuple(r) for r in self.store.read(
                 "SELECT infile, ts FROM inputs INDEXED BY inputs_ts WHERE ts >= ? ORDER BY ts DESC LIMIT ? OFFSET ?",
                 (since, count, offset))]
-        low, high = parse_run_range(runs)
+        low, high = parse_run_range(runs) if runs else (None, None)
         scanned = self.store.read("SELECT infile, ts FROM inputs INDEXED BY inputs_ts WHERE ts >= ? "
                                   "ORDER BY ts DESC LIMIT ?", (since, RUN_SCAN))
-        inside = [tuple(r) for r in scanned if run_of(r["infile"])[0] is not None
-                  and low <= run_of(r["infile"])[0] <= high]
+        inside = [tuple(r) for r in scanned if (not stream or os.path.dirname(r["infile"]) == stream)
+                  and (not runs or low <= (run_of(r["infile"])[0] or -1) <= high)]
         return inside[offset:offset + count]
 
     def notes_of(self, kind, targets):
@@ -5416,7 +5522,8 @@ vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5
 .note{background:#eef;border-left:3px solid #66c;padding:1px 5px;margin:2px 0;font-size:13px;max-width:40em}
 nav .who{float:right;color:#cde;margin-left:1.5em}nav .who a{margin:0}nav form{display:inline;margin:0 0 0 .4em}
 form.act{display:inline-block;margin:.2em .6em .2em 0}.signin{color:#777;font-size:13px;margin-right:.6em}
-.actions{background:#f4f6fa;border:1px solid #dde;padding:.3em .6em;margin:.5em 0}"""
+.actions{background:#f4f6fa;border:1px solid #dde;padding:.3em .6em;margin:.5em 0}
+.why-cell{display:block;font-weight:normal;font-size:11px;max-width:14em;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}"""
 NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
@@ -5775,11 +5882,11 @@ def error_table(errors, with_places=False):
     """The error summary; `with_places` adds where each failure happened most (site, host)."""
     def attempts(e, since):
         return href("/failures", jobtype=e["jobtype"], reason=e["reason"], since=since)
-    rows = [[esc(e["jobtype"]), link(attempts(e, "24h"), e["reason"] or "(no reason)"),
+    rows = [[esc(e["jobtype"]), link(attempts(e, "24h"), e.get("shown") or e["reason"] or "(no reason)"),
              count_cell(e["last_1h"], attempts(e, "1h"), True), count_cell(e["last_24h"], attempts(e, "24h")),
              esc(when(e["first"])), esc(when(e["last"]))] +
             ([places_cell(e)] if with_places else []) for e in errors]
-    return table(["jobtype", "reason (numbers folded to #)", "last 1 h", "last 24 h", "first seen", "last seen"] +
+    return table(["jobtype", "reason (# a number that differs between its failures)", "last 1 h", "last 24 h", "first seen", "last seen"] +
                  (["where (24 h)"] if with_places else []), rows)
 
 
@@ -6148,7 +6255,7 @@ def beside_reference(d):
             + (thumbnails(d["uuid"], rest) if rest else ""))
 
 
-RETRYABLE = ("failed", "timeout", "pilotTO", "cancelled")
+RETRY_BY_HAND = FAILED_STATES + ("cancelled",)
 
 
 def job_actions(d, query):
@@ -6158,7 +6265,7 @@ def job_actions(d, query):
     uuid, state, acts = {"uuid": d["uuid"]}, d["state"], []
     if getattr(query, "viewer", None) is None:
         return f'<div class="actions">{action_form(query, "retry", uuid, "Act on this job")}</div>'
-    if state in RETRYABLE and not d["wfuuid"]:
+    if state in RETRY_BY_HAND and not d["wfuuid"]:
         acts.append(action_form(query, "retry", uuid, f"Retry (attempt {d['attempt'] + 1})"))
     if state in ("template", "defined", "dispatched", "running"):
         acts.append(action_form(query, "cancel", uuid, "Cancel"))
@@ -6212,20 +6319,48 @@ def plots_of_job(job, images):
             f"{thumbnails(job, images, (first.get('reason') or first['state']) if failed else None)}</div>")
 
 
-def grid_cell(job, jobtype):
-    """One job of the run grid: its state as the cell's colour, a link to it, its reason on
-    hover, and a strip of its first images (framed red if the job did not finish). A file with
-    no job of the type says so: a blank cell could be a page that did not load."""
+SHORT_REASONS = ((re.compile(r"used ([\d,]+) MB, over its memory limit of ([\d,]+) MB"), r"memory \1 > \2 MB"),
+                 (re.compile(r"killed at its time limit of (\d+) s"), r"time limit \1 s"),
+                 (re.compile(r"wrote ([\d,]+) MB to its directory, over its disk limit.*"), r"disk \1 MB"),
+                 (re.compile(r"exit code (-?\d+)"), r"exit \1"))
+WAIT_SHOWN = 300        # seconds a grid cell's job waits before the cell says so
+
+
+def short_reason(reason):
+    """A failure's reason in a few words for a wall screen (no mouse to hover): a memory kill
+    and an art::Exception must look different at a glance."""
+    for pattern, words in SHORT_REASONS:
+        if pattern.fullmatch(reason):
+            return pattern.sub(words, reason)
+    return reason if len(reason) <= 30 else reason[:29] + "…"
+
+
+def cell_words(job, t):
+    """What a cell says under its state: why it failed, or how long it has waited."""
+    if job["state"] in FAILED_STATES and job["reason"]:
+        return short_reason(job["reason"])
+    if job["state"] in ("defined", "dispatched") and job.get("ts_def") and t - job["ts_def"] >= WAIT_SHOWN:
+        return "waits " + ago(t - job["ts_def"])
+    return ""
+
+
+def grid_cell(job, jobtype, t=None):
+    """One job of the run grid: its state as the cell's colour, a link to it, why it failed or
+    how long it waits in a few words (its whole reason on hover), and a strip of its first
+    images (framed red if the job did not finish). A file with no job of the type says so: a
+    blank cell could be a page that did not load."""
     if job is None:
         return f'<span class="cell g-none" title="no {esc(jobtype)} job for this file">no job</span>'
     title = f"{job['state']}: {job['reason']}" if job["reason"] else job["state"]
+    words = cell_words(job, t or now())
+    words = f'<small class="why-cell">{esc(words)}</small>' if words else ""
     shown = job["images"][:4]
     strip = "".join(f'<img src="{esc(image_url(job["uuid"], n))}" alt="{esc(n)}" title="{esc(n)}" loading="lazy">'
                     for n in shown)
     more = f"<small>+{len(job['images']) - len(shown)}</small>" if len(job["images"]) > len(shown) else ""
     badge = verdict_badge(job.get("verdict"), f"{job.get('verdict_check')}" if job.get("verdict") else "")
     return (f'<a class="cell g-{esc(re.sub(r"[^A-Za-z]", "", job["state"]))}" href="/job/{esc(job["uuid"])}" '
-            f'title="{esc(title)}">{esc(job["state"])}{badge}</a>'
+            f'title="{esc(title)}">{esc(job["state"])}{badge}{words}</a>'
             + (f'<div class="strip">{strip}{more}</div>' if shown else ""))
 
 
@@ -6267,17 +6402,38 @@ def render_runs(d, query):
                                                   if r["verdict"] != "OK" else "")) if r["verdict"] else ""
         if r.get("run_verdict") and r["run_verdict"] != r["verdict"]:     # a worse file of the same run
             verdict += f"<br><small>run: {verdict_badge(r['run_verdict'], r['run_verdict_by'])}</small>"
-        rows.append([first, verdict] + [grid_cell(r["jobs"].get(t), t) for t in d["types"]])
-    intro = ("<p class='head'>One row per input file, newest first; one column per job type (the order of "
-             "<code>types=a,b,c</code>, else the order jobs were submitted in). A cell is the newest job of "
-             "that type on that file: its colour is its state, its badge the data's verdict (the payload's "
-             "checks), hover for its reason, click for the job. <i>data</i>: the file's worst verdict and what "
-             "made it so; &#9998; a person's note on the run or file.</p>")
+        rows.append([first, verdict] + [grid_cell(r["jobs"].get(t), t, d.get("time")) for t in d["types"]])
+    intro = ("<p class='head'>One row per input file, newest first; one column per job type (the order "
+             "saved for the stream, else by name; <code>types=a,b,c</code> puts these first). A cell is the "
+             "newest job of that type on that file: its colour is its state, its badge the data's verdict (the "
+             "payload's checks), under it why it failed or how long it waits; click for the job. <i>data</i>: "
+             "the file's worst verdict and what made it so; &#9998; a person's note on the run or file.</p>")
     body = (intro + filter_form(("jobtype", "runs", "age", "types", "verdict", "hide_noted"), query,
                                 {**d["choices"], "hide_noted": ("yes",)},
                                 {"runs": "run(s)", "types": "column order", "hide_noted": "hide noted runs"}) +
-            run_actions(d, query) + pager(d, query) + table(headers, rows, "grid") + pager(d, query))
+            stream_line(d, query) + run_actions(d, query) + pager(d, query) + table(headers, rows, "grid")
+            + pager(d, query) + order_form(d, query))
     return page("Run grid", body, query)
+
+
+def stream_line(d, query):
+    """The streams (directories of input files) to choose from, the one shown in bold."""
+    if len(d.get("streams", ())) < 2:
+        return ""
+    shown = [(s["stream"], f"{s['stream'] or '(no directory)'} ({s['files']})") for s in d["streams"]]
+    return "<p class='head'>stream: " + " · ".join(
+        f"<b>{esc(label)}</b>" if value == d["stream"] else link(with_query(query, stream=value, page=None), label)
+        for value, label in shown + [("all", "all, interleaved")]) + "</p>"
+
+
+def order_form(d, query):
+    """Save the columns' order for this stream, for every viewer and refresh."""
+    if not d["types"] or d["filters"].get("jobtype"):
+        return ""
+    saved = f" (saved: {esc(d['saved_order'])})" if d.get("saved_order") else ""
+    return "<div class='actions'>" + action_form(
+        query, "save_order", {"stream": d["stream"]}, "Save column order",
+        extra=f'<input name="types" size="60" value="{esc(",".join(d["types"]))}"> ') + saved + "</div>"
 
 
 def select(name, options, chosen=""):
@@ -6814,6 +6970,7 @@ API = (
     ("PUT", "/api/sites/<name>", "define_site", ("body",), EXPERT),
     ("DELETE", "/api/sites/<name>", "delete_site", (), ADMIN),
     ("GET", "/api/jobtypes", "list_jobtypes", ("query",), None),
+    ("PUT", "/api/runs/order", "set_grid_order", ("body", "who"), SHIFTER),
     ("GET", "/api/alarms", "alarms.raised", (), None),
     ("GET", "/api/alarms/history", "alarms.history", ("query",), None),
     ("POST", "/api/alarms/ack", "alarms.acknowledge", ("body", "who"), SHIFTER),
@@ -6851,6 +7008,8 @@ PAGE_ACTIONS = {
     "pause": ("pause_jobtype", lambda f: ([f.get("jobtype", "")], {"paused": True, "why": f.get("why", "")})),
     "resume": ("pause_jobtype", lambda f: ([f.get("jobtype", "")], {"paused": False, "why": f.get("why", "")})),
     "reference": ("set_reference", lambda f: ([f.get("jobtype", "")], {"run": f.get("run"), "why": f.get("why", "")})),
+    "save_order": ("set_grid_order", lambda f: ([], {"stream": f.get("stream", ""),
+                                                     "types": [t.strip() for t in f.get("types", "").split(",") if t.strip()]})),
     "retry_failed": ("retry_failed", lambda f: ([], {"jobtype": f.get("jobtype", ""), "runs": f.get("runs", ""),
                                                      "dry_run": f.get("confirm") != "1"})),
 }

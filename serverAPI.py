@@ -410,20 +410,22 @@ class Client:
             conn.close()
 
     # -- jobs -----------------------------------------------------------------------------------
-    def submit_jobs(self, jobs, submission=None, digest=None):
+    def submit_jobs(self, jobs, submission=None, digest=None, new_jobtypes=False):
         """Submit jobs all-or-nothing under the id `submission` (made here if not given; the
         server remembers it, so `get_submission` tells whether a submission whose answer was lost
         was stored). What fits one request (SUBMIT_BYTES, 1000 jobs) goes in one; more goes as
         parts the server stages, then one commit stores them all in one transaction. Each job
-        carries its own uuid and each part its number, so a retried request stores nothing twice."""
+        carries its own uuid and each part its number, so a retried request stores nothing twice.
+        `new_jobtypes`: a job type close to a known one is meant, not a typo."""
         submission = submission or str(uuidlib.uuid4())
         jobs = [job if "uuid" in job else dict(job, uuid=str(uuidlib.uuid4())) for job in jobs]
         parts = list(batches(jobs, SUBMIT_BYTES, 1000))
         named = {"digest": digest} if digest else {}
+        new = {"new_jobtypes": True} if new_jobtypes else {}
         if len(parts) == 1:
-            return self.call("POST", "/api/jobs", {"jobs": parts[0], "submission": submission, **named})["uuids"]
+            return self.call("POST", "/api/jobs", {"jobs": parts[0], "submission": submission, **named, **new})["uuids"]
         for number, part in enumerate(parts):
-            self.call("PUT", f"/api/submissions/{submission}/part", {"part": number, "jobs": part})
+            self.call("PUT", f"/api/submissions/{submission}/part", {"part": number, "jobs": part, **new})
         self.call("POST", f"/api/submissions/{submission}/commit", {"parts": len(parts), **named})
         return [job["uuid"] for job in jobs]
 
@@ -530,8 +532,9 @@ class Client:
     def list_jobtypes(self, jobtype=None):
         return self.call("GET", "/api/jobtypes", query={"jobtype": jobtype} if jobtype else None)["jobtypes"]
 
-    def set_cap(self, jobtype, cap):
-        return self.call("PUT", f"/api/jobtypes/{quote(jobtype, safe='')}", {"cap": cap})
+    def set_cap(self, jobtype, cap, new_jobtypes=False):
+        return self.call("PUT", f"/api/jobtypes/{quote(jobtype, safe='')}",
+                         {"cap": cap, **({"new_jobtypes": True} if new_jobtypes else {})})
 
     def pause_jobtype(self, jobtype, paused, why):
         return self.call("POST", f"/api/jobtypes/{quote(jobtype, safe='')}/pause", {"paused": paused, "why": why})

@@ -192,16 +192,18 @@ def test_both_wrapper_shapes_find_the_file_at_a_site_from_lxvm_json_with_the_inb
     later, earlier = p3s.dir / "later.sh", p3s.dir / "earlier.sh"
     later.write_text('#!/bin/sh\ncat "$P3S_DATA/$P3S_INPUT_DIR/$P3S_INPUT_FILE"\n')
     earlier.write_text('#!/bin/sh\ncat "$P3S_INPUT_DIR/$P3S_INPUT_FILE"\n')
-    for shape, wrapper in (("data", later), ("dir", earlier)):
+    for jobtype, wrapper, shape, named in (("data", later, "data", {"site": "lxvm"}), ("dir", earlier, "dir", {"site": "lxvm"}),
+                                           ("nosite", later, "data", {})):     # as the original's jobs were written
         wrapper.chmod(0o755)
-        jobs = p3s.dir / f"{shape}.json"
-        jobs.write_text(json.dumps({"payload": str(wrapper), "site": "lxvm", "jobtype": shape}))
-        (inbox / f"np04_raw_run5010_{shape}.root").write_text(f"RAW {shape}\n")
-        result = injector(p3s, "-d", inbox, "-j", jobs, "--bare-name", shape, "-g", f"*_{shape}.root")
+        jobs = p3s.dir / f"{jobtype}.json"
+        jobs.write_text(json.dumps({"payload": str(wrapper), "jobtype": jobtype, **named}))
+        (inbox / f"np04_raw_run5010_{jobtype}.root").write_text(f"RAW {jobtype}\n")
+        result = injector(p3s, "-d", inbox, "-j", jobs, "--bare-name", shape, "-g", f"*_{jobtype}.root")
         assert result.returncode == 0, result.stderr
-    p3s.run("pilot.py", "-s", "lxvm", "-c", "2", "-p", "1", "-L", p3s.logs)
+    p3s.run("pilot.py", "-s", "lxvm", "-c", "3", "-p", "1", "-L", p3s.logs)
     outputs = {j["jobtype"]: (j["state"], p3s.job(j["uuid"])["stdout_tail"]) for j in p3s.api.list_jobs()}
-    assert outputs == {"data": ("finished", "RAW data\n"), "dir": ("finished", "RAW dir\n")}, outputs
+    assert outputs == {"data": ("finished", "RAW data\n"), "dir": ("finished", "RAW dir\n"),
+                       "nosite": ("finished", "RAW nosite\n")}, outputs
     outside = p3s.dir / "elsewhere"
     outside.mkdir()
     refused = injector(p3s, "-d", outside, "-j", p3s.dir / "data.json", "--bare-name")

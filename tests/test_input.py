@@ -132,3 +132,25 @@ def test_server_and_client_configuration_errors_are_one_line(p3s, tmp_path):
         assert_refused(result, text)
     for url in ("nonsense:x", "ftp://host", "http://:8000"):
         assert_refused(p3s.run("job.py", "--list", env=dict(p3s.env, P3S_SERVER=url)), "expected http://host:port")
+
+
+def test_a_job_type_typo_is_caught_and_a_new_type_stays_possible(p3s, tmp_path):
+    """"monitr" was stored, capped and listed (empty, exit 0) without a word on a real shift."""
+    p3s.submit([shell_job("true", jobtype="monitor"), shell_job("true", jobtype="purity"),
+                shell_job("true", jobtype="type1")])
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps([{"payload": "true", "jobtype": "monitr"}]))
+    refused = p3s.run("job.py", "-j", typo)
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        "job.py: jobtype: unknown job type 'monitr'; did you mean 'monitor'? (a new type on purpose: job.py "
+        "--new-type, or \"new_jobtypes\": true)"], refused.stderr
+    assert len(p3s.api.list_jobs()) == 3, "a refused typo stored a job"
+    capped = p3s.run("job.py", "-l", "-T", "purty", "-L", "2")
+    assert capped.returncode == 2 and "did you mean 'purity'?" in capped.stderr
+    assert [t["name"] for t in p3s.api.list_jobtypes()] == ["monitor", "purity", "type1"], "a typo got a cap"
+    listed = p3s.run("job.py", "--list", "--jobtype", "purty")
+    assert listed.returncode == 2 and "no job of type 'purty'; did you mean 'purity'?" in listed.stderr
+    assert p3s.run("job.py", "-j", typo, "--new-type").returncode == 0
+    numbered = tmp_path / "numbered.json"
+    numbered.write_text(json.dumps([{"payload": "true", "jobtype": "type2"}]))
+    assert p3s.run("job.py", "-j", numbered).returncode == 0, "type2 beside type1 taken for a typo"

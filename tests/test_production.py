@@ -207,6 +207,32 @@ def test_old_job_files_go_a_running_jobs_and_foreign_files_stay(p3s):
     pilot.kill()
 
 
+def test_a_wrappers_own_output_directory_goes_with_its_job_files_and_nothing_else(p3s, tmp_path):
+    """The original's wrappers write to $P3S_OUTPUT_DIR/$P3S_JOB_UUID (lxvm.json: /tmp); a shift
+    left 22 of them behind in 15 minutes. They go on the job files' schedule, and only they."""
+    from pilot import clean_job_files
+    out = tmp_path / "out"
+    out.mkdir()
+    wrapper = 'mkdir -p "$P3S_OUTPUT_DIR/$P3S_JOB_UUID" && echo hist > "$P3S_OUTPUT_DIR/$P3S_JOB_UUID/h.root"'
+    [uuid] = p3s.submit([shell_job(wrapper, env={"P3S_EXECMODE": "SHELL", "P3S_OUTPUT_DIR": str(out)})])
+    assert p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs).returncode == 0
+    job = p3s.job(uuid)
+    noted = job["stdout_path"][:-len(".out")] + ".dirs"
+    assert job["state"] == "finished" and open(noted).read() == f"{out / uuid}\n"
+    other, shared = out / "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d", out / "calib"
+    other.mkdir()
+    shared.mkdir()
+    hostile = os.path.join(os.path.dirname(noted), "1b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d.dirs")
+    with open(hostile, "w") as f:
+        f.write(f"{shared}\n{out}\n")                       # names no directory of its own uuid
+    old = time.time() - 30 * 3600
+    for path in (job["stdout_path"], job["stderr_path"], noted, hostile):
+        os.utime(path, (old, old))
+    assert clean_job_files(str(p3s.logs), 3600) >= 4
+    assert not (out / uuid).exists(), "the wrapper's directory stayed"
+    assert other.exists() and shared.exists() and out.exists(), "a directory the job did not make went"
+
+
 def test_a_pilot_makes_its_hour_directory_again_and_logs_what_did_not_finish(p3s):
     """A pilot makes a job's hour directory only when it is missing (one mkdir a job): removed
     under it (by the clean-up, or by hand), it is made again and the next job runs. Its log

@@ -60,11 +60,27 @@ def test_the_error_summary_groups_failures_by_reason_and_links_to_them(p3s):
     assert [(e["jobtype"], e["reason"], e["last_1h"], e["last_24h"]) for e in errors] == [
         ("purity", DECODER.format(3, "#"), 3, 3),             # identifiers stay: APA3, not APA#
         ("evdisp", DECODER.format(2, "#"), 1, 1), ("purity", "disk quota exceeded", 1, 1)]
+    assert [e["shown"] for e in errors[:2]] == [DECODER.format(3, "#"), DECODER.format(2, 2)]
     matching = p3s.api.call("GET", "/jobs", query={"format": "json", "state": "problems", "jobtype": "purity",
                                                     "reason": errors[0]["reason"]})
     assert sorted(j["uuid"] for j in matching["jobs"]) == sorted(uuids[:3])
     page = p3s.page("/")
     assert "APA3 FEMB # returned no frames" in page and 'href="/errors"' in page
+
+
+def test_the_error_summary_keeps_the_numbers_a_groups_failures_share(p3s):
+    """The memory limit, the time limit, an exit code: the number that matters is the one every
+    failure of the group has; only those that differ are folded to #."""
+    memory = "used {:,} MB, over its memory limit of 2,000 MB"
+    run(p3s, [shell_job(f"echo '{memory.format(mb)}' >&2; exit 1", jobtype="reco") for mb in (2100, 2450)]
+        + [shell_job("sleep 5", jobtype="reco", timelimit=1) for _ in range(2)]
+        + [shell_job("exit 65", jobtype="dqm") for _ in range(2)] + [shell_job("exit 3", jobtype="calib"),
+                                                                     shell_job("exit 4", jobtype="calib")])
+    shown = {(e["jobtype"], e["shown"]) for e in p3s.api.call("GET", "/errors", query={"format": "json"})["errors"]}
+    assert shown == {("reco", "used # MB, over its memory limit of 2,000 MB"), ("reco", "killed at its time limit of 1 s"),
+                     ("dqm", "exit code 65"), ("calib", "exit code #")}
+    assert "over its memory limit of 2,000 MB" in p3s.page("/errors")
+    assert "killed at its time limit of 1 s" in p3s.page("/jobtype/reco")
 
 
 def test_job_filters_take_lists_groups_and_error_and_refuse_unknown_names(p3s):

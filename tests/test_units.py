@@ -190,13 +190,13 @@ def hostile_job():
             "images": [{"name": HOSTILE, "type": "image/png", "size": 1}]}
 
 
-def rendered_pages():
+def rendered_pages(query):
     note = {"kind": "run", "target": HOSTILE, "text": HOSTILE, "who": HOSTILE, "hide": 1, "ts": 1.0}
     job = dict(hostile_job(), verdict="BAD", verdict_check=HOSTILE, verdict_note=HOSTILE, notes=[note],
                checks=[{"name": HOSTILE, "result": "BAD", "message": HOSTILE}], metrics={HOSTILE: 1.5})
     place = {"site": HOSTILE, "host": HOSTILE, "jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2}
-    errors = [{"jobtype": HOSTILE, "reason": HOSTILE, "last_1h": 1, "last_24h": 2, "first": 1.0, "last": 2.0,
-               "hosts": [place]}]
+    errors = [{"jobtype": HOSTILE, "reason": HOSTILE, "shown": HOSTILE, "last_1h": 1, "last_24h": 2, "first": 1.0,
+               "last": 2.0, "hosts": [place]}]
     t = 86400.0 * 365
     activity = {"range": "24h", "span": 86400, "bucket": 600,
                 "bins": [{"start": t - 600, "started": 1, "finished": 1, "failed": 1}],
@@ -225,7 +225,6 @@ def rendered_pages():
     workflow = {"uuid": job["uuid"], "name": HOSTILE, "state": "running", "dag": HOSTILE,
                 "description": HOSTILE, "jobs": [dict(job, vertex=HOSTILE)],
                 "datasets": []}
-    query = {"state": HOSTILE}
     site = {"name": HOSTILE, "pilots": 3, "tolerance": None, "live": 1, "running": 0, "idle": 1, "lost_1h": 0,
             "finished_1h": 2, "failed_attempts_1h": 1, "ended_1h": 0, "mean_life_1h": None, "pilotlife": None,
             "server": HOSTILE, "period": 1, "cycles": 0, "heartbeat": 1, "env": {"X": HOSTILE},
@@ -255,8 +254,9 @@ def rendered_pages():
             server.render_runs({"rows": [{"infile": HOSTILE, "ts": 1.0, "run": None, "subrun": None,
                                           "jobs": {HOSTILE: dict(job, images=[HOSTILE])}, "verdict": "BAD",
                                           "verdict_by": HOSTILE, "notes": [note]}], "types": [HOSTILE], "bad_cells": {HOSTILE: 1},
-                                "page": 1, "limit": 25, "more": False, "filters": {"types": HOSTILE},
-                                "choices": choices}, query),
+                                "page": 1, "limit": 25, "more": False, "filters": {"types": HOSTILE, "runs": "5003"},
+                                "stream": HOSTILE, "streams": [{"stream": HOSTILE, "files": 2}, {"stream": "/x", "files": 1}],
+                                "saved_order": HOSTILE, "time": 1.0, "choices": choices}, query),
             server.render_workflows({"workflows": [dict(workflow, user=HOSTILE, done=1, vertices=2, ts_def=1.0,
                                                         ts_sto=None, failure=dict(job, vertex=HOSTILE))],
                                      "page": 1, "limit": 25, "more": False, "choices": choices}, query),
@@ -274,8 +274,13 @@ def rendered_pages():
 
 
 def test_renderers_escape_every_hostile_value():
-    for html in rendered_pages():
-        assert "<script>" not in html and "&lt;script&gt;" in html
+    signed_in = server.PageQuery(state=HOSTILE)
+    signed_in.viewer = server.Viewer(server.Caller(HOSTILE, "shifter"), HOSTILE)
+    signed_in.target = HOSTILE
+    for query in ({"state": HOSTILE}, signed_in):
+        for html in rendered_pages(query):
+            assert "<script>" not in html and "&lt;script&gt;" in html
+    assert any('action="/act"' in html for html in rendered_pages(signed_in)), "no action form was rendered"
 
 
 def test_every_route_names_an_operation_that_exists(tmp_path):

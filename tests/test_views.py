@@ -5,7 +5,7 @@ import os
 import re
 from urllib.parse import urlencode
 
-from conftest import COMPAT, shell_job, tiny_png
+from conftest import COMPAT, Client, shell_job, tiny_png
 
 
 def jobs_json(p3s, **query):
@@ -137,7 +137,7 @@ def test_the_run_grid_shows_each_file_by_job_type_with_states_and_plots(p3s, tmp
     p3s.run("pilot.py", "-c", "9", "-p", "1", "-L", p3s.logs)
     grid = p3s.api.call("GET", "/runs", query={"format": "json"})
     assert [(r["run"], r["subrun"]) for r in grid["rows"]] == [(5010, 2), (5010, 1), (5009, 1)]
-    assert grid["types"] == ["monitor", "purity", "evdisp"], "columns in the order jobs were submitted"
+    assert grid["types"] == ["evdisp", "monitor", "purity"], "columns by name, whatever the submission order"
     newest = grid["rows"][0]["jobs"]
     assert newest["purity"]["state"] == "failed" and newest["monitor"]["images"] == ["apa1.png"]
     chosen = p3s.api.call("GET", "/runs", query={"format": "json", "types": "evdisp,purity"})
@@ -147,6 +147,7 @@ def test_the_run_grid_shows_each_file_by_job_type_with_states_and_plots(p3s, tmp
     p3s.page("/runs?runs=five", status=400)
     page = p3s.page("/runs")
     assert 'class="cell g-failed"' in page and 'title="failed: ERROR: no frames"' in page
+    assert 'failed<small class="why-cell">ERROR: no frames</small>' in page, "a wall screen cannot hover"
     assert page.count('<div class="strip"><img') == 3 and "run 5010 · 2" in page
     files = jobs_json(p3s, infile=runs[2])
     assert sorted(j["jobtype"] for j in files) == ["evdisp", "monitor", "purity"]
@@ -155,6 +156,29 @@ def test_the_run_grid_shows_each_file_by_job_type_with_states_and_plots(p3s, tmp
     newest = p3s.page("/runs").split("run 5011 · 1")[1].split("</tr>")[0]
     assert newest.count('class="cell g-none" title="no purity job for this file">no job<') == 1
     assert 'title="no evdisp job for this file">no job<' in newest and "g-finished" in newest
+
+
+def test_the_run_grid_keeps_a_saved_column_order_one_row_per_file_and_its_main_stream(p3s):
+    """Found on a shift: columns that moved between refreshes, one file on two rows (named by
+    path and by bare name), a DAG's text files interleaved with the raw files."""
+    raw = "/eos/np04/np04_raw_run00{}_0001.root"
+    p3s.submit([shell_job("true", jobtype=t, infile=raw.format(run)) for run in (5020, 5021) for t in ("purity", "monitor")]
+               + [shell_job("true", jobtype="reco", env={"P3S_INPUT_DIR": "/eos/np04",
+                                                         "P3S_INPUT_FILE": "np04_raw_run005021_0001.root"},
+                            infile="np04_raw_run005021_0001.root"),
+                  shell_job("true", jobtype="filter", infile="/scratch/wf/np04_raw_run005021_0001.txt")])
+    grid = p3s.api.call("GET", "/runs", query={"format": "json"})
+    assert [r["infile"] for r in grid["rows"]] == [raw.format(5021), raw.format(5020)], "one file, one row"
+    assert set(grid["rows"][0]["jobs"]) == {"purity", "monitor", "reco"} and grid["stream"] == "/eos/np04"
+    assert grid["types"] == ["monitor", "purity", "reco"]
+    shifter = p3s.add_user("ann", "shifter")
+    Client(p3s.url, token_file=shifter["P3S_TOKEN_FILE"]).call("PUT", "/api/runs/order", {"stream": "/eos/np04", "types": ["reco", "purity"]})
+    for _ in range(2):
+        assert p3s.api.call("GET", "/runs", query={"format": "json"})["types"] == ["reco", "purity", "monitor"]
+    every = p3s.api.call("GET", "/runs", query={"format": "json", "stream": "all"})
+    assert len(every["rows"]) == 3 and "filter" in every["types"]
+    page = p3s.page("/runs")
+    assert "/eos/np04 (2)</b>" in page and "/scratch/wf (1)" in page and "(saved: reco,purity)" in page
 
 
 def test_an_injected_workflows_jobs_are_the_row_of_their_file(p3s, tmp_path):
