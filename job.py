@@ -341,7 +341,9 @@ def show_submission(client, args):
 def list_jobs(client, args):
     jobs = client.list_jobs(state=args.state, jobtype=args.jobtype, limit=args.limit)
     rows = [dict(j, input=os.path.basename(j.get("infile") or "")) for j in jobs]
-    emit(args, {"jobs": [utc_times(j) for j in jobs]}, lambda: format_table(rows, LIST_COLUMNS))
+    chosen = ", ".join(f"{k} {v}" for k, v in (("state", args.state), ("jobtype", args.jobtype)) if v)
+    emit(args, {"jobs": [utc_times(j) for j in jobs]},
+         lambda: format_table(rows, LIST_COLUMNS) if rows else f"no jobs{f' ({chosen})' if chosen else ''}")
     return 0
 
 

@@ -2581,7 +2581,7 @@ class Workflows:
         with self.store.reading() as conn:
             wf = lookup(conn, "workflows", wfuuid)
             jobs = [dict(r) for r in conn.execute(
-                "SELECT uuid, vertex, name, jobtype, state, exit_code, attempt, ts_sta, ts_sto FROM jobs "
+                "SELECT uuid, vertex, name, jobtype, state, exit_code, attempt, ts_sta, ts_sto, reason FROM jobs "
                 "WHERE wfuuid=? ORDER BY id", (wfuuid,))]
             files = [dict(r) for r in conn.execute(
                 "SELECT uuid, name, dirpath, datatype, datatag, state, producer, consumer FROM datasets "
@@ -6559,10 +6559,27 @@ def render_sites(d, query):
     return page("Sites", body, query)
 
 
+def site_settings(d):
+    """A site's settings as a person reads them: units, and what applies when one is not set."""
+    def given(key, shown, default):
+        return shown(d[key]) if d.get(key) is not None else default
+    return [("server", d.get("server") or "this one"),
+            ("pilots (nominal)", given("pilots", str, "none: no alarm, no factory")),
+            ("pilot life", given("pilotlife", ago, "none: a pilot lives until stopped")),
+            ("tolerance below nominal", given("tolerance", "{:.0%}".format, f"{SITE_TOLERANCE:.0%} (default)")),
+            ("job request wait (period)", given("period", "{:g} s".format, "10 s (default)")),
+            ("job requests per pilot (cycles)", given("cycles", lambda c: str(c) if c else "until stopped",
+                                                      "until stopped (default)")),
+            ("heartbeat", given("heartbeat", "{:g} s".format, "10 s (default)")),
+            ("memory limit of a job", given("memory", "{:,} MB".format, "none, unless the job sets one")),
+            ("disk limit of a job", given("disk", "{:,} MB".format, "none, unless the job sets one")),
+            ("factory command", d.get("factory") or "none"),
+            ("factory period", given("factory_period", "{:g} s".format, "60 s (default)")),
+            ("keep job files", given("keep_hours", "{:g} h".format, "the pilot's --keep-job-files"))]
+
+
 def render_site(d, query):
-    settings = table(["setting", "value"], [[esc(k), esc(d[k])] for k in
-                                            ("server", "pilots", "pilotlife", "tolerance", "period", "cycles",
-                                             "heartbeat", "factory", "factory_period", "keep_hours")])
+    settings = table(["setting", "value"], [[esc(k), esc(v)] for k, v in site_settings(d)])
     env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
     pilots = table(PILOT_HEADERS, [pilot_row(p) for p in d["pilots_list"]])
     requests = table(["requested", "pilots", "registered", "pending", "ended young", "state"],
@@ -6803,14 +6820,28 @@ def dag_svg(jobs, datasets, link_jobs=True):
     return "".join(parts) + "</svg>"
 
 
+def workflow_files(datasets):
+    """One row per file, however many edges carry it (a DAG's input read by three filters is
+    one file): its datatags, types and states joined."""
+    files = {}
+    for f in datasets:
+        row = files.setdefault(os.path.join(f["dirpath"], f["name"]), {"datatag": {}, "datatype": {}, "state": {}})
+        for key in row:
+            row[key][f[key]] = None
+    return [[esc(path)] + [esc(", ".join(k for k in row[key] if k)) for key in ("datatag", "datatype", "state")]
+            for path, row in files.items()]
+
+
 def render_workflow(d, query):
-    jobs = table(["vertex", "state", "exit", "attempt", "started", "ended"],
+    jobs = table(["vertex", "state", "exit", "attempt", "started", "ended", "reason"],
                  [[link(f"/job/{j['uuid']}", j["vertex"]), state_cell(j["state"]), esc(j["exit_code"]),
-                   esc(j["attempt"]), esc(when(j["ts_sta"])), esc(when(j["ts_sto"]))] for j in d["jobs"]])
-    files = table(["file", "datatag", "type", "state"],
-                  [[esc(os.path.join(f["dirpath"], f["name"])), esc(f["datatag"]), esc(f["datatype"]),
-                    esc(f["state"])] for f in d["datasets"]])
-    about = [state_cell(d["state"]), f"DAG {esc(d['dag'])}"] + ([esc(d["description"])] if d["description"] else [])
+                   esc(j["attempt"]), esc(when(j["ts_sta"])), esc(when(j["ts_sto"])), reason_cell(j.get("reason") or "")]
+                  for j in d["jobs"]])
+    files = table(["file", "datatag", "type", "state"], workflow_files(d["datasets"]))
+    failed = [f"vertex <b>{esc(j['vertex'])}</b> {state_cell(j['state'])}" + (f": {esc(j['reason'])}" if j.get("reason") else "")
+              for j in d["jobs"] if j["state"] in FAILED_STATES]
+    about = ([state_cell(d["state"]), f"DAG {esc(d['dag'])}"] + failed
+             + ([esc(d["description"])] if d["description"] else []))
     body = (f"<p>{' · '.join(about + [link('/jobs?workflow=' + d['uuid'], 'its jobs')])}</p>"
             f"{dag_svg(d['jobs'], d['datasets'])}"
             f"<h2>Jobs</h2>{jobs}<h2>Files</h2>{files}")
@@ -6891,12 +6922,20 @@ def dataset_work(x):
     return " · ".join(parts)
 
 
+def template_text(template):
+    """Which injector template a file record is for ("jobs:/x/dqm.json" -> "jobs dqm.json"): a
+    file is registered once per template, so two injectors on one directory list it twice."""
+    kind, _, what = (template or "").partition(":")
+    return f"{kind} {os.path.basename(what)}" if what else kind
+
+
 def render_datasets(d, query):
     rows = [[f'<span title="{esc(os.path.join(x["dirpath"], x["name"]))}">{esc(x["name"])}</span>',
-             esc(x["datatype"]), esc(x["datatag"]), esc(x["state"]), esc(x["origin"]), dataset_work(x),
-             esc(short_when(x["ts"]))] for x in d["datasets"]]
+             esc(x["datatype"]), esc(x["datatag"]), esc(x["state"]), esc(x["origin"]),
+             f'<span title="{esc(x.get("template") or "")}">{esc(template_text(x.get("template")))}</span>',
+             dataset_work(x), esc(short_when(x["ts"]))] for x in d["datasets"]]
     body = (filter_form(("state", "origin", "datatype"), query) + pager(d, query) +
-            table(["file", "type", "datatag", "state", "origin", "work", "registered"], rows, "list") +
+            table(["file", "type", "datatag", "state", "origin", "for (template)", "work", "registered"], rows, "list") +
             f"<p>{link('/datatypes', 'Data types')}</p>")
     return page("Datasets", body, query)
 

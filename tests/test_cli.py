@@ -48,7 +48,8 @@ def test_a_missing_token_file_is_a_local_error_and_nothing_is_sent_as_submitted(
     assert "no-such-token" in result.stderr and "--new-token" in result.stderr
     assert p3s.api.list_jobs() == []
     listed = p3s.run("job.py", "--list", env=env)          # reading needs no token
-    assert listed.returncode == 0
+    assert listed.returncode == 0 and listed.stdout == "no jobs\n", "an empty list printed only its header"
+    assert p3s.run("job.py", "--list", "--state", "failed").stdout == "no jobs (state failed)\n"
 
 
 def test_a_pilot_with_a_wrong_server_says_so_at_once_without_v(tmp_path):

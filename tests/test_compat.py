@@ -223,6 +223,9 @@ def test_two_templates_on_one_directory_each_start_once_per_file(p3s):
         assert result.returncode == 0, result.stderr
     assert sorted(j["jobtype"] for j in p3s.api.list_jobs()) == ["evdisp"] * 3 + ["monitor"] * 3
     assert "0 file(s) started, 3 skipped" in result.stderr, "skipped files not counted without -v"
+    listed = p3s.page("/datasets")
+    assert listed.count(">jobs monitor.json<") == 3 and listed.count(">jobs evdisp.json<") == 3, \
+        "a file listed once per template with nothing saying which"
 
 
 def test_injected_workflows_write_their_outputs_to_outdir(p3s):

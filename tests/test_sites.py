@@ -117,6 +117,10 @@ def test_a_site_below_its_nominal_pilots_raises_an_alarm_that_clears(p3s):
     assert site["live"] == 3 and len(site["pilots_list"]) == 3
     sites_page = p3s.api.call("GET", "/sites", query={"format": "json"})["sites"]
     assert [(s["name"], s["pilots"], s["live"]) for s in sites_page] == [("lxvm", 3, 3)]
+    settings = p3s.page("/site/lxvm")
+    for said in ("<td>tolerance below nominal</td><td>20%</td>", "<td>memory limit of a job</td><td>none, "
+                 "unless the job sets one</td>", "<td>pilot life</td><td>none: a pilot lives until stopped</td>"):
+        assert said in settings, "a site setting shown raw or blank"
 
 
 def test_a_nominal_never_met_is_the_sites_standing_state_not_an_alarm(p3s):

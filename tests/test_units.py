@@ -395,6 +395,10 @@ def drive_hot_paths(service):
     service.housekeep()
     service.define_site("np04", {"pilots": 3, "pilotlife": 60})
     service.alarms.record(server.now())     # every housekeeping pass evaluates the alarms
+    service.users.add("ann", "shifter", "t" * 40)       # a named user's request, and a page's session
+    session, _ = service.users.sign_in(service.users.by_token("t" * 40))
+    assert service.users.session(session)[0] == ("ann", "shifter")
+    service.retry_failed({"runs": "5000-5010", "dry_run": True}, "ann")
     states = {r["state"] for r in store.read("SELECT state FROM jobs WHERE uuid IN (?,?,?,?)", uuids)}
     assert {"pilotTO", "timeout"} <= states, states
 

@@ -87,6 +87,9 @@ def test_failing_middle_job_cancels_descendants_and_fails_the_workflow(p3s):
     assert jobs["reco"]["state"] == "cancelled" and jobs["NOOP2"]["state"] == "cancelled"
     assert "parent reduction failed" in [e["info"] for e in jobs["reco"]["events"]][-1]
     assert "dispatched" not in [e["new"] for e in jobs["reco"]["events"]]
+    page = p3s.page(f"/workflow/{wfuuid}")
+    assert re.search(r'vertex <b>reduction</b> <span class="s-failed">failed</span>: broken', page), \
+        "the workflow page does not name its failed vertex and why"
 
 
 def test_retried_parent_does_not_cancel_children(p3s):
@@ -236,3 +239,15 @@ def test_workflow_list_shows_the_dags_and_workflows(p3s):
     lines = listing.stdout.splitlines()
     assert lines[0] == "DAGs:" and any(line.split()[0] == "3filters" for line in lines[1:])
     assert any(uuid in line and "nightly" in line for line in lines), listing.stdout
+
+
+def test_a_file_read_by_three_vertices_is_one_row_of_its_workflow_page(p3s, tmp_path):
+    """3filters.graphml: one input read by three filters was listed three times."""
+    p3s.run("workflow.py", "-g", os.path.join(COMPAT, "3filters.graphml"))
+    fileinfo = tmp_path / "fileinfo.json"
+    fileinfo.write_text(open(os.path.join(COMPAT, "fileinfo_3filters.json")).read())
+    wfuuid = start(p3s, "3filters", "-f", str(fileinfo))
+    page = p3s.page(f"/workflow/{wfuuid}")
+    files = page.split("<h2>Files</h2>")[1]
+    assert files.count("/home/maxim/p3sdata/input.txt<") == 1
+    assert files.count("<tr>") == 1 + 4, "one row per file: the input and three outputs"
