@@ -5864,7 +5864,13 @@ def job_name_cell(job):
 
 
 def infile_cell(path):
-    return f'<span class="cut" title="{esc(path)}">{esc(os.path.basename(path))}</span>' if path else ""
+    """An input file in a list's narrow column: its run and subrun when its name has them (what
+    tells two DQM files apart, never cut off), else its name; the whole path on hover."""
+    if not path:
+        return ""
+    run, subrun = run_of(path)
+    shown = f"run {run}" + (f" · {subrun}" if subrun is not None else "") if run is not None else os.path.basename(path)
+    return f'<span class="cut" title="{esc(path)}">{esc(shown)}</span>'
 
 
 def ran_at_cell(job):
@@ -6635,7 +6641,10 @@ def render_jobtype(d, query):
               "lets them run.</div>" if d.get("paused") else "")
     act = ("resume", "Resume: let its jobs run", "why resume") if d.get("paused") else \
         ("pause", "Pause: hand out none of its jobs", "why pause it")
-    paused += f'<div class="actions">{action_form(query, act[0], {"jobtype": d["name"]}, act[1], why=act[2])}</div>'
+    cap = action_form(query, "cap", {"jobtype": d["name"]}, "Set cap (empty: none)", role=EXPERT,
+                      extra=f'<input name="cap" type="number" min="0" style="width:5em" value="{esc(d["cap"] if d["cap"] is not None else "")}"> ')
+    paused += (f'<div class="actions">{action_form(query, act[0], {"jobtype": d["name"]}, act[1], why=act[2])}'
+               f'{cap if getattr(query, "viewer", None) else ""}</div>')
     pauses = ("<h2>Paused and resumed</h2>" + table(["time", "now", "by", "why"], [
         [esc(when(e["ts"])), state_cell(e["new"]), esc(e["who"]), esc(e["info"])] for e in d["pauses"]])
         if d.get("pauses") else "")
@@ -7028,7 +7037,7 @@ API = (
     ("PUT", "/api/jobs/<uuid>/images/<name>", "images.publish", ("raw", "secret"), PILOT),
 )
 ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
-ROUTE_ROLES = {name: auth for method, path, name, parts, auth in API if auth in ROLES}
+WRITES = {name: (parts, auth) for method, path, name, parts, auth in API if auth in ROLES}   # what a page action calls
 
 # The pages' actions (POST /act, from a signed-in page's form): each is an API operation, done
 # with that route's role as the signed-in user, its request built from the form's fields:
@@ -7046,6 +7055,7 @@ PAGE_ACTIONS = {
                                                      "kind": "silence", "for": parse_age(f.get("for", ""), "for")})),
     "pause": ("pause_jobtype", lambda f: ([f.get("jobtype", "")], {"paused": True, "why": f.get("why", "")})),
     "resume": ("pause_jobtype", lambda f: ([f.get("jobtype", "")], {"paused": False, "why": f.get("why", "")})),
+    "cap": ("set_cap", lambda f: ([f.get("jobtype", "")], {"cap": f.get("cap") or None})),
     "reference": ("set_reference", lambda f: ([f.get("jobtype", "")], {"run": f.get("run"), "why": f.get("why", "")})),
     "save_order": ("set_grid_order", lambda f: ([], {"stream": f.get("stream", ""),
                                                      "types": [t.strip() for t in f.get("types", "").split(",") if t.strip()]})),
@@ -7472,12 +7482,13 @@ class Handler(BaseHTTPRequestHandler):
         if action not in PAGE_ACTIONS:
             raise bad(f"action: {action!r} is not one of {', '.join(PAGE_ACTIONS)}")
         name, request = PAGE_ACTIONS[action]
-        role = ROUTE_ROLES[name]
+        parts, role = WRITES[name]
         if not viewer.caller.may(role):
             raise ApiError(403, f"{action}: user {viewer.caller.name} is a {viewer.caller.role}; this needs the "
                                 f"{role} role")
         args, body = request(fields)
-        result = operation(self.server.service, name)(*args, body, viewer.caller.name)
+        given = {"body": body, "who": viewer.caller.name}
+        result = operation(self.server.service, name)(*args, *(given[p] for p in parts))
         if body.get("dry_run"):
             query = PageQuery()
             query.viewer, query.target = viewer, local_path(fields.get("back", "/"))

@@ -1,9 +1,11 @@
 """Test harness: a real server.py on a free loopback port with a temporary database, and helpers
 that run the real tools (job.py, pilot.py, ...) as processes against it. No mocks."""
+import base64
 import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import shutil
@@ -443,3 +445,98 @@ def slurm():
 
 # Every tool a user runs: each has --help, its options in docs/tools.md
 TOOLS = ["server.py", "job.py", "pilot.py", "workflow.py", "injector.py", "verifyImport.py", "factory.py", "service.py", "alarm.py", "dataset.py"]
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync")
+
+
+class Browser:
+    """Real headless Chromium driven as a person would, through its DevTools protocol over a
+    pipe (--remote-debugging-pipe: JSON messages ending in NUL on fds 3 and 4, no websocket):
+    open a page, fill a form's field, press a button, read what it shows. One profile: its
+    cookies live between pages, as a shifter's browser keeps a sign-in."""
+
+    def __init__(self, tmp_path):
+        to_chromium, self.commands = os.pipe()
+        self.events, from_chromium = os.pipe()
+        profile = tmp_path / f"chromium-{len(list(tmp_path.glob('chromium-*')))}"
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$@" 3<&{to_chromium} 4>&{from_chromium}', "chromium", CHROMIUM, *CHROMIUM_FLAGS,
+             "--remote-debugging-pipe", f"--user-data-dir={profile}", "--window-size=1400,1000", "about:blank"],
+            pass_fds=(to_chromium, from_chromium), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_chromium)
+        os.close(from_chromium)
+        self.buffer, self.seen, self.next_id = b"", [], 0
+        target = self.send("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.send("Page.enable", session=True)
+
+    def send(self, method, session=False, **params):
+        """A command and its answer; the events that arrive meanwhile are kept in `seen`."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if session:
+            message["sessionId"] = self.session
+        os.write(self.commands, json.dumps(message).encode() + b"\0")
+        while True:
+            answer = self.receive()
+            if answer.get("id") == self.next_id:
+                assert "error" not in answer, (method, answer["error"])
+                return answer["result"]
+            self.seen.append(answer)
+
+    def receive(self, timeout=60):
+        deadline = time.monotonic() + timeout
+        while b"\0" not in self.buffer:
+            ready, _, _ = select.select([self.events], [], [], max(0.0, deadline - time.monotonic()))
+            assert ready, "Chromium said nothing for a minute"
+            chunk = os.read(self.events, 1 << 20)
+            assert chunk, "Chromium closed its pipe"
+            self.buffer += chunk
+        message, _, self.buffer = self.buffer.partition(b"\0")
+        return json.loads(message)
+
+    def loaded(self):
+        """Wait for the page's load event (after a navigation, or a form's POST and redirect)."""
+        while True:
+            event = self.seen.pop(0) if self.seen else self.receive()
+            if event.get("method") == "Page.loadEventFired":
+                return
+
+    def open(self, url):
+        self.seen.clear()
+        self.send("Page.navigate", session=True, url=url)
+        self.loaded()
+        return self.text()
+
+    def evaluate(self, expression):
+        return self.send("Runtime.evaluate", session=True, expression=expression, returnByValue=True)["result"].get("value")
+
+    def text(self):
+        return self.evaluate("document.body.innerText")
+
+    def press(self, button, fill=None, within="document"):
+        """Fill the inputs of the form whose button says `button` ({name: value}) and press it."""
+        self.seen.clear()
+        found = self.evaluate(f"""(() => {{
+            const b = [...{within}.querySelectorAll('button')].find(b => b.textContent.startsWith({json.dumps(button)}));
+            if (!b) return false;
+            for (const [k, v] of Object.entries({json.dumps(fill or {})})) b.form.elements[k].value = v;
+            b.click(); return true; }})()""")
+        assert found, f"no button {button!r} on the page: {self.text()[:2000]}"
+        self.loaded()
+        return self.text()
+
+    def screenshot(self, path):
+        data = self.send("Page.captureScreenshot", session=True, format="png", captureBeyondViewport=True)["data"]
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(base64.b64decode(data))
+        print(f"screenshot: {path}")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.commands)
+        os.close(self.events)

@@ -179,3 +179,19 @@ def test_a_signed_out_page_offers_sign_in_and_a_signed_in_one_the_actions_of_its
     _, _, text = request(served, "GET", f"/job/{uuid}", cookie=cookie)
     buttons = re.findall(r'<button type="submit">([^<]+)</button>', text)
     assert buttons == ["sign out", "Cancel", "Set priority", "Add note"], buttons
+
+
+def test_a_page_offers_an_expert_what_a_shifter_is_refused(served):
+    """Set cap is an expert's: a shifter's page does not offer it, and a shifter's forged form
+    for it is a 403 naming the role; the expert's caps the type, in the expert's name."""
+    alice, bob = served.add_user("alice", "shifter"), served.add_user("bob", "expert")
+    served.submit([{"payload": "true", "jobtype": "purity", "state": "template"}])
+    shifter, expert = sign_in(served, alice), sign_in(served, bob)
+    assert "Set cap" not in request(served, "GET", "/jobtype/purity", cookie=shifter)[2]
+    assert "Set cap" in request(served, "GET", "/jobtype/purity", cookie=expert)[2]
+    cap = {"action": "cap", "jobtype": "purity", "cap": "2", "back": "/jobtype/purity"}
+    status, _, text = request(served, "POST", "/act", {**cap, "csrf": csrf_of(served, shifter, "/")}, shifter)
+    assert status == 403 and "alice is a shifter; this needs the expert role" in text
+    assert served.api.list_jobtypes("purity")[0]["cap"] is None
+    status, headers, _ = request(served, "POST", "/act", {**cap, "csrf": csrf_of(served, expert, "/")}, expert)
+    assert status == 303 and served.api.list_jobtypes("purity")[0]["cap"] == 2

@@ -6,7 +6,6 @@ import http.server
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 import urllib.error
@@ -14,9 +13,8 @@ import urllib.request
 
 import pytest
 
-from conftest import COMPAT, shell_job, tiny_png
+from conftest import CHROMIUM, COMPAT, shell_job, tiny_png
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)")
 
 MEASURE = """<script>

@@ -101,7 +101,7 @@ def test_job_filters_take_lists_groups_and_error_and_refuse_unknown_names(p3s):
         page = p3s.page("/jobs?" + query, 400)
         assert f"{field}: " in page and query.split("=")[1] in page
     page = p3s.page("/jobs")
-    assert '<span class="cut" title="/eos/np04/run_000777_0001.root">run_000777_0001.root</span>' in page
+    assert '<span class="cut" title="/eos/np04/run_000777_0001.root">run 777 · 1</span>' in page, "the subrun cut off"
     assert '<select name="state">' in page and '<option value="problems">' in page
     assert '<option value="default">' in page
 

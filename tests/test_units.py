@@ -290,6 +290,8 @@ def test_every_route_names_an_operation_that_exists(tmp_path):
         assert callable(server.operation(service, name)), f"{method} {path}: {name}"
         assert server.path_regex(path).match(path.replace("<uuid>", "u").replace("<dag>", "d")
                                              .replace("<name>", "n"))
+    for action, (name, _) in server.PAGE_ACTIONS.items():
+        assert name in server.WRITES, f"page action {action}: {name} is no route a role guards"
     views = server.Views(service, [str(tmp_path)])
     for regex, name, render in server.PAGES:
         assert callable(getattr(views, name)) and callable(render)
