@@ -4856,14 +4856,17 @@ class Views:
 
     def error_summary(self, t, limit=-1, jobtype=None):
         """Failures of the last 24 h by jobtype (or of one) and normalised reason, most frequent
-        in the last hour first, from the 10-minute counts (bounded by distinct reasons, never by jobs)."""
+        in the last hour first, from the 10-minute counts (bounded by distinct reasons, never by jobs);
+        the first PLACED_ERRORS with their `shown` reason (see unfold_numbers)."""
         rows = self.store.read(
             "SELECT jobtype, reason, SUM(CASE WHEN bucket >= ? THEN n ELSE 0 END) AS last_1h, SUM(n) AS last_24h, "
             "MIN(first) AS first, MAX(last) AS last FROM errors WHERE bucket >= ?"
             f"{' AND jobtype = ?' if jobtype else ''} GROUP BY jobtype, reason "
             "ORDER BY last_1h DESC, last_24h DESC, last DESC LIMIT ?",
             (int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET, *([jobtype] if jobtype else []), limit))
-        return [dict(r) for r in rows]
+        errors = [dict(r) for r in rows]
+        self.unfold_numbers(errors[:PLACED_ERRORS], t)
+        return errors
 
     def jobtype(self, name, query):
         """A job type's page: its counts and cap, its ends over time, what its jobs take (median
@@ -4879,7 +4882,6 @@ class Views:
         pauses = [dict(r) for r in self.store.read("SELECT ts, new, who, info FROM events INDEXED BY events_uuid "
                                                    "WHERE uuid=? ORDER BY id DESC LIMIT 20", ("jobtype:" + name,))]
         errors = self.error_summary(t, 50, jobtype=name)
-        self.unfold_numbers(errors[:PLACED_ERRORS], t)
         return {"name": name, "counts": counts, "cap": cap[0] if cap else None, "activity": activity,
                 "paused": dict(pause) if pause else None, "pauses": pauses, "plots": self.file_latency(t, name),
                 "profile": self.profile(name, "duration", t, activity),
@@ -4920,7 +4922,6 @@ class Views:
     def errors(self, query):
         t = now()
         errors = self.error_summary(t)
-        self.unfold_numbers(errors[:PLACED_ERRORS], t)
         hour, day = int(t - 3600) // ERROR_BUCKET, int(t - 86400) // ERROR_BUCKET
         for e in errors[:PLACED_ERRORS]:        # where the most frequent ones happened, by index
             e["hosts"] = [dict(r) for r in self.store.read(
@@ -5523,7 +5524,8 @@ vertical-align:bottom}table.list .cut{max-width:13em}table.list td{padding:2px 5
 nav .who{float:right;color:#cde;margin-left:1.5em}nav .who a{margin:0}nav form{display:inline;margin:0 0 0 .4em}
 form.act{display:inline-block;margin:.2em .6em .2em 0}.signin{color:#777;font-size:13px;margin-right:.6em}
 .actions{background:#f4f6fa;border:1px solid #dde;padding:.3em .6em;margin:.5em 0}
-.why-cell{display:block;font-weight:normal;font-size:11px;max-width:14em;white-space:nowrap;overflow:hidden;text-overflow:ellipsis}"""
+.why-cell{display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertical;font-weight:normal;font-size:11px;
+max-width:16em;overflow:hidden;overflow-wrap:anywhere}"""
 NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
@@ -6328,7 +6330,9 @@ def plots_of_job(job, images):
 SHORT_REASONS = ((re.compile(r"used ([\d,]+) MB, over its memory limit of ([\d,]+) MB"), r"memory \1 > \2 MB"),
                  (re.compile(r"killed at its time limit of (\d+) s"), r"time limit \1 s"),
                  (re.compile(r"wrote ([\d,]+) MB to its directory, over its disk limit.*"), r"disk \1 MB"),
-                 (re.compile(r"exit code (-?\d+)"), r"exit \1"))
+                 (re.compile(r"exit code (-?\d+)"), r"exit \1"),
+                 (re.compile(r"pilot lost: .*"), "pilot lost"),
+                 (re.compile(r"%MSG-\w\s+(.*)"), r"\1"))        # art's message-facility prefix says nothing
 WAIT_SHOWN = 300        # seconds a grid cell's job waits before the cell says so
 
 
@@ -6337,8 +6341,9 @@ def short_reason(reason):
     and an art::Exception must look different at a glance."""
     for pattern, words in SHORT_REASONS:
         if pattern.fullmatch(reason):
-            return pattern.sub(words, reason)
-    return reason if len(reason) <= 30 else reason[:29] + "…"
+            reason = pattern.sub(words, reason)
+            break
+    return reason if len(reason) <= 60 else reason[:59] + "…"
 
 
 def cell_words(job, t):

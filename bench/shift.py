@@ -12,22 +12,28 @@ a BAD run) and an event display that times out now and then; a workflow of the
 original's 3filters DAG; halfway, the server killed (kill -9) and restarted --outage seconds later
 (0: none), as a crashed or rebooted server is; bands on the monitor's two metrics (its pedestal
 creeps up run after run), a reference run and a note; 45 s before the end, the real outage:
-every pilot killed (kill -9) while data keeps arriving. At the end, screenshots of every page (headless Chromium, when
-installed) in the work directory, whose path is printed. Bounded in time; loopback only.
+every pilot killed (kill -9) while data keeps arriving. At the end, two named users work from
+the browser alone (headless Chromium driven as a person would, when installed): the shifter
+signs in, acknowledges the top alarm, retries the failed jobs of a run after its confirmation
+page, notes the run, pauses and resumes a job type; the expert caps one. Then screenshots of every
+page as the signed-in shifter sees it, in the work directory, whose path is printed. Bounded in
+time; loopback only.
 """
 import argparse
 import json
 import os
+import pathlib
 import random
-import shutil
+import re
 import subprocess
 import sys
 import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from serverAPI import Client  # noqa: E402
+from conftest import CHROMIUM, Browser  # noqa: E402  (the tests' browser, driven as a person would)
 
 PLOT = r'''
 import os, struct, sys, zlib, random
@@ -148,8 +154,8 @@ def main(argv=None):
             number += 1
             time.sleep(random.uniform(6, 10))
         time.sleep(15)
-        shots = screenshots(url, client, work)
-        print(json.dumps({"work": work, "url": url, "screenshots": shots,
+        done, shots = from_the_browser(url, client, work) if CHROMIUM else ([], [])
+        print(json.dumps({"work": work, "url": url, "done from the browser": done, "screenshots": shots,
                           "jobs": client.call("GET", "/", query={"format": "json"})["jobs_by_state"]}, indent=2))
     finally:
         for proc in procs:
@@ -204,10 +210,58 @@ def wait_for_url(path, starts=0):
     raise SystemExit("the server did not start: " + open(path).read())
 
 
-def screenshots(url, client, work):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        return []
+def add_user(work, name, role):
+    """A named user of the shift's database, as an admin adds one; returns their token."""
+    path = os.path.join(work, "users", name + ".token")
+    subprocess.run([sys.executable, os.path.join(ROOT, "server.py"), "--db", os.path.join(work, "p3s.db"),
+                    "--add-user", name, "--role", role, "--user-token-file", path], check=True, stdout=subprocess.DEVNULL)
+    return open(path).read().strip()
+
+
+def sign_in(browser, url, token):
+    browser.open(url + "/signin")
+    return browser.press("sign in", {"token": token})
+
+
+def from_the_browser(url, client, work):
+    """The shift's console: a shifter and an expert act from the pages alone; then every page,
+    as the signed-in shifter sees it. Returns (what was done, the screenshots)."""
+    done = []
+    ana = Browser(pathlib.Path(work))
+    try:
+        assert "ana (shifter)" in sign_in(ana, url, add_user(work, "ana", "shifter"))
+        text = ana.open(url + "/")
+        if "Acknowledge" in text:
+            ana.press("Acknowledge", {"why": "ana: on it, pilots being restarted"})
+            done.append("acknowledged the top alarm")
+        failed = client.list_jobs(state="failed", jobtype="purity", limit=1)
+        if failed:
+            run = int(re.search(r"run0*(\d+)", failed[0]["infile"]).group(1))
+            ana.open(f"{url}/runs?runs={run}")
+            confirm = ana.press(f"Retry failed jobs of runs {run}")
+            ana.screenshot(pathlib.Path(work) / "screenshots" / "confirm-retry.png")
+            count = re.search(r"This will retry (\d+) failed", confirm).group(1)
+            ana.press("Retry these")
+            ana.press("Add note", {"why": f"ana: purity failures of run {run} retried"})
+            done.append(f"retried {count} failed job(s) of run {run} and noted the run")
+        ana.open(url + "/jobtype/evdisp")
+        ana.press("Pause", {"why": "ana: event display times out, checking"})
+        ana.press("Resume", {"why": "ana: timeouts are the payload's own"})
+        done.append("paused and resumed evdisp")
+        ben = Browser(pathlib.Path(work))
+        try:
+            sign_in(ben, url, add_user(work, "ben", "expert"))
+            ben.open(url + "/jobtype/purity")
+            ben.press("Set cap", {"cap": "3"})
+            done.append("ben (expert) capped purity at 3")
+        finally:
+            ben.close()
+        return done, screenshots(ana, url, client, work)
+    finally:
+        ana.close()
+
+
+def screenshots(browser, url, client, work):
     failed = client.list_jobs(state="failed", limit=1)
     judged = client.list_jobs(jobtype="monitor", state="finished", limit=1)
     pilot = client.list_pilots()[0]["uuid"]
@@ -222,12 +276,10 @@ def screenshots(url, client, work):
         pages["monitor-job"] = f"/job/{judged[0]['uuid']}"
     shots = []
     for name, path in pages.items():
-        shot = os.path.join(work, "screenshots", f"{name}.png")
-        os.makedirs(os.path.dirname(shot), exist_ok=True)
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,1100",
-                        f"--user-data-dir={os.path.join(work, 'chromium')}", f"--screenshot={shot}", url + path],
-                       capture_output=True, timeout=90)
-        shots.append(shot)
+        shot = pathlib.Path(work) / "screenshots" / f"{name}.png"
+        browser.open(url + path)
+        browser.screenshot(shot)
+        shots.append(str(shot))
     return shots
 
 

@@ -530,6 +530,11 @@ class Browser:
         return self.text()
 
     def screenshot(self, path):
+        """A full-page PNG, its lazy images loaded first (a screenshot does not scroll to them)."""
+        self.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => i.loading = 'eager')")
+        deadline = time.monotonic() + 5
+        while not self.evaluate("[...document.images].every(i => i.complete)") and time.monotonic() < deadline:
+            time.sleep(0.1)
         data = self.send("Page.captureScreenshot", session=True, format="png", captureBeyondViewport=True)["data"]
         path.parent.mkdir(exist_ok=True)
         path.write_bytes(base64.b64decode(data))
