@@ -5865,13 +5865,15 @@ def job_name_cell(job):
     return f'<span class="cut" title="{esc(name)}">{link("/job/" + job["uuid"], name)}</span>'
 
 
-def infile_cell(path):
+def infile_cell(path, as_run=True):
     """An input file in a list's narrow column: its run and subrun when its name has them (what
-    tells two DQM files apart, never cut off), else its name; the whole path on hover."""
+    tells two DQM files apart, never cut off), else (or not `as_run`) its name; the whole path on
+    hover."""
     if not path:
         return ""
     run, subrun = run_of(path)
-    shown = f"run {run}" + (f" · {subrun}" if subrun is not None else "") if run is not None else os.path.basename(path)
+    shown = (f"run {run}" + (f" · {subrun}" if subrun is not None else "") if run is not None and as_run
+             else os.path.basename(path))
     return f'<span class="cut" title="{esc(path)}">{esc(shown)}</span>'
 
 
@@ -6323,7 +6325,7 @@ def plots_of_job(job, images):
     state = f" · {state_cell(first['state'])} {reason_cell(first.get('reason') or '')}" if failed else ""
     return (f'<div class="card{" bad-card" if failed else ""}"><div class="card-head">'
             f"{link(f'/job/{job}', first['job_name'] or job[:8])} · "
-            f"{infile_cell(first['infile']) or 'no input file'} · {esc(short_when(first['ts']))}{state}</div>"
+            f"{infile_cell(first['infile'], as_run=False) or 'no input file'} · {esc(short_when(first['ts']))}{state}</div>"
             f"{thumbnails(job, images, (first.get('reason') or first['state']) if failed else None)}</div>")
 
 
