@@ -97,6 +97,8 @@ def parse_args(argv):
     p.add_argument("--jobtype", help="with --list: only jobs of this type")
     p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
     p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
+    p.add_argument("--provenance", metavar="UUID", help="what the job's pilot recorded of what ran, as JSON: the "
+                   "payload's sha256 and git describe, the input's size and adler32, versions, environment")
     p.add_argument("--summary", action="store_true",
                    help="jobs and pilots by state, jobs ended in the last hour, and the alarms, as "
                    "key=value lines for scripts (the original's summary.py)")
@@ -118,11 +120,11 @@ def parse_args(argv):
     for flag, instead in UNSUPPORTED.items():
         if getattr(args, "unsupported_" + flag.strip("-")) is not None:
             p.error(f"{flag}: not in p3s; {instead}")
-    actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), args.jobtypes,
+    actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), bool(args.provenance), args.jobtypes,
                bool(args.submission), args.summary, bool(args.pause or args.resume), bool(args.note),
                bool(args.reference), bool(args.bands)]
     if sum(actions) != 1 or (args.pause and args.resume):
-        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, -l, --submission ID, --summary, "
+        p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, --provenance UUID, -l, --submission ID, --summary, "
                 "--pause TYPE, --resume TYPE, --note KIND:TARGET, --reference TYPE:RUN, --bands TYPE:FILE")
     if (args.pause or args.resume or args.note or args.reference) and not args.why:
         p.error("--pause, --resume, --note and --reference need -m TEXT")
@@ -407,8 +409,10 @@ def emit(args, obj, text):
 def format_job(job):
     """A job for a person: local times, empty fields blank (never None), history, log tails."""
     fields = [f"{k:12} {local_time(job[k]) if is_time(k) else '' if job[k] is None else job[k]}".rstrip()
-              for k in job if k not in ("events", "env", "stdout_tail", "stderr_tail")]
+              for k in job if k not in ("events", "env", "stdout_tail", "stderr_tail", "provenance")]
     fields.append(f"{'env':12} {json.dumps(job['env'])}")
+    if job.get("provenance"):
+        fields.append(f"{'provenance':12} {json.dumps(job['provenance'], sort_keys=True)}")
     history = [f"  {local_time(e['ts'])} {e['old'] or '-'} -> {e['new']} by {e['who']}"
                f" (attempt {e['attempt']}) {e['info']}".rstrip() for e in job["events"]]
     parts = fields + ["history:"] + history
@@ -463,8 +467,15 @@ def note(client, args):
     return 0
 
 
-ACTIONS = ((lambda a: a.reference, reference), (lambda a: a.bands, bands), (lambda a: a.note, note), (lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs), (lambda a: a.show, show_job),
-           (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
+def provenance(client, args):
+    """What the job's pilot recorded of what ran (JSON; null for a job that has not ended)."""
+    print(json.dumps(client.get_job(args.provenance).get("provenance"), indent=2))
+    return 0
+
+
+ACTIONS = ((lambda a: a.reference, reference), (lambda a: a.bands, bands), (lambda a: a.note, note),
+           (lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs),
+           (lambda a: a.show, show_job), (lambda a: a.provenance, provenance), (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
            (lambda a: a.submission, show_submission), (lambda a: a.summary, summary))
 
 

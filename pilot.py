@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import functools
 import glob
+import hashlib
 import itertools
 import json
 import logging
@@ -38,8 +39,9 @@ import tempfile
 import threading
 import time
 import uuid as uuidlib
+import zlib
 
-from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
+from serverAPI import VERSION, ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
@@ -858,6 +860,149 @@ def tail(path, size=TAIL_BYTES):
         os.close(fd)
 
 
+# -- provenance: which code ran on which input, in which environment ------------------------------
+HASH_MAX_BYTES = 256 * 2 ** 20      # a payload file bigger than this is named, not hashed
+INPUT_SUM_SECONDS = 10.0            # the input's adler32 is read within this of the job's start
+GIT_SECONDS = 2.0                   # `git describe` of a payload's directory, at most
+GIT_KEEP = 60.0                     # ... asked again after this (a work tree may change)
+VERSION_VARS = ("DUNETPCVER",)      # software versions recorded; a site or job adds P3S_VERSION_VARS
+SECRET_NAME = re.compile(r"TOKEN|PASSW|SECRET|KEY|CREDENTIAL", re.I)   # masked in the environment's digest
+
+
+class Provenance:
+    """What a pilot records of each job: the sha256 (and `git describe`) of the files its payload
+    runs, the input file's size, modification time and adler32 (read once, in the background,
+    within INPUT_SUM_SECONDS: said when skipped), the software versions and a digest of the
+    environment (secrets masked), and where it ran. Hashes are kept by file identity and git's
+    answer for GIT_KEEP, so a pilot running the same payload again pays a stat."""
+
+    def __init__(self, site, host, pilot):
+        self.where = {"site": site, "host": host, "pilot": pilot, "p3s": VERSION}
+        self.hashes, self.described = {}, {}
+
+    def start(self, command, shell, env):
+        """Called as the payload starts: its files now, the input's checksum from now on."""
+        reader = InputSum(env.get("P3S_INPUT_FILE", ""), env.get("P3S_INPUT_DIR", ""), env.get("P3S_DATA", ""))
+        reader.start()
+        return {"payload": [self.identity(path) for path in payload_files(command, shell)],
+                "versions": versions(env), "env_sha256": env_digest(env), **self.where}, reader
+
+    def identity(self, path):
+        found = {"path": path}
+        try:
+            st = os.stat(path)
+            key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if key not in self.hashes:
+                self.hashes = {k: v for k, v in self.hashes.items() if k[0] != path}    # one per path
+                self.hashes[key] = sha256_of(path) if st.st_size <= HASH_MAX_BYTES else None
+            found["sha256"] = self.hashes[key] or f"not hashed: over {HASH_MAX_BYTES >> 20} MB"
+        except OSError as e:
+            found["error"] = e.strerror or str(e)
+        described = self.git_describe(os.path.dirname(path))
+        if described:
+            found["git"] = described
+        return found
+
+    def git_describe(self, directory):
+        kept = self.described.get(directory)
+        if kept is None or time.monotonic() - kept[0] > GIT_KEEP:
+            kept = self.described[directory] = (time.monotonic(), git_describe(directory))
+        return kept[1]
+
+
+def payload_files(command, shell, most=4):
+    """The files a payload runs: its program (found on PATH) and every other word that names an
+    existing file (a script given to an interpreter, the scripts a shell line names)."""
+    try:
+        words = shlex.split(command) if shell else list(command)
+    except ValueError:
+        return []
+    found = [shutil.which(words[0]) or words[0]] if words else []
+    found += [w for w in words[1:] if "/" in w and os.path.isfile(w)]
+    return [os.path.abspath(p) for p in dict.fromkeys(found) if os.path.isfile(p)][:most]
+
+
+@functools.lru_cache(maxsize=None)
+def git_available():
+    return shutil.which("git") is not None
+
+
+def git_describe(directory):
+    """`git describe --always --dirty` of a directory in a git work tree; None otherwise, or if
+    git is missing, slow or fails (never fatal)."""
+    if not git_available():
+        return None
+    try:
+        done = subprocess.run(["git", "-C", directory, "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=GIT_SECONDS, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    return done.stdout.strip()[:100] or None
+
+
+def sha256_of(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def versions(env):
+    names = VERSION_VARS + tuple(env.get("P3S_VERSION_VARS", "").split())
+    return {name: env[name] for name in names if name in env}
+
+
+def env_digest(env):
+    """The environment's sha256 (p3s's per-job values left out: every job has its own), the
+    values of secret-looking names masked, so two jobs that ran alike have the same digest."""
+    per_job = ("P3S_JOB_UUID", "P3S_JOB_DIR", "P3S_PILOT_UUID", "P3S_INPUT_FILE", "P3S_OUTPUT_DIR")
+    lines = "".join(f"{k}={'(hidden)' if SECRET_NAME.search(k) else v}\n"
+                    for k, v in sorted(env.items()) if k not in per_job)
+    return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+class InputSum(threading.Thread):
+    """The input file's identity: its size and modification time, and its adler32 (the checksum
+    DUNE's data management keeps) read once while the payload runs, given up at the deadline."""
+
+    def __init__(self, name, directory, data):
+        super().__init__(name="input-sum", daemon=True)
+        path = name if os.path.isabs(name) or not name else os.path.join(data, directory, name)
+        self.path, self.result = path, None
+        self.deadline = time.monotonic() + INPUT_SUM_SECONDS
+
+    def run(self):
+        if not self.path:
+            return
+        try:
+            with open(self.path, "rb") as f:
+                st = os.fstat(f.fileno())
+                found = {"path": self.path, "size": st.st_size, "mtime": st.st_mtime}
+                found.update(self.adler32(f, st.st_size))
+        except OSError as e:
+            found = {"path": self.path, "error": e.strerror or str(e)}
+        self.result = found
+
+    def adler32(self, f, size):
+        value = 1
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            value = zlib.adler32(chunk, value)
+            if time.monotonic() > self.deadline:
+                return {"adler32": None, "skipped": f"{size / 2 ** 30:.1f} GB not read within "
+                                                    f"{INPUT_SUM_SECONDS:g} s of the start"}
+        return {"adler32": f"{value:08x}"}
+
+    def identity(self):
+        """What was found, once the reading is over (it ends by its deadline)."""
+        if not self.path:
+            return None
+        self.join(max(0.0, self.deadline - time.monotonic()) + 1)
+        return self.result or {"path": self.path, "adler32": None, "skipped": "still being read"}
+
+
 class Execution:
     """A running payload and why it may have to stop early (set from other threads)."""
 
@@ -874,6 +1019,7 @@ class Execution:
         self.running_sent = threading.Event()   # set once that report was sent or given up
         self.next_sample = self.started + SAMPLE_PERIOD
         self.figures = {}                   # what it consumed, for the end report
+        self.provenance = None              # (what ran, the input's InputSum), where the server takes it
 
     def runtime(self):
         """Seconds since the payload started (the server dates the start from it: no clock skew)."""
@@ -919,6 +1065,7 @@ class Pilot:
         self.running_reports = queue.Queue()    # executions to report running, for the reporter
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
         self.features = frozenset()     # report fields the server takes beyond the first protocol (idem)
+        self.provenance = None          # a Provenance, where the server takes it
         self.prefetched = None          # the answer to a job request an end report carried
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
@@ -954,6 +1101,7 @@ class Pilot:
         self.site_env = site.get("env", {})
         self.site_limits = {"memory": site.get("memory"), "disk": site.get("disk")}
         self.keep_hours = self.args.keep_job_files or site.get("keep_hours") or KEEP_JOB_FILES
+        self.provenance = Provenance(self.args.site, info["host"], self.uuid) if "provenance" in self.features else None
         # The watchdog's last word: SIGKILL one heartbeat before the server gives the job away.
         self.watchdog.lease(max(self.lease - self.settings["heartbeat"], self.fence_after()))
         self.watchdog.pilot(self.uuid)
@@ -1175,6 +1323,9 @@ class Pilot:
                   "runtime": execution.runtime(), "usage": execution.figures}
         if state == "finished" and "quality" in self.features:     # a failed job has no verdict
             report.update(read_quality(own_directories(execution.env)))
+        if execution.provenance:
+            ran, input_sum = execution.provenance
+            report["provenance"] = {**ran, "input": input_sum.identity()}
         with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
             os.rmdir(execution.env["P3S_JOB_DIR"])
         self.send_report(job, report, ask_next, ended)
@@ -1226,6 +1377,8 @@ class Pilot:
         pid = spawn(command, shell, env, out_path, err_path)
         self.watchdog.watch(pid)
         execution = Execution(job, pid, out_path, err_path, env)
+        if self.provenance:     # once it runs: its start waits for no hashing
+            execution.provenance = self.provenance.start(command, shell, env)
         execution.shell = shell
         execution.limits = {k: job.get(k) or self.site_limits.get(k) for k in ("memory", "disk")}
         return execution

@@ -145,7 +145,7 @@ MAX_HEARTBEAT = 3600.0              # seconds between a pilot's heartbeats (and 
 MAX_SECONDS = 366 * 86400           # a runtime, a pilot's life, a service's period: a year at most
 MAX_PID = 2 ** 22                   # Linux's pid_max ceiling
 EXIT_CODES = 2 ** 31                # an exit code (or -signal) fits in 32 bits
-FEATURES = ("ended_ago", "quality")   # report fields newer than the first protocol: a pilot sends
+FEATURES = ("ended_ago", "quality", "provenance")   # report fields newer than the first protocol: a pilot sends
                                     # one only to a server whose registration answer lists it
 # Verdicts, after DUNE-DAQ's dqmtools: each check of a job says one of these, worst last; a job's
 # verdict is the worst of its checks, a run's the worst of its jobs'. A failed job has none.
@@ -218,6 +218,7 @@ def approx(value, unit="s"):
 RUN_NUMBER = re.compile(r"run_?0*(\d+)(?:_0*(\d+))?", re.I)    # np04_raw_run005010_0007 -> 5010, 7
 RUN_SCAN = 20000        # input files a run-range filter examines at most (newest first)
 STREAM_SCAN = 2000      # input files whose directories name the streams the run grid offers
+VERSIONS_READ = 2000    # jobs whose versions the run grid reads for the runs chosen, at most
 
 
 def run_of(infile):
@@ -646,7 +647,9 @@ MIGRATIONS = [
     # v15: named users. Each has a role and a token, kept only as its sha256 (a stolen database
     # holds no usable token); the pages' sessions, each a sha256 too, with the CSRF token its
     # forms carry and when it expires. The run grid's column order saved for a stream (the
-    # directory of its input files), so it no longer moves between refreshes.
+    # directory of its input files), so it no longer moves between refreshes. Each job's
+    # provenance, as its pilot recorded it (JSON: payload files' sha256 and git describe, the
+    # input's size, mtime and adler32, versions, environment digest, where), gone with the job.
     """
     CREATE TABLE users(name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
                        created REAL NOT NULL) WITHOUT ROWID;
@@ -654,6 +657,10 @@ MIGRATIONS = [
                           expires REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE grid_orders(stream TEXT PRIMARY KEY, types TEXT NOT NULL, who TEXT NOT NULL,
                              ts REAL NOT NULL) WITHOUT ROWID;
+    CREATE TABLE provenance(uuid TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
+    CREATE TRIGGER jobs_provenance_delete AFTER DELETE ON jobs BEGIN
+        DELETE FROM provenance WHERE uuid = old.uuid;
+    END;
     """,
 ]
 
@@ -890,6 +897,22 @@ def closest_jobtype(name, known):
         return re.sub(r"\d+", "", x)
     near = difflib.get_close_matches(name, [k for k in known if digitless(k) != digitless(name)], 1, 0.85)
     return near[0] if near else None
+
+
+MAX_PROVENANCE = 16384      # bytes of a job's provenance JSON kept
+
+
+def provenance_json(value):
+    """A pilot's record of what ran, as stored: a JSON object of at most MAX_PROVENANCE bytes
+    (a bigger or malformed one is replaced by a note saying so: the report still counts)."""
+    if value is None:
+        return None
+    text = json.dumps(value, sort_keys=True)
+    if not isinstance(value, dict):
+        return json.dumps({"error": "the pilot's provenance was not an object"})
+    if len(text) > MAX_PROVENANCE:
+        return json.dumps({"error": f"the pilot's provenance was {len(text)} bytes, over {MAX_PROVENANCE}"})
+    return text
 
 
 def validate_submission(body):
@@ -3794,6 +3817,8 @@ class Service:
                 "SELECT name, result, message FROM checks WHERE uuid=? ORDER BY name", (uuid,))]
             job["metrics"] = {m["name"]: m["value"] for m in conn.execute(
                 "SELECT name, value FROM metrics WHERE uuid=? ORDER BY name", (uuid,))}
+            found = conn.execute("SELECT data FROM provenance WHERE uuid=?", (uuid,)).fetchone()
+            job["provenance"] = json.loads(found[0]) if found else None
         return job
 
     def known_jobtypes(self):
@@ -4056,7 +4081,7 @@ class Service:
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
                    "pid", "stdout_path", "stderr_path", "runtime", "next", "usage", "ended_ago",
-                   "checks", "metrics", "quality_error")
+                   "checks", "metrics", "quality_error", "provenance")
 
     def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
@@ -4067,6 +4092,7 @@ class Service:
         quality = judge_quality(body) if state == "finished" else None
         if quality:
             outcome.update(quality[0])
+        provenance = provenance_json(body.get("provenance")) if state != "running" else None
         if body.get("next", False) not in (True, False) or (body.get("next") and state == "running"):
             raise bad("next: true (an end report that also asks for the next job) or false")
         try:
@@ -4075,6 +4101,8 @@ class Service:
                 result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome)
                 if quality and (quality[1] or quality[2]) and not result.get("duplicate"):
                     store_quality(conn, uuid, *quality[1:])     # most jobs say nothing: no read
+                if provenance and not result.get("duplicate"):
+                    conn.execute("INSERT OR REPLACE INTO provenance(uuid, data) VALUES(?, ?)", (uuid, provenance))
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
                     result["next"] = self.next_job(conn, pilot, secret, result.get("duplicate"))
         except Exception as e:
@@ -5173,12 +5201,24 @@ class Views:
             rows = [r for r in rows if (r["verdict"] or "none") == wanted]
         bad_cells = {t: sum(1 for r in rows if (r["jobs"].get(t) or {}).get("verdict") in BAD_VERDICTS)
                      for t in types}
+        versions = self.versions_of([j["uuid"] for r in rows for j in r["jobs"].values()]) if query.get("runs") else {}
         return {"rows": rows, "types": types, "page": page, "limit": limit, "more": len(files) > limit,
-                "bad_cells": bad_cells, "time": now(), "stream": stream, "saved_order": saved["types"] if saved else "",
+                "bad_cells": bad_cells, "time": now(), "versions": versions, "stream": stream, "saved_order": saved["types"] if saved else "",
                 "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict", "hide_noted", "stream")
                             if query.get(k)},
                 "streams": [{"stream": s, "files": n} for s, n in streams],
                 "choices": {"jobtype": known, "verdict": ("",) + VERDICTS + ("none",)}}
+
+    def versions_of(self, uuids):
+        """{version variable: {value: jobs}} of these jobs' provenance: what a run was processed
+        with, and whether two of its jobs differ."""
+        found = {}
+        for uuid in uuids[:VERSIONS_READ]:
+            row = self.store.read_one("SELECT data FROM provenance WHERE uuid=?", (uuid,))
+            for name, value in ((json.loads(row[0]).get("versions") or {}) if row else {}).items():
+                counts = found.setdefault(name, {})
+                counts[str(value)] = counts.get(str(value), 0) + 1
+        return found
 
     def streams(self):
         """The data streams of the newest STREAM_SCAN input files (their directories), the most
@@ -6286,6 +6326,28 @@ def job_actions(d, query):
     return f'<div class="actions">{"".join(acts)}</div>'
 
 
+def provenance_section(p):
+    """Which code made this job's plots, from which input, in which environment (see pilot.py's
+    Provenance)."""
+    if not p:
+        return ""
+    if p.get("error"):
+        return f"<h2>Provenance</h2><p class='bad'>{esc(p['error'])}</p>"
+    rows = [["ran", esc(f.get("path", "")), esc(f.get("sha256") or f.get("error", "")), esc(f.get("git", ""))]
+            for f in p.get("payload", ())]
+    given = p.get("input") or {}
+    if given:
+        sum_text = given.get("adler32") or given.get("skipped") or given.get("error", "")
+        size = f"{given['size']:,} bytes, modified {when(given['mtime'])}" if "size" in given else ""
+        rows.append(["read", esc(given.get("path", "")), esc(f"adler32 {sum_text}" if given.get("adler32") else sum_text),
+                     esc(size)])
+    rows += [["version", esc(k), esc(v), ""] for k, v in sorted((p.get("versions") or {}).items())]
+    rows.append(["environment", "", esc(f"sha256 {p.get('env_sha256', '')}"), ""])
+    where = " · ".join(f"{k} {p[k]}" for k in ("site", "host", "pilot", "p3s") if p.get(k))
+    return ("<h2>Provenance</h2>" + table(["", "what", "identity", ""], rows)
+            + f"<p class='head'>{esc(where)} · <code>job.py --provenance UUID</code> for the JSON</p>")
+
+
 def render_job(d, query):
     info = table(["field", "value"], job_field_rows(d))
     env = table(["variable", "value"], [[esc(k), esc(v)] for k, v in sorted(d["env"].items())])
@@ -6300,7 +6362,8 @@ def render_job(d, query):
     if d.get("reference"):
         images = beside_reference(d) or images
     notes = "<h2>Notes</h2>" + "".join(note_line(n) for n in d["notes"]) if d.get("notes") else ""
-    body = (f"{job_headline(d)}{job_actions(d, query)}{why}{notes}{quality_section(d)}{images}{info}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
+    body = (f"{job_headline(d)}{job_actions(d, query)}{why}{notes}{quality_section(d)}{images}{info}"
+            f"{provenance_section(d.get('provenance'))}<h2>Environment</h2>{env}<h2>Timeline</h2>{timeline}"
             f"<h2>Log files</h2>{file_list(d['logs'])}<h2>Files</h2>{file_list(d['files'])}{tails}")
     return page(job_title(d), body, query)
 
@@ -6455,6 +6518,17 @@ def select(name, options, chosen=""):
         for v, label in options) + "</select> ")
 
 
+def versions_line(versions):
+    """The software versions the runs' jobs ran with; in red where two jobs differ."""
+    if not versions:
+        return ""
+    parts = []
+    for name, values in sorted(versions.items()):
+        said = ", ".join(f"{esc(v)} ({n} job{'s' * (n > 1)})" for v, n in sorted(values.items()))
+        parts.append(f"<span class='bad'>{esc(name)} differs: {said}</span>" if len(values) > 1 else f"{esc(name)} {said}")
+    return "<br>versions: " + " · ".join(parts)
+
+
 def run_actions(d, query):
     """For the runs chosen (runs=N or N-M): retry their failed jobs (a confirmation first); for
     one run, a note, hiding it from the grid (a note too), or marking it a job type's reference."""
@@ -6472,7 +6546,7 @@ def run_actions(d, query):
                  action_form(query, "note", {**target, "hide": "1"}, "Hide run", why="why hide it (a known bad run)"),
                  action_form(query, "reference", {"run": str(low)}, "Mark reference",
                              why="why this run", extra=select("jobtype", types, one["jobtype"]))]
-    return f'<div class="actions"><b>Runs {esc(runs)}:</b> {"".join(acts)}</div>'
+    return f'<div class="actions"><b>Runs {esc(runs)}:</b> {"".join(acts)}{versions_line(d.get("versions"))}</div>'
 
 
 def plot_sections(groups, by_run):

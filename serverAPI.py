@@ -30,6 +30,7 @@ from urllib.parse import quote, urlencode, urlsplit
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SERVER = "http://127.0.0.1:8000"
+VERSION = "1.0"         # p3s's, as the tools record it (server.py, which imports nothing of ours, has its own)
 DEFAULT_TOKEN_FILE = os.path.join(HERE, "p3s.token")
 BACKOFF_FIRST = 0.1     # seconds before the first retry of a failed call; doubles each time
 BACKOFF_CAP = 5.0       # seconds, the longest pause between retries
