@@ -2996,9 +2996,9 @@ class Alarms:
     """
     NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate",
              "no_new_work", "service_silent", "starving", "disk_low", "db_failing", "bad_data",
-             "jobtype_paused", "drift", "late_run")    # also the /metrics gauges
+             "jobtype_paused", "drift", "late_run", "backup_stale")    # also the /metrics gauges
     CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate",
-                "pilots_lost")
+                "pilots_lost", "backup_stale")
 
     def __init__(self, service, no_new_work=0, starving_minutes=STARVING_MINUTES, settings=None):
         self.svc, self.store = service, service.store
@@ -3164,6 +3164,9 @@ class Alarms:
             alarms.append(
                 self.alarm("db_failing", f"housekeeping fails: {self.svc.hk_failing[:200]}",
                            "/api/health"))
+        backup = self.svc.backups and self.svc.backups.problem()
+        if backup:
+            alarms.append(self.alarm("backup_stale", backup, "/api/health"))
         return (alarms + self.paused(t) + self.failures(t) + self.flow(t) + self.starving(t)
                 + self.bad_data(t) + self.drift(t) + self.late(t))
 
@@ -3540,6 +3543,131 @@ class Alarms:
         return found
 
 
+# -- Service: backups (the database is the only copy of every job's history) ------------------------
+BACKUP_NAME = re.compile(r"p3s-\d{8}-\d{6}\.db")
+
+
+class Backups:
+    """Online, consistent copies of the database every `every` seconds in `directory`, the
+    newest `keep` kept, and the published images mirrored beside them (images/). A copy is
+    sqlite's backup API from a reader of its own in one step: in WAL mode a reader holds no
+    writer, and a copy in several steps would start over at every write of another connection
+    (each claim, under full load: never done). It is written to a .part file, integrity-checked,
+    then renamed, so a kill -9 mid-way leaves every earlier copy whole. The thread releases the
+    GIL while sqlite copies: heartbeats are answered meanwhile."""
+
+    def __init__(self, store, images_dir, directory, every, keep):
+        self.store, self.images_dir, self.directory = store, images_dir, directory
+        self.every, self.keep = every, keep
+        self.error = None
+        make_private_dirs(directory)
+        for name in os.listdir(directory):
+            if name.endswith(".part"):          # a copy a killed server left half written
+                os.unlink(os.path.join(directory, name))
+        kept = self.copies()
+        self.last_ok = os.path.getmtime(kept[-1]) if kept else None
+
+    def copies(self):
+        """The whole copies, oldest first."""
+        return [os.path.join(self.directory, n) for n in sorted(os.listdir(self.directory)) if BACKUP_NAME.fullmatch(n)]
+
+    def loop(self, stopping):
+        while not stopping.wait(max(1.0, (self.last_ok or 0) + self.every - now())):
+            self.take()
+
+    def take(self):
+        """One copy, checked, then the images mirrored and the oldest copies removed."""
+        path = os.path.join(self.directory, time.strftime("p3s-%Y%m%d-%H%M%S.db"))
+        part = path + ".part"
+        try:
+            copy_database(self.store.path, part)
+            os.replace(part, path)
+            self.mirror_images()
+            for old in self.copies()[:-self.keep]:
+                os.unlink(old)
+            self.last_ok, self.error = now(), None
+            log.info("backup: %s", path)
+        except (OSError, sqlite3.Error, StartupError) as e:
+            self.error = f"{e}"[:300]
+            log.error("backup to %s failed: %s", self.directory, self.error)
+            with contextlib.suppress(OSError):
+                os.unlink(part)
+
+    def mirror_images(self):
+        """The published images beside the copies: new ones copied, removed ones removed."""
+        mirror = os.path.join(self.directory, "images")
+        wanted = set()
+        for top, _, names in os.walk(self.images_dir):
+            for name in names:
+                source = os.path.join(top, name)
+                target = os.path.join(mirror, os.path.relpath(source, self.images_dir))
+                wanted.add(target)
+                if not os.path.exists(target) or os.path.getsize(target) != os.path.getsize(source):
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    shutil.copy2(source, target)
+        for top, _, names in os.walk(mirror):
+            for name in names:
+                if os.path.join(top, name) not in wanted:
+                    os.unlink(os.path.join(top, name))
+
+    def status(self):
+        age = None if self.last_ok is None else now() - self.last_ok
+        return {"directory": self.directory, "every": self.every, "last_ok": self.last_ok, "age": age,
+                "error": self.error, "copies": len(self.copies())}
+
+    def problem(self):
+        """What the backup_stale alarm says, if anything: a failure, or a copy older than twice
+        the interval (none yet, once twice the interval has passed since the start)."""
+        if self.error:
+            return f"the last backup to {self.directory} failed: {self.error}"
+        if self.last_ok is not None and now() - self.last_ok > 2 * self.every:
+            return f"the last good backup is {ago(now() - self.last_ok)} old (every {ago(self.every)})"
+        return None
+
+
+def copy_database(source, target):
+    """A consistent copy of the database at `source` into a new file `target`, checked whole."""
+    src = sqlite3.connect(source, timeout=BUSY_MS / 1000)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        problems = [r[0] for r in dst.execute("PRAGMA quick_check(5)")]
+        if problems != ["ok"]:
+            raise StartupError(f"the copy {target} does not check: {'; '.join(problems)[:200]}")
+        dst.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        dst.close()
+        src.close()
+    with open(target, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def restore(backup, db_path):
+    """server.py --restore FILE: check a copy (integrity, a schema this server knows), set the
+    database it replaces aside (never deleted), and put the copy and its images in place."""
+    with contextlib.closing(sqlite3.connect(f"file:{backup}?mode=ro", uri=True)) as conn:
+        try:
+            problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as e:
+            raise StartupError(f"--restore {backup}: not a p3s database ({e})")
+    if problems != ["ok"]:
+        raise StartupError(f"--restore {backup}: the copy is damaged ({'; '.join(problems)[:200]}); restore an older one")
+    if not 0 < version <= len(MIGRATIONS):
+        raise StartupError(f"--restore {backup}: schema v{version} is not one this server knows (v1-v{len(MIGRATIONS)})")
+    aside = f".before-restore-{time.strftime('%Y%m%d-%H%M%S')}"
+    for suffix in ("", "-wal", "-shm"):
+        if os.path.exists(db_path + suffix):
+            os.replace(db_path + suffix, db_path + aside + suffix)
+    copy_database(backup, db_path + ".part")
+    os.replace(db_path + ".part", db_path)
+    images = os.path.join(os.path.dirname(os.path.abspath(backup)), "images")
+    if os.path.isdir(images) and not os.path.exists(db_path + ".files"):
+        shutil.copytree(images, db_path + ".files")
+    log.warning("restored %s from %s (schema v%d); what it replaced is kept as %s*", db_path, backup, version,
+                db_path + aside)
+
+
 # -- Service: users, roles and the pages' sessions --------------------------------------------------
 SHIFTER, EXPERT, ADMIN = ROLES = ("shifter", "expert", "admin")   # each may do all the one before may
 SHARED_USER = "shared"      # who the write token (--token-file) acts as: an admin
@@ -3696,6 +3824,7 @@ class Service:
                  session_hours=SESSION_HOURS):
         self.store = store
         self.users = Users(store, session_hours)
+        self.backups = None         # Backups, with --backup-dir
         self.breaker_min_failed, self.timelimit_grace = breaker_min_failed, timelimit_grace
         self.hk_failing = None      # the error of the last housekeeping pass, if it failed
         self.broker = Broker(store)
@@ -4730,7 +4859,8 @@ class Service:
     def health(self):
         wal = self.store.wal_bytes()
         return {"ok": True, "version": VERSION, "schema": self.store.schema_version,
-                "wal_bytes": wal, "wal_large": wal > self.wal_limit, "images": self.images.usage()}
+                "wal_bytes": wal, "wal_large": wal > self.wal_limit, "images": self.images.usage(),
+                "backup": self.backups.status() if self.backups else None}
 
     @staticmethod
     def auth_ok(who):
@@ -4868,7 +4998,8 @@ class Views:
         links = [{"name": n, "url": u} for n, u in self.links]
         if not any(x["name"].lower() == "shifter manual" for x in links):
             links.insert(0, {"name": "Shifter manual", "url": "/manual"})
-        return {"host": socket.gethostname(), "load": list(os.getloadavg()), "links": links}
+        return {"host": socket.gethostname(), "load": list(os.getloadavg()), "links": links,
+                "backup": self.svc.backups.status() if self.svc.backups else None}
 
     @staticmethod
     def manual(query):
@@ -5432,7 +5563,8 @@ class Views:
                 "waiting_requests": self.svc.broker.waiting, "costs": self.svc.costs.snapshot(),
                 "claim_latency": self.svc.broker.latency_histogram(),
                 "alarms": {a["name"]: a["severity"] for a in reversed(self.svc.alarms.raised()["alarms"])
-                           if not a.get("explained_by") and not a.get("pending")}}
+                           if not a.get("explained_by") and not a.get("pending")},
+                "backup": self.svc.backups.status() if self.svc.backups else None}
 
     def services(self, query):
         return self.svc.list_services()
@@ -5735,7 +5867,16 @@ def server_header(d):
     info = d["server"]
     links = "".join(" · " + link(x["url"], x["name"]) for x in info["links"])
     return (f'<p class="head">{esc(info["host"])} · updated {esc(when(d["time"]))} · load '
-            f'{esc(" ".join(f"{x:.2f}" for x in info["load"]))}{links}</p>')
+            f'{esc(" ".join(f"{x:.2f}" for x in info["load"]))}{backup_text(info.get("backup"))}{links}</p>')
+
+
+def backup_text(backup):
+    """The summary's word on the backups: the newest good copy's age, or that the last failed."""
+    if not backup:
+        return ""
+    if backup["error"]:
+        return ' · <span class="bad">backup failed</span>'
+    return " · backup " + (esc(ago(backup["age"])) + " ago" if backup["age"] is not None else "none yet")
 
 
 def render_summary(d, query):
@@ -6830,6 +6971,9 @@ def render_metrics(d):
             "# TYPE p3s_claim_latency_seconds histogram"]
     out += [f'p3s_claim_latency_seconds_bucket{{le="{le}"}} {n}' for le, n in hist["buckets"]]
     out += [f"p3s_claim_latency_seconds_sum {hist['sum']:.6f}", f"p3s_claim_latency_seconds_count {hist['count']}"]
+    if d.get("backup") and d["backup"]["age"] is not None:
+        out += ["# HELP p3s_backup_age_seconds Age of the newest good copy of the database (--backup-dir).",
+                "# TYPE p3s_backup_age_seconds gauge", f"p3s_backup_age_seconds {d['backup']['age']:.0f}"]
     return "\n".join(out + cost_metrics(d["costs"])) + "\n"
 
 
@@ -8510,6 +8654,16 @@ def parse_args(argv):
                    help="with --add-user: where the token goes (default: DB-users/NAME.token beside --db)")
     p.add_argument("--remove-user", metavar="NAME", help="remove a user: their token and sessions stop working; exit")
     p.add_argument("--list-users", action="store_true", help="list the named users and their roles; exit")
+    p.add_argument("--backup-dir", metavar="DIR",
+                   help="keep online copies of the database (and the published images) in DIR, a local "
+                   "disk other than the database's (default: none)")
+    p.add_argument("--backup-every", default="30m", metavar="AGE",
+                   help="with --backup-dir: how often, e.g. 10m, 1h (default %(default)s)")
+    p.add_argument("--backup-keep", type=int, default=48, metavar="N",
+                   help="with --backup-dir: the newest N copies are kept (default %(default)s)")
+    p.add_argument("--restore", metavar="FILE",
+                   help="before starting, replace --db by this copy (checked; the old database is set "
+                   "aside, never deleted), then serve it")
     p.add_argument("--session-hours", type=float, default=SESSION_HOURS, metavar="HOURS",
                    help="how long a sign-in to the pages lasts (default %(default)s)")
     p.add_argument("--private-pages", action="store_true",
@@ -8555,6 +8709,12 @@ def parse_args(argv):
     db_dir = os.path.dirname(os.path.abspath(args.db))
     if not os.path.isdir(db_dir):
         p.error(f"--db {args.db}: the directory {db_dir} does not exist")
+    try:
+        args.backup_every = parse_age(args.backup_every, "--backup-every")
+    except ApiError as e:
+        p.error(e.message)
+    if args.backup_every < 1 or args.backup_keep < 1:
+        p.error("--backup-every and --backup-keep: at least 1 second and 1 copy")
     return args
 
 
@@ -8575,6 +8735,8 @@ def main(argv=None):
         token, token_source = load_token(args.token_file, args.db, args.host)
         pilot_token = load_pilot_token(args.pilot_token_file, token)
         warn_token_on_afs(token_source)
+        if args.restore:
+            restore(args.restore, args.db)
         store = Store(args.db)
         if not args.skip_check:
             store.check_integrity()
@@ -8609,6 +8771,14 @@ def main(argv=None):
         log.warning("no token given: using %s; binding %s only", token_source, args.host)
     hk = threading.Thread(target=service.housekeeping_loop, name="housekeeping", daemon=True)
     hk.start()
+    if args.backup_dir:
+        try:
+            service.backups = Backups(store, images.directory, args.backup_dir, args.backup_every, args.backup_keep)
+        except OSError as e:
+            print(f"server.py: --backup-dir {args.backup_dir}: {e.strerror}", file=sys.stderr)
+            return 2
+        threading.Thread(target=service.backups.loop, args=(service.broker.stopping,), name="backups",
+                         daemon=True).start()
 
     def shut_down(signum, frame):
         service.stop()
