@@ -94,7 +94,17 @@ def parse_args(argv):
     p.add_argument("--hide", action="store_true", help="with --note on a run or file: the run grid may hide it")
     p.add_argument("-m", "--why", help="with --pause and --resume: why (kept in the job type's history); "
                                        "with --note: its text")
-    p.add_argument("--jobtype", help="with --list: only jobs of this type")
+    p.add_argument("--jobtype", help="with --list or --reprocess: only jobs of this type")
+    p.add_argument("--reprocess", action="store_true",
+                   help="new jobs, tagged (--tag), for the files of --runs, made from the prompt jobs that ran them")
+    p.add_argument("--runs", metavar="RANGE", help="with --reprocess: a run or a range such as 5000-5010")
+    p.add_argument("--tag", help="with --reprocess: the campaign's tag (its jobs' type is TYPE@TAG)")
+    p.add_argument("--set-env", action="append", default=[], metavar="NAME=VALUE",
+                   help="with --reprocess: a variable of the new jobs' env, e.g. DUNETPCVER=v10_02 (repeatable)")
+    p.add_argument("--only", choices=("failed", "missing", "all"), default="all",
+                   help="with --reprocess: the pairs whose prompt job failed, those never submitted, or all "
+                   "(default %(default)s)")
+    p.add_argument("--dry-run", action="store_true", help="with --reprocess: list what it would create, change nothing")
     p.add_argument("--limit", type=int, default=100, help="with --list: at most this many (default 100)")
     p.add_argument("--show", metavar="UUID", help="show one job with its history and log tails")
     p.add_argument("--provenance", metavar="UUID", help="what the job's pilot recorded of what ran, as JSON: the "
@@ -122,10 +132,17 @@ def parse_args(argv):
             p.error(f"{flag}: not in p3s; {instead}")
     actions = [bool(args.jobfile), args.adjust, args.delete, args.list, bool(args.show), bool(args.provenance), args.jobtypes,
                bool(args.submission), args.summary, bool(args.pause or args.resume), bool(args.note),
-               bool(args.reference), bool(args.bands)]
+               bool(args.reference), bool(args.bands), args.reprocess]
     if sum(actions) != 1 or (args.pause and args.resume):
         p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, --provenance UUID, -l, --submission ID, --summary, "
-                "--pause TYPE, --resume TYPE, --note KIND:TARGET, --reference TYPE:RUN, --bands TYPE:FILE")
+                "--pause TYPE, --resume TYPE, --note KIND:TARGET, --reference TYPE:RUN, --bands TYPE:FILE, --reprocess")
+    if args.reprocess and not (args.runs and args.tag):
+        p.error("--reprocess needs --runs RANGE and --tag TAG")
+    if not args.reprocess and (args.runs or args.tag or args.set_env or args.dry_run):
+        p.error("--runs, --tag, --set-env and --dry-run go with --reprocess")
+    bad_env = [x for x in args.set_env if "=" not in x or not x.split("=", 1)[0]]
+    if bad_env:
+        p.error(f"--set-env {bad_env[0]!r}: give NAME=VALUE")
     if (args.pause or args.resume or args.note or args.reference) and not args.why:
         p.error("--pause, --resume, --note and --reference need -m TEXT")
     for flag, value in (("--reference", args.reference), ("--bands", args.bands)):
@@ -467,6 +484,18 @@ def note(client, args):
     return 0
 
 
+def reprocess(client, args):
+    """A reprocessing campaign: tagged jobs for a run range, all-or-nothing; --dry-run lists them."""
+    done = client.call("POST", "/api/reprocess", {
+        "runs": args.runs, "tag": args.tag, "jobtype": args.jobtype or "", "only": args.only,
+        "set_env": dict(x.split("=", 1) for x in args.set_env), "dry_run": args.dry_run})
+    rows = [dict(j, input=os.path.basename(j["infile"])) for j in done["jobs"]]
+    verb = "would create" if done["dry_run"] else "created"
+    emit(args, done, lambda: "\n".join(([format_table(rows, ("input", "jobtype", "from", "uuid"))] if rows else [])
+                                       + [f"{verb} {len(rows)} job(s) tagged {done['tag']} for runs {done['runs']}"]))
+    return 0
+
+
 def provenance(client, args):
     """What the job's pilot recorded of what ran (JSON; null for a job that has not ended)."""
     print(json.dumps(client.get_job(args.provenance).get("provenance"), indent=2))
@@ -475,7 +504,8 @@ def provenance(client, args):
 
 ACTIONS = ((lambda a: a.reference, reference), (lambda a: a.bands, bands), (lambda a: a.note, note),
            (lambda a: a.pause or a.resume, pause), (lambda a: a.jobfile, submit), (lambda a: a.list, list_jobs),
-           (lambda a: a.show, show_job), (lambda a: a.provenance, provenance), (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
+           (lambda a: a.show, show_job), (lambda a: a.provenance, provenance), (lambda a: a.reprocess, reprocess),
+           (lambda a: a.adjust, adjust), (lambda a: a.delete, delete), (lambda a: a.jobtypes, jobtypes),
            (lambda a: a.submission, show_submission), (lambda a: a.summary, summary))
 
 

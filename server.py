@@ -847,7 +847,7 @@ def parse_json_body(raw):
 
 
 JOB_KEYS = ("uuid", "name", "user", "jobtype", "payload", "params", "env", "priority",
-            "timeout", "timelimit", "state", "site", "max_attempts", "infile", "memory", "disk")
+            "timeout", "timelimit", "state", "site", "max_attempts", "infile", "memory", "disk", "tag")
 MAX_LIMIT_MB = 2 ** 30              # a memory or disk limit, in MB: a petabyte at most
 
 
@@ -873,6 +873,8 @@ def validate_job(obj, field):
         "infile": as_str(obj.get("infile", ""), f"{field}.infile", max_len=4096),
     }
     job["infile"] = whole_path(job["infile"], json.loads(job["env"]))
+    if obj.get("tag"):              # a reprocessing campaign's job: a type of its own, TYPE@TAG
+        job["jobtype"] = as_str(f"{job['jobtype']}@{obj['tag']}", f"{field}.tag", max_len=64 + 33)
     limit_key = "timelimit" if "timelimit" in obj else "timeout"
     job["timelimit"] = as_int(obj.get(limit_key, 3600), f"{field}.{limit_key}", 0)
     for key in ("memory", "disk"):          # MB; none: no limit (or the site's)
@@ -4047,12 +4049,7 @@ class Service:
         low, high = parse_run_range(as_str(body.get("runs", ""), "runs", max_len=40))
         if body.get("dry_run", False) not in (True, False):
             raise bad("dry_run: true or false")
-        files = [r["infile"] for r in self.store.read("SELECT infile FROM inputs INDEXED BY inputs_ts ORDER BY ts "
-                                                      "DESC LIMIT ?", (RUN_SCAN,))
-                 if low <= (run_of(r["infile"])[0] or -1) <= high]
-        if len(files) > self.RETRY_MAX:
-            raise ApiError(409, f"runs: {len(files)} input files in {low}-{high}, more than {self.RETRY_MAX} at "
-                                "once; choose fewer runs")
+        files = self.files_of_runs(low, high)
         with self.store.transaction() as conn:
             jobs = self.failed_in(conn, jobtype, files)
             if len(jobs) > self.RETRY_MAX:
@@ -4065,6 +4062,96 @@ class Service:
             self.broker.notify_work(len(jobs))
         return {"dry_run": bool(body.get("dry_run")), "jobtype": jobtype, "runs": body.get("runs") or "",
                 "jobs": [{k: j[k] for k in ("uuid", "jobtype", "infile", "state", "attempt")} for j in jobs]}
+
+    REPROCESS_ONLY = ("failed", "missing", "all")
+    TAG = re.compile(r"[A-Za-z0-9._-]{1,32}")
+
+    def reprocess(self, body, who):
+        """New jobs, each carrying `tag` (their job type is TYPE@TAG: counted, listed, alarmed
+        and shown as a column of its own, beside the prompt one), for the (file, job type) pairs
+        of a run range: made from the prompt job that ran the pair (its payload, env, limits),
+        the env changed by `set_env`. `only`: the pairs whose prompt job failed, those never
+        submitted (made from the type's newest prompt job), or all; a pair with a job of the tag
+        already is skipped, so a repeated campaign adds nothing. With `dry_run`, what it would
+        create, changing nothing; else one submission, all or nothing."""
+        check_keys(body, "reprocess", ("runs", "jobtype", "tag", "set_env", "only", "dry_run"))
+        low, high = parse_run_range(as_str(body.get("runs", ""), "runs", max_len=40))
+        tag = as_str(body.get("tag", ""), "tag", allow_empty=False, max_len=32)
+        if not self.TAG.fullmatch(tag):
+            raise bad(f"tag: {tag!r} must be 1-32 letters, digits, '.', '_' or '-'")
+        jobtype = as_str(body.get("jobtype", ""), "jobtype", max_len=64)
+        only = as_choice(body.get("only", "all"), "only", self.REPROCESS_ONLY)
+        set_env = as_env(body.get("set_env", {}), "set_env")
+        if body.get("dry_run", False) not in (True, False):
+            raise bad("dry_run: true or false")
+        files = self.files_of_runs(low, high)
+        with self.store.transaction() as conn:
+            made = [self.reprocessed(template, infile, tag, set_env)
+                    for infile, template in self.reprocess_pairs(conn, files, jobtype, tag, only)]
+            if made and not body.get("dry_run"):
+                insert_jobs(conn, [validate_job({k: v for k, v in j.items() if k != "from"}, "reprocess")
+                                   for j in made], who)
+        if made and not body.get("dry_run"):
+            self.broker.notify_work(len(made))
+        return {"dry_run": bool(body.get("dry_run")), "tag": tag, "runs": f"{low}-{high}", "only": only,
+                "jobs": [{"uuid": j["uuid"], "jobtype": j["jobtype"], "infile": j["infile"], "from": j["from"]}
+                         for j in made]}
+
+    def files_of_runs(self, low, high):
+        files = [r["infile"] for r in self.store.read("SELECT infile FROM inputs INDEXED BY inputs_ts ORDER BY ts "
+                                                      "DESC LIMIT ?", (RUN_SCAN,))
+                 if low <= (run_of(r["infile"])[0] or -1) <= high]
+        if len(files) > self.RETRY_MAX:
+            raise ApiError(409, f"runs: {len(files)} input files in {low}-{high}, more than {self.RETRY_MAX} at "
+                                "once; choose fewer runs")
+        return files
+
+    @staticmethod
+    def reprocess_pairs(conn, files, jobtype, tag, only):
+        """(input file, the prompt job to copy) of each pair a reprocess chooses."""
+        newest_of_type = {}
+        by_file = {}
+        for infile in files:
+            jobs = {}
+            for j in conn.execute("SELECT * FROM jobs INDEXED BY jobs_infile WHERE infile = ? AND infile != '' "
+                                  "ORDER BY id", (infile,)):
+                jobs[j["jobtype"]] = j
+            by_file[infile] = jobs
+            for name, j in jobs.items():
+                if "@" not in name and not j["wfuuid"]:
+                    newest_of_type[name] = j
+        if jobtype and jobtype not in newest_of_type:      # its newest prompt job, on any file
+            newest = conn.execute("SELECT * FROM jobs INDEXED BY jobs_jobtype_id WHERE jobtype = ? AND wfuuid IS NULL "
+                                  "ORDER BY id DESC LIMIT 1", (jobtype,)).fetchone()
+            if newest:
+                newest_of_type[jobtype] = newest
+        types = [jobtype] if jobtype else sorted(newest_of_type)
+        for infile in reversed(files):                  # oldest run first, as the data came
+            jobs = by_file[infile]
+            for name in types:
+                if f"{name}@{tag}" in jobs or name not in newest_of_type:
+                    continue
+                prompt = jobs.get(name)
+                if only == "all" and prompt is not None or only == "failed" and prompt is not None and \
+                        prompt["state"] in FAILED_STATES:
+                    yield infile, prompt
+                elif only in ("missing", "all") and prompt is None:
+                    yield infile, newest_of_type[name]
+
+    @staticmethod
+    def reprocessed(template, infile, tag, set_env):
+        """A new job for `infile` made from a prompt job, tagged, its env changed by set_env."""
+        env = json.loads(template["env"])
+        given = env.get("P3S_INPUT_FILE")
+        if given and given == template["infile"]:
+            env["P3S_INPUT_FILE"] = infile
+        elif given and given == os.path.basename(template["infile"]):     # a bare name (P3S_INPUT_DIR)
+            env["P3S_INPUT_FILE"] = os.path.basename(infile)
+        env.update(set_env)
+        job = {k: template[k] for k in ("name", "payload", "params", "priority", "timelimit", "site", "max_attempts",
+                                        "memory", "disk")}
+        return {**job, "uuid": str(uuidlib.uuid4()), "jobtype": f"{template['jobtype']}@{tag}", "env": env,
+                "infile": infile, "from": template["uuid"]}
 
     @staticmethod
     def failed_in(conn, jobtype, files):
@@ -4901,6 +4988,15 @@ PLACED_ERRORS = 20          # /errors says where the 20 most frequent failures h
 FAILURE_WINDOWS = {"1m": 60, "10m": 600, "1h": 3600, "24h": 86400, "7d": 7 * 86400}    # /failures?since=
 
 
+def tagged_differ(jobs):
+    """Whether a file's reprocessed job (TYPE@TAG) ended otherwise than its prompt one (TYPE):
+    another state or another verdict."""
+    return any(name.partition("@")[0] in jobs and
+               (j["state"], j.get("verdict")) != (jobs[name.partition("@")[0]]["state"],
+                                                 jobs[name.partition("@")[0]].get("verdict"))
+               for name, j in jobs.items() if "@" in name)
+
+
 def run_verdicts(rows):
     """Each row's run verdict: the worst over the run's files shown and their job types, and
     what made it so (a run of several files is as good as its worst file)."""
@@ -5330,13 +5426,15 @@ class Views:
         if query.get("verdict"):
             wanted = as_choice(query["verdict"], "verdict", VERDICTS + ("none",))
             rows = [r for r in rows if (r["verdict"] or "none") == wanted]
+        if query.get("differ"):
+            rows = [r for r in rows if tagged_differ(r["jobs"])]
         bad_cells = {t: sum(1 for r in rows if (r["jobs"].get(t) or {}).get("verdict") in BAD_VERDICTS)
                      for t in types}
         versions = self.versions_of([j["uuid"] for r in rows for j in r["jobs"].values()]) if query.get("runs") else {}
         return {"rows": rows, "types": types, "page": page, "limit": limit, "more": len(files) > limit,
                 "bad_cells": bad_cells, "time": now(), "versions": versions, "stream": stream, "saved_order": saved["types"] if saved else "",
-                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict", "hide_noted", "stream")
-                            if query.get(k)},
+                "filters": {k: query[k] for k in ("jobtype", "age", "runs", "types", "verdict", "hide_noted", "stream",
+                                                  "differ") if query.get(k)},
                 "streams": [{"stream": s, "files": n} for s, n in streams],
                 "choices": {"jobtype": known, "verdict": ("",) + VERDICTS + ("none",)}}
 
@@ -6625,9 +6723,10 @@ def render_runs(d, query):
              "newest job of that type on that file: its colour is its state, its badge the data's verdict (the "
              "payload's checks), under it why it failed or how long it waits; click for the job. <i>data</i>: "
              "the file's worst verdict and what made it so; &#9998; a person's note on the run or file.</p>")
-    body = (intro + filter_form(("jobtype", "runs", "age", "types", "verdict", "hide_noted"), query,
-                                {**d["choices"], "hide_noted": ("yes",)},
-                                {"runs": "run(s)", "types": "column order", "hide_noted": "hide noted runs"}) +
+    body = (intro + filter_form(("jobtype", "runs", "age", "types", "verdict", "hide_noted", "differ"), query,
+                                {**d["choices"], "hide_noted": ("yes",), "differ": ("yes",)},
+                                {"runs": "run(s)", "types": "column order", "hide_noted": "hide noted runs",
+                                 "differ": "reprocessed differs"}) +
             stream_line(d, query) + run_actions(d, query) + pager(d, query) + table(headers, rows, "grid")
             + pager(d, query) + order_form(d, query))
     return page("Run grid", body, query)
@@ -7210,6 +7309,7 @@ API = (
     ("GET", "/api/jobs/<uuid>", "get_job", (), None),
     ("POST", "/api/jobs/<uuid>/adjust", "adjust", ("body", "who"), SHIFTER),
     ("POST", "/api/jobs/retry", "retry_failed", ("body", "who"), SHIFTER),
+    ("POST", "/api/reprocess", "reprocess", ("body", "who"), EXPERT),
     ("DELETE", "/api/jobs/<uuid>", "delete_job", ("who",), ADMIN),
     ("POST", "/api/jobs/<uuid>/report", "report", ("body", "secret"), PILOT),
     ("POST", "/api/pilots", "register", ("body",), REGISTER),
