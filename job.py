@@ -136,8 +136,9 @@ def parse_args(argv):
     if sum(actions) != 1 or (args.pause and args.resume):
         p.error("give exactly one of -j FILE, -a, -d, --list, --show UUID, --provenance UUID, -l, --submission ID, --summary, "
                 "--pause TYPE, --resume TYPE, --note KIND:TARGET, --reference TYPE:RUN, --bands TYPE:FILE, --reprocess")
-    if args.reprocess and not (args.runs and args.tag):
-        p.error("--reprocess needs --runs RANGE and --tag TAG")
+    if args.reprocess and not (args.runs and (args.tag or args.only == "missing")):
+        p.error("--reprocess needs --runs RANGE and --tag TAG (no tag: only with --only missing, which "
+                "submits the prompt jobs never submitted)")
     if not args.reprocess and (args.runs or args.tag or args.set_env or args.dry_run):
         p.error("--runs, --tag, --set-env and --dry-run go with --reprocess")
     bad_env = [x for x in args.set_env if "=" not in x or not x.split("=", 1)[0]]
@@ -487,12 +488,13 @@ def note(client, args):
 def reprocess(client, args):
     """A reprocessing campaign: tagged jobs for a run range, all-or-nothing; --dry-run lists them."""
     done = client.call("POST", "/api/reprocess", {
-        "runs": args.runs, "tag": args.tag, "jobtype": args.jobtype or "", "only": args.only,
+        "runs": args.runs, "tag": args.tag or "", "jobtype": args.jobtype or "", "only": args.only,
         "set_env": dict(x.split("=", 1) for x in args.set_env), "dry_run": args.dry_run})
     rows = [dict(j, input=os.path.basename(j["infile"])) for j in done["jobs"]]
     verb = "would create" if done["dry_run"] else "created"
     emit(args, done, lambda: "\n".join(([format_table(rows, ("input", "jobtype", "from", "uuid"))] if rows else [])
-                                       + [f"{verb} {len(rows)} job(s) tagged {done['tag']} for runs {done['runs']}"]))
+                                       + [f"{verb} {len(rows)} job(s)" + (f" tagged {done['tag']}" if done["tag"] else "")
+                                          + f" for runs {done['runs']}"]))
     return 0
 
 

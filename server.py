@@ -219,6 +219,7 @@ RUN_NUMBER = re.compile(r"run_?0*(\d+)(?:_0*(\d+))?", re.I)    # np04_raw_run005
 RUN_SCAN = 20000        # input files a run-range filter examines at most (newest first)
 STREAM_SCAN = 2000      # input files whose directories name the streams the run grid offers
 VERSIONS_READ = 2000    # jobs whose versions the run grid reads for the runs chosen, at most
+FILES_SCAN = 1000       # input files /files examines at most (newest first)
 
 
 def run_of(infile):
@@ -4076,11 +4077,12 @@ class Service:
         create, changing nothing; else one submission, all or nothing."""
         check_keys(body, "reprocess", ("runs", "jobtype", "tag", "set_env", "only", "dry_run"))
         low, high = parse_run_range(as_str(body.get("runs", ""), "runs", max_len=40))
-        tag = as_str(body.get("tag", ""), "tag", allow_empty=False, max_len=32)
-        if not self.TAG.fullmatch(tag):
-            raise bad(f"tag: {tag!r} must be 1-32 letters, digits, '.', '_' or '-'")
+        tag = as_str(body.get("tag", ""), "tag", max_len=32)
         jobtype = as_str(body.get("jobtype", ""), "jobtype", max_len=64)
         only = as_choice(body.get("only", "all"), "only", self.REPROCESS_ONLY)
+        if (tag or only != "missing") and not self.TAG.fullmatch(tag):
+            raise bad(f"tag: {tag!r} must be 1-32 letters, digits, '.', '_' or '-' (no tag: only with "
+                      "only=missing, which fills prompt processing's gaps)")
         set_env = as_env(body.get("set_env", {}), "set_env")
         if body.get("dry_run", False) not in (True, False):
             raise bad("dry_run: true or false")
@@ -4129,7 +4131,7 @@ class Service:
         for infile in reversed(files):                  # oldest run first, as the data came
             jobs = by_file[infile]
             for name in types:
-                if f"{name}@{tag}" in jobs or name not in newest_of_type:
+                if (f"{name}@{tag}" if tag else name) in jobs or name not in newest_of_type:
                     continue
                 prompt = jobs.get(name)
                 if only == "all" and prompt is not None or only == "failed" and prompt is not None and \
@@ -4150,8 +4152,8 @@ class Service:
         env.update(set_env)
         job = {k: template[k] for k in ("name", "payload", "params", "priority", "timelimit", "site", "max_attempts",
                                         "memory", "disk")}
-        return {**job, "uuid": str(uuidlib.uuid4()), "jobtype": f"{template['jobtype']}@{tag}", "env": env,
-                "infile": infile, "from": template["uuid"]}
+        return {**job, "uuid": str(uuidlib.uuid4()), "jobtype": f"{template['jobtype']}@{tag}" if tag else
+                template["jobtype"], "env": env, "infile": infile, "from": template["uuid"]}
 
     @staticmethod
     def failed_in(conn, jobtype, files):
@@ -5449,6 +5451,49 @@ class Views:
                 counts[str(value)] = counts.get(str(value), 0) + 1
         return found
 
+    FILE_STATUS = {"defined": "waits", "template": "waits", "dispatched": "runs", "running": "runs",
+                   "finished": "finished", "cancelled": "cancelled"}
+
+    def files(self, query):
+        """The complement of the run grid: each input file of a stream (registered or with jobs,
+        newest first) against each job type its stream's files get, saying whether it was never
+        submitted, waits, runs, finished or failed after all its attempts. `missing=yes` keeps
+        the files where a type was never submitted or failed for good. Bounded: the newest
+        FILES_SCAN files."""
+        streams = self.streams()
+        stream = query.get("stream") or (streams[0][0] if streams else "all")
+        seen = {r["infile"]: r["ts"] for r in self.store.read(
+            "SELECT infile, ts FROM inputs INDEXED BY inputs_ts ORDER BY ts DESC LIMIT ?", (FILES_SCAN,))}
+        for r in self.store.read("SELECT dirpath, name, ts FROM datasets INDEXED BY datasets_loose WHERE wfuuid IS NULL "
+                                 "AND origin != 'edge' ORDER BY ts DESC LIMIT ?", (FILES_SCAN,)):
+            seen.setdefault(os.path.join(r["dirpath"], r["name"]), r["ts"])
+        paths = sorted((p for p in seen if stream == "all" or os.path.dirname(p) == stream), key=seen.get,
+                       reverse=True)[:FILES_SCAN]
+        rows, types = [], set()
+        for path in paths:
+            jobs = {}
+            for j in self.store.read("SELECT jobtype, state, attempt, max_attempts FROM jobs INDEXED BY jobs_infile "
+                                     "WHERE infile = ? AND infile != '' ORDER BY id", (path,)):
+                if "@" not in j["jobtype"]:                  # prompt processing's, not a campaign's
+                    jobs[j["jobtype"]] = dict(j)
+            types |= set(jobs)
+            rows.append({"infile": path, "ts": seen[path], "run": run_of(path)[0], "jobs": jobs})
+        types = sorted(types)
+        for r in rows:
+            r["status"] = {t: self.FILE_STATUS.get(r["jobs"][t]["state"], "failed") if t in r["jobs"] else "never submitted"
+                           for t in types}
+            r["missing"] = [t for t, s in r["status"].items() if s in ("never submitted", "failed")]
+            del r["jobs"]
+        if query.get("missing"):
+            rows = [r for r in rows if r["missing"]]
+        limit, offset, page = page_window(query)
+        runs = [r["run"] for r in rows if r["missing"] and r["run"] is not None]
+        return {"files": rows[offset:offset + limit], "types": types, "stream": stream, "page": page, "limit": limit,
+                "more": len(rows) > offset + limit, "total": len(rows),
+                "missing_runs": f"{min(runs)}-{max(runs)}" if runs else "",
+                "streams": [{"stream": s, "files": n} for s, n in streams],
+                "filters": {k: query[k] for k in ("stream", "missing") if query.get(k)}}
+
     def streams(self):
         """The data streams of the newest STREAM_SCAN input files (their directories), the most
         files first: the run grid shows the main one unless asked, so raw files and a DAG's
@@ -5796,7 +5841,7 @@ form.act{display:inline-block;margin:.2em .6em .2em 0}.signin{color:#777;font-si
 .actions{background:#f4f6fa;border:1px solid #dde;padding:.3em .6em;margin:.5em 0}
 .why-cell{display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertical;font-weight:normal;font-size:11px;
 max-width:16em;overflow:hidden;overflow-wrap:anywhere}"""
-NAV = (("/", "Summary"), ("/runs", "Runs"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
+NAV = (("/", "Summary"), ("/runs", "Runs"), ("/files?missing=yes", "Missing"), ("/jobs", "Jobs"), ("/pilots", "Pilots"), ("/sites", "Sites"), ("/workflows", "Workflows"),
        ("/dags", "DAGs"), ("/datasets", "Datasets"), ("/errors", "Errors"), ("/plots", "Plots"),
        ("/services", "Services"), ("/alarms", "Alarms"))
 REFRESH_CHOICES = (("never", ""), ("10 s", "10"), ("30 s", "30"), ("1 min", "60"))
@@ -6150,9 +6195,7 @@ def infile_cell(path, as_run=True):
     hover."""
     if not path:
         return ""
-    run, subrun = run_of(path)
-    shown = (f"run {run}" + (f" · {subrun}" if subrun is not None else "") if run is not None and as_run
-             else os.path.basename(path))
+    shown = infile_label(path) if as_run else os.path.basename(path)
     return f'<span class="cut" title="{esc(path)}">{esc(shown)}</span>'
 
 
@@ -6730,6 +6773,34 @@ def render_runs(d, query):
             stream_line(d, query) + run_actions(d, query) + pager(d, query) + table(headers, rows, "grid")
             + pager(d, query) + order_form(d, query))
     return page("Run grid", body, query)
+
+
+FILE_STATUS_CLASS = {"never submitted": "g-none", "waits": "g-defined", "runs": "g-running", "finished": "g-finished",
+                     "failed": "g-failed", "cancelled": "g-cancelled"}
+
+
+def render_files(d, query):
+    """/files: what is missing, per input file."""
+    rows = [[f'<span title="{esc(r["infile"])}">{link(href("/jobs", infile=r["infile"]), infile_label(r["infile"]))}</span>'
+             f'<br><small>{esc(short_when(r["ts"]))}</small>']
+            + [f'<span class="cell {FILE_STATUS_CLASS[r["status"][t]]}">{esc(r["status"][t])}</span>' for t in d["types"]]
+            for r in d["files"]]
+    hint = (f"<p>Submit the never-submitted ones: <code>python job.py --reprocess --runs {esc(d['missing_runs'])} "
+            "--only missing</code> (add <code>--dry-run</code> to see them first); a failed one: retry it from its "
+            f"run's row ({link(href('/runs', runs=d['missing_runs']), 'the runs')}).</p>" if d["missing_runs"] else "")
+    missing = ("<b>missing only</b> · " + link(with_query(query, missing=None, page=None), "every file")
+               if query.get("missing") else link(with_query(query, missing="yes", page=None), "missing only"))
+    body = (f"<p class='head'>Each input file of the stream against each job type its files get: never submitted, "
+            f"waits, runs, finished, or failed after all its attempts · {missing}</p>"
+            + stream_line({**d, "streams": d["streams"]}, query) + hint + pager(d, query, "files")
+            + table(["input file"] + [esc(t) for t in d["types"]], rows, "grid") + pager(d, query, "files"))
+    return page("Files: what is missing", body, query)
+
+
+def infile_label(path):
+    """A file as its run and subrun when its name has them, else its name."""
+    run, subrun = run_of(path)
+    return f"run {run}" + (f" · {subrun}" if subrun is not None else "") if run is not None else os.path.basename(path)
 
 
 def stream_line(d, query):
@@ -7423,6 +7494,7 @@ PAGES = [(path_regex(path), name, render) for path, name, render in (
     ("/workflow/<uuid>", "workflow", render_workflow),
     ("/dags", "dags", render_dags),
     ("/datasets", "datasets", render_datasets),
+    ("/files", "files", render_files),
     ("/errors", "errors", render_errors),
     ("/failures", "failures", render_failures),
     ("/plots", "plots", render_plots),

@@ -107,7 +107,8 @@ def test_every_page_fits_1400_px_and_nothing_overlaps(p3s, tmp_path):
     paths = ["/", "/?range=7d", "/runs", "/jobs", "/jobs?limit=400", f"/job/{ids['job']}", f"/job/{ids['failed']}",
              "/pilots", f"/pilot/{ids['pilot']}", "/sites", "/site/lxvm", "/services", "/service/inputsize",
              "/alarms", "/manual", "/workflows", f"/workflow/{ids['workflow']}", "/dags", "/dag/3filters",
-             "/datasets", "/datatypes", "/errors", "/failures", "/plots", "/plots?group=run", "/jobtype/purity"]
+             "/datasets", "/datatypes", "/errors", "/failures", "/plots", "/plots?group=run", "/jobtype/purity",
+             "/files", "/files?missing=yes", "/signin"]
     front = proxy(p3s.url, paths)
     try:
         result = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1500,900",

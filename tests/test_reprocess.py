@@ -75,3 +75,22 @@ def test_a_campaign_beside_prompt_processing_shows_where_they_differ_and_keeps_t
     errors = p3s.api.call("GET", "/errors", query={"format": "json"})["errors"]
     assert [e for e in errors if "@" not in e["jobtype"]] == prompt_errors, "the campaign changed the prompt errors"
     assert [e["jobtype"] for e in errors if "@" in e["jobtype"]] == ["monitor@bad"], "a tagged failure names its tag"
+
+
+def test_the_files_a_type_never_ran_on_are_listed_and_submitted_as_prompt_jobs(p3s):
+    """A file lands, one of its three job types is never submitted (an injector template changed,
+    a submission lost): /files names it, and --reprocess --only missing (no tag) fills the gap."""
+    first, second = RAW.format(5040, 1), RAW.format(5040, 2)
+    p3s.submit([shell_job("true", jobtype=t, infile=first) for t in ("evdisp", "monitor", "purity")]
+               + [shell_job("true", jobtype=t, infile=second) for t in ("monitor", "purity")])
+    listed = p3s.api.call("GET", "/files", query={"missing": "yes", "format": "json"})
+    assert [(f["infile"], f["missing"], f["status"]["evdisp"]) for f in listed["files"]] == [
+        (second, ["evdisp"], "never submitted")]
+    assert listed["missing_runs"] == "5040-5040"
+    page = p3s.page("/files?missing=yes")
+    assert "never submitted" in page and "--reprocess --runs 5040-5040 --only missing" in page
+    made = reprocess(p3s, "--runs", "5040-5040", "--only", "missing")
+    [job] = made["jobs"]
+    assert (job["jobtype"], job["infile"]) == ("evdisp", second)
+    assert p3s.run("pilot.py", "-c", "6", "-p", "1", "-L", p3s.logs).returncode == 0
+    assert p3s.api.call("GET", "/files", query={"missing": "yes", "format": "json"})["files"] == []
