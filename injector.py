@@ -3,6 +3,7 @@
 
     python injector.py -d /data/np04 -g 'run*.root' --dag dqm-chain      # one workflow per file
     python injector.py -d /data/np04 -g '*.txt' -j check.json -c 0       # one job per file
+    python injector.py --from-command 'xrdfs eospublic ls -l /eos/np04' -j check.json   # a listing
 
 A file counts as new once its size and modification time have not changed for --settle seconds
 (so half-written files are left alone). The server registers each file once, by directory and
@@ -11,12 +12,16 @@ the same directory, never starts a file's work twice.
 
 With --dag the file is bound to the root vertices' input edges (file policy inherit:PATH) and
 the workflow starts at once. With -j every job in the file is submitted with infile and
-P3S_INPUT_FILE set to the file's path.
+P3S_INPUT_FILE set to the file's path. With --from-command the files are the lines a command
+prints (a catalogue query, `xrdfs ls`: closed files, taken at once), run every period. A DAQ or
+transfer script may also post a file as it closes (no polling): POST /api/inject with its name,
+dirpath and an injector's template (see docs/api.md).
 """
 import fnmatch
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 import uuid as uuidlib
@@ -30,7 +35,11 @@ log = logging.getLogger("p3s.injector")
 
 def parse_args(argv):
     p = ArgumentParser(description="Start p3s work for new files in a directory.")
-    p.add_argument("-d", "--dir", required=True, help="directory to watch")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("-d", "--dir", help="directory to watch")
+    source.add_argument("--from-command", metavar="COMMAND",
+                        help="the files are the absolute paths this shell command prints, one a line, run every "
+                        "period (a catalogue query, `xrdfs ls`); a file listed is taken at once")
     p.add_argument("-g", "--glob", default="*", help="file name pattern (default *)")
     work = p.add_mutually_exclusive_group(required=True)
     work.add_argument("-w", "--dag", help="create one workflow of this DAG per new file")
@@ -61,8 +70,10 @@ def parse_args(argv):
     args = p.parse_args(argv)
     if min(args.period, args.cycles, args.settle, args.min_age, args.max_age, args.min_size) < 0:
         p.error("--period, --cycles, --settle, --min-age, --max-age and --min-size must not be negative")
-    if not os.path.isdir(args.dir):
+    if args.dir and not os.path.isdir(args.dir):
         p.error(f"-d {args.dir}: not a directory")
+    if args.from_command and args.bare_name:
+        p.error("--bare-name goes with -d (the directory its jobs read from)")
     if (args.outdir or args.fileinfo) and not args.dag:
         p.error("--outdir and -f go with --dag")
     if args.bare_name and not args.jobs:
@@ -76,13 +87,23 @@ class Watcher:
     def __init__(self, args):
         self.args = args
         self.seen = {}          # name -> (size, mtime, monotonic time that signature was first seen)
-        self.done = set()       # names the server has answered for (registered now or before)
+        self.done = set()       # paths the server has answered for (registered now or before)
+
+    def ready(self):
+        """(path, size) of the files to start now: settled ones of the directory, or those the
+        command lists."""
+        if self.args.from_command:
+            return [(path, 0) for path in listed(self.args.from_command, self.args.period)
+                    if path not in self.done and fnmatch.fnmatch(os.path.basename(path), self.args.glob)
+                    and os.path.basename(path).startswith(self.args.prefix)]
+        top = os.path.abspath(self.args.dir)
+        return [(os.path.join(top, name), size) for name, size in self.settled()]
 
     def candidates(self):
         a = self.args
         wall = time.time()
         for entry in os.scandir(a.dir):
-            if not entry.is_file() or entry.name in self.done:
+            if not entry.is_file() or os.path.join(os.path.abspath(a.dir), entry.name) in self.done:
                 continue
             if not fnmatch.fnmatch(entry.name, a.glob) or not entry.name.startswith(a.prefix):
                 continue
@@ -105,6 +126,20 @@ class Watcher:
                 ready.append((name, st.st_size))
         self.seen = current
         return sorted(ready)
+
+
+def listed(command, period):
+    """The absolute paths a command prints, one a line (others are ignored); a failing or hung
+    command is an error the scan reports (P3SError: the injector goes on)."""
+    try:
+        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=max(10.0, period),
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise P3SError(f"--from-command: still running after {max(10.0, period):g} s") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [""])[-1][:200]
+        raise P3SError(f"--from-command: exit code {done.returncode}: {last}")
+    return [line.split()[-1] for line in done.stdout.splitlines() if line.split() and line.split()[-1].startswith("/")]
 
 
 def input_dirs(client, args, jobs):
@@ -158,11 +193,10 @@ def work_for(args, jobs, path, dirs=None):
 def scan(client, watcher, args, jobs, dirs):
     """Start the work of every settled file; one summary line when anything was seen."""
     started = skipped = 0
-    for name, size in watcher.settled():
-        path = os.path.join(os.path.abspath(args.dir), name)
-        answer = client.inject(name=name, dirpath=os.path.abspath(args.dir), size=size,
+    for path, size in watcher.ready():
+        answer = client.inject(name=os.path.basename(path), dirpath=os.path.dirname(path), size=size,
                                datatype=args.datatype, **work_for(args, jobs, path, dirs))
-        watcher.done.add(name)
+        watcher.done.add(path)
         if answer["registered"]:
             started += 1
             print(f"{path} {answer.get('workflow') or ' '.join(answer['jobs'])}", flush=True)
@@ -170,7 +204,7 @@ def scan(client, watcher, args, jobs, dirs):
             skipped += 1
             log.info("%s: registered before for this template, skipped", path)
     if started or skipped:
-        print(f"injector: scan of {args.dir}: {started} file(s) started, {skipped} skipped "
+        print(f"injector: scan of {args.dir or args.from_command}: {started} file(s) started, {skipped} skipped "
               "(started before with this template)", file=sys.stderr, flush=True)
     return f"{started} started, {skipped} skipped"
 
@@ -178,7 +212,7 @@ def scan(client, watcher, args, jobs, dirs):
 def service_name(args):
     """How this injector appears on /services: what it watches, for which work."""
     work = f"dag {args.dag}" if args.dag else f"jobs {os.path.basename(args.jobs)}"
-    return f"injector {os.path.abspath(args.dir)} ({work})"
+    return f"injector {os.path.abspath(args.dir) if args.dir else args.from_command[:80]} ({work})"
 
 
 def main(argv=None):

@@ -659,6 +659,7 @@ MIGRATIONS = [
     CREATE TABLE grid_orders(stream TEXT PRIMARY KEY, types TEXT NOT NULL, who TEXT NOT NULL,
                              ts REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE provenance(uuid TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
+    CREATE INDEX datasets_template ON datasets(template, ts) WHERE origin = 'injected';
     CREATE TRIGGER jobs_provenance_delete AFTER DELETE ON jobs BEGIN
         DELETE FROM provenance WHERE uuid = old.uuid;
     END;
@@ -916,6 +917,22 @@ def provenance_json(value):
     if len(text) > MAX_PROVENANCE:
         return json.dumps({"error": f"the pilot's provenance was {len(text)} bytes, over {MAX_PROVENANCE}"})
     return text
+
+
+def copied_job(template, infile, tag="", set_env=None):
+    """A new job for `infile` made from another job's row (its payload, env, limits): a
+    reprocessing campaign's (tagged: TYPE@TAG), or a file's that a DAQ posts by template."""
+    env = json.loads(template["env"])
+    given = env.get("P3S_INPUT_FILE")
+    if given and given == template["infile"]:
+        env["P3S_INPUT_FILE"] = infile
+    elif given and given == os.path.basename(template["infile"]):     # a bare name (P3S_INPUT_DIR)
+        env["P3S_INPUT_FILE"] = os.path.basename(infile)
+    env.update(set_env or {})
+    job = {k: template[k] for k in ("name", "payload", "params", "priority", "timelimit", "site", "max_attempts",
+                                    "memory", "disk")}
+    return {**job, "uuid": str(uuidlib.uuid4()), "jobtype": f"{template['jobtype']}@{tag}" if tag else
+            template["jobtype"], "env": env, "infile": infile, "from": template["uuid"]}
 
 
 def validate_submission(body):
@@ -2640,10 +2657,12 @@ class Workflows:
         name = as_str(body.get("name", ""), "name", allow_empty=False, max_len=1024)
         dirpath = as_str(body.get("dirpath", ""), "dirpath", allow_empty=False, max_len=4096)
         size = as_int(body.get("size", 0), "size", 0)
-        if ("dag" in body) == ("jobs" in body):
+        if "dag" in body and "jobs" in body:
             raise bad("inject: give either dag or jobs")
         template = as_str(body.get("template", body.get("dag", "")), "template", max_len=256)
         path = os.path.join(dirpath, name)
+        if "dag" not in body and "jobs" not in body:
+            body = {**body, **self.work_like(template, path)}
         jobs = validate_submission({"jobs": body["jobs"]}) if "jobs" in body else None
         wf = plan = None
         if jobs is None:
@@ -2673,6 +2692,26 @@ class Workflows:
         return {"datasets": rows, **paging}
 
     DATASET_STATES = ("pending", "ready", "bad", "archived")
+
+    def work_like(self, template, path):
+        """The work of a file posted with only its template (a DAQ or transfer script, when the
+        file closes): a DAG template's DAG, or the jobs of the newest file injected under the
+        template, each made anew for `path`."""
+        if template.startswith("dag:"):
+            return {"dag": template[4:]}
+        newest = self.store.read_one(
+            "SELECT dirpath, name FROM datasets INDEXED BY datasets_template WHERE template = ? AND origin = 'injected' "
+            "ORDER BY ts DESC LIMIT 1", (template,)) if template else None
+        if newest is None:
+            raise bad(f"inject: give dag, jobs, or the template of files injected before (no file has template "
+                      f"{template!r} yet: start its injector once)")
+        jobs = self.store.read("SELECT * FROM jobs INDEXED BY jobs_infile WHERE infile = ? AND infile != '' "
+                               "AND wfuuid IS NULL ORDER BY id", (os.path.join(newest["dirpath"], newest["name"]),))
+        newest_of_type = {j["jobtype"]: j for j in jobs if "@" not in j["jobtype"]}
+        made = [copied_job(j, path) for j in newest_of_type.values()]
+        if not made:
+            raise bad(f"inject: the newest file of template {template!r} has no job left to copy")
+        return {"jobs": [{k: v for k, v in j.items() if k != "from"} for j in made]}
 
     def register_dataset(self, body, who):
         """A file registered by hand (the original's dataset.py -r): listed on /datasets, its own
@@ -4088,7 +4127,7 @@ class Service:
             raise bad("dry_run: true or false")
         files = self.files_of_runs(low, high)
         with self.store.transaction() as conn:
-            made = [self.reprocessed(template, infile, tag, set_env)
+            made = [copied_job(template, infile, tag, set_env)
                     for infile, template in self.reprocess_pairs(conn, files, jobtype, tag, only)]
             if made and not body.get("dry_run"):
                 insert_jobs(conn, [validate_job({k: v for k, v in j.items() if k != "from"}, "reprocess")
@@ -4139,21 +4178,6 @@ class Service:
                     yield infile, prompt
                 elif only in ("missing", "all") and prompt is None:
                     yield infile, newest_of_type[name]
-
-    @staticmethod
-    def reprocessed(template, infile, tag, set_env):
-        """A new job for `infile` made from a prompt job, tagged, its env changed by set_env."""
-        env = json.loads(template["env"])
-        given = env.get("P3S_INPUT_FILE")
-        if given and given == template["infile"]:
-            env["P3S_INPUT_FILE"] = infile
-        elif given and given == os.path.basename(template["infile"]):     # a bare name (P3S_INPUT_DIR)
-            env["P3S_INPUT_FILE"] = os.path.basename(infile)
-        env.update(set_env)
-        job = {k: template[k] for k in ("name", "payload", "params", "priority", "timelimit", "site", "max_attempts",
-                                        "memory", "disk")}
-        return {**job, "uuid": str(uuidlib.uuid4()), "jobtype": f"{template['jobtype']}@{tag}" if tag else
-                template["jobtype"], "env": env, "infile": infile, "from": template["uuid"]}
 
     @staticmethod
     def failed_in(conn, jobtype, files):

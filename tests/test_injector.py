@@ -116,3 +116,36 @@ def test_filters_and_bad_input(p3s):
     assert bad.returncode == 2 and "malformed JSON" in bad.stderr
     bad = injector(p3s, "-d", incoming, "--dag", "nosuch", "-c", "1", "--settle", "0", "--min-size", "10")
     assert bad.returncode == 2 and "no such DAG" in bad.stderr
+
+
+def test_files_from_a_commands_listing_and_from_a_daq_post_start_once_each(p3s, tmp_path):
+    """A catalogue query's output, polled; a DAQ's POST when a file closes, with only the
+    template (the work of the template's newest file, made anew); each file once per template."""
+    jobs = tmp_path / "dqm.json"
+    jobs.write_text(json.dumps([shell_job("true", jobtype="monitor"), shell_job("true", jobtype="purity")]))
+    listing = tmp_path / "catalogue.txt"
+    files = [f"/eos/np04/raw/np04_raw_run005060_000{i}.root" for i in (1, 2)]
+    listing.write_text("total 2\n" + "".join(f"-rw-r--r-- 1 np04 2048 {f}\n" for f in files))
+    args = ("--from-command", f"cat {listing}", "-j", jobs, "-p", "0.2", "-c", "2")
+    assert injector(p3s, *args).returncode == 0
+    assert injector(p3s, *args).returncode == 0                                     # a restart adds nothing
+    listed = sorted((j["infile"], j["jobtype"]) for j in p3s.api.list_jobs(limit=100))
+    assert listed == sorted((f, t) for f in files for t in ("monitor", "purity"))
+    failing = injector(p3s, "--from-command", "echo catalogue down >&2; exit 3", "-j", jobs, "-p", "0.2", "-c", "2")
+    assert failing.returncode == 0 and "exit code 3: catalogue down" in failing.stderr, "a failing listing stopped it"
+
+    closed = {"name": "np04_raw_run005061_0001.root", "dirpath": "/eos/np04/raw", "template": f"jobs:{jobs}"}
+    daq = p3s.add_user("daq", "expert")
+    from conftest import Client
+    client = Client(p3s.url, token_file=daq["P3S_TOKEN_FILE"])
+    answer = client.call("POST", "/api/inject", closed)
+    assert answer["registered"] and len(answer["jobs"]) == 2
+    made = [p3s.job(u) for u in answer["jobs"]]
+    assert sorted(j["jobtype"] for j in made) == ["monitor", "purity"]
+    assert all(j["infile"] == "/eos/np04/raw/np04_raw_run005061_0001.root" and j["user"] == "daq" for j in made)
+    assert client.call("POST", "/api/inject", closed)["registered"] is False, "a file posted twice started twice"
+    try:
+        client.call("POST", "/api/inject", dict(closed, template="jobs:/nowhere.json"))
+        raise AssertionError("a template no file has was taken")
+    except Exception as e:
+        assert getattr(e, "status", None) == 400 and "no file has template" in str(e)
