@@ -250,12 +250,17 @@ def from_the_browser(url, client, work):
         done.append("paused and resumed evdisp")
         ben = Browser(pathlib.Path(work))
         try:
-            sign_in(ben, url, add_user(work, "ben", "expert"))
+            token = add_user(work, "ben", "expert")
+            sign_in(ben, url, token)
             ben.open(url + "/jobtype/purity")
             ben.press("Set cap", {"cap": "3"})
             done.append("ben (expert) capped purity at 3")
         finally:
             ben.close()
+        subprocess.run([sys.executable, os.path.join(ROOT, "job.py"), "--reprocess", "--runs", "5000-5001", "--jobtype",
+                        "purity", "--tag", "v10", "--set-env", "DUNETPCVER=v10_02"], check=True, stdout=subprocess.DEVNULL,
+                       env=dict(os.environ, P3S_SERVER=url, P3S_TOKEN=token))
+        done.append("ben reprocessed runs 5000-5001 as purity@v10")
         return done, screenshots(ana, url, client, work)
     finally:
         ana.close()
@@ -265,7 +270,8 @@ def screenshots(browser, url, client, work):
     failed = client.list_jobs(state="failed", limit=1)
     judged = client.list_jobs(jobtype="monitor", state="finished", limit=1)
     pilot = client.list_pilots()[0]["uuid"]
-    pages = {"summary": "/", "runs": "/runs", "plots": "/plots", "plots-by-run": "/plots?group=run",
+    pages = {"summary": "/", "runs": "/runs", "runs-reprocessed": "/runs?runs=5000-5001", "missing": "/files?missing=yes",
+             "plots": "/plots", "plots-by-run": "/plots?group=run",
              "trend": "/trend/monitor/adc_mean",
              "errors": "/errors", "failures": "/failures?jobtype=purity", "jobs": "/jobs", "pilots": "/pilots", "pilot": f"/pilot/{pilot}", "sites": "/sites",
              "site": "/site/lxvm", "services": "/services", "alarms": "/alarms", "jobtype": "/jobtype/purity",
