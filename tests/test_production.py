@@ -359,3 +359,27 @@ def test_a_production_hour_accelerated(tmp_path, start_server):
     assert not stale, f"job files outlived their keep time: {stale[:3]}"
     alarms = [a["name"] for a in server.api.call("GET", "/api/alarms")["alarms"]]
     assert "service_silent" not in alarms, alarms
+
+
+def test_job_files_go_only_once_older_than_the_keep_time_on_both_sides_of_it(p3s):
+    """--keep-job-files is hours: files at 0.9 of it stay, at 1.1 of it go (a clean-up that took
+    minutes for hours, 60 times too young, would delete both)."""
+    from pilot import clean_job_files
+    keep = 2 * 3600
+    hour = p3s.logs / "20260101-03"
+    hour.mkdir(parents=True)
+    young, old = "0b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d", "1b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d"
+    for uuid, age in ((young, 0.9 * keep), (old, 1.1 * keep)):
+        for ext in (".out", ".err"):
+            path = hour / (uuid + ext)
+            path.write_text("x")
+            os.utime(path, (time.time() - age, time.time() - age))
+    assert clean_job_files(str(p3s.logs), keep) == 2
+    assert sorted(os.listdir(hour)) == [young + ".err", young + ".out"]
+    older = hour / "2b7e3c1e-98f4-4a8e-9d2b-6d7b3f1a2c3d.out"
+    older.write_text("x")
+    os.utime(older, (time.time() - 3 * 3600, time.time() - 3 * 3600))
+    pilot = p3s.pilot("-p", "1", "--keep-job-files", "2")      # hours, as the option says
+    wait_until(lambda: not older.exists(), 10, what="the pilot's clean-up of a 3 h old file")
+    assert sorted(os.listdir(hour)) == [young + ".err", young + ".out"], "the pilot deleted files younger than 2 h"
+    pilot.kill()
