@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import resource
 import shlex
@@ -112,6 +113,9 @@ def parse_args(argv):
     p.add_argument("--jobtype", action="append", default=[], help="accept only this job type (repeatable)")
     p.add_argument("--max-idle", type=float, default=0, metavar="SECONDS",
                    help="exit after this long without a job (default 0 = never)")
+    p.add_argument("--lifetime", type=float, metavar="SECONDS",
+                   help="take no job after this long (a random 85-100 %% of it, so pilots started together do not "
+                   "end together), finish the running one and exit (default: the site's pilotlife, else none)")
     p.add_argument("--kill-grace", type=float, default=5.0, metavar="SECONDS",
                    help="seconds between SIGTERM and SIGKILL when a payload is stopped (default 5)")
     p.add_argument("--define-site", action="store_true",
@@ -867,6 +871,7 @@ GIT_SECONDS = 2.0                   # `git describe` of a payload's directory, a
 GIT_KEEP = 60.0                     # ... asked again after this (a work tree may change)
 VERSION_VARS = ("DUNETPCVER",)      # software versions recorded; a site or job adds P3S_VERSION_VARS
 SECRET_NAME = re.compile(r"TOKEN|PASSW|SECRET|KEY|CREDENTIAL", re.I)   # masked in the environment's digest
+LIFE_STAGGER = 0.85                 # a pilot with a lifetime ends between this share of it and all of it
 
 
 class Provenance:
@@ -1066,6 +1071,7 @@ class Pilot:
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
         self.features = frozenset()     # report fields the server takes beyond the first protocol (idem)
         self.provenance = None          # a Provenance, where the server takes it
+        self.life = self.life_end = None    # with a lifetime: no job is taken after life_end (monotonic)
         self.prefetched = None          # the answer to a job request an end report carried
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
@@ -1101,6 +1107,10 @@ class Pilot:
         self.site_env = site.get("env", {})
         self.site_limits = {"memory": site.get("memory"), "disk": site.get("disk")}
         self.keep_hours = self.args.keep_job_files or site.get("keep_hours") or KEEP_JOB_FILES
+        life = self.args.lifetime if self.args.lifetime is not None else site.get("pilotlife")
+        if life and self.life_end is None:     # a pilot registered again keeps the end it drew
+            self.life = life
+            self.life_end = time.monotonic() + life * random.uniform(LIFE_STAGGER, 1.0)
         self.provenance = Provenance(self.args.site, info["host"], self.uuid) if "provenance" in self.features else None
         # The watchdog's last word: SIGKILL one heartbeat before the server gives the job away.
         self.watchdog.lease(max(self.lease - self.settings["heartbeat"], self.fence_after()))
@@ -1162,8 +1172,13 @@ class Pilot:
             if self.args.max_idle and time.monotonic() - last_work >= self.args.max_idle:
                 self.exit_reason = f"idle for {self.args.max_idle:g} s"
                 break
+            if self.life_end is not None and time.monotonic() >= self.life_end:
+                self.exit_reason = f"end of its life ({self.life:g} s)"
+                break
             wait = period if not self.args.max_idle else min(
                 period, max(0.0, self.args.max_idle - (time.monotonic() - last_work)))
+            if self.life_end is not None:
+                wait = min(wait, max(0.0, self.life_end - time.monotonic()))
             if self.dropped:
                 self.register_again()
             self.keep_disk_clean()
@@ -1175,6 +1190,11 @@ class Pilot:
             if job is not None:
                 self.run_job(job, ask_next=not (cycles and done >= cycles))
                 last_work = time.monotonic()
+
+    def near_end_of_life(self):
+        """Whether the pilot's life ends before a job now taken could well end: it then asks for no
+        next job with its end report (one claimed now would wait for the next pilot)."""
+        return self.life_end is not None and time.monotonic() >= self.life_end - self.settings["period"]
 
     def request(self, wait):
         """One long poll for a job; None if there was none or the server is unreachable."""
@@ -1328,7 +1348,7 @@ class Pilot:
             report["provenance"] = {**ran, "input": input_sum.identity()}
         with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
             os.rmdir(execution.env["P3S_JOB_DIR"])
-        self.send_report(job, report, ask_next, ended)
+        self.send_report(job, report, ask_next and not self.near_end_of_life(), ended)
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every

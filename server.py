@@ -103,6 +103,8 @@ PURGE_BATCH = 1000                  # rows of each kind one retention pass may d
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
+LIFE_STAGGER = 0.85                 # pilots end between this share of their site's pilotlife and all of it;
+                                    # past it they count as retiring, and the factory replaces them early
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
 STARVING_ESCALATE = 3               # ... and critical once they waited this many times as long
 # Alarms: their tunables (the rules they feed are stated once, in the Alarms class).
@@ -651,6 +653,7 @@ MIGRATIONS = [
     # directory of its input files), so it no longer moves between refreshes. Each job's
     # provenance, as its pilot recorded it (JSON: payload files' sha256 and git describe, the
     # input's size, mtime and adler32, versions, environment digest, where), gone with the job.
+    # A site's floor: the warm pilots it keeps while no work waits (nominal while some does).
     """
     CREATE TABLE users(name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
                        created REAL NOT NULL) WITHOUT ROWID;
@@ -660,6 +663,7 @@ MIGRATIONS = [
                              ts REAL NOT NULL) WITHOUT ROWID;
     CREATE TABLE provenance(uuid TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
     CREATE INDEX datasets_template ON datasets(template, ts) WHERE origin = 'injected';
+    ALTER TABLE sites ADD COLUMN floor INTEGER;
     CREATE TRIGGER jobs_provenance_delete AFTER DELETE ON jobs BEGIN
         DELETE FROM provenance WHERE uuid = old.uuid;
     END;
@@ -4521,7 +4525,7 @@ class Service:
         as_str(name, "site", allow_empty=False, max_len=64)
         check_keys(body, "site", ("name", "period", "cycles", "heartbeat", "env", "server", "pilots", "pilotlife",
                                   "tolerance", "factory", "factory_period", "keep_hours", "memory", "disk",
-                                  *self.SITE_ALIASES))
+                                  "floor", *self.SITE_ALIASES))
         if body.get("name", name) != name:
             raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
         body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
@@ -4536,14 +4540,15 @@ class Service:
                 "factory_period": number("factory_period", 1, MAX_SECONDS),
                 "keep_hours": number("keep_hours", 0, 24 * 366),
                 "memory": number("memory", 1, MAX_LIMIT_MB, as_int), "disk": number("disk", 1, MAX_LIMIT_MB, as_int),
+                "floor": number("floor", 0, 100000, as_int),
                 "factory": as_str(body.get("factory", ""), "factory", max_len=1024),
                 "server": as_str(body.get("server", ""), "server", max_len=256),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
-                         "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, ts) VALUES(:name, "
-                         ":period, :cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, :factory, "
-                         ":factory_period, :keep_hours, :memory, :disk, :ts)", {**site, "ts": now()})
+                         "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, floor, ts) VALUES("
+                         ":name, :period, :cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, "
+                         ":factory, :factory_period, :keep_hours, :memory, :disk, :floor, :ts)", {**site, "ts": now()})
         return self.site_defaults(name)
 
     def list_sites(self):
@@ -4599,9 +4604,10 @@ class Service:
     def site_figures(self, site, t):
         """A site's pilots now and in the last hour, from bounded indexed reads."""
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
-        live = {r["state"]: r["n"] for r in self.store.read(
-            f"SELECT state, COUNT(*) AS n FROM pilots WHERE site=? AND state IN ({marks}) GROUP BY state",
-            (site["name"], *LIVE_PILOT_STATES))}
+        old = t - (site["pilotlife"] or MAX_SECONDS) * LIFE_STAGGER     # a pilot past this retires soon
+        rows = self.store.read(f"SELECT state, COUNT(*) AS n, SUM(ts_reg < ?) AS old FROM pilots WHERE site=? AND "
+                               f"state IN ({marks}) GROUP BY state", (old, site["name"], *LIVE_PILOT_STATES))
+        live, retiring = {r["state"]: r["n"] for r in rows}, sum(r["old"] for r in rows)
         ended = self.store.read("SELECT state, ts_stop - ts_reg AS life FROM pilots WHERE site=? AND state IN "
                                 "('stopped', 'lost') AND ts_stop > ? LIMIT 10000", (site["name"], t - 3600))
         lives = [r["life"] for r in ended]
@@ -4613,9 +4619,13 @@ class Service:
         failed = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM error_hosts WHERE bucket >= ? AND site = ?",
                                      (int(t - 3600) // ERROR_BUCKET, site["name"]))[0]   # as /failures?since=1h
         nominal = site["pilots"] or 0
+        waits = site.get("floor") is None or self.store.read_one(
+            "SELECT COALESCE(SUM(n), 0) FROM waiting WHERE site IN (?, '')", (site["name"],))[0] > 0
+        wanted = nominal if waits else min(nominal, site["floor"])
         return {"finished_1h": finished, "failed_attempts_1h": failed,
-                "live": sum(live.values()), "pending": pending,
-                "missing": max(0, nominal - sum(live.values()) - pending), "running": live.get("running", 0) + live.get("dispatched", 0),
+                "live": sum(live.values()), "pending": pending, "retiring": retiring, "wanted": wanted,
+                "missing": max(0, wanted - (sum(live.values()) - retiring) - pending),
+                "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),
                 "lost_1h": sum(r["state"] == "lost" for r in ended), "ended_1h": len(ended),
                 "lost_lives_1h": [r["life"] for r in ended if r["state"] == "lost"],
@@ -6987,7 +6997,9 @@ def site_settings(d):
         return shown(d[key]) if d.get(key) is not None else default
     return [("server", d.get("server") or "this one"),
             ("pilots (nominal)", given("pilots", str, "none: no alarm, no factory")),
-            ("pilot life", given("pilotlife", ago, "none: a pilot lives until stopped")),
+            ("pilot life", given("pilotlife", lambda s: f"{ago(s)}: a pilot takes no job after 85-100 % of it",
+                                 "none: a pilot lives until stopped")),
+            ("warm pilots while no work waits (floor)", given("floor", str, "nominal, always")),
             ("tolerance below nominal", given("tolerance", "{:.0%}".format, f"{SITE_TOLERANCE:.0%} (default)")),
             ("job request wait (period)", given("period", "{:g} s".format, "10 s (default)")),
             ("job requests per pilot (cycles)", given("cycles", lambda c: str(c) if c else "until stopped",
@@ -7007,8 +7019,9 @@ def render_site(d, query):
     requests = table(["requested", "pilots", "registered", "pending", "ended young", "state"],
                      [[esc(when(r["ts"])), esc(r["count"]), esc(r["registered"]), esc(r["pending"]),
                        esc(r["died_young"]), esc(r["state"])] for r in d["requests"]])
-    body = (table(SITE_HEADERS, [site_row(d)]) + f"<p>missing: <b>{esc(d['missing'])}</b> pilot(s) "
-            "(nominal - live - pending)</p>" + f"<h2>Settings</h2>{settings}<h2>Environment</h2>{env}"
+    body = (table(SITE_HEADERS, [site_row(d)]) + f"<p>missing: <b>{esc(d['missing'])}</b> pilot(s): wanted "
+            f"{esc(d.get('wanted', d['pilots']))} - (live {esc(d['live'])} - retiring {esc(d.get('retiring', 0))}) - "
+            f"pending {esc(d['pending'])}</p>" + f"<h2>Settings</h2>{settings}<h2>Environment</h2>{env}"
             f"<h2>Pilot requests (factory)</h2>{requests}<h2>Pilots</h2>{pager(d, query)}{pilots}")
     return page(f"Site {d['name']}", body, query)
 

@@ -383,3 +383,30 @@ def test_job_files_go_only_once_older_than_the_keep_time_on_both_sides_of_it(p3s
     wait_until(lambda: not older.exists(), 10, what="the pilot's clean-up of a 3 h old file")
     assert sorted(os.listdir(hour)) == [young + ".err", young + ".out"], "the pilot deleted files younger than 2 h"
     pilot.kill()
+
+
+def test_a_pilot_retires_at_the_end_of_its_life_after_its_running_job(p3s):
+    """A site's pilotlife is enforced as glideins retire: no job is taken past it, the running
+    one finishes, the pilot says why it left; past 85 % of it a pilot counts as retiring and the
+    factory's missing count asks for its replacement ahead of time."""
+    p3s.api.define_site("np04", pilots=1, pilotlife=3, heartbeat=0.5)
+    [job] = p3s.submit([shell_job("sleep 4", site="np04")])
+    started = time.monotonic()
+    pilot = p3s.pilot("-s", "np04", "-p", "0.5")
+    wait_until(lambda: p3s.api.get_site("np04")["missing"] == 1 and p3s.api.get_site("np04")["live"] == 1, 10,
+               what="the pilot counted as retiring (missing 1 while it lives)")
+    assert pilot.wait(20) == 0 and time.monotonic() - started >= 4
+    assert p3s.job(job)["state"] == "finished", "the running job did not finish before the pilot left"
+    assert "exiting: end of its life (3 s)" in (p3s.dir / "pilots.log").read_text()
+    [after] = p3s.submit([shell_job("true", site="np04")])
+    time.sleep(1)
+    assert p3s.job(after)["state"] == "defined", "a pilot past its life took a job"
+
+
+def test_a_site_keeps_a_warm_floor_and_grows_to_nominal_only_while_work_waits(p3s):
+    p3s.api.define_site("np04", pilots=4, floor=1, heartbeat=0.5)
+    assert p3s.api.get_site("np04")["missing"] == 1, "an idle site asked for more than its floor"
+    p3s.submit([shell_job("true", site="np04")])
+    site = p3s.api.get_site("np04")
+    assert (site["wanted"], site["missing"]) == (4, 4), "work waits: the site grows to nominal"
+    assert "<td>warm pilots while no work waits (floor)</td><td>1</td>" in p3s.page("/site/np04")
