@@ -19,7 +19,9 @@ SiteDirector avoid flooding a queue.
 Safety: a command that fails (non-zero exit) cancels its request and backs off (the period
 doubles, up to 10 periods), its stderr's last line shown on the factory's service entry; a round
 whose pilots all ended within a minute of registering (a bad node, a broken environment) backs
-off the same way; pilots above nominal are never killed (they end at their lifetime or cycles).
+off the same way. Live pilots above what the site wants (nominal, or its floor while no job
+waits; less those retiring) for OVERSHOOT_ROUNDS rounds are brought back down: the newest idle
+ones are told to drain (they take no more jobs and exit); a busy pilot is never stopped.
 Each round is reported as the service "factory <site>" (/services); a clean exit (cycles done,
 SIGTERM, SIGINT) retires it, a kill -9 does not, and so alarms.
 
@@ -47,6 +49,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_COMMAND = "./pgen.sh {n} -s {site}"
 MAX_BACKOFF = 10            # periods a failing factory waits at most between tries
 COMMAND_TIMEOUT = 300       # seconds a submit command may take
+OVERSHOOT_ROUNDS = 2        # rounds live pilots stay above what the site wants before idle ones drain
 log = logging.getLogger("p3s.factory")
 
 
@@ -100,6 +103,7 @@ class Factory:
         self.resume_at = 0.0        # monotonic time before which no pilot is started
         self.last_error = ""
         self.last_request = None
+        self.over = 0               # rounds in a row with more live pilots than the site wants
         site = client.get_site(args.site)       # an unknown site is bad input, said at once
         if not site.get("pilots"):
             raise InputError(f"site {args.site!r} has no nominal number of pilots to keep; give it one with "
@@ -121,7 +125,7 @@ class Factory:
             state = f"backing off for {self.resume_at - time.monotonic():.0f} s"
         else:
             submitted = min(site["missing"], self.args.max_per_round)
-            state = self.start_pilots(submitted) if submitted else "at nominal"
+            state = self.start_pilots(submitted) if submitted else self.trim(site)
         status = f"nominal {nominal}, live {live}, pending {pending}, submitted {submitted}: {state}"
         if self.last_error:
             status += f"; last error: {self.last_error}"
@@ -145,8 +149,23 @@ class Factory:
             self.client.cancel_request(request)
             self.back_off(f"{argv[0]}: {failed}")
             return "the command failed"
-        self.last_request, self.failures = request, 0
+        self.last_request, self.failures, self.last_error = request, 0, ""     # healed: said no more
         return f"started {n} through {argv[0]}"
+
+    def trim(self, site):
+        """Bring an overshoot back down: after OVERSHOOT_ROUNDS rounds above what the site wants,
+        the newest idle pilots drain (a template that starts a pilot per node whatever {n} is,
+        or pilots started by hand)."""
+        excess = site["live"] - site.get("retiring", 0) - site.get("wanted", site["pilots"])
+        self.over = self.over + 1 if excess > 0 else 0
+        if self.over < OVERSHOOT_ROUNDS:
+            return "at nominal" if excess <= 0 else f"{excess} above what the site wants"
+        idle = [p for p in self.client.list_pilots(site=self.args.site) if p["state"] in ("active", "no jobs")]
+        newest = sorted(idle, key=lambda p: p["ts_reg"], reverse=True)[:excess]
+        for p in newest:
+            self.client.mark_pilots("drain", uuid=p["uuid"])
+        self.over = 0
+        return f"{excess} above what the site wants: drained {len(newest)} idle pilot(s)"
 
     def notice_young_deaths(self, requests):
         """The last round's pilots all registered and all ended within a minute: back off."""

@@ -410,3 +410,16 @@ def test_a_site_keeps_a_warm_floor_and_grows_to_nominal_only_while_work_waits(p3
     site = p3s.api.get_site("np04")
     assert (site["wanted"], site["missing"]) == (4, 4), "work waits: the site grows to nominal"
     assert "<td>warm pilots while no work waits (floor)</td><td>1</td>" in p3s.page("/site/np04")
+
+
+def test_the_factory_brings_an_overshoot_back_down_by_draining_the_newest_idle_pilots(p3s):
+    """A template that starts a pilot per node whatever {n} is left 3 live of nominal 1 until
+    they ended: past two rounds above, the newest idle ones drain; the oldest stays."""
+    p3s.api.define_site("np04", pilots=1, heartbeat=0.5)
+    pilots = [p3s.pilot("-s", "np04", "-p", "0.5") for _ in range(3)]
+    wait_until(lambda: p3s.api.get_site("np04")["live"] == 3, 10, what="three live pilots")
+    oldest = min(p3s.api.list_pilots(site="np04"), key=lambda p: p["ts_reg"])["uuid"]
+    done = p3s.run("factory.py", "-s", "np04", "--command", "true", "-p", "1", "-c", "3", "-v")
+    assert done.returncode == 0 and "drained 2 idle pilot(s)" in done.stderr + done.stdout, done.stderr
+    wait_until(lambda: sum(p.poll() is not None for p in pilots) == 2, 15, what="two drained pilots to exit")
+    assert [p["uuid"] for p in p3s.api.list_pilots(site="np04") if p["state"] in ("active", "no jobs")] == [oldest]
