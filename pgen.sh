@@ -11,6 +11,9 @@
 #   P3S_NODE    this node's name, registered by the pilots (default: hostname -s)
 #   P3S_RUNDIR  pid and log directory (default: ~/.p3s/run/$P3S_NODE)
 #   P3S_PYTHON  the Python to run pilot.py with (default: python3)
+#   P3S_LOG_DAYS  days a pilot's log is kept once the pilot has ended (default 2)
+# Each run also tidies the run directory: the pid files of pilots that ended go, their logs once
+# older than P3S_LOG_DAYS (a live pilot's log is never touched: it is written as it runs).
 # Pilots reach the server through P3S_SERVER and P3S_TOKEN/P3S_TOKEN_FILE as usual.
 set -eu
 usage() { echo "usage: pgen.sh N [pilot.py options...]" >&2; exit 2; }
@@ -34,6 +37,11 @@ here=$(cd "$(dirname "$0")" && pwd)
 export P3S_NODE=${P3S_NODE:-$(hostname -s)}
 rundir=${P3S_RUNDIR:-$HOME/.p3s/run/$P3S_NODE}
 mkdir -p "$rundir"
+for f in "$rundir"/pilot-*.pid; do
+  [ -e "$f" ] || continue
+  pilot_pid "$f" >/dev/null || rm -f "$f"
+done
+find "$rundir" -maxdepth 1 -name 'pilot-*.log' -mmin +$(( ${P3S_LOG_DAYS:-2} * 1440 )) -delete
 # refuse at once what every pilot would refuse alone in its log (a bad option, an undefined site)
 "${P3S_PYTHON:-python3}" "$here/pilot.py" --check "$@" >/dev/null || exit 2
 for i in $(seq "$n"); do

@@ -6,6 +6,7 @@ import re
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,6 +101,26 @@ def test_pgen_refuses_an_undefined_site_at_once(p3s, tmp_path):
     assert result.returncode == 2 and "started" not in result.stdout
     assert "site 'nosuchsite' is not defined" in result.stderr
     assert not list((tmp_path / "run").glob("pilot-*.pid")), "a pilot was started"
+
+
+def test_pgen_tidies_its_run_directory_of_ended_pilots_and_their_old_logs(p3s, tmp_path):
+    """A 37-minute soak left 60 pid and log files: each pgen.sh run removes the pid files of
+    pilots that ended and their logs past P3S_LOG_DAYS; a live pilot's files stay."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "pilot-old-1.pid").write_text(f"999999 1 {ROOT}\n")             # a pilot long gone
+    (run / "pilot-old-1.log").write_text("old\n")
+    os.utime(run / "pilot-old-1.log", (time.time() - 3 * 86400, time.time() - 3 * 86400))
+    (run / "pilot-recent-1.log").write_text("ended an hour ago\n")
+    os.utime(run / "pilot-recent-1.log", (time.time() - 3600, time.time() - 3600))
+    env = dict(p3s.env, P3S_RUNDIR=str(run), P3S_PYTHON=sys.executable)
+    started = subprocess.run([os.path.join(ROOT, "pgen.sh"), "1", "-p", "1", "-L", str(p3s.logs)], env=env,
+                             capture_output=True, text=True, timeout=30)
+    assert started.returncode == 0, started.stderr
+    names = sorted(os.listdir(run))
+    assert "pilot-old-1.pid" not in names and "pilot-old-1.log" not in names
+    assert "pilot-recent-1.log" in names and len([n for n in names if n.endswith(".pid")]) == 1
+    assert subprocess.run([os.path.join(ROOT, "pkill.sh"), "-t", "5"], env=env, capture_output=True).returncode == 0
 
 
 def test_execmode_with_any_value_runs_through_the_shell_and_x_forces_it(p3s):
