@@ -127,9 +127,9 @@ def test_an_unknown_site_or_a_bad_template_is_refused_at_once(p3s):
 def test_a_factory_over_slurm_reaches_nominal_and_counts_what_the_queue_holds(p3s, slurm, tmp_path):  # noqa: F811
     p3s.api.define_site("hpc", pilots=3, heartbeat=0.5)
     env = dict(slurm, **{k: v for k, v in p3s.env.items() if k.startswith("P3S_")}, P3S_HOME=ROOT,
-               P3S_PILOT_ARGS=f"-p 1 -b 0.5 -L {p3s.logs}")
+               P3S_PILOT_ARGS=f"-p 1 -b 0.5 -L {p3s.logs}", P3S_RUNDIR=str(tmp_path / "run"))
     p3s.env.update(env)
-    sbatch = f"sbatch --array=1-{{n}} -o {tmp_path}/pilot-%A_%a.out deploy/slurm-pilots.sh"
+    sbatch = "sbatch --array=1-{n} deploy/slurm-pilots.sh"
     factory = run_factory(p3s, "hpc", sbatch, "-p", "1")
     samples, at_nominal = population_watch(p3s, "hpc", 3)
     wait_until(at_nominal, 90, 0.3, "3 pilots through Slurm")
