@@ -18,8 +18,11 @@ SiteDirector avoid flooding a queue.
 
 Safety: a command that fails (non-zero exit) cancels its request and backs off (the period
 doubles, up to 10 periods), its stderr's last line shown on the factory's service entry; a round
-whose pilots all ended within a minute of registering (a bad node, a broken environment) backs
-off the same way. Live pilots above what the site wants (nominal, or its floor while no job
+whose pilots all ended within a minute of registering (a bad node, a broken environment), or
+none of which registered at all within --pending-timeout (batch jobs that die before pilot.py
+starts), backs off the same way, saying where to look. A command is done when it exits (a child
+it left in the background does not hold the round); one still running at its timeout is killed
+with every process it started. Live pilots above what the site wants (nominal, or its floor while no job
 waits; less those retiring) for OVERSHOOT_ROUNDS rounds are brought back down: the newest idle
 ones are told to drain (they take no more jobs and exit); a busy pilot is never stopped.
 Each round is reported as the service "factory <site>" (/services); a clean exit (cycles done,
@@ -34,12 +37,15 @@ Environment: P3S_SERVER, P3S_TOKEN / P3S_TOKEN_FILE, P3S_RETRY_FOR (see README).
 Exit codes: 0 after --cycles rounds or a signal, 2 bad input (an unknown site, a bad template),
 1 the server unreachable at start.
 """
+import contextlib
 import logging
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 from serverAPI import (ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_cli,
@@ -88,6 +94,28 @@ def command_line(template, **values):
                          "{server} {home}") from None
 
 
+def run_command(argv, env):
+    """Run a submit command; what went wrong, or None. It runs in a session of its own with its
+    output in a file, not a pipe: it is done when it exits, even if a child it left in the
+    background (a batch client's helper) still holds its output; at COMMAND_TIMEOUT it is killed
+    with every process it started."""
+    with tempfile.TemporaryFile("w+") as out:
+        try:
+            proc = subprocess.Popen(argv, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                    text=True, start_new_session=True)
+        except OSError as e:
+            return str(e)
+        try:
+            code = proc.wait(COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return f"still running after {COMMAND_TIMEOUT} s: killed with its children"
+        out.seek(0)
+        return (last_line(out.read()[-65536:]) or f"exit code {code}") if code != 0 else None
+
+
 def last_line(text):
     return next((x.strip() for x in reversed(text.splitlines()) if x.strip()), "")
 
@@ -119,7 +147,7 @@ class Factory:
     def round(self):
         site = self.client.get_site(self.args.site)
         nominal, live, pending = site["pilots"] or 0, site["live"], site["pending"]
-        self.notice_young_deaths(site["requests"])
+        self.notice_outcome(site["requests"])
         submitted = 0
         if time.monotonic() < self.resume_at:
             state = f"backing off for {self.resume_at - time.monotonic():.0f} s"
@@ -140,16 +168,12 @@ class Factory:
         env = {k: v for k, v in os.environ.items() if k != "P3S_TOKEN"}
         env.update(P3S_REQUEST=request, P3S_SITE=self.args.site, P3S_SERVER=self.client.server)
         env.setdefault("P3S_HOME", HERE)        # deploy/slurm-pilots.sh finds the clone by it
-        try:
-            ran = subprocess.run(argv, cwd=HERE, env=env, capture_output=True, text=True, timeout=COMMAND_TIMEOUT)
-            failed = ran.returncode != 0 and (last_line(ran.stderr) or f"exit code {ran.returncode}")
-        except (OSError, subprocess.TimeoutExpired) as e:
-            failed = str(e)
+        failed = run_command(argv, env)
         if failed:
             self.client.cancel_request(request)
             self.back_off(f"{argv[0]}: {failed}")
             return "the command failed"
-        self.last_request, self.failures, self.last_error = request, 0, ""     # healed: said no more
+        self.last_request = request
         return f"started {n} through {argv[0]}"
 
     def trim(self, site):
@@ -167,13 +191,22 @@ class Factory:
         self.over = 0
         return f"{excess} above what the site wants: drained {len(newest)} idle pilot(s)"
 
-    def notice_young_deaths(self, requests):
-        """The last round's pilots all registered and all ended within a minute: back off."""
+    def notice_outcome(self, requests):
+        """What became of the last round's pilots: all ended within a minute, or none registered
+        within --pending-timeout: back off; some registered and lived: healed (the back-off and
+        the last error end)."""
         last = next((r for r in requests if r["id"] == self.last_request), None)
         if last and last["registered"] == last["count"] and last["died_young"] == last["count"]:
             self.last_request = None
             self.back_off(f"all {last['count']} pilot(s) of the last round ended within a minute "
                           "(a bad node or a broken environment?)")
+        elif last and last["state"] == "open" and not last["pending"] and not last["registered"]:
+            self.last_request = None
+            self.back_off(f"none of the {last['count']} pilot(s) of the last round registered within "
+                          f"--pending-timeout: do the batch jobs start pilot.py? look at their output "
+                          "(P3S_RUNDIR, pilot-slurm-*.log, the batch system's own)")
+        elif last and last["registered"] > last["died_young"]:
+            self.last_request, self.failures, self.last_error = None, 0, ""
 
     def back_off(self, error):
         self.failures += 1

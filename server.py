@@ -103,6 +103,7 @@ PURGE_BATCH = 1000                  # rows of each kind one retention pass may d
 TIDY_PERIOD = 600                   # seconds between trims of the end buckets and PRAGMA optimize
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
+UNSTARTED_REQUESTS = 3              # a site's factory requests of a day with no pilot at all: an alarm
 LIFE_STAGGER = 0.85                 # pilots end between this share of their site's pilotlife and all of it;
                                     # past it they count as retiring, and the factory replaces them early
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
@@ -3042,7 +3043,7 @@ class Alarms:
     """
     NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate",
              "no_new_work", "service_silent", "starving", "disk_low", "db_failing", "bad_data",
-             "jobtype_paused", "drift", "late_run", "backup_stale")    # also the /metrics gauges
+             "jobtype_paused", "drift", "late_run", "backup_stale", "pilots_not_starting")    # also the /metrics gauges
     CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate",
                 "pilots_lost", "backup_stale")
 
@@ -3576,6 +3577,11 @@ class Alarms:
                     f"{site['pilots']} nominal{held_up}", f"/site/{site['name']}",
                     critical=not figures["live"] and waiting > 0, site=site["name"],
                     live=figures["live"], impact=waiting))
+        if figures.get("unstarted_requests", 0) >= UNSTARTED_REQUESTS:
+            found.append(self.alarm(
+                "pilots_not_starting", f"{site['name']}: {figures['unstarted_requests']} pilot requests of the last "
+                "day registered no pilot at all: the batch jobs die before pilot.py starts? (their output: "
+                "P3S_RUNDIR, pilot-slurm-*.log)", f"/site/{site['name']}", site=site["name"]))
         lives = figures["lost_lives_1h"]
         life = median(lives)
         if site["pilotlife"] and len(
@@ -4618,12 +4624,16 @@ class Service:
                                       (site["name"], t - MAX_SECONDS, t))[0]
         failed = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM error_hosts WHERE bucket >= ? AND site = ?",
                                      (int(t - 3600) // ERROR_BUCKET, site["name"]))[0]   # as /failures?since=1h
+        unstarted = self.store.read_one("SELECT COUNT(*) FROM requests INDEXED BY requests_site WHERE site=? AND ts > ? "
+                                        "AND state='open' AND expires <= ? AND registered = 0",
+                                        (site["name"], t - 86400, t))[0]
         nominal = site["pilots"] or 0
         waits = site.get("floor") is None or self.store.read_one(
             "SELECT COALESCE(SUM(n), 0) FROM waiting WHERE site IN (?, '')", (site["name"],))[0] > 0
         wanted = nominal if waits else min(nominal, site["floor"])
         return {"finished_1h": finished, "failed_attempts_1h": failed,
                 "live": sum(live.values()), "pending": pending, "retiring": retiring, "wanted": wanted,
+                "unstarted_requests": unstarted,
                 "missing": max(0, wanted - (sum(live.values()) - retiring) - pending),
                 "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),

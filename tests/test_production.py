@@ -423,3 +423,35 @@ def test_the_factory_brings_an_overshoot_back_down_by_draining_the_newest_idle_p
     assert done.returncode == 0 and "drained 2 idle pilot(s)" in done.stderr + done.stdout, done.stderr
     wait_until(lambda: sum(p.poll() is not None for p in pilots) == 2, 15, what="two drained pilots to exit")
     assert [p["uuid"] for p in p3s.api.list_pilots(site="np04") if p["state"] in ("active", "no jobs")] == [oldest]
+
+
+def test_requests_whose_pilots_never_register_back_off_say_where_to_look_and_alarm(p3s):
+    """A broken node environment: the batch jobs die before pilot.py starts. The factory used to
+    submit again every --pending-timeout, saying "started" each time."""
+    p3s.api.define_site("np04", pilots=2, heartbeat=0.5)
+    done = p3s.run("factory.py", "-s", "np04", "--command", "true", "-p", "1", "--pending-timeout", "1",
+                   "-c", "14", "-v", timeout=60)
+    assert done.returncode == 0 and "none of the 2 pilot(s) of the last round registered" in done.stderr, done.stderr
+    assert "look at their output" in done.stderr and "next try in 2 s" in done.stderr
+    [alarm] = p3s.alarms("pilots_not_starting")
+    assert alarm["site"] == "np04" and "pilot requests of the last day registered no pilot" in alarm["message"]
+    assert 3 <= len(p3s.api.get_site("np04")["requests"]) <= 4, "the factory kept submitting without backing off"
+
+
+def test_a_submit_command_that_hangs_is_killed_with_its_children_and_one_that_forks_is_not_waited_for(tmp_path):
+    import factory
+    marker = tmp_path / "child.pid"
+    started = time.monotonic()
+    assert factory.run_command(["sh", "-c", f"sleep 30 & echo $! > {marker}; exit 0"], dict(os.environ)) is None
+    assert time.monotonic() - started < 5, "a background child holding the output held the round"
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    factory.COMMAND_TIMEOUT, saved = 1, factory.COMMAND_TIMEOUT
+    try:
+        said = factory.run_command(["sh", "-c", f"sleep 30 & echo $! > {marker}; wait"], dict(os.environ))
+    finally:
+        factory.COMMAND_TIMEOUT = saved
+    assert said == "still running after 1 s: killed with its children"
+    time.sleep(0.2)
+    child = int(marker.read_text())
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z", \
+        "the hung command's child outlived it"
