@@ -6659,18 +6659,21 @@ def provenance_section(p):
         return ""
     if p.get("error"):
         return f"<h2>Provenance</h2><p class='bad'>{esc(p['error'])}</p>"
-    rows = [["ran", esc(f.get("path", "")), esc(f.get("sha256") or f.get("error", "")), esc(f.get("git", ""))]
+    def joined(*parts):
+        return esc(" · ".join(x for x in parts if x)) or "-"
+    rows = [["ran", esc(f.get("path", "")), joined(f"sha256 {f['sha256']}" if f.get("sha256") else f.get("error", ""),
+                                                  f"git {f['git']}" if f.get("git") else "")]
             for f in p.get("payload", ())]
     given = p.get("input") or {}
     if given:
-        sum_text = given.get("adler32") or given.get("skipped") or given.get("error", "")
-        size = f"{given['size']:,} bytes, modified {when(given['mtime'])}" if "size" in given else ""
-        rows.append(["read", esc(given.get("path", "")), esc(f"adler32 {sum_text}" if given.get("adler32") else sum_text),
-                     esc(size)])
-    rows += [["version", esc(k), esc(v), ""] for k, v in sorted((p.get("versions") or {}).items())]
-    rows.append(["environment", "", esc(f"sha256 {p.get('env_sha256', '')}"), ""])
+        rows.append(["read", esc(given.get("path", "")),
+                     joined(f"adler32 {given['adler32']}" if given.get("adler32") else given.get("skipped") or
+                            given.get("error", ""), f"{given['size']:,} bytes, modified {when(given['mtime'])}"
+                            if "size" in given else "")])
+    rows += [["version", esc(k), joined(str(v))] for k, v in sorted((p.get("versions") or {}).items())]
+    rows.append(["environment", "every variable, secrets masked", joined(f"sha256 {p.get('env_sha256', '')}")])
     where = " · ".join(f"{k} {p[k]}" for k in ("site", "host", "pilot", "p3s") if p.get(k))
-    return ("<h2>Provenance</h2>" + table(["", "what", "identity", ""], rows)
+    return ("<h2>Provenance</h2>" + table(["", "what", "identity"], rows)
             + f"<p class='head'>{esc(where)} · <code>job.py --provenance UUID</code> for the JSON</p>")
 
 
