@@ -4476,10 +4476,10 @@ class Service:
         reason = as_str(body.get("reason", ""), "reason", max_len=256)
         with self.store.transaction() as conn:
             check_pilot_secret(conn, pilot_uuid, secret)
-            if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
-                              ts_stop=now(), job=None):
-                raise ApiError(409, f"pilot {pilot_uuid}: is not live")
             crashed = reason.startswith("crashed")
+            if not move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "stopped", info=reason,
+                              ts_stop=now(), job=None, **({"note": reason[:200]} if crashed else {})):
+                raise ApiError(409, f"pilot {pilot_uuid}: is not live")
             released = release_jobs(conn, pilot_uuid, "pilot stopped: " + reason, pilot_uuid,
                                     never_started=not crashed, crashed=crashed)
         self.broker.notify_work(released)
@@ -4600,9 +4600,9 @@ class Service:
                                "ORDER BY ts DESC LIMIT 20", (site, t - 86400))
         found = []
         for r in rows:
-            young = self.store.read_one("SELECT COUNT(*) FROM pilots INDEXED BY pilots_request WHERE request=? "
-                                        "AND state IN ('stopped', 'lost') AND ts_stop - ts_reg < ?",
-                                        (r["id"], YOUNG_DEATH))[0]
+            young = self.store.read_one(   # an end the pilot did not choose: lost, or a crash it reported
+                "SELECT COUNT(*) FROM pilots INDEXED BY pilots_request WHERE request=? AND (state = 'lost' OR "
+                "state = 'stopped' AND note LIKE 'crashed%') AND ts_stop - ts_reg < ?", (r["id"], YOUNG_DEATH))[0]
             open_ = r["state"] == "open" and r["expires"] > t
             found.append({**dict(r), "pending": r["count"] - r["registered"] if open_ else 0, "died_young": young})
         return found

@@ -455,3 +455,18 @@ def test_a_submit_command_that_hangs_is_killed_with_its_children_and_one_that_fo
     child = int(marker.read_text())
     assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z", \
         "the hung command's child outlived it"
+
+
+def test_a_deliberate_stop_is_no_young_death_a_loss_or_a_crash_is(p3s):
+    """Drains, scancel (SIGTERM) and operator kills within a minute of a start were read as a
+    bad node three times: only ends the pilots did not choose count."""
+    p3s.api.define_site("np04", pilots=3, heartbeat=0.5)
+    request = p3s.api.request_pilots("np04", 3, 900)["id"]
+    pilots = [p3s.api.register_pilot(site="np04", request=request, heartbeat=0.5)["uuid"] for _ in range(3)]
+    p3s.api.deregister_pilot(pilots[0], "signal SIGTERM")
+    p3s.api.deregister_pilot(pilots[1], "drain requested by the server")
+    [mine] = [r for r in p3s.api.get_site("np04")["requests"] if r["id"] == request]
+    assert (mine["registered"], mine["died_young"]) == (3, 0), "a deliberate stop counted as a young death"
+    p3s.api.deregister_pilot(pilots[2], "crashed: ZeroDivisionError")
+    [mine] = [r for r in p3s.api.get_site("np04")["requests"] if r["id"] == request]
+    assert mine["died_young"] == 1
