@@ -113,6 +113,9 @@ def parse_args(argv):
     p.add_argument("--jobtype", action="append", default=[], help="accept only this job type (repeatable)")
     p.add_argument("--max-idle", type=float, default=0, metavar="SECONDS",
                    help="exit after this long without a job (default 0 = never)")
+    p.add_argument("--probe", metavar="COMMAND",
+                   help="a shell command that must succeed for the pilot to take jobs, run once a heartbeat "
+                   "(e.g. 'test -r /eos/np04/inbox'; default: the site's probe, else none; '' for none)")
     p.add_argument("--lifetime", type=float, metavar="SECONDS",
                    help="take no job after this long (a random 85-100 %% of it, so pilots started together do not "
                    "end together), finish the running one and exit (default: the site's pilotlife, else none)")
@@ -872,6 +875,7 @@ GIT_KEEP = 60.0                     # ... asked again after this (a work tree ma
 VERSION_VARS = ("DUNETPCVER",)      # software versions recorded; a site or job adds P3S_VERSION_VARS
 SECRET_NAME = re.compile(r"TOKEN|PASSW|SECRET|KEY|CREDENTIAL", re.I)   # masked in the environment's digest
 LIFE_STAGGER = 0.85                 # a pilot with a lifetime ends between this share of it and all of it
+PROBE_SECONDS = 10.0                # a site's probe that has not answered by then has failed
 
 
 class Provenance:
@@ -1077,6 +1081,8 @@ class Pilot:
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
         self.cleaner = None             # the thread of the clean-up under way, if any
         self.note = ""                  # why the pilot takes no job now (its page shows it)
+        self.probe = ""                 # the site's probe command (or --probe)
+        self.probed = (-math.inf, "")   # when it last ran, and why it failed ('' if it did not)
         self.tally = collections.Counter()  # jobs ended by state, since `tallied` (log_end)
         self.left_reports = []          # paths of the end reports this pilot left behind (leave)
         self.tallied = time.monotonic()
@@ -1106,6 +1112,7 @@ class Pilot:
                 site[key] if site.get(key) is not None else DEFAULTS[key])
         self.site_env = site.get("env", {})
         self.site_limits = {"memory": site.get("memory"), "disk": site.get("disk")}
+        self.probe = self.args.probe if self.args.probe is not None else site.get("probe") or ""
         self.keep_hours = self.args.keep_job_files or site.get("keep_hours") or KEEP_JOB_FILES
         life = self.args.lifetime if self.args.lifetime is not None else site.get("pilotlife")
         if life and self.life_end is None:     # a pilot registered again keeps the end it drew
@@ -1182,7 +1189,7 @@ class Pilot:
             if self.dropped:
                 self.register_again()
             self.keep_disk_clean()
-            if self.disk_too_full():
+            if self.unfit():
                 self.pause(period)
                 continue
             job = self.request(wait)
@@ -1270,18 +1277,37 @@ class Pilot:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
-    def disk_too_full(self):
-        """True (and a note for the pilot's page) while the job log directory is short of space:
-        a pilot takes no job it would fail for want of disk, and takes jobs again once freed."""
+    def unfit(self):
+        """True (and a note for the pilot's page) while the pilot would fail any job it took: its
+        job log directory short of space, or its site's probe failing (EOS unreachable, say); it
+        takes jobs again once the cause is gone."""
         free = free_mb(self.args.joblogdir)
         low = free is not None and free < self.args.min_free_mb
-        note = f"taking no jobs: {free:.0f} MB free in {self.args.joblogdir}, below {self.args.min_free_mb:g}" \
-            if low else ""
+        note = (f"taking no jobs: {free:.0f} MB free in {self.args.joblogdir}, below {self.args.min_free_mb:g}"
+                if low else self.probe_failure())
         if note != self.note:
-            (log.warning if low else log.info)("%s", note or "disk space back: taking jobs again")
+            (log.warning if note else log.info)("%s", note or "taking jobs again")
             self.cleaned = 0.0 if low else self.cleaned     # clean again at once
         self.note = note
-        return low
+        return bool(note)
+
+    def probe_failure(self):
+        """The site's probe (a command, `test -r /eos/np04/inbox`), run at most once a heartbeat
+        and for at most PROBE_SECONDS: why it failed, or ''."""
+        if not self.probe or time.monotonic() < self.probed[0] + self.settings["heartbeat"]:
+            return self.probed[1]
+        try:
+            done = subprocess.run(self.probe, shell=True, capture_output=True, text=True, timeout=PROBE_SECONDS,
+                                  stdin=subprocess.DEVNULL)
+            failed = done.returncode != 0 and (f"exit code {done.returncode}" + (
+                f": {done.stderr.strip().splitlines()[-1][:200]}" if done.stderr.strip() else ""))
+        except subprocess.TimeoutExpired:
+            failed = f"no answer within {PROBE_SECONDS:g} s"
+        except OSError as e:
+            failed = str(e)
+        self.probed = (time.monotonic(), f"taking no jobs: the site's probe `{self.probe}` failed ({failed})"
+                       if failed else "")
+        return self.probed[1]
 
     def heard_from_server(self):
         self.last_contact = time.monotonic()

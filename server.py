@@ -654,7 +654,8 @@ MIGRATIONS = [
     # directory of its input files), so it no longer moves between refreshes. Each job's
     # provenance, as its pilot recorded it (JSON: payload files' sha256 and git describe, the
     # input's size, mtime and adler32, versions, environment digest, where), gone with the job.
-    # A site's floor: the warm pilots it keeps while no work waits (nominal while some does).
+    # A site's floor: the warm pilots it keeps while no work waits (nominal while some does);
+    # its probe, a command its pilots run once a heartbeat and take no job while it fails.
     """
     CREATE TABLE users(name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
                        created REAL NOT NULL) WITHOUT ROWID;
@@ -665,6 +666,7 @@ MIGRATIONS = [
     CREATE TABLE provenance(uuid TEXT PRIMARY KEY, data TEXT NOT NULL) WITHOUT ROWID;
     CREATE INDEX datasets_template ON datasets(template, ts) WHERE origin = 'injected';
     ALTER TABLE sites ADD COLUMN floor INTEGER;
+    ALTER TABLE sites ADD COLUMN probe TEXT NOT NULL DEFAULT '';
     CREATE TRIGGER jobs_provenance_delete AFTER DELETE ON jobs BEGIN
         DELETE FROM provenance WHERE uuid = old.uuid;
     END;
@@ -4531,7 +4533,7 @@ class Service:
         as_str(name, "site", allow_empty=False, max_len=64)
         check_keys(body, "site", ("name", "period", "cycles", "heartbeat", "env", "server", "pilots", "pilotlife",
                                   "tolerance", "factory", "factory_period", "keep_hours", "memory", "disk",
-                                  "floor", *self.SITE_ALIASES))
+                                  "floor", "probe", *self.SITE_ALIASES))
         if body.get("name", name) != name:
             raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
         body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
@@ -4546,15 +4548,16 @@ class Service:
                 "factory_period": number("factory_period", 1, MAX_SECONDS),
                 "keep_hours": number("keep_hours", 0, 24 * 366),
                 "memory": number("memory", 1, MAX_LIMIT_MB, as_int), "disk": number("disk", 1, MAX_LIMIT_MB, as_int),
-                "floor": number("floor", 0, 100000, as_int),
+                "floor": number("floor", 0, 100000, as_int), "probe": as_str(body.get("probe", ""), "probe", max_len=1024),
                 "factory": as_str(body.get("factory", ""), "factory", max_len=1024),
                 "server": as_str(body.get("server", ""), "server", max_len=256),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
-                         "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, floor, ts) VALUES("
-                         ":name, :period, :cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, "
-                         ":factory, :factory_period, :keep_hours, :memory, :disk, :floor, :ts)", {**site, "ts": now()})
+                         "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, floor, probe, ts) "
+                         "VALUES(:name, :period, :cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, "
+                         ":factory, :factory_period, :keep_hours, :memory, :disk, :floor, :probe, :ts)",
+                         {**site, "ts": now()})
         return self.site_defaults(name)
 
     def list_sites(self):
@@ -7021,6 +7024,7 @@ def site_settings(d):
             ("memory limit of a job", given("memory", "{:,} MB".format, "none, unless the job sets one")),
             ("disk limit of a job", given("disk", "{:,} MB".format, "none, unless the job sets one")),
             ("factory command", d.get("factory") or "none"),
+            ("probe (pilots take no job while it fails)", d.get("probe") or "none"),
             ("factory period", given("factory_period", "{:g} s".format, "60 s (default)")),
             ("keep job files", given("keep_hours", "{:g} h".format, "the pilot's --keep-job-files"))]
 

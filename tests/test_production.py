@@ -470,3 +470,20 @@ def test_a_deliberate_stop_is_no_young_death_a_loss_or_a_crash_is(p3s):
     p3s.api.deregister_pilot(pilots[2], "crashed: ZeroDivisionError")
     [mine] = [r for r in p3s.api.get_site("np04")["requests"] if r["id"] == request]
     assert mine["died_young"] == 1
+
+
+def test_a_site_probe_that_fails_keeps_its_pilots_from_taking_jobs_and_says_why(p3s, tmp_path):
+    """`test -r /eos/np04/inbox` as a site's probe: while EOS is away, its pilots take no job
+    they would fail (the reason on /pilots); once it is back, they work."""
+    eos = tmp_path / "eos-up"
+    site = tmp_path / "np04.json"
+    site.write_text(json.dumps({"name": "np04", "heartbeat": 0.5, "period": 0.5, "probe": f"test -e {eos}"}))
+    assert p3s.run("pilot.py", "--define-site", "-j", site).returncode == 0
+    [job] = p3s.submit([shell_job("true", site="np04")])
+    p3s.pilot("-s", "np04")
+    wait_until(lambda: "probe `test -e" in json.dumps(p3s.api.list_pilots(site="np04")), 10, what="the probe's note")
+    assert p3s.job(job)["state"] == "defined", "a pilot whose probe fails took a job"
+    assert "the site&#x27;s probe" in p3s.page("/pilots") or "the site's probe" in p3s.page("/pilots")
+    eos.write_text("")
+    p3s.wait_jobs([job], timeout=15)
+    assert p3s.job(job)["state"] == "finished"
