@@ -104,6 +104,7 @@ TIDY_PERIOD = 600                   # seconds between trims of the end buckets a
 TIMELIMIT_GRACE = 60                # housekeeping times out a silent running job this late
 SITE_TOLERANCE = 0.2                # a site's alarm: live pilots below nominal by more than this
 UNSTARTED_REQUESTS = 3              # a site's factory requests of a day with no pilot at all: an alarm
+CANARY = "canary"                   # the job type of the sites' canaries (never an error, a grid row or a DQM figure)
 LIFE_STAGGER = 0.85                 # pilots end between this share of their site's pilotlife and all of it;
                                     # past it they count as retiring, and the factory replaces them early
 STARVING_MINUTES = 10               # alarm: defined jobs no live pilot may take for this long
@@ -655,7 +656,8 @@ MIGRATIONS = [
     # provenance, as its pilot recorded it (JSON: payload files' sha256 and git describe, the
     # input's size, mtime and adler32, versions, environment digest, where), gone with the job.
     # A site's floor: the warm pilots it keeps while no work waits (nominal while some does);
-    # its probe, a command its pilots run once a heartbeat and take no job while it fails.
+    # its probe, a command its pilots run once a heartbeat and take no job while it fails; its
+    # canary, a small job the server submits to it every canary_period (jobtype CANARY).
     """
     CREATE TABLE users(name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
                        created REAL NOT NULL) WITHOUT ROWID;
@@ -667,6 +669,8 @@ MIGRATIONS = [
     CREATE INDEX datasets_template ON datasets(template, ts) WHERE origin = 'injected';
     ALTER TABLE sites ADD COLUMN floor INTEGER;
     ALTER TABLE sites ADD COLUMN probe TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sites ADD COLUMN canary TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sites ADD COLUMN canary_period REAL;
     CREATE TRIGGER jobs_provenance_delete AFTER DELETE ON jobs BEGIN
         DELETE FROM provenance WHERE uuid = old.uuid;
     END;
@@ -1998,7 +2002,7 @@ def requeue_or_end(conn, job, end_state, who, info, changes=None, passed=None, r
     if not move_job(conn, job["uuid"], job["state"], end_state, who, attempt=job["attempt"],
                     pilot=job["pilot"], info=info, changes=changes, passed=passed, at=t):
         return None, 0
-    if end_state in FAILED_STATES:
+    if end_state in FAILED_STATES and job["jobtype"] != CANARY:    # a canary's failure is its site's alarm
         count_error(conn, job, end_state, changes.get("exit_code"), changes["reason"], t)
     if retry and end_state in RETRYABLE_STATES and job["attempt"] < job["max_attempts"]:
         move_job(conn, job["uuid"], end_state, "defined", who, attempt=job["attempt"], info="retry",
@@ -2188,6 +2192,16 @@ def run_job(conn, jobtype, run):
 
 def band_text(value):
     return "" if value is None else f"{value:g}"
+
+
+CANARY_PERIOD = 600.0       # seconds between a site's canaries when it names no canary_period
+CANARY_PRIORITY = 1000      # a canary goes before the data: it says whether the data can be processed
+
+
+def newest_canary(conn, site):
+    """The site's newest canary job, by the job-type index (a few rows a day a site)."""
+    return conn.execute("SELECT state, ts_sto, ts_def, reason FROM jobs INDEXED BY jobs_jobtype_id WHERE jobtype = ? "
+                        "AND site = ? ORDER BY id DESC LIMIT 1", (CANARY, site)).fetchone()
 
 
 def count_error(conn, job, state, exit_code, line, t):
@@ -3045,9 +3059,10 @@ class Alarms:
     """
     NAMES = ("no_pilots", "pilots_lost", "site_below_nominal", "pilot_lifetime", "failure_rate",
              "no_new_work", "service_silent", "starving", "disk_low", "db_failing", "bad_data",
-             "jobtype_paused", "drift", "late_run", "backup_stale", "pilots_not_starting")    # also the /metrics gauges
+             "jobtype_paused", "drift", "late_run", "backup_stale", "pilots_not_starting",
+             "canary_failed")    # also the /metrics gauges
     CRITICAL = ("no_pilots", "no_new_work", "disk_low", "db_failing", "failure_rate",
-                "pilots_lost", "backup_stale")
+                "pilots_lost", "backup_stale", "canary_failed")
 
     def __init__(self, service, no_new_work=0, starving_minutes=STARVING_MINUTES, settings=None):
         self.svc, self.store = service, service.store
@@ -3550,7 +3565,7 @@ class Alarms:
         found = []
         for jobtype, states in sorted(ended.items()):
             total, bad_ones = sum(states.values()), sum(states.get(s, 0) for s in FAILED_STATES)
-            if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total:
+            if total >= FAILURE_MIN_ENDED and bad_ones > FAILURE_RATE * total and jobtype != CANARY:
                 found.append(
                     self.alarm(
                         "failure_rate",
@@ -3579,6 +3594,11 @@ class Alarms:
                     f"{site['pilots']} nominal{held_up}", f"/site/{site['name']}",
                     critical=not figures["live"] and waiting > 0, site=site["name"],
                     live=figures["live"], impact=waiting))
+        canary = figures.get("canary_last")
+        if canary and canary["state"] in ("failed", "timeout"):
+            found.append(self.alarm(
+                "canary_failed", f"{site['name']}: its canary {canary['state']} ({canary['reason'][:150]}): the "
+                "site's pilots may fail real data too", f"/site/{site['name']}", site=site["name"]))
         if figures.get("unstarted_requests", 0) >= UNSTARTED_REQUESTS:
             found.append(self.alarm(
                 "pilots_not_starting", f"{site['name']}: {figures['unstarted_requests']} pilot requests of the last "
@@ -4253,6 +4273,22 @@ class Service:
         event(conn, "jobtype", "jobtype:" + name, "running" if paused else "paused",
               "paused" if paused else "running", who, info=why, at=t)
 
+    def send_canaries(self, conn, t):
+        """A site's canary (a small job its pilots run every canary_period: an early word that the
+        site cannot process data, before real data is lost): submitted once the last one ended
+        that long ago, never two waiting at once. Returns how many became claimable."""
+        sent = []
+        for site in conn.execute("SELECT name, canary, canary_period FROM sites WHERE canary != ''").fetchall():
+            last = newest_canary(conn, site["name"])
+            period = site["canary_period"] or CANARY_PERIOD
+            if last is None or last["state"] in END_JOB_STATES and (last["ts_sto"] or 0) < t - period:
+                sent.append(validate_job({"name": f"canary of {site['name']}", "jobtype": CANARY, "site": site["name"],
+                                          "payload": site["canary"], "env": {"P3S_EXECMODE": "SHELL"},
+                                          "priority": CANARY_PRIORITY, "timelimit": int(min(period, 600))}, "canary"))
+        if sent:
+            insert_jobs(conn, sent, "canary")
+        return len(sent)
+
     def trip_breakers(self, conn, t):
         """The circuit breaker (DUNE's justIN): a job type whose attempts mostly fail stops
         being handed out, so it does not burn through the queue and the nodes. Failed or timed
@@ -4533,7 +4569,7 @@ class Service:
         as_str(name, "site", allow_empty=False, max_len=64)
         check_keys(body, "site", ("name", "period", "cycles", "heartbeat", "env", "server", "pilots", "pilotlife",
                                   "tolerance", "factory", "factory_period", "keep_hours", "memory", "disk",
-                                  "floor", "probe", *self.SITE_ALIASES))
+                                  "floor", "probe", "canary", "canary_period", *self.SITE_ALIASES))
         if body.get("name", name) != name:
             raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
         body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
@@ -4549,14 +4585,17 @@ class Service:
                 "keep_hours": number("keep_hours", 0, 24 * 366),
                 "memory": number("memory", 1, MAX_LIMIT_MB, as_int), "disk": number("disk", 1, MAX_LIMIT_MB, as_int),
                 "floor": number("floor", 0, 100000, as_int), "probe": as_str(body.get("probe", ""), "probe", max_len=1024),
+                "canary": as_str(body.get("canary", ""), "canary", max_len=4096),
+                "canary_period": number("canary_period", 1, MAX_SECONDS),
                 "factory": as_str(body.get("factory", ""), "factory", max_len=1024),
                 "server": as_str(body.get("server", ""), "server", max_len=256),
                 "env": json.dumps(as_env(body.get("env", {}), "env"), sort_keys=True)}
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
-                         "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, floor, probe, ts) "
-                         "VALUES(:name, :period, :cycles, :heartbeat, :env, :server, :pilots, :pilotlife, :tolerance, "
-                         ":factory, :factory_period, :keep_hours, :memory, :disk, :floor, :probe, :ts)",
+                         "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, floor, probe, canary, "
+                         "canary_period, ts) VALUES(:name, :period, :cycles, :heartbeat, :env, :server, :pilots, "
+                         ":pilotlife, :tolerance, :factory, :factory_period, :keep_hours, :memory, :disk, :floor, "
+                         ":probe, :canary, :canary_period, :ts)",
                          {**site, "ts": now()})
         return self.site_defaults(name)
 
@@ -4610,6 +4649,16 @@ class Service:
             found.append({**dict(r), "pending": r["count"] - r["registered"] if open_ else 0, "died_young": young})
         return found
 
+    def canary_status(self, site):
+        """The site's newest ended canary (state, when, why), if the site has canaries."""
+        if not site.get("canary"):
+            return None
+        with self.store.reading() as conn:
+            last = conn.execute("SELECT state, ts_sto, reason FROM jobs INDEXED BY jobs_jobtype_id WHERE jobtype = ? "
+                                "AND site = ? AND ts_sto IS NOT NULL ORDER BY id DESC LIMIT 1",
+                                (CANARY, site["name"])).fetchone()
+        return dict(last) if last else {"state": "none yet", "ts_sto": None, "reason": ""}
+
     def site_figures(self, site, t):
         """A site's pilots now and in the last hour, from bounded indexed reads."""
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
@@ -4636,7 +4685,7 @@ class Service:
         wanted = nominal if waits else min(nominal, site["floor"])
         return {"finished_1h": finished, "failed_attempts_1h": failed,
                 "live": sum(live.values()), "pending": pending, "retiring": retiring, "wanted": wanted,
-                "unstarted_requests": unstarted,
+                "unstarted_requests": unstarted, "canary_last": self.canary_status(site),
                 "missing": max(0, wanted - (sum(live.values()) - retiring) - pending),
                 "running": live.get("running", 0) + live.get("dispatched", 0),
                 "idle": live.get("active", 0) + live.get("no jobs", 0),
@@ -4797,7 +4846,7 @@ class Service:
         self.alarms.notice_starving(t)
         self.alarms.notice_nominal(t)
         self.store.write(self.trip_breakers, t)
-        released = self.supervise(t) + self.store.write(self._time_out_jobs, t)
+        released = self.supervise(t) + self.store.write(self._time_out_jobs, t) + self.store.write(self.send_canaries, t)
         self.store.write(self._expire_staged, t)
         self.broker.notify_work(released)
         if self.retention_days:
@@ -6980,7 +7029,7 @@ def render_pilot(d, query):
 
 
 SITE_HEADERS = ["site", "nominal pilots", "live", "pending", "running", "idle", "lost (1 h)", "ended (1 h)",
-                "jobs finished (1 h)", "failed attempts (1 h)", "mean pilot life (1 h)", "nominal life"]
+                "jobs finished (1 h)", "failed attempts (1 h)", "mean pilot life (1 h)", "nominal life", "canary"]
 
 
 def site_row(s):
@@ -6997,7 +7046,17 @@ def site_row(s):
             count_cell(s["ended_1h"], href("/pilots", site=name, ended="1h")),
             count_cell(s["finished_1h"], href("/jobs", ran_site=name, state="finished", ended="1h")),
             count_cell(s["failed_attempts_1h"], href("/failures", site=name, since="1h"), True),
-            esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"]))]
+            esc(ago(s["mean_life_1h"])), esc(ago(s["pilotlife"])), canary_cell(s.get("canary_last"))]
+
+
+def canary_cell(canary):
+    """The site's last canary: its state and age, in red (with why) if it failed."""
+    if not canary:
+        return ""
+    age = f" {ago(now() - canary['ts_sto'])} ago" if canary["ts_sto"] else ""
+    if canary["state"] in FAILED_STATES:
+        return f'<span class="bad" title="{esc(canary["reason"])}">{esc(canary["state"] + age)}</span>'
+    return esc(canary["state"] + age)
 
 
 def render_sites(d, query):
@@ -7025,6 +7084,7 @@ def site_settings(d):
             ("disk limit of a job", given("disk", "{:,} MB".format, "none, unless the job sets one")),
             ("factory command", d.get("factory") or "none"),
             ("probe (pilots take no job while it fails)", d.get("probe") or "none"),
+            ("canary", f"{d['canary']} every {ago(d.get('canary_period') or CANARY_PERIOD)}" if d.get("canary") else "none"),
             ("factory period", given("factory_period", "{:g} s".format, "60 s (default)")),
             ("keep job files", given("keep_hours", "{:g} h".format, "the pilot's --keep-job-files"))]
 

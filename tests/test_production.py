@@ -487,3 +487,24 @@ def test_a_site_probe_that_fails_keeps_its_pilots_from_taking_jobs_and_says_why(
     eos.write_text("")
     p3s.wait_jobs([job], timeout=15)
     assert p3s.job(job)["state"] == "finished"
+
+
+def test_a_sites_canary_fails_before_real_data_is_lost_and_passes_again(p3s, tmp_path):
+    """A canary (a small job the server sends a site every canary_period) says a site cannot
+    process data before a run is lost; its failures are its site's alarm, never an error row."""
+    works = tmp_path / "calibration-db-up"
+    site = tmp_path / "np04.json"
+    site.write_text(json.dumps({"name": "np04", "heartbeat": 0.5, "period": 0.5, "canary_period": 1,
+                                "canary": f"test -e {works} || {{ echo 'calibration DB unreachable' >&2; exit 2; }}"}))
+    assert p3s.run("pilot.py", "--define-site", "-j", site).returncode == 0
+    p3s.pilot("-s", "np04")
+    wait_until(lambda: p3s.alarms("canary_failed"), 15, what="the canary_failed alarm")
+    [alarm] = p3s.alarms("canary_failed")
+    assert alarm["severity"] == "critical" and "calibration DB unreachable" in alarm["message"]
+    assert "failed" in p3s.page("/sites") and p3s.api.call("GET", "/errors", query={"format": "json"})["errors"] == []
+    works.write_text("")
+    wait_until(lambda: not p3s.alarms("canary_failed"), 15, what="the alarm to clear once a canary passes")
+    canaries = p3s.api.list_jobs(jobtype="canary", limit=100)
+    assert {j["site"] for j in canaries} == {"np04"} and sum(j["state"] in ("defined", "dispatched", "running")
+                                                             for j in canaries) <= 1, "two canaries at once"
+    assert p3s.api.call("GET", "/runs", query={"format": "json"})["rows"] == [], "a canary in the run grid"

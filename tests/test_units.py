@@ -395,7 +395,8 @@ def drive_hot_paths(service):
     service.retention_days = 1
     service.last_tidy = 0                   # and the trims of the counts and attempts kept 7 days
     service.housekeep()
-    service.define_site("np04", {"pilots": 3, "pilotlife": 60})
+    service.define_site("np04", {"pilots": 3, "pilotlife": 60, "canary": "true", "floor": 1})
+    service.housekeep()                     # its canary sent
     service.alarms.record(server.now())     # every housekeeping pass evaluates the alarms
     service.users.add("ann", "shifter", "t" * 40)       # a named user's request, and a page's session
     session, _ = service.users.sign_in(service.users.by_token("t" * 40))
