@@ -1,6 +1,7 @@
 """The pure functions of server.py, in-process and from tables: validation, GraphML, DAG checks,
 file naming, migrations, start-up checks and the HTML renderers fed hostile values. The
 end-to-end tests elsewhere show the same rules hold through the real tools."""
+import uuid as uuidlib
 import json
 import re
 import sqlite3
@@ -576,3 +577,36 @@ def test_chart_ticks_leave_room_above_the_highest_value():
     for ymax in (0, 1, 4, 7, 60, 999, 12345):
         ticks, top = server.nice_ticks(ymax)
         assert top >= ymax * 1.1 and top > ymax and ticks[0] == 0 and ticks[-1] == top and len(ticks) <= 8, (ymax, ticks)
+
+
+def test_an_accelerated_fortnight_leaves_the_per_time_tables_no_bigger_than_their_keep(tmp_path, monkeypatch):
+    """A soak saw the per-time tables (ends, errors and where, failed attempts, profiles,
+    submissions) grow linearly: 14 days of an hourly stream of jobs, a third of them failing,
+    through the real operations on a clock moved an hour at a time; from day 8 on, nothing older
+    than its keep is left, and each table's size levels off."""
+    clock = [1.8e9]
+    monkeypatch.setattr(server, "now", lambda: clock[0])
+    store = server.Store(str(tmp_path / "x.db"))
+    service = server.Service(store, retention_days=3)
+    pilot = service.register({"secret": "s" * 16, "heartbeat": 3600})
+    tables = ("ends", "errors", "error_places", "error_hosts", "attempt_failures", "profiles", "submissions")
+    sizes = []
+    for hour in range(14 * 24):
+        clock[0] += 3600
+        jobs = [{"payload": "x", "jobtype": "reco"} for _ in range(6)]
+        service.submit({"jobs": jobs, "submission": str(uuidlib.uuid4())}, "t")
+        for i in range(6):
+            job = service.broker.request_job(pilot["uuid"], {}, pilot["secret"])["job"]
+            service.report(job["uuid"], {"pilot": pilot["uuid"], "attempt": 1, "state": "failed" if i % 3 == 0
+                                         else "finished", "exit_code": 3 if i % 3 == 0 else 0, "runtime": 60,
+                                         "errmsg": f"node {hour % 5} failed" if i % 3 == 0 else ""},
+                           pilot["secret"])
+        service.heartbeat(pilot["uuid"], {}, pilot["secret"])
+        service.last_tidy = 0                    # the daily tidy, every simulated hour
+        service.housekeep()
+        if hour % 24 == 23:
+            sizes.append({t: store.read_one(f"SELECT COUNT(*) FROM {t}")[0] for t in tables})
+    store.close()
+    for table in tables:
+        week2 = [day[table] for day in sizes[8:]]
+        assert max(week2) <= min(week2) * 1.2 + 5, f"{table} still grows in the second week: {week2}"
