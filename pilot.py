@@ -869,7 +869,8 @@ def tail(path, size=TAIL_BYTES):
 
 # -- provenance: which code ran on which input, in which environment ------------------------------
 HASH_MAX_BYTES = 256 * 2 ** 20      # a payload file bigger than this is named, not hashed
-INPUT_SUM_SECONDS = 10.0            # the input's adler32 is read within this of the job's start
+INPUT_SUM_SECONDS = 30.0            # the input's adler32 is read within this of the job's start...
+INPUT_SUM_AFTER = 5.0               # ...and waited for at most this long once the job has ended
 GIT_SECONDS = 2.0                   # `git describe` of a payload's directory, at most
 GIT_KEEP = 60.0                     # ... asked again after this (a work tree may change)
 VERSION_VARS = ("DUNETPCVER",)      # software versions recorded; a site or job adds P3S_VERSION_VARS
@@ -1005,11 +1006,13 @@ class InputSum(threading.Thread):
         return {"adler32": f"{value:08x}"}
 
     def identity(self):
-        """What was found, once the reading is over (it ends by its deadline)."""
+        """What was found, waiting INPUT_SUM_AFTER at most for the reading to end (a short job's
+        report is not held for a huge file)."""
         if not self.path:
             return None
-        self.join(max(0.0, self.deadline - time.monotonic()) + 1)
-        return self.result or {"path": self.path, "adler32": None, "skipped": "still being read"}
+        self.join(min(INPUT_SUM_AFTER, max(0.0, self.deadline - time.monotonic())))
+        return self.result or {"path": self.path, "adler32": None,
+                               "skipped": f"not read whole {INPUT_SUM_AFTER:g} s after the job ended"}
 
 
 class Execution:

@@ -29,7 +29,7 @@ def test_a_native_and_a_wrapper_payload_in_a_git_work_tree_and_a_2_gb_input(p3s,
     repo = tmp_path / "dqm"
     repo.mkdir()
     native, wrapper = repo / "purity.sh", repo / "wrapper.sh"
-    native.write_text("#!/bin/sh\necho purity of $P3S_INPUT_FILE\n")
+    native.write_text("#!/bin/sh\necho purity of $P3S_INPUT_FILE; sleep 3\n")     # the input is read meanwhile
     wrapper.write_text("echo wrapped\n")
     native.chmod(0o755)
     git(repo, "init", "-q")
@@ -72,6 +72,7 @@ def test_an_input_too_big_to_read_in_time_is_said_skipped_and_the_job_is_not_hel
     monkeypatch.setattr(pilot, "INPUT_SUM_SECONDS", 0.0)
     reader = pilot.InputSum(str(slow), "", "")
     reader.start()
+    reader.join(10)                            # it gives up at its deadline, whatever the file
     found = reader.identity()
     assert found["adler32"] is None and found["skipped"] == "2.0 GB not read within 0 s of the start"
     assert found["size"] == 2 ** 31
@@ -87,3 +88,16 @@ def test_a_runs_view_lists_its_versions_and_says_when_two_jobs_differ(p3s):
     grid = p3s.api.call("GET", "/runs", query={"runs": "5020", "format": "json"})
     assert grid["versions"] == {"DUNETPCVER": {"v10_01_00": 2, "v10_02_00": 1}}
     assert "DUNETPCVER differs: v10_01_00 (2 jobs), v10_02_00 (1 job)" in p3s.page("/runs?runs=5020")
+
+
+def test_a_short_jobs_report_is_not_held_for_a_huge_input(monkeypatch, tmp_path):
+    import pilot
+    huge = tmp_path / "huge.root"
+    with open(huge, "wb") as f:
+        f.truncate(2 ** 31)
+    monkeypatch.setattr(pilot, "INPUT_SUM_AFTER", 0.0)
+    reader = pilot.InputSum(str(huge), "", "")
+    reader.start()
+    found = reader.identity()                  # the job ended at once: no waiting for the reading
+    assert found == {"path": str(huge), "adler32": None, "skipped": "not read whole 0 s after the job ended"}
+    reader.join()
