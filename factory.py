@@ -37,6 +37,7 @@ Environment: P3S_SERVER, P3S_TOKEN / P3S_TOKEN_FILE, P3S_RETRY_FOR (see README).
 Exit codes: 0 after --cycles rounds or a signal, 2 bad input (an unknown site, a bad template),
 1 the server unreachable at start.
 """
+import collections
 import contextlib
 import logging
 import os
@@ -71,6 +72,13 @@ def parse_args(argv):
     p.add_argument("--pending-timeout", type=float, default=900, metavar="SECONDS",
                    help="a request's pilots that have not registered by then are no longer pending "
                    "(default %(default)s)")
+    p.add_argument("--status", metavar="COMMAND",
+                   help="ask the batch system: a command printing one line per pilot batch job, 'ID STATE "
+                   "[REASON]' (default: the site's factory_status, else none: pending is inferred from the "
+                   "server); see docs/operations.md for Slurm's and HTCondor's")
+    p.add_argument("--remove", metavar="COMMAND",
+                   help="with --status: remove held batch jobs, {ids} standing for their ids (e.g. 'scancel {ids}', "
+                   "'condor_rm {ids}'; default: the site's factory_remove)")
     p.add_argument("-c", "--cycles", type=int, default=0, help="rounds before exiting (0 = forever; default 0)")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "log every round")
@@ -94,26 +102,52 @@ def command_line(template, **values):
                          "{server} {home}") from None
 
 
-def run_command(argv, env):
-    """Run a submit command; what went wrong, or None. It runs in a session of its own with its
-    output in a file, not a pipe: it is done when it exits, even if a child it left in the
-    background (a batch client's helper) still holds its output; at COMMAND_TIMEOUT it is killed
-    with every process it started."""
-    with tempfile.TemporaryFile("w+") as out:
+HELD_STATES = ("HELD", "H", "5")                # Slurm's reason says held; HTCondor's JobStatus 5
+PENDING_STATES = ("PENDING", "PD", "IDLE", "I", "1", "CONFIGURING", "CF")
+
+
+def batch_state(state, reason):
+    """'pending', 'held' or 'running' for a batch job's state and reason (Slurm: PENDING with
+    a Job*Held* reason is held; HTCondor: JobStatus 1 idle, 2 running, 5 held)."""
+    state = state.upper()
+    if state in HELD_STATES or "held" in reason.lower() and state in PENDING_STATES:
+        return "held"
+    return "pending" if state in PENDING_STATES else "running"
+
+
+def batch_words(batch):
+    """' (held 1; the batch system says: Resources x2)': what the queue holds, and why."""
+    reasons = collections.Counter(r for _, r in batch["pending"] + batch["held"] if r and r != "None")
+    said = ", ".join(f"{r}" + (f" x{n}" if n > 1 else "") for r, n in reasons.most_common(3))
+    held = f"held {len(batch['held'])}" if batch["held"] else ""
+    parts = [p for p in (held, f"the batch system says: {said}" if said else "") if p]
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
+def run_command(argv, env, keep_output=False):
+    """Run a submit command; what went wrong, or None (with keep_output: (that, its output)). It
+    runs in a session of its own with its output in a file, not a pipe: it is done when it exits,
+    even if a child it left in the background (a batch client's helper) still holds its output;
+    at COMMAND_TIMEOUT it is killed with every process it started."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        failed = output = ""
         try:
-            proc = subprocess.Popen(argv, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+            proc = subprocess.Popen(argv, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
                                     text=True, start_new_session=True)
-        except OSError as e:
-            return str(e)
-        try:
             code = proc.wait(COMMAND_TIMEOUT)
+        except OSError as e:
+            failed = str(e)
         except subprocess.TimeoutExpired:
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            return f"still running after {COMMAND_TIMEOUT} s: killed with its children"
-        out.seek(0)
-        return (last_line(out.read()[-65536:]) or f"exit code {code}") if code != 0 else None
+            failed = f"still running after {COMMAND_TIMEOUT} s: killed with its children"
+        else:
+            out.seek(0)
+            err.seek(0)
+            output = out.read(1 << 20)
+            failed = code != 0 and (last_line(err.read()[-65536:]) or last_line(output[-65536:]) or f"exit code {code}")
+        return (failed or None, output) if keep_output else failed or None
 
 
 def last_line(text):
@@ -138,6 +172,8 @@ class Factory:
                              f"pilot.py --define-site -s {args.site} --pilots N")
         self.command = args.command or site.get("factory") or DEFAULT_COMMAND
         self.period = args.period or site.get("factory_period") or 60.0
+        self.status_command = args.status or site.get("factory_status") or ""
+        self.remove_command = args.remove or site.get("factory_remove") or ""
         command_line(self.command, n=1, site=args.site, request="r", server="s", home=HERE)
 
     @property
@@ -148,13 +184,19 @@ class Factory:
         site = self.client.get_site(self.args.site)
         nominal, live, pending = site["pilots"] or 0, site["live"], site["pending"]
         self.notice_outcome(site["requests"])
+        missing, asked = site["missing"], ""
+        if self.status_command:
+            batch = self.ask_batch_system()
+            pending = len(batch["pending"])
+            missing = max(0, site.get("wanted", nominal) - (live - site.get("retiring", 0)) - pending)
+            asked = batch_words(batch) + self.remove_held(batch["held"])
         submitted = 0
         if time.monotonic() < self.resume_at:
             state = f"backing off for {self.resume_at - time.monotonic():.0f} s"
         else:
-            submitted = min(site["missing"], self.args.max_per_round)
+            submitted = min(missing, self.args.max_per_round)
             state = self.start_pilots(submitted) if submitted else self.trim(site)
-        status = f"nominal {nominal}, live {live}, pending {pending}, submitted {submitted}: {state}"
+        status = f"nominal {nominal}, live {live}, pending {pending}{asked}, submitted {submitted}: {state}"
         if self.last_error:
             status += f"; last error: {self.last_error}"
         log.info("%s", status)
@@ -175,6 +217,36 @@ class Factory:
             return "the command failed"
         self.last_request = request
         return f"started {n} through {argv[0]}"
+
+    def ask_batch_system(self):
+        """The pilots' batch jobs by what the batch system says of them: {"pending": [(id,
+        reason)], "held": [...], "running": [...]}; a failing status command is an error the round
+        says, and counts nothing."""
+        found = {"pending": [], "held": [], "running": []}
+        argv = command_line(self.status_command, n=0, site=self.args.site, request="", server=self.client.server,
+                            home=HERE)
+        failed, output = run_command(argv, dict(os.environ), keep_output=True)
+        if failed:
+            self.last_error = f"{argv[0]}: {failed}"[:300]
+            return found
+        for line in output.splitlines():
+            words = line.split(None, 2)
+            if len(words) >= 2:
+                found[batch_state(words[1], words[2] if len(words) > 2 else "")].append(
+                    (words[0], words[2] if len(words) > 2 else ""))
+        return found
+
+    def remove_held(self, held):
+        """Remove the held batch jobs (they would never start): ' · removed N held' or ''."""
+        if not held or not self.remove_command:
+            return ""
+        argv = [w for word in shlex.split(self.remove_command)
+                for w in ([i for i, _ in held] if word == "{ids}" else [word])]
+        failed = run_command(argv, dict(os.environ))
+        if failed:
+            self.last_error = f"{argv[0]}: {failed}"[:300]
+            return f" · could not remove the {len(held)} held"
+        return f" · removed the {len(held)} held"
 
     def trim(self, site):
         """Bring an overshoot back down: after OVERSHOOT_ROUNDS rounds above what the site wants,

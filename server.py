@@ -657,7 +657,8 @@ MIGRATIONS = [
     # input's size, mtime and adler32, versions, environment digest, where), gone with the job.
     # A site's floor: the warm pilots it keeps while no work waits (nominal while some does);
     # its probe, a command its pilots run once a heartbeat and take no job while it fails; its
-    # canary, a small job the server submits to it every canary_period (jobtype CANARY).
+    # canary, a small job the server submits to it every canary_period (jobtype CANARY); the
+    # commands its factory asks the batch system with, and removes held batch jobs with.
     """
     CREATE TABLE users(name TEXT PRIMARY KEY, role TEXT NOT NULL, token_sha256 TEXT NOT NULL UNIQUE,
                        created REAL NOT NULL) WITHOUT ROWID;
@@ -671,6 +672,8 @@ MIGRATIONS = [
     ALTER TABLE sites ADD COLUMN probe TEXT NOT NULL DEFAULT '';
     ALTER TABLE sites ADD COLUMN canary TEXT NOT NULL DEFAULT '';
     ALTER TABLE sites ADD COLUMN canary_period REAL;
+    ALTER TABLE sites ADD COLUMN factory_status TEXT NOT NULL DEFAULT '';
+    ALTER TABLE sites ADD COLUMN factory_remove TEXT NOT NULL DEFAULT '';
     CREATE TRIGGER jobs_provenance_delete AFTER DELETE ON jobs BEGIN
         DELETE FROM provenance WHERE uuid = old.uuid;
     END;
@@ -4569,7 +4572,8 @@ class Service:
         as_str(name, "site", allow_empty=False, max_len=64)
         check_keys(body, "site", ("name", "period", "cycles", "heartbeat", "env", "server", "pilots", "pilotlife",
                                   "tolerance", "factory", "factory_period", "keep_hours", "memory", "disk",
-                                  "floor", "probe", "canary", "canary_period", *self.SITE_ALIASES))
+                                  "floor", "probe", "canary", "canary_period", "factory_status", "factory_remove",
+                                  *self.SITE_ALIASES))
         if body.get("name", name) != name:
             raise bad(f"name: {body['name']!r} differs from the site {name!r} it is stored as")
         body = {self.SITE_ALIASES.get(k, k): v for k, v in body.items() if v is not None}
@@ -4586,6 +4590,8 @@ class Service:
                 "memory": number("memory", 1, MAX_LIMIT_MB, as_int), "disk": number("disk", 1, MAX_LIMIT_MB, as_int),
                 "floor": number("floor", 0, 100000, as_int), "probe": as_str(body.get("probe", ""), "probe", max_len=1024),
                 "canary": as_str(body.get("canary", ""), "canary", max_len=4096),
+                "factory_status": as_str(body.get("factory_status", ""), "factory_status", max_len=1024),
+                "factory_remove": as_str(body.get("factory_remove", ""), "factory_remove", max_len=1024),
                 "canary_period": number("canary_period", 1, MAX_SECONDS),
                 "factory": as_str(body.get("factory", ""), "factory", max_len=1024),
                 "server": as_str(body.get("server", ""), "server", max_len=256),
@@ -4593,9 +4599,9 @@ class Service:
         with self.store.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO sites(name, period, cycles, heartbeat, env, server, pilots, "
                          "pilotlife, tolerance, factory, factory_period, keep_hours, memory, disk, floor, probe, canary, "
-                         "canary_period, ts) VALUES(:name, :period, :cycles, :heartbeat, :env, :server, :pilots, "
-                         ":pilotlife, :tolerance, :factory, :factory_period, :keep_hours, :memory, :disk, :floor, "
-                         ":probe, :canary, :canary_period, :ts)",
+                         "canary_period, factory_status, factory_remove, ts) VALUES(:name, :period, :cycles, :heartbeat, "
+                         ":env, :server, :pilots, :pilotlife, :tolerance, :factory, :factory_period, :keep_hours, "
+                         ":memory, :disk, :floor, :probe, :canary, :canary_period, :factory_status, :factory_remove, :ts)",
                          {**site, "ts": now()})
         return self.site_defaults(name)
 
@@ -5822,7 +5828,10 @@ class Views:
     def site(self, name, query):
         site = self.svc.get_site(name)
         rows, paging = page_of(self.store, "pilots", {**query, "site": name}, ("site", "state"))
-        return {**site, **paging, "pilots_list": [pilot_view(r, now()) for r in rows]}
+        said = self.store.read_one("SELECT result, ts FROM service_lines WHERE name=? ORDER BY id DESC LIMIT 1",
+                                   (f"factory {name}",))
+        return {**site, **paging, "pilots_list": [pilot_view(r, now()) for r in rows],
+                "factory_said": dict(said) if said else None}
 
     # -- files ------------------------------------------------------------------------------------
     def resolve(self, path):
@@ -7083,6 +7092,8 @@ def site_settings(d):
             ("memory limit of a job", given("memory", "{:,} MB".format, "none, unless the job sets one")),
             ("disk limit of a job", given("disk", "{:,} MB".format, "none, unless the job sets one")),
             ("factory command", d.get("factory") or "none"),
+            ("factory's batch status / remove", " / ".join(x for x in (d.get("factory_status"), d.get("factory_remove"))
+                                                           if x) or "none: pending inferred by the server"),
             ("probe (pilots take no job while it fails)", d.get("probe") or "none"),
             ("canary", f"{d['canary']} every {ago(d.get('canary_period') or CANARY_PERIOD)}" if d.get("canary") else "none"),
             ("factory period", given("factory_period", "{:g} s".format, "60 s (default)")),
@@ -7096,7 +7107,10 @@ def render_site(d, query):
     requests = table(["requested", "pilots", "registered", "pending", "ended young", "state"],
                      [[esc(when(r["ts"])), esc(r["count"]), esc(r["registered"]), esc(r["pending"]),
                        esc(r["died_young"]), esc(r["state"])] for r in d["requests"]])
-    body = (table(SITE_HEADERS, [site_row(d)]) + f"<p>missing: <b>{esc(d['missing'])}</b> pilot(s): wanted "
+    said = d.get("factory_said")
+    factory = (f"<p>its factory, {esc(ago(now() - said['ts']))} ago: <b>{esc(said['result'])}</b> "
+               f"({link('/service/' + quote('factory ' + d['name'], safe=''), 'its lines')})</p>" if said else "")
+    body = (table(SITE_HEADERS, [site_row(d)]) + factory + f"<p>missing: <b>{esc(d['missing'])}</b> pilot(s): wanted "
             f"{esc(d.get('wanted', d['pilots']))} - (live {esc(d['live'])} - retiring {esc(d.get('retiring', 0))}) - "
             f"pending {esc(d['pending'])}</p>" + f"<h2>Settings</h2>{settings}<h2>Environment</h2>{env}"
             f"<h2>Pilot requests (factory)</h2>{requests}<h2>Pilots</h2>{pager(d, query)}{pilots}")

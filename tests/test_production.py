@@ -508,3 +508,28 @@ def test_a_sites_canary_fails_before_real_data_is_lost_and_passes_again(p3s, tmp
     assert {j["site"] for j in canaries} == {"np04"} and sum(j["state"] in ("defined", "dispatched", "running")
                                                              for j in canaries) <= 1, "two canaries at once"
     assert p3s.api.call("GET", "/runs", query={"format": "json"})["rows"] == [], "a canary in the run grid"
+
+
+SQUEUE = "squeue -h -r -n p3s-pilot -o '%i %T %r'"
+
+
+def test_the_factory_asks_slurm_what_it_holds_says_why_and_removes_the_held(p3s, slurm, tmp_path):  # noqa: F811
+    """Pending is what the batch system says, with its reason; held pilots (they would never
+    start) are removed and replaced, never counted as pending for ever."""
+    p3s.api.define_site("hpc", pilots=2, heartbeat=0.5)
+    env = dict(slurm, **{k: v for k, v in p3s.env.items() if k.startswith("P3S_")}, P3S_HOME=ROOT,
+               P3S_PILOT_ARGS=f"-p 1 -b 0.5 -L {p3s.logs}", P3S_RUNDIR=str(tmp_path / "run"))
+    p3s.env.update(env)
+    held = subprocess.run(["sbatch", "--parsable", "--hold", "--array=1-2", "deploy/slurm-pilots.sh"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert held.returncode == 0, held.stderr
+    array = held.stdout.strip().split(";")[0]
+    done = p3s.run("factory.py", "-s", "hpc", "--command", "sbatch --array=1-{n} deploy/slurm-pilots.sh",
+                   "--status", SQUEUE, "--remove", "scancel {ids}", "-p", "1", "-c", "1", "-v", timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert "pending 0 (held 2; the batch system says: JobHeldUser x2) · removed the 2 held, submitted 2" in done.stderr, \
+        done.stderr
+    wait_until(lambda: not subprocess.run(["squeue", "-h", "-j", array], capture_output=True, text=True,
+                                          env=env).stdout.strip(), 30, 0.5, "the held array removed")
+    wait_until(lambda: live(p3s, "hpc") == 2, 60, 0.3, "two pilots from the new submission")
+    assert "its factory" in p3s.page("/site/hpc") and "removed the 2 held" in p3s.page("/site/hpc")
