@@ -5582,17 +5582,19 @@ class Views:
             rows.append({"infile": path, "ts": seen[path], "run": run_of(path)[0], "jobs": jobs})
         types = sorted(types)
         for r in rows:
-            r["status"] = {t: self.FILE_STATUS.get(r["jobs"][t]["state"], "failed") if t in r["jobs"] else "never submitted"
-                           for t in types}
-            r["missing"] = [t for t, s in r["status"].items() if s in ("never submitted", "failed")]
+            r["status"] = {t: self.FILE_STATUS.get(r["jobs"][t]["state"], r["jobs"][t]["state"]) if t in r["jobs"]
+                           else "never submitted" for t in types}
+            r["missing"] = [t for t, s in r["status"].items() if s == "never submitted" or s in FAILED_STATES]
             del r["jobs"]
         if query.get("missing"):
             rows = [r for r in rows if r["missing"]]
         limit, offset, page = page_window(query)
-        runs = [r["run"] for r in rows if r["missing"] and r["run"] is not None]
+        never = [r["run"] for r in rows if "never submitted" in r["status"].values() and r["run"] is not None]
+        failed = [r["run"] for r in rows if set(r["status"].values()) & set(FAILED_STATES) and r["run"] is not None]
         return {"files": rows[offset:offset + limit], "types": types, "stream": stream, "page": page, "limit": limit,
                 "more": len(rows) > offset + limit, "total": len(rows),
-                "missing_runs": f"{min(runs)}-{max(runs)}" if runs else "",
+                "missing_runs": f"{min(never)}-{max(never)}" if never else "",
+                "failed_runs": f"{min(failed)}-{max(failed)}" if failed else "",
                 "streams": [{"stream": s, "files": n} for s, n in streams],
                 "filters": {k: query[k] for k in ("stream", "missing") if query.get(k)}}
 
@@ -6884,7 +6886,7 @@ def render_runs(d, query):
 
 
 FILE_STATUS_CLASS = {"never submitted": "g-none", "waits": "g-defined", "runs": "g-running", "finished": "g-finished",
-                     "failed": "g-failed", "cancelled": "g-cancelled"}
+                     "failed": "g-failed", "timeout": "g-failed", "pilotTO": "g-failed", "cancelled": "g-cancelled"}
 
 
 def render_files(d, query):
@@ -6894,8 +6896,9 @@ def render_files(d, query):
             + [f'<span class="cell {FILE_STATUS_CLASS[r["status"][t]]}">{esc(r["status"][t])}</span>' for t in d["types"]]
             for r in d["files"]]
     hint = (f"<p>Submit the never-submitted ones: <code>python job.py --reprocess --runs {esc(d['missing_runs'])} "
-            "--only missing</code> (add <code>--dry-run</code> to see them first); a failed one: retry it from its "
-            f"run's row ({link(href('/runs', runs=d['missing_runs']), 'the runs')}).</p>" if d["missing_runs"] else "")
+            "--only missing</code> (add <code>--dry-run</code> to see them first).</p>" if d["missing_runs"] else "")
+    hint += (f"<p>Retry the failed ones from their runs' row: {link(href('/runs', runs=d['failed_runs']), 'runs ' + d['failed_runs'])}"
+             "</p>" if d.get("failed_runs") else "")
     missing = ("<b>missing only</b> · " + link(with_query(query, missing=None, page=None), "every file")
                if query.get("missing") else link(with_query(query, missing="yes", page=None), "missing only"))
     body = (f"<p class='head'>Each input file of the stream against each job type its files get: never submitted, "

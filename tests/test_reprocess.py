@@ -82,15 +82,19 @@ def test_the_files_a_type_never_ran_on_are_listed_and_submitted_as_prompt_jobs(p
     a submission lost): /files names it, and --reprocess --only missing (no tag) fills the gap."""
     first, second = RAW.format(5040, 1), RAW.format(5040, 2)
     p3s.submit([shell_job("true", jobtype=t, infile=first) for t in ("evdisp", "monitor", "purity")]
-               + [shell_job("true", jobtype=t, infile=second) for t in ("monitor", "purity")])
+               + [shell_job("true", jobtype="monitor", infile=second)])
+    assert p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs).returncode == 0
+    p3s.submit([shell_job("sleep 5", jobtype="purity", infile=second, timelimit=1)])
+    assert p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs).returncode == 0
     listed = p3s.api.call("GET", "/files", query={"missing": "yes", "format": "json"})
-    assert [(f["infile"], f["missing"], f["status"]["evdisp"]) for f in listed["files"]] == [
-        (second, ["evdisp"], "never submitted")]
-    assert listed["missing_runs"] == "5040-5040"
+    assert [(f["infile"], f["missing"], f["status"]) for f in listed["files"]] == [
+        (second, ["evdisp", "purity"], {"evdisp": "never submitted", "monitor": "finished", "purity": "timeout"})]
+    assert (listed["missing_runs"], listed["failed_runs"]) == ("5040-5040", "5040-5040")
     page = p3s.page("/files?missing=yes")
     assert "never submitted" in page and "--reprocess --runs 5040-5040 --only missing" in page
     made = reprocess(p3s, "--runs", "5040-5040", "--only", "missing")
     [job] = made["jobs"]
     assert (job["jobtype"], job["infile"]) == ("evdisp", second)
-    assert p3s.run("pilot.py", "-c", "6", "-p", "1", "-L", p3s.logs).returncode == 0
-    assert p3s.api.call("GET", "/files", query={"missing": "yes", "format": "json"})["files"] == []
+    assert p3s.run("pilot.py", "-c", "1", "-p", "1", "-L", p3s.logs).returncode == 0
+    [left] = p3s.api.call("GET", "/files", query={"missing": "yes", "format": "json"})["files"]
+    assert left["missing"] == ["purity"], "the never-submitted type is still missing"
