@@ -175,6 +175,9 @@ class Factory:
         self.status_command = args.status or site.get("factory_status") or ""
         self.remove_command = args.remove or site.get("factory_remove") or ""
         command_line(self.command, n=1, site=args.site, request="r", server="s", home=HERE)
+        if "{n}" not in self.command:
+            log.warning("the command %r has no {n}: it starts as many pilots as it does whatever is missing "
+                        "(an overshoot is drained)", self.command)
 
     @property
     def service(self):
@@ -197,6 +200,8 @@ class Factory:
             submitted = min(missing, self.args.max_per_round)
             state = self.start_pilots(submitted) if submitted else self.trim(site)
         status = f"nominal {nominal}, live {live}, pending {pending}{asked}, submitted {submitted}: {state}"
+        if "{n}" not in self.command:
+            status += "; the command has no {n}: it starts as many pilots as it does whatever is missing"
         if self.last_error:
             status += f"; last error: {self.last_error}"
         log.info("%s", status)
@@ -210,6 +215,9 @@ class Factory:
         env = {k: v for k, v in os.environ.items() if k != "P3S_TOKEN"}
         env.update(P3S_REQUEST=request, P3S_SITE=self.args.site, P3S_SERVER=self.client.server)
         env.setdefault("P3S_HOME", HERE)        # deploy/slurm-pilots.sh finds the clone by it
+        # a beat whose period covers the command: a slow batch system is not a silent factory
+        self.client.service_beat(self.service, self.period + COMMAND_TIMEOUT, f"submitting {n} through {argv[0]}",
+                                 socket.gethostname())
         failed = run_command(argv, env)
         if failed:
             self.client.cancel_request(request)

@@ -421,6 +421,7 @@ def test_the_factory_brings_an_overshoot_back_down_by_draining_the_newest_idle_p
     oldest = min(p3s.api.list_pilots(site="np04"), key=lambda p: p["ts_reg"])["uuid"]
     done = p3s.run("factory.py", "-s", "np04", "--command", "true", "-p", "1", "-c", "3", "-v")
     assert done.returncode == 0 and "drained 2 idle pilot(s)" in done.stderr + done.stdout, done.stderr
+    assert "the command 'true' has no {n}" in done.stderr, "a template that cannot take {n} said nothing"
     wait_until(lambda: sum(p.poll() is not None for p in pilots) == 2, 15, what="two drained pilots to exit")
     assert [p["uuid"] for p in p3s.api.list_pilots(site="np04") if p["state"] in ("active", "no jobs")] == [oldest]
 
@@ -533,3 +534,18 @@ def test_the_factory_asks_slurm_what_it_holds_says_why_and_removes_the_held(p3s,
                                           env=env).stdout.strip(), 30, 0.5, "the held array removed")
     wait_until(lambda: live(p3s, "hpc") == 2, 60, 0.3, "two pilots from the new submission")
     assert "its factory" in p3s.page("/site/hpc") and "removed the 2 held" in p3s.page("/site/hpc")
+
+
+def test_a_slow_submit_is_said_while_it_runs_not_taken_for_a_silent_factory(p3s):
+    p3s.api.define_site("np04", pilots=1, heartbeat=0.5)
+    factory = run_factory(p3s, "np04", "sh -c 'sleep 4' {n}", "-p", "1", "-c", "1")
+
+    def said():
+        try:
+            return p3s.api.call("GET", "/api/services/factory%20np04")["lines"][0]["result"]
+        except Exception:       # no line yet
+            return None
+    wait_until(lambda: said() == "submitting 1 through sh", 10, what="the factory saying it submits")
+    service = p3s.api.call("GET", "/api/services/factory%20np04")
+    assert service["period"] >= 300 and not p3s.alarms("service_silent")
+    assert factory.wait(30) == 0
