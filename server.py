@@ -6557,8 +6557,14 @@ def render_jobs(d, query):
              esc(megabytes(j.get("max_rss_mb"))), esc(short_when(j["ts_sto"], today))] for j in d["jobs"]]
     shown = (f"<p>Jobs whose reason is like <b>{esc(query['reason'])}</b> "
              f"({link(with_query(query, reason=None), 'any reason')})</p>" if query.get("reason") else "")
+    retry = ""
+    if getattr(query, "viewer", None):
+        retry = '<div class="actions">' + action_form(
+            query, "retry_failed", {"jobtype": query.get("jobtype", "")},
+            f"Retry the failed {query.get('jobtype') or 'jobs'} of these runs…",
+            extra='<input name="runs" required size="12" placeholder="5000-5010"> ') + "</div>"
     body = (filter_form(("state", "jobtype", "site", "ran_site", "host", "user", "workflow", "age"), query,
-                        d["choices"], {"site": "asked for", "ran_site": "ran at"}) + shown +
+                        d["choices"], {"site": "asked for", "ran_site": "ran at"}) + shown + retry +
             pager(d, query) + table(headers, rows, "list") + pager(d, query))
     return page("Jobs", body, query)
 

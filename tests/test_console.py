@@ -145,6 +145,8 @@ def test_retry_failed_shows_what_it_will_do_first_then_does_exactly_that(served)
     assert listed == {purity, monitor}
     assert {served.job(u)["state"] for u in (purity, monitor)} == {"failed"}, "the dry run changed something"
     assert 'name="confirm" value="1"' in confirm
+    on_jobs = request(served, "GET", "/jobs?jobtype=purity", cookie=cookie)[2]
+    assert "Retry the failed purity of these runs" in on_jobs, "/jobs offers no retry of a selection"
     status, headers, _ = request(served, "POST", "/act", {**fields, "confirm": "1"}, cookie)
     assert status == 303 and headers["location"] == "/runs?runs=5003"
     for uuid in (purity, monitor):
