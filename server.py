@@ -4072,9 +4072,11 @@ class Service:
     }
 
     def adjust(self, uuid, body, who):
-        check_keys(body, "adjust", ("state", "priority"))
+        """A person's change of a job's state or priority, with why (kept in its history)."""
+        check_keys(body, "adjust", ("state", "priority", "why"))
         if "state" not in body and "priority" not in body:
             raise bad("adjust: give state and/or priority")
+        why = as_str(body.get("why", ""), "why", max_len=300)
         state = body.get("state")
         if state is not None:
             as_choice(state, "state", tuple(self.ADJUSTABLE))
@@ -4085,15 +4087,19 @@ class Service:
                 if job["state"] in END_JOB_STATES and state is None:
                     raise ApiError(409, f"job {uuid}: is {job['state']}; priority of an ended job cannot change")
                 conn.execute("UPDATE jobs SET priority=? WHERE uuid=?", (priority, uuid))
+                if state is None:
+                    event(conn, "job", uuid, job["state"], job["state"], who, job["attempt"],
+                          f"priority {job['priority']} -> {priority}" + (f": {why}" if why else ""))
             if state is not None and state != job["state"]:
-                self.move_by_hand(conn, job, state, who)
+                self.move_by_hand(conn, job, state, who, why)
             result = job_to_dict(lookup(conn, "jobs", uuid), False)
         if result["state"] == "defined":
             self.broker.notify_work(1)
         return result
 
-    def move_by_hand(self, conn, job, state, who):
-        """A user's state change: cancel, hold (template), or release or resubmit (defined)."""
+    def move_by_hand(self, conn, job, state, who, why=""):
+        """A user's state change: cancel, hold (template), or release or resubmit (defined), with
+        why in its history."""
         uuid = job["uuid"]
         if job["state"] not in self.ADJUSTABLE[state]:
             raise ApiError(409, f"job {uuid}: cannot go from {job['state']} to {state}")
@@ -4101,14 +4107,14 @@ class Service:
             raise ApiError(409, f"job {uuid}: belongs to workflow {job['wfuuid']}, which releases it "
                                 "when its parents finish; only cancelled can be set by hand")
         if state == "cancelled":
-            cancel_job(conn, job, who, "cancelled by user")
+            cancel_job(conn, job, who, "cancelled by user" + (f": {why}" if why else ""))
         else:
             fields = {}
             if state == "defined" and job["state"] in END_JOB_STATES:   # a resubmission
                 fields = dict(attempt=job["attempt"] + 1, pilot=None, exit_code=None,
                               ts_dis=None, ts_sta=None, ts_sto=None, ts_def=now())
-            move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"], info="adjusted",
-                     changes=fields)
+            move_job(conn, uuid, job["state"], state, who, attempt=job["attempt"],
+                     info=("retried" if fields else "adjusted") + (f": {why}" if why else ""), changes=fields)
         if job["wfuuid"]:
             advance_workflow(conn, job["wfuuid"])
 
@@ -4119,8 +4125,9 @@ class Service:
         RUN_SCAN input files), of one job type or all: the newest job of each type on each file
         if it failed, timed out or lost its pilot. With `dry_run`, only say which: the
         confirmation a page shows first. All or nothing, in one transaction."""
-        check_keys(body, "retry", ("jobtype", "runs", "dry_run"))
+        check_keys(body, "retry", ("jobtype", "runs", "dry_run", "why"))
         jobtype = as_str(body.get("jobtype", ""), "jobtype", max_len=64)
+        why = as_str(body.get("why", ""), "why", max_len=300)
         low, high = parse_run_range(as_str(body.get("runs", ""), "runs", max_len=40))
         if body.get("dry_run", False) not in (True, False):
             raise bad("dry_run: true or false")
@@ -4132,10 +4139,10 @@ class Service:
                                     "choose fewer runs")
             if not body.get("dry_run"):
                 for job in jobs:
-                    self.move_by_hand(conn, job, "defined", who)
+                    self.move_by_hand(conn, job, "defined", who, why)
         if jobs and not body.get("dry_run"):
             self.broker.notify_work(len(jobs))
-        return {"dry_run": bool(body.get("dry_run")), "jobtype": jobtype, "runs": body.get("runs") or "",
+        return {"dry_run": bool(body.get("dry_run")), "jobtype": jobtype, "runs": body.get("runs") or "", "why": why,
                 "jobs": [{k: j[k] for k in ("uuid", "jobtype", "infile", "state", "attempt")} for j in jobs]}
 
     REPROCESS_ONLY = ("failed", "missing", "all")
@@ -6254,7 +6261,7 @@ def render_confirm(action, fields, result, query):
     rows = [[link(f"/job/{j['uuid']}", j["uuid"][:8]), esc(j["jobtype"]), infile_cell(j["infile"]),
              state_cell(j["state"]), j["attempt"]] for j in jobs]
     what = f"{len(jobs)} failed job(s) of {result['jobtype'] or 'every job type'} in runs {result['runs']}"
-    confirm = action_form(query, action, {k: fields.get(k, "") for k in ("jobtype", "runs")} | {"confirm": "1"},
+    confirm = action_form(query, action, {k: fields.get(k, "") for k in ("jobtype", "runs", "why")} | {"confirm": "1"},
                           f"Retry these {len(jobs)} jobs") if jobs else "<p>Nothing to do.</p>"
     return page("Confirm: retry", f"<p>This will retry {esc(what)}, each as a new attempt:</p>"
                 + table(["job", "type", "input", "state", "attempt"], rows) + confirm
@@ -6561,7 +6568,7 @@ def render_jobs(d, query):
     if getattr(query, "viewer", None):
         retry = '<div class="actions">' + action_form(
             query, "retry_failed", {"jobtype": query.get("jobtype", "")},
-            f"Retry the failed {query.get('jobtype') or 'jobs'} of these runs…",
+            f"Retry the failed {query.get('jobtype') or 'jobs'} of these runs…", why="why retry them",
             extra='<input name="runs" required size="12" placeholder="5000-5010"> ') + "</div>"
     body = (filter_form(("state", "jobtype", "site", "ran_site", "host", "user", "workflow", "age"), query,
                         d["choices"], {"site": "asked for", "ran_site": "ran at"}) + shown + retry +
@@ -6711,9 +6718,9 @@ def job_actions(d, query):
     if getattr(query, "viewer", None) is None:
         return f'<div class="actions">{action_form(query, "retry", uuid, "Act on this job")}</div>'
     if state in RETRY_BY_HAND and not d["wfuuid"]:
-        acts.append(action_form(query, "retry", uuid, f"Retry (attempt {d['attempt'] + 1})"))
+        acts.append(action_form(query, "retry", uuid, f"Retry (attempt {d['attempt'] + 1})", why="why retry it"))
     if state in ("template", "defined", "dispatched", "running"):
-        acts.append(action_form(query, "cancel", uuid, "Cancel"))
+        acts.append(action_form(query, "cancel", uuid, "Cancel", why="why cancel it"))
     if state in ("template", "defined") and not d["wfuuid"]:
         acts.append(action_form(query, "priority", uuid, "Set priority", extra=f'<input name="priority" '
                                 f'type="number" value="{esc(d["priority"])}" style="width:5em"> '))
@@ -6965,7 +6972,7 @@ def run_actions(d, query):
         return ""
     types = [(t, t) for t in d["types"]]
     one = {"jobtype": d["filters"].get("jobtype", "")}
-    acts = [action_form(query, "retry_failed", {"runs": runs}, f"Retry failed jobs of runs {runs}…",
+    acts = [action_form(query, "retry_failed", {"runs": runs}, f"Retry failed jobs of runs {runs}…", why="why retry them",
                         extra=select("jobtype", [("", "every job type")] + types, one["jobtype"]))]
     low, high = parse_run_range(runs)
     if low == high:
@@ -7576,9 +7583,11 @@ WRITES = {name: (parts, auth) for method, path, name, parts, auth in API if auth
 # with that route's role as the signed-in user, its request built from the form's fields:
 # fields -> (path parameters, body).
 PAGE_ACTIONS = {
-    "retry": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"state": "defined"})),
-    "cancel": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"state": "cancelled"})),
-    "priority": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"priority": f.get("priority", "")})),
+    "retry": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"state": "defined", "why": f.get("why", "")})),
+    "cancel": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"state": "cancelled",
+                                                                          "why": f.get("why", "")})),
+    "priority": ("adjust", lambda f: ([as_uuid(f.get("uuid", ""), "uuid")], {"priority": f.get("priority", ""),
+                                                                             "why": f.get("why", "")})),
     "note": ("add_note", lambda f: ([], {"kind": f.get("kind"), "target": f.get("target", ""),
                                          "text": f.get("why", ""), "hide": f.get("hide") == "1"})),
     "ack": ("alarms.acknowledge", lambda f: ([], {"name": f.get("name"), "site": f.get("site", ""),
@@ -7593,7 +7602,7 @@ PAGE_ACTIONS = {
     "save_order": ("set_grid_order", lambda f: ([], {"stream": f.get("stream", ""),
                                                      "types": [t.strip() for t in f.get("types", "").split(",") if t.strip()]})),
     "retry_failed": ("retry_failed", lambda f: ([], {"jobtype": f.get("jobtype", ""), "runs": f.get("runs", ""),
-                                                     "dry_run": f.get("confirm") != "1"})),
+                                                     "why": f.get("why", ""), "dry_run": f.get("confirm") != "1"})),
 }
 FORM_PATHS = ("/signin", "/signout", "/act")
 SESSION_COOKIE = "p3s_session"

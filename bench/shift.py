@@ -241,7 +241,7 @@ def from_the_browser(url, client, work):
         if failed:
             run = int(re.search(r"run0*(\d+)", failed[0]["infile"]).group(1))
             ana.open(f"{url}/runs?runs={run}")
-            confirm = ana.press(f"Retry failed jobs of runs {run}")
+            confirm = ana.press(f"Retry failed jobs of runs {run}", {"why": "ana: calibration DB was down"})
             ana.screenshot(pathlib.Path(work) / "screenshots" / "confirm-retry.png")
             count = re.search(r"This will retry (\d+) failed", confirm).group(1)
             ana.press("Retry these")

@@ -102,10 +102,11 @@ def test_a_page_form_needs_its_session_its_csrf_and_this_servers_origin(served):
         assert got == status and said in text, (origin, got, text[:300])
         assert "set-cookie" not in headers
     assert served.job(uuid)["state"] == "defined", "a forged form changed the job"
-    got, headers, _ = request(served, "POST", "/act", {**cancel, "back": "//evil.example/x"}, cookie)
+    got, headers, _ = request(served, "POST", "/act", {**cancel, "back": "//evil.example/x", "why": "wrong calib"}, cookie)
     assert got == 303 and headers["location"] == "/", "a form sent the browser to another site"
     job = served.job(uuid)
     assert job["state"] == "cancelled" and job["events"][-1]["who"] == "alice"
+    assert job["events"][-1]["info"] == "cancelled by user: wrong calib", "the action's why is not in the history"
     assert request(served, "POST", "/signout", {"csrf": csrf}, cookie)[0] == 303
     got, _, text = request(served, "POST", "/act", {**cancel, "action": "retry"}, cookie)
     assert got == 401 and served.job(uuid)["state"] == "cancelled", "a signed-out session still acts"
@@ -138,7 +139,8 @@ def test_retry_failed_shows_what_it_will_do_first_then_does_exactly_that(served)
     purity, monitor, good, other_run = failing_runs(served)
     cookie = sign_in(served, alice)
     csrf = csrf_of(served, cookie, "/runs?runs=5003")
-    fields = {"action": "retry_failed", "runs": "5003", "jobtype": "", "csrf": csrf, "back": "/runs?runs=5003"}
+    fields = {"action": "retry_failed", "runs": "5003", "jobtype": "", "csrf": csrf, "back": "/runs?runs=5003",
+              "why": "calibration DB back"}
     status, _, confirm = request(served, "POST", "/act", fields, cookie)
     assert status == 200 and "retry 2 failed job(s) of every job type in runs 5003" in confirm
     listed = set(re.findall(r'href="/job/([0-9a-f-]{36})"', confirm))
@@ -152,6 +154,7 @@ def test_retry_failed_shows_what_it_will_do_first_then_does_exactly_that(served)
     for uuid in (purity, monitor):
         job = served.job(uuid)
         assert (job["state"], job["attempt"], job["events"][-1]["who"]) == ("defined", 2, "alice")
+        assert job["events"][-1]["info"] == "retried: calibration DB back"
     assert served.job(other_run)["state"] == "failed" and served.job(good)["state"] == "finished"
 
 
