@@ -920,6 +920,15 @@ class Provenance:
         return kept[1]
 
 
+def write_json(path, obj):
+    """Best effort: a file the job's directory may refuse (full, read-only) is said, not fatal."""
+    try:
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+    except OSError as e:
+        log.warning("%s not written: %s", path, e.strerror or e)
+
+
 def payload_files(command, shell, most=4):
     """The files a payload runs: its program (found on PATH) and every other word that names an
     existing file (a script given to an interpreter, the scripts a shell line names)."""
@@ -1364,7 +1373,7 @@ class Pilot:
         self.log_end(job, state, exit_code, errmsg)
         if state == "cancelled":    # the server already ended it; there is nothing to report
             return
-        self.publish_images(job, execution.env)
+        plots = self.publish_images(job, execution.env)
         note_wrapper_directories(out_path, execution.env)
         report = {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                   "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
@@ -1375,6 +1384,8 @@ class Pilot:
         if execution.provenance:
             ran, input_sum = execution.provenance
             report["provenance"] = {**ran, "input": input_sum.identity()}
+            if plots:       # beside the plots, for whoever reads them where they lie (EOS)
+                write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
             os.rmdir(execution.env["P3S_JOB_DIR"])
         self.send_report(job, report, ask_next and not self.near_end_of_life(), ended)
@@ -1434,22 +1445,24 @@ class Pilot:
 
     def publish_images(self, job, env):
         """Send the server the images the job made, so its page shows them even where the
-        server cannot read the worker's disk. Best effort: a refusal never fails the job."""
+        server cannot read the worker's disk. Best effort: a refusal never fails the job.
+        Returns the directory of the first one published (None if none was)."""
         images = images_to_publish(env, self.image_limits["max_bytes"])
-        published = 0
+        published = []
         for name, path in images:
-            if published == self.image_limits["max_count"]:
+            if len(published) == self.image_limits["max_count"]:
                 log.warning("job %s: %d more image(s) not published: a job publishes at most %d", job["uuid"],
-                            len(images) - images.index((name, path)), published)
-                return
+                            len(images) - images.index((name, path)), len(published))
+                break
             try:
                 with open(path, "rb") as f:
                     self.client.publish_image(job["uuid"], name, f.read(), self.uuid)
-                published += 1
+                published.append(path)
             except (OSError, P3SError) as e:
                 log.warning("job %s: image %s not published: %s", job["uuid"], path, e)
                 if isinstance(e, P3SError) and not e.bad_input:
-                    return      # the server is away: the end report matters more than the images
+                    break       # the server is away: the end report matters more than the images
+        return os.path.dirname(published[0]) if published else None
 
     def wait(self, execution):
         """Wait for the payload (the supervisor enforces its time limit meanwhile); (state, exit

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import shell_job
+from conftest import shell_job, tiny_png
 
 GIT = shutil.which("git")
 
@@ -29,7 +29,9 @@ def test_a_native_and_a_wrapper_payload_in_a_git_work_tree_and_a_2_gb_input(p3s,
     repo = tmp_path / "dqm"
     repo.mkdir()
     native, wrapper = repo / "purity.sh", repo / "wrapper.sh"
-    native.write_text("#!/bin/sh\necho purity of $P3S_INPUT_FILE; sleep 3\n")     # the input is read meanwhile
+    png = tmp_path / "adc.png"
+    tiny_png(png)
+    native.write_text(f"#!/bin/sh\necho purity of $P3S_INPUT_FILE; cp {png} $P3S_JOB_DIR/adc.png; sleep 3\n")
     wrapper.write_text("echo wrapped\n")
     native.chmod(0o755)
     git(repo, "init", "-q")
@@ -60,6 +62,8 @@ def test_a_native_and_a_wrapper_payload_in_a_git_work_tree_and_a_2_gb_input(p3s,
     assert "<h2>Provenance</h2>" in page and sha256(native) in page and "v10_01_00" in page and "s3cret" not in page
     shown = p3s.run("job.py", "--provenance", uuids[0])
     assert shown.returncode == 0 and json.loads(shown.stdout) == first
+    beside = os.path.join(p3s.job(uuids[0])["stdout_path"][:-len(".out")], "provenance.json")
+    assert json.load(open(beside)) == first, "no provenance.json beside the job's plots"
     assert '"adler32": "' in p3s.run("job.py", "--show", uuids[0]).stdout
 
 
