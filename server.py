@@ -8842,6 +8842,9 @@ def users_command(args):
         if args.list_users:
             for u in users.list():
                 print(f"{u['name']:<32} {u['role']:<8} since {when(u['created'])}")
+            if not users.list():
+                print(f"no named users yet: the write token acts as the admin {SHARED_USER!r}; add one with "
+                      "--add-user NAME --role ROLE")
         elif args.remove_user:
             users.remove(args.remove_user)
             print(f"removed user {args.remove_user}: its token and sessions no longer work")

@@ -49,7 +49,11 @@ def csrf_of(served, cookie, path):
 
 
 def test_the_server_records_the_tokens_user_never_the_one_a_client_claims(served, tmp_path):
+    listed = served.run("server.py", "--db", served.db, "--list-users")
+    assert listed.returncode == 0 and listed.stdout.startswith("no named users yet"), listed.stdout
     bob = served.add_user("bob", "expert")
+    listed = served.run("server.py", "--db", served.db, "--list-users").stdout.split()
+    assert listed[:2] == ["bob", "expert"]
     jobs = tmp_path / "claims.json"
     jobs.write_text(json.dumps([{"payload": "true", "jobtype": "reco", "user": "mallory"}]))
     done = served.run("job.py", "-j", jobs, "--json", env=bob)
