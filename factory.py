@@ -38,18 +38,14 @@ Exit codes: 0 after --cycles rounds or a signal, 2 bad input (an unknown site, a
 1 the server unreachable at start.
 """
 import collections
-import contextlib
 import logging
 import os
 import shlex
-import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 
-from serverAPI import (ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_cli,
+from serverAPI import (ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_bounded, run_cli,
                        stop_on_sigterm)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -125,33 +121,17 @@ def batch_words(batch):
 
 
 def run_command(argv, env, keep_output=False):
-    """Run a submit command; what went wrong, or None (with keep_output: (that, its output)). It
-    runs in a session of its own with its output in a file, not a pipe: it is done when it exits,
-    even if a child it left in the background (a batch client's helper) still holds its output;
-    at COMMAND_TIMEOUT it is killed with every process it started."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        failed = output = ""
-        try:
-            proc = subprocess.Popen(argv, cwd=HERE, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                    text=True, start_new_session=True)
-            code = proc.wait(COMMAND_TIMEOUT)
-        except OSError as e:
-            failed = str(e)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(OSError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            failed = f"still running after {COMMAND_TIMEOUT} s: killed with its children"
-        else:
-            out.seek(0)
-            err.seek(0)
-            output = out.read(1 << 20)
-            failed = code != 0 and (last_line(err.read()[-65536:]) or last_line(output[-65536:]) or f"exit code {code}")
-        return (failed or None, output) if keep_output else failed or None
-
-
-def last_line(text):
-    return next((x.strip() for x in reversed(text.splitlines()) if x.strip()), "")
+    """Run a batch command (serverAPI.run_bounded, COMMAND_TIMEOUT); what went wrong, or None
+    (with keep_output: (that, its output))."""
+    try:
+        ran = run_bounded(argv, COMMAND_TIMEOUT, env, HERE)
+    except OSError as e:
+        failed, output = str(e), ""
+    else:
+        failed = (f"still running after {COMMAND_TIMEOUT} s: killed with its children" if ran.code is None
+                  else ran.code != 0 and (ran.said or f"exit code {ran.code}")) or None
+        output = ran.output
+    return (failed, output) if keep_output else failed
 
 
 class Factory:

@@ -21,14 +21,14 @@ import fnmatch
 import logging
 import os
 import socket
-import subprocess
 import sys
 import time
 import uuid as uuidlib
 
 from job import read_job_file
 from workflow import structured
-from serverAPI import ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_cli, stop_on_sigterm
+from serverAPI import (ArgumentParser, add_verbosity, Client, InputError, P3SError, retire, run_bounded, run_cli,
+                       stop_on_sigterm)
 
 log = logging.getLogger("p3s.injector")
 
@@ -130,16 +130,17 @@ class Watcher:
 
 def listed(command, period):
     """The absolute paths a command prints, one a line (others are ignored); a failing or hung
-    command is an error the scan reports (P3SError: the injector goes on)."""
+    command (killed with its children) is an error the scan reports (P3SError: the injector goes on)."""
+    timeout = max(10.0, period)
     try:
-        done = subprocess.run(command, shell=True, capture_output=True, text=True, timeout=max(10.0, period),
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise P3SError(f"--from-command: still running after {max(10.0, period):g} s") from None
-    if done.returncode != 0:
-        last = (done.stderr.strip().splitlines() or [""])[-1][:200]
-        raise P3SError(f"--from-command: exit code {done.returncode}: {last}")
-    return [line.split()[-1] for line in done.stdout.splitlines() if line.split() and line.split()[-1].startswith("/")]
+        ran = run_bounded(["/bin/sh", "-c", command], timeout)
+    except OSError as e:
+        raise P3SError(f"--from-command: {e}") from None
+    if ran.code is None:
+        raise P3SError(f"--from-command: still running after {timeout:g} s: killed with its children")
+    if ran.code != 0:
+        raise P3SError(f"--from-command: exit code {ran.code}: {ran.said[:200]}")
+    return [line.split()[-1] for line in ran.output.splitlines() if line.split() and line.split()[-1].startswith("/")]
 
 
 def input_dirs(client, args, jobs):

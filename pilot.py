@@ -42,7 +42,8 @@ import time
 import uuid as uuidlib
 import zlib
 
-from serverAPI import VERSION, ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_cli
+from serverAPI import (VERSION, ArgumentParser, add_verbosity, Client, InputError, P3SError, format_table, run_bounded,
+                       run_cli)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULTS = {"period": 10.0, "cycles": 0, "heartbeat": 10.0}
@@ -893,7 +894,8 @@ class Provenance:
     def start(self, command, shell, env):
         """Called as the payload starts: its files now, the input's checksum from now on."""
         reader = InputSum(env.get("P3S_INPUT_FILE", ""), env.get("P3S_INPUT_DIR", ""), env.get("P3S_DATA", ""))
-        reader.start()
+        if reader.path:         # a job without input starts no thread
+            reader.start()
         return {"payload": [self.identity(path) for path in payload_files(command, shell)],
                 "versions": versions(env), "env_sha256": env_digest(env), **self.where}, reader
 
@@ -994,8 +996,6 @@ class InputSum(threading.Thread):
         self.deadline = time.monotonic() + INPUT_SUM_SECONDS
 
     def run(self):
-        if not self.path:
-            return
         try:
             with open(self.path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -1309,12 +1309,9 @@ class Pilot:
         if not self.probe or time.monotonic() < self.probed[0] + self.settings["heartbeat"]:
             return self.probed[1]
         try:
-            done = subprocess.run(self.probe, shell=True, capture_output=True, text=True, timeout=PROBE_SECONDS,
-                                  stdin=subprocess.DEVNULL)
-            failed = done.returncode != 0 and (f"exit code {done.returncode}" + (
-                f": {done.stderr.strip().splitlines()[-1][:200]}" if done.stderr.strip() else ""))
-        except subprocess.TimeoutExpired:
-            failed = f"no answer within {PROBE_SECONDS:g} s"
+            ran = run_bounded(["/bin/sh", "-c", self.probe], PROBE_SECONDS)
+            failed = (f"no answer within {PROBE_SECONDS:g} s: killed with its children" if ran.code is None else
+                      ran.code != 0 and f"exit code {ran.code}" + (f": {ran.said[:200]}" if ran.said else ""))
         except OSError as e:
             failed = str(e)
         self.probed = (time.monotonic(), f"taking no jobs: the site's probe `{self.probe}` failed ({failed})"

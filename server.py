@@ -2201,6 +2201,13 @@ CANARY_PERIOD = 600.0       # seconds between a site's canaries when it names no
 CANARY_PRIORITY = 1000      # a canary goes before the data: it says whether the data can be processed
 
 
+def newest_jobs(read, infile, columns="*"):
+    """{job type: its newest job} on an input file, by the jobs_infile index; `read` is a
+    connection's execute or Store.read."""
+    return {j["jobtype"]: j for j in read(f"SELECT {columns} FROM jobs INDEXED BY jobs_infile WHERE infile = ? "
+                                          "AND infile != '' ORDER BY id", (infile,))}
+
+
 def newest_canary(conn, site):
     """The site's newest canary job, by the job-type index (a few rows a day a site)."""
     return conn.execute("SELECT state, ts_sto, ts_def, reason FROM jobs INDEXED BY jobs_jobtype_id WHERE jobtype = ? "
@@ -2729,10 +2736,9 @@ class Workflows:
         if newest is None:
             raise bad(f"inject: give dag, jobs, or the template of files injected before (no file has template "
                       f"{template!r} yet: start its injector once)")
-        jobs = self.store.read("SELECT * FROM jobs INDEXED BY jobs_infile WHERE infile = ? AND infile != '' "
-                               "AND wfuuid IS NULL ORDER BY id", (os.path.join(newest["dirpath"], newest["name"]),))
-        newest_of_type = {j["jobtype"]: j for j in jobs if "@" not in j["jobtype"]}
-        made = [copied_job(j, path) for j in newest_of_type.values()]
+        made = [copied_job(j, path) for t, j in newest_jobs(self.store.read, os.path.join(newest["dirpath"],
+                                                                                         newest["name"])).items()
+                if "@" not in t and not j["wfuuid"]]
         if not made:
             raise bad(f"inject: the newest file of template {template!r} has no job left to copy")
         return {"jobs": [{k: v for k, v in j.items() if k != "from"} for j in made]}
@@ -3637,6 +3643,7 @@ class Backups:
         self.store, self.images_dir, self.directory = store, images_dir, directory
         self.every, self.keep = every, keep
         self.error = None
+        self.tried = None           # when the last copy was tried (a failed one is tried again an interval later)
         make_private_dirs(directory)
         for name in os.listdir(directory):
             if name.endswith(".part"):          # a copy a killed server left half written
@@ -3649,11 +3656,12 @@ class Backups:
         return [os.path.join(self.directory, n) for n in sorted(os.listdir(self.directory)) if BACKUP_NAME.fullmatch(n)]
 
     def loop(self, stopping):
-        while not stopping.wait(max(1.0, (self.last_ok or 0) + self.every - now())):
+        while not stopping.wait(max(1.0, (self.tried or self.last_ok or 0) + self.every - now())):
             self.take()
 
     def take(self):
         """One copy, checked, then the images mirrored and the oldest copies removed."""
+        self.tried = now()
         path = os.path.join(self.directory, time.strftime("p3s-%Y%m%d-%H%M%S.db"))
         part = path + ".part"
         try:
@@ -3722,7 +3730,9 @@ def copy_database(source, target):
 def restore(backup, db_path):
     """server.py --restore FILE: check a copy (integrity, a schema this server knows), set the
     database it replaces aside (never deleted), and put the copy and its images in place."""
-    with contextlib.closing(sqlite3.connect(f"file:{backup}?mode=ro", uri=True)) as conn:
+    if not os.path.isfile(backup):
+        raise StartupError(f"--restore {backup}: no such file (the copies are p3s-YYYYMMDD-HHMMSS.db in --backup-dir)")
+    with contextlib.closing(sqlite3.connect(f"file:{quote(os.path.abspath(backup))}?mode=ro", uri=True)) as conn:
         try:
             problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -4044,8 +4054,9 @@ class Service:
                           "purpose: job.py --new-type, or \"new_jobtypes\": true)")
 
     def list_jobs(self, query):
-        if query.get("jobtype") and query["jobtype"] not in self.known_jobtypes():
-            meant = closest_jobtype(query["jobtype"], self.known_jobtypes())
+        known = self.known_jobtypes() if query.get("jobtype") else ()
+        if query.get("jobtype") and query["jobtype"] not in known:
+            meant = closest_jobtype(query["jobtype"], known)
             raise bad(f"jobtype: no job of type {query['jobtype']!r}" + (f"; did you mean {meant!r}?" if meant else ""))
         where, args = job_conditions(query, *parse_states(query.get("state", "")))
         limit = min(as_int(query.get("limit", 100), "limit", 1), 10000)
@@ -4195,11 +4206,7 @@ class Service:
         newest_of_type = {}
         by_file = {}
         for infile in files:
-            jobs = {}
-            for j in conn.execute("SELECT * FROM jobs INDEXED BY jobs_infile WHERE infile = ? AND infile != '' "
-                                  "ORDER BY id", (infile,)):
-                jobs[j["jobtype"]] = j
-            by_file[infile] = jobs
+            jobs = by_file[infile] = newest_jobs(conn.execute, infile)
             for name, j in jobs.items():
                 if "@" not in name and not j["wfuuid"]:
                     newest_of_type[name] = j
@@ -4226,11 +4233,7 @@ class Service:
         """The jobs retry_failed chooses on these files (workflow jobs are left to their workflow)."""
         chosen = []
         for infile in files:
-            newest = {}
-            for j in conn.execute("SELECT * FROM jobs INDEXED BY jobs_infile WHERE infile = ? AND infile != '' "
-                                  "ORDER BY id", (infile,)):
-                newest[j["jobtype"]] = j
-            chosen += [j for t, j in newest.items() if (not jobtype or t == jobtype) and not j["wfuuid"]
+            chosen += [j for t, j in newest_jobs(conn.execute, infile).items() if (not jobtype or t == jobtype) and not j["wfuuid"]
                        and j["state"] in FAILED_STATES]
         return chosen
 
@@ -5443,7 +5446,7 @@ class Views:
         return self.store.read_one(f"SELECT COALESCE(SUM(n), 0) FROM job_counts{where}", args)[0]
 
     def known_jobtypes(self):
-        return sorted({r[0] for r in self.store.read("SELECT jobtype FROM job_counts UNION SELECT name FROM jobtypes")})
+        return sorted(self.svc.known_jobtypes())
 
     def check_jobtype(self, jobtype):
         """The known jobtypes; an unknown `jobtype` is a 400 naming them, not a silent empty list."""
@@ -5514,12 +5517,9 @@ class Views:
         files = self.grid_files(since, query.get("runs"), "" if stream == "all" else stream, limit + 1, offset)
         rows, seen = [], set()
         for infile, ts in files[:limit]:
-            jobs = {}
-            for j in self.store.read("SELECT uuid, name, jobtype, state, reason, verdict, verdict_check, "
-                                     "verdict_note, ts_def FROM jobs INDEXED BY jobs_infile "
-                                     "WHERE infile = ? AND infile != '' ORDER BY id", (infile,)):
-                jobs[j["jobtype"]] = dict(j)            # the newest job of each type wins
-                seen.add(j["jobtype"])
+            jobs = {t: dict(j) for t, j in newest_jobs(self.store.read, infile, "uuid, name, jobtype, state, reason, "
+                                                       "verdict, verdict_check, verdict_note, ts_def").items()}
+            seen |= set(jobs)
             run, subrun = run_of(infile)
             rows.append({"infile": infile, "ts": ts, "run": run, "subrun": subrun, "jobs": jobs,
                          **row_verdict(jobs.values())})
@@ -5580,11 +5580,8 @@ class Views:
                        reverse=True)[:FILES_SCAN]
         rows, types = [], set()
         for path in paths:
-            jobs = {}
-            for j in self.store.read("SELECT jobtype, state, attempt, max_attempts FROM jobs INDEXED BY jobs_infile "
-                                     "WHERE infile = ? AND infile != '' ORDER BY id", (path,)):
-                if "@" not in j["jobtype"]:                  # prompt processing's, not a campaign's
-                    jobs[j["jobtype"]] = dict(j)
+            jobs = {t: j for t, j in newest_jobs(self.store.read, path, "jobtype, state").items()
+                    if "@" not in t}                      # prompt processing's, not a campaign's
             types |= set(jobs)
             rows.append({"infile": path, "ts": seen[path], "run": run_of(path)[0], "jobs": jobs})
         types = sorted(types)
@@ -6872,8 +6869,7 @@ def render_runs(d, query):
                                             if d["bad_cells"].get(t) else "") for t in d["types"]])
     rows = []
     for r in d["rows"]:
-        label = (f"run {r['run']}" + (f" · {r['subrun']}" if r["subrun"] is not None else "")
-                 if r["run"] is not None else os.path.basename(r["infile"]))
+        label = infile_label(r["infile"])
         act = (f' <small>{link(href("/runs", **{**d["filters"], "runs": r["run"]}), "act")}</small>'
                if r["run"] is not None and getattr(query, "viewer", None) else "")
         first = (f'<a href="{esc(href("/jobs", infile=r["infile"]))}" title="{esc(r["infile"])}">{esc(label)}</a>{act}'
@@ -8840,9 +8836,10 @@ def users_command(args):
     users = Users(store)
     try:
         if args.list_users:
-            for u in users.list():
+            listed = users.list()
+            for u in listed:
                 print(f"{u['name']:<32} {u['role']:<8} since {when(u['created'])}")
-            if not users.list():
+            if not listed:
                 print(f"no named users yet: the write token acts as the admin {SHARED_USER!r}; add one with "
                       "--add-user NAME --role ROLE")
         elif args.remove_user:

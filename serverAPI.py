@@ -15,6 +15,7 @@ add_verbosity (-v N, $P3S_VERBOSITY), format_table (text tables) and run_cli (ex
 network failure).
 """
 import argparse
+import collections
 import contextlib
 import json
 import os
@@ -23,7 +24,9 @@ import secrets
 import signal
 import uuid as uuidlib
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 from urllib.parse import quote, urlencode, urlsplit
@@ -603,6 +606,35 @@ class Client:
 
     def check_token(self):
         return self.call("POST", "/api/auth", {})
+
+
+Ran = collections.namedtuple("Ran", "code output said")     # code None: killed at its timeout
+
+
+def run_bounded(argv, timeout, env=None, cwd=None):
+    """Run an outside command (a batch submit, a catalogue listing, a site's probe) so that it
+    cannot hold the tool: in a session of its own, killed with every process it started at
+    `timeout`; its output in files, not pipes, so it is done when it exits even if a child it
+    left in the background still holds them. Ran(exit code or None, stdout, the last line it
+    said on stderr, else stdout); OSError if it cannot start."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                                text=True, start_new_session=True)
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            code = None
+        out.seek(0)
+        err.seek(0)
+        output = out.read(1 << 20)
+        return Ran(code, output, last_line(err.read()[-65536:]) or last_line(output[-65536:]))
+
+
+def last_line(text):
+    return next((x.strip() for x in reversed(text.splitlines()) if x.strip()), "")
 
 
 def format_table(rows, columns):

@@ -61,19 +61,25 @@ def test_a_restore_checks_the_copy_first_and_sets_the_old_database_aside(start_s
     refused = server.run("server.py", "--db", server.db, "--token-file", server.token_file, "--port", "0",
                          "--restore", newer, timeout=30)
     assert refused.returncode == 2 and "schema v999" in refused.stderr
+    refused = server.run("server.py", "--db", server.db, "--token-file", server.token_file, "--port", "0",
+                         "--restore", tmp_path / "p3s-2026.db", timeout=30)
+    assert refused.returncode == 2 and "--restore" in refused.stderr and "no such file" in refused.stderr, refused.stderr
     server.start()
     assert server.job(uuid)["state"] == "defined", "a refused restore touched the database"
 
 
 def test_a_backup_that_fails_is_an_alarm_and_a_half_written_copy_is_never_kept(start_server, tmp_path, small_fs):
     (small_fs / "p3s-20260101-000000.db.part").write_bytes(b"half")     # a server killed mid-copy
-    server = start_server(["--backup-dir", str(small_fs), "--backup-every", "1"])
+    server = start_server(["--backup-dir", str(small_fs), "--backup-every", "2"])
     assert not (small_fs / "p3s-20260101-000000.db.part").exists()
     wait_until(lambda: health(server)["copies"] >= 1, 15, what="a first copy")
     filler = fill(small_fs)                             # the next copy cannot fit
     wait_until(lambda: server.alarms("backup_stale"), 15, what="the backup_stale alarm")
     [alarm] = server.alarms("backup_stale")
     assert alarm["severity"] == "critical" and "failed" in alarm["message"]
+    said = (tmp_path / "server.log").read_text().count("backup to")
+    time.sleep(4.5)
+    assert (tmp_path / "server.log").read_text().count("backup to") - said <= 3, "a failed backup retried every second"
     assert not [n for n in os.listdir(small_fs) if n.endswith(".part")], "a half-written copy was kept"
     filler.unlink()
     wait_until(lambda: not server.alarms("backup_stale"), 15, what="the alarm to clear once a copy is made")

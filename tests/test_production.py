@@ -549,3 +549,22 @@ def test_a_slow_submit_is_said_while_it_runs_not_taken_for_a_silent_factory(p3s)
     service = p3s.api.call("GET", "/api/services/factory%20np04")
     assert service["period"] >= 300 and not p3s.alarms("service_silent")
     assert factory.wait(30) == 0
+
+
+
+def test_an_outside_command_is_killed_with_its_children_and_never_held_by_a_background_one(tmp_path):
+    """The factory's submits, the injector's --from-command listing and a site's probe all run
+    through run_bounded: at its timeout a command goes with every process it started (a hung
+    `xrdfs ls` left its children before), and one that exits leaving a child holding its output
+    is done at once."""
+    import serverAPI
+    marker = tmp_path / "child.pid"
+    started = time.monotonic()
+    ran = serverAPI.run_bounded(["sh", "-c", f"sleep 30 & echo $! > {marker}; echo listed; exit 0"], 10)
+    assert (ran.code, ran.output, ran.said) == (0, "listed\n", "listed") and time.monotonic() - started < 5
+    os.kill(int(marker.read_text()), signal.SIGKILL)
+    ran = serverAPI.run_bounded(["sh", "-c", f"sleep 30 & echo $! > {marker}; echo 'EOS hangs' >&2; wait"], 1)
+    assert (ran.code, ran.said) == (None, "EOS hangs")
+    time.sleep(0.2)
+    child = int(marker.read_text())
+    assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"

@@ -20,6 +20,13 @@ def git(repo, *args):
                             GIT_COMMITTER_EMAIL="t@x"))
 
 
+def sparse_2gb(path):
+    """A 2 GB input file, sparse: read at memory speed."""
+    with open(path, "wb") as f:
+        f.truncate(2 ** 31)
+    return path
+
+
 def sha256(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -37,9 +44,7 @@ def test_a_native_and_a_wrapper_payload_in_a_git_work_tree_and_a_2_gb_input(p3s,
     git(repo, "init", "-q")
     git(repo, "add", ".")
     git(repo, "commit", "-q", "-m", "v1")
-    big = tmp_path / "np04_raw_run005010_0001.root"
-    with open(big, "wb") as f:
-        f.truncate(2 ** 31)                          # 2 GB, sparse: read at memory speed
+    big = sparse_2gb(tmp_path / "np04_raw_run005010_0001.root")
     env = {"DUNETPCVER": "v10_01_00", "P3S_VERSION_VARS": "CALIB_TAG", "CALIB_TAG": "c7", "API_TOKEN": "s3cret"}
     uuids = p3s.submit([{"payload": str(native), "jobtype": "purity", "infile": str(big), "env": env},
                         shell_job(f"sh {wrapper}", jobtype="evdisp", infile=str(tmp_path / "missing.root")),
@@ -70,9 +75,7 @@ def test_a_native_and_a_wrapper_payload_in_a_git_work_tree_and_a_2_gb_input(p3s,
 def test_an_input_too_big_to_read_in_time_is_said_skipped_and_the_job_is_not_held(p3s, tmp_path, monkeypatch):
     """The checksum is bounded in time: past the bound the job's report goes without it, saying so."""
     import pilot
-    slow = tmp_path / "huge.root"
-    with open(slow, "wb") as f:
-        f.truncate(2 ** 31)
+    slow = sparse_2gb(tmp_path / "huge.root")
     monkeypatch.setattr(pilot, "INPUT_SUM_SECONDS", 0.0)
     reader = pilot.InputSum(str(slow), "", "")
     reader.start()
@@ -96,9 +99,7 @@ def test_a_runs_view_lists_its_versions_and_says_when_two_jobs_differ(p3s):
 
 def test_a_short_jobs_report_is_not_held_for_a_huge_input(monkeypatch, tmp_path):
     import pilot
-    huge = tmp_path / "huge.root"
-    with open(huge, "wb") as f:
-        f.truncate(2 ** 31)
+    huge = sparse_2gb(tmp_path / "huge.root")
     monkeypatch.setattr(pilot, "INPUT_SUM_AFTER", 0.0)
     reader = pilot.InputSum(str(huge), "", "")
     reader.start()
