@@ -3451,7 +3451,9 @@ class Alarms:
         acknowledged or silenced. Delivery runs in the notifier's thread, outside any lock."""
         conditions, stored = self.observe(t)
         self.notice(t, conditions, stored)
-        found = {a["key"]: a for a in self.shown(t, conditions, stored) if not a.get("pending")}
+        shown = self.shown(t, conditions, stored)
+        found = {a["key"]: a for a in shown if not a.get("pending")}
+        pending = {a["name"] for a in shown if a.get("pending")}
         raised = [a for key, a in found.items() if key not in stored]
         cleared = [r for key, r in stored.items() if key not in found]
         changed = [
@@ -3475,7 +3477,7 @@ class Alarms:
         if not (raised or cleared or changed or due):
             return
         try:
-            self.write_state(t, raised, changed, cleared, due)
+            self.write_state(t, raised, changed, cleared, due, pending)
         except sqlite3.OperationalError:    # the database fails (db_failing, disk full): a person
             due = [a for a in due if a["key"] not in self.told]     # still hears of it, once
             self.told.update(a["key"] for a in due)
@@ -3488,8 +3490,9 @@ class Alarms:
             if r["sent"]:
                 self.notifier.send(r, "cleared")
 
-    def write_state(self, t, raised, changed, cleared, due):
-        """The alarms' memory and history, in one transaction (see record)."""
+    def write_state(self, t, raised, changed, cleared, due, pending):
+        """The alarms' memory and history, in one transaction (see record). An acknowledgement
+        ends with its alarm's clear; one given to an alarm still `pending` is kept for it."""
         with self.store.transaction() as conn:
             for a in raised:
                 conn.execute("INSERT OR REPLACE INTO alarm_state(key, name, severity, message, link, "
@@ -3504,7 +3507,8 @@ class Alarms:
                 self.event(conn, t, r, "cleared")
             conn.execute(
                 "DELETE FROM alarm_acks WHERE kind='ack' AND until IS NULL AND name NOT IN "
-                "(SELECT name FROM alarm_state)")
+                f"(SELECT name FROM alarm_state) AND name NOT IN ({', '.join('?' * len(pending))})",
+                sorted(pending))
             for a in due:       # `sent`: when it was last told (0: never)
                 conn.execute("UPDATE alarm_state SET sent=? WHERE key=?", (t, a["key"]))
 

@@ -466,3 +466,25 @@ def test_a_scripted_shift_raises_each_problem_once_and_first_and_nothing_else(tm
     assert ranked[0] == "site_below_nominal:np04", ranked           # the outage holding most work up
     sent = [(b["state"], b["key"]) for _, b in Receiver.got]
     assert sorted(sent) == sorted(("raised", key) for key in expected), sent
+
+
+def test_an_acknowledgement_given_while_an_alarm_is_pending_outlives_another_alarms_clear(start_server):
+    """A shifter acknowledges a critical the moment it shows (pending, amber); another alarm
+    clearing before the hold ends must not wipe that acknowledgement, else the critical is
+    raised and sent as if nobody were on it."""
+    server = start_server(["--alarm-hold", "6", "--alarm-clear-hold", "1"])
+    server.submit([shell_job("true", jobtype="dqm")])
+    pilot = server.pilot("-p", "1", "--jobtype", "other")     # alive, takes nothing: no no_pilots yet
+    wait_until(lambda: server.api.list_pilots(), 15, what="the pilot to register")
+    server.api.service_beat("feeder", 1, "ok")      # then silent: service_silent, raised after the hold
+    wait_until(lambda: "service_silent:feeder" in alarms(server)
+               and not alarms(server)["service_silent:feeder"].get("pending"), 20, what="service_silent raised")
+    pilot.terminate()                               # no pilot, a job waits: no_pilots, pending for 6 s
+    pilot.wait(15)
+    wait_until(lambda: alarms(server).get("no_pilots", {}).get("pending"), 10, what="no_pilots pending")
+    server.api.call("POST", "/api/alarms/ack", {"name": "no_pilots", "why": "pilots on their way"})
+    server.api.service_beat("feeder", 1, "ok")      # the other alarm clears inside the hold
+    wait_until(lambda: "service_silent:feeder" not in alarms(server), 10, what="service_silent cleared")
+    assert alarms(server)["no_pilots"].get("pending"), "the test needs the clear inside the hold"
+    wait_until(lambda: not alarms(server)["no_pilots"].get("pending"), 15, what="no_pilots raised")
+    assert alarms(server)["no_pilots"]["ack"], "the acknowledgement given while pending was lost"
