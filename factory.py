@@ -22,9 +22,11 @@ whose pilots all ended within a minute of registering (a bad node, a broken envi
 none of which registered at all within --pending-timeout (batch jobs that die before pilot.py
 starts), backs off the same way, saying where to look. A command is done when it exits (a child
 it left in the background does not hold the round); one still running at its timeout is killed
-with every process it started. Live pilots above what the site wants (nominal, or its floor while no job
-waits; less those retiring) for OVERSHOOT_ROUNDS rounds are brought back down: the newest idle
-ones are told to drain (they take no more jobs and exit); a busy pilot is never stopped.
+with every process it started. Pilots above what the site wants (nominal, or its floor while no job
+waits; less those retiring) for OVERSHOOT_ROUNDS rounds are brought back down: with --status and
+--remove the newest batch jobs still queued are removed first, then the newest idle live ones are
+told to drain (they take no more jobs and exit); a busy pilot is never stopped. With --status
+and --remove, held batch jobs and those queued past --pending-timeout are removed and replaced.
 Each round is reported as the service "factory <site>" (/services); a clean exit (cycles done,
 SIGTERM, SIGINT) retires it, a kill -9 does not, and so alarms.
 
@@ -66,15 +68,16 @@ def parse_args(argv):
     p.add_argument("--max-per-round", type=int, default=50, metavar="N",
                    help="pilots started in one round at most (default %(default)s)")
     p.add_argument("--pending-timeout", type=float, default=900, metavar="SECONDS",
-                   help="a request's pilots that have not registered by then are no longer pending "
-                   "(default %(default)s)")
+                   help="a request's pilots that have not registered by then are no longer pending; with --status "
+                   "and --remove, batch jobs still queued by then are removed and replaced (default %(default)s)")
     p.add_argument("--status", metavar="COMMAND",
                    help="ask the batch system: a command printing one line per pilot batch job, 'ID STATE "
                    "[REASON]' (default: the site's factory_status, else none: pending is inferred from the "
                    "server); see docs/operations.md for Slurm's and HTCondor's")
     p.add_argument("--remove", metavar="COMMAND",
-                   help="with --status: remove held batch jobs, {ids} standing for their ids (e.g. 'scancel {ids}', "
-                   "'condor_rm {ids}'; default: the site's factory_remove)")
+                   help="with --status: remove held batch jobs, those queued past --pending-timeout or beyond what "
+                   "the site wants, {ids} standing for their ids (e.g. 'scancel {ids}', 'condor_rm {ids}'; "
+                   "default: the site's factory_remove)")
     p.add_argument("-c", "--cycles", type=int, default=0, help="rounds before exiting (0 = forever; default 0)")
     p.add_argument("-S", "--server", help="server URL (default $P3S_SERVER or http://127.0.0.1:8000)")
     add_verbosity(p, "log every round")
@@ -145,7 +148,8 @@ class Factory:
         self.resume_at = 0.0        # monotonic time before which no pilot is started
         self.last_error = ""
         self.last_request = None
-        self.over = 0               # rounds in a row with more live pilots than the site wants
+        self.over = 0               # rounds in a row with more pilots (live and pending) than the site wants
+        self.pending_since = {}     # batch id -> when the status command first listed it pending
         site = client.get_site(args.site)       # an unknown site is bad input, said at once
         if not site.get("pilots"):
             raise InputError(f"site {args.site!r} has no nominal number of pilots to keep; give it one with "
@@ -167,18 +171,20 @@ class Factory:
         site = self.client.get_site(self.args.site)
         nominal, live, pending = site["pilots"] or 0, site["live"], site["pending"]
         self.notice_outcome(site["requests"])
-        missing, asked = site["missing"], ""
+        missing, asked, queued = site["missing"], "", []
         if self.status_command:
             batch = self.ask_batch_system()
-            pending = len(batch["pending"])
-            missing = max(0, site.get("wanted", nominal) - (live - site.get("retiring", 0)) - pending)
-            asked = batch_words(batch) + self.remove_held(batch["held"])
+            stale = self.stale(batch["pending"])
+            queued = [job for job in batch["pending"] if job not in stale]
+            asked = batch_words(batch) + self.remove("held", batch["held"])[1] + self.remove("stale", stale)[1]
+            pending = len(queued)
+            missing = max(0, site["wanted"] - (live - site["retiring"]) - pending)
         submitted = 0
         if time.monotonic() < self.resume_at:
             state = f"backing off for {self.resume_at - time.monotonic():.0f} s"
         else:
             submitted = min(missing, self.args.max_per_round)
-            state = self.start_pilots(submitted) if submitted else self.trim(site)
+            state = self.start_pilots(submitted) if submitted else self.trim(site, queued)
         status = f"nominal {nominal}, live {live}, pending {pending}{asked}, submitted {submitted}: {state}"
         if "{n}" not in self.command:
             status += "; the command has no {n}: it starts as many pilots as it does whatever is missing"
@@ -224,32 +230,46 @@ class Factory:
                     (words[0], words[2] if len(words) > 2 else ""))
         return found
 
-    def remove_held(self, held):
-        """Remove the held batch jobs (they would never start): ' · removed N held' or ''."""
-        if not held or not self.remove_command:
-            return ""
-        argv = [w for word in shlex.split(self.remove_command)
-                for w in ([i for i, _ in held] if word == "{ids}" else [word])]
+    def stale(self, pending):
+        """The batch jobs pending longer than --pending-timeout: their request has expired on
+        the server, so they are removed and replaced, never left to start late."""
+        t = time.monotonic()
+        self.pending_since = {i: self.pending_since.get(i, t) for i, _ in pending}
+        return [(i, r) for i, r in pending if t - self.pending_since[i] >= self.args.pending_timeout]
+
+    def remove(self, what, jobs):
+        """Remove batch jobs (held: they would never start; stale; no longer wanted) with the
+        remove command: (how many went, ' · removed the N held' or '')."""
+        if not jobs or not self.remove_command:
+            return 0, ""
+        ids = [i for i, _ in jobs]
+        argv = [w for word in shlex.split(self.remove_command) for w in (ids if word == "{ids}" else [word])]
         failed = run_command(argv, dict(os.environ))
         if failed:
             self.last_error = f"{argv[0]}: {failed}"[:300]
-            return f" · could not remove the {len(held)} held"
-        return f" · removed the {len(held)} held"
+            return 0, f" · could not remove the {len(jobs)} {what}"
+        return len(jobs), f" · removed the {len(jobs)} {what}"
 
-    def trim(self, site):
-        """Bring an overshoot back down: after OVERSHOOT_ROUNDS rounds above what the site wants,
-        the newest idle pilots drain (a template that starts a pilot per node whatever {n} is,
-        or pilots started by hand)."""
-        excess = site["live"] - site.get("retiring", 0) - site.get("wanted", site["pilots"])
+    def trim(self, site, queued):
+        """Bring an overshoot back down: after OVERSHOOT_ROUNDS rounds with more pilots than the
+        site wants (live and, from the batch system, queued), the newest queued batch jobs are
+        removed (work has gone: glideinWMS's excess idle glideins), then the newest idle pilots
+        drain (a template that starts a pilot per node whatever {n} is, pilots started by hand)."""
+        excess = site["live"] - site["retiring"] + len(queued) - site["wanted"]
         self.over = self.over + 1 if excess > 0 else 0
         if self.over < OVERSHOOT_ROUNDS:
             return "at nominal" if excess <= 0 else f"{excess} above what the site wants"
+        self.over = 0
+        newest_queued = sorted(queued, key=lambda job: self.pending_since[job[0]], reverse=True)
+        removed, said = self.remove("queued no longer wanted", newest_queued[:excess])
+        excess = min(excess - removed, site["live"] - site["retiring"] - site["wanted"])  # a live pilot
+        if excess <= 0:                                         # never drains for one still queued
+            return f"above what the site wants{said}"
         idle = [p for p in self.client.list_pilots(site=self.args.site) if p["state"] in ("active", "no jobs")]
         newest = sorted(idle, key=lambda p: p["ts_reg"], reverse=True)[:excess]
         for p in newest:
             self.client.mark_pilots("drain", uuid=p["uuid"])
-        self.over = 0
-        return f"{excess} above what the site wants: drained {len(newest)} idle pilot(s)"
+        return f"{excess} above what the site wants{said}: drained {len(newest)} idle pilot(s)"
 
     def notice_outcome(self, requests):
         """What became of the last round's pilots: all ended within a minute, or none registered

@@ -536,6 +536,39 @@ def test_the_factory_asks_slurm_what_it_holds_says_why_and_removes_the_held(p3s,
     assert "its factory" in p3s.page("/site/hpc") and "removed the 2 held" in p3s.page("/site/hpc")
 
 
+def test_the_factory_removes_batch_jobs_pending_too_long_and_those_no_longer_wanted(p3s, slurm, tmp_path):  # noqa: F811
+    """Batch jobs still queued after --pending-timeout (their request expired) are removed and
+    replaced, not left to start late; queued ones beyond what the site wants once its work is
+    gone (a floor of 0) are removed, newest first, before any live pilot is drained."""
+    p3s.api.define_site("hpc", pilots=2, heartbeat=0.5, floor=0)
+    env = dict(slurm, **{k: v for k, v in p3s.env.items() if k.startswith("P3S_")}, P3S_HOME=ROOT,
+               P3S_PILOT_ARGS=f"-p 1 -b 0.5 -L {p3s.logs}", P3S_RUNDIR=str(tmp_path / "run"))
+    p3s.env.update(env)
+
+    def queue_for_later():      # pending (BeginTime) for an hour: a queue that does not start them
+        ran = subprocess.run(["sbatch", "--parsable", "--begin=now+3600", "--array=1-2", "deploy/slurm-pilots.sh"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+        assert ran.returncode == 0, ran.stderr
+        return ran.stdout.strip().split(";")[0]
+
+    def queued(array):
+        return subprocess.run(["squeue", "-h", "-r", "-j", array], capture_output=True, text=True,
+                              env=env).stdout.strip()
+    [job] = p3s.submit([shell_job("true", site="hpc")])
+    late = queue_for_later()
+    run_factory(p3s, "hpc", "sbatch --array=1-{n} deploy/slurm-pilots.sh", "--status", SQUEUE, "--remove",
+                "scancel {ids}", "--pending-timeout", "4", "-p", "1", "-v")
+    log = p3s.dir / "factory.log"
+    wait_until(lambda: "removed the 2 stale" in log.read_text(), 30, 0.5, "the stale batch jobs removed")
+    assert not queued(late), "the stale array is still queued"
+    p3s.wait_jobs([job], timeout=60)
+    wait_until(lambda: live(p3s, "hpc") == 0, 60, 0.5, "the idle pilots drained: no work, a floor of 0")
+    unwanted = queue_for_later()
+    wait_until(lambda: "removed the 2 queued no longer wanted" in log.read_text(), 30, 0.5,
+               "the unwanted queued batch jobs removed")
+    assert not queued(unwanted) and log.read_text().count("removed the 2 stale") == 1, "removed as stale, not unwanted"
+
+
 def test_a_slow_submit_is_said_while_it_runs_not_taken_for_a_silent_factory(p3s):
     p3s.api.define_site("np04", pilots=1, heartbeat=0.5)
     factory = run_factory(p3s, "np04", "sh -c 'sleep 4' {n}", "-p", "1", "-c", "1")
