@@ -147,7 +147,7 @@ class Factory:
         self.failures = 0           # rounds in a row that failed: the back-off grows with them
         self.resume_at = 0.0        # monotonic time before which no pilot is started
         self.last_error = ""
-        self.last_request = None
+        self.awaited = set()        # ids of this factory's requests whose outcome is not known yet
         self.over = 0               # rounds in a row with more pilots (live and pending) than the site wants
         self.pending_since = {}     # batch id -> when the status command first listed it pending
         site = client.get_site(args.site)       # an unknown site is bad input, said at once
@@ -176,8 +176,11 @@ class Factory:
             batch = self.ask_batch_system()
             stale = self.stale(batch["pending"])
             queued = [job for job in batch["pending"] if job not in stale]
-            asked = batch_words(batch) + self.remove("held", batch["held"])[1] + self.remove("stale", stale)[1]
-            pending = len(queued)
+            removed_held, said_held = self.remove("held", batch["held"])
+            asked = batch_words(batch) + said_held + self.remove("stale", stale)[1]
+            if removed_held:
+                pending = self.forget_requests(site["requests"])
+            pending = max(len(queued), pending)     # more if a request's batch jobs died unregistered
             missing = max(0, site["wanted"] - (live - site["retiring"]) - pending)
         submitted = 0
         if time.monotonic() < self.resume_at:
@@ -209,7 +212,7 @@ class Factory:
             self.client.cancel_request(request)
             self.back_off(f"{argv[0]}: {failed}")
             return "the command failed"
-        self.last_request = request
+        self.awaited.add(request)
         return f"started {n} through {argv[0]}"
 
     def ask_batch_system(self):
@@ -229,6 +232,15 @@ class Factory:
                 found[batch_state(words[1], words[2] if len(words) > 2 else "")].append(
                     (words[0], words[2] if len(words) > 2 else ""))
         return found
+
+    def forget_requests(self, requests):
+        """Batch jobs were removed: the open requests they may belong to no longer count as
+        pending (the batch system's listing counts what is still queued): 0 pending."""
+        for r in requests:
+            if r["pending"]:
+                self.client.cancel_request(r["id"])
+        self.awaited.clear()
+        return 0
 
     def stale(self, pending):
         """The batch jobs pending longer than --pending-timeout: their request has expired on
@@ -262,6 +274,8 @@ class Factory:
         self.over = 0
         newest_queued = sorted(queued, key=lambda job: self.pending_since[job[0]], reverse=True)
         removed, said = self.remove("queued no longer wanted", newest_queued[:excess])
+        if removed:
+            self.forget_requests(site["requests"])
         excess = min(excess - removed, site["live"] - site["retiring"] - site["wanted"])  # a live pilot
         if excess <= 0:                                         # never drains for one still queued
             return f"above what the site wants{said}"
@@ -272,21 +286,31 @@ class Factory:
         return f"{excess} above what the site wants{said}: drained {len(newest)} idle pilot(s)"
 
     def notice_outcome(self, requests):
-        """What became of the last round's pilots: all ended within a minute, or none registered
-        within --pending-timeout: back off; some registered and lived: healed (the back-off and
-        the last error end)."""
-        last = next((r for r in requests if r["id"] == self.last_request), None)
-        if last and last["registered"] == last["count"] and last["died_young"] == last["count"]:
-            self.last_request = None
-            self.back_off(f"all {last['count']} pilot(s) of the last round ended within a minute "
-                          "(a bad node or a broken environment?)")
-        elif last and last["state"] == "open" and not last["pending"] and not last["registered"]:
-            self.last_request = None
-            self.back_off(f"none of the {last['count']} pilot(s) of the last round registered within "
-                          f"--pending-timeout: do the batch jobs start pilot.py? look at their output "
-                          "(P3S_RUNDIR, pilot-slurm-*.log, the batch system's own)")
-        elif last and last["registered"] > last["died_young"]:
-            self.last_request, self.failures, self.last_error = None, 0, ""
+        """What became of this factory's requests (every one, not only the last: a round may
+        replace pilots while an earlier request is still out): all its pilots ended within a
+        minute, or none registered within --pending-timeout: back off, once a round; some
+        registered and lived: healed (the back-off and the last error end)."""
+        failed, lived = [], False
+        for r in requests:
+            if r["id"] not in self.awaited:
+                continue
+            if r["registered"] and r["registered"] == r["count"] == r["died_young"]:
+                failed.append(f"all {r['count']} pilot(s) of a round ended within a minute (a bad node or a "
+                              "broken environment?)")
+            elif r["state"] == "open" and not r["pending"] and not r["registered"]:
+                failed.append(f"none of the {r['count']} pilot(s) of a round registered within --pending-timeout: "
+                              "do the batch jobs start pilot.py? look at their output (P3S_RUNDIR, "
+                              "pilot-slurm-*.log, the batch system's own)")
+            elif r["registered"] > r["died_young"]:
+                lived = True
+            elif r["state"] == "open" and r["pending"]:
+                continue                            # still out: judged later
+            self.awaited.discard(r["id"])
+        self.awaited &= {r["id"] for r in requests}
+        if failed:
+            self.back_off(failed[-1] + (f" ({len(failed)} requests)" if len(failed) > 1 else ""))
+        elif lived:
+            self.failures, self.last_error = 0, ""
 
     def back_off(self, error):
         self.failures += 1

@@ -1,16 +1,19 @@
 """Unattended production: a pilot factory keeps a site at nominal (locally through pgen.sh, and
 through a real Slurm), workers' job files are kept clean and bounded, a full disk stops a pilot
 from taking jobs, and services have a life: a period, a history and a retirement."""
+import collections
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
 from conftest import ROOT, SLURM, alive, shell_job, wait_until
+from serverAPI import Client, P3SError
 
 
 def live(p3s, site):
@@ -432,7 +435,7 @@ def test_requests_whose_pilots_never_register_back_off_say_where_to_look_and_ala
     p3s.api.define_site("np04", pilots=2, heartbeat=0.5)
     done = p3s.run("factory.py", "-s", "np04", "--command", "true", "-p", "1", "--pending-timeout", "1",
                    "-c", "14", "-v", timeout=60)
-    assert done.returncode == 0 and "none of the 2 pilot(s) of the last round registered" in done.stderr, done.stderr
+    assert done.returncode == 0 and "none of the 2 pilot(s) of a round registered" in done.stderr, done.stderr
     assert "look at their output" in done.stderr and "next try in 2 s" in done.stderr
     [alarm] = p3s.alarms("pilots_not_starting")
     assert alarm["site"] == "np04" and "pilot requests of the last day registered no pilot" in alarm["message"]
@@ -601,3 +604,90 @@ def test_an_outside_command_is_killed_with_its_children_and_never_held_by_a_back
     time.sleep(0.2)
     child = int(marker.read_text())
     assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+
+
+def test_a_production_hour_over_slurm_accelerated(start_server, slurm, tmp_path):  # noqa: F811
+    """The factory keeps a Slurm site at nominal for an accelerated hour, through: a held array,
+    a canary failing then passing, a pilot killed -9, a broken node environment (batch jobs die
+    before pilot.py starts) while a pilot is scancel-ed, pilots reaching their lifetime, backups
+    every 2 s and the database deleted and restored. No job is lost, the population never passes
+    nominal (less those retiring), and each problem is on /services or /sites and one alarm."""
+    backups, calibration, broken = tmp_path / "backups", tmp_path / "calibration-db-up", tmp_path / "broken-env"
+    server = start_server(["--backup-dir", str(backups), "--backup-every", "2", "--backup-keep", "3",
+                           "--lease-beats", "10"])
+    nominal = 3
+    server.api.define_site("hpc", pilots=nominal, heartbeat=0.5, pilotlife=20, canary_period=1,
+                           canary=f"test -e {calibration} || {{ echo 'calibration DB unreachable' >&2; exit 2; }}")
+    env = dict(slurm, **{k: v for k, v in server.env.items() if k.startswith("P3S_")}, P3S_HOME=ROOT,
+               P3S_PILOT_ARGS=f"-p 0.5 -b 0.5 -L {server.logs}", P3S_RUNDIR=str(tmp_path / "run"))
+    server.env.update(env)
+    submit = tmp_path / "submit.sh"         # the node environment breaks while `broken` exists
+    submit.write_text(f'#!/bin/bash\n[ -e {broken} ] && export P3S_PYTHON=/nonexistent/python3\n'
+                      f'exec sbatch --array=1-"$1" {ROOT}/deploy/slurm-pilots.sh\n')
+    submit.chmod(0o755)
+    held = subprocess.run(["sbatch", "--hold", "--array=1-2", "deploy/slurm-pilots.sh"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert held.returncode == 0, held.stderr
+    run_factory(server, "hpc", f"{submit} {{n}}", "--status", SQUEUE, "--remove", "scancel {ids}",
+                "--pending-timeout", "3", "-p", "1", "-v")
+    samples, sampling, submitted = [], threading.Event(), []
+    watcher = Client(server.url, token_file=str(server.token_file))
+
+    def sample():                       # the population every 0.3 s, the server down or not
+        while not sampling.wait(0.3):
+            try:
+                site = watcher.get_site("hpc")
+            except P3SError:
+                continue
+            samples.append(site["live"] - site["retiring"])
+    threading.Thread(target=sample, daemon=True).start()
+
+    def raised():
+        return collections.Counter((e["name"], e["kind"]) for e in server.api.call("GET", "/api/alarms/history")["events"])
+
+    def feed(n):
+        submitted.extend(server.submit([shell_job("sleep 0.3", max_attempts=4) for _ in range(n)]))
+    try:
+        feed(20)
+        wait_until(lambda: ("canary_failed", "raised") in raised(), 30, 0.3, "the failing canary's alarm")
+        assert "calibration DB unreachable" in server.page("/sites")
+        wait_until(lambda: live(server, "hpc") == nominal, 60, 0.3, "the held array replaced, at nominal")
+        calibration.write_text("")
+        victim = next(p for p in server.api.list_pilots(site="hpc") if p["state"] != "stopped")
+        os.kill(victim["pid"], signal.SIGKILL)
+        feed(20)
+        broken.write_text("")
+        scancelled = next(p for p in server.api.list_pilots(site="hpc")
+                          if p["state"] != "stopped" and p["uuid"] != victim["uuid"])
+        os.kill(scancelled["pid"], signal.SIGTERM)        # what scancel does to the pilot
+        wait_until(lambda: server.alarms("pilots_not_starting"), 60, 0.3, "pilots_not_starting, after three")
+        services = server.page("/services")
+        assert "pilot(s) of a round registered within --pending-timeout" in services, services
+        assert not server.alarms("canary_failed"), "the canary passes again"
+        broken.unlink()
+        wait_until(lambda: live(server, "hpc") == nominal, 60, 0.3, "healed: back at nominal")
+        feed(20)
+        server.wait_jobs(submitted, timeout=60)
+        last = time.time()
+        wait_until(lambda: (server.api.call("GET", "/api/health")["backup"]["last_ok"] or 0) > last + 0.5, 15,
+                   0.3, "a copy made after the last submission")
+        newest = sorted(backups.glob("*.db"))[-1]
+        server.kill9()
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(server.db + suffix):
+                os.unlink(server.db + suffix)
+        server.extra_args += ["--restore", str(newest)]
+        server.start()
+        feed(10)
+        states = server.wait_jobs(submitted, timeout=60)
+        wait_until(lambda: live(server, "hpc") == nominal, 60, 0.3, "the pilots back with the restored server")
+    finally:
+        sampling.set()
+    assert {s["state"] for s in states.values()} == {"finished"} and len(states) == 70, "a job was lost"
+    assert max(samples) <= nominal, f"the population passed nominal: {samples}"
+    outputs = " ".join(p.read_text() for p in (tmp_path / "run").glob("pilot-slurm-*.log"))
+    assert "exiting: end of its life (20 s)" in outputs, "no pilot reached its lifetime"
+    assert "removed the 2 held" in (server.dir / "factory.log").read_text()
+    events = raised()
+    for name in ("canary_failed", "pilots_not_starting"):
+        assert events[(name, "raised")] == 1, (name, events)
