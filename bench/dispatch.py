@@ -3,6 +3,7 @@
 
     python bench/dispatch.py [--pilots 8] [--jobs 400] [--latency-jobs 40] [--queued 100000]
     python bench/dispatch.py --against REV [--repeat 3] [--pilots 8] [--jobs 1500]
+    python bench/dispatch.py --systems 1,4,8 [--huey-venv DIR] [--repeat 3] [--jobs 2000]
 
 Prints, from one run on this machine:
   - the bare http.server request rate (ThreadingHTTPServer answering a small JSON, same client
@@ -15,10 +16,11 @@ Prints, from one run on this machine:
     whose backlog arrives before any job ran (statistics then see only queued jobs, `pilot`
     NULL in every row),
   - submit-to-start latency of an idle pilot, and with --idle-pilots waiting: median and p95,
-  - the ceiling at one pilot: the ratio a system with no cost of its own would reach, its job
-    being only what no job system can skip here: the payload's start and end (/bin/true
-    spawned and waited for), one durable sqlite commit and one bare request.
-With --against REV, only the throughput and CPU figures, for this checkout and REV (a git
+  - the true ceiling at the same pilot count (bench/ceiling.py: the least pilot-based system
+    built of the same parts, one durable commit a job over kept-alive connections) and p3s's
+    share of it.
+With --systems, p3s, the ceiling and (with --huey-venv) huey at each pilot count, alternating,
+--repeat times, as a table of medians and min-max. With --against REV, only the throughput and CPU figures, for this checkout and REV (a git
 worktree of it) in turn, --repeat times: on a shared machine only alternating runs compare.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
@@ -39,6 +41,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from serverAPI import Client  # noqa: E402
+import ceiling  # noqa: E402  (bench/, this script's directory)
+from ceiling import answer, cpu_seconds  # noqa: E402
 
 TIME_LIMIT = 300    # seconds any one phase may take
 
@@ -46,12 +50,7 @@ TIME_LIMIT = 300    # seconds any one phase may take
 class Bare(BaseHTTPRequestHandler):
     def do_POST(self):
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        body = b'{"job": null}'
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        answer(self, b'{"job": null}')
 
     def log_message(self, *args):
         pass
@@ -209,13 +208,6 @@ def empty_claim_ms(client, n=50):
     return statistics.median(times) * 1000
 
 
-def cpu_seconds(pid):
-    """A process's own CPU (user + system), its children not included."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def server_cpu_seconds(proc):
     return cpu_seconds(proc.pid)
 
@@ -291,31 +283,6 @@ def stop(server, pilots):
         pilot.wait(30)
 
 
-def ceiling(workdir, n=300):
-    """The ratio at one pilot of a job system that costs nothing itself: its job takes only what
-    none can skip here, the payload's start and end, one durable commit and one bare request."""
-    spawned, committed = [], []
-    for _ in range(n):
-        started = time.perf_counter()
-        os.waitpid(os.posix_spawn("/bin/true", ["/bin/true"], os.environ), 0)
-        spawned.append(time.perf_counter() - started)
-    conn = sqlite3.connect(os.path.join(workdir, "ceiling.db"), isolation_level=None)
-    conn.executescript("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; CREATE TABLE t(x)")
-    for i in range(n):
-        started = time.perf_counter()
-        conn.execute("BEGIN IMMEDIATE")
-        conn.execute("INSERT INTO t VALUES(?)", (i,))
-        conn.execute("COMMIT")
-        committed.append(time.perf_counter() - started)
-    conn.close()
-    bare = bare_rate(1, 1000)
-    floor = statistics.median(spawned) + statistics.median(committed) + 1 / bare
-    return {"payload_start_and_end_ms": round(statistics.median(spawned) * 1000, 3),
-            "durable_commit_ms": round(statistics.median(committed) * 1000, 3),
-            "bare_request_ms": round(1000 / bare, 3),
-            "ceiling_ratio_one_pilot": round(1 / floor / bare, 3)}
-
-
 def compare(args):
     """This checkout against REV, alternating, --repeat times each: the throughput figures of
     every run, and each side's median."""
@@ -353,6 +320,74 @@ def compare(args):
     return 0
 
 
+def p3s_run(n_pilots, args):
+    """One p3s throughput run with n_pilots pilots on a fresh server (dispatch figures)."""
+    workdir = tempfile.mkdtemp(prefix="p3s-bench-")
+    bare = bare_rate(n_pilots, 2000)
+    server, url, token = start_server(workdir)
+    pilots = []
+    try:
+        client = Client(url, token_file=token, retry_for=10)
+        pilots = start_pilots(n_pilots, url, token, workdir)
+        wait_idle(client, n_pilots)
+        return throughput_figures(server, client, pilots, args, bare)
+    finally:
+        stop(server, pilots)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def other_run(command):
+    """A run of bench/ceiling.py or bench/huey_run.py: the JSON line it prints."""
+    ran = subprocess.run(command, capture_output=True, text=True, timeout=TIME_LIMIT)
+    if ran.returncode:
+        raise SystemExit(f"{command[1]}: {ran.stderr.strip()[-500:]}")
+    return json.loads(ran.stdout)
+
+
+def huey_python(venv):
+    """The Python of a virtual environment with huey, made where missing (a bench may use one;
+    the tools may not)."""
+    python = os.path.join(venv, "bin", "python")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+    if subprocess.run([python, "-c", "import huey"], capture_output=True).returncode:
+        subprocess.run([python, "-m", "pip", "install", "-q", "huey"], check=True)
+    return python
+
+
+def spread(values, digits=0):
+    """'median (min-max)'."""
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def systems(args):
+    """p3s, the true ceiling (bench/ceiling.py) and, with --huey-venv, huey, side by side at each
+    pilot count, alternating, --repeat times: jobs/s as median (min-max) and the ratios."""
+    counts = [int(n) for n in args.systems.split(",")]
+    huey = huey_python(args.huey_venv) if args.huey_venv else None
+    runs = {}
+    for _ in range(args.repeat):
+        for n in counts:
+            runs.setdefault(("p3s", n), []).append(p3s_run(n, args))
+            runs.setdefault(("ceiling", n), []).append(ceiling.run(n, args.jobs))
+            if huey:
+                runs.setdefault(("huey", n), []).append(other_run(
+                    [huey, os.path.join(ROOT, "bench", "huey_run.py"), "--workers", str(n), "--jobs", str(args.jobs)]))
+            print(json.dumps({f"{system} {k}": r[-1] for (system, k), r in runs.items() if k == n}), flush=True)
+    print(f"\n{args.jobs} /bin/true jobs a run, {args.repeat} runs of each, alternated; median (min-max)\n")
+    print("| N | p3s jobs/s | server CPU ms/job | pilot CPU ms/job | ceiling jobs/s | p3s / ceiling | "
+          "huey jobs/s | p3s / huey |\n|---|---|---|---|---|---|---|---|")
+    for n in counts:
+        p3s = [r["p3s_jobs_per_s"] for r in runs[("p3s", n)]]
+        top = [r["jobs_per_s"] for r in runs[("ceiling", n)]]
+        hue = [r["jobs_per_s"] for r in runs.get(("huey", n), [])]
+        print(f"| {n} | {spread(p3s)} | {spread([r['server_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
+              f"{spread([r['pilots_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | {spread(top)} | "
+              f"{spread([a / b for a, b in zip(p3s, top)], 2)} | "
+              + (f"{spread(hue)} | {spread([a / b for a, b in zip(p3s, hue)], 2)} |" if hue else "- | - |"))
+    return 0
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--pilots", type=int, default=8)
@@ -364,10 +399,16 @@ def main(argv=None):
                    help="then prefill this many jobs for a site no pilot serves, ANALYZE, and measure again")
     p.add_argument("--against", metavar="REV",
                    help="only throughput and CPU, this checkout and git revision REV in turn")
-    p.add_argument("--repeat", type=int, default=3, help="runs of each side with --against")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each side with --against or --systems")
+    p.add_argument("--systems", metavar="N,N,...",
+                   help="p3s beside the true ceiling (bench/ceiling.py) and huey at these pilot counts")
+    p.add_argument("--huey-venv", metavar="DIR", help="with --systems: huey from this virtual environment "
+                   "(made, and huey installed, where missing)")
     args = p.parse_args(argv)
     if args.against:
         return compare(args)
+    if args.systems:
+        return systems(args)
     workdir = tempfile.mkdtemp(prefix="p3s-bench-")
     bare = bare_rate(args.pilots, 2000)
     server, url, token = start_server(workdir)
@@ -399,10 +440,11 @@ def main(argv=None):
             crowd = latencies(client, args.latency_jobs)
     finally:
         stop(server, pilots)
-    try:
-        result.update(ceiling(workdir))
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)      # with --queued 1000000, most of a gigabyte
+    shutil.rmtree(workdir, ignore_errors=True)      # with --queued 1000000, most of a gigabyte
+    top = ceiling.run(args.pilots, args.jobs)
+    result.update({"ceiling_jobs_per_s": top["jobs_per_s"],
+                   "p3s_to_ceiling": round(jobs_per_s / top["jobs_per_s"], 2),
+                   "ceiling_server_cpu_ms_per_job": top["server_cpu_ms_per_job"]})
     result.update({
         "queued": args.queued,
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
