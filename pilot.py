@@ -889,7 +889,7 @@ class Provenance:
 
     def __init__(self, site, host, pilot):
         self.where = {"site": site, "host": host, "pilot": pilot, "p3s": VERSION}
-        self.hashes, self.described = {}, {}
+        self.hashes, self.described, self.digests = {}, {}, {}
 
     def start(self, command, shell, env):
         """Called as the payload starts: its files now, the input's checksum from now on."""
@@ -897,7 +897,17 @@ class Provenance:
         if reader.path:         # a job without input starts no thread
             reader.start()
         return {"payload": [self.identity(path) for path in payload_files(command, shell)],
-                "versions": versions(env), "env_sha256": env_digest(env), **self.where}, reader
+                "versions": versions(env), "env_sha256": self.env_digest(env), **self.where}, reader
+
+    def env_digest(self, env):
+        """env_digest, kept by the environment's values: jobs of a stream run in the same one,
+        and its masking and hashing cost seven times the look-up."""
+        key = frozenset(item for item in env.items() if item[0] not in PER_JOB_VARS)
+        if key not in self.digests:
+            if len(self.digests) >= 64:
+                self.digests.clear()
+            self.digests[key] = env_digest(env)
+        return self.digests[key]
 
     def identity(self, path):
         found = {"path": path}
@@ -976,12 +986,14 @@ def versions(env):
     return {name: env[name] for name in names if name in env}
 
 
+PER_JOB_VARS = ("P3S_JOB_UUID", "P3S_JOB_DIR", "P3S_PILOT_UUID", "P3S_INPUT_FILE", "P3S_OUTPUT_DIR")
+
+
 def env_digest(env):
     """The environment's sha256 (p3s's per-job values left out: every job has its own), the
     values of secret-looking names masked, so two jobs that ran alike have the same digest."""
-    per_job = ("P3S_JOB_UUID", "P3S_JOB_DIR", "P3S_PILOT_UUID", "P3S_INPUT_FILE", "P3S_OUTPUT_DIR")
     lines = "".join(f"{k}={'(hidden)' if SECRET_NAME.search(k) else v}\n"
-                    for k, v in sorted(env.items()) if k not in per_job)
+                    for k, v in sorted(env.items()) if k not in PER_JOB_VARS)
     return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
 
 
