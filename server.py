@@ -3618,8 +3618,8 @@ class Alarms:
                 "site's pilots may fail real data too", f"/site/{site['name']}", site=site["name"]))
         if figures.get("unstarted_requests", 0) >= UNSTARTED_REQUESTS:
             found.append(self.alarm(
-                "pilots_not_starting", f"{site['name']}: {figures['unstarted_requests']} pilot requests of the last "
-                "day registered no pilot at all: the batch jobs die before pilot.py starts? (their output: "
+                "pilots_not_starting", f"{site['name']}: {figures['unstarted_requests']} pilot requests in a row "
+                "registered no pilot at all: the batch jobs die before pilot.py starts? (their output: "
                 "P3S_RUNDIR, pilot-slurm-*.log)", f"/site/{site['name']}", site=site["name"]))
         lives = figures["lost_lives_1h"]
         life = median(lives)
@@ -4700,9 +4700,10 @@ class Service:
                                       (site["name"], t - MAX_SECONDS, t))[0]
         failed = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM error_hosts WHERE bucket >= ? AND site = ?",
                                      (int(t - 3600) // ERROR_BUCKET, site["name"]))[0]   # as /failures?since=1h
-        unstarted = self.store.read_one("SELECT COUNT(*) FROM requests INDEXED BY requests_site WHERE site=? AND ts > ? "
-                                        "AND state='open' AND expires <= ? AND registered = 0",
-                                        (site["name"], t - 86400, t))[0]
+        unstarted = self.store.read_one(    # of the day, since the last request that started a pilot: healed, none
+            "SELECT COUNT(*) FROM requests INDEXED BY requests_site WHERE site=? AND ts > MAX(?, (SELECT COALESCE("
+            "MAX(ts), 0) FROM requests INDEXED BY requests_site WHERE site=? AND ts > ? AND registered > 0)) "
+            "AND state='open' AND expires <= ? AND registered = 0", (site["name"], t - 86400, site["name"], t - 86400, t))[0]
         nominal = site["pilots"] or 0
         waits = site.get("floor") is None or self.store.read_one(
             "SELECT COALESCE(SUM(n), 0) FROM waiting WHERE site IN (?, '')", (site["name"],))[0] > 0

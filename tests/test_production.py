@@ -438,7 +438,7 @@ def test_requests_whose_pilots_never_register_back_off_say_where_to_look_and_ala
     assert done.returncode == 0 and "none of the 2 pilot(s) of a round registered" in done.stderr, done.stderr
     assert "look at their output" in done.stderr and "next try in 2 s" in done.stderr
     [alarm] = p3s.alarms("pilots_not_starting")
-    assert alarm["site"] == "np04" and "pilot requests of the last day registered no pilot" in alarm["message"]
+    assert alarm["site"] == "np04" and "pilot requests in a row registered no pilot" in alarm["message"]
     assert 3 <= len(p3s.api.get_site("np04")["requests"]) <= 4, "the factory kept submitting without backing off"
 
 
@@ -667,6 +667,7 @@ def test_a_production_hour_over_slurm_accelerated(start_server, slurm, tmp_path)
         assert not server.alarms("canary_failed"), "the canary passes again"
         broken.unlink()
         wait_until(lambda: live(server, "hpc") == nominal, 60, 0.3, "healed: back at nominal")
+        wait_until(lambda: not server.alarms("pilots_not_starting"), 10, 0.3, "the alarm cleared once pilots start")
         feed(20)
         server.wait_jobs(submitted, timeout=60)
         last = time.time()
