@@ -79,10 +79,13 @@ def serve(queue):
 
 
 def work(port, name):
-    """A worker: claim, run /bin/true, report with the next claim, until nothing is queued."""
+    """A worker: connected, it says so and waits for the go (its Python's start is not timed);
+    then claim, run /bin/true, report with the next claim, until nothing is queued."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)     # headers and body: no 40 ms wait
+    print("ready", flush=True)
+    sys.stdin.readline()
     done, deadline = None, time.monotonic() + TIME_LIMIT
     while time.monotonic() < deadline:
         conn.request("POST", "/next", json.dumps({"worker": name, "done": done}),
@@ -107,9 +110,15 @@ def run(workers, n_jobs):
                                   stdout=subprocess.PIPE, text=True)
         try:
             port = int(server.stdout.readline())
+            procs = [subprocess.Popen([sys.executable, __file__, "work", str(port), f"w{i}"], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True) for i in range(workers)]
+            for p in procs:
+                p.stdout.readline()
             cpu = cpu_seconds(server.pid)
             started = time.perf_counter()
-            procs = [subprocess.Popen([sys.executable, __file__, "work", str(port), f"w{i}"]) for i in range(workers)]
+            for p in procs:
+                p.stdin.write("go\n")
+                p.stdin.close()
             for p in procs:
                 p.wait(TIME_LIMIT)
             elapsed = time.perf_counter() - started
