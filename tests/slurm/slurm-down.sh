@@ -14,3 +14,13 @@ stop() {  # TERM the PIDs in the given pidfiles, wait up to 10 s, then KILL
 }
 stop "$BASE"/slurmd-*.pid "$BASE/slurmctld.pid"   # slurmd ignores TERM while munge is unreachable: KILL fallback
 stop "$BASE/munged.pid"
+# Job step daemons (slurmstepd) outlive slurmd, reparented to init: ours are those holding a file
+# under $BASE open (their node's log), whatever their name says.
+for proc in /proc/[0-9]*; do
+  for fd in "$proc"/fd/*; do
+    case "$(readlink "$fd" 2>/dev/null)" in
+      "$BASE"/*) kill -KILL "${proc#/proc/}" 2>/dev/null; break ;;
+    esac
+  done
+done
+exit 0
