@@ -175,11 +175,13 @@ class Factory:
         if self.status_command:
             batch = self.ask_batch_system()
             stale = self.stale(batch["pending"])
-            queued = [job for job in batch["pending"] if job not in stale]
+            removed_stale, said_stale = self.remove("stale", stale)
+            queued = [job for job in batch["pending"] if not (removed_stale and job in stale)]
             removed_held, said_held = self.remove("held", batch["held"])
-            asked = batch_words(batch) + said_held + self.remove("stale", stale)[1]
+            asked = batch_words(batch) + said_held + said_stale
             if removed_held:
-                pending = self.forget_requests(site["requests"])
+                self.forget_requests(site["requests"])
+                pending = 0                         # by the server: those requests are cancelled
             pending = max(len(queued), pending)     # more if a request's batch jobs died unregistered
             missing = max(0, site["wanted"] - (live - site["retiring"]) - pending)
         submitted = 0
@@ -235,16 +237,16 @@ class Factory:
 
     def forget_requests(self, requests):
         """Batch jobs were removed: the open requests they may belong to no longer count as
-        pending (the batch system's listing counts what is still queued): 0 pending."""
+        pending (the batch system's listing counts what is still queued)."""
         for r in requests:
             if r["pending"]:
                 self.client.cancel_request(r["id"])
         self.awaited.clear()
-        return 0
 
     def stale(self, pending):
-        """The batch jobs pending longer than --pending-timeout: their request has expired on
-        the server, so they are removed and replaced, never left to start late."""
+        """The batch jobs pending longer than --pending-timeout (and since when each one is, for
+        trim): their request has expired on the server, so they are removed and replaced, never
+        left to start late. One that cannot be removed still counts as pending."""
         t = time.monotonic()
         self.pending_since = {i: self.pending_since.get(i, t) for i, _ in pending}
         return [(i, r) for i, r in pending if t - self.pending_since[i] >= self.args.pending_timeout]

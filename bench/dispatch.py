@@ -20,8 +20,9 @@ Prints, from one run on this machine:
     built of the same parts, one durable commit a job over kept-alive connections) and p3s's
     share of it.
 With --systems, p3s, the ceiling and (with --huey-venv) huey at each pilot count, alternating,
---repeat times, as a table of medians and min-max. With --against REV, only the throughput and CPU figures, for this checkout and REV (a git
-worktree of it) in turn, --repeat times: on a shared machine only alternating runs compare.
+--repeat times, as a table of medians and min-max. With --against REV, only the throughput and
+CPU figures, for this checkout and REV (a git worktree of it) in turn, --repeat times: on a
+shared machine only alternating runs compare.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
 import argparse
@@ -336,8 +337,9 @@ def p3s_run(n_pilots, args):
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def other_run(command):
-    """A run of bench/ceiling.py or bench/huey_run.py: the JSON line it prints."""
+def huey_run(python, workers, n_jobs):
+    """A run of bench/huey_run.py under the huey environment's Python: the JSON line it prints."""
+    command = [python, os.path.join(ROOT, "bench", "huey_run.py"), "--workers", str(workers), "--jobs", str(n_jobs)]
     ran = subprocess.run(command, capture_output=True, text=True, timeout=TIME_LIMIT)
     if ran.returncode:
         raise SystemExit(f"{command[1]}: {ran.stderr.strip()[-500:]}")
@@ -371,8 +373,7 @@ def systems(args):
             runs.setdefault(("p3s", n), []).append(p3s_run(n, args))
             runs.setdefault(("ceiling", n), []).append(ceiling.run(n, args.jobs))
             if huey:
-                runs.setdefault(("huey", n), []).append(other_run(
-                    [huey, os.path.join(ROOT, "bench", "huey_run.py"), "--workers", str(n), "--jobs", str(args.jobs)]))
+                runs.setdefault(("huey", n), []).append(huey_run(huey, n, args.jobs))
             print(json.dumps({f"{system} {k}": r[-1] for (system, k), r in runs.items() if k == n}), flush=True)
     print(f"\n{args.jobs} /bin/true jobs a run, {args.repeat} runs of each, alternated; median (min-max)\n")
     print("| N | p3s jobs/s | server CPU ms/job | pilot CPU ms/job | ceiling jobs/s | p3s / ceiling | "

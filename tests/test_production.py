@@ -572,6 +572,17 @@ def test_the_factory_removes_batch_jobs_pending_too_long_and_those_no_longer_wan
     assert not queued(unwanted) and log.read_text().count("removed the 2 stale") == 1, "removed as stale, not unwanted"
 
 
+def test_a_queued_batch_job_that_cannot_be_removed_still_counts_as_pending(p3s):
+    """Past --pending-timeout a queued batch job is replaced only once it is removed: without a
+    remove command (or when removing fails) it may still start, so it keeps counting."""
+    p3s.api.define_site("np04", pilots=1, heartbeat=0.5)
+    done = p3s.run("factory.py", "-s", "np04", "--command", "true", "--status", "echo 42 PENDING Priority",
+                   "--pending-timeout", "1", "-p", "1", "-c", "3", "-v", timeout=60)
+    rounds = [line for line in done.stderr.splitlines() if "nominal 1" in line]
+    assert done.returncode == 0 and len(rounds) == 3, done.stderr
+    assert all("pending 1 (the batch system says: Priority), submitted 0" in line for line in rounds), rounds
+
+
 def test_a_slow_submit_is_said_while_it_runs_not_taken_for_a_silent_factory(p3s):
     p3s.api.define_site("np04", pilots=1, heartbeat=0.5)
     factory = run_factory(p3s, "np04", "sh -c 'sleep 4' {n}", "-p", "1", "-c", "1")
