@@ -128,6 +128,56 @@ def test_every_migration_runs_on_an_empty_database(tmp_path):
     store.close()
 
 
+def test_an_end_report_that_claims_the_next_job_leaves_the_pilot_in_the_right_state(tmp_path):
+    """The end report leaves the pilot's state to the claim in the same transaction: it holds
+    its next job (dispatched), or none (no jobs), or, told to drain, none (active); its jobs are
+    counted and the pilots' counts table agrees with the pilots."""
+    store = server.Store(str(tmp_path / "p.db"))
+    service = server.Service(store)
+    p = service.register({"secret": "s" * 20, "heartbeat": 30})
+    service.submit({"jobs": [{"payload": "x"} for _ in range(2)]}, "t")
+    job = service.broker.request_job(p["uuid"], {}, p["secret"])["job"]
+
+    def end(job):
+        return service.report(job["uuid"], {"pilot": p["uuid"], "attempt": 1, "state": "finished", "exit_code": 0,
+                                            "runtime": 0.01, "next": True}, p["secret"])["next"]
+
+    def pilot():
+        row = store.read_one("SELECT state, job, jobs_done FROM pilots WHERE uuid=?", (p["uuid"],))
+        counts = dict(store.read("SELECT state, n FROM pilot_counts WHERE n > 0"))
+        assert counts == {row["state"]: 1}, counts
+        return tuple(row)
+    following = end(job)["job"]
+    assert pilot() == ("dispatched", following["uuid"], 1)
+    service.mark_pilots({"directive": "drain", "uuid": p["uuid"]}, "ann")
+    assert end(following) == {"job": None, "directive": "drain"}
+    assert pilot() == ("active", None, 2)
+    store.close()
+
+
+def test_v16_keeps_each_jobs_provenance_now_kept_by_its_id(tmp_path):
+    """A v15 database's provenance (by uuid) is moved to its job's id, still found by the job's
+    uuid, and goes with its job."""
+    path = str(tmp_path / "old.db")
+    conn = server.connect(path)
+    for step in server.MIGRATIONS[:15]:
+        for statement in server.statements(step):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version=15")
+    for i, uuid in enumerate(("u-a", "u-b")):
+        conn.execute("INSERT INTO jobs(uuid, payload, state, ts_def) VALUES(?, 'x', 'finished', 1)", (uuid,))
+        conn.execute("INSERT INTO provenance(uuid, data) VALUES(?, ?)", (uuid, f'{{"host": "n{i}"}}'))
+    conn.close()
+    store = server.Store(path)
+    assert store.schema_version == 16
+    assert [store.read_one(server.PROVENANCE_OF, (u,))[0] for u in ("u-a", "u-b")] == ['{"host": "n0"}', '{"host": "n1"}']
+    with store.transaction() as conn:
+        conn.execute("DELETE FROM jobs WHERE uuid='u-a'")
+    assert store.read_one("SELECT COUNT(*) FROM provenance")[0] == 1
+    assert store.read_one(server.PROVENANCE_OF, ("u-b",))[0] == '{"host": "n1"}'
+    store.close()
+
+
 @pytest.mark.parametrize("python,sqlite,problem", [
     ((3, 9, 18), (3, 34, 1), None),
     ((3, 9, 0), (3, 26, 0), None),
