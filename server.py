@@ -8137,17 +8137,16 @@ class Handler(BaseHTTPRequestHandler):
         self.send_bytes(status, text.encode(), "text/html; charset=utf-8")
 
     def find_route(self, method, path):
-        allowed = False
+        """The route of `method` matching `path` (only this method's paths are matched: a
+        pilot's report passes no GET); a 405 if another method's does, else a 404."""
         for m, regex, name, parts, auth in ROUTES:
-            match = regex.match(path)
+            match = m == method and regex.match(path)
             if match:
-                if m == method:
-                    groups = {k: unquote(v) for k, v in match.groupdict().items()}
-                    if "uuid" in groups:
-                        groups["uuid"] = as_uuid(groups["uuid"], "uuid")
-                    return name, list(groups.values()), parts, auth
-                allowed = True
-        if allowed:
+                groups = {k: unquote(v) for k, v in match.groupdict().items()}
+                if "uuid" in groups:
+                    groups["uuid"] = as_uuid(groups["uuid"], "uuid")
+                return name, list(groups.values()), parts, auth
+        if any(regex.match(path) for _, regex, *_ in ROUTES):
             raise ApiError(405, f"{method} {path}: method not allowed")
         raise ApiError(404, f"{path}: no such endpoint")
 
