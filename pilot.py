@@ -77,8 +77,7 @@ PR_SET_CHILD_SUBREAPER = 36    # prctl(2): orphans of a payload become the pilot
 CRASHED = "crashed"         # how a deregistration begins when the pilot died of a defect
 UNDELIVERED = "undelivered"     # <joblogdir>/undelivered/<job uuid>.json: end reports pilots left behind
 HOUR_DIR = re.compile(r"\d{8}-\d{2}")       # <joblogdir>/<YYYYMMDD-HH>/: an hour of job files
-JOB_FILE = re.compile(r"\.?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err|\.dirs)?")
-SPARES = 2      # job directories, with their two log files, a pilot keeps made ahead (Spares)
+JOB_FILE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}(\.out|\.err|\.dirs)?")
 log = logging.getLogger("p3s.pilot")
 
 
@@ -385,98 +384,6 @@ class Watchdog:
                 self.proc.stdin.close()
 
 
-def hour_directory(joblogdir):
-    """Where this hour's jobs keep their logs and directories: <joblogdir>/<YYYYMMDD-HH>."""
-    return os.path.abspath(os.path.join(joblogdir, time.strftime("%Y%m%d-%H")))
-
-
-class Spares:
-    """A job's directory and its two log files, made ahead in a thread of their own: a job's
-    start renames a ready set into place instead of creating them, and its empty directory is
-    removed after its report, in that thread too. Creating a file costs the kernel an inode
-    (0.23-0.28 ms of CPU on the development VM, a round trip to the file server on a network
-    file system), renaming it a fifteenth of that, so each job starts that much sooner. A set is
-    named .UUID (.out, .err, and the directory), a fresh uuid each: pilots sharing a job log
-    directory never take each other's; the pilot removes its own at its end, and those a killed
-    pilot left go with the old job files (clean_job_files).
-
-    Methods for the caller: take(hour, job_dir, out_path, err_path) at a job's start (False:
-    none was ready, make them), ended(job_dir) once its report is sent, close() at the end."""
-
-    def __init__(self, joblogdir):
-        self.joblogdir = joblogdir
-        self.ready = collections.deque()    # (hour directory, stem) of the sets made ahead
-        self.ended_dirs = collections.deque()   # job directories to remove, if left empty
-        self.lock = threading.Lock()        # a set is made and listed, or the spares closed, at once
-        self.wanted = threading.Event()
-        self.closed = False
-        self.wanted.set()                   # the first job's set made before it comes
-        threading.Thread(target=self.loop, name="spares", daemon=True).start()
-
-    def take(self, hour, job_dir, out_path, err_path):
-        self.wanted.set()
-        while self.ready:
-            made_in, stem = self.ready.popleft()
-            if made_in != hour:         # made in the hour before: not this job's directory
-                self.remove(stem)
-                continue
-            try:
-                for source, target in ((stem + ".out", out_path), (stem + ".err", err_path), (stem, job_dir)):
-                    os.rename(source, target)
-                return True
-            except OSError:             # removed meanwhile (a clean-up by hand): made anew
-                self.remove(stem)
-        return False
-
-    def ended(self, job_dir):
-        self.ended_dirs.append(job_dir)
-        self.wanted.set()
-
-    def loop(self):
-        while not self.closed:
-            self.wanted.wait()
-            self.wanted.clear()
-            while self.ended_dirs:
-                with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
-                    os.rmdir(self.ended_dirs.popleft())
-            self.refill()
-
-    def refill(self):
-        hour = hour_directory(self.joblogdir)
-        while len(self.ready) < SPARES:
-            with self.lock:
-                if self.closed:
-                    return
-                stem = os.path.join(hour, "." + str(uuidlib.uuid4()))
-                try:
-                    make_job_dir(stem)
-                    for ext in (".out", ".err"):
-                        os.close(os.open(stem + ext, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-                except OSError as e:    # the job's start makes its own, and says why if it cannot
-                    log.debug("no spare job files in %s: %s", hour, e)
-                    self.remove(stem)
-                    return
-                self.ready.append((hour, stem))
-
-    @staticmethod
-    def remove(stem):
-        for path in (stem + ".out", stem + ".err"):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-        with contextlib.suppress(OSError):
-            os.rmdir(stem)
-
-    def close(self):
-        with self.lock:
-            self.closed = True
-            while self.ready:
-                self.remove(self.ready.popleft()[1])
-            while self.ended_dirs:
-                with contextlib.suppress(OSError):
-                    os.rmdir(self.ended_dirs.popleft())
-        self.wanted.set()
-
-
 def make_job_dir(job_dir):
     """The job's directory, in its hour directory, made as well the first time (or again, once
     the clean-up removed it empty): one mkdir a job. A retried job may find its own."""
@@ -655,8 +562,8 @@ def clean_job_files(joblogdir, max_age):
     hours = [os.path.join(joblogdir, d) for d in listdir(joblogdir) if HOUR_DIR.fullmatch(d)]
     for top in [joblogdir, *hours]:
         by_job = {}
-        for name in filter(JOB_FILE.fullmatch, listdir(top)):     # a job's files, or a spare set (.UUID)
-            by_job.setdefault(name[:37].lstrip("."), []).append(os.path.join(top, name))
+        for name in filter(JOB_FILE.fullmatch, listdir(top)):
+            by_job.setdefault(name[:36], []).append(os.path.join(top, name))
         for paths in by_job.values():
             try:
                 if max(os.lstat(p).st_mtime for p in paths) >= cutoff:
@@ -1179,7 +1086,6 @@ class Pilot:
         self.current = None             # the Execution in progress, if any (set by the main thread)
         become_subreaper()
         self.watchdog = Watchdog()
-        self.spares = Spares(args.joblogdir)
         self.lease = None               # seconds the server keeps our job while we are silent
         self.last_contact = time.monotonic()    # the last answer from the server
         self.dropped = None             # why the server no longer knows us: register again
@@ -1267,7 +1173,6 @@ class Pilot:
         finally:
             self.beats.set()
             self.deregister()
-            self.spares.close()
             self.watchdog.close()
         return code
 
@@ -1455,7 +1360,7 @@ class Pilot:
     def run_job(self, job, ask_next=False):
         """Run one job to its end and report it; the end report asks for the next job too
         (`ask_next`), which the next request() then takes without a round trip."""
-        hour = hour_directory(self.args.joblogdir)
+        hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
         out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
         log.debug("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
         try:
@@ -1490,8 +1395,9 @@ class Pilot:
             report["provenance"] = {**ran, "input": input_sum.identity()}
             if plots:       # beside the plots, for whoever reads them where they lie (EOS)
                 write_json(os.path.join(plots, "provenance.json"), report["provenance"])
+        with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
+            os.rmdir(execution.env["P3S_JOB_DIR"])
         self.send_report(job, report, ask_next and not self.near_end_of_life(), ended)
-        self.spares.ended(execution.env["P3S_JOB_DIR"])
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every
@@ -1532,11 +1438,9 @@ class Pilot:
 
     def start(self, job, out_path, err_path):
         command, shell = payload_command(job, self.args.shell)
-        hour = os.path.dirname(out_path)
-        job_dir = os.path.join(hour, job["uuid"])
+        job_dir = os.path.join(os.path.dirname(out_path), job["uuid"])
         env = payload_env(self.inherited_env, self.site_env, job, self.uuid, job_dir)
-        if not self.spares.take(hour, job_dir, out_path, err_path):
-            make_job_dir(job_dir)
+        make_job_dir(job_dir)
         if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
             command = copy_payload(command, job_dir)
         pid = spawn(command, shell, env, out_path, err_path)

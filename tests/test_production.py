@@ -364,42 +364,6 @@ def test_a_production_hour_accelerated(tmp_path, start_server):
     assert "service_silent" not in alarms, alarms
 
 
-def spare_sets(directory):
-    """{stem: inode of its .out} of the spare job file sets (.UUID, .UUID.out, .UUID.err) in `directory`."""
-    names = os.listdir(directory) if directory.exists() else []
-    return {n[:-4]: os.stat(directory / n).st_ino for n in names if n.startswith(".") and n.endswith(".out")}
-
-
-def test_a_pilot_makes_its_job_files_ahead_and_leaves_none_behind(p3s):
-    """A job's directory and logs are a set the pilot made ahead, renamed into place (the same
-    inode); a directory the job left empty goes, one it wrote to stays; a pilot that ends removes
-    its spare sets, and those of a killed pilot go with the old job files."""
-    from pilot import SPARES, clean_job_files, hour_directory
-    hour = p3s.logs / os.path.basename(hour_directory(str(p3s.logs)))
-    pilot = p3s.pilot("-p", "1")
-    before = wait_until(lambda: len(spare_sets(hour)) == SPARES and spare_sets(hour), 20, what="the spare sets")
-    assert all((hour / (stem + ext)).exists() for stem in before for ext in ("", ".err"))
-    quiet, writer = p3s.submit([shell_job("echo out; echo err >&2"), shell_job("echo x > $P3S_JOB_DIR/kept.txt")])
-    p3s.wait_jobs([quiet, writer])
-    assert (hour / f"{quiet}.out").read_text() == "out\n" and (hour / f"{quiet}.err").read_text() == "err\n"
-    assert os.stat(hour / f"{quiet}.out").st_ino in before.values(), "the first job's log was not a spare"
-    assert (hour / writer / "kept.txt").read_text() == "x\n"
-    wait_until(lambda: not (hour / quiet).exists(), 10, what="the empty job directory's removal")
-    wait_until(lambda: len(spare_sets(hour)) == SPARES, 10, what="the spare sets made again")
-    pilot.send_signal(signal.SIGTERM)
-    pilot.wait(30)
-    assert not [n for n in os.listdir(hour) if n.startswith(".")], "a pilot left its spare sets behind"
-    killed = p3s.pilot("-p", "1")
-    left = wait_until(lambda: len(spare_sets(hour)) == SPARES and spare_sets(hour), 20, what="the spare sets")
-    killed.kill()
-    killed.wait(10)
-    for stem in left:
-        for path in (hour / stem, hour / (stem + ".out"), hour / (stem + ".err")):
-            os.utime(path, (time.time() - 7200, time.time() - 7200))
-    assert clean_job_files(str(p3s.logs), 3600) == 3 * SPARES
-    assert not [n for n in os.listdir(hour) if n.startswith(".")]
-
-
 def test_job_files_go_only_once_older_than_the_keep_time_on_both_sides_of_it(p3s):
     """--keep-job-files is hours: files at 0.9 of it stay, at 1.1 of it go (a clean-up that took
     minutes for hours, 60 times too young, would delete both)."""
