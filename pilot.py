@@ -384,13 +384,30 @@ class Watchdog:
                 self.proc.stdin.close()
 
 
-def make_job_dir(job_dir):
+def make_job_dir(job_dir, empty=None):
     """The job's directory, in its hour directory, made as well the first time (or again, once
-    the clean-up removed it empty): one mkdir a job. A retried job may find its own."""
+    the clean-up removed it empty). `empty`: the last job's directory, which it left empty,
+    renamed to this one's where both are in the same hour (one rename a job, where an rmdir
+    and a mkdir cost the pilot twice its CPU), else removed. A retried job may find its own."""
+    if empty and os.path.dirname(empty) == os.path.dirname(job_dir):
+        with contextlib.suppress(OSError):
+            return os.rename(empty, job_dir)    # fails where a retried job's own holds files
+    if empty:
+        with contextlib.suppress(OSError):
+            os.rmdir(empty)
     try:
         os.mkdir(job_dir)
     except OSError:
         os.makedirs(job_dir, exist_ok=True)     # its hour directory first, or a retried job's own
+
+
+def is_empty_dir(path):
+    """Whether `path` is a directory with nothing in it (one look, however much it holds)."""
+    try:
+        with os.scandir(path) as entries:
+            return next(entries, None) is None
+    except OSError:
+        return False
 
 
 def copy_payload(command, scratch):
@@ -1101,6 +1118,7 @@ class Pilot:
         self.provenance = None          # a Provenance, where the server takes it
         self.life = self.life_end = None    # with a lifetime: no job is taken after life_end (monotonic)
         self.prefetched = None          # the answer to a job request an end report carried
+        self.empty_dir = None           # the last job's directory, left empty: the next one's (make_job_dir)
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
         self.cleaner = None             # the thread of the clean-up under way, if any
@@ -1174,6 +1192,9 @@ class Pilot:
             self.beats.set()
             self.deregister()
             self.watchdog.close()
+            if self.empty_dir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.empty_dir)
         return code
 
     def deregister(self):
@@ -1395,8 +1416,8 @@ class Pilot:
             report["provenance"] = {**ran, "input": input_sum.identity()}
             if plots:       # beside the plots, for whoever reads them where they lie (EOS)
                 write_json(os.path.join(plots, "provenance.json"), report["provenance"])
-        with contextlib.suppress(OSError):      # the job's directory goes if the job left it empty
-            os.rmdir(execution.env["P3S_JOB_DIR"])
+        if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
+            self.empty_dir = execution.env["P3S_JOB_DIR"]
         self.send_report(job, report, ask_next and not self.near_end_of_life(), ended)
 
     def log_end(self, job, state, exit_code, errmsg):
@@ -1440,7 +1461,8 @@ class Pilot:
         command, shell = payload_command(job, self.args.shell)
         job_dir = os.path.join(os.path.dirname(out_path), job["uuid"])
         env = payload_env(self.inherited_env, self.site_env, job, self.uuid, job_dir)
-        make_job_dir(job_dir)
+        make_job_dir(job_dir, self.empty_dir)
+        self.empty_dir = None
         if job["env"].get("P3S_MODE", "").upper() == "COPY" and not shell:
             command = copy_payload(command, job_dir)
         pid = spawn(command, shell, env, out_path, err_path)

@@ -364,6 +364,28 @@ def test_a_production_hour_accelerated(tmp_path, start_server):
     assert "service_silent" not in alarms, alarms
 
 
+def test_a_job_directory_left_empty_becomes_the_next_jobs_and_goes_with_its_pilot(p3s):
+    """A job that wrote nothing to $P3S_JOB_DIR leaves it for the pilot's next job (renamed: the
+    same inode), a job that wrote there keeps it, and the last empty one goes when the pilot ends."""
+    pilot = p3s.pilot("-p", "0.2")
+    [first] = p3s.submit([shell_job("true")])
+    p3s.wait_jobs([first])
+    first_dir = os.path.join(os.path.dirname(p3s.job(first)["stdout_path"]), first)
+    inode = wait_until(lambda: os.path.isdir(first_dir) and os.stat(first_dir).st_ino, 10, what="the kept directory")
+    writer, last = p3s.submit([shell_job("echo x > $P3S_JOB_DIR/kept.txt"), shell_job("true", priority=-1)])
+    p3s.wait_jobs([writer, last])
+    hour = os.path.dirname(first_dir)
+    assert not os.path.exists(first_dir)
+    assert open(os.path.join(hour, writer, "kept.txt")).read() == "x\n"
+    assert os.stat(os.path.join(hour, writer)).st_ino == inode, "the empty directory was not handed on"
+    last_dir = os.path.join(hour, last)
+    assert os.path.isdir(last_dir), "kept for the next job"
+    pilot.send_signal(signal.SIGTERM)
+    pilot.wait(30)
+    assert not os.path.exists(last_dir), "the pilot left an empty job directory behind"
+    assert os.path.isdir(os.path.join(hour, writer))
+
+
 def test_job_files_go_only_once_older_than_the_keep_time_on_both_sides_of_it(p3s):
     """--keep-job-files is hours: files at 0.9 of it stay, at 1.1 of it go (a clean-up that took
     minutes for hours, 60 times too young, would delete both)."""
