@@ -391,7 +391,8 @@ def make_job_dir(job_dir, empty=None):
     and a mkdir cost the pilot twice its CPU), else removed. A retried job may find its own."""
     if empty and os.path.dirname(empty) == os.path.dirname(job_dir):
         with contextlib.suppress(OSError):
-            return os.rename(empty, job_dir)    # fails where a retried job's own holds files
+            os.rename(empty, job_dir)           # fails where a retried job's own holds files
+            return os.utime(job_dir)            # dated now: the clean-up goes by its age
     if empty:
         with contextlib.suppress(OSError):
             os.rmdir(empty)

@@ -372,12 +372,15 @@ def test_a_job_directory_left_empty_becomes_the_next_jobs_and_goes_with_its_pilo
     p3s.wait_jobs([first])
     first_dir = os.path.join(os.path.dirname(p3s.job(first)["stdout_path"]), first)
     inode = wait_until(lambda: os.path.isdir(first_dir) and os.stat(first_dir).st_ino, 10, what="the kept directory")
+    time.sleep(1.1)         # the next job's directory is dated by its own start, not the first's
     writer, last = p3s.submit([shell_job("echo x > $P3S_JOB_DIR/kept.txt"), shell_job("true", priority=-1)])
     p3s.wait_jobs([writer, last])
     hour = os.path.dirname(first_dir)
     assert not os.path.exists(first_dir)
     assert open(os.path.join(hour, writer, "kept.txt")).read() == "x\n"
     assert os.stat(os.path.join(hour, writer)).st_ino == inode, "the empty directory was not handed on"
+    assert os.path.getmtime(os.path.join(hour, writer)) > os.path.getmtime(os.path.join(hour, first + ".out")) + 1, \
+        "a directory handed on keeps its first job's age: the clean-up would take it for old"
     last_dir = os.path.join(hour, last)
     assert os.path.isdir(last_dir), "kept for the next job"
     pilot.send_signal(signal.SIGTERM)
