@@ -1437,6 +1437,9 @@ def secret_hash(secret):
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+LEAVING = ("stop", "drain")     # the directives that tell a pilot to go: it claims no more work
+
+
 def check_pilot_secret(conn, pilot_uuid, secret):
     """The pilot's row, or a 403 unless `secret` is this pilot's own: a token holder cannot act
     as another pilot."""
@@ -2399,7 +2402,7 @@ class Broker:
         else the best eligible defined job. One transaction (`verified`: the secret was checked
         earlier in it). Returns (job or None, directive)."""
         pilot = own_pilot(conn, pilot_uuid, secret, verified)
-        if pilot["directive"] in ("stop", "drain"):     # told to go: it gets no more work
+        if pilot["directive"] in LEAVING:       # told to go: it gets no more work
             return None, pilot["directive"]
         return self.pick(conn, pilot), None
 
@@ -4429,8 +4432,9 @@ class Service:
             raise bad("next: true (an end report that also asks for the next job) or false")
         try:
             with self.store.transaction(shared=True) as conn:
-                check_pilot_secret(conn, pilot, secret)
-                result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome, body.get("next"))
+                told = check_pilot_secret(conn, pilot, secret)["directive"]
+                claims_next = body.get("next") and told not in LEAVING     # a leaving pilot claims nothing
+                result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome, claims_next)
                 if quality and (quality[1] or quality[2]) and not result.get("duplicate"):
                     store_quality(conn, uuid, *quality[1:])     # most jobs say nothing: no read
                 if provenance and not result.get("duplicate"):
@@ -4457,9 +4461,6 @@ class Service:
         if replayed and conn.execute(RUNNING_JOB, (pilot,)).fetchone():
             return {"job": None, "directive": None}
         job, directive = self.broker.claim(conn, pilot, secret, verified=True)    # report() checked it
-        if directive:       # told to go, it claimed nothing: its ended job leaves it active
-            conn.execute("UPDATE pilots SET state='active' WHERE uuid=? AND state IN ('dispatched','running')",
-                         (pilot,))
         return {"job": job, "directive": directive}
 
     @staticmethod
