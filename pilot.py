@@ -1118,7 +1118,13 @@ class Pilot:
         self.features = frozenset()     # report fields the server takes beyond the first protocol (idem)
         self.provenance = None          # a Provenance, where the server takes it
         self.life = self.life_end = None    # with a lifetime: no job is taken after life_end (monotonic)
-        self.prefetched = None          # the answer to a job request an end report carried
+        self.claimed = collections.deque()  # jobs claimed by end reports and not started yet, in order
+        self.unreleased = []            # jobs claimed ahead that could not be given back yet
+        self.claim_lock = threading.Lock()  # for both: the main, sender and reporter threads take from them
+        self.outbox = queue.Queue()     # the end report for the sender thread: one at a time, in order
+        self.delivered = threading.Event()  # clear while an end report is on its way
+        self.delivered.set()
+        self.send_failure = None        # a defect the sender thread met: raised in the main thread
         self.empty_dir = None           # the last job's directory, left empty: the next one's (make_job_dir)
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
@@ -1181,6 +1187,7 @@ class Pilot:
         beat_thread.start()
         threading.Thread(target=self.supervise_loop, name="supervisor", daemon=True).start()
         threading.Thread(target=self.report_loop, name="reporter", daemon=True).start()
+        threading.Thread(target=self.send_loop, name="sender", daemon=True).start()
         code = 0
         try:
             self.work_loop()
@@ -1202,6 +1209,9 @@ class Pilot:
         """Say goodbye, unless an end report of ours is still left behind: deregistering would
         give its job away (a short job would even be taken as never started and run again), so
         the pilot that delivers the report deregisters this one after it."""
+        with contextlib.suppress(Exception):    # said already, if the sender thread crashed
+            self.settle_report()
+        self.release_claimed("the pilot leaves")
         self.deliver_left_reports()         # the server may be back: our own first
         if any(os.path.exists(path) for path in self.left_reports):
             log.warning("not deregistering: the next pilot of %s delivers our end report, then deregisters us",
@@ -1236,12 +1246,15 @@ class Pilot:
                 self.register_again()
             self.keep_disk_clean()
             if self.unfit():
+                self.release_claimed("the pilot takes no job now")
                 self.pause(period)
                 continue
+            if self.unreleased:
+                self.release_claimed("retried")
             job = self.request(wait)
             done += 1
             if job is not None:
-                self.run_job(job, ask_next=not (cycles and done >= cycles))
+                self.run_job(job, room=cycles - done if cycles else math.inf)
                 last_work = time.monotonic()
 
     def near_end_of_life(self):
@@ -1250,16 +1263,22 @@ class Pilot:
         return self.life_end is not None and time.monotonic() >= self.life_end - self.settings["period"]
 
     def request(self, wait):
-        """One long poll for a job; None if there was none or the server is unreachable."""
+        """The job an end report claimed, else one long poll for a job; None if there was none
+        or the server is unreachable."""
         self.idle = True
         try:
             if self.exit_reason is not None:
                 return None
-            answer, self.prefetched = self.prefetched, None
-            if not answer or not (answer["job"] or answer["directive"]):
-                log.debug("asking for a job (waiting up to %g s)", wait)
-                answer = self.client.request_job(self.uuid, wait)
-                self.heard_from_server()
+            if not self.claimed:
+                self.settle_report()    # its answer may carry the next job
+            job = self.take_claimed()
+            if job is not None:
+                return job
+            if self.exit_reason is not None:    # the report's answer said go
+                return None
+            log.debug("asking for a job (waiting up to %g s)", wait)
+            answer = self.client.request_job(self.uuid, wait)
+            self.heard_from_server()
             log.debug("answer: job %s, directive %s", answer["job"] and answer["job"]["uuid"], answer["directive"])
             if answer["directive"]:
                 self.obey(answer["directive"], f"{answer['directive']} requested by the server", None)
@@ -1360,6 +1379,9 @@ class Pilot:
         """The server dropped this pilot (it deregistered it, or forgot it): any job it still ran
         is no longer its own (stopped already by the heartbeat), so it registers anew."""
         log.warning("the server dropped this pilot (%s): registering again", self.dropped)
+        with self.claim_lock:      # the jobs it had claimed were freed with it
+            self.claimed.clear()
+            self.unreleased = []
         self.idle = True            # a signal may end the wait for the server
         try:
             self.register()
@@ -1379,9 +1401,10 @@ class Pilot:
             pass
 
     # -- one job --------------------------------------------------------------------------------
-    def run_job(self, job, ask_next=False):
-        """Run one job to its end and report it; the end report asks for the next job too
-        (`ask_next`), which the next request() then takes without a round trip."""
+    def run_job(self, job, room=0):
+        """Run one job to its end and hand its report to the sender thread; the end report asks
+        for the next job too while the pilot may take `room` more, which the next request()
+        then takes without a round trip (see report_end)."""
         hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
         out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
         log.debug("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
@@ -1419,7 +1442,7 @@ class Pilot:
                 write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
             self.empty_dir = execution.env["P3S_JOB_DIR"]
-        self.send_report(job, report, ask_next and not self.near_end_of_life(), ended)
+        self.report_end(job, report, room, ended)
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every
@@ -1559,11 +1582,13 @@ class Pilot:
         return min(due)
 
     def report_loop(self):
-        """The running reports, one at a time, for the pilot's life (see report_running)."""
+        """The running reports, one at a time, for the pilot's life (see report_running). A job
+        that runs this long gives back the job claimed to run after it: that one must not wait."""
         while True:
             execution = self.running_reports.get()
             try:
                 if not execution.exited.is_set():
+                    self.release_claimed(f"job {execution.job['uuid']} runs long")
                     self.report_running(execution)
             finally:
                 execution.running_sent.set()
@@ -1580,22 +1605,104 @@ class Pilot:
                 execution.stop("failed", f"wrote {written:,.0f} MB to its directory, over its disk limit of "
                                          f"{disk:,} MB", self.args.kill_grace)
 
-    def send_report(self, job, report, ask_next=False, ended=None):
+    # -- claimed ahead: the next job starts while the last one's report travels ----------------
+    def report_end(self, job, report, room, ended):
+        """Hand the end report to the sender thread, once the last one was delivered (its
+        answer may be the job to run next). It asks for the next job while the pilot may take
+        `room` more. Where a job claimed is already at hand, the pilot runs it next (it starts
+        while this report travels) and says so (`holding`): the job this report claims waits in
+        reserve behind it, where the server allows (Broker.may_reserve)."""
+        self.settle_report()
+        ahead = "ahead" in self.features and room > 1
+        with self.claim_lock:
+            holding = self.claimed[0]["uuid"] if self.claimed and ahead else None
+        ask = room > (1 if self.claimed else 0) and not self.near_end_of_life() and not self.note
+        self.delivered.clear()
+        self.outbox.put((job, report, ask, ended, (ahead, holding) if ask else (False, None)))
+
+    def send_loop(self):
+        """The end reports, one at a time, for the pilot's life (see report_end)."""
+        while True:
+            job, report, ask, ended, ahead = self.outbox.get()
+            try:
+                self.send_report(job, report, ask, ended, ahead)
+            except Exception as e:      # a defect: the main thread raises it (see run)
+                self.send_failure = e
+            finally:
+                self.delivered.set()
+
+    def settle_report(self):
+        """Wait until the end report on its way was delivered (or given up)."""
+        self.delivered.wait()
+        failure, self.send_failure = self.send_failure, None
+        if failure is not None:
+            raise failure
+
+    def keep_claimed(self, answer):
+        """In the sender thread: the job an end report claimed, for request(), and the directive
+        that came with it. A reserve is given back at once if the job running now already runs
+        long (its running report went: see report_loop)."""
+        if not answer:
+            return
+        if answer.get("directive"):
+            self.obey(answer["directive"], f"{answer['directive']} requested by the server", self.current)
+        jobs = [job for job in (answer.get("job"), answer.get("reserve")) if job]
+        if jobs:
+            with self.claim_lock:
+                self.claimed.extend(jobs)
+            execution = self.current
+            if execution is not None and execution.report_queued:
+                self.release_claimed(f"job {execution.job['uuid']} runs long")
+
+    def take_claimed(self):
+        """The next job claimed for this pilot, to start now; None if there is none, or if the
+        server has been silent so long that it may have given the job away (it is given back)."""
+        with self.claim_lock:
+            job = self.claimed.popleft() if self.claimed else None
+        silent = time.monotonic() - self.last_contact
+        if job is not None and silent > self.fence_after() / 2:
+            with self.claim_lock:
+                self.claimed.appendleft(job)
+            self.release_claimed(f"no answer from the server for {silent:.0f} s")
+            return None
+        return job
+
+    def release_claimed(self, why):
+        """Give back the jobs claimed and not started (and those a failed attempt kept), so that
+        another pilot takes them now; those the server cannot be told of are kept for later."""
+        with self.claim_lock:
+            jobs = self.unreleased + list(self.claimed)
+            self.claimed.clear()
+            self.unreleased = []
+        for job in jobs:
+            try:
+                self.client.release_job(self.uuid, job["uuid"], retry_for=RUNNING_REPORT_RETRY)
+                log.debug("job %s: given back unstarted (%s)", job["uuid"], why)
+            except P3SError as e:
+                if e.bad_input:
+                    continue    # not ours any more
+                log.warning("job %s: claimed ahead, not started, not given back yet: %s", job["uuid"], e)
+                with self.claim_lock:
+                    self.unreleased.append(job)
+
+    def send_report(self, job, report, ask_next=False, ended=None, ahead=(False, None)):
         """Deliver an end report, retried until the server accepts or refuses it. With
-        `ask_next` (and no reason to stop), it also claims the pilot's next job. `ended`: the
-        monotonic time the job ended (now if not given)."""
+        `ask_next` (and no reason to stop), it also claims the pilot's next job; `ahead`
+        (whether to keep one in reserve, the job held): see report_end. `ended`: the monotonic
+        time the job ended (now if not given)."""
         report.update(pilot=self.uuid, attempt=job["attempt"])
         ended = time.monotonic() if ended is None else ended
+        keep, holding = ahead
         while True:
+            for key in ("next", "ahead", "holding"):
+                report.pop(key, None)
             if ask_next and self.exit_reason is None and not self.dropped:
-                report["next"] = True
-            else:
-                report.pop("next", None)
+                report.update(next=True, **({"ahead": True} if keep else {}), **({"holding": holding} if holding else {}))
             try:    # retried for 10 s, then the loop below
                 answer = self.client.report(job["uuid"], report, retry_for=10,
                                             before_each=lambda r: self.date_if_late(r, ended))
                 self.heard_from_server()
-                self.prefetched = answer.get("next")
+                self.keep_claimed(answer.get("next"))
                 return answer
             except P3SError as e:
                 if e.bad_input:

@@ -149,7 +149,7 @@ MAX_HEARTBEAT = 3600.0              # seconds between a pilot's heartbeats (and 
 MAX_SECONDS = 366 * 86400           # a runtime, a pilot's life, a service's period: a year at most
 MAX_PID = 2 ** 22                   # Linux's pid_max ceiling
 EXIT_CODES = 2 ** 31                # an exit code (or -signal) fits in 32 bits
-FEATURES = ("ended_ago", "quality", "provenance")   # report fields newer than the first protocol: a pilot sends
+FEATURES = ("ended_ago", "quality", "provenance", "ahead")   # report fields newer than the first protocol: a pilot sends
                                     # one only to a server whose registration answer lists it
 # Verdicts, after DUNE-DAQ's dqmtools: each check of a job says one of these, worst last; a job's
 # verdict is the worst of its checks, a run's the worst of its jobs'. A failed job has none.
@@ -695,6 +695,11 @@ MIGRATIONS = [
     DROP INDEX jobs_ended;
     CREATE INDEX jobs_ended ON jobs(state, ts_sto) WHERE ts_sto IS NOT NULL;
     DROP INDEX jobs_broker_any;
+    """,
+    # v17: the job a pilot keeps in reserve (claimed ahead of its need, not started yet): a
+    # pilot that dies holding one gives it back as it was, no attempt used.
+    """
+    ALTER TABLE pilots ADD COLUMN reserve TEXT;
     """,
 ]
 
@@ -2275,18 +2280,26 @@ def release_jobs(conn, pilot_uuid, why, who="housekeeping", never_started=False,
     remain), except that a job still dispatched to a pilot that deregistered, and so says it
     never started it, goes back to `defined` as it was. A pilot that says it crashed never says
     that: its job may be what killed it, so it uses an attempt, and the second pilot a job takes
-    out ends it failed, never handed out again. Returns how many became claimable."""
+    out ends it failed, never handed out again. The job it kept in reserve, never started, goes
+    back as it was. Returns how many became claimable."""
     released = 0
+    reserve = conn.execute("SELECT reserve FROM pilots WHERE uuid=?", (pilot_uuid,)).fetchone()
     for job in conn.execute(HELD_JOBS.format(columns="*"), (pilot_uuid,)).fetchall():
-        if job["state"] == "dispatched" and never_started:
-            released += move_job(conn, job["uuid"], "dispatched", "defined", who, attempt=job["attempt"],
-                                 pilot=pilot_uuid, info=why, changes=dict(pilot=None, ts_dis=None))
+        if job["state"] == "dispatched" and (never_started or (reserve and job["uuid"] == reserve[0])):
+            released += give_back(conn, job["uuid"], pilot_uuid, who, why, attempt=job["attempt"])
         elif crashed and pilots_crashed_by(conn, job["uuid"]):
             released += requeue_or_end(conn, dict(job), "failed", who, f"{why}; the second pilot to crash "
                                        "on this job: it is not handed out again", retry=False)[1]
         else:
             released += requeue_or_end(conn, dict(job), "pilotTO", who, why)[1]
     return released
+
+
+def give_back(conn, uuid, pilot_uuid, who, why, attempt=None):
+    """A job dispatched to a pilot that never started it goes back to `defined`, as it was
+    before the claim (no attempt used); guarded by state and pilot, so a repeat changes nothing."""
+    return move_job(conn, uuid, "dispatched", "defined", who, attempt=attempt, pilot=pilot_uuid, info=why,
+                    changes=dict(pilot=None, ts_dis=None))
 
 
 def pilots_crashed_by(conn, uuid):
@@ -2397,26 +2410,39 @@ class Broker:
                         self.waiting -= 1
                 woken = True
 
-    def claim(self, conn, pilot_uuid, secret, verified=False):
+    def claim(self, conn, pilot_uuid, secret, verified=False, holding=None):
         """Hand the pilot its job: the one already dispatched to it (an answer it never got),
         else the best eligible defined job. One transaction (`verified`: the secret was checked
-        earlier in it). Returns (job or None, directive)."""
+        earlier in it). `holding`: the job the pilot runs next, claimed by its last report; the
+        job claimed now waits in reserve behind it (see may_reserve). Returns (job or None,
+        directive)."""
         pilot = own_pilot(conn, pilot_uuid, secret, verified)
         if pilot["directive"] in LEAVING:       # told to go: it gets no more work
             return None, pilot["directive"]
-        return self.pick(conn, pilot), None
+        if holding and not self.may_reserve(conn, pilot_uuid, holding):
+            return None, None
+        return self.pick(conn, pilot, holding), None
+
+    def may_reserve(self, conn, pilot_uuid, holding):
+        """A job waits in a pilot's reserve only while no job request waits (an idle pilot
+        takes it now instead) and the job before it is still dispatched: not reported running,
+        so short so far (the pilot gives its reserve back once that job runs past
+        RUNNING_REPORT_DELAY, and a reserve never waits behind a long job)."""
+        return not self.waiting and conn.execute(
+            "SELECT 1 FROM jobs WHERE uuid=? AND pilot=? AND state='dispatched'", (holding, pilot_uuid)).fetchone()
 
     @staticmethod
-    def pick(conn, pilot):
-        """The job dispatched to this pilot already, else the best defined job it may take,
-        now dispatched to it; None (the pilot marked `no jobs`) when there is none."""
+    def pick(conn, pilot, holding=None):
+        """The job dispatched to this pilot already (but `holding`), else the best defined job it
+        may take, now dispatched to it; None (the pilot marked `no jobs`, unless it holds one)
+        when there is none. A pilot holding a job was moved by its report (apply_report)."""
         pilot_uuid = pilot["uuid"]
-        job = conn.execute("SELECT * FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='dispatched'",
-                           (pilot_uuid,)).fetchone()
+        job = conn.execute("SELECT * FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='dispatched' "
+                           "AND uuid IS NOT ?", (pilot_uuid, holding)).fetchone()
         if job is None:
             best = best_claimable(conn, pilot["site"], json.loads(pilot["jobtypes"]))
             if best is None:    # woken with nothing for it: write only if its state changes
-                if pilot["state"] != "no jobs":
+                if pilot["state"] != "no jobs" and not holding:
                     move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "no jobs", ts_beat=now())
                 return None
             # Select, then a guarded update: atomic, as the write lock and BEGIN IMMEDIATE are
@@ -2424,7 +2450,10 @@ class Broker:
             move_job(conn, best["uuid"], "defined", "dispatched", pilot_uuid, attempt=best["attempt"],
                      changes=dict(pilot=pilot_uuid, ts_dis=now(), host=pilot["host"], ran_site=pilot["site"]))
             job = lookup(conn, "jobs", best["uuid"])
-        move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=now())
+        if holding:
+            conn.execute("UPDATE pilots SET reserve=? WHERE uuid=?", (job["uuid"], pilot_uuid))
+        else:
+            move_pilot(conn, pilot_uuid, LIVE_PILOT_STATES, "dispatched", job=job["uuid"], ts_beat=now())
         return job_to_dict(job)
 
     def notify_work(self, jobs=None):
@@ -4416,7 +4445,7 @@ class Service:
 
     REPORT_KEYS = ("pilot", "attempt", "state", "exit_code", "errmsg", "stdout", "stderr",
                    "pid", "stdout_path", "stderr_path", "runtime", "next", "usage", "ended_ago",
-                   "checks", "metrics", "quality_error", "provenance")
+                   "checks", "metrics", "quality_error", "provenance", "ahead", "holding")
 
     def report(self, uuid, body, secret):
         check_keys(body, "report", self.REPORT_KEYS)
@@ -4430,18 +4459,24 @@ class Service:
         provenance = provenance_json(body.get("provenance")) if state != "running" else None
         if body.get("next", False) not in (True, False) or (body.get("next") and state == "running"):
             raise bad("next: true (an end report that also asks for the next job) or false")
+        ahead = body.get("ahead", False)
+        if ahead not in (True, False) or (ahead and not body.get("next")):
+            raise bad("ahead: true (keep a job in reserve; only with next: true) or false")
+        holding = as_uuid(body["holding"], "holding") if body.get("holding") is not None else None
+        if holding and not ahead:
+            raise bad("holding: the job the pilot runs next, claimed earlier; only with ahead: true")
         try:
             with self.store.transaction(shared=True) as conn:
                 told = check_pilot_secret(conn, pilot, secret)["directive"]
                 claims_next = body.get("next") and told not in LEAVING     # a leaving pilot claims nothing
-                result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome, claims_next)
+                result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome, claims_next, holding)
                 if quality and (quality[1] or quality[2]) and not result.get("duplicate"):
                     store_quality(conn, uuid, *quality[1:])     # most jobs say nothing: no read
                 if provenance and not result.get("duplicate"):
                     conn.execute("INSERT OR REPLACE INTO provenance(job, data) VALUES((SELECT id FROM jobs WHERE uuid=?), ?)",
                                  (uuid, provenance))
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
-                    result["next"] = self.next_job(conn, pilot, secret, result.get("duplicate"))
+                    result["next"] = self.next_job(conn, pilot, secret, result.get("duplicate"), ahead, holding)
         except Exception as e:
             self.costs.pending.pop(uuid, None)      # rolled back: not counted
             if isinstance(e, ApiError) and e.status == 409:
@@ -4450,18 +4485,25 @@ class Service:
         self.broker.count("reports")
         self.costs.observe(uuid)        # counted once written (the loop commits after: a commit that
                                         # fails, on a full disk, counts a retried report twice)
-        if result.get("next", {}).get("job"):
-            self.broker.count_claim(result["next"]["job"])
+        claimed = result.get("next", {})
+        for job in filter(None, (claimed.get("job"), claimed.get("reserve"))):
+            self.broker.count_claim(job)
         self.broker.notify_work(result.pop("released", 0))
         return result
 
-    def next_job(self, conn, pilot, secret, replayed):
+    def next_job(self, conn, pilot, secret, replayed, ahead=False, holding=None):
         """The job an end report asks for, unless the pilot already runs one: a replayed end
-        report (its answer was lost, the pilot went on) must not hand it a second job."""
+        report (its answer was lost, the pilot went on) must not hand it a second job. `ahead`:
+        the pilot keeps a job in reserve, to start it the moment the one before ends, while that
+        one's report travels: the job claimed waits behind the one it is `holding`, or, where it
+        holds none, a second job waits in reserve behind the first (Broker.claim says when)."""
         if replayed and conn.execute(RUNNING_JOB, (pilot,)).fetchone():
             return {"job": None, "directive": None}
-        job, directive = self.broker.claim(conn, pilot, secret, verified=True)    # report() checked it
-        return {"job": job, "directive": directive}
+        job, directive = self.broker.claim(conn, pilot, secret, verified=True, holding=holding)   # report() checked it
+        if not ahead:
+            return {"job": job, "directive": directive}
+        reserve = self.broker.claim(conn, pilot, secret, True, holding=job["uuid"])[0] if job and not holding else None
+        return {"job": job, "directive": directive, "reserve": reserve}
 
     @staticmethod
     def report_fields(body, state):
@@ -4488,13 +4530,14 @@ class Service:
             raise bad("ended_ago: only an end report has it")
         return start, outcome
 
-    def apply_report(self, conn, uuid, pilot, attempt, state, start, outcome, claims_next=False):
+    def apply_report(self, conn, uuid, pilot, attempt, state, start, outcome, claims_next=False, holding=None):
         """A pilot's report, fenced by pilot and attempt: a repeat is acknowledged, a stale one
         refused with 409; `running` moves the job on, an end state ends or retries it. An end
         report for a job still dispatched (a short job: its pilot reports `running` only for jobs
         that outlast RUNNING_REPORT_DELAY) moves it through `running` in the same row update
         (a workflow's job in two, as its workflow follows each). An end report that `claims_next`
-        leaves the pilot's state to the claim that follows (one change of state, not two)."""
+        leaves the pilot's state to the claim that follows (one change of state, not two); one
+        `holding` the job its pilot started as this one ended leaves the pilot on that job."""
         job = lookup(conn, "jobs", uuid)
         stale = job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES
         if stale or (state == "running" and job["state"] != "dispatched"):
@@ -4526,9 +4569,11 @@ class Service:
             cpu = outcome["cpu_user"] + outcome.get("cpu_sys", 0) if "cpu_user" in outcome else None
             self.costs.pending[uuid] = (job["jobtype"], outcome.get("ts_sto", now()) - job["ts_sta"],
                                         outcome.get("max_rss_mb"), cpu)
-        conn.execute("UPDATE pilots SET job=NULL, jobs_done=jobs_done+1, ts_beat=?, "
-                     "state=CASE WHEN ? THEN state WHEN state IN ('dispatched','running') THEN 'active' ELSE state END "
-                     "WHERE uuid=? AND job=?", (now(), bool(claims_next), pilot, uuid))
+        conn.execute("UPDATE pilots SET job=?, reserve=CASE WHEN reserve=? THEN NULL ELSE reserve END, "
+                     "jobs_done=jobs_done+1, ts_beat=?, "
+                     "state=CASE WHEN state NOT IN ('dispatched','running') THEN state "
+                     "WHEN ? THEN 'dispatched' WHEN ? THEN state ELSE 'active' END "
+                     "WHERE uuid=? AND job=?", (holding, holding, now(), bool(holding), bool(claims_next), pilot, uuid))
         return {"state": new_state, "released": released}
 
     @staticmethod
@@ -4556,6 +4601,19 @@ class Service:
                 if not kept or job is None or job["pilot"] != pilot_uuid or job["state"] not in ACTIVE_JOB_STATES:
                     directive = directive or "kill"     # cancelled, deleted or given to another pilot
         return {"directive": directive}
+
+    def release_reserve(self, pilot_uuid, body, secret):
+        """A job a pilot claimed ahead and will not start (the job before it ran long, or the
+        pilot is told to go) is given back, for any pilot to take now."""
+        check_keys(body, "release", ("job",))
+        job_uuid = as_uuid(body.get("job"), "job")
+        with self.store.transaction(shared=True) as conn:
+            check_pilot_secret(conn, pilot_uuid, secret)
+            released = give_back(conn, job_uuid, pilot_uuid, pilot_uuid, "given back unstarted by the pilot "
+                                 "that held it in reserve")
+            conn.execute("UPDATE pilots SET reserve=NULL WHERE uuid=? AND reserve=?", (pilot_uuid, job_uuid))
+        self.broker.notify_work(int(released))
+        return {"released": released}
 
     def deregister(self, pilot_uuid, body, secret):
         check_keys(body, "deregister", ("reason",))
@@ -5027,7 +5085,7 @@ class Service:
         released = 0
         for uuid in expired:
             released += release_jobs(conn, uuid, f"pilot lost: its lease of {self.lease_beats} heartbeats ran out")
-            conn.execute("UPDATE pilots SET job=NULL WHERE uuid=?", (uuid,))
+            conn.execute("UPDATE pilots SET job=NULL, reserve=NULL WHERE uuid=?", (uuid,))
         return expired, released
 
     def _time_out_jobs(self, conn, t):
@@ -7565,6 +7623,7 @@ API = (
     ("POST", "/api/pilots/<uuid>/request", "broker.request_job", ("body", "secret"), PILOT),
     ("POST", "/api/pilots/<uuid>/heartbeat", "heartbeat", ("body", "secret"), PILOT),
     ("POST", "/api/pilots/<uuid>/stop", "deregister", ("body", "secret"), PILOT),
+    ("POST", "/api/pilots/<uuid>/release", "release_reserve", ("body", "secret"), PILOT),
     ("GET", "/api/dags", "workflows.list_dags", (), None),
     ("POST", "/api/dags", "workflows.add_dag", ("body",), EXPERT),
     ("GET", "/api/dags/<dag>", "workflows.get_dag", (), None),

@@ -497,6 +497,10 @@ class Client:
         return self.call("POST", f"/api/pilots/{pilot}/heartbeat", body, retry_for=retry_for,
                          timeout=timeout, pilot=pilot)
 
+    def release_job(self, pilot, job, retry_for=None):
+        """Give back a job claimed ahead and not started; {"released": whether it was still ours}."""
+        return self.call("POST", f"/api/pilots/{pilot}/release", {"job": job}, retry_for=retry_for, pilot=pilot)
+
     def deregister_pilot(self, pilot, reason="", retry_for=None):
         return self.call("POST", f"/api/pilots/{pilot}/stop", {"reason": reason}, retry_for=retry_for,
                          pilot=pilot)

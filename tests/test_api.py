@@ -88,7 +88,8 @@ def test_a_pilot_route_needs_that_pilots_own_secret_not_the_token(one_server, me
     other = one_server.api.register_pilot(heartbeat=60)["uuid"]
     [job] = one_server.api.submit_jobs([{"payload": "true", "jobtype": f"only-{victim}"}])
     url = path.replace("<uuid>", job if "/jobs/" in path else victim).replace("<name>", "plot.png")
-    body = json.dumps({"pilot": victim, "attempt": 1, "state": "finished"} if "report" in path else {}).encode()
+    body = json.dumps({"pilot": victim, "attempt": 1, "state": "finished"} if "report" in path else
+                      {"job": job} if path.endswith("/release") else {}).encode()
     token = one_server.token_file.read_text().strip()
     for secret in ("", one_server.api.pilot_secrets[other]):
         request = urllib.request.Request(one_server.url + url, data=body, method=method,

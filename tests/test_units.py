@@ -169,7 +169,7 @@ def test_v16_keeps_each_jobs_provenance_now_kept_by_its_id(tmp_path):
         conn.execute("INSERT INTO provenance(uuid, data) VALUES(?, ?)", (uuid, f'{{"host": "n{i}"}}'))
     conn.close()
     store = server.Store(path)
-    assert store.schema_version == 16
+    assert store.schema_version == len(server.MIGRATIONS)
     assert [store.read_one(server.PROVENANCE_OF, (u,))[0] for u in ("u-a", "u-b")] == ['{"host": "n0"}', '{"host": "n1"}']
     with store.transaction() as conn:
         conn.execute("DELETE FROM jobs WHERE uuid='u-a'")
