@@ -1109,6 +1109,7 @@ class Pilot:
         self.dropped = None             # why the server no longer knows us: register again
         self.exit_reason = None         # set when the pilot should stop asking for work
         self.stopped_at = None          # monotonic time of the SIGTERM or SIGINT that stops it
+        self.halt = None                # why the pilot kills what it runs (SIGTERM, SIGINT, stop), if it must
         self.idle = False               # True only while blocked in a job request
         self.beats = threading.Event()  # set to stop the heartbeat and supervisor threads
         self.wake = threading.Event()   # set when a payload starts: the supervisor looks at it
@@ -1415,8 +1416,8 @@ class Pilot:
                                    "errmsg": f"cannot start payload: {e}", "stderr": str(e)})
             return
         self.current = execution
-        if self.exit_reason is not None:    # a signal arrived while the job was being started
-            execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
+        if self.halt is not None:       # a stop arrived while the job was being started (to finish, it runs)
+            execution.stop("pilotTO", f"pilot stopping: {self.halt}", self.args.kill_grace)
         if self.next_look > execution.started + RUNNING_REPORT_DELAY:
             self.wake.set()     # the supervisor would look too late; else busy, it looks in time
         state, exit_code, errmsg = self.wait(execution)
@@ -1776,6 +1777,8 @@ class Pilot:
         log.info("%s", why)
         if directive in ("stop", "drain"):
             self.exit_reason = self.exit_reason or why
+        if directive == "stop":
+            self.halt = self.halt or why
         if execution and directive in ("kill", "stop"):
             state = "pilotTO" if directive == "stop" else "cancelled"
             execution.stop(state, why, self.args.kill_grace)
@@ -1785,6 +1788,7 @@ class Pilot:
         self.exit_reason = self.exit_reason or f"{name} received"
         if signum != signal.SIGUSR1:
             self.stopped_at = self.stopped_at or time.monotonic()
+            self.halt = self.halt or f"{name} received"
             execution = self.current
             if execution:
                 execution.stop("pilotTO", f"pilot stopped by {name}", self.args.kill_grace)

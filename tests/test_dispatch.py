@@ -1,6 +1,9 @@
 """Dispatch at scale, as the pilot and server do it: one request per short job (its end report
 claims the next), both transitions recorded for a job that ended before its running report."""
+import signal
 import time
+
+import pytest
 
 from conftest import shell_job, wait_until
 
@@ -15,7 +18,8 @@ def test_a_busy_pilot_needs_one_request_per_short_job(p3s):
     assert p3s.run("pilot.py", "-c", "30", "-p", "0", "-b", "30", "-L", p3s.logs).returncode == 0
     served = counter(p3s, "http_requests") - before - 1         # less our own /metrics read
     assert served <= 30 + 3, f"{served} requests for 30 jobs (register, 1 claim, 30 end reports, stop)"
-    assert all(s["state"] == "finished" for s in p3s.api.job_states(uuids).values())
+    unfinished = [p3s.job(u) for u, s in p3s.api.job_states(uuids).items() if s["state"] != "finished"]
+    assert not unfinished, [(j["state"], j["errmsg"], j["events"]) for j in unfinished]
 
 
 def test_a_job_ended_before_its_running_report_still_records_its_start(p3s):
@@ -53,3 +57,63 @@ def test_priority_orders_the_claim_across_site_bound_and_free_jobs(p3s):
     p3s.run("pilot.py", "-s", "np04", "-c", "3", "-p", "1", "-L", p3s.logs)
     order = sorted((p3s.job(u)["ts_dis"], p3s.job(u)["name"]) for u in (low, high, mid))
     assert [name for _, name in order] == ["high", "mid", "low"]
+
+
+# -- a job in reserve: the next payload starts the moment one ends, while its report travels -------
+def runs_logged(path):
+    """The jobs that ran, one line each time one ran (a payload appends its own uuid)."""
+    return path.read_text().split() if path.exists() else []
+
+
+def test_a_busy_pilot_starts_its_reserve_as_a_job_ends_and_runs_each_job_once(p3s):
+    ran = p3s.dir / "ran.txt"
+    uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ran}') for _ in range(60)])
+    p3s.pilot("-p", "0")
+    p3s.wait_jobs(uuids)
+    assert sorted(runs_logged(ran)) == sorted(uuids), "each job ran once"
+    jobs = sorted((p3s.job(u) for u in uuids), key=lambda j: j["ts_sta"])
+    ahead = sum(later["ts_dis"] < earlier["ts_sto"] for earlier, later in zip(jobs, jobs[1:]))
+    assert ahead >= 50, f"only {ahead} of 59 jobs were claimed before the one before them ended"
+    assert all(j["state"] == "finished" and j["attempt"] == 1 for j in jobs)
+
+
+def test_a_reserve_never_waits_behind_a_long_job(p3s):
+    """The job claimed behind a long one is given back once that one runs past 0.2 s, and
+    another pilot runs it while the long one still runs."""
+    first, long_, behind = p3s.submit([shell_job("true", priority=3), shell_job("sleep 6", priority=2),
+                                       shell_job("true", priority=1)])
+    p3s.pilot("-p", "0")
+    wait_until(lambda: p3s.job(long_)["state"] == "running", 10, what="the long job running")
+    wait_until(lambda: p3s.job(behind)["state"] == "defined", 5, what="the reserve given back")
+    given_back = p3s.job(behind)["events"][-1]
+    assert (given_back["old"], given_back["new"]) == ("dispatched", "defined") and "reserve" in given_back["info"]
+    p3s.pilot("-p", "0")
+    p3s.wait_jobs([behind], timeout=5)
+    assert p3s.job(long_)["state"] == "running", "the job behind it waited for the long one"
+    assert p3s.job(behind)["attempt"] == 1 and p3s.job(first)["state"] == "finished"
+
+
+@pytest.mark.parametrize("told", ["drain", "SIGUSR1"])
+def test_a_pilot_told_to_finish_among_short_jobs_leaves_no_job_held_and_none_runs_twice(p3s, told):
+    """Told to finish (the server's drain, or SIGUSR1) while it runs short jobs with one in
+    reserve, a pilot ends the one it runs and gives its reserve back as it was (no attempt used):
+    another pilot runs every other job, each once."""
+    ran = p3s.dir / "ran.txt"
+    uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ran}; sleep 0.02') for _ in range(150)])
+    pilot = p3s.pilot("-p", "0")
+    wait_until(lambda: len(runs_logged(ran)) >= 20, 20, what="20 jobs run")
+    if told == "drain":
+        p3s.api.mark_pilots("drain", uuid=p3s.api.list_pilots()[0]["uuid"])
+    else:
+        pilot.send_signal(signal.SIGUSR1)
+    assert pilot.wait(30) == 0
+    states = p3s.api.job_states(uuids)
+    assert not [u for u, s in states.items() if s["state"] in ("dispatched", "running")], "a job left held"
+    given_back = [u for u in uuids if any("reserve" in e["info"] for e in p3s.job(u)["events"])]
+    assert len(given_back) <= 1 and all(p3s.job(u)["attempt"] == 1 for u in given_back)
+    p3s.pilot("-p", "0")
+    p3s.wait_jobs(uuids)
+    missing = set(uuids) - set(runs_logged(ran))
+    assert sorted(runs_logged(ran)) == sorted(uuids), [p3s.job(u) for u in missing]
+    unfinished = [p3s.job(u) for u, s in p3s.api.job_states(uuids).items() if s["state"] != "finished"]
+    assert not unfinished, [(j["state"], j["errmsg"], j["events"]) for j in unfinished]

@@ -155,6 +155,56 @@ def test_an_end_report_that_claims_the_next_job_leaves_the_pilot_in_the_right_st
     store.close()
 
 
+def test_a_job_in_reserve_waits_behind_the_one_held_and_goes_back_as_it_was(tmp_path):
+    """An end report with `ahead` claims the next job and one in reserve; later ones, holding the
+    reserve, claim one more, unless a request waits for work. A pilot whose lease runs out gives
+    its reserve back as it was (no attempt used); the job it ran ends pilotTO. A reserve given
+    back by its pilot goes back once."""
+    store = server.Store(str(tmp_path / "p.db"))
+    service = server.Service(store)
+    p, q = (service.register({"secret": c * 20, "heartbeat": 30}) for c in "pq")
+    uuids = service.submit({"jobs": [{"payload": "x"} for _ in range(7)]}, "t")["uuids"]
+    first = service.broker.request_job(p["uuid"], {}, p["secret"])["job"]["uuid"]
+
+    def end(pilot, uuid, **more):
+        return service.report(uuid, {"pilot": pilot["uuid"], "attempt": 1, "state": "finished", "exit_code": 0,
+                                     "runtime": 0.01, "next": True, **more}, pilot["secret"])["next"]
+
+    def row():
+        return tuple(store.read_one("SELECT state, job, reserve FROM pilots WHERE uuid=?", (p["uuid"],)))
+
+    def job(uuid):
+        return tuple(store.read_one("SELECT state, pilot, attempt FROM jobs WHERE uuid=?", (uuid,)))
+    claimed = end(p, first, ahead=True)
+    assert [claimed["job"]["uuid"], claimed["reserve"]["uuid"]] == uuids[1:3]
+    assert row() == ("dispatched", uuids[1], uuids[2])
+    claimed = end(p, uuids[1], ahead=True, holding=uuids[2])
+    assert claimed["job"]["uuid"] == uuids[3] and claimed["reserve"] is None
+    assert row() == ("dispatched", uuids[2], uuids[3])
+    service.broker.waiting = 1      # a pilot waits for work: it takes the next job, not a reserve
+    assert end(p, uuids[2], ahead=True, holding=uuids[3])["job"] is None
+    service.broker.waiting = 0
+    assert row() == ("dispatched", uuids[3], None) and job(uuids[4])[0] == "defined"
+    for bad_report in ({"holding": uuids[4]}, {"ahead": "yes"}, {"ahead": True, "next": False}):
+        with pytest.raises(ApiError, match="holding|ahead"):
+            end(p, uuids[3], **bad_report)
+    claimed = end(p, uuids[3], ahead=True)          # holding none: the next job, and one in reserve
+    held, reserve = claimed["job"]["uuid"], claimed["reserve"]["uuid"]
+    service.housekeep()                     # the beats heard in memory are written; then p falls silent
+    with store.transaction() as conn:
+        conn.execute("UPDATE pilots SET ts_beat = 0 WHERE uuid=?", (p["uuid"],))
+    service.resumed = 0
+    service.housekeep()
+    assert job(held) == ("pilotTO", p["uuid"], 1) and job(reserve) == ("defined", None, 1)
+    service.submit({"jobs": [{"payload": "x"} for _ in range(2)]}, "t")
+    claimed = end(q, service.broker.request_job(q["uuid"], {}, q["secret"])["job"]["uuid"], ahead=True)
+    for given_back in (True, False):        # a repeat changes nothing
+        assert service.release_reserve(q["uuid"], {"job": claimed["reserve"]["uuid"]}, q["secret"]) == \
+            {"released": given_back}
+    assert job(claimed["reserve"]["uuid"]) == ("defined", None, 1) and job(claimed["job"]["uuid"])[1] == q["uuid"]
+    store.close()
+
+
 def test_v16_keeps_each_jobs_provenance_now_kept_by_its_id(tmp_path):
     """A v15 database's provenance (by uuid) is moved to its job's id, still found by the job's
     uuid, and goes with its job."""
@@ -434,6 +484,13 @@ def drive_hot_paths(service):
     answer = service.report(held[0], {"pilot": pilots[0]["uuid"], "attempt": 1, "state": "finished",
                                     "exit_code": 0, "next": True}, pilots[0]["secret"])
     assert answer["next"]["job"]["uuid"] == uuids[3]
+    service.submit({"jobs": [{"payload": "x"} for _ in range(2)]}, "t")     # claimed ahead, one in reserve
+    answer = service.report(uuids[3], {"pilot": pilots[0]["uuid"], "attempt": 1, "state": "finished",
+                                       "exit_code": 0, "next": True, "ahead": True}, pilots[0]["secret"])
+    following, reserve = answer["next"]["job"]["uuid"], answer["next"]["reserve"]["uuid"]
+    answer = service.report(following, {"pilot": pilots[0]["uuid"], "attempt": 1, "state": "finished", "exit_code": 0,
+                                        "next": True, "ahead": True, "holding": reserve}, pilots[0]["secret"])
+    assert service.release_reserve(pilots[0]["uuid"], {"job": reserve}, pilots[0]["secret"])["released"]
     service.deregister(pilots[0]["uuid"], {"reason": "done"}, pilots[0]["secret"])
     service.housekeep()                     # the beats heard in memory are written
     with store.transaction() as conn:      # pilot 1 falls silent; pilot 2's job overruns its limit
