@@ -58,6 +58,7 @@ RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end rep
 RUNNING_REPORT_DELAY = 0.2  # seconds a payload runs before it is reported running: a shorter job
                             # is reported once, at its end (with its runtime; the server records both)
 OUTAGE_PAUSE = 2.0          # seconds between job requests while the server is unreachable
+CLAIM_KEYS = ("next", "ahead", "holding")  # an end report's fields that claim work: never in one left behind
 LATE_REPORT = 1.0           # seconds after its job's end: a report this late says when the job ended
 STOPPING_REPORT_GRACE = 4   # a pilot told to stop (SIGTERM) keeps an undelivered end report this
                             # many kill graces (20 s by default), then leaves: a batch system's
@@ -1092,7 +1093,11 @@ class Pilot:
     deregister; it returns the exit code. on_signal is the handler for SIGTERM, SIGINT and
     SIGUSR1. Threads: the main thread runs the work loop and the payload; the heartbeat thread
     only reads `current` and calls Execution.stop, which is safe from any thread (and from a
-    signal handler: nothing here takes a lock a handler could wait for).
+    signal handler: nothing here takes a lock a handler could wait for). The sender thread
+    delivers the end reports, one at a time, while the main thread starts the next job; the
+    supervisor and reporter threads watch the payload and report it running. The jobs claimed
+    and not started (`claimed`) are taken under claim_lock by whichever thread starts or gives
+    them back, so a job is either started or given back, never both.
     """
 
     def __init__(self, args, client):
@@ -1695,7 +1700,7 @@ class Pilot:
         ended = time.monotonic() if ended is None else ended
         keep, holding = ahead
         while True:
-            for key in ("next", "ahead", "holding"):
+            for key in CLAIM_KEYS:
                 report.pop(key, None)
             if ask_next and self.exit_reason is None and not self.dropped:
                 report.update(next=True, **({"ahead": True} if keep else {}), **({"holding": holding} if holding else {}))
@@ -1728,8 +1733,8 @@ class Pilot:
     def leave(self, job, report, ended):
         """Told to stop, with an end report the server cannot take: left in the job log directory
         for the next pilot there (see deliver_left_reports), else the job ends at its lease."""
-        report.pop("next", None)
-        report.pop("ended_ago", None)       # the file has the wall-clock time instead
+        for key in CLAIM_KEYS + ("ended_ago",):     # the file has the wall-clock time instead
+            report.pop(key, None)
         ended_at = time.time() - (time.monotonic() - ended)
         try:
             path = leave_report(self.args.joblogdir, job["uuid"], self.uuid, self.client.pilot_secrets[self.uuid],
