@@ -1093,11 +1093,10 @@ class Pilot:
     deregister; it returns the exit code. on_signal is the handler for SIGTERM, SIGINT and
     SIGUSR1. Threads: the main thread runs the work loop and the payload; the heartbeat thread
     only reads `current` and calls Execution.stop, which is safe from any thread (and from a
-    signal handler: nothing here takes a lock a handler could wait for). The sender thread
-    delivers the end reports, one at a time, while the main thread starts the next job; the
-    supervisor and reporter threads watch the payload and report it running. The jobs claimed
-    and not started (`claimed`) are taken under claim_lock by whichever thread starts or gives
-    them back, so a job is either started or given back, never both.
+    signal handler: nothing here takes a lock a handler could wait for). The supervisor and
+    reporter threads watch the payload and report it running. The jobs claimed and not started
+    (`claimed`) are taken under claim_lock by whichever thread starts or gives them back, so a
+    job is either started or given back, never both.
     """
 
     def __init__(self, args, client):
@@ -1126,11 +1125,7 @@ class Pilot:
         self.life = self.life_end = None    # with a lifetime: no job is taken after life_end (monotonic)
         self.claimed = collections.deque()  # jobs claimed by end reports and not started yet, in order
         self.unreleased = []            # jobs claimed ahead that could not be given back yet
-        self.claim_lock = threading.Lock()  # for both: the main, sender and reporter threads take from them
-        self.outbox = queue.Queue()     # the end report for the sender thread: one at a time, in order
-        self.delivered = threading.Event()  # clear while an end report is on its way
-        self.delivered.set()
-        self.send_failure = None        # a defect the sender thread met: raised in the main thread
+        self.claim_lock = threading.Lock()  # for both: the main and reporter threads take from them
         self.empty_dir = None           # the last job's directory, left empty: the next one's (make_job_dir)
         self.keep_hours = KEEP_JOB_FILES    # job files older than this are deleted (site or option)
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
@@ -1193,7 +1188,6 @@ class Pilot:
         beat_thread.start()
         threading.Thread(target=self.supervise_loop, name="supervisor", daemon=True).start()
         threading.Thread(target=self.report_loop, name="reporter", daemon=True).start()
-        threading.Thread(target=self.send_loop, name="sender", daemon=True).start()
         code = 0
         try:
             self.work_loop()
@@ -1215,8 +1209,6 @@ class Pilot:
         """Say goodbye, unless an end report of ours is still left behind: deregistering would
         give its job away (a short job would even be taken as never started and run again), so
         the pilot that delivers the report deregisters this one after it."""
-        with contextlib.suppress(Exception):    # said already, if the sender thread crashed
-            self.settle_report()
         self.release_claimed("the pilot leaves")
         self.deliver_left_reports()         # the server may be back: our own first
         if any(os.path.exists(path) for path in self.left_reports):
@@ -1231,10 +1223,18 @@ class Pilot:
         log.info("exiting: %s", self.exit_reason or "done")
 
     def work_loop(self):
+        """Ask for a job, run it, report it, until told to go; a job claimed to run next starts
+        the moment the one before it ends (run_job), the checks below come before each request."""
         cycles, period = int(self.settings["cycles"]), self.settings["period"]
         last_work = time.monotonic()
         done = 0
-        while self.exit_reason is None:
+        execution = None
+        while execution is not None or self.exit_reason is None:
+            if execution is not None:
+                execution = self.run_job(execution, room=cycles - done if cycles else math.inf)
+                done += execution is not None
+                last_work = time.monotonic()
+                continue
             if cycles and done >= cycles:
                 self.exit_reason = f"{cycles} cycles done"
                 break
@@ -1259,9 +1259,7 @@ class Pilot:
                 self.release_claimed("retried")
             job = self.request(wait)
             done += 1
-            if job is not None:
-                self.run_job(job, room=cycles - done if cycles else math.inf)
-                last_work = time.monotonic()
+            execution = self.start_job(job) if job is not None else None
 
     def near_end_of_life(self):
         """Whether the pilot's life ends before a job now taken could well end: it then asks for no
@@ -1275,13 +1273,9 @@ class Pilot:
         try:
             if self.exit_reason is not None:
                 return None
-            if not self.claimed:
-                self.settle_report()    # its answer may carry the next job
             job = self.take_claimed()
             if job is not None:
                 return job
-            if self.exit_reason is not None:    # the report's answer said go
-                return None
             log.debug("asking for a job (waiting up to %g s)", wait)
             answer = self.client.request_job(self.uuid, wait)
             self.heard_from_server()
@@ -1407,10 +1401,8 @@ class Pilot:
             pass
 
     # -- one job --------------------------------------------------------------------------------
-    def run_job(self, job, room=0):
-        """Run one job to its end and hand its report to the sender thread; the end report asks
-        for the next job too while the pilot may take `room` more, which the next request()
-        then takes without a round trip (see report_end)."""
+    def start_job(self, job):
+        """Start a job's payload; its Execution, or None if it could not start (reported failed)."""
         hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
         out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
         log.debug("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
@@ -1419,20 +1411,37 @@ class Pilot:
         except (OSError, ValueError) as e:
             self.send_report(job, {"state": "failed", "exit_code": 127,
                                    "errmsg": f"cannot start payload: {e}", "stderr": str(e)})
-            return
+            return None
         self.current = execution
         if self.halt is not None:       # a stop arrived while the job was being started (to finish, it runs)
             execution.stop("pilotTO", f"pilot stopping: {self.halt}", self.args.kill_grace)
         if self.next_look > execution.started + RUNNING_REPORT_DELAY:
             self.wake.set()     # the supervisor would look too late; else busy, it looks in time
+        return execution
+
+    def run_job(self, execution, room=0):
+        """Wait for the payload's end, start the job claimed to run next (see start_claimed),
+        and report this one meanwhile: the report claims the next job while the pilot may take
+        `room` more, which the next request() takes without a round trip. Returns the job
+        started, or None."""
+        job = execution.job
         state, exit_code, errmsg = self.wait(execution)
         ended = time.monotonic()
         if execution.report_queued:         # the end report goes after the running report
             execution.running_sent.wait()
         self.current = None
         self.log_end(job, state, exit_code, errmsg)
-        if state == "cancelled":    # the server already ended it; there is nothing to report
-            return
+        following = self.start_claimed(room)
+        if state != "cancelled":    # the server already ended a cancelled one; there is nothing to report
+            self.report_end(execution, (state, exit_code, errmsg), ended, room - (following is not None),
+                            following)
+        return following
+
+    def report_end(self, execution, outcome, ended, room, following):
+        """The end report, with what the job left (tails, images, verdict, provenance); it claims
+        the next job while the pilot may take `room` more (see keep_claimed for `ahead`)."""
+        job, out_path, err_path = execution.job, execution.out_path, execution.err_path
+        state, exit_code, errmsg = outcome
         plots = self.publish_images(job, execution.env)
         note_wrapper_directories(out_path, execution.env)
         report = {"state": state, "exit_code": exit_code, "errmsg": errmsg,
@@ -1448,7 +1457,9 @@ class Pilot:
                 write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
             self.empty_dir = execution.env["P3S_JOB_DIR"]
-        self.report_end(job, report, room, ended)
+        ask = room > 0 and not self.near_end_of_life() and not self.note
+        ahead = ask and "ahead" in self.features and (following is not None or room > 1)
+        self.send_report(job, report, ask, ended, (ahead, following and following.job["uuid"] if ahead else None))
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every
@@ -1611,43 +1622,23 @@ class Pilot:
                 execution.stop("failed", f"wrote {written:,.0f} MB to its directory, over its disk limit of "
                                          f"{disk:,} MB", self.args.kill_grace)
 
-    # -- claimed ahead: the next job starts while the last one's report travels ----------------
-    def report_end(self, job, report, room, ended):
-        """Hand the end report to the sender thread, once the last one was delivered (its
-        answer may be the job to run next). It asks for the next job while the pilot may take
-        `room` more. Where a job claimed is already at hand, the pilot runs it next (it starts
-        while this report travels) and says so (`holding`): the job this report claims waits in
-        reserve behind it, where the server allows (Broker.may_reserve)."""
-        self.settle_report()
-        ahead = "ahead" in self.features and room > 1
-        with self.claim_lock:
-            holding = self.claimed[0]["uuid"] if self.claimed and ahead else None
-        ask = room > (1 if self.claimed else 0) and not self.near_end_of_life() and not self.note
-        self.delivered.clear()
-        self.outbox.put((job, report, ask, ended, (ahead, holding) if ask else (False, None)))
-
-    def send_loop(self):
-        """The end reports, one at a time, for the pilot's life (see report_end)."""
-        while True:
-            job, report, ask, ended, ahead = self.outbox.get()
-            try:
-                self.send_report(job, report, ask, ended, ahead)
-            except Exception as e:      # a defect: the main thread raises it (see run)
-                self.send_failure = e
-            finally:
-                self.delivered.set()
-
-    def settle_report(self):
-        """Wait until the end report on its way was delivered (or given up)."""
-        self.delivered.wait()
-        failure, self.send_failure = self.send_failure, None
-        if failure is not None:
-            raise failure
+    # -- claimed ahead: the next job starts the moment one ends, while its report travels -------
+    def start_claimed(self, room):
+        """The job claimed to run next (a reserve: see keep_claimed), started now while the pilot
+        goes on and may take `room` more; None otherwise (what it holds is given back when it
+        leaves or stops taking jobs)."""
+        if room < 1 or self.exit_reason is not None or self.dropped or self.note or \
+                (self.life_end is not None and time.monotonic() >= self.life_end):
+            return None
+        job = self.take_claimed()
+        return self.start_job(job) if job is not None else None
 
     def keep_claimed(self, answer):
-        """In the sender thread: the job an end report claimed, for request(), and the directive
-        that came with it. A reserve is given back at once if the job running now already runs
-        long (its running report went: see report_loop)."""
+        """The jobs an end report claimed, in order, and the directive that came with it. With
+        `ahead`, a busy pilot keeps one job in reserve: the moment a payload ends, it starts the
+        reserve (start_claimed) and reports meanwhile, holding it, and the report claims the
+        next reserve (where the server grants one: Broker.may_reserve). A reserve is given back
+        at once if the job running now already runs long (see report_loop)."""
         if not answer:
             return
         if answer.get("directive"):
