@@ -1625,10 +1625,14 @@ class Pilot:
     # -- claimed ahead: the next job starts the moment one ends, while its report travels -------
     def start_claimed(self, room):
         """The job claimed to run next (a reserve: see keep_claimed), started now while the pilot
-        goes on and may take `room` more; None otherwise (what it holds is given back when it
-        leaves or stops taking jobs)."""
-        if room < 1 or self.exit_reason is not None or self.dropped or self.note or \
+        goes on and may take `room` more, and is fit for it (the checks of the work loop's turn,
+        which a run of jobs in reserve does not take); None otherwise (what it holds is given
+        back when it leaves or stops taking jobs)."""
+        if room < 1 or self.exit_reason is not None or self.dropped or \
                 (self.life_end is not None and time.monotonic() >= self.life_end):
+            return None
+        self.keep_disk_clean()
+        if self.unfit():
             return None
         job = self.take_claimed()
         return self.start_job(job) if job is not None else None

@@ -99,7 +99,7 @@ def test_a_pilot_told_to_finish_among_short_jobs_leaves_no_job_held_and_none_run
     reserve, a pilot ends the one it runs and gives its reserve back as it was (no attempt used):
     another pilot runs every other job, each once."""
     ran = p3s.dir / "ran.txt"
-    uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ran}; sleep 0.02') for _ in range(150)])
+    uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ran}; sleep 0.02') for _ in range(80)])
     pilot = p3s.pilot("-p", "0")
     wait_until(lambda: len(runs_logged(ran)) >= 20, 20, what="20 jobs run")
     if told == "drain":

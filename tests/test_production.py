@@ -518,6 +518,26 @@ def test_a_site_probe_that_fails_keeps_its_pilots_from_taking_jobs_and_says_why(
     assert p3s.job(job)["state"] == "finished"
 
 
+def test_a_pilot_busy_with_short_jobs_stops_taking_them_once_its_probe_fails(p3s, tmp_path):
+    """A run of short jobs (each started from the reserve the moment the one before ends) still
+    runs the probe between jobs: once EOS goes, the pilot takes no more and holds none."""
+    eos = tmp_path / "eos-up"
+    eos.write_text("")
+    site = tmp_path / "np04.json"
+    site.write_text(json.dumps({"name": "np04", "heartbeat": 0.5, "period": 0.5, "probe": f"test -e {eos}"}))
+    assert p3s.run("pilot.py", "--define-site", "-j", site).returncode == 0
+    uuids = p3s.submit([shell_job("sleep 0.01", site="np04") for _ in range(300)])
+    p3s.pilot("-s", "np04")
+    wait_until(lambda: p3s.api.job_states(uuids[:20]) and all(
+        s["state"] == "finished" for s in p3s.api.job_states(uuids[:20]).values()), 15, what="20 jobs run")
+    eos.unlink()
+    wait_until(lambda: "probe `test -e" in json.dumps(p3s.api.list_pilots(site="np04")), 10, what="the probe's note")
+    states = collections.Counter(s["state"] for s in p3s.api.job_states(uuids).values())
+    assert states["defined"] > 150 and not states["dispatched"] + states["running"], states
+    eos.write_text("")
+    p3s.wait_jobs(uuids, timeout=60)
+
+
 def test_a_sites_canary_fails_before_real_data_is_lost_and_passes_again(p3s, tmp_path):
     """A canary (a small job the server sends a site every canary_period) says a site cannot
     process data before a run is lost; its failures are its site's alarm, never an error row."""
