@@ -73,7 +73,7 @@ def test_a_busy_pilot_starts_its_reserve_as_a_job_ends_and_runs_each_job_once(p3
     assert sorted(runs_logged(ran)) == sorted(uuids), "each job ran once"
     jobs = sorted((p3s.job(u) for u in uuids), key=lambda j: j["ts_sta"])
     ahead = sum(later["ts_dis"] < earlier["ts_sto"] for earlier, later in zip(jobs, jobs[1:]))
-    assert ahead >= 50, f"only {ahead} of 59 jobs were claimed before the one before them ended"
+    assert ahead >= 40, f"only {ahead} of 59 jobs were claimed before the one before them ended"
     assert all(j["state"] == "finished" and j["attempt"] == 1 for j in jobs)
 
 
