@@ -1457,9 +1457,11 @@ class Pilot:
                 write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
             self.empty_dir = execution.env["P3S_JOB_DIR"]
+        holding = following.job["uuid"] if following is not None else None
         ask = room > 0 and not self.near_end_of_life() and not self.note
-        ahead = ask and "ahead" in self.features and (following is not None or room > 1)
-        self.send_report(job, report, ask, ended, (ahead, following and following.job["uuid"] if ahead else None))
+        ahead = ask and "ahead" in self.features and (holding is not None or room > 1)
+        # never a plain claim while a job runs unreported: the server would hand that one back
+        self.send_report(job, report, ask and (ahead or holding is None), ended, (ahead, holding if ahead else None))
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every
