@@ -117,3 +117,24 @@ def test_a_pilot_told_to_finish_among_short_jobs_leaves_no_job_held_and_none_run
     assert sorted(runs_logged(ran)) == sorted(uuids), [p3s.job(u) for u in missing]
     unfinished = [p3s.job(u) for u, s in p3s.api.job_states(uuids).items() if s["state"] != "finished"]
     assert not unfinished, [(j["state"], j["errmsg"], j["events"]) for j in unfinished]
+
+
+def test_a_pilot_killed_among_short_jobs_loses_only_the_job_it_ran(start_server):
+    """kill -9 of a pilot with a job in reserve: when its lease runs out, the job it ran ends
+    pilotTO and its reserve goes back as it was (attempt 1); a second pilot runs the rest once."""
+    p3s = start_server(["--lease-beats", "6"])      # lease: 6 x 0.5 s
+    ran = p3s.dir / "ran.txt"
+    uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ran}; sleep 0.02') for _ in range(60)])
+    pilot = p3s.pilot("-p", "0")
+    wait_until(lambda: len(runs_logged(ran)) >= 20, 20, what="20 jobs run")
+    pilot.send_signal(signal.SIGKILL)
+    pilot.wait(10)
+    wait_until(lambda: not [s for s in p3s.api.job_states(uuids).values() if s["state"] in ("dispatched", "running")],
+               15, what="the lease to free the dead pilot's jobs")
+    lost = [u for u, s in p3s.api.job_states(uuids).items() if s["state"] == "pilotTO"]
+    assert len(lost) <= 1, f"{len(lost)} jobs ended pilotTO: a reserve never started was taken as run"
+    p3s.pilot("-p", "0")
+    p3s.wait_jobs(uuids)
+    logged = runs_logged(ran)
+    assert len(logged) == len(set(logged)), "a job ran twice"
+    assert {u for u, s in p3s.api.job_states(uuids).items() if s["state"] == "finished"} == set(uuids) - set(lost)
