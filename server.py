@@ -701,6 +701,21 @@ MIGRATIONS = [
     """
     ALTER TABLE pilots ADD COLUMN reserve TEXT;
     """,
+    # v18: fewer index entries a job moves (a page each in its commit). The jobs a pilot holds
+    # are found in an index of held jobs alone (tiny: a claim adds one entry, an end removes it),
+    # not one of every job by pilot and state, where each change moved an entry between states.
+    # The jobs by pilot, and by start, hold only jobs that have one: a claim or a start no longer
+    # removes an entry from the section of those that have none. The history's time index goes:
+    # nothing reads it.
+    """
+    DROP INDEX jobs_pilot_state;
+    CREATE INDEX jobs_held ON jobs(pilot) WHERE state IN ('dispatched', 'running');
+    DROP INDEX jobs_pilot;
+    CREATE INDEX jobs_pilot ON jobs(pilot, id) WHERE pilot IS NOT NULL;
+    DROP INDEX jobs_started;
+    CREATE INDEX jobs_started ON jobs(ts_sta) WHERE ts_sta IS NOT NULL;
+    DROP INDEX events_ts;
+    """,
 ]
 
 
@@ -840,7 +855,14 @@ def as_env(value, field):
     return env
 
 
+CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def as_uuid(value, field):
+    """The canonical form of a UUID given in any form uuid.UUID reads (most come canonical
+    already: a pilot's three a report, matched without building a UUID)."""
+    if isinstance(value, str) and CANONICAL_UUID.fullmatch(value):
+        return value
     try:
         return str(uuidlib.UUID(as_str(value, field)))
     except ValueError:
@@ -1454,10 +1476,11 @@ def check_pilot_secret(conn, pilot_uuid, secret):
     return row
 
 
-# The jobs a pilot holds. INDEXED BY: statistics gathered on a table of queued jobs (pilot NULL
-# in every row) would make sqlite scan every job on every claim.
-HELD_JOBS = ("SELECT {columns} FROM jobs INDEXED BY jobs_pilot_state "
-             "WHERE pilot=? AND state IN ('dispatched','running')")
+# The jobs a pilot holds, in the partial index of held jobs: a query names its condition word for
+# word (HELD), or sqlite cannot use it. INDEXED BY: statistics gathered on a table of queued jobs
+# (pilot NULL in every row) would make sqlite scan every job on every claim.
+HELD = "state IN ('dispatched', 'running')"
+HELD_JOBS = f"SELECT {{columns}} FROM jobs INDEXED BY jobs_held WHERE pilot=? AND {HELD}"
 
 
 def bring_back(conn, uuid, t):
@@ -1468,7 +1491,7 @@ def bring_back(conn, uuid, t):
                ts_stop=None, ts_beat=t)
 
 
-RUNNING_JOB = "SELECT uuid FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='running'"
+RUNNING_JOB = HELD_JOBS.format(columns="uuid") + " AND state='running'"
 
 
 def own_pilot(conn, uuid, secret, verified=False):
@@ -2437,8 +2460,8 @@ class Broker:
         may take, now dispatched to it; None (the pilot marked `no jobs`, unless it holds one)
         when there is none. A pilot holding a job was moved by its report (apply_report)."""
         pilot_uuid = pilot["uuid"]
-        job = conn.execute("SELECT * FROM jobs INDEXED BY jobs_pilot_state WHERE pilot=? AND state='dispatched' "
-                           "AND uuid IS NOT ?", (pilot_uuid, holding)).fetchone()
+        job = conn.execute(HELD_JOBS.format(columns="*") + " AND state='dispatched' AND uuid IS NOT ?",
+                           (pilot_uuid, holding)).fetchone()
         if job is None:
             best = best_claimable(conn, pilot["site"], json.loads(pilot["jobtypes"]))
             if best is None:    # woken with nothing for it: write only if its state changes
@@ -7667,7 +7690,16 @@ API = (
     ("POST", "/api/jobtypes/<jobtype>/pause", "pause_jobtype", ("body", "who"), SHIFTER),
     ("PUT", "/api/jobs/<uuid>/images/<name>", "images.publish", ("raw", "secret"), PILOT),
 )
-ROUTES = [(method, path_regex(path), name, parts, auth) for method, path, name, parts, auth in API]
+def routes_by_method(api):
+    """{method: its routes, in the order of `api`}: a request is matched against its method's
+    paths alone."""
+    routes = collections.defaultdict(list)
+    for method, path, name, parts, auth in api:
+        routes[method].append((path_regex(path), name, parts, auth))
+    return dict(routes)
+
+
+ROUTES = routes_by_method(API)
 WRITES = {name: (parts, auth) for method, path, name, parts, auth in API if auth in ROLES}   # what a page action calls
 
 # The pages' actions (POST /act, from a signed-in page's form): each is an API operation, done
@@ -8199,14 +8231,14 @@ class Handler(BaseHTTPRequestHandler):
     def find_route(self, method, path):
         """The route of `method` matching `path` (only this method's paths are matched: a
         pilot's report passes no GET); a 405 if another method's does, else a 404."""
-        for m, regex, name, parts, auth in ROUTES:
-            match = m == method and regex.match(path)
+        for regex, name, parts, auth in ROUTES.get(method, ()):
+            match = regex.match(path)
             if match:
                 groups = {k: unquote(v) for k, v in match.groupdict().items()}
                 if "uuid" in groups:
                     groups["uuid"] = as_uuid(groups["uuid"], "uuid")
                 return name, list(groups.values()), parts, auth
-        if any(regex.match(path) for _, regex, *_ in ROUTES):
+        if any(regex.match(path) for routes in ROUTES.values() for regex, *_ in routes):
             raise ApiError(405, f"{method} {path}: method not allowed")
         raise ApiError(404, f"{path}: no such endpoint")
 
