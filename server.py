@@ -704,9 +704,9 @@ MIGRATIONS = [
     # v18: fewer index entries a job moves (a page each in its commit). The jobs a pilot holds
     # are found in an index of held jobs alone (tiny: a claim adds one entry, an end removes it),
     # not one of every job by pilot and state, where each change moved an entry between states.
-    # The jobs by pilot, and by start, hold only jobs that have one: a claim or a start no longer
-    # removes an entry from the section of those that have none. The history's time index goes:
-    # nothing reads it.
+    # The jobs by pilot, by start and by end hold only jobs that have one: a claim, a start or an
+    # end no longer removes an entry from the section of those that have none. The history's
+    # time index goes: nothing reads it.
     """
     DROP INDEX jobs_pilot_state;
     CREATE INDEX jobs_held ON jobs(pilot) WHERE state IN ('dispatched', 'running');
@@ -714,6 +714,8 @@ MIGRATIONS = [
     CREATE INDEX jobs_pilot ON jobs(pilot, id) WHERE pilot IS NOT NULL;
     DROP INDEX jobs_started;
     CREATE INDEX jobs_started ON jobs(ts_sta) WHERE ts_sta IS NOT NULL;
+    DROP INDEX jobs_ts_sto;
+    CREATE INDEX jobs_ts_sto ON jobs(ts_sto, id) WHERE ts_sto IS NOT NULL;
     DROP INDEX events_ts;
     """,
 ]
@@ -5512,7 +5514,8 @@ class Views:
         rows = []
         for state in FAILED_STATES:     # one indexed LIMIT query per state, merged
             rows += self.store.read("SELECT uuid, name, jobtype, state, exit_code, reason, infile, host, ts_sto "
-                                    "FROM jobs WHERE state=? ORDER BY ts_sto DESC LIMIT ?", (state, n))
+                                    "FROM jobs WHERE state=? AND ts_sto IS NOT NULL ORDER BY ts_sto DESC LIMIT ?",
+                                    (state, n))
         return sorted((dict(r) for r in rows), key=lambda r: -(r["ts_sto"] or 0))[:n]
 
     def start_latency(self, t):
@@ -5546,12 +5549,14 @@ class Views:
         order = as_choice(query.get("order", "desc"), "order", ("asc", "desc"))
         limit, offset, page = page_window(query)
         column = JOB_SORTS[sort]
+        if sort == "ended":     # the jobs that ended, from the index of those alone
+            where += (" AND " if where else " WHERE ") + "ts_sto IS NOT NULL"
         sql = ("SELECT uuid, name, user, jobtype, state, priority, site, ran_site, attempt, exit_code, reason, infile, "
                f"host, wfuuid, ts_def, ts_sta, ts_sto, cpu_user, cpu_sys, max_rss_mb FROM jobs{where} ORDER BY {column} {order}, id {order} "
                "LIMIT ? OFFSET ?")
         rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
         return {"jobs": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit,
-                "total": self.cheap_total(query, states, errors_only), "sort": sort, "order": order,
+                "total": None if sort == "ended" else self.cheap_total(query, states, errors_only), "sort": sort, "order": order,
                 "filters": {k: query[k] for k in JOB_FILTERS if query.get(k)}, "choices": self.job_choices(known)}
 
     def cheap_total(self, query, states, errors_only):

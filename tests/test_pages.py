@@ -155,6 +155,20 @@ def test_jobs_filters_sorting_and_paging(served):
     assert "next page" in page and "sort=priority&amp;order=asc" in page
 
 
+def test_jobs_sorted_by_end_are_the_jobs_that_ended_newest_first(served):
+    """Sorted by `ended`, the list is read from the index of ended jobs alone: those waiting
+    have no end time and are not in it, in either order."""
+    ran = run_jobs(served, [shell_job(f"sleep 0.{i}") for i in range(1, 4)])
+    waiting = served.submit([shell_job("true", site="nowhere") for _ in range(2)])
+    newest = [j["uuid"] for j in get_json(served, "/jobs?sort=ended")["jobs"]]
+    assert sorted(newest) == sorted(ran) and not set(newest) & set(waiting)
+    ends = {j["uuid"]: j["ts_sto"] for j in get_json(served, "/jobs?sort=ended")["jobs"]}
+    assert [ends[u] for u in newest] == sorted(ends.values(), reverse=True)
+    oldest = [j["uuid"] for j in get_json(served, "/jobs?sort=ended&order=asc")["jobs"]]
+    assert oldest == newest[::-1]
+    assert len(get_json(served, "/jobs")["jobs"]) == 5
+
+
 def test_why_is_this_job_not_running(served):
     rare, low = served.submit([shell_job("true", jobtype="rare"), shell_job("true", priority=-1)])
     held = served.submit([shell_job("true", state="template")])[0]
