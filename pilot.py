@@ -1371,8 +1371,22 @@ class Pilot:
         return self.probed[1]
 
     def heard_from_server(self):
-        self.last_contact = time.monotonic()
+        with self.claim_lock:
+            now = time.monotonic()
+            self.forget_claims_if_silent(now)
+            self.last_contact = now
         self.watchdog.contact()
+
+    def forget_claims_if_silent(self, now):
+        """After a silence of half the fence (a pause, a partition), the jobs claimed ahead and not
+        started are forgotten, never started: the server may have given them away. Those it still
+        has as this pilot's, it hands back to the next claim (Broker.pick). Checked at the first
+        answer after the silence too: a heartbeat that ends it must not make them look fresh."""
+        silent = now - self.last_contact
+        if self.claimed and silent > self.fence_after() / 2:
+            log.warning("no answer from the server for %.0f s: the %d job(s) claimed ahead are left to "
+                        "the server", silent, len(self.claimed))
+            self.claimed.clear()
 
     def register_again(self):
         """The server dropped this pilot (it deregistered it, or forgot it): any job it still ran
@@ -1658,16 +1672,10 @@ class Pilot:
 
     def take_claimed(self):
         """The next job claimed for this pilot, to start now; None if there is none, or if the
-        server has been silent so long that it may have given the job away (it is given back)."""
+        server has been silent so long that it may have given it away (forget_claims_if_silent)."""
         with self.claim_lock:
-            job = self.claimed.popleft() if self.claimed else None
-        silent = time.monotonic() - self.last_contact
-        if job is not None and silent > self.fence_after() / 2:
-            with self.claim_lock:
-                self.claimed.appendleft(job)
-            self.release_claimed(f"no answer from the server for {silent:.0f} s")
-            return None
-        return job
+            self.forget_claims_if_silent(time.monotonic())
+            return self.claimed.popleft() if self.claimed else None
 
     def release_claimed(self, why):
         """Give back the jobs claimed and not started (and those a failed attempt kept), so that

@@ -138,3 +138,36 @@ def test_a_pilot_killed_among_short_jobs_loses_only_the_job_it_ran(start_server)
     logged = runs_logged(ran)
     assert len(logged) == len(set(logged)), "a job ran twice"
     assert {u for u, s in p3s.api.job_states(uuids).items() if s["state"] == "finished"} == set(uuids) - set(lost)
+
+
+def stopped(pid):
+    """Whether a process is stopped (SIGSTOP): the state letter in /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_pilot_paused_past_its_lease_never_starts_the_reserve_given_away(start_server):
+    """A pilot paused (SIGSTOP, as its own payload does here) right after it claimed a job in
+    reserve, past its lease: the server gives the reserve back and a second pilot runs it.
+    Resumed, the first pilot must not start it from memory, whichever answer ends its silence
+    first (its heartbeat's, or its own report's): the reserve runs once."""
+    p3s = start_server(["--lease-beats", "4"])      # lease: 4 x 0.5 s
+    ran = p3s.dir / "ran.txt"
+    log_run = f'echo "$P3S_JOB_UUID" >> {ran}'
+    first, pauser, reserve = p3s.submit([shell_job(log_run, priority=3),
+                                         shell_job(f"{log_run}; kill -STOP $PPID", priority=2),
+                                         shell_job(log_run, priority=1)])
+    paused = p3s.pilot("-p", "0")
+    wait_until(lambda: stopped(paused.pid), 20, what="the pilot paused by its payload")
+    assert p3s.job(reserve)["state"] == "dispatched", "the pausing job's claim kept one in reserve"
+    wait_until(lambda: p3s.job(reserve)["state"] == "defined", 20, what="the lease to give the reserve back")
+    second = p3s.pilot("-p", "0")
+    wait_until(lambda: p3s.job(reserve)["state"] == "finished", 20, what="the second pilot to run the reserve")
+    second.send_signal(signal.SIGTERM)
+    second.wait(20)
+    paused.send_signal(signal.SIGCONT)
+    time.sleep(3)       # resumed: its heartbeat and its pausing job's end report go out now
+    paused.send_signal(signal.SIGTERM)
+    paused.wait(20)
+    assert sorted(runs_logged(ran)) == sorted([first, pauser, reserve]), "a job ran twice, or not at all"
+    assert p3s.job(pauser)["state"] == "pilotTO"
