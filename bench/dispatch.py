@@ -2,7 +2,7 @@
 """Dispatch benchmark (not a test): how close p3s gets to the bare HTTP server it is built on.
 
     python bench/dispatch.py [--pilots 8] [--jobs 400] [--latency-jobs 40] [--queued 100000]
-    python bench/dispatch.py --against REV [--repeat 3] [--pilots 8] [--jobs 1500]
+    python bench/dispatch.py --against REV [--repeat 3] [--pilots 8] [--jobs 1500] [--protocol]
     python bench/dispatch.py --systems 1,4,8 [--huey-venv DIR] [--repeat 3] [--jobs 2000]
 
 Prints, from one run on this machine:
@@ -22,7 +22,8 @@ Prints, from one run on this machine:
 With --systems, p3s, the ceiling and (with --huey-venv) huey at each pilot count, alternating,
 --repeat times, as a table of medians and min-max. With --against REV, only the throughput and
 CPU figures, for this checkout and REV (a git worktree of it) in turn, --repeat times: on a
-shared machine only alternating runs compare.
+shared machine only alternating runs compare. With --protocol besides, the server's own CPU a
+job: one pilot played by this script (the pilot protocol, no payload), nothing else competing.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
 import argparse
@@ -37,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+import uuid as uuidlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -236,6 +238,32 @@ def pilots_cpu_seconds(pilots):
     return total
 
 
+def protocol_figures(server, client, n_jobs):
+    """The server's CPU a job, with one pilot played by this script: it speaks the protocol as
+    pilot.py does (an end report a job, holding the job in reserve and claiming the next one)
+    but runs no payload, so nothing on the machine competes with the server: its own cost, the
+    least noisy figure of it."""
+    answer = client.register_pilot(uuid=str(uuidlib.uuid4()), host="bench", pid=os.getpid(), site="",
+                                   jobtypes=[], extra="", log="")
+    pilot, ahead = answer["uuid"], "ahead" in answer.get("features", ())
+    client.submit_jobs([{"payload": "/bin/true", "name": "bench", "jobtype": "bench-protocol"}
+                        for _ in range(n_jobs)])
+    job, held, done = client.request_job(pilot, 0)["job"], None, 0
+    cpu, started = server_cpu_seconds(server), time.perf_counter()
+    while job and done < n_jobs:
+        report = {"state": "finished", "exit_code": 0, "errmsg": "", "stdout": "", "stderr": "", "pid": 1,
+                  "stdout_path": "/bench/job.out", "stderr_path": "/bench/job.err", "runtime": 0.001,
+                  "usage": {"cpu_user": 0.0, "cpu_sys": 0.0, "max_rss_mb": 1.0}, "pilot": pilot,
+                  "attempt": job["attempt"], "next": True, **({"ahead": True} if ahead else {}),
+                  **({"holding": held["uuid"]} if held else {})}
+        claimed = client.report(job["uuid"], report)["next"] or {}
+        done += 1
+        job, held = (held, claimed.get("job")) if held else (claimed.get("job"), claimed.get("reserve"))
+    elapsed = time.perf_counter() - started
+    return {"protocol_jobs_per_s": round(done / elapsed, 1),
+            "server_cpu_ms_per_job": round((server_cpu_seconds(server) - cpu) * 1000 / done, 3)}
+
+
 def latencies(client, n_jobs):
     """Submit one job at a time to an idle pilot; seconds from submission to dispatch and start."""
     to_start = []
@@ -284,6 +312,23 @@ def stop(server, pilots):
         pilot.wait(30)
 
 
+def one_side(args, root, workdir):
+    """One run of the checkout at `root` for --against: its throughput figures, or with
+    --protocol the server's own cost (protocol_figures)."""
+    bare = None if args.protocol else bare_rate(args.pilots, 2000)
+    server, url, token = start_server(workdir, root)
+    pilots = []
+    try:
+        client = Client(url, token_file=token, retry_for=10)
+        if args.protocol:
+            return protocol_figures(server, client, args.jobs)
+        pilots = start_pilots(args.pilots, url, token, workdir, root=root)
+        wait_idle(client, args.pilots)
+        return throughput_figures(server, client, pilots, args, bare)
+    finally:
+        stop(server, pilots)
+
+
 def compare(args):
     """This checkout against REV, alternating, --repeat times each: the throughput figures of
     every run, and each side's median."""
@@ -296,17 +341,7 @@ def compare(args):
     try:
         for _ in range(args.repeat):
             for label, root in (("this", ROOT), (args.against, other)):
-                workdir = tempfile.mkdtemp(prefix="p3s-bench-", dir=here)
-                bare = bare_rate(args.pilots, 2000)
-                server, url, token = start_server(workdir, root)
-                pilots = []
-                try:
-                    client = Client(url, token_file=token, retry_for=10)
-                    pilots = start_pilots(args.pilots, url, token, workdir, root=root)
-                    wait_idle(client, args.pilots)
-                    runs[label].append(throughput_figures(server, client, pilots, args, bare))
-                finally:
-                    stop(server, pilots)
+                runs[label].append(one_side(args, root, tempfile.mkdtemp(prefix="p3s-bench-", dir=here)))
                 print(label, json.dumps(runs[label][-1]), flush=True)
     finally:
         subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", other], check=False)
@@ -401,11 +436,16 @@ def main(argv=None):
     p.add_argument("--against", metavar="REV",
                    help="only throughput and CPU, this checkout and git revision REV in turn")
     p.add_argument("--repeat", type=int, default=3, help="runs of each side with --against or --systems")
+    p.add_argument("--protocol", action="store_true",
+                   help="with --against: the server's own CPU a job, one pilot played by this script "
+                        "(the pilot protocol, no payload)")
     p.add_argument("--systems", metavar="N,N,...",
                    help="p3s beside the true ceiling (bench/ceiling.py) and huey at these pilot counts")
     p.add_argument("--huey-venv", metavar="DIR", help="with --systems: huey from this virtual environment "
                    "(made, and huey installed, where missing)")
     args = p.parse_args(argv)
+    if args.protocol and not args.against:
+        p.error("--protocol: only with --against REV")
     if args.against:
         return compare(args)
     if args.systems:
