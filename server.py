@@ -5555,8 +5555,9 @@ class Views:
                f"host, wfuuid, ts_def, ts_sta, ts_sto, cpu_user, cpu_sys, max_rss_mb FROM jobs{where} ORDER BY {column} {order}, id {order} "
                "LIMIT ? OFFSET ?")
         rows = [dict(r) for r in self.store.read(sql, args + [limit + 1, offset])]
+        total = None if sort == "ended" else self.cheap_total(query, states, errors_only)
         return {"jobs": rows[:limit], "page": page, "limit": limit, "more": len(rows) > limit,
-                "total": None if sort == "ended" else self.cheap_total(query, states, errors_only), "sort": sort, "order": order,
+                "total": total, "sort": sort, "order": order,
                 "filters": {k: query[k] for k in JOB_FILTERS if query.get(k)}, "choices": self.job_choices(known)}
 
     def cheap_total(self, query, states, errors_only):
@@ -7695,6 +7696,8 @@ API = (
     ("POST", "/api/jobtypes/<jobtype>/pause", "pause_jobtype", ("body", "who"), SHIFTER),
     ("PUT", "/api/jobs/<uuid>/images/<name>", "images.publish", ("raw", "secret"), PILOT),
 )
+
+
 def routes_by_method(api):
     """{method: its routes, in the order of `api`}: a request is matched against its method's
     paths alone."""
