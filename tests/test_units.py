@@ -535,6 +535,27 @@ def test_hot_path_plans_hold_under_hostile_statistics(tmp_path, monkeypatch):
     assert len(seen) > 50 and not scans, "\n".join(f"{plan}: {sql}" for sql, plan in scans.items())
 
 
+def test_the_lists_by_end_time_read_an_index_under_hostile_statistics(tmp_path, monkeypatch):
+    """The summary's recent failures and /jobs sorted by end read the index of jobs that ended
+    (v18: ended jobs only), whatever ANALYZE said: neither walks every job."""
+    db = str(tmp_path / "x.db")
+    hostile_store(db)
+    store, seen = traced_store(db, monkeypatch)
+    views = server.Views(server.Service(store), [str(tmp_path)])
+    views.recent_failures(10)
+    for order in ("desc", "asc"):
+        views.jobs({"sort": "ended", "order": order})
+    plans = {}
+    with store.reading() as conn:
+        conn.set_trace_callback(None)
+        for sql in {s for s in seen if "ORDER BY ts_sto" in s}:
+            plans[sql] = [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql)]
+    store.close()
+    assert len(plans) >= 3, plans
+    for sql, plan in plans.items():
+        assert not any(re.match(r"SCAN jobs\b", step) for step in plan), (sql, plan)
+
+
 def test_a_heartbeat_is_heard_before_its_lease_is_judged_or_answered_kill():
     leases = server.Leases()
     assert leases.beat("a", 100.0)
