@@ -514,6 +514,36 @@ def drive_hot_paths(service):
     assert {"pilotTO", "timeout"} <= states, states
 
 
+def test_start_and_end_counts_are_tallied_in_their_transaction_and_written_by_housekeeping(tmp_path):
+    """The counts of starts and ends by time bucket are tallied in the writer's memory, inside
+    the job's transaction: a block rolled back takes its counts with it, the job's commit writes
+    no page of theirs, and a housekeeping pass or a clean shutdown writes them where the
+    charts, the summary and the alarms read them."""
+    path = str(tmp_path / "t.db")
+    store = server.Store(path)
+    service = server.Service(store)
+    pilot = service.register({"secret": "s" * 16, "heartbeat": 1})
+    uuids = service.submit({"jobs": [{"payload": "x"} for _ in range(3)]}, "t")["uuids"]
+    job = service.broker.request_job(pilot["uuid"], {}, pilot["secret"])["job"]
+    service.report(job["uuid"], {"pilot": pilot["uuid"], "attempt": 1, "state": "failed", "exit_code": 3},
+                   pilot["secret"])
+    with pytest.raises(RuntimeError), store.transaction(shared=True) as conn:     # a block rolled back
+        assert server.move_job(conn, uuids[1], "defined", "cancelled", "t")
+        raise RuntimeError
+
+    def counts():
+        return {table: store.read_one(f"SELECT COALESCE(SUM(n), 0) FROM {table}")[0] for table in server.TALLIED}
+    assert counts() == {"job_starts": 0, "job_ends": 0, "ends": 0}
+    service.housekeep()
+    assert counts() == {"job_starts": 1, "job_ends": 1, "ends": 1}
+    assert [tuple(r) for r in store.read("SELECT jobtype, site, state, n FROM ends")] == [("default", "", "failed", 1)]
+    store.write(server.move_job, uuids[2], "defined", "cancelled", "t")
+    store.close()
+    store = server.Store(path)
+    assert counts() == {"job_starts": 1, "job_ends": 2, "ends": 2}
+    store.close()
+
+
 def test_hot_path_plans_hold_under_hostile_statistics(tmp_path, monkeypatch):
     """Every statement the claim, report, heartbeat and housekeeping paths run is recorded and
     its plan read: none scans a big table, whatever ANALYZE said (the held-job query once scanned
@@ -525,6 +555,8 @@ def test_hot_path_plans_hold_under_hostile_statistics(tmp_path, monkeypatch):
     scans = {}
     with store.reading() as conn:
         conn.set_trace_callback(None)
+        for statement in server.statements(server.TALLIES):     # the writer's own, in memory
+            conn.execute(statement)
         for sql in set(seen):
             if not sql.lstrip().upper().startswith(("SELECT", "UPDATE", "DELETE", "INSERT")):
                 continue
