@@ -4556,9 +4556,10 @@ class Service:
             raise bad("holding: the job the pilot runs next, claimed earlier; only with ahead: true")
         try:
             with self.store.transaction(shared=True) as conn:
-                told = check_pilot_secret(conn, pilot, secret)["directive"]
-                claims_next = body.get("next") and told not in LEAVING     # a leaving pilot claims nothing
-                result = self.apply_report(conn, uuid, pilot, attempt, state, start, outcome, claims_next, holding)
+                row = check_pilot_secret(conn, pilot, secret)
+                claims_next = body.get("next") and row["directive"] not in LEAVING     # a leaving pilot claims nothing
+                result = self.apply_report(conn, uuid, (pilot, row["state"]), attempt, state, start, outcome,
+                                           claims_next, holding)
                 if quality and (quality[1] or quality[2]) and not result.get("duplicate"):
                     store_quality(conn, uuid, *quality[1:])     # most jobs say nothing: no read
                 if provenance and not result.get("duplicate"):
@@ -4619,14 +4620,16 @@ class Service:
             raise bad("ended_ago: only an end report has it")
         return start, outcome
 
-    def apply_report(self, conn, uuid, pilot, attempt, state, start, outcome, claims_next=False, holding=None):
+    def apply_report(self, conn, uuid, pilot_and_state, attempt, state, start, outcome, claims_next=False, holding=None):
         """A pilot's report, fenced by pilot and attempt: a repeat is acknowledged, a stale one
         refused with 409; `running` moves the job on, an end state ends or retries it. An end
         report for a job still dispatched (a short job: its pilot reports `running` only for jobs
         that outlast RUNNING_REPORT_DELAY) moves it through `running` in the same row update
         (a workflow's job in two, as its workflow follows each). An end report that `claims_next`
         leaves the pilot's state to the claim that follows (one change of state, not two); one
-        `holding` the job its pilot started as this one ended leaves the pilot on that job."""
+        `holding` the job its pilot started as this one ended leaves the pilot on that job.
+        `pilot_and_state`: the reporting pilot and its state as this transaction read it."""
+        pilot, pilot_state = pilot_and_state
         job = lookup(conn, "jobs", uuid)
         stale = job["pilot"] != pilot or job["attempt"] != attempt or job["state"] not in ACTIVE_JOB_STATES
         if stale or (state == "running" and job["state"] != "dispatched"):
@@ -4643,7 +4646,8 @@ class Service:
             if state == "running" or job["wfuuid"]:
                 move_job(conn, uuid, "dispatched", "running", pilot, attempt=attempt, pilot=pilot,
                          changes={**start, "ts_sta": started})
-                move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now())
+                if move_pilot(conn, pilot, LIVE_PILOT_STATES, "running", ts_beat=now()):
+                    pilot_state = "running"
                 if job["wfuuid"]:
                     follow_jobs(conn, job["wfuuid"])
                 if state == "running":
@@ -4658,12 +4662,21 @@ class Service:
             cpu = outcome["cpu_user"] + outcome.get("cpu_sys", 0) if "cpu_user" in outcome else None
             self.costs.pending[uuid] = (job["jobtype"], outcome.get("ts_sto", now()) - job["ts_sta"],
                                         outcome.get("max_rss_mb"), cpu)
-        conn.execute("UPDATE pilots SET job=?, reserve=CASE WHEN reserve=? THEN NULL ELSE reserve END, "
-                     "jobs_done=jobs_done+1, ts_beat=?, "
-                     "state=CASE WHEN state NOT IN ('dispatched','running') THEN state "
-                     "WHEN ? THEN 'dispatched' WHEN ? THEN state ELSE 'active' END "
-                     "WHERE uuid=? AND job=?", (holding, holding, now(), bool(holding), bool(claims_next), pilot, uuid))
+        self.pilot_reported(conn, pilot, pilot_state, uuid, holding, claims_next)
         return {"state": new_state, "released": released}
+
+    def pilot_reported(self, conn, pilot, pilot_state, uuid, holding, claims_next):
+        """The pilot's row after its end report: on the job it holds, if any; its state `active`
+        unless it holds one or claims the next (then the claim sets it). The report is heard as
+        a heartbeat, in memory (Leases), and the state is set only if it changes: an indexed
+        column set, even to its own value, rewrites its index entries, a WAL page each a job."""
+        new_state = pilot_state if pilot_state not in ("dispatched", "running") else \
+            "dispatched" if holding else pilot_state if claims_next else "active"
+        changes = ", state=?" if new_state != pilot_state else ""
+        conn.execute("UPDATE pilots SET job=?, reserve=CASE WHEN reserve=? THEN NULL ELSE reserve END, "
+                     f"jobs_done=jobs_done+1{changes} WHERE uuid=? AND job=?",
+                     (holding, holding, *([new_state] if changes else []), pilot, uuid))
+        self.leases.beat(pilot, now())
 
     @staticmethod
     def _already_reported(conn, job, pilot, attempt, state):
