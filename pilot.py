@@ -1054,6 +1054,18 @@ class InputSum(threading.Thread):
                                "skipped": f"not read whole {INPUT_SUM_AFTER:g} s after the job ended"}
 
 
+class Once:
+    """A call made at most once: the first time it is called; each call returns its result."""
+
+    def __init__(self, fn):
+        self.fn, self.called, self.result = fn, False, None
+
+    def __call__(self):
+        if not self.called:
+            self.called, self.result = True, self.fn()
+        return self.result
+
+
 class Execution:
     """A running payload and why it may have to stop early (set from other threads)."""
 
@@ -1382,11 +1394,15 @@ class Pilot:
         started are forgotten, never started: the server may have given them away. Those it still
         has as this pilot's, it hands back to the next claim (Broker.pick). Checked at the first
         answer after the silence too: a heartbeat that ends it must not make them look fresh."""
-        silent = now - self.last_contact
-        if self.claimed and silent > self.fence_after() / 2:
+        if self.claimed and self.too_silent(now):
             log.warning("no answer from the server for %.0f s: the %d job(s) claimed ahead are left to "
-                        "the server", silent, len(self.claimed))
+                        "the server", now - self.last_contact, len(self.claimed))
             self.claimed.clear()
+
+    def too_silent(self, now=None):
+        """Whether the server has been silent so long (half the fence) that it may have given
+        away the jobs claimed ahead: they must not start."""
+        return (time.monotonic() if now is None else now) - self.last_contact > self.fence_after() / 2
 
     def register_again(self):
         """The server dropped this pilot (it deregistered it, or forgot it): any job it still ran
@@ -1416,15 +1432,26 @@ class Pilot:
     # -- one job --------------------------------------------------------------------------------
     def start_job(self, job):
         """Start a job's payload; its Execution, or None if it could not start (reported failed)."""
+        return self.reported_if_failed(job, self.launch(job))
+
+    def reported_if_failed(self, job, started):
+        """`started` (what launch returned), or None once the error that kept it from starting
+        is reported as the job's end."""
+        if not isinstance(started, Exception):
+            return started
+        self.send_report(job, {"state": "failed", "exit_code": 127,
+                               "errmsg": f"cannot start payload: {started}", "stderr": str(started)})
+        return None
+
+    def launch(self, job):
+        """Start a job's payload: its Execution, or the error that kept it from starting."""
         hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
         out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
         log.debug("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
         try:
             execution = self.start(job, out_path, err_path)
         except (OSError, ValueError) as e:
-            self.send_report(job, {"state": "failed", "exit_code": 127,
-                                   "errmsg": f"cannot start payload: {e}", "stderr": str(e)})
-            return None
+            return e
         self.current = execution
         if self.halt is not None:       # a stop arrived while the job was being started (to finish, it runs)
             execution.stop("pilotTO", f"pilot stopping: {self.halt}", self.args.kill_grace)
@@ -1433,10 +1460,12 @@ class Pilot:
         return execution
 
     def run_job(self, execution, room=0):
-        """Wait for the payload's end, start the job claimed to run next (see start_claimed),
-        and report this one meanwhile: the report claims the next job while the pilot may take
-        `room` more, which the next request() takes without a round trip. Returns the job
-        started, or None."""
+        """Wait for the payload's end and report it; the report claims the next job while the
+        pilot may take `room` more, which the next request() takes without a round trip. The job
+        claimed to run next (see follower) starts the moment the report has gone out, before its
+        answer: its round trip runs beside the payload, and a pilot killed after the start has
+        told the server that it holds that job (one killed before has not started it).
+        Returns the job started, or None."""
         job = execution.job
         state, exit_code, errmsg = self.wait(execution)
         ended = time.monotonic()
@@ -1444,15 +1473,20 @@ class Pilot:
             execution.running_sent.wait()
         self.current = None
         self.log_end(job, state, exit_code, errmsg)
-        following = self.start_claimed(room)
+        following = self.follower(room)
+        if following is None:
+            start = None
+        else:
+            start = Once(lambda: None if self.too_silent() else self.launch(following))
         if state != "cancelled":    # the server already ended a cancelled one; there is nothing to report
             self.report_end(execution, (state, exit_code, errmsg), ended, room - (following is not None),
-                            following)
-        return following
+                            following, start)
+        return self.reported_if_failed(following, start()) if start else None
 
-    def report_end(self, execution, outcome, ended, room, following):
+    def report_end(self, execution, outcome, ended, room, following, sent=None):
         """The end report, with what the job left (tails, images, verdict, provenance); it claims
-        the next job while the pilot may take `room` more (see keep_claimed for `ahead`)."""
+        the next job while the pilot may take `room` more (see keep_claimed for `ahead`), and
+        names the job `following` this one, if any. `sent()`: see send_report."""
         job, out_path, err_path = execution.job, execution.out_path, execution.err_path
         state, exit_code, errmsg = outcome
         plots = self.publish_images(job, execution.env)
@@ -1470,11 +1504,12 @@ class Pilot:
                 write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
             self.empty_dir = execution.env["P3S_JOB_DIR"]
-        holding = following.job["uuid"] if following is not None else None
+        holding = following["uuid"] if following is not None else None
         ask = room > 0 and not self.near_end_of_life() and not self.note
         ahead = ask and "ahead" in self.features and (holding is not None or room > 1)
         # never a plain claim while a job runs unreported: the server would hand that one back
-        self.send_report(job, report, ask and (ahead or holding is None), ended, (ahead, holding if ahead else None))
+        self.send_report(job, report, ask and (ahead or holding is None), ended, (ahead, holding if ahead else None),
+                         sent)
 
     def log_end(self, job, state, exit_code, errmsg):
         """A job that did not finish is said at once; finished ones are counted, in a line every
@@ -1638,9 +1673,9 @@ class Pilot:
                                          f"{disk:,} MB", self.args.kill_grace)
 
     # -- claimed ahead: the next job starts the moment one ends, while its report travels -------
-    def start_claimed(self, room):
-        """The job claimed to run next (a reserve: see keep_claimed), started now while the pilot
-        goes on and may take `room` more, and is fit for it (the checks of the work loop's turn,
+    def follower(self, room):
+        """The job claimed to run next (a reserve: see keep_claimed), to start as the pilot goes
+        on and may take `room` more, and is fit for it (the checks of the work loop's turn,
         which a run of jobs in reserve does not take); None otherwise (what it holds is given
         back when it leaves or stops taking jobs)."""
         if room < 1 or self.exit_reason is not None or self.dropped or \
@@ -1649,13 +1684,12 @@ class Pilot:
         self.keep_disk_clean()
         if self.unfit():
             return None
-        job = self.take_claimed()
-        return self.start_job(job) if job is not None else None
+        return self.take_claimed()
 
     def keep_claimed(self, answer):
         """The jobs an end report claimed, in order, and the directive that came with it. With
         `ahead`, a busy pilot keeps one job in reserve: the moment a payload ends, it starts the
-        reserve (start_claimed) and reports meanwhile, holding it, and the report claims the
+        reserve (run_job) and reports meanwhile, holding it, and the report claims the
         next reserve (where the server grants one: Broker.may_reserve). A reserve is given back
         at once if the job running now already runs long (see report_loop)."""
         if not answer:
@@ -1695,11 +1729,12 @@ class Pilot:
                 with self.claim_lock:
                     self.unreleased.append(job)
 
-    def send_report(self, job, report, ask_next=False, ended=None, ahead=(False, None)):
+    def send_report(self, job, report, ask_next=False, ended=None, ahead=(False, None), sent=None):
         """Deliver an end report, retried until the server accepts or refuses it. With
         `ask_next` (and no reason to stop), it also claims the pilot's next job; `ahead`
         (whether to keep one in reserve, the job held): see report_end. `ended`: the monotonic
-        time the job ended (now if not given)."""
+        time the job ended (now if not given). `sent()`: called once the report has gone out,
+        before its answer (at each attempt: see run_job)."""
         report.update(pilot=self.uuid, attempt=job["attempt"])
         ended = time.monotonic() if ended is None else ended
         keep, holding = ahead
@@ -1710,7 +1745,7 @@ class Pilot:
                 report.update(next=True, **({"ahead": True} if keep else {}), **({"holding": holding} if holding else {}))
             try:    # retried for 10 s, then the loop below
                 answer = self.client.report(job["uuid"], report, retry_for=10,
-                                            before_each=lambda r: self.date_if_late(r, ended))
+                                            before_each=lambda r: self.date_if_late(r, ended), sent=sent)
                 self.heard_from_server()
                 self.keep_claimed(answer.get("next"))
                 return answer

@@ -725,6 +725,20 @@ MIGRATIONS = [
     DROP TRIGGER jobs_end;
     DROP TRIGGER jobs_ends;
     """,
+    # v20: a job's history is found by its job's id, not its uuid: the history rows of
+    # consecutive jobs share an index page, where each random uuid wrote a page of its own (four
+    # a commit). The uuid index keeps the rest (pilots, workflows, pauses, a deleted job's last
+    # row); a job's rows go with it, so that a reused id never shows another job's history.
+    """
+    ALTER TABLE events ADD COLUMN job INTEGER;
+    UPDATE events SET job = (SELECT id FROM jobs WHERE jobs.uuid = events.uuid) WHERE kind = 'job';
+    DROP INDEX events_uuid;
+    CREATE INDEX events_job ON events(job, id) WHERE job IS NOT NULL;
+    CREATE INDEX events_uuid ON events(uuid, id) WHERE job IS NULL;
+    CREATE TRIGGER jobs_events_delete AFTER DELETE ON jobs BEGIN
+        DELETE FROM events WHERE job = old.id;
+    END;
+    """,
 ]
 
 # The starts and ends of jobs, counted per time bucket for the charts, the summary, the sites
@@ -1456,9 +1470,17 @@ class Store:
                 return
 
 
+# A row of the history; a job's carries its job's id (see v20), found by uuid as it is written.
+JOB_ID = "(SELECT id FROM jobs WHERE uuid=?)"
+JOB_EVENT = f"(?, 'job', ?, {JOB_ID}, ?, ?, ?, ?, ?)"
+INSERT_EVENTS = "INSERT INTO events(ts, kind, uuid, job, attempt, old, new, who, info) VALUES"
+
+
 def event(conn, kind, uuid, old, new, who="", attempt=None, info="", at=None):
-    conn.execute("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) "
-                 "VALUES(?,?,?,?,?,?,?,?)", (at or now(), kind, uuid, attempt, old, new, who, info))
+    if kind == "job":
+        conn.execute(INSERT_EVENTS + JOB_EVENT, (at or now(), uuid, uuid, attempt, old, new, who, info))
+    else:
+        conn.execute(INSERT_EVENTS + "(?,?,?,NULL,?,?,?,?,?)", (at or now(), kind, uuid, attempt, old, new, who, info))
 
 
 def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", changes=None, passed=None, at=None):
@@ -1483,9 +1505,8 @@ def move_job(conn, uuid, old, new, who, *, attempt=None, pilot=None, info="", ch
         return False
     if passed:
         state, t = passed
-        conn.execute("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) VALUES"
-                     "(?,'job',?,?,?,?,?,''), (?,'job',?,?,?,?,?,?)",
-                     (t, uuid, attempt, old, state, who, at or now(), uuid, attempt, state, new, who, info))
+        conn.execute(INSERT_EVENTS + JOB_EVENT + "," + JOB_EVENT,
+                     (t, uuid, uuid, attempt, old, state, who, "", at or now(), uuid, uuid, attempt, state, new, who, info))
         return True
     event(conn, "job", uuid, old, new, who, attempt, info, at)
     return True
@@ -1953,8 +1974,8 @@ def instantiate(conn, wf, jobs, datasets):
                          site, state, max_attempts, wfuuid, vertex, infile, memory, disk, ts_def)
         VALUES(:uuid, :name, :user, :jobtype, :payload, :params, :env, :priority, :timelimit,
                :site, 'template', :max_attempts, :wfuuid, :vertex, :infile, :memory, :disk, :ts)""", jobs)
-    conn.executemany("INSERT INTO events(ts, kind, uuid, attempt, old, new, who, info) "
-                     "VALUES(:ts, 'job', :uuid, 1, NULL, 'template', :user, '')", jobs)
+    conn.executemany(INSERT_EVENTS + "(:ts, 'job', :uuid, (SELECT id FROM jobs WHERE uuid=:uuid), 1, NULL, "
+                                     "'template', :user, '')", jobs)
     conn.executemany("""
         INSERT INTO datasets(uuid, name, dirpath, datatype, datatag, comment, state, origin,
                              wfuuid, producer, consumer, ts)
@@ -2392,7 +2413,7 @@ def give_back(conn, uuid, pilot_uuid, who, why, attempt=None):
 
 def pilots_crashed_by(conn, uuid):
     """How many pilots said they crashed while they held this job."""
-    return conn.execute("SELECT COUNT(*) FROM events INDEXED BY events_uuid WHERE uuid=? AND info LIKE ?",
+    return conn.execute(f"SELECT COUNT(*) FROM events INDEXED BY events_job WHERE job={JOB_ID} AND info LIKE ?",
                         (uuid, CRASH_INFO + "%")).fetchone()[0]
 
 
@@ -4178,7 +4199,8 @@ class Service:
             job = job_to_dict(lookup(conn, "jobs", uuid))
             job["env"] = {k: "(hidden)" if SECRET_NAME.search(k) else v for k, v in job["env"].items()}
             job["events"] = [dict(e) for e in conn.execute(
-                "SELECT ts, old, new, who, attempt, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
+                f"SELECT ts, old, new, who, attempt, info FROM events INDEXED BY events_job WHERE job={JOB_ID} "
+                "ORDER BY id", (uuid,))]
             job["checks"] = [dict(c) for c in conn.execute(
                 "SELECT name, result, message FROM checks WHERE uuid=? ORDER BY name", (uuid,))]
             job["metrics"] = {m["name"]: m["value"] for m in conn.execute(
@@ -4682,8 +4704,8 @@ class Service:
     def _already_reported(conn, job, pilot, attempt, state):
         """A report repeated because its answer was lost is acknowledged, not refused. Asked
         only of a report that cannot apply: a repeat never can (its job has moved on)."""
-        return conn.execute("SELECT 1 FROM events WHERE uuid=? AND attempt=? AND new=? AND who=?",
-                            (job["uuid"], attempt, state, pilot)).fetchone() is not None
+        return conn.execute("SELECT 1 FROM events INDEXED BY events_job WHERE job=? AND attempt=? AND new=? AND who=?",
+                            (job["id"], attempt, state, pilot)).fetchone() is not None
 
     def heartbeat(self, pilot_uuid, body, secret):
         check_keys(body, "heartbeat", ("job", "free_mb", "note"))
@@ -5159,7 +5181,8 @@ class Service:
     @staticmethod
     def _write_beats(conn, beats):
         for uuid, (ts, status) in beats.items():
-            conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=? AND ts_beat < ?", (ts, uuid, ts))
+            conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=? AND ts_beat < ? AND state != 'stopped'",
+                         (ts, uuid, ts))        # a stopped pilot's last word was its stop
             if status:
                 conn.execute("UPDATE pilots SET free_mb=?, note=? WHERE uuid=?", (status["free_mb"], status["note"], uuid))
             if conn.execute("SELECT state FROM pilots WHERE uuid=?", (uuid,)).fetchone() == ("lost",):
@@ -5233,7 +5256,8 @@ class Service:
             (cutoff, PURGE_BATCH)).fetchall()
         conn.executemany("DELETE FROM inputs WHERE infile=?", stale_inputs)
         for chunk in chunks(gone):
-            conn.execute(f"DELETE FROM events INDEXED BY events_uuid WHERE uuid IN ({','.join('?' * len(chunk))})", chunk)
+            conn.execute(f"DELETE FROM events INDEXED BY events_uuid WHERE uuid IN ({','.join('?' * len(chunk))}) "
+                         "AND job IS NULL", chunk)     # a job's own rows went with it (jobs_events_delete)
         return gone
 
     def housekeeping_loop(self):
@@ -5447,7 +5471,8 @@ class Views:
         cap = self.store.read_one("SELECT cap FROM jobtypes WHERE name=?", (name,))
         pause = self.store.read_one("SELECT * FROM pauses WHERE jobtype=? AND paused IS NOT NULL", (name,))
         pauses = [dict(r) for r in self.store.read("SELECT ts, new, who, info FROM events INDEXED BY events_uuid "
-                                                   "WHERE uuid=? ORDER BY id DESC LIMIT 20", ("jobtype:" + name,))]
+                                                   "WHERE uuid=? AND job IS NULL ORDER BY id DESC LIMIT 20",
+                                                   ("jobtype:" + name,))]
         errors = self.error_summary(t, 50, jobtype=name)
         return {"name": name, "counts": counts, "cap": cap[0] if cap else None, "activity": activity,
                 "paused": dict(pause) if pause else None, "pauses": pauses, "plots": self.file_latency(t, name),
@@ -6005,7 +6030,8 @@ class Views:
             "SELECT uuid, name, jobtype, state, exit_code, ts_sta, ts_sto FROM jobs WHERE pilot=? "
             "ORDER BY id DESC LIMIT 50", (uuid,))]
         pilot["events"] = [dict(e) for e in self.store.read(
-            "SELECT ts, old, new, who, info FROM events WHERE uuid=? ORDER BY id", (uuid,))]
+            "SELECT ts, old, new, who, info FROM events INDEXED BY events_uuid WHERE uuid=? AND job IS NULL "
+            "ORDER BY id", (uuid,))]
         return pilot
 
     # -- metrics ----------------------------------------------------------------------------------

@@ -203,12 +203,15 @@ class Connection:
         self.sock, self.rfile = sock, sock.makefile("rb")
         self.host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
-    def exchange(self, method, target, headers, body=None):
-        """Send one request and read its whole answer."""
+    def exchange(self, method, target, headers, body=None, sent=None):
+        """Send one request and read its whole answer; `sent()`, if given, is called in between,
+        once the whole request is with the kernel (it reaches the server even if we die now)."""
         head = [f"{method} {target} HTTP/1.1", f"Host: {self.host}", *(f"{k}: {v}" for k, v in headers.items())]
         if body is not None or method in ("POST", "PUT"):
             head.append(f"Content-Length: {len(body or b'')}")
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
+        if sent is not None:
+            sent()
         for _ in range(MAX_INTERIM + 1):
             version, status, reason = self.status_line()
             headers = self.header_lines()
@@ -273,6 +276,19 @@ class Connection:
             parts.append(self.exactly(int(size, 16)))
             self.line()             # the chunk's CRLF
 
+    def dropped(self):
+        """Whether the server closed this idle connection (or sent what nobody asked for): a
+        request sent on it would be lost, after its sender was told it went out. The caller
+        sets the socket's timeout again."""
+        try:
+            self.sock.settimeout(0)     # a socket with a timeout would wait for something to read
+            self.sock.recv(1, socket.MSG_PEEK)
+        except (BlockingIOError, InterruptedError, ValueError):
+            return False        # open and quiet (or TLS, which cannot peek: its retry covers it)
+        except OSError:
+            pass
+        return True
+
     def close(self):
         with contextlib.suppress(OSError):
             self.rfile.close()
@@ -312,10 +328,11 @@ class Client:
         self.on_retry = None        # said once when the server cannot be reached and we retry
 
     # -- transport ------------------------------------------------------------------------------
-    def call(self, method, path, body=None, query=None, timeout=None, retry_for=None, pilot=None):
+    def call(self, method, path, body=None, query=None, timeout=None, retry_for=None, pilot=None, sent=None):
         """One API call; returns the decoded JSON answer or raises P3SError. `body` is sent as
         JSON, or as is if bytes; a function gives it anew at each attempt. `pilot`: the pilot
-        uuid whose secret the call carries (job requests, heartbeats, reports, stop, images)."""
+        uuid whose secret the call carries (job requests, heartbeats, reports, stop, images).
+        `sent()`: called each time the request has gone out, before its answer is read."""
         target = self.base_path + path + ("?" + urlencode(query) if query else "")
         retrying = self.retry_for if retry_for is None else retry_for
         deadline = time.monotonic() + retrying
@@ -325,7 +342,7 @@ class Client:
             if callable(body):
                 data, raw = encoded(body())
             try:
-                return self._once(method, target, data, self._headers(pilot, raw), timeout or self.timeout)
+                return self._once(method, target, data, self._headers(pilot, raw), timeout or self.timeout, sent)
             except P3SError as e:
                 if e.bad_input or time.monotonic() + delay > deadline:
                     raise
@@ -354,7 +371,7 @@ class Client:
             headers["X-P3S-Pilot-Secret"] = self.pilot_secrets[pilot]
         return headers
 
-    def _once(self, method, target, data, headers, timeout):
+    def _once(self, method, target, data, headers, timeout, sent=None):
         """One request on a kept-alive connection. A kept connection the server has closed
         meanwhile (its idle timeout) fails before any answer: then once more, on a new one."""
         for reuse in (True, False):
@@ -362,7 +379,7 @@ class Client:
             try:
                 conn, reused = self._connection(timeout, reuse)
                 self.reached = True     # from here the request may reach the server
-                answer = conn.exchange(method, target, headers, data)
+                answer = conn.exchange(method, target, headers, data, sent)
             except ConnectionError as e:
                 if conn is not None:
                     conn.close()
@@ -393,6 +410,9 @@ class Client:
         a time on each. TCP_NODELAY: a small request is not held back for an earlier ACK."""
         with self.pool_lock:
             kept = self.pool.pop() if reuse and self.pool else None
+        if kept is not None and kept.dropped():
+            kept.close()
+            kept = None
         if kept is not None:
             kept.sock.settimeout(timeout)
             return kept, True
@@ -462,12 +482,12 @@ class Client:
     def delete_job(self, uuid):
         return self.call("DELETE", f"/api/jobs/{uuid}")
 
-    def report(self, uuid, report, retry_for=None, before_each=None):
+    def report(self, uuid, report, retry_for=None, before_each=None, sent=None):
         """A pilot's report on its job; `before_each(report)`, if given, returns it brought up to
-        date for each attempt (how late it comes)."""
+        date for each attempt (how late it comes); `sent()`: see call."""
         body = report if before_each is None else lambda: before_each(report)
         return self.call("POST", f"/api/jobs/{uuid}/report", body, retry_for=retry_for,
-                         pilot=report.get("pilot"))
+                         pilot=report.get("pilot"), sent=sent)
 
     def publish_image(self, uuid, name, data, pilot):
         """Send one image a job made (bytes) to the server, by the pilot running the job."""

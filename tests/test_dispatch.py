@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from conftest import shell_job, wait_until
+from conftest import shell_job, tiny_png, wait_until
 
 
 def counter(p3s, name):
@@ -91,6 +91,30 @@ def test_a_reserve_never_waits_behind_a_long_job(p3s):
     p3s.wait_jobs([behind], timeout=5)
     assert p3s.job(long_)["state"] == "running", "the job behind it waited for the long one"
     assert p3s.job(behind)["attempt"] == 1 and p3s.job(first)["state"] == "finished"
+
+
+def test_a_pilot_killed_as_its_reserve_starts_has_told_the_server_so_the_reserve_runs_once(start_server):
+    """The reserve starts only once the end report of the job before it has gone out (its
+    images first): a pilot killed the moment the reserve starts (here by the reserve itself) has
+    told the server it holds it, so its lease ends it pilotTO and it never runs again. (It
+    started while the images went out, and was given back as never started: it ran twice.)"""
+    p3s = start_server(["--lease-beats", "4"])
+    ran, png = p3s.dir / "ran.txt", p3s.dir / "plot.png"
+    tiny_png(png)
+    log = f'echo "$P3S_JOB_UUID" >> {ran}'
+    first, plots, killer = p3s.submit([
+        shell_job(f"{log}; sleep 0.2", priority=3),
+        shell_job(f'{log}; for i in $(seq 12); do cp {png} "$P3S_JOB_DIR/plot$i.png"; done; sleep 0.05', priority=2),
+        shell_job(f'{log}; [ -e {ran}.once ] || {{ touch {ran}.once; kill -9 $PPID; }}', priority=1)])
+    pilot = p3s.pilot("-p", "0")
+    pilot.wait(20)
+    wait_until(lambda: p3s.job(killer)["state"] not in ("dispatched", "running"), 15,
+               what="the killed pilot's lease to end its jobs")
+    p3s.pilot("-p", "0", "-c", "1", "--max-idle", "2").wait(20)
+    states = {u: p3s.job(u)["state"] for u in (first, plots, killer)}
+    assert runs_logged(ran).count(killer) == 1, ("the reserve ran twice", states)
+    assert states == {first: "finished", plots: "finished", killer: "pilotTO"}
+    assert len(p3s.api.call("GET", f"/job/{plots}", query={"format": "json"})["images"]) == 12
 
 
 @pytest.mark.parametrize("told", ["drain", "SIGUSR1"])

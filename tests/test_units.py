@@ -205,15 +205,21 @@ def test_a_job_in_reserve_waits_behind_the_one_held_and_goes_back_as_it_was(tmp_
     store.close()
 
 
+def database_at(path, version):
+    """An open connection to a new database at schema `version`, as an older server left it."""
+    conn = server.connect(path)
+    for step in server.MIGRATIONS[:version]:
+        for statement in server.statements(step):
+            conn.execute(statement)
+    conn.execute(f"PRAGMA user_version={version}")
+    return conn
+
+
 def test_v16_keeps_each_jobs_provenance_now_kept_by_its_id(tmp_path):
     """A v15 database's provenance (by uuid) is moved to its job's id, still found by the job's
     uuid, and goes with its job."""
     path = str(tmp_path / "old.db")
-    conn = server.connect(path)
-    for step in server.MIGRATIONS[:15]:
-        for statement in server.statements(step):
-            conn.execute(statement)
-    conn.execute("PRAGMA user_version=15")
+    conn = database_at(path, 15)
     for i, uuid in enumerate(("u-a", "u-b")):
         conn.execute("INSERT INTO jobs(uuid, payload, state, ts_def) VALUES(?, 'x', 'finished', 1)", (uuid,))
         conn.execute("INSERT INTO provenance(uuid, data) VALUES(?, ?)", (uuid, f'{{"host": "n{i}"}}'))
@@ -226,6 +232,24 @@ def test_v16_keeps_each_jobs_provenance_now_kept_by_its_id(tmp_path):
     assert store.read_one("SELECT COUNT(*) FROM provenance")[0] == 1
     assert store.read_one(server.PROVENANCE_OF, ("u-b",))[0] == '{"host": "n1"}'
     store.close()
+
+
+def test_v20_finds_a_jobs_history_by_its_id_and_the_rest_by_uuid(tmp_path):
+    """A v19 database's history: a job's rows get its job's id (its page shows them), those of
+    a job gone and of a pilot stay found by uuid."""
+    path = str(tmp_path / "old.db")
+    conn = database_at(path, 19)
+    conn.execute("INSERT INTO jobs(uuid, payload, state, ts_def) VALUES('j-1', 'x', 'finished', 1)")
+    conn.executemany("INSERT INTO events(ts, kind, uuid, old, new, who) VALUES(?, ?, ?, ?, ?, 'w')",
+                     [(1, "job", "j-1", None, "defined"), (2, "job", "j-gone", None, "defined"),
+                      (3, "pilot", "p-1", None, "active"), (4, "job", "j-1", "defined", "finished")])
+    conn.close()
+    store = server.Store(path)
+    service = server.Service(store)
+    assert [e["new"] for e in service.get_job("j-1")["events"]] == ["defined", "finished"]
+    by_uuid = store.read("SELECT uuid FROM events INDEXED BY events_uuid WHERE job IS NULL ORDER BY id")
+    store.close()
+    assert [r[0] for r in by_uuid] == ["j-gone", "p-1"]
 
 
 @pytest.mark.parametrize("python,sqlite,problem", [
@@ -542,6 +566,20 @@ def test_start_and_end_counts_are_tallied_in_their_transaction_and_written_by_ho
     store = server.Store(path)
     assert counts() == {"job_starts": 1, "job_ends": 2, "ends": 2}
     store.close()
+
+
+def test_a_deleted_job_takes_its_history_so_a_job_given_its_id_shows_only_its_own(tmp_path):
+    """The history is found by job id (v20); sqlite gives the next job the id of the newest
+    one deleted, so the deleted job's rows go with it, and the job after it shows its own."""
+    store = server.Store(str(tmp_path / "t.db"))
+    service = server.Service(store)
+    first = service.submit({"jobs": [{"payload": "x"}]}, "t")["uuids"][0]
+    service.delete_job(first, "t")
+    second = service.submit({"jobs": [{"payload": "y"}]}, "u")["uuids"][0]
+    ids = [store.read_one("SELECT id FROM jobs WHERE uuid=?", (second,))[0]]
+    history = service.get_job(second)["events"]
+    store.close()
+    assert ids == [1] and [(e["new"], e["who"]) for e in history] == [("defined", "u")]
 
 
 def test_hot_path_plans_hold_under_hostile_statistics(tmp_path, monkeypatch):
