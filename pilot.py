@@ -1672,7 +1672,7 @@ class Pilot:
                 execution.stop("failed", f"wrote {written:,.0f} MB to its directory, over its disk limit of "
                                          f"{disk:,} MB", self.args.kill_grace)
 
-    # -- claimed ahead: the next job starts the moment one ends, while its report travels -------
+    # -- claimed ahead: the next job starts as soon as the report of the one before is sent ----
     def follower(self, room):
         """The job claimed to run next (a reserve: see keep_claimed), to start as the pilot goes
         on and may take `room` more, and is fit for it (the checks of the work loop's turn,
@@ -1688,9 +1688,9 @@ class Pilot:
 
     def keep_claimed(self, answer):
         """The jobs an end report claimed, in order, and the directive that came with it. With
-        `ahead`, a busy pilot keeps one job in reserve: the moment a payload ends, it starts the
-        reserve (run_job) and reports meanwhile, holding it, and the report claims the
-        next reserve (where the server grants one: Broker.may_reserve). A reserve is given back
+        `ahead`, a busy pilot keeps one job in reserve: the moment a payload ends, it reports it,
+        holding the reserve, which starts once the report has gone out (run_job), and the report
+        claims the next reserve (where the server grants one: Broker.may_reserve). A reserve is given back
         at once if the job running now already runs long (see report_loop)."""
         if not answer:
             return

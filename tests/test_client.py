@@ -53,6 +53,18 @@ def test_the_client_reads_every_framing_a_proxy_may_use(answer):
     assert client.call("GET", "/api/health") == {"status": "ok"}
 
 
+def test_a_request_is_said_sent_once_and_only_on_a_connection_the_server_still_holds():
+    """A kept connection the server has closed is found before a request goes out on it, so
+    `sent()` is called once, for the request the server got (a pilot starts its reserve then)."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n" + OK_BODY
+    client = serverAPI.Client(canned([answer, answer]), token="t", retry_for=0)
+    assert client.call("GET", "/api/health") == {"status": "ok"}
+    time.sleep(0.2)         # the listener has closed the connection the client keeps
+    said = []
+    assert client.call("POST", "/api/jobs/x/report", {}, sent=lambda: said.append("sent")) == {"status": "ok"}
+    assert said == ["sent"]
+
+
 @pytest.mark.parametrize("answer,said", [
     (b"SSH-2.0-OpenSSH_8.7\r\n", "not an HTTP/1.x answer"),
     (b"HTTP/1.1 200 OK\r\nX-Big: " + b"x" * 70000 + b"\r\n\r\n", "over 64 KiB"),
