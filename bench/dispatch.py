@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from serverAPI import Client  # noqa: E402
 import ceiling  # noqa: E402  (bench/, this script's directory)
-from ceiling import answer, cpu_seconds  # noqa: E402
+from ceiling import answer, cpu_seconds, machine_cpu_seconds  # noqa: E402
 
 TIME_LIMIT = 300    # seconds any one phase may take
 
@@ -238,6 +238,20 @@ def pilots_cpu_seconds(pilots):
     return total
 
 
+def payloads_cpu_seconds(pilots):
+    """The CPU of the payloads the pilots have waited for (their reaped children, as the
+    kernel counts them)."""
+    total = 0.0
+    for pilot in pilots:
+        try:
+            with open(f"/proc/{pilot.pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 def protocol_figures(server, client, n_jobs):
     """The server's CPU a job, with one pilot played by this script: it speaks the protocol as
     pilot.py does (an end report a job, holding the job in reserve and claiming the next one)
@@ -288,9 +302,12 @@ def ms(values, statistic):
 def throughput_figures(server, client, pilots, args, bare):
     """Throughput and CPU a job of the running pilots, against the bare rate measured beside it."""
     cpu, pilot_cpu = server_cpu_seconds(server), pilots_cpu_seconds(pilots)
+    payload_cpu, machine_cpu = payloads_cpu_seconds(pilots), machine_cpu_seconds()
     jobs_per_s, requests_per_job, per_commit = throughput(client, args.jobs, "bench-empty")
     server_ms = (server_cpu_seconds(server) - cpu) * 1000 / args.jobs
     pilots_ms = (pilots_cpu_seconds(pilots) - pilot_cpu) * 1000 / args.jobs
+    payloads_ms = (payloads_cpu_seconds(pilots) - payload_cpu) * 1000 / args.jobs
+    machine_ms = (machine_cpu_seconds() - machine_cpu) * 1000 / args.jobs
     return {
         "bare_http_requests_per_s": round(bare, 1),
         "p3s_jobs_per_s": round(jobs_per_s, 1),
@@ -298,6 +315,8 @@ def throughput_figures(server, client, pilots, args, bare):
         "server_cpu_ms_per_job": round(server_ms, 2),
         "pilots_cpu_ms_per_job": round(pilots_ms, 2),
         "total_cpu_ms_per_job": round(server_ms + pilots_ms, 2),
+        "payloads_cpu_ms_per_job": round(payloads_ms, 2),
+        "machine_cpu_ms_per_job": round(machine_ms, 2),     # everything: p3s, payloads, kernel, the rest
         "http_requests_per_job": requests_per_job and round(requests_per_job, 2),
         "write_blocks_per_commit": per_commit and round(per_commit, 2),
     }
@@ -485,7 +504,8 @@ def main(argv=None):
     top = ceiling.run(args.pilots, args.jobs)
     result.update({"ceiling_jobs_per_s": top["jobs_per_s"],
                    "p3s_to_ceiling": round(jobs_per_s / top["jobs_per_s"], 2),
-                   "ceiling_server_cpu_ms_per_job": top["server_cpu_ms_per_job"]})
+                   "ceiling_server_cpu_ms_per_job": top["server_cpu_ms_per_job"],
+                   "ceiling_machine_cpu_ms_per_job": top["machine_cpu_ms_per_job"]})
     result.update({
         "queued": args.queued,
         "p3s_jobs_per_s_with_queued": queued_per_s and round(queued_per_s, 1),
