@@ -1441,13 +1441,13 @@ class Store:
                 busy = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
         return not busy
 
-    def move_tallies(self, unless_busy=False):
+    def move_tallies(self, reading=False):
         """Write the counts tallied in memory to their tables (see TALLIES): at every housekeeping
-        pass, and before a page or an alarm reads them, `unless_busy`: then not if nothing
-        committed since the last move, nor while another writer holds the lock (a big
-        submission) or cannot write (a full disk): the counts read are then at most a pass late."""
-        if unless_busy:
-            if self.commits != self.tallies_moved and not self.write_lock.locked():
+        pass, and before a page or an alarm reads them (`reading`): then only if something
+        committed since the last move, and a move that fails (a full disk) leaves the counts
+        read at most a pass late. Never inside a transaction of this thread's own."""
+        if reading:
+            if self.commits != self.tallies_moved:
                 with contextlib.suppress(sqlite3.Error, ApiError):
                     self.move_tallies()
             return
@@ -3738,7 +3738,7 @@ class Alarms:
         fails every first try is broken though its jobs end well): from the per-minute end counts
         of the last hour; the alarm links to those attempts."""
         ended = {}
-        self.store.move_tallies(unless_busy=True)
+        self.store.move_tallies(reading=True)
         for r in self.store.read("SELECT jobtype, state, SUM(n) AS n FROM ends WHERE bucket >= ? "
                                  "GROUP BY jobtype, state", (int(t - 3600) // 60,)):
             ended.setdefault(r["jobtype"], {})[r["state"]] = r["n"]
@@ -4902,7 +4902,7 @@ class Service:
         ended = self.store.read("SELECT state, ts_stop - ts_reg AS life FROM pilots WHERE site=? AND state IN "
                                 "('stopped', 'lost') AND ts_stop > ? LIMIT 10000", (site["name"], t - 3600))
         lives = [r["life"] for r in ended]
-        self.store.move_tallies(unless_busy=True)
+        self.store.move_tallies(reading=True)
         finished = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM ends WHERE site=? AND bucket >= ? "
                                        "AND state='finished'", (site["name"], int(t - 3600) // 60))[0]
         pending = self.store.read_one("SELECT COALESCE(SUM(count - registered), 0) FROM requests INDEXED BY "
@@ -5571,7 +5571,7 @@ class Views:
         span, bucket = CHART_RANGES[as_choice(name, "range", tuple(CHART_RANGES))]
         per = bucket // 60          # minutes a bucket
         first = int(t - span) // bucket
-        self.store.move_tallies(unless_busy=True)
+        self.store.move_tallies(reading=True)
         bins = {b: {"start": b * bucket, "started": 0, "finished": 0, "failed": 0}
                 for b in range(first + 1, int(t) // bucket + 1)}
         late = {"start": 0}     # a bucket begun since `t` (a job ended meanwhile) is left out
@@ -5608,7 +5608,7 @@ class Views:
         """Per window: the jobs finished or cancelled (summed from the 10-second buckets), and
         the attempts failed, timed out or pilotTO, a retried job's too, counted as /failures lists
         them in that window."""
-        self.store.move_tallies(unless_busy=True)
+        self.store.move_tallies(reading=True)
         return {label: {r["state"]: r["n"] for r in self.store.read(
                     "SELECT state, SUM(n) AS n FROM job_ends WHERE bucket >= ? AND state IN ('finished', 'cancelled') "
                     "GROUP BY state UNION ALL SELECT state, COUNT(*) FROM attempt_failures INDEXED BY "
