@@ -739,6 +739,12 @@ MIGRATIONS = [
         DELETE FROM events WHERE job = old.id;
     END;
     """,
+    # v21: the history's last row whose counts were written (move_tallies): a server killed
+    # before its tallies were written recounts them from the history after it (recount_tallies).
+    """
+    CREATE TABLE tallied(id INTEGER PRIMARY KEY CHECK (id = 0), event INTEGER NOT NULL);
+    INSERT INTO tallied VALUES(0, (SELECT COALESCE(MAX(id), 0) FROM events));
+    """,
 ]
 
 # The starts and ends of jobs, counted per time bucket for the charts, the summary, the sites
@@ -746,8 +752,8 @@ MIGRATIONS = [
 # own in-memory (TEMP) tables: they are part of each transaction (a block rolled back takes its
 # counts with it), cost no WAL page and no fsync, and housekeeping moves them into the tables
 # the readers read (move_tallies) at every pass and at shutdown. So the readers see them at most
-# a pass late, and a server killed loses at most a pass of counts, as with the job types'
-# profiles (JobCosts).
+# a pass late. Each move records the history's last row (v21): a server killed before a move
+# recounts the ends and starts after it from the history when it starts again (recount_tallies).
 TALLIED = {"job_starts": "bucket", "job_ends": "bucket, state", "ends": "bucket, jobtype, site, state"}
 TALLIES = """
 CREATE TEMP TABLE tally_job_starts(bucket INTEGER PRIMARY KEY, n INTEGER NOT NULL);
@@ -771,11 +777,39 @@ END;
 
 
 def move_tallies(conn):
-    """Add the counts tallied since the last move to the tables the readers read (TALLIES)."""
+    """Add the counts tallied since the last move to the tables the readers read (TALLIES), and
+    mark the history's last row as counted: the write lock is held, so every committed change
+    before it is in the tallies, and none after it."""
     for table, key in TALLIED.items():
-        conn.execute(f"INSERT INTO main.{table} SELECT * FROM temp.tally_{table} WHERE 1 "
-                     f"ON CONFLICT({key}) DO UPDATE SET n = n + excluded.n")
+        add_counts(conn, table, key, f"SELECT * FROM temp.tally_{table} WHERE 1")
         conn.execute(f"DELETE FROM temp.tally_{table}")
+    conn.execute("UPDATE tallied SET event = (SELECT COALESCE(MAX(id), 0) FROM events)")
+
+
+def add_counts(conn, table, key, select, args=()):
+    """Add the counts `select` finds to `table` (its WHERE clause avoids a parsing ambiguity)."""
+    conn.execute(f"INSERT INTO main.{table} {select} ON CONFLICT({key}) DO UPDATE SET n = n + excluded.n", args)
+
+
+ENDED = "('finished', 'failed', 'timeout', 'pilotTO', 'cancelled')"
+RECOUNTS = {    # the counts of the job changes after a history row, as the TEMP triggers count them
+    "job_starts": "SELECT CAST(e.ts AS INTEGER) / 60, COUNT(*) FROM events e WHERE e.id > ? AND e.kind = 'job' "
+                  "AND e.new = 'dispatched' GROUP BY 1",
+    "job_ends": f"SELECT CAST(e.ts AS INTEGER) / 10, e.new, COUNT(*) FROM events e WHERE e.id > ? AND e.kind = 'job' "
+                f"AND e.new IN {ENDED} AND e.old IS NOT e.new GROUP BY 1, 2",
+    "ends": f"SELECT CAST(e.ts AS INTEGER) / 60, j.jobtype, COALESCE(j.ran_site, ''), e.new, COUNT(*) FROM events e "
+            f"JOIN jobs j ON j.id = e.job WHERE e.id > ? AND e.kind = 'job' AND e.new IN {ENDED} "
+            f"AND e.old IS NOT e.new GROUP BY 1, 2, 3, 4",
+}
+
+
+def recount_tallies(conn):
+    """At start: the counts a server killed before its last move lost, from the history after
+    the last row counted (dated as the history dates them). A clean stop leaves none."""
+    mark = conn.execute("SELECT event FROM tallied").fetchone()[0]
+    for table, key in TALLIED.items():
+        add_counts(conn, table, key, RECOUNTS[table], (mark,))
+    conn.execute("UPDATE tallied SET event = (SELECT COALESCE(MAX(id), 0) FROM events)")
 
 
 def statements(script):
@@ -1195,6 +1229,7 @@ class Store:
         self.closed = False             # requests still in flight at shutdown get a 503
         self.deferred = threading.local()   # .joined: the batches a block deferring its commit joined
         self.tallies_moved = -1         # self.commits when the tallies were last moved (move_tallies)
+        self.write(recount_tallies)     # what a server killed had not moved yet
 
     def _conn(self):
         if self.closed:

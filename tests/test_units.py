@@ -8,6 +8,8 @@ import sqlite3
 import threading
 import time
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -565,6 +567,16 @@ def test_start_and_end_counts_are_tallied_in_their_transaction_and_written_by_ho
     store.close()
     store = server.Store(path)
     assert counts() == {"job_starts": 1, "job_ends": 2, "ends": 2}
+    store.close()
+    killed = subprocess.run([sys.executable, "-c", "import os, server; store = server.Store(os.environ['DB']); "
+                             "store.write(server.move_job, os.environ['JOB'], 'defined', 'cancelled', 't'); os._exit(9)"],
+                            env=dict(os.environ, DB=path, JOB=uuids[1], PYTHONPATH=str(ROOT)))
+    assert killed.returncode == 9
+    store = server.Store(path)      # a server killed before its tallies were written: recounted
+    assert counts() == {"job_starts": 1, "job_ends": 3, "ends": 3}
+    store.close()
+    store = server.Store(path)      # and only once
+    assert counts() == {"job_starts": 1, "job_ends": 3, "ends": 3}
     store.close()
 
 
