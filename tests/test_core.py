@@ -244,13 +244,12 @@ def test_a_job_only_the_last_waiting_pilot_may_take_still_starts_at_once(p3s):
         p3s.pilot("-p", "25", "--jobtype", "reco")
     wait_until(lambda: sum(p["state"] == "no jobs" for p in p3s.api.list_pilots()) == 5, 20, what="5 idle")
     p3s.pilot("-p", "25", "--jobtype", "calib")
-    wait_until(lambda: sum(p["state"] == "no jobs" for p in p3s.api.list_pilots()) == 6, 20, what="6 idle")
-    time.sleep(0.3)
+    wait_until(lambda: p3s.waiting_requests() == 6, 20, what="6 long polls waiting")
     calib, reco = p3s.submit([shell_job("true", jobtype="calib"), shell_job("true", jobtype="reco")])
-    p3s.wait_jobs([calib, reco], timeout=10)
-    for uuid in (calib, reco):
+    p3s.wait_jobs([calib, reco], timeout=20)
+    for uuid in (calib, reco):      # a wake-up lost, the calib job would wait out a 25 s poll
         job = p3s.job(uuid)
-        assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 1.0, "a job waited for a poll"
+        assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 5.0, "a job waited for a poll"
 
 
 def test_a_wake_up_meant_for_a_pilot_that_left_goes_to_a_live_one(p3s):
@@ -266,7 +265,7 @@ def test_a_wake_up_meant_for_a_pilot_that_left_goes_to_a_live_one(p3s):
     [uuid] = p3s.submit([shell_job("true")])
     p3s.wait_jobs([uuid], timeout=20)
     job = p3s.job(uuid)
-    assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 2.0, "the job waited for a poll period"
+    assert job["state"] == "finished" and job["ts_dis"] - job["ts_def"] < 5.0, "the job waited for a 25 s poll"
 
 
 def test_server_py_runs_alone_copied_anywhere(tmp_path):
