@@ -29,6 +29,7 @@ import queue
 import random
 import re
 import resource
+import select
 import shlex
 import shutil
 import signal
@@ -1083,6 +1084,7 @@ class Execution:
         self.next_sample = self.started + SAMPLE_PERIOD
         self.figures = {}                   # what it consumed, for the end report
         self.provenance = None              # (what ran, the input's InputSum), where the server takes it
+        self.reaped = None                  # (its end report, when it ended) once reaped: see Pilot.reap
 
     def runtime(self):
         """Seconds since the payload started (the server dates the start from it: no clock skew)."""
@@ -1467,8 +1469,10 @@ class Pilot:
         told the server that it holds that job (one killed before has not started it).
         Returns the job started, or None."""
         job = execution.job
-        state, exit_code, errmsg = self.wait(execution)
-        ended = time.monotonic()
+        if execution.reaped is None:
+            self.reap(execution)
+        report, ended = execution.reaped
+        state, exit_code, errmsg = report["state"], report["exit_code"], report["errmsg"]
         if execution.report_queued:         # the end report goes after the running report
             execution.running_sent.wait()
         self.current = None
@@ -1479,29 +1483,62 @@ class Pilot:
         else:
             start = Once(lambda: None if self.too_silent() else self.launch(following))
         if state != "cancelled":    # the server already ended a cancelled one; there is nothing to report
-            self.report_end(execution, (state, exit_code, errmsg), ended, room - (following is not None),
-                            following, start)
+            self.report_end(execution, report, ended, room - (following is not None),
+                            following, start and (lambda answer_socket: self.reap_if_first(start(), answer_socket)))
         return self.reported_if_failed(following, start()) if start else None
 
-    def report_end(self, execution, outcome, ended, room, following, sent=None):
-        """The end report, with what the job left (tails, images, verdict, provenance); it claims
-        the next job while the pilot may take `room` more (see keep_claimed for `ahead`), and
-        names the job `following` this one, if any. `sent()`: see send_report."""
-        job, out_path, err_path = execution.job, execution.out_path, execution.err_path
+    def reap_if_first(self, started, answer_socket):
+        """While the answer to an end report travels, the payload started as it went out may
+        end first (a job of a millisecond): wait for whichever comes first, and reap a payload
+        that ended now, its end report read, so that report leaves the moment the answer is in.
+        Without pidfds (Linux before 5.3) it is reaped after the answer, as a longer one is.
+        Called again (the report sent anew on another connection), a payload reaped is left be:
+        its pid may be another process's by now."""
+        if not isinstance(started, Execution) or started.exited.is_set():
+            return
+        try:
+            pidfd = os.pidfd_open(started.pid)
+        except (AttributeError, OSError):
+            return
+        try:
+            ready = select.select([answer_socket, pidfd], [], [], answer_socket.gettimeout())[0]
+        finally:
+            os.close(pidfd)
+        if pidfd in ready:
+            self.reap(started)
+
+    def reap(self, execution):
+        """Wait for the payload's end, then read what it left: execution.reaped is its end
+        report (see end_report) and the monotonic time it ended."""
+        outcome = self.wait(execution)
+        ended = time.monotonic()
+        execution.reaped = (self.end_report(execution, outcome), ended)
+
+    def end_report(self, execution, outcome):
+        """What the end report of a reaped payload says but its images and runtime, which go
+        with the report: how it ended, its log tails, usage, verdict and provenance."""
+        out_path, err_path = execution.out_path, execution.err_path
         state, exit_code, errmsg = outcome
-        plots = self.publish_images(job, execution.env)
         note_wrapper_directories(out_path, execution.env)
         report = {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                   "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
-                  "stdout_path": out_path, "stderr_path": err_path,
-                  "runtime": execution.runtime(), "usage": execution.figures}
+                  "stdout_path": out_path, "stderr_path": err_path, "usage": execution.figures}
         if state == "finished" and "quality" in self.features:     # a failed job has no verdict
             report.update(read_quality(own_directories(execution.env)))
         if execution.provenance:
             ran, input_sum = execution.provenance
             report["provenance"] = {**ran, "input": input_sum.identity()}
-            if plots:       # beside the plots, for whoever reads them where they lie (EOS)
-                write_json(os.path.join(plots, "provenance.json"), report["provenance"])
+        return report
+
+    def report_end(self, execution, report, ended, room, following, sent=None):
+        """Send the end report (see end_report), with the images the job made and its runtime;
+        it claims the next job while the pilot may take `room` more (see keep_claimed for
+        `ahead`), and names the job `following` this one, if any. `sent(sock)`: see send_report."""
+        job = execution.job
+        plots = self.publish_images(job, execution.env)
+        report["runtime"] = execution.runtime()
+        if plots and "provenance" in report:    # beside the plots, for whoever reads them where they lie (EOS)
+            write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
             self.empty_dir = execution.env["P3S_JOB_DIR"]
         holding = following["uuid"] if following is not None else None
@@ -1733,7 +1770,7 @@ class Pilot:
         """Deliver an end report, retried until the server accepts or refuses it. With
         `ask_next` (and no reason to stop), it also claims the pilot's next job; `ahead`
         (whether to keep one in reserve, the job held): see report_end. `ended`: the monotonic
-        time the job ended (now if not given). `sent()`: called once the report has gone out,
+        time the job ended (now if not given). `sent(sock)`: called once the report has gone out,
         before its answer (at each attempt: see run_job)."""
         report.update(pilot=self.uuid, attempt=job["attempt"])
         ended = time.monotonic() if ended is None else ended

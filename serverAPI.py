@@ -204,14 +204,15 @@ class Connection:
         self.host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def exchange(self, method, target, headers, body=None, sent=None):
-        """Send one request and read its whole answer; `sent()`, if given, is called in between,
-        once the whole request is with the kernel (it reaches the server even if we die now)."""
+        """Send one request and read its whole answer; `sent(sock)`, if given, is called in
+        between, once the whole request is with the kernel (it reaches the server even if we die
+        now), with the socket the answer comes on (to wait for it beside something else)."""
         head = [f"{method} {target} HTTP/1.1", f"Host: {self.host}", *(f"{k}: {v}" for k, v in headers.items())]
         if body is not None or method in ("POST", "PUT"):
             head.append(f"Content-Length: {len(body or b'')}")
         self.sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b""))
         if sent is not None:
-            sent()
+            sent(self.sock)
         for _ in range(MAX_INTERIM + 1):
             version, status, reason = self.status_line()
             headers = self.header_lines()
@@ -332,7 +333,8 @@ class Client:
         """One API call; returns the decoded JSON answer or raises P3SError. `body` is sent as
         JSON, or as is if bytes; a function gives it anew at each attempt. `pilot`: the pilot
         uuid whose secret the call carries (job requests, heartbeats, reports, stop, images).
-        `sent()`: called each time the request has gone out, before its answer is read."""
+        `sent(sock)`: called each time the request has gone out, before its answer is read
+        (see exchange)."""
         target = self.base_path + path + ("?" + urlencode(query) if query else "")
         retrying = self.retry_for if retry_for is None else retry_for
         deadline = time.monotonic() + retrying
@@ -484,7 +486,7 @@ class Client:
 
     def report(self, uuid, report, retry_for=None, before_each=None, sent=None):
         """A pilot's report on its job; `before_each(report)`, if given, returns it brought up to
-        date for each attempt (how late it comes); `sent()`: see call."""
+        date for each attempt (how late it comes); `sent(sock)`: see call."""
         body = report if before_each is None else lambda: before_each(report)
         return self.call("POST", f"/api/jobs/{uuid}/report", body, retry_for=retry_for,
                          pilot=report.get("pilot"), sent=sent)

@@ -61,7 +61,7 @@ def test_a_request_is_said_sent_once_and_only_on_a_connection_the_server_still_h
     assert client.call("GET", "/api/health") == {"status": "ok"}
     time.sleep(0.2)         # the listener has closed the connection the client keeps
     said = []
-    assert client.call("POST", "/api/jobs/x/report", {}, sent=lambda: said.append("sent")) == {"status": "ok"}
+    assert client.call("POST", "/api/jobs/x/report", {}, sent=lambda sock: said.append("sent")) == {"status": "ok"}
     assert said == ["sent"]
 
 

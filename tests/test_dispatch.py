@@ -1,6 +1,9 @@
 """Dispatch at scale, as the pilot and server do it: one request per short job (its end report
 claims the next), both transitions recorded for a job that ended before its running report."""
+import os
 import signal
+import sqlite3
+import threading
 import time
 
 import pytest
@@ -115,6 +118,42 @@ def test_a_pilot_killed_as_its_reserve_starts_has_told_the_server_so_the_reserve
     assert runs_logged(ran).count(killer) == 1, ("the reserve ran twice", states)
     assert states == {first: "finished", plots: "finished", killer: "pilotTO"}
     assert len(p3s.api.call("GET", f"/job/{plots}", query={"format": "json"})["images"]) == 12
+
+
+def test_a_reserve_that_ends_before_the_answer_to_the_report_before_it_is_read_at_once(start_server):
+    """A reserve that ends while the answer to the end report before it is held up (here by an
+    outside writer holding the database's lock as that report arrives) is reaped and its end
+    read at once, not after the answer: its report leaves the moment the answer is in, saying
+    how long ago it ended, so its end is dated when it happened, not when the server could
+    listen. (Reaped after the answer, it was dated then: 2 s late here.)"""
+    p3s = start_server([])
+    fifo, locked = p3s.dir / "ending", p3s.dir / "locked"
+    os.mkfifo(fifo)
+    released = []
+
+    def hold_the_lock():        # the moment the first job is about to end
+        with open(fifo, "rb") as said:
+            said.read()
+        shell = sqlite3.connect(p3s.db, timeout=30, isolation_level=None)
+        shell.execute("BEGIN IMMEDIATE")
+        locked.touch()
+        time.sleep(2)
+        released.append(time.time())
+        shell.execute("ROLLBACK")
+        shell.close()
+
+    holder = threading.Thread(target=hold_the_lock, daemon=True)
+    holder.start()
+    _, first, reserve = p3s.submit([      # the end report of the first claims the next and a reserve
+        shell_job("true", priority=3),
+        shell_job(f"echo > {fifo}; until [ -e {locked} ]; do sleep 0.005; done", priority=2),
+        shell_job("true", priority=1)])
+    p3s.pilot("-p", "0")
+    holder.join(20)
+    p3s.wait_jobs([first, reserve], timeout=20)
+    job = p3s.job(reserve)
+    assert job["state"] == "finished" and job["ts_dis"] < released[0] - 1.5, "claimed as a reserve"
+    assert job["ts_sto"] < released[0] - 1.5, ("dated when the server heard", job["ts_sto"] - released[0])
 
 
 @pytest.mark.parametrize("told", ["drain", "SIGUSR1"])
