@@ -12,7 +12,11 @@ stop() {  # TERM the PIDs in the given pidfiles, wait up to 10 s, then KILL
   done
   kill -KILL "${pids[@]}" 2>/dev/null; return 0
 }
-stop "$BASE"/slurmd-*.pid "$BASE/slurmctld.pid"   # slurmd ignores TERM while munge is unreachable: KILL fallback
+# The nodes first, while their controller still answers: a slurmd told TERM together with its
+# slurmctld waited out the 10 s for it and was killed, 10 s of every test's teardown. (It also
+# ignores TERM while munge is unreachable: the KILL fallback.)
+stop "$BASE"/slurmd-*.pid
+stop "$BASE/slurmctld.pid"
 stop "$BASE/munged.pid"
 # Job step daemons (slurmstepd) outlive slurmd, reparented to init: ours are those holding a file
 # under $BASE open (their node's log), whatever their name says.
