@@ -1515,14 +1515,17 @@ class Pilot:
         execution.reaped = (self.end_report(execution, outcome), ended)
 
     def end_report(self, execution, outcome):
-        """What the end report of a reaped payload says but its images and runtime, which go
-        with the report: how it ended, its log tails, usage, verdict and provenance."""
+        """What the end report of a reaped payload says but its images, which go with the
+        report: how it ended and how long it ran (from which the server dates its start, as
+        the report says when it ended if it comes late), its log tails, usage, verdict and
+        provenance."""
         out_path, err_path = execution.out_path, execution.err_path
         state, exit_code, errmsg = outcome
         note_wrapper_directories(out_path, execution.env)
         report = {"state": state, "exit_code": exit_code, "errmsg": errmsg,
                   "stdout": tail(out_path), "stderr": tail(err_path), "pid": execution.pid,
-                  "stdout_path": out_path, "stderr_path": err_path, "usage": execution.figures}
+                  "stdout_path": out_path, "stderr_path": err_path,
+                  "runtime": execution.runtime(), "usage": execution.figures}
         if state == "finished" and "quality" in self.features:     # a failed job has no verdict
             report.update(read_quality(own_directories(execution.env)))
         if execution.provenance:
@@ -1531,12 +1534,11 @@ class Pilot:
         return report
 
     def report_end(self, execution, report, ended, room, following, sent=None):
-        """Send the end report (see end_report), with the images the job made and its runtime;
-        it claims the next job while the pilot may take `room` more (see keep_claimed for
-        `ahead`), and names the job `following` this one, if any. `sent(sock)`: see send_report."""
+        """Send the end report (see end_report), with the images the job made; it claims the
+        next job while the pilot may take `room` more (see keep_claimed for `ahead`), and names
+        the job `following` this one, if any. `sent(sock)`: see send_report."""
         job = execution.job
         plots = self.publish_images(job, execution.env)
-        report["runtime"] = execution.runtime()
         if plots and "provenance" in report:    # beside the plots, for whoever reads them where they lie (EOS)
             write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
