@@ -2,7 +2,7 @@
 """Dispatch benchmark (not a test): how close p3s gets to the bare HTTP server it is built on.
 
     python bench/dispatch.py [--pilots 8] [--jobs 400] [--latency-jobs 40] [--queued 100000]
-    python bench/dispatch.py --against REV [--repeat 3] [--pilots 8] [--jobs 1500] [--protocol]
+    python bench/dispatch.py --against REV [--repeat 3] [--pilots 8] [--jobs 1500] [--protocol | --cycle]
     python bench/dispatch.py --systems 1,4,8 [--huey-venv DIR] [--repeat 3] [--jobs 2000]
 
 Prints, from one run on this machine:
@@ -24,6 +24,9 @@ With --systems, p3s, the ceiling and (with --huey-venv) huey at each pilot count
 CPU figures, for this checkout and REV (a git worktree of it) in turn, --repeat times: on a
 shared machine only alternating runs compare. With --protocol besides, the server's own CPU a
 job: one pilot played by this script (the pilot protocol, no payload), nothing else competing.
+With --cycle instead, one real pilot's cycle of short jobs taken apart, its report exchanges
+timed: from an answer to the next report (the pilot's own work on the critical path), the report
+going out, the reserve's spawn, the wait for the answer.
 Everything listens on 127.0.0.1 only; every loop is bounded in count and in time.
 """
 import argparse
@@ -278,6 +281,66 @@ def protocol_figures(server, client, n_jobs):
             "server_cpu_ms_per_job": round((server_cpu_seconds(server) - cpu) * 1000 / done, 3)}
 
 
+# One pilot with its report exchanges timed (serverAPI's, patched in this process only): for each
+# end report, when it began to go out, when it was out (the reserve is spawned then, in `sent`),
+# when that returned, and when the answer was in. Written as JSON when the pilot exits.
+TIMED_PILOT = r"""
+import json, os, runpy, sys, time
+root, out = sys.argv[1], sys.argv[2]
+sys.argv = [os.path.join(root, "pilot.py")] + sys.argv[3:]
+sys.path.insert(0, root)
+import serverAPI
+marks, exchange = [], serverAPI.Connection.exchange
+def timed(self, method, target, headers, body=None, sent=None):
+    t = [time.perf_counter()]
+    def said(*sock):
+        t.append(time.perf_counter())
+        if sent is not None:
+            sent(*sock)
+        t.append(time.perf_counter())
+    try:
+        return exchange(self, method, target, headers, body, said)
+    finally:
+        if target.endswith("/report") and len(t) == 3:
+            marks.append(t + [time.perf_counter()])
+serverAPI.Connection.exchange = timed
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open(out, "w") as f:
+        json.dump(marks, f)
+"""
+
+
+def cycle_figures(client, url, token, workdir, root, n_jobs):
+    """One real pilot's cycle of short jobs, taken apart (medians, ms): from one end report's
+    start to the next's; from an answer to the next report (the pilot's own work between, on
+    the critical path); the report going out; its `sent` callback (the reserve spawned); the
+    wait for the answer after it."""
+    out = os.path.join(workdir, "cycle.json")
+    env = dict(os.environ, P3S_SERVER=url, P3S_TOKEN_FILE=token)
+    pilot = subprocess.Popen([sys.executable, "-c", TIMED_PILOT, root, out, "-p", "10", "-b", "5", "--max-idle", "1",
+                              "-L", os.path.join(workdir, "logs")], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_idle(client, 1)
+        rate = throughput(client, n_jobs, "bench-cycle")[0]
+        pilot.wait(TIME_LIMIT)
+    finally:
+        pilot.kill()
+    with open(out) as f:
+        marks = json.load(f)[1:]        # the first report follows the job request, not a report
+
+    def median_ms(values):
+        return round(statistics.median(values) * 1000, 3)
+    return {"p3s_jobs_per_s": round(rate, 1),
+            "cycle_ms": median_ms([b[0] - a[0] for a, b in zip(marks, marks[1:])]),
+            "answer_to_next_report_ms": median_ms([b[0] - a[3] for a, b in zip(marks, marks[1:])]),
+            "report_out_ms": median_ms([m[1] - m[0] for m in marks]),
+            "sent_callback_ms": median_ms([m[2] - m[1] for m in marks]),
+            "answer_wait_ms": median_ms([m[3] - m[2] for m in marks])}
+
+
 def latencies(client, n_jobs):
     """Submit one job at a time to an idle pilot; seconds from submission to dispatch and start."""
     to_start = []
@@ -334,13 +397,15 @@ def stop(server, pilots):
 def one_side(args, root, workdir):
     """One run of the checkout at `root` for --against: its throughput figures, or with
     --protocol the server's own cost (protocol_figures)."""
-    bare = None if args.protocol else bare_rate(args.pilots, 2000)
+    bare = None if args.protocol or args.cycle else bare_rate(args.pilots, 2000)
     server, url, token = start_server(workdir, root)
     pilots = []
     try:
         client = Client(url, token_file=token, retry_for=10)
         if args.protocol:
             return protocol_figures(server, client, args.jobs)
+        if args.cycle:
+            return cycle_figures(client, url, token, workdir, root, args.jobs)
         pilots = start_pilots(args.pilots, url, token, workdir, root=root)
         wait_idle(client, args.pilots)
         return throughput_figures(server, client, pilots, args, bare)
@@ -458,13 +523,16 @@ def main(argv=None):
     p.add_argument("--protocol", action="store_true",
                    help="with --against: the server's own CPU a job, one pilot played by this script "
                         "(the pilot protocol, no payload)")
+    p.add_argument("--cycle", action="store_true",
+                   help="with --against: one real pilot's cycle of short jobs taken apart (its report "
+                        "exchanges timed)")
     p.add_argument("--systems", metavar="N,N,...",
                    help="p3s beside the true ceiling (bench/ceiling.py) and huey at these pilot counts")
     p.add_argument("--huey-venv", metavar="DIR", help="with --systems: huey from this virtual environment "
                    "(made, and huey installed, where missing)")
     args = p.parse_args(argv)
-    if args.protocol and not args.against:
-        p.error("--protocol: only with --against REV")
+    if (args.protocol or args.cycle) and not args.against:
+        p.error("--protocol and --cycle: only with --against REV")
     if args.against:
         return compare(args)
     if args.systems:
