@@ -3,6 +3,8 @@ claims the next), both transitions recorded for a job that ended before its runn
 import os
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -154,6 +156,22 @@ def test_a_reserve_that_ends_before_the_answer_to_the_report_before_it_is_read_a
     job = p3s.job(reserve)
     assert job["state"] == "finished" and job["ts_dis"] < released[0] - 1.5, "claimed as a reserve"
     assert job["ts_sto"] < released[0] - 1.5, ("dated when the server heard", job["ts_sto"] - released[0])
+
+
+def test_a_pilot_without_pidfds_reaps_its_reserve_once_the_answer_is_in(p3s):
+    """RHEL 8's kernel (4.18) has no pidfd: the pilot then reaps a reserve after the answer to
+    the report before it, as a longer one is, and a run of short jobs goes as it does elsewhere:
+    each once, one request a job."""
+    ran = p3s.dir / "ran.txt"
+    uuids = p3s.submit([shell_job(f'echo "$P3S_JOB_UUID" >> {ran}') for _ in range(30)])
+    before = counter(p3s, "http_requests")
+    without_pidfds = "import os, runpy; del os.pidfd_open; runpy.run_module('pilot', run_name='__main__', alter_sys=True)"
+    pilot = subprocess.run([sys.executable, "-S", "-c", without_pidfds, "-c", "30", "-p", "0", "-b", "30", "-L", p3s.logs],
+                           env=p3s.env, cwd=p3s.dir, capture_output=True, text=True, timeout=60)
+    assert pilot.returncode == 0, pilot.stderr[-2000:]
+    assert counter(p3s, "http_requests") - before - 1 <= 30 + 3
+    assert {s["state"] for s in p3s.api.job_states(uuids).values()} == {"finished"}
+    assert sorted(runs_logged(ran)) == sorted(uuids)
 
 
 @pytest.mark.parametrize("told", ["drain", "SIGUSR1"])
