@@ -396,7 +396,8 @@ def stop(server, pilots):
 
 def one_side(args, root, workdir):
     """One run of the checkout at `root` for --against: its throughput figures, or with
-    --protocol the server's own cost (protocol_figures)."""
+    --protocol the server's own cost (protocol_figures), or with --cycle one pilot's cycle
+    (cycle_figures)."""
     bare = None if args.protocol or args.cycle else bare_rate(args.pilots, 2000)
     server, url, token = start_server(workdir, root)
     pilots = []
@@ -525,7 +526,7 @@ def main(argv=None):
                         "(the pilot protocol, no payload)")
     p.add_argument("--cycle", action="store_true",
                    help="with --against: one real pilot's cycle of short jobs taken apart (its report "
-                        "exchanges timed)")
+                        "exchanges timed; --pilots is ignored)")
     p.add_argument("--systems", metavar="N,N,...",
                    help="p3s beside the true ceiling (bench/ceiling.py) and huey at these pilot counts")
     p.add_argument("--huey-venv", metavar="DIR", help="with --systems: huey from this virtual environment "
