@@ -755,7 +755,9 @@ MIGRATIONS = [
 # a pass late. Each move records the history's last row (v21): a server killed before a move
 # recounts the ends and starts after it from the history when it starts again (recount_tallies).
 TALLIED = {"job_starts": "bucket", "job_ends": "bucket, state", "ends": "bucket, jobtype, site, state"}
-TALLIES = """
+ENDED = "(" + ", ".join(f"'{state}'" for state in END_JOB_STATES) + ")"    # as SQL: for the trigger and the recount
+MARK_TALLIED = "UPDATE tallied SET event = (SELECT COALESCE(MAX(id), 0) FROM events)"
+TALLIES = f"""
 CREATE TEMP TABLE tally_job_starts(bucket INTEGER PRIMARY KEY, n INTEGER NOT NULL);
 CREATE TEMP TABLE tally_job_ends(bucket INTEGER NOT NULL, state TEXT NOT NULL, n INTEGER NOT NULL,
                                  PRIMARY KEY(bucket, state)) WITHOUT ROWID;
@@ -766,7 +768,7 @@ CREATE TEMP TRIGGER tally_start AFTER UPDATE OF state ON main.jobs WHEN new.stat
         ON CONFLICT(bucket) DO UPDATE SET n = n + 1;
 END;
 CREATE TEMP TRIGGER tally_end AFTER UPDATE OF state ON main.jobs
-WHEN old.state IS NOT new.state AND new.state IN ('finished', 'failed', 'timeout', 'pilotTO', 'cancelled') BEGIN
+WHEN old.state IS NOT new.state AND new.state IN {ENDED} BEGIN
     INSERT INTO tally_job_ends VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 10, new.state, 1)
         ON CONFLICT(bucket, state) DO UPDATE SET n = n + 1;
     INSERT INTO tally_ends VALUES(CAST(strftime('%s', 'now') AS INTEGER) / 60, new.jobtype,
@@ -783,7 +785,7 @@ def move_tallies(conn):
     for table, key in TALLIED.items():
         add_counts(conn, table, key, f"SELECT * FROM temp.tally_{table} WHERE 1")
         conn.execute(f"DELETE FROM temp.tally_{table}")
-    conn.execute("UPDATE tallied SET event = (SELECT COALESCE(MAX(id), 0) FROM events)")
+    conn.execute(MARK_TALLIED)
 
 
 def add_counts(conn, table, key, select, args=()):
@@ -791,7 +793,6 @@ def add_counts(conn, table, key, select, args=()):
     conn.execute(f"INSERT INTO main.{table} {select} ON CONFLICT({key}) DO UPDATE SET n = n + excluded.n", args)
 
 
-ENDED = "('finished', 'failed', 'timeout', 'pilotTO', 'cancelled')"
 RECOUNTS = {    # the counts of the job changes after a history row, as the TEMP triggers count them
     "job_starts": "SELECT CAST(e.ts AS INTEGER) / 60, COUNT(*) FROM events e WHERE e.id > ? AND e.kind = 'job' "
                   "AND e.new = 'dispatched' GROUP BY 1",
@@ -809,7 +810,7 @@ def recount_tallies(conn):
     mark = conn.execute("SELECT event FROM tallied").fetchone()[0]
     for table, key in TALLIED.items():
         add_counts(conn, table, key, RECOUNTS[table], (mark,))
-    conn.execute("UPDATE tallied SET event = (SELECT COALESCE(MAX(id), 0) FROM events)")
+    conn.execute(MARK_TALLIED)
 
 
 def statements(script):
