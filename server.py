@@ -1261,6 +1261,21 @@ class Store:
         finally:
             self.readers.release()
 
+    @contextlib.contextmanager
+    def snapshot(self):
+        """Reads that must agree with each other, in one read transaction: a commit between
+        them is seen by all of them or by none (a pilot that registers is counted live or
+        pending, never neither). Inside a transaction of this thread's own, that one."""
+        with self.reading() as conn:
+            if conn.in_transaction:
+                yield conn
+                return
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")      # read only: nothing to write, the snapshot ends
+
     def keep_reader(self):
         """A reader connection of this thread's own, for its life: the connection loop must
         never wait for a pooled one behind a crowd of page views."""
@@ -4929,7 +4944,12 @@ class Service:
         return dict(last) if last else {"state": "none yet", "ts_sto": None, "reason": ""}
 
     def site_figures(self, site, t):
-        """A site's pilots now and in the last hour, from bounded indexed reads."""
+        """A site's pilots now and in the last hour, from bounded indexed reads of one snapshot."""
+        self.store.move_tallies(reading=True)
+        with self.store.snapshot():
+            return self.read_site_figures(site, t)
+
+    def read_site_figures(self, site, t):
         marks = ",".join("?" * len(LIVE_PILOT_STATES))
         old = t - (site["pilotlife"] or MAX_SECONDS) * LIFE_STAGGER     # a pilot past this retires soon
         rows = self.store.read(f"SELECT state, COUNT(*) AS n, SUM(ts_reg < ?) AS old FROM pilots WHERE site=? AND "
@@ -4938,7 +4958,6 @@ class Service:
         ended = self.store.read("SELECT state, ts_stop - ts_reg AS life FROM pilots WHERE site=? AND state IN "
                                 "('stopped', 'lost') AND ts_stop > ? LIMIT 10000", (site["name"], t - 3600))
         lives = [r["life"] for r in ended]
-        self.store.move_tallies(reading=True)
         finished = self.store.read_one("SELECT COALESCE(SUM(n), 0) FROM ends WHERE site=? AND bucket >= ? "
                                        "AND state='finished'", (site["name"], int(t - 3600) // 60))[0]
         pending = self.store.read_one("SELECT COALESCE(SUM(count - registered), 0) FROM requests INDEXED BY "
