@@ -441,9 +441,10 @@ def compare(args):
     return 0
 
 
-def p3s_run(n_pilots, args):
-    """One p3s throughput run with n_pilots pilots on a fresh server (dispatch figures)."""
-    workdir = tempfile.mkdtemp(prefix="p3s-bench-")
+def p3s_run(n_pilots, args, parent):
+    """One p3s throughput run with n_pilots pilots on a fresh server (dispatch figures), its
+    files left in `parent` until every run is over (see systems)."""
+    workdir = tempfile.mkdtemp(prefix="p3s-bench-", dir=parent)
     bare = bare_rate(n_pilots, 2000)
     server, url, token = start_server(workdir)
     pilots = []
@@ -454,7 +455,6 @@ def p3s_run(n_pilots, args):
         return throughput_figures(server, client, pilots, args, bare)
     finally:
         stop(server, pilots)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def huey_run(python, workers, n_jobs):
@@ -484,26 +484,33 @@ def spread(values, digits=0):
 
 def systems(args):
     """p3s, the true ceiling (bench/ceiling.py) and, with --huey-venv, huey, side by side at each
-    pilot count, alternating, --repeat times: jobs/s as median (min-max) and the ratios."""
+    pilot count, alternating, --repeat times: jobs/s as median (min-max) and the ratios. The
+    p3s runs' files (a log pair a job) are removed only after the last run: on this virtual
+    machine, the payloads spawned after such a removal cost more than twice their CPU, whatever
+    system spawns them (docs/benchmarks.md)."""
     counts = [int(n) for n in args.systems.split(",")]
     huey = huey_python(args.huey_venv) if args.huey_venv else None
-    runs = {}
-    for _ in range(args.repeat):
-        for n in counts:
-            runs.setdefault(("p3s", n), []).append(p3s_run(n, args))
-            runs.setdefault(("ceiling", n), []).append(ceiling.run(n, args.jobs))
-            if huey:
-                runs.setdefault(("huey", n), []).append(huey_run(huey, n, args.jobs))
-            print(json.dumps({f"{system} {k}": r[-1] for (system, k), r in runs.items() if k == n}), flush=True)
+    runs, parent = {}, tempfile.mkdtemp(prefix="p3s-systems-")
+    try:
+        for _ in range(args.repeat):
+            for n in counts:
+                runs.setdefault(("p3s", n), []).append(p3s_run(n, args, parent))
+                runs.setdefault(("ceiling", n), []).append(ceiling.run(n, args.jobs))
+                if huey:
+                    runs.setdefault(("huey", n), []).append(huey_run(huey, n, args.jobs))
+                print(json.dumps({f"{system} {k}": r[-1] for (system, k), r in runs.items() if k == n}), flush=True)
+    finally:
+        shutil.rmtree(parent, ignore_errors=True)
     print(f"\n{args.jobs} /bin/true jobs a run, {args.repeat} runs of each, alternated; median (min-max)\n")
-    print("| N | p3s jobs/s | server CPU ms/job | pilot CPU ms/job | ceiling jobs/s | p3s / ceiling | "
-          "huey jobs/s | p3s / huey |\n|---|---|---|---|---|---|---|---|")
+    print("| N | p3s jobs/s | server CPU ms/job | pilot CPU ms/job | payload CPU ms/job | ceiling jobs/s | "
+          "p3s / ceiling | huey jobs/s | p3s / huey |\n|---|---|---|---|---|---|---|---|---|")
     for n in counts:
         p3s = [r["p3s_jobs_per_s"] for r in runs[("p3s", n)]]
         top = [r["jobs_per_s"] for r in runs[("ceiling", n)]]
         hue = [r["jobs_per_s"] for r in runs.get(("huey", n), [])]
         print(f"| {n} | {spread(p3s)} | {spread([r['server_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
-              f"{spread([r['pilots_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | {spread(top)} | "
+              f"{spread([r['pilots_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
+              f"{spread([r['payloads_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | {spread(top)} | "
               f"{spread([a / b for a, b in zip(p3s, top)], 2)} | "
               + (f"{spread(hue)} | {spread([a / b for a, b in zip(p3s, hue)], 2)} |" if hue else "- | - |"))
     return 0
