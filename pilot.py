@@ -912,8 +912,9 @@ class Provenance:
 
     def start(self, command, shell, env):
         """Called as the payload starts: its files now, the input's checksum from now on."""
-        reader = InputSum(env.get("P3S_INPUT_FILE", ""), env.get("P3S_INPUT_DIR", ""), env.get("P3S_DATA", ""))
-        if reader.path:         # a job without input starts no thread
+        path = input_path(env)
+        reader = InputSum(path) if path else None     # a job without input makes no thread
+        if reader:
             reader.start()
         return {"payload": [self.identity(path) for path in payload_files(command, shell)],
                 "versions": versions(env), "env_sha256": self.env_digest(env), **self.where}, reader
@@ -1016,13 +1017,21 @@ def env_digest(env):
     return hashlib.sha256(lines.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def input_path(env):
+    """The job's input file as its payload finds it ($P3S_INPUT_FILE, under $P3S_DATA/
+    $P3S_INPUT_DIR unless absolute), or '' for a job without one."""
+    name = env.get("P3S_INPUT_FILE", "")
+    if os.path.isabs(name) or not name:
+        return name
+    return os.path.join(env.get("P3S_DATA", ""), env.get("P3S_INPUT_DIR", ""), name)
+
+
 class InputSum(threading.Thread):
     """The input file's identity: its size and modification time, and its adler32 (the checksum
     DUNE's data management keeps) read once while the payload runs, given up at the deadline."""
 
-    def __init__(self, name, directory, data):
+    def __init__(self, path):
         super().__init__(name="input-sum", daemon=True)
-        path = name if os.path.isabs(name) or not name else os.path.join(data, directory, name)
         self.path, self.result = path, None
         self.deadline = time.monotonic() + INPUT_SUM_SECONDS
 
@@ -1048,8 +1057,6 @@ class InputSum(threading.Thread):
     def identity(self):
         """What was found, waiting INPUT_SUM_AFTER at most for the reading to end (a short job's
         report is not held for a huge file)."""
-        if not self.path:
-            return None
         self.join(min(INPUT_SUM_AFTER, max(0.0, self.deadline - time.monotonic())))
         return self.result or {"path": self.path, "adler32": None,
                                "skipped": f"not read whole {INPUT_SUM_AFTER:g} s after the job ended"}
@@ -1530,7 +1537,7 @@ class Pilot:
             report.update(read_quality(own_directories(execution.env)))
         if execution.provenance:
             ran, input_sum = execution.provenance
-            report["provenance"] = {**ran, "input": input_sum.identity()}
+            report["provenance"] = {**ran, "input": input_sum and input_sum.identity()}
         return report
 
     def report_end(self, execution, report, ended, room, following, sent=None):

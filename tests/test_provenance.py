@@ -48,10 +48,12 @@ def test_a_native_and_a_wrapper_payload_in_a_git_work_tree_and_a_2_gb_input(p3s,
     env = {"DUNETPCVER": "v10_01_00", "P3S_VERSION_VARS": "CALIB_TAG", "CALIB_TAG": "c7", "API_TOKEN": "s3cret"}
     uuids = p3s.submit([{"payload": str(native), "jobtype": "purity", "infile": str(big), "env": env},
                         shell_job(f"sh {wrapper}", jobtype="evdisp", infile=str(tmp_path / "missing.root")),
-                        {"payload": str(native), "jobtype": "purity", "infile": str(tmp_path / "small.root"), "env": env}])
+                        {"payload": str(native), "jobtype": "purity", "infile": str(tmp_path / "small.root"), "env": env},
+                        shell_job("true", jobtype="noinput")])
     wrapper.write_text("echo wrapped, edited\n")         # the work tree is dirty when the wrapper runs
-    assert p3s.run("pilot.py", "-c", "3", "-p", "1", "-L", p3s.logs).returncode == 0
-    first, shell, again = (p3s.job(u)["provenance"] for u in uuids)
+    assert p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs).returncode == 0
+    first, shell, again, no_input = (p3s.job(u)["provenance"] for u in uuids)
+    assert no_input["input"] is None and no_input["payload"], "a job without input has no input's identity"
     commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
     assert first["payload"] == [{"path": str(native), "sha256": sha256(native), "git": commit + "-dirty"}]
@@ -77,7 +79,7 @@ def test_an_input_too_big_to_read_in_time_is_said_skipped_and_the_job_is_not_hel
     import pilot
     slow = sparse_2gb(tmp_path / "huge.root")
     monkeypatch.setattr(pilot, "INPUT_SUM_SECONDS", 0.0)
-    reader = pilot.InputSum(str(slow), "", "")
+    reader = pilot.InputSum(str(slow))
     reader.start()
     reader.join(10)                            # it gives up at its deadline, whatever the file
     found = reader.identity()
@@ -101,7 +103,7 @@ def test_a_short_jobs_report_is_not_held_for_a_huge_input(monkeypatch, tmp_path)
     import pilot
     huge = sparse_2gb(tmp_path / "huge.root")
     monkeypatch.setattr(pilot, "INPUT_SUM_AFTER", 0.0)
-    reader = pilot.InputSum(str(huge), "", "")
+    reader = pilot.InputSum(str(huge))
     reader.start()
     found = reader.identity()                  # the job ended at once: no waiting for the reading
     assert found == {"path": str(huge), "adler32": None, "skipped": "not read whole 0 s after the job ended"}
