@@ -912,8 +912,8 @@ class Provenance:
 
     def start(self, command, shell, env):
         """Called as the payload starts: its files now, the input's checksum from now on."""
-        path = input_path(env)
-        reader = InputSum(path) if path else None     # a job without input makes no thread
+        input_file = input_path(env)
+        reader = InputSum(input_file) if input_file else None     # a job without input makes no thread
         if reader:
             reader.start()
         return {"payload": [self.identity(path) for path in payload_files(command, shell)],
