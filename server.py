@@ -1631,16 +1631,20 @@ def bring_back(conn, uuid, t):
 RUNNING_JOB = HELD_JOBS.format(columns="uuid") + " AND state='running'"
 
 
-def own_pilot(conn, uuid, secret, verified=False):
-    """The pilot's row, once its secret is checked (`verified`: earlier in this transaction), if
-    it is live: 409 if it stopped. A lost pilot that speaks again was only silent (a partition,
-    a pause): it is back, with whatever job it still holds. Called inside a write transaction."""
-    row = lookup(conn, "pilots", uuid) if verified else check_pilot_secret(conn, uuid, secret)
+def own_pilot(conn, uuid, secret):
+    """The pilot's row, once its secret is checked, if it is live (see live_pilot)."""
+    return live_pilot(conn, check_pilot_secret(conn, uuid, secret))
+
+
+def live_pilot(conn, row):
+    """The pilot's row `row` (read earlier in this write transaction), if it is live: 409 if it
+    stopped. A lost pilot that speaks again was only silent (a partition, a pause): it is back,
+    with whatever job it still holds."""
     if row["state"] == "lost":
-        bring_back(conn, uuid, now())
-        row = lookup(conn, "pilots", uuid)
+        bring_back(conn, row["uuid"], now())
+        row = lookup(conn, "pilots", row["uuid"])
     if row["state"] not in LIVE_PILOT_STATES:
-        raise ApiError(409, f"pilot {uuid}: is {row['state']}; register again")
+        raise ApiError(409, f"pilot {row['uuid']}: is {row['state']}; register again")
     return row
 
 
@@ -2474,9 +2478,10 @@ def pilots_crashed_by(conn, uuid):
 ################################################################################################
 
 # -- Service: brokerage ---------------------------------------------------------------------------
-CLAIM_ANY = ("SELECT uuid, attempt, priority, ts_def, id FROM jobs INDEXED BY jobs_claim "
+# A probe reads the whole row of the one job it finds: the claim answers with it, without a second read
+CLAIM_ANY = ("SELECT * FROM jobs INDEXED BY jobs_claim "
              "WHERE state='defined' AND site=? ORDER BY priority DESC, ts_def, id LIMIT 1")
-CLAIM_TYPE = ("SELECT uuid, attempt, priority, ts_def, id FROM jobs INDEXED BY jobs_claim_type "
+CLAIM_TYPE = ("SELECT * FROM jobs INDEXED BY jobs_claim_type "
               "WHERE state='defined' AND site=? AND jobtype=? ORDER BY priority DESC, ts_def, id LIMIT 1")
 
 
@@ -2544,7 +2549,8 @@ class Broker:
             with self.work:
                 generation = self.generation
             try:
-                job, directive = self.store.write(self.claim, pilot_uuid, secret, shared=True)
+                job, directive = self.store.write(lambda conn: self.claim(conn, own_pilot(conn, pilot_uuid, secret)),
+                                                  shared=True)
             except ApiError:
                 if woken:       # the pilot is gone (stopped, deleted): its wake-up goes to another
                     self.notify_work(1)
@@ -2570,35 +2576,31 @@ class Broker:
                         self.waiting -= 1
                 woken = True
 
-    def claim(self, conn, pilot_uuid, secret, verified=False, holding=None):
-        """Hand the pilot its job: the one already dispatched to it (an answer it never got),
-        else the best eligible defined job. One transaction (`verified`: the secret was checked
-        earlier in it). `holding`: the job the pilot runs next, claimed by its last report; the
-        job claimed now waits in reserve behind it (see may_reserve). Returns (job or None,
-        directive)."""
-        pilot = own_pilot(conn, pilot_uuid, secret, verified)
+    def claim(self, conn, pilot, holding=None):
+        """Hand the pilot (its live row, see live_pilot) its job: the one already dispatched to
+        it (an answer it never got), else the best eligible defined job. One transaction.
+        `holding`: the job the pilot runs next, claimed by its last report; the job claimed now
+        waits in reserve behind it, but only while no job request waits (an idle pilot takes it
+        now instead) and the job held is still dispatched: not reported running, so short so far
+        (the pilot gives its reserve back once that job runs past RUNNING_REPORT_DELAY, and a
+        reserve never waits behind a long job). Returns (job or None, directive)."""
         if pilot["directive"] in LEAVING:       # told to go: it gets no more work
             return None, pilot["directive"]
-        if holding and not self.may_reserve(conn, pilot_uuid, holding):
+        if holding and self.waiting:
             return None, None
-        return self.pick(conn, pilot, holding), None
-
-    def may_reserve(self, conn, pilot_uuid, holding):
-        """A job waits in a pilot's reserve only while no job request waits (an idle pilot
-        takes it now instead) and the job before it is still dispatched: not reported running,
-        so short so far (the pilot gives its reserve back once that job runs past
-        RUNNING_REPORT_DELAY, and a reserve never waits behind a long job)."""
-        return not self.waiting and conn.execute(
-            "SELECT 1 FROM jobs WHERE uuid=? AND pilot=? AND state='dispatched'", (holding, pilot_uuid)).fetchone()
+        dispatched = conn.execute(HELD_JOBS.format(columns="*") + " AND state='dispatched'",
+                                  (pilot["uuid"],)).fetchall()
+        if holding and holding not in (j["uuid"] for j in dispatched):
+            return None, None
+        return self.pick(conn, pilot, next((j for j in dispatched if j["uuid"] != holding), None), holding), None
 
     @staticmethod
-    def pick(conn, pilot, holding=None):
-        """The job dispatched to this pilot already (but `holding`), else the best defined job it
-        may take, now dispatched to it; None (the pilot marked `no jobs`, unless it holds one)
-        when there is none. A pilot holding a job was moved by its report (apply_report)."""
+    def pick(conn, pilot, job, holding=None):
+        """`job`, dispatched to this pilot already (but not the one it is `holding`), else the best
+        defined job it may take, now dispatched to it; None (the pilot marked `no jobs`, unless
+        it holds one) when there is none. A pilot holding a job was moved by its report
+        (apply_report)."""
         pilot_uuid = pilot["uuid"]
-        job = conn.execute(HELD_JOBS.format(columns="*") + " AND state='dispatched' AND uuid IS NOT ?",
-                           (pilot_uuid, holding)).fetchone()
         if job is None:
             best = best_claimable(conn, pilot["site"], json.loads(pilot["jobtypes"]))
             if best is None:    # woken with nothing for it: write only if its state changes
@@ -2607,9 +2609,9 @@ class Broker:
                 return None
             # Select, then a guarded update: atomic, as the write lock and BEGIN IMMEDIATE are
             # held (a returning clause needs sqlite 3.35; lxplus has 3.34).
-            move_job(conn, best["uuid"], "defined", "dispatched", pilot_uuid, attempt=best["attempt"],
-                     changes=dict(pilot=pilot_uuid, ts_dis=now(), host=pilot["host"], ran_site=pilot["site"]))
-            job = lookup(conn, "jobs", best["uuid"])
+            changes = dict(pilot=pilot_uuid, ts_dis=now(), host=pilot["host"], ran_site=pilot["site"])
+            move_job(conn, best["uuid"], "defined", "dispatched", pilot_uuid, attempt=best["attempt"], changes=changes)
+            job = {**dict(best), "state": "dispatched", **changes}
         if holding:
             conn.execute("UPDATE pilots SET reserve=? WHERE uuid=?", (job["uuid"], pilot_uuid))
         else:
@@ -4639,7 +4641,7 @@ class Service:
                     conn.execute("INSERT OR REPLACE INTO provenance(job, data) VALUES((SELECT id FROM jobs WHERE uuid=?), ?)",
                                  (uuid, provenance))
                 if body.get("next"):    # the next job in the same transaction: one request, one commit
-                    result["next"] = self.next_job(conn, pilot, secret, result.get("duplicate"), ahead, holding)
+                    result["next"] = self.next_job(conn, row, result.get("duplicate"), ahead, holding)
         except Exception as e:
             self.costs.pending.pop(uuid, None)      # rolled back: not counted
             if isinstance(e, ApiError) and e.status == 409:
@@ -4654,18 +4656,22 @@ class Service:
         self.broker.notify_work(result.pop("released", 0))
         return result
 
-    def next_job(self, conn, pilot, secret, replayed, ahead=False, holding=None):
+    def next_job(self, conn, pilot, replayed, ahead=False, holding=None):
         """The job an end report asks for, unless the pilot already runs one: a replayed end
-        report (its answer was lost, the pilot went on) must not hand it a second job. `ahead`:
-        the pilot keeps a job in reserve, to start it the moment the one before ends, while that
-        one's report travels: the job claimed waits behind the one it is `holding`, or, where it
-        holds none, a second job waits in reserve behind the first (Broker.claim says when)."""
-        if replayed and conn.execute(RUNNING_JOB, (pilot,)).fetchone():
+        report (its answer was lost, the pilot went on) must not hand it a second job. `pilot`:
+        the pilot's row as the report read it, before the report moved it (a claim reads only
+        what a report leaves as it was: its directive, site, job types, host, and whether it is
+        `no jobs` or live). `ahead`: the pilot keeps a job in reserve, to start it the moment
+        the one before ends, while that one's report travels: the job claimed waits behind the
+        one it is `holding`, or, where it holds none, a second job waits in reserve behind the
+        first (Broker.claim says when)."""
+        if replayed and conn.execute(RUNNING_JOB, (pilot["uuid"],)).fetchone():
             return {"job": None, "directive": None}
-        job, directive = self.broker.claim(conn, pilot, secret, verified=True, holding=holding)   # report() checked it
+        pilot = live_pilot(conn, pilot)
+        job, directive = self.broker.claim(conn, pilot, holding=holding)
         if not ahead:
             return {"job": job, "directive": directive}
-        reserve = self.broker.claim(conn, pilot, secret, True, holding=job["uuid"])[0] if job and not holding else None
+        reserve = self.broker.claim(conn, pilot, holding=job["uuid"])[0] if job and not holding else None
         return {"job": job, "directive": directive, "reserve": reserve}
 
     @staticmethod
