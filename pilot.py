@@ -238,8 +238,11 @@ def spawn(command, shell, env, out_path=None, err_path=None):
 # whole lease); and with them every process whose environment names the pilot's uuid: a payload
 # child that left the group (setsid, a double fork) is still the job's. So a payload, and all it
 # spawned, dies with its pilot and never outlives the lease, before the server can give the job
-# to another pilot; a spawn costs a plain spawn, and /proc is read only when killing.
-WATCHDOG = """
+# to another pilot; a spawn costs a plain spawn, and /proc is read only when killing. It reads
+# at most every WATCHDOG_NAP seconds, the lines written meanwhile waiting in the pipe: a watchdog
+# woken by each payload's start cost a pilot of short jobs two context switches a job.
+WATCHDOG_NAP = 0.05   # seconds; half the shortest heartbeat, the margin the watchdog's window keeps (see register)
+WATCHDOG = f"""
 import os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 groups, marks, window, last, pending = set(), set(), None, time.monotonic(), b""
@@ -273,7 +276,7 @@ while True:
     if not select.select([0], [], [], wait)[0]:
         kill_all()
         continue
-    data = os.read(0, 4096)
+    data = os.read(0, 1 << 16)
     if not data:
         break
     *lines, pending = (pending + data).split(b"\\n")
@@ -288,6 +291,7 @@ while True:
             marks.add(b"\\0P3S_PILOT_UUID=" + line[1:] + b"\\0")
         if line[:1] in (b"+", b"."):
             last = time.monotonic()
+    time.sleep({WATCHDOG_NAP})
 kill_all(everything=True)
 """
 
@@ -1736,7 +1740,7 @@ class Pilot:
         """The jobs an end report claimed, in order, and the directive that came with it. With
         `ahead`, a busy pilot keeps one job in reserve: the moment a payload ends, it reports it,
         holding the reserve, which starts once the report has gone out (run_job), and the report
-        claims the next reserve (where the server grants one: Broker.may_reserve). A reserve is given back
+        claims the next reserve (where the server grants one: Broker.claim). A reserve is given back
         at once if the job running now already runs long (see report_loop)."""
         if not answer:
             return
