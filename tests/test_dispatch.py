@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+import pilot
 from conftest import shell_job, tiny_png, wait_until
 
 
@@ -18,13 +19,20 @@ def counter(p3s, name):
 
 
 def test_a_busy_pilot_needs_one_request_per_short_job(p3s):
+    """Register, one claim, 30 end reports (each claims the next job), stop. A job that ran past
+    RUNNING_REPORT_DELAY on a loaded machine is not short: its running report, and the reserve
+    it gives back, are its own two requests more (the floor, run beside the suite, saw one)."""
     uuids = p3s.submit([shell_job("true") for _ in range(30)])
     before = counter(p3s, "http_requests")
     assert p3s.run("pilot.py", "-c", "30", "-p", "0", "-b", "30", "-L", p3s.logs).returncode == 0
     served = counter(p3s, "http_requests") - before - 1         # less our own /metrics read
-    assert served <= 30 + 3, f"{served} requests for 30 jobs (register, 1 claim, 30 end reports, stop)"
-    unfinished = [p3s.job(u) for u, s in p3s.api.job_states(uuids).items() if s["state"] != "finished"]
-    assert not unfinished, [(j["state"], j["errmsg"], j["events"]) for j in unfinished]
+    jobs = [p3s.job(u) for u in uuids]
+    unfinished = [(j["state"], j["errmsg"], j["events"]) for j in jobs if j["state"] != "finished"]
+    assert not unfinished, unfinished
+    long_ = sum(j["ts_sto"] - j["ts_sta"] >= pilot.RUNNING_REPORT_DELAY * 0.75 for j in jobs)
+    assert long_ <= 10, f"{long_} of 30 `true` jobs ran 0.15 s or more: not a test of short jobs"
+    assert served <= 30 + 3 + 2 * long_, \
+        f"{served} requests for 30 jobs, {long_} of them long (register, 1 claim, 30 end reports, stop)"
 
 
 def test_a_job_ended_before_its_running_report_still_records_its_start(p3s):
