@@ -32,6 +32,7 @@ Everything listens on 127.0.0.1 only; every loop is bounded in count and in time
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -441,10 +442,23 @@ def compare(args):
     return 0
 
 
+def file_create_us(directory, n=200):
+    """System CPU microseconds to create one empty file in `directory` (n files, left there). A
+    p3s payload creates its two logs before it execs: where the file system is ext4 without a
+    journal (this machine), that costs ten times more while many inodes freed in the last
+    minutes lie before a free one (docs/benchmarks.md, tenth pass), and the payload column with it."""
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+    for i in range(n):
+        os.close(os.open(os.path.join(directory, f"probe-{i}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    return round((resource.getrusage(resource.RUSAGE_SELF).ru_stime - before) * 1e6 / n, 1)
+
+
 def p3s_run(n_pilots, args, parent):
-    """One p3s throughput run with n_pilots pilots on a fresh server (dispatch figures), its
-    files left in `parent` until every run is over (see systems)."""
+    """One p3s throughput run with n_pilots pilots on a fresh server (dispatch figures, and what
+    creating a file costs there as it starts), its files left in `parent` until every run is
+    over (see systems)."""
     workdir = tempfile.mkdtemp(prefix="p3s-bench-", dir=parent)
+    create_us = file_create_us(workdir)
     bare = bare_rate(n_pilots, 2000)
     server, url, token = start_server(workdir)
     pilots = []
@@ -452,7 +466,7 @@ def p3s_run(n_pilots, args, parent):
         client = Client(url, token_file=token, retry_for=10)
         pilots = start_pilots(n_pilots, url, token, workdir)
         wait_idle(client, n_pilots)
-        return throughput_figures(server, client, pilots, args, bare)
+        return {**throughput_figures(server, client, pilots, args, bare), "file_create_us": create_us}
     finally:
         stop(server, pilots)
 
@@ -502,15 +516,16 @@ def systems(args):
     finally:
         shutil.rmtree(parent, ignore_errors=True)
     print(f"\n{args.jobs} /bin/true jobs a run, {args.repeat} runs of each, alternated; median (min-max)\n")
-    print("| N | p3s jobs/s | server CPU ms/job | pilot CPU ms/job | payload CPU ms/job | ceiling jobs/s | "
-          "p3s / ceiling | huey jobs/s | p3s / huey |\n|---|---|---|---|---|---|---|---|---|")
+    print("| N | p3s jobs/s | server CPU ms/job | pilot CPU ms/job | payload CPU ms/job | file create µs | "
+          "ceiling jobs/s | p3s / ceiling | huey jobs/s | p3s / huey |\n|---|---|---|---|---|---|---|---|---|---|")
     for n in counts:
         p3s = [r["p3s_jobs_per_s"] for r in runs[("p3s", n)]]
         top = [r["jobs_per_s"] for r in runs[("ceiling", n)]]
         hue = [r["jobs_per_s"] for r in runs.get(("huey", n), [])]
         print(f"| {n} | {spread(p3s)} | {spread([r['server_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
               f"{spread([r['pilots_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
-              f"{spread([r['payloads_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | {spread(top)} | "
+              f"{spread([r['payloads_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
+              f"{spread([r['file_create_us'] for r in runs[('p3s', n)]])} | {spread(top)} | "
               f"{spread([a / b for a, b in zip(p3s, top)], 2)} | "
               + (f"{spread(hue)} | {spread([a / b for a, b in zip(p3s, hue)], 2)} |" if hue else "- | - |"))
     return 0
