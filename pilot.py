@@ -238,11 +238,8 @@ def spawn(command, shell, env, out_path=None, err_path=None):
 # whole lease); and with them every process whose environment names the pilot's uuid: a payload
 # child that left the group (setsid, a double fork) is still the job's. So a payload, and all it
 # spawned, dies with its pilot and never outlives the lease, before the server can give the job
-# to another pilot; a spawn costs a plain spawn, and /proc is read only when killing. It reads
-# at most every WATCHDOG_NAP seconds, the lines written meanwhile waiting in the pipe: a watchdog
-# woken by each payload's start cost a pilot of short jobs two context switches a job.
-WATCHDOG_NAP = 0.05   # seconds; half the shortest heartbeat, the margin the watchdog's window keeps (see register)
-WATCHDOG = f"""
+# to another pilot; a spawn costs a plain spawn, and /proc is read only when killing.
+WATCHDOG = """
 import os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 groups, marks, window, last, pending = set(), set(), None, time.monotonic(), b""
@@ -276,7 +273,7 @@ while True:
     if not select.select([0], [], [], wait)[0]:
         kill_all()
         continue
-    data = os.read(0, 1 << 16)
+    data = os.read(0, 4096)
     if not data:
         break
     *lines, pending = (pending + data).split(b"\\n")
@@ -291,7 +288,6 @@ while True:
             marks.add(b"\\0P3S_PILOT_UUID=" + line[1:] + b"\\0")
         if line[:1] in (b"+", b"."):
             last = time.monotonic()
-    time.sleep({WATCHDOG_NAP})
 kill_all(everything=True)
 """
 
