@@ -458,7 +458,9 @@ def p3s_run(n_pilots, args, parent):
     creating a file costs there as it starts), its files left in `parent` until every run is
     over (see systems)."""
     workdir = tempfile.mkdtemp(prefix="p3s-bench-", dir=parent)
-    create_us = file_create_us(workdir)
+    logs = os.path.join(workdir, "logs", time.strftime("%Y%m%d-%H"))     # where the payloads' logs go
+    os.makedirs(logs)
+    create_us = file_create_us(logs)
     bare = bare_rate(n_pilots, 2000)
     server, url, token = start_server(workdir)
     pilots = []
