@@ -502,8 +502,9 @@ def systems(args):
     """p3s, the true ceiling (bench/ceiling.py) and, with --huey-venv, huey, side by side at each
     pilot count, alternating, --repeat times: jobs/s as median (min-max) and the ratios. The
     p3s runs' files (a log pair a job) are removed only after the last run: on this virtual
-    machine, the payloads spawned after such a removal cost more than twice their CPU, whatever
-    system spawns them (docs/benchmarks.md)."""
+    machine, the payloads spawned after such a removal cost more than twice their CPU, in part
+    because creating their logs then does (journal-less ext4; see file_create_us and
+    docs/benchmarks.md, ninth and tenth passes)."""
     counts = [int(n) for n in args.systems.split(",")]
     huey = huey_python(args.huey_venv) if args.huey_venv else None
     runs, parent = {}, tempfile.mkdtemp(prefix="p3s-systems-")
