@@ -908,26 +908,35 @@ class Provenance:
 
     def __init__(self, site, host, pilot):
         self.where = {"site": site, "host": host, "pilot": pilot, "p3s": VERSION}
-        self.hashes, self.described, self.digests = {}, {}, {}
+        self.hashes, self.described, self.records = {}, {}, {}
 
-    def start(self, command, shell, env):
-        """Called as the payload starts: its files now, the input's checksum from now on."""
+    def start(self, command, shell, env, job_env):
+        """Called as the payload starts: its files now, the input's checksum from now on.
+        `job_env`: the job's own env, which with the pilot's and its site's made `env`."""
         input_file = input_path(env)
         reader = InputSum(input_file) if input_file else None     # a job without input makes no thread
         if reader:
             reader.start()
-        return {"payload": [self.identity(path) for path in payload_files(command, shell)],
-                "versions": versions(env), "env_sha256": self.env_digest(env), **self.where}, reader
+        return self.record(command, shell, env, job_env), reader
 
-    def env_digest(self, env):
-        """env_digest, kept by the environment's values: jobs of a stream run in the same one,
-        and its masking and hashing cost seven times the look-up."""
-        key = frozenset(item for item in env.items() if item[0] not in PER_JOB_VARS)
-        if key not in self.digests:
-            if len(self.digests) >= 64:
-                self.digests.clear()
-            self.digests[key] = env_digest(env)
-        return self.digests[key]
+    def record(self, command, shell, env, job_env):
+        """What ran, but the input. The jobs of a stream run the same command in the same
+        environment (the pilot's and its site's, which do not change, and the job's own): their
+        record is made once, and kept for GIT_KEEP while every payload file has the identity
+        (stat) it had; one changed since is hashed anew. Making it cost a tenth of a short job's
+        pilot CPU."""
+        key = (shell, command if shell else tuple(command), frozenset(job_env.items()))
+        kept = self.records.get(key)
+        if kept and time.monotonic() - kept[0] < GIT_KEEP and [file_stamp(p) for p in kept[1]] == kept[2]:
+            return kept[3]
+        files = payload_files(command, shell)
+        stamps = [file_stamp(p) for p in files]         # before the hashing: a change meanwhile is seen next time
+        record = {"payload": [self.identity(path) for path in files], "versions": versions(env),
+                  "env_sha256": env_digest(env), **self.where}
+        if len(self.records) >= 64:
+            self.records.clear()
+        self.records[key] = (time.monotonic(), files, stamps, record)
+        return record
 
     def identity(self, path):
         found = {"path": path}
@@ -950,6 +959,15 @@ class Provenance:
         if kept is None or time.monotonic() - kept[0] > GIT_KEEP:
             kept = self.described[directory] = (time.monotonic(), git_describe(directory))
         return kept[1]
+
+
+def file_stamp(path):
+    """What tells that a file changed: its (device, inode, size, mtime); None if it is gone."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def write_json(path, obj):
@@ -1606,7 +1624,7 @@ class Pilot:
         self.watchdog.watch(pid)
         execution = Execution(job, pid, out_path, err_path, env)
         if self.provenance:     # once it runs: its start waits for no hashing
-            execution.provenance = self.provenance.start(command, shell, env)
+            execution.provenance = self.provenance.start(command, shell, env, job["env"])
         execution.shell = shell
         execution.limits = {k: job.get(k) or self.site_limits.get(k) for k in ("memory", "disk")}
         return execution

@@ -108,3 +108,22 @@ def test_a_short_jobs_report_is_not_held_for_a_huge_input(monkeypatch, tmp_path)
     found = reader.identity()                  # the job ended at once: no waiting for the reading
     assert found == {"path": str(huge), "adler32": None, "skipped": "not read whole 0 s after the job ended"}
     reader.join()
+
+
+def test_a_stream_whose_payload_changes_between_its_jobs_records_each_version_it_ran(p3s, tmp_path):
+    """A pilot makes a stream's record once (same command, same env) and keeps it while the
+    payload's files stay as they were: a payload edited between two jobs is hashed anew, and
+    a job with an env of its own gets its own record."""
+    script = tmp_path / "dqm.sh"
+    base = '#!/bin/sh\nsleep 0.2\necho "# ran" >> "$0"\n'     # each run edits it (once its record is made):
+                                                                # the next job runs a new version
+    script.write_text(base)
+    script.chmod(0o755)
+    uuids = p3s.submit([{"payload": str(script), "jobtype": "dqm"} for _ in range(3)]
+                       + [{"payload": str(script), "jobtype": "dqm", "env": {"DUNETPCVER": "v10_02_00"}}])
+    assert p3s.run("pilot.py", "-c", "4", "-p", "1", "-L", p3s.logs).returncode == 0
+    records = [p3s.job(u)["provenance"] for u in uuids]
+    ran = [hashlib.sha256((base + "# ran\n" * k).encode()).hexdigest() for k in range(4)]
+    assert [r["payload"][0]["sha256"] for r in records] == ran, "a job recorded a version it did not run"
+    assert [r["versions"] for r in records] == [{}, {}, {}, {"DUNETPCVER": "v10_02_00"}]
+    assert records[3]["env_sha256"] != records[0]["env_sha256"] == records[2]["env_sha256"]
