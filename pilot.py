@@ -455,12 +455,16 @@ def own_directories(env):
     return list(dict.fromkeys(os.path.abspath(d) for d in dirs if d))
 
 
-def images_to_publish(env, max_bytes):
+def images_to_publish(env, max_bytes, job_dir_empty=False):
     """(name, path) of the images to offer the server: those in the job's own directories (and
     below), then those the $P3S_PUBLISH globs name (space-separated; relative to $P3S_JOB_DIR;
-    $NAMEs from the job's environment expanded)."""
+    $NAMEs from the job's environment expanded). `job_dir_empty`: $P3S_JOB_DIR was seen empty
+    once the job ended (most short jobs'), and is not walked again."""
     found = []
+    skipped = os.path.abspath(env["P3S_JOB_DIR"]) if job_dir_empty else None
     for top in own_directories(env):
+        if top == skipped:
+            continue
         walked = (entry.path for entry in walk_files(top, Budget()))
         found += [(top, f) for f in sorted(itertools.islice(walked, MAX_LOOKED_AT))]  # 1M files: bounded
     for pattern in env.get("P3S_PUBLISH", "").split():
@@ -685,8 +689,11 @@ def escaped_children(spared):
     starts every payload, and the kernel gives a subreaper's orphans to its first live thread,
     the main one: one small read of /proc, so every job can afford the look."""
     with contextlib.suppress(OSError, ValueError):
-        with open(f"/proc/self/task/{os.getpid()}/children", "rb") as f:
-            return set(map(int, f.read().split())) - set(spared)
+        fd = os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY)
+        try:
+            return set(map(int, os.read(fd, 65536).split())) - set(spared)
+        finally:
+            os.close(fd)
     return set()
 
 
@@ -848,7 +855,7 @@ class Usage:
         self.seen.update(group)
         return list(group)
 
-    def figures(self, rusage, stragglers, job_dir):
+    def figures(self, rusage, stragglers, output_bytes):
         """The end report's figures: the kernel's for the payload and what it waited for, plus
         the last sample of each process still alive at its end (they are killed with the group).
         The kernel's peak memory of a child spawned from the pilot starts at the pilot's own
@@ -859,7 +866,7 @@ class Usage:
                    "cpu_sys": round(rusage.ru_stime, 3),
                    "read_bytes": rusage.ru_inblock * 512 + sum(p[2] for p in extra),
                    "write_bytes": rusage.ru_oublock * 512 + sum(p[3] for p in extra),
-                   "output_bytes": tree_size(job_dir)}
+                   "output_bytes": output_bytes}
         pilots = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         kernels = rusage.ru_maxrss / 1024 if rusage.ru_maxrss > pilots else 0.0
         if max(kernels, self.peak_mb):
@@ -1108,6 +1115,7 @@ class Execution:
         self.running_sent = threading.Event()   # set once that report was sent or given up
         self.next_sample = self.started + SAMPLE_PERIOD
         self.figures = {}                   # what it consumed, for the end report
+        self.job_dir_empty = False          # P3S_JOB_DIR was empty once the payload ended (see Pilot.wait)
         self.provenance = None              # (what ran, the input's InputSum), where the server takes it
         self.reaped = None                  # (its end report, when it ended) once reaped: see Pilot.reap
 
@@ -1563,10 +1571,10 @@ class Pilot:
         next job while the pilot may take `room` more (see keep_claimed for `ahead`), and names
         the job `following` this one, if any. `sent(sock)`: see send_report."""
         job = execution.job
-        plots = self.publish_images(job, execution.env)
+        plots = self.publish_images(job, execution.env, execution.job_dir_empty)
         if plots and "provenance" in report:    # beside the plots, for whoever reads them where they lie (EOS)
             write_json(os.path.join(plots, "provenance.json"), report["provenance"])
-        if is_empty_dir(execution.env["P3S_JOB_DIR"]):     # it goes, or becomes the next job's
+        if execution.job_dir_empty:         # it goes, or becomes the next job's (the plots' provenance.json goes beside them)
             self.empty_dir = execution.env["P3S_JOB_DIR"]
         holding = following["uuid"] if following is not None else None
         ask = room > 0 and not self.near_end_of_life() and not self.note
@@ -1629,11 +1637,11 @@ class Pilot:
         execution.limits = {k: job.get(k) or self.site_limits.get(k) for k in ("memory", "disk")}
         return execution
 
-    def publish_images(self, job, env):
+    def publish_images(self, job, env, job_dir_empty):
         """Send the server the images the job made, so its page shows them even where the
         server cannot read the worker's disk. Best effort: a refusal never fails the job.
         Returns the directory of the first one published (None if none was)."""
-        images = images_to_publish(env, self.image_limits["max_bytes"])
+        images = images_to_publish(env, self.image_limits["max_bytes"], job_dir_empty)
         published = []
         for name, path in images:
             if len(published) == self.image_limits["max_count"]:
@@ -1665,7 +1673,9 @@ class Pilot:
         kill_group(execution.pid, signal.SIGKILL)     # leave no stray children behind
         kill_escaped(set(stragglers) | escaped)
         self.watchdog.release(execution.pid)
-        execution.figures = usage.figures(rusage, stragglers, execution.env["P3S_JOB_DIR"])
+        job_dir = execution.env["P3S_JOB_DIR"]
+        execution.job_dir_empty = is_empty_dir(job_dir)     # one look: most short jobs leave nothing
+        execution.figures = usage.figures(rusage, stragglers, 0 if execution.job_dir_empty else tree_size(job_dir))
         if execution.stop_reason:
             state, errmsg = execution.stop_reason
             return state, code, errmsg
