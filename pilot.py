@@ -928,11 +928,12 @@ class Provenance:
 
     def record(self, command, shell, env, job_env):
         """What ran, but the input. The jobs of a stream run the same command in the same
-        environment (the pilot's and its site's, which do not change, and the job's own): their
-        record is made once, and kept for GIT_KEEP while every payload file has the identity
-        (stat) it had; one changed since is hashed anew. Making it cost a tenth of a short job's
-        pilot CPU."""
-        key = (shell, command if shell else tuple(command), frozenset(job_env.items()))
+        environment (the pilot's and its site's, which do not change, and the job's own but for
+        p3s's per-job values, which no record holds): their record is made once, and kept for
+        GIT_KEEP while every payload file has the identity (stat) it had; one changed since is
+        hashed anew. Making it cost a tenth of a short job's pilot CPU."""
+        key = (shell, command if shell else tuple(command),
+               frozenset(item for item in job_env.items() if item[0] not in PER_JOB_VARS))
         kept = self.records.get(key)
         if kept and time.monotonic() - kept[0] < GIT_KEEP and [file_stamp(p) for p in kept[1]] == kept[2]:
             return kept[3]
