@@ -462,6 +462,26 @@ def file_create_us(directory, n=200):
     return round((resource.getrusage(resource.RUSAGE_SELF).ru_stime - before) * 1e6 / n, 1)
 
 
+QUIET_CREATE_US = 20        # creating a file costs less than this (µs) when no mass removal is recent
+QUIET_WAIT = 600            # seconds --systems waits for that at most before it starts
+
+
+def wait_for_quiet_files(parent):
+    """Wait (QUIET_WAIT at most, saying so) until creating a file in `parent` costs less than
+    QUIET_CREATE_US: after a mass removal (a CI run, a test suite) it costs up to 240 µs here
+    for minutes, and p3s's payloads, which create their logs, with it (see file_create_us).
+    Returns the last cost measured."""
+    deadline = time.monotonic() + QUIET_WAIT
+    while True:
+        probe = tempfile.mkdtemp(prefix="quiet-", dir=parent)
+        cost = file_create_us(probe)
+        if cost < QUIET_CREATE_US or time.monotonic() > deadline:
+            return cost
+        print(f"creating a file costs {cost:g} µs (a removal minutes ago?): waiting for it to fall below "
+              f"{QUIET_CREATE_US} µs", flush=True)
+        time.sleep(30)
+
+
 def p3s_run(n_pilots, args, parent):
     """One p3s throughput run with n_pilots pilots on a fresh server (dispatch figures, and what
     creating a file costs there as it starts), its files left in `parent` until every run is
@@ -513,11 +533,13 @@ def systems(args):
     p3s runs' files (a log pair a job) are removed only after the last run: on this virtual
     machine, the payloads spawned after such a removal cost more than twice their CPU, in part
     because creating their logs then does (journal-less ext4; see file_create_us and
-    docs/benchmarks.md, ninth and tenth passes)."""
+    docs/benchmarks.md, ninth and tenth passes); for the same reason the runs start once
+    creating a file is cheap again (wait_for_quiet_files)."""
     counts = [int(n) for n in args.systems.split(",")]
     huey = huey_python(args.huey_venv) if args.huey_venv else None
     runs, parent = {}, tempfile.mkdtemp(prefix="p3s-systems-")
     try:
+        print(f"creating a file costs {wait_for_quiet_files(parent):g} µs as the runs start", flush=True)
         for turn in range(args.repeat):
             for n in counts:
                 sides = [("p3s", lambda: p3s_run(n, args, parent)), ("ceiling", lambda: ceiling.run(n, args.jobs))]
