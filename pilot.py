@@ -691,7 +691,10 @@ def escaped_children(spared):
     with contextlib.suppress(OSError, ValueError):
         fd = os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY)
         try:
-            return set(map(int, os.read(fd, 65536).split())) - set(spared)
+            chunks = [os.read(fd, 65536)]
+            while chunks[-1]:               # a read of /proc gives a page at most: on to the end
+                chunks.append(os.read(fd, 65536))
+            return set(map(int, b"".join(chunks).split())) - set(spared)
         finally:
             os.close(fd)
     return set()

@@ -820,3 +820,17 @@ def test_an_accelerated_fortnight_leaves_the_per_time_tables_no_bigger_than_thei
     for table in tables:
         week2 = [day[table] for day in sizes[8:]]
         assert max(week2) <= min(week2) * 1.2 + 5, f"{table} still grows in the second week: {week2}"
+
+
+def test_a_pilots_look_for_escaped_children_sees_them_all_past_a_page_of_proc():
+    """/proc answers a read with a page at most: the look reads on to the end, so a payload that
+    left a thousand children behind has them all killed, not the first seven hundred."""
+    import pilot
+    children = [subprocess.Popen(["sleep", "30"]) for _ in range(1000)]
+    try:
+        assert pilot.escaped_children(()) >= {c.pid for c in children}
+        assert not pilot.escaped_children({c.pid for c in children}) & {c.pid for c in children}
+    finally:
+        for c in children:
+            c.kill()
+            c.wait()
