@@ -1578,7 +1578,7 @@ class Pilot:
         plots = self.publish_images(job, execution.env, execution.job_dir_empty)
         if plots and "provenance" in report:    # beside the plots, for whoever reads them where they lie (EOS)
             write_json(os.path.join(plots, "provenance.json"), report["provenance"])
-        if execution.job_dir_empty:         # it goes, or becomes the next job's (the plots' provenance.json goes beside them)
+        if execution.job_dir_empty:         # it goes, or becomes the next job's (it held no plots)
             self.empty_dir = execution.env["P3S_JOB_DIR"]
         holding = following["uuid"] if following is not None else None
         ask = room > 0 and not self.near_end_of_life() and not self.note
