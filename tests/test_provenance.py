@@ -115,8 +115,9 @@ def test_a_stream_whose_payload_changes_between_its_jobs_records_each_version_it
     payload's files stay as they were: a payload edited between two jobs is hashed anew, and
     a job with an env of its own gets its own record."""
     script = tmp_path / "dqm.sh"
-    base = '#!/bin/sh\nsleep 0.2\necho "# ran" >> "$0"\n'     # each run edits it (once its record is made):
-                                                                # the next job runs a new version
+    base = '#!/bin/sh\nsleep 1\necho "# ran" >> "$0"\n'   # each run edits itself, a second after its record
+                                                            # was made (on a busy machine too): the next job
+                                                            # runs a new version
     script.write_text(base)
     script.chmod(0o755)
     uuids = p3s.submit([{"payload": str(script), "jobtype": "dqm"} for _ in range(3)]
