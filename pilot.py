@@ -687,7 +687,7 @@ def escaped_children(spared):
     """This pilot's children now, but the spared ones (the watchdog): after a payload has been
     reaped, any child left is one of its descendants that escaped its group. The main thread
     starts every payload, and the kernel gives a subreaper's orphans to its first live thread,
-    the main one: one small read of /proc, so every job can afford the look."""
+    the main one: a small file of /proc (read to its end), so every job can afford the look."""
     with contextlib.suppress(OSError, ValueError):
         fd = os.open(f"/proc/self/task/{os.getpid()}/children", os.O_RDONLY)
         try:
@@ -953,7 +953,7 @@ class Provenance:
         found = {"path": path}
         try:
             st = os.stat(path)
-            key = (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            key = (path, *stamp_of(st))
             if key not in self.hashes:
                 self.hashes = {k: v for k, v in self.hashes.items() if k[0] != path}    # one per path
                 self.hashes[key] = sha256_of(path) if st.st_size <= HASH_MAX_BYTES else None
@@ -972,13 +972,17 @@ class Provenance:
         return kept[1]
 
 
+def stamp_of(st):
+    """What tells that a file changed, from its stat: (device, inode, size, mtime)."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def file_stamp(path):
-    """What tells that a file changed: its (device, inode, size, mtime); None if it is gone."""
+    """stamp_of the file at `path`; None if it is gone."""
     try:
-        st = os.stat(path)
+        return stamp_of(os.stat(path))
     except OSError:
         return None
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def write_json(path, obj):
