@@ -24,6 +24,7 @@ import itertools
 import json
 import logging
 import math
+import mmap
 import os
 import queue
 import random
@@ -230,19 +231,24 @@ def spawn(command, shell, env, out_path=None, err_path=None):
 
 # The watchdog: one small process per pilot (not per job), in its own session, started with
 # `python -c` so that no command line naming pilot.py matches it (pkill -f pilot.py spares it).
-# The pilot writes lines: "+PGID" when a payload starts, "-PGID" once its group is gone (with the
-# next "+", or within a second), "=S" the lease window, "@UUID" the pilot's uuid, "." when it
-# hears from the server (at most every CONTACT_EVERY). It SIGKILLs
-# the groups still listed when the pipe closes, however the pilot died (kill -9 included), and
-# when no "." came for S seconds (the pilot is stopped, hung or cut off from the server for its
-# whole lease); and with them every process whose environment names the pilot's uuid: a payload
+# The payload groups the pilot runs are in a table both map (a memfd of GROUP_SLOTS native ints,
+# 0 for a free slot): a payload's start or end costs the pilot one store, the watchdog nothing,
+# as a line a job woke it twice a job. The pilot writes lines for the rest: "=S" the lease
+# window, "@UUID" the pilot's uuid, "." when it hears from the server (at most every
+# CONTACT_EVERY). It SIGKILLs the groups in the table when the pipe closes, however the pilot
+# died (kill -9 included), and when no "." came for S seconds (the pilot is stopped, hung or cut
+# off from the server for its whole lease; it looks at the table again every RECHECK seconds of
+# the silence); and with them every process whose environment names the pilot's uuid: a payload
 # child that left the group (setsid, a double fork) is still the job's. So a payload, and all it
 # spawned, dies with its pilot and never outlives the lease, before the server can give the job
 # to another pilot; a spawn costs a plain spawn, and /proc is read only when killing.
+GROUP_SLOTS = 64    # a pilot runs one payload at a time (two for a moment, as one ends and the next starts)
 WATCHDOG = """
-import os, select, signal, sys, time
+import mmap, os, select, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
-groups, marks, window, last, pending = set(), set(), None, time.monotonic(), b""
+RECHECK = 1.0
+table = memoryview(mmap.mmap(int(sys.argv[1]), 0)).cast("i")
+marks, killed, window, last, pending = set(), set(), None, time.monotonic(), b""
 
 def escaped():
     for name in os.listdir("/proc"):
@@ -255,7 +261,7 @@ def escaped():
             if any(mark in env for mark in marks):
                 yield int(name)
 
-def kill_all(everything=False):
+def kill(groups, everything=False):
     for pgid in groups:
         try:
             os.killpg(pgid, signal.SIGKILL)
@@ -266,35 +272,36 @@ def kill_all(everything=False):
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
-    groups.clear()
 
 while True:
-    wait = None if window is None or not groups else max(0.0, last + window - time.monotonic())
+    wait = None if window is None else last + window - time.monotonic()
+    if wait is not None and wait <= 0:
+        fresh = {g for g in table if g} - killed
+        kill(fresh)
+        killed |= fresh
+        wait = RECHECK
     if not select.select([0], [], [], wait)[0]:
-        kill_all()
         continue
     data = os.read(0, 4096)
     if not data:
         break
     *lines, pending = (pending + data).split(b"\\n")
     for line in lines:
-        if line[:1] == b"+":
-            groups.add(int(line[1:]))
-        elif line[:1] == b"-":
-            groups.discard(int(line[1:]))
-        elif line[:1] == b"=":
+        if line[:1] == b"=":
             window = float(line[1:])
         elif line[:1] == b"@":
             marks.add(b"\\0P3S_PILOT_UUID=" + line[1:] + b"\\0")
-        if line[:1] in (b"+", b"."):
+        elif line[:1] == b".":
             last = time.monotonic()
-kill_all(everything=True)
+            killed.clear()
+kill({g for g in table if g}, everything=True)
 """
 
 
 class Watchdog:
     """Kills the payloads of a pilot that died, stopped or lost the server for its lease. It is
-    watched in turn: if it dies, a new one starts at once and is told the running groups.
+    watched in turn: if it dies, a new one starts at once, told all the first one was told, and
+    maps the same table of groups.
 
     Methods for the caller: watch(pgid) when a payload starts, release(pgid) once its group is
     gone, lease(seconds) and pilot(uuid) after registering, contact() whenever the server
@@ -302,15 +309,18 @@ class Watchdog:
 
     def __init__(self):
         self.lock = threading.Lock()    # one writer at a time; a restart replays under it
-        self.groups, self.setup = set(), {}
+        self.table_fd = os.memfd_create("p3s-watchdog-groups")     # close-on-exec: never a payload's
+        os.ftruncate(self.table_fd, GROUP_SLOTS * 4)
+        self.table = memoryview(mmap.mmap(self.table_fd, GROUP_SLOTS * 4)).cast("i")
+        self.slots, self.free = {}, list(range(GROUP_SLOTS))   # pgid -> its slot; the free slots
+        self.setup = {}
         self.closing = False
         self.told_contact = float("-inf")     # when "." was last written
-        self.held = []                          # lines not written yet (see release)
         self.start()
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG], stdin=subprocess.PIPE,
-                                     start_new_session=True, close_fds=True)
+        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(self.table_fd)],
+                                     stdin=subprocess.PIPE, start_new_session=True, pass_fds=(self.table_fd,))
         threading.Thread(target=self.keep_alive, args=(self.proc,), name="watchdog", daemon=True).start()
 
     def pids(self):
@@ -318,36 +328,22 @@ class Watchdog:
         return {self.proc.pid}
 
     def keep_alive(self, proc):
-        """Notice the watchdog's death at once; start another, told all the first one knew."""
+        """Notice the watchdog's death at once; start another, told all the first one was."""
         code = proc.wait()
         with self.lock:
             if self.closing or proc is not self.proc:
                 return
             log.warning("watchdog exited (code %s): starting another, watching %d payload group(s)",
-                        code, len(self.groups))
+                        code, len(self.slots))
             self.start()
-            for line in [*self.setup.values(), *(f"+{g}" for g in self.groups), "."]:
+            for line in [*self.setup.values(), "."]:
                 self._write(line)
 
-    def tell(self, line, later=False):
-        """Write a line, after any held back; `later`: hold it until the next line or flush()."""
+    def tell(self, line):
         with self.lock:
-            if line[0] in "+-":
-                (self.groups.add if line[0] == "+" else self.groups.discard)(int(line[1:]))
-            elif line[0] in "=@":
+            if line[0] in "=@":
                 self.setup[line[0]] = line
-            self.held.append(line)
-            if not later:
-                self._write_held()
-
-    def flush(self):
-        with self.lock:
-            if self.held:
-                self._write_held()
-
-    def _write_held(self):
-        lines, self.held = self.held, []
-        self._write("\n".join(lines))
+            self._write(line)
 
     def _write(self, line):
         try:
@@ -357,12 +353,16 @@ class Watchdog:
             pass        # it died: keep_alive starts another and tells it everything
 
     def watch(self, pgid):
-        self.tell(f"+{pgid}")
+        with self.lock:
+            slot = self.slots[pgid] = self.free.pop()
+            self.table[slot] = pgid
 
     def release(self, pgid):
-        """Held back until the next payload starts (one wake-up of the watchdog a job, not two)
-        or the supervisor's next turn, within a second: a group number is not reused so soon."""
-        self.tell(f"-{pgid}", later=True)
+        with self.lock:
+            slot = self.slots.pop(pgid, None)
+            if slot is not None:
+                self.table[slot] = 0
+                self.free.append(slot)
 
     def lease(self, seconds):
         self.tell(f"={seconds}")
@@ -379,7 +379,6 @@ class Watchdog:
             self.tell(".")
 
     def close(self):
-        self.flush()
         with self.lock:
             self.closing = True
             with contextlib.suppress(OSError, ValueError):
@@ -1704,7 +1703,6 @@ class Pilot:
         jobs in a row, no wake-up either: the supervisor is woken for a payload only if it would
         otherwise look later than the payload's running report is due."""
         while not self.beats.is_set():
-            self.watchdog.flush()               # what release() held back goes within a second
             self.wake.clear()                   # before reading `current`: no wake-up is lost
             execution = self.current
             idle = execution is None or execution.exited.is_set()

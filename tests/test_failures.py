@@ -352,15 +352,36 @@ def watchdogs_of(pilot_pid):
     return found
 
 
+def wakeups(pid):
+    """How many times the process has gone to sleep and been woken (voluntary context switches)."""
+    with open(f"/proc/{pid}/status") as f:
+        return sum(int(line.split()[1]) for line in f if line.startswith("voluntary_ctxt_switches"))
+
+
+def test_the_watchdog_sleeps_through_a_run_of_short_jobs_and_no_payload_holds_its_table(p3s):
+    """The running payloads' groups are in a table the pilot and its watchdog share: 300 short
+    jobs cost the watchdog no wake-up each (a line a job woke it at least once a job), and a
+    payload does not inherit the table, where it could strike its own group out, or add another."""
+    fds = p3s.dir / "fds"
+    p3s.submit([shell_job(f"ls -l /proc/$$/fd > {fds}")])
+    pilot = p3s.pilot("-p", "1")
+    [watchdog] = wait_until(lambda: watchdogs_of(pilot.pid), 5, what="the watchdog")
+    wait_until(lambda: fds.exists() and fds.read_text(), 15, what="the first job")
+    before = wakeups(watchdog)
+    p3s.wait_jobs(p3s.submit([{"name": "short", "payload": "/bin/true"}] * 300))
+    assert wakeups(watchdog) - before < 100
+    assert "0 -> /dev/null" in fds.read_text() and "memfd" not in fds.read_text()
+
+
 def test_a_killed_watchdog_is_replaced_and_still_takes_the_payload_along(p3s):
     """kill -9 of the watchdog, then of the pilot: the pilot started a new watchdog at once,
-    told it the running payload, and that one kills the payload."""
+    which maps the same table of payload groups and kills the payload."""
     uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "", "-b", "0.5")
     [first] = wait_until(lambda: watchdogs_of(pilot.pid), 5, what="the watchdog")
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: [w for w in watchdogs_of(pilot.pid) if w != first], 5, what="a new watchdog")
-    time.sleep(0.5)         # it is told the running payload just after it starts (a pilot killed
-    pilot.send_signal(signal.SIGKILL)       # within those milliseconds is the test's race, 1 run in ~10)
+    time.sleep(0.5)         # it maps the table as it starts (a pilot killed within those
+    pilot.send_signal(signal.SIGKILL)       # milliseconds is the test's race)
     wait_until(lambda: not alive(payload_pid), 3, what="the payload to die with its pilot")
 
 
