@@ -76,6 +76,7 @@ KEEP_JOB_FILES = 20.0       # hours a worker keeps job logs and directories (the
 CLEAN_EVERY = 300           # seconds between two clean-ups of the job log directory
 TALLY_EVERY = 600           # seconds between two log lines counting the jobs that finished
 MIN_FREE_MB = 500           # below this much free space in the job log directory, take no jobs
+FREE_SPACE_EVERY = 1.0      # seconds: that space is looked at this often at most
 PR_SET_CHILD_SUBREAPER = 36    # prctl(2): orphans of a payload become the pilot's children
 CRASHED = "crashed"         # how a deregistration begins when the pilot died of a defect
 UNDELIVERED = "undelivered"     # <joblogdir>/undelivered/<job uuid>.json: end reports pilots left behind
@@ -191,6 +192,7 @@ def parse_args(argv):
             p.error(f"-L {args.joblogdir}: {e.strerror}")
         if not os.access(args.joblogdir, os.W_OK | os.X_OK):
             p.error(f"-L {args.joblogdir}: not writable; job logs go there")
+        args.joblogdir = os.path.abspath(args.joblogdir)    # payloads are told their paths whole
     return args
 
 
@@ -454,14 +456,14 @@ def own_directories(env):
     return list(dict.fromkeys(os.path.abspath(d) for d in dirs if d))
 
 
-def images_to_publish(env, max_bytes, job_dir_empty=False):
-    """(name, path) of the images to offer the server: those in the job's own directories (and
-    below), then those the $P3S_PUBLISH globs name (space-separated; relative to $P3S_JOB_DIR;
+def images_to_publish(env, dirs, max_bytes, job_dir_empty=False):
+    """(name, path) of the images to offer the server: those in the job's own directories `dirs`
+    (see own_directories) and below, then those the $P3S_PUBLISH globs name (space-separated; relative to $P3S_JOB_DIR;
     $NAMEs from the job's environment expanded). `job_dir_empty`: $P3S_JOB_DIR was seen empty
     once the job ended (most short jobs'), and is not walked again."""
     found = []
     skipped = os.path.abspath(env["P3S_JOB_DIR"]) if job_dir_empty else None
-    for top in own_directories(env):
+    for top in dirs:
         if top == skipped:
             continue
         walked = (entry.path for entry in walk_files(top, Budget()))
@@ -1119,12 +1121,17 @@ class Execution:
         self.limits = {}                    # "memory", "disk": MB, where the job or site sets one
         self.shell = False                  # run through the shell (its exit 137 is a child's SIGKILL)
         self.report_queued = False          # handed to the reporter thread as running
-        self.running_sent = threading.Event()   # set once that report was sent or given up
+        self.running_sent = None            # with report_queued: an Event set once that report was sent or given up
         self.next_sample = self.started + SAMPLE_PERIOD
         self.figures = {}                   # what it consumed, for the end report
         self.job_dir_empty = False          # P3S_JOB_DIR was empty once the payload ended (see Pilot.wait)
         self.provenance = None              # (what ran, the input's InputSum), where the server takes it
         self.reaped = None                  # (its end report, when it ended) once reaped: see Pilot.reap
+
+    @functools.cached_property
+    def own_dirs(self):
+        """The job's own directories (own_directories), where its quality files and images are."""
+        return own_directories(self.env)
 
     def runtime(self):
         """Seconds since the payload started (the server dates the start from it: no clock skew)."""
@@ -1184,6 +1191,7 @@ class Pilot:
         self.cleaned = 0.0              # monotonic time of the last clean-up of the job log directory
         self.cleaner = None             # the thread of the clean-up under way, if any
         self.note = ""                  # why the pilot takes no job now (its page shows it)
+        self.free_seen = (-math.inf, None)  # when the job log directory's free MB were looked at, and those
         self.probe = ""                 # the site's probe command (or --probe)
         self.probed = (-math.inf, "")   # when it last ran, and why it failed ('' if it did not)
         self.tally = collections.Counter()  # jobs ended by state, since `tallied` (log_end)
@@ -1398,8 +1406,12 @@ class Pilot:
     def unfit(self):
         """True (and a note for the pilot's page) while the pilot would fail any job it took: its
         job log directory short of space, or its site's probe failing (EOS unreachable, say); it
-        takes jobs again once the cause is gone."""
-        free = free_mb(self.args.joblogdir)
+        takes jobs again once the cause is gone. The free space is looked at once a second at
+        most: a pilot of short jobs asks hundreds of times a second."""
+        t = time.monotonic()
+        if t - self.free_seen[0] >= FREE_SPACE_EVERY:
+            self.free_seen = (t, free_mb(self.args.joblogdir))
+        free = self.free_seen[1]
         low = free is not None and free < self.args.min_free_mb
         note = (f"taking no jobs: {free:.0f} MB free in {self.args.joblogdir}, below {self.args.min_free_mb:g}"
                 if low else self.probe_failure())
@@ -1487,7 +1499,7 @@ class Pilot:
 
     def launch(self, job):
         """Start a job's payload: its Execution, or the error that kept it from starting."""
-        hour = os.path.abspath(os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H")))
+        hour = os.path.join(self.args.joblogdir, time.strftime("%Y%m%d-%H"))
         out_path, err_path = (os.path.join(hour, job["uuid"] + ext) for ext in (".out", ".err"))
         log.debug("job %s (%s): starting attempt %d", job["uuid"], job["name"], job["attempt"])
         try:
@@ -1567,7 +1579,7 @@ class Pilot:
                   "stdout_path": out_path, "stderr_path": err_path,
                   "runtime": execution.runtime(), "usage": execution.figures}
         if state == "finished" and "quality" in self.features:     # a failed job has no verdict
-            report.update(read_quality(own_directories(execution.env)))
+            report.update(read_quality(execution.own_dirs))
         if execution.provenance:
             ran, input_sum = execution.provenance
             report["provenance"] = {**ran, "input": input_sum and input_sum.identity()}
@@ -1578,7 +1590,7 @@ class Pilot:
         next job while the pilot may take `room` more (see keep_claimed for `ahead`), and names
         the job `following` this one, if any. `sent(sock)`: see send_report."""
         job = execution.job
-        plots = self.publish_images(job, execution.env, execution.job_dir_empty)
+        plots = self.publish_images(job, execution)
         if plots and "provenance" in report:    # beside the plots, for whoever reads them where they lie (EOS)
             write_json(os.path.join(plots, "provenance.json"), report["provenance"])
         if execution.job_dir_empty:         # it goes, or becomes the next job's (it held no plots)
@@ -1644,11 +1656,12 @@ class Pilot:
         execution.limits = {k: job.get(k) or self.site_limits.get(k) for k in ("memory", "disk")}
         return execution
 
-    def publish_images(self, job, env, job_dir_empty):
+    def publish_images(self, job, execution):
         """Send the server the images the job made, so its page shows them even where the
         server cannot read the worker's disk. Best effort: a refusal never fails the job.
         Returns the directory of the first one published (None if none was)."""
-        images = images_to_publish(env, self.image_limits["max_bytes"], job_dir_empty)
+        images = images_to_publish(execution.env, execution.own_dirs, self.image_limits["max_bytes"],
+                                   execution.job_dir_empty)
         published = []
         for name, path in images:
             if len(published) == self.image_limits["max_count"]:
@@ -1715,6 +1728,7 @@ class Pilot:
         t = time.monotonic()
         age, limit = t - execution.started, execution.job["timelimit"]
         if not execution.report_queued and age >= RUNNING_REPORT_DELAY:
+            execution.running_sent = threading.Event()      # before report_queued: the main thread waits on it
             execution.report_queued = True
             self.running_reports.put(execution)
         if limit and age >= limit:
@@ -2011,7 +2025,7 @@ def try_jobs(client, args):
         command, shell = payload_command(job, args.shell)
         print(f"--- {fields.get('name') or 'job'} {number}: {command}  (P3S_JOB_DIR={job_dir})", flush=True)
         code = try_one(command, shell, env)
-        images = [path for _, path in images_to_publish(env, IMAGE_LIMITS["max_bytes"])]
+        images = [path for _, path in images_to_publish(env, own_directories(env), IMAGE_LIMITS["max_bytes"])]
         if code is not None:
             print(f"--- exit code {code}; a pilot would publish {len(images)} image(s)"
                   + "".join(f"\n    {p}" for p in images), flush=True)

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import secrets
+import select
 import signal
 import uuid as uuidlib
 import socket
@@ -200,7 +201,7 @@ class Connection:
         except (OSError, ValueError, InputError):
             sock.close()
             raise
-        self.sock, self.rfile = sock, sock.makefile("rb")
+        self.sock, self.rfile, self.tls = sock, sock.makefile("rb"), scheme == "https"
         self.host = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def exchange(self, method, target, headers, body=None, sent=None):
@@ -279,16 +280,15 @@ class Connection:
 
     def dropped(self):
         """Whether the server closed this idle connection (or sent what nobody asked for): a
-        request sent on it would be lost, after its sender was told it went out. The caller
-        sets the socket's timeout again."""
+        request sent on it would be lost, after its sender was told it went out. One poll: an
+        idle connection has nothing to read. Never said of TLS, where a server may send session
+        tickets unasked: its retry covers it."""
+        if self.tls:
+            return False
         try:
-            self.sock.settimeout(0)     # a socket with a timeout would wait for something to read
-            self.sock.recv(1, socket.MSG_PEEK)
-        except (BlockingIOError, InterruptedError, ValueError):
-            return False        # open and quiet (or TLS, which cannot peek: its retry covers it)
-        except OSError:
-            pass
-        return True
+            return bool(select.select([self.sock], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
 
     def close(self):
         with contextlib.suppress(OSError):
@@ -416,7 +416,8 @@ class Client:
             kept.close()
             kept = None
         if kept is not None:
-            kept.sock.settimeout(timeout)
+            if kept.sock.gettimeout() != timeout:
+                kept.sock.settimeout(timeout)
             return kept, True
         return Connection(self.scheme, self.host, self.port, timeout), False
 
