@@ -234,8 +234,8 @@ def spawn(command, shell, env, out_path=None, err_path=None):
 # The watchdog: one small process per pilot (not per job), in its own session, started with
 # `python -c` so that no command line naming pilot.py matches it (pkill -f pilot.py spares it).
 # The payload groups the pilot runs are in a table both map (a memfd of GROUP_SLOTS native ints,
-# 0 for a free slot): a payload's start or end costs the pilot one store, the watchdog nothing,
-# as a line a job woke it twice a job. The pilot writes lines for the rest: "=S" the lease
+# 0 for a free slot): a payload's start or end costs the pilot one store and the watchdog nothing
+# (a line a job woke it at every job). The pilot writes lines for the rest: "=S" the lease
 # window, "@UUID" the pilot's uuid, "." when it hears from the server (at most every
 # CONTACT_EVERY). It SIGKILLs the groups in the table when the pipe closes, however the pilot
 # died (kill -9 included), and when no "." came for S seconds (the pilot is stopped, hung or cut
