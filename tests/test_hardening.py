@@ -45,6 +45,25 @@ def test_a_stopped_pilot_loses_its_job_only_after_the_watchdog_killed_it(tmp_pat
     assert record["state"] in ("active", "no jobs", "dispatched", "running"), record["state"]
 
 
+def test_a_pilot_stopped_twice_loses_its_payload_both_times(tmp_path, start_server):
+    """The watchdog's kill at the end of the lease window is not spent by the first silence:
+    the pilot stopped, continued (it is heard from again) and stopped with another payload,
+    the watchdog kills that one too, within the window, with no line written for it."""
+    server = start_server(["--lease-beats", "6"])    # lease: 6 x 0.5 s; the watchdog's window 2.5 s
+    pilot = server.pilot("-p", "1", "-b", "0.5", "--kill-grace", "1")
+    for attempt in (1, 2):
+        pidfile = tmp_path / f"payload-{attempt}.pid"
+        server.submit([shell_job(f"echo $$ > {pidfile}; exec sleep 60")])
+        payload = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip(), 20,
+                                 what=f"payload {attempt} to start"))
+        pilot.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        wait_until(lambda: not alive(payload), 10, what=f"the watchdog to kill payload {attempt}")
+        assert time.monotonic() - stopped < 6 * 0.5 + 1.5
+        pilot.send_signal(signal.SIGCONT)
+    assert pilot.poll() is None, "the pilot exited after its pauses"
+
+
 def test_a_paused_server_kills_nothing_and_every_pilot_carries_on(tmp_path, start_server):
     """SIGSTOP the server longer than PAUSE_GAP (and 12 heartbeats): housekeeping sees its own
     gap and blames nobody; running jobs finish once; every pilot is still there."""
