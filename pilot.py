@@ -458,9 +458,9 @@ def own_directories(env):
 
 def images_to_publish(env, dirs, max_bytes, job_dir_empty=False):
     """(name, path) of the images to offer the server: those in the job's own directories `dirs`
-    (see own_directories) and below, then those the $P3S_PUBLISH globs name (space-separated; relative to $P3S_JOB_DIR;
-    $NAMEs from the job's environment expanded). `job_dir_empty`: $P3S_JOB_DIR was seen empty
-    once the job ended (most short jobs'), and is not walked again."""
+    (see own_directories) and below, then those the $P3S_PUBLISH globs name (space-separated;
+    relative to $P3S_JOB_DIR; $NAMEs from the job's environment expanded). `job_dir_empty`:
+    $P3S_JOB_DIR was seen empty once the job ended (most short jobs'), and is not walked again."""
     found = []
     skipped = os.path.abspath(env["P3S_JOB_DIR"]) if job_dir_empty else None
     for top in dirs:

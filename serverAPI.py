@@ -280,13 +280,16 @@ class Connection:
 
     def dropped(self):
         """Whether the server closed this idle connection (or sent what nobody asked for): a
-        request sent on it would be lost, after its sender was told it went out. One poll: an
-        idle connection has nothing to read. Never said of TLS, where a server may send session
-        tickets unasked: its retry covers it."""
+        request sent on it would be lost, after its sender was told it went out. One poll (not
+        select: a busy process's descriptor may be past 1023): an idle connection has nothing to
+        read. Never said of TLS, where a server may send session tickets unasked: its retry
+        covers it."""
         if self.tls:
             return False
         try:
-            return bool(select.select([self.sock], [], [], 0)[0])
+            poll = select.poll()
+            poll.register(self.sock, select.POLLIN)
+            return bool(poll.poll(0))
         except (OSError, ValueError):
             return True
 

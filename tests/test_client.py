@@ -1,6 +1,8 @@
 """serverAPI's own HTTP client reads what a proxy in front of the server may send (a chunked
 body, an interim 100, a body up to the close) and refuses what is not HTTP in one line. The
 peer here is a loopback socket that answers canned bytes: the real server never sends these."""
+import os
+import resource
 import shutil
 import socket
 import ssl
@@ -63,6 +65,42 @@ def test_a_request_is_said_sent_once_and_only_on_a_connection_the_server_still_h
     said = []
     assert client.call("POST", "/api/jobs/x/report", {}, sent=lambda sock: said.append("sent")) == {"status": "ok"}
     assert said == ["sent"]
+
+
+def test_a_process_with_descriptors_past_1023_still_reuses_its_kept_connection():
+    """A busy client (a pilot with many files open) gets descriptors past 1023, where select()
+    cannot look: its kept connection is still checked before a request goes out, and reused
+    (the peer answers on one connection only)."""
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n" + OK_BODY
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    accepted = []
+
+    def serve_one_connection():
+        conn, _ = listener.accept()
+        accepted.append(conn)
+        with conn:
+            conn.settimeout(5)
+            for _ in range(2):
+                got = b""
+                while b"\r\n\r\n" not in got:
+                    got += conn.recv(65536)
+                conn.sendall(answer)
+    threading.Thread(target=serve_one_connection, daemon=True).start()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        client = serverAPI.Client(f"http://127.0.0.1:{listener.getsockname()[1]}", token="t", retry_for=0,
+                                  timeout=5)
+        assert [client.call("GET", "/api/health") for _ in range(2)] == [{"status": "ok"}] * 2
+        assert len(accepted) == 1 and client.pool[0].sock.fileno() > 1023
+        client.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        listener.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.parametrize("answer,said", [
