@@ -387,6 +387,16 @@ class Watchdog:
                 self.proc.stdin.close()
 
 
+def start_watchdog():
+    """The pilot's Watchdog; a node that cannot give it a process or a descriptor (ulimit -u or
+    -n reached by a crowd of pilots, a sandbox without memfd) stops the pilot with one line and
+    exit code 1 before it takes any job: no payload runs unwatched."""
+    try:
+        return Watchdog()
+    except OSError as e:
+        raise P3SError(f"cannot start the pilot's watchdog, without which no payload may run: {e}") from None
+
+
 def make_job_dir(job_dir, empty=None):
     """The job's directory, in its hour directory, made as well the first time (or again, once
     the clean-up removed it empty). `empty`: the last job's directory, which it left empty,
@@ -1167,7 +1177,7 @@ class Pilot:
         self.site_limits = {}           # the site's default limits for its jobs (MB)
         self.current = None             # the Execution in progress, if any (set by the main thread)
         become_subreaper()
-        self.watchdog = Watchdog()
+        self.watchdog = start_watchdog()
         self.lease = None               # seconds the server keeps our job while we are silent
         self.last_contact = time.monotonic()    # the last answer from the server
         self.dropped = None             # why the server no longer knows us: register again

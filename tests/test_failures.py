@@ -2,6 +2,8 @@
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 
@@ -350,6 +352,27 @@ def watchdogs_of(pilot_pid):
         if int(fields[1]) == pilot_pid and fields[0] != "Z" and b"select" in cmdline:
             found.append(int(name))
     return found
+
+
+def test_a_pilot_that_cannot_start_its_watchdog_takes_no_job_and_says_why_in_one_line(p3s):
+    """A node that cannot give the watchdog what it needs (a sandbox without memfd_create here; a
+    crowd of pilots at ulimit -u or -n alike) stops the pilot with one line and exit code 1,
+    never a traceback, and no job of the queue is taken to run unwatched."""
+    [uuid] = p3s.submit([shell_job("true")])
+    start_real_pilot_on_a_kernel_without_memfd = (
+        "import errno, os, runpy, sys\n"
+        "def unavailable(*args, **kwargs):\n"
+        "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
+        "os.memfd_create = unavailable\n"
+        f"sys.argv = ['pilot.py', '-p', '1', '-L', {str(p3s.logs)!r}]\n"
+        f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n")
+    done = subprocess.run([sys.executable, "-c", start_real_pilot_on_a_kernel_without_memfd], env=p3s.env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "pilot.py: cannot start the pilot's watchdog, without which no payload may run: "
+        "[Errno 38] Function not implemented"]
+    assert p3s.job(uuid)["state"] == "defined" and p3s.api.list_pilots() == []
 
 
 def wakeups(pid):
