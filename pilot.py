@@ -53,6 +53,7 @@ TAIL_BYTES = 64 * 1024
 LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
 CONTACT_EVERY = 0.25        # seconds: the watchdog hears of contact with the server at most this often
+RESTART_EVERY = 1.0         # seconds between tries to restart a watchdog the node could not give a process
 SAMPLE_PERIOD = 1.0         # seconds between samples of a running payload's memory, CPU and I/O
 CHECK_RETRY = 5             # seconds pilot.py --check (pgen.sh) waits for it: the pilots wait longer
 RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, until delivered
@@ -303,7 +304,9 @@ kill({g for g in table if g}, everything=True)
 class Watchdog:
     """Kills the payloads of a pilot that died, stopped or lost the server for its lease. It is
     watched in turn: if it dies, a new one starts at once, told all the first one was told, and
-    maps the same table of groups.
+    maps the same table of groups. Where the node cannot give it a process (ulimit -u reached),
+    `problem` says so until a try, every RESTART_EVERY seconds, starts one: the pilot takes no
+    job meanwhile (Pilot.unfit), and the payload running goes on, watched by the pilot itself.
 
     Methods for the caller: watch(pgid) when a payload starts, release(pgid) once its group is
     gone, lease(seconds) and pilot(uuid) after registering, contact() whenever the server
@@ -317,6 +320,7 @@ class Watchdog:
         self.slots, self.free = {}, list(range(GROUP_SLOTS))   # pgid -> its slot; the free slots
         self.setup = {}
         self.closing = False
+        self.problem = None
         self.told_contact = float("-inf")     # when "." was last written
         self.start()
 
@@ -332,14 +336,25 @@ class Watchdog:
     def keep_alive(self, proc):
         """Notice the watchdog's death at once; start another, told all the first one was."""
         code = proc.wait()
+        log.warning("watchdog exited (code %s): starting another, watching %d payload group(s)",
+                    code, len(self.slots))
+        while not self.restarted(proc, code):
+            time.sleep(RESTART_EVERY)
+
+    def restarted(self, dead, code):
+        """True once a watchdog replaces `dead` (or none is wanted: the pilot is closing)."""
         with self.lock:
-            if self.closing or proc is not self.proc:
-                return
-            log.warning("watchdog exited (code %s): starting another, watching %d payload group(s)",
-                        code, len(self.slots))
-            self.start()
+            if self.closing or dead is not self.proc:
+                return True
+            try:
+                self.start()
+            except OSError as e:
+                self.problem = f"taking no jobs: its watchdog exited (code {code}) and cannot be restarted: {e}"
+                return False
+            self.problem = None
             for line in [*self.setup.values(), "."]:
                 self._write(line)
+            return True
 
     def tell(self, line):
         with self.lock:
@@ -1414,17 +1429,22 @@ class Pilot:
                 os.unlink(path)
 
     def unfit(self):
-        """True (and a note for the pilot's page) while the pilot would fail any job it took: its
-        job log directory short of space, or its site's probe failing (EOS unreachable, say); it
-        takes jobs again once the cause is gone. The free space is looked at once a second at
-        most: a pilot of short jobs asks hundreds of times a second."""
+        """True (and a note for the pilot's page) while the pilot would fail any job it took, or
+        run it unwatched: its watchdog gone and not restartable, its job log directory short of
+        space, or its site's probe failing (EOS unreachable, say); it takes jobs again once the
+        cause is gone. The free space is looked at once a second at most: a pilot of short jobs
+        asks hundreds of times a second."""
         t = time.monotonic()
         if t - self.free_seen[0] >= FREE_SPACE_EVERY:
             self.free_seen = (t, free_mb(self.args.joblogdir))
         free = self.free_seen[1]
         low = free is not None and free < self.args.min_free_mb
-        note = (f"taking no jobs: {free:.0f} MB free in {self.args.joblogdir}, below {self.args.min_free_mb:g}"
-                if low else self.probe_failure())
+        if self.watchdog.problem:
+            note = self.watchdog.problem
+        elif low:
+            note = f"taking no jobs: {free:.0f} MB free in {self.args.joblogdir}, below {self.args.min_free_mb:g}"
+        else:
+            note = self.probe_failure()
         if note != self.note:
             (log.warning if note else log.info)("%s", note or "taking jobs again")
             self.cleaned = 0.0 if low else self.cleaned     # clean again at once

@@ -408,6 +408,47 @@ def test_a_killed_watchdog_is_replaced_and_still_takes_the_payload_along(p3s):
     wait_until(lambda: not alive(payload_pid), 3, what="the payload to die with its pilot")
 
 
+def test_a_watchdog_that_cannot_be_restarted_stops_the_pilot_taking_jobs_until_one_is(p3s):
+    """The watchdog killed on a node at its process limit (ulimit -u: fork says EAGAIN): the
+    restart failed in a thread, with a traceback, and the pilot went on taking jobs that nothing
+    would kill with it. Now it takes none, and says why on its page, until a retry starts one."""
+    full = p3s.dir / "node-at-its-process-limit"
+    start_real_pilot_on_a_node_at_its_process_limit = (
+        "import errno, os, runpy, subprocess, sys\n"
+        "popen = subprocess.Popen\n"
+        "def limited(args, *rest, **kwargs):\n"
+        f"    if os.path.exists({str(full)!r}):\n"
+        "        raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+        "    return popen(args, *rest, **kwargs)\n"
+        "subprocess.Popen = limited\n"
+        f"sys.argv = ['pilot.py', '-p', '0.2', '-b', '1', '-L', {str(p3s.logs)!r}]\n"
+        f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n")
+    stderr = p3s.dir / "pilot.err"
+    with open(stderr, "w") as err:
+        pilot = subprocess.Popen([sys.executable, "-c", start_real_pilot_on_a_node_at_its_process_limit],
+                                 env=p3s.env, stderr=err)
+    try:
+        [first] = wait_until(lambda: watchdogs_of(pilot.pid), 10, what="the watchdog")
+        wait_until(lambda: p3s.api.list_pilots(), 10, what="the pilot to register")
+        full.touch()
+        os.kill(first, signal.SIGKILL)
+        note = wait_until(lambda: p3s.api.list_pilots()[0]["note"], 10, what="the pilot's note")
+        assert note.startswith("taking no jobs: its watchdog exited (code -9) and cannot be restarted: "
+                               "[Errno 11] Resource temporarily unavailable"), note
+        [uuid] = p3s.submit([shell_job("true")])
+        time.sleep(3)                       # 15 of its polls, 3 heartbeats
+        assert p3s.job(uuid)["state"] == "defined", "a job was taken with no watchdog to kill it"
+        assert not watchdogs_of(pilot.pid)
+        full.unlink()
+        wait_until(lambda: p3s.job(uuid)["state"] == "finished", 15, what="the job, once a watchdog is back")
+        assert len(watchdogs_of(pilot.pid)) == 1
+        wait_until(lambda: p3s.api.list_pilots()[0]["note"] == "", 10, what="the note cleared")
+    finally:
+        pilot.kill()
+        pilot.wait(10)
+    assert "Traceback" not in stderr.read_text(), stderr.read_text()
+
+
 def test_a_payload_child_that_left_its_session_dies_with_the_pilot(p3s):
     """setsid takes a process out of the payload's group and session: it is still the job's,
     and dies with its pilot's kill -9."""
