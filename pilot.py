@@ -17,6 +17,7 @@ SIGUSR1 drains: the current job finishes, then the pilot exits.
 import collections
 import contextlib
 import ctypes
+import errno
 import functools
 import glob
 import hashlib
@@ -322,12 +323,21 @@ class Watchdog:
         self.closing = False
         self.problem = None
         self.told_contact = float("-inf")     # when "." was last written
-        self.start()
+        with self.lock:                 # its keep_alive reads self.proc under the lock
+            self.start()
 
     def start(self):
-        self.proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(self.table_fd)],
-                                     stdin=subprocess.PIPE, start_new_session=True, pass_fds=(self.table_fd,))
-        threading.Thread(target=self.keep_alive, args=(self.proc,), name="watchdog", daemon=True).start()
+        """A watchdog process and the thread that notices its death; OSError if the node has no
+        room for either (a watchdog whose death nobody would notice is killed at once)."""
+        proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", WATCHDOG, str(self.table_fd)],
+                                stdin=subprocess.PIPE, start_new_session=True, pass_fds=(self.table_fd,))
+        try:
+            threading.Thread(target=self.keep_alive, args=(proc,), name="watchdog", daemon=True).start()
+        except RuntimeError as e:       # "can't start new thread": ulimit -u
+            proc.kill()                 # SIGKILL: it goes without killing the groups in the table
+            proc.wait()
+            raise OSError(errno.EAGAIN, f"no thread to watch it: {e}") from None
+        self.proc = proc
 
     def pids(self):
         """The watchdog's own process: a child of the pilot, never one of a job's."""

@@ -408,19 +408,38 @@ def test_a_killed_watchdog_is_replaced_and_still_takes_the_payload_along(p3s):
     wait_until(lambda: not alive(payload_pid), 3, what="the payload to die with its pilot")
 
 
-def test_a_watchdog_that_cannot_be_restarted_stops_the_pilot_taking_jobs_until_one_is(p3s):
-    """The watchdog killed on a node at its process limit (ulimit -u: fork says EAGAIN): the
-    restart failed in a thread, with a traceback, and the pilot went on taking jobs that nothing
-    would kill with it. Now it takes none, and says why on its page, until a retry starts one."""
+# Python run before a real pilot.py, on a node at its process limit while the file named FULL
+# exists: its fork of a new watchdog, or the thread that watches it, fails as at ulimit -u.
+AT_THE_PROCESS_LIMIT = {
+    "fork": ("import errno, subprocess\n"
+             "popen = subprocess.Popen\n"
+             "def limited(*args, **kwargs):\n"
+             "    if os.path.exists(FULL):\n"
+             "        raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
+             "    return popen(*args, **kwargs)\n"
+             "subprocess.Popen = limited\n",
+             "[Errno 11] Resource temporarily unavailable"),
+    "thread": ("import threading\n"
+               "start = threading.Thread.start\n"
+               "def limited(self):\n"
+               "    if os.path.exists(FULL) and self.name == 'watchdog':\n"
+               "        raise RuntimeError(\"can't start new thread\")\n"
+               "    return start(self)\n"
+               "threading.Thread.start = limited\n",
+               "[Errno 11] no thread to watch it: can't start new thread"),
+}
+
+
+@pytest.mark.parametrize("failing", sorted(AT_THE_PROCESS_LIMIT))
+def test_a_watchdog_that_cannot_be_restarted_stops_the_pilot_taking_jobs_until_one_is(p3s, failing):
+    """The watchdog killed on a node at its process limit (ulimit -u: fork, or a new thread,
+    says EAGAIN): the restart failed in a thread, with a traceback, and the pilot went on taking
+    jobs that nothing would kill with it. Now it takes none, and says why on its page, until a
+    retry starts one (and a watchdog without its watching thread is not left running)."""
     full = p3s.dir / "node-at-its-process-limit"
+    patch, error = AT_THE_PROCESS_LIMIT[failing]
     start_real_pilot_on_a_node_at_its_process_limit = (
-        "import errno, os, runpy, subprocess, sys\n"
-        "popen = subprocess.Popen\n"
-        "def limited(args, *rest, **kwargs):\n"
-        f"    if os.path.exists({str(full)!r}):\n"
-        "        raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
-        "    return popen(args, *rest, **kwargs)\n"
-        "subprocess.Popen = limited\n"
+        f"import os, runpy, sys\nFULL = {str(full)!r}\n{patch}"
         f"sys.argv = ['pilot.py', '-p', '0.2', '-b', '1', '-L', {str(p3s.logs)!r}]\n"
         f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n")
     stderr = p3s.dir / "pilot.err"
@@ -433,8 +452,7 @@ def test_a_watchdog_that_cannot_be_restarted_stops_the_pilot_taking_jobs_until_o
         full.touch()
         os.kill(first, signal.SIGKILL)
         note = wait_until(lambda: p3s.api.list_pilots()[0]["note"], 10, what="the pilot's note")
-        assert note.startswith("taking no jobs: its watchdog exited (code -9) and cannot be restarted: "
-                               "[Errno 11] Resource temporarily unavailable"), note
+        assert note == f"taking no jobs: its watchdog exited (code -9) and cannot be restarted: {error}", note
         [uuid] = p3s.submit([shell_job("true")])
         time.sleep(3)                       # 15 of its polls, 3 heartbeats
         assert p3s.job(uuid)["state"] == "defined", "a job was taken with no watchdog to kill it"
