@@ -346,8 +346,11 @@ class Watchdog:
     def keep_alive(self, proc):
         """Notice the watchdog's death at once; start another, told all the first one was."""
         code = proc.wait()
-        log.warning("watchdog exited (code %s): starting another, watching %d payload group(s)",
-                    code, len(self.slots))
+        with self.lock:
+            if self.closing or proc is not self.proc:
+                return
+            log.warning("watchdog exited (code %s): starting another, watching %d payload group(s)",
+                        code, len(self.slots))
         while not self.restarted(proc, code):
             time.sleep(RESTART_EVERY)
 
