@@ -354,24 +354,41 @@ def watchdogs_of(pilot_pid):
     return found
 
 
-def test_a_pilot_that_cannot_start_its_watchdog_takes_no_job_and_says_why_in_one_line(p3s):
-    """A node that cannot give the watchdog what it needs (a sandbox without memfd_create here; a
-    crowd of pilots at ulimit -u or -n alike) stops the pilot with one line and exit code 1,
-    never a traceback, and no job of the queue is taken to run unwatched."""
+# A real pilot.py started where its watchdog cannot be: no memfd_create (a sandbox), or no
+# thread to watch it (ulimit -u); and the one line it must say.
+WITHOUT_A_WATCHDOG = {
+    "memfd": ("import errno, os\n"
+              "def unavailable(*args, **kwargs):\n"
+              "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
+              "os.memfd_create = unavailable\n",
+              "[Errno 38] Function not implemented"),
+    "thread": ("import threading\n"
+               "start = threading.Thread.start\n"
+               "def limited(self):\n"
+               "    if self.name == 'watchdog':\n"
+               "        raise RuntimeError(\"can't start new thread\")\n"
+               "    return start(self)\n"
+               "threading.Thread.start = limited\n",
+               "[Errno 11] no thread to watch it: can't start new thread"),
+}
+
+
+@pytest.mark.parametrize("missing", sorted(WITHOUT_A_WATCHDOG))
+def test_a_pilot_that_cannot_start_its_watchdog_takes_no_job_and_says_why_in_one_line(p3s, missing):
+    """A node that cannot give the watchdog what it needs (a sandbox without memfd_create; a
+    crowd of pilots at ulimit -u or -n) stops the pilot with one line and exit code 1, never a
+    traceback, and no job of the queue is taken to run unwatched."""
     [uuid] = p3s.submit([shell_job("true")])
-    start_real_pilot_on_a_kernel_without_memfd = (
-        "import errno, os, runpy, sys\n"
-        "def unavailable(*args, **kwargs):\n"
-        "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
-        "os.memfd_create = unavailable\n"
+    patch, error = WITHOUT_A_WATCHDOG[missing]
+    start_real_pilot_without_its_watchdog = (
+        f"import runpy, sys\n{patch}"
         f"sys.argv = ['pilot.py', '-p', '1', '-L', {str(p3s.logs)!r}]\n"
         f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-c", start_real_pilot_on_a_kernel_without_memfd], env=p3s.env,
+    done = subprocess.run([sys.executable, "-c", start_real_pilot_without_its_watchdog], env=p3s.env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
-        "pilot.py: cannot start the pilot's watchdog, without which no payload may run: "
-        "[Errno 38] Function not implemented"]
+        f"pilot.py: cannot start the pilot's watchdog, without which no payload may run: {error}"]
     assert p3s.job(uuid)["state"] == "defined" and p3s.api.list_pilots() == []
 
 
