@@ -354,6 +354,20 @@ def watchdogs_of(pilot_pid):
     return found
 
 
+def failing_watchdog_thread(condition):
+    """Python to run before a real pilot.py: the thread that watches its watchdog cannot start
+    while `condition` (an expression) holds, as at ulimit -u."""
+    return ("import os, threading\n"
+            "start = threading.Thread.start\n"
+            "def limited(self):\n"
+            f"    if self.name == 'watchdog' and {condition}:\n"
+            "        raise RuntimeError(\"can't start new thread\")\n"
+            "    return start(self)\n"
+            "threading.Thread.start = limited\n")
+
+
+NO_THREAD = "[Errno 11] no thread to watch it: can't start new thread"
+
 # A real pilot.py started where its watchdog cannot be: no memfd_create (a sandbox), or no
 # thread to watch it (ulimit -u); and the one line it must say.
 WITHOUT_A_WATCHDOG = {
@@ -362,14 +376,7 @@ WITHOUT_A_WATCHDOG = {
               "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
               "os.memfd_create = unavailable\n",
               "[Errno 38] Function not implemented"),
-    "thread": ("import threading\n"
-               "start = threading.Thread.start\n"
-               "def limited(self):\n"
-               "    if self.name == 'watchdog':\n"
-               "        raise RuntimeError(\"can't start new thread\")\n"
-               "    return start(self)\n"
-               "threading.Thread.start = limited\n",
-               "[Errno 11] no thread to watch it: can't start new thread"),
+    "thread": (failing_watchdog_thread("True"), NO_THREAD),
 }
 
 
@@ -436,14 +443,7 @@ AT_THE_PROCESS_LIMIT = {
              "    return popen(*args, **kwargs)\n"
              "subprocess.Popen = limited\n",
              "[Errno 11] Resource temporarily unavailable"),
-    "thread": ("import threading\n"
-               "start = threading.Thread.start\n"
-               "def limited(self):\n"
-               "    if os.path.exists(FULL) and self.name == 'watchdog':\n"
-               "        raise RuntimeError(\"can't start new thread\")\n"
-               "    return start(self)\n"
-               "threading.Thread.start = limited\n",
-               "[Errno 11] no thread to watch it: can't start new thread"),
+    "thread": (failing_watchdog_thread("os.path.exists(FULL)"), NO_THREAD),
 }
 
 
