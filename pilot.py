@@ -1176,9 +1176,14 @@ class Execution:
         return round(time.monotonic() - self.started, 6)
 
     def stop(self, state, errmsg, grace):
+        """SIGTERM, then SIGKILL after `grace`, in a thread; at once where the node has no thread
+        to give (ulimit -u reached, by the payload's own fork bomb maybe): it still ends."""
         if self.stop_reason is None:
             self.stop_reason = (state, errmsg)
-            threading.Thread(target=stop_group, args=(self, grace), daemon=True).start()
+            try:
+                threading.Thread(target=stop_group, args=(self, grace), daemon=True).start()
+            except RuntimeError:
+                kill_group(self.pid, signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1403,7 +1408,8 @@ class Pilot:
         self.cleaned = time.monotonic()
         if not (self.cleaner and self.cleaner.is_alive()):
             self.cleaner = threading.Thread(target=self.clean_job_files, name="cleaner", daemon=True)
-            self.cleaner.start()
+            with contextlib.suppress(RuntimeError):     # no thread now (ulimit -u): next time
+                self.cleaner.start()
         self.deliver_left_reports()
 
     def clean_job_files(self):

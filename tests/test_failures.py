@@ -354,13 +354,13 @@ def watchdogs_of(pilot_pid):
     return found
 
 
-def failing_watchdog_thread(condition):
-    """Python to run before a real pilot.py: the thread that watches its watchdog cannot start
-    while `condition` (an expression) holds, as at ulimit -u."""
+def failing_threads(which):
+    """Python to run before a real pilot.py: the threads for which `which` (an expression of
+    the thread, `self`) holds cannot start, as at ulimit -u."""
     return ("import os, threading\n"
             "start = threading.Thread.start\n"
             "def limited(self):\n"
-            f"    if self.name == 'watchdog' and {condition}:\n"
+            f"    if {which}:\n"
             "        raise RuntimeError(\"can't start new thread\")\n"
             "    return start(self)\n"
             "threading.Thread.start = limited\n")
@@ -376,7 +376,7 @@ WITHOUT_A_WATCHDOG = {
               "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
               "os.memfd_create = unavailable\n",
               "[Errno 38] Function not implemented"),
-    "thread": (failing_watchdog_thread("True"), NO_THREAD),
+    "thread": (failing_threads("self.name == 'watchdog'"), NO_THREAD),
 }
 
 
@@ -443,7 +443,7 @@ AT_THE_PROCESS_LIMIT = {
              "    return popen(*args, **kwargs)\n"
              "subprocess.Popen = limited\n",
              "[Errno 11] Resource temporarily unavailable"),
-    "thread": (failing_watchdog_thread("os.path.exists(FULL)"), NO_THREAD),
+    "thread": (failing_threads("self.name == 'watchdog' and os.path.exists(FULL)"), NO_THREAD),
 }
 
 
@@ -486,6 +486,28 @@ def test_a_watchdog_that_cannot_be_restarted_stops_the_pilot_taking_jobs_until_o
             pilot.wait(10)
     said = stderr.read_text()
     assert "Traceback" not in said and said.count("WARNING: watchdog exited") == 1, said   # not at the end
+
+
+def test_a_payload_at_its_time_limit_dies_where_no_thread_can_wait_out_its_grace(p3s):
+    """On a node at its process limit (a payload's fork bomb reaches ulimit -u) the thread that
+    gives a stopped payload its grace cannot start: that raised in the supervisor, which died,
+    and with it every time limit of the pilot's life. Now the payload is killed at once, and
+    the pilot goes on to its next job (its cleaner of old job files, which has no thread
+    either, is tried again later: it crashed the pilot)."""
+    no_thread = failing_threads("self.name == 'cleaner' or getattr(self, '_target', None) is not None "
+                                "and self._target.__name__ == 'stop_group'")
+    slow, quick = p3s.submit([shell_job("exec sleep 60", timeout=1), shell_job("true")])
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", f"import runpy, sys\n{no_thread}"
+         f"sys.argv = ['pilot.py', '-c', '2', '-p', '0.2', '--kill-grace', '30', '-L', {str(p3s.logs)!r}]\n"
+         f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n"],
+        env=p3s.env, capture_output=True, text=True, timeout=40)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert time.monotonic() - started < 20, "the payload had its 30 s of grace, or more"
+    ended = p3s.job(slow)
+    assert (ended["state"], ended["errmsg"]) == ("timeout", "killed at its time limit of 1 s"), ended
+    assert p3s.job(quick)["state"] == "finished"
 
 
 def test_a_payload_child_that_left_its_session_dies_with_the_pilot(p3s):
