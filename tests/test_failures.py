@@ -366,15 +366,25 @@ def failing_threads(which):
             "threading.Thread.start = limited\n")
 
 
+def failing_call(where, errno_name, message, when="True"):
+    """Python to run before a real pilot.py: the function `where` (module.name) raises OSError
+    (errno_name, message) while `when` (an expression) holds."""
+    module, name = where.rsplit(".", 1)
+    return (f"import errno, os, {module}\n"
+            f"real_{name} = {where}\n"
+            "def failing(*args, **kwargs):\n"
+            f"    if {when}:\n"
+            f"        raise OSError(errno.{errno_name}, {message!r})\n"
+            f"    return real_{name}(*args, **kwargs)\n"
+            f"{where} = failing\n")
+
+
 NO_THREAD = "[Errno 11] no thread to watch it: can't start new thread"
 
 # A real pilot.py started where its watchdog cannot be: no memfd_create (a sandbox), or no
 # thread to watch it (ulimit -u); and the one line it must say.
 WITHOUT_A_WATCHDOG = {
-    "memfd": ("import errno, os\n"
-              "def unavailable(*args, **kwargs):\n"
-              "    raise OSError(errno.ENOSYS, 'Function not implemented')\n"
-              "os.memfd_create = unavailable\n",
+    "memfd": (failing_call("os.memfd_create", "ENOSYS", "Function not implemented"),
               "[Errno 38] Function not implemented"),
     "thread": (failing_threads("self.name == 'watchdog'"), NO_THREAD),
 }
@@ -435,13 +445,7 @@ def test_a_killed_watchdog_is_replaced_and_still_takes_the_payload_along(p3s):
 # Python run before a real pilot.py, on a node at its process limit while the file named FULL
 # exists: its fork of a new watchdog, or the thread that watches it, fails as at ulimit -u.
 AT_THE_PROCESS_LIMIT = {
-    "fork": ("import errno, subprocess\n"
-             "popen = subprocess.Popen\n"
-             "def limited(*args, **kwargs):\n"
-             "    if os.path.exists(FULL):\n"
-             "        raise OSError(errno.EAGAIN, 'Resource temporarily unavailable')\n"
-             "    return popen(*args, **kwargs)\n"
-             "subprocess.Popen = limited\n",
+    "fork": (failing_call("subprocess.Popen", "EAGAIN", "Resource temporarily unavailable", "os.path.exists(FULL)"),
              "[Errno 11] Resource temporarily unavailable"),
     "thread": (failing_threads("self.name == 'watchdog' and os.path.exists(FULL)"), NO_THREAD),
 }
