@@ -91,6 +91,10 @@ class Interrupted(Exception):
     """Raised by the signal handlers to leave an idle long poll at once."""
 
 
+class NoThread(Exception):
+    """The node gives the pilot no thread it needs (ulimit -u reached): it leaves."""
+
+
 def parse_args(argv):
     p = ArgumentParser(description="Run p3s jobs on this node.", env=[
         ("P3S_SITE", "the default of -s"), ("P3S_NODE", "the host name the pilot registers (default hostname -s)"),
@@ -965,7 +969,7 @@ class Provenance:
         input_file = input_path(env)
         reader = InputSum(input_file) if input_file else None     # a job without input makes no thread
         if reader:
-            reader.start()
+            reader.start_or_skip()
         return self.record(command, shell, env, job_env), reader
 
     def record(self, command, shell, env, job_env):
@@ -1107,6 +1111,14 @@ class InputSum(threading.Thread):
         self.path, self.result = path, None
         self.deadline = time.monotonic() + INPUT_SUM_SECONDS
 
+    def start_or_skip(self):
+        """Read in a thread of its own; where the node has none to give (ulimit -u), the job
+        runs all the same and its record says the checksum was skipped, and why."""
+        try:
+            self.start()
+        except RuntimeError as e:
+            self.result = {"path": self.path, "adler32": None, "skipped": f"no thread to read it: {e}"}
+
     def run(self):
         try:
             with open(self.path, "rb") as f:
@@ -1129,7 +1141,8 @@ class InputSum(threading.Thread):
     def identity(self):
         """What was found, waiting INPUT_SUM_AFTER at most for the reading to end (a short job's
         report is not held for a huge file)."""
-        self.join(min(INPUT_SUM_AFTER, max(0.0, self.deadline - time.monotonic())))
+        if self.ident is not None:      # started
+            self.join(min(INPUT_SUM_AFTER, max(0.0, self.deadline - time.monotonic())))
         return self.result or {"path": self.path, "adler32": None,
                                "skipped": f"not read whole {INPUT_SUM_AFTER:g} s after the job ended"}
 
@@ -1288,15 +1301,15 @@ class Pilot:
             return 0
         finally:
             self.idle = False
-        beat_thread = threading.Thread(target=self.heartbeat_loop, name="heartbeat", daemon=True)
-        beat_thread.start()
-        threading.Thread(target=self.supervise_loop, name="supervisor", daemon=True).start()
-        threading.Thread(target=self.report_loop, name="reporter", daemon=True).start()
         code = 0
         try:
+            self.start_threads()
             self.work_loop()
         except Interrupted:         # a signal landed just outside the long poll
             pass
+        except NoThread as e:
+            log.error("%s", e)
+            self.exit_reason, code = str(e), 1
         except Exception as e:      # a defect met on the way: said, and the job held is not
             log.exception("crashed")    # taken as never started (it would kill the next pilot)
             self.exit_reason, code = f"{CRASHED}: {type(e).__name__}: {e}"[:200], 1
@@ -1308,6 +1321,17 @@ class Pilot:
                 with contextlib.suppress(OSError):
                     os.rmdir(self.empty_dir)
         return code
+
+    def start_threads(self):
+        """The heartbeat, supervisor and reporter threads, for the pilot's life. A node with no
+        thread to give (ulimit -u reached by a crowd of pilots) makes the pilot leave,
+        deregistered and saying why in one line, rather than be found lost."""
+        for target, name in ((self.heartbeat_loop, "heartbeat"), (self.supervise_loop, "supervisor"),
+                             (self.report_loop, "reporter")):
+            try:
+                threading.Thread(target=target, name=name, daemon=True).start()
+            except RuntimeError as e:
+                raise NoThread(f"cannot start the pilot's {name} thread: {e}") from None
 
     def deregister(self):
         """Say goodbye, unless an end report of ours is still left behind: deregistering would

@@ -366,6 +366,18 @@ def failing_threads(which):
             "threading.Thread.start = limited\n")
 
 
+def real_pilot_where(patch, *args):
+    """The command of a real pilot.py with these arguments, `patch` (Python) run before it."""
+    return [sys.executable, "-c", f"import runpy, sys\n{patch}sys.argv = ['pilot.py', *{list(args)!r}]\n"
+                                  f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n"]
+
+
+def run_real_pilot_where(patch, p3s, *args, timeout=60):
+    """A real pilot.py run to its end, `patch` run before it; its CompletedProcess."""
+    return subprocess.run(real_pilot_where(patch, *args), env=p3s.env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def failing_call(where, errno_name, message, when="True"):
     """Python to run before a real pilot.py: the function `where` (module.name) raises OSError
     (errno_name, message) while `when` (an expression) holds."""
@@ -397,12 +409,7 @@ def test_a_pilot_that_cannot_start_its_watchdog_takes_no_job_and_says_why_in_one
     traceback, and no job of the queue is taken to run unwatched."""
     [uuid] = p3s.submit([shell_job("true")])
     patch, error = WITHOUT_A_WATCHDOG[missing]
-    start_real_pilot_without_its_watchdog = (
-        f"import runpy, sys\n{patch}"
-        f"sys.argv = ['pilot.py', '-p', '1', '-L', {str(p3s.logs)!r}]\n"
-        f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n")
-    done = subprocess.run([sys.executable, "-c", start_real_pilot_without_its_watchdog], env=p3s.env,
-                          capture_output=True, text=True, timeout=60)
+    done = run_real_pilot_where(patch, p3s, "-p", "1", "-L", str(p3s.logs))
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
         f"pilot.py: cannot start the pilot's watchdog, without which no payload may run: {error}"]
@@ -459,14 +466,10 @@ def test_a_watchdog_that_cannot_be_restarted_stops_the_pilot_taking_jobs_until_o
     retry starts one (and a watchdog without its watching thread is not left running)."""
     full = p3s.dir / "node-at-its-process-limit"
     patch, error = AT_THE_PROCESS_LIMIT[failing]
-    start_real_pilot_on_a_node_at_its_process_limit = (
-        f"import os, runpy, sys\nFULL = {str(full)!r}\n{patch}"
-        f"sys.argv = ['pilot.py', '-p', '0.2', '-b', '1', '-L', {str(p3s.logs)!r}]\n"
-        f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n")
     stderr = p3s.dir / "pilot.err"
     with open(stderr, "w") as err:
-        pilot = subprocess.Popen([sys.executable, "-c", start_real_pilot_on_a_node_at_its_process_limit],
-                                 env=p3s.env, stderr=err)
+        pilot = subprocess.Popen(real_pilot_where(f"FULL = {str(full)!r}\n{patch}", "-p", "0.2", "-b", "1",
+                                                  "-L", str(p3s.logs)), env=p3s.env, stderr=err)
     try:
         [first] = wait_until(lambda: watchdogs_of(pilot.pid), 10, what="the watchdog")
         wait_until(lambda: p3s.api.list_pilots(), 10, what="the pilot to register")
@@ -502,16 +505,43 @@ def test_a_payload_at_its_time_limit_dies_where_no_thread_can_wait_out_its_grace
                                 "and self._target.__name__ == 'stop_group'")
     slow, quick = p3s.submit([shell_job("exec sleep 60", timeout=1), shell_job("true")])
     started = time.monotonic()
-    done = subprocess.run(
-        [sys.executable, "-c", f"import runpy, sys\n{no_thread}"
-         f"sys.argv = ['pilot.py', '-c', '2', '-p', '0.2', '--kill-grace', '30', '-L', {str(p3s.logs)!r}]\n"
-         f"runpy.run_path({os.path.join(ROOT, 'pilot.py')!r}, run_name='__main__')\n"],
-        env=p3s.env, capture_output=True, text=True, timeout=40)
+    done = run_real_pilot_where(no_thread, p3s, "-c", "2", "-p", "0.2", "--kill-grace", "30",
+                                "-L", str(p3s.logs), timeout=40)
     assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
     assert time.monotonic() - started < 20, "the payload had its 30 s of grace, or more"
     ended = p3s.job(slow)
     assert (ended["state"], ended["errmsg"]) == ("timeout", "killed at its time limit of 1 s"), ended
     assert p3s.job(quick)["state"] == "finished"
+
+
+def test_a_pilot_with_no_thread_for_its_supervisor_leaves_deregistered_in_one_line(p3s):
+    """A crowd of pilots at the node's ulimit -u: one that registered, then could not start its
+    supervisor thread, ended in a traceback and was left for the server to find lost (an alarm
+    for a pilot that never ran). Now it says why in one line, deregisters, exits 1."""
+    [uuid] = p3s.submit([shell_job("true")])
+    done = run_real_pilot_where(failing_threads("self.name == 'supervisor'"), p3s, "-p", "1", "-L", str(p3s.logs))
+    assert done.returncode == 1
+    said = [line for line in done.stderr.splitlines() if "ERROR" in line or "Traceback" in line]
+    assert len(said) == 1 and said[0].endswith("ERROR: cannot start the pilot's supervisor thread: "
+                                               "can't start new thread"), done.stderr
+    [pilot] = p3s.api.list_pilots()
+    assert pilot["state"] == "stopped" and p3s.job(uuid)["state"] == "defined"
+
+
+def test_an_input_with_no_thread_to_read_it_is_said_skipped_and_the_job_runs(p3s):
+    """At the node's ulimit -u the thread that reads a job's input for its checksum cannot
+    start: that raised as the payload started, and the pilot crashed. Now the job runs and its
+    provenance says why the checksum is missing."""
+    data = p3s.dir / "np04_raw_run005010_0001.root"
+    data.write_bytes(b"raw")
+    [uuid] = p3s.submit([shell_job("cat $P3S_INPUT_FILE", infile=str(data))])
+    done = run_real_pilot_where(failing_threads("self.name == 'input-sum'"), p3s, "-c", "1", "-p", "1",
+                                "-L", str(p3s.logs))
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    job = p3s.job(uuid)
+    assert job["state"] == "finished" and job["stdout_tail"] == "raw"
+    assert job["provenance"]["input"] == {"path": str(data), "adler32": None,
+                                          "skipped": "no thread to read it: can't start new thread"}
 
 
 def test_a_payload_child_that_left_its_session_dies_with_the_pilot(p3s):
