@@ -54,7 +54,7 @@ TAIL_BYTES = 64 * 1024
 LIVE_STATES = ("active", "no jobs", "dispatched", "running")
 REGISTER_RETRY = 120        # seconds a starting pilot waits for an unreachable server
 CONTACT_EVERY = 0.25        # seconds: the watchdog hears of contact with the server at most this often
-RESTART_EVERY = 1.0         # seconds between tries to restart a watchdog the node could not give a process
+RESTART_EVERY = 1.0         # seconds between tries to restart a watchdog the node had no process or thread for
 SAMPLE_PERIOD = 1.0         # seconds between samples of a running payload's memory, CPU and I/O
 CHECK_RETRY = 5             # seconds pilot.py --check (pgen.sh) waits for it: the pilots wait longer
 RUNNING_REPORT_RETRY = 10   # seconds the running report is retried; the end report, until delivered
@@ -309,9 +309,10 @@ kill({g for g in table if g}, everything=True)
 class Watchdog:
     """Kills the payloads of a pilot that died, stopped or lost the server for its lease. It is
     watched in turn: if it dies, a new one starts at once, told all the first one was told, and
-    maps the same table of groups. Where the node cannot give it a process (ulimit -u reached),
-    `problem` says so until a try, every RESTART_EVERY seconds, starts one: the pilot takes no
-    job meanwhile (Pilot.unfit), and the payload running goes on, watched by the pilot itself.
+    maps the same table of groups. Where the node cannot give it a process or the thread that
+    watches it (ulimit -u reached), `problem` says so until a try, every RESTART_EVERY seconds,
+    starts one: the pilot takes no job meanwhile (Pilot.unfit), and the payload running goes on,
+    watched by the pilot itself.
 
     Methods for the caller: watch(pgid) when a payload starts, release(pgid) once its group is
     gone, lease(seconds) and pilot(uuid) after registering, contact() whenever the server
