@@ -1306,6 +1306,7 @@ class Pilot:
         try:
             self.start_threads()
             self.work_loop()
+            code = int(self.exit_reason.startswith(CRASHED))    # one of its threads (see guarded)
         except Interrupted:         # a signal landed just outside the long poll
             pass
         except NoThread as e:
@@ -1327,12 +1328,28 @@ class Pilot:
         """The heartbeat, supervisor and reporter threads, for the pilot's life. A node with no
         thread to give (ulimit -u reached by a crowd of pilots) makes the pilot leave,
         deregistered and saying why in one line, rather than be found lost."""
-        for target, name in ((self.heartbeat_loop, "heartbeat"), (self.supervise_loop, "supervisor"),
-                             (self.report_loop, "reporter")):
+        for loop, name in ((self.heartbeat_loop, "heartbeat"), (self.supervise_loop, "supervisor"),
+                           (self.report_loop, "reporter")):
             try:
-                threading.Thread(target=target, name=name, daemon=True).start()
+                threading.Thread(target=self.guarded, args=(loop, name), name=name, daemon=True).start()
             except RuntimeError as e:
                 raise NoThread(f"cannot start the pilot's {name} thread: {e}") from None
+
+    def guarded(self, loop, name):
+        """Run one of the pilot's threads. A defect met there is the pilot's crash, as one met in
+        its main thread is: a thread that died alone would leave the pilot taking jobs with no
+        time limit (the supervisor), no heartbeat, or waiting for ever on a running report (the
+        reporter). Said once with its traceback; the payload running is stopped, reported and
+        run again elsewhere; the pilot deregisters as crashed and exits 1."""
+        try:
+            loop()
+        except Exception as e:
+            log.exception("the %s thread crashed; the pilot stops", name)
+            self.exit_reason = f"{CRASHED}: the {name} thread: {type(e).__name__}: {e}"[:200]
+            self.halt = self.halt or self.exit_reason
+            execution = self.current
+            if execution:
+                execution.stop("pilotTO", f"pilot stopping: {self.exit_reason}", self.args.kill_grace)
 
     def deregister(self):
         """Say goodbye, unless an end report of ours is still left behind: deregistering would

@@ -5244,8 +5244,9 @@ class Service:
         for uuid, (ts, status) in beats.items():
             conn.execute("UPDATE pilots SET ts_beat=? WHERE uuid=? AND ts_beat < ? AND state != 'stopped'",
                          (ts, uuid, ts))        # a stopped pilot's last word was its stop
-            if status:
-                conn.execute("UPDATE pilots SET free_mb=?, note=? WHERE uuid=?", (status["free_mb"], status["note"], uuid))
+            if status:      # nor its note: a crashed pilot's says why it stopped
+                conn.execute("UPDATE pilots SET free_mb=?, note=? WHERE uuid=? AND state != 'stopped'",
+                             (status["free_mb"], status["note"], uuid))
             if conn.execute("SELECT state FROM pilots WHERE uuid=?", (uuid,)).fetchone() == ("lost",):
                 bring_back(conn, uuid, ts)
 

@@ -378,15 +378,15 @@ def run_real_pilot_where(patch, p3s, *args, timeout=60):
                           timeout=timeout)
 
 
-def failing_call(where, errno_name, message, when="True"):
-    """Python to run before a real pilot.py: the function `where` (module.name) raises OSError
-    (errno_name, message) while `when` (an expression) holds."""
+def failing_call(where, error, when="True"):
+    """Python to run before a real pilot.py: the function `where` (module.name) raises `error`
+    (an expression) while `when` (another) holds."""
     module, name = where.rsplit(".", 1)
-    return (f"import errno, os, {module}\n"
+    return (f"import errno, os, threading, {module}\n"
             f"real_{name} = {where}\n"
             "def failing(*args, **kwargs):\n"
             f"    if {when}:\n"
-            f"        raise OSError(errno.{errno_name}, {message!r})\n"
+            f"        raise {error}\n"
             f"    return real_{name}(*args, **kwargs)\n"
             f"{where} = failing\n")
 
@@ -396,7 +396,7 @@ NO_THREAD = "[Errno 11] no thread to watch it: can't start new thread"
 # A real pilot.py started where its watchdog cannot be: no memfd_create (a sandbox), or no
 # thread to watch it (ulimit -u); and the one line it must say.
 WITHOUT_A_WATCHDOG = {
-    "memfd": (failing_call("os.memfd_create", "ENOSYS", "Function not implemented"),
+    "memfd": (failing_call("os.memfd_create", "OSError(errno.ENOSYS, 'Function not implemented')"),
               "[Errno 38] Function not implemented"),
     "thread": (failing_threads("self.name == 'watchdog'"), NO_THREAD),
 }
@@ -452,7 +452,8 @@ def test_a_killed_watchdog_is_replaced_and_still_takes_the_payload_along(p3s):
 # Python run before a real pilot.py, on a node at its process limit while the file named FULL
 # exists: its fork of a new watchdog, or the thread that watches it, fails as at ulimit -u.
 AT_THE_PROCESS_LIMIT = {
-    "fork": (failing_call("subprocess.Popen", "EAGAIN", "Resource temporarily unavailable", "os.path.exists(FULL)"),
+    "fork": (failing_call("subprocess.Popen", "OSError(errno.EAGAIN, 'Resource temporarily unavailable')",
+                          "os.path.exists(FULL)"),
              "[Errno 11] Resource temporarily unavailable"),
     "thread": (failing_threads("self.name == 'watchdog' and os.path.exists(FULL)"), NO_THREAD),
 }
@@ -542,6 +543,53 @@ def test_an_input_with_no_thread_to_read_it_is_said_skipped_and_the_job_runs(p3s
     assert job["state"] == "finished" and job["stdout_tail"] == "raw"
     assert job["provenance"]["input"] == {"path": str(data), "adler32": None,
                                           "skipped": "no thread to read it: can't start new thread"}
+
+
+# A call each of the pilot's own threads makes while a job runs, where a defect is met.
+DEFECT_IN = {
+    "supervisor": "os.listdir",         # its look at the payload's processes, once a second
+    "heartbeat": "shutil.disk_usage",   # the free space each heartbeat tells
+    "reporter": "json.dumps",           # the running report's body
+}
+
+
+@pytest.mark.parametrize("thread", sorted(DEFECT_IN))
+def test_a_defect_in_a_pilot_thread_is_the_pilots_crash_and_its_job_runs_again(p3s, thread):
+    """A defect met in one of the pilot's own threads killed that thread alone, with a
+    traceback: without its supervisor the pilot ran on with no time limit, without its
+    heartbeat it was found lost while it ran, without its reporter it waited for ever on the
+    next long job. Now it is the pilot's crash: said once, the payload stopped and reported,
+    the pilot deregistered as crashed, exit 1; the job runs again on the next pilot."""
+    flag = p3s.dir / "ran-once"
+    [uuid] = p3s.submit([shell_job(f"if [ -e {flag} ]; then printf again; else touch {flag}; exec sleep 60; fi",
+                                   max_attempts=2)])
+    defect = failing_call(DEFECT_IN[thread], "RuntimeError('a defect')",
+                          f"threading.current_thread().name == {thread!r}")
+    started = time.monotonic()
+    done = run_real_pilot_where(defect, p3s, "-p", "0.2", "-b", "0.5", "--kill-grace", "1", "-L", str(p3s.logs))
+    assert done.returncode == 1 and time.monotonic() - started < 30, done.stderr
+    assert done.stderr.count("Traceback") == 1 and f"the {thread} thread crashed" in done.stderr, done.stderr
+    crash = f"crashed: the {thread} thread: RuntimeError: a defect"
+    [pilot] = p3s.api.list_pilots()
+    assert pilot["state"] == "stopped" and pilot["note"] == crash, pilot
+    job = p3s.job(uuid)
+    assert (job["state"], job["attempt"]) == ("defined", 2), job
+    p3s.pilot("-c", "1", "-p", "0.2")
+    p3s.wait_jobs([uuid])
+    job = p3s.job(uuid)
+    assert (job["state"], job["stdout_tail"]) == ("finished", "again"), job
+
+
+def test_a_heartbeat_heard_before_a_pilot_stopped_never_overwrites_why_it_stopped(p3s):
+    """Housekeeping writes the heartbeats heard in memory: one heard just before a pilot
+    deregistered as crashed wrote its note ('') over the crash, and the pilot's line said
+    nothing of why it stopped (met by the test above, one run in three)."""
+    pilot = p3s.api.register_pilot(heartbeat=60)["uuid"]
+    p3s.api.heartbeat(pilot, note="taking no jobs: the probe failed", free_mb=10.0)
+    p3s.api.deregister_pilot(pilot, "crashed: the heartbeat thread: RuntimeError: a defect")
+    time.sleep(1.0)         # three passes of housekeeping (every 0.3 s in tests)
+    [stopped] = p3s.api.list_pilots()
+    assert (stopped["state"], stopped["note"]) == ("stopped", "crashed: the heartbeat thread: RuntimeError: a defect")
 
 
 def test_a_payload_child_that_left_its_session_dies_with_the_pilot(p3s):
