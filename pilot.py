@@ -1404,6 +1404,9 @@ class Pilot:
             if self.unreleased:
                 self.release_claimed("retried")
             job = self.request(wait)
+            if job is not None and self.exit_reason is not None:
+                self.keep_unstarted(job)        # told to go while it waited (a crash, a signal)
+                continue
             done += 1
             execution = self.start_job(job) if job is not None else None
 
@@ -1895,6 +1898,11 @@ class Pilot:
         with self.claim_lock:
             self.forget_claims_if_silent(time.monotonic())
             return self.claimed.popleft() if self.claimed else None
+
+    def keep_unstarted(self, job):
+        """A job this pilot will not start, given back with those claimed ahead (release_claimed)."""
+        with self.claim_lock:
+            self.claimed.appendleft(job)
 
     def release_claimed(self, why):
         """Give back the jobs claimed and not started (and those a failed attempt kept), so that

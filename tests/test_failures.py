@@ -580,6 +580,31 @@ def test_a_defect_in_a_pilot_thread_is_the_pilots_crash_and_its_job_runs_again(p
     assert (job["state"], job["stdout_tail"]) == ("finished", "again"), job
 
 
+def test_a_pilot_that_crashed_while_it_waited_for_work_gives_back_the_job_it_is_then_handed(p3s):
+    """The heartbeat thread meets a defect while the pilot waits in its long poll, and a job
+    arrives before the poll ends: the pilot, crashed, must not start it (it would be stopped at
+    once, an attempt lost): it is given back, unstarted, as the pilot leaves."""
+    flag, ran = p3s.dir / "defect-now", p3s.dir / "ran"
+    defect = failing_call("shutil.disk_usage", "RuntimeError('a defect')",
+                          f"threading.current_thread().name == 'heartbeat' and os.path.exists({str(flag)!r})")
+    stderr = p3s.dir / "pilot.err"
+    with open(stderr, "w") as err:
+        pilot = subprocess.Popen(real_pilot_where(defect, "-p", "30", "-b", "0.5", "-L", str(p3s.logs)),
+                                 env=p3s.env, stderr=err)
+    try:
+        wait_until(lambda: p3s.waiting_requests() == 1, 15, what="the pilot in its long poll")
+        flag.touch()
+        wait_until(lambda: "the heartbeat thread crashed" in stderr.read_text(), 5, what="the crash")
+        [uuid] = p3s.submit([shell_job(f"touch {ran}")])
+        assert pilot.wait(timeout=20) == 1, stderr.read_text()
+    finally:
+        pilot.kill()
+    job = p3s.job(uuid)
+    assert (job["state"], job["attempt"]) == ("defined", 1) and not ran.exists(), job
+    [gone] = p3s.api.list_pilots()
+    assert gone["note"] == "crashed: the heartbeat thread: RuntimeError: a defect", gone
+
+
 def test_a_heartbeat_heard_before_a_pilot_stopped_never_overwrites_why_it_stopped(p3s):
     """Housekeeping writes the heartbeats heard in memory: one heard just before a pilot
     deregistered as crashed wrote its note ('') over the crash, and the pilot's line said
