@@ -9,12 +9,16 @@ leases, history, validation, pages or watchdog: what p3s does beyond this is its
 
     python bench/ceiling.py run --workers 4 --jobs 2000      # prints {"jobs_per_s": ..., ...}
 
+It reports the CPU its server, its workers and their payloads spent a job, beside p3s's server,
+pilots and payloads.
+
 dispatch.py --systems runs it beside p3s (and huey). Loopback only; bounded in time.
 """
 import argparse
 import http.client
 import json
 import os
+import resource
 import socket
 import sqlite3
 import subprocess
@@ -80,20 +84,28 @@ def serve(queue):
 
 def work(port, name):
     """A worker: connected, it says so and waits for the go (its Python's start is not timed);
-    then claim, run /bin/true, report with the next claim, until nothing is queued."""
+    then claim, run /bin/true, report with the next claim, until nothing is queued. Last, it
+    prints the CPU seconds it and its payloads spent from the go: [own, payloads']."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.connect()
     conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)     # headers and body: no 40 ms wait
     print("ready", flush=True)
     sys.stdin.readline()
+    before = cpu_spent()
     done, deadline = None, time.monotonic() + TIME_LIMIT
     while time.monotonic() < deadline:
         conn.request("POST", "/next", json.dumps({"worker": name, "done": done}),
                      {"Content-Type": "application/json"})
         done = json.loads(conn.getresponse().read())["job"]
         if done is None:
-            return
+            break
         subprocess.run(["/bin/true"], check=False)
+    print(json.dumps([after - start for after, start in zip(cpu_spent(), before)]), flush=True)
+
+
+def cpu_spent():
+    """(this process's CPU seconds, its reaped children's), user and system time each."""
+    return tuple(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def cpu_seconds(pid):
@@ -132,10 +144,13 @@ def run(workers, n_jobs):
             elapsed = time.perf_counter() - started
             server_ms = (cpu_seconds(server.pid) - cpu) * 1000 / n_jobs
             machine_ms = (machine_cpu_seconds() - machine_cpu) * 1000 / n_jobs
+            spent = [json.loads(p.stdout.readline()) for p in procs]
         finally:
             server.terminate()
             server.wait(10)
     return {"jobs_per_s": round(n_jobs / elapsed, 1), "server_cpu_ms_per_job": round(server_ms, 3),
+            "worker_cpu_ms_per_job": round(sum(w for w, _ in spent) * 1000 / n_jobs, 3),
+            "payload_cpu_ms_per_job": round(sum(c for _, c in spent) * 1000 / n_jobs, 3),
             "machine_cpu_ms_per_job": round(machine_ms, 3)}
 
 

@@ -551,7 +551,8 @@ def systems(args):
         shutil.rmtree(parent, ignore_errors=True)
     print(f"\n{args.jobs} /bin/true jobs a run, {args.repeat} runs of each, alternated; median (min-max)\n")
     print("| N | p3s jobs/s | server CPU ms/job | pilot CPU ms/job | payload CPU ms/job | file create µs | "
-          "ceiling jobs/s | p3s / ceiling | huey jobs/s | p3s / huey |\n|---|---|---|---|---|---|---|---|---|---|")
+          "ceiling jobs/s | its server, worker, payload CPU ms/job | p3s / ceiling | huey jobs/s | p3s / huey |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
     for n in counts:
         p3s = [r["p3s_jobs_per_s"] for r in runs[("p3s", n)]]
         top = [r["jobs_per_s"] for r in runs[("ceiling", n)]]
@@ -560,7 +561,9 @@ def systems(args):
               f"{spread([r['pilots_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
               f"{spread([r['payloads_cpu_ms_per_job'] for r in runs[('p3s', n)]], 2)} | "
               f"{spread([r['file_create_us'] for r in runs[('p3s', n)]])} | {spread(top)} | "
-              f"{spread([a / b for a, b in zip(p3s, top)], 2)} | "
+              + ", ".join(spread([r[key] for r in runs[("ceiling", n)]], 2) for key in
+                          ("server_cpu_ms_per_job", "worker_cpu_ms_per_job", "payload_cpu_ms_per_job"))
+              + f" | {spread([a / b for a, b in zip(p3s, top)], 2)} | "
               + (f"{spread(hue)} | {spread([a / b for a, b in zip(p3s, hue)], 2)} |" if hue else "- | - |"))
     return 0
 
@@ -630,6 +633,7 @@ def main(argv=None):
     result.update({"ceiling_jobs_per_s": top["jobs_per_s"],
                    "p3s_to_ceiling": round(jobs_per_s / top["jobs_per_s"], 2),
                    "ceiling_server_cpu_ms_per_job": top["server_cpu_ms_per_job"],
+                   "ceiling_worker_cpu_ms_per_job": top["worker_cpu_ms_per_job"],
                    "ceiling_machine_cpu_ms_per_job": top["machine_cpu_ms_per_job"]})
     result.update({
         "queued": args.queued,
