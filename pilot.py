@@ -1236,6 +1236,7 @@ class Pilot:
         self.wake = threading.Event()   # set when a payload starts: the supervisor looks at it
         self.next_look = 0.0            # monotonic time the supervisor looks next, unless woken
         self.running_reports = queue.Queue()    # executions to report running, for the reporter
+        self.threads = {}               # the heartbeat, supervisor and reporter threads, by name
         self.image_limits = IMAGE_LIMITS    # what the server takes; it says so at registration
         self.features = frozenset()     # report fields the server takes beyond the first protocol (idem)
         self.provenance = None          # a Provenance, where the server takes it
@@ -1331,7 +1332,8 @@ class Pilot:
         for loop, name in ((self.heartbeat_loop, "heartbeat"), (self.supervise_loop, "supervisor"),
                            (self.report_loop, "reporter")):
             try:
-                threading.Thread(target=self.guarded, args=(loop, name), name=name, daemon=True).start()
+                self.threads[name] = threading.Thread(target=self.guarded, args=(loop, name), name=name, daemon=True)
+                self.threads[name].start()
             except RuntimeError as e:
                 raise NoThread(f"cannot start the pilot's {name} thread: {e}") from None
 
@@ -1620,7 +1622,7 @@ class Pilot:
         report, ended = execution.reaped
         state, exit_code, errmsg = report["state"], report["exit_code"], report["errmsg"]
         if execution.report_queued:         # the end report goes after the running report
-            execution.running_sent.wait()
+            self.wait_for_running_report(execution)
         self.current = None
         self.log_end(job, state, exit_code, errmsg)
         following = self.follower(room)
@@ -1632,6 +1634,13 @@ class Pilot:
             self.report_end(execution, report, ended, room - (following is not None),
                             following, start and (lambda answer_socket: self.reap_if_first(start(), answer_socket)))
         return self.reported_if_failed(following, start()) if start else None
+
+    def wait_for_running_report(self, execution):
+        """Until the payload's running report is sent or given up, or the reporter thread is
+        gone (it crashed, see guarded, with the report still queued: looked at every second)."""
+        reporter = self.threads["reporter"]
+        while reporter.is_alive() and not execution.running_sent.wait(1.0):
+            continue
 
     def reap_if_first(self, started, answer_socket):
         """While the answer to an end report travels, the payload started as it went out may
