@@ -605,6 +605,29 @@ def test_a_pilot_that_crashed_while_it_waited_for_work_gives_back_the_job_it_is_
     assert gone["note"] == "crashed: the heartbeat thread: RuntimeError: a defect", gone
 
 
+def test_a_report_queued_for_a_crashed_reporter_never_holds_the_pilot(p3s):
+    """The reporter thread fails on one job's running report; before its crash is handled (a
+    slow log, here), the pilot starts the next job, which ignores SIGTERM and so outlives the
+    stop long enough to be queued as running too, for a reporter that is gone. The pilot waited
+    for that report for ever; now it goes on once the thread has ended."""
+    slow_crash = ("import logging, threading, time\n"
+                  "real_exception = logging.Logger.exception\n"
+                  "def slowly(self, *args, **kwargs):\n"
+                  "    if threading.current_thread().name == 'reporter':\n"
+                  "        time.sleep(1.5)\n"
+                  "    return real_exception(self, *args, **kwargs)\n"
+                  "logging.Logger.exception = slowly\n")
+    defect = failing_call("json.dumps", "RuntimeError('a defect')", "threading.current_thread().name == 'reporter'")
+    first, stubborn = p3s.submit([shell_job("sleep 0.5", priority=2), shell_job("trap '' TERM; sleep 60", priority=1)])
+    done = run_real_pilot_where(slow_crash + defect, p3s, "-p", "0.2", "-b", "0.5", "--kill-grace", "2",
+                                "-L", str(p3s.logs), timeout=30)
+    assert done.returncode == 1 and "the reporter thread crashed" in done.stderr, done.stderr
+    assert p3s.job(first)["state"] == "finished"
+    ended = p3s.job(stubborn)
+    assert (ended["state"], ended["errmsg"]) == ("pilotTO", "pilot stopping: crashed: the reporter thread: "
+                                                 "RuntimeError: a defect"), ended
+
+
 def test_a_heartbeat_heard_before_a_pilot_stopped_never_overwrites_why_it_stopped(p3s):
     """Housekeeping writes the heartbeats heard in memory: one heard just before a pilot
     deregistered as crashed wrote its note ('') over the crash, and the pilot's line said
