@@ -350,6 +350,7 @@ class Watchdog:
 
     def keep_alive(self, proc):
         """Notice the watchdog's death at once; start another, told all the first one was."""
+        leave_sigchld_to_the_main_thread()
         code = proc.wait()
         with self.lock:
             if self.closing or proc is not self.proc:
@@ -716,6 +717,16 @@ def stop_group(execution, grace):
 
 PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def leave_sigchld_to_the_main_thread():
+    """Block SIGCHLD in the calling thread, one of the pilot's that sleep. glibc's posix_spawn
+    blocks every signal in the main thread until its child has run exec; on a busy node a short
+    payload may end before the main thread runs again, and the kernel then wakes another thread
+    that takes signals to deliver its SIGCHLD, only to drop it: a wake-up of a sleeping thread
+    nearly every job (measured at eight pilots on two cores). Blocked in them, it waits for the
+    main thread, which drops it as it unblocks, with no wake-up."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
 
 
 def become_subreaper():
@@ -1223,6 +1234,7 @@ class Pilot:
         self.site_env = {}
         self.site_limits = {}           # the site's default limits for its jobs (MB)
         self.current = None             # the Execution in progress, if any (set by the main thread)
+        self.last_started = float("-inf")   # monotonic time the latest payload started
         become_subreaper()
         self.watchdog = start_watchdog()
         self.lease = None               # seconds the server keeps our job while we are silent
@@ -1344,6 +1356,7 @@ class Pilot:
         reporter). Said once with its traceback; the payload running is stopped, reported and
         run again elsewhere; the pilot deregisters as crashed and exits 1."""
         try:
+            leave_sigchld_to_the_main_thread()
             loop()
         except Exception as e:
             log.exception("the %s thread crashed; the pilot stops", name)
@@ -1602,6 +1615,7 @@ class Pilot:
             execution = self.start(job, out_path, err_path)
         except (OSError, ValueError) as e:
             return e
+        self.last_started = execution.started
         self.current = execution
         if self.halt is not None:       # a stop arrived while the job was being started (to finish, it runs)
             execution.stop("pilotTO", f"pilot stopping: {self.halt}", self.args.kill_grace)
@@ -1822,9 +1836,19 @@ class Pilot:
             self.wake.clear()                   # before reading `current`: no wake-up is lost
             execution = self.current
             idle = execution is None or execution.exited.is_set()
-            self.next_look = time.monotonic() + SAMPLE_PERIOD if idle else self.supervise(execution)
+            self.next_look = self.idle_look() if idle else self.supervise(execution)
             if self.current is execution:       # else a payload started meanwhile: look at it now
                 self.wake.wait(max(0.0, self.next_look - time.monotonic()))
+
+    def idle_look(self):
+        """When a supervisor with no payload to watch looks next: when the running report of the
+        payload started last would be due, while that is to come, else in SAMPLE_PERIOD. Every
+        payload started since is due later, so none of a stream of short jobs wakes it (see
+        launch): it looks every RUNNING_REPORT_DELAY, where it was woken by nearly every job
+        of a busy node, whose payload had ended before the supervisor ran."""
+        t = time.monotonic()
+        due = self.last_started + RUNNING_REPORT_DELAY
+        return due if due > t else t + SAMPLE_PERIOD
 
     def supervise(self, execution):
         """Do what is due for the running payload; the monotonic time of the next thing due."""
