@@ -349,9 +349,11 @@ class Watchdog:
         return {self.proc.pid}
 
     def keep_alive(self, proc):
-        """Notice the watchdog's death at once; start another, told all the first one was."""
+        """Notice the watchdog's death at once; start another, told all the first one was (with
+        SIGCHLD unblocked again: a process inherits the mask of the thread that starts it)."""
         leave_sigchld_to_the_main_thread()
         code = proc.wait()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         with self.lock:
             if self.closing or proc is not self.proc:
                 return

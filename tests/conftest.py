@@ -65,6 +65,13 @@ def alive(pid):
         return False
 
 
+def blocked_signals(pid, tid=None):
+    """The signals thread `tid` (the main one if None) of process `pid` blocks (SigBlk in /proc)."""
+    with open(f"/proc/{pid}/task/{tid or pid}/status") as f:
+        mask = int(next(line.split()[1] for line in f if line.startswith("SigBlk:")), 16)
+    return {n for n in range(1, 65) if mask >> (n - 1) & 1}
+
+
 def processes_of(url):
     """Pids of live processes whose environment points them at the server `url`."""
     if not url:

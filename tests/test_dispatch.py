@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import shell_job, tiny_png, wait_until
+from conftest import blocked_signals, shell_job, tiny_png, wait_until
 
 
 def counter(p3s, name):
@@ -62,13 +62,6 @@ def test_a_long_job_after_a_run_of_short_ones_is_reported_running_in_time(p3s):
     assert seen - p3s.job(long_)["ts_sta"] < 0.7, "its running report came late"
 
 
-def blocks_sigchld(pid, tid):
-    """Whether thread `tid` of process `pid` blocks SIGCHLD (its SigBlk mask in /proc)."""
-    with open(f"/proc/{pid}/task/{tid}/status") as f:
-        mask = next(line.split()[1] for line in f if line.startswith("SigBlk:"))
-    return bool(int(mask, 16) >> (signal.SIGCHLD - 1) & 1)
-
-
 def test_a_pilots_sleeping_threads_leave_sigchld_to_its_main_thread(p3s):
     """glibc's posix_spawn blocks every signal in the main thread until the payload has run
     exec: a short payload that ends before the main thread runs again (a busy node) had its
@@ -79,9 +72,9 @@ def test_a_pilots_sleeping_threads_leave_sigchld_to_its_main_thread(p3s):
 
     def helpers_blocking():
         tids = [int(t) for t in os.listdir(f"/proc/{pilot.pid}/task") if int(t) != pilot.pid]
-        return len(tids) >= 4 and all(blocks_sigchld(pilot.pid, t) for t in tids)
+        return len(tids) >= 4 and all(signal.SIGCHLD in blocked_signals(pilot.pid, t) for t in tids)
     wait_until(helpers_blocking, 10, what="the pilot's four other threads to block SIGCHLD")
-    assert not blocks_sigchld(pilot.pid, pilot.pid), "the main thread must take SIGCHLD"
+    assert signal.SIGCHLD not in blocked_signals(pilot.pid), "the main thread must take SIGCHLD"
 
 
 def test_priority_orders_the_claim_across_site_bound_and_free_jobs(p3s):

@@ -9,7 +9,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import ROOT, alive, shell_job, wait_until
+from conftest import ROOT, alive, blocked_signals, shell_job, wait_until
 from serverAPI import P3SError
 
 
@@ -439,11 +439,14 @@ def test_the_watchdog_sleeps_through_a_run_of_short_jobs_and_no_payload_holds_it
 
 def test_a_killed_watchdog_is_replaced_and_still_takes_the_payload_along(p3s):
     """kill -9 of the watchdog, then of the pilot: the pilot started a new watchdog at once,
-    which maps the same table of payload groups and kills the payload."""
+    which maps the same table of payload groups and kills the payload. It blocks no signal
+    the first did not (the thread that starts it blocks SIGCHLD while it waits)."""
     uuid, pilot, payload_pid = sleeping_job_on_a_pilot(p3s, "", "-b", "0.5")
     [first] = wait_until(lambda: watchdogs_of(pilot.pid), 5, what="the watchdog")
+    first_blocks = blocked_signals(first)
     os.kill(first, signal.SIGKILL)
-    wait_until(lambda: [w for w in watchdogs_of(pilot.pid) if w != first], 5, what="a new watchdog")
+    [second] = wait_until(lambda: [w for w in watchdogs_of(pilot.pid) if w != first], 5, what="a new watchdog")
+    assert blocked_signals(second) == first_blocks
     time.sleep(0.5)         # it maps the table as it starts (a pilot killed within those
     pilot.send_signal(signal.SIGKILL)       # milliseconds is the test's race)
     wait_until(lambda: not alive(payload_pid), 3, what="the payload to die with its pilot")
