@@ -502,16 +502,12 @@ def own_directories(env):
     return list(dict.fromkeys(os.path.abspath(d) for d in dirs if d))
 
 
-def images_to_publish(env, dirs, max_bytes, job_dir_empty=False):
+def images_to_publish(env, dirs, max_bytes):
     """(name, path) of the images to offer the server: those in the job's own directories `dirs`
     (see own_directories) and below, then those the $P3S_PUBLISH globs name (space-separated;
-    relative to $P3S_JOB_DIR; $NAMEs from the job's environment expanded). `job_dir_empty`:
-    $P3S_JOB_DIR was seen empty once the job ended (most short jobs'), and is not walked again."""
+    relative to $P3S_JOB_DIR; $NAMEs from the job's environment expanded)."""
     found = []
-    skipped = os.path.abspath(env["P3S_JOB_DIR"]) if job_dir_empty else None
     for top in dirs:
-        if top == skipped:
-            continue
         walked = (entry.path for entry in walk_files(top, Budget()))
         found += [(top, f) for f in sorted(itertools.islice(walked, MAX_LOOKED_AT))]  # 1M files: bounded
     for pattern in env.get("P3S_PUBLISH", "").split():
@@ -1194,9 +1190,12 @@ class Execution:
         self.reaped = None                  # (its end report, when it ended) once reaped: see Pilot.reap
 
     @functools.cached_property
-    def own_dirs(self):
-        """The job's own directories (own_directories), where its quality files and images are."""
-        return own_directories(self.env)
+    def dirs_to_look_in(self):
+        """The job's own directories (own_directories), where its quality files and images are,
+        once the payload was reaped: $P3S_JOB_DIR is left out if it was seen empty then (most
+        short jobs'), and not looked in again."""
+        skipped = os.path.abspath(self.env["P3S_JOB_DIR"]) if self.job_dir_empty else None
+        return [d for d in own_directories(self.env) if d != skipped]
 
     def runtime(self):
         """Seconds since the payload started (the server dates the start from it: no clock skew)."""
@@ -1698,7 +1697,7 @@ class Pilot:
                   "stdout_path": out_path, "stderr_path": err_path,
                   "runtime": execution.runtime(), "usage": execution.figures}
         if state == "finished" and "quality" in self.features:     # a failed job has no verdict
-            report.update(read_quality(execution.own_dirs))
+            report.update(read_quality(execution.dirs_to_look_in))
         if execution.provenance:
             ran, input_sum = execution.provenance
             report["provenance"] = {**ran, "input": input_sum and input_sum.identity()}
@@ -1779,8 +1778,7 @@ class Pilot:
         """Send the server the images the job made, so its page shows them even where the
         server cannot read the worker's disk. Best effort: a refusal never fails the job.
         Returns the directory of the first one published (None if none was)."""
-        images = images_to_publish(execution.env, execution.own_dirs, self.image_limits["max_bytes"],
-                                   execution.job_dir_empty)
+        images = images_to_publish(execution.env, execution.dirs_to_look_in, self.image_limits["max_bytes"])
         published = []
         for name, path in images:
             if len(published) == self.image_limits["max_count"]:
