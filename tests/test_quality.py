@@ -5,7 +5,7 @@ import csv
 import io
 import json
 
-from conftest import shell_job, wait_until
+from conftest import shell_job, tiny_png, wait_until
 
 
 def quality_job(infile, checks=None, metrics=None, then="true", **fields):
@@ -53,6 +53,24 @@ def test_a_verdict_and_metrics_show_on_the_job_the_run_grid_and_the_good_run_lis
     plots = p3s.api.call("GET", "/", query={"format": "json"})["latency"]["plots"]
     assert plots["files"] == 3 and 0 < plots["median_s"] < 30, plots     # the original's "a few minutes"
     assert "File to plots" in p3s.page("/") and "(3 files)" in p3s.page("/jobtype/purity")
+
+
+def test_a_verdict_left_where_the_original_wrappers_write_is_read_though_the_job_directory_is_empty(p3s, tmp_path):
+    """The original's wrappers write under $P3S_OUTPUT_DIR/$P3S_JOB_UUID and leave $P3S_JOB_DIR
+    empty: the pilot, which looks in a job directory seen empty no more, still finds the
+    verdict, the metrics and the plot there."""
+    verdict = [{"check": "femb_crc", "result": "BAD", "message": "FEMB 7 silent"}]
+    script = (f"d=$P3S_OUTPUT_DIR/$P3S_JOB_UUID; mkdir -p $d; cp {tmp_path / 'plot.png'} $d/\n"
+              f"echo '{json.dumps(verdict)}' > $d/verdict.json; echo '{{\"noise_rms\": 3.5}}' > $d/metrics.json")
+    tiny_png(tmp_path / "plot.png")
+    [uuid] = p3s.submit([shell_job(script, jobtype="purity", infile="/data/np04_raw_run005020_0001.root",
+                                   env={"P3S_EXECMODE": "SHELL", "P3S_OUTPUT_DIR": str(tmp_path / "out")})])
+    p3s.pilot("-p", "1")
+    p3s.wait_jobs([uuid], timeout=30)
+    job = p3s.job(uuid)
+    assert (job["state"], job["verdict"], job["verdict_check"], job["metrics"]) == \
+        ("finished", "BAD", "femb_crc", {"noise_rms": 3.5}), job
+    assert "plot.png" in p3s.page(f"/job/{uuid}")
 
 
 def test_hostile_verdict_and_metrics_files_are_refused_with_a_reason_and_never_crash(p3s):
