@@ -351,9 +351,8 @@ class Watchdog:
     def keep_alive(self, proc):
         """Notice the watchdog's death at once; start another, told all the first one was (with
         SIGCHLD unblocked again: a process inherits the mask of the thread that starts it)."""
-        leave_sigchld_to_the_main_thread()
-        code = proc.wait()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+        with sigchld_left_to_the_main_thread():
+            code = proc.wait()
         with self.lock:
             if self.closing or proc is not self.proc:
                 return
@@ -717,14 +716,19 @@ PAGE_MB = os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
-def leave_sigchld_to_the_main_thread():
-    """Block SIGCHLD in the calling thread, one of the pilot's that sleep. glibc's posix_spawn
+@contextlib.contextmanager
+def sigchld_left_to_the_main_thread():
+    """SIGCHLD blocked in the calling thread, one of the pilot's that sleep. glibc's posix_spawn
     blocks every signal in the main thread until its child has run exec; on a busy node a short
     payload may end before the main thread runs again, and the kernel then wakes another thread
     that takes signals to deliver its SIGCHLD, only to drop it: a wake-up of a sleeping thread
     nearly every job (measured at eight pilots on two cores). Blocked in them, it waits for the
     main thread, which drops it as it unblocks, with no wake-up."""
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
 
 def become_subreaper():
@@ -1357,8 +1361,8 @@ class Pilot:
         reporter). Said once with its traceback; the payload running is stopped, reported and
         run again elsewhere; the pilot deregisters as crashed and exits 1."""
         try:
-            leave_sigchld_to_the_main_thread()
-            loop()
+            with sigchld_left_to_the_main_thread():
+                loop()
         except Exception as e:
             log.exception("the %s thread crashed; the pilot stops", name)
             self.exit_reason = f"{CRASHED}: the {name} thread: {type(e).__name__}: {e}"[:200]
